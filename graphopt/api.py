@@ -1,0 +1,144 @@
+"""The Python API: ``graphopt.optimize(...)`` does load → passes → verify → save."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx_ir as ir
+
+from graphopt import io
+from graphopt.errors import CheckFailedError, UserInputError
+from graphopt.pipeline import (
+    PassManager,
+    PassSpec,
+    ProgressCallback,
+    RunReport,
+    default_pipeline,
+    explicit_pipeline,
+)
+from graphopt.registry import PassContext
+from graphopt.verify import DEFAULT_TOLERANCE, VerificationUnavailable, Verifier
+
+DEFAULT_FOLD_LIMIT_BYTES = 1 << 20
+
+
+@dataclass
+class OptimizeOptions:
+    """Everything that decides what ``optimize`` does (the CLI and recipes fill this)."""
+
+    # An explicit ordered list of passes; None means the default pipeline.
+    passes: list[PassSpec] | None = None
+    skip: list[str] = field(default_factory=list)
+    # Lossy passes added to the default pipeline (run in the fixed stage order).
+    lossy: list[PassSpec] = field(default_factory=list)
+    verify: bool = True
+    tolerance: float = DEFAULT_TOLERANCE
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    fold_limit_bytes: int | None = DEFAULT_FOLD_LIMIT_BYTES
+    external_data: bool | None = None
+    target: str = "portable"
+    seed: int = 0
+
+
+@dataclass
+class OptimizeResult:
+    model: ir.Model
+    report: RunReport
+    output_path: Path | None = None
+
+
+def default_output_path(source: Path) -> Path:
+    """``IN_STEM.opt.onnx`` beside the input."""
+    return source.with_name(source.stem + ".opt.onnx")
+
+
+def optimize(
+    source: io.ModelSource,
+    output: str | os.PathLike | None = None,
+    options: OptimizeOptions | None = None,
+    *,
+    in_place: bool = False,
+    progress: ProgressCallback | None = None,
+) -> OptimizeResult:
+    """Optimize a model; write it when ``output`` is given (or ``in_place``).
+
+    Raises :class:`~graphopt.errors.CheckFailedError` when verification fails after the
+    exact passes were rolled back (the output is then not written).
+    """
+    options = options or OptimizeOptions()
+    target = _resolve_output(source, output, in_place)
+    loaded = io.load(source)
+    model = loaded.model
+    if target is not None and not in_place:
+        data_target = target.with_name(io.data_file_name(target))
+        if any(_same_file(data_target, f) for f in io.external_data_files(model)):
+            raise UserInputError(
+                f"{target}: its external-data file {data_target.name} would overwrite the "
+                "input's weights; choose another output name"
+            )
+    context = PassContext(
+        fold_limit_bytes=options.fold_limit_bytes,
+        input_shapes=dict(options.input_shapes),
+        target=options.target,
+    )
+    steps = (
+        explicit_pipeline(options.passes)
+        if options.passes is not None
+        else default_pipeline(options.lossy, options.skip)
+    )
+    verifier = None
+    skipped_reason = ""
+    if options.verify:
+        try:
+            verifier = Verifier(model, options.input_shapes, options.tolerance, options.seed)
+        except VerificationUnavailable as exc:
+            skipped_reason = f"ONNX Runtime cannot run the original model: {exc}"
+    manager = PassManager(steps, context, verifier, progress)
+    model, report = manager.run(model)
+    if not options.verify:
+        report.verification_skipped = "--no-verify"
+    elif skipped_reason:
+        report.verification_skipped = skipped_reason
+    verification = report.verification
+    lossy_ran = any(not s.exact and s.runs for s in report.stats)
+    if verification is not None and not verification.ok and not lossy_ran:
+        raise CheckFailedError(f"verification failed: {verification.reason}")
+    if target is not None:
+        external = options.external_data
+        if external is None and loaded.uses_external_data:
+            external = True
+        io.save(model, target, external_data=external)
+    return OptimizeResult(model, report, target)
+
+
+def _resolve_output(
+    source: io.ModelSource, output: str | os.PathLike | None, in_place: bool
+) -> Path | None:
+    source_path = (
+        Path(os.fspath(source)) if isinstance(source, (str, os.PathLike)) else None
+    )
+    if in_place:
+        if source_path is None:
+            raise UserInputError("--in-place needs a model file as input")
+        if output is not None:
+            raise UserInputError("--in-place and -o/--output are mutually exclusive")
+        return source_path
+    if output is None:
+        return default_output_path(source_path) if source_path is not None else None
+    target = Path(os.fspath(output))
+    if source_path is not None and _same_file(source_path, target):
+        raise UserInputError(
+            f"{target}: output would overwrite the input; use --in-place to replace it"
+        )
+    return target
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        if a.exists() and b.exists():
+            return a.samefile(b)
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False

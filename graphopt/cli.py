@@ -1,0 +1,183 @@
+"""The ``graphopt`` command line.
+
+Exit codes: 0 success; 1 a check failed (verification); 2 bad input or usage;
+3 internal error (a bug: please report it); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+from rich.console import Console
+
+from graphopt import __version__
+from graphopt.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    GraphoptError,
+    UserInputError,
+)
+
+EXIT_INTERNAL = 3
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports usage errors as one line with exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UserInputError(f"{self.prog}: {message} (see --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _ArgumentParser(
+        prog="graphopt",
+        description="Optimize exported ONNX graphs: erase, fuse, verify.",
+        epilog="Exit codes: 0 ok, 1 a check failed, 2 bad input or usage, 3 internal error, "
+        "130 interrupted.",
+    )
+    parser.add_argument("--version", action="version", version=f"graphopt {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what passes do")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_ArgumentParser)
+
+    opt = commands.add_parser("optimize", help="run a pipeline of passes on a model",
+                              description="Run the default exact pipeline (or the passes you "
+                              "name) on a model, verify it against the original in ONNX "
+                              "Runtime, and write the result.")
+    opt.add_argument("input", help="model file (.onnx)")
+    opt.add_argument("-o", "--output", help="output file (default: IN_STEM.opt.onnx beside IN)")
+    opt.add_argument("--in-place", action="store_true", help="replace the input atomically")
+    opt.add_argument("--passes", help="comma-separated passes to run, in this order")
+    opt.add_argument("--skip", help="comma-separated passes to leave out of the pipeline")
+    opt.add_argument("--recipe", help="YAML recipe file (see README for the schema)")
+    opt.add_argument("--no-verify", action="store_true", help="do not compare with ORT")
+    opt.add_argument("--tolerance", type=float, default=None,
+                     help="max error relative to each output's largest magnitude (1e-4)")
+    opt.add_argument("--input-shape", action="append", metavar="NAME:DxD...",
+                     help="bind an input's shape, e.g. input:1x3x224x224 (repeatable)")
+    opt.add_argument("--fold-limit", default=None,
+                     help="largest new tensor constant folding may create: 1MB (default), "
+                     "512KB, bytes, or none")
+    opt.add_argument("--external-data", action="store_true",
+                     help="write weights to OUT.data (automatic past 2 GB)")
+    opt.add_argument("--seed", type=int, default=None, help="seed of generated inputs (0)")
+
+    ins = commands.add_parser("inspect", help="summarize a model: ops, params, FLOPs, I/O",
+                              description="Op histogram, parameters, size, FLOPs at the given "
+                              "or default shapes, opsets, inputs and outputs.")
+    ins.add_argument("input", help="model file (.onnx)")
+    ins.add_argument("--input-shape", action="append", metavar="NAME:DxD...",
+                     help="bind an input's shape for FLOPs (repeatable)")
+    ins.add_argument("--json", action="store_true", help="print JSON instead of tables")
+
+    commands.add_parser("passes", help="list the registered passes",
+                        description="List every pass: name, exact or lossy, stage, "
+                        "subgraph handling, description.")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    out = Console(highlight=False)
+    err = Console(stderr=True, highlight=False)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                            format="%(levelname)s %(name)s: %(message)s")
+        if args.command is None:
+            parser.print_help()
+            return EXIT_BAD_INPUT
+        return _COMMANDS[args.command](args, out, err)
+    except GraphoptError as exc:
+        err.print(f"graphopt: error: {exc}", markup=False, soft_wrap=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        err.print("graphopt: interrupted", markup=False)
+        return EXIT_INTERRUPTED
+    except MemoryError:
+        err.print("graphopt: error: out of memory", markup=False)
+        return EXIT_BAD_INPUT
+    except Exception as exc:
+        if os.environ.get("GRAPHOPT_DEBUG"):
+            raise
+        err.print(f"graphopt: internal error: {type(exc).__name__}: {exc} "
+                  "(set GRAPHOPT_DEBUG=1 for a traceback)", markup=False, soft_wrap=True)
+        return EXIT_INTERNAL
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _cmd_optimize(args: argparse.Namespace, out: Console, err: Console) -> int:
+    from graphopt.api import OptimizeOptions, optimize
+    from graphopt.inputs import parse_input_shapes
+    from graphopt.pipeline import PassSpec
+    from graphopt.recipe import load_recipe, parse_size
+    from graphopt.registry import get_pass
+    from graphopt.report import print_report, progress_display
+
+    options = load_recipe(args.recipe) if args.recipe else OptimizeOptions()
+    if args.passes:
+        options.passes = [PassSpec(get_pass(n.strip()).name) for n in _names(args.passes)]
+    if args.skip:
+        options.skip = [get_pass(n).name for n in _names(args.skip)]
+    if args.no_verify:
+        options.verify = False
+    if args.tolerance is not None:
+        options.tolerance = args.tolerance
+    if args.input_shape:
+        options.input_shapes.update(parse_input_shapes(args.input_shape))
+    if args.fold_limit is not None:
+        options.fold_limit_bytes = parse_size(args.fold_limit)
+    if args.external_data:
+        options.external_data = True
+    if args.seed is not None:
+        options.seed = args.seed
+    with progress_display(err) as progress:
+        result = optimize(args.input, args.output, options, in_place=args.in_place,
+                          progress=progress)
+    print_report(result.report, out)
+    out.print(f"wrote {result.output_path}", markup=False)
+    return EXIT_OK
+
+
+def _cmd_inspect(args: argparse.Namespace, out: Console, err: Console) -> int:
+    from graphopt.analysis.summary import render_summary, summarize, summary_json
+    from graphopt.inputs import parse_input_shapes
+    from graphopt.io import load
+
+    loaded = load(args.input)
+    summary = summarize(loaded.model, parse_input_shapes(args.input_shape))
+    if args.json:
+        out.print(summary_json(summary), markup=False, highlight=False, soft_wrap=True)
+    else:
+        render_summary(summary, out)
+    return EXIT_OK
+
+
+def _cmd_passes(args: argparse.Namespace, out: Console, err: Console) -> int:
+    from graphopt.report import passes_table
+
+    out.print(passes_table())
+    return EXIT_OK
+
+
+def _names(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise UserInputError("expected a comma-separated list of pass names")
+    return names
+
+
+_COMMANDS = {"optimize": _cmd_optimize, "inspect": _cmd_inspect, "passes": _cmd_passes}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

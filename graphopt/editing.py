@@ -1,0 +1,174 @@
+"""The small set of graph-editing helpers every rewrite goes through.
+
+Keeping edits here means the invariants live in one place: graph outputs keep their names,
+values stay consistent with their uses, and constants are read without materializing more
+than the caller asked for.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+def is_op(node: ir.Node, op_type: str | tuple[str, ...]) -> bool:
+    """True for a node of the default ONNX domain with this op type (or one of them)."""
+    types = (op_type,) if isinstance(op_type, str) else op_type
+    return node.domain in DEFAULT_DOMAINS and node.op_type in types
+
+
+def owning_graph(node: ir.Node) -> ir.Graph | ir.Function:
+    graph = node.graph
+    if graph is None:
+        raise ValueError(f"node {node.name!r} is not in a graph")
+    return graph
+
+
+def is_graph_output(value: ir.Value) -> bool:
+    return value.is_graph_output()
+
+
+def is_graph_input(value: ir.Value) -> bool:
+    return value.is_graph_input()
+
+
+def constant_array(value: ir.Value | None, max_bytes: int | None = None) -> np.ndarray | None:
+    """The value's constant data (initializer or Constant node), or None.
+
+    Initializers that are also graph inputs are not constant (the caller may feed them).
+    ``max_bytes`` refuses to materialize large tensors when the caller only needs small ones.
+    """
+    if value is None:
+        return None
+    if value.is_graph_input():
+        return None
+    tensor = ir.convenience.get_const_tensor(value)
+    if tensor is None:
+        return None
+    if max_bytes is not None and tensor.nbytes > max_bytes:
+        return None
+    try:
+        return tensor.numpy()
+    except Exception:  # unsupported dtypes (strings in some forms, float8 without ml_dtypes)
+        return None
+
+
+def is_constant(value: ir.Value | None) -> bool:
+    if value is None or value.is_graph_input():
+        return False
+    return ir.convenience.get_const_tensor(value) is not None
+
+
+def replace_value(old: ir.Value, new: ir.Value) -> bool:
+    """Make every user of ``old`` use ``new``; keep the graph-output name if ``old`` is one.
+
+    Returns False (and changes nothing) when ``old`` is a graph output that cannot take over
+    ``new``'s place without renaming a graph input/output or an initializer: the caller keeps
+    the node then.
+    """
+    if old is new:
+        return True
+    if old.is_graph_output():
+        if new.is_graph_input() or new.is_graph_output() or new.is_initializer():
+            return False
+        if new.producer() is None:
+            return False
+        # new must live in the same graph as the output it becomes
+        old_graph = old.graph
+        if old_graph is None or new.producer().graph is not old_graph:
+            return False
+        name = old.name
+        old.name = None
+        _replace_in_outputs(old_graph, old, new)
+        ir.convenience.replace_all_uses_with(old, new)
+        new.name = name
+        if old.type is not None and new.type is None:
+            new.type = old.type
+        if old.shape is not None and new.shape is None:
+            new.shape = old.shape
+        return True
+    ir.convenience.replace_all_uses_with(old, new)
+    return True
+
+
+def _replace_in_outputs(graph: ir.Graph | ir.Function, old: ir.Value, new: ir.Value) -> None:
+    outputs = graph.outputs
+    for i, value in enumerate(outputs):
+        if value is old:
+            outputs[i] = new
+
+
+def bypass(node: ir.Node, input_index: int = 0, output_index: int = 0) -> bool:
+    """Remove ``node`` by wiring one of its inputs straight to its (single used) output."""
+    source = node.inputs[input_index]
+    if source is None:
+        return False
+    if not replace_value(node.outputs[output_index], source):
+        return False
+    remove_node(node)
+    return True
+
+
+def remove_node(node: ir.Node) -> None:
+    """Remove a node whose outputs are no longer used."""
+    owning_graph(node).remove(node, safe=True)
+
+
+def remove_if_dead(node: ir.Node) -> bool:
+    """Remove a node none of whose outputs is used or is a graph output."""
+    for output in node.outputs:
+        if output.uses() or output.is_graph_output():
+            return False
+    remove_node(node)
+    return True
+
+
+def unique_name(graph: ir.Graph, base: str) -> str:
+    """A value name not yet used in ``graph`` (initializers and node outputs)."""
+    taken = set(graph.initializers)
+    taken.update(v.name for v in graph.inputs)
+    for node in graph:
+        taken.update(o.name for o in node.outputs if o.name)
+    if base not in taken:
+        return base
+    index = 1
+    while f"{base}_{index}" in taken:
+        index += 1
+    return f"{base}_{index}"
+
+
+def add_initializer(graph: ir.Graph, base_name: str, array: np.ndarray) -> ir.Value:
+    """A new initializer holding ``array`` under a fresh name."""
+    name = unique_name(graph, base_name)
+    value = ir.Value(
+        name=name,
+        shape=ir.Shape(array.shape),
+        type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+        const_value=ir.Tensor(array, name=name),
+    )
+    graph.register_initializer(value)
+    return value
+
+
+def insert_before(anchor: ir.Node, nodes: list[ir.Node]) -> None:
+    owning_graph(anchor).insert_before(anchor, nodes)
+
+
+def insert_after(anchor: ir.Node, nodes: list[ir.Node]) -> None:
+    owning_graph(anchor).insert_after(anchor, nodes)
+
+
+def single_user(value: ir.Value) -> ir.Node | None:
+    """The only consumer of ``value`` when it has exactly one use and is not an output."""
+    uses = value.uses()
+    if len(uses) != 1 or value.is_graph_output():
+        return None
+    return uses[0].node
+
+
+def attribute(node: ir.Node, name: str, default=None):
+    """An attribute's Python value, or ``default``."""
+    attr = node.attributes.get(name)
+    return default if attr is None else attr.value

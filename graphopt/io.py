@@ -1,0 +1,321 @@
+"""Loading and saving models on onnx-ir: lazy external data, safety checks, atomic writes.
+
+Loading never materializes weights: external tensors stay memory-mapped until a pass reads
+them. Every external-data reference is checked before anything else happens: the location
+must be relative, stay inside the model's folder (symlinks resolved) and the file must hold
+``offset + length`` bytes.
+
+Saving is atomic: everything is written into a temporary folder next to the target, data
+before model, then renamed into place. An interrupted save leaves the previous output or no
+output, never a model that fails to load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+from google.protobuf.message import DecodeError
+
+from graphopt.errors import UserInputError
+
+# Protobuf refuses messages of 2 GiB and more; leave room for the graph itself.
+PROTOBUF_LIMIT_BYTES = 2**31 - 1
+EXTERNAL_DATA_MARGIN_BYTES = 64 * 2**20
+# Tensors smaller than this stay inline when external data is written.
+EXTERNAL_DATA_THRESHOLD_BYTES = 1024
+
+ModelSource = str | os.PathLike | bytes | onnx.ModelProto | ir.Model
+
+
+@dataclass
+class LoadedModel:
+    """A model in memory plus where it came from."""
+
+    model: ir.Model
+    path: Path | None
+    uses_external_data: bool
+
+
+def load(source: ModelSource) -> LoadedModel:
+    """Load a model from a path, bytes, an ``onnx.ModelProto`` or an ``ir.Model``."""
+    if isinstance(source, ir.Model):
+        return LoadedModel(source, None, _has_external_tensors(source))
+    if isinstance(source, onnx.ModelProto):
+        return LoadedModel(_deserialize_proto(source), None, False)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        proto = onnx.ModelProto()
+        try:
+            proto.ParseFromString(bytes(source))
+        except DecodeError as exc:
+            raise UserInputError(f"cannot parse model bytes: not a valid ONNX protobuf ({exc})")
+        _check_proto_shape(proto, "<bytes>")
+        return LoadedModel(_deserialize_proto(proto), None, False)
+    return _load_path(Path(os.fspath(source)))
+
+
+def _load_path(path: Path) -> LoadedModel:
+    if not path.exists():
+        raise UserInputError(f"{path}: no such file")
+    if path.is_dir():
+        raise UserInputError(f"{path}: is a folder, expected an .onnx file")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UserInputError(f"{path}: cannot read ({exc.strerror})") from None
+    proto = onnx.ModelProto()
+    try:
+        proto.ParseFromString(data)
+    except DecodeError:
+        raise UserInputError(
+            f"{path}: not a valid ONNX protobuf (truncated or corrupt file)"
+        ) from None
+    del data
+    _check_proto_shape(proto, str(path))
+    check_external_data(proto, path.parent, str(path))
+    model = _deserialize_proto(proto, base_dir=path.parent)
+    return LoadedModel(model, path, _has_external_tensors(model))
+
+
+def _check_proto_shape(proto: onnx.ModelProto, name: str) -> None:
+    """Reject protobufs that parsed but cannot be an ONNX model (empty or truncated)."""
+    if not proto.HasField("graph"):
+        raise UserInputError(f"{name}: not an ONNX model (no graph; truncated or corrupt file)")
+    if proto.ir_version <= 0:
+        raise UserInputError(f"{name}: not an ONNX model (missing ir_version)")
+    if not proto.graph.output:
+        raise UserInputError(f"{name}: graph has no outputs (truncated or corrupt file)")
+
+
+def _deserialize_proto(proto: onnx.ModelProto, base_dir: Path | None = None) -> ir.Model:
+    try:
+        model = ir.serde.deserialize_model(proto)
+    except Exception as exc:  # onnx-ir raises many types on malformed graphs
+        raise UserInputError(f"cannot read model: {_one_line(exc)}") from None
+    if base_dir is not None:
+        _set_external_base_dir(model, base_dir)
+    return model
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".strip()
+
+
+def _iter_tensor_protos(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every TensorProto in a graph: initializers, Constant/attribute tensors, subgraphs."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _iter_tensor_protos(attr.g)
+            for sub in attr.graphs:
+                yield from _iter_tensor_protos(sub)
+
+
+def check_external_data(proto: onnx.ModelProto, base_dir: Path, name: str) -> None:
+    """Refuse external-data references that escape ``base_dir`` or point at short files."""
+    root = base_dir.resolve()
+    for tensor in _iter_tensor_protos(proto.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        location = info.get("location", "")
+        label = f"{name}: initializer {tensor.name!r}"
+        if not location:
+            raise UserInputError(f"{label}: external data without a location")
+        if os.path.isabs(location) or location.startswith(("/", "\\")) or ":" in location:
+            raise UserInputError(f"{label}: external-data location {location!r} is absolute")
+        target = (base_dir / location).resolve()
+        if target != root and root not in target.parents:
+            raise UserInputError(
+                f"{label}: external-data location {location!r} leaves the model's folder"
+            )
+        if not target.is_file():
+            raise UserInputError(f"{label}: external-data file {location!r} is missing")
+        try:
+            offset = int(info.get("offset", "0") or 0)
+            length = int(info["length"]) if info.get("length") else None
+        except ValueError:
+            raise UserInputError(f"{label}: external-data offset/length is not a number") from None
+        if offset < 0 or (length is not None and length < 0):
+            raise UserInputError(f"{label}: negative external-data offset or length")
+        size = target.stat().st_size
+        needed = offset + (length if length is not None else _expected_nbytes(tensor))
+        if needed > size:
+            raise UserInputError(
+                f"{label}: external-data file {location!r} is too short "
+                f"({size} bytes, needs {needed})"
+            )
+
+
+def _expected_nbytes(tensor: onnx.TensorProto) -> int:
+    count = 1
+    for dim in tensor.dims:
+        count *= dim
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, TypeError, ValueError):
+        return 0
+    bits = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
+    if tensor.data_type in bits:
+        return (count + 1) // 2
+    return count * itemsize
+
+
+def _iter_all_tensors(model: ir.Model) -> Iterator[ir.TensorProtocol]:
+    for graph in (model.graph, *model.graph.subgraphs()):
+        for value in graph.initializers.values():
+            if value.const_value is not None:
+                yield value.const_value
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.TENSOR:
+                yield attr.value
+            elif attr.type == ir.AttributeType.TENSORS:
+                yield from attr.value
+
+
+def _has_external_tensors(model: ir.Model) -> bool:
+    return any(isinstance(t, ir.ExternalTensor) for t in _iter_all_tensors(model))
+
+
+def _set_external_base_dir(model: ir.Model, base_dir: Path) -> None:
+    for tensor in _iter_all_tensors(model):
+        if isinstance(tensor, ir.ExternalTensor):
+            tensor.base_dir = str(base_dir)
+
+
+def external_data_files(model: ir.Model) -> set[Path]:
+    """The files the model's external tensors are read from."""
+    return {
+        Path(t.base_dir) / t.location
+        for t in _iter_all_tensors(model)
+        if isinstance(t, ir.ExternalTensor)
+    }
+
+
+def total_tensor_bytes(model: ir.Model) -> int:
+    """Bytes of all stored tensors, read from metadata only (nothing is materialized)."""
+    return sum(t.nbytes for t in _iter_all_tensors(model))
+
+
+def needs_external_data(model: ir.Model) -> bool:
+    """True when an inline save would pass protobuf's 2 GB limit."""
+    return total_tensor_bytes(model) + EXTERNAL_DATA_MARGIN_BYTES >= PROTOBUF_LIMIT_BYTES
+
+
+def data_file_name(path: Path) -> str:
+    """Name of the external-data file written beside ``path``."""
+    return path.name + ".data"
+
+
+def save(
+    model: ir.Model,
+    path: str | os.PathLike,
+    *,
+    external_data: bool | None = None,
+) -> Path:
+    """Write ``model`` to ``path`` atomically; external data when asked or past 2 GB.
+
+    ``external_data=None`` chooses automatically. Returns the path written.
+    """
+    target = Path(os.fspath(path))
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir():
+        raise UserInputError(f"{target}: output folder {folder} does not exist")
+    if target.is_dir():
+        raise UserInputError(f"{target}: is a folder")
+    use_external = needs_external_data(model) if external_data is None else external_data
+    data_name = data_file_name(target)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder))
+    try:
+        tmp_model = tmp_dir / target.name
+        if use_external:
+            ir.save(
+                model,
+                tmp_model,
+                external_data=data_name,
+                size_threshold_bytes=EXTERNAL_DATA_THRESHOLD_BYTES,
+            )
+        else:
+            _save_inline(model, tmp_model)
+        _fsync(tmp_model)
+        tmp_data = tmp_dir / data_name
+        if tmp_data.exists():
+            _fsync(tmp_data)
+            # Take the old model away first: a kill between the two renames then leaves no
+            # model (allowed) rather than the old model pointing at the new data (torn).
+            with contextlib.suppress(FileNotFoundError):
+                target.unlink()
+            os.replace(tmp_data, folder / data_name)
+        os.replace(tmp_model, target)
+        _fsync_dir(folder)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return target
+
+
+def _save_inline(model: ir.Model, path: Path) -> None:
+    with _external_tensors_in_memory(model):
+        proto = ir.serde.serialize_model(model)
+    try:
+        data = proto.SerializeToString()
+    except ValueError as exc:  # protobuf's size limit
+        raise UserInputError(f"model too large for one file ({exc}); use --external-data") from None
+    with open(path, "wb") as handle:
+        handle.write(data)
+
+
+def to_proto(model: ir.Model) -> onnx.ModelProto:
+    """Serialize to a self-contained ``ModelProto`` (materializes all weights: small models)."""
+    with _external_tensors_in_memory(model):
+        return ir.serde.serialize_model(model)
+
+
+@contextlib.contextmanager
+def _external_tensors_in_memory(model: ir.Model) -> Iterator[None]:
+    """Temporarily swap external initializers for in-memory copies, restoring them after."""
+    swapped: list[tuple[ir.Value, ir.TensorProtocol]] = []
+    try:
+        for graph in (model.graph, *model.graph.subgraphs()):
+            for value in graph.initializers.values():
+                tensor = value.const_value
+                if isinstance(tensor, ir.ExternalTensor):
+                    swapped.append((value, tensor))
+                    value.const_value = ir.Tensor(tensor.numpy(), name=tensor.name)
+        yield
+    finally:
+        for value, tensor in swapped:
+            value.const_value = tensor
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,271 @@
+"""Pipelines of passes and the pass manager that runs, times, verifies and rolls them back.
+
+A pipeline is a list of steps; a step is a list of passes run in order, either once or
+repeated until no pass changes the model (bounded). The default pipeline is every exact
+pass: prepare once, cleanup to a fixed point, fusions, cleanup again. Lossy passes, when
+asked for, run in the fixed order prune → factorize → sparsify → quantize, with the exact
+passes before and after.
+
+Verification (on by default) compares the final model with the original in ONNX Runtime.
+When it fails, the run is replayed from the original with a check after every exact pass
+that changed the model; a pass whose result fails is rolled back and reported, and the run
+goes on without it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import onnx_ir as ir
+
+from graphopt.analysis.stats import count_nodes, has_subgraphs
+from graphopt.errors import UserInputError
+from graphopt.registry import LOSSY_STAGES, GraphPass, PassContext, Stage, all_passes, get_pass
+from graphopt.verify import Verifier, VerifyResult
+
+logger = logging.getLogger(__name__)
+
+MAX_FIXED_POINT_ITERATIONS = 10
+
+
+@dataclass(frozen=True)
+class PassSpec:
+    """A pass by name, with its options."""
+
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Step:
+    """Passes run in order; repeated to a fixed point when ``fixed_point`` is set."""
+
+    passes: tuple[PassSpec, ...]
+    fixed_point: bool = False
+
+
+@dataclass
+class PassStats:
+    """One row of the per-pass table (summed over all runs of the pass)."""
+
+    name: str
+    exact: bool
+    runs: int = 0
+    hits: int = 0
+    seconds: float = 0.0
+    nodes_before: int | None = None
+    nodes_after: int | None = None
+    status: str = "ok"
+
+
+@dataclass
+class RunReport:
+    """What a pipeline run did."""
+
+    stats: list[PassStats]
+    nodes_before: int
+    nodes_after: int
+    seconds: float
+    verification: VerifyResult | None = None
+    verification_skipped: str = ""
+    rolled_back: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def default_pipeline(
+    lossy: Sequence[PassSpec] = (),
+    skip: Sequence[str] = (),
+) -> list[Step]:
+    """Every exact pass, and the given lossy passes in their fixed stage order."""
+    registry = all_passes()
+    for name in skip:
+        get_pass(name)  # unknown names are an error, not silently ignored
+    for spec in lossy:
+        if get_pass(spec.name).exact:
+            raise UserInputError(f"pass {spec.name!r} is exact; it already runs by default")
+
+    def stage(kind: Stage) -> tuple[PassSpec, ...]:
+        return tuple(
+            PassSpec(name) for name, cls in registry.items() if cls.stage == kind and name not in skip
+        )
+
+    prepare, cleanup, fusion = stage(Stage.PREPARE), stage(Stage.CLEANUP), stage(Stage.FUSION)
+    exact_steps = [Step(prepare), Step(cleanup, True), Step(fusion), Step(cleanup, True)]
+    steps = list(exact_steps)
+    if lossy:
+        ordered = sorted(lossy, key=lambda spec: LOSSY_STAGES.index(get_pass(spec.name).stage))
+        steps += [Step((spec,)) for spec in ordered]
+        steps += exact_steps[1:]
+    return [step for step in steps if step.passes]
+
+
+def explicit_pipeline(specs: Sequence[PassSpec]) -> list[Step]:
+    """Passes in the order given; runs of exact passes are iterated to a fixed point."""
+    steps: list[Step] = []
+    run: list[PassSpec] = []
+    for spec in specs:
+        if get_pass(spec.name).exact:
+            run.append(spec)
+            continue
+        if run:
+            steps.append(Step(tuple(run), True))
+            run = []
+        steps.append(Step((spec,)))
+    if run:
+        steps.append(Step(tuple(run), True))
+    return steps
+
+
+ProgressCallback = Callable[[str], None]
+
+
+class PassManager:
+    """Runs a pipeline on a model in place, with stats, verification and rollback."""
+
+    def __init__(
+        self,
+        steps: Sequence[Step],
+        context: PassContext | None = None,
+        verifier: Verifier | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> None:
+        self.steps = list(steps)
+        self.context = context or PassContext()
+        self.verifier = verifier
+        self.progress = progress or (lambda message: None)
+        self._stats: dict[str, PassStats] = {}
+        self._disabled: set[str] = set()
+
+    def run(self, model: ir.Model) -> tuple[ir.Model, RunReport]:
+        start = time.perf_counter()
+        nodes_before = count_nodes(model)
+        self._note_subgraph_handling(model)
+        original = model.clone() if self.verifier is not None else None
+        rolled_back: list[str] = []
+        verification = None
+        replay_reason = ""
+        try:
+            self._run_steps(model, check_each=False)
+        except UserInputError:
+            raise
+        except Exception as exc:
+            if original is None:
+                raise
+            replay_reason = f"a pass crashed ({type(exc).__name__}: {exc})"
+        if self.verifier is not None and original is not None:
+            if not replay_reason:
+                self.progress("verifying")
+                verification = self.verifier.check(model)
+                if not verification.ok and self._ran_exact_change():
+                    replay_reason = f"verification failed ({verification.reason})"
+            if replay_reason:
+                logger.info("%s; replaying pass by pass", replay_reason)
+                self.context.note(f"{replay_reason}: replayed with a check after every pass")
+                model = original
+                self._stats = {}
+                rolled_back = self._run_steps(model, check_each=True)
+                verification = self.verifier.check(model)
+        report = RunReport(
+            stats=list(self._stats.values()),
+            nodes_before=nodes_before,
+            nodes_after=count_nodes(model),
+            seconds=time.perf_counter() - start,
+            verification=verification,
+            rolled_back=rolled_back,
+            notes=list(self.context.notes),
+        )
+        return model, report
+
+    def _ran_exact_change(self) -> bool:
+        return any(s.exact and s.hits for s in self._stats.values())
+
+    def _note_subgraph_handling(self, model: ir.Model) -> None:
+        if not has_subgraphs(model):
+            return
+        untouched = sorted(
+            {
+                spec.name
+                for step in self.steps
+                for spec in step.passes
+                if not get_pass(spec.name).handles_subgraphs
+            }
+        )
+        if untouched:
+            self.context.note(
+                "model has subgraphs (If/Loop/Scan); these passes leave them untouched: "
+                + ", ".join(untouched)
+            )
+
+    def _run_steps(self, model: ir.Model, check_each: bool) -> list[str]:
+        rolled_back: list[str] = []
+        for step in self.steps:
+            limit = MAX_FIXED_POINT_ITERATIONS if step.fixed_point else 1
+            for iteration in range(limit):
+                changed = False
+                for spec in step.passes:
+                    if spec.name in self._disabled:
+                        continue
+                    label = spec.name if limit == 1 else f"{spec.name} (round {iteration + 1})"
+                    self.progress(label)
+                    modified = self._run_one(model, spec, check_each, rolled_back)
+                    changed = changed or modified
+                if not changed:
+                    break
+        return rolled_back
+
+    def _run_one(
+        self, model: ir.Model, spec: PassSpec, check_each: bool, rolled_back: list[str]
+    ) -> bool:
+        cls = get_pass(spec.name)
+        stats = self._stats.setdefault(spec.name, PassStats(spec.name, cls.exact))
+        # Only exact passes are checked one by one; lossy ones are measured, not rolled back.
+        snapshot = model.clone() if check_each and cls.exact else None
+        before = count_nodes(model)
+        if stats.nodes_before is None:
+            stats.nodes_before = before
+        graph_pass = cls(self.context, **spec.options)
+        began = time.perf_counter()
+        try:
+            result = graph_pass(model)
+        except UserInputError:
+            raise
+        except Exception as exc:
+            # A pass that crashes must not take the user's run down with it: the model may be
+            # half-edited, so it is only safe to continue when we hold a snapshot.
+            if snapshot is None:
+                raise
+            logger.warning("pass %s failed (%s); rolled back", spec.name, exc)
+            _restore(model, snapshot)
+            self._disabled.add(spec.name)
+            rolled_back.append(spec.name)
+            stats.status = "rolled back (error)"
+            return False
+        stats.seconds += time.perf_counter() - began
+        stats.runs += 1
+        hits = graph_pass.hits
+        if snapshot is not None and result.modified and self.verifier is not None:
+            check = self.verifier.check(model)
+            if not check.ok:
+                _restore(model, snapshot)
+                self._disabled.add(spec.name)
+                rolled_back.append(spec.name)
+                stats.status = f"rolled back: {check.reason}"
+                stats.nodes_after = count_nodes(model)
+                return False
+        stats.hits += hits
+        stats.nodes_after = count_nodes(model)
+        return result.modified
+
+
+def _restore(model: ir.Model, snapshot: ir.Model) -> None:
+    """Make ``model`` equal to ``snapshot`` (passes edit in place, so swap the graph)."""
+    restored = snapshot.clone()
+    model.graph = restored.graph
+    model.functions.clear()
+    model.functions.update(restored.functions)
+    # opset imports live on the graph in onnx-ir, so they came along with it
+    model.ir_version = restored.ir_version

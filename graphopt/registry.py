@@ -1,0 +1,136 @@
+"""What a pass is, and the registry that lists every pass graphopt knows.
+
+A pass is a small class: a ``name``, a one-line docstring, whether it is ``exact`` (outputs
+unchanged within float tolerance) or lossy, its ``stage`` in the pipeline, its options, and
+whether it rewrites inside subgraphs (If/Loop/Scan bodies). ``rewrite`` edits the model in
+place through :mod:`graphopt.editing` and returns how many rewrites it made (its hits).
+
+Passes derive from onnx-ir's ``InPlacePass`` so they also run under onnx-ir's own
+``PassManager``; graphopt's :class:`~graphopt.pipeline.PassManager` adds timing, the
+per-pass table, fixed-point iteration, verification and rollback.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import onnx_ir as ir
+
+
+class Stage(enum.IntEnum):
+    """Where a pass runs in the pipeline; lossy stages run in this fixed order."""
+
+    PREPARE = 0  # once, before anything else (IR upgrades, input fixes)
+    CLEANUP = 1  # exact erasure, iterated to a fixed point
+    FUSION = 2  # exact fusions
+    PRUNE = 10
+    FACTORIZE = 11
+    SPARSIFY = 12
+    QUANTIZE = 13
+
+
+LOSSY_STAGES = (Stage.PRUNE, Stage.FACTORIZE, Stage.SPARSIFY, Stage.QUANTIZE)
+
+
+@dataclass(frozen=True)
+class PassOption:
+    """One option a pass accepts (from a recipe or the CLI)."""
+
+    name: str
+    type: type
+    default: Any
+    help: str
+
+
+@dataclass
+class PassContext:
+    """Settings shared by all passes of one run (they never parse arguments themselves)."""
+
+    # Constant folding may create at most this many bytes per new tensor; None = no limit.
+    fold_limit_bytes: int | None = 1 << 20
+    # Concrete values for symbolic input dims: {input name: shape}.
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    target: str = "portable"
+    notes: list[str] = field(default_factory=list)
+
+    def note(self, message: str) -> None:
+        """Record something the user should read in the report (said once)."""
+        if message not in self.notes:
+            self.notes.append(message)
+
+
+class GraphPass(ir.passes.InPlacePass):
+    """Base class of graphopt passes. Subclasses set the class variables and ``rewrite``."""
+
+    name: ClassVar[str] = ""
+    exact: ClassVar[bool] = True
+    stage: ClassVar[Stage] = Stage.CLEANUP
+    # True when the pass also rewrites inside If/Loop/Scan bodies; False means it leaves
+    # them untouched (the report says so when a model has subgraphs).
+    handles_subgraphs: ClassVar[bool] = True
+    options: ClassVar[tuple[PassOption, ...]] = ()
+
+    def __init__(self, context: PassContext | None = None, **options: Any) -> None:
+        super().__init__()
+        self.context = context or PassContext()
+        known = {opt.name: opt for opt in self.options}
+        unknown = set(options) - set(known)
+        if unknown:
+            raise ValueError(f"pass {self.name!r} has no option(s) {sorted(unknown)}")
+        self.settings = {opt.name: options.get(opt.name, opt.default) for opt in self.options}
+        self.hits = 0
+
+    @classmethod
+    def description(cls) -> str:
+        """The first line of the docstring."""
+        return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+
+    @abc.abstractmethod
+    def rewrite(self, model: ir.Model) -> int:
+        """Edit ``model`` in place; return the number of rewrites made."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        hits = self.rewrite(model)
+        self.hits += hits
+        return ir.passes.PassResult(model, modified=hits > 0)
+
+
+PassFactory = Callable[..., GraphPass]
+_REGISTRY: dict[str, type[GraphPass]] = {}
+
+
+def register(cls: type[GraphPass]) -> type[GraphPass]:
+    """Class decorator: add a pass to the registry under its ``name``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__qualname__} has no name")
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"two passes named {cls.name!r}")
+    if not cls.description():
+        raise ValueError(f"pass {cls.name!r} needs a one-line docstring")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def all_passes() -> dict[str, type[GraphPass]]:
+    """Every registered pass by name, in pipeline order (stage, then registration)."""
+    _load_builtin_passes()
+    order = sorted(_REGISTRY.values(), key=lambda cls: cls.stage)
+    return {cls.name: cls for cls in order}
+
+
+def get_pass(name: str) -> type[GraphPass]:
+    passes = all_passes()
+    if name not in passes:
+        from graphopt.errors import UserInputError
+
+        raise UserInputError(f"unknown pass {name!r}; `graphopt passes` lists them")
+    return passes[name]
+
+
+def _load_builtin_passes() -> None:
+    # Importing the package registers its passes (each module uses @register).
+    import graphopt.passes  # noqa: F401

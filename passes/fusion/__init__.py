@@ -1,0 +1,1 @@
+"""Exact layer fusions, one module per family."""
