@@ -116,9 +116,7 @@ def optimize(
 def _resolve_output(
     source: io.ModelSource, output: str | os.PathLike | None, in_place: bool
 ) -> Path | None:
-    source_path = (
-        Path(os.fspath(source)) if isinstance(source, (str, os.PathLike)) else None
-    )
+    source_path = Path(os.fspath(source)) if isinstance(source, (str, os.PathLike)) else None
     if in_place:
         if source_path is None:
             raise UserInputError("--in-place needs a model file as input")

@@ -43,12 +43,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"graphopt {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what passes do")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_ArgumentParser)
+    commands = parser.add_subparsers(
+        dest="command", metavar="COMMAND", parser_class=_ArgumentParser
+    )
 
-    opt = commands.add_parser("optimize", help="run a pipeline of passes on a model",
-                              description="Run the default exact pipeline (or the passes you "
-                              "name) on a model, verify it against the original in ONNX "
-                              "Runtime, and write the result.")
+    opt = commands.add_parser(
+        "optimize",
+        help="run a pipeline of passes on a model",
+        description="Run the default exact pipeline (or the passes you "
+        "name) on a model, verify it against the original in ONNX "
+        "Runtime, and write the result.",
+    )
     opt.add_argument("input", help="model file (.onnx)")
     opt.add_argument("-o", "--output", help="output file (default: IN_STEM.opt.onnx beside IN)")
     opt.add_argument("--in-place", action="store_true", help="replace the input atomically")
@@ -56,28 +61,50 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--skip", help="comma-separated passes to leave out of the pipeline")
     opt.add_argument("--recipe", help="YAML recipe file (see README for the schema)")
     opt.add_argument("--no-verify", action="store_true", help="do not compare with ORT")
-    opt.add_argument("--tolerance", type=float, default=None,
-                     help="max error relative to each output's largest magnitude (1e-4)")
-    opt.add_argument("--input-shape", action="append", metavar="NAME:DxD...",
-                     help="bind an input's shape, e.g. input:1x3x224x224 (repeatable)")
-    opt.add_argument("--fold-limit", default=None,
-                     help="largest new tensor constant folding may create: 1MB (default), "
-                     "512KB, bytes, or none")
-    opt.add_argument("--external-data", action="store_true",
-                     help="write weights to OUT.data (automatic past 2 GB)")
+    opt.add_argument(
+        "--tolerance",
+        type=float,
+        default=None,
+        help="max error relative to each output's largest magnitude (1e-4)",
+    )
+    opt.add_argument(
+        "--input-shape",
+        action="append",
+        metavar="NAME:DxD...",
+        help="bind an input's shape, e.g. input:1x3x224x224 (repeatable)",
+    )
+    opt.add_argument(
+        "--fold-limit",
+        default=None,
+        help="largest new tensor constant folding may create: 1MB (default), 512KB, bytes, or none",
+    )
+    opt.add_argument(
+        "--external-data",
+        action="store_true",
+        help="write weights to OUT.data (automatic past 2 GB)",
+    )
     opt.add_argument("--seed", type=int, default=None, help="seed of generated inputs (0)")
 
-    ins = commands.add_parser("inspect", help="summarize a model: ops, params, FLOPs, I/O",
-                              description="Op histogram, parameters, size, FLOPs at the given "
-                              "or default shapes, opsets, inputs and outputs.")
+    ins = commands.add_parser(
+        "inspect",
+        help="summarize a model: ops, params, FLOPs, I/O",
+        description="Op histogram, parameters, size, FLOPs at the given "
+        "or default shapes, opsets, inputs and outputs.",
+    )
     ins.add_argument("input", help="model file (.onnx)")
-    ins.add_argument("--input-shape", action="append", metavar="NAME:DxD...",
-                     help="bind an input's shape for FLOPs (repeatable)")
+    ins.add_argument(
+        "--input-shape",
+        action="append",
+        metavar="NAME:DxD...",
+        help="bind an input's shape for FLOPs (repeatable)",
+    )
     ins.add_argument("--json", action="store_true", help="print JSON instead of tables")
 
-    commands.add_parser("passes", help="list the registered passes",
-                        description="List every pass: name, exact or lossy, stage, "
-                        "subgraph handling, description.")
+    commands.add_parser(
+        "passes",
+        help="list the registered passes",
+        description="List every pass: name, exact or lossy, stage, subgraph handling, description.",
+    )
     return parser
 
 
@@ -88,8 +115,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
-        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                            format="%(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(
+            level=logging.INFO if args.verbose else logging.WARNING,
+            format="%(levelname)s %(name)s: %(message)s",
+        )
         if args.command is None:
             parser.print_help()
             return EXIT_BAD_INPUT
@@ -106,8 +135,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         if os.environ.get("GRAPHOPT_DEBUG"):
             raise
-        err.print(f"graphopt: internal error: {type(exc).__name__}: {exc} "
-                  "(set GRAPHOPT_DEBUG=1 for a traceback)", markup=False, soft_wrap=True)
+        err.print(
+            f"graphopt: internal error: {type(exc).__name__}: {exc} "
+            "(set GRAPHOPT_DEBUG=1 for a traceback)",
+            markup=False,
+            soft_wrap=True,
+        )
         return EXIT_INTERNAL
 
 
@@ -141,8 +174,9 @@ def _cmd_optimize(args: argparse.Namespace, out: Console, err: Console) -> int:
     if args.seed is not None:
         options.seed = args.seed
     with progress_display(err) as progress:
-        result = optimize(args.input, args.output, options, in_place=args.in_place,
-                          progress=progress)
+        result = optimize(
+            args.input, args.output, options, in_place=args.in_place, progress=progress
+        )
     print_report(result.report, out)
     out.print(f"wrote {result.output_path}", markup=False)
     return EXIT_OK

@@ -172,3 +172,46 @@ def attribute(node: ir.Node, name: str, default=None):
     """An attribute's Python value, or ``default``."""
     attr = node.attributes.get(name)
     return default if attr is None else attr.value
+
+
+def static_shape(value: ir.Value | None) -> tuple[int, ...] | None:
+    """The value's shape when every dim is a known integer, else None."""
+    if value is None or value.shape is None:
+        return None
+    dims = value.shape.dims
+    if not all(isinstance(d, int) for d in dims):
+        return None
+    return tuple(int(d) for d in dims)
+
+
+def const_ints(value: ir.Value | None, max_elements: int = 1 << 16) -> list[int] | None:
+    """A small integer constant (shape, axes, perm…) as a flat list, or None."""
+    array = constant_array(value, max_bytes=max_elements * 8)
+    if array is None or array.dtype.kind not in "iu":
+        return None
+    return [int(x) for x in array.reshape(-1)]
+
+
+def all_nodes(model: ir.Model) -> list[ir.Node]:
+    """Every node of the model, subgraphs included (a list, so rewrites may edit the graph)."""
+    return list(ir.traversal.RecursiveGraphIterator(model.graph))
+
+
+def opset_version(model: ir.Model, domain: str = "") -> int:
+    return model.opset_imports.get(domain, model.opset_imports.get("ai.onnx", 1))
+
+
+def add_constant(anchor: ir.Node, base_name: str, array: np.ndarray) -> ir.Value:
+    """A Constant node holding ``array``, inserted before ``anchor`` in its graph.
+
+    Unlike an initializer, its output may take a graph output's name (see replace_value).
+    """
+    graph = owning_graph(anchor)
+    name = unique_name(graph, base_name) if isinstance(graph, ir.Graph) else base_name
+    node = ir.node("Constant", [], attributes={"value": ir.tensor(array, name=name)})
+    node.outputs[0].name = name
+    node.outputs[0].shape = ir.Shape(array.shape)
+    node.outputs[0].type = ir.TensorType(ir.DataType.from_numpy(array.dtype))
+    node.outputs[0].const_value = node.attributes["value"].value
+    graph.insert_before(anchor, node)
+    return node.outputs[0]

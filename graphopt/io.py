@@ -55,7 +55,9 @@ def load(source: ModelSource) -> LoadedModel:
         try:
             proto.ParseFromString(bytes(source))
         except DecodeError as exc:
-            raise UserInputError(f"cannot parse model bytes: not a valid ONNX protobuf ({exc})")
+            raise UserInputError(
+                f"cannot parse model bytes: not a valid ONNX protobuf ({exc})"
+            ) from None
         _check_proto_shape(proto, "<bytes>")
         return LoadedModel(_deserialize_proto(proto), None, False)
     return _load_path(Path(os.fspath(source)))

@@ -24,7 +24,7 @@ import onnx_ir as ir
 
 from graphopt.analysis.stats import count_nodes, has_subgraphs
 from graphopt.errors import UserInputError
-from graphopt.registry import LOSSY_STAGES, GraphPass, PassContext, Stage, all_passes, get_pass
+from graphopt.registry import LOSSY_STAGES, PassContext, Stage, all_passes, get_pass
 from graphopt.verify import Verifier, VerifyResult
 
 logger = logging.getLogger(__name__)
@@ -90,7 +90,9 @@ def default_pipeline(
 
     def stage(kind: Stage) -> tuple[PassSpec, ...]:
         return tuple(
-            PassSpec(name) for name, cls in registry.items() if cls.stage == kind and name not in skip
+            PassSpec(name)
+            for name, cls in registry.items()
+            if cls.stage == kind and name not in skip
         )
 
     prepare, cleanup, fusion = stage(Stage.PREPARE), stage(Stage.CLEANUP), stage(Stage.FUSION)

@@ -36,8 +36,16 @@ from graphopt.pipeline import PassSpec
 from graphopt.registry import get_pass
 
 RECIPE_KEYS = {
-    "version", "passes", "skip", "lossy", "verify", "tolerance", "fold_limit",
-    "input_shapes", "external_data", "target",
+    "version",
+    "passes",
+    "skip",
+    "lossy",
+    "verify",
+    "tolerance",
+    "fold_limit",
+    "input_shapes",
+    "external_data",
+    "target",
 }
 TARGETS = ("portable", "ort")
 

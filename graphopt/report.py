@@ -14,10 +14,19 @@ from graphopt.registry import all_passes
 
 def pass_table(report: RunReport) -> Table:
     table = Table(title="passes", title_justify="left", show_edge=False)
-    for column in ("pass", "kind", "runs", "hits", "nodes before", "nodes after", "time (s)",
-                   "status"):
-        table.add_column(column, justify="left" if column in ("pass", "kind", "status") else
-                         "right")
+    for column in (
+        "pass",
+        "kind",
+        "runs",
+        "hits",
+        "nodes before",
+        "nodes after",
+        "time (s)",
+        "status",
+    ):
+        table.add_column(
+            column, justify="left" if column in ("pass", "kind", "status") else "right"
+        )
     for s in report.stats:
         table.add_row(
             s.name,
@@ -36,8 +45,11 @@ def verification_table(report: RunReport) -> Table | None:
     result = report.verification
     if result is None or not result.outputs:
         return None
-    table = Table(title="verification (ONNX Runtime, original vs optimized)",
-                  title_justify="left", show_edge=False)
+    table = Table(
+        title="verification (ONNX Runtime, original vs optimized)",
+        title_justify="left",
+        show_edge=False,
+    )
     for column in ("output", "max abs err", "max rel err", "cosine"):
         table.add_column(column, justify="left" if column == "output" else "right")
     for out in result.outputs:
@@ -58,8 +70,9 @@ def print_report(report: RunReport, console: Console) -> None:
         console.print(f"[yellow]not verified:[/] {report.verification_skipped}")
     elif report.verification is not None:
         verdict = "[green]passed[/]" if report.verification.ok else "[red]FAILED[/]"
-        console.print(f"verification {verdict}: worst relative error "
-                      f"{report.verification.worst_rel:.3g}")
+        console.print(
+            f"verification {verdict}: worst relative error {report.verification.worst_rel:.3g}"
+        )
     console.print(
         f"nodes {report.nodes_before} -> {report.nodes_after} "
         f"(non-Constant, subgraphs included) in {report.seconds:.2f} s"

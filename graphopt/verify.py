@@ -83,7 +83,12 @@ def compare(name: str, ref: np.ndarray, got: np.ndarray) -> OutputError:
     """Error of ``got`` against ``ref`` as graphopt measures it."""
     if ref.shape != got.shape or ref.dtype != got.dtype:
         return OutputError(
-            name, np.inf, np.inf, 0.0, np.inf, shape_ok=False,
+            name,
+            np.inf,
+            np.inf,
+            0.0,
+            np.inf,
+            shape_ok=False,
             detail=f"shape/dtype {ref.shape} {ref.dtype} -> {got.shape} {got.dtype}",
         )
     if ref.dtype.kind in "OUSb" or ref.dtype.kind in "iu":
@@ -136,8 +141,9 @@ class Verifier:
         try:
             got = run_model(candidate, self.feeds)
         except Exception as exc:
-            return VerifyResult(False, reason=f"optimized model fails in ONNX Runtime: "
-                                f"{_first_line(exc)}")
+            return VerifyResult(
+                False, reason=f"optimized model fails in ONNX Runtime: {_first_line(exc)}"
+            )
         errors = [compare(n, r, g) for n, r, g in zip(names, self.reference, got, strict=True)]
         bad = [e for e in errors if not e.shape_ok or e.detail or e.max_rel > tol]
         reason = ""

@@ -1,0 +1,203 @@
+"""Ops that provably return their input unchanged (same values, shape and dtype)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import onnx_ir as ir
+
+from graphopt import editing
+from graphopt.registry import GraphPass, Stage, register
+
+# Slice ends at or beyond this are "to the end" whatever the dim (exporters use INT64_MAX).
+_HUGE = 1 << 31
+
+Check = Callable[[ir.Node, int], bool]
+
+
+def _dims(value: ir.Value | None) -> tuple[int | ir.SymbolicDim, ...] | None:
+    if value is None or value.shape is None:
+        return None
+    return tuple(value.shape.dims)
+
+
+def _ints_input_or_attr(node: ir.Node, index: int, attr: str) -> list[int] | None:
+    """An int list given as input ``index`` (newer opsets) or attribute ``attr`` (older)."""
+    if attr in node.attributes:
+        return [int(x) for x in editing.attribute(node, attr)]
+    if len(node.inputs) > index and node.inputs[index] is not None:
+        return editing.const_ints(node.inputs[index])
+    return None
+
+
+def _same_dtype(node: ir.Node) -> bool:
+    source, result = node.inputs[0], node.outputs[0]
+    return source is not None and source.dtype is not None and source.dtype == result.dtype
+
+
+def _cast(node: ir.Node, opset: int) -> bool:
+    source = node.inputs[0]
+    return source is not None and source.dtype is not None and (
+        int(source.dtype) == editing.attribute(node, "to")
+    )
+
+
+def _reshape(node: ir.Node, opset: int) -> bool:
+    dims = _dims(node.inputs[0])
+    target = editing.const_ints(node.inputs[1]) if len(node.inputs) > 1 else None
+    if dims is None or target is None or len(target) != len(dims):
+        return False
+    allowzero = editing.attribute(node, "allowzero", 0)
+    minus_one = 0
+    for dim, want in zip(dims, target, strict=True):
+        if want == -1:
+            minus_one += 1  # the single -1 takes the only dim left: dims match elsewhere
+        elif want == 0 and not allowzero:
+            continue  # copies the input dim
+        elif not (isinstance(dim, int) and dim == want):
+            return False
+    return minus_one <= 1
+
+
+def _transpose(node: ir.Node, opset: int) -> bool:
+    perm = editing.attribute(node, "perm")
+    if perm is None:
+        dims = _dims(node.inputs[0])
+        return dims is not None and len(dims) <= 1  # default perm reverses the axes
+    return list(perm) == list(range(len(perm)))
+
+
+def _expand(node: ir.Node, opset: int) -> bool:
+    dims = _dims(node.inputs[0])
+    target = editing.const_ints(node.inputs[1])
+    if dims is None or target is None or len(target) > len(dims):
+        return False
+    # Broadcasting leaves the input shape alone when each target dim is 1 or equals it.
+    for dim, want in zip(dims[len(dims) - len(target) :], target, strict=True):
+        if want != 1 and not (isinstance(dim, int) and dim == want):
+            return False
+    return True
+
+
+def _pad(node: ir.Node, opset: int) -> bool:
+    pads = _ints_input_or_attr(node, 1, "pads")
+    return pads is not None and all(p == 0 for p in pads)
+
+
+def _slice(node: ir.Node, opset: int) -> bool:
+    dims = _dims(node.inputs[0])
+    if dims is None:
+        return False
+    if opset < 10:
+        starts = editing.attribute(node, "starts")
+        ends = editing.attribute(node, "ends")
+        axes = editing.attribute(node, "axes")
+        steps = None
+    else:
+        inputs = list(node.inputs) + [None] * (5 - len(node.inputs))
+        starts, ends = editing.const_ints(inputs[1]), editing.const_ints(inputs[2])
+        axes = editing.const_ints(inputs[3]) if inputs[3] is not None else None
+        steps = editing.const_ints(inputs[4]) if inputs[4] is not None else None
+        if (inputs[3] is not None and axes is None) or (inputs[4] is not None and steps is None):
+            return False
+    if starts is None or ends is None:
+        return False
+    axes = list(axes) if axes is not None else list(range(len(starts)))
+    steps = steps or [1] * len(starts)
+    for start, end, axis, step in zip(starts, ends, axes, steps, strict=True):
+        dim = dims[axis]
+        if step != 1:
+            return False
+        known = isinstance(dim, int)
+        if not (start == 0 or (known and start <= -dim)):
+            return False
+        if not (end >= _HUGE or (known and end >= dim)):
+            return False
+    return True
+
+
+def _flatten(node: ir.Node, opset: int) -> bool:
+    dims = _dims(node.inputs[0])
+    if dims is None:
+        return False
+    axis = editing.attribute(node, "axis", 1)
+    axis = axis + len(dims) if axis < 0 else axis
+    if len(dims) == 2 and axis == 1:
+        return True
+    if not all(isinstance(d, int) for d in dims):
+        return False
+    flat = (int(np.prod(dims[:axis])), int(np.prod(dims[axis:])))
+    return tuple(dims) == flat
+
+
+def _one_output(node: ir.Node, opset: int) -> bool:
+    return len(node.outputs) == 1
+
+
+def _concat(node: ir.Node, opset: int) -> bool:
+    return len(node.inputs) == 1
+
+
+_CHECKS: dict[str, Check] = {
+    "Cast": _cast,
+    "Reshape": _reshape,
+    "Transpose": _transpose,
+    "Expand": _expand,
+    "Pad": _pad,
+    "Slice": _slice,
+    "Split": _one_output,
+    "Concat": _concat,
+    "Flatten": _flatten,
+}
+
+# op → (neutral element, may the constant be the first operand)
+_NEUTRAL = {"Add": (0, True), "Sub": (0, False), "Mul": (1, True), "Div": (1, False)}
+
+
+def _neutral_operand(node: ir.Node) -> int | None:
+    """Index of the input passed through when the other is a neutral constant, or None."""
+    neutral, commutes = _NEUTRAL[node.op_type]
+    candidates = [(1, 0)] + ([(0, 1)] if commutes else [])
+    for const_index, kept_index in candidates:
+        array = editing.constant_array(node.inputs[const_index], max_bytes=1 << 16)
+        kept = node.inputs[kept_index]
+        if array is None or kept is None or not np.all(array == neutral):
+            continue
+        dims = _dims(kept)
+        if dims is None or kept.dtype != node.outputs[0].dtype or array.ndim > len(dims):
+            continue
+        # The constant must not broadcast the kept input to a larger shape.
+        tail = dims[len(dims) - array.ndim :]
+        if all(c == 1 or (isinstance(d, int) and d == c) for c, d in zip(array.shape, tail)):
+            return kept_index
+    return None
+
+
+@register
+class NoopOpsPass(GraphPass):
+    """Remove ops that return their input unchanged (same-type Cast, identity Reshape/Transpose/
+    Expand/Pad/Slice/Flatten, 1-way Split/Concat, x+0, x-0, x*1, x/1); refuse when unsure."""
+
+    name = "noop-ops"
+    stage = Stage.CLEANUP
+
+    def rewrite(self, model: ir.Model) -> int:
+        opset = editing.opset_version(model)
+        hits = 0
+        for node in editing.all_nodes(model):
+            if not editing.is_op(node, (*_CHECKS, *_NEUTRAL)) or not node.inputs:
+                continue
+            if node.op_type in _NEUTRAL:
+                kept = _neutral_operand(node)
+                if kept is not None and editing.bypass(node, kept):
+                    hits += 1
+                continue
+            if node.inputs[0] is None or len(node.outputs) != 1:
+                continue
+            if node.op_type not in ("Cast",) and node.outputs[0].dtype is not None:
+                if not _same_dtype(node):
+                    continue
+            if _CHECKS[node.op_type](node, opset) and editing.bypass(node):
+                hits += 1
+        return hits
