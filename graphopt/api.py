@@ -62,7 +62,7 @@ def optimize(
     in_place: bool = False,
     progress: ProgressCallback | None = None,
 ) -> OptimizeResult:
-    """Optimize a model; write it when ``output`` is given (or ``in_place``).
+    """Optimize a model; write it when ``output`` is given (or ``in_place``), else only return it.
 
     Raises :class:`~graphopt.errors.CheckFailedError` when verification fails after the
     exact passes were rolled back (the output is then not written).
@@ -72,12 +72,21 @@ def optimize(
     loaded = io.load(source)
     model = loaded.model
     if target is not None and not in_place:
+        data_files = io.external_data_files(model)
         data_target = target.with_name(io.data_file_name(target))
-        if any(_same_file(data_target, f) for f in io.external_data_files(model)):
+        if any(_same_file(data_target, f) for f in data_files):
             raise UserInputError(
                 f"{target}: its external-data file {data_target.name} would overwrite the "
                 "input's weights; choose another output name"
             )
+        if any(_same_file(target, f) for f in data_files):
+            raise UserInputError(
+                f"{target}: output would overwrite the input's external-data file; "
+                "choose another output name"
+            )
+        if not target.parent.is_dir():
+            # Refuse before the pipeline runs rather than after (io.save checks it too).
+            raise UserInputError(f"{target}: output folder {target.parent} does not exist")
     context = PassContext(
         fold_limit_bytes=options.fold_limit_bytes,
         input_shapes=dict(options.input_shapes),
@@ -124,7 +133,7 @@ def _resolve_output(
             raise UserInputError("--in-place and -o/--output are mutually exclusive")
         return source_path
     if output is None:
-        return default_output_path(source_path) if source_path is not None else None
+        return None
     target = Path(os.fspath(output))
     if source_path is not None and _same_file(source_path, target):
         raise UserInputError(

@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from rich.console import Console
 
@@ -149,7 +150,7 @@ def _raise_interrupt(signum, frame) -> None:
 
 
 def _cmd_optimize(args: argparse.Namespace, out: Console, err: Console) -> int:
-    from graphopt.api import OptimizeOptions, optimize
+    from graphopt.api import OptimizeOptions, default_output_path, optimize
     from graphopt.inputs import parse_input_shapes
     from graphopt.pipeline import PassSpec
     from graphopt.recipe import load_recipe, parse_size
@@ -173,10 +174,11 @@ def _cmd_optimize(args: argparse.Namespace, out: Console, err: Console) -> int:
         options.external_data = True
     if args.seed is not None:
         options.seed = args.seed
+    output = args.output
+    if output is None and not args.in_place:
+        output = default_output_path(Path(args.input))
     with progress_display(err) as progress:
-        result = optimize(
-            args.input, args.output, options, in_place=args.in_place, progress=progress
-        )
+        result = optimize(args.input, output, options, in_place=args.in_place, progress=progress)
     print_report(result.report, out)
     out.print(f"wrote {result.output_path}", markup=False)
     return EXIT_OK

@@ -1,1 +1,45 @@
-"""graphopt.models."""
+"""Test models for graphopt, built locally and cached (never committed, never downloaded).
+
+``get(name) -> Path`` builds a model once into ``$GRAPHOPT_CACHE`` (default
+``~/.cache/graphopt``) with a JSON sidecar (exporter, opset, versions, inputs, test shapes)
+and returns the cached path afterwards. ``python -m graphopt.models list|build|info``
+does the same from the shell. Families: ``demo`` (numpy + onnx only), ``torchvision``,
+``transformers`` (small seeded configs and MiniLM with real weights), ``ppocr`` (copied from
+rapidocr_onnxruntime). torch is only imported when a torch model is built.
+"""
+
+from __future__ import annotations
+
+# Import order is registration order, which `list` shows (demo first).
+from graphopt.models import demo, ocr, text, vision
+from graphopt.models.catalog import (
+    ModelSpec,
+    build,
+    cache_dir,
+    get,
+    missing_requirements,
+    names,
+    read_sidecar,
+    register,
+    spec,
+    test_shapes,
+)
+from graphopt.models.demo import make_demo, write_demo
+
+_ = (demo, vision, text, ocr)
+
+
+__all__ = [
+    "ModelSpec",
+    "build",
+    "cache_dir",
+    "get",
+    "make_demo",
+    "missing_requirements",
+    "names",
+    "read_sidecar",
+    "register",
+    "spec",
+    "test_shapes",
+    "write_demo",
+]

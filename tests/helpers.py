@@ -93,3 +93,51 @@ __all__ = [
     "run_pass",
     "tensor_info",
 ]
+
+
+# --- test-only passes for the pass manager, CLI and API tests (never registered globally) ---
+
+
+class AddToSubPass(GraphPass):
+    """Test only: rewrite every Add into a Sub, claiming to be exact (breaks outputs)."""
+
+    name = "test-add-to-sub"
+    exact = True
+
+    def rewrite(self, model: ir.Model) -> int:
+        hits = 0
+        for node in ir.traversal.RecursiveGraphIterator(model.graph):
+            if node.op_type == "Add" and node.domain == "":
+                node.op_type = "Sub"
+                hits += 1
+        return hits
+
+
+class SilentAddToSubPass(AddToSubPass):
+    """Test only: like test-add-to-sub, but reports no hits (a pass that lies)."""
+
+    name = "test-silent-add-to-sub"
+
+    def rewrite(self, model: ir.Model) -> int:
+        super().rewrite(model)
+        return 0
+
+
+class CrashingPass(GraphPass):
+    """Test only: edits the model half-way, then raises."""
+
+    name = "test-crash"
+
+    def rewrite(self, model: ir.Model) -> int:
+        for node in model.graph:
+            node.op_type = "Sub" if node.op_type == "Add" else node.op_type
+        raise RuntimeError("simulated bug in a pass")
+
+
+def register_for_test(monkeypatch, *classes: type[GraphPass]) -> None:
+    """Register test-only passes for one test (undone by ``monkeypatch``)."""
+    from graphopt import registry
+
+    registry.all_passes()  # load the built-in passes first
+    for cls in classes:
+        monkeypatch.setitem(registry._REGISTRY, cls.name, cls)

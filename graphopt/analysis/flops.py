@@ -27,75 +27,17 @@ import onnx_ir as ir
 from graphopt.analysis.shapes import infer_shapes, static_shape
 from graphopt.analysis.stats import is_constant_node
 
-ELEMENTWISE = frozenset(
-    [
-        "Abs",
-        "Acos",
-        "Acosh",
-        "Add",
-        "And",
-        "Asin",
-        "Asinh",
-        "Atan",
-        "Atanh",
-        "BitShift",
-        "BitwiseAnd",
-        "BitwiseNot",
-        "BitwiseOr",
-        "BitwiseXor",
-        "Ceil",
-        "Celu",
-        "Clip",
-        "Cos",
-        "Cosh",
-        "Div",
-        "Elu",
-        "Equal",
-        "Erf",
-        "Exp",
-        "Floor",
-        "Gelu",
-        "Greater",
-        "GreaterOrEqual",
-        "HardSigmoid",
-        "HardSwish",
-        "IsInf",
-        "IsNaN",
-        "LeakyRelu",
-        "Less",
-        "LessOrEqual",
-        "Log",
-        "Max",
-        "Mean",
-        "Min",
-        "Mish",
-        "Mod",
-        "Mul",
-        "Neg",
-        "Not",
-        "Or",
-        "Pow",
-        "PRelu",
-        "Reciprocal",
-        "Relu",
-        "Round",
-        "Selu",
-        "Shrink",
-        "Sigmoid",
-        "Sign",
-        "Sin",
-        "Sinh",
-        "Softplus",
-        "Softsign",
-        "Sqrt",
-        "Sub",
-        "Sum",
-        "Tan",
-        "Tanh",
-        "ThresholdedRelu",
-        "Where",
-        "Xor",
-    ]
+
+def _op_set(names: str) -> frozenset[str]:
+    return frozenset(names.split())
+
+
+ELEMENTWISE = _op_set(
+    """Abs Acos Acosh Add And Asin Asinh Atan Atanh BitShift BitwiseAnd BitwiseNot BitwiseOr
+    BitwiseXor Ceil Celu Clip Cos Cosh Div Elu Equal Erf Exp Floor Gelu Greater
+    GreaterOrEqual HardSigmoid HardSwish IsInf IsNaN LeakyRelu Less LessOrEqual Log Max Mean
+    Min Mish Mod Mul Neg Not Or Pow PRelu Reciprocal Relu Round Selu Shrink Sigmoid Sign Sin
+    Sinh Softplus Softsign Sqrt Sub Sum Tan Tanh ThresholdedRelu Where Xor"""
 )
 # FLOPs per output element.
 PER_ELEMENT = {
@@ -113,69 +55,17 @@ PER_ELEMENT = {
     "DequantizeLinear": 2,
     "DynamicQuantizeLinear": 3,
 }
-REDUCTIONS = frozenset(
-    [
-        "ReduceL1",
-        "ReduceL2",
-        "ReduceLogSum",
-        "ReduceLogSumExp",
-        "ReduceMax",
-        "ReduceMean",
-        "ReduceMin",
-        "ReduceProd",
-        "ReduceSum",
-        "ReduceSumSquare",
-        "ArgMax",
-        "ArgMin",
-        "CumSum",
-        "GlobalAveragePool",
-        "GlobalMaxPool",
-        "GlobalLpPool",
-    ]
+REDUCTIONS = _op_set(
+    """ReduceL1 ReduceL2 ReduceLogSum ReduceLogSumExp ReduceMax ReduceMean ReduceMin ReduceProd
+    ReduceSum ReduceSumSquare ArgMax ArgMin CumSum GlobalAveragePool GlobalMaxPool
+    GlobalLpPool"""
 )
 POOLS = frozenset({"MaxPool", "AveragePool", "LpPool"})
-ZERO = frozenset(
-    [
-        "Cast",
-        "CastLike",
-        "Concat",
-        "Constant",
-        "ConstantOfShape",
-        "DepthToSpace",
-        "Dropout",
-        "Expand",
-        "EyeLike",
-        "Flatten",
-        "Gather",
-        "GatherElements",
-        "GatherND",
-        "Identity",
-        "If",
-        "Loop",
-        "NonZero",
-        "OneHot",
-        "Pad",
-        "Range",
-        "Reshape",
-        "Resize",
-        "ReverseSequence",
-        "Scan",
-        "Scatter",
-        "ScatterElements",
-        "ScatterND",
-        "Shape",
-        "Size",
-        "Slice",
-        "SpaceToDepth",
-        "Split",
-        "Squeeze",
-        "Tile",
-        "TopK",
-        "Transpose",
-        "Trilu",
-        "Unsqueeze",
-        "Upsample",
-    ]
+ZERO = _op_set(
+    """Cast CastLike Concat Constant ConstantOfShape DepthToSpace Dropout Expand EyeLike
+    Flatten Gather GatherElements GatherND Identity If Loop NonZero OneHot Pad Range Reshape
+    Resize ReverseSequence Scan Scatter ScatterElements ScatterND Shape Size Slice
+    SpaceToDepth Split Squeeze Tile TopK Transpose Trilu Unsqueeze Upsample"""
 )
 
 

@@ -36,6 +36,12 @@ def bind_input_shapes(
     for value in inputs:
         if value.shape is None and value.name not in given:
             continue
+        declared = value.shape
+        if value.name in given and declared is not None and len(given[value.name]) != len(declared):
+            raise UserInputError(
+                f"--input-shape {value.name}: rank {len(given[value.name])} does not match "
+                f"the declared shape {shape_text(declared)}"
+            )
         bound[value.name] = concrete_shape(value, given)
     return bound
 

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 import onnx_ir as ir
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from graphopt import io
@@ -64,6 +65,7 @@ def summarize(
     params, param_bytes = parameter_count(model)
     initializers = sum(len(graph.initializers) for graph in (model.graph, *model.graph.subgraphs()))
     producer = " ".join(p for p in (model.producer_name, model.producer_version) if p)
+    data_files = io.external_data_files(model)
     return ModelSummary(
         ir_version=model.ir_version,
         producer=producer,
@@ -84,8 +86,8 @@ def summarize(
         functions=[
             f"{f.domain}::{f.name}" if f.domain else f.name for f in model.functions.values()
         ],
-        external_data=bool(io.external_data_files(model)),
-        external_data_files=sorted({str(p.name) for p in io.external_data_files(model)}),
+        external_data=bool(data_files),
+        external_data_files=sorted({p.name for p in data_files}),
         metadata=dict(model.metadata_props),
     )
 
@@ -152,7 +154,7 @@ def render_summary(summary: ModelSummary, console: Console) -> None:
     if summary.flops_unknown_shape:
         rows.append(("unknown shapes", _counts(summary.flops_unknown_shape)))
     for key, value in rows:
-        overview.add_row(key, value)
+        overview.add_row(key, escape(value))
     console.print(overview)
 
     io_table = Table(title="inputs and outputs", title_justify="left", show_edge=False)
@@ -160,7 +162,9 @@ def render_summary(summary: ModelSummary, console: Console) -> None:
         io_table.add_column(column)
     for kind, infos in (("input", summary.inputs), ("output", summary.outputs)):
         for info in infos:
-            io_table.add_row(kind, info.name, info.dtype or "?", _shape_str(info.shape))
+            io_table.add_row(
+                kind, escape(info.name), info.dtype or "?", escape(_shape_str(info.shape))
+            )
     console.print(io_table)
 
     ops = Table(title="ops", title_justify="left", show_edge=False)
@@ -169,7 +173,7 @@ def render_summary(summary: ModelSummary, console: Console) -> None:
     for op, count in summary.ops.items():
         flops = summary.flops_by_op.get(op, 0)
         share = f"{100 * flops / summary.flops:.1f}%" if summary.flops else "-"
-        ops.add_row(op, str(count), human_count(flops) if flops else "0", share)
+        ops.add_row(escape(op), str(count), human_count(flops) if flops else "0", share)
     console.print(ops)
     if summary.metadata:
         console.print(

@@ -1,5 +1,22 @@
-"""Exact erasure passes: dead and no-op ops, constant folding, CSE, dedup."""
+"""Exact erasure passes: dead and no-op ops, constant folding, CSE, dedup.
 
+The import order is the order passes run in within a stage.
+"""
+
+# isort: off
 from graphopt.passes.erasure import (  # noqa: F401  (imported for registration)
+    # isort: on
+    initializer_inputs,
+    shape_folding,
+    constant_folding,
+    identity,
+    dropout,
+    noop_ops,
+    squeeze_unsqueeze,
+    transpose_merge,
+    reshape_merge,
+    cse,
+    dedup_initializers,
     dead_code,
 )
+# isort: on

@@ -37,7 +37,7 @@ def _mask_needed(node: ir.Node) -> bool:
 
 @register
 class DropoutPass(GraphPass):
-    """Remove inference-mode Dropout; a used mask becomes ConstantOfShape(true); refuse training mode."""
+    """Remove inference-mode Dropout (a used mask becomes ConstantOfShape(1)); refuse training."""
 
     name = "dropout"
     stage = Stage.CLEANUP
@@ -57,14 +57,14 @@ class DropoutPass(GraphPass):
     def _replace_mask(self, node: ir.Node, opset: int) -> bool:
         """Feed the mask's users an all-true (all-one) mask of the data's shape."""
         mask = node.outputs[1]
-        if opset < 9 or mask.type is None or mask.dtype is None:
+        # The mask is bool from Dropout-10 on, the data's type before.
+        dtype = ir.DataType.BOOL if opset >= 10 else node.inputs[0].dtype
+        if opset < 9 or dtype is None:
             return False  # ConstantOfShape needs opset 9 and the mask's dtype
-        one = np.ones((1,), dtype=mask.dtype.numpy())
+        one = np.ones((1,), dtype=dtype.numpy())
         shape = ir.node("Shape", [node.inputs[0]])
-        fill = ir.node(
-            "ConstantOfShape", [shape.outputs[0]], attributes={"value": ir.tensor(one)}
-        )
-        fill.outputs[0].type = mask.type
+        fill = ir.node("ConstantOfShape", [shape.outputs[0]], attributes={"value": ir.tensor(one)})
+        fill.outputs[0].type = ir.TensorType(dtype)
         fill.outputs[0].shape = mask.shape
         editing.insert_before(node, [shape, fill])
         if not editing.replace_value(mask, fill.outputs[0]):

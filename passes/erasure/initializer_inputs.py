@@ -13,7 +13,7 @@ MIN_IR_VERSION = 4
 
 @register
 class InitializerInputsPass(GraphPass):
-    """Drop initializers from the graph inputs of IR<4 models and raise ir_version to 4; else no-op."""
+    """Drop initializers from the graph inputs of IR<4 models and raise ir_version to 4."""
 
     name = "initializer-inputs"
     stage = Stage.PREPARE

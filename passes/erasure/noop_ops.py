@@ -38,14 +38,56 @@ def _same_dtype(node: ir.Node) -> bool:
 
 def _cast(node: ir.Node, opset: int) -> bool:
     source = node.inputs[0]
-    return source is not None and source.dtype is not None and (
-        int(source.dtype) == editing.attribute(node, "to")
+    return (
+        source is not None
+        and source.dtype is not None
+        and (int(source.dtype) == editing.attribute(node, "to"))
     )
+
+
+Dim = int | ir.SymbolicDim
+
+
+def _shape_value(value: ir.Value | None, depth: int = 0) -> list[Dim] | None:
+    """A 1-D shape tensor's entries: constants, and dims read by Shape (through Concat)."""
+    ints = editing.const_ints(value)
+    if ints is not None:
+        return list(ints)
+    producer = value.producer() if value is not None else None
+    if producer is None or depth > 4:
+        return None
+    if editing.is_op(producer, "Shape"):
+        dims = _dims(producer.inputs[0])
+        if dims is None:
+            return None
+        rank = len(dims)
+        start = editing.attribute(producer, "start", 0)
+        end = editing.attribute(producer, "end", rank)
+        start = min(max(start + rank if start < 0 else start, 0), rank)
+        end = min(max(end + rank if end < 0 else end, 0), rank)
+        return list(dims[start:end])
+    if editing.is_op(producer, "Concat"):
+        parts = [_shape_value(v, depth + 1) for v in producer.inputs]
+        if any(part is None for part in parts):
+            return None
+        return [dim for part in parts for dim in part]  # type: ignore[union-attr]
+    return None
+
+
+def _same_dim(dim: Dim, want: Dim) -> bool:
+    """Equal ints, or the same named symbolic dim.
+
+    Like onnxscript's folder (and shape inference), this trusts that dims with the same
+    symbolic name are equal at run time, as the model's declared input shapes promise.
+    """
+    if isinstance(dim, int) or isinstance(want, int):
+        return isinstance(dim, int) and isinstance(want, int) and dim == want
+    return dim.value is not None and dim.value == want.value
 
 
 def _reshape(node: ir.Node, opset: int) -> bool:
     dims = _dims(node.inputs[0])
-    target = editing.const_ints(node.inputs[1]) if len(node.inputs) > 1 else None
+    target = _shape_value(node.inputs[1]) if len(node.inputs) > 1 else None
     if dims is None or target is None or len(target) != len(dims):
         return False
     allowzero = editing.attribute(node, "allowzero", 0)
@@ -55,7 +97,7 @@ def _reshape(node: ir.Node, opset: int) -> bool:
             minus_one += 1  # the single -1 takes the only dim left: dims match elsewhere
         elif want == 0 and not allowzero:
             continue  # copies the input dim
-        elif not (isinstance(dim, int) and dim == want):
+        elif not _same_dim(dim, want):
             return False
     return minus_one <= 1
 
@@ -152,7 +194,14 @@ _CHECKS: dict[str, Check] = {
 }
 
 # op → (neutral element, may the constant be the first operand)
-_NEUTRAL = {"Add": (0, True), "Sub": (0, False), "Mul": (1, True), "Div": (1, False)}
+_NEUTRAL = {
+    "Add": (0, True),
+    "Sub": (0, False),
+    "Mul": (1, True),
+    "Div": (1, False),
+    "And": (True, True),
+    "Or": (False, True),
+}
 
 
 def _neutral_operand(node: ir.Node) -> int | None:
@@ -169,15 +218,21 @@ def _neutral_operand(node: ir.Node) -> int | None:
             continue
         # The constant must not broadcast the kept input to a larger shape.
         tail = dims[len(dims) - array.ndim :]
-        if all(c == 1 or (isinstance(d, int) and d == c) for c, d in zip(array.shape, tail)):
+        pairs = zip(array.shape, tail, strict=True)
+        if all(c == 1 or (isinstance(d, int) and d == c) for c, d in pairs):
             return kept_index
     return None
 
 
 @register
 class NoopOpsPass(GraphPass):
-    """Remove ops that return their input unchanged (same-type Cast, identity Reshape/Transpose/
-    Expand/Pad/Slice/Flatten, 1-way Split/Concat, x+0, x-0, x*1, x/1); refuse when unsure."""
+    """Remove ops provably returning their input (Cast/Reshape/Transpose…, x+0, x*1); else keep.
+
+    Covered: same-dtype Cast; Reshape/Expand/Flatten to the input's own shape; identity-perm
+    Transpose; all-zero Pad; whole-range Slice; one-way Split and Concat; Add/Sub of 0 and
+    Mul/Div by 1 and And with true / Or with false whose constant does not broadcast the other
+    operand.
+    """
 
     name = "noop-ops"
     stage = Stage.CLEANUP
@@ -195,9 +250,9 @@ class NoopOpsPass(GraphPass):
                 continue
             if node.inputs[0] is None or len(node.outputs) != 1:
                 continue
-            if node.op_type not in ("Cast",) and node.outputs[0].dtype is not None:
-                if not _same_dtype(node):
-                    continue
+            typed = node.op_type != "Cast" and node.outputs[0].dtype is not None
+            if typed and not _same_dtype(node):
+                continue
             if _CHECKS[node.op_type](node, opset) and editing.bypass(node):
                 hits += 1
         return hits

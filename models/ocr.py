@@ -1,0 +1,75 @@
+"""PP-OCR models shipped inside the ``rapidocr_onnxruntime`` wheel (Paddle2ONNX exports).
+
+Copied, not re-exported: they are real third-party graphs (weights in Constant nodes,
+opset 11/12) and a good test of what graphopt meets in the wild. Their H/W axes are
+dynamic, so the sidecar records the shapes tests and verification should bind.
+"""
+
+from __future__ import annotations
+
+import shutil
+from functools import partial
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Any
+
+from graphopt.models.catalog import ModelSpec, register, versions
+
+RAPIDOCR_PACKAGE = "rapidocr_onnxruntime"
+
+# name -> (file in the package's models/ folder, input shape for tests, description).
+# det needs H and W divisible by 32. On seeded Gaussian inputs its sigmoid map is ~1e-6
+# everywhere at 64x64..160x160, which makes the relative error measure (error / largest
+# output) pure rounding noise: ORT's own graph optimizations move it by 3e-2 there. At
+# 224x224 the map has real peaks (0.02-0.5 for seeds 0-2), so verification means something.
+# rec is trained on height 48; cls on 48x192.
+OCR_MODELS: dict[str, tuple[str, list[int], str]] = {
+    "ppocr_det": (
+        "ch_PP-OCRv4_det_infer.onnx",
+        [1, 3, 224, 224],
+        "PP-OCRv4 text detection (DBNet)",
+    ),
+    "ppocr_rec": (
+        "ch_PP-OCRv4_rec_infer.onnx",
+        [1, 3, 48, 320],
+        "PP-OCRv4 text recognition (SVTR-LCNet, 6625 classes)",
+    ),
+    "ppocr_cls": (
+        "ch_ppocr_mobile_v2.0_cls_infer.onnx",
+        [1, 3, 48, 192],
+        "PP-OCR mobile v2.0 text direction classifier",
+    ),
+}
+
+
+def rapidocr_models_dir() -> Path:
+    """The ``models/`` folder of the installed ``rapidocr_onnxruntime`` (not imported)."""
+    found = find_spec(RAPIDOCR_PACKAGE)
+    if found is None or not found.submodule_search_locations:
+        raise ModuleNotFoundError(f"{RAPIDOCR_PACKAGE} is not installed")
+    return Path(next(iter(found.submodule_search_locations))) / "models"
+
+
+def build_ocr(name: str, path: Path) -> dict[str, Any]:
+    filename, shape, _ = OCR_MODELS[name]
+    source = rapidocr_models_dir() / filename
+    shutil.copyfile(source, path)
+    return {
+        "exporter": "Paddle2ONNX (shipped prebuilt in rapidocr_onnxruntime)",
+        "source": f"{RAPIDOCR_PACKAGE}/models/{filename}",
+        "versions": versions("rapidocr-onnxruntime"),
+        "test_shapes": {"x": shape},
+    }
+
+
+for _name, (_file, _shape, _label) in OCR_MODELS.items():
+    register(
+        ModelSpec(
+            name=_name,
+            family="ppocr",
+            description=f"{_label}; test input x:{'x'.join(map(str, _shape))}",
+            builder=partial(build_ocr, _name),
+            requires=(RAPIDOCR_PACKAGE,),
+            slow=_name != "ppocr_cls",
+        )
+    )

@@ -1,0 +1,93 @@
+"""torchvision classifiers: random seeded weights (``weights=None``), dynamic batch axis."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from graphopt.models.catalog import ModelSpec, register
+from graphopt.models.export import export, seed_everything
+
+# Exported with batch 2: torch.export specializes dims of size 1, which would pin the batch.
+EXPORT_BATCH = 2
+
+# name -> (input side, slow). Image sizes are static in the graph; only the batch is dynamic.
+TORCHVISION_MODELS: dict[str, tuple[int, bool]] = {
+    "resnet18": (224, False),
+    "resnet50": (224, True),
+    "mobilenet_v2": (224, False),
+    "mobilenet_v3_small": (224, False),
+    "mobilenet_v3_large": (224, True),
+    "efficientnet_b0": (224, True),
+    "densenet121": (224, True),
+    "convnext_tiny": (224, True),
+    "vit_b_16": (224, True),
+    "swin_t": (224, True),
+    "shufflenet_v2_x1_0": (224, True),
+    "squeezenet1_0": (224, False),
+    "regnet_y_400mf": (224, True),
+    "googlenet": (224, True),
+    "inception_v3": (299, True),
+}
+
+TORCHSCRIPT_VARIANTS = ("resnet18", "mobilenet_v3_small", "efficientnet_b0")
+
+# Constructor arguments beyond weights=None (silence "init_weights will change" warnings and
+# drop auxiliary heads, which only run in training mode anyway).
+_KWARGS: dict[str, dict[str, Any]] = {
+    "googlenet": {"aux_logits": False, "init_weights": True},
+    "inception_v3": {"aux_logits": False, "init_weights": True},
+}
+
+
+def build_torchvision(name: str, side: int, path: Path, exporter: str = "auto") -> dict[str, Any]:
+    import torch
+    import torchvision
+
+    seed_everything()
+    constructor = getattr(torchvision.models, name)
+    model = constructor(weights=None, **_KWARGS.get(name, {})).eval()
+    example = torch.randn(EXPORT_BATCH, 3, side, side)
+    info = export(
+        model,
+        (example,),
+        path,
+        input_names=["input"],
+        output_names=["logits"],
+        dynamic={"input": {0: "batch"}},
+        exporter=exporter,
+    )
+    return {
+        **info,
+        "source": f"torchvision.models.{name}(weights=None), torch.manual_seed(0)",
+        "test_shapes": {"input": [1, 3, side, side]},
+    }
+
+
+for _name, (_side, _slow) in TORCHVISION_MODELS.items():
+    register(
+        ModelSpec(
+            name=_name,
+            family="torchvision",
+            description=f"torchvision {_name}, random seeded weights, 3x{_side}x{_side}",
+            builder=partial(build_torchvision, _name, _side),
+            requires=("torch", "torchvision"),
+            slow=_slow,
+        )
+    )
+
+# The same models through the legacy TorchScript exporter, whose graphs keep the leftovers
+# (Identity, Flatten, shape arithmetic) many ONNX files in the wild still carry.
+for _name in TORCHSCRIPT_VARIANTS:
+    _side = TORCHVISION_MODELS[_name][0]
+    register(
+        ModelSpec(
+            name=f"{_name}_ts",
+            family="torchvision",
+            description=f"torchvision {_name} via the TorchScript exporter (dynamo=False)",
+            builder=partial(build_torchvision, _name, _side, exporter="torchscript"),
+            requires=("torch", "torchvision"),
+            slow=True,
+        )
+    )

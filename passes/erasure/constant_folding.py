@@ -1,0 +1,133 @@
+"""Constant folding on top of onnxscript's folder, under graphopt's size rule.
+
+The size rule (``--fold-limit``, ``PassContext.fold_limit_bytes``, default 1 MiB, None = no
+limit): a folded result larger than the limit is kept only when it is not larger than the
+constant data it replaces, i.e. the bytes of its constant inputs that nobody else reads.
+Transposing a 4 MB weight used once is fine; ConstantOfShape/Expand/Tile/Range making a
+10 MB tensor out of a few bytes is refused.
+
+onnxscript's own limits count *elements*, not bytes, and its compensation counts inputs by
+element too; graphopt decides itself (``should_fold`` returns True/False for every node) and
+re-checks the actual result, so onnxscript's limits never apply.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+from onnxscript.optimizer import _constant_folding as folding
+
+from graphopt import editing
+from graphopt.registry import GraphPass, Stage, register
+
+# Never folded: random ops (a folded draw would be frozen), and Q/DQ, whose folding
+# would turn a quantized model's int8 weights back into float ones.
+NEVER_FOLD = frozenset(
+    {
+        "RandomUniform",
+        "RandomNormal",
+        "RandomUniformLike",
+        "RandomNormalLike",
+        "Multinomial",
+        "Bernoulli",
+        "QuantizeLinear",
+        "DequantizeLinear",
+        "DynamicQuantizeLinear",
+    }
+)
+_NO_LIMIT = 1 << 62
+
+
+def _replaced_bytes(node: ir.Node) -> int:
+    """Bytes of constant inputs that only this node reads (they go away when it folds)."""
+    total = 0
+    seen: set[int] = set()
+    for value in node.inputs:
+        if value is None or id(value) in seen or value.const_value is None:
+            continue
+        seen.add(id(value))
+        if value.is_graph_output() or any(use.node is not node for use in value.uses()):
+            continue
+        total += value.const_value.nbytes
+    return total
+
+
+def _static_nbytes(value: ir.Value) -> int | None:
+    dims = editing.static_shape(value)
+    if dims is None or value.dtype is None or value.dtype == ir.DataType.STRING:
+        return None
+    return int(np.prod(dims, dtype=np.int64)) * value.dtype.itemsize
+
+
+class _LimitedFolder(folding.FoldConstantsPass):
+    """onnxscript's folder with the byte rule applied to every new tensor."""
+
+    def __init__(self, limit: int | None) -> None:
+        super().__init__(
+            shape_inference=True,
+            input_size_limit=_NO_LIMIT,
+            output_size_limit=_NO_LIMIT,
+            should_fold=self._should_fold,
+        )
+        self.limit = limit
+
+    def _allowed(self, node: ir.Node, nbytes: int) -> bool:
+        return self.limit is None or nbytes <= self.limit or nbytes <= _replaced_bytes(node)
+
+    def _should_fold(self, node: ir.Node) -> bool:
+        if not editing.is_op(node, node.op_type):
+            return False  # other domains: the reference evaluator is not ORT
+        if node.op_type in NEVER_FOLD:
+            return False
+        # Decide before evaluating when the output size is known (saves memory and time).
+        for output in node.outputs:
+            nbytes = _static_nbytes(output)
+            if nbytes is not None and not self._allowed(node, nbytes):
+                return False
+        return True
+
+    def _prepare_folded_tensor(self, node, output_name, output_array):  # type: ignore[override]
+        if isinstance(output_array, np.ndarray) and not self._allowed(node, output_array.nbytes):
+            return None
+        return super()._prepare_folded_tensor(node, output_name, output_array)
+
+
+def _graph_input_constants(model: ir.Model) -> list[tuple[ir.Value, ir.TensorProtocol]]:
+    """Initializers that are also graph inputs: the caller may feed them, so not constant."""
+    found = []
+    for graph in model.graphs():
+        for value in graph.inputs:
+            if value.const_value is not None:
+                found.append((value, value.const_value))
+    return found
+
+
+def _count(model: ir.Model) -> int:
+    return sum(1 for node in ir.traversal.RecursiveGraphIterator(model.graph))
+
+
+@register
+class ConstantFoldingPass(GraphPass):
+    """Fold standard ops with constant inputs under the byte rule (see module); no random ops."""
+
+    name = "constant-folding"
+    stage = Stage.CLEANUP
+
+    def rewrite(self, model: ir.Model) -> int:
+        hidden = _graph_input_constants(model)
+        for value, _ in hidden:
+            value.const_value = None  # onnxscript reads const_value of inputs in places
+        outputs = [(v, v.name, v.type, v.shape) for v in model.graph.outputs]
+        before = _count(model)
+        try:
+            _LimitedFolder(self.context.fold_limit_bytes)(model)
+        finally:
+            for value, tensor in hidden:
+                value.const_value = tensor
+        # The folder infers shapes as it goes; the graph's signature must not change.
+        for index, (value, name, type_, shape) in enumerate(outputs):
+            current = model.graph.outputs[index]
+            current.name = name
+            if current is value:
+                value.type, value.shape = type_, shape
+        return max(before - _count(model), 0)

@@ -1,0 +1,93 @@
+"""Conv + BatchNormalization (inference form) folded into the Conv's weight and bias.
+
+BN(y) = (y - mean) * gamma / sqrt(var + eps) + beta is an affine map per output channel, so
+with s = gamma / sqrt(var + eps): W' = W * s (over the output-channel axis, which is axis 0
+of a Conv weight for every group count and spatial rank) and b' = (b - mean) * s + beta.
+
+onnxscript's ``fuse_batchnorm_into_conv_rule`` does the same arithmetic but does not refuse a
+BN in training mode (``training_mode=1``, or the extra running-mean/var outputs before
+opset 14), the legacy ``spatial=0`` form, non-float dtypes, or params of the wrong shape,
+and it overwrites the Conv's weight under its old name; hence this small rewrite of our own.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+from graphopt.passes.fusion import _common
+
+from graphopt import editing
+from graphopt.registry import GraphPass, Stage, register
+
+
+@register
+class FuseConvBatchNormPass(GraphPass):
+    """Fold inference BatchNormalization into the Conv before it; refuses training BN, shared Conv.
+
+    Also refuses non-constant or wrongly shaped params and non-float dtypes.
+    """
+
+    name = "fuse-conv-bn"
+    stage = Stage.FUSION
+    exact = True
+    handles_subgraphs = True
+
+    def rewrite(self, model: ir.Model) -> int:
+        maker = _common.WeightMaker(model)
+        hits = 0
+        for graph in _common.all_graphs(model):
+            for node in list(graph):
+                if editing.is_op(node, "BatchNormalization") and self._fuse(node, maker):
+                    hits += 1
+        return hits
+
+    def _fuse(self, bn: ir.Node, maker: _common.WeightMaker) -> bool:
+        if len(bn.inputs) != 5 or bn.inputs[0] is None:
+            return False
+        conv = bn.inputs[0].producer()
+        if conv is None or not editing.is_op(conv, "Conv") or conv.graph is not bn.graph:
+            return False
+        # The Conv's output must feed only this BN, or the other readers would see BN applied.
+        if editing.single_user(conv.outputs[0]) is not bn:
+            return False
+        if not _is_inference_form(bn):
+            return False
+        weights = _common.conv_weights(conv)
+        if weights is None:
+            return False
+        weight, bias = weights
+        channels = weight.shape[0]
+        params = [editing.constant_array(v) for v in bn.inputs[1:]]
+        if any(p is None or p.shape != (channels,) or p.dtype != weight.dtype for p in params):
+            return False
+        gamma, beta, mean, var = (p.astype(np.float64) for p in params)
+        eps = float(editing.attribute(bn, "epsilon", 1e-5))
+        if not np.all(var + eps > 0):
+            return False
+        scale = gamma / np.sqrt(var + eps)
+        base_bias = np.zeros(channels) if bias is None else bias.astype(np.float64)
+        new_weight = weight.astype(np.float64) * scale.reshape(
+            _common.channel_axis_shape(weight.ndim, channels)
+        )
+        new_bias = (base_bias - mean) * scale + beta
+        result = bn.outputs[0]
+        _common.set_conv_weights(
+            conv, maker, new_weight.astype(weight.dtype), new_bias.astype(weight.dtype)
+        )
+        if not editing.replace_value(result, conv.outputs[0]):
+            return False  # cannot happen: the Conv output is neither input nor output
+        param_values = list(bn.inputs[1:])
+        editing.remove_node(bn)
+        for value in param_values:
+            _common.drop_if_unused(value)
+        return True
+
+
+def _is_inference_form(bn: ir.Node) -> bool:
+    if editing.attribute(bn, "training_mode", 0):
+        return False
+    # opset < 9: spatial=0 means per-activation statistics, not per channel
+    if not editing.attribute(bn, "spatial", 1):
+        return False
+    # Before opset 14 the training statistics were optional extra outputs.
+    return all(not out.uses() and not out.is_graph_output() for out in bn.outputs[1:])

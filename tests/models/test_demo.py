@@ -1,0 +1,77 @@
+"""The demo model: valid, deterministic, full of the leftovers it promises, no torch needed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from graphopt.models.demo import DEMO_INPUT, NUM_CLASSES, make_demo, write_demo
+
+from graphopt.api import OptimizeOptions, optimize
+
+
+def test_demo_is_valid_and_runs(tmp_path):
+    path = write_demo(tmp_path / "demo.onnx")
+    onnx.checker.check_model(str(path), full_check=True)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    (logits,) = session.run(None, {DEMO_INPUT: x})
+    assert logits.shape == (3, NUM_CLASSES)
+    assert np.isfinite(logits).all()
+
+
+def test_demo_is_deterministic():
+    assert make_demo().SerializeToString() == make_demo().SerializeToString()
+
+
+def test_demo_holds_every_leftover():
+    model = make_demo()
+    ops = Counter(n.op_type for n in model.graph.node)
+    for op in ("Identity", "Dropout", "Pad", "BatchNormalization", "Shape", "Gather",
+               "Unsqueeze", "Concat", "Reshape", "MatMul", "Constant"):  # fmt: skip
+        assert ops[op] >= 1, op
+    assert ops["Transpose"] == 3  # a cancelling pair + a weight transposed at run time
+    # Repeated subexpression: two identical Sigmoid nodes on the same input.
+    sigmoid_inputs = [tuple(n.input) for n in model.graph.node if n.op_type == "Sigmoid"]
+    assert len(sigmoid_inputs) != len(set(sigmoid_inputs))
+    # Duplicate initializers (same bytes under two names) and an unused one.
+    raw = Counter(t.raw_data + bytes(t.dims) for t in model.graph.initializer)
+    assert max(raw.values()) >= 2
+    used = {i for n in model.graph.node for i in n.input}
+    assert "unused_weight" not in used
+    assert "unused_weight" in {t.name for t in model.graph.initializer}
+    # Dead branch: a node output nobody consumes that is not a graph output.
+    outputs = {o.name for o in model.graph.output}
+    dead = [n for n in model.graph.node if n.output[0] not in used | outputs]
+    assert dead
+
+
+def test_demo_optimizes_and_verifies(tmp_path):
+    source = write_demo(tmp_path / "demo.onnx")
+    result = optimize(source, tmp_path / "demo.opt.onnx", OptimizeOptions())
+    report = result.report
+    assert report.verification is not None and report.verification.ok
+    assert report.nodes_after < report.nodes_before
+    assert not report.rolled_back
+    onnx.checker.check_model(str(result.output_path))
+
+
+def test_models_package_works_without_torch(tmp_path):
+    # torch blocked at import: the catalog, the CLI and the demo must not need it.
+    code = (
+        "import sys; sys.modules['torch'] = None; sys.modules['torchvision'] = None;"
+        "sys.modules['transformers'] = None;"
+        "from graphopt.models.__main__ import main;"
+        f"sys.exit(main(['build', 'demo', '-o', {str(tmp_path / 'demo.onnx')!r}]))"
+    )
+    env = {"GRAPHOPT_CACHE": str(tmp_path / "cache"), "PATH": ""}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "demo.onnx").is_file()
+    assert "torch" not in done.stderr

@@ -1,0 +1,501 @@
+"""Safe loading and saving: sources, lazy external data, atomic writes, refusals via the CLI."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper
+
+from graphopt import io
+from graphopt.cli import main
+from graphopt.errors import UserInputError
+from graphopt.inputs import make_inputs
+from graphopt.verify import run_model
+
+F = TensorProto.FLOAT
+
+
+def small_proto(weight_elems: int = 64) -> onnx.ModelProto:
+    """x[1,n] @ w[n,n] + b, with a doc string, metadata and value_info."""
+    n = int(np.sqrt(weight_elems))
+    rng = np.random.default_rng(0)
+    w = onnx.numpy_helper.from_array(rng.standard_normal((n, n)).astype(np.float32), "w")
+    b = onnx.numpy_helper.from_array(rng.standard_normal(n).astype(np.float32), "b")
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["h"], doc_string="matmul doc"),
+            helper.make_node("Add", ["h", "b"], ["y"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", F, [1, n])],
+        [helper.make_tensor_value_info("y", F, [1, n])],
+        [w, b],
+        doc_string="graph doc",
+        value_info=[helper.make_tensor_value_info("h", F, [1, n])],
+    )
+    proto = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8, doc_string="model doc"
+    )
+    helper.set_model_props(proto, {"k": "v"})
+    return proto
+
+
+def save_external(proto: onnx.ModelProto, path: Path) -> Path:
+    onnx.save_model(
+        proto,
+        path,
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=path.name + ".data",
+        size_threshold=0,
+    )
+    return path
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    code = main(args)
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    return code, captured.out, captured.err
+
+
+# --- loading ------------------------------------------------------------------------------
+
+
+def test_load_from_path_bytes_proto_and_model(tmp_path: Path) -> None:
+    proto = small_proto()
+    path = tmp_path / "m.onnx"
+    onnx.save_model(proto, path)
+    for source in (path, str(path), path.read_bytes(), proto):
+        loaded = io.load(source)
+        assert [v.name for v in loaded.model.graph.outputs] == ["y"]
+        assert not loaded.uses_external_data
+    model = io.load(proto).model
+    assert io.load(model).model is model
+    assert io.load(path).path == path
+
+
+def test_external_data_is_lazy(tmp_path: Path) -> None:
+    path = save_external(small_proto(), tmp_path / "m.onnx")
+    loaded = io.load(path)
+    assert loaded.uses_external_data
+    tensors = [v.const_value for v in loaded.model.graph.initializers.values()]
+    assert tensors and all(isinstance(t, ir.ExternalTensor) for t in tensors)
+    assert io.external_data_files(loaded.model) == {tmp_path / "m.onnx.data"}
+    # The data is still readable through the lazy tensor.
+    w = loaded.model.graph.initializers["w"].const_value.numpy()
+    np.testing.assert_array_equal(w, onnx.numpy_helper.to_array(small_proto().graph.initializer[0]))
+
+
+# --- saving -------------------------------------------------------------------------------
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def test_save_is_atomic_when_serialization_fails(tmp_path: Path, monkeypatch) -> None:
+    model = io.load(small_proto()).model
+    target = tmp_path / "out.onnx"
+
+    def broken(model, path):
+        Path(path).write_bytes(b"partial")
+        raise UserInputError("simulated failure")
+
+    monkeypatch.setattr(io, "_save_inline", broken)
+    with pytest.raises(UserInputError):
+        io.save(model, target)
+    assert not target.exists()
+    assert _leftovers(tmp_path) == []
+    # An existing output survives a failed save unchanged.
+    target.write_bytes(b"previous")
+    with pytest.raises(UserInputError):
+        io.save(model, target)
+    assert target.read_bytes() == b"previous"
+    assert _leftovers(tmp_path) == []
+
+
+def test_save_inline_and_external(tmp_path: Path) -> None:
+    model = io.load(small_proto()).model
+    inline = io.save(model, tmp_path / "a.onnx", external_data=False)
+    assert not (tmp_path / "a.onnx.data").exists()
+    external = io.save(io.load(small_proto(1024)).model, tmp_path / "b.onnx", external_data=True)
+    assert (tmp_path / "b.onnx.data").stat().st_size == 1024 * 4
+    assert io.load(external).uses_external_data
+    for path, source in ((inline, model), (external, io.load(small_proto(1024)).model)):
+        onnx.checker.check_model(str(path))
+        again = io.load(path).model
+        np.testing.assert_array_equal(
+            again.graph.initializers["w"].const_value.numpy(),
+            source.graph.initializers["w"].const_value.numpy(),
+        )
+    assert _leftovers(tmp_path) == []
+
+
+def test_automatic_external_data_past_limit(tmp_path: Path, monkeypatch) -> None:
+    # 32×32 fp32 = 4 KB: above the size under which tensors stay inline.
+    model = io.load(small_proto(1024)).model
+    assert not io.needs_external_data(model)
+    # Pretend protobuf's limit is tiny instead of writing 2 GB.
+    monkeypatch.setattr(io, "PROTOBUF_LIMIT_BYTES", 100)
+    monkeypatch.setattr(io, "EXTERNAL_DATA_MARGIN_BYTES", 0)
+    assert io.needs_external_data(model)
+    io.save(model, tmp_path / "auto.onnx")
+    assert (tmp_path / "auto.onnx.data").is_file()
+    assert io.load(tmp_path / "auto.onnx").uses_external_data
+
+
+def test_save_refuses_missing_folder_and_folder_target(tmp_path: Path) -> None:
+    model = io.load(small_proto()).model
+    with pytest.raises(UserInputError, match="does not exist"):
+        io.save(model, tmp_path / "nope" / "m.onnx")
+    (tmp_path / "d.onnx").mkdir()
+    with pytest.raises(UserInputError, match="is a folder"):
+        io.save(model, tmp_path / "d.onnx")
+
+
+def _proto_with_subgraphs_and_functions() -> onnx.ModelProto:
+    then_g = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["t"])],
+        "then",
+        [],
+        [helper.make_tensor_value_info("t", F, [2])],
+    )
+    else_g = helper.make_graph(
+        [helper.make_node("Neg", ["x"], ["e"])],
+        "else",
+        [],
+        [helper.make_tensor_value_info("e", F, [2])],
+    )
+    body = helper.make_graph(
+        [
+            helper.make_node("Identity", ["c_in"], ["c_out"]),
+            helper.make_node("Add", ["s_in", "x"], ["s_out"]),
+        ],
+        "body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("c_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("s_in", F, [2]),
+        ],
+        [
+            helper.make_tensor_value_info("c_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("s_out", F, [2]),
+        ],
+    )
+    fn = helper.make_function(
+        "local",
+        "Twice",
+        ["a"],
+        ["b"],
+        [helper.make_node("Add", ["a", "a"], ["b"])],
+        [helper.make_opsetid("", 17)],
+    )
+    graph = helper.make_graph(
+        [
+            helper.make_node("If", ["c"], ["z"], then_branch=then_g, else_branch=else_g),
+            helper.make_node("Loop", ["n", "c", "z"], ["l"], body=body),
+            helper.make_node("Twice", ["l"], ["y"], domain="local"),
+        ],
+        "g",
+        [
+            helper.make_tensor_value_info("x", F, [2]),
+            helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("n", TensorProto.INT64, []),
+        ],
+        [helper.make_tensor_value_info("y", F, [2])],
+        value_info=[helper.make_tensor_value_info("z", F, [2])],
+    )
+    proto = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)],
+        functions=[fn],
+        ir_version=8,
+        doc_string="model doc",
+        producer_name="test",
+    )
+    helper.set_model_props(proto, {"author": "me", "license": "x"})
+    onnx.checker.check_model(proto)
+    return proto
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_round_trip_keeps_everything(tmp_path: Path, external: bool) -> None:
+    proto = _proto_with_subgraphs_and_functions()
+    path = io.save(io.load(proto).model, tmp_path / "r.onnx", external_data=external)
+    again = onnx.load(str(path))
+    onnx.checker.check_model(again)
+    assert {(o.domain, o.version) for o in again.opset_import} == {("", 17), ("local", 1)}
+    assert [(f.domain, f.name) for f in again.functions] == [("local", "Twice")]
+    assert {p.key: p.value for p in again.metadata_props} == {"author": "me", "license": "x"}
+    assert again.doc_string == "model doc" and again.producer_name == "test"
+    assert "z" in {v.name for v in again.graph.value_info}
+    ops = [n.op_type for n in again.graph.node]
+    assert ops == ["If", "Loop", "Twice"]
+    if_node = again.graph.node[0]
+    branches = {a.name: a.g.node[0].op_type for a in if_node.attribute}
+    assert branches == {"then_branch": "Relu", "else_branch": "Neg"}
+    assert [n.op_type for n in again.graph.node[1].attribute[0].g.node] == ["Identity", "Add"]
+
+
+def test_round_trip_keeps_doc_strings_and_value_info(tmp_path: Path) -> None:
+    path = io.save(io.load(small_proto()).model, tmp_path / "r.onnx")
+    again = onnx.load(str(path))
+    assert again.graph.doc_string == "graph doc"
+    assert again.graph.node[0].doc_string == "matmul doc"
+    # onnx-ir also writes value_info for initializers; the declared one must survive.
+    info = {v.name: v for v in again.graph.value_info}
+    assert [d.dim_value for d in info["h"].type.tensor_type.shape.dim] == [1, 8]
+
+
+# --- refusals through the CLI -------------------------------------------------------------
+
+
+def _external_with_location(tmp_path: Path, location: str) -> Path:
+    folder = tmp_path / "model"
+    folder.mkdir(exist_ok=True)
+    path = save_external(small_proto(), folder / "m.onnx")
+    proto = onnx.load(str(path), load_external_data=False)
+    for tensor in proto.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+    path.write_bytes(proto.SerializeToString())
+    return path
+
+
+def _corrupt(tmp_path: Path, kind: str) -> Path:
+    good = tmp_path / "good.onnx"
+    onnx.save_model(small_proto(), good)
+    data = good.read_bytes()
+    path = tmp_path / f"{kind}.onnx"
+    if kind == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif kind == "bitflip":
+        flipped = bytearray(data)
+        # The first byte is the tag of ir_version (field 1, varint): 0x08. Setting the
+        # wire-type bits to 7 makes it an invalid tag, which protobuf refuses.
+        flipped[0] ^= 0x07
+        path.write_bytes(bytes(flipped))
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "garbage":
+        path.write_bytes(b"this is not a model\n" * 10)
+    elif kind == "folder":
+        path.mkdir()
+    elif kind == "missing":
+        pass
+    return path
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("missing", "no such file"),
+        ("truncated", "truncated or corrupt"),
+        ("bitflip", "not a valid ONNX protobuf"),
+        ("empty", "not an ONNX model"),
+        ("garbage", "truncated or corrupt"),
+        ("folder", "is a folder"),
+    ],
+)
+def test_cli_refuses_bad_files(tmp_path: Path, capsys, kind: str, message: str) -> None:
+    path = _corrupt(tmp_path, kind)
+    code, _, err = run_cli(["optimize", str(path)], capsys)
+    assert code == 2
+    assert message in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / f"{kind}.opt.onnx").exists()
+
+
+@pytest.mark.parametrize(
+    ("location", "message"),
+    [
+        ("/etc/passwd", "is absolute"),
+        ("../outside.data", "leaves the model's folder"),
+        ("sub/../../outside.data", "leaves the model's folder"),
+        ("link.data", "leaves the model's folder"),
+        ("nothing.data", "is missing"),
+    ],
+)
+def test_cli_refuses_unsafe_external_data(
+    tmp_path: Path, capsys, location: str, message: str
+) -> None:
+    outside = tmp_path / "outside.data"
+    outside.write_bytes(b"\0" * 4096)
+    path = _external_with_location(tmp_path, location)
+    (path.parent / "sub").mkdir()
+    (path.parent / "link.data").symlink_to(outside)
+    code, _, err = run_cli(["optimize", str(path)], capsys)
+    assert code == 2, err
+    assert message in err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_cli_refuses_short_data_file(tmp_path: Path, capsys) -> None:
+    path = save_external(small_proto(), tmp_path / "m.onnx")
+    data = tmp_path / "m.onnx.data"
+    data.write_bytes(data.read_bytes()[:-8])
+    code, _, err = run_cli(["optimize", str(path)], capsys)
+    assert code == 2
+    assert "too short" in err
+
+
+def test_symlink_inside_folder_is_allowed(tmp_path: Path) -> None:
+    path = save_external(small_proto(), tmp_path / "m.onnx")
+    (tmp_path / "m.onnx.data").rename(tmp_path / "real.data")
+    (tmp_path / "m.onnx.data").symlink_to(tmp_path / "real.data")
+    assert io.load(path).uses_external_data
+
+
+def test_load_never_crashes_on_flipped_bytes(tmp_path: Path) -> None:
+    """Every single-byte corruption of a small model loads or is refused as user input."""
+    data = bytearray(small_proto(16).SerializeToString())
+    rng = np.random.default_rng(0)
+    for position in rng.choice(len(data), size=min(60, len(data)), replace=False):
+        corrupt = bytearray(data)
+        corrupt[position] ^= 0xFF
+        with contextlib.suppress(UserInputError):
+            io.load(bytes(corrupt))
+
+
+# --- never touching the input ----------------------------------------------------------
+
+
+def test_input_is_never_modified(tmp_path: Path, capsys) -> None:
+    path = save_external(small_proto(), tmp_path / "m.onnx")
+    data = tmp_path / "m.onnx.data"
+    before = (sha(path), sha(data))
+    code, _, _ = run_cli(["optimize", str(path)], capsys)
+    assert code == 0
+    assert (sha(path), sha(data)) == before
+    assert (tmp_path / "m.opt.onnx").is_file() and (tmp_path / "m.opt.onnx.data").is_file()
+
+
+def test_output_equal_to_input_is_refused(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "m.onnx"
+    onnx.save_model(small_proto(), path)
+    before = sha(path)
+    (tmp_path / "alias.onnx").symlink_to(path)
+    for output in (str(path), str(tmp_path / "." / "m.onnx"), str(tmp_path / "alias.onnx")):
+        code, _, err = run_cli(["optimize", str(path), "-o", output], capsys)
+        assert code == 2 and "--in-place" in err
+    assert sha(path) == before
+
+
+def test_output_data_file_clashing_with_input_data_is_refused(tmp_path: Path, capsys) -> None:
+    # Input weights live in "x.onnx.data"; an output named x.onnx elsewhere in the same
+    # folder would write its data over them.
+    folder = tmp_path / "f"
+    folder.mkdir()
+    path = save_external(small_proto(), folder / "x.onnx")
+    other = folder / "y.onnx"
+    path.rename(other)
+    code, _, err = run_cli(["optimize", str(other), "-o", str(folder / "x.onnx")], capsys)
+    assert code == 2 and "would overwrite" in err
+
+
+def test_output_equal_to_input_data_file_is_refused(tmp_path: Path, capsys) -> None:
+    path = save_external(small_proto(1024), tmp_path / "m.onnx")
+    data = tmp_path / "m.onnx.data"
+    before = sha(data)
+    code, _, err = run_cli(["optimize", str(path), "-o", str(data)], capsys)
+    assert code == 2 and "input's external-data file" in err
+    assert sha(data) == before
+
+
+def test_missing_output_folder_is_refused_early(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "m.onnx"
+    onnx.save_model(small_proto(), path)
+    code, out, err = run_cli(["optimize", str(path), "-o", str(tmp_path / "no" / "o.onnx")], capsys)
+    assert code == 2 and "does not exist" in err
+    assert "passes" not in out  # refused before the pipeline ran
+
+
+def test_in_place_replaces_atomically(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "m.onnx"
+    onnx.save_model(small_proto(), path)
+    inode = path.stat().st_ino
+    code, _, _ = run_cli(["optimize", str(path), "--in-place"], capsys)
+    assert code == 0
+    # Replaced by rename, not rewritten in place: a reader never sees a half-written file.
+    assert path.stat().st_ino != inode
+    onnx.checker.check_model(str(path))
+    assert _leftovers(tmp_path) == []
+    code, _, err = run_cli(["optimize", str(path), "--in-place", "-o", "x.onnx"], capsys)
+    assert code == 2 and "mutually exclusive" in err
+
+
+def test_cli_external_data_flag(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "m.onnx"
+    onnx.save_model(small_proto(1024), path)
+    out = tmp_path / "o.onnx"
+    code, _, _ = run_cli(["optimize", str(path), "-o", str(out), "--external-data"], capsys)
+    assert code == 0
+    assert (tmp_path / "o.onnx.data").is_file()
+    assert io.load(out).uses_external_data
+
+
+# --- end to end through the console script --------------------------------------------------
+
+
+def _graphopt() -> list[str]:
+    exe = Path(sys.executable).parent / "graphopt"
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "graphopt"]
+
+
+@pytest.mark.parametrize("kind", ["truncated", "missing"])
+def test_console_script_refusal(tmp_path: Path, kind: str) -> None:
+    path = _corrupt(tmp_path, kind)
+    proc = subprocess.run(
+        [*_graphopt(), "optimize", str(path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "GRAPHOPT_DEBUG": ""},
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("graphopt: error:")
+
+
+def test_console_script_optimize_and_inspect(tmp_path: Path) -> None:
+    path = save_external(small_proto(1024), tmp_path / "m.onnx")
+    proc = subprocess.run([*_graphopt(), "optimize", str(path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "verification" in proc.stdout and "wrote" in proc.stdout
+    proc = subprocess.run(
+        [*_graphopt(), "inspect", str(tmp_path / "m.opt.onnx"), "--json"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert '"external_data": true' in proc.stdout
+
+
+def test_in_place_with_external_data(tmp_path: Path, capsys) -> None:
+    path = save_external(small_proto(1024), tmp_path / "m.onnx")
+    original = io.load(path).model
+    feeds = make_inputs(original)
+    (before,) = run_model(original, feeds)
+    code, _, err = run_cli(["optimize", str(path), "--in-place"], capsys)
+    assert code == 0, err
+    loaded = io.load(path)
+    assert loaded.uses_external_data
+    # The new weights were read from the old data file while the new one was written.
+    (after,) = run_model(loaded.model, feeds)
+    np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
