@@ -4,7 +4,9 @@ Symbolic or unknown dims are bound, in this order, by ``--input-shape name:1x3x2
 then by these documented defaults: the first axis (batch) is 1; any other symbolic axis is
 32 for rank-4 inputs (image height/width) and 16 otherwise (sequence length). Integer inputs
 take values in ``[0, 10)`` — valid token ids, indices and lengths for any realistic model —
-except inputs whose name says they are a mask, which are all ones. Booleans are random.
+narrowed to ``[0, n)`` when the input indexes a table of ``n`` rows through Gather (e.g.
+token-type ids), except inputs whose name says they are a mask, which are all ones.
+Booleans are random.
 """
 
 from __future__ import annotations
@@ -89,8 +91,41 @@ def make_inputs(
                 f"generated inputs would exceed {MAX_INPUT_BYTES >> 20} MiB at input "
                 f"{value.name!r} shape {shape}; bind smaller dims with --input-shape"
             )
-        feeds[value.name] = _random_array(rng, value.name, shape, dtype)
+        high = min(INT_HIGH, _index_bound(value) or INT_HIGH)
+        feeds[value.name] = _random_array(rng, value.name, shape, dtype, high)
     return feeds
+
+
+# Ops that pass an integer input through unchanged in value (so a Gather behind them still
+# indexes with the input's values).
+_VALUE_PRESERVING = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Expand"}
+
+
+def _index_bound(value: ir.Value, depth: int = 4) -> int | None:
+    """The smallest table size an integer input indexes through Gather, if any.
+
+    Token-type ids index a table of 2 rows, position ids a table of max_positions: the
+    generated values must stay inside the smallest table the input reaches.
+    """
+    bounds: list[int] = []
+    for use in value.uses():
+        node, index = use.node, use.idx
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        if node.op_type == "Gather" and index == 1:
+            data = node.inputs[0]
+            axis_attr = node.attributes.get("axis")
+            axis = axis_attr.value if axis_attr is not None else 0
+            if data is not None and data.shape is not None and len(data.shape) > axis:
+                dim = data.shape[axis]
+                if isinstance(dim, int) and dim > 0:
+                    bounds.append(dim)
+        elif node.op_type in _VALUE_PRESERVING and index == 0 and depth > 0:
+            for output in node.outputs:
+                inner = _index_bound(output, depth - 1)
+                if inner is not None:
+                    bounds.append(inner)
+    return min(bounds) if bounds else None
 
 
 def _numpy_dtype(value: ir.Value) -> np.dtype:
@@ -108,14 +143,18 @@ _MASK_NAME = re.compile(r"mask", re.IGNORECASE)
 
 
 def _random_array(
-    rng: np.random.Generator, name: str, shape: tuple[int, ...], dtype: np.dtype
+    rng: np.random.Generator,
+    name: str,
+    shape: tuple[int, ...],
+    dtype: np.dtype,
+    int_high: int = INT_HIGH,
 ) -> np.ndarray:
     if dtype == np.bool_:
         return rng.integers(0, 2, size=shape).astype(np.bool_)
     if np.issubdtype(dtype, np.integer):
         if _MASK_NAME.search(name):
             return np.ones(shape, dtype=dtype)
-        return rng.integers(0, INT_HIGH, size=shape).astype(dtype)
+        return rng.integers(0, int_high, size=shape).astype(dtype)
     if np.issubdtype(dtype, np.floating) or dtype.kind == "V" or dtype.itemsize <= 2:
         return rng.standard_normal(size=shape).astype(np.float32).astype(dtype)
     if np.issubdtype(dtype, np.complexfloating):

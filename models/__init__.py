@@ -10,36 +10,33 @@ rapidocr_onnxruntime). torch is only imported when a torch model is built.
 
 from __future__ import annotations
 
-# Import order is registration order, which `list` shows (demo first).
-from graphopt.models import demo, ocr, text, vision
+# Importing the family modules registers their entries; import order is `list` order.
+from graphopt.models import demo, ocr, text, vision  # noqa: F401
 from graphopt.models.catalog import (
     ModelSpec,
     build,
     cache_dir,
     get,
+    input_shapes,
     missing_requirements,
     names,
     read_sidecar,
     register,
     spec,
-    test_shapes,
 )
 from graphopt.models.demo import make_demo, write_demo
-
-_ = (demo, vision, text, ocr)
-
 
 __all__ = [
     "ModelSpec",
     "build",
     "cache_dir",
     "get",
+    "input_shapes",
     "make_demo",
     "missing_requirements",
     "names",
     "read_sidecar",
     "register",
     "spec",
-    "test_shapes",
     "write_demo",
 ]

@@ -98,7 +98,7 @@ def read_sidecar(model_path: str | os.PathLike) -> dict[str, Any]:
     return json.loads(sidecar_path(Path(model_path)).read_text())
 
 
-def test_shapes(name: str) -> dict[str, tuple[int, ...]]:
+def input_shapes(name: str) -> dict[str, tuple[int, ...]]:
     """Concrete input shapes to run/verify ``name`` with (builds the model if needed)."""
     info = read_sidecar(get(name))
     return {k: tuple(v) for k, v in info.get("test_shapes", {}).items()}

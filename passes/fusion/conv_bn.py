@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-from graphopt.passes.fusion import _common
 
 from graphopt import editing
+from graphopt.passes.fusion import _common
 from graphopt.registry import GraphPass, Stage, register
 
 
@@ -36,6 +36,9 @@ class FuseConvBatchNormPass(GraphPass):
         maker = _common.WeightMaker(model)
         hits = 0
         for graph in _common.all_graphs(model):
+            for node in list(graph):
+                if editing.is_op(node, "Conv"):
+                    _give_each_bn_its_conv(node)
             for node in list(graph):
                 if editing.is_op(node, "BatchNormalization") and self._fuse(node, maker):
                     hits += 1
@@ -91,3 +94,39 @@ def _is_inference_form(bn: ir.Node) -> bool:
         return False
     # Before opset 14 the training statistics were optional extra outputs.
     return all(not out.uses() and not out.is_graph_output() for out in bn.outputs[1:])
+
+
+def _give_each_bn_its_conv(conv: ir.Node) -> None:
+    """When a Conv feeds only inference BNs (several), give each BN its own copy of the Conv.
+
+    CSE merges identical Convs that read the same input; when their BNs differ, one shared
+    Conv + k BNs (k + 1 nodes) becomes k fused Convs. Any other reader keeps the Conv whole.
+    """
+    output = conv.outputs[0]
+    uses = output.uses()
+    if len(uses) < 2 or output.is_graph_output() or len(conv.outputs) != 1:
+        return
+    readers = [use.node for use in uses]
+    if len({id(n) for n in readers}) != len(readers):
+        return
+    if not all(
+        editing.is_op(n, "BatchNormalization") and use.idx == 0 and _is_inference_form(n)
+        for n, use in zip(readers, uses, strict=True)
+    ):
+        return
+    if _common.conv_weights(conv) is None:
+        return
+    for reader in readers[1:]:
+        copy = ir.Node(
+            conv.domain,
+            conv.op_type,
+            list(conv.inputs),
+            attributes=list(conv.attributes.values()),
+            overload=conv.overload,
+            version=conv.version,
+            name=f"{conv.name or 'conv'}_for_{reader.name or 'bn'}",
+        )
+        copy.outputs[0].type = output.type
+        copy.outputs[0].shape = output.shape
+        editing.insert_after(conv, [copy])
+        reader.replace_input_with(0, copy.outputs[0])

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import onnx_ir as ir
 import onnx_ir.passes.common
-from graphopt.passes.fusion import _common
 
 from graphopt import editing
+from graphopt.passes.fusion import _common
 from graphopt.registry import GraphPass, Stage, register
 
 # ORT's CPU Gemm kernels; float16 Gemm is not available on every execution provider.

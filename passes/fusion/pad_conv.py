@@ -14,9 +14,9 @@ rank from the Conv weight.
 from __future__ import annotations
 
 import onnx_ir as ir
-from graphopt.passes.fusion import _common
 
 from graphopt import editing
+from graphopt.passes.fusion import _common
 from graphopt.registry import GraphPass, Stage, register
 
 

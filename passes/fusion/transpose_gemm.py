@@ -10,9 +10,9 @@ not a Transpose in front of an existing Gemm.
 from __future__ import annotations
 
 import onnx_ir as ir
-from graphopt.passes.fusion import _common
 
 from graphopt import editing
+from graphopt.passes.fusion import _common
 from graphopt.registry import GraphPass, Stage, register
 
 _FLAGS = {0: "transA", 1: "transB"}

@@ -28,12 +28,12 @@ class Exactness:
     def row(self) -> str:
         status = "ok" if not self.problems else "; ".join(self.problems)
         return (
-            f"{self.name:<20} {self.nodes_before:>6} → {self.nodes_after:<6} "
+            f"{self.name:<22} {self.nodes_before:>6} → {self.nodes_after:<6} "
             f"{self.worst_rel:>10.2e} {self.seconds:>8.1f}s  {status}"
         )
 
 
-HEADER = f"{'model':<20} {'nodes before → after':<20} {'worst rel':>10} {'time':>9}  status"
+HEADER = f"{'model':<22} {'nodes before → after':<20} {'worst rel':>10} {'time':>9}  status"
 
 
 def _dims(value: ir.Value) -> list[int | str | None]:
@@ -60,7 +60,7 @@ def check_exactness(name: str) -> Exactness:
     and the declared input/output shapes are compared.
     """
     path = gm.get(name)
-    shapes = gm.test_shapes(name)
+    shapes = gm.input_shapes(name)
     original = load(path).model
     result = optimize(path, None, OptimizeOptions(input_shapes=shapes))
     report = result.report

@@ -20,7 +20,7 @@ def test_builds_checks_and_runs(name):
     info = gm.read_sidecar(path)
     for key in ("exporter", "opset", "inputs", "outputs", "versions", "test_shapes"):
         assert info.get(key), f"sidecar lacks {key}"
-    shapes = gm.test_shapes(name)
+    shapes = gm.input_shapes(name)
     assert set(shapes) == {i["name"] for i in info["inputs"]}
     model = load(path).model
     feeds = realistic_feeds(model, shapes)
@@ -40,7 +40,7 @@ def test_batch_axis_is_dynamic(name):
     require(name)
     path = gm.get(name)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    shape = gm.test_shapes(name)["input"]
+    shape = gm.input_shapes(name)["input"]
     for batch in (1, 3):
         x = np.zeros((batch, *shape[1:]), dtype=np.float32)
         assert session.run(None, {"input": x})[0].shape[0] == batch

@@ -27,7 +27,7 @@ def test_get_builds_once_and_writes_sidecar(cache):
     stamp = path.stat().st_mtime_ns
     assert gm.get("demo") == path
     assert path.stat().st_mtime_ns == stamp  # served from the cache
-    assert gm.test_shapes("demo") == {"input": (1, 3, 32, 32)}
+    assert gm.input_shapes("demo") == {"input": (1, 3, 32, 32)}
     # No scratch folders or temp files left behind.
     leftovers = [p.name for p in cache.iterdir() if not p.name.endswith(".lock")]
     assert sorted(leftovers) == ["demo.onnx", "demo.onnx.json"]

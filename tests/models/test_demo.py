@@ -61,17 +61,28 @@ def test_demo_optimizes_and_verifies(tmp_path):
 
 
 def test_models_package_works_without_torch(tmp_path):
-    # torch blocked at import: the catalog, the CLI and the demo must not need it.
-    code = (
+    # torch blocked at import: the catalog, the CLI and the demo must not need it, and a
+    # torch model is refused with a hint instead of an ImportError traceback.
+    block = (
         "import sys; sys.modules['torch'] = None; sys.modules['torchvision'] = None;"
         "sys.modules['transformers'] = None;"
         "from graphopt.models.__main__ import main;"
-        f"sys.exit(main(['build', 'demo', '-o', {str(tmp_path / 'demo.onnx')!r}]))"
     )
     env = {"GRAPHOPT_CACHE": str(tmp_path / "cache"), "PATH": ""}
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
-    )
+
+    def run(args: list[str]) -> subprocess.CompletedProcess:
+        code = f"{block} sys.exit(main({args!r}))"
+        return subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+        )
+
+    done = run(["build", "demo", "-o", str(tmp_path / "demo.onnx")])
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "demo.onnx").is_file()
-    assert "torch" not in done.stderr
+    assert "Traceback" not in done.stderr
+    listed = run(["list"])
+    assert listed.returncode == 0
+    assert "resnet18" in listed.stdout and "[needs torch" in listed.stdout
+    refused = run(["build", "resnet18"])
+    assert refused.returncode == 2
+    assert "needs torch" in refused.stderr and "Traceback" not in refused.stderr

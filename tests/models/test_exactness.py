@@ -41,7 +41,7 @@ def _param(name: str):
 @pytest.mark.parametrize("name", [_param(n) for n in dict.fromkeys([*SMOKE, *TARGET])])
 def test_default_pipeline_is_exact(name, record_property):
     require(name)
-    if generated_type_ids_out_of_range(load(gm.get(name)).model, gm.test_shapes(name)):
+    if generated_type_ids_out_of_range(load(gm.get(name)).model, gm.input_shapes(name)):
         pytest.xfail(TYPE_IDS_REASON)
     result = check_exactness(name)
     record_property("exactness_row", result.row())
