@@ -156,10 +156,10 @@ def data_bytes(model: Path) -> int:
 
 def print_table(results: list[Measurement], size: int) -> None:
     print(f"model weights: {size / 2**30:.2f} GiB ({size} bytes)")
-    print(f"{'command':<34} {'rc':>3} {'wall (s)':>9} {'peak RSS (MiB)':>15} {'RSS/model':>10}")
+    print(f"{'command':<40} {'rc':>3} {'wall (s)':>9} {'peak RSS (MiB)':>15} {'RSS/model':>10}")
     for r in results:
         print(
-            f"{r.label:<34} {r.rc:>3} {r.wall_s:>9.2f} {r.peak_rss_bytes / 2**20:>15.1f} "
+            f"{r.label:<40} {r.rc:>3} {r.wall_s:>9.2f} {r.peak_rss_bytes / 2**20:>15.1f} "
             f"{r.peak_rss_bytes / size:>10.3f}"
         )
         if r.rc != 0:

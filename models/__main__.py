@@ -43,10 +43,14 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    if args.command == "build":
-        print(build(args.name, args.output, rebuild=args.rebuild))
-        return 0
-    print(json.dumps(read_sidecar(build(args.name)), indent=2))
+    try:
+        if args.command == "build":
+            print(build(args.name, args.output, rebuild=args.rebuild))
+        else:
+            print(json.dumps(read_sidecar(build(args.name)), indent=2))
+    except (OSError, RuntimeError) as exc:  # unwritable -o folder, exporter failure
+        print(f"error: cannot build {args.name!r}: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -20,8 +20,9 @@ from typing import Any
 
 import numpy as np
 import onnx
-from graphopt.models.catalog import ModelSpec, register
 from onnx import TensorProto, helper, numpy_helper
+
+from graphopt.models.catalog import ModelSpec, register
 
 DEMO_OPSET = 17
 DEMO_IR_VERSION = 8

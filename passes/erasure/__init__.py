@@ -13,7 +13,7 @@ from graphopt.passes.erasure import (  # noqa: F401  (imported for registration)
     dropout,
     noop_ops,
     squeeze_unsqueeze,
-    transpose_merge,
+    transpose_merge,  # also registers transpose-into-reshape
     reshape_merge,
     cse,
     dedup_initializers,

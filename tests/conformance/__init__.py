@@ -1,0 +1,1 @@
+"""Differential conformance: ONNX backend node cases and light zoo models vs graphopt."""

@@ -89,8 +89,9 @@ def node_cases() -> tuple[NodeCase, ...]:
         family = base_family.get(_EXPANDED.sub("", case.name), "expanded")
         (inputs, expected), *_ = case.data_sets
         cases.append(
-            NodeCase(case.name, family, case.model, tuple(inputs), tuple(expected),
-                     case.rtol, case.atol)
+            NodeCase(
+                case.name, family, case.model, tuple(inputs), tuple(expected), case.rtol, case.atol
+            )
         )
     return tuple(cases)
 
@@ -126,8 +127,7 @@ def _to_feed(value: Any) -> Any:
             # ORT wants them packed several per byte, which its Python API cannot build.
             raise TypeError(f"ORT's Python API cannot feed {array.dtype} inputs")
         raw = array.view(np.uint8 if array.dtype.itemsize == 1 else np.uint16)
-        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(np.ascontiguousarray(raw),
-                                                               onnx_type)
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(np.ascontiguousarray(raw), onnx_type)
     return array
 
 
@@ -152,9 +152,7 @@ def make_session(model: bytes, optimized: bool = True) -> ort.InferenceSession:
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
-def run_ort(
-    model: onnx.ModelProto, feeds: dict[str, Any], optimized: bool = True
-) -> list[Any]:
+def run_ort(model: onnx.ModelProto, feeds: dict[str, Any], optimized: bool = True) -> list[Any]:
     session = make_session(model.SerializeToString(), optimized)
     names = [o.name for o in session.get_outputs()]
     converted = {k: _to_feed(v) for k, v in feeds.items()}
@@ -187,9 +185,7 @@ def _from_ort_value(value: ort.OrtValue) -> Any:
     return np.frombuffer(bytes(raw), dtype=dtype).reshape(value.shape())
 
 
-def mismatch(
-    expected: Sequence[Any], got: Sequence[Any], rtol: float, atol: float
-) -> str | None:
+def mismatch(expected: Sequence[Any], got: Sequence[Any], rtol: float, atol: float) -> str | None:
     """None when ``got`` matches the reference as the ONNX backend tests judge it."""
     if len(got) != len(expected):
         return f"{len(got)} outputs, expected {len(expected)}"
@@ -234,8 +230,10 @@ def _mismatch_one(ref: Any, out: Any, rtol: float, atol: float) -> str | None:
         bad = ~np.isclose(out, ref, rtol=rtol, atol=atol, equal_nan=True)
     if np.any(bad):
         where = tuple(int(i) for i in np.argwhere(bad)[0])
-        return (f"values differ: {int(bad.sum())}/{bad.size} elements, e.g. at {where} got "
-                f"{out[where]!r}, expected {ref[where]!r}")
+        return (
+            f"values differ: {int(bad.sum())}/{bad.size} elements, e.g. at {where} got "
+            f"{out[where]!r}, expected {ref[where]!r}"
+        )
     return None
 
 
@@ -377,15 +375,17 @@ class FamilyResult:
         }
 
 
-def run_graphopt(model: onnx.ModelProto, passes: list[str] | None = None,
-                 skip: Sequence[str] = ()) -> onnx.ModelProto:
+def run_graphopt(
+    model: onnx.ModelProto, passes: list[str] | None = None, skip: Sequence[str] = ()
+) -> onnx.ModelProto:
     """graphopt's default pipeline (or the given passes) without its own verification."""
     options = OptimizeOptions(
         passes=None if passes is None else [PassSpec(p) for p in passes],
         skip=list(skip),
         verify=False,
     )
-    return io.to_proto(optimize(model, None, options).model)
+    # Bytes, not the proto: graphopt then cannot share or touch the case's own model.
+    return io.to_proto(optimize(model.SerializeToString(), None, options).model)
 
 
 def check_graphopt(
@@ -468,8 +468,10 @@ def run_family(family: str, cases: Sequence[NodeCase], mode: str) -> FamilyResul
 def _reason_key(reason: str) -> str:
     """Group failure reasons: drop the parts that name the particular node or values."""
     reason = re.sub(r"\(node [^)]*\)", "", reason)
-    reason = re.sub(r"Could not find an implementation for (\w+)\(\d+\).*",
-                    r"no ORT kernel for \1", reason)
+    reason = re.sub(
+        r"Could not find an implementation for (\w+)\(\d+\).*", r"no ORT kernel for \1", reason
+    )
     reason = reason.split(" for node ")[0].split("values differ")[0] + (
-        "values differ" if "values differ" in reason else "")
+        "values differ" if "values differ" in reason else ""
+    )
     return reason[:110]

@@ -48,7 +48,7 @@ def _role(name: str, shape: tuple[int, ...], users: dict) -> tuple[str, int]:
     """("weight", fan_in), ("scale", 0), ("variance", 0) or ("shift", 0)."""
     for node, index in users.get(name, []):
         op = node.op_type
-        if op == "Unsqueeze" or op == "Reshape" and index == 0:
+        if op == "Unsqueeze" or (op == "Reshape" and index == 0):
             role = _role(node.output[0], shape, users)
             if role[0] != "shift":
                 return role
@@ -60,7 +60,7 @@ def _role(name: str, shape: tuple[int, ...], users: dict) -> tuple[str, int]:
             return "weight", shape[1] if trans_b else shape[0]
         if op == "MatMul" and index == 1 and len(shape) >= 2:
             return "weight", shape[-2]
-        if op == "BatchNormalization" and index == 1 or op == "Mul":
+        if (op == "BatchNormalization" and index == 1) or op == "Mul":
             return "scale", 0
         if op == "BatchNormalization" and index == 4:
             return "variance", 0
@@ -143,8 +143,16 @@ def randomized_light_model(name: str) -> onnx.ModelProto:
 
 # Ops through which scaling the logits' producer by c > 0 scales the logits by c.
 _POSITIVELY_HOMOGENEOUS = {
-    "Relu", "GlobalAveragePool", "AveragePool", "MaxPool", "Reshape", "Flatten", "Dropout",
-    "Identity", "Squeeze", "Unsqueeze",
+    "Relu",
+    "GlobalAveragePool",
+    "AveragePool",
+    "MaxPool",
+    "Reshape",
+    "Flatten",
+    "Dropout",
+    "Identity",
+    "Squeeze",
+    "Unsqueeze",
 }
 LOGIT_STD = 2.0
 

@@ -54,8 +54,7 @@ def _node_summary(write) -> None:
     cases = sum(r["cases"] for r in first)
     before = sum(r["passing_before"] for r in first)
     write(
-        f"node cases: {cases} in {len(first)} op families; passing in ORT before graphopt: "
-        f"{before}"
+        f"node cases: {cases} in {len(first)} op families; passing in ORT before graphopt: {before}"
     )
     not_before: Counter[str] = Counter()
     for row in first:

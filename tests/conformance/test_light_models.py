@@ -36,16 +36,18 @@ def test_light_model_random_weights(name: str, record_property) -> None:
     report = result.report
     record_property(
         "light_model",
-        {"model": name, "nodes_before": nodes_before, "nodes_after": report.nodes_after,
-         "rolled_back": list(report.rolled_back),
-         "worst_rel": report.verification.worst_rel if report.verification else None},
+        {
+            "model": name,
+            "nodes_before": nodes_before,
+            "nodes_after": report.nodes_after,
+            "rolled_back": list(report.rolled_back),
+            "worst_rel": report.verification.worst_rel if report.verification else None,
+        },
     )
     assert report.verification is not None, report.verification_skipped
     assert report.verification.ok, report.verification.reason
     assert not report.rolled_back, f"passes rolled back: {report.rolled_back}"
-    assert [v.name for v in result.model.graph.outputs] == [
-        v.name for v in original.graph.outputs
-    ]
+    assert [v.name for v in result.model.graph.outputs] == [v.name for v in original.graph.outputs]
 
     before = make_session(original)
     after = make_session(result.model)

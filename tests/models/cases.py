@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import graphopt.models as gm
 import numpy as np
 import onnx_ir as ir
 import pytest
 
+import graphopt.models as gm
 from graphopt.inputs import make_inputs
 
 TORCH_REASON = "needs torch (pip install 'graphopt[torch]')"

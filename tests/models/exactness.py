@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import graphopt.models as gm
 import numpy as np
 import onnx_ir as ir
 
+import graphopt.models as gm
 from graphopt.api import OptimizeOptions, optimize
 from graphopt.inputs import make_inputs
 from graphopt.io import load

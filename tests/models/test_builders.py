@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import graphopt.models as gm
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 
+import graphopt.models as gm
 from graphopt.io import load
 from tests.models.cases import model_param, realistic_feeds, require
 

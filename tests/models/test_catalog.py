@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 
-import graphopt.models as gm
 import pytest
+
+import graphopt.models as gm
 from graphopt.models.__main__ import main
 
 
@@ -78,3 +79,8 @@ def test_every_entry_declares_its_requirements():
             assert "torch" in entry.requires, name
         if entry.family == "demo":
             assert entry.requires == ()
+
+
+def test_cli_reports_a_missing_output_folder(cache, tmp_path, capsys):
+    assert main(["build", "demo", "-o", str(tmp_path / "no" / "such" / "demo.onnx")]) == 1
+    assert "cannot build 'demo'" in capsys.readouterr().err

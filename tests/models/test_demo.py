@@ -9,9 +9,9 @@ from collections import Counter
 import numpy as np
 import onnx
 import onnxruntime as ort
-from graphopt.models.demo import DEMO_INPUT, NUM_CLASSES, make_demo, write_demo
 
 from graphopt.api import OptimizeOptions, optimize
+from graphopt.models.demo import DEMO_INPUT, NUM_CLASSES, make_demo, write_demo
 
 
 def test_demo_is_valid_and_runs(tmp_path):

@@ -6,9 +6,9 @@ Run ``pytest tests/models/test_exactness.py -m slow -rA`` for the full table.
 
 from __future__ import annotations
 
-import graphopt.models as gm
 import pytest
 
+import graphopt.models as gm
 from graphopt.io import load
 from tests.models.cases import (
     TYPE_IDS_REASON,

@@ -1,8 +1,8 @@
 import numpy as np
-from graphopt.passes.erasure.constant_folding import ConstantFoldingPass
 from onnx import TensorProto as T
 from onnx import helper
 
+from graphopt.passes.erasure.constant_folding import ConstantFoldingPass
 from graphopt.registry import PassContext
 from tests.helpers import make_model, op_types, run_pass, tensor_info
 from tests.passes.erasure.util import check

@@ -1,10 +1,10 @@
 import numpy as np
 import onnx
-from graphopt.passes.erasure.dropout import DropoutPass
-from graphopt.passes.erasure.identity import IdentityPass
 from onnx import TensorProto as T
 from onnx import helper
 
+from graphopt.passes.erasure.dropout import DropoutPass
+from graphopt.passes.erasure.identity import IdentityPass
 from tests.helpers import make_model, op_types, run_pass, tensor_info
 from tests.passes.erasure.util import check
 

@@ -2,12 +2,12 @@
 
 import numpy as np
 import pytest
-from graphopt.passes.erasure.reshape_merge import ReshapeMergePass
-from graphopt.passes.erasure.squeeze_unsqueeze import SqueezeUnsqueezePass
-from graphopt.passes.erasure.transpose_merge import TransposeMergePass
 from onnx import TensorProto as T
 from onnx import helper
 
+from graphopt.passes.erasure.reshape_merge import ReshapeMergePass
+from graphopt.passes.erasure.squeeze_unsqueeze import SqueezeUnsqueezePass
+from graphopt.passes.erasure.transpose_merge import TransposeMergePass
 from tests.helpers import make_model, tensor_info
 from tests.passes.erasure.util import check, inferred
 
@@ -188,3 +188,45 @@ def test_unsqueeze_middle_read_by_two_unsqueezes_merges_both():
     )
     _, hits, ops = check(model, SqueezeUnsqueezePass)
     assert hits == 2 and ops.count("Unsqueeze") == 2
+
+
+def test_transpose_moving_only_unit_axes_before_reshape_is_dropped():
+    from onnx import TensorProto, helper
+
+    from graphopt.passes.erasure.transpose_merge import TransposeIntoReshapePass
+    from tests.helpers import assert_same_outputs, make_model, op_types, run_pass, tensor_info
+
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["t"], perm=[0, 3, 1, 2]),
+        helper.make_node("Reshape", ["t", "shape"], ["y"]),
+    ]
+    model = make_model(
+        nodes,
+        [tensor_info("x", TensorProto.FLOAT, ["n", 1, 1, 8])],
+        [tensor_info("y", TensorProto.FLOAT, ["n", 8])],
+        {"shape": np.array([-1, 8], dtype=np.int64)},
+    )
+    rewritten, hits = run_pass(model, TransposeIntoReshapePass)
+    assert hits == 1
+    assert "Transpose" not in op_types(rewritten)
+    assert_same_outputs(model, rewritten, shapes={"x": (3, 1, 1, 8)})
+
+
+def test_transpose_reordering_data_is_kept():
+    from onnx import TensorProto, helper
+
+    from graphopt.passes.erasure.transpose_merge import TransposeIntoReshapePass
+    from tests.helpers import make_model, run_pass, tensor_info
+
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["t"], perm=[0, 2, 1]),
+        helper.make_node("Reshape", ["t", "shape"], ["y"]),
+    ]
+    model = make_model(
+        nodes,
+        [tensor_info("x", TensorProto.FLOAT, [2, 3, 4])],
+        [tensor_info("y", TensorProto.FLOAT, [2, 12])],
+        {"shape": np.array([2, 12], dtype=np.int64)},
+    )
+    _, hits = run_pass(model, TransposeIntoReshapePass)
+    assert hits == 0

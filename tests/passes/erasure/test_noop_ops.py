@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
-from graphopt.passes.erasure.noop_ops import NoopOpsPass
 from onnx import TensorProto as T
 from onnx import helper
 
+from graphopt.passes.erasure.noop_ops import NoopOpsPass
 from tests.helpers import make_model, tensor_info
 from tests.passes.erasure.util import check, inferred
 

@@ -2,13 +2,13 @@
 
 import numpy as np
 import onnx
-from graphopt.passes.erasure.constant_folding import ConstantFoldingPass
-from graphopt.passes.erasure.initializer_inputs import InitializerInputsPass
 from onnx import TensorProto as T
 from onnx import helper
 
 from graphopt import io
 from graphopt.analysis.stats import count_nodes
+from graphopt.passes.erasure.constant_folding import ConstantFoldingPass
+from graphopt.passes.erasure.initializer_inputs import InitializerInputsPass
 from graphopt.pipeline import PassManager, default_pipeline
 from graphopt.registry import PassContext
 from tests.helpers import assert_same_outputs, op_types, roundtrip, tensor_info

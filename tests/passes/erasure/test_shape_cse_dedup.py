@@ -2,14 +2,14 @@
 
 import numpy as np
 import onnx
-from graphopt.passes.erasure.cse import CsePass
-from graphopt.passes.erasure.dead_code import DeadCodePass, UnusedInitializersPass
-from graphopt.passes.erasure.dedup_initializers import DedupInitializersPass
-from graphopt.passes.erasure.shape_folding import ShapeFoldingPass
 from onnx import TensorProto as T
 from onnx import helper
 
 from graphopt import io
+from graphopt.passes.erasure.cse import CsePass
+from graphopt.passes.erasure.dead_code import DeadCodePass, UnusedInitializersPass
+from graphopt.passes.erasure.dedup_initializers import DedupInitializersPass
+from graphopt.passes.erasure.shape_folding import ShapeFoldingPass
 from tests.helpers import make_model, op_types, run_pass, tensor_info
 from tests.passes.erasure.util import check, inferred
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from graphopt.passes.fusion.conv_bn import FuseConvBatchNormPass
 from onnx import TensorProto, helper
 
+from graphopt.passes.fusion.conv_bn import FuseConvBatchNormPass
 from tests.helpers import (
     assert_same_outputs,
     make_model,

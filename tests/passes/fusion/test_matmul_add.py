@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from graphopt.passes.fusion.matmul_add import FuseMatMulAddPass
 from onnx import TensorProto, helper
 
+from graphopt.passes.fusion.matmul_add import FuseMatMulAddPass
 from tests.helpers import (
     assert_same_outputs,
     make_model,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from graphopt.passes.fusion.transpose_gemm import FuseTransposeGemmPass
 from onnx import TensorProto, helper
 
+from graphopt.passes.fusion.transpose_gemm import FuseTransposeGemmPass
 from tests.helpers import (
     assert_same_outputs,
     make_model,
