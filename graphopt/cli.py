@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    out = Console(highlight=False)
+    # Pipes and CI logs get 120 columns rather than rich's 80, so pass names are not cut.
+    out = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
     err = Console(stderr=True, highlight=False)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:

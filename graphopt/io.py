@@ -257,6 +257,8 @@ def save(
             _save_inline(model, tmp_model)
         _fsync(tmp_model)
         tmp_data = tmp_dir / data_name
+        if tmp_data.exists() and tmp_data.stat().st_size == 0:
+            tmp_data.unlink()  # every tensor stayed inline; no empty data file
         if tmp_data.exists():
             _fsync(tmp_data)
             # Take the old model away first: a kill between the two renames then leaves no

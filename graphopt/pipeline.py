@@ -57,8 +57,9 @@ class PassStats:
     runs: int = 0
     hits: int = 0
     seconds: float = 0.0
-    nodes_before: int | None = None
-    nodes_after: int | None = None
+    # Nodes this pass itself removed (negative: added), summed over its runs. Per-pass
+    # before/after counts would span other passes inside a fixed-point loop.
+    nodes_removed: int = 0
     status: str = "ok"
 
 
@@ -227,8 +228,6 @@ class PassManager:
         # Only exact passes are checked one by one; lossy ones are measured, not rolled back.
         snapshot = model.clone() if check_each and cls.exact else None
         before = count_nodes(model)
-        if stats.nodes_before is None:
-            stats.nodes_before = before
         graph_pass = cls(self.context, **spec.options)
         began = time.perf_counter()
         try:
@@ -256,10 +255,9 @@ class PassManager:
                 self._disabled.add(spec.name)
                 rolled_back.append(spec.name)
                 stats.status = f"rolled back: {check.reason}"
-                stats.nodes_after = count_nodes(model)
                 return False
         stats.hits += hits
-        stats.nodes_after = count_nodes(model)
+        stats.nodes_removed += before - count_nodes(model)
         return result.modified
 
 

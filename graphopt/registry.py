@@ -5,6 +5,10 @@ unchanged within float tolerance) or lossy, its ``stage`` in the pipeline, its o
 whether it rewrites inside subgraphs (If/Loop/Scan bodies). ``rewrite`` edits the model in
 place through :mod:`graphopt.editing` and returns how many rewrites it made (its hits).
 
+Passes never edit a tensor's data in place: they create new tensors (``editing`` helpers do).
+Snapshots for rollback share tensor objects with the model, so an in-place edit would
+corrupt the rollback too.
+
 Passes derive from onnx-ir's ``InPlacePass`` so they also run under onnx-ir's own
 ``PassManager``; graphopt's :class:`~graphopt.pipeline.PassManager` adds timing, the
 per-pass table, fixed-point iteration, verification and rollback.

@@ -13,19 +13,16 @@ from graphopt.registry import all_passes
 
 
 def pass_table(report: RunReport) -> Table:
-    table = Table(title="passes", title_justify="left", show_edge=False)
-    for column in (
-        "pass",
-        "kind",
-        "runs",
-        "hits",
-        "nodes before",
-        "nodes after",
-        "time (s)",
-        "status",
-    ):
+    title = (
+        f"passes: nodes {report.nodes_before} -> {report.nodes_after} "
+        "(non-Constant, subgraphs included)"
+    )
+    table = Table(title=title, title_justify="left", show_edge=False)
+    for column in ("pass", "kind", "runs", "hits", "nodes removed", "time (s)", "status"):
         table.add_column(
-            column, justify="left" if column in ("pass", "kind", "status") else "right"
+            column,
+            justify="left" if column in ("pass", "kind", "status") else "right",
+            no_wrap=column == "pass",
         )
     for s in report.stats:
         table.add_row(
@@ -33,8 +30,7 @@ def pass_table(report: RunReport) -> Table:
             "exact" if s.exact else "lossy",
             str(s.runs),
             str(s.hits),
-            "" if s.nodes_before is None else str(s.nodes_before),
-            "" if s.nodes_after is None else str(s.nodes_after),
+            str(s.nodes_removed),
             f"{s.seconds:.3f}",
             s.status,
         )

@@ -382,7 +382,8 @@ def test_input_is_never_modified(tmp_path: Path, capsys) -> None:
     code, _, _ = run_cli(["optimize", str(path)], capsys)
     assert code == 0
     assert (sha(path), sha(data)) == before
-    assert (tmp_path / "m.opt.onnx").is_file() and (tmp_path / "m.opt.onnx.data").is_file()
+    # The output loads (its tensors are small, so they may all be written inline).
+    assert io.load(tmp_path / "m.opt.onnx").model.graph.outputs
 
 
 def test_output_equal_to_input_is_refused(tmp_path: Path, capsys) -> None:
