@@ -147,7 +147,9 @@ class PassManager:
         start = time.perf_counter()
         nodes_before = count_nodes(model)
         self._note_subgraph_handling(model)
-        original = model.clone() if self.verifier is not None else None
+        # One clone up front (tensors are shared, so it is cheap): the replay starts from it
+        # when verification fails or a pass crashes, with or without a verifier.
+        original = model.clone()
         rolled_back: list[str] = []
         verification = None
         replay_reason = ""
@@ -156,21 +158,19 @@ class PassManager:
         except UserInputError:
             raise
         except Exception as exc:
-            if original is None:
-                raise
             replay_reason = f"a pass crashed ({type(exc).__name__}: {exc})"
-        if self.verifier is not None and original is not None:
-            if not replay_reason:
-                self.progress("verifying")
-                verification = self.verifier.check(model)
-                if not verification.ok and self._ran_exact_change():
-                    replay_reason = f"verification failed ({verification.reason})"
-            if replay_reason:
-                logger.info("%s; replaying pass by pass", replay_reason)
-                self.context.note(f"{replay_reason}: replayed with a check after every pass")
-                model = original
-                self._stats = {}
-                rolled_back = self._run_steps(model, check_each=True)
+        if self.verifier is not None and not replay_reason:
+            self.progress("verifying")
+            verification = self.verifier.check(model)
+            if not verification.ok and self._ran_exact_change():
+                replay_reason = f"verification failed ({verification.reason})"
+        if replay_reason:
+            logger.info("%s; replaying pass by pass", replay_reason)
+            self.context.note(f"{replay_reason}: replayed with a check after every pass")
+            model = original
+            self._stats = {}
+            rolled_back = self._run_steps(model, check_each=True)
+            if self.verifier is not None:
                 verification = self.verifier.check(model)
         report = RunReport(
             stats=list(self._stats.values()),
@@ -225,7 +225,8 @@ class PassManager:
     ) -> bool:
         cls = get_pass(spec.name)
         stats = self._stats.setdefault(spec.name, PassStats(spec.name, cls.exact))
-        # Only exact passes are checked one by one; lossy ones are measured, not rolled back.
+        # In replay, exact passes are snapshotted (and checked when there is a verifier); lossy
+        # ones are measured, not rolled back.
         snapshot = model.clone() if check_each and cls.exact else None
         before = count_nodes(model)
         graph_pass = cls(self.context, **spec.options)

@@ -61,7 +61,9 @@ def print_report(report: RunReport, console: Console) -> None:
     for note in report.notes:
         console.print(f"note: {note}")
     for name in report.rolled_back:
-        console.print(f"[yellow]rolled back:[/] {name} (its result failed verification)")
+        console.print(
+            f"[yellow]rolled back:[/] {name} (failed verification or crashed; see status)"
+        )
     if report.verification_skipped:
         console.print(f"[yellow]not verified:[/] {report.verification_skipped}")
     elif report.verification is not None:

@@ -19,6 +19,7 @@ import onnxruntime as ort
 
 from graphopt import io
 from graphopt.inputs import make_inputs
+from graphopt.ortrun import run_session
 
 DEFAULT_TOLERANCE = 1e-4
 # Serialize to memory below this; above it ORT reads a temporary file with external data.
@@ -76,7 +77,7 @@ def make_session(model: ir.Model, threads: int = 0, optimize: bool = False):
 def run_model(model: ir.Model, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     session = make_session(model)
     names = [o.name for o in session.get_outputs()]
-    return session.run(names, feeds)
+    return run_session(session, names, feeds)
 
 
 def compare(name: str, ref: np.ndarray, got: np.ndarray) -> OutputError:

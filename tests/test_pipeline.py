@@ -163,9 +163,14 @@ def test_crashing_pass_is_rolled_back_when_verifying() -> None:
     assert any("a pass crashed" in note for note in report.notes)
 
 
-def test_crashing_pass_without_verifier_propagates() -> None:
-    with pytest.raises(RuntimeError, match="simulated bug"):
-        PassManager(_steps("test-crash")).run(add_relu_model())
+def test_crashing_pass_is_rolled_back_without_verifier() -> None:
+    """--no-verify still survives a crashing pass: the replay snapshots every exact pass."""
+    steps = _steps("test-crash", "dead-code")
+    model, report = PassManager(steps).run(add_relu_model())
+    assert report.rolled_back == ["test-crash"]
+    assert {s.name: s.hits for s in report.stats}["dead-code"] == 1
+    assert op_types(model) == ["Add", "Relu"]
+    assert report.verification is None
 
 
 def test_user_input_error_from_a_pass_propagates_even_when_verifying() -> None:

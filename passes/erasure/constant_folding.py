@@ -13,6 +13,8 @@ re-checks the actual result, so onnxscript's limits never apply.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import onnx_ir as ir
 from onnxscript.optimizer import _constant_folding as folding
@@ -36,6 +38,14 @@ NEVER_FOLD = frozenset(
     }
 )
 _NO_LIMIT = 1 << 62
+logger = logging.getLogger(__name__)
+
+
+def _has_unmodelled_cast_attributes(node: ir.Node) -> bool:
+    """Cast/CastLike with attributes beyond ``to`` (saturate, round_mode)."""
+    return editing.is_op(node, ("Cast", "CastLike")) and any(
+        name != "to" for name in node.attributes
+    )
 
 
 def _replaced_bytes(node: ir.Node) -> int:
@@ -85,6 +95,19 @@ class _LimitedFolder(folding.FoldConstantsPass):
             if nbytes is not None and not self._allowed(node, nbytes):
                 return False
         return True
+
+    def process_node(self, node: ir.Node, is_function: bool):  # type: ignore[override]
+        if _has_unmodelled_cast_attributes(node):
+            # onnxscript rewrites CastLike into Cast(to=...) and drops `saturate` (and would
+            # drop any newer attribute): leave such casts alone.
+            return None
+        try:
+            return super().process_node(node, is_function)
+        except RuntimeError as exc:
+            # An evaluator that fails on one node (e.g. SplitToSequence with a runtime split)
+            # only means this node is not folded, not that the whole pass fails.
+            logger.info("not folding %s (%s): %s", node.name, node.op_type, exc)
+            return None
 
     def _prepare_folded_tensor(self, node, output_name, output_array):  # type: ignore[override]
         if isinstance(output_array, np.ndarray) and not self._allowed(node, output_array.nbytes):

@@ -26,7 +26,6 @@ apart from a plain wrong rewrite.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
 import re
 import signal
@@ -44,6 +43,7 @@ from onnx import numpy_helper
 
 from graphopt import io
 from graphopt.api import OptimizeOptions, optimize
+from graphopt.ortrun import is_ml_dtype, run_session
 from graphopt.pipeline import PassSpec, default_pipeline
 
 RTOL = 1e-3
@@ -108,36 +108,6 @@ def families() -> dict[str, list[NodeCase]]:
 # Running a model in ONNX Runtime and comparing with the reference
 
 
-def _is_ml_dtype(array: np.ndarray) -> bool:
-    """bfloat16, float8, int4...: numpy extension dtypes ORT's Python API cannot take as is."""
-    return array.dtype.type.__module__.startswith("ml_dtypes")
-
-
-def _to_feed(value: Any) -> Any:
-    if isinstance(value, onnx.TensorProto):
-        value = numpy_helper.to_array(value)
-    if isinstance(value, list):
-        return [_to_feed(v) for v in value]
-    if value is None:
-        return None
-    array = np.asarray(value)
-    if _is_ml_dtype(array) and array.dtype.itemsize in (1, 2):
-        onnx_type = onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
-        if onnx_type in _SUB_BYTE_TYPES:
-            # ORT wants them packed several per byte, which its Python API cannot build.
-            raise TypeError(f"ORT's Python API cannot feed {array.dtype} inputs")
-        raw = array.view(np.uint8 if array.dtype.itemsize == 1 else np.uint16)
-        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(np.ascontiguousarray(raw), onnx_type)
-    return array
-
-
-_SUB_BYTE_TYPES = {
-    getattr(onnx.TensorProto, name)
-    for name in ("INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2")
-    if hasattr(onnx.TensorProto, name)
-}
-
-
 def make_session(model: bytes, optimized: bool = True) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.graph_optimization_level = (
@@ -155,34 +125,7 @@ def make_session(model: bytes, optimized: bool = True) -> ort.InferenceSession:
 def run_ort(model: onnx.ModelProto, feeds: dict[str, Any], optimized: bool = True) -> list[Any]:
     session = make_session(model.SerializeToString(), optimized)
     names = [o.name for o in session.get_outputs()]
-    converted = {k: _to_feed(v) for k, v in feeds.items()}
-    if not any(isinstance(v, ort.OrtValue) for v in converted.values()):
-        try:
-            return session.run(names, converted)
-        except RuntimeError as exc:
-            if "No corresponding Numpy type" not in str(exc):
-                raise
-    # bfloat16/float8 only go in and out as OrtValues, and then every feed must be one.
-    values = {
-        k: v if isinstance(v, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(v)
-        for k, v in converted.items()
-    }
-    return [_from_ort_value(v) for v in session.run_with_ort_values(names, values)]
-
-
-def _from_ort_value(value: ort.OrtValue) -> Any:
-    """``OrtValue.numpy()``, or for 8/16-bit types numpy lacks, their bytes as raw integers."""
-    try:
-        return value.numpy()
-    except RuntimeError:
-        if not value.is_tensor():
-            raise
-    dtype = onnx.helper.tensor_dtype_to_np_dtype(value.element_type())
-    if dtype.itemsize not in (1, 2):
-        raise TypeError(f"cannot read an ORT output of type {value.data_type()}")
-    count = int(np.prod(value.shape(), dtype=np.int64))
-    raw = (ctypes.c_uint8 * (count * dtype.itemsize)).from_address(value.data_ptr())
-    return np.frombuffer(bytes(raw), dtype=dtype).reshape(value.shape())
+    return run_session(session, names, feeds)
 
 
 def mismatch(expected: Sequence[Any], got: Sequence[Any], rtol: float, atol: float) -> str | None:
@@ -215,11 +158,11 @@ def _mismatch_one(ref: Any, out: Any, rtol: float, atol: float) -> str | None:
         return f"shape {out.shape}, expected {ref.shape}"
     if ref.dtype == object:
         return None if np.array_equal(out, ref) else "strings differ"
-    if out.dtype != ref.dtype and _is_ml_dtype(ref) and out.dtype.itemsize == ref.dtype.itemsize:
+    if out.dtype != ref.dtype and is_ml_dtype(ref) and out.dtype.itemsize == ref.dtype.itemsize:
         out = out.view(ref.dtype)  # ORT hands float8/bfloat16 back as raw integers
     if out.dtype != ref.dtype:
         return f"dtype {out.dtype}, expected {ref.dtype}"
-    if _is_ml_dtype(ref):
+    if is_ml_dtype(ref):
         if ref.dtype.name == "bfloat16":
             rtol = max(rtol, 2**-6)
         ref, out = ref.astype(np.float32), out.astype(np.float32)

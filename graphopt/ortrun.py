@@ -1,0 +1,76 @@
+"""Running an ORT session on numpy feeds, including dtypes numpy holds only via ml_dtypes.
+
+ORT's Python API takes and returns bfloat16/float8 only as ``OrtValue``s; graphopt's
+verification and tests must still cover models with such inputs and outputs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+SUB_BYTE_TYPES = {
+    getattr(onnx.TensorProto, name)
+    for name in ("INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2")
+    if hasattr(onnx.TensorProto, name)
+}
+
+
+def is_ml_dtype(array: np.ndarray) -> bool:
+    """bfloat16, float8, int4...: numpy extension dtypes ORT's Python API cannot take as is."""
+    return array.dtype.type.__module__.startswith("ml_dtypes")
+
+
+def to_feed(value: Any) -> Any:
+    """A feed ORT accepts: numpy as is, ml_dtypes arrays as OrtValues, lists element-wise."""
+    if isinstance(value, onnx.TensorProto):
+        value = onnx.numpy_helper.to_array(value)
+    if isinstance(value, list):
+        return [to_feed(v) for v in value]
+    if value is None:
+        return None
+    array = np.asarray(value)
+    if is_ml_dtype(array) and array.dtype.itemsize in (1, 2):
+        onnx_type = onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
+        if onnx_type in SUB_BYTE_TYPES:
+            # ORT wants them packed several per byte, which its Python API cannot build.
+            raise TypeError(f"ORT's Python API cannot feed {array.dtype} inputs")
+        raw = array.view(np.uint8 if array.dtype.itemsize == 1 else np.uint16)
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(np.ascontiguousarray(raw), onnx_type)
+    return array
+
+
+def from_ort_value(value: ort.OrtValue) -> Any:
+    """``OrtValue.numpy()``, or for 8/16-bit types numpy lacks, an ml_dtypes array."""
+    try:
+        return value.numpy()
+    except RuntimeError:
+        if not value.is_tensor():
+            raise
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(value.element_type())
+    if dtype.itemsize not in (1, 2):
+        raise TypeError(f"cannot read an ORT output of type {value.data_type()}")
+    count = int(np.prod(value.shape(), dtype=np.int64))
+    raw = (ctypes.c_uint8 * (count * dtype.itemsize)).from_address(value.data_ptr())
+    return np.frombuffer(bytes(raw), dtype=dtype).reshape(value.shape())
+
+
+def run_session(session: ort.InferenceSession, names: list[str], feeds: dict[str, Any]) -> list:
+    """``session.run`` that also handles bfloat16/float8 inputs and outputs."""
+    converted = {k: to_feed(v) for k, v in feeds.items()}
+    if not any(isinstance(v, ort.OrtValue) for v in converted.values()):
+        try:
+            return session.run(names, converted)
+        except RuntimeError as exc:
+            if "No corresponding Numpy type" not in str(exc):
+                raise
+    # bfloat16/float8 only go in and out as OrtValues, and then every feed must be one.
+    values = {
+        k: v if isinstance(v, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(v)
+        for k, v in converted.items()
+    }
+    return [from_ort_value(v) for v in session.run_with_ort_values(names, values)]

@@ -1,0 +1,5 @@
+"""Project-wide pytest set-up."""
+
+# Registered here (not only in tests/conformance/conftest.py) so that the conformance counts
+# are printed by the controller under pytest-xdist too.
+pytest_plugins = ["tests.conformance.summary"]
