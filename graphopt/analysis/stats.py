@@ -17,9 +17,22 @@ def is_constant_node(node: ir.Node) -> bool:
     return node.op_type == "Constant" and node.domain in ("", "ai.onnx")
 
 
+
+
 def count_nodes(model: ir.Model | ir.Graph) -> int:
     """Node count as graphopt reports it: non-Constant nodes, subgraphs included."""
-    return sum(1 for node in iter_nodes(model) if not is_constant_node(node))
+    graph = model.graph if isinstance(model, ir.Model) else model
+    # A plain loop: this runs twice per pass run, and the generic traversal costs ~10x more.
+    total = 0
+    for node in graph:
+        if not is_constant_node(node):
+            total += 1
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.GRAPH:
+                total += count_nodes(attr.value)
+            elif attr.type == ir.AttributeType.GRAPHS:
+                total += sum(count_nodes(g) for g in attr.value)
+    return total
 
 
 def op_histogram(model: ir.Model) -> Counter[str]:

@@ -7,6 +7,7 @@ import os
 from collections import defaultdict
 from collections.abc import Iterator
 
+import numpy as np
 import onnx_ir as ir
 
 from graphopt.registry import GraphPass, Stage, register
@@ -14,6 +15,7 @@ from graphopt.registry import GraphPass, Stage, register
 CHUNK_BYTES = 16 << 20
 # Distinct weights almost always differ early: compare this much before hashing everything.
 HEAD_BYTES = 64 << 10
+SMALL_GROUP = 8
 _HEAD_KEY = "graphopt.dedup.head"
 _DIGEST_KEY = "graphopt.dedup.digest"
 
@@ -43,8 +45,20 @@ def _chunks(tensor: ir.TensorProtocol, limit: int | None = None) -> Iterator[byt
             data = item if isinstance(item, bytes) else str(item).encode()
             yield len(data).to_bytes(8, "little") + data
     else:
-        data = tensor.tobytes()
-        yield data if limit is None else data[:limit]
+        raw = _raw_view(tensor)
+        if raw is None:
+            data = tensor.tobytes()
+            yield data if limit is None else data[:limit]
+        else:
+            yield raw if limit is None else raw[:limit]
+
+
+def _raw_view(tensor: ir.TensorProtocol) -> np.ndarray | None:
+    """The bytes of an in-memory tensor without a copy (None for packed sub-byte types)."""
+    if tensor.dtype.bitwidth < 8:
+        return None
+    array = np.ascontiguousarray(tensor.numpy())
+    return array.reshape(-1).view(np.uint8)
 
 
 def _digest(tensor: ir.TensorProtocol, head_only: bool = False) -> bytes:
@@ -63,6 +77,11 @@ def _digest(tensor: ir.TensorProtocol, head_only: bool = False) -> bytes:
 
 def _equal(a: ir.TensorProtocol, b: ir.TensorProtocol) -> bool:
     """Byte-wise equality, chunk by chunk (hashes only select candidates)."""
+    in_memory = not isinstance(a, ir.ExternalTensor) and not isinstance(b, ir.ExternalTensor)
+    if in_memory and ir.DataType.STRING not in (a.dtype, b.dtype):
+        left, right = _raw_view(a), _raw_view(b)
+        if left is not None and right is not None:
+            return np.array_equal(left, right)  # in memory already: no copies
     left = right = b""
     it_a, it_b = _chunks(a), _chunks(b)
     while True:
@@ -119,6 +138,11 @@ class DedupInitializersPass(GraphPass):
             if len(members) < 2:
                 continue
             for same_head in _split(members, head_only=True):
+                # Small groups are compared byte by byte at once (one read of each tensor);
+                # a full hash first only pays off when many tensors share a head.
+                if len(same_head) <= SMALL_GROUP:
+                    hits += self._merge(graph, same_head)
+                    continue
                 for candidates in _split(same_head, head_only=False):
                     hits += self._merge(graph, candidates)
         return hits

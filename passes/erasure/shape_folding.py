@@ -1,4 +1,9 @@
-"""Shape and Size of tensors whose dims are all static become constants."""
+"""Shape and Size of tensors whose dims are static become constants.
+
+A Shape of a partly dynamic tensor (batch symbolic, channels fixed: the TorchScript
+exporter's Shape→Gather→Unsqueeze→Concat→Reshape) is folded where it is read: a Gather or a
+Slice of it that selects only static dims becomes a constant.
+"""
 
 from __future__ import annotations
 
@@ -33,6 +38,8 @@ class ShapeFoldingPass(GraphPass):
                 continue
             dims = editing.static_shape(node.inputs[0])
             if dims is None:
+                if node.op_type == "Shape":
+                    hits += _fold_static_reads(node)
                 continue
             if node.op_type == "Shape":
                 array = np.array(_shape_slice(node, dims), dtype=np.int64)
@@ -46,3 +53,74 @@ class ShapeFoldingPass(GraphPass):
             else:
                 editing.remove_node(constant.producer())
         return hits
+
+
+def _known_dims(node: ir.Node) -> list[int | None] | None:
+    """The Shape node's output as a list: ints where static, None where symbolic."""
+    source = node.inputs[0]
+    if source is None or source.shape is None:
+        return None
+    dims = [d if isinstance(d, int) else None for d in source.shape.dims]
+    rank = len(dims)
+    start = editing.attribute(node, "start", 0)
+    end = editing.attribute(node, "end", rank)
+    start = min(max(start + rank if start < 0 else start, 0), rank)
+    end = min(max(end + rank if end < 0 else end, 0), rank)
+    return dims[start:end]
+
+
+def _selected(reader: ir.Node, index: int, dims: list[int | None]) -> np.ndarray | None:
+    """What a Gather/Slice reading the shape selects, when it is all static."""
+    if index != 0:
+        return None
+    n = len(dims)
+    if editing.is_op(reader, "Gather") and editing.attribute(reader, "axis", 0) == 0:
+        indices = editing.constant_array(reader.inputs[1] if len(reader.inputs) > 1 else None)
+        if indices is None or indices.dtype.kind not in "iu":
+            return None
+        flat = [int(i) + n if i < 0 else int(i) for i in indices.reshape(-1)]
+        if any(not 0 <= i < n for i in flat):
+            return None  # out of range: leave the runtime error to the runtime
+        picked = [dims[i] for i in flat]
+        if any(d is None for d in picked):
+            return None
+        return np.array(picked, dtype=np.int64).reshape(indices.shape)
+    if editing.is_op(reader, "Slice") and len(reader.inputs) >= 3:
+        starts = editing.const_ints(reader.inputs[1])
+        ends = editing.const_ints(reader.inputs[2])
+        axes = editing.const_ints(reader.inputs[3]) if len(reader.inputs) > 3 else [0]
+        steps = editing.const_ints(reader.inputs[4]) if len(reader.inputs) > 4 else [1]
+        if None in (starts, ends, axes, steps) or len(starts) != 1 or len(ends) != 1:
+            return None
+        if axes not in ([0], [-1]) or steps != [1]:
+            return None
+        # ONNX Slice with step 1 clamps like Python slicing (large ends included).
+        picked = dims[slice(starts[0], ends[0])]
+        if any(d is None for d in picked):
+            return None
+        return np.array(picked, dtype=np.int64)
+    return None
+
+
+def _fold_static_reads(shape_node: ir.Node) -> int:
+    """Fold the Gathers/Slices of a partly dynamic Shape that select static dims only."""
+    dims = _known_dims(shape_node)
+    if dims is None:
+        return 0
+    hits = 0
+    for use in list(shape_node.outputs[0].uses()):
+        reader = use.node
+        if reader.graph is None or len(reader.outputs) != 1:
+            continue
+        array = _selected(reader, use.idx, dims)
+        if array is None:
+            continue
+        base = reader.outputs[0].name or f"{reader.op_type.lower()}_const"
+        constant = editing.add_constant(reader, base + "_folded", array)
+        if editing.replace_value(reader.outputs[0], constant):
+            editing.remove_node(reader)
+            hits += 1
+        else:
+            editing.remove_node(constant.producer())
+    editing.remove_if_dead(shape_node)
+    return hits

@@ -172,3 +172,33 @@ def test_unused_initializers_and_dead_code():
     assert hits == 0  # dead-code already dropped the main graph's unused initializers
     after, hits, _ = check(model, UnusedInitializersPass)
     assert hits == 1 and not after.graph.initializers
+
+
+def test_partly_dynamic_shape_gather_and_slice_of_static_dims_folded():
+    """TorchScript's Shape→Gather on a [N, 8, 4] tensor: the 8 is known, N is not."""
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"]),
+        helper.make_node("Gather", ["s", "one"], ["c"], axis=0),
+        helper.make_node("Slice", ["s", "start2", "end_big"], ["tail"]),
+        helper.make_node("Gather", ["s", "zero"], ["n"], axis=0),
+        helper.make_node("Unsqueeze", ["c", "axes0"], ["c1"]),
+        helper.make_node("Concat", ["minus1", "c1", "tail"], ["target"], axis=0),
+        helper.make_node("Reshape", ["x", "target"], ["y"]),
+        helper.make_node("Unsqueeze", ["n", "axes0"], ["n_out"]),
+    ]
+    model = make_model(
+        nodes,
+        [tensor_info("x", T.FLOAT, ["N", 8, 4])],
+        [tensor_info("y", T.FLOAT, ["N", 8, 4]), tensor_info("n_out", T.INT64, [1])],
+        {
+            "one": np.array(1, dtype=np.int64),
+            "zero": np.array(0, dtype=np.int64),
+            "start2": np.array([2], dtype=np.int64),
+            "end_big": np.array([2**62], dtype=np.int64),
+            "axes0": np.array([0], dtype=np.int64),
+            "minus1": np.array([-1], dtype=np.int64),
+        },
+    )
+    _, hits, ops = check(inferred(model), ShapeFoldingPass, shapes={"x": (3, 8, 4)})
+    assert hits == 2  # Gather(1) and Slice(2:); Gather(0) reads the symbolic batch: kept
+    assert ops.count("Gather") == 1 and "Slice" not in ops and "Shape" in ops
