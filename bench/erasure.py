@@ -51,6 +51,11 @@ BUILT_MODELS = [
     "minilm",
     "ppocr_det",
     "ppocr_rec",
+    # The same kinds of model from the TorchScript exporter (dynamo=False), which leaves far
+    # more for an optimizer to do than the dynamo exporter.
+    "resnet18_ts",
+    "efficientnet_b0_ts",
+    "minilm_ts",
 ]
 BIN = Path(sys.executable).parent
 

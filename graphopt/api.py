@@ -10,6 +10,7 @@ import onnx_ir as ir
 
 from graphopt import io
 from graphopt.errors import CheckFailedError, UserInputError
+from graphopt.opset import convert_opset
 from graphopt.pipeline import (
     PassManager,
     PassSpec,
@@ -39,6 +40,9 @@ class OptimizeOptions:
     fold_limit_bytes: int | None = DEFAULT_FOLD_LIMIT_BYTES
     external_data: bool | None = None
     target: str = "portable"
+    # Raise the default-domain opset to this first (onnx version converter), e.g. so that
+    # fusions into LayerNormalization/Gelu/Attention can apply.
+    opset: int | None = None
     seed: int = 0
 
 
@@ -92,6 +96,11 @@ def optimize(
         input_shapes=dict(options.input_shapes),
         target=options.target,
     )
+    original_for_verify = model
+    if options.opset is not None:
+        model, conversion_note = convert_opset(model, options.opset)
+        if conversion_note:
+            context.note(conversion_note)
     steps = (
         explicit_pipeline(options.passes)
         if options.passes is not None
@@ -101,7 +110,10 @@ def optimize(
     skipped_reason = ""
     if options.verify:
         try:
-            verifier = Verifier(model, options.input_shapes, options.tolerance, options.seed)
+            # The reference is the model as given: an opset conversion is verified too.
+            verifier = Verifier(
+                original_for_verify, options.input_shapes, options.tolerance, options.seed
+            )
         except VerificationUnavailable as exc:
             skipped_reason = f"ONNX Runtime cannot run the original model: {exc}"
     manager = PassManager(steps, context, verifier, progress)

@@ -85,6 +85,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="write weights to OUT.data (automatic past 2 GB)",
     )
     opt.add_argument("--seed", type=int, default=None, help="seed of generated inputs (0)")
+    opt.add_argument(
+        "--target",
+        choices=("portable", "ort"),
+        default=None,
+        help="portable (default): standard ONNX ops only; ort: also ONNX Runtime's "
+        "com.microsoft fused ops",
+    )
+    opt.add_argument(
+        "--opset",
+        type=int,
+        default=None,
+        help="raise the default-domain opset to N first (onnx version converter, verified)",
+    )
 
     ins = commands.add_parser(
         "inspect",
@@ -175,6 +188,10 @@ def _cmd_optimize(args: argparse.Namespace, out: Console, err: Console) -> int:
         options.external_data = True
     if args.seed is not None:
         options.seed = args.seed
+    if args.target is not None:
+        options.target = args.target
+    if args.opset is not None:
+        options.opset = args.opset
     output = args.output
     if output is None and not args.in_place:
         output = default_output_path(Path(args.input))

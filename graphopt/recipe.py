@@ -18,6 +18,7 @@ Schema (every key optional; unknown keys are an error)::
       input: [1, 3, 224, 224]
     external_data: null        # true / false / null (automatic past 2 GB)
     target: portable           # portable | ort
+    opset: null                # raise the default-domain opset first (e.g. 17, 20, 23)
 
 Command-line flags given next to ``--recipe`` override the recipe's settings.
 """
@@ -46,6 +47,7 @@ RECIPE_KEYS = {
     "input_shapes",
     "external_data",
     "target",
+    "opset",
 }
 TARGETS = ("portable", "ort")
 
@@ -114,6 +116,10 @@ def recipe_from_dict(data: Any, name: str = "recipe") -> OptimizeOptions:
             raise UserInputError(f"{name}: input_shapes dims must be integers") from None
     if data.get("external_data") is not None:
         options.external_data = _bool(data["external_data"], "external_data", name)
+    if data.get("opset") is not None:
+        if not isinstance(data["opset"], int) or isinstance(data["opset"], bool):
+            raise UserInputError(f"{name}: opset must be an integer")
+        options.opset = data["opset"]
     if "target" in data:
         if data["target"] not in TARGETS:
             raise UserInputError(f"{name}: target must be one of {', '.join(TARGETS)}")

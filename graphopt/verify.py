@@ -15,11 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
-import onnxruntime as ort
 
 from graphopt import io
 from graphopt.inputs import make_inputs
-from graphopt.ortrun import run_session
 
 DEFAULT_TOLERANCE = 1e-4
 # Serialize to memory below this; above it ORT reads a temporary file with external data.
@@ -56,6 +54,8 @@ class VerificationUnavailable(Exception):
 
 def make_session(model: ir.Model, threads: int = 0, optimize: bool = False):
     """An ORT CPU session for an in-memory model (temporary external data when large)."""
+    import onnxruntime as ort  # imported here: --no-verify runs never pay for it
+
     options = ort.SessionOptions()
     options.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -75,6 +75,8 @@ def make_session(model: ir.Model, threads: int = 0, optimize: bool = False):
 
 
 def run_model(model: ir.Model, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    from graphopt.ortrun import run_session
+
     session = make_session(model)
     names = [o.name for o in session.get_outputs()]
     return run_session(session, names, feeds)

@@ -17,8 +17,6 @@ def is_constant_node(node: ir.Node) -> bool:
     return node.op_type == "Constant" and node.domain in ("", "ai.onnx")
 
 
-
-
 def count_nodes(model: ir.Model | ir.Graph) -> int:
     """Node count as graphopt reports it: non-Constant nodes, subgraphs included."""
     graph = model.graph if isinstance(model, ir.Model) else model
