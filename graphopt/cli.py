@@ -114,6 +114,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ins.add_argument("--json", action="store_true", help="print JSON instead of tables")
 
+    ana = commands.add_parser(
+        "analyze",
+        help="channel dependency analysis: zero-invariant (prunable) groups",
+        description="Build the channel dependency graph and list the zero-invariant groups: "
+        "members, units, share of FLOPs and params, prunable or blocked with the reason.",
+    )
+    ana.add_argument("input", help="model file (.onnx)")
+    ana.add_argument(
+        "--input-shape",
+        action="append",
+        metavar="NAME:DxD...",
+        help="bind an input's shape (repeatable)",
+    )
+    ana.add_argument("--json", action="store_true", help="print JSON instead of tables")
+
     commands.add_parser(
         "passes",
         help="list the registered passes",
@@ -134,6 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             level=logging.INFO if args.verbose else logging.WARNING,
             format="%(levelname)s %(name)s: %(message)s",
         )
+        if not args.verbose:
+            _quiet_libraries()
         if args.command is None:
             parser.print_help()
             return EXIT_BAD_INPUT
@@ -157,6 +174,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             soft_wrap=True,
         )
         return EXIT_INTERNAL
+
+
+class _NoTracebacks(logging.Filter):
+    """Log records keep their message but lose attached tracebacks (shown with -v only)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.exc_info = None
+        record.exc_text = None
+        record.stack_info = None
+        return True
+
+
+def _quiet_libraries() -> None:
+    # onnx-ir and onnxscript log recoverable failures (e.g. shape inference on an odd model)
+    # as warnings with a full traceback; without -v the user gets graphopt's own one-line
+    # messages only.
+    for name in ("onnx_ir", "onnxscript"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _NoTracebacks) for f in handler.filters):
+            handler.addFilter(_NoTracebacks())
 
 
 def _raise_interrupt(signum, frame) -> None:
@@ -216,6 +254,20 @@ def _cmd_inspect(args: argparse.Namespace, out: Console, err: Console) -> int:
     return EXIT_OK
 
 
+def _cmd_analyze(args: argparse.Namespace, out: Console, err: Console) -> int:
+    from graphopt.analysis.zig import analyze, render_report, report_json
+    from graphopt.inputs import parse_input_shapes
+    from graphopt.io import load
+
+    loaded = load(args.input)
+    report = analyze(loaded.model, parse_input_shapes(args.input_shape))
+    if args.json:
+        out.print(report_json(report), markup=False, highlight=False, soft_wrap=True)
+    else:
+        render_report(report, out)
+    return EXIT_OK
+
+
 def _cmd_passes(args: argparse.Namespace, out: Console, err: Console) -> int:
     from graphopt.report import passes_table
 
@@ -230,7 +282,12 @@ def _names(text: str) -> list[str]:
     return names
 
 
-_COMMANDS = {"optimize": _cmd_optimize, "inspect": _cmd_inspect, "passes": _cmd_passes}
+_COMMANDS = {
+    "optimize": _cmd_optimize,
+    "inspect": _cmd_inspect,
+    "analyze": _cmd_analyze,
+    "passes": _cmd_passes,
+}
 
 
 if __name__ == "__main__":

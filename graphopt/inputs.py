@@ -11,6 +11,7 @@ Booleans are random.
 
 from __future__ import annotations
 
+import math
 import re
 
 import numpy as np
@@ -85,7 +86,8 @@ def make_inputs(
     for value in graph_inputs(model):
         shape = concrete_shape(value, given)
         dtype = _numpy_dtype(value)
-        total += int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        # Python ints: numpy's int64 product wraps around for dims like 2**62.
+        total += math.prod(shape) * dtype.itemsize
         if total > MAX_INPUT_BYTES:
             raise UserInputError(
                 f"generated inputs would exceed {MAX_INPUT_BYTES >> 20} MiB at input "

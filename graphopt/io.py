@@ -49,7 +49,10 @@ def load(source: ModelSource) -> LoadedModel:
     if isinstance(source, ir.Model):
         return LoadedModel(source, None, _has_external_tensors(source))
     if isinstance(source, onnx.ModelProto):
-        return LoadedModel(_deserialize_proto(source), None, False)
+        check_tensor_sizes(source, "<model>")
+        model = _deserialize_proto(source)
+        check_scopes(model, "<model>")
+        return LoadedModel(model, None, False)
     if isinstance(source, (bytes, bytearray, memoryview)):
         proto = onnx.ModelProto()
         try:
@@ -59,7 +62,10 @@ def load(source: ModelSource) -> LoadedModel:
                 f"cannot parse model bytes: not a valid ONNX protobuf ({exc})"
             ) from None
         _check_proto_shape(proto, "<bytes>")
-        return LoadedModel(_deserialize_proto(proto), None, False)
+        check_tensor_sizes(proto, "<bytes>")
+        model = _deserialize_proto(proto)
+        check_scopes(model, "<bytes>")
+        return LoadedModel(model, None, False)
     return _load_path(Path(os.fspath(source)))
 
 
@@ -81,8 +87,10 @@ def _load_path(path: Path) -> LoadedModel:
         ) from None
     del data
     _check_proto_shape(proto, str(path))
+    check_tensor_sizes(proto, str(path))
     check_external_data(proto, path.parent, str(path))
     model = _deserialize_proto(proto, base_dir=path.parent)
+    check_scopes(model, str(path))
     return LoadedModel(model, path, _has_external_tensors(model))
 
 
@@ -94,6 +102,10 @@ def _check_proto_shape(proto: onnx.ModelProto, name: str) -> None:
         raise UserInputError(f"{name}: not an ONNX model (missing ir_version)")
     if not proto.graph.output:
         raise UserInputError(f"{name}: graph has no outputs (truncated or corrupt file)")
+    if any(not tensor.name for tensor in proto.graph.initializer):
+        # onnx-ir drops such an initializer, which would silently turn its uses into
+        # omitted inputs.
+        raise UserInputError(f"{name}: an initializer has an empty name")
 
 
 def _deserialize_proto(proto: onnx.ModelProto, base_dir: Path | None = None) -> ir.Model:
@@ -128,6 +140,107 @@ def _iter_tensor_protos(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
                 yield from _iter_tensor_protos(sub)
 
 
+def _iter_model_tensor_protos(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    yield from _iter_tensor_protos(proto.graph)
+    for function in proto.functions:
+        # A function body is a list of nodes: wrap it so the graph walker can read it.
+        yield from _iter_tensor_protos(onnx.GraphProto(node=function.node))
+
+
+# Typed (non-raw) storage ONNX defines per data type: (field, values per element).
+_TYPED_FIELDS = {
+    onnx.TensorProto.FLOAT: ("float_data", 1),
+    onnx.TensorProto.COMPLEX64: ("float_data", 2),
+    onnx.TensorProto.DOUBLE: ("double_data", 1),
+    onnx.TensorProto.COMPLEX128: ("double_data", 2),
+    onnx.TensorProto.INT64: ("int64_data", 1),
+    onnx.TensorProto.INT32: ("int32_data", 1),
+    onnx.TensorProto.STRING: ("string_data", 1),
+}
+_TYPED_FIELD_NAMES = ("float_data", "double_data", "int32_data", "int64_data", "uint64_data")
+
+
+def check_tensor_sizes(proto: onnx.ModelProto, name: str) -> None:
+    """Refuse stored tensors whose data does not fit their shape and type.
+
+    A wrong size would otherwise surface as a crash deep inside a pass, or worse, be written
+    back out as a model that no longer loads.
+    """
+    known = set(onnx.TensorProto.DataType.values()) - {onnx.TensorProto.UNDEFINED}
+    for tensor in _iter_model_tensor_protos(proto):
+        label = f"{name}: tensor {tensor.name!r}"
+        if tensor.data_type not in known:
+            raise UserInputError(f"{label}: unknown or undefined data type {tensor.data_type}")
+        if any(d < 0 for d in tensor.dims):
+            raise UserInputError(f"{label}: negative dimension in {list(tensor.dims)}")
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            continue  # check_external_data compares lengths with the data file
+        count = 1
+        for dim in tensor.dims:
+            count *= dim
+        if tensor.HasField("raw_data") and tensor.data_type != onnx.TensorProto.STRING:
+            expected = _expected_nbytes(tensor)
+            if len(tensor.raw_data) != expected:
+                raise UserInputError(
+                    f"{label}: raw data holds {len(tensor.raw_data)} bytes, its shape "
+                    f"{list(tensor.dims)} needs {expected}"
+                )
+            continue
+        stored = {f: len(getattr(tensor, f)) for f in (*_TYPED_FIELD_NAMES, "string_data")}
+        if count > 0 and not any(stored.values()):
+            raise UserInputError(
+                f"{label}: holds no data, its shape {list(tensor.dims)} needs some"
+            )
+        field = _TYPED_FIELDS.get(tensor.data_type)
+        if field is not None and stored[field[0]] != count * field[1]:
+            raise UserInputError(
+                f"{label}: holds {stored[field[0]]} values in {field[0]}, its shape "
+                f"{list(tensor.dims)} needs {count * field[1]}"
+            )
+
+
+def check_scopes(model: ir.Model, name: str) -> None:
+    """Refuse graphs where a node reads a value that is not defined before it (in its scope).
+
+    Covers dangling references, unsorted nodes and cycles; such graphs cannot be cloned,
+    verified or saved faithfully.
+    """
+
+    def walk(graph: ir.Graph | ir.Function, outer: list[set[ir.Value]]) -> None:
+        # A chain of scopes (innermost last) rather than one merged copy per subgraph: a
+        # model with many If/Loop nodes would otherwise copy the whole outer scope each time.
+        scope: set[ir.Value] = set(graph.inputs)
+        if isinstance(graph, ir.Graph):
+            scope.update(graph.initializers.values())
+        chain = [*outer, scope]
+
+        def visible(value: ir.Value) -> bool:
+            return any(value in level for level in reversed(chain))
+
+        for node in graph:
+            for value in node.inputs:
+                if value is not None and not visible(value):
+                    raise UserInputError(
+                        f"{name}: node {node.name or node.op_type!r} reads {value.name!r}, "
+                        "which is not produced before it (dangling reference, unsorted "
+                        "graph or cycle)"
+                    )
+            for attr in node.attributes.values():
+                if attr.type == ir.AttributeType.GRAPH:
+                    walk(attr.value, chain)
+                elif attr.type == ir.AttributeType.GRAPHS:
+                    for sub in attr.value:
+                        walk(sub, chain)
+            scope.update(node.outputs)
+        for value in graph.outputs:
+            if not visible(value):
+                raise UserInputError(f"{name}: graph output {value.name!r} is never produced")
+
+    walk(model.graph, [])
+    for function in model.functions.values():
+        walk(function, [])
+
+
 def check_external_data(proto: onnx.ModelProto, base_dir: Path, name: str) -> None:
     """Refuse external-data references that escape ``base_dir`` or point at short files."""
     root = base_dir.resolve()
@@ -139,6 +252,8 @@ def check_external_data(proto: onnx.ModelProto, base_dir: Path, name: str) -> No
         label = f"{name}: initializer {tensor.name!r}"
         if not location:
             raise UserInputError(f"{label}: external data without a location")
+        if "\0" in location:
+            raise UserInputError(f"{label}: external-data location {location!r} holds a NUL byte")
         if os.path.isabs(location) or location.startswith(("/", "\\")) or ":" in location:
             raise UserInputError(f"{label}: external-data location {location!r} is absolute")
         target = (base_dir / location).resolve()
@@ -172,9 +287,13 @@ def _expected_nbytes(tensor: onnx.TensorProto) -> int:
         itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
     except (KeyError, TypeError, ValueError):
         return 0
-    bits = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
-    if tensor.data_type in bits:
-        return (count + 1) // 2
+    per_byte = {
+        getattr(onnx.TensorProto, n): k
+        for n, k in (("INT4", 2), ("UINT4", 2), ("FLOAT4E2M1", 2), ("INT2", 4), ("UINT2", 4))
+        if hasattr(onnx.TensorProto, n)
+    }
+    if tensor.data_type in per_byte:
+        return -(-count // per_byte[tensor.data_type])
     return count * itemsize
 
 

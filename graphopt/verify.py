@@ -62,7 +62,9 @@ def make_session(model: ir.Model, threads: int = 0, optimize: bool = False):
         if optimize
         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
-    options.log_severity_level = 3
+    # Fatal only: a model ORT cannot run is reported by graphopt in one line, not by ORT's
+    # multi-line error log on the user's stderr.
+    options.log_severity_level = 4
     if threads:
         options.intra_op_num_threads = threads
     if io.total_tensor_bytes(model) < IN_MEMORY_LIMIT_BYTES:

@@ -206,6 +206,8 @@ _NEUTRAL = {
 
 def _neutral_operand(node: ir.Node) -> int | None:
     """Index of the input passed through when the other is a neutral constant, or None."""
+    if len(node.inputs) != 2:
+        return None  # malformed (e.g. an operand dropped by an empty name): leave it to ORT
     neutral, commutes = _NEUTRAL[node.op_type]
     candidates = [(1, 0)] + ([(0, 1)] if commutes else [])
     for const_index, kept_index in candidates:

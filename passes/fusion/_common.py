@@ -113,3 +113,84 @@ def set_conv_weights(
 def channel_axis_shape(rank: int, channels: int) -> tuple[int, ...]:
     """Shape that broadcasts a per-output-channel vector over a weight of ``rank`` dims."""
     return (channels,) + (1,) * (rank - 1)
+
+
+def bn_scale_shift(
+    bn: ir.Node, channels: int, dtype: np.dtype
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """An inference BatchNormalization as float64 (scale, shift) per channel, or None.
+
+    None for training mode, legacy ``spatial=0``, used training outputs, non-constant params
+    or params not of shape [channels] and ``dtype``, and var + eps <= 0.
+    """
+    if len(bn.inputs) != 5 or editing.attribute(bn, "training_mode", 0):
+        return None
+    if not editing.attribute(bn, "spatial", 1):
+        return None
+    if any(out.uses() or out.is_graph_output() for out in bn.outputs[1:]):
+        return None
+    params = [editing.constant_array(v) for v in bn.inputs[1:]]
+    if any(p is None or p.shape != (channels,) or p.dtype != dtype for p in params):
+        return None
+    gamma, beta, mean, var = (p.astype(np.float64) for p in params)  # type: ignore[union-attr]
+    eps = float(editing.attribute(bn, "epsilon", 1e-5))
+    if not np.all(var + eps > 0):
+        return None
+    scale = gamma / np.sqrt(var + eps)
+    return scale, beta - mean * scale
+
+
+def pad_spec(pad: ir.Node, rank: int, opset: int) -> tuple[list[int], float] | None:
+    """A constant-mode Pad's [begin..., end...] amounts over ``rank`` axes and its fill value.
+
+    None for other modes, or when the amounts, axes or fill value are not known constants.
+    """
+    if editing.attribute(pad, "mode", "constant") != "constant":
+        return None
+    if opset < 11:
+        pads = editing.attribute(pad, "pads", None)
+        if pads is None or len(pads) != 2 * rank:
+            return None
+        return [int(p) for p in pads], float(editing.attribute(pad, "value", 0.0))
+    inputs = list(pad.inputs) + [None] * (4 - len(pad.inputs))
+    pads = editing.const_ints(inputs[1])
+    if pads is None:
+        return None
+    fill = 0.0
+    if inputs[2] is not None:
+        array = editing.constant_array(inputs[2])
+        if array is None or array.size != 1 or array.dtype.kind not in "fiu":
+            return None
+        fill = float(array.reshape(()).item())
+    if inputs[3] is None:
+        return (pads, fill) if len(pads) == 2 * rank else None
+    axes = editing.const_ints(inputs[3])
+    if axes is None or len(pads) != 2 * len(axes):
+        return None
+    full = [0] * (2 * rank)
+    seen: set[int] = set()
+    for i, axis in enumerate(axes):
+        axis = axis + rank if axis < 0 else axis
+        if not 0 <= axis < rank or axis in seen:
+            return None
+        seen.add(axis)
+        full[axis] = pads[i]
+        full[axis + rank] = pads[i + len(axes)]
+    return full, fill
+
+
+def value_rank(value: ir.Value | None) -> int | None:
+    """The value's rank when known (from its shape or constant data)."""
+    if value is None:
+        return None
+    if value.shape is not None:
+        return len(value.shape)
+    tensor = None if value.is_graph_input() else ir.convenience.get_const_tensor(value)
+    return len(tensor.shape) if tensor is not None else None
+
+
+def infer_shapes(model: ir.Model) -> None:
+    """Fill in missing intermediate shapes (best effort, never fails on odd graphs)."""
+    import onnx_ir.passes.common
+
+    onnx_ir.passes.common.ShapeInferencePass(check_type=False, strict_mode=False)(model)

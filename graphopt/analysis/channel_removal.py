@@ -1,0 +1,210 @@
+"""Physical channel removal: slice weights along coupled axes and fix the size constants.
+
+Given the dependency graph of a model and, per channel dim, the indices to remove (all of
+them taken from whole units of zero-invariant groups, e.g. via
+:meth:`ZeroInvariantGroup.unit_indices`), build a new model where:
+
+- every parameter dim loses those indices (``np.delete`` along the axis); a shared weight's
+  per-use dim gets its own sliced copy for that use;
+- ops whose attributes or constant inputs state channel counts are rewritten: grouped Conv /
+  ConvTranspose ``group``, GroupNormalization ``num_groups``, Reshape and Expand target
+  entries (a constant, or a constant piece of a Concat: a fresh copy per node, since
+  exporters share these), Split sizes, Slice bounds;
+- inferred intermediate shapes are dropped (ORT recomputes them).
+
+The input model is not modified. The rules in :mod:`dependency_rules` only accept the
+cases handled here (e.g. a Reshape entry computed at run time blocks the group).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import onnx_ir as ir
+
+from graphopt.analysis.channel_shapes import concat_piece
+from graphopt.analysis.dependency import DependencyGraph, DimKey, split_key
+from graphopt.editing import add_initializer, attribute, const_ints, constant_array, unique_name
+
+
+def remove_channels(
+    model: ir.Model, graph: DependencyGraph, removed: dict[DimKey, np.ndarray]
+) -> ir.Model:
+    """A copy of ``model`` with ``removed[dim]`` channels taken out of every dim.
+
+    ``graph`` must come from ``model`` (same node order); ``removed`` must cover whole units.
+    """
+    removed = {k: np.asarray(v, dtype=np.int64) for k, v in removed.items() if len(v)}
+    clone = model.clone()
+    nodes = list(clone.graph)
+    index = {id(n): i for i, n in enumerate(graph.model.graph)}
+    values = _values_by_name(clone.graph)
+    _slice_parameters(clone.graph, nodes, values, graph, removed)
+    fixed: set[tuple[int, str]] = set()
+    for key in removed:
+        dim = graph.dims[key]
+        if dim.is_param:
+            continue
+        for node in graph.nodes.get(key, ()):
+            i = index[id(node)]
+            if (i, key[0]) in fixed and node.op_type != "Split":
+                continue
+            fixed.add((i, key[0]))
+            _fix_node(clone.graph, nodes[i], node, graph, key, removed)
+    for node in clone.graph:
+        for out in node.outputs:
+            if not out.is_graph_output():
+                out.shape = None
+    return clone
+
+
+def new_size(graph: DependencyGraph, key: DimKey, removed: dict[DimKey, np.ndarray]) -> int:
+    return graph.dims[key].size - len(removed.get(key, ()))
+
+
+def _values_by_name(g: ir.Graph) -> dict[str, ir.Value]:
+    values = {v.name: v for v in g.inputs}
+    values.update(g.initializers)
+    for node in g:
+        for out in node.outputs:
+            values[out.name] = out
+    return values
+
+
+def _slice_parameters(g, nodes, values, graph: DependencyGraph, removed) -> None:
+    edit_parameters(g, nodes, values, graph, removed, lambda a, axis, idx: np.delete(a, idx, axis))
+
+
+def edit_parameters(g, nodes, values, graph: DependencyGraph, removed, edit) -> None:
+    """Apply ``edit(array, axis, indices) -> array`` to every parameter dim in ``removed``.
+
+    ``nodes``/``values`` index the graph ``g`` being edited (a clone of the analysed model).
+    """
+    cuts: dict[tuple[str, int | None], list[tuple[int, np.ndarray]]] = defaultdict(list)
+    for key, idx in removed.items():
+        if graph.dims[key].is_param:
+            cuts[split_key(key[0])].append((key[1], idx))
+    for (name, use), axes in cuts.items():
+        value = values[name]
+        array = constant_array(value)
+        if array is None:
+            raise ValueError(f"cannot read parameter {name}")
+        for axis, idx in axes:
+            array = edit(array, axis, idx)
+        if use is None and value.producer() is None:
+            value.const_value = ir.Tensor(array, name=name)
+            value.shape = ir.Shape(array.shape)
+            continue
+        fresh = add_initializer(g, f"{name}_pruned", array)
+        targets = [nodes[use]] if use is not None else [u.node for u in value.uses()]
+        for node in targets:
+            for i, inp in enumerate(node.inputs):
+                if inp is value:
+                    node.replace_input_with(i, fresh)
+
+
+def _fix_node(g, node: ir.Node, analysed: ir.Node, graph, key: DimKey, removed) -> None:
+    """Rewrite the size-stating parts of ``node`` (clone) for removal on dim ``key``."""
+    op = node.op_type
+    name, axis = key
+    shape = graph.context.shape
+    if op in ("Conv", "ConvTranspose") and attribute(node, "group", 1) > 1:
+        if analysed.inputs[0].name == name and axis == 1:
+            groups = attribute(node, "group", 1)
+            per_group = graph.dims[key].size // groups
+            node.attributes["group"] = ir.AttrInt64(
+                "group", new_size(graph, key, removed) // per_group
+            )
+    elif op == "GroupNormalization" and analysed.inputs[0].name == name and axis == 1:
+        per_group = graph.dims[key].size // attribute(node, "num_groups")
+        new = new_size(graph, key, removed) // per_group
+        node.attributes["num_groups"] = ir.AttrInt64("num_groups", new)
+    elif op == "Reshape" and analysed.outputs[0].name == name:
+        entry = graph.context.shape_entry(analysed.inputs[1], axis)
+        if entry not in (-1, 0):
+            _set_shape_entry(g, node, analysed, graph, 1, axis, new_size(graph, key, removed))
+    elif op == "Expand" and analysed.outputs[0].name == name:
+        length = shape(analysed.inputs[1])[0]
+        position = axis - (len(shape(analysed.outputs[0])) - length)
+        if position >= 0 and graph.context.shape_entry(analysed.inputs[1], position) != 1:
+            _set_shape_entry(g, node, analysed, graph, 1, position, new_size(graph, key, removed))
+    elif op == "Split" and analysed.inputs[0].name == name:
+        rank = len(shape(analysed.inputs[0]))
+        along = attribute(node, "axis", 0)
+        along = along + rank if along < 0 else along
+        if axis != along:
+            return
+        sizes = []
+        for out in analysed.outputs:
+            out_key = (out.name, axis)
+            old = shape(out)[axis]
+            sizes.append(new_size(graph, out_key, removed) if out_key in graph.dims else old)
+        array = np.array(sizes, dtype=np.int64)
+        if "split" in node.attributes:
+            node.attributes["split"] = ir.AttrInt64s("split", sizes)
+        else:
+            fresh = add_initializer(g, f"{node.name or 'split'}_sizes", array)
+            if len(node.inputs) > 1:
+                node.replace_input_with(1, fresh)
+            else:
+                node.resize_inputs(2)
+                node.replace_input_with(1, fresh)
+            node.attributes.pop("num_outputs", None)
+    elif op == "Slice" and analysed.inputs[0].name == name:
+        _fix_slice(g, node, analysed, graph, key, removed)
+
+
+def _fix_slice(g, node, analysed, graph, key, removed) -> None:
+    axis = key[1]
+    rank = len(graph.context.shape(analysed.inputs[0]))
+    starts = const_ints(analysed.inputs[1])
+    axes = (
+        const_ints(analysed.inputs[3]) if len(analysed.inputs) > 3 and analysed.inputs[3] else None
+    )
+    axes = [a + rank if a < 0 else a for a in (axes or range(len(starts)))]
+    if axis not in axes:
+        return
+    i = axes.index(axis)
+    n = graph.dims[key].size
+    ends = const_ints(analysed.inputs[2])
+    start = slice(starts[i], ends[i]).indices(n)[0]
+    gone = removed.get(key, np.zeros(0, dtype=np.int64))
+    new_start = start - int(np.count_nonzero(gone < start))
+    out_key = (analysed.outputs[0].name, axis)
+    out_size = graph.context.shape(analysed.outputs[0])[axis]
+    new_end = new_start + (new_size(graph, out_key, removed) if out_key in graph.dims else out_size)
+    for input_index, new in ((1, new_start), (2, new_end)):
+        entries = const_ints(analysed.inputs[input_index])
+        entries[i] = new
+        dtype = constant_array(analysed.inputs[input_index]).dtype
+        fresh = add_initializer(g, f"{node.name or 'slice'}_bound", np.array(entries, dtype=dtype))
+        node.replace_input_with(input_index, fresh)
+
+
+def _set_shape_entry(g, node, analysed, graph, input_index: int, position: int, new: int) -> None:
+    """Give ``node`` its own copy of shape input ``input_index`` with ``position`` = ``new``."""
+    source = analysed.inputs[input_index]
+    whole = constant_array(source)
+    if whole is not None:
+        array = whole.copy().reshape(-1)
+        array[position] = new
+        fresh = add_initializer(g, f"{source.name}_pruned", array.astype(whole.dtype))
+        node.replace_input_with(input_index, fresh)
+        return
+    found = concat_piece(graph.context, source, position)
+    if found is None:
+        raise ValueError(f"{node.name}: shape entry {position} is not a constant")
+    piece, offset = found
+    piece_array = constant_array(piece).copy().reshape(-1)
+    piece_array[offset] = new
+    fresh_piece = add_initializer(g, f"{piece.name}_pruned", piece_array)
+    concat = node.inputs[input_index].producer()
+    inputs = list(concat.inputs)
+    position_in_concat = list(source.producer().inputs).index(piece)
+    inputs[position_in_concat] = fresh_piece
+    copy = ir.node("Concat", inputs, attributes={"axis": 0})
+    copy.outputs[0].name = unique_name(g, f"{source.name}_pruned")
+    copy.outputs[0].type = node.inputs[input_index].type
+    g.insert_before(node, copy)
+    node.replace_input_with(input_index, copy.outputs[0])

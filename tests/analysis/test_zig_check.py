@@ -1,0 +1,95 @@
+"""Zero-invariance self-check: zeroing a group's units equals removing them (ORT, 1e-6)."""
+
+from __future__ import annotations
+
+import time
+
+import onnx_ir as ir
+import pytest
+
+from graphopt.analysis import dependency_rules
+from graphopt.analysis.channel_removal import remove_channels
+from graphopt.analysis.zig import analyze
+from graphopt.analysis.zig_check import check_groups, sample_units
+from tests.analysis import zig_graphs as G
+from tests.helpers import roundtrip
+
+BUILDERS = {
+    "residual": G.residual,
+    "concat": G.concat,
+    "concat_repeated": lambda: G.concat(repeat=True),
+    "grouped_depthwise": G.grouped,
+    "conv_flatten_gemm": G.conv_flatten_gemm,
+    "group_norm": G.group_norm,
+    "slice_split": G.channel_slice,
+    "attention": G.attention,
+    "attention_gqa": lambda: G.attention(kv_heads=2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_hand_built_families(name: str) -> None:
+    model = BUILDERS[name]()
+    report = analyze(model)
+    assert report.prunable, "expected a prunable group"
+    for per_group in (1, 2):
+        result = check_groups(model, report, per_group=per_group, seed=per_group)
+        assert result.ok, (name, result)
+        assert result.units > 0
+
+
+def test_removal_shrinks_weights_and_stays_valid() -> None:
+    model = G.attention(kv_heads=2)
+    report = analyze(model)
+    pruned = roundtrip(remove_channels(model, report.graph, sample_units(report)))
+    assert pruned.graph.initializers["wq"].const_value.shape == (16, 8)
+    assert pruned.graph.initializers["wk"].const_value.shape == (16, 4)
+    assert model.graph.initializers["wq"].const_value.shape == (16, 16)  # original untouched
+
+
+def test_check_catches_a_rule_that_lies(monkeypatch) -> None:
+    """Treating LayerNormalization as element-wise (the silent-failure mode) is caught."""
+    monkeypatch.setitem(dependency_rules.RULES, "LayerNormalization", dependency_rules._same_axis)
+    model = G.mlp_with_norm("layernorm")
+    report = analyze(model)
+    assert report.prunable
+    assert not check_groups(model, report).ok
+
+
+MODELS = [
+    "resnet18",
+    "mobilenet_v2",
+    "densenet121",
+    "shufflenet_v2_x1_0",
+    "convnext_tiny",
+    "vit_tiny",
+    "bert_tiny",
+    "llama_tiny",
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", MODELS)
+def test_cached_models(name: str) -> None:
+    models = pytest.importorskip("graphopt.models", reason="model catalog unavailable")
+    missing = models.missing_requirements(name)
+    if missing:
+        pytest.skip(f"{name} needs {missing}")
+    shapes = models.input_shapes(name)
+    model = ir.load(models.get(name))
+    start = time.perf_counter()
+    report = analyze(model, shapes)
+    seconds = time.perf_counter() - start
+    assert report.prunable
+    assert seconds < 10
+    result = check_groups(model, report, per_group=2, shapes=shapes)
+    assert result.ok, (name, result)
+
+
+def test_boundary_check_compares_the_consumers_outputs() -> None:
+    model = G.attention(kv_heads=2)
+    report = analyze(model)
+    result = check_groups(model, report, boundary=True)
+    assert result.ok
+    # o_mm: the output projection that consumes the removed heads, compared before the bias
+    assert set(result.per_output) == {"y", "o_mm"}
