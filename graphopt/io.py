@@ -7,14 +7,17 @@ must be relative, stay inside the model's folder (symlinks resolved) and the fil
 
 Saving is atomic: everything is written into a temporary folder next to the target, data
 before model, then renamed into place. An interrupted save leaves the previous output or no
-output, never a model that fails to load.
+output, never a model that fails to load. A save killed outright (SIGKILL) leaves its
+temporary folder behind; the next save to the same path removes it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -362,7 +365,8 @@ def save(
         raise UserInputError(f"{target}: is a folder")
     use_external = needs_external_data(model) if external_data is None else external_data
     data_name = data_file_name(target)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder))
+    _remove_stale_temp_folders(folder, target.name)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=_temp_prefix(target.name), suffix=".tmp", dir=folder))
     try:
         tmp_model = tmp_dir / target.name
         if use_external:
@@ -390,6 +394,34 @@ def save(
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return target
+
+
+def _temp_prefix(name: str, pid: int | None = None) -> str:
+    # Host and pid in the name: a later save can tell a dead run's leftovers from a live one.
+    return f".{name}.{socket.gethostname()}.{os.getpid() if pid is None else pid}."
+
+
+def _remove_stale_temp_folders(folder: Path, name: str) -> None:
+    """Delete temporary folders a killed save (SIGKILL, power loss) of ``name`` left behind.
+
+    Only folders of this host whose process is gone: they can hold a full copy of the weights.
+    """
+    stem = f".{name}.{socket.gethostname()}."
+    for entry in folder.glob(f"{glob.escape(stem)}*.tmp"):
+        pid_text = entry.name[len(stem) :].split(".", 1)[0]
+        if not pid_text.isdigit() or not entry.is_dir() or _process_alive(int(pid_text)):
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists but not ours (EPERM): keep its folder
+    return True
 
 
 def _save_inline(model: ir.Model, path: Path) -> None:

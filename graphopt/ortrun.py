@@ -7,6 +7,7 @@ verification and tests must still cover models with such inputs and outputs.
 from __future__ import annotations
 
 import ctypes
+import functools
 from typing import Any
 
 import numpy as np
@@ -74,3 +75,32 @@ def run_session(session: ort.InferenceSession, names: list[str], feeds: dict[str
         for k, v in converted.items()
     }
     return [from_ort_value(v) for v in session.run_with_ort_values(names, values)]
+
+
+# Inputs to give a probe node so that ORT's kernel lookup (not shape inference) decides.
+_PROBE_ARITY = {"LayerNormalization": 3, "RMSNormalization": 2, "Attention": 3}
+
+
+@functools.lru_cache(maxsize=256)
+def has_kernel(op_type: str, opset: int, dtype: int = onnx.TensorProto.FLOAT) -> bool:
+    """Whether ONNX Runtime's CPU provider has a kernel for a default-domain op at ``opset``.
+
+    ORT lags ONNX: e.g. ORT 1.32 runs Swish at opset 24 but has no kernel registered for it
+    at opset 25/26. A fusion must not create an op the runtime then refuses to load.
+    """
+    arity = _PROBE_ARITY.get(op_type, 1)
+    names = [f"i{k}" for k in range(arity)]
+    inputs = [onnx.helper.make_tensor_value_info(n, dtype, None) for n in names]
+    node = onnx.helper.make_node(op_type, names, ["y"])
+    graph = onnx.helper.make_graph(
+        [node], "probe", inputs, [onnx.helper.make_tensor_value_info("y", dtype, None)]
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
+    model.ir_version = min(model.ir_version, 11)
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    try:
+        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        return "NOT_IMPLEMENTED" not in str(exc) and "implementation" not in str(exc)
+    return True

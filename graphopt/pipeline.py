@@ -147,6 +147,7 @@ class PassManager:
         start = time.perf_counter()
         nodes_before = count_nodes(model)
         self._note_subgraph_handling(model)
+        signature = _signature(model)
         # One clone up front (tensors are shared, so it is cheap): the replay starts from it
         # when verification fails or a pass crashes, with or without a verifier.
         original = model.clone()
@@ -172,6 +173,7 @@ class PassManager:
             rolled_back = self._run_steps(model, check_each=True)
             if self.verifier is not None:
                 verification = self.verifier.check(model)
+        _restore_signature(model, signature)
         report = RunReport(
             stats=list(self._stats.values()),
             nodes_before=nodes_before,
@@ -270,3 +272,29 @@ def _restore(model: ir.Model, snapshot: ir.Model) -> None:
     model.functions.update(restored.functions)
     # opset imports live on the graph in onnx-ir, so they came along with it
     model.ir_version = restored.ir_version
+
+
+Signature = list[tuple[str | None, ir.TypeProtocol | None, ir.Shape | None]]
+
+
+def _signature(model: ir.Model) -> tuple[Signature, Signature]:
+    """Declared names, types and shapes of the graph inputs and outputs."""
+
+    def declared(values) -> Signature:
+        return [(v.name, v.type, v.shape) for v in values]
+
+    return declared(model.graph.inputs), declared(model.graph.outputs)
+
+
+def _restore_signature(model: ir.Model, signature: tuple[Signature, Signature]) -> None:
+    """Give the graph inputs and outputs back their declared types and shapes.
+
+    Passes may learn more about an output than its declaration said (a symbolic dim that
+    shape inference resolves to 128); the model's interface must still not change.
+    """
+    for values, declared in zip((model.graph.inputs, model.graph.outputs), signature, strict=True):
+        if len(values) != len(declared):
+            continue  # a pass changed the interface; verification reports that
+        for value, (name, type_, shape) in zip(values, declared, strict=True):
+            if value.name == name:
+                value.type, value.shape = type_, shape

@@ -16,6 +16,8 @@ from graphopt.passes.fusion import transpose_gemm  # noqa: F401
 # Pattern fusions into standard ONNX ops (onnxscript rewrite rules), after the basic fusions
 # and before fold-scale-into-weights (which would move GELU's 0.5 or a norm's gamma into the
 # next MatMul); LayerNorm before RMSNorm (a LayerNorm's variance part is an RMSNorm shape).
+# ReduceX(keepdims=0)+Unsqueeze is merged first so that norms exported that way match too.
+from graphopt.passes.fusion import reduce_unsqueeze  # noqa: F401
 from graphopt.passes.fusion import layer_norm  # noqa: F401
 from graphopt.passes.fusion import rms_norm  # noqa: F401
 from graphopt.passes.fusion import gelu  # noqa: F401
@@ -30,7 +32,6 @@ from graphopt.passes.fusion import scale_into_weights  # noqa: F401
 from graphopt.passes.fusion import gemm_affine  # noqa: F401
 from graphopt.passes.fusion import pad_pool  # noqa: F401
 from graphopt.passes.fusion import chains  # noqa: F401
-from graphopt.passes.fusion import reduce_unsqueeze  # noqa: F401
 from graphopt.passes.fusion import activation_chains  # noqa: F401
 
 # isort: on

@@ -12,6 +12,7 @@ cannot broadcast the result up, and whose value is within ``RTOL`` of the expect
 
 from __future__ import annotations
 
+import abc
 import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -50,8 +51,9 @@ class RuleFusionPass(GraphPass):
     # Op types whose presence makes the pass worth running (cheap pre-filter).
     trigger_ops: ClassVar[tuple[str, ...]] = ()
 
+    @abc.abstractmethod
     def groups(self) -> list[RuleGroup]:
-        raise NotImplementedError
+        """The rule groups, in the order they run."""
 
     def rewrite(self, model: ir.Model) -> int:
         if self.trigger_ops and not any(
@@ -69,6 +71,14 @@ class RuleFusionPass(GraphPass):
         for group in self.groups():
             rules = pattern.RewriteRuleSet(list(group.make_rules()), commute=group.commute)
             if opset >= group.min_opset:
+                from graphopt.ortrun import has_kernel  # onnxruntime only when needed
+
+                if not has_kernel(group.op, opset):
+                    self.context.note(
+                        f"{self.name}: ONNX Runtime has no {group.op} kernel at opset {opset}; "
+                        "not fused"
+                    )
+                    continue
                 hits += rules.apply_to_model(model)
                 continue
             # Dry run on a copy: how many fusions the user misses at this opset.

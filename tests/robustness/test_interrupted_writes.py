@@ -227,6 +227,11 @@ def kill_campaign(
             assert not litter, f"{sig.name} left {litter}"
         results.append(KillResult(sig.name, delay, aim, code, outcome, litter))
         assert state(source) == input_before, "the input changed"
+    # A complete run afterwards removes what killed runs left behind.
+    proc = run(["optimize", str(source), "-o", str(output), *extra])
+    assert proc.returncode == 0, proc.stderr
+    assert state(output) == new
+    assert sorted(p.name for p in out_dir.iterdir() if p.name.startswith(".")) == []
     return results
 
 
@@ -288,6 +293,22 @@ def test_in_place_kills_leave_old_or_new_input(tmp_path: Path) -> None:
         seen.add("old" if now == old else "new")
         io.load(source)
     assert seen
+
+
+def test_stale_temp_folders_of_dead_runs_are_removed(tmp_path: Path) -> None:
+    """Leftovers of a killed save go on the next save; a live run's folder stays."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    target = tmp_path / "o.onnx"
+    stale = tmp_path / (io._temp_prefix(target.name, dead.pid) + "x.tmp")
+    live = tmp_path / (io._temp_prefix(target.name, os.getppid()) + "y.tmp")
+    other = tmp_path / (io._temp_prefix("other.onnx", dead.pid) + "z.tmp")
+    for folder in (stale, live, other):
+        folder.mkdir()
+        (folder / "o.onnx.data").write_bytes(b"\0" * 64)
+    io.save(io.load(build_model(tmp_path / "m.onnx", 0.01, False)).model, target)
+    assert not stale.exists()
+    assert live.exists() and other.exists()
 
 
 # --- never touching the input, determinism ---------------------------------------------------
