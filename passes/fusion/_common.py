@@ -194,3 +194,33 @@ def infer_shapes(model: ir.Model) -> None:
     import onnx_ir.passes.common
 
     onnx_ir.passes.common.ShapeInferencePass(check_type=False, strict_mode=False)(model)
+
+
+def fold_into_each(model: ir.Model, op_type: str, fuse_next) -> int:
+    """Call ``fuse_next(node, maker)`` on every ``op_type`` node until it returns False.
+
+    Folding a chain (Conv → Mul → Add) one successor at a time; returns the folds made.
+    """
+    maker = WeightMaker(model)
+    hits = 0
+    for graph in all_graphs(model):
+        for node in list(graph):
+            if editing.is_op(node, op_type):
+                while fuse_next(node, maker):
+                    hits += 1
+    return hits
+
+
+def affine_successor(producer: ir.Node) -> tuple[ir.Node, ir.Value] | None:
+    """The only reader of ``producer``'s output when it is a Mul/Add in the same graph, with
+    its other operand; None otherwise (also for ``x * x``)."""
+    product = producer.outputs[0]
+    user = editing.single_user(product)
+    if user is None or not editing.is_op(user, ("Mul", "Add")) or len(user.inputs) != 2:
+        return None
+    if user.graph is not producer.graph:
+        return None
+    other = user.inputs[1] if user.inputs[0] is product else user.inputs[0]
+    if other is product:
+        return None
+    return user, other

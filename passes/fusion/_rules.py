@@ -50,15 +50,20 @@ class RuleFusionPass(GraphPass):
     handles_subgraphs = True
     # Op types whose presence makes the pass worth running (cheap pre-filter).
     trigger_ops: ClassVar[tuple[str, ...]] = ()
+    # Op types that must all be present (every pattern of the pass contains them).
+    required_ops: ClassVar[tuple[str, ...]] = ()
 
     @abc.abstractmethod
     def groups(self) -> list[RuleGroup]:
         """The rule groups, in the order they run."""
 
     def rewrite(self, model: ir.Model) -> int:
-        if self.trigger_ops and not any(
-            editing.is_op(n, self.trigger_ops) for n in editing.all_nodes(model)
-        ):
+        present = {n.op_type for n in editing.all_nodes(model) if editing.is_op(n, n.op_type)}
+        # Matching every rule at every node is the expensive part: skip models that lack an
+        # op every pattern of this pass needs.
+        if self.trigger_ops and not present.intersection(self.trigger_ops):
+            return 0
+        if not present.issuperset(self.required_ops):
             return 0
         infer_shapes(model)
         opset = _common.default_opset(model)

@@ -118,6 +118,7 @@ class FuseAttentionPass(_rules.RuleFusionPass):
 
     name = "fuse-attention"
     trigger_ops = ("Softmax",)
+    required_ops = ("Softmax", "MatMul")
 
     def groups(self) -> list[_rules.RuleGroup]:
         def rules() -> list[pattern.RewriteRule]:

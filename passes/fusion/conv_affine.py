@@ -33,26 +33,14 @@ class FuseConvAffinePass(GraphPass):
     handles_subgraphs = True
 
     def rewrite(self, model: ir.Model) -> int:
-        maker = _common.WeightMaker(model)
-        hits = 0
-        for graph in _common.all_graphs(model):
-            for node in list(graph):
-                if not editing.is_op(node, "Conv"):
-                    continue
-                # Fold the whole chain behind this Conv, one Mul or Add at a time.
-                while self._fuse_next(node, maker):
-                    hits += 1
-        return hits
+        # Fold the whole chain behind each Conv, one Mul or Add at a time.
+        return _common.fold_into_each(model, "Conv", self._fuse_next)
 
     def _fuse_next(self, conv: ir.Node, maker: _common.WeightMaker) -> bool:
-        user = editing.single_user(conv.outputs[0])
-        if user is None or not editing.is_op(user, ("Mul", "Add")) or len(user.inputs) != 2:
+        successor = _common.affine_successor(conv)
+        if successor is None:
             return False
-        if user.graph is not conv.graph:
-            return False
-        other = user.inputs[1] if user.inputs[0] is conv.outputs[0] else user.inputs[0]
-        if other is conv.outputs[0]:
-            return False  # Conv(x) * Conv(x)
+        user, other = successor
         weights = _common.conv_weights(conv)
         if weights is None:
             return False

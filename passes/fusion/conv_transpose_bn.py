@@ -35,26 +35,14 @@ class FuseConvTransposeAffinePass(GraphPass):
     handles_subgraphs = True
 
     def rewrite(self, model: ir.Model) -> int:
-        maker = _common.WeightMaker(model)
-        hits = 0
-        for graph in _common.all_graphs(model):
-            for node in list(graph):
-                if editing.is_op(node, "ConvTranspose"):
-                    while self._fuse_next(node, maker):
-                        hits += 1
-        return hits
+        return _common.fold_into_each(model, "ConvTranspose", self._fuse_next)
 
     def _fuse_next(self, convt: ir.Node, maker: _common.WeightMaker) -> bool:
-        user = editing.single_user(convt.outputs[0])
-        if user is None or not editing.is_op(user, ("Mul", "Add")) or len(user.inputs) != 2:
-            return False
-        if user.graph is not convt.graph:
-            return False
-        product = convt.outputs[0]
-        other = user.inputs[1] if user.inputs[0] is product else user.inputs[0]
+        successor = _common.affine_successor(convt)
         weights = _weights(convt)
-        if other is product or weights is None:
+        if successor is None or weights is None:
             return False
+        user, other = successor
         weight, bias, group = weights
         channels = weight.shape[1] * group
         constant = editing.constant_array(other)
@@ -70,7 +58,7 @@ class FuseConvTransposeAffinePass(GraphPass):
         else:
             new_weight, new_bias = weight, base + vector
         _common.set_conv_weights(convt, maker, new_weight, new_bias.astype(weight.dtype))
-        editing.replace_value(user.outputs[0], product)  # not an output: single_user above
+        editing.replace_value(user.outputs[0], convt.outputs[0])  # not an output: single_user
         editing.remove_node(user)
         _common.drop_if_unused(other)
         return True

@@ -30,25 +30,13 @@ class FuseGemmAffinePass(GraphPass):
     handles_subgraphs = True
 
     def rewrite(self, model: ir.Model) -> int:
-        maker = _common.WeightMaker(model)
-        hits = 0
-        for graph in _common.all_graphs(model):
-            for node in list(graph):
-                if editing.is_op(node, "Gemm"):
-                    while self._fuse_next(node, maker):
-                        hits += 1
-        return hits
+        return _common.fold_into_each(model, "Gemm", self._fuse_next)
 
     def _fuse_next(self, gemm: ir.Node, maker: _common.WeightMaker) -> bool:
-        user = editing.single_user(gemm.outputs[0])
-        if user is None or not editing.is_op(user, ("Mul", "Add")) or len(user.inputs) != 2:
+        successor = _common.affine_successor(gemm)
+        if successor is None or len(gemm.inputs) < 2:
             return False
-        if user.graph is not gemm.graph or len(gemm.inputs) < 2:
-            return False
-        product = gemm.outputs[0]
-        other = user.inputs[1] if user.inputs[0] is product else user.inputs[0]
-        if other is product:
-            return False
+        user, other = successor
         b = editing.constant_array(gemm.inputs[1])
         if not _common.is_float_array(b) or b.ndim != 2:
             return False
@@ -82,7 +70,7 @@ class FuseGemmAffinePass(GraphPass):
                 gemm.resize_inputs(3)
             gemm.replace_input_with(2, maker.add(graph, f"{base}_bias", new_c.astype(b.dtype)))
             gemm.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
-        editing.replace_value(user.outputs[0], product)  # product is no output: single_user
+        editing.replace_value(user.outputs[0], gemm.outputs[0])  # no graph output: single_user
         editing.remove_node(user)
         for value in (other, b_value, c_value):
             _common.drop_if_unused(value)

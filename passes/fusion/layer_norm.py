@@ -108,6 +108,7 @@ class FuseLayerNormPass(_rules.RuleFusionPass):
 
     name = "fuse-layer-norm"
     trigger_ops = ("ReduceMean",)
+    required_ops = ("ReduceMean", "Sqrt", "Add")
 
     def groups(self) -> list[_rules.RuleGroup]:
         def rules(scale: bool, bias: bool):

@@ -127,6 +127,7 @@ class FuseRmsNormPass(_rules.RuleFusionPass):
 
     name = "fuse-rms-norm"
     trigger_ops = ("ReduceMean",)
+    required_ops = ("ReduceMean", "Sqrt", "Add")
 
     def groups(self) -> list[_rules.RuleGroup]:
         def rules(scale: bool) -> list[pattern.RewriteRule]:
