@@ -224,3 +224,21 @@ def affine_successor(producer: ir.Node) -> tuple[ir.Node, ir.Value] | None:
     if other is product:
         return None
     return user, other
+
+
+def fold_pad_into_readers(model: ir.Model, reader_ops: tuple[str, ...], fuse) -> int:
+    """Offer every Pad to each ``reader_ops`` node reading it as data (``fuse(pad, reader,
+    opset)`` folds or refuses); a Pad goes once nobody else reads it. Returns the folds."""
+    opset = default_opset(model)
+    hits = 0
+    for graph in all_graphs(model):
+        for pad in list(graph):
+            if not editing.is_op(pad, "Pad") or pad.outputs[0].is_graph_output():
+                continue
+            for use in list(pad.outputs[0].uses()):
+                reader = use.node
+                foldable = use.idx == 0 and editing.is_op(reader, reader_ops)
+                if foldable and reader.graph is graph and fuse(pad, reader, opset):
+                    hits += 1
+            editing.remove_if_dead(pad)
+    return hits

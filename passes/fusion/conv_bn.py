@@ -53,26 +53,21 @@ class FuseConvBatchNormPass(GraphPass):
         # The Conv's output must feed only this BN, or the other readers would see BN applied.
         if editing.single_user(conv.outputs[0]) is not bn:
             return False
-        if not _is_inference_form(bn):
-            return False
         weights = _common.conv_weights(conv)
         if weights is None:
             return False
         weight, bias = weights
         channels = weight.shape[0]
-        params = [editing.constant_array(v) for v in bn.inputs[1:]]
-        if any(p is None or p.shape != (channels,) or p.dtype != weight.dtype for p in params):
+        # None for training mode, spatial=0, used training outputs, bad params, var+eps <= 0.
+        affine = _common.bn_scale_shift(bn, channels, weight.dtype)
+        if affine is None:
             return False
-        gamma, beta, mean, var = (p.astype(np.float64) for p in params)
-        eps = float(editing.attribute(bn, "epsilon", 1e-5))
-        if not np.all(var + eps > 0):
-            return False
-        scale = gamma / np.sqrt(var + eps)
+        scale, shift = affine
         base_bias = np.zeros(channels) if bias is None else bias.astype(np.float64)
         new_weight = weight.astype(np.float64) * scale.reshape(
             _common.channel_axis_shape(weight.ndim, channels)
         )
-        new_bias = (base_bias - mean) * scale + beta
+        new_bias = base_bias * scale + shift
         result = bn.outputs[0]
         _common.set_conv_weights(
             conv, maker, new_weight.astype(weight.dtype), new_bias.astype(weight.dtype)

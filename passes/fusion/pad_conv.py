@@ -33,32 +33,18 @@ class FusePadConvPass(GraphPass):
     handles_subgraphs = True
 
     def rewrite(self, model: ir.Model) -> int:
-        opset = _common.default_opset(model)
-        hits = 0
-        for graph in _common.all_graphs(model):
-            for pad in list(graph):
-                if not editing.is_op(pad, "Pad") or pad.outputs[0].is_graph_output():
-                    continue
-                # Every Conv reading the padded tensor as its data input can take the padding;
-                # the Pad goes once nobody else reads it.
-                for use in list(pad.outputs[0].uses()):
-                    conv = use.node
-                    foldable = use.idx == 0 and editing.is_op(conv, "Conv")
-                    if foldable and conv.graph is graph and self._fuse(pad, conv, opset):
-                        hits += 1
-                editing.remove_if_dead(pad)
-        return hits
+        # Every Conv reading the padded tensor as its data input can take the padding.
+        return _common.fold_pad_into_readers(model, ("Conv",), self._fuse)
 
     def _fuse(self, pad: ir.Node, conv: ir.Node, opset: int) -> bool:
         if editing.attribute(conv, "auto_pad", "NOTSET") != "NOTSET":
             return False
-        if editing.attribute(pad, "mode", "constant") != "constant":
-            return False
         rank = _conv_rank(conv)
-        if rank is None:
-            return False
-        amounts = _pad_amounts(pad, rank, opset)
-        if amounts is None or len(amounts) != 2 * rank or any(p < 0 for p in amounts):
+        spec = None if rank is None else _common.pad_spec(pad, rank, opset)
+        if spec is None or spec[1] != 0.0:
+            return False  # other modes, unknown amounts or a non-zero fill
+        amounts = spec[0]
+        if any(p < 0 for p in amounts):
             return False
         if amounts[0] or amounts[1] or amounts[rank] or amounts[rank + 1]:
             return False  # batch or channel padding changes what the Conv sees
@@ -85,36 +71,3 @@ def _conv_rank(conv: ir.Node) -> int | None:
         return len(weight.shape)
     data = conv.inputs[0]
     return len(data.shape) if data is not None and data.shape is not None else None
-
-
-def _pad_amounts(pad: ir.Node, rank: int, opset: int) -> list[int] | None:
-    """The Pad's [begin..., end...] amounts over all ``rank`` axes, or None when they (or a
-    non-zero fill value) are not known constants."""
-    if opset < 11:
-        pads = editing.attribute(pad, "pads", None)
-        if pads is None or float(editing.attribute(pad, "value", 0.0)) != 0.0:
-            return None
-        return [int(p) for p in pads]
-    inputs = list(pad.inputs) + [None] * (4 - len(pad.inputs))
-    pads = editing.constant_array(inputs[1])
-    if pads is None or pads.ndim != 1:
-        return None
-    if inputs[2] is not None:
-        fill = editing.constant_array(inputs[2])
-        if fill is None or fill.size != 1 or fill.reshape(()).item() != 0:
-            return None
-    if inputs[3] is None:
-        return [int(p) for p in pads]
-    axes = editing.constant_array(inputs[3])
-    if axes is None or axes.ndim != 1 or len(pads) != 2 * len(axes):
-        return None
-    full = [0] * (2 * rank)
-    seen: set[int] = set()
-    for i, axis in enumerate(int(a) for a in axes):
-        axis = axis + rank if axis < 0 else axis
-        if not 0 <= axis < rank or axis in seen:
-            return None
-        seen.add(axis)
-        full[axis] = int(pads[i])
-        full[axis + rank] = int(pads[i + len(axes)])
-    return full

@@ -38,19 +38,7 @@ class FusePadPoolPass(GraphPass):
     handles_subgraphs = True
 
     def rewrite(self, model: ir.Model) -> int:
-        opset = _common.default_opset(model)
-        hits = 0
-        for graph in _common.all_graphs(model):
-            for pad in list(graph):
-                if not editing.is_op(pad, "Pad") or pad.outputs[0].is_graph_output():
-                    continue
-                for use in list(pad.outputs[0].uses()):
-                    pool = use.node
-                    foldable = use.idx == 0 and editing.is_op(pool, ("AveragePool", "MaxPool"))
-                    if foldable and pool.graph is graph and self._fuse(pad, pool, opset):
-                        hits += 1
-                editing.remove_if_dead(pad)
-        return hits
+        return _common.fold_pad_into_readers(model, ("AveragePool", "MaxPool"), self._fuse)
 
     def _fuse(self, pad: ir.Node, pool: ir.Node, opset: int) -> bool:
         if editing.attribute(pool, "auto_pad", "NOTSET") != "NOTSET":
