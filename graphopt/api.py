@@ -44,6 +44,33 @@ class OptimizeOptions:
     # fusions into LayerNormalization/Gelu/Attention can apply.
     opset: int | None = None
     seed: int = 0
+    # Structured pruning (lossy), e.g. prune="flops=0.3"; the rest refine it.
+    prune: str | None = None
+    criterion: str = "l2"
+    allocation: str = "uniform"
+    compensation: str = "none"
+    round_to: int | None = None
+    calib: str | None = None  # a .npz path, or "random"
+    max_group_ratio: float = 0.8
+
+    def lossy_specs(self) -> list[PassSpec]:
+        """``lossy`` plus the pruning pass the ``prune`` fields ask for."""
+        specs = list(self.lossy)
+        if self.prune:
+            from graphopt.passes.pruning.settings import PruneTarget
+
+            target = PruneTarget.parse(self.prune)
+            options = {
+                target.kind: target.ratio,
+                "criterion": self.criterion,
+                "allocation": self.allocation,
+                "compensation": self.compensation,
+                "round_to": self.round_to or 0,
+                "calib": self.calib or "",
+                "max_group_ratio": self.max_group_ratio,
+            }
+            specs = [s for s in specs if s.name != "prune"] + [PassSpec("prune", options)]
+        return specs
 
 
 @dataclass
@@ -104,7 +131,7 @@ def optimize(
     steps = (
         explicit_pipeline(options.passes)
         if options.passes is not None
-        else default_pipeline(options.lossy, options.skip)
+        else default_pipeline(options.lossy_specs(), options.skip)
     )
     verifier = None
     skipped_reason = ""

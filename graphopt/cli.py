@@ -98,6 +98,44 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="raise the default-domain opset to N first (onnx version converter, verified)",
     )
+    prune = opt.add_argument_group("structured pruning (lossy)")
+    prune.add_argument(
+        "--prune",
+        metavar="flops=R|params=R",
+        help="remove a fraction R of FLOPs (at the calibration/--input-shape shapes) or params",
+    )
+    prune.add_argument(
+        "--criterion",
+        choices=("l1", "l2", "bn_scale", "activation", "fluctuation"),
+        default=None,
+        help="unit importance (default l2; activation and fluctuation need --calib)",
+    )
+    prune.add_argument("--allocation", choices=("uniform", "global"), default=None)
+    prune.add_argument(
+        "--compensation",
+        choices=("none", "bias", "lsq"),
+        default=None,
+        help="refit consumer layers from calibration data (default none)",
+    )
+    prune.add_argument(
+        "--round-to",
+        type=int,
+        default=None,
+        metavar="N",
+        help="kept channel counts are multiples of N (default: 16 for groups of >= 256 "
+        "channels, 8 for >= 64, else 1)",
+    )
+    prune.add_argument(
+        "--calib",
+        metavar="FILE.npz|random",
+        help="calibration samples: one [N, ...] array per model input (random: generated)",
+    )
+    prune.add_argument(
+        "--max-group-ratio",
+        type=float,
+        default=None,
+        help="most any one group may lose (default 0.8)",
+    )
 
     ins = commands.add_parser(
         "inspect",
@@ -230,6 +268,7 @@ def _cmd_optimize(args: argparse.Namespace, out: Console, err: Console) -> int:
         options.target = args.target
     if args.opset is not None:
         options.opset = args.opset
+    _prune_options(args, options)
     output = args.output
     if output is None and not args.in_place:
         output = default_output_path(Path(args.input))
@@ -238,6 +277,25 @@ def _cmd_optimize(args: argparse.Namespace, out: Console, err: Console) -> int:
     print_report(result.report, out)
     out.print(f"wrote {result.output_path}", markup=False)
     return EXIT_OK
+
+
+def _prune_options(args: argparse.Namespace, options) -> None:
+    refinements = {
+        "criterion": args.criterion,
+        "allocation": args.allocation,
+        "compensation": args.compensation,
+        "round_to": args.round_to,
+        "calib": args.calib,
+        "max_group_ratio": args.max_group_ratio,
+    }
+    given = {k: v for k, v in refinements.items() if v is not None}
+    if args.prune:
+        options.prune = args.prune
+    elif given and not options.prune:
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise UserInputError(f"{flags} only apply with --prune flops=R or params=R")
+    for key, value in given.items():
+        setattr(options, key, value)
 
 
 def _cmd_inspect(args: argparse.Namespace, out: Console, err: Console) -> int:

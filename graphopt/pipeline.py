@@ -75,6 +75,7 @@ class RunReport:
     verification_skipped: str = ""
     rolled_back: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
 
 
 def default_pipeline(
@@ -182,6 +183,7 @@ class PassManager:
             verification=verification,
             rolled_back=rolled_back,
             notes=list(self.context.notes),
+            details=dict(self.context.details),
         )
         return model, report
 

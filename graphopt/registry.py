@@ -60,6 +60,9 @@ class PassContext:
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     target: str = "portable"
     notes: list[str] = field(default_factory=list)
+    # Structured results of passes that have more to say than a hit count (e.g. pruning's
+    # fidelity report), by pass name.
+    details: dict[str, Any] = field(default_factory=dict)
 
     def note(self, message: str) -> None:
         """Record something the user should read in the report (said once)."""

@@ -1,0 +1,63 @@
+"""Shared speed measurement for the benchmarks: ORT CPU, paired and interleaved.
+
+The project's rule: ORT CPU, 1 thread (2 threads reported too), warm-up, at least 20
+paired interleaved rounds, median of the per-round ratios time(reference) / time(candidate).
+Every candidate runs in the same process right after the reference in each round, so load
+from other jobs on a shared machine hits both sides of a ratio alike.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+WARMUP = 3
+
+
+def session(path: Path, threads: int, optimize: bool = True) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if optimize
+        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3
+    return ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
+
+
+def paired_speedups(
+    paths: list[Path],
+    feeds: dict[str, np.ndarray] | list[dict[str, np.ndarray]],
+    threads: int = 1,
+    pairs: int = 20,
+    inner: int = 1,
+    optimize: bool = True,
+) -> list[float]:
+    """Per candidate ``paths[1:]``: median over rounds of time(paths[0]) / time(candidate).
+
+    ``feeds`` may be one feed dict for all, or one per path (e.g. inputs renamed by a tool).
+    """
+    per_path = feeds if isinstance(feeds, list) else [feeds] * len(paths)
+    sessions = [session(p, threads, optimize) for p in paths]
+    for s, f in zip(sessions, per_path, strict=True):
+        for _ in range(WARMUP):
+            s.run(None, f)
+    ratios: list[list[float]] = [[] for _ in paths[1:]]
+    for _ in range(pairs):
+        times = []
+        for s, f in zip(sessions, per_path, strict=True):
+            start = time.perf_counter()
+            for _ in range(inner):
+                s.run(None, f)
+            times.append(time.perf_counter() - start)
+        for i, t in enumerate(times[1:]):
+            ratios[i].append(times[0] / t)
+    return [statistics.median(r) for r in ratios]

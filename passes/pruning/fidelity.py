@@ -1,0 +1,77 @@
+"""How far a pruned model's outputs moved, on held-out calibration samples.
+
+Per output: max error relative to the original's largest magnitude (the project's error
+measure), mean absolute error, and the mean over samples of the cosine between original and
+pruned output rows (per-sample cosine is what embedding users look at).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from graphopt.passes.pruning.samples import CalibrationSet
+
+
+@dataclass
+class Fidelity:
+    output: str
+    max_rel: float
+    mean_abs: float
+    mean_cosine: float
+
+    def to_json(self) -> dict:
+        return {
+            "output": self.output,
+            "max_rel": self.max_rel,
+            "mean_abs": self.mean_abs,
+            "mean_cosine": self.mean_cosine,
+        }
+
+
+def outputs_on(model: ir.Model, calib: CalibrationSet) -> list[np.ndarray]:
+    """Every output of ``model`` on every sample, concatenated along the sample axis."""
+    from graphopt.ortrun import run_session
+    from graphopt.verify import make_session
+
+    session = make_session(model)
+    names = [o.name for o in session.get_outputs()]
+    chunks = [run_session(session, names, feeds) for feeds in calib.batches()]
+    return [np.concatenate([c[i] for c in chunks]) for i in range(len(names))]
+
+
+def measure(
+    names: list[str], reference: list[np.ndarray], candidate: list[np.ndarray]
+) -> list[Fidelity]:
+    results = []
+    for name, ref, got in zip(names, reference, candidate, strict=True):
+        if ref.dtype.kind not in "fc" or ref.shape != got.shape:
+            same = ref.shape == got.shape and np.array_equal(ref, got)
+            results.append(Fidelity(name, 0.0 if same else 1.0, 0.0, 1.0 if same else 0.0))
+            continue
+        a, b = ref.astype(np.float64), got.astype(np.float64)
+        scale = float(np.abs(a).max()) or 1.0
+        rows_a = a.reshape(len(a), -1) if a.ndim else a.reshape(1, -1)
+        rows_b = b.reshape(len(b), -1) if b.ndim else b.reshape(1, -1)
+        norms = np.linalg.norm(rows_a, axis=1) * np.linalg.norm(rows_b, axis=1)
+        cos = np.einsum("ij,ij->i", rows_a, rows_b) / np.where(norms > 0, norms, 1.0)
+        cos = np.where(norms > 0, cos, 1.0)
+        results.append(
+            Fidelity(
+                name,
+                float(np.abs(a - b).max() / scale),
+                float(np.abs(a - b).mean()),
+                float(cos.mean()),
+            )
+        )
+    return results
+
+
+def summary(fidelities: list[Fidelity]) -> str:
+    worst = min(fidelities, key=lambda f: f.mean_cosine)
+    return (
+        f"cosine {worst.mean_cosine:.4f}, max rel {max(f.max_rel for f in fidelities):.3g}, "
+        f"mean abs {worst.mean_abs:.3g}"
+    )
