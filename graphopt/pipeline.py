@@ -14,6 +14,7 @@ goes on without it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -23,9 +24,9 @@ from typing import Any
 import onnx_ir as ir
 
 from graphopt.analysis.stats import count_nodes, has_subgraphs
-from graphopt.errors import UserInputError
+from graphopt.errors import CheckFailedError, UserInputError
 from graphopt.registry import LOSSY_STAGES, PassContext, Stage, all_passes, get_pass
-from graphopt.verify import Verifier, VerifyResult
+from graphopt.verify import VerificationUnavailable, Verifier, VerifyResult
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +77,9 @@ class RunReport:
     rolled_back: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)
+    # Lossy runs: the final model against the original (informational: lossy passes are
+    # expected to move outputs; ``verification`` covers the exact passes after them).
+    lossy_check: VerifyResult | None = None
 
 
 def default_pipeline(
@@ -149,31 +153,30 @@ class PassManager:
         nodes_before = count_nodes(model)
         self._note_subgraph_handling(model)
         signature = _signature(model)
-        # One clone up front (tensors are shared, so it is cheap): the replay starts from it
-        # when verification fails or a pass crashes, with or without a verifier.
-        original = model.clone()
+        verifier = self.verifier
+        verification: VerifyResult | None = None
+        lossy_check: VerifyResult | None = None
         rolled_back: list[str] = []
-        verification = None
-        replay_reason = ""
-        try:
-            self._run_steps(model, check_each=False)
-        except UserInputError:
-            raise
-        except Exception as exc:
-            replay_reason = f"a pass crashed ({type(exc).__name__}: {exc})"
-        if self.verifier is not None and not replay_reason:
-            self.progress("verifying")
-            verification = self.verifier.check(model)
-            if not verification.ok and self._ran_exact_change():
-                replay_reason = f"verification failed ({verification.reason})"
-        if replay_reason:
-            logger.info("%s; replaying pass by pass", replay_reason)
-            self.context.note(f"{replay_reason}: replayed with a check after every pass")
-            model = original
-            self._stats = {}
-            rolled_back = self._run_steps(model, check_each=True)
-            if self.verifier is not None:
-                verification = self.verifier.check(model)
+        # Exact segments are verified against the model they started from; a lossy step is
+        # measured against the original (it is expected to move outputs) and becomes the
+        # reference of the exact passes after it, so those stay proven exact.
+        for steps, lossy in self._segments():
+            if not lossy:
+                model, verification, undone = self._run_exact(model, steps, verifier)
+                rolled_back += undone
+                continue
+            self._run_steps(model, steps, check_each=False)
+            if verifier is not None:
+                self.progress("measuring the lossy change")
+                try:
+                    verifier = verifier.rebased(model)
+                except VerificationUnavailable as exc:
+                    names = ", ".join(spec.name for step in steps for spec in step.passes)
+                    raise CheckFailedError(
+                        f"{names} produced a model ONNX Runtime cannot run: {exc}"
+                    ) from None
+        if verifier is not self.verifier and self.verifier is not None:
+            lossy_check = self.verifier.check(model, tolerance=float("inf"))
         _restore_signature(model, signature)
         report = RunReport(
             stats=list(self._stats.values()),
@@ -184,8 +187,56 @@ class PassManager:
             rolled_back=rolled_back,
             notes=list(self.context.notes),
             details=dict(self.context.details),
+            lossy_check=lossy_check,
         )
         return model, report
+
+    def _segments(self) -> list[tuple[list[Step], bool]]:
+        """Consecutive exact steps grouped; every lossy step alone."""
+        segments: list[tuple[list[Step], bool]] = []
+        for step in self.steps:
+            lossy = any(not get_pass(spec.name).exact for spec in step.passes)
+            if lossy or not segments or segments[-1][1]:
+                segments.append(([step], lossy))
+            else:
+                segments[-1][0].append(step)
+        return segments
+
+    def _run_exact(
+        self, model: ir.Model, steps: list[Step], verifier: Verifier | None
+    ) -> tuple[ir.Model, VerifyResult | None, list[str]]:
+        """Run exact steps; verify; on failure or a crash replay them pass by pass."""
+        # One clone up front (tensors are shared, so it is cheap): the replay starts from it
+        # when verification fails or a pass crashes, with or without a verifier.
+        start_state = model.clone()
+        stats_before = {k: dataclasses.replace(v) for k, v in self._stats.items()}
+        verification = None
+        replay_reason = ""
+        hits_before = self._exact_hits()
+        try:
+            self._run_steps(model, steps, check_each=False)
+        except UserInputError:
+            raise
+        except Exception as exc:
+            replay_reason = f"a pass crashed ({type(exc).__name__}: {exc})"
+        if verifier is not None and not replay_reason:
+            self.progress("verifying")
+            verification = verifier.check(model)
+            if not verification.ok and self._exact_hits() > hits_before:
+                replay_reason = f"verification failed ({verification.reason})"
+        rolled_back: list[str] = []
+        if replay_reason:
+            logger.info("%s; replaying pass by pass", replay_reason)
+            self.context.note(f"{replay_reason}: replayed with a check after every pass")
+            model = start_state
+            self._stats = stats_before
+            rolled_back = self._run_steps(model, steps, check_each=True, verifier=verifier)
+            if verifier is not None:
+                verification = verifier.check(model)
+        return model, verification, rolled_back
+
+    def _exact_hits(self) -> int:
+        return sum(s.hits for s in self._stats.values() if s.exact)
 
     def _ran_exact_change(self) -> bool:
         return any(s.exact and s.hits for s in self._stats.values())
@@ -207,9 +258,15 @@ class PassManager:
                 + ", ".join(untouched)
             )
 
-    def _run_steps(self, model: ir.Model, check_each: bool) -> list[str]:
+    def _run_steps(
+        self,
+        model: ir.Model,
+        steps: list[Step],
+        check_each: bool,
+        verifier: Verifier | None = None,
+    ) -> list[str]:
         rolled_back: list[str] = []
-        for step in self.steps:
+        for step in steps:
             limit = MAX_FIXED_POINT_ITERATIONS if step.fixed_point else 1
             for iteration in range(limit):
                 changed = False
@@ -218,14 +275,19 @@ class PassManager:
                         continue
                     label = spec.name if limit == 1 else f"{spec.name} (round {iteration + 1})"
                     self.progress(label)
-                    modified = self._run_one(model, spec, check_each, rolled_back)
+                    modified = self._run_one(model, spec, check_each, rolled_back, verifier)
                     changed = changed or modified
                 if not changed:
                     break
         return rolled_back
 
     def _run_one(
-        self, model: ir.Model, spec: PassSpec, check_each: bool, rolled_back: list[str]
+        self,
+        model: ir.Model,
+        spec: PassSpec,
+        check_each: bool,
+        rolled_back: list[str],
+        verifier: Verifier | None,
     ) -> bool:
         cls = get_pass(spec.name)
         stats = self._stats.setdefault(spec.name, PassStats(spec.name, cls.exact))
@@ -253,8 +315,8 @@ class PassManager:
         stats.seconds += time.perf_counter() - began
         stats.runs += 1
         hits = graph_pass.hits
-        if snapshot is not None and result.modified and self.verifier is not None:
-            check = self.verifier.check(model)
+        if snapshot is not None and result.modified and verifier is not None:
+            check = verifier.check(model)
             if not check.ok:
                 _restore(model, snapshot)
                 self._disabled.add(spec.name)

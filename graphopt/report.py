@@ -37,15 +37,18 @@ def pass_table(report: RunReport) -> Table:
     return table
 
 
-def verification_table(report: RunReport) -> Table | None:
-    result = report.verification
+def verification_table(report: RunReport, lossy: bool = False) -> Table | None:
+    result = report.lossy_check if lossy else report.verification
     if result is None or not result.outputs:
         return None
-    table = Table(
-        title="verification (ONNX Runtime, original vs optimized)",
-        title_justify="left",
-        show_edge=False,
+    title = (
+        "lossy change (ONNX Runtime, original vs result, generated inputs)"
+        if lossy
+        else "verification (ONNX Runtime, original vs optimized)"
+        if report.lossy_check is None
+        else "verification of the exact passes (ONNX Runtime, vs the lossy passes' result)"
     )
+    table = Table(title=title, title_justify="left", show_edge=False)
     for column in ("output", "max abs err", "max rel err", "cosine"):
         table.add_column(column, justify="left" if column == "output" else "right")
     for out in result.outputs:
@@ -55,9 +58,13 @@ def verification_table(report: RunReport) -> Table | None:
 
 def print_report(report: RunReport, console: Console) -> None:
     console.print(pass_table(report))
-    table = verification_table(report)
-    if table is not None:
-        console.print(table)
+    for lossy in (True, False):
+        table = verification_table(report, lossy)
+        if table is not None:
+            console.print(table)
+    prune = report.details.get("prune")
+    if prune is not None and prune.fidelity_pruned:
+        console.print(pruning_table(prune))
     for note in report.notes:
         console.print(f"note: {note}")
     for name in report.rolled_back:
@@ -75,6 +82,30 @@ def print_report(report: RunReport, console: Console) -> None:
         f"nodes {report.nodes_before} -> {report.nodes_after} "
         f"(non-Constant, subgraphs included) in {report.seconds:.2f} s"
     )
+
+
+def pruning_table(prune) -> Table:
+    """Fidelity of pruning on held-out calibration samples, before/after compensation."""
+    table = Table(
+        title=(
+            f"pruning {prune.target}: FLOPs -{100 * prune.flops_removed:.1f}%, params "
+            f"-{100 * prune.params_removed:.1f}%; fidelity on {prune.heldout_samples} held-out "
+            f"calibration samples ({prune.calibration})"
+        ),
+        title_justify="left",
+        show_edge=False,
+    )
+    for column in ("output", "stage", "max rel err", "mean abs err", "mean cosine"):
+        table.add_column(column, justify="left" if column in ("output", "stage") else "right")
+    rows = [("pruned", prune.fidelity_pruned)]
+    if prune.fidelity_compensated:
+        rows.append((f"+ {prune.compensation}", prune.fidelity_compensated))
+    for stage, fidelities in rows:
+        for f in fidelities:
+            table.add_row(
+                f.output, stage, f"{f.max_rel:.3g}", f"{f.mean_abs:.3g}", f"{f.mean_cosine:.4f}"
+            )
+    return table
 
 
 def passes_table() -> Table:

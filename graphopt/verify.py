@@ -138,6 +138,17 @@ class Verifier:
         except Exception as exc:
             raise VerificationUnavailable(_first_line(exc)) from None
 
+    def rebased(self, reference: ir.Model) -> Verifier:
+        """A verifier with the same inputs whose reference is ``reference``'s outputs."""
+        other = object.__new__(Verifier)
+        other.tolerance, other.feeds = self.tolerance, self.feeds
+        other.output_names = [v.name for v in reference.graph.outputs]
+        try:
+            other.reference = run_model(reference, self.feeds)
+        except Exception as exc:
+            raise VerificationUnavailable(_first_line(exc)) from None
+        return other
+
     def check(self, candidate: ir.Model, tolerance: float | None = None) -> VerifyResult:
         tol = self.tolerance if tolerance is None else tolerance
         names = [v.name for v in candidate.graph.outputs]

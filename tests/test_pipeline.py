@@ -273,3 +273,34 @@ def test_context_reaches_passes() -> None:
     finally:
         del registry._REGISTRY["test-spy"]
     assert seen and seen[0] is context and seen[0].fold_limit_bytes == 123
+
+
+class ScaleOutputPass(GraphPass):
+    """Test only: a lossy pass that doubles the bias (moves outputs, as lossy passes do)."""
+
+    name = "test-lossy-scale"
+    exact = False
+    stage = Stage.PRUNE
+
+    def rewrite(self, model: ir.Model) -> int:
+        value = model.graph.initializers["b"]
+        value.const_value = ir.Tensor(value.const_value.numpy() * 2 + 1, name="b")
+        return 1
+
+
+def test_exact_passes_after_a_lossy_pass_are_verified_against_its_result(monkeypatch) -> None:
+    register_for_test(monkeypatch, ScaleOutputPass)
+    model = add_relu_model()
+    bias = model.graph.initializers["b"].const_value.numpy().copy()
+    verifier = Verifier(model)
+    steps = explicit_pipeline(
+        [PassSpec("dead-code"), PassSpec("test-lossy-scale"), PassSpec("test-add-to-sub")]
+    )
+    model, report = PassManager(steps, verifier=verifier).run(model)
+    # The lossy change is measured against the original, not rolled back...
+    assert report.lossy_check is not None and report.lossy_check.worst_rel > 0
+    assert np.array_equal(model.graph.initializers["b"].const_value.numpy(), bias * 2 + 1)
+    # ...and the broken exact pass after it is caught against the lossy result and undone.
+    assert report.rolled_back == ["test-add-to-sub"]
+    assert report.verification is not None and report.verification.ok
+    assert op_types(model) == ["Add", "Relu"]

@@ -59,18 +59,91 @@ def infer_shapes(
     for value in graph_inputs(clone):
         if value.name in bound:
             value.shape = ir.Shape(bound[value.name])
-    # Symbolic dims recorded by the exporter would otherwise stay symbolic where onnx
-    # keeps the declared shape; forget them so inference recomputes them from the inputs.
-    for node in ir.traversal.RecursiveGraphIterator(clone.graph):
+    _forget_symbolic(clone)
+    # Non-strict: a node onnx cannot infer (custom op) leaves its outputs unknown instead of
+    # aborting inference for the whole graph.
+    _onnx_inference(clone)
+    if bound and not _all_concrete(clone):
+        _shapes_from_folded_copy(clone)
+    return clone, bound
+
+
+def _forget_symbolic(model: ir.Model) -> None:
+    # Symbolic dims recorded by the exporter (or an earlier inference) would otherwise stay
+    # symbolic where onnx keeps the declared shape; forget them so inference recomputes them.
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
         for output in node.outputs:
             if output.shape is not None and not _is_concrete(output.shape):
                 output.shape = None
-    # Non-strict: a node onnx cannot infer (custom op) leaves its outputs unknown instead of
-    # aborting inference for the whole graph.
+            if output.const_value is not None:
+                output.shape = ir.Shape(output.const_value.shape)
+    for value in model.graph.initializers.values():
+        if value.const_value is not None and (value.shape is None or not _is_concrete(value.shape)):
+            value.shape = ir.Shape(value.const_value.shape)  # folded constants: shape is known
+
+
+def _onnx_inference(model: ir.Model) -> None:
     onnx_ir.passes.common.ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(
-        clone
+        model
     )
-    return clone, bound
+
+
+def _all_concrete(model: ir.Model) -> bool:
+    return all(
+        o.shape is not None and _is_concrete(o.shape) for node in model.graph for o in node.outputs
+    )
+
+
+# At most this many bytes per tensor folded while computing shapes (shape arithmetic only).
+_SHAPE_FOLD_LIMIT = 1 << 16
+
+
+def _shapes_from_folded_copy(clone: ir.Model) -> None:
+    """Fill shapes onnx inference left symbolic from a copy with the shape arithmetic folded.
+
+    onnx's data propagation stops at e.g. a Slice whose end comes from ``Shape(input)``, and
+    one unknown dim then spreads through every broadcast. At bound input shapes those are
+    constants: fold them on a throw-away copy (the analysis clone must keep its nodes, which
+    index the caller's model), infer there, and copy the shapes back by value name.
+    """
+    from onnxscript.optimizer import _constant_folding as folding
+
+    from graphopt.passes.erasure.shape_folding import ShapeFoldingPass
+    from graphopt.registry import PassContext
+
+    def shape_arithmetic(node: ir.Node) -> bool:
+        # Only integer tensors (shapes, sizes, indices): floats are data, not shapes.
+        return node.domain in ("", "ai.onnx") and all(
+            o.dtype is not None and not o.dtype.is_floating_point() for o in node.outputs
+        )
+
+    folded = clone.clone()
+    folder = folding.FoldConstantsPass(
+        shape_inference=False,
+        input_size_limit=_SHAPE_FOLD_LIMIT,
+        output_size_limit=_SHAPE_FOLD_LIMIT,
+        should_fold=shape_arithmetic,
+    )
+    for _ in range(3):
+        changed = ShapeFoldingPass(PassContext())(folded).modified
+        try:
+            changed |= folder(folded).modified
+        except Exception as exc:  # a failing evaluator: keep what onnx inferred
+            logger.info("shape arithmetic folding failed: %s", exc)
+        _forget_symbolic(folded)
+        _onnx_inference(folded)
+        if not changed:
+            break
+    known = {
+        o.name: o.shape
+        for node in folded.graph
+        for o in node.outputs
+        if o.shape is not None and _is_concrete(o.shape)
+    }
+    for node in clone.graph:
+        for out in node.outputs:
+            if (out.shape is None or not _is_concrete(out.shape)) and out.name in known:
+                out.shape = ir.Shape(known[out.name])
 
 
 def static_shape(value: ir.Value | None) -> tuple[int, ...] | None:

@@ -165,7 +165,7 @@ def partition(graph: DependencyGraph) -> list[ZeroInvariantGroup]:
         for d in dims:
             if not d.is_param:
                 continue
-            per_unit = [np.flatnonzero(unit_of[d.key] == u) for u in range(len(unit_ids))]
+            per_unit = _indices_per_unit(unit_of[d.key], len(unit_ids))
             members.append(Member(d.key[0], d.key[1], per_unit))
             base = split_key(d.key[0])[0]
             if base not in counted:  # a weight with both axes (or several uses) counts once
@@ -184,6 +184,13 @@ def partition(graph: DependencyGraph) -> list[ZeroInvariantGroup]:
     for i, g in enumerate(groups):
         g.id = i
     return groups
+
+
+def _indices_per_unit(labels: np.ndarray, units: int) -> list[np.ndarray]:
+    """Element indices of each unit label, in one sort (not one scan per unit)."""
+    order = np.argsort(labels, kind="stable")
+    bounds = np.cumsum(np.bincount(labels, minlength=units))[:-1]
+    return np.split(order, bounds)
 
 
 def _node_flops(model: ir.Model) -> dict[int, int]:
