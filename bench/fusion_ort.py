@@ -42,6 +42,7 @@ MODELS = {
     "bert_tiny": ("bert", 4, 128),
     "bert_tiny_ts": ("bert", 4, 128),
     "gpt2_tiny": ("gpt2", 4, 128),
+    "gpt2_tiny_ts": ("gpt2", 4, 128),
     "minilm": ("bert", 12, 384),
     "minilm_ts": ("bert", 12, 384),
 }

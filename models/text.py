@@ -250,6 +250,7 @@ register(
 for _kind, _builder in [
     ("bert_tiny", partial(build_config_model, "bert")),
     ("llama_tiny", partial(build_config_model, "llama")),
+    ("gpt2_tiny", partial(build_config_model, "gpt2")),
     ("minilm", build_minilm),
 ]:
     _base = spec(_kind)

@@ -87,7 +87,8 @@ def test_skip_layer_norm_fuses_only_for_ort():
     model = skip_layer_norm_model()
     portable, hits = run_pass(model, OrtSkipLayerNormPass)
     assert hits == 0 and op_types(portable) == op_types(model)
-    fused, hits = run_pass(model, OrtSkipLayerNormPass, ORT)
+    # force: on ORT's CPU the fused kernel is slower (see test_ort_cpu_forms), so opt-in.
+    fused, hits = run_pass(model, OrtSkipLayerNormPass, ORT, force=True)
     assert hits == 1
     assert contrib_ops(fused) == {"SkipLayerNormalization": 1}
     assert "LayerNormalization" not in op_types(fused)
@@ -119,7 +120,7 @@ def test_tanh_gelu_becomes_fast_gelu():
 def test_nothing_to_fuse_leaves_model_untouched():
     # No residual Add: the pass must not hand back its constant-folded working copy.
     model = gelu_model(tanh=False)
-    fused, hits = run_pass(model, OrtSkipLayerNormPass, ORT)
+    fused, hits = run_pass(model, OrtSkipLayerNormPass, ORT, force=True)
     assert hits == 0 and op_types(fused) == op_types(model)
     assert "com.microsoft" not in fused.graph.opset_imports
 
@@ -153,7 +154,7 @@ def test_attention_on_exports(name, expected):
 @pytest.mark.parametrize("name", ["bert_tiny_ts"])
 def test_skip_layer_norm_and_gelu_on_exports(name):
     model = cached(name)
-    fused, hits = run_pass(model, OrtSkipLayerNormPass, ORT)
+    fused, hits = run_pass(model, OrtSkipLayerNormPass, ORT, force=True)
     layers = 2 if "tiny" in name else 6
     assert hits == 2 * layers
     fused, hits = run_pass(fused, OrtGeluPass, ORT)
@@ -201,8 +202,10 @@ def test_pipeline_target_ort_verifies():
     assert result.report.verification is not None and result.report.verification.ok
     assert not result.report.rolled_back
     ops = contrib_ops(result.model)
-    assert ops["MultiHeadAttention"] + ops["Attention"] == 2
-    assert ops["SkipLayerNormalization"] == 4
+    # Packed QKV Attention with the 2-D mask; residual Adds as Sum rather than the (on CPU
+    # slower) SkipLayerNormalization.
+    assert ops == {"Attention": 2, "Gelu": 2}
+    assert op_types(result.model).count("Sum") == 5
     assert not contrib_ops(api.optimize(source, None, api.OptimizeOptions()).model)
 
 
