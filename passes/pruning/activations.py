@@ -98,7 +98,8 @@ def observe(
 
     observed = with_outputs(model, names)
     try:
-        session = make_session(observed)
+        # ORT optimizations on: statistics do not need bit-exactness, and it is faster.
+        session = make_session(observed, optimize=True)
     except Exception as exc:
         raise RuntimeError(f"ONNX Runtime cannot load the model to observe: {exc}") from exc
     for feeds in calib.batches():

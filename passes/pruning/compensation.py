@@ -7,8 +7,11 @@ fitting part of the calibration data:
 - ``bias`` (FLAP): keep ``W[:, K]`` and move the removed channels' mean contribution into
   the bias, ``b' = b + W μ_o − W[:, K] μ_p``.
 - ``lsq``: the ridge-regularized least-squares reconstruction
-  ``W' = W Cov(x_o, x_p) (Cov(x_p, x_p) + λI)⁻¹`` and ``b' = b + W μ_o − W' μ_p`` (the
-  intercept is fitted exactly, not regularized); λ = ``ridge`` × mean variance.
+  ``W' = argmin E‖W x_o − W' x_p‖² + λ‖W' − W[:, K]‖²``, i.e.
+  ``W' = (W Cov(x_o, x_p) + λ W[:, K]) (Cov(x_p, x_p) + λI)⁻¹``, and
+  ``b' = b + W μ_o − W' μ_p`` (the intercept is fitted exactly, not regularized);
+  λ = ``ridge`` × mean variance. Ridge towards the plainly pruned weights (not zero) keeps a
+  layer whose calibration rows are few close to the uncompensated solution.
 
 A k×k Conv is fitted on its input patches (im2col, padding included), so the fit is the
 exact least-squares solution; past ``MAX_LSQ_FEATURES`` patch features it is fitted kernel
@@ -208,10 +211,12 @@ def _refit(pruned, node_o, node_p, consumer, pair, method: str, ridge: float, go
         cov_pp = pair.gram_pp / pair.count - np.outer(mean_p, mean_p)
         cov_po = pair.gram_po / pair.count - np.outer(mean_p, mean_o)
         scale = max(float(np.mean(np.diag(cov_pp))), 1e-12)
-        system = cov_pp + ridge * scale * np.eye(len(cov_pp))
-        # W' = W Cov_op Cov_pp⁻¹, for every kernel position at once.
-        transfer = np.linalg.solve(system, cov_po).T  # (C_orig, K): Cov_op Cov_pp⁻¹
-        kept = full @ transfer
+        lam = ridge * scale
+        system = cov_pp + lam * np.eye(len(cov_pp))
+        # argmin ‖x_o W − x_p W'‖² + λ‖W' − W_K‖²: the ridge pulls towards the plainly pruned
+        # weights, not towards zero, so few calibration rows cannot drag a layer off.
+        rhs = np.einsum("kc,poc->pko", cov_po, full) + lam * kept.transpose(0, 2, 1)
+        kept = np.stack([np.linalg.solve(system, r) for r in rhs]).transpose(0, 2, 1)
     shift = (full @ mean_o - kept @ mean_p).sum(axis=0)  # Σ over positions → per output
     refitted = kept[0].reshape(w_pruned.shape) if pair.patches else None
     if refitted is None:

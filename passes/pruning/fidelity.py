@@ -36,7 +36,7 @@ def outputs_on(model: ir.Model, calib: CalibrationSet) -> list[np.ndarray]:
     from graphopt.ortrun import run_session
     from graphopt.verify import make_session
 
-    session = make_session(model)
+    session = make_session(model, optimize=True)
     names = [o.name for o in session.get_outputs()]
     chunks = [run_session(session, names, feeds) for feeds in calib.batches()]
     return [np.concatenate([c[i] for c in chunks]) for i in range(len(names))]

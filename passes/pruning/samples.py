@@ -27,6 +27,9 @@ class CalibrationSet:
     arrays: dict[str, np.ndarray]
     source: str  # file name or "random"
     batch: int = 1
+    # Cut each batch of padded sequences to its longest real sequence (the model's sequence
+    # dim is free and padding is masked): the same statistics at a fraction of the cost.
+    trim: bool = False
 
     @property
     def count(self) -> int:
@@ -45,13 +48,37 @@ class CalibrationSet:
         fit = {k: v[: n - held] for k, v in self.arrays.items()}
         rest = {k: v[n - held :] for k, v in self.arrays.items()}
         return (
-            CalibrationSet(fit, self.source, self.batch),
-            CalibrationSet(rest, self.source, self.batch),
+            CalibrationSet(fit, self.source, self.batch, self.trim),
+            CalibrationSet(rest, self.source, self.batch, self.trim),
         )
 
     def batches(self) -> Iterator[dict[str, np.ndarray]]:
+        mask_name = _mask_name(self.arrays) if self.trim else None
         for start in range(0, self.count, self.batch):
-            yield {k: v[start : start + self.batch] for k, v in self.arrays.items()}
+            feeds = {k: v[start : start + self.batch] for k, v in self.arrays.items()}
+            if mask_name is not None:
+                feeds = _trimmed(feeds, mask_name)
+            yield feeds
+
+
+def _mask_name(arrays: dict[str, np.ndarray]) -> str | None:
+    for name, array in arrays.items():
+        if "mask" in name.lower() and array.ndim == 2:
+            return name
+    return None
+
+
+def _trimmed(feeds: dict[str, np.ndarray], mask_name: str) -> dict[str, np.ndarray]:
+    mask = feeds[mask_name]
+    used = np.flatnonzero(mask.any(axis=0))
+    width = int(used[-1]) + 1 if used.size else 1
+    if width == mask.shape[1]:
+        return feeds
+    # Only right padding is cut: every [batch, seq] input loses the all-padding columns.
+    return {
+        k: v[:, :width] if v.ndim == 2 and v.shape[1] == mask.shape[1] else v
+        for k, v in feeds.items()
+    }
 
 
 def load_calibration(path: str, model: ir.Model) -> CalibrationSet:
@@ -79,7 +106,7 @@ def load_calibration(path: str, model: ir.Model) -> CalibrationSet:
                 f"{path}: input {name!r} has rank {array.ndim - 1} per sample after the "
                 f"sample axis; the model expects shape {list(shape)} (sample i is array[i:i+1])"
             )
-    return CalibrationSet(arrays, path, _batch_size(model))
+    return CalibrationSet(arrays, path, _batch_size(model), _free_sequence(model))
 
 
 def random_calibration(
@@ -89,6 +116,12 @@ def random_calibration(
     samples = [make_inputs(model, shapes, seed=1000 + i) for i in range(count)]
     arrays = {k: np.concatenate([s[k] for s in samples]) for k in samples[0]}
     return CalibrationSet(arrays, "random", _batch_size(model))
+
+
+def _free_sequence(model: ir.Model) -> bool:
+    """Every 2-D input has a symbolic second dim (so batches may be cut to their length)."""
+    two_d = [v for v in graph_inputs(model) if v.shape is not None and len(v.shape) == 2]
+    return bool(two_d) and all(not isinstance(v.shape[1], int) for v in two_d)
 
 
 def _batch_size(model: ir.Model) -> int:
