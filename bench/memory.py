@@ -1,11 +1,18 @@
-"""Peak memory of ``graphopt inspect`` and ``graphopt optimize`` on a large external-data model.
+"""Peak memory of graphopt's commands on a large external-data model.
 
 Generates a chain of MatMul layers (default 40 × 4096×4096 fp32 = 2.7 GB) whose weights live
 in ``model.onnx.data``, written in chunks so the generator never holds a whole layer, then
-runs each command in a fresh process and reports its peak RSS and wall time::
+runs each command in a fresh process and reports its peak RSS and wall time: ``inspect``,
+``analyze`` (table and ``--json``), ``optimize --no-verify`` (erasure), pruning
+(``optimize --prune params=0.3 --criterion l1 --no-verify``, when the CLI has ``--prune``)
+and, with ``--verify``, ``optimize`` with ONNX Runtime verification::
 
     python bench/memory.py /tmp/graphopt-mem               # 40 layers of 4096 (2.7 GB)
     python bench/memory.py /tmp/graphopt-mem --layers 8 --dim 2048
+    python bench/memory.py /tmp/graphopt-mem --reuse --verify
+
+The hidden dims between layers are zero-invariant groups (prunable), so ``analyze`` and the
+pruning pass see every weight.
 
 Peak RSS is the child's ``ru_maxrss`` read by a one-shot wrapper process (so one command's
 peak never leaks into another's). Memory-mapped weight pages that a command touches count in
@@ -124,27 +131,49 @@ def baseline() -> Measurement:
     return measure("python + imports", [sys.executable, "-c", code])
 
 
-def run_all(
-    model: Path, passes: list[str] | None = None, verify: bool = False
-) -> list[Measurement]:
+PRUNE_ARGS = ["--prune", "params=0.3", "--criterion", "l1", "--no-verify"]
+
+
+def supports_prune() -> bool:
+    """Whether this graphopt's ``optimize`` has the pruning flags."""
+    out = subprocess.run(
+        [*graphopt_command(), "optimize", "--help"], capture_output=True, text=True, check=False
+    )
+    return "--prune" in out.stdout and "--criterion" in out.stdout
+
+
+def commands(model: Path, out: Path) -> dict[str, list[str]]:
+    """Every measured command line, by label; ``out`` is the optimized model's path."""
     exe = graphopt_command()
-    out = model.with_name("model.opt.onnx")
-    results = [
-        baseline(),
-        measure("inspect", [*exe, "inspect", str(model)]),
-        measure(
-            "optimize --no-verify", [*exe, "optimize", str(model), "-o", str(out), "--no-verify"]
-        ),
-    ]
-    if verify:
+    optimize = [*exe, "optimize", str(model), "-o", str(out)]
+    return {
+        "inspect": [*exe, "inspect", str(model)],
+        "analyze": [*exe, "analyze", str(model)],
+        "analyze --json": [*exe, "analyze", "--json", str(model)],
+        "optimize --no-verify": [*optimize, "--no-verify"],
+        "prune params=0.3 l1 --no-verify": [*optimize, *PRUNE_ARGS],
         # Verification runs the original and the result in ONNX Runtime: ORT holds the
         # weights itself, so this row measures ORT as much as graphopt.
-        results.append(measure("optimize (verify)", [*exe, "optimize", str(model), "-o", str(out)]))
+        "optimize (verify)": optimize,
+    }
+
+
+def run_all(
+    model: Path, passes: list[str] | None = None, verify: bool = False, prune: bool | None = None
+) -> list[Measurement]:
+    out = model.with_name("model.opt.onnx")
+    lines = commands(model, out)
+    labels = ["inspect", "analyze", "analyze --json", "optimize --no-verify"]
+    if supports_prune() if prune is None else prune:
+        labels.append("prune params=0.3 l1 --no-verify")
+    if verify:
+        labels.append("optimize (verify)")
+    results = [baseline(), *(measure(label, lines[label]) for label in labels)]
     for name in passes or []:
         results.append(
             measure(
                 f"optimize --passes {name}",
-                [*exe, "optimize", str(model), "-o", str(out), "--no-verify", "--passes", name],
+                [*lines["optimize --no-verify"], "--passes", name],
             )
         )
     return results

@@ -105,7 +105,8 @@ class CostModel:
 def plan_group(
     group: ZeroInvariantGroup, scores: np.ndarray, round_to: int | None, max_ratio: float
 ) -> GroupPlan:
-    candidates = [u for u in np.argsort(scores, kind="stable") if u in set(group.removable_units)]
+    removable = set(group.removable_units)
+    candidates = [int(u) for u in np.argsort(scores, kind="stable") if u in removable]
     order = group_safe_units(group, candidates, group.size)
     order = sorted(order, key=lambda u: (scores[u], u))
     first = next(iter(group.dims.values()))

@@ -38,7 +38,8 @@ def outputs_on(model: ir.Model, calib: CalibrationSet) -> list[np.ndarray]:
 
     session = make_session(model, optimize=True)
     names = [o.name for o in session.get_outputs()]
-    chunks = [run_session(session, names, feeds) for feeds in calib.batches()]
+    # Full padded width: outputs of every batch must line up to be concatenated.
+    chunks = [run_session(session, names, feeds) for feeds in calib.batches(trim=False)]
     return [np.concatenate([c[i] for c in chunks]) for i in range(len(names))]
 
 

@@ -52,8 +52,9 @@ class CalibrationSet:
             CalibrationSet(rest, self.source, self.batch, self.trim),
         )
 
-    def batches(self) -> Iterator[dict[str, np.ndarray]]:
-        mask_name = _mask_name(self.arrays) if self.trim else None
+    def batches(self, trim: bool = True) -> Iterator[dict[str, np.ndarray]]:
+        """Feed dicts of ``batch`` samples; ``trim=False`` keeps the padded width."""
+        mask_name = _mask_name(self.arrays) if self.trim and trim else None
         for start in range(0, self.count, self.batch):
             feeds = {k: v[start : start + self.batch] for k, v in self.arrays.items()}
             if mask_name is not None:

@@ -1,0 +1,61 @@
+"""Calibration data: named input arrays loaded from a user's ``.npz`` file, safely.
+
+An ``.npz`` can hold pickled object arrays, and unpickling runs code the file's author chose.
+Calibration files come from elsewhere (a colleague, a data pipeline), so they are opened with
+``allow_pickle=False``: an object array is refused instead of unpickled. Every failure is a
+one-line :class:`~graphopt.errors.UserInputError` (exit code 2), never a numpy traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from graphopt.errors import UserInputError
+
+
+def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """{name: array} of every array in the ``.npz`` at ``path``; pickled data is refused."""
+    path = Path(path)
+    if not path.exists():
+        raise UserInputError(f"{path}: no such calibration file")
+    if not path.is_file():
+        raise UserInputError(f"{path}: not a file, expected a calibration .npz")
+    # A plain .npy (or a pickle) is not an archive of named arrays; checking first also keeps
+    # np.load from taking the .npy or pickle branch at all.
+    if not zipfile.is_zipfile(path):
+        raise UserInputError(f"{path}: not an .npz archive (expected numpy.savez output)")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            if not isinstance(archive, np.lib.npyio.NpzFile):
+                raise UserInputError(f"{path}: not an .npz archive")
+            arrays = {name: _plain(path, name, archive[name]) for name in archive.files}
+    except UserInputError:
+        raise
+    except ValueError as exc:
+        # numpy's message for object arrays under allow_pickle=False.
+        if "allow_pickle" in str(exc):
+            raise UserInputError(
+                f"{path}: holds pickled (object) arrays, which graphopt does not load; "
+                "save plain numeric arrays"
+            ) from None
+        raise UserInputError(f"{path}: cannot read calibration data ({exc})") from None
+    except (OSError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+        raise UserInputError(f"{path}: corrupt calibration .npz ({exc})") from None
+    if not arrays:
+        raise UserInputError(f"{path}: holds no arrays")
+    return arrays
+
+
+def _plain(path: Path, name: str, array: np.ndarray | bytes) -> np.ndarray:
+    # NpzFile hands back the raw bytes of a member that is not an .npy.
+    if not isinstance(array, np.ndarray):
+        raise UserInputError(f"{path}: member {name!r} is not a numpy array")
+    # allow_pickle=False already refuses object arrays; structured dtypes without objects load
+    # but are not tensors any model input takes.
+    if array.dtype.hasobject or array.dtype.fields is not None:
+        raise UserInputError(f"{path}: array {name!r} has dtype {array.dtype}, not a tensor")
+    return np.ascontiguousarray(array)
