@@ -8,6 +8,7 @@ from graphopt.passes.erasure import (  # noqa: F401  (imported for registration)
     # isort: on
     initializer_inputs,
     shape_folding,
+    shape_reads,  # shape-through-slice, shape-concat
     constant_folding,
     identity,
     dropout,
@@ -15,6 +16,7 @@ from graphopt.passes.erasure import (  # noqa: F401  (imported for registration)
     squeeze_unsqueeze,
     transpose_merge,  # also registers transpose-into-reshape
     reshape_merge,
+    reshape_target,
     cse,
     dedup_initializers,
     dead_code,

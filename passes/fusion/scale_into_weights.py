@@ -68,6 +68,10 @@ class FoldScaleIntoWeightsPass(GraphPass):
             scale = editing.constant_array(s_value)
         if scale is None or editing.is_constant(x) or not _common.is_float(x):
             return False
+        if _is_erf_gelu_body(x):
+            # GELU's 0.5 stays: without it ORT's GeluFusion (ORT_ENABLE_ALL) no longer sees
+            # x * (1 + erf(x / √2)) * 0.5, and one Mul saved costs a fused Gelu kernel.
+            return False
         factors = _factors(scale, mul.op_type)
         if factors is None or len(layer.inputs) < 2:
             return False
@@ -238,3 +242,20 @@ def _conv_input_scaled(conv: ir.Node, weight: np.ndarray, factors: np.ndarray) -
     grouped = weight.astype(np.float64).reshape(group, cout // group, cin_g, *kernel)
     grouped = grouped * vector.reshape(group, 1, cin_g, *(1,) * len(kernel))
     return grouped.reshape(weight.shape)
+
+
+def _is_erf_gelu_body(value: ir.Value) -> bool:
+    """``value`` is x * (1 + erf(...)): an exact GELU still waiting for its 0.5."""
+    node = value.producer()
+    if node is None or not editing.is_op(node, "Mul"):
+        return False
+    for operand in node.inputs:
+        add = operand.producer() if operand is not None else None
+        if add is None or not editing.is_op(add, "Add"):
+            continue
+        if any(
+            v is not None and v.producer() is not None and editing.is_op(v.producer(), "Erf")
+            for v in add.inputs
+        ):
+            return True
+    return False

@@ -185,3 +185,28 @@ def test_per_channel_scale_on_unshaped_value_uses_inferred_shape() -> None:
     assert hits == 1
     assert op_types(after) == ["Relu", "MatMul"]
     assert_same_outputs(model, roundtrip(after))
+
+
+def test_erf_gelu_half_is_kept_for_ort_gelu_fusion():
+    # x * (1 + erf(x / √2)) * 0.5 → MatMul: folding the 0.5 into W would save one Mul but
+    # hide the GELU from ORT's GeluFusion, so the pass leaves it.
+    rng = np.random.default_rng(0)
+    inits = {
+        "sqrt2": np.array(np.sqrt(2.0), np.float32),
+        "one": np.array(1.0, np.float32),
+        "half": np.array(0.5, np.float32),
+        "W": rng.normal(size=(4, 5)).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("Div", ["X", "sqrt2"], ["d"]),
+        helper.make_node("Erf", ["d"], ["e"]),
+        helper.make_node("Add", ["e", "one"], ["a"]),
+        helper.make_node("Mul", ["X", "a"], ["g"]),
+        helper.make_node("Mul", ["g", "half"], ["gh"]),
+        helper.make_node("MatMul", ["gh", "W"], ["Y"]),
+    ]
+    model = make_model(nodes, [tensor_info("X", F, [3, 4])], [tensor_info("Y", F, [3, 5])], inits)
+    after, hits = run_pass(model, FoldScaleIntoWeightsPass)
+    assert hits == 0
+    assert op_types(roundtrip(after)).count("Mul") == 2
+    assert_same_outputs(model, after)
