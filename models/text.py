@@ -33,6 +33,9 @@ def _small_config(kind: str):
             vocab_size=VOCAB, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
             intermediate_size=512, max_position_embeddings=128, **common,
         )  # fmt: skip
+    if kind == "bert_base":
+        # BERT-base size (12 layers, hidden 768, 12 heads): for analysis time and memory.
+        return tf.BertConfig(**common)
     if kind == "gpt2":
         return tf.GPT2Config(
             vocab_size=VOCAB, n_embd=128, n_layer=2, n_head=4, n_positions=128,
@@ -135,7 +138,7 @@ def build_config_model(kind: str, path: Path, exporter: str = "auto") -> dict[st
         )
         shapes = {"pixel_values": [1, 3, 32, 32]}
     else:
-        if kind == "bert":
+        if kind in ("bert", "bert_base"):
             wrapper = _encoder_wrapper(tf.BertModel(config, add_pooling_layer=False), False)
             outputs = ["last_hidden_state", "sentence_embedding"]
         else:
@@ -233,6 +236,19 @@ for _kind, _label in [
             slow=True,
         )
     )
+
+register(
+    ModelSpec(
+        name="bert_base",
+        family="transformers",
+        description="BERT-base size (12 layers, hidden 768, 12 heads), random seeded weights",
+        builder=partial(build_config_model, "bert_base"),
+        requires=_TORCH_TF,
+        slow=True,
+        # 440 MB and minutes to export: built by benchmarks, not by every test run.
+        extra={"bench_only": True},
+    )
+)
 
 register(
     ModelSpec(

@@ -122,7 +122,13 @@ def plan_group(
 def allocate(
     plans: list[GroupPlan], cost: CostModel, kind: str, goal: float, allocation: str
 ) -> dict[int, list[int]]:
-    """Units to remove per group id so the predicted reduction reaches ``goal``."""
+    """Units to remove per group id so the predicted reduction reaches ``goal``.
+
+    ``global`` ranks units by importance per unit of cost: a unit's normalized score over
+    the share of FLOPs (params) one unit of its group saves, so that a cheap FFN channel and
+    an expensive attention head compete on what they cost as well as what they carry.
+    """
+    value = {p.group.id: p.scores / _marginal(p, cost, kind) for p in plans}
 
     def removal(x: float) -> dict[int, list[int]]:
         out = {}
@@ -130,7 +136,7 @@ def allocate(
             if allocation == "uniform":
                 count = round(x * plan.group.size)
             else:
-                count = int(np.count_nonzero(plan.scores[plan.order] < x))
+                count = int(np.count_nonzero(value[plan.group.id][plan.order] < x))
             out[plan.group.id] = plan.removed_for(count)
         return out
 
@@ -139,10 +145,8 @@ def allocate(
         keep = {p.group.id: p.keep_fraction(chosen[p.group.id]) for p in plans}
         return cost.reduction(kind, keep)
 
-    high = (
-        1.0 if allocation == "uniform" else max((float(p.scores.max()) for p in plans), default=0)
-    )
-    high += 1e-9
+    finite = [float(v[np.isfinite(v)].max()) for v in value.values() if np.isfinite(v).any()]
+    high = (1.0 if allocation == "uniform" else max(finite, default=0.0)) + 1e-9
     if predicted(high) < goal:
         return removal(high)  # the most the limits allow; the caller reports the shortfall
     low = 0.0
@@ -153,3 +157,11 @@ def allocate(
         else:
             low = mid
     return removal(high)
+
+
+def _marginal(plan: GroupPlan, cost: CostModel, kind: str) -> float:
+    """Share of the model's FLOPs (params) that removing one unit of the group saves."""
+    one = float(plan.unit_share.mean()) if plan.unit_share.size else 0.0
+    saved = cost.reduction(kind, {plan.group.id: 1.0 - one})
+    # A group whose units save nothing ranks last (its value becomes huge), never first.
+    return saved if saved > 0 else 1e-300

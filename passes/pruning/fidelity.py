@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from graphopt.passes.pruning.activations import sequence_mask
 from graphopt.passes.pruning.samples import CalibrationSet
 
 
@@ -43,9 +44,18 @@ def outputs_on(model: ir.Model, calib: CalibrationSet) -> list[np.ndarray]:
     return [np.concatenate([c[i] for c in chunks]) for i in range(len(names))]
 
 
+def padding_mask(calib: CalibrationSet) -> np.ndarray | None:
+    """The [samples, sequence] mask of the calibration inputs, if they are padded sequences."""
+    return sequence_mask(calib.arrays)
+
+
 def measure(
-    names: list[str], reference: list[np.ndarray], candidate: list[np.ndarray]
+    names: list[str],
+    reference: list[np.ndarray],
+    candidate: list[np.ndarray],
+    mask: np.ndarray | None = None,
 ) -> list[Fidelity]:
+    """Per output; positions a [samples, sequence] ``mask`` marks as padding are left out."""
     results = []
     for name, ref, got in zip(names, reference, candidate, strict=True):
         if ref.dtype.kind not in "fc" or ref.shape != got.shape:
@@ -53,6 +63,11 @@ def measure(
             results.append(Fidelity(name, 0.0 if same else 1.0, 0.0, 1.0 if same else 0.0))
             continue
         a, b = ref.astype(np.float64), got.astype(np.float64)
+        if mask is not None and a.ndim >= 2 and a.shape[:2] == mask.shape:
+            # Padded positions compute garbage the model masks out downstream: not data.
+            keep = mask != 0
+            a = np.where(keep.reshape(*keep.shape, *(1,) * (a.ndim - 2)), a, 0.0)
+            b = np.where(keep.reshape(*keep.shape, *(1,) * (b.ndim - 2)), b, 0.0)
         scale = float(np.abs(a).max()) or 1.0
         rows_a = a.reshape(len(a), -1) if a.ndim else a.reshape(1, -1)
         rows_b = b.reshape(len(b), -1) if b.ndim else b.reshape(1, -1)

@@ -17,7 +17,13 @@ from graphopt.passes.pruning.activations import channel_statistics
 from graphopt.passes.pruning.allocation import CostModel, allocate, plan_group
 from graphopt.passes.pruning.compensation import compensate
 from graphopt.passes.pruning.consumers import find_consumers, strip_tags, tag_nodes
-from graphopt.passes.pruning.fidelity import Fidelity, measure, outputs_on, summary
+from graphopt.passes.pruning.fidelity import (
+    Fidelity,
+    measure,
+    outputs_on,
+    padding_mask,
+    summary,
+)
 from graphopt.passes.pruning.importance import score_group
 from graphopt.passes.pruning.samples import (
     CalibrationSet,
@@ -150,7 +156,9 @@ class PrunePass(GraphPass):
             reference = outputs_on(model, held)
             names = [v.name for v in model.graph.outputs]
             record.heldout_samples = held.count
-            record.fidelity_pruned = measure(names, reference, outputs_on(pruned, held))
+            record.fidelity_pruned = measure(
+                names, reference, outputs_on(pruned, held), padding_mask(held)
+            )
         if settings.compensation != "none" and fit is not None:
             touched = {gid for gid, units in removed.items() if units}
             live = [c for c in consumers if c.group in touched]
@@ -161,7 +169,9 @@ class PrunePass(GraphPass):
             for note in notes[:5]:
                 self.context.note(f"prune: {note}")
             if held is not None:
-                record.fidelity_compensated = measure(names, reference, outputs_on(pruned, held))
+                record.fidelity_compensated = measure(
+                    names, reference, outputs_on(pruned, held), padding_mask(held)
+                )
         strip_tags(model)
         strip_tags(pruned)
         self._note_summary(record)

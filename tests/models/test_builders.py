@@ -12,7 +12,9 @@ from graphopt.io import load
 from tests.models.cases import model_param, realistic_feeds, require
 
 
-@pytest.mark.parametrize("name", [model_param(n) for n in gm.names()])
+@pytest.mark.parametrize(
+    "name", [model_param(n) for n in gm.names() if not gm.spec(n).extra.get("bench_only")]
+)
 def test_builds_checks_and_runs(name):
     require(name)
     path = gm.get(name)

@@ -27,7 +27,11 @@ TARGET = [
     "ppocr_cls",
     *gm.names("torchvision"),
     # Beyond the target list, for information: the small transformers configs.
-    *(n for n in gm.names("transformers") if n != "minilm"),
+    *(
+        n
+        for n in gm.names("transformers")
+        if n != "minilm" and not gm.spec(n).extra.get("bench_only")
+    ),
 ]
 
 
