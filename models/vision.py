@@ -91,3 +91,49 @@ for _name in TORCHSCRIPT_VARIANTS:
             slow=True,
         )
     )
+
+
+# Every other torchvision classification architecture, built on demand as
+# ``torchvision:<name>`` (the coverage bench walks them; they stay out of the default list).
+EXTRA_PREFIX = "torchvision:"
+_EXTRA_SIDES = {"inception_v3": 299}
+
+
+def torchvision_classifiers() -> list[str]:
+    """All torchvision classification model names (no weights are downloaded)."""
+    import torchvision
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def torchvision_size(name: str) -> tuple[int, float]:
+    """(parameters, GFLOPs at the reference resolution) from torchvision's weight metadata."""
+    import torchvision
+
+    meta = torchvision.models.get_model_weights(name).DEFAULT.meta
+    return int(meta["num_params"]), float(meta.get("_ops", 0.0))
+
+
+def ensure_torchvision(name: str) -> str:
+    """Catalog name of torchvision ``name``: the registered entry, else ``torchvision:<name>``
+    registered now (random seeded weights, same exporter and batch as the catalog ones)."""
+    from graphopt.models.catalog import names
+
+    if name.startswith(EXTRA_PREFIX):
+        name = name[len(EXTRA_PREFIX) :]
+    if name in TORCHVISION_MODELS:
+        return name
+    entry = EXTRA_PREFIX + name
+    if entry not in names():
+        side = _EXTRA_SIDES.get(name, 224)
+        register(
+            ModelSpec(
+                name=entry,
+                family="torchvision",
+                description=f"torchvision {name}, random seeded weights, 3x{side}x{side}",
+                builder=partial(build_torchvision, name, side),
+                requires=("torch", "torchvision"),
+                slow=True,
+            )
+        )
+    return entry
