@@ -18,11 +18,13 @@ import glob
 import os
 import shutil
 import socket
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
@@ -425,14 +427,112 @@ def _process_alive(pid: int) -> bool:
 
 
 def _save_inline(model: ir.Model, path: Path) -> None:
-    with _external_tensors_in_memory(model):
-        proto = ir.serde.serialize_model(model)
+    """One .onnx file. Large initializers are written straight from their buffers.
+
+    Building one protobuf message and serializing it copies every weight twice (~0.3 s per
+    100 MB each), so large initializers are left out of the message (a zero-size stand-in
+    keeps their place in the IR) and appended to the graph field as protobuf bytes written
+    by hand: a repeated field may come in any number of pieces, and a message field that
+    occurs twice is merged, so the file parses as one model.
+    """
+    streamed = _stand_in_large_initializers(model.graph)
     try:
-        data = proto.SerializeToString()
+        with _external_tensors_in_memory(model):
+            proto = ir.serde.serialize_model(model)
+    finally:
+        for value, tensor in streamed:
+            value.const_value = tensor
+    if streamed:
+        names = {value.name for value, _ in streamed}
+        kept = [t for t in proto.graph.initializer if t.name not in names]
+        del proto.graph.initializer[:]
+        proto.graph.initializer.extend(kept)
+    pieces = [(_initializer_head(value.name, tensor), tensor) for value, tensor in streamed]
+    streamed_size = sum(len(head) + tensor.nbytes for head, tensor in pieces)
+    try:
+        model_bytes = proto.SerializeToString()
     except ValueError as exc:  # protobuf's size limit
         raise UserInputError(f"model too large for one file ({exc}); use --external-data") from None
+    if len(model_bytes) + streamed_size + 16 > PROTOBUF_LIMIT_BYTES:
+        raise UserInputError("model too large for one file (over 2 GB); use --external-data")
     with open(path, "wb") as handle:
-        handle.write(data)
+        handle.write(model_bytes)
+        if streamed:
+            handle.write(_GRAPH_TAG + _varint(streamed_size))
+            for head, tensor in pieces:
+                handle.write(head)
+                handle.write(_tensor_buffer(tensor))
+
+
+# Initializers from this size on are streamed by _save_inline (smaller ones: not worth it).
+STREAM_THRESHOLD_BYTES = 1 << 20
+# Protobuf keys (field number << 3 | 2, length-delimited): ModelProto.graph,
+# GraphProto.initializer, TensorProto.raw_data.
+_GRAPH_TAG, _INITIALIZER_TAG, _RAW_DATA_TAG = b"\x3a", b"\x2a", b"\x4a"
+_PLAIN_DTYPES = frozenset(
+    getattr(ir.DataType, name)
+    for name in (
+        *("FLOAT", "DOUBLE", "FLOAT16", "INT8", "INT16", "INT32", "INT64"),
+        *("UINT8", "UINT16", "UINT32", "UINT64", "BOOL"),
+    )
+)
+
+
+def _stand_in_large_initializers(graph: ir.Graph) -> list[tuple[ir.Value, ir.TensorProtocol]]:
+    """Swap large plain initializers of the main graph for zero-size tensors; returns them."""
+    streamed = []
+    for value in graph.initializers.values():
+        tensor = value.const_value
+        if (
+            tensor is None
+            or tensor.dtype not in _PLAIN_DTYPES
+            or tensor.nbytes < STREAM_THRESHOLD_BYTES
+            or tensor.doc_string
+            or tensor.metadata_props
+        ):
+            continue
+        streamed.append((value, tensor))
+    for value, _ in streamed:
+        value.const_value = ir.Tensor(np.zeros(0, dtype=value.const_value.dtype.numpy()))
+    return streamed
+
+
+def _initializer_head(name: str, tensor: ir.TensorProtocol) -> bytes:
+    """The bytes of one GraphProto.initializer entry up to its raw data."""
+    header = onnx.TensorProto(name=name, data_type=tensor.dtype.value)
+    header.dims.extend(tensor.shape.numpy())
+    header_bytes = header.SerializeToString()
+    raw_key = _RAW_DATA_TAG + _varint(tensor.nbytes)
+    entry_size = len(header_bytes) + len(raw_key) + tensor.nbytes
+    return _INITIALIZER_TAG + _varint(entry_size) + header_bytes + raw_key
+
+
+def _tensor_buffer(tensor: ir.TensorProtocol) -> bytes | memoryview:
+    """The tensor's little-endian bytes, without a copy when its array already is that."""
+    array = tensor.numpy()
+    if (
+        sys.byteorder == "little"
+        and array.dtype.byteorder in "=|<"
+        and array.flags.c_contiguous
+        and array.dtype == tensor.dtype.numpy()
+        and array.nbytes == tensor.nbytes
+    ):
+        return memoryview(array).cast("B")
+    data = tensor.tobytes()
+    if len(data) != tensor.nbytes:
+        raise ValueError(f"tensor {tensor.name!r}: {len(data)} bytes, expected {tensor.nbytes}")
+    return data
+
+
+def _varint(number: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, number = number & 0x7F, number >> 7
+        if number:
+            out.append(low | 0x80)
+        else:
+            out.append(low)
+            return bytes(out)
 
 
 def to_proto(model: ir.Model) -> onnx.ModelProto:

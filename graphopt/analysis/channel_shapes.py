@@ -77,8 +77,8 @@ def concat_piece(
     start = 0
     for piece in node.inputs:
         shape = ctx.shape(piece)
-        if shape is None or len(shape) != 1:
-            return None
+        if shape is None or len(shape) != 1 or not isinstance(shape[0], int):
+            return None  # a piece of unknown length: later entries cannot be located
         if start <= position < start + shape[0]:
             return piece, position - start
         start += shape[0]

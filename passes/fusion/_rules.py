@@ -2,8 +2,13 @@
 
 Each pattern fusion (LayerNorm, Gelu, RMSNorm, activations) is a set of onnxscript
 ``RewriteRule`` groups, each needing a minimum default-domain opset for the op it creates.
-A group whose op the model's opset lacks is not applied: it is tried on a throwaway clone
-instead, so that the report can say how many matches ``--opset N`` would fuse.
+A group whose op the model's opset lacks is not applied: its matches are only counted
+(nothing is rewritten), so that the report can say how many ``--opset N`` would fuse.
+
+``commute=True`` turns one rule into every input order of its Add/Mul nodes (up to ~1000
+variants for Gelu), and onnxscript tries every variant at every node. Each rule is therefore
+wrapped in a structural pre-check: the op types along the pattern's producer chains must
+appear at the same input positions in the graph before the full matcher runs.
 
 The rules' own check functions read constants through the helpers here, which are strict on
 purpose: a constant matches only when it is a float scalar of the input's dtype, whose shape
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -21,7 +27,8 @@ from typing import ClassVar
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common
-from onnxscript.rewriter import pattern
+import onnxscript.optimizer
+from onnxscript.rewriter import _pattern_ir, pattern
 
 from graphopt import editing
 from graphopt.passes.fusion import _common
@@ -68,13 +75,15 @@ class RuleFusionPass(GraphPass):
         infer_shapes(model)
         opset = _common.default_opset(model)
         hits = 0
-        scratch: ir.Model | None = None
         missed: dict[tuple[str, int], int] = {}
+        claimed: set[ir.Node] = set()  # nodes a counted (not applied) match would replace
         # Groups run in order, each over the whole model: a group with the larger pattern
         # goes first, as onnxscript tries rules node by node and the smaller pattern's root
         # comes first in the graph.
         for group in self.groups():
-            rules = pattern.RewriteRuleSet(list(group.make_rules()), commute=group.commute)
+            rules = plausible_rules(group.make_rules(), group.commute, model)
+            if not rules:
+                continue
             if opset >= group.min_opset:
                 from graphopt.ortrun import has_kernel  # onnxruntime only when needed
 
@@ -84,12 +93,11 @@ class RuleFusionPass(GraphPass):
                         "not fused"
                     )
                     continue
-                hits += rules.apply_to_model(model)
+                hits += pattern.RewriteRuleSet(rules).apply_to_model(model)
                 continue
-            # Dry run on a copy: how many fusions the user misses at this opset.
-            scratch = scratch if scratch is not None else model.clone()
+            # Count only: how many fusions the user misses at this opset.
             key = (group.op, group.min_opset)
-            missed[key] = missed.get(key, 0) + rules.apply_to_model(scratch)
+            missed[key] = missed.get(key, 0) + count_matches(rules, model, claimed)
         for (op, min_opset), count in missed.items():
             if count:
                 self.context.note(
@@ -97,6 +105,158 @@ class RuleFusionPass(GraphPass):
                     f"(model has {opset}); rerun with --opset {min_opset}"
                 )
         return hits
+
+
+# The ops GraphPattern.commute() swaps the inputs of (onnxscript keeps this list private).
+_COMMUTATIVE_OPS = frozenset(
+    ("", op, "")
+    for op in (
+        *("Add", "Mul", "And", "Or", "Xor", "BitwiseAnd", "BitwiseOr", "BitwiseXor"),
+        *("Equal", "Max", "Mean", "Min", "Sum"),
+    )
+)
+
+
+class _AnchoredRule:
+    """A rewrite rule that rejects a node cheaply when the pattern's op types cannot match.
+
+    Everything but ``try_rewrite`` is the wrapped rule's (RewriteRuleSet reads ``name``,
+    ``remove_nodes``, ``as_function`` and the visitors).
+    """
+
+    def __init__(self, rule: pattern.RewriteRule) -> None:
+        self._rule = rule
+        self.root = _root(rule)
+
+    def __getattr__(self, name: str):
+        return getattr(self._rule, name)
+
+    def __str__(self) -> str:
+        return str(self._rule)
+
+    def try_rewrite(self, model, graph_or_function, node, **kwargs):
+        if self.root is not None and not could_match(self.root, node):
+            return None
+        return self._rule.try_rewrite(model, graph_or_function, node, **kwargs)
+
+
+def _root(rule: pattern.RewriteRule) -> _pattern_ir.NodePattern | None:
+    # Private in onnxscript, but stable: the GraphPattern a rule matches. Multi-output
+    # patterns have no single root to pre-check, so they always go to the matcher.
+    target = rule._target_pattern
+    return target.output_nodes[0] if target.has_single_output_node else None
+
+
+def could_match(
+    pattern_node: _pattern_ir.NodePattern, node: ir.Node, *, commuted: bool = False
+) -> bool:
+    """A necessary condition for onnxscript's matcher to match ``pattern_node`` at ``node``.
+
+    Compares only fixed op types, input counts and which inputs are computed by which op;
+    whatever it cannot judge (op alternatives, constants, variables) it lets through.
+    ``commuted``: also accept the input orders ``GraphPattern.commute()`` would generate.
+    """
+    op = pattern_node.op
+    if isinstance(op, _pattern_ir.StringConstantPattern) and op.value() != node.op_type:
+        return False
+    patterns = pattern_node.inputs
+    if len(node.inputs) > len(patterns) and not pattern_node.allow_other_inputs:
+        return False
+    if commuted and pattern_node.op_identifier() in _COMMUTATIVE_OPS:
+        if len(patterns) != 2:
+            return True
+        return _inputs_could_match(patterns, node, commuted) or _inputs_could_match(
+            patterns[::-1], node, commuted
+        )
+    return _inputs_could_match(patterns, node, commuted)
+
+
+def _inputs_could_match(patterns, node: ir.Node, commuted: bool) -> bool:
+    for value, value_pattern in zip(node.inputs, patterns, strict=False):
+        if not isinstance(value_pattern, _pattern_ir.NodeOutputPattern):
+            continue
+        producer = value.producer() if value is not None else None
+        if producer is None or value.index() != value_pattern.output_index:
+            return False
+        if not could_match(value_pattern.producer(), producer, commuted=commuted):
+            return False
+    return True
+
+
+def plausible_rules(
+    rules: Sequence[pattern.RewriteRule], commute: bool, model: ir.Model
+) -> list[_AnchoredRule]:
+    """The (commuted) rules that pass ``could_match`` at some node of ``model``, in order.
+
+    What ``RewriteRuleSet(rules, commute=commute)`` would try, less the rules that cannot
+    match anywhere. Commuting is the costly step (one rule becomes up to 2^k patterns), so
+    a rule is commuted only when one of its input orders passes the pre-check somewhere.
+    The replacements create the fused op, which no pattern contains: a rewrite never makes
+    another rule of the group plausible.
+    """
+    by_op: dict[str, list[ir.Node]] = {}
+    every: list[ir.Node] = []
+    functions = (node for f in model.functions.values() for node in f)
+    for node in itertools.chain(editing.all_nodes(model), functions):
+        by_op.setdefault(node.op_type, []).append(node)
+        every.append(node)
+
+    def candidates(root: _pattern_ir.NodePattern) -> list[ir.Node]:
+        op = root.op
+        if isinstance(op, _pattern_ir.StringConstantPattern):
+            return by_op.get(op.value(), [])
+        return every
+
+    kept: list[_AnchoredRule] = []
+    for rule in rules:
+        root = _root(rule)
+        if root is not None and not any(
+            could_match(root, n, commuted=commute) for n in candidates(root)
+        ):
+            continue
+        for variant in rule.commute() if commute else [rule]:
+            anchored = _AnchoredRule(variant)
+            if anchored.root is None or any(
+                could_match(anchored.root, n) for n in candidates(anchored.root)
+            ):
+                kept.append(anchored)
+    return kept
+
+
+def count_matches(rules: Sequence[_AnchoredRule], model: ir.Model, claimed: set[ir.Node]) -> int:
+    """How many rewrites ``RewriteRuleSet(rules).apply_to_model`` would make, changing nothing.
+
+    Like onnxscript, the first rule whose rewrite succeeds at a node wins. A match that
+    shares a node with an earlier one (in ``claimed``, updated here) is not counted: applied
+    for real, the earlier rewrite would have removed that node.
+    """
+
+    def walk(graph: ir.Graph | ir.Function) -> int:
+        count = 0
+        for node in graph:
+            for rule in rules:
+                delta = rule.try_rewrite(model, graph, node)
+                if delta is None:
+                    continue
+                nodes = set(delta.match.nodes)
+                if nodes.isdisjoint(claimed):
+                    claimed.update(nodes)
+                    count += 1
+                    break
+            for attr in node.attributes.values():
+                if attr.type == ir.AttributeType.GRAPH:
+                    count += walk(attr.value)
+                elif attr.type == ir.AttributeType.GRAPHS:
+                    count += sum(walk(sub) for sub in attr.value)
+        return count
+
+    # apply_to_model does this first too: the rules' checks read Constant nodes' values.
+    onnxscript.optimizer.basic_constant_propagation(model.graph)
+    total = walk(model.graph)
+    for function in model.functions.values():
+        onnxscript.optimizer.basic_constant_propagation(function)
+        total += walk(function)
+    return total
 
 
 def infer_shapes(model: ir.Model) -> None:
