@@ -147,6 +147,9 @@ class PassManager:
         self.progress = progress or (lambda message: None)
         self._stats: dict[str, PassStats] = {}
         self._disabled: set[str] = set()
+        # Node count of the model as the last pass left it (None: recount). A pass that
+        # reports no change did not change the count, so most runs skip the recount.
+        self._count: tuple[int, int] | None = None
 
     def run(self, model: ir.Model) -> tuple[ir.Model, RunReport]:
         start = time.perf_counter()
@@ -230,6 +233,7 @@ class PassManager:
             self.context.note(f"{replay_reason}: replayed with a check after every pass")
             model = start_state
             self._stats = stats_before
+            self._count = None
             rolled_back = self._run_steps(model, steps, check_each=True, verifier=verifier)
             if verifier is not None:
                 verification = verifier.check(model)
@@ -294,7 +298,9 @@ class PassManager:
         # In replay, exact passes are snapshotted (and checked when there is a verifier); lossy
         # ones are measured, not rolled back.
         snapshot = model.clone() if check_each and cls.exact else None
-        before = count_nodes(model)
+        before = self._count[1] if self._count and self._count[0] == id(model.graph) else None
+        if before is None:
+            before = count_nodes(model)
         graph_pass = cls(self.context, **spec.options)
         began = time.perf_counter()
         try:
@@ -308,6 +314,7 @@ class PassManager:
                 raise
             logger.warning("pass %s failed (%s); rolled back", spec.name, exc)
             _restore(model, snapshot)
+            self._count = None
             self._disabled.add(spec.name)
             rolled_back.append(spec.name)
             stats.status = "rolled back (error)"
@@ -319,12 +326,15 @@ class PassManager:
             check = verifier.check(model)
             if not check.ok:
                 _restore(model, snapshot)
+                self._count = None
                 self._disabled.add(spec.name)
                 rolled_back.append(spec.name)
                 stats.status = f"rolled back: {check.reason}"
                 return False
         stats.hits += hits
-        stats.nodes_removed += before - count_nodes(model)
+        after = count_nodes(model) if result.modified else before
+        self._count = (id(model.graph), after)
+        stats.nodes_removed += before - after
         return result.modified
 
 

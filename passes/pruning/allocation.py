@@ -124,11 +124,14 @@ def allocate(
 ) -> dict[int, list[int]]:
     """Units to remove per group id so the predicted reduction reaches ``goal``.
 
-    ``global`` ranks units by importance per unit of cost: a unit's normalized score over
-    the share of FLOPs (params) one unit of its group saves, so that a cheap FFN channel and
-    an expensive attention head compete on what they cost as well as what they carry.
+    ``global`` ranks units by importance per unit of cost: a unit's share of its group's
+    importance over the share of FLOPs (params) removing it saves, so that an FFN channel
+    (1/1536 of its layer's signal, little cost) and an attention head (1/12 of the signal,
+    much cost) compete on what they carry per FLOP.
     """
-    value = {p.group.id: p.scores / _marginal(p, cost, kind) for p in plans}
+    # A unit's share of its group's signal (scores are mean-normalized, so score / size)
+    # over the share of the model's cost it saves.
+    value = {p.group.id: p.scores / (p.group.size * _marginal(p, cost, kind)) for p in plans}
 
     def removal(x: float) -> dict[int, list[int]]:
         out = {}

@@ -8,7 +8,8 @@ import pytest
 from graphopt import io
 from graphopt.analysis.flops import model_flops
 from graphopt.errors import UserInputError
-from graphopt.passes.pruning.prune import PrunePass, _live_params
+from graphopt.passes.pruning.prune import PrunePass
+from graphopt.passes.pruning.pruner import _live_params
 from graphopt.registry import PassContext
 from graphopt.verify import run_model
 from tests.passes.pruning.graphs import cnn, correlated, mlp, write_npz

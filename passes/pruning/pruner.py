@@ -1,0 +1,257 @@
+"""Structured pruning of one model: score → allocate → remove → compensate → report.
+
+:func:`prune_model` does the work behind the ``prune`` pass (:mod:`.prune`), which only
+parses options: this module and the analysis it needs load when pruning is asked for.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from graphopt.analysis.channel_removal import remove_channels
+from graphopt.analysis.dependency import DimKey
+from graphopt.analysis.flops import model_flops
+from graphopt.analysis.zig import ZigReport, analyze
+from graphopt.passes.pruning.activations import channel_statistics
+from graphopt.passes.pruning.allocation import CostModel, allocate, plan_group
+from graphopt.passes.pruning.compensation import compensate
+from graphopt.passes.pruning.consumers import find_consumers, strip_tags, tag_nodes
+from graphopt.passes.pruning.fidelity import (
+    Fidelity,
+    measure,
+    outputs_on,
+    padding_mask,
+    summary,
+)
+from graphopt.passes.pruning.importance import score_group
+from graphopt.passes.pruning.samples import CalibrationSet
+from graphopt.passes.pruning.settings import PruneSettings, PruneTarget
+from graphopt.registry import PassContext
+
+# Goal corrections when the measured reduction falls short of the cost model's prediction.
+MAX_CORRECTIONS = 3
+TOLERANCE = 0.005
+
+
+@dataclass
+class PruneReport:
+    """What pruning did and what it cost in fidelity (held-out calibration samples)."""
+
+    target: str
+    criterion: str
+    allocation: str
+    compensation: str
+    calibration: str
+    flops_before: int = 0
+    flops_after: int = 0
+    params_before: int = 0
+    params_after: int = 0
+    groups_pruned: int = 0
+    groups_prunable: int = 0
+    units_removed: int = 0
+    layers_compensated: int = 0
+    fallback_groups: int = 0
+    fidelity_pruned: list[Fidelity] = field(default_factory=list)
+    fidelity_compensated: list[Fidelity] = field(default_factory=list)
+    heldout_samples: int = 0
+    seconds: float = 0.0
+    compensation_kept: bool = True
+
+    @property
+    def flops_removed(self) -> float:
+        return 1.0 - self.flops_after / self.flops_before if self.flops_before else 0.0
+
+    @property
+    def params_removed(self) -> float:
+        return 1.0 - self.params_after / self.params_before if self.params_before else 0.0
+
+    def to_json(self) -> dict:
+        out = {k: v for k, v in self.__dict__.items() if not k.startswith("fidelity")}
+        out["flops_removed"] = self.flops_removed
+        out["params_removed"] = self.params_removed
+        out["fidelity_pruned"] = [f.to_json() for f in self.fidelity_pruned]
+        out["fidelity_compensated"] = [f.to_json() for f in self.fidelity_compensated]
+        return out
+
+
+def prune_model(
+    model: ir.Model,
+    settings: PruneSettings,
+    calib: CalibrationSet | None,
+    context: PassContext,
+) -> tuple[ir.Model, PruneReport]:
+    """The pruned (and compensated) copy of ``model``, and what it cost; ``model`` keeps its
+    content (consumer tags are added and removed again)."""
+    start = time.perf_counter()
+    shapes = calib.sample_shapes() if calib is not None else dict(context.input_shapes)
+    report = analyze(model, shapes)
+    prunable = report.prunable
+    record = PruneReport(
+        str(settings.target),
+        settings.criterion,
+        settings.allocation,
+        settings.compensation,
+        calib.source if calib is not None else "none",
+        groups_prunable=len(prunable),
+    )
+    context.details["prune"] = record
+    if not prunable:
+        context.note("prune: no prunable group in this model (see `graphopt analyze`)")
+        return model, record
+    fit, held = calib.split(settings.holdout) if calib is not None else (None, None)
+    consumers = find_consumers(report, prunable)
+    stats = None
+    if settings.criterion in ("activation", "fluctuation"):
+        stats = channel_statistics(model, sorted({c.data_key for c in consumers}), fit)
+    scored = [score_group(report, g, settings.criterion, consumers, stats) for g in prunable]
+    record.fallback_groups = sum(s.criterion != settings.criterion for s in scored)
+    if record.fallback_groups:
+        context.note(
+            f"prune: criterion {settings.criterion} does not apply to "
+            f"{record.fallback_groups} group(s) (no BatchNormalization / no consumer "
+            "layer); l2 magnitude used there"
+        )
+    round_to = settings.round_to
+    plans = [
+        plan_group(g, s.scores, round_to, settings.max_group_ratio)
+        for g, s in zip(prunable, scored, strict=True)
+    ]
+    flops_before = model_flops(model, shapes).total
+    params_before = _live_params(model)
+    pruned, removed, indices = _remove(
+        model, report, plans, settings.target, settings.allocation, shapes
+    )
+    record.flops_before, record.params_before = flops_before, params_before
+    record.flops_after = model_flops(pruned, shapes).total
+    record.params_after = _live_params(pruned)
+    record.units_removed = sum(len(u) for u in removed.values())
+    record.groups_pruned = sum(1 for u in removed.values() if u)
+    achieved = record.flops_removed if settings.target.kind == "flops" else record.params_removed
+    if achieved + TOLERANCE < settings.target.ratio:
+        context.note(
+            f"prune: reached {settings.target.kind} -{100 * achieved:.1f}% of the asked "
+            f"-{100 * settings.target.ratio:.0f}% (group limits, alignment or blocked groups)"
+        )
+    if held is not None:
+        reference = outputs_on(model, held)
+        names = [v.name for v in model.graph.outputs]
+        record.heldout_samples = held.count
+        record.fidelity_pruned = measure(
+            names, reference, outputs_on(pruned, held), padding_mask(held)
+        )
+    if settings.compensation != "none" and fit is not None:
+        touched = {gid for gid, units in removed.items() if units}
+        live = [c for c in consumers if c.group in touched]
+        pruned, layers = _compensate(model, pruned, live, fit, settings, indices, context)
+        record.layers_compensated = layers
+        record.compensation_kept = layers > 0
+        if held is not None and layers:
+            record.fidelity_compensated = measure(
+                names, reference, outputs_on(pruned, held), padding_mask(held)
+            )
+    strip_tags(model)
+    strip_tags(pruned)
+    _note_summary(context, record)
+    record.seconds = time.perf_counter() - start
+    return pruned, record
+
+
+def _remove(
+    model: ir.Model,
+    report: ZigReport,
+    plans,
+    target: PruneTarget,
+    allocation: str,
+    shapes: dict[str, tuple[int, ...]],
+) -> tuple[ir.Model, dict[int, list[int]], dict[DimKey, np.ndarray]]:
+    """Allocate, remove, measure; correct the goal while the measurement falls short."""
+    cost = CostModel(report, [p.group for p in plans])
+    tag_nodes(model, find_consumers(report, [p.group for p in plans]))
+    before = model_flops(model, shapes).total if target.kind == "flops" else _live_params(model)
+    goal = target.ratio
+    best, best_gap = None, float("inf")
+    for _ in range(MAX_CORRECTIONS + 1):
+        chosen = allocate(plans, cost, target.kind, goal, allocation)
+        indices = _indices(plans, chosen)
+        pruned = remove_channels(model, report.graph, indices)
+        after = (
+            model_flops(pruned, shapes).total if target.kind == "flops" else _live_params(pruned)
+        )
+        achieved = 1.0 - after / before if before else 0.0
+        # Prefer results that reach the target; among them, the closest one.
+        gap = abs(achieved - target.ratio) + (1.0 if achieved + TOLERANCE < target.ratio else 0)
+        if gap < best_gap:
+            best, best_gap = (pruned, chosen, indices), gap
+        if abs(achieved - target.ratio) <= 2 * TOLERANCE:
+            break
+        goal = min(0.99, max(0.0, goal + (target.ratio - achieved)))
+    return best
+
+
+def _note_summary(context: PassContext, record: PruneReport) -> None:
+    line = (
+        f"prune: {record.units_removed} units from {record.groups_pruned}/"
+        f"{record.groups_prunable} groups; FLOPs -{100 * record.flops_removed:.1f}%, "
+        f"params -{100 * record.params_removed:.1f}%"
+    )
+    if record.fidelity_pruned:
+        line += f"; held-out ({record.heldout_samples}): {summary(record.fidelity_pruned)}"
+    if record.fidelity_compensated:
+        line += f" -> after {record.compensation}: {summary(record.fidelity_compensated)}"
+    context.note(line)
+
+
+def _indices(plans, chosen: dict[int, list[int]]) -> dict[DimKey, np.ndarray]:
+    removed: dict[DimKey, list[np.ndarray]] = {}
+    for plan in plans:
+        units = chosen.get(plan.group.id) or []
+        if not units:
+            continue
+        for key, idx in plan.group.unit_indices(units).items():
+            removed.setdefault(key, []).append(idx)
+    return {k: np.unique(np.concatenate(v)) for k, v in removed.items()}
+
+
+def _live_params(model: ir.Model) -> int:
+    """Parameter elements still in use (removal leaves replaced tensors for cleanup)."""
+    total = 0
+    for value in model.graph.initializers.values():
+        if value.const_value is not None and (value.uses() or value.is_graph_output()):
+            total += value.const_value.size
+    for node in model.graph:
+        if node.op_type == "Constant" and "value" in node.attributes and node.outputs[0].uses():
+            total += node.attributes["value"].value.size
+    return total
+
+
+def _compensate(model, pruned, consumers, fit, settings, indices, context):
+    """Refit the consumers on most of the fitting samples; keep the refit only if it brings
+    the outputs closer on the rest (a validation slice, still disjoint from the held-out)."""
+    fit_part, validation = fit.split(0.2)
+    if validation is None:
+        fit_part = fit
+    plain = pruned.clone()  # refits add new tensors, so the clone stays the plain result
+    notes: list[str] = []
+    layers = compensate(
+        model, pruned, consumers, fit_part, settings.compensation, settings.ridge, notes, indices
+    )
+    for note in notes[:5]:
+        context.note(f"prune: {note}")
+    if validation is None or not layers:
+        return pruned, layers
+    names = [v.name for v in model.graph.outputs]
+    reference = outputs_on(model, validation)
+    mask = padding_mask(validation)
+    before = measure(names, reference, outputs_on(plain, validation), mask)
+    after = measure(names, reference, outputs_on(pruned, validation), mask)
+    if sum(f.mean_abs for f in after) > sum(f.mean_abs for f in before):
+        context.note(
+            f"prune: {settings.compensation} compensation moved the outputs further on the "
+            f"validation samples ({validation.count}); kept the uncompensated result"
+        )
+        return plain, 0
+    return pruned, layers
