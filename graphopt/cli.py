@@ -106,9 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prune.add_argument(
         "--criterion",
-        choices=("l1", "l2", "bn_scale", "activation", "fluctuation"),
+        choices=("l1", "l2", "bn_scale", "activation", "fluctuation", "reconstruction"),
         default=None,
-        help="unit importance (default l2; activation and fluctuation need --calib)",
+        help="unit importance (default l2; activation, fluctuation, reconstruction need --calib)",
     )
     prune.add_argument("--allocation", choices=("uniform", "global"), default=None)
     prune.add_argument(

@@ -27,15 +27,25 @@ class ChannelStats:
     count: float = 0.0
     total: np.ndarray | None = None  # Σ x_j
     squares: np.ndarray | None = None  # Σ x_j²
+    gram: np.ndarray | None = None  # Σ x xᵀ, when asked for
 
-    def add(self, rows: np.ndarray) -> None:
+    def add(self, rows: np.ndarray, gram: bool = False) -> None:
         rows = rows.astype(np.float64, copy=False)
         if self.total is None:
             self.total = np.zeros(rows.shape[1])
             self.squares = np.zeros(rows.shape[1])
+            if gram:
+                self.gram = np.zeros((rows.shape[1], rows.shape[1]))
         self.count += rows.shape[0]
         self.total += rows.sum(axis=0)
         self.squares += np.einsum("ij,ij->j", rows, rows)
+        if self.gram is not None:
+            self.gram += rows.T @ rows
+
+    @property
+    def covariance(self) -> np.ndarray:
+        n = max(self.count, 1.0)
+        return self.gram / n - np.outer(self.mean, self.mean)
 
     @property
     def mean(self) -> np.ndarray:
@@ -113,14 +123,19 @@ def observe(
         yield feeds, dict(zip(names, values, strict=True))
 
 
+# Covariances are kept for channel counts up to this (C×C float64 each).
+MAX_GRAM_CHANNELS = 4096
+
+
 def channel_statistics(
-    model: ir.Model, keys: list[DimKey], calib: CalibrationSet
+    model: ir.Model, keys: list[DimKey], calib: CalibrationSet, gram: bool = False
 ) -> dict[DimKey, ChannelStats]:
-    """Per-channel moments of each (value, axis) in ``keys``."""
+    """Per-channel moments of each (value, axis) in ``keys`` (and covariances with ``gram``)."""
     stats = {key: ChannelStats() for key in keys}
     names = sorted({name for name, _ in keys})
     for feeds, values in observe(model, names, calib):
         mask = sequence_mask(feeds)
         for key in keys:
-            stats[key].add(channel_rows(values[key[0]], key[1], mask))
+            rows = channel_rows(values[key[0]], key[1], mask)
+            stats[key].add(rows, gram and rows.shape[1] <= MAX_GRAM_CHANNELS)
     return stats

@@ -7,6 +7,11 @@
 - ``activation``: Σ ‖X_j‖₂ · ‖W_{:,j}‖₂ over the unit's input channels j of each consumer
   layer (Wanda, per channel), X from calibration data.
 - ``fluctuation``: Σ Var(X_j) · ‖W_{:,j}‖₂² (FLAP's fluctuation metric).
+- ``reconstruction``: Σ ‖W_{:,j}‖₂² / [(Σ + λI)⁻¹]_jj, the output error left when channel j
+  goes and the others are refitted by least squares (Optimal Brain Surgeon's saliency for a
+  whole input channel, Σ the channel covariance). It rates a channel by what the *others*
+  cannot reconstruct, so it pairs with ``--compensation lsq``; channels that are highly
+  correlated with kept ones cost little to remove.
 
 A criterion that cannot apply to a group (no BN, no consumer layer) falls back to ``l2``
 for that group and says so. Scores are divided by their mean within the group so that
@@ -44,7 +49,7 @@ def score_group(
     raw: np.ndarray | None = None
     if criterion == "bn_scale":
         raw = _bn_scale(report, group)
-    elif criterion in ("activation", "fluctuation") and stats is not None:
+    elif criterion in ("activation", "fluctuation", "reconstruction") and stats is not None:
         raw = _activation(report, group, criterion, consumers, stats)
     elif criterion in ("l1", "l2"):
         raw = _magnitude(report, group, criterion)
@@ -111,8 +116,19 @@ def _activation(
         channel = stats[consumer.data_key]
         if criterion == "activation":
             per_element = channel.norm * np.sqrt(column_sq)
-        else:
+        elif criterion == "fluctuation":
             per_element = channel.variance * column_sq
+        elif channel.gram is not None:
+            per_element = column_sq / _inverse_diagonal(channel.covariance)
+        else:  # too many channels for a covariance: the activation norm instead
+            per_element = channel.norm * np.sqrt(column_sq)
         total += _per_unit(group, consumer.weight_key, per_element)
         found = True
     return total if found else None
+
+
+def _inverse_diagonal(covariance: np.ndarray, ridge: float = 1e-2) -> np.ndarray:
+    """diag((Σ + λI)⁻¹), λ relative to the mean variance (Σ may be singular)."""
+    scale = max(float(np.mean(np.diag(covariance))), 1e-12)
+    system = covariance + ridge * scale * np.eye(len(covariance))
+    return np.diag(np.linalg.inv(system))

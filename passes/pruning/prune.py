@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import onnx_ir as ir
 
 from graphopt.errors import UserInputError
-from graphopt.passes.pruning.settings import PruneSettings, PruneTarget
+from graphopt.passes.pruning.settings import DATA_CRITERIA, PruneSettings, PruneTarget
 from graphopt.registry import GraphPass, PassOption, Stage, register
 
 if TYPE_CHECKING:
@@ -29,13 +29,15 @@ class PrunePass(GraphPass):
     options = (
         PassOption("flops", float, 0.0, "fraction of FLOPs to remove (0 < R < 1)"),
         PassOption("params", float, 0.0, "fraction of parameters to remove (0 < R < 1)"),
-        PassOption("criterion", str, "l2", "l1, l2, bn_scale, activation or fluctuation"),
+        PassOption(
+            "criterion", str, "l2", "l1, l2, bn_scale, activation, fluctuation or reconstruction"
+        ),
         PassOption("allocation", str, "uniform", "uniform or global"),
         PassOption("max_group_ratio", float, 0.8, "most any group may lose"),
         PassOption("round_to", int, 0, "kept channels multiple of N (0: default by size)"),
         PassOption("compensation", str, "none", "none, bias or lsq"),
         PassOption("calib", str, "", "calibration .npz, or 'random' for generated data"),
-        PassOption("ridge", float, 1e-2, "least-squares ridge, relative to mean variance"),
+        PassOption("ridge", float, 0.3, "least-squares ridge, relative to mean variance"),
         PassOption("holdout", float, 0.25, "share of calibration samples kept for fidelity"),
     )
 
@@ -73,7 +75,7 @@ class PrunePass(GraphPass):
             if settings.needs_data:
                 wants = (
                     f"criterion {settings.criterion}"
-                    if settings.criterion in ("activation", "fluctuation")
+                    if settings.criterion in DATA_CRITERIA
                     else f"compensation {settings.compensation}"
                 )
                 raise UserInputError(

@@ -29,7 +29,7 @@ from graphopt.passes.pruning.fidelity import (
 )
 from graphopt.passes.pruning.importance import score_group
 from graphopt.passes.pruning.samples import CalibrationSet
-from graphopt.passes.pruning.settings import PruneSettings, PruneTarget
+from graphopt.passes.pruning.settings import DATA_CRITERIA, PruneSettings, PruneTarget
 from graphopt.registry import PassContext
 
 # Goal corrections when the measured reduction falls short of the cost model's prediction.
@@ -105,8 +105,9 @@ def prune_model(
     fit, held = calib.split(settings.holdout) if calib is not None else (None, None)
     consumers = find_consumers(report, prunable)
     stats = None
-    if settings.criterion in ("activation", "fluctuation"):
-        stats = channel_statistics(model, sorted({c.data_key for c in consumers}), fit)
+    if settings.criterion in DATA_CRITERIA:
+        keys = sorted({c.data_key for c in consumers})
+        stats = channel_statistics(model, keys, fit, gram=settings.criterion == "reconstruction")
     scored = [score_group(report, g, settings.criterion, consumers, stats) for g in prunable]
     record.fallback_groups = sum(s.criterion != settings.criterion for s in scored)
     if record.fallback_groups:

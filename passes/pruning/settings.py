@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 from graphopt.errors import UserInputError
 
-CRITERIA = ("l1", "l2", "bn_scale", "activation", "fluctuation")
-DATA_CRITERIA = ("activation", "fluctuation")
+CRITERIA = ("l1", "l2", "bn_scale", "activation", "fluctuation", "reconstruction")
+DATA_CRITERIA = ("activation", "fluctuation", "reconstruction")
 ALLOCATIONS = ("uniform", "global")
 COMPENSATIONS = ("none", "bias", "lsq")
 TARGET_KINDS = ("flops", "params")
@@ -50,7 +50,7 @@ class PruneSettings:
     round_to: int | None = None
     compensation: str = "none"
     # Ridge strength relative to the mean diagonal of the activation covariance.
-    ridge: float = 1e-2
+    ridge: float = 0.3
     # Fraction of the calibration samples held out for the fidelity report (never fitted on).
     holdout: float = 0.25
 

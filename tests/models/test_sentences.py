@@ -24,7 +24,7 @@ def test_count_and_uniqueness():
 
 def test_splits_are_disjoint_and_deterministic():
     calib, evaluation = sentences.sentences("calib"), sentences.sentences("eval")
-    assert len(calib) == 256 and len(evaluation) == 425
+    assert len(calib) == 431 and len(evaluation) == 250
     assert not set(calib) & set(evaluation)
     assert len(calib) + len(evaluation) == len(sentences.all_sentences())
     assert sentences.sentences("calib", 10) == calib[:10]

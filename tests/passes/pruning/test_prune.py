@@ -172,3 +172,30 @@ def test_patch_rows_reproduce_conv(stride, dilation, pad):
     rows = patch_rows(x, (3, 3), (pad,) * 4, (stride,) * 2, (dilation,) * 2)
     got = (rows @ weight.reshape(5, -1).T).reshape(2, y.shape[2], y.shape[3], 5)
     np.testing.assert_allclose(got.transpose(0, 3, 1, 2), y, rtol=1e-4, atol=1e-4)
+
+
+def test_reconstruction_removes_a_duplicated_unit_and_lsq_absorbs_it(tmp_path):
+    """A hidden unit that copies another carries nothing the other cannot: the reconstruction
+    criterion picks one of the twins, and least squares moves its weight onto the other."""
+    model = mlp(hidden=16)
+    for name, axis in (("w1", 1), ("b1", 0)):
+        value = model.graph.initializers[name]
+        array = value.const_value.numpy().copy()
+        np.moveaxis(array, axis, 0)[3] = np.moveaxis(array, axis, 0)[7]
+        value.const_value = io.ir.Tensor(array, name=name)
+    rng = np.random.default_rng(11)
+    calib = write_npz(tmp_path / "c.npz", {"x": rng.standard_normal((64, 4, 16), np.float32)})
+    pruned, report, _ = prune(
+        model,
+        params=0.05,  # one unit (w1 column, b1 entry, w2 row) is 33 of 544 params
+        criterion="reconstruction",
+        compensation="lsq",
+        calib=calib,
+        round_to=1,
+        ridge=1e-6,
+    )
+    assert report.units_removed == 1
+    feeds = {"x": rng.standard_normal((2, 4, 16)).astype(np.float32)}
+    (ref,) = run_model(model, feeds)
+    (got,) = run_model(pruned, feeds)
+    assert np.abs(ref - got).max() <= 1e-3 * np.abs(ref).max()
