@@ -121,13 +121,21 @@ def prune_model(
         plan_group(g, s.scores, round_to, settings.max_group_ratio)
         for g, s in zip(prunable, scored, strict=True)
     ]
-    flops_before = model_flops(model, shapes).total
+    counted_before = model_flops(model, shapes)
+    flops_before = counted_before.total
     params_before = _live_params(model)
     pruned, removed, indices = _remove(
         model, report, plans, settings.target, settings.allocation, shapes
     )
     record.flops_before, record.params_before = flops_before, params_before
-    record.flops_after = model_flops(pruned, shapes).total
+    counted_after = model_flops(pruned, shapes)
+    record.flops_after = counted_after.total
+    unknown = sum(counted_after.unknown_shape.values()) - sum(counted_before.unknown_shape.values())
+    if unknown > 0:
+        context.note(
+            f"prune: warning: shapes of {unknown} more node(s) could not be inferred in the "
+            "pruned model than in the original; the FLOPs reduction shown may be off"
+        )
     record.params_after = _live_params(pruned)
     record.units_removed = sum(len(u) for u in removed.values())
     record.groups_pruned = sum(1 for u in removed.values() if u)
