@@ -108,9 +108,6 @@ def _shapes_from_folded_copy(clone: ir.Model) -> None:
     """
     from onnxscript.optimizer import _constant_folding as folding
 
-    from graphopt.passes.erasure.shape_folding import ShapeFoldingPass
-    from graphopt.registry import PassContext
-
     def shape_arithmetic(node: ir.Node) -> bool:
         # Only integer tensors (shapes, sizes, indices): floats are data, not shapes.
         return node.domain in ("", "ai.onnx") and all(
@@ -124,16 +121,14 @@ def _shapes_from_folded_copy(clone: ir.Model) -> None:
         output_size_limit=_SHAPE_FOLD_LIMIT,
         should_fold=shape_arithmetic,
     )
-    for _ in range(3):
-        changed = ShapeFoldingPass(PassContext())(folded).modified
-        try:
-            changed |= folder(folded).modified
-        except Exception as exc:  # a failing evaluator: keep what onnx inferred
-            logger.info("shape arithmetic folding failed: %s", exc)
-        _forget_symbolic(folded)
-        _onnx_inference(folded)
-        if not changed:
-            break
+    # Evaluations that fail here only mean a shape stays unknown: not the user's concern.
+    quiet = logging.getLogger(folding.__name__)
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        _fold_rounds(folded, folder)
+    finally:
+        quiet.setLevel(level)
     known = {
         o.name: o.shape
         for node in folded.graph
@@ -175,3 +170,19 @@ def shape_text(shape: ir.Shape | None) -> list[int | str | None] | None:
         else:
             dims.append(None)
     return dims
+
+
+def _fold_rounds(folded: ir.Model, folder) -> None:
+    from graphopt.passes.erasure.shape_folding import ShapeFoldingPass
+    from graphopt.registry import PassContext
+
+    for _ in range(3):
+        changed = ShapeFoldingPass(PassContext())(folded).modified
+        try:
+            changed |= folder(folded).modified
+        except Exception as exc:  # a failing evaluator: keep what onnx inferred
+            logger.info("shape arithmetic folding failed: %s", exc)
+        _forget_symbolic(folded)
+        _onnx_inference(folded)
+        if not changed:
+            break
