@@ -181,6 +181,10 @@ def _judge_compensation(result: RunResult, report) -> None:
     result.abs_pruned, result.abs_compensated = before.mean_abs, after.mean_abs
     moved = [(b, a) for b, a in pairs if b.mean_abs > 0]
     result.closer = bool(moved) and all(helped(b, a) for b, a in moved)
+    if not report.compensation_kept:
+        result.closer = False
+        result.errors.append("compensation not kept: it did not help on the validation slice")
+        return
     if not result.closer:
         bad = next((b.output for b, a in moved if not helped(b, a)), "-")
         result.errors.append(f"compensation did not help on output {bad!r}")

@@ -122,8 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="N",
-        help="kept channel counts are multiples of N (default: 16 for groups of >= 256 "
-        "channels, 8 for >= 64, else 1)",
+        help="kept channel counts are multiples of N (default: 16 for groups of >= 32 "
+        "channels, else 1)",
     )
     prune.add_argument(
         "--calib",

@@ -162,6 +162,8 @@ def prune_model(
             record.fidelity_compensated = measure(
                 names, reference, outputs_on(pruned, held), padding_mask(held)
             )
+        elif held is not None:  # refit not kept: the result is the plainly pruned model
+            record.fidelity_compensated = list(record.fidelity_pruned)
     strip_tags(model)
     strip_tags(pruned)
     _note_summary(context, record)
