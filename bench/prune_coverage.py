@@ -395,7 +395,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", help="comma-separated catalog or torchvision names")
     parser.add_argument("--set", choices=["catalog", "extra", "all"], default="catalog")
-    parser.add_argument("--results", default="prune_coverage.jsonl")
+    parser.add_argument(
+        "--results",
+        default=str(Path(tempfile.gettempdir()) / "graphopt-prune-coverage.jsonl"),
+        help="JSON lines file the rows are appended to (default: in the temp folder)",
+    )
     parser.add_argument("--markdown", help="write the table of every row in --results here")
     parser.add_argument("--max-params", type=float, default=100e6)
     parser.add_argument("--max-gflops", type=float, default=25.0)
