@@ -293,7 +293,8 @@ def _prune_options(args: argparse.Namespace, options) -> None:
         options.prune = args.prune
     elif given and not options.prune:
         flags = ", ".join("--" + k.replace("_", "-") for k in given)
-        raise UserInputError(f"{flags} only apply with --prune flops=R or params=R")
+        verb = "applies" if len(given) == 1 else "apply"
+        raise UserInputError(f"{flags} only {verb} with --prune flops=R or params=R")
     for key, value in given.items():
         setattr(options, key, value)
 
