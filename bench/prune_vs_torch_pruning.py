@@ -36,7 +36,6 @@ import argparse
 import copy
 import logging
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -48,6 +47,9 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import timing
 
 from graphopt import models
 from graphopt.analysis.flops import model_flops
@@ -323,24 +325,17 @@ def paired_speedups(
     original: Path, candidates: list[Path], feeds: dict[str, np.ndarray], threads: int,
     pairs: int, inner: int,
 ) -> list[float]:  # fmt: skip
-    """Median over interleaved rounds of time(original) / time(candidate), per candidate."""
-    sessions = [session(p, threads) for p in [original, *candidates]]
-    wanted = [{i.name for i in s.get_inputs()} for s in sessions]
-    bound = [{k: v for k, v in feeds.items() if k in w} for w in wanted]
-    for s, f in zip(sessions, bound, strict=True):
-        for _ in range(max(3, inner)):
-            s.run(None, f)
-    ratios: list[list[float]] = [[] for _ in candidates]
-    for _ in range(pairs):
-        times = []
-        for s, f in zip(sessions, bound, strict=True):
-            start = time.perf_counter()
-            for _ in range(inner):
-                s.run(None, f)
-            times.append(time.perf_counter() - start)
-        for i, t in enumerate(times[1:]):
-            ratios[i].append(times[0] / t)
-    return [statistics.median(r) for r in ratios]
+    """Median over interleaved rounds of time(original) / time(candidate), per candidate
+    (bench/timing.py); each model gets only the feeds it declares as inputs."""
+    import onnx
+
+    paths = [original, *candidates]
+    bound = []
+    for path in paths:
+        graph = onnx.load(path, load_external_data=False).graph
+        names = {i.name for i in graph.input} - {t.name for t in graph.initializer}
+        bound.append({k: v for k, v in feeds.items() if k in names})
+    return timing.paired_speedups(paths, bound, threads, pairs, inner)
 
 
 # ---------------------------------------------------------------- driver
