@@ -107,6 +107,12 @@ def _fold_static_reads(shape_node: ir.Node) -> int:
     dims = _known_dims(shape_node)
     if dims is None:
         return 0
+    return fold_shape_reads(shape_node, dims)
+
+
+def fold_shape_reads(shape_node: ir.Node, dims: list[int | None]) -> int:
+    """Replace each Gather/Slice of ``shape_node``'s output that selects only known entries
+    of ``dims`` (the Shape's output, None = unknown) by a constant."""
     hits = 0
     for use in list(shape_node.outputs[0].uses()):
         reader = use.node

@@ -16,7 +16,7 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from graphopt import editing
-from graphopt.passes.erasure.shape_folding import _selected
+from graphopt.passes.erasure.shape_folding import _shape_slice, fold_shape_reads
 from graphopt.registry import GraphPass, Stage, register
 
 
@@ -58,16 +58,6 @@ def _slice_output_dims(node: ir.Node) -> list[int | None] | None:
     return [None if i in sliced else d for i, d in enumerate(dims)]
 
 
-def _shape_range(node: ir.Node, dims: list) -> list:
-    """Shape-15's start/end applied to ``dims`` (negative counts from the back, clamped)."""
-    rank = len(dims)
-    start = editing.attribute(node, "start", 0)
-    end = editing.attribute(node, "end", rank)
-    start = min(max(start + rank if start < 0 else start, 0), rank)
-    end = min(max(end + rank if end < 0 else end, 0), rank)
-    return dims[start:end]
-
-
 @register
 class ShapeThroughSlicePass(GraphPass):
     """Fold reads of Shape(Slice(x)) at axes the Slice keeps and x has static; else keep."""
@@ -87,22 +77,7 @@ class ShapeThroughSlicePass(GraphPass):
             dims = _slice_output_dims(producer)
             if dims is None or all(d is None for d in dims):
                 continue
-            dims = _shape_range(node, dims)
-            for use in list(node.outputs[0].uses()):
-                reader = use.node
-                if reader.graph is None or len(reader.outputs) != 1:
-                    continue
-                array = _selected(reader, use.idx, dims)
-                if array is None:
-                    continue
-                base = reader.outputs[0].name or f"{reader.op_type.lower()}_const"
-                constant = editing.add_constant(reader, base + "_folded", array)
-                if editing.replace_value(reader.outputs[0], constant):
-                    editing.remove_node(reader)
-                    hits += 1
-                else:
-                    editing.remove_node(constant.producer())
-            editing.remove_if_dead(node)
+            hits += fold_shape_reads(node, _shape_slice(node, dims))
         return hits
 
 
