@@ -5,6 +5,7 @@
 # fused), Gelu last (independent).
 from graphopt.passes.fusion.ort import skip_layer_norm  # noqa: F401  (imported for registration)
 from graphopt.passes.fusion.ort import rotary  # noqa: F401
+from graphopt.passes.fusion.ort import group_query_attention  # noqa: F401
 from graphopt.passes.fusion.ort import attention  # noqa: F401
 from graphopt.passes.fusion.ort import packed_attention  # noqa: F401
 from graphopt.passes.fusion.ort import attention_mask  # noqa: F401
