@@ -9,7 +9,8 @@ them taken from whole units of zero-invariant groups, e.g. via
 - ops whose attributes or constant inputs state channel counts are rewritten: grouped Conv /
   ConvTranspose ``group``, GroupNormalization ``num_groups``, Reshape and Expand target
   entries (a constant, or a constant piece of a Concat: a fresh copy per node, since
-  exporters share these), Split sizes, Slice bounds;
+  exporters share these; entries read by ``Shape`` at run time follow by themselves),
+  Split sizes, Slice bounds;
 - inferred intermediate shapes are dropped (ORT recomputes them).
 
 The input model is not modified. The rules in :mod:`dependency_rules` only accept the
@@ -23,8 +24,8 @@ from collections import defaultdict
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.analysis.channel_shapes import concat_piece
 from graphopt.analysis.dependency import DependencyGraph, DimKey, split_key
+from graphopt.analysis.shape_entries import constant_piece, shape_source, vector_length
 from graphopt.editing import add_initializer, attribute, const_ints, constant_array, unique_name
 
 
@@ -121,13 +122,16 @@ def _fix_node(g, node: ir.Node, analysed: ir.Node, graph, key: DimKey, removed) 
         new = new_size(graph, key, removed) // per_group
         node.attributes["num_groups"] = ir.AttrInt64("num_groups", new)
     elif op == "Reshape" and analysed.outputs[0].name == name:
-        entry = graph.context.shape_entry(analysed.inputs[1], axis)
-        if entry not in (-1, 0):
+        # Only constant entries are rewritten: -1 and 0 adapt by themselves, and an entry
+        # read by Shape follows a dim the analysis coupled to this one.
+        entry = shape_source(graph.context, analysed.inputs[1], axis)
+        if isinstance(entry, int) and entry not in (-1, 0):
             _set_shape_entry(g, node, analysed, graph, 1, axis, new_size(graph, key, removed))
     elif op == "Expand" and analysed.outputs[0].name == name:
-        length = shape(analysed.inputs[1])[0]
+        length = vector_length(graph.context, analysed.inputs[1])
         position = axis - (len(shape(analysed.outputs[0])) - length)
-        if position >= 0 and graph.context.shape_entry(analysed.inputs[1], position) != 1:
+        entry = shape_source(graph.context, analysed.inputs[1], position) if position >= 0 else 1
+        if isinstance(entry, int) and entry != 1:
             _set_shape_entry(g, node, analysed, graph, 1, position, new_size(graph, key, removed))
     elif op == "Split" and analysed.inputs[0].name == name:
         rank = len(shape(analysed.inputs[0]))
@@ -162,7 +166,9 @@ def _fix_slice(g, node, analysed, graph, key, removed) -> None:
     axes = (
         const_ints(analysed.inputs[3]) if len(analysed.inputs) > 3 and analysed.inputs[3] else None
     )
-    axes = [a + rank if a < 0 else a for a in (axes or range(len(starts)))]
+    if axes is None:  # no axes input: the leading ones (bounds may be run-time elsewhere)
+        axes = range(vector_length(graph.context, analysed.inputs[1]) or rank)
+    axes = [a + rank if a < 0 else a for a in axes]
     if axis not in axes:
         return
     i = axes.index(axis)
@@ -183,26 +189,26 @@ def _fix_slice(g, node, analysed, graph, key, removed) -> None:
 
 
 def _set_shape_entry(g, node, analysed, graph, input_index: int, position: int, new: int) -> None:
-    """Give ``node`` its own copy of shape input ``input_index`` with ``position`` = ``new``."""
+    """Give ``node`` its own copy of shape input ``input_index`` with ``position`` = ``new``.
+
+    The constant part holding the entry (the whole input, or one Concat piece, perhaps behind
+    Cast/Unsqueeze) is replaced by a fresh constant; a Concat is copied, since exporters
+    share these between nodes.
+    """
     source = analysed.inputs[input_index]
-    whole = constant_array(source)
-    if whole is not None:
-        array = whole.copy().reshape(-1)
-        array[position] = new
-        fresh = add_initializer(g, f"{source.name}_pruned", array.astype(whole.dtype))
-        node.replace_input_with(input_index, fresh)
-        return
-    found = concat_piece(graph.context, source, position)
+    found = constant_piece(graph.context, source, position)
     if found is None:
         raise ValueError(f"{node.name}: shape entry {position} is not a constant")
-    piece, offset = found
-    piece_array = constant_array(piece).copy().reshape(-1)
-    piece_array[offset] = new
-    fresh_piece = add_initializer(g, f"{piece.name}_pruned", piece_array)
+    part, entries, offset, slot = found
+    entries[offset] = new
+    dtype = part.dtype.numpy() if part.dtype is not None else np.int64
+    fresh = add_initializer(g, f"{part.name}_pruned", np.array(entries, dtype=dtype))
+    if slot is None:
+        node.replace_input_with(input_index, fresh)
+        return
     concat = node.inputs[input_index].producer()
     inputs = list(concat.inputs)
-    position_in_concat = list(source.producer().inputs).index(piece)
-    inputs[position_in_concat] = fresh_piece
+    inputs[slot] = fresh
     copy = ir.node("Concat", inputs, attributes={"axis": 0})
     copy.outputs[0].name = unique_name(g, f"{source.name}_pruned")
     copy.outputs[0].type = node.inputs[input_index].type

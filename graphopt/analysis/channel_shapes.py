@@ -4,6 +4,9 @@ onnx shape inference often leaves dims unknown in exported graphs (a batch or se
 computed through Shape/Slice). Rules work on partial shapes: :class:`Context` reports symbolic
 dims by name and remembers sizes that couplings taught; :func:`reshape_groups` matches the
 axes of a reshape whose leading or single unknown dims can be solved.
+
+Shape tensors built at run time are followed entry by entry in
+:mod:`graphopt.analysis.shape_entries`.
 """
 
 from __future__ import annotations
@@ -52,38 +55,6 @@ class Context:
     def ints(self, value: ir.Value | None) -> list[int] | None:
         return const_ints(value)
 
-    def shape_entry(self, value: ir.Value | None, position: int) -> int | None:
-        """Entry ``position`` of a shape tensor: constant, or a constant piece of a Concat.
-
-        None when the entry is computed at run time (it could not be rewritten on removal).
-        """
-        whole = const_ints(value)
-        if whole is not None:
-            return whole[position] if position < len(whole) else None
-        piece = concat_piece(self, value, position)
-        if piece is None:
-            return None
-        entries = const_ints(piece[0])
-        return None if entries is None else entries[piece[1]]
-
-
-def concat_piece(
-    ctx: Context, value: ir.Value | None, position: int
-) -> tuple[ir.Value, int] | None:
-    """(input, offset in it) of a 1-D Concat that holds entry ``position``, when static."""
-    node = value.producer() if value is not None else None
-    if node is None or node.op_type != "Concat" or node.domain not in ("", "ai.onnx"):
-        return None
-    start = 0
-    for piece in node.inputs:
-        shape = ctx.shape(piece)
-        if shape is None or len(shape) != 1 or not isinstance(shape[0], int):
-            return None  # a piece of unknown length: later entries cannot be located
-        if start <= position < start + shape[0]:
-            return piece, position - start
-        start += shape[0]
-    return None
-
 
 def reshape_groups(
     a: tuple[int | str, ...], b: tuple[int | str, ...]
@@ -95,7 +66,10 @@ def reshape_groups(
     a known integer once solved.
     """
     a, b = list(a), list(b)
-    for known, other in ((a, b), (b, a)):  # one unknown dim, solved from the element count
+    for known, other in (
+        (a, b),
+        (b, a),
+    ):  # one unknown dim, solved from the element count
         unknown = [p for p, d in enumerate(other) if not isinstance(d, int)]
         rest = math.prod(d for d in other if isinstance(d, int))
         if len(unknown) == 1 and all(isinstance(d, int) for d in known) and rest:

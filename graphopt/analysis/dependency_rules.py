@@ -11,53 +11,24 @@ pass-through, which is how other pruners silently build wrong groups.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.analysis.channel_shapes import Context, reshape_groups
+from graphopt.analysis.channel_shapes import Context
+from graphopt.analysis.coupling import (  # re-exported: the rules' vocabulary
+    Blocked,
+    Coupling,
+    Result,
+    Unknown,
+    identity,
+)
+from graphopt.analysis.coupling import norm_axis as _norm
 from graphopt.analysis.flops import ELEMENTWISE, _op_set
+from graphopt.analysis.shape_entries import vector_length
+from graphopt.analysis.shape_rules import expand_rule, reshape_rule, shape_rule
 from graphopt.editing import attribute
-
-# Largest index grid a reshape rule enumerates (elements of the merged axis group).
-MAX_RESHAPE_GRID = 1 << 24
-
-
-@dataclass(frozen=True)
-class Coupling:
-    """Channel ``src_idx[i]`` of the arriving dim goes with channel ``dst_idx[i]`` of ``dst``."""
-
-    dst: ir.Value
-    dst_axis: int
-    src_idx: np.ndarray
-    dst_idx: np.ndarray
-    # The destination's size on dst_axis when the rule knows it (identity: the source's).
-    dst_size: int | None = None
-
-
-@dataclass(frozen=True)
-class Blocked:
-    reason: str
-
-
-@dataclass(frozen=True)
-class Unknown(Blocked):
-    """Blocked for want of a size that coupling elsewhere may still teach (retried)."""
-
-
-Result = list[Coupling] | Blocked
-
-
-def identity(dst: ir.Value, axis: int, n: int) -> Coupling:
-    idx = np.arange(n, dtype=np.int64)
-    return Coupling(dst, axis, idx, idx, n)
-
-
-def _norm(axis: int, rank: int) -> int:
-    return axis + rank if axis < 0 else axis
 
 
 def _operands(node: ir.Node) -> list[ir.Value]:
@@ -347,11 +318,13 @@ def _slice(ctx: Context, node: ir.Node, value: ir.Value, axis: int) -> Result:
     starts, ends = ctx.ints(node.inputs[1]), ctx.ints(node.inputs[2])
     axes = ctx.ints(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] else None
     steps = ctx.ints(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] else None
-    if starts is None or ends is None or (len(node.inputs) > 3 and node.inputs[3] and axes is None):
+    if axes is None and not (len(node.inputs) > 3 and node.inputs[3]):
+        axes = list(range(vector_length(ctx, node.inputs[1]) or rank))  # no axes: leading ones
+    if axes is not None and axis not in [_norm(a, rank) for a in axes]:
+        return _same_axis(ctx, node, value, axis)  # bounds (even run-time ones) elsewhere
+    if starts is None or ends is None or axes is None:
         return Blocked("Slice with run-time bounds")
-    axes = [_norm(a, rank) for a in (axes if axes is not None else range(len(starts)))]
-    if axis not in axes:
-        return _same_axis(ctx, node, value, axis)
+    axes = [_norm(a, rank) for a in axes]
     i = axes.index(axis)
     if steps is not None and steps[i] != 1:
         return Blocked("strided Slice on the channel axis")
@@ -363,81 +336,6 @@ def _slice(ctx: Context, node: ir.Node, value: ir.Value, axis: int) -> Result:
     if value is x:
         return [Coupling(y, axis, idx + start, idx)]
     return [Coupling(x, axis, idx, idx + start)]
-
-
-def _reshape(ctx: Context, node: ir.Node, value: ir.Value, axis: int) -> Result:
-    x, y = node.inputs[0], node.outputs[0]
-    if value is not x and value is not y:
-        return Blocked(f"{node.op_type}: channel axis on the shape input")
-    xs, ys = ctx.shape(x), ctx.shape(y)
-    if node.op_type == "Reshape":
-        # onnx inference often loses dims the shape constant states outright.
-        ys = tuple(
-            d if isinstance(d, int) else (ctx.shape_entry(node.inputs[1], p) or d)
-            for p, d in enumerate(ys)
-        )
-        ys = tuple(d if not isinstance(d, int) or d > 0 else "?" for d in ys)
-    matched = reshape_groups(xs, ys)
-    if matched is None:
-        return Blocked(f"{node.op_type}: cannot match input and output axes")
-    groups, xs, ys = matched
-    for v, shape in ((x, xs), (y, ys)):
-        if all(isinstance(d, int) for d in shape):
-            ctx.known[id(v)] = tuple(shape)
-    forward = value is x
-    src_shape, dst_shape = (xs, ys) if forward else (ys, xs)
-    for gx, gy in groups:
-        src_axes, dst_axes = (gx, gy) if forward else (gy, gx)
-        if axis in src_axes:
-            break
-    # The merged/split group is enumerated once; the destination channel axis is the
-    # outermost non-trivial one (hidden → heads × head_dim tracks heads; head_dim never shrinks).
-    src_dims = [src_shape[a] for a in src_axes]
-    dst_dims = [dst_shape[a] for a in dst_axes]
-    if not all(isinstance(d, int) for d in (*src_dims, *dst_dims)):
-        return Blocked(f"{node.op_type}: sizes unknown around the channel axis")
-    dst_axis = next(a for a in dst_axes if dst_shape[a] > 1)
-    total = math.prod(src_dims)  # ints: reshape_groups checked the non-leading dims
-    if total > MAX_RESHAPE_GRID:
-        return Blocked(f"{node.op_type}: merged axis group too large ({total})")
-    flat = np.arange(total, dtype=np.int64)
-    src_idx = np.unravel_index(flat, src_dims)[src_axes.index(axis)]
-    dst_idx = np.unravel_index(flat, dst_dims)[dst_axes.index(dst_axis)]
-    pairs = np.unique(np.stack([src_idx, dst_idx]), axis=1)
-    if node.op_type == "Reshape":
-        reason = _fixed_entry_reason(ctx, node, dst_axis if forward else axis)
-        if reason:
-            return Blocked(reason)
-    target = y if forward else x
-    return [Coupling(target, dst_axis, pairs[0], pairs[1])]
-
-
-def _fixed_entry_reason(ctx: Context, node: ir.Node, out_axis: int) -> str:
-    """Why Reshape's target entry for ``out_axis`` could not be rewritten ('' if it can)."""
-    entry = ctx.shape_entry(node.inputs[1], out_axis)
-    if entry is None:
-        return "Reshape target size of the channel axis is computed at run time"
-    if entry == 0 and not attribute(node, "allowzero", 0):
-        return "Reshape copies the channel axis size from its input (0 entry)"
-    return ""
-
-
-def _expand(ctx: Context, node: ir.Node, value: ir.Value, axis: int) -> Result:
-    x, y = node.inputs[0], node.outputs[0]
-    if value is not x and value is not y:
-        return Blocked("Expand: channel axis on the shape input")
-    xs, ys = ctx.shape(x), ctx.shape(y)
-    o = axis + len(ys) - len(xs) if value is x else axis
-    i = o - (len(ys) - len(xs))
-    if i < 0 or xs[i] != ys[o]:
-        return Blocked("Expand broadcasts the channel axis")
-    n_shape = ctx.shape(node.inputs[1])
-    position = o - (len(ys) - n_shape[0]) if n_shape else -1
-    if position >= 0:
-        entry = ctx.shape_entry(node.inputs[1], position)
-        if entry is None:
-            return Blocked("Expand target size of the channel axis is computed at run time")
-    return [identity(y, o, ys[o])] if value is x else [identity(x, i, xs[i])]
 
 
 def _gather(ctx: Context, node: ir.Node, value: ir.Value, axis: int) -> Result:
@@ -456,16 +354,6 @@ def _gather(ctx: Context, node: ir.Node, value: ir.Value, axis: int) -> Result:
         return Blocked("Gather: channel axis comes from the indices")
     in_axis = axis if axis < along else axis - r_idx + 1
     return [identity(data, in_axis, ctx.shape(y)[axis])]
-
-
-def _shape_op(ctx: Context, node: ir.Node, value: ir.Value, axis: int) -> Result:
-    rank = len(ctx.shape(value))
-    start = _norm(attribute(node, "start", 0), rank)
-    end = attribute(node, "end")
-    end = rank if end is None else min(_norm(end, rank), rank)
-    if start <= axis < end:
-        return Blocked("Shape reads the channel count")
-    return []
 
 
 def _recurrent(ctx: Context, node: ir.Node, value: ir.Value, axis: int) -> Result:
@@ -501,10 +389,10 @@ RULES: dict[str, Rule] = {
     "Transpose": _transpose,
     **_each("Concat Split", _concat_like),
     "Slice": _slice,
-    **_each("Reshape Flatten Squeeze Unsqueeze", _reshape),
-    "Expand": _expand,
+    **_each("Reshape Flatten Squeeze Unsqueeze", reshape_rule),
+    "Expand": expand_rule,
     "Gather": _gather,
-    "Shape": _shape_op,
+    "Shape": shape_rule,
     **_each("LSTM GRU RNN", _recurrent),
     **_each(
         "ReduceMean ReduceSum ReduceMax ReduceMin ReduceProd ReduceL1 ReduceL2 ReduceLogSum "

@@ -7,6 +7,7 @@ import pytest
 
 from graphopt.analysis.channel_shapes import reshape_groups
 from graphopt.analysis.dependency import build_dependency_graph
+from graphopt.analysis.shape_entries import DimRef, entry_sinks, shape_source
 from tests.analysis import zig_graphs as G
 
 
@@ -141,3 +142,69 @@ def test_reshape_groups() -> None:
     groups, _, solved = reshape_groups(("batch", 16, 128), (1, 16, "?", 32))
     assert solved[2] == 4 and groups[-1] == ([2], [2, 3])
     assert reshape_groups((6,), (4,)) is None
+
+
+def test_run_time_reshape_targets_map_heads_like_constant_ones() -> None:
+    """TorchScript's Shape → Gather/Slice → Concat targets: q/k/v columns of the packed qkv
+    Gemm and output-projection rows couple per head, and nothing blocks."""
+    for head_entry in (-1, 4):
+        g = build_dependency_graph(G.attention_shape_targets(head_entry=head_entry))
+        qkv, o = _units(g, ("w_qkv", 1)), _units(g, ("wo", 0))
+        q, k, v = qkv[:16], qkv[16:32], qkv[32:]
+        np.testing.assert_array_equal(q, k)
+        np.testing.assert_array_equal(q, v)
+        np.testing.assert_array_equal(q, o)
+        assert len(set(q)) == 4 and len(set(q[:4])) == 1  # whole heads of head_dim 4
+        assert not _reasons(g, ("wo", 0))
+
+
+def test_shape_entries_are_traced_to_their_source() -> None:
+    g = build_dependency_graph(G.attention_shape_targets())
+    ctx = g.context
+    values = {o.name: o for node in g.model.graph for o in node.outputs}
+    values["x"] = g.model.graph.inputs[0]
+    assert shape_source(ctx, values["q_t"], 2) == -1  # n_head: a constant piece
+    assert shape_source(ctx, values["q_t"], 3) == 4  # head_dim
+    assert shape_source(ctx, values["q_t"], 0) == DimRef(values["q"], 0)  # batch, symbolic
+    # x.view(-1, x.size(-1)): Slice(Shape(x), -1:) → Squeeze → Unsqueeze → Concat
+    assert shape_source(ctx, values["x_rows_t"], 1) == DimRef(values["x"], 2)
+    # Shape(merged)[2] only ends up as entry 1 of the Reshape that flattens merged itself.
+    reshape = values["merged_rows"].producer()
+    assert entry_sinks(ctx, values["merged_shape"], 2) == [(reshape, 1, 1)]
+    assert entry_sinks(ctx, values["merged_shape"], 0) == []  # Slice -1: drops the batch
+
+
+def test_arithmetic_on_a_channel_count_blocks() -> None:
+    g = build_dependency_graph(G.attention_shape_targets(computed_head_dim=True))
+    assert "Shape reads the channel count (the channel count is used by Div)" in _reasons(
+        g, ("wo", 0)
+    )
+
+
+def test_reshape_zero_entry_follows_the_input_channel_axis() -> None:
+    g = build_dependency_graph(G.reshape_zero_entry())
+    np.testing.assert_array_equal(_units(g, ("c1.w", 0)), _units(g, ("wm", 0)))
+    assert not _reasons(g, ("wm", 0))
+
+
+def test_run_time_repeat_kv_and_rotary_bounds_map_like_constant_ones() -> None:
+    """LLaMA's TorchScript GQA: ``Shape(k)[1] * n_rep`` heads behind the ``Where(Equal(t,
+    -1), 1, t)`` guard, rotate_half slicing head_dim at a run-time bound."""
+    g = build_dependency_graph(G.gqa_shape_targets())
+    q, k, v, o = (_units(g, key) for key in (("wq", 1), ("wk", 1), ("wv", 1), ("wo", 0)))
+    np.testing.assert_array_equal(k, v)
+    np.testing.assert_array_equal(q, o)
+    assert set(q[:8]) == {k[0]} and set(q[8:]) == {k[4]} and k[0] != k[4]
+    assert not _reasons(g, ("wq", 1))
+
+
+def test_scaled_shape_entries() -> None:
+    g = build_dependency_graph(G.gqa_shape_targets())
+    values = {o.name: o for node in g.model.graph for o in node.outputs}
+    # kv heads × n_rep, and the guarded Expand target entry (the guard never fires)
+    assert shape_source(g.context, values["k_mt"], 1) == DimRef(values["k_r"], 1, 2)
+    assert shape_source(g.context, values["k_target_guarded"], 1) == DimRef(values["k_r"], 1)
+    assert shape_source(g.context, values["k_target_guarded"], 2) == 2
+    sinks = entry_sinks(g.context, values["k_r_shape"], 1)
+    by_op = sorted((node.op_type, position, factor) for node, position, factor in sinks)
+    assert by_op == [("Expand", 1, 1), ("Reshape", 1, 2)]

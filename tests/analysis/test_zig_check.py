@@ -11,7 +11,7 @@ import pytest
 from graphopt.analysis import dependency_rules
 from graphopt.analysis.channel_removal import remove_channels
 from graphopt.analysis.zig import analyze
-from graphopt.analysis.zig_check import check_groups, sample_units
+from graphopt.analysis.zig_check import check_groups, check_removal, sample_units
 from tests.analysis import zig_graphs as G
 from tests.helpers import roundtrip
 
@@ -25,6 +25,10 @@ BUILDERS = {
     "slice_split": G.channel_slice,
     "attention": G.attention,
     "attention_gqa": lambda: G.attention(kv_heads=2),
+    "attention_shape_targets": G.attention_shape_targets,
+    "attention_shape_targets_const_heads": lambda: G.attention_shape_targets(head_entry=4),
+    "reshape_zero_entry": G.reshape_zero_entry,
+    "gqa_shape_targets": G.gqa_shape_targets,
 }
 
 
@@ -46,6 +50,28 @@ def test_removal_shrinks_weights_and_stays_valid() -> None:
     assert pruned.graph.initializers["wq"].const_value.shape == (16, 8)
     assert pruned.graph.initializers["wk"].const_value.shape == (16, 4)
     assert model.graph.initializers["wq"].const_value.shape == (16, 16)  # original untouched
+
+
+def test_removal_rewrites_constant_head_count_and_keeps_symbolic_dims() -> None:
+    """One head out of four: the constant n_head piece of every run-time target becomes 3,
+    entries read by Shape are left alone, and batch/sequence stay free (the pruned model
+    runs at shapes other than the analysed ones and still equals the zeroed one)."""
+    model = G.attention_shape_targets(head_entry=4)
+    report = analyze(model)
+    (group,) = report.prunable
+    removed = group.unit_indices([1])
+    pruned = roundtrip(remove_channels(model, report.graph, removed))
+    assert pruned.graph.initializers["w_qkv"].const_value.shape == (16, 36)
+    heads = set()
+    for node in pruned.graph:
+        if node.op_type == "Reshape" and node.outputs[0].name.endswith("_4d"):
+            target = node.inputs[1].producer()
+            heads.add(tuple(int(x) for x in target.inputs[2].const_value.numpy()))
+    assert heads == {(3,)}
+    assert model.graph.initializers["n_head"].const_value.numpy().tolist() == [4]
+    for batch, seq in ((2, 3), (1, 9)):
+        result = check_removal(model, report, removed, shapes={"x": (batch, seq, 16)})
+        assert result.ok, result
 
 
 def test_check_catches_a_rule_that_lies(monkeypatch) -> None:
@@ -78,6 +104,8 @@ MODELS = [
     "gpt2_tiny",
     "qwen2_tiny",
     "bert_tiny_ts",
+    "gpt2_tiny_ts",  # every Reshape target built from Shape at run time
+    "llama_tiny_ts",  # repeat_kv targets from Shape(k) × n_rep, rotary run-time bounds
     "minilm",
     "ppocr_det",
     "ppocr_rec",
