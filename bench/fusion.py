@@ -20,6 +20,10 @@ turn, the order rotating every round), each model timed over ``--inner`` runs pe
 (more for fast models, so that a round takes ≥ 30 ms). A speed ratio is the median over
 rounds of t(other) / t(graphopt): above 1 means graphopt's output is faster.
 
+The nine ``light_*`` models are the catalog's randomized copies of ONNX's light zoo
+(``graphopt.models.light``: seeded random weights as initializers, as issue 4 asks), not the
+shipped files with ConstantOfShape weights.
+
 Usage: python bench/fusion.py [--models a,b] [--pairs 20] [--inner 1] [--threads 1,2]
                               [--graphopt-args '--fold-limit none'] [--markdown FILE]
 """

@@ -11,7 +11,7 @@ rapidocr_onnxruntime). torch is only imported when a torch model is built.
 from __future__ import annotations
 
 # Importing the family modules registers their entries; import order is `list` order.
-from graphopt.models import demo, digits, ocr, text, vision  # noqa: F401
+from graphopt.models import demo, digits, light, ocr, text, vision  # noqa: F401
 from graphopt.models.catalog import (
     ModelSpec,
     build,

@@ -19,6 +19,7 @@ from graphopt.passes.fusion import transpose_gemm  # noqa: F401
 # ReduceX(keepdims=0)+Unsqueeze is merged first so that norms exported that way match too.
 from graphopt.passes.fusion import reduce_unsqueeze  # noqa: F401
 from graphopt.passes.fusion import layer_norm  # noqa: F401
+from graphopt.passes.fusion import residual_sum  # noqa: F401  (after LayerNorm exists)
 from graphopt.passes.fusion import rms_norm  # noqa: F401
 from graphopt.passes.fusion import gelu  # noqa: F401
 from graphopt.passes.fusion import activations  # noqa: F401
