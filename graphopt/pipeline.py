@@ -25,6 +25,7 @@ import onnx_ir as ir
 
 from graphopt.analysis.stats import count_nodes, has_subgraphs
 from graphopt.errors import CheckFailedError, UserInputError
+from graphopt.fingerprint import Fingerprint, fingerprint
 from graphopt.registry import LOSSY_STAGES, PassContext, Stage, all_passes, get_pass
 from graphopt.verify import VerificationUnavailable, Verifier, VerifyResult
 
@@ -150,6 +151,14 @@ class PassManager:
         # Node count of the model as the last pass left it (None: recount). A pass that
         # reports no change did not change the count, so most runs skip the recount.
         self._count: tuple[int, int] | None = None
+        # Op types in the model as the last pass left it (None: collect again), to skip
+        # passes whose trigger ops are absent. Like the count, only a pass that reports a
+        # change (or a memoized one, whose fingerprint has them) can change it.
+        self._op_types: tuple[int, frozenset[str]] | None = None
+        # Memoized passes: a model state each one last left unchanged, by pass and options.
+        self._fixed_points: dict[tuple[str, str], Fingerprint] = {}
+        # False: run every pass every round (to check that skipping changes nothing).
+        self.skip_idle = True
 
     def run(self, model: ir.Model) -> tuple[ir.Model, RunReport]:
         start = time.perf_counter()
@@ -233,7 +242,7 @@ class PassManager:
             self.context.note(f"{replay_reason}: replayed with a check after every pass")
             model = start_state
             self._stats = stats_before
-            self._count = None
+            self._forget_state()
             rolled_back = self._run_steps(model, steps, check_each=True, verifier=verifier)
             if verifier is not None:
                 verification = verifier.check(model)
@@ -277,6 +286,12 @@ class PassManager:
                 for spec in step.passes:
                     if spec.name in self._disabled:
                         continue
+                    if self.skip_idle and not get_pass(spec.name).applies(
+                        self._present_op_types(model)
+                    ):
+                        # None of its trigger ops is in the model: it would find nothing.
+                        self._stats_of(spec)
+                        continue
                     label = spec.name if limit == 1 else f"{spec.name} (round {iteration + 1})"
                     self.progress(label)
                     modified = self._run_one(model, spec, check_each, rolled_back, verifier)
@@ -294,7 +309,15 @@ class PassManager:
         verifier: Verifier | None,
     ) -> bool:
         cls = get_pass(spec.name)
-        stats = self._stats.setdefault(spec.name, PassStats(spec.name, cls.exact))
+        stats = self._stats_of(spec)
+        state: Fingerprint | None = None
+        memo_key = (spec.name, repr(sorted(spec.options.items())))
+        if cls.memoize and self.skip_idle and not check_each:
+            # A pass is a deterministic function of the model: on a state it already left
+            # unchanged it would again change nothing (and report no hits).
+            state = fingerprint(model)
+            if self._fixed_points.get(memo_key) == state:
+                return False
         # In replay, exact passes are snapshotted (and checked when there is a verifier); lossy
         # ones are measured, not rolled back.
         snapshot = model.clone() if check_each and cls.exact else None
@@ -314,7 +337,7 @@ class PassManager:
                 raise
             logger.warning("pass %s failed (%s); rolled back", spec.name, exc)
             _restore(model, snapshot)
-            self._count = None
+            self._forget_state()
             self._disabled.add(spec.name)
             rolled_back.append(spec.name)
             stats.status = "rolled back (error)"
@@ -326,7 +349,7 @@ class PassManager:
             check = verifier.check(model)
             if not check.ok:
                 _restore(model, snapshot)
-                self._count = None
+                self._forget_state()
                 self._disabled.add(spec.name)
                 rolled_back.append(spec.name)
                 stats.status = f"rolled back: {check.reason}"
@@ -335,7 +358,46 @@ class PassManager:
         after = count_nodes(model) if result.modified else before
         self._count = (id(model.graph), after)
         stats.nodes_removed += before - after
+        if result.modified:
+            self._op_types = None
+        elif state is not None:
+            # Reported no change; it may still have changed what it reports no hits for
+            # (e.g. inferred shapes): only an identical state is a fixed point.
+            left = fingerprint(model)
+            self._op_types = (id(model.graph), left.op_types)
+            if left == state:
+                self._fixed_points[memo_key] = left
         return result.modified
+
+    def _stats_of(self, spec: PassSpec) -> PassStats:
+        cls = get_pass(spec.name)
+        return self._stats.setdefault(spec.name, PassStats(spec.name, cls.exact))
+
+    def _present_op_types(self, model: ir.Model) -> frozenset[str]:
+        if self._op_types is None or self._op_types[0] != id(model.graph):
+            self._op_types = (id(model.graph), op_types(model))
+        return self._op_types[1]
+
+    def _forget_state(self) -> None:
+        """After a rollback swapped the graph: recount, re-collect, fingerprint anew."""
+        self._count = None
+        self._op_types = None
+        self._fixed_points.clear()
+
+
+def op_types(model: ir.Model) -> frozenset[str]:
+    """Op types (any domain) of every node: subgraphs and functions included."""
+    found: set[str] = set()
+    graphs: list[ir.Graph | ir.Function] = [model.graph, *model.functions.values()]
+    while graphs:
+        for node in graphs.pop():
+            found.add(node.op_type)
+            for attr in node.attributes.values():
+                if attr.type == ir.AttributeType.GRAPH:
+                    graphs.append(attr.value)
+                elif attr.type == ir.AttributeType.GRAPHS:
+                    graphs.extend(attr.value)
+    return frozenset(found)
 
 
 def _restore(model: ir.Model, snapshot: ir.Model) -> None:

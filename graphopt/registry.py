@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import abc
 import enum
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -80,6 +81,13 @@ class GraphPass(ir.passes.InPlacePass):
     # them untouched (the report says so when a model has subgraphs).
     handles_subgraphs: ClassVar[bool] = True
     options: ClassVar[tuple[PassOption, ...]] = ()
+    # Trigger op types: the pass can only change a model that has a node (any domain;
+    # subgraphs and functions included) of one of these types, so the pass manager skips
+    # it on other models. None: it may change any model, it always runs.
+    ops: ClassVar[frozenset[str] | None] = None
+    # True for costly passes: the pass manager fingerprints the model around each run and
+    # skips the pass on a state it has already left unchanged (same input, same no-op).
+    memoize: ClassVar[bool] = False
 
     def __init__(self, context: PassContext | None = None, **options: Any) -> None:
         super().__init__()
@@ -95,6 +103,11 @@ class GraphPass(ir.passes.InPlacePass):
     def description(cls) -> str:
         """The first line of the docstring."""
         return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+
+    @classmethod
+    def applies(cls, op_types: frozenset[str]) -> bool:
+        """False when a model with these op types certainly gives the pass nothing to do."""
+        return cls.ops is None or not cls.ops.isdisjoint(op_types)
 
     @abc.abstractmethod
     def rewrite(self, model: ir.Model) -> int:
@@ -139,5 +152,11 @@ def get_pass(name: str) -> type[GraphPass]:
 
 
 def _load_builtin_passes() -> None:
+    if "graphopt.passes" in sys.modules:
+        return
+    from graphopt import _deferred
+
+    # onnxscript's folder imports onnx's reference evaluator, which a run rarely calls.
+    _deferred.defer_onnx_reference()
     # Importing the package registers its passes (each module uses @register).
     import graphopt.passes  # noqa: F401

@@ -135,6 +135,8 @@ class ConstantFoldingPass(GraphPass):
 
     name = "constant-folding"
     stage = Stage.CLEANUP
+    # Infers shapes node by node: the costliest cleanup pass, rerun every fixed-point round.
+    memoize = True
 
     def rewrite(self, model: ir.Model) -> int:
         hidden = _graph_input_constants(model)

@@ -65,6 +65,7 @@ class CsePass(GraphPass):
     """Merge identical deterministic standard ops on the same inputs; skip random/control flow."""
 
     name = "cse"
+    memoize = True
     stage = Stage.CLEANUP
 
     def rewrite(self, model: ir.Model) -> int:

@@ -40,6 +40,7 @@ class DropoutPass(GraphPass):
     """Remove inference-mode Dropout (a used mask becomes ConstantOfShape(1)); refuse training."""
 
     name = "dropout"
+    ops = frozenset(("Dropout",))
     stage = Stage.CLEANUP
 
     def rewrite(self, model: ir.Model) -> int:

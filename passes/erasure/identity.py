@@ -13,6 +13,7 @@ class IdentityPass(GraphPass):
     """Remove Identity nodes; refuse when a graph input would have to become a graph output."""
 
     name = "identity"
+    ops = frozenset(("Identity",))
     stage = Stage.CLEANUP
 
     def rewrite(self, model: ir.Model) -> int:

@@ -237,6 +237,7 @@ class NoopOpsPass(GraphPass):
     """
 
     name = "noop-ops"
+    ops = frozenset((*_CHECKS, *_NEUTRAL))
     stage = Stage.CLEANUP
 
     def rewrite(self, model: ir.Model) -> int:

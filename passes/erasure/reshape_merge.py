@@ -17,6 +17,7 @@ class ReshapeMergePass(GraphPass):
     """
 
     name = "reshape-merge"
+    ops = frozenset(("Reshape",))
     stage = Stage.CLEANUP
 
     def rewrite(self, model: ir.Model) -> int:

@@ -103,6 +103,7 @@ class ReshapeTargetPass(GraphPass):
     """
 
     name = "reshape-target"
+    ops = frozenset(("Reshape",))
     stage = Stage.CLEANUP
 
     def rewrite(self, model: ir.Model) -> int:

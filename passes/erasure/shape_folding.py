@@ -29,6 +29,7 @@ class ShapeFoldingPass(GraphPass):
     """Replace Shape (with start/end) and Size of fully static tensors by constants; else keep."""
 
     name = "shape-folding"
+    ops = frozenset(("Shape", "Size"))
     stage = Stage.CLEANUP
 
     def rewrite(self, model: ir.Model) -> int:

@@ -63,6 +63,7 @@ class ShapeThroughSlicePass(GraphPass):
     """Fold reads of Shape(Slice(x)) at axes the Slice keeps and x has static; else keep."""
 
     name = "shape-through-slice"
+    ops = frozenset(("Shape",))
     stage = Stage.CLEANUP
 
     def rewrite(self, model: ir.Model) -> int:
@@ -118,6 +119,7 @@ class ShapeConcatPass(GraphPass):
     """Concat of Shape(x)[0], …, Shape(x)[r-1] (all of x's dims, in order) → Shape(x); else keep."""
 
     name = "shape-concat"
+    ops = frozenset(("Concat",))
     stage = Stage.CLEANUP
 
     def rewrite(self, model: ir.Model) -> int:

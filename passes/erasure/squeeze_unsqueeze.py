@@ -59,6 +59,7 @@ class SqueezeUnsqueezePass(GraphPass):
     """Cancel Squeeze→Unsqueeze / Unsqueeze→Squeeze on the same axes, merge Unsqueeze chains."""
 
     name = "squeeze-unsqueeze"
+    ops = frozenset(("Squeeze", "Unsqueeze"))
     stage = Stage.CLEANUP
 
     def rewrite(self, model: ir.Model) -> int:

@@ -20,6 +20,7 @@ class TransposeMergePass(GraphPass):
     """Compose Transpose→Transpose into one Transpose, or remove both when it is the identity."""
 
     name = "transpose-merge"
+    ops = frozenset(("Transpose",))
     stage = Stage.CLEANUP
 
     def rewrite(self, model: ir.Model) -> int:
@@ -78,6 +79,7 @@ class TransposeIntoReshapePass(GraphPass):
     """
 
     name = "transpose-into-reshape"
+    ops = frozenset(("Transpose",))
     stage = Stage.CLEANUP
 
     def rewrite(self, model: ir.Model) -> int:

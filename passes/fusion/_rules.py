@@ -26,7 +26,6 @@ from typing import ClassVar
 
 import numpy as np
 import onnx_ir as ir
-import onnx_ir.passes.common
 import onnxscript.optimizer
 from onnxscript.rewriter import _pattern_ir, pattern
 
@@ -59,6 +58,13 @@ class RuleFusionPass(GraphPass):
     trigger_ops: ClassVar[tuple[str, ...]] = ()
     # Op types that must all be present (every pattern of the pass contains them).
     required_ops: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def applies(cls, op_types: frozenset[str]) -> bool:
+        # The same test ``rewrite`` makes first (there on default-domain ops only).
+        if cls.trigger_ops and op_types.isdisjoint(cls.trigger_ops):
+            return False
+        return op_types.issuperset(cls.required_ops)
 
     @abc.abstractmethod
     def groups(self) -> list[RuleGroup]:
@@ -263,7 +269,7 @@ def infer_shapes(model: ir.Model) -> None:
     """Fill in shapes (ranks decide whether a [1]-shaped constant can broadcast a result up)."""
     # Best effort: the checks refuse what stays unknown.
     with contextlib.suppress(Exception):
-        onnx_ir.passes.common.ShapeInferencePass(check_type=False, strict_mode=False)(model)
+        _common.infer_shapes(model)
 
 
 def rank(value: ir.Value | None) -> int | None:

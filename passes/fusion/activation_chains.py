@@ -32,6 +32,7 @@ class FuseReluClipChainsPass(GraphPass):
     """
 
     name = "fuse-relu-clip-chains"
+    ops = frozenset(("Relu", "Clip"))
     stage = Stage.FUSION
     exact = True
     handles_subgraphs = True

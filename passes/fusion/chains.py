@@ -39,6 +39,7 @@ class MergeConcatsPass(GraphPass):
     """Flatten a Concat read only by a Concat on the same axis into it; refuses other axes."""
 
     name = "merge-concats"
+    ops = frozenset(("Concat",))
     stage = Stage.FUSION
     exact = True
     handles_subgraphs = True
@@ -97,6 +98,7 @@ class MergeSlicesPass(GraphPass):
     """
 
     name = "merge-slices"
+    ops = frozenset(("Slice",))
     stage = Stage.FUSION
     exact = True
     handles_subgraphs = True
@@ -193,6 +195,7 @@ class MergeSqueezesPass(GraphPass):
     """Merge Squeeze→Squeeze with explicit axes into one; refuses axes-less or unknown rank."""
 
     name = "merge-squeezes"
+    ops = frozenset(("Squeeze",))
     stage = Stage.FUSION
     exact = True
     handles_subgraphs = True

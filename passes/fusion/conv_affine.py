@@ -28,6 +28,7 @@ class FuseConvAffinePass(GraphPass):
     """
 
     name = "fuse-conv-affine"
+    ops = frozenset(("Conv",))
     stage = Stage.FUSION
     exact = True
     handles_subgraphs = True

@@ -28,6 +28,7 @@ class FuseConvBatchNormPass(GraphPass):
     """
 
     name = "fuse-conv-bn"
+    ops = frozenset(("BatchNormalization",))
     stage = Stage.FUSION
     exact = True
     handles_subgraphs = True

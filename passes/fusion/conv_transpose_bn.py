@@ -30,6 +30,7 @@ class FuseConvTransposeAffinePass(GraphPass):
     """
 
     name = "fuse-conv-transpose-affine"
+    ops = frozenset(("ConvTranspose",))
     stage = Stage.FUSION
     exact = True
     handles_subgraphs = True
@@ -72,6 +73,7 @@ class FuseConvTransposeBatchNormPass(GraphPass):
     """
 
     name = "fuse-conv-transpose-bn"
+    ops = frozenset(("ConvTranspose",))
     stage = Stage.FUSION
     exact = True
     handles_subgraphs = True

@@ -25,6 +25,7 @@ class FuseGemmAffinePass(GraphPass):
     """
 
     name = "fuse-gemm-affine"
+    ops = frozenset(("Gemm",))
     stage = Stage.FUSION
     exact = True
     handles_subgraphs = True

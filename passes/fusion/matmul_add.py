@@ -11,7 +11,6 @@ A with rank > 2 is left alone (Gemm cannot express it; no Reshape is inserted).
 from __future__ import annotations
 
 import onnx_ir as ir
-import onnx_ir.passes.common
 
 from graphopt import editing
 from graphopt.passes.fusion import _common
@@ -29,6 +28,7 @@ class FuseMatMulAddPass(GraphPass):
     """
 
     name = "fuse-matmul-add"
+    ops = frozenset(("MatMul",))
     stage = Stage.FUSION
     exact = True
     handles_subgraphs = True
@@ -46,7 +46,7 @@ class FuseMatMulAddPass(GraphPass):
         # A's rank decides everything; exported graphs often carry no shapes on intermediate
         # values, so infer them (once) when a candidate needs it.
         if any(_needs_shape(m) for m in matmuls):
-            onnx_ir.passes.common.ShapeInferencePass(check_type=False, strict_mode=False)(model)
+            _common.infer_shapes(model)
         return sum(1 for matmul in matmuls if self._fuse(matmul))
 
     def _fuse(self, matmul: ir.Node) -> bool:

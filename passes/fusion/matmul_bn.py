@@ -27,6 +27,7 @@ class FuseMatMulBatchNormPass(GraphPass):
     """
 
     name = "fuse-matmul-bn"
+    ops = frozenset(("BatchNormalization",))
     stage = Stage.FUSION
     exact = True
     handles_subgraphs = True

@@ -28,6 +28,7 @@ class FusePadConvPass(GraphPass):
     """
 
     name = "fuse-pad-conv"
+    ops = frozenset(("Pad",))
     stage = Stage.FUSION
     exact = True
     handles_subgraphs = True

@@ -33,6 +33,7 @@ class FusePadPoolPass(GraphPass):
     """
 
     name = "fuse-pad-pool"
+    ops = frozenset(("Pad",))
     stage = Stage.FUSION
     exact = True
     handles_subgraphs = True

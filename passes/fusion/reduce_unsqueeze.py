@@ -38,6 +38,7 @@ class FuseReduceUnsqueezePass(GraphPass):
     """
 
     name = "fuse-reduce-unsqueeze"
+    ops = frozenset(REDUCE_OPS)
     stage = Stage.FUSION
     exact = True
     handles_subgraphs = True

@@ -32,6 +32,7 @@ class ResidualSumPass(GraphPass):
 
     name = "residual-sum"
     stage = Stage.FUSION
+    ops = frozenset(("LayerNormalization",))
 
     def rewrite(self, model: ir.Model) -> int:
         if self.context.target != "portable":

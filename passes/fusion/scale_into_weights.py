@@ -33,6 +33,7 @@ class FoldScaleIntoWeightsPass(GraphPass):
     """
 
     name = "fold-scale-into-weights"
+    ops = frozenset(("Mul", "Div"))
     stage = Stage.FUSION
     exact = True
     handles_subgraphs = True

@@ -23,6 +23,7 @@ class FuseTransposeGemmPass(GraphPass):
     """Fold Transpose [1, 0] feeding Gemm A/B into transA/transB; refuses one with other users."""
 
     name = "fuse-transpose-gemm"
+    ops = frozenset(("Transpose",))
     stage = Stage.FUSION
     exact = True
     handles_subgraphs = True
