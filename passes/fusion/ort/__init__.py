@@ -9,6 +9,7 @@ from graphopt.passes.fusion.ort import group_query_attention  # noqa: F401
 from graphopt.passes.fusion.ort import attention  # noqa: F401
 from graphopt.passes.fusion.ort import packed_attention  # noqa: F401
 from graphopt.passes.fusion.ort import attention_mask  # noqa: F401
+from graphopt.passes.fusion.ort import unflatten_gemm  # noqa: F401
 from graphopt.passes.fusion.ort import gelu  # noqa: F401
 
 # isort: on
