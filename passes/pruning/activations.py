@@ -78,13 +78,16 @@ def sequence_mask(feeds: dict[str, np.ndarray]) -> np.ndarray | None:
     return None
 
 
-def with_outputs(model: ir.Model, names: list[str]) -> ir.Model:
-    """A copy of ``model`` that also outputs the values named ``names``."""
+def with_outputs(model: ir.Model, names: list[str], only: bool = False) -> ir.Model:
+    """A copy of ``model`` that also outputs the values named ``names``; with ``only``, just
+    those, and the nodes they do not need are dropped (a prefix runs faster than the model)."""
     clone = model.clone()
     by_name = {v.name: v for v in clone.graph.inputs}
     for node in clone.graph:
         for out in node.outputs:
             by_name[out.name] = out
+    if only:
+        clone.graph.outputs.clear()
     present = {v.name for v in clone.graph.outputs}
     for name in names:
         if name in present:
@@ -96,6 +99,10 @@ def with_outputs(model: ir.Model, names: list[str]) -> ir.Model:
             value.type = ir.TensorType(ir.DataType.FLOAT)
         clone.graph.outputs.append(value)
         present.add(name)
+    if only:
+        from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+        RemoveUnusedNodesPass()(clone)
     return clone
 
 
@@ -106,7 +113,7 @@ def observe(
     from graphopt.ortrun import run_session
     from graphopt.verify import make_session
 
-    observed = with_outputs(model, names)
+    observed = with_outputs(model, names, only=True)
     try:
         # ORT optimizations on: statistics do not need bit-exactness, and it is faster.
         session = make_session(observed, optimize=True)

@@ -15,14 +15,21 @@ fitting part of the calibration data:
 
 A k×k Conv is fitted on its input patches (im2col, padding included), so the fit is the
 exact least-squares solution; past ``MAX_LSQ_FEATURES`` patch features it is fitted kernel
-position by kernel position on channel statistics instead. Layers are fitted in
-stages in graph order, each stage on activations of the pruned model with the earlier
-stages already compensated, so later layers also correct what earlier fits left.
+position by kernel position on channel statistics instead. Layers are fitted in stages in
+graph order, each stage on activations of the pruned model with the earlier stages already
+compensated, so later layers also correct what earlier fits left; a stage never holds a
+layer together with one it reads from (see ``_stages``).
+
+With validation samples, each layer keeps whichever of plain pruning, bias compensation or
+least squares at one of ``RIDGE_STEPS`` ridge strengths brings its output closest to the
+original layer's on the validation rows; so a layer whose fit does not carry over to new
+rows (too few rows for its features, as a classifier after global pooling has) stays as it
+would have been without the refit.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
@@ -41,11 +48,24 @@ from graphopt.passes.pruning.activations import channel_rows, observe, sequence_
 from graphopt.passes.pruning.consumers import Consumer, tagged_nodes
 from graphopt.passes.pruning.samples import CalibrationSet
 
-MAX_STAGES = 8
+# The pruned model runs once per stage (up to the stage's layers); see ``_stages``.
+MAX_STAGES = 64
 # Above this many input features the statistics get too big: a k×k Conv falls back to
 # per-position channel statistics, any other layer to bias compensation.
 MAX_LSQ_CHANNELS = 4096
 MAX_LSQ_FEATURES = 4608  # 512 channels × 3×3
+# Ridge strengths tried per layer, times ``ridge``, when validation rows can choose: the
+# right strength depends on how many independent rows a layer has against its feature
+# count (a classifier fed by global pooling has one row per sample), which one constant
+# cannot fit both ways.
+RIDGE_STEPS = (1 / 64, 1 / 16, 1 / 4, 1.0, 4.0, 16.0)
+# Past this many features a solve costs seconds: fewer, wider-spaced strengths.
+WIDE_FEATURES = 2048
+WIDE_RIDGE_STEPS = (1 / 16, 1.0, 16.0)
+# A k×k Conv early in a CNN has ~100 patch rows per feature: past this many, a seeded random
+# subset of the rows gives the same fit at a fraction of the cost (neighbouring patches
+# overlap, so the rows are far from independent anyway).
+PATCH_ROWS_PER_FEATURE = 32
 
 
 @dataclass
@@ -84,13 +104,21 @@ def compensate(
     ridge: float,
     notes: list[str],
     removed: dict[DimKey, np.ndarray],
+    validation: CalibrationSet | None = None,
 ) -> int:
-    """Refit the consumers of ``pruned`` in place; returns how many layers were refitted."""
+    """Refit the consumers of ``pruned`` in place; returns how many layers were refitted.
+
+    With ``validation`` samples, each layer keeps the candidate (plainly pruned, bias
+    compensation, least squares at one of ``RIDGE_STEPS``) whose output is closest to the
+    original layer's on the validation rows: a refit that does not generalise is not kept.
+    """
     if not consumers:
         return 0
-    stages = np.array_split(np.arange(len(consumers)), min(MAX_STAGES, len(consumers)))
     in_original = tagged_nodes(original)
+    stages = _stages(original, consumers, in_original)
+    steps = RIDGE_STEPS if validation is not None else (1.0,)
     fitted = 0
+    chosen: dict[str, int] = {}
     for stage in stages:
         batch = [consumers[i] for i in stage]
         in_pruned = tagged_nodes(pruned)
@@ -98,30 +126,84 @@ def compensate(
         if not live:
             continue
         stats = _pair_stats(original, pruned, live, in_original, in_pruned, calib, method)
+        plans: list[_Plan] = []
         for consumer in live:
-            node_o, node_p = in_original[consumer.tag], in_pruned[consumer.tag]
-            pair = stats[consumer.tag]
+            pair = stats.pop(consumer.tag)
             layer_method = method
             if method == "lsq" and pair.gram_pp is None:
                 layer_method = "bias"
                 notes.append(
-                    f"{node_p.name or consumer.tag}: {len(pair.sum_o)} input channels is too many "
-                    "for least squares here; bias compensation used"
+                    f"{in_pruned[consumer.tag].name or consumer.tag}: {len(pair.sum_o)} input "
+                    "channels is too many for least squares here; bias compensation used"
                 )
             gone = removed.get((consumer.weight_key[0], _out_axis(consumer)), np.zeros(0, int))
-            if _refit(pruned, node_o, node_p, consumer, pair, layer_method, ridge, gone):
-                fitted += 1
+            plan = _plan(in_original[consumer.tag], in_pruned[consumer.tag], consumer, pair, gone)
+            if plan is not None:
+                wide = steps is RIDGE_STEPS and plan.kept.shape[2] > WIDE_FEATURES
+                ridges = [ridge * s for s in (WIDE_RIDGE_STEPS if wide else steps)]
+                plan.candidates = _candidates(plan.full, plan.kept, pair, layer_method, ridges)
+                plans.append(plan)
+        if validation is not None:
+            _score(original, pruned, plans, validation)
+        for plan in plans:
+            label = _apply(pruned, plan)
+            chosen[label] = chosen.get(label, 0) + 1
+            fitted += label != "plain"
+    if validation is not None and chosen:
+        picked = ", ".join(f"{k} {v}" for k, v in sorted(chosen.items()))
+        notes.insert(0, f"{method}: per layer, closest on the validation rows: {picked}")
     return fitted
+
+
+def _stages(
+    model: ir.Model, consumers: list[Consumer], nodes: dict[str, ir.Node]
+) -> list[list[int]]:
+    """Consumers (indices, graph order) in stages where no layer reads another's output.
+
+    A layer is fitted on its input in the pruned model as it is when its stage starts; a
+    refit upstream in the same stage would change that input afterwards and the fit would
+    correct an error that is no longer there. Independent layers (the branches reading one
+    tensor, Q/K/V) share a stage. Past ``MAX_STAGES`` neighbouring stages are merged.
+    """
+    bit = {id(nodes[c.tag]): 1 << i for i, c in enumerate(consumers) if c.tag in nodes}
+    upstream: dict[int, int] = {}  # id(value) -> mask of the consumers it depends on
+    reads: dict[int, int] = {}  # id(consumer node) -> mask of the consumers upstream of it
+    for node in model.graph:
+        mask = 0
+        for value in node.inputs:
+            if value is not None:
+                mask |= upstream.get(id(value), 0)
+        reads[id(node)] = mask
+        mask |= bit.get(id(node), 0)
+        for value in node.outputs:
+            upstream[id(value)] = mask
+    stages: list[list[int]] = []
+    current = 0
+    for i, consumer in enumerate(consumers):
+        node = nodes.get(consumer.tag)
+        depends = reads.get(id(node), 0) if node is not None else 0
+        if not stages or depends & current:
+            stages.append([])
+            current = 0
+        stages[-1].append(i)
+        current |= 1 << i
+    if len(stages) > MAX_STAGES:
+        # Too many to run the model once per stage: merge runs of neighbouring stages.
+        cuts = np.array_split(np.arange(len(stages)), MAX_STAGES)
+        stages = [[i for s in cut for i in stages[s]] for cut in cuts]
+    return stages
 
 
 def _pair_stats(original, pruned, consumers, in_original, in_pruned, calib, method):
     names_o = [in_original[c.tag].inputs[0].name for c in consumers]
     names_p = [in_pruned[c.tag].inputs[0].name for c in consumers]
     stats = {c.tag: PairStats() for c in consumers}
-    for (feeds, values_o), (_, values_p) in zip(
-        observe(original, sorted(set(names_o)), calib),
-        observe(pruned, sorted(set(names_p)), calib),
-        strict=True,
+    for index, ((feeds, values_o), (_, values_p)) in enumerate(
+        zip(
+            observe(original, sorted(set(names_o)), calib),
+            observe(pruned, sorted(set(names_p)), calib),
+            strict=True,
+        )
     ):
         mask = sequence_mask(feeds)
         for consumer, name_o, name_p in zip(consumers, names_o, names_p, strict=True):
@@ -132,7 +214,12 @@ def _pair_stats(original, pruned, consumers, in_original, in_pruned, calib, meth
                 # Exact least squares for a k×k Conv: regress on its input patches.
                 pair.patches = True
                 geometry = _patch_geometry(node, x_o)
-                pair.add(patch_rows(x_o, *geometry), patch_rows(x_p, *geometry), True)
+                rows_o, rows_p = patch_rows(x_o, *geometry), patch_rows(x_p, *geometry)
+                share = PATCH_ROWS_PER_FEATURE * rows_o.shape[1] * len(x_o) / calib.count
+                if len(rows_o) > share:
+                    keep = np.random.default_rng(index).choice(len(rows_o), int(share), False)
+                    rows_o, rows_p = rows_o[np.sort(keep)], rows_p[np.sort(keep)]
+                pair.add(rows_o, rows_p, True)
                 continue
             axis = consumer.data_key[1]
             rows_o = channel_rows(x_o, axis, mask)
@@ -142,14 +229,15 @@ def _pair_stats(original, pruned, consumers, in_original, in_pruned, calib, meth
     return stats
 
 
-def _patch_geometry(node: ir.Node, x: np.ndarray):
-    """(kernel, pads, strides, dilations) of a 2-D k×k Conv whose patches fit the limits."""
+def _patch_geometry(node: ir.Node, x: np.ndarray, limit: int | None = MAX_LSQ_FEATURES):
+    """(kernel, pads, strides, dilations) of a 2-D k×k Conv with at most ``limit`` patch
+    features (``None``: any)."""
     if node.op_type != "Conv" or x.ndim != 4:
         return None
     weight = constant_array(node.inputs[1])
     if weight is None or weight.shape[2] * weight.shape[3] == 1:
         return None
-    if weight.shape[1] * weight.shape[2] * weight.shape[3] > MAX_LSQ_FEATURES:
+    if limit is not None and weight.shape[1] * weight.shape[2] * weight.shape[3] > limit:
         return None
     if attribute(node, "auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
         return None
@@ -192,12 +280,25 @@ def _out_axis(consumer: Consumer) -> int:
     return 0 if consumer.trans_b else 1
 
 
-def _refit(pruned, node_o, node_p, consumer, pair, method: str, ridge: float, gone) -> bool:
+@dataclass
+class _Plan:
+    """One layer's refit: its weights by kernel position and the candidates to pick from."""
+
+    consumer: Consumer
+    node_o: ir.Node
+    node_p: ir.Node
+    full: np.ndarray  # (positions, out, in_o): the original weights, own removed outputs gone
+    kept: np.ndarray  # (positions, out, in_p): the plainly pruned weights
+    patches: bool
+    candidates: list[tuple[str, np.ndarray, np.ndarray]] = field(default_factory=list)
+    errors: np.ndarray | None = None  # Σ squared error per candidate on validation rows
+
+
+def _plan(node_o, node_p, consumer: Consumer, pair: PairStats, gone) -> _Plan | None:
     w_orig = constant_array(node_o.inputs[1])
     w_pruned = constant_array(node_p.inputs[1])
     if w_orig is None or w_pruned is None or pair.count == 0:
-        return False
-    dtype = w_pruned.dtype
+        return None
     if pair.patches:  # one matrix over (channel, ky, kx) features
         full = w_orig.astype(np.float64).reshape(w_orig.shape[0], -1)[None]
         kept = w_pruned.astype(np.float64).reshape(w_pruned.shape[0], -1)[None]
@@ -206,24 +307,95 @@ def _refit(pruned, node_o, node_p, consumer, pair, method: str, ridge: float, go
         kept = _as_positions(consumer, w_pruned.astype(np.float64))
     # The layer's own output channels may be pruned too (by another group).
     full = np.delete(full, np.asarray(gone, dtype=np.int64), axis=1)
+    return _Plan(consumer, node_o, node_p, full, kept, pair.patches)
+
+
+def _candidates(full, kept, pair: PairStats, method: str, ridges: list[float]):
+    """(label, weight matrices by position, bias shift) per candidate; the asked one last.
+
+    ``lsq`` at ridge λ (relative to the mean input variance) solves
+    ``W'ᵀ = (Cov_pp + λI)⁻¹ (Cov_po Wᵀ + λ W_Kᵀ)`` for every kernel position at once.
+    """
     mean_o, mean_p = pair.sum_o / pair.count, pair.sum_p / pair.count
-    if method == "lsq":
-        cov_pp = pair.gram_pp / pair.count - np.outer(mean_p, mean_p)
-        cov_po = pair.gram_po / pair.count - np.outer(mean_p, mean_o)
-        scale = max(float(np.mean(np.diag(cov_pp))), 1e-12)
+
+    def shifted(label: str, mats: np.ndarray):
+        # The intercept is fitted exactly: b' = b + W μ_o − W' μ_p (Σ over positions).
+        return label, mats, (full @ mean_o - mats @ mean_p).sum(axis=0)
+
+    found = [("plain", kept, np.zeros(full.shape[1])), shifted("bias", kept)]
+    if method != "lsq" or pair.gram_pp is None:
+        return found
+    cov_pp = pair.gram_pp / pair.count - np.outer(mean_p, mean_p)
+    cov_po = pair.gram_po / pair.count - np.outer(mean_p, mean_o)
+    scale = max(float(np.mean(np.diag(cov_pp))), 1e-12)
+    positions, out, width = kept.shape
+    # Right-hand sides of every position side by side: one factorisation per ridge.
+    target = np.concatenate([cov_po @ f.T for f in full], axis=1)
+    start = kept.transpose(2, 0, 1).reshape(width, positions * out)
+    for ridge in ridges:
         lam = ridge * scale
-        system = cov_pp + lam * np.eye(len(cov_pp))
         # argmin ‖x_o W − x_p W'‖² + λ‖W' − W_K‖²: the ridge pulls towards the plainly pruned
-        # weights, not towards zero, so few calibration rows cannot drag a layer off.
-        rhs = np.einsum("kc,poc->pko", cov_po, full) + lam * kept.transpose(0, 2, 1)
-        kept = np.stack([np.linalg.solve(system, r) for r in rhs]).transpose(0, 2, 1)
-    shift = (full @ mean_o - kept @ mean_p).sum(axis=0)  # Σ over positions → per output
-    refitted = kept[0].reshape(w_pruned.shape) if pair.patches else None
-    if refitted is None:
-        refitted = _from_positions(consumer, kept, w_pruned)
-    _set_weight(pruned, node_p, refitted.astype(dtype))
-    _add_to_bias(pruned, node_p, consumer, shift)
-    return True
+        # weights, not towards zero, so few calibration rows cannot drag a layer far off.
+        solved = np.linalg.solve(cov_pp + lam * np.eye(width), target + lam * start)
+        mats = solved.reshape(width, positions, out).transpose(1, 2, 0)
+        found.append(shifted(f"lsq {ridge:g}", mats))
+    return found
+
+
+def _score(original, pruned, plans: list[_Plan], validation: CalibrationSet) -> None:
+    """Each candidate's squared error against the original layer output, on the validation
+    rows (a k×k Conv on its exact input patches, whatever its size)."""
+    names_o = [p.node_o.inputs[0].name for p in plans]
+    names_p = [p.node_p.inputs[0].name for p in plans]
+    for (feeds, values_o), (_, values_p) in zip(
+        observe(original, sorted(set(names_o)), validation),
+        observe(pruned, sorted(set(names_p)), validation),
+        strict=True,
+    ):
+        mask = sequence_mask(feeds)
+        for plan, name_o, name_p in zip(plans, names_o, names_p, strict=True):
+            x_o, x_p = values_o[name_o], values_p[name_p]
+            geometry = _patch_geometry(plan.node_o, x_o, None)
+            if geometry is not None:
+                rows_o, rows_p = patch_rows(x_o, *geometry), patch_rows(x_p, *geometry)
+            elif plan.full.shape[0] == 1:
+                axis = plan.consumer.data_key[1]
+                rows_o, rows_p = channel_rows(x_o, axis, mask), channel_rows(x_p, axis, mask)
+            else:  # a k×k Conv with auto_pad: no exact rows to judge on
+                continue
+            target = rows_o @ _flat(plan, plan.full).T
+            errors = []
+            for _, mats, shift in plan.candidates:
+                residual = target - rows_p @ _flat(plan, mats).T - shift
+                errors.append(float(np.einsum("ij,ij->", residual, residual)))
+            plan.errors = np.asarray(errors) + (0.0 if plan.errors is None else plan.errors)
+
+
+def _flat(plan: _Plan, mats: np.ndarray) -> np.ndarray:
+    """Position matrices as one (out, features) matrix in the layout of the rows judged."""
+    if plan.full.shape[0] == 1 and (plan.patches or plan.consumer.op != "Conv"):
+        return mats[0]
+    # Per-position matrices of a Conv: back to (out, in, kh, kw) → (out, in·kh·kw).
+    like = constant_array(plan.node_o.inputs[1])
+    return mats.transpose(1, 2, 0).reshape(mats.shape[1], -1) if like.ndim == 4 else mats[0]
+
+
+def _apply(pruned, plan: _Plan) -> str:
+    """Put the chosen candidate in place; returns its label ("plain": nothing changed)."""
+    if plan.errors is not None:
+        label, mats, shift = plan.candidates[int(np.argmin(plan.errors))]
+    else:  # no validation rows: the asked method at the asked ridge
+        label, mats, shift = plan.candidates[-1]
+    if label == "plain":
+        return label
+    w_pruned = constant_array(plan.node_p.inputs[1])
+    if plan.patches:
+        refitted = mats[0].reshape(w_pruned.shape)
+    else:
+        refitted = _from_positions(plan.consumer, mats, w_pruned)
+    _set_weight(pruned, plan.node_p, refitted.astype(w_pruned.dtype))
+    _add_to_bias(pruned, plan.node_p, plan.consumer, shift)
+    return label
 
 
 def _set_weight(model: ir.Model, node: ir.Node, array: np.ndarray) -> None:

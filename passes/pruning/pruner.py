@@ -240,15 +240,23 @@ def _live_params(model: ir.Model) -> int:
 
 
 def _compensate(model, pruned, consumers, fit, settings, indices, context):
-    """Refit the consumers on most of the fitting samples; keep the refit only if it brings
-    the outputs closer on the rest (a validation slice, still disjoint from the held-out)."""
+    """Refit the consumers on most of the fitting samples; the rest (a validation slice, still
+    disjoint from the held-out) picks each layer's refit and must see the outputs closer."""
     fit_part, validation = fit.split(0.2)
     if validation is None:
         fit_part = fit
     plain = pruned.clone()  # refits add new tensors, so the clone stays the plain result
     notes: list[str] = []
     layers = compensate(
-        model, pruned, consumers, fit_part, settings.compensation, settings.ridge, notes, indices
+        model,
+        pruned,
+        consumers,
+        fit_part,
+        settings.compensation,
+        settings.ridge,
+        notes,
+        indices,
+        validation,
     )
     for note in notes[:5]:
         context.note(f"prune: {note}")

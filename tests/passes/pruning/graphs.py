@@ -95,3 +95,33 @@ def correlated(rng: np.random.Generator, shape: tuple[int, ...], rank: int = 4) 
 def write_npz(path, arrays: dict[str, np.ndarray]) -> str:
     np.savez(path, **arrays)
     return str(path)
+
+
+def branches(seed: int = 0, width: int = 16) -> ir.Model:
+    """conv(3→W)+Relu feeding two parallel 1×1 convs → Add → Relu → GAP → Gemm(W→10)."""
+    rng = np.random.default_rng(seed)
+    inits = {
+        "a.w": _w(rng, width, 3, 3, 3),
+        "a.b": _w(rng, width),
+        "b1.w": _w(rng, width, width, 1, 1),
+        "b2.w": _w(rng, width, width, 1, 1),
+        "fc.w": _w(rng, 10, width),
+        "fc.b": _w(rng, 10),
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "a.w", "a.b"], ["a"], pads=[1] * 4),
+        helper.make_node("Relu", ["a"], ["r"]),
+        helper.make_node("Conv", ["r", "b1.w"], ["b1"]),
+        helper.make_node("Conv", ["r", "b2.w"], ["b2"]),
+        helper.make_node("Add", ["b1", "b2"], ["sum"]),
+        helper.make_node("Relu", ["sum"], ["r2"]),
+        helper.make_node("GlobalAveragePool", ["r2"], ["gap"]),
+        helper.make_node("Flatten", ["gap"], ["flat"]),
+        helper.make_node("Gemm", ["flat", "fc.w", "fc.b"], ["logits"], transB=1),
+    ]
+    return make_model(
+        nodes,
+        [tensor_info("x", F, ["batch", 3, 8, 8])],
+        [tensor_info("logits", F, ["batch", 10])],
+        inits,
+    )

@@ -12,7 +12,7 @@ from graphopt.passes.pruning.prune import PrunePass
 from graphopt.passes.pruning.pruner import _live_params
 from graphopt.registry import PassContext
 from graphopt.verify import run_model
-from tests.passes.pruning.graphs import cnn, correlated, mlp, write_npz
+from tests.passes.pruning.graphs import branches, cnn, correlated, mlp, write_npz
 
 CNN_SHAPES = {"x": (1, 3, 8, 8)}
 MLP_SHAPES = {"x": (1, 4, 16)}
@@ -104,6 +104,45 @@ def test_lsq_beats_bias_on_correlated_conv_inputs(tmp_path):
         results[method] = report.fidelity_compensated[0].mean_abs
         assert results[method] < report.fidelity_pruned[0].mean_abs
     assert results["lsq"] < results["bias"]
+
+
+@pytest.mark.parametrize(
+    "build,expected", [(cnn, [["c2"], ["c3"], ["logits"]]), (branches, [["b1", "b2"], ["logits"]])]
+)
+def test_compensation_stages_never_hold_a_layer_with_one_it_reads(build, expected):
+    """A layer is fitted on its input as it is when its stage starts: a refit upstream in the
+    same stage would change that input afterwards. Parallel branches may share a stage."""
+    from graphopt.analysis.zig import analyze
+    from graphopt.passes.pruning.compensation import _stages
+    from graphopt.passes.pruning.consumers import find_consumers, tag_nodes, tagged_nodes
+
+    model = build()
+    report = analyze(model, CNN_SHAPES)
+    consumers = find_consumers(report, report.prunable)
+    tag_nodes(model, consumers)
+    nodes = tagged_nodes(model)
+    stages = _stages(model, consumers, nodes)
+    assert [[nodes[consumers[i].tag].outputs[0].name for i in s] for s in stages] == expected
+
+
+def test_chained_layers_refitted_one_stage_after_another(tmp_path, monkeypatch):
+    """Fitted together, c3 would correct an input error that c2's refit then removes: worse
+    than fitting in order (the pass then keeps no refit at all)."""
+    from graphopt.passes.pruning import compensation
+
+    rng = np.random.default_rng(5)
+    calib = write_npz(tmp_path / "c.npz", {"x": correlated(rng, (48, 3, 8, 8), rank=2)})
+    errors = {}
+    default = compensation.MAX_STAGES
+    for stages in (default, 1):
+        monkeypatch.setattr(compensation, "MAX_STAGES", stages)
+        _, report, _ = prune(
+            cnn(), flops=0.5, criterion="fluctuation", compensation="lsq", calib=calib
+        )
+        errors[stages] = report.fidelity_compensated[0].mean_abs
+        plain = report.fidelity_pruned[0].mean_abs
+    assert errors[default] < 0.2 * plain
+    assert errors[default] < errors[1]
 
 
 def test_data_criterion_without_calibration_is_a_user_error():
