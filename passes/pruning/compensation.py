@@ -44,8 +44,9 @@ from graphopt.editing import (
     single_user,
     unique_name,
 )
-from graphopt.passes.pruning.activations import channel_rows, observe, sequence_mask
+from graphopt.passes.pruning.activations import channel_rows, sequence_mask
 from graphopt.passes.pruning.consumers import Consumer, tagged_nodes
+from graphopt.passes.pruning.incremental import IncrementalObserver
 from graphopt.passes.pruning.samples import CalibrationSet
 
 # The pruned model runs once per stage (up to the stage's layers); see ``_stages``.
@@ -117,15 +118,40 @@ def compensate(
     in_original = tagged_nodes(original)
     stages = _stages(original, consumers, in_original)
     steps = RIDGE_STEPS if validation is not None else (1.0,)
+    # Fitting and validation batches go through each model together, one stage at a time.
+    batches = list(calib.batches()) + (list(validation.batches()) if validation else [])
+    fit_batches = len(list(calib.batches()))
+    observe_o = IncrementalObserver(original, batches, calib.source)
+    observe_p = IncrementalObserver(pruned, batches, calib.source)
     fitted = 0
     chosen: dict[str, int] = {}
-    for stage in stages:
+    for number, stage in enumerate(stages):
         batch = [consumers[i] for i in stage]
         in_pruned = tagged_nodes(pruned)
+        # Layers of this and later stages get new weights yet: observed, never kept.
+        pending = {
+            id(in_pruned[consumers[i].tag])
+            for later in stages[number:]
+            for i in later
+            if consumers[i].tag in in_pruned
+        }
         live = [c for c in batch if c.tag in in_pruned and c.tag in in_original]
         if not live:
             continue
-        stats = _pair_stats(original, pruned, live, in_original, in_pruned, calib, method)
+        names_o = [in_original[c.tag].inputs[0].name for c in live]
+        names_p = [in_pruned[c.tag].inputs[0].name for c in live]
+        observed = (
+            (feeds, values_o, values_p)
+            for (feeds, values_o), (_, values_p) in zip(
+                observe_o.advance(sorted(set(names_o))),
+                observe_p.advance(sorted(set(names_p)), pending),
+                strict=True,
+            )
+        )
+        held: list[tuple] = []
+        stats = _pair_stats(
+            live, in_original, names_o, names_p, observed, fit_batches, held, calib.count, method
+        )
         plans: list[_Plan] = []
         for consumer in live:
             pair = stats.pop(consumer.tag)
@@ -144,7 +170,7 @@ def compensate(
                 plan.candidates = _candidates(plan.full, plan.kept, pair, layer_method, ridges)
                 plans.append(plan)
         if validation is not None:
-            _score(original, pruned, plans, validation)
+            _score(plans, names_o, names_p, live, held)
         for plan in plans:
             label = _apply(pruned, plan)
             chosen[label] = chosen.get(label, 0) + 1
@@ -194,17 +220,16 @@ def _stages(
     return stages
 
 
-def _pair_stats(original, pruned, consumers, in_original, in_pruned, calib, method):
-    names_o = [in_original[c.tag].inputs[0].name for c in consumers]
-    names_p = [in_pruned[c.tag].inputs[0].name for c in consumers]
+def _pair_stats(
+    consumers, in_original, names_o, names_p, observed, fit_batches, held, count, method
+):
+    """Moments of each consumer's (original, pruned) inputs over the first ``fit_batches``
+    batches of ``observed``; the later (validation) batches' inputs go to ``held``."""
     stats = {c.tag: PairStats() for c in consumers}
-    for index, ((feeds, values_o), (_, values_p)) in enumerate(
-        zip(
-            observe(original, sorted(set(names_o)), calib),
-            observe(pruned, sorted(set(names_p)), calib),
-            strict=True,
-        )
-    ):
+    for index, (feeds, values_o, values_p) in enumerate(observed):
+        if index >= fit_batches:
+            held.append((feeds, values_o, values_p))
+            continue
         mask = sequence_mask(feeds)
         for consumer, name_o, name_p in zip(consumers, names_o, names_p, strict=True):
             pair = stats[consumer.tag]
@@ -215,7 +240,7 @@ def _pair_stats(original, pruned, consumers, in_original, in_pruned, calib, meth
                 pair.patches = True
                 geometry = _patch_geometry(node, x_o)
                 rows_o, rows_p = patch_rows(x_o, *geometry), patch_rows(x_p, *geometry)
-                share = PATCH_ROWS_PER_FEATURE * rows_o.shape[1] * len(x_o) / calib.count
+                share = PATCH_ROWS_PER_FEATURE * rows_o.shape[1] * len(x_o) / count
                 if len(rows_o) > share:
                     keep = np.random.default_rng(index).choice(len(rows_o), int(share), False)
                     rows_o, rows_p = rows_o[np.sort(keep)], rows_p[np.sort(keep)]
@@ -342,18 +367,14 @@ def _candidates(full, kept, pair: PairStats, method: str, ridges: list[float]):
     return found
 
 
-def _score(original, pruned, plans: list[_Plan], validation: CalibrationSet) -> None:
+def _score(plans: list[_Plan], names_o, names_p, live: list[Consumer], held) -> None:
     """Each candidate's squared error against the original layer output, on the validation
     rows (a k×k Conv on its exact input patches, whatever its size)."""
-    names_o = [p.node_o.inputs[0].name for p in plans]
-    names_p = [p.node_p.inputs[0].name for p in plans]
-    for (feeds, values_o), (_, values_p) in zip(
-        observe(original, sorted(set(names_o)), validation),
-        observe(pruned, sorted(set(names_p)), validation),
-        strict=True,
-    ):
+    inputs = {c.tag: (o, p) for c, o, p in zip(live, names_o, names_p, strict=True)}
+    for feeds, values_o, values_p in held:
         mask = sequence_mask(feeds)
-        for plan, name_o, name_p in zip(plans, names_o, names_p, strict=True):
+        for plan in plans:
+            name_o, name_p = inputs[plan.consumer.tag]
             x_o, x_p = values_o[name_o], values_p[name_p]
             geometry = _patch_geometry(plan.node_o, x_o, None)
             if geometry is not None:

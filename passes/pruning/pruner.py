@@ -60,6 +60,7 @@ class PruneReport:
     heldout_samples: int = 0
     seconds: float = 0.0
     compensation_kept: bool = True
+    compensation_used: str = ""  # the method kept: the asked one, "bias" after lsq, or ""
 
     @property
     def flops_removed(self) -> float:
@@ -155,9 +156,10 @@ def prune_model(
     if settings.compensation != "none" and fit is not None:
         touched = {gid for gid, units in removed.items() if units}
         live = [c for c in consumers if c.group in touched]
-        pruned, layers = _compensate(model, pruned, live, fit, settings, indices, context)
+        pruned, layers, used = _compensate(model, pruned, live, fit, settings, indices, context)
         record.layers_compensated = layers
         record.compensation_kept = layers > 0
+        record.compensation_used = used
         if held is not None and layers:
             record.fidelity_compensated = measure(
                 names, reference, outputs_on(pruned, held), padding_mask(held)
@@ -212,7 +214,8 @@ def _note_summary(context: PassContext, record: PruneReport) -> None:
     if record.fidelity_pruned:
         line += f"; held-out ({record.heldout_samples}): {summary(record.fidelity_pruned)}"
     if record.fidelity_compensated:
-        line += f" -> after {record.compensation}: {summary(record.fidelity_compensated)}"
+        used = record.compensation_used or "none (reverted)"
+        line += f" -> after {used}: {summary(record.fidelity_compensated)}"
     context.note(line)
 
 
@@ -241,36 +244,41 @@ def _live_params(model: ir.Model) -> int:
 
 def _compensate(model, pruned, consumers, fit, settings, indices, context):
     """Refit the consumers on most of the fitting samples; the rest (a validation slice, still
-    disjoint from the held-out) picks each layer's refit and must see the outputs closer."""
+    disjoint from the held-out) picks each layer's refit and must see the outputs closer.
+
+    When least squares leaves the outputs further on the validation slice, bias compensation
+    (fewer degrees of freedom: nothing to overfit with few rows per feature) is tried before
+    giving up and keeping the plainly pruned model.
+    """
     fit_part, validation = fit.split(0.2)
     if validation is None:
         fit_part = fit
     plain = pruned.clone()  # refits add new tensors, so the clone stays the plain result
-    notes: list[str] = []
-    layers = compensate(
-        model,
-        pruned,
-        consumers,
-        fit_part,
-        settings.compensation,
-        settings.ridge,
-        notes,
-        indices,
-        validation,
-    )
-    for note in notes[:5]:
-        context.note(f"prune: {note}")
-    if validation is None or not layers:
-        return pruned, layers
+    methods = [settings.compensation] + (["bias"] if settings.compensation == "lsq" else [])
     names = [v.name for v in model.graph.outputs]
-    reference = outputs_on(model, validation)
-    mask = padding_mask(validation)
-    before = measure(names, reference, outputs_on(plain, validation), mask)
-    after = measure(names, reference, outputs_on(pruned, validation), mask)
-    if sum(f.mean_abs for f in after) > sum(f.mean_abs for f in before):
+    reference = before = mask = None
+    for attempt, method in enumerate(methods):
+        candidate = pruned if attempt == 0 else plain.clone()
+        notes: list[str] = []
+        layers = compensate(
+            model, candidate, consumers, fit_part, method, settings.ridge, notes, indices,
+            validation,
+        )  # fmt: skip
+        for note in notes[:5]:
+            context.note(f"prune: {note}")
+        if validation is None or not layers:
+            return candidate, layers, method if layers else ""
+        if reference is None:
+            reference = outputs_on(model, validation)
+            mask = padding_mask(validation)
+            before = measure(names, reference, outputs_on(plain, validation), mask)
+        after = measure(names, reference, outputs_on(candidate, validation), mask)
+        if sum(f.mean_abs for f in after) <= sum(f.mean_abs for f in before):
+            return candidate, layers, method
         context.note(
-            f"prune: {settings.compensation} compensation moved the outputs further on the "
-            f"validation samples ({validation.count}); kept the uncompensated result"
+            f"prune: {method} compensation moved the outputs further on the validation samples "
+            f"({validation.count})"
+            + ("; trying bias compensation" if attempt + 1 < len(methods) else "")
         )
-        return plain, 0
-    return pruned, layers
+    context.note("prune: kept the uncompensated result")
+    return plain, 0, ""

@@ -238,3 +238,38 @@ def test_reconstruction_removes_a_duplicated_unit_and_lsq_absorbs_it(tmp_path):
     (ref,) = run_model(model, feeds)
     (got,) = run_model(pruned, feeds)
     assert np.abs(ref - got).max() <= 1e-3 * np.abs(ref).max()
+
+
+def test_lsq_that_does_not_help_falls_back_to_bias(tmp_path, monkeypatch):
+    """Least squares that moves the validation outputs further is not kept; bias compensation
+    is tried next, and the report says which method the result carries."""
+    import onnx_ir as ir
+
+    from graphopt.passes.pruning import pruner
+
+    real = pruner.compensate
+    asked: list[str] = []
+
+    def spoiled(original, pruned, consumers, calib, method, *args):
+        asked.append(method)
+        layers = real(original, pruned, consumers, calib, method, *args)
+        if method == "lsq":  # a refit that wrecks the layer
+            for node in pruned.graph:
+                if node.op_type == "MatMul" and node.inputs[1].const_value is not None:
+                    w = node.inputs[1]
+                    node.replace_input_with(1, ir.Value(name=f"{w.name}_bad"))
+                    node.inputs[1].const_value = ir.tensor(w.const_value.numpy() * -3.0)
+                    pruned.graph.register_initializer(node.inputs[1])
+        return layers
+
+    monkeypatch.setattr(pruner, "compensate", spoiled)
+    rng = np.random.default_rng(3)
+    calib = write_npz(tmp_path / "c.npz", {"x": correlated(rng, (64, 4, 16)) + 1.0})
+    _, report, notes = prune(
+        mlp(hidden=64), flops=0.5, criterion="activation", compensation="lsq", calib=calib
+    )
+    assert asked == ["lsq", "bias"]
+    assert report.compensation_used == "bias" and report.compensation_kept
+    assert report.fidelity_compensated[0].mean_abs < report.fidelity_pruned[0].mean_abs
+    assert any("trying bias compensation" in n for n in notes)
+    assert any("after bias" in n for n in notes)
