@@ -286,10 +286,12 @@ class PassManager:
                 for spec in step.passes:
                     if spec.name in self._disabled:
                         continue
-                    if self.skip_idle and not get_pass(spec.name).applies(
-                        self._present_op_types(model)
+                    cls = get_pass(spec.name)
+                    if not cls.serves(self.context.target) or (
+                        self.skip_idle and not cls.applies(self._present_op_types(model))
                     ):
-                        # None of its trigger ops is in the model: it would find nothing.
+                        # Another target's pass, or none of its trigger ops is in the model:
+                        # it would find nothing.
                         self._stats_of(spec)
                         continue
                     label = spec.name if limit == 1 else f"{spec.name} (round {iteration + 1})"

@@ -85,6 +85,9 @@ class GraphPass(ir.passes.InPlacePass):
     # subgraphs and functions included) of one of these types, so the pass manager skips
     # it on other models. None: it may change any model, it always runs.
     ops: ClassVar[frozenset[str] | None] = None
+    # The targets (``--target``) the pass rewrites for; on any other it changes nothing and
+    # the pass manager skips it. None: every target.
+    targets: ClassVar[frozenset[str] | None] = None
     # True for costly passes: the pass manager fingerprints the model around each run and
     # skips the pass on a state it has already left unchanged (same input, same no-op).
     memoize: ClassVar[bool] = False
@@ -113,7 +116,14 @@ class GraphPass(ir.passes.InPlacePass):
     def rewrite(self, model: ir.Model) -> int:
         """Edit ``model`` in place; return the number of rewrites made."""
 
+    @classmethod
+    def serves(cls, target: str) -> bool:
+        """Whether the pass rewrites anything for ``target``."""
+        return cls.targets is None or target in cls.targets
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        if not self.serves(self.context.target):
+            return ir.passes.PassResult(model, modified=False)
         hits = self.rewrite(model)
         self.hits += hits
         return ir.passes.PassResult(model, modified=hits > 0)

@@ -119,6 +119,21 @@ def test_pass_without_its_trigger_ops_is_skipped_but_listed() -> None:
     assert set(stats) == {name for name, cls in all_passes().items() if cls.exact}
 
 
+def test_pass_for_another_target_is_skipped_and_changes_nothing() -> None:
+    passes = all_passes()
+    ort_only = [n for n, cls in passes.items() if cls.targets == frozenset({"ort"})]
+    assert "ort-attention" in ort_only and "ort-residual-sum" in ort_only
+    assert passes["residual-sum"].targets == frozenset({"portable"})
+    # The pass manager never runs them for the portable target, even without skipping.
+    _, manager = run_default(conv_bn_model(), skip=False)
+    assert all(manager._stats[n].runs == 0 for n in ort_only if n in manager._stats)
+    # Called directly with the wrong target, a pass leaves the model as it was.
+    model = conv_bn_model()
+    before = fingerprint(model)
+    result = passes["ort-residual-sum"](PassContext(target="portable"))(model)
+    assert not result.modified and fingerprint(model) == before
+
+
 def test_trigger_ops_inside_subgraphs_count() -> None:
     model = if_model()
     assert {"If", "Identity", "Neg"} <= op_types(model)

@@ -31,12 +31,11 @@ class ResidualSumPass(GraphPass):
     """Residual Add read only by LayerNormalization → two-input Sum (ORT then keeps Add+LN)."""
 
     name = "residual-sum"
+    targets = frozenset(("portable",))
     stage = Stage.FUSION
     ops = frozenset(("LayerNormalization",))
 
     def rewrite(self, model: ir.Model) -> int:
-        if self.context.target != "portable":
-            return 0
         hits = 0
         for graph in (model.graph, *model.graph.subgraphs()):
             for node in list(graph):

@@ -119,6 +119,8 @@ class OrtFusionPass(GraphPass):
     exact = True
     # Rewrites the main graph only: onnxscript's rules do not descend into If/Loop bodies.
     handles_subgraphs = False
+    # Contrib ops run only on ONNX Runtime.
+    targets = frozenset(("ort",))
     # The fusion steps, applied in order to the prepared clone.
     steps: ClassVar[tuple[FusionStep, ...]] = ()
     # The contrib ops this family produces; hits = how many more of them there are after.
@@ -129,8 +131,6 @@ class OrtFusionPass(GraphPass):
         return True
 
     def rewrite(self, model: ir.Model) -> int:
-        if self.context.target != "ort":
-            return 0  # contrib ops run only on ONNX Runtime
         before = count_ops(model, self.produces)
         onnx_shapes: dict[str, ir.Shape | None] = {}
         for symbolic in (False, True):

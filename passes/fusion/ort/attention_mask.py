@@ -111,12 +111,11 @@ class OrtAttentionMaskPass(GraphPass):
     """With --target ort: Attention's additive padding/causal bias → its 2-D mask_index."""
 
     name = "ort-attention-mask"
+    targets = frozenset(("ort",))
     stage = Stage.FUSION
     handles_subgraphs = False
 
     def rewrite(self, model: ir.Model) -> int:
-        if self.context.target != "ort":
-            return 0
         graph = model.graph
         groups: dict[int, list[ir.Node]] = {}
         biases: dict[int, ir.Value] = {}

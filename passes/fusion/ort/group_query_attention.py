@@ -286,7 +286,7 @@ class OrtGroupQueryAttentionPass(OrtFusionPass):
     def rewrite(self, model: ir.Model) -> int:
         # Preparing the working copy (shape inference, folding, twice) costs seconds on a
         # transformer: skip graphs without a softmax and a K/V repetition chain.
-        if self.context.target != "ort" or not _has_head_repetition(model.graph):
+        if not _has_head_repetition(model.graph):
             return 0
         return super().rewrite(model)
 

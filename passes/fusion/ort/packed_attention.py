@@ -186,12 +186,11 @@ class OrtPackedAttentionPass(GraphPass):
     """With --target ort: MultiHeadAttention on Q/K/V projections of one input → Attention."""
 
     name = "ort-packed-attention"
+    targets = frozenset(("ort",))
     stage = Stage.FUSION
     handles_subgraphs = False
 
     def rewrite(self, model: ir.Model) -> int:
-        if self.context.target != "ort":
-            return 0
         graph = model.graph
         if not any(_packable(node) for node in graph):
             return 0

@@ -59,14 +59,13 @@ class OrtResidualSumPass(GraphPass):
     """With --target ort: an Add feeding LayerNormalization → Sum, so ORT keeps them unfused."""
 
     name = "ort-residual-sum"
+    targets = frozenset(("ort",))
     stage = Stage.FUSION
     # ORT's level-2 optimizer fuses Add(+Add bias)→LayerNormalization into the slow CPU
     # SkipLayerNormalization (see FORCE) by matching the op type "Add"; a two-input Sum is the
     # same elementwise addition with the same broadcasting, and that fusion does not match it.
 
     def rewrite(self, model: ir.Model) -> int:
-        if self.context.target != "ort":
-            return 0
         hits = 0
         for node in list(model.graph):
             if not editing.is_op(node, "LayerNormalization"):

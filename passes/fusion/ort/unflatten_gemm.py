@@ -263,12 +263,11 @@ class OrtUnflattenGemmPass(GraphPass):
     """With --target ort: Reshape(x→2-D)→Gemm→Reshape(back) → MatMul(x, W) (+ bias Add)."""
 
     name = "ort-unflatten-gemm"
+    targets = frozenset(("ort",))
     stage = Stage.FUSION
     handles_subgraphs = False
 
     def rewrite(self, model: ir.Model) -> int:
-        if self.context.target != "ort":
-            return 0
         graph = model.graph
         if not any(editing.is_op(node, "Gemm") for node in graph):
             return 0
