@@ -13,6 +13,8 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from graphopt.models.catalog import ModelSpec, register, versions
 
 RAPIDOCR_PACKAGE = "rapidocr_onnxruntime"
@@ -73,3 +75,45 @@ for _name, (_file, _shape, _label) in OCR_MODELS.items():
             slow=_name != "ppocr_cls",
         )
     )
+
+
+# PP-OCR's preprocessing (rapidocr config.yaml): pixels / 255, then (x - 0.5) / 0.5.
+OCR_MEAN, OCR_STD = 0.5, 0.5
+_GLYPHS = "ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz0123456789"
+
+
+def text_images(count: int, shape: list[int] | tuple[int, ...], seed: int = 0) -> np.ndarray:
+    """``count`` rendered images of printed words, ``[count, 3, H, W]`` float32, normalized as
+    PP-OCR expects: data a text detector or recognizer responds to, where seeded noise leaves
+    the detector's probability map at ~0 everywhere (nothing to compare, nothing to fit).
+
+    Dark random words in Pillow's built-in font, 1-6 lines at random sizes and positions on
+    a light background with mild noise; one line filling the height for a recognizer-sized
+    (48-pixel) input. Needs Pillow (a torchvision dependency).
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    _, channels, height, width = shape
+    rng = np.random.default_rng(seed)
+    out = np.empty((count, channels, height, width), np.float32)
+    single_line = height <= 64
+    for i in range(count):
+        background = int(rng.integers(190, 256))
+        image = Image.new("RGB", (width, height), (background,) * 3)
+        draw = ImageDraw.Draw(image)
+        lines = 1 if single_line else int(rng.integers(1, 7))
+        for _ in range(lines):
+            size = int(rng.integers(28, 40)) if single_line else int(rng.integers(12, 36))
+            font = ImageFont.load_default(size)
+            words = [
+                "".join(rng.choice(list(_GLYPHS), int(rng.integers(2, 9))))
+                for _ in range(int(rng.integers(1, 5)))
+            ]
+            ink = tuple(int(v) for v in rng.integers(0, 90, 3))
+            x = int(rng.integers(0, max(1, width // 4)))
+            y = (height - size) // 2 if single_line else int(rng.integers(0, height - size))
+            draw.text((x, y), " ".join(words), fill=ink, font=font)
+        pixels = np.asarray(image, np.float32) + rng.normal(0.0, 4.0, (height, width, 3))
+        pixels = np.clip(pixels, 0, 255) / 255.0
+        out[i] = ((pixels - OCR_MEAN) / OCR_STD).transpose(2, 0, 1)[:channels]
+    return out

@@ -106,26 +106,47 @@ def torchvision_classifiers() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
-def torchvision_size(name: str) -> tuple[int, float]:
-    """(parameters, GFLOPs at the reference resolution) from torchvision's weight metadata."""
+def torchvision_size(name: str, side: int | None = None) -> tuple[int, float]:
+    """(parameters, GFLOPs) from torchvision's weight metadata; the GFLOPs at ``side``×``side``
+    when given (scaled from the reference resolution by pixel count), else at the reference."""
     import torchvision
 
-    meta = torchvision.models.get_model_weights(name).DEFAULT.meta
-    return int(meta["num_params"]), float(meta.get("_ops", 0.0))
+    weights = torchvision.models.get_model_weights(name).DEFAULT
+    gflops = float(weights.meta.get("_ops", 0.0))
+    crop = getattr(weights.transforms, "keywords", {}).get("crop_size")
+    if side is not None and crop:
+        gflops *= (side / crop) ** 2
+    return int(weights.meta["num_params"]), gflops
 
 
-def ensure_torchvision(name: str) -> str:
+# Architectures whose input size the model fixes (patch and window grids, position
+# embeddings): built at their own side whatever side is asked for.
+FIXED_SIDE_PREFIXES = ("vit_", "swin", "maxvit")
+
+
+def fixed_side(name: str) -> bool:
+    return name.startswith(FIXED_SIDE_PREFIXES)
+
+
+def ensure_torchvision(name: str, side: int | None = None) -> str:
     """Catalog name of torchvision ``name``: the registered entry, else ``torchvision:<name>``
-    registered now (random seeded weights, same exporter and batch as the catalog ones)."""
+    registered now (random seeded weights, same exporter and batch as the catalog ones).
+
+    ``side``: build at that image side instead (``torchvision:<name>@<side>``), for
+    architectures that take any size; a cheaper check of the same layers.
+    """
     from graphopt.models.catalog import names
 
     if name.startswith(EXTRA_PREFIX):
         name = name[len(EXTRA_PREFIX) :]
-    if name in TORCHVISION_MODELS:
-        return name
-    entry = EXTRA_PREFIX + name
+    default = _EXTRA_SIDES.get(name, 224)
+    if side is None or side == default or fixed_side(name):
+        if name in TORCHVISION_MODELS:
+            return name
+        side, entry = default, EXTRA_PREFIX + name
+    else:
+        entry = f"{EXTRA_PREFIX}{name}@{side}"
     if entry not in names():
-        side = _EXTRA_SIDES.get(name, 224)
         register(
             ModelSpec(
                 name=entry,
