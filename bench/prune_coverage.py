@@ -13,7 +13,15 @@ just past the removed channels (``boundary``). On the activation+lsq run, (e) co
 moved the outputs closer to the original's on held-out samples (for every output: mean |error|
 lower and mean cosine not lower, the PruneReport's fidelity_compensated vs fidelity_pruned);
 where pruning alone left every output exactly unchanged (a random-weight ViT: zero head), it
-asks that compensation leaves them unchanged too, and the table says so.
+asks that compensation leaves them unchanged too, and the table says so; likewise where the
+original's outputs are numerically zero (largest |output| < 1e-6 on generated inputs: random
+weights with eval-mode BatchNorm make deep EfficientNets' logits ~1e-15), compensation must
+not move them further than pruning did.
+
+``--image-size N`` builds the non-catalog torchvision CNNs at N×N (``torchvision:NAME@N``;
+ViT, Swin and MaxViT keep 224): the same layers and groups at a quarter of the cost for
+N = 112, which is how the 2-core coverage run of 2026-12-02 fitted in a session. Fewer
+pixels also mean fewer rows per feature for least squares, a harder case for (e).
 
 Models over ``--max-params`` / ``--max-gflops`` (the VGGs, vit_l/h, regnet_y_32/128gf,
 wide_resnet101_2, convnext_large, efficientnet_b7/v2_l) are skipped and counted as such,

@@ -18,7 +18,8 @@ exact least-squares solution; past ``MAX_LSQ_FEATURES`` patch features it is fit
 position by kernel position on channel statistics instead. Layers are fitted in stages in
 graph order, each stage on activations of the pruned model with the earlier stages already
 compensated, so later layers also correct what earlier fits left; a stage never holds a
-layer together with one it reads from (see ``_stages``).
+layer together with one it reads from (see ``_stages``). Both models are observed stage by
+stage (:mod:`.incremental`): each stage runs only the nodes it adds.
 
 With validation samples, each layer keeps whichever of plain pruning, bias compensation or
 least squares at one of ``RIDGE_STEPS`` ridge strengths brings its output closest to the
