@@ -377,7 +377,7 @@ def render(rows: list[Row], command: str) -> str:
         if row.skipped:
             lines.append(f"| {row.model} | – | – | – | – | skipped: {row.skipped} |")
             continue
-        label = row.model + (f" (calib: {row.calibration})" if row.calibration != "random" else "")
+        shown = row.model + (f" (calib: {row.calibration})" if row.calibration != "random" else "")
         cells = []
         for label in RUNS:
             r = row.runs.get(label)
@@ -402,7 +402,7 @@ def render(rows: list[Row], command: str) -> str:
         else:
             closer = _mark(comp.closer if comp else None)
         verdict = "✓" if row.ok else "✗ " + "; ".join(all_errors(row)).replace("|", "\\|")
-        lines.append(f"| {label} | {cells[0]} | {cells[1]} | {zig} | {closer} | {verdict} |")
+        lines.append(f"| {shown} | {cells[0]} | {cells[1]} | {zig} | {closer} | {verdict} |")
     return head + "\n".join(lines) + "\n\n" + summary(rows) + "\n\nCommand: `" + command + "`\n"
 
 
