@@ -41,12 +41,19 @@ def cnn(seed: int = 0, width: int = 32) -> ir.Model:
         helper.make_node("Add", ["r1", "r2"], ["sum"]),
         helper.make_node("Conv", ["sum", "c3.w", "c3.b"], ["c3"], pads=[1] * 4),
         helper.make_node("Relu", ["c3"], ["r3"]),
-        helper.make_node("GlobalAveragePool", ["r3"], ["gap"]),
+    ]
+    return _with_classifier(nodes, "r3", inits)
+
+
+def _with_classifier(nodes: list, features: str, inits: dict) -> ir.Model:
+    """``nodes`` on x [batch, 3, 8, 8], then GAP → Flatten → Gemm(fc.w, fc.b) → logits."""
+    head = [
+        helper.make_node("GlobalAveragePool", [features], ["gap"]),
         helper.make_node("Flatten", ["gap"], ["flat"]),
         helper.make_node("Gemm", ["flat", "fc.w", "fc.b"], ["logits"], transB=1),
     ]
     return make_model(
-        nodes,
+        nodes + head,
         [tensor_info("x", F, ["batch", 3, 8, 8])],
         [tensor_info("logits", F, ["batch", 10])],
         inits,
@@ -115,13 +122,5 @@ def branches(seed: int = 0, width: int = 16) -> ir.Model:
         helper.make_node("Conv", ["r", "b2.w"], ["b2"]),
         helper.make_node("Add", ["b1", "b2"], ["sum"]),
         helper.make_node("Relu", ["sum"], ["r2"]),
-        helper.make_node("GlobalAveragePool", ["r2"], ["gap"]),
-        helper.make_node("Flatten", ["gap"], ["flat"]),
-        helper.make_node("Gemm", ["flat", "fc.w", "fc.b"], ["logits"], transB=1),
     ]
-    return make_model(
-        nodes,
-        [tensor_info("x", F, ["batch", 3, 8, 8])],
-        [tensor_info("logits", F, ["batch", 10])],
-        inits,
-    )
+    return _with_classifier(nodes, "r2", inits)
