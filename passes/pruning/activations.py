@@ -110,24 +110,35 @@ def observe(
     model: ir.Model, names: list[str], calib: CalibrationSet
 ) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
     """Per batch: (feeds, {name: activation}) for the named values of ``model``."""
-    from graphopt.ortrun import run_session
+    session = observation_session(with_outputs(model, names, only=True))
+    for feeds in calib.batches():
+        values = run_observation(session, names, feeds, calib.source)
+        yield feeds, dict(zip(names, values, strict=True))
+
+
+def observation_session(model: ir.Model):
+    """An ORT session to observe ``model`` with (its outputs are the values observed)."""
     from graphopt.verify import make_session
 
-    observed = with_outputs(model, names, only=True)
     try:
         # ORT optimizations on: statistics do not need bit-exactness, and it is faster.
-        session = make_session(observed, optimize=True)
+        return make_session(model, optimize=True)
     except Exception as exc:
         raise RuntimeError(f"ONNX Runtime cannot load the model to observe: {exc}") from exc
-    for feeds in calib.batches():
-        try:
-            values = run_session(session, names, feeds)
-        except Exception as exc:
-            line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UserInputError(
-                f"calibration data ({calib.source}) does not run through the model: {line[:200]}"
-            ) from None
-        yield feeds, dict(zip(names, values, strict=True))
+
+
+def run_observation(session, names: list[str], feeds: dict, source: str) -> list[np.ndarray]:
+    """``names`` on ``feeds``; a failure is the calibration data's, said in one line."""
+    from graphopt.ortrun import run_session
+
+    wanted = {i.name for i in session.get_inputs()}
+    try:
+        return run_session(session, names, {k: v for k, v in feeds.items() if k in wanted})
+    except Exception as exc:
+        line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserInputError(
+            f"calibration data ({source}) does not run through the model: {line[:200]}"
+        ) from None
 
 
 # Covariances are kept for channel counts up to this (C×C float64 each).

@@ -19,8 +19,11 @@ from collections.abc import Iterator
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.errors import UserInputError
-from graphopt.passes.pruning.activations import with_outputs
+from graphopt.passes.pruning.activations import (
+    observation_session,
+    run_observation,
+    with_outputs,
+)
 
 
 class IncrementalObserver:
@@ -62,9 +65,9 @@ class IncrementalObserver:
         later = [v.name for n in final for v in n.outputs if self._read_later(v, finals)]
         outputs = list(dict.fromkeys(fresh + later))
         session = self._session(nodes, outputs)
-        feed_names = [i.name for i in session.get_inputs()]
         for feeds, kept in zip(self.batches, self.store, strict=True):
-            values = dict(zip(outputs, self._run(session, outputs, kept, feed_names), strict=True))
+            values = run_observation(session, outputs, kept, self.source)
+            values = dict(zip(outputs, values, strict=True))
             kept.update((name, values[name]) for name in later)
             yield feeds, {name: values[name] if name in values else kept[name] for name in names}
         self.ran.update(id(n) for n in final)
@@ -96,8 +99,6 @@ class IncrementalObserver:
 
     def _session(self, nodes: list[ir.Node], outputs: list[str]):
         """An ORT session over a copy of ``nodes`` alone, fed from the store."""
-        from graphopt.verify import make_session
-
         clone = self.model.clone()
         positions = {id(n) for n in nodes}
         chosen = [
@@ -132,22 +133,7 @@ class IncrementalObserver:
         from onnx_ir.passes.common import RemoveUnusedNodesPass
 
         RemoveUnusedNodesPass()(clone)
-        try:
-            # ORT optimizations on: statistics do not need bit-exactness, and it is faster.
-            return make_session(clone, optimize=True)
-        except Exception as exc:
-            raise RuntimeError(f"ONNX Runtime cannot load the model to observe: {exc}") from exc
-
-    def _run(self, session, outputs, kept, feed_names) -> list[np.ndarray]:
-        from graphopt.ortrun import run_session
-
-        try:
-            return run_session(session, outputs, {k: kept[k] for k in feed_names})
-        except Exception as exc:
-            line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UserInputError(
-                f"calibration data ({self.source}) does not run through the model: {line[:200]}"
-            ) from None
+        return observation_session(clone)
 
     def _forget(self) -> None:
         """Drop stored values that no node left to run reads."""
@@ -160,23 +146,9 @@ class IncrementalObserver:
                 del kept[name]
 
     def _from_inputs(self, names: list[str]) -> Iterator[tuple[dict[str, np.ndarray], dict]]:
-        from graphopt.ortrun import run_session
-        from graphopt.verify import make_session
-
-        observed = with_outputs(self.model, names, only=True)
-        try:
-            session = make_session(observed, optimize=True)
-        except Exception as exc:
-            raise RuntimeError(f"ONNX Runtime cannot load the model to observe: {exc}") from exc
-        feed_names = [i.name for i in session.get_inputs()]
+        session = observation_session(with_outputs(self.model, names, only=True))
         for feeds in self.batches:
-            try:
-                values = run_session(session, names, {k: feeds[k] for k in feed_names})
-            except Exception as exc:
-                line = str(exc).strip().splitlines()[0] if str(exc).strip() else "error"
-                raise UserInputError(
-                    f"calibration data ({self.source}) does not run through the model: {line[:200]}"
-                ) from None
+            values = run_observation(session, names, feeds, self.source)
             yield feeds, dict(zip(names, values, strict=True))
 
 
