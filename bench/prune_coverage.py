@@ -18,9 +18,10 @@ original's outputs are numerically zero (largest |output| < 1e-6 on generated in
 weights with eval-mode BatchNorm make deep EfficientNets' logits ~1e-15), compensation must
 not move them further than pruning did.
 
-``--image-size N`` builds the non-catalog torchvision CNNs at N×N (``torchvision:NAME@N``;
-ViT, Swin and MaxViT keep 224): the same layers and groups at a quarter of the cost for
-N = 112, which is how the 2-core coverage run of 2026-12-02 fitted in a session. Fewer
+``--image-size N`` builds the non-catalog torchvision models at N×N (``torchvision:NAME@N``;
+a ViT with ``image_size=N`` where its patch divides N; Swin and MaxViT keep 224): the same
+layers and groups at a quarter of the cost for N = 112, which is how the 2-core coverage
+runs of 2026-12-02 fitted in a session. Fewer
 pixels also mean fewer rows per feature for least squares, a harder case for (e).
 
 Models over ``--max-params`` / ``--max-gflops`` (the VGGs, vit_l/h, regnet_y_32/128gf,
@@ -336,7 +337,9 @@ def model_list(args) -> tuple[list[str], list[tuple[str, str]]]:
         for tv in vision.torchvision_classifiers():
             if tv in vision.TORCHVISION_MODELS:
                 continue
-            side = 224 if vision.fixed_side(tv) or not args.image_size else args.image_size
+            side = args.image_size or 224
+            if vision.fixed_side(tv, side):
+                side = 224
             params, gflops = vision.torchvision_size(tv, side)
             if params > args.max_params or gflops > args.max_gflops:
                 skipped.append(
@@ -484,8 +487,8 @@ def main() -> None:
     parser.add_argument(
         "--image-size",
         type=int,
-        help="build the non-catalog torchvision CNNs at this side (torchvision:NAME@SIDE); "
-        "ViT, Swin and MaxViT keep 224",
+        help="build the non-catalog torchvision models at this side (torchvision:NAME@SIDE); "
+        "Swin, MaxViT and ViTs whose patch does not divide it keep 224",
     )
     parser.add_argument("--render-only", action="store_true", help="only render --results")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per model")

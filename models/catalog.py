@@ -3,7 +3,9 @@
 A builder writes one ``.onnx`` file into a scratch folder and returns what it knows about
 it (exporter, opset, library versions, test input shapes). ``get`` runs the builder once,
 saves the model atomically into ``$GRAPHOPT_CACHE`` (default ``~/.cache/graphopt``) next to
-a small JSON sidecar, and afterwards returns the cached path. Cached files are never
+a small JSON sidecar, and afterwards returns the cached path. A model past protobuf's 2 GB
+(the exporter then writes external data) is cached as ``NAME.onnx`` plus one
+``NAME.onnx.data`` beside it. Cached files are never
 committed; deleting the cache folder is always safe.
 """
 
@@ -123,9 +125,20 @@ def build(name: str, output: str | os.PathLike | None = None, *, rebuild: bool =
     target = Path(os.fspath(output))
     if target.is_dir():
         target = target / cached.name
+    data = _external_data(cached)
+    if data is not None:
+        # Under its own name, which the model file records; copied first, so the model file
+        # never appears without it.
+        _atomic_copy(data, target.with_name(data.name))
     _atomic_copy(cached, target)
     _atomic_copy(sidecar_path(cached), sidecar_path(target))
     return target
+
+
+def _external_data(model_path: Path) -> Path | None:
+    """The cached model's external-data file, when its sidecar names one."""
+    location = read_sidecar(model_path).get("external_data")
+    return None if location is None else model_path.with_name(location)
 
 
 def _cached_ok(target: Path) -> bool:
@@ -136,7 +149,12 @@ def _cached_ok(target: Path) -> bool:
         info = json.loads(side.read_text())
     except (OSError, ValueError):
         return False
-    return info.get("cache_format") == CACHE_FORMAT and info.get("size") == target.stat().st_size
+    if info.get("cache_format") != CACHE_FORMAT or info.get("size") != target.stat().st_size:
+        return False
+    if "external_data" in info:
+        data = target.with_name(info["external_data"])
+        return data.is_file() and data.stat().st_size == info.get("external_size")
+    return True
 
 
 def _build_into(entry: ModelSpec, target: Path) -> None:
@@ -151,8 +169,12 @@ def _build_into(entry: ModelSpec, target: Path) -> None:
         start = time.perf_counter()
         info = entry.builder(raw)
         seconds = time.perf_counter() - start
+        location = None
         if any(p.name != raw.name for p in scratch.iterdir()):
-            raise RuntimeError(f"builder for {entry.name!r} wrote external data; not supported")
+            location = target.name + ".data"
+            raw = _into_one_data_file(raw, location)
+            if not raw.with_name(location).is_file():  # every tensor small enough to inline
+                location = None
         proto = onnx.load(raw, load_external_data=False)
         onnx.checker.check_model(str(raw))
         info = {
@@ -171,12 +193,35 @@ def _build_into(entry: ModelSpec, target: Path) -> None:
         }
         info.setdefault("test_shapes", _default_test_shapes(info["inputs"]))
         # The scratch folder sits beside the target, so this rename is atomic; the builder's
-        # bytes are kept as they are (no re-serialization that could touch the graph).
+        # bytes are kept as they are (no re-serialization that could touch the graph), except
+        # where its external data had to be gathered under the entry's name.
+        if location is not None:
+            # The data file first: the sidecar is written last, so a crash in between leaves
+            # an entry that _cached_ok rejects and the next get() rebuilds.
+            data = target.with_name(location)
+            os.replace(raw.with_name(location), data)
+            info["external_data"], info["external_size"] = location, data.stat().st_size
         os.replace(raw, target)
         info["size"] = target.stat().st_size
         _atomic_write_text(sidecar_path(target), json.dumps(info, indent=2) + "\n")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _into_one_data_file(raw: Path, location: str) -> Path:
+    """Re-save a builder's model with all its external tensors in one file ``location``
+    (the builder names its data files after its scratch file, not after the entry)."""
+    proto = onnx.load(raw)
+    gathered = raw.with_name("gathered.onnx")
+    onnx.save_model(
+        proto,
+        gathered,
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=location,
+        size_threshold=1024,
+    )
+    return gathered
 
 
 def _default_opset(proto: onnx.ModelProto) -> int | None:

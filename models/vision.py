@@ -47,7 +47,10 @@ def build_torchvision(name: str, side: int, path: Path, exporter: str = "auto") 
 
     seed_everything()
     constructor = getattr(torchvision.models, name)
-    model = constructor(weights=None, **_KWARGS.get(name, {})).eval()
+    kwargs = dict(_KWARGS.get(name, {}))
+    if name.startswith(SIZED_PREFIXES) and side != 224:
+        kwargs["image_size"] = side
+    model = constructor(weights=None, **kwargs).eval()
     example = torch.randn(EXPORT_BATCH, 3, side, side)
     info = export(
         model,
@@ -119,12 +122,19 @@ def torchvision_size(name: str, side: int | None = None) -> tuple[int, float]:
     return int(weights.meta["num_params"]), gflops
 
 
-# Architectures whose input size the model fixes (patch and window grids, position
-# embeddings): built at their own side whatever side is asked for.
-FIXED_SIDE_PREFIXES = ("vit_", "swin", "maxvit")
+# Architectures whose input size the model fixes (window grids, relative position tables):
+# built at their own side whatever side is asked for.
+FIXED_SIDE_PREFIXES = ("swin", "maxvit")
+# Architectures that take their input size as a constructor argument: a ViT built with
+# ``image_size=side`` has the same layers and groups, only a shorter position embedding.
+SIZED_PREFIXES = ("vit_",)
 
 
-def fixed_side(name: str) -> bool:
+def fixed_side(name: str, side: int | None = None) -> bool:
+    """Whether ``name`` is built at its own side whatever is asked (a ViT: when ``side`` is
+    not a multiple of its patch, ``vit_b_32`` at 112 say)."""
+    if name.startswith(SIZED_PREFIXES):
+        return side is not None and side % int(name.rsplit("_", 1)[1]) != 0
     return name.startswith(FIXED_SIDE_PREFIXES)
 
 
@@ -140,7 +150,7 @@ def ensure_torchvision(name: str, side: int | None = None) -> str:
     if name.startswith(EXTRA_PREFIX):
         name = name[len(EXTRA_PREFIX) :]
     default = _EXTRA_SIDES.get(name, 224)
-    if side is None or side == default or fixed_side(name):
+    if side is None or side == default or fixed_side(name, side):
         if name in TORCHVISION_MODELS:
             return name
         side, entry = default, EXTRA_PREFIX + name

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import onnx
 import pytest
 
 import graphopt.models as gm
@@ -84,3 +85,54 @@ def test_every_entry_declares_its_requirements():
 def test_cli_reports_a_missing_output_folder(cache, tmp_path, capsys):
     assert main(["build", "demo", "-o", str(tmp_path / "no" / "such" / "demo.onnx")]) == 1
     assert "cannot build 'demo'" in capsys.readouterr().err
+
+
+def _build_with_external_data(path):
+    """A builder that, like the exporter past 2 GB, writes its weights beside the model."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.arange(1024, dtype=np.float32).reshape(32, 32), "weight")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["input", "weight"], ["output"])],
+        "external",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 32])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 32])],
+        [weight],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save_model(model, path, save_as_external_data=True, location="weights.bin",
+                    size_threshold=0)  # fmt: skip
+    return {"exporter": "test"}
+
+
+@pytest.fixture
+def external_entry(monkeypatch):
+    spec = gm.catalog.ModelSpec("external_test", "demo", "external data", _build_with_external_data)
+    monkeypatch.setitem(gm.catalog._CATALOG, spec.name, spec)
+    return spec.name
+
+
+def test_external_data_is_cached_in_one_named_file(cache, external_entry, tmp_path):
+    import numpy as np
+    import onnxruntime as ort
+
+    path = gm.get(external_entry)
+    data = path.with_name("external_test.onnx.data")
+    info = gm.read_sidecar(path)
+    assert info["external_data"] == data.name and info["external_size"] == data.stat().st_size
+    leftovers = sorted(p.name for p in cache.iterdir() if not p.name.endswith(".lock"))
+    assert leftovers == ["external_test.onnx", "external_test.onnx.data", "external_test.onnx.json"]
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = np.ones((1, 32), np.float32)
+    expected = x @ np.arange(1024, dtype=np.float32).reshape(32, 32)
+    np.testing.assert_array_equal(session.run(None, {"input": x})[0], expected)
+    # A damaged data file makes the entry stale: it is rebuilt, not served.
+    data.write_bytes(data.read_bytes()[:16])
+    assert gm.get(external_entry) == path
+    assert data.stat().st_size == info["external_size"]
+    # A copy carries its data file, under the name the model records.
+    copied = gm.build(external_entry, tmp_path / "copy.onnx")
+    assert (tmp_path / "external_test.onnx.data").read_bytes() == data.read_bytes()
+    session = ort.InferenceSession(str(copied), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(session.run(None, {"input": x})[0], expected)
