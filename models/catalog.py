@@ -199,6 +199,7 @@ def _build_into(entry: ModelSpec, target: Path) -> None:
             # The data file first: the sidecar is written last, so a crash in between leaves
             # an entry that _cached_ok rejects and the next get() rebuilds.
             data = target.with_name(location)
+            os.chmod(raw.with_name(location), _FILE_MODE)
             os.replace(raw.with_name(location), data)
             info["external_data"], info["external_size"] = location, data.stat().st_size
         os.replace(raw, target)
