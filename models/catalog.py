@@ -4,8 +4,8 @@ A builder writes one ``.onnx`` file into a scratch folder and returns what it kn
 it (exporter, opset, library versions, test input shapes). ``get`` runs the builder once,
 saves the model atomically into ``$GRAPHOPT_CACHE`` (default ``~/.cache/graphopt``) next to
 a small JSON sidecar, and afterwards returns the cached path. A model past protobuf's 2 GB
-(the exporter then writes external data) is cached as ``NAME.onnx`` plus one
-``NAME.onnx.data`` beside it. Cached files are never
+(the exporter then writes external data) is cached as ``NAME.onnx`` plus one data file
+beside it (``NAME.onnx.data``, ':' spelt '_'). Cached files are never
 committed; deleting the cache folder is always safe.
 """
 
@@ -15,6 +15,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -171,7 +172,9 @@ def _build_into(entry: ModelSpec, target: Path) -> None:
         seconds = time.perf_counter() - start
         location = None
         if any(p.name != raw.name for p in scratch.iterdir()):
-            location = target.name + ".data"
+            # graphopt's loader refuses locations with a ':' (a drive or a Windows stream),
+            # which entry names like ``torchvision:NAME@SIDE`` have.
+            location = re.sub(r"[^\w.@-]", "_", target.name) + ".data"
             raw = _into_one_data_file(raw, location)
             if not raw.with_name(location).is_file():  # every tensor small enough to inline
                 location = None

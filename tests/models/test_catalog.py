@@ -7,6 +7,7 @@ import json
 import onnx
 import pytest
 
+import graphopt.io
 import graphopt.models as gm
 from graphopt.models.__main__ import main
 
@@ -108,7 +109,7 @@ def _build_with_external_data(path):
 
 @pytest.fixture
 def external_entry(monkeypatch):
-    spec = gm.catalog.ModelSpec("external_test", "demo", "external data", _build_with_external_data)
+    spec = gm.catalog.ModelSpec("test:external", "demo", "external data", _build_with_external_data)
     monkeypatch.setitem(gm.catalog._CATALOG, spec.name, spec)
     return spec.name
 
@@ -118,11 +119,13 @@ def test_external_data_is_cached_in_one_named_file(cache, external_entry, tmp_pa
     import onnxruntime as ort
 
     path = gm.get(external_entry)
-    data = path.with_name("external_test.onnx.data")
+    data = path.with_name("test_external.onnx.data")
     info = gm.read_sidecar(path)
     assert info["external_data"] == data.name and info["external_size"] == data.stat().st_size
     leftovers = sorted(p.name for p in cache.iterdir() if not p.name.endswith(".lock"))
-    assert leftovers == ["external_test.onnx", "external_test.onnx.data", "external_test.onnx.json"]
+    assert leftovers == ["test:external.onnx", "test:external.onnx.json", "test_external.onnx.data"]
+    # graphopt's own loader accepts it (it refuses locations with a ':', as in the name).
+    assert graphopt.io.load(path).uses_external_data
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     x = np.ones((1, 32), np.float32)
     expected = x @ np.arange(1024, dtype=np.float32).reshape(32, 32)
@@ -133,6 +136,6 @@ def test_external_data_is_cached_in_one_named_file(cache, external_entry, tmp_pa
     assert data.stat().st_size == info["external_size"]
     # A copy carries its data file, under the name the model records.
     copied = gm.build(external_entry, tmp_path / "copy.onnx")
-    assert (tmp_path / "external_test.onnx.data").read_bytes() == data.read_bytes()
+    assert (tmp_path / "test_external.onnx.data").read_bytes() == data.read_bytes()
     session = ort.InferenceSession(str(copied), providers=["CPUExecutionProvider"])
     np.testing.assert_array_equal(session.run(None, {"input": x})[0], expected)
