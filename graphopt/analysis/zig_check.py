@@ -6,6 +6,8 @@ slices set to zero, one with the channels physically removed
 same generated inputs; the check passes when every output agrees within ``tolerance``
 relative to the output's largest magnitude (1e-6 by default). This validates the groups
 (a missed coupling shows as a difference or a shape error) and the removal routine at once.
+Where the outputs are zero whatever the input, the tensors just past the removed channels
+are compared instead (``boundary``): zeros agreeing would prove nothing.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ class CheckResult:
     groups: int
     detail: str = ""
     per_output: dict[str, float] = field(default_factory=dict)
+    # Judged on the tensors just past the removed channels too (see check_removal).
+    boundary: bool = False
 
 
 def zero_units(model: ir.Model, report: ZigReport, removed: dict[DimKey, np.ndarray]) -> ir.Model:
@@ -113,6 +117,17 @@ def check_removal(
         got = run_model(pruned, feeds)
     except Exception as exc:  # an invalid pruned model is a failed check, with the reason
         return CheckResult(False, float("inf"), units, 0, f"{type(exc).__name__}: {exc}")
+    if not boundary and _all_zero(ref):
+        # Outputs that are zero whatever the input (a zero-initialised classifier head, as
+        # torchvision's ViTs have) agree whatever the groups do: judge the tensors just past
+        # the removed channels instead.
+        if not boundary_values(report, removed):
+            return CheckResult(
+                False, float("inf"), units, 0,
+                "the outputs are all zero and no tensor past the removed channels keeps its "
+                "shape: nothing to compare",
+            )  # fmt: skip
+        return check_removal(model, report, removed, shapes, tolerance, seed, boundary=True)
     worst, per_output, detail = 0.0, {}, ""
     for value, r, g in zip(zeroed.graph.outputs, ref, got, strict=True):
         err = compare(value.name, r, g)
@@ -120,7 +135,12 @@ def check_removal(
         per_output[value.name] = rel
         if rel > worst:
             worst, detail = rel, err.detail
-    return CheckResult(worst <= tolerance, worst, units, 0, detail, per_output)
+    return CheckResult(worst <= tolerance, worst, units, 0, detail, per_output, boundary)
+
+
+def _all_zero(outputs: list) -> bool:
+    arrays = [o for o in outputs if isinstance(o, np.ndarray) and o.dtype.kind == "f"]
+    return bool(arrays) and not any(np.any(a) for a in arrays)
 
 
 def boundary_values(report: ZigReport, removed: dict[DimKey, np.ndarray]) -> list[str]:

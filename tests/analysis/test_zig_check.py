@@ -154,3 +154,45 @@ def test_boundary_check_compares_the_consumers_outputs() -> None:
     assert result.ok
     # o_mm: the output projection that consumes the removed heads, compared before the bias
     assert set(result.per_output) == {"y", "o_mm"}
+
+
+def _with_zero_head(model: ir.Model, hidden: bool = True) -> ir.Model:
+    """``model`` (output ``y``, 8 wide) followed by a zero classifier, after one more layer
+    ``z`` and a Softmax over its channels (which keeps ``z`` whole) when ``hidden``: the
+    output is 0 whatever the input."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    proto = ir.to_proto(model)
+    last = "y"
+    if hidden:
+        proto.graph.node.append(helper.make_node("MatMul", ["y", "w3"], ["z"]))
+        proto.graph.node.append(helper.make_node("Softmax", ["z"], ["p"], axis=-1))
+        proto.graph.initializer.append(numpy_helper.from_array(G.w(8, 6), "w3"))
+        last = "p"
+    proto.graph.node.append(helper.make_node("MatMul", [last, "w_head"], ["logits"]))
+    width = 6 if hidden else 8
+    zeros = np.zeros((width, 3), np.float32)
+    proto.graph.initializer.append(numpy_helper.from_array(zeros, "w_head"))
+    del proto.graph.output[:]
+    proto.graph.output.append(helper.make_tensor_value_info("logits", TensorProto.FLOAT, None))
+    # Typed intermediate values, as exporters write them.
+    return ir.from_proto(onnx.shape_inference.infer_shapes(proto))
+
+
+def test_zero_outputs_are_judged_past_the_removed_channels(monkeypatch) -> None:
+    """Outputs that are always zero agree whatever the groups are: the check compares the
+    tensors just past the removed channels instead; a lying rule is still caught."""
+    model = _with_zero_head(G.mlp_with_norm("layernorm"))
+    result = check_groups(model, analyze(model))
+    assert result.ok and result.boundary
+    assert "z" in result.per_output  # fc3's output, past the removed units of y
+    monkeypatch.setitem(dependency_rules.RULES, "LayerNormalization", dependency_rules._same_axis)
+    assert not check_groups(model, analyze(model)).ok
+
+
+def test_zero_outputs_with_nothing_to_compare_fail() -> None:
+    """The removed units feed the zero head directly: no tensor can judge them."""
+    model = _with_zero_head(G.mlp_with_norm("layernorm"), hidden=False)
+    result = check_groups(model, analyze(model))
+    assert not result.ok and "nothing to compare" in result.detail
