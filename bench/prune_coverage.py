@@ -22,8 +22,8 @@ not move them further than pruning did.
 ``--image-size N`` builds the non-catalog torchvision models at N×N (``torchvision:NAME@N``;
 a ViT with ``image_size=N`` where its patch divides N; Swin and MaxViT keep 224): the same
 layers and groups at a quarter of the cost for N = 112, which is how the 2-core coverage
-runs of 2026-12-02 fitted in a session. Fewer
-pixels also mean fewer rows per feature for least squares, a harder case for (e).
+runs of 2026-12-02 fitted in a session. Fewer pixels also mean fewer rows per feature for
+least squares, a harder case for (e).
 
 Models over ``--max-params`` / ``--max-gflops`` (the VGGs, vit_l/h, regnet_y_32/128gf,
 wide_resnet101_2, convnext_large, efficientnet_b7/v2_l) are skipped and counted as such,
