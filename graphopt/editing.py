@@ -215,3 +215,21 @@ def add_constant(anchor: ir.Node, base_name: str, array: np.ndarray) -> ir.Value
     node.outputs[0].const_value = node.attributes["value"].value
     graph.insert_before(anchor, node)
     return node.outputs[0]
+
+
+# IR version 4 is the first where an initializer need not also be a graph input.
+INITIALIZERS_NOT_INPUTS_IR = 4
+
+
+def initializers_as_constants(model: ir.Model) -> int:
+    """Drop initializers from the graph inputs of an IR < 4 model and raise its ir_version to
+    4; returns how many inputs went (0 for IR ≥ 4, where such an input is an overridable
+    default the caller may feed, so not a constant)."""
+    if model.ir_version >= INITIALIZERS_NOT_INPUTS_IR:
+        return 0
+    import onnx_ir.passes.common
+
+    before = sum(len(graph.inputs) for graph in model.graphs())
+    onnx_ir.passes.common.RemoveInitializersFromInputsPass()(model)
+    model.ir_version = INITIALIZERS_NOT_INPUTS_IR
+    return before - sum(len(graph.inputs) for graph in model.graphs())

@@ -13,6 +13,7 @@ import logging
 import onnx_ir as ir
 import onnx_ir.passes.common
 
+from graphopt.editing import initializers_as_constants
 from graphopt.errors import UserInputError
 from graphopt.inputs import concrete_shape, graph_inputs
 
@@ -56,6 +57,9 @@ def infer_shapes(
     """
     bound = bind_input_shapes(model, given)
     clone = model.clone()
+    # An IR < 4 model lists its weights as graph inputs too: they are constants (optimize's
+    # initializer-inputs pass says the same), or the analysis would find no parameters.
+    initializers_as_constants(clone)
     for value in graph_inputs(clone):
         if value.name in bound:
             value.shape = ir.Shape(bound[value.name])

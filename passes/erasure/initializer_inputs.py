@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import onnx_ir as ir
-import onnx_ir.passes.common
 
+from graphopt.editing import INITIALIZERS_NOT_INPUTS_IR, initializers_as_constants
 from graphopt.registry import GraphPass, Stage, register
-
-# IR version 4 is the first where an initializer need not also be a graph input.
-MIN_IR_VERSION = 4
 
 
 @register
@@ -21,14 +18,13 @@ class InitializerInputsPass(GraphPass):
     def rewrite(self, model: ir.Model) -> int:
         # From IR 4 on, an initializer listed as an input is an overridable default the user
         # may feed: it is not a constant and must stay an input.
-        if model.ir_version >= MIN_IR_VERSION:
+        version = model.ir_version
+        if version >= INITIALIZERS_NOT_INPUTS_IR:
             return 0
-        inputs_before = sum(len(graph.inputs) for graph in model.graphs())
-        ir.passes.common.RemoveInitializersFromInputsPass()(model)
-        removed = inputs_before - sum(len(graph.inputs) for graph in model.graphs())
+        removed = initializers_as_constants(model)
         self.context.note(
-            f"IR version {model.ir_version} listed initializers as inputs; upgraded to IR "
-            f"{MIN_IR_VERSION} and removed {removed} initializer(s) from the graph inputs"
+            f"IR version {version} listed initializers as inputs; upgraded to IR "
+            f"{INITIALIZERS_NOT_INPUTS_IR} and removed {removed} initializer(s) from the graph "
+            "inputs"
         )
-        model.ir_version = MIN_IR_VERSION
         return max(removed, 1)

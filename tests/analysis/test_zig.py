@@ -82,3 +82,20 @@ def test_cli_analyze_table_and_json(tmp_path, capsys) -> None:
     assert main(["analyze", str(path), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["prunable"] == 1 and data["group_list"][0]["size"] == 2
+
+
+def test_old_ir_initializer_inputs_are_parameters() -> None:
+    """IR < 4 lists every initializer as a graph input too: they are still weights, as
+    optimize's initializer-inputs pass treats them, and the model is left as it was."""
+    from graphopt.analysis.zig_check import check_groups
+
+    expected = analyze(G.residual())
+    model = G.residual()
+    model.ir_version = 3
+    model.graph.inputs.extend(model.graph.initializers.values())
+    inputs = [v.name for v in model.graph.inputs]
+    report = analyze(model)
+    assert [g.size for g in report.prunable] == [g.size for g in expected.prunable]
+    assert report.prunable
+    assert check_groups(model, report).ok
+    assert model.ir_version == 3 and [v.name for v in model.graph.inputs] == inputs

@@ -111,6 +111,26 @@ MODELS = [
     "ppocr_rec",
     "ppocr_cls",
     "digits",
+    # The rest of the catalog's torchvision entries and exports: vit_b_16's head is
+    # zero-initialised, so its outputs are 0 and the check judges past the removed channels.
+    "mobilenet_v3_large",
+    "vit_b_16",
+    "swin_t",
+    "inception_v3",
+    "resnet18_ts",
+    "mobilenet_v3_small_ts",
+    "efficientnet_b0_ts",
+    "minilm_ts",
+    # Old-IR (3) models whose initializers are also graph inputs. light_shufflenet is left
+    # out: its channel shuffles leave it no prunable group.
+    "light_bvlc_alexnet",
+    "light_densenet121",
+    "light_inception_v1",
+    "light_inception_v2",
+    "light_resnet50",
+    "light_squeezenet",
+    "light_vgg19",
+    "light_zfnet512",
 ]
 
 
@@ -144,7 +164,9 @@ def test_cached_models(name: str) -> None:
 # PP-OCR's real weights: removing ~900 units at once changes float32 accumulation order in
 # the consumers' GEMMs (measured 1.1e-6 at a ConvTranspose, 2.5e-6 at a MatMul, zeroed vs
 # removed); every other model holds 1e-6.
-BOUNDARY_TOLERANCE = {"ppocr_det": 1e-5, "ppocr_rec": 1e-5}
+# light_vgg19: its first classifier layer reads 25088 features, and removing units reorders
+# that float32 sum (measured 1.26e-6 just past the removed channels).
+BOUNDARY_TOLERANCE = {"ppocr_det": 1e-5, "ppocr_rec": 1e-5, "light_vgg19": 2e-6}
 
 
 def test_boundary_check_compares_the_consumers_outputs() -> None:
