@@ -1,8 +1,8 @@
 """Long differential fuzz run of the default exact pipeline (random valid graphs vs ORT).
 
-Same generator and property as tests/robustness/test_fuzz_exact_passes.py, with many more
-examples and a fresh random seed unless one is given. Prints the rate and, on a mismatch,
-hypothesis's minimal failing graph and a reproduction blob.
+Same generator and property as tests/graphopt_tests/robustness/test_fuzz_exact_passes.py,
+with many more examples and a fresh random seed unless one is given. Prints the rate and, on a
+mismatch, hypothesis's minimal failing graph and a reproduction blob.
 
 Usage: python bench/fuzz.py [--examples 10000] [--seed N] [--minutes M] [--max-blocks 8]
 """
@@ -14,11 +14,11 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from hypothesis import HealthCheck, given, seed, settings
 
-from tests.robustness.fuzzgraphs import check_optimize_preserves, models
+from graphopt_tests.robustness.fuzzgraphs import check_optimize_preserves, models
 
 
 class _Stop(Exception):

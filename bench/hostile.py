@@ -1,7 +1,7 @@
 """Run the whole hostile-input corpus and print the outcome per category.
 
 Every case must exit 2 with one ``graphopt: error:`` line or exit 0 with an output that
-loads and matches the original in ORT (see tests/robustness/corpus.py).
+loads and matches the original in ORT (see tests/graphopt_tests/robustness/corpus.py).
 
 Usage: python bench/hostile.py [--subprocess] [--category NAME ...]
 """
@@ -15,9 +15,9 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from tests.robustness.corpus import CASES, run_case
+from graphopt_tests.robustness.corpus import CASES, run_case
 
 
 def main() -> int:

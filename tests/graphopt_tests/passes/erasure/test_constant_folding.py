@@ -1,0 +1,128 @@
+import numpy as np
+from onnx import TensorProto as T
+from onnx import helper
+
+from graphopt.passes.erasure.constant_folding import ConstantFoldingPass
+from graphopt.registry import PassContext
+from graphopt_tests.helpers import make_model, op_types, run_pass, tensor_info
+from graphopt_tests.passes.erasure.util import check
+
+F = T.FLOAT
+I64 = np.int64
+
+
+def test_folds_constant_subexpression():
+    model = make_model(
+        [
+            helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]),
+            helper.make_node("Mul", ["wt", "two"], ["w2"]),
+            helper.make_node("MatMul", ["x", "w2"], ["y"]),
+        ],
+        [tensor_info("x", F, [2, 3])],
+        [tensor_info("y", F, [2, 4])],
+        {"w": np.arange(12, dtype=np.float32).reshape(4, 3), "two": np.array(2, np.float32)},
+    )
+    _, hits, ops = check(model, ConstantFoldingPass)
+    assert hits == 2 and ops == ["MatMul"]
+
+
+def test_large_result_from_nothing_refused_small_limit():
+    # ConstantOfShape making 4 MB from a few bytes: over a 1 MiB limit
+    model = make_model(
+        [
+            helper.make_node(
+                "ConstantOfShape", ["s"], ["big"], value=helper.make_tensor("v", F, [1], [1.0])
+            ),
+            helper.make_node("Add", ["x", "big"], ["y"]),
+        ],
+        [tensor_info("x", F, [1024, 1024])],
+        [tensor_info("y", F, [1024, 1024])],
+        {"s": np.array([1024, 1024], I64)},
+    )
+    after, hits = run_pass(model, ConstantFoldingPass, PassContext(fold_limit_bytes=1 << 20))
+    assert hits == 0 and "ConstantOfShape" in op_types(after)
+    after, hits = run_pass(model, ConstantFoldingPass, PassContext(fold_limit_bytes=None))
+    assert hits == 1 and op_types(after) == ["Add"]
+
+
+def test_large_result_replacing_its_input_is_allowed():
+    # Transposing a 4 MB weight used once: the result replaces the same bytes
+    w = np.random.default_rng(0).standard_normal((1024, 1024)).astype(np.float32)
+    model = make_model(
+        [
+            helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]),
+            helper.make_node("MatMul", ["x", "wt"], ["y"]),
+        ],
+        [tensor_info("x", F, [2, 1024])],
+        [tensor_info("y", F, [2, 1024])],
+        {"w": w},
+    )
+    _, hits, ops = check(model, ConstantFoldingPass, PassContext(fold_limit_bytes=1 << 20))
+    assert hits == 1 and ops == ["MatMul"]
+
+
+def test_large_result_of_shared_weight_refused():
+    # the weight is read twice, so folding would keep it and add 4 MB more
+    w = np.ones((1024, 1024), np.float32)
+    model = make_model(
+        [
+            helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]),
+            helper.make_node("MatMul", ["x", "wt"], ["a"]),
+            helper.make_node("MatMul", ["a", "w"], ["y"]),
+        ],
+        [tensor_info("x", F, [2, 1024])],
+        [tensor_info("y", F, [2, 1024])],
+        {"w": w},
+    )
+    after, hits = run_pass(model, ConstantFoldingPass, PassContext(fold_limit_bytes=1 << 20))
+    assert hits == 0 and "Transpose" in op_types(after)
+
+
+def test_random_ops_never_folded():
+    model = make_model(
+        [
+            helper.make_node("RandomNormal", [], ["r"], shape=[3]),
+            helper.make_node("Add", ["x", "r"], ["y"]),
+            helper.make_node("Bernoulli", ["p"], ["b"]),
+            helper.make_node("Add", ["y", "b"], ["z"]),
+        ],
+        [tensor_info("x", F, [3])],
+        [tensor_info("z", F, [3])],
+        {"p": np.full(3, 0.5, np.float32)},
+    )
+    after, hits = run_pass(model, ConstantFoldingPass, PassContext(fold_limit_bytes=None))
+    assert hits == 0 and {"RandomNormal", "Bernoulli"} <= set(op_types(after))
+
+
+def test_graph_input_initializer_is_not_constant():
+    # IR>=4: an initializer listed as an input is an overridable default
+    model = make_model(
+        [
+            helper.make_node("Mul", ["w", "two"], ["w2"]),
+            helper.make_node("Add", ["x", "w2"], ["y"]),
+        ],
+        [tensor_info("x", F, [3]), tensor_info("w", F, [3])],
+        [tensor_info("y", F, [3])],
+        {"w": np.ones(3, np.float32), "two": np.array(2, np.float32)},
+    )
+    after, hits = run_pass(model, ConstantFoldingPass)
+    assert hits == 0 and op_types(after) == ["Mul", "Add"]
+    assert after.graph.inputs[1].const_value is not None  # still has its default
+
+
+def test_output_signature_unchanged():
+    model = make_model(
+        [
+            helper.make_node("Relu", ["x"], ["a"]),
+            helper.make_node("Add", ["one", "one"], ["two"]),
+            helper.make_node("Mul", ["a", "two"], ["y"]),
+            helper.make_node("Identity", ["two"], ["k"]),
+        ],
+        [tensor_info("x", F, ["n", 3])],
+        [tensor_info("y", F, ["n", None]), tensor_info("k", F, [])],
+        {"one": np.array(1, np.float32)},
+    )
+    before = [(v.name, v.type, v.shape) for v in model.graph.outputs]
+    after, hits, _ = check(model, ConstantFoldingPass, shapes={"x": (2, 3)})
+    assert hits >= 1
+    assert [(v.name, v.type, v.shape) for v in after.graph.outputs] == before

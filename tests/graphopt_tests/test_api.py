@@ -1,0 +1,87 @@
+"""The Python API: ``graphopt.optimize`` sources, outputs, options and failures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+import pytest
+
+import graphopt
+from graphopt import io
+from graphopt.api import OptimizeOptions, default_output_path
+from graphopt.errors import CheckFailedError, UserInputError
+from graphopt.pipeline import PassSpec
+from graphopt_tests.helpers import AddToSubPass, SilentAddToSubPass, op_types, register_for_test
+from graphopt_tests.test_cli import model_file
+
+
+def test_optimize_in_memory_writes_nothing(tmp_path: Path) -> None:
+    path = model_file(tmp_path)
+    proto = onnx.load(str(path))
+    for source in (proto, path.read_bytes(), io.load(proto).model):
+        result = graphopt.optimize(source)
+        assert result.output_path is None
+        assert "Neg" not in op_types(result.model)
+        assert result.report.verification is not None and result.report.verification.ok
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_optimize_path_writes_default_output(tmp_path: Path) -> None:
+    path = model_file(tmp_path)
+    result = graphopt.optimize(path, default_output_path(path))
+    assert result.output_path == tmp_path / "m.opt.onnx"
+    onnx.checker.check_model(str(result.output_path))
+    assert result.report.nodes_after < result.report.nodes_before
+
+
+def test_options(tmp_path: Path) -> None:
+    path = model_file(tmp_path)
+    options = OptimizeOptions(
+        passes=[PassSpec("dead-code")], verify=False, input_shapes={"x": (2, 4)}
+    )
+    result = graphopt.optimize(path, options=options)
+    assert [s.name for s in result.report.stats] == ["dead-code"]
+    assert result.report.verification is None
+    assert result.report.verification_skipped == "--no-verify"
+
+
+def test_in_place_needs_a_path() -> None:
+    with pytest.raises(UserInputError, match="needs a model file"):
+        graphopt.optimize(b"", in_place=True)
+
+
+def test_broken_pass_is_rolled_back(tmp_path: Path, monkeypatch) -> None:
+    register_for_test(monkeypatch, AddToSubPass)
+    result = graphopt.optimize(model_file(tmp_path))
+    assert result.report.rolled_back == ["test-add-to-sub"]
+    assert result.report.verification.ok
+
+
+def test_verification_failure_raises(tmp_path: Path, monkeypatch) -> None:
+    register_for_test(monkeypatch, SilentAddToSubPass)
+    path = model_file(tmp_path)
+    options = OptimizeOptions(passes=[PassSpec("test-silent-add-to-sub")])
+    with pytest.raises(CheckFailedError, match="verification failed"):
+        graphopt.optimize(path, tmp_path / "out.onnx", options)
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_unrunnable_original_skips_verification(tmp_path: Path) -> None:
+    # A custom-domain op ORT does not know: the model cannot be run, so nothing is compared.
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Mystery", ["x"], ["y"], domain="custom")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+    )
+    proto = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("custom", 1)],
+        ir_version=8,
+    )
+    result = graphopt.optimize(proto)
+    assert result.report.verification is None
+    assert "cannot run the original model" in result.report.verification_skipped

@@ -1,0 +1,282 @@
+"""The command line: help, pass listing, options, exit codes, deterministic output."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from graphopt import io
+from graphopt.cli import build_parser, main
+from graphopt.errors import UserInputError
+from graphopt.inputs import parse_input_shapes
+from graphopt.recipe import parse_size
+from graphopt.registry import GraphPass, all_passes
+from graphopt_tests.helpers import AddToSubPass, SilentAddToSubPass, op_types, register_for_test
+
+F = TensorProto.FLOAT
+
+
+def model_file(folder: Path, name: str = "m.onnx") -> Path:
+    """y = Relu(x·w + b) + Identity(x·0 + 1), symbolic batch: dead ends for the pipeline."""
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["h"]),
+            helper.make_node("Add", ["h", "b"], ["a"]),
+            helper.make_node("Relu", ["a"], ["r"]),
+            helper.make_node("Identity", ["r"], ["y"]),
+            helper.make_node("Neg", ["x"], ["unused"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", F, ["batch", 4])],
+        [helper.make_tensor_value_info("y", F, ["batch", 4])],
+        [
+            onnx.numpy_helper.from_array(rng.standard_normal((4, 4)).astype(np.float32), "w"),
+            onnx.numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "b"),
+        ],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    path = folder / name
+    onnx.save_model(proto, path)
+    return path
+
+
+def run(args: list[str], capsys, monkeypatch=None) -> tuple[int, str, str]:
+    code = main(args)
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(autouse=True)
+def _wide_console(monkeypatch) -> None:
+    # rich wraps tables to the terminal width; keep names whole in captured output.
+    monkeypatch.setenv("COLUMNS", "200")
+
+
+@pytest.mark.parametrize("command", [[], ["optimize"], ["inspect"], ["passes"]])
+def test_help(command: list[str], capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: graphopt")
+    if command == ["optimize"]:
+        for flag in (
+            "--passes",
+            "--skip",
+            "--input-shape",
+            "--fold-limit",
+            "--no-verify",
+            "--in-place",
+            "--external-data",
+            "--recipe",
+        ):
+            assert flag in out
+
+
+def test_help_through_console_script() -> None:
+    exe = Path(sys.executable).parent / "graphopt"
+    proc = subprocess.run([str(exe), "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "optimize" in proc.stdout and "inspect" in proc.stdout
+
+
+def test_no_command_prints_help_and_exits_2(capsys) -> None:
+    code, out, _ = run([], capsys)
+    assert code == 2 and "usage" in out
+
+
+def test_unknown_option_is_a_usage_error(capsys) -> None:
+    code, _, err = run(["optimize", "x.onnx", "--frobnicate"], capsys)
+    assert code == 2 and "unrecognized arguments" in err
+
+
+def test_passes_lists_registered_passes(capsys) -> None:
+    code, out, _ = run(["passes"], capsys)
+    assert code == 0
+    for name, cls in all_passes().items():
+        assert name in out
+        assert cls.description()[:30] in out
+
+
+def test_default_output_name_and_report(tmp_path: Path, capsys) -> None:
+    path = model_file(tmp_path)
+    code, out, _ = run(["optimize", str(path)], capsys)
+    assert code == 0
+    written = tmp_path / "m.opt.onnx"
+    assert written.is_file() and f"wrote {written}" in out
+    assert "verification passed" in out
+    assert "nodes 5 ->" in out
+    onnx.checker.check_model(str(written))
+
+
+def test_passes_and_skip(tmp_path: Path, capsys) -> None:
+    path = model_file(tmp_path)
+    out_path = tmp_path / "o.onnx"
+    code, out, _ = run(
+        ["optimize", str(path), "-o", str(out_path), "--passes", "dead-code"], capsys
+    )
+    assert code == 0
+    assert sorted(op_types(io.load(out_path).model)) == ["Add", "Identity", "MatMul", "Relu"]
+    code, out, _ = run(["optimize", str(path), "-o", str(out_path), "--skip", "dead-code"], capsys)
+    assert code == 0
+    assert "dead-code" not in out
+
+
+@pytest.mark.parametrize("flag", ["--passes", "--skip"])
+@pytest.mark.parametrize("value", ["no-such-pass", "dead-code,nope", ",,"])
+def test_unknown_pass_name_is_exit_2(tmp_path: Path, capsys, flag: str, value: str) -> None:
+    path = model_file(tmp_path)
+    code, _, err = run(["optimize", str(path), flag, value], capsys)
+    assert code == 2
+    assert "unknown pass" in err or "comma-separated" in err
+    assert not (tmp_path / "m.opt.onnx").exists()
+
+
+def test_parse_input_shapes() -> None:
+    assert parse_input_shapes(["x:1x3x224x224", "ids:2X16", "scalar:"]) == {
+        "x": (1, 3, 224, 224),
+        "ids": (2, 16),
+        "scalar": (),
+    }
+    # Names may contain colons: the dims follow the last one.
+    assert parse_input_shapes(["a:b:3x4"]) == {"a:b": (3, 4)}
+    assert parse_input_shapes(None) == {}
+    for bad in ("x", ":1x2", "x:1xa", "x:-1x2", "x:1x", "x:1.5"):
+        with pytest.raises(UserInputError):
+            parse_input_shapes([bad])
+
+
+def test_input_shape_option(tmp_path: Path, capsys) -> None:
+    path = model_file(tmp_path)
+    code, _, _ = run(["optimize", str(path), "--input-shape", "x:3x4"], capsys)
+    assert code == 0
+    for bad, message in (
+        ("x:3xq", "integers"),
+        ("nope:1x4", "unknown input"),
+        ("x4", "expected NAME"),
+    ):
+        code, _, err = run(["optimize", str(path), "--input-shape", bad], capsys)
+        assert code == 2 and message in err, err
+
+
+def test_parse_size() -> None:
+    assert parse_size("1MB") == 1 << 20
+    assert parse_size("512KB") == 512 << 10
+    assert parse_size("512kib") == 512 << 10
+    assert parse_size("2g") == 2 << 30
+    assert parse_size("1000") == 1000
+    assert parse_size("1.5MB") == int(1.5 * (1 << 20))
+    assert parse_size(" None ") is None
+    assert parse_size(None) is None
+    assert parse_size(7) == 7
+    for bad in ("bad", "-1", "1TB", "MB", ""):
+        with pytest.raises(UserInputError):
+            parse_size(bad)
+    with pytest.raises(UserInputError):
+        parse_size(-5)
+
+
+@pytest.mark.parametrize(("value", "expected"), [("1MB", 1 << 20), ("none", None), ("0", 0)])
+def test_fold_limit_reaches_passes(
+    tmp_path: Path, capsys, monkeypatch, value: str, expected: int | None
+) -> None:
+    seen: list[int | None] = []
+
+    class Spy(GraphPass):
+        """Test only: records the fold limit it was given."""
+
+        name = "test-spy"
+
+        def rewrite(self, model) -> int:
+            seen.append(self.context.fold_limit_bytes)
+            return 0
+
+    register_for_test(monkeypatch, Spy)
+    path = model_file(tmp_path)
+    code, _, _ = run(["optimize", str(path), "--passes", "test-spy", "--fold-limit", value], capsys)
+    assert code == 0 and seen and all(limit == expected for limit in seen)
+
+
+def test_bad_fold_limit(tmp_path: Path, capsys) -> None:
+    code, _, err = run(["optimize", str(model_file(tmp_path)), "--fold-limit", "bad"], capsys)
+    assert code == 2 and "size 'bad'" in err
+
+
+def test_no_verify(tmp_path: Path, capsys) -> None:
+    code, out, _ = run(["optimize", str(model_file(tmp_path)), "--no-verify"], capsys)
+    assert code == 0
+    assert "not verified: --no-verify" in out
+    assert "verification passed" not in out
+
+
+def test_breaking_exact_pass_is_rolled_back_and_run_exits_0(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    register_for_test(monkeypatch, AddToSubPass)
+    path = model_file(tmp_path)
+    code, out, _ = run(["optimize", str(path)], capsys)
+    assert code == 0
+    assert "rolled back: test-add-to-sub" in out
+    assert "verification passed" in out
+    # The written model has no Sub (the Add survives or is fused into a Gemm) and lost what
+    # the other passes removed.
+    ops = op_types(io.load(tmp_path / "m.opt.onnx").model)
+    assert "Sub" not in ops and "Neg" not in ops and ("Add" in ops or "Gemm" in ops)
+
+
+def test_verification_failure_is_exit_1_and_writes_nothing(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    # A pass that breaks outputs without reporting hits cannot be rolled back.
+    register_for_test(monkeypatch, SilentAddToSubPass)
+    path = model_file(tmp_path)
+    code, _, err = run(["optimize", str(path), "--passes", "test-silent-add-to-sub"], capsys)
+    assert code == 1
+    assert "verification failed" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "m.opt.onnx").exists()
+
+
+def test_keyboard_interrupt_is_130(tmp_path: Path, capsys, monkeypatch) -> None:
+    import graphopt.api
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(graphopt.api, "optimize", interrupted)
+    code, _, err = run(["optimize", str(model_file(tmp_path))], capsys)
+    assert code == 130 and "interrupted" in err
+
+
+def test_internal_error_is_exit_3_without_traceback(tmp_path: Path, capsys, monkeypatch) -> None:
+    import graphopt.api
+
+    def bug(*args, **kwargs):
+        raise ZeroDivisionError("oops")
+
+    monkeypatch.setattr(graphopt.api, "optimize", bug)
+    monkeypatch.delenv("GRAPHOPT_DEBUG", raising=False)
+    code, _, err = run(["optimize", str(model_file(tmp_path))], capsys)
+    assert code == 3 and "internal error: ZeroDivisionError: oops" in err
+
+
+def test_output_is_deterministic(tmp_path: Path, capsys) -> None:
+    path = model_file(tmp_path)
+    outputs = [tmp_path / "a.onnx", tmp_path / "b.onnx"]
+    for out in outputs:
+        code, _, _ = run(["optimize", str(path), "-o", str(out)], capsys)
+        assert code == 0
+    assert outputs[0].read_bytes() == outputs[1].read_bytes()
+
+
+def test_parser_subcommands() -> None:
+    parser = build_parser()
+    args = parser.parse_args(["optimize", "m.onnx", "--input-shape", "x:1", "--input-shape", "y:2"])
+    assert args.input_shape == ["x:1", "y:2"]
