@@ -110,7 +110,7 @@ def _shapes_from_folded_copy(clone: ir.Model) -> None:
     constants: fold them on a throw-away copy (the analysis clone must keep its nodes, which
     index the caller's model), infer there, and copy the shapes back by value name.
     """
-    from onnxscript.optimizer import _constant_folding as folding
+    from graphopt.private_apis import constant_folding as folding
 
     def shape_arithmetic(node: ir.Node) -> bool:
         # Only integer tensors (shapes, sizes, indices): floats are data, not shapes.

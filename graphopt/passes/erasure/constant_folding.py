@@ -17,9 +17,9 @@ import logging
 
 import numpy as np
 import onnx_ir as ir
-from onnxscript.optimizer import _constant_folding as folding
 
 from graphopt import editing
+from graphopt.private_apis import constant_folding as folding
 from graphopt.registry import GraphPass, Stage, register
 
 # Never folded: random ops (a folded draw would be frozen), and Q/DQ, whose folding

@@ -27,10 +27,11 @@ from typing import ClassVar
 import numpy as np
 import onnx_ir as ir
 import onnxscript.optimizer
-from onnxscript.rewriter import _pattern_ir, pattern
+from onnxscript.rewriter import pattern
 
 from graphopt import editing
 from graphopt.passes.fusion import _common
+from graphopt.private_apis import pattern_ir as _pattern_ir
 from graphopt.registry import GraphPass, Stage
 
 # Exported constants are float32 roundings of the exact numbers (e.g. sqrt(2) ≈ 1.4142135):

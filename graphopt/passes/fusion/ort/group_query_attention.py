@@ -56,10 +56,11 @@ import math
 from functools import partial
 
 import onnx_ir as ir
-from onnxscript.rewriter import _fusion_utils, pattern
+from onnxscript.rewriter import pattern
 from onnxscript.rewriter.ort_fusions.sdpa import fuse_sdpa
 
 from graphopt.passes.fusion.ort._base import MS_DOMAIN, PRIVATE_DOMAIN_PREFIX, OrtFusionPass
+from graphopt.private_apis import fusion_utils as _fusion_utils
 from graphopt.registry import register
 
 # Element types ORT's CPU GroupQueryAttention kernel is registered for.

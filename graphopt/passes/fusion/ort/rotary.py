@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-from onnxscript.rewriter import _ir_utils, pattern
+from onnxscript.rewriter import pattern
 from onnxscript.rewriter.ort_fusions.cos_sin_cache import fuse_cos_sin_cache
 from onnxscript.rewriter.ort_fusions.rotary_embedding import (
     fuse_partial_rotary_embedding,
@@ -12,6 +12,7 @@ from onnxscript.rewriter.ort_fusions.rotary_embedding import (
 )
 
 from graphopt.passes.fusion.ort._base import MS_DOMAIN, OrtFusionPass
+from graphopt.private_apis import ir_utils as _ir_utils
 from graphopt.registry import register
 
 INT_TYPES = (ir.DataType.INT64, ir.DataType.INT32)
