@@ -102,6 +102,10 @@ def optimize(
     target = _resolve_output(source, output, in_place)
     loaded = io.load(source)
     model = loaded.model
+    if model is source:
+        # Passes rewrite in place; the caller's ir.Model stays as it was (tensors are shared,
+        # not copied: passes replace initializers rather than write into them).
+        model = model.clone()
     if target is not None and not in_place:
         data_files = io.external_data_files(model)
         data_target = target.with_name(io.data_file_name(target))

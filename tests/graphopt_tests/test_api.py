@@ -85,3 +85,12 @@ def test_unrunnable_original_skips_verification(tmp_path: Path) -> None:
     result = graphopt.optimize(proto)
     assert result.report.verification is None
     assert "cannot run the original model" in result.report.verification_skipped
+
+
+def test_the_callers_ir_model_is_left_as_it_was(tmp_path: Path) -> None:
+    caller = io.load(onnx.load(str(model_file(tmp_path)))).model
+    before = io.to_proto(caller).SerializeToString(deterministic=True)
+    result = graphopt.optimize(caller)
+    assert "Neg" not in op_types(result.model)
+    assert "Neg" in op_types(caller)
+    assert io.to_proto(caller).SerializeToString(deterministic=True) == before
