@@ -1,29 +1,31 @@
 """What the ``--target ort`` fusions share: run onnxscript's ORT fusion rules on a copy.
 
-onnxscript's ``ort_fusions`` rules need shapes and a constant-folded graph (the same
-preparation ``fuse_xformers`` does), and several of them create intermediate ops in a private
-domain (``ai.onnxruntime._fusion``) that a later rule is meant to consume. A graphopt pass must
-leave a valid, runnable model, so each pass here works on a clone: prepare, apply its rules,
-inline whatever intermediate op no rule consumed, and only when contrib ops really appeared
-does the result replace the model. A pass that finds nothing leaves the model untouched
-(the preparation's folding is not smuggled in under zero hits).
+onnxscript's ``ort_fusions`` rules need shapes and a constant-folded graph, and several of them
+create intermediate ops in a private domain (``ai.onnxruntime._fusion``) that a later rule is
+meant to consume. A graphopt pass must leave a valid, runnable model, so each pass here works on
+a clone: prepare, apply its rules, inline whatever intermediate op no rule consumed, and only
+when contrib ops really appeared does the result replace the model. A pass that finds nothing
+leaves the model untouched (the preparation's folding is not smuggled in under zero hits).
+
+The preparation is graphopt's own (shape inference, then the pipeline's cleanup passes, whose
+constant folding obeys the run's ``--fold-limit``), not onnxscript's whole optimizer, which
+has folding limits and rewrites (BatchNorm fusion among them) of its own. Each pass
+declares the op types its rules start from (``ops``), so the pass manager skips it on models
+without them (a CNN pays nothing for the transformer fusions).
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections import Counter
 from collections.abc import Callable
 from typing import ClassVar
 
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
-import onnxscript.optimizer
 from onnxscript.rewriter.ort_fusions import shape_optimization
 
 from graphopt import io
-from graphopt.registry import GraphPass, Stage
+from graphopt.registry import GraphPass, PassContext, Stage, all_passes
 
 MS_DOMAIN = "com.microsoft"
 # Where onnxscript parks intermediate fusion ops (SDPA, RotaryEmbedding before cos/sin caching).
@@ -39,8 +41,8 @@ def count_ops(model: ir.Model, ops: tuple[tuple[str, str], ...]) -> int:
     return sum(found[op] for op in ops)
 
 
-def prepare(model: ir.Model, symbolic: bool = False) -> ir.Model:
-    """Shapes and folding, as onnxscript's ``fuse_xformers`` does before fusing; a new model.
+def prepare(model: ir.Model, context: PassContext, symbolic: bool = False) -> ir.Model:
+    """Shapes and folding before fusing (graphopt's own passes, the run's fold limit).
 
     ONNX's shape inference leaves TorchScript exports' attention reshapes (target built by
     Concat from Shape ops, with a -1) as unrelated unknown dims, and the MHA rules then cannot
@@ -52,28 +54,31 @@ def prepare(model: ir.Model, symbolic: bool = False) -> ir.Model:
     :func:`reset_shapes`).
     """
     common_passes.ShapeInferencePass()(model)
-    onnxscript.optimizer.optimize(model)
+    clean(model, context)
     if symbolic:
         model = _symbolic_shapes(model) or model
     shape_optimization.rules.apply_to_model(model)
-    onnxscript.optimizer.optimize(model)
+    clean(model, context)
     return model
+
+
+def clean(model: ir.Model, context: PassContext) -> None:
+    """graphopt's cleanup passes (the pipeline's own), to a fixed point (at most 4 rounds)."""
+    cleanup = [cls for cls in all_passes().values() if cls.stage == Stage.CLEANUP]
+    for _ in range(4):
+        changed = False
+        for cls in cleanup:
+            changed |= cls(context).call(model).modified
+        if not changed:
+            return
 
 
 def _symbolic_shapes(model: ir.Model) -> ir.Model | None:
     """``model`` re-loaded with ORT's symbolic shapes, or None when that inference fails."""
-    try:
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+    from graphopt.private_apis import symbolic_shape_inference
 
-        # On failure it saves "sym_shape_infer_temp.onnx" (+ external data) into the current
-        # folder: run it from a temporary one so nothing lands in the user's folder.
-        with tempfile.TemporaryDirectory(prefix="graphopt-symshape-") as scratch:
-            previous = os.getcwd()
-            os.chdir(scratch)
-            try:
-                proto = SymbolicShapeInference.infer_shapes(io.to_proto(model), auto_merge=True)
-            finally:
-                os.chdir(previous)
+    try:
+        proto = symbolic_shape_inference(io.to_proto(model))
     except Exception:  # any failure there just means: keep ONNX's shapes
         return None
     if proto is None:
@@ -94,9 +99,11 @@ def reset_shapes(model: ir.Model, shapes: dict[str, ir.Shape | None]) -> None:
                 value.shape = shapes.get(value.name)
 
 
-def finish(model: ir.Model) -> None:
+def finish(model: ir.Model, context: PassContext) -> None:
     """Inline intermediate fusion functions that no rule consumed; drop dead nodes."""
-    onnxscript.optimizer.optimize(model)
+    # Only onnxscript's intermediate functions: the model's own functions stay as they are.
+    common_passes.InlinePass(lambda f: f.domain.startswith(PRIVATE_DOMAIN_PREFIX))(model)
+    clean(model, context)
     for domain in [d for d in model.graph.opset_imports if d.startswith(PRIVATE_DOMAIN_PREFIX)]:
         if not any(node.domain == domain for node in model.graph):
             del model.graph.opset_imports[domain]
@@ -134,14 +141,14 @@ class OrtFusionPass(GraphPass):
         before = count_ops(model, self.produces)
         onnx_shapes: dict[str, ir.Shape | None] = {}
         for symbolic in (False, True):
-            work = prepare(model.clone(), symbolic)
+            work = prepare(model.clone(), self.context, symbolic)
             if not symbolic:
                 onnx_shapes = value_shapes(work)
             for step in self.steps:
                 step(work)
             if not self.repair(work):
                 continue
-            finish(work)
+            finish(work, self.context)
             if symbolic:
                 reset_shapes(work, onnx_shapes)
             hits = count_ops(work, self.produces) - before

@@ -43,6 +43,7 @@ class OrtAttentionPass(OrtFusionPass):
     """With --target ort: Q·Kᵀ/scale(+mask)→Softmax→·V → MultiHeadAttention / Attention."""
 
     name = "ort-attention"
+    ops = frozenset(("Softmax",))  # every attention pattern the rules match has one
     # onnxscript's chain: SDPA (private op) → MHA with its reshapes/transposes absorbed → the
     # Q/K/V bias Adds → one packed-QKV Attention when Q, K and V share an input; an SDPA that
     # found no MHA context is still expressed as an MHA. Shapes are re-inferred after SDPA

@@ -45,6 +45,8 @@ class OrtGeluPass(OrtFusionPass):
     """With --target ort: erf Gelu → Gelu, tanh Gelu → FastGelu, Add(x, bias)→Gelu → BiasGelu."""
 
     name = "ort-gelu"
+    # The erf and tanh formulas, or a Gelu (ONNX 20 or contrib) that a bias Add feeds.
+    ops = frozenset(("Erf", "Tanh", "Gelu"))
     # erf-Gelu (both association orders) and the tanh approximation first, so that the bias
     # rule sees a Gelu node (contrib or ONNX-20 Gelu, whichever the portable pass left).
     steps = (fuse_erfgelu, fuse_gelu, fuse_tanh_gelu_half_first, fuse_bias_gelu)

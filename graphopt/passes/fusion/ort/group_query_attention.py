@@ -267,6 +267,7 @@ class OrtGroupQueryAttentionPass(OrtFusionPass):
     """With --target ort: attention over repeated K/V heads (GQA) → GroupQueryAttention."""
 
     name = "ort-group-query-attention"
+    ops = frozenset(("Softmax",))
     # SDPA (onnxscript's private op) first, shapes re-inferred for the nodes it adds; SDPAs
     # that are not GQA are inlined back by ``finish`` and left to ``ort-attention``.
     steps = (partial(fuse_sdpa, apply_shape_inference=True), fuse_group_query_attention)

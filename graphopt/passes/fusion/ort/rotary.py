@@ -102,6 +102,8 @@ class OrtRotaryEmbeddingPass(OrtFusionPass):
     """With --target ort: RoPE (rotate-half · cos/sin from positions) → RotaryEmbedding."""
 
     name = "ort-rotary"
+    # Only rotations whose cos/sin computation is recognized become the contrib op.
+    ops = frozenset(("Sin", "Cos"))
     # The rotation itself becomes a private RotaryEmbedding first; only the ones whose cos/sin
     # computation is recognized too become the contrib op, the others are inlined back.
     steps = (

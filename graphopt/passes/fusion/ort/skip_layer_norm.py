@@ -29,6 +29,7 @@ class OrtSkipLayerNormPass(OrtFusionPass):
     """With --target ort: Add(+bias) feeding LayerNormalization → SkipLayerNormalization."""
 
     name = "ort-skip-layer-norm"
+    ops = frozenset(("LayerNormalization",))
     options = (FORCE,)
     steps = (fuse_skip_layer_normalization,)
     produces = ((MS_DOMAIN, "SkipLayerNormalization"),)
@@ -44,6 +45,8 @@ class OrtSkipRmsNormPass(OrtFusionPass):
     """With --target ort: RMSNorm (Pow/Mean/Sqrt/Div/Mul) + residual Add → SkipSimplifiedLN."""
 
     name = "ort-skip-rms-norm"
+    # The decomposed RMSNorm (mean of squares) or ORT's SimplifiedLayerNormalization.
+    ops = frozenset(("ReduceMean", "SimplifiedLayerNormalization"))
     # RMSNorm first becomes ORT's SimplifiedLayerNormalization (registered by ORT in the default
     # domain); only the ones that also absorb a residual Add count as hits, but the plain ones
     # are kept too when the pass fires, as they are the same contrib kernel family.
