@@ -106,6 +106,10 @@ def default_pipeline(
     exact_steps = [Step(prepare), Step(cleanup, True), Step(fusion), Step(cleanup, True)]
     steps = list(exact_steps)
     if lossy:
+        # Target-specific fusions (ORT contrib ops) make ops the lossy passes have no rules for
+        # (a BiasGelu blocks the channels through it): they run once, after the lossy stages.
+        portable = tuple(spec for spec in fusion if registry[spec.name].targets is None)
+        steps[2] = Step(portable)
         ordered = sorted(lossy, key=lambda spec: LOSSY_STAGES.index(get_pass(spec.name).stage))
         steps += [Step((spec,)) for spec in ordered]
         steps += exact_steps[1:]
