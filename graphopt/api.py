@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx_ir as ir
 
-from graphopt import io
+from graphopt import finalize, io
+from graphopt.backends.ort_custom_ops import (
+    check_registrable,
+    missing_library_hint,
+    using_custom_ops,
+)
 from graphopt.errors import CheckFailedError, UserInputError
 from graphopt.opset import convert_opset
 from graphopt.pipeline import (
@@ -20,7 +27,12 @@ from graphopt.pipeline import (
     explicit_pipeline,
 )
 from graphopt.registry import PassContext
-from graphopt.verify import DEFAULT_TOLERANCE, VerificationUnavailable, Verifier
+from graphopt.verify import (
+    NothingToCompare,
+    VerificationUnavailable,
+    Verifier,
+    check_input_shapes,
+)
 
 DEFAULT_FOLD_LIMIT_BYTES = 1 << 20
 
@@ -35,8 +47,17 @@ class OptimizeOptions:
     # Lossy passes added to the default pipeline (run in the fixed stage order).
     lossy: list[PassSpec] = field(default_factory=list)
     verify: bool = True
-    tolerance: float = DEFAULT_TOLERANCE
+    # Max error relative to each output's largest magnitude; None: the default for the float
+    # type the model computes in (float32 1e-4, float16 ~3.9e-3, bfloat16 ~3.1e-2; see
+    # graphopt.verify.DTYPE_TOLERANCES). A number applies to every model.
+    tolerance: float | None = None
+    # ONNX Runtime custom-op libraries (.so/.dylib/.dll) registered in every ORT session
+    # graphopt creates, so that models with custom ops can be verified (--custom-ops).
+    custom_ops: list[str | os.PathLike] = field(default_factory=list)
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    # Verify on the user's data instead of generated inputs: an .npz path (one array per
+    # input, loaded without pickle) or {input name: array}.
+    verify_inputs: str | os.PathLike | Mapping[str, np.ndarray] | None = None
     fold_limit_bytes: int | None = DEFAULT_FOLD_LIMIT_BYTES
     external_data: bool | None = None
     target: str = "portable"
@@ -70,7 +91,12 @@ class OptimizeOptions:
                 "max_group_ratio": self.max_group_ratio,
             }
             specs = [s for s in specs if s.name != "prune"] + [PassSpec("prune", options)]
-        return specs
+        # --no-verify also turns off pruning's own check (zeroed vs removed units); an option
+        # a recipe gives the pass itself wins.
+        return [
+            PassSpec(s.name, {"verify": self.verify, **s.options}) if s.name == "prune" else s
+            for s in specs
+        ]
 
 
 @dataclass
@@ -96,12 +122,31 @@ def optimize(
     """Optimize a model; write it when ``output`` is given (or ``in_place``), else only return it.
 
     Raises :class:`~graphopt.errors.CheckFailedError` when verification fails after the
-    exact passes were rolled back (the output is then not written).
+    exact passes were rolled back (the output is then not written). When verification was
+    asked for but ONNX Runtime cannot run the original model on the generated inputs, the
+    output is written and ``result.report.verified`` is False, with the reason in
+    ``result.report.verification_skipped`` (the CLI exits 4).
     """
     options = options or OptimizeOptions()
+    # Every ORT session of the run (verification, probes in passes) registers these.
+    with using_custom_ops(options.custom_ops) as libraries:
+        check_registrable(libraries)
+        return _optimize(source, output, options, in_place=in_place, progress=progress)
+
+
+def _optimize(
+    source: io.ModelSource,
+    output: str | os.PathLike | None,
+    options: OptimizeOptions,
+    *,
+    in_place: bool,
+    progress: ProgressCallback | None,
+) -> OptimizeResult:
     target = _resolve_output(source, output, in_place)
     loaded = io.load(source)
     model = loaded.model
+    # Refused with or without verification: a wrong rank, a dim the model fixes or a zero.
+    check_input_shapes(model, options.input_shapes)
     if model is source:
         # Passes rewrite in place; the caller's ir.Model stays as it was (tensors are shared,
         # not copied: passes replace initializers rather than write into them).
@@ -119,9 +164,13 @@ def optimize(
                 f"{target}: output would overwrite the input's external-data file; "
                 "choose another output name"
             )
-        if not target.parent.is_dir():
-            # Refuse before the pipeline runs rather than after (io.save checks it too).
-            raise UserInputError(f"{target}: output folder {target.parent} does not exist")
+    if target is not None:
+        # Refuse a missing folder, or a device/FIFO/link/folder as output, before the pipeline
+        # runs rather than after (io.save checks again).
+        external = options.external_data
+        io.check_output_target(
+            target, data=loaded.uses_external_data if external is None else external
+        )
     context = PassContext(
         fold_limit_bytes=options.fold_limit_bytes,
         input_shapes=dict(options.input_shapes),
@@ -139,14 +188,25 @@ def optimize(
     )
     verifier = None
     skipped_reason = ""
+    feeds, feeds_source = _verify_inputs(options)
     if options.verify:
         try:
             # The reference is the model as given: an opset conversion is verified too.
             verifier = Verifier(
-                original_for_verify, options.input_shapes, options.tolerance, options.seed
+                original_for_verify,
+                options.input_shapes,
+                options.tolerance,
+                options.seed,
+                feeds=feeds,
+                feeds_source=feeds_source,
             )
         except VerificationUnavailable as exc:
-            skipped_reason = f"ONNX Runtime cannot run the original model: {exc}"
+            skipped_reason = (
+                str(exc)
+                if isinstance(exc, NothingToCompare)
+                else f"ONNX Runtime cannot run the original model: {exc}"
+                + missing_library_hint(original_for_verify)
+            )
     manager = PassManager(steps, context, verifier, progress)
     model, report = manager.run(model)
     if not options.verify:
@@ -158,12 +218,33 @@ def optimize(
     # result); the lossy change itself is in ``report.lossy_check``.
     if verification is not None and not verification.ok:
         raise CheckFailedError(f"verification failed: {verification.reason}")
+    # A canonical form and the record of what produced it: same input and options, same
+    # bytes; `optimize` of its own output changes nothing (see graphopt/finalize.py).
+    finalize.name_constant_tensors(model)
+    finalize.order_initializers(model)
+    finalize.drop_generated_dims(model)
+    finalize.stamp(model, options)
     if target is not None:
         external = options.external_data
         if external is None and loaded.uses_external_data:
             external = True
         io.save(model, target, external_data=external)
     return OptimizeResult(model, report, target)
+
+
+def _verify_inputs(options: OptimizeOptions) -> tuple[dict[str, np.ndarray] | None, str]:
+    """The user's verification inputs, loaded (checked against the model by the Verifier)."""
+    given = options.verify_inputs
+    if given is None:
+        return None, ""
+    if not options.verify:
+        # Data to verify on and no verification: one of the two is a mistake.
+        raise UserInputError("--verify-inputs and --no-verify contradict each other")
+    if isinstance(given, Mapping):
+        return {str(k): np.asarray(v) for k, v in given.items()}, "verify_inputs"
+    from graphopt.calibration import load_npz
+
+    return load_npz(given, what="verification inputs"), os.fspath(given)
 
 
 def _resolve_output(

@@ -17,13 +17,16 @@ import numpy as np
 from graphopt.errors import UserInputError
 
 
-def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """{name: array} of every array in the ``.npz`` at ``path``; pickled data is refused."""
+def load_npz(path: str | os.PathLike, what: str = "calibration") -> dict[str, np.ndarray]:
+    """{name: array} of every array in the ``.npz`` at ``path``; pickled data is refused.
+
+    ``what`` names the file's purpose in messages (``--verify-inputs`` files use it too).
+    """
     path = Path(path)
     if not path.exists():
-        raise UserInputError(f"{path}: no such calibration file")
+        raise UserInputError(f"{path}: no such {what} file")
     if not path.is_file():
-        raise UserInputError(f"{path}: not a file, expected a calibration .npz")
+        raise UserInputError(f"{path}: not a file, expected a {what} .npz")
     # A plain .npy (or a pickle) is not an archive of named arrays; checking first also keeps
     # np.load from taking the .npy or pickle branch at all.
     if not zipfile.is_zipfile(path):
@@ -42,9 +45,9 @@ def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
                 f"{path}: holds pickled (object) arrays, which graphopt does not load; "
                 "save plain numeric arrays"
             ) from None
-        raise UserInputError(f"{path}: cannot read calibration data ({exc})") from None
+        raise UserInputError(f"{path}: cannot read {what} data ({exc})") from None
     except (OSError, EOFError, zipfile.BadZipFile, KeyError) as exc:
-        raise UserInputError(f"{path}: corrupt calibration .npz ({exc})") from None
+        raise UserInputError(f"{path}: corrupt {what} .npz ({exc})") from None
     if not arrays:
         raise UserInputError(f"{path}: holds no arrays")
     return arrays

@@ -1,12 +1,15 @@
 """The ``graphopt`` command line.
 
 Exit codes: 0 success; 1 a check failed (verification); 2 bad input or usage;
-3 internal error (a bug: please report it); 130 interrupted.
+3 internal error (a bug: please report it); 4 written but not verified (ONNX Runtime cannot
+run the original model on the generated inputs, or all its outputs are empty; never with
+--no-verify); 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -20,12 +23,15 @@ from graphopt import __version__
 from graphopt.errors import (
     EXIT_BAD_INPUT,
     EXIT_INTERRUPTED,
+    EXIT_NOT_VERIFIED,
     EXIT_OK,
     GraphoptError,
     UserInputError,
 )
 
 EXIT_INTERNAL = 3
+# What str.splitlines breaks at.
+_LINE_BREAKS = "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -40,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="graphopt",
         description="Optimize exported ONNX graphs: erase, fuse, verify.",
         epilog="Exit codes: 0 ok, 1 a check failed, 2 bad input or usage, 3 internal error, "
-        "130 interrupted.",
+        "4 written but not verified, 130 interrupted.",
     )
     parser.add_argument("--version", action="version", version=f"graphopt {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what passes do")
@@ -66,13 +72,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--tolerance",
         type=float,
         default=None,
-        help="max error relative to each output's largest magnitude (1e-4)",
+        help="max error relative to each output's largest magnitude, for every output "
+        "(default by the model's float type: float32 1e-4, float16 3.9e-3, bfloat16 3.1e-2)",
+    )
+    opt.add_argument(
+        "--custom-ops",
+        action="append",
+        metavar="LIB.so",
+        help="ONNX Runtime custom-op library registered in every ORT session graphopt "
+        "creates, to verify models with custom ops (repeatable)",
     )
     opt.add_argument(
         "--input-shape",
         action="append",
         metavar="NAME:DxD...",
         help="bind an input's shape, e.g. input:1x3x224x224 (repeatable)",
+    )
+    opt.add_argument(
+        "--verify-inputs",
+        metavar="FILE.npz",
+        help="verify on your own data: one array per model input (numpy.savez; no pickles)",
     )
     opt.add_argument(
         "--fold-limit",
@@ -156,9 +175,16 @@ def build_parser() -> argparse.ArgumentParser:
         "analyze",
         help="channel dependency analysis: zero-invariant (prunable) groups",
         description="Build the channel dependency graph and list the zero-invariant groups: "
-        "members, units, share of FLOPs and params, prunable or blocked with the reason.",
+        "members, units, share of FLOPs and params, prunable or blocked with the reason. "
+        "The model is analysed as `optimize --prune` prunes it: after the default exact "
+        "passes, run on a copy (--raw: as the file is).",
     )
     ana.add_argument("input", help="model file (.onnx)")
+    ana.add_argument(
+        "--raw",
+        action="store_true",
+        help="analyse the file as it is, without the default exact passes first",
+    )
     ana.add_argument(
         "--input-shape",
         action="append",
@@ -180,6 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
     err = Console(stderr=True, highlight=False)
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    args: argparse.Namespace | None = None
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
@@ -205,6 +232,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         if os.environ.get("GRAPHOPT_DEBUG"):
             raise
+        # A crash on a corrupt input file is bad input (exit 2), whichever stage hit it.
+        blame = _blame_input(args, exc)
+        if blame is not None:
+            err.print(f"graphopt: error: {blame}", markup=False, soft_wrap=True)
+            return EXIT_BAD_INPUT
         err.print(
             f"graphopt: internal error: {type(exc).__name__}: {exc} "
             "(set GRAPHOPT_DEBUG=1 for a traceback)",
@@ -212,6 +244,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             soft_wrap=True,
         )
         return EXIT_INTERNAL
+
+
+def _blame_input(args: argparse.Namespace | None, exc: Exception) -> str | None:
+    """Why the input file, not graphopt, is at fault for ``exc`` (ONNX's checker); or None."""
+    path = getattr(args, "input", None)
+    if not path:
+        return None
+    from graphopt.io import explain_failure
+
+    return explain_failure(path, exc)
 
 
 class _NoTracebacks(logging.Filter):
@@ -256,8 +298,12 @@ def _cmd_optimize(args: argparse.Namespace, out: Console, err: Console) -> int:
         options.verify = False
     if args.tolerance is not None:
         options.tolerance = args.tolerance
+    if args.custom_ops:
+        options.custom_ops = list(args.custom_ops)
     if args.input_shape:
         options.input_shapes.update(parse_input_shapes(args.input_shape))
+    if args.verify_inputs is not None:
+        options.verify_inputs = args.verify_inputs
     if args.fold_limit is not None:
         options.fold_limit_bytes = parse_size(args.fold_limit)
     if args.external_data:
@@ -276,6 +322,15 @@ def _cmd_optimize(args: argparse.Namespace, out: Console, err: Console) -> int:
         result = optimize(args.input, output, options, in_place=args.in_place, progress=progress)
     print_report(result.report, out)
     out.print(f"wrote {result.output_path}", markup=False)
+    if options.verify and not result.report.verified:
+        # Asked to verify and could not: the output stands, but nothing proved it exact.
+        reason = result.report.verification_skipped or "no verification ran"
+        # One line even when an input's name holds a line break (the reason names inputs).
+        reason = reason.translate({ord(c): repr(c)[1:-1] for c in _LINE_BREAKS})
+        err.print(
+            f"graphopt: error: written but not verified: {reason}", markup=False, soft_wrap=True
+        )
+        return EXIT_NOT_VERIFIED
     return EXIT_OK
 
 
@@ -314,16 +369,34 @@ def _cmd_inspect(args: argparse.Namespace, out: Console, err: Console) -> int:
 
 
 def _cmd_analyze(args: argparse.Namespace, out: Console, err: Console) -> int:
-    from graphopt.analysis.zig import analyze, render_report, report_json
+    from graphopt.analysis.zig import analyze, render_report
     from graphopt.inputs import parse_input_shapes
     from graphopt.io import load
 
     loaded = load(args.input)
-    report = analyze(loaded.model, parse_input_shapes(args.input_shape))
+    shapes = parse_input_shapes(args.input_shape)
+    model, prepared = loaded.model, ""
+    if not args.raw:
+        # Pruning runs after the exact passes: exporters' Transpose/Identity-wrapped weights,
+        # unfolded shape arithmetic and unfused BatchNorms block groups that cleanup frees.
+        from graphopt.api import OptimizeOptions, optimize
+
+        result = optimize(model, None, OptimizeOptions(verify=False, input_shapes=shapes))
+        model = result.model
+        prepared = (
+            "analysed after the default exact passes (on a copy: nodes "
+            f"{result.report.nodes_before} -> {result.report.nodes_after}), as optimize "
+            "--prune sees it; --raw: the file as is"
+        )
+    report = analyze(model, shapes)
     if args.json:
-        _print_json(report_json(report))
+        data = report.to_json()
+        data["exact_passes_first"] = not args.raw
+        _print_json(json.dumps(data, indent=1))
     else:
         render_report(report, out)
+        if prepared:
+            out.print(prepared, markup=False)
     return EXIT_OK
 
 

@@ -1,22 +1,37 @@
-"""Generated model inputs for verification and measurement: seeded, dtype-aware, bounded.
+"""Model inputs for verification and measurement: seeded, dtype-aware, bounded, and shaped the
+way the model declares and uses them.
 
-Symbolic or unknown dims are bound, in this order, by ``--input-shape name:1x3x224x224``,
-then by these documented defaults: the first axis (batch) is 1; any other symbolic axis is
-32 for rank-4 inputs (image height/width) and 16 otherwise (sequence length). Integer inputs
-take values in ``[0, 10)`` — valid token ids, indices and lengths for any realistic model —
-narrowed to ``[0, n)`` when the input indexes a table of ``n`` rows through Gather (e.g.
-token-type ids), except inputs whose name says they are a mask, which are all ones.
-Booleans are random.
+**Shapes.** Every symbolic dim takes one value across all inputs: dims with the same name
+(``batch`` in ``input_ids`` and ``attention_mask``) are one dim, and an unnamed dim is its
+own. ``--input-shape name:1x3x224x224`` binds the named dims of that input for every input
+that shares them; the rest take documented defaults: 1 for a dim first seen on axis 0
+(batch), 32 on other axes of rank-4 inputs (image height/width), 16 otherwise (sequence
+length), raised to what the graph demands of the input directly (a Conv/Pool window, a
+reflect Pad, an STFT frame) and capped by what it allows (positions: rows of the table that
+position ids index).
+
+**Values.** Floats are standard normal. Integers are in ``[0, 10)``, narrowed to ``[0, n)``
+when the input indexes a table of ``n`` rows through Gather (token-type ids, embeddings);
+``*mask*`` inputs are all ones; position ids count ``0, 1, 2, ...`` along their last axis;
+length inputs (``lengths``, ``*_lens``, ``seq_len``...) are in ``[1, L]`` with ``L`` the
+longest symbolic dim of the other inputs; sample rates are 16000. Booleans are random.
+
+**A second shape** (:func:`second_shape_candidates`) moves every symbolic dim to another
+value the graph allows, so that verification catches a rewrite that baked one value of a
+dim into the graph. **User data** (``--verify-inputs FILE.npz``) is checked against the
+model's inputs by :func:`check_feeds`.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 
 import numpy as np
 import onnx_ir as ir
 
+from graphopt.editing import attribute, const_ints, static_shape
 from graphopt.errors import UserInputError
 
 DEFAULT_BATCH = 1
@@ -25,6 +40,15 @@ DEFAULT_SEQUENCE_DIM = 16
 # Refuse to generate inputs past this many bytes in total (dims are user or model supplied).
 MAX_INPUT_BYTES = 512 * 2**20
 INT_HIGH = 10
+# A second-shape dim moves up by its largest power-of-two factor, at most this: 32 = five
+# stride-2 stages, the most a CNN/FPN (PP-OCR det needs multiples of 32) asks of its input.
+MAX_STEP = 32
+SAMPLE_RATE = 16000
+# How far to follow an input through ops that keep its axes, looking for a window it feeds.
+_WINDOW_SEARCH_DEPTH = 8
+
+Shapes = dict[str, tuple[int, ...]]
+_ANONYMOUS = {"?", "-1", "unknown"}
 
 
 def parse_input_shapes(specs: list[str] | None) -> dict[str, tuple[int, ...]]:
@@ -44,47 +68,163 @@ def parse_input_shapes(specs: list[str] | None) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def graph_inputs(model: ir.Model) -> list[ir.Value]:
+def graph_inputs(model: ir.Model | ir.Graph) -> list[ir.Value]:
     """Inputs the caller must feed (initializers that are also inputs are not)."""
-    initializers = model.graph.initializers
-    return [v for v in model.graph.inputs if v.name not in initializers]
+    graph = model.graph if isinstance(model, ir.Model) else model
+    initializers = graph.initializers
+    return [v for v in graph.inputs if v.name not in initializers]
 
 
-def concrete_shape(value: ir.Value, given: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
-    """The shape to generate for ``value``, with symbolic dims bound."""
+def dim_key(value: ir.Value, axis: int) -> str | None:
+    """The symbolic dim at ``value``'s ``axis``: its name, ``input[axis]`` if unnamed, or None
+    for a fixed dim."""
+    if value.shape is None:
+        return None
+    dim = value.shape[axis]
+    if isinstance(dim, int) and dim >= 0:
+        return None
+    name = dim.value if isinstance(dim, ir.SymbolicDim) else None
+    # "?" is how some exporters (paddle2onnx) write "unknown": not a name two dims share.
+    return name if name and name not in _ANONYMOUS else f"{value.name}[{axis}]"
+
+
+def symbolic_dims(model: ir.Model | ir.Graph) -> dict[str, list[tuple[ir.Value, int]]]:
+    """Every symbolic dim of the inputs, with the (input, axis) places it occurs, in order."""
+    places: dict[str, list[tuple[ir.Value, int]]] = {}
+    for value in graph_inputs(model):
+        if value.shape is None:
+            continue
+        for axis in range(len(value.shape)):
+            key = dim_key(value, axis)
+            if key is not None:
+                places.setdefault(key, []).append((value, axis))
+    return places
+
+
+def bind_dims(
+    model: ir.Model | ir.Graph, given: Mapping[str, tuple[int, ...]] | None = None
+) -> dict[str, int]:
+    """One value per symbolic dim: from ``given`` shapes first, else the defaults.
+
+    A shape given for one input binds its named dims for every input sharing the name: the
+    declared names say the dims are equal, and ORT fails on ``input_ids`` 2x64 beside an
+    ``attention_mask`` left at the default 1x16.
+    """
+    given = given or {}
+    places = symbolic_dims(model)
+    dims: dict[str, int] = {}
+    for value in graph_inputs(model):
+        shape = given.get(value.name)
+        if shape is None or value.shape is None or len(shape) != len(value.shape):
+            continue
+        for axis, size in enumerate(shape):
+            key = dim_key(value, axis)
+            if key is not None:
+                dims.setdefault(key, int(size))
+    lower, upper = dim_limits(model)
+    for key, occurrences in places.items():
+        if key in dims:
+            continue
+        value, axis = occurrences[0]
+        rank = len(value.shape) if value.shape is not None else 0
+        size = (
+            DEFAULT_BATCH if axis == 0 else DEFAULT_IMAGE_DIM if rank == 4 else DEFAULT_SEQUENCE_DIM
+        )
+        if key in upper:
+            size = min(size, upper[key])
+        # A window the input must fill wins over a cap: the cap is a guess about the
+        # model's intent, the window a hard error in ORT.
+        dims[key] = max(size, lower.get(key, 0))
+    return dims
+
+
+def input_shapes(
+    model: ir.Model | ir.Graph,
+    given: Mapping[str, tuple[int, ...]] | None = None,
+    dims: Mapping[str, int] | None = None,
+) -> Shapes:
+    """{input: shape} with symbolic dims bound; given shapes are used as given.
+
+    With ``dims`` (e.g. a second shape), every symbolic axis takes its value from ``dims``
+    and given shapes only fill the fixed axes (and inputs without a declared shape).
+    """
+    given = given or {}
+    if dims is None:
+        bound = bind_dims(model, given)
+        return {v.name: concrete_shape(v, given, bound) for v in graph_inputs(model)}
+    shapes: Shapes = {}
+    for value in graph_inputs(model):
+        declared = value.shape
+        shape = given.get(value.name)
+        if declared is None or (shape is not None and len(shape) != len(declared)):
+            shapes[value.name] = concrete_shape(value, given, dims)
+            continue
+        sizes = []
+        for axis in range(len(declared)):
+            key = dim_key(value, axis)
+            if key is not None and key in dims:
+                sizes.append(dims[key])
+            elif shape is not None:
+                sizes.append(shape[axis])
+            else:
+                sizes.append(concrete_shape(value, {}, dims)[axis])
+        shapes[value.name] = tuple(sizes)
+    return shapes
+
+
+def concrete_shape(
+    value: ir.Value,
+    given: Mapping[str, tuple[int, ...]],
+    dims: Mapping[str, int] | None = None,
+) -> tuple[int, ...]:
+    """The shape to generate for ``value``, with symbolic dims bound.
+
+    Without ``dims`` they are bound over the graph ``value`` is an input of, so that FLOPs
+    counted per input (analysis) and the inputs verification feeds agree.
+    """
     if value.name in given:
-        return given[value.name]
+        return tuple(given[value.name])
     if value.shape is None:
         raise UserInputError(
             f"input {value.name!r} has no declared shape; pass --input-shape {value.name}:DxD..."
         )
+    if dims is None:
+        dims = bind_dims(value.graph, given) if value.graph is not None else {}
     rank = len(value.shape)
-    dims: list[int] = []
+    sizes: list[int] = []
     for axis, dim in enumerate(value.shape):
-        if isinstance(dim, int) and dim >= 0:
-            dims.append(dim)
+        key = dim_key(value, axis)
+        if key is None:
+            sizes.append(int(dim))
+        elif key in dims:
+            sizes.append(dims[key])
         elif axis == 0:
-            dims.append(DEFAULT_BATCH)
+            sizes.append(DEFAULT_BATCH)
         else:
-            dims.append(DEFAULT_IMAGE_DIM if rank == 4 else DEFAULT_SEQUENCE_DIM)
-    return tuple(dims)
+            sizes.append(DEFAULT_IMAGE_DIM if rank == 4 else DEFAULT_SEQUENCE_DIM)
+    return tuple(sizes)
 
 
 def make_inputs(
     model: ir.Model,
-    given: dict[str, tuple[int, ...]] | None = None,
+    given: Mapping[str, tuple[int, ...]] | None = None,
     seed: int = 0,
+    shapes: Mapping[str, tuple[int, ...]] | None = None,
 ) -> dict[str, np.ndarray]:
-    """One seeded input per graph input, respecting dtype and bound shapes."""
+    """One seeded input per graph input, respecting dtype, bound shapes and how it is used.
+
+    ``shapes`` (from :func:`input_shapes`) overrides the binding of ``given``.
+    """
     given = given or {}
     unknown = set(given) - {v.name for v in graph_inputs(model)}
     if unknown:
         raise UserInputError(f"--input-shape names unknown input(s): {', '.join(sorted(unknown))}")
+    shapes = dict(shapes) if shapes is not None else input_shapes(model, given)
     rng = np.random.default_rng(seed)
     feeds: dict[str, np.ndarray] = {}
     total = 0
     for value in graph_inputs(model):
-        shape = concrete_shape(value, given)
+        shape = shapes[value.name]
         dtype = _numpy_dtype(value)
         # Python ints: numpy's int64 product wraps around for dims like 2**62.
         total += math.prod(shape) * dtype.itemsize
@@ -93,14 +233,281 @@ def make_inputs(
                 f"generated inputs would exceed {MAX_INPUT_BYTES >> 20} MiB at input "
                 f"{value.name!r} shape {shape}; bind smaller dims with --input-shape"
             )
-        high = min(INT_HIGH, _index_bound(value) or INT_HIGH)
-        feeds[value.name] = _random_array(rng, value.name, shape, dtype, high)
+        feeds[value.name] = _generate(rng, model, value, shape, dtype, shapes)
     return feeds
 
+
+def describe_shapes(
+    model: ir.Model | ir.Graph, shapes: Mapping[str, tuple[int, ...]], limit: int = 6
+) -> str:
+    """``N=2: x 2x4, mask 2x16``: the symbolic dims' values, then each input's shape (the
+    first ``limit``: a decoder with 48 cache inputs is described by its dims)."""
+    items = list(shapes.items())
+    text = ", ".join(f"{name} {_dims_text(shape)}" for name, shape in items[:limit])
+    if len(items) > limit:
+        text += f" and {len(items) - limit} more"
+    bound = dims_of(model, shapes)
+    if not bound:
+        return text
+    return ", ".join(f"{k}={v}" for k, v in bound.items()) + ": " + text
+
+
+def dims_of(model: ir.Model | ir.Graph, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
+    """The value each symbolic dim has in ``shapes`` (its first occurrence)."""
+    bound: dict[str, int] = {}
+    for key, places in symbolic_dims(model).items():
+        for value, axis in places:
+            shape = shapes.get(value.name)
+            if shape is not None and len(shape) == len(value.shape or ()):
+                bound[key] = int(shape[axis])
+                break
+    return bound
+
+
+def second_shape_candidates(
+    model: ir.Model | ir.Graph, dims: Mapping[str, int]
+) -> dict[str, list[int]]:
+    """Per symbolic dim, other values to verify at, best first (possibly none).
+
+    ``step`` is the largest power of two dividing ``size``, at most 32: the divisibility
+    strided models need (five stride-2 stages) survives a move by it. First ``size - step``
+    where that is positive (224→192, 48→32: cheaper than the first shape, so the second
+    check costs little more than the first), else ``size + step`` (1→2, 16→32, 32→64); then
+    ``2 * size`` (keeps every divisor, e.g. the 7 of 224) and ``size / 2``. Values outside
+    what the graph allows (windows, position tables) are left out.
+    """
+    lower, upper = dim_limits(model)
+    candidates: dict[str, list[int]] = {}
+    for key, size in dims.items():
+        step = min(size & -size, MAX_STEP) if size > 0 else 1
+        options = [size - step, size + step, 2 * size, size // 2 if size % 2 == 0 else 0]
+        low, high = max(1, lower.get(key, 1)), upper.get(key)
+        candidates[key] = [
+            c
+            for c in dict.fromkeys(options)
+            if c != size and c >= low and (high is None or c <= high)
+        ]
+    return candidates
+
+
+def check_feeds(
+    model: ir.Model,
+    arrays: Mapping[str, np.ndarray],
+    source: str,
+    given: Mapping[str, tuple[int, ...]] | None = None,
+) -> dict[str, np.ndarray]:
+    """User-supplied inputs (``--verify-inputs``), checked: one array per input, of the
+    input's dtype and declared rank and fixed dims, one value per named dim. In model order."""
+    inputs = graph_inputs(model)
+    names = [v.name for v in inputs]
+    missing = [n for n in names if n not in arrays]
+    if missing:
+        raise UserInputError(f"{source}: no array for model input(s) {', '.join(missing)}")
+    extra = sorted(set(arrays) - set(names))
+    if extra:
+        raise UserInputError(
+            f"{source}: array(s) {', '.join(extra)} are not model inputs ({', '.join(names)})"
+        )
+    seen: dict[str, tuple[str, int]] = {}
+    for value in inputs:
+        array = arrays[value.name]
+        expected = _numpy_dtype(value)
+        if array.dtype != expected:
+            raise UserInputError(
+                f"{source}: input {value.name!r} is {array.dtype}, the model expects {expected}"
+            )
+        wanted = (given or {}).get(value.name)
+        if wanted is not None and tuple(wanted) != array.shape:
+            raise UserInputError(
+                f"{source}: input {value.name!r} has shape {_dims_text(array.shape)}, "
+                f"--input-shape says {_dims_text(wanted)}"
+            )
+        if value.shape is None:
+            continue
+        if len(value.shape) != array.ndim or any(
+            isinstance(d, int) and d >= 0 and d != n
+            for d, n in zip(value.shape, array.shape, strict=False)
+        ):
+            raise UserInputError(
+                f"{source}: input {value.name!r} has shape {_dims_text(array.shape)}, "
+                f"the model expects {_declared_text(value.shape)}"
+            )
+        for axis, size in enumerate(array.shape):
+            key = dim_key(value, axis)
+            if key is None or key == f"{value.name}[{axis}]":  # fixed, or unnamed: its own
+                continue
+            first = seen.setdefault(key, (value.name, size))
+            if first[1] != size:
+                raise UserInputError(
+                    f"{source}: dim {key!r} is {first[1]} in input {first[0]!r} but {size} in "
+                    f"{value.name!r}; the model declares them equal"
+                )
+    return {n: np.ascontiguousarray(arrays[n]) for n in names}
+
+
+def resize_feeds(
+    feeds: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]]
+) -> dict[str, np.ndarray]:
+    """``feeds`` cut or tiled (wrapping around) to ``shapes``, axis by axis.
+
+    A second shape for the user's data keeps the user's values (valid token ids, real
+    images), where generated ones might not run at all.
+    """
+    resized = {}
+    for name, array in feeds.items():
+        for axis, size in enumerate(shapes[name]):
+            if array.shape[axis] != size:
+                array = np.take(array, np.arange(size) % array.shape[axis], axis=axis)
+        resized[name] = np.ascontiguousarray(array)
+    return resized
+
+
+def describe_feeds(feeds: Mapping[str, np.ndarray], limit: int = 6) -> str:
+    """``x 1x3x32x32 float32, ids 1x16 int64 in [0, 9]``: what ORT was fed."""
+    parts = []
+    for name, array in list(feeds.items())[:limit]:
+        # Names are the model's: escape what would break a one-line message.
+        shown = name if name.isprintable() else ascii(name)
+        text = f"{shown} {_dims_text(array.shape)} {array.dtype}"
+        if array.dtype.kind in "iu" and array.size:
+            text += f" in [{array.min()}, {array.max()}]"
+        parts.append(text)
+    if len(feeds) > limit:
+        parts.append(f"and {len(feeds) - limit} more")
+    return ", ".join(parts)
+
+
+def _dims_text(shape: tuple[int, ...]) -> str:
+    return "x".join(str(d) for d in shape) if shape else "scalar"
+
+
+def _declared_text(shape: ir.Shape) -> str:
+    return (
+        "[" + ",".join(str(d) if isinstance(d, int) else str(d.value or "?") for d in shape) + "]"
+    )
+
+
+# ---- what the graph says about its inputs ------------------------------------------------
+
+_MASK_NAME = re.compile(r"mask", re.IGNORECASE)
+_POSITION_NAME = re.compile(r"position|(^|_)pos(_ids?)?$", re.IGNORECASE)
+_LENGTH_NAME = re.compile(r"(^|_)(len|lens|length|lengths)$|seq_?lens?", re.IGNORECASE)
+_SAMPLE_RATE_NAME = re.compile(r"sample_?rate|sampling_?rate|(^|_)sr$", re.IGNORECASE)
 
 # Ops that pass an integer input through unchanged in value (so a Gather behind them still
 # indexes with the input's values).
 _VALUE_PRESERVING = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Expand"}
+# Ops whose output keeps input 0's axes, so a window further on applies to the input's dims.
+_AXES_PRESERVING_UNARY = {
+    "Cast", "Identity", "Relu", "LeakyRelu", "Sigmoid", "Tanh", "Neg", "Abs", "Clip", "Exp",
+    "Log", "Sqrt", "HardSigmoid", "BatchNormalization", "InstanceNormalization",
+}  # fmt: skip
+_AXES_PRESERVING_BINARY = {"Add", "Sub", "Mul", "Div", "Pow"}
+_WINDOWED = {"Conv", "ConvInteger", "QLinearConv", "MaxPool", "AveragePool", "LpPool"}
+
+
+def dim_limits(model: ir.Model | ir.Graph) -> tuple[dict[str, int], dict[str, int]]:
+    """(smallest, largest) size per symbolic dim that the graph states cheaply.
+
+    Smallest: the input feeds (through ops that keep its axes) a Conv/Pool window, a reflect
+    Pad or an STFT frame that the dim must fill. Largest: the last axis of a position-id
+    input, which indexes a table of that many positions. Nothing here runs inference.
+    """
+    lower: dict[str, int] = {}
+    upper: dict[str, int] = {}
+    for value in graph_inputs(model):
+        if value.shape is None:
+            continue
+        for axis, need in _window_needs(value).items():
+            key = dim_key(value, axis)
+            if key is not None:
+                lower[key] = max(lower.get(key, 0), need)
+        if _POSITION_NAME.search(value.name) and len(value.shape) >= 1:
+            key = dim_key(value, len(value.shape) - 1)
+            rows = _index_bound(value)
+            if key is not None and rows is not None:
+                upper[key] = min(upper.get(key, rows), rows)
+    return lower, upper
+
+
+def _window_needs(value: ir.Value) -> dict[int, int]:
+    """{axis: smallest size} that windows reached from ``value`` with its axes kept need."""
+    needs: dict[int, int] = {}
+    rank = len(value.shape) if value.shape is not None else 0
+    frontier, seen = [value], {id(value)}
+    for _ in range(_WINDOW_SEARCH_DEPTH):
+        following: list[ir.Value] = []
+        for current in frontier:
+            for use in current.uses():
+                node, index = use.node, use.idx
+                if node.domain not in ("", "ai.onnx") or index != 0:
+                    continue
+                for axis, need in _node_needs(node, rank).items():
+                    needs[axis] = max(needs.get(axis, 0), need)
+                if node.op_type in _AXES_PRESERVING_UNARY or (
+                    node.op_type in _AXES_PRESERVING_BINARY
+                    and all(
+                        (shape := static_shape(other)) is not None and len(shape) <= rank
+                        for other in node.inputs[1:]
+                        if other is not None
+                    )
+                ):
+                    for output in node.outputs[:1]:
+                        if id(output) not in seen:
+                            seen.add(id(output))
+                            following.append(output)
+        frontier = following
+    return needs
+
+
+def _node_needs(node: ir.Node, rank: int) -> dict[int, int]:
+    """{axis: smallest size} ``node`` needs of its input 0 (of rank ``rank``)."""
+    op = node.op_type
+    if op in _WINDOWED:
+        kernel = attribute(node, "kernel_shape")
+        if kernel is None and op in ("Conv", "ConvInteger"):
+            weight = static_shape(node.inputs[1]) if len(node.inputs) > 1 else None
+            kernel = weight[2:] if weight is not None else None
+        if kernel is None and op == "QLinearConv":
+            weight = static_shape(node.inputs[3]) if len(node.inputs) > 3 else None
+            kernel = weight[2:] if weight is not None else None
+        if not kernel:
+            return {}
+        spatial = len(kernel)
+        auto_pad = attribute(node, "auto_pad", "NOTSET")
+        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+        if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+            return {}
+        pads = list(attribute(node, "pads", None) or [0] * 2 * spatial)
+        if auto_pad == "VALID":
+            pads = [0] * 2 * spatial
+        dilations = list(attribute(node, "dilations", None) or [1] * spatial)
+        return {
+            rank - spatial + i: max(1, (k - 1) * d + 1 - pads[i] - pads[i + spatial])
+            for i, (k, d) in enumerate(zip(kernel, dilations, strict=False))
+        }
+    if op == "Pad":
+        mode = attribute(node, "mode", "constant")
+        mode = mode.decode() if isinstance(mode, bytes) else mode
+        if mode != "reflect":
+            return {}
+        pads = attribute(node, "pads") or (
+            const_ints(node.inputs[1]) if len(node.inputs) > 1 else None
+        )
+        if not pads:
+            return {}
+        axes = const_ints(node.inputs[3]) if len(node.inputs) > 3 else None
+        axes = [a % rank for a in axes] if axes else list(range(len(pads) // 2))
+        half = len(pads) // 2
+        # Reflect padding mirrors inside the input: each side's pad must be shorter than it.
+        return {a: max(pads[i], pads[i + half]) + 1 for i, a in enumerate(axes[:half])}
+    if op == "STFT" and rank >= 2:
+        frame = const_ints(node.inputs[3]) if len(node.inputs) > 3 else None
+        if frame is None and len(node.inputs) > 2:
+            window = static_shape(node.inputs[2])
+            frame = list(window) if window else None
+        return {1: frame[0]} if frame else {}
+    return {}
 
 
 def _index_bound(value: ir.Value, depth: int = 4) -> int | None:
@@ -130,6 +537,18 @@ def _index_bound(value: ir.Value, depth: int = 4) -> int | None:
     return min(bounds) if bounds else None
 
 
+def _length_limit(model: ir.Model, value: ir.Value, shapes: Mapping[str, tuple[int, ...]]) -> int:
+    """Longest symbolic non-leading dim of the other inputs: what a length input measures."""
+    longest = 0
+    for places in symbolic_dims(model).values():
+        for other, axis in places:
+            shape = shapes.get(other.name)
+            if other is value or axis == 0 or shape is None or len(shape) <= axis:
+                continue
+            longest = max(longest, int(shape[axis]))
+    return longest or INT_HIGH
+
+
 def _numpy_dtype(value: ir.Value) -> np.dtype:
     if value.type is None or not isinstance(value.type, ir.TensorType):
         raise UserInputError(f"input {value.name!r} is not a tensor; cannot generate data for it")
@@ -141,7 +560,34 @@ def _numpy_dtype(value: ir.Value) -> np.dtype:
         ) from None
 
 
-_MASK_NAME = re.compile(r"mask", re.IGNORECASE)
+def _generate(
+    rng: np.random.Generator,
+    model: ir.Model,
+    value: ir.Value,
+    shape: tuple[int, ...],
+    dtype: np.dtype,
+    shapes: Mapping[str, tuple[int, ...]],
+) -> np.ndarray:
+    """Data for one input: its role (mask, positions, lengths, rate, index) read from its
+    name and its uses, else plain random."""
+    name = value.name
+    numeric = np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)
+    if numeric and _SAMPLE_RATE_NAME.search(name):
+        return np.full(shape, SAMPLE_RATE, dtype=dtype)
+    if np.issubdtype(dtype, np.integer) and dtype != np.bool_:
+        if _MASK_NAME.search(name):
+            return np.ones(shape, dtype=dtype)
+        rows = _index_bound(value)
+        if _POSITION_NAME.search(name) and shape:
+            # What a tokenizer feeds: 0, 1, 2... along the sequence (wrapped into the table).
+            positions = np.arange(shape[-1]) % (rows or max(shape[-1], 1))
+            return np.broadcast_to(positions, shape).astype(dtype)
+        if _LENGTH_NAME.search(name):
+            high = _length_limit(model, value, shapes)
+            high = min(high, rows) if rows else high
+            return rng.integers(1, high + 1, size=shape).astype(dtype)
+        return _random_array(rng, name, shape, dtype, min(INT_HIGH, rows or INT_HIGH))
+    return _random_array(rng, name, shape, dtype)
 
 
 def _random_array(

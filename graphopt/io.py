@@ -5,10 +5,14 @@ them. Every external-data reference is checked before anything else happens: the
 must be relative, stay inside the model's folder (symlinks resolved) and the file must hold
 ``offset + length`` bytes.
 
+Loading also refuses text that is not UTF-8 and attributes without a type: protobuf lets
+them through, and they would otherwise fail much later (in a pass, or onnx-ir's serializer).
+
 Saving is atomic: everything is written into a temporary folder next to the target, data
 before model, then renamed into place. An interrupted save leaves the previous output or no
 output, never a model that fails to load. A save killed outright (SIGKILL) leaves its
-temporary folder behind; the next save to the same path removes it.
+temporary folder behind; the next save to the same path removes it. Only regular files are
+replaced: a target that is a device, FIFO, socket, folder or symbolic link is refused.
 """
 
 from __future__ import annotations
@@ -18,16 +22,18 @@ import glob
 import os
 import shutil
 import socket
+import stat
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnx_ir as ir
-from google.protobuf.message import DecodeError
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.message import DecodeError, Message
 
 from graphopt.errors import UserInputError
 
@@ -54,6 +60,8 @@ def load(source: ModelSource) -> LoadedModel:
     if isinstance(source, ir.Model):
         return LoadedModel(source, None, _has_external_tensors(source))
     if isinstance(source, onnx.ModelProto):
+        check_strings(source, "<model>")
+        check_attributes(source, "<model>")
         check_tensor_sizes(source, "<model>")
         model = _deserialize_proto(source)
         check_scopes(model, "<model>")
@@ -66,6 +74,8 @@ def load(source: ModelSource) -> LoadedModel:
             raise UserInputError(
                 f"cannot parse model bytes: not a valid ONNX protobuf ({exc})"
             ) from None
+        check_strings(proto, "<bytes>")
+        check_attributes(proto, "<bytes>")
         _check_proto_shape(proto, "<bytes>")
         check_tensor_sizes(proto, "<bytes>")
         model = _deserialize_proto(proto)
@@ -91,6 +101,8 @@ def _load_path(path: Path) -> LoadedModel:
             f"{path}: not a valid ONNX protobuf (truncated or corrupt file)"
         ) from None
     del data
+    check_strings(proto, str(path))
+    check_attributes(proto, str(path))
     _check_proto_shape(proto, str(path))
     check_tensor_sizes(proto, str(path))
     check_external_data(proto, path.parent, str(path))
@@ -113,14 +125,163 @@ def _check_proto_shape(proto: onnx.ModelProto, name: str) -> None:
         raise UserInputError(f"{name}: an initializer has an empty name")
 
 
+def check_strings(proto: onnx.ModelProto, name: str) -> None:
+    """Refuse string fields (names, doc strings, domains, metadata...) that are not UTF-8.
+
+    Protobuf's C parsers accept such proto2 strings and hand them to Python as ``bytes``;
+    left in, they become value names that match nothing or make onnx-ir's serializer fail
+    at save time, long after the load that should have refused the file.
+    """
+    bad = _first_non_utf8(proto)
+    if bad is not None:
+        field, value = bad
+        shown = repr(value[:40]) + ("..." if len(value) > 40 else "")
+        raise UserInputError(
+            f"{name}: {field} {shown} is not valid UTF-8 (corrupt file: protobuf strings "
+            "must be UTF-8)"
+        )
+
+
+# Per message type: its string fields and its message fields, each as (name, repeated).
+_FieldPlan = tuple[tuple[tuple[str, bool], ...], tuple[tuple[str, bool], ...]]
+_FIELD_PLANS: dict[str, _FieldPlan] = {}
+
+
+def _is_repeated(field: FieldDescriptor) -> bool:
+    # ``label`` is gone in protobuf 7; ``is_repeated`` is missing before 5.29.
+    repeated = getattr(field, "is_repeated", None)
+    if repeated is None:
+        return field.label == FieldDescriptor.LABEL_REPEATED
+    return bool(repeated)
+
+
+def _field_plan(descriptor: Descriptor) -> _FieldPlan:
+    plan = _FIELD_PLANS.get(descriptor.full_name)
+    if plan is None:
+        strings = tuple(
+            (f.name, _is_repeated(f))
+            for f in descriptor.fields
+            if f.type == FieldDescriptor.TYPE_STRING
+        )
+        messages = tuple(
+            (f.name, _is_repeated(f))
+            for f in descriptor.fields
+            if f.type == FieldDescriptor.TYPE_MESSAGE
+        )
+        plan = _FIELD_PLANS[descriptor.full_name] = (strings, messages)
+    return plan
+
+
+def _first_non_utf8(message: Message) -> tuple[str, bytes] | None:
+    """The first string field holding bytes that are not UTF-8: (Type.field, bytes), or None.
+
+    Reads only string and message fields, so tensor data (raw_data, float_data...) is never
+    copied out of the protobuf.
+    """
+    stack = [message]
+    while stack:
+        current = stack.pop()
+        descriptor = current.DESCRIPTOR
+        strings, messages = _field_plan(descriptor)
+        for field, repeated in strings:
+            # upb and the C++ backend return a field that does not decode as bytes (the pure
+            # Python backend refuses it at parse time instead).
+            values = getattr(current, field) if repeated else (getattr(current, field),)
+            for value in values:
+                if not isinstance(value, str):
+                    return f"{descriptor.name}.{field}", bytes(value)
+        for field, repeated in messages:
+            if repeated:
+                stack.extend(getattr(current, field))
+            elif current.HasField(field):
+                stack.append(getattr(current, field))
+    return None
+
+
+# Domains whose ops' string attributes are text by schema (auto_pad, mode, equation...).
+# Custom domains may keep arbitrary bytes there (ORT's EPContext embeds a binary blob), which
+# onnx-ir reads and writes back unchanged.
+_TEXT_ATTRIBUTE_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "ai.onnx.preview.training"})
+
+
+def check_attributes(proto: onnx.ModelProto, name: str) -> None:
+    """Refuse attributes without a type, and standard ops' string attributes that are not UTF-8.
+
+    onnx-ir reads an untyped attribute as a value-less one that its serializer cannot write
+    back, and graphopt's passes read standard ops' string attributes as text.
+    """
+    for node in _iter_node_protos(proto):
+        for attr in node.attribute:
+            label = f"{name}: node {node.name or node.op_type!r} attribute {attr.name!r}"
+            if attr.type == onnx.AttributeProto.UNDEFINED:
+                raise UserInputError(f"{label} has no type (corrupt file)")
+            if node.domain not in _TEXT_ATTRIBUTE_DOMAINS:
+                continue
+            if attr.type == onnx.AttributeProto.STRING:
+                texts: Iterable[bytes] = (attr.s,)
+            elif attr.type == onnx.AttributeProto.STRINGS:
+                texts = attr.strings
+            else:
+                continue
+            for text in texts:
+                try:
+                    text.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise UserInputError(
+                        f"{label}: string value {text[:40]!r} is not valid UTF-8 (corrupt file)"
+                    ) from None
+
+
+def _iter_node_protos(proto: onnx.ModelProto) -> Iterator[onnx.NodeProto]:
+    """Every node of the model: main graph, subgraphs (any depth), function bodies."""
+    stack: list[Iterable[onnx.NodeProto]] = [proto.graph.node]
+    stack.extend(function.node for function in proto.functions)
+    while stack:
+        for node in stack.pop():
+            yield node
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    stack.append(attr.g.node)
+                stack.extend(sub.node for sub in attr.graphs)
+
+
 def _deserialize_proto(proto: onnx.ModelProto, base_dir: Path | None = None) -> ir.Model:
     try:
         model = ir.serde.deserialize_model(proto)
     except Exception as exc:  # onnx-ir raises many types on malformed graphs
+        # onnx-ir wraps the real reason ("Output 'i' is redeclared...") in SerdeErrors that
+        # only name the function: report the innermost cause.
+        while exc.__cause__ is not None:
+            exc = exc.__cause__
         raise UserInputError(f"cannot read model: {_one_line(exc)}") from None
     if base_dir is not None:
         _set_external_base_dir(model, base_dir)
     return model
+
+
+def explain_failure(path: str | os.PathLike, exc: BaseException) -> str | None:
+    """One line blaming the model file for ``exc`` if ONNX's full checker rejects it; else None.
+
+    Called after an unexpected exception. The load-time checks refuse what is known to
+    break graphopt, but a corrupt file can still hold something only a later stage trips
+    over (a Conv ``pads`` of the wrong length, an attribute name a pass does not expect).
+    A crash on a file the checker rejects is the file's fault, not a bug.
+    """
+    if not os.path.isfile(path):
+        return None  # a pipe or FIFO was consumed by the load: reading it again would block
+    try:
+        onnx.checker.check_model(os.fspath(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as defect:
+        reason = " ".join(str(defect).split())
+        if len(reason) > 300:
+            reason = reason[:300] + "..."
+        return (
+            f"{path}: not a valid ONNX model (onnx checker: {reason}); "
+            f"graphopt failed on it with {_one_line(exc)}"
+        )
+    except Exception:  # the checker itself cannot tell: keep it an internal error
+        return None
+    return None
 
 
 def _one_line(exc: BaseException) -> str:
@@ -361,11 +522,8 @@ def save(
     """
     target = Path(os.fspath(path))
     folder = target.parent if str(target.parent) else Path(".")
-    if not folder.is_dir():
-        raise UserInputError(f"{target}: output folder {folder} does not exist")
-    if target.is_dir():
-        raise UserInputError(f"{target}: is a folder")
     use_external = needs_external_data(model) if external_data is None else external_data
+    check_output_target(target, data=use_external)
     data_name = data_file_name(target)
     _remove_stale_temp_folders(folder, target.name)
     tmp_dir = Path(tempfile.mkdtemp(prefix=_temp_prefix(target.name), suffix=".tmp", dir=folder))
@@ -388,14 +546,64 @@ def save(
             _fsync(tmp_data)
             # Take the old model away first: a kill between the two renames then leaves no
             # model (allowed) rather than the old model pointing at the new data (torn).
+            _check_replaceable(folder / data_name)  # again: it may have changed meanwhile
+            _check_replaceable(target)
             with contextlib.suppress(FileNotFoundError):
                 target.unlink()
             os.replace(tmp_data, folder / data_name)
+        _check_replaceable(target)
         os.replace(tmp_model, target)
         _fsync_dir(folder)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return target
+
+
+def check_output_target(target: Path, *, data: bool = False) -> None:
+    """Refuse an output (and with ``data``, its OUT.data) that exists and is no regular file.
+
+    Saving renames a new file over the target: over /dev/null (as root) that would replace
+    the device with a regular file, over a FIFO or socket it would silently remove it, and
+    over a symbolic link it would turn the link into a file and leave what it points to
+    stale. Following the link instead would let a link planted in a shared folder redirect
+    the write onto any file the user may replace. So only regular files are replaced.
+    """
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir():
+        raise UserInputError(f"{target}: output folder {folder} does not exist")
+    _check_replaceable(target)
+    if data:
+        _check_replaceable(folder / data_file_name(target))
+
+
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _check_replaceable(path: Path) -> None:
+    """Refuse ``path`` unless it is absent or a regular file (symbolic links not followed)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise UserInputError(f"{path}: cannot be written ({exc.strerror})") from None
+    if stat.S_ISREG(mode):
+        return
+    if stat.S_ISLNK(mode):
+        raise UserInputError(
+            f"{path}: is a symbolic link; outputs only replace regular files "
+            "(give the path it points to)"
+        )
+    kind = next((name for test, name in _FILE_KINDS if test(mode)), "an unknown kind of file")
+    raise UserInputError(
+        f"{path}: is {kind}, not a regular file; outputs are written to regular files only"
+    )
 
 
 def _temp_prefix(name: str, pid: int | None = None) -> str:
@@ -494,6 +702,10 @@ def _stand_in_large_initializers(graph: ir.Graph) -> list[tuple[ir.Value, ir.Ten
         streamed.append((value, tensor))
     for value, _ in streamed:
         value.const_value = ir.Tensor(np.zeros(0, dtype=value.const_value.dtype.numpy()))
+        # The file lists streamed initializers last; so must the IR, whose order value_info
+        # follows: otherwise a reload orders them as the file does and its save differs
+        # (optimize of its own output changed bytes).
+        graph.initializers[value.name] = graph.initializers.pop(value.name)
     return streamed
 
 

@@ -9,7 +9,9 @@ passes before and after.
 Verification (on by default) compares the final model with the original in ONNX Runtime.
 When it fails, the run is replayed from the original with a check after every exact pass
 that changed the model; a pass whose result fails is rolled back and reported, and the run
-goes on without it.
+goes on without it. Every check, the final one and each one in the replay, runs all of the
+verifier's input sets: two shapes when the model has symbolic dims, so that a pass that
+baked one value of a dim (e.g. N = 1 from a stale value_info) fails and is rolled back.
 """
 
 from __future__ import annotations
@@ -81,6 +83,20 @@ class RunReport:
     # Lossy runs: the final model against the original (informational: lossy passes are
     # expected to move outputs; ``verification`` covers the exact passes after them).
     lossy_check: VerifyResult | None = None
+
+    @property
+    def verified(self) -> bool:
+        """Whether ONNX Runtime compared the result with its reference and it held.
+
+        False when verification was off, could not run (``verification_skipped`` says why)
+        or failed. A run of lossy passes only has nothing exact to verify: its lossy change
+        was measured (``lossy_check``), which counts.
+        """
+        if self.verification_skipped:
+            return False
+        if self.verification is not None:
+            return self.verification.ok
+        return self.lossy_check is not None
 
 
 def default_pipeline(

@@ -16,6 +16,7 @@ Schema (every key optional; unknown keys are an error)::
     fold_limit: 1MB            # bytes, with KB/MB/GB suffix, or "none"
     input_shapes:              # bind symbolic input dims for verification and FLOPs
       input: [1, 3, 224, 224]
+    verify_inputs: data.npz    # verify on this data: one array per model input
     external_data: null        # true / false / null (automatic past 2 GB)
     target: portable           # portable | ort
     opset: null                # raise the default-domain opset first (e.g. 17, 20, 23)
@@ -45,6 +46,7 @@ RECIPE_KEYS = {
     "tolerance",
     "fold_limit",
     "input_shapes",
+    "verify_inputs",
     "external_data",
     "target",
     "opset",
@@ -114,6 +116,10 @@ def recipe_from_dict(data: Any, name: str = "recipe") -> OptimizeOptions:
             options.input_shapes = {str(k): tuple(int(d) for d in v) for k, v in shapes.items()}
         except (TypeError, ValueError):
             raise UserInputError(f"{name}: input_shapes dims must be integers") from None
+    if data.get("verify_inputs") is not None:
+        if not isinstance(data["verify_inputs"], str):
+            raise UserInputError(f"{name}: verify_inputs is the path of an .npz file")
+        options.verify_inputs = data["verify_inputs"]
     if data.get("external_data") is not None:
         options.external_data = _bool(data["external_data"], "external_data", name)
     if data.get("opset") is not None:

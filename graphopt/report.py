@@ -78,6 +78,14 @@ def print_report(report: RunReport, console: Console) -> None:
         console.print(
             f"verification {verdict}: worst relative error {report.verification.worst_rel:.3g}"
         )
+        # Which input shapes the verdict covers (a second one catches baked dims); plain text:
+        # dim names such as x[2] are not rich markup.
+        shapes = report.verification.shapes
+        if shapes:
+            label = "input shape" if len(shapes) == 1 else f"{len(shapes)} input shapes"
+            console.print(f"checked at {label}: " + " | ".join(shapes), markup=False)
+        if report.verification.shape_note:
+            console.print(f"note: {report.verification.shape_note}", markup=False)
     console.print(
         f"nodes {report.nodes_before} -> {report.nodes_after} "
         f"(non-Constant, subgraphs included) in {report.seconds:.2f} s"

@@ -8,18 +8,55 @@ what is compared is graphopt's rewrite, not ORT's.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import signal
+import sys
 import tempfile
+import threading
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import onnx_ir as ir
 
 from graphopt import io
-from graphopt.inputs import make_inputs
+from graphopt.backends.ort_custom_ops import register_active_custom_ops
+from graphopt.errors import UserInputError
+from graphopt.inputs import (
+    bind_dims,
+    check_feeds,
+    describe_feeds,
+    describe_shapes,
+    dims_of,
+    graph_inputs,
+    make_inputs,
+    resize_feeds,
+    second_shape_candidates,
+)
+from graphopt.inputs import input_shapes as bound_shapes  # `input_shapes` is a parameter name
 
+# float32 (and float64): the long-standing default, room for float32 sums reassociated over
+# large reductions.
 DEFAULT_TOLERANCE = 1e-4
+# Lower-precision models default to 4 ulps of their type at the output's largest magnitude:
+# 4 * 2**-10 ~ 3.9e-3 for float16, 4 * 2**-7 ~ 3.1e-2 for bfloat16. ORT's CPU kernels
+# accumulate in float32, so what an exact rewrite changes is rounding to the storage type
+# (folding BatchNormalization into a float16 Conv rounds the folded weights and the output
+# once, where the original rounded the Conv output and then the BatchNormalization output).
+# Measured with graphopt's measure (ORT 1.32 CPU): one Conv+BN fold <= 0.94 ulps over 60
+# random float16 models (median 0.5); chains of 8 / 16 / 32 folded Conv+BN+Relu blocks
+# <= 1.6 / 2.9 / 6.0 ulps; light_resnet50 converted to float16 (53 folds and the other
+# fusions) 1.37 ulps. 1e-4 rolled back every one of these exact fusions. bfloat16, which
+# ORT's CPU provider hardly runs, is the same in ulps: an emulation with float32
+# accumulation gives <= 1 ulp per fold for both types. Other types: DEFAULT_TOLERANCE.
+DTYPE_TOLERANCES = {
+    ir.DataType.FLOAT16: 4 * 2.0**-10,
+    ir.DataType.BFLOAT16: 4 * 2.0**-7,
+}
 # Outputs whose largest magnitude is below this are compared at this scale (see compare).
 SCALE_FLOOR = 1e-6
 # ORT's CPU Sigmoid (MLAS) is accurate in absolute, not relative, terms: its float32 outputs
@@ -32,6 +69,9 @@ SCALE_FLOOR = 1e-6
 SIGMOID_RESOLUTION = 2.0**-21
 # Serialize to memory below this; above it ORT reads a temporary file with external data.
 IN_MEMORY_LIMIT_BYTES = 1 << 30
+# Second shape: at most this many dims are tried one by one when changing all at once fails
+# (each try is one run of the original; a failing run usually stops at the first bad node).
+MAX_DIMS_TRIED = 8
 
 
 @dataclass
@@ -52,6 +92,9 @@ class VerifyResult:
     ok: bool
     outputs: list[OutputError] = field(default_factory=list)
     reason: str = ""
+    # The input shapes checked (``N=1: x 1x4``), and why there is only one when so.
+    shapes: list[str] = field(default_factory=list)
+    shape_note: str = ""
 
     @property
     def worst_rel(self) -> float:
@@ -62,11 +105,25 @@ class VerificationUnavailable(Exception):
     """The original model cannot be run, so nothing can be compared."""
 
 
-def make_session(model: ir.Model, threads: int = 0, optimize: bool = False):
-    """An ORT CPU session for an in-memory model (temporary external data when large)."""
-    import onnxruntime as ort  # imported here: --no-verify runs never pay for it
+class NothingToCompare(VerificationUnavailable):
+    """The original runs, but every output is empty: a comparison would prove nothing."""
+
+
+def make_session(
+    model: ir.Model,
+    threads: int = 0,
+    optimize: bool = False,
+    custom_ops: Sequence[str | os.PathLike] | None = None,
+):
+    """An ORT CPU session for an in-memory model (temporary external data when large).
+
+    ``custom_ops``: custom-op libraries to register; by default those the run made active
+    (``--custom-ops``; see :mod:`graphopt.backends.ort_custom_ops`).
+    """
+    ort = import_onnxruntime()  # imported here: --no-verify runs never pay for it
 
     options = ort.SessionOptions()
+    register_active_custom_ops(options, custom_ops)
     options.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if optimize
@@ -149,60 +206,385 @@ def output_resolutions(model: ir.Model) -> list[float]:
 
 
 class Verifier:
-    """Holds the reference outputs of the original model and checks candidates against them."""
+    """Holds the reference outputs of the original model and checks candidates against them.
+
+    Inputs come in up to two sets (``input_sets``): the requested or default shape, and when
+    the model has symbolic dims a second one where each takes another value the original
+    accepts. A rewrite that baked one value of a dim (shape folding on a stale value_info)
+    matches at the first and fails at the second. Candidates are checked on every set with
+    one ORT session, so the second shape costs one more run per check, not a session.
+    """
 
     def __init__(
         self,
         original: ir.Model,
         input_shapes: dict[str, tuple[int, ...]] | None = None,
-        tolerance: float = DEFAULT_TOLERANCE,
+        tolerance: float | None = None,
         seed: int = 0,
+        feeds: dict[str, np.ndarray] | None = None,
+        feeds_source: str = "--verify-inputs",
     ) -> None:
-        self.tolerance = tolerance
-        self.feeds = make_inputs(original, input_shapes, seed=seed)
+        # None: the default for the float type the model computes in (DTYPE_TOLERANCES).
+        self.tolerance = default_tolerance(original) if tolerance is None else tolerance
+        given = dict(input_shapes or {})
+        check_input_shapes(original, given)
+        if feeds is None:
+            dims = bind_dims(original, given)
+            shapes = bound_shapes(original, given)
+            self.feeds = make_inputs(original, given, seed=seed, shapes=shapes)
+        else:
+            self.feeds = check_feeds(original, feeds, feeds_source, given)
+            shapes = {name: array.shape for name, array in self.feeds.items()}
+            dims = dims_of(original, shapes)
+            # An input without a declared shape keeps the user's at the second shape too.
+            undeclared = [v.name for v in graph_inputs(original) if v.shape is None]
+            given.update({name: shapes[name] for name in undeclared})
         self.output_names = [v.name for v in original.graph.outputs]
         self.resolutions = output_resolutions(original)
         try:
-            self.reference = run_model(original, self.feeds)
+            session = make_session(original)
+        except Exception as exc:  # the model itself: no inputs would help
+            raise VerificationUnavailable(_one_line(exc)) from None
+        try:
+            self.reference = _run(session, self.feeds)
         except Exception as exc:
-            raise VerificationUnavailable(_first_line(exc)) from None
+            raise VerificationUnavailable(
+                _rejected(exc, self.feeds, None if feeds is None else feeds_source)
+            ) from None
+        refuse_empty_reference(self.reference, self.feeds)
+        self.input_sets = [self.feeds]
+        self.references = [self.reference]
+        self.shapes = [describe_shapes(original, shapes)]
+        self.shape_note = ""
+        if not dims:
+            self.shape_note = "one shape: the inputs have no symbolic dims"
+        else:
+            self._add_second_shape(original, session, given, dims, seed, feeds is not None)
+
+    def _add_second_shape(
+        self,
+        original: ir.Model,
+        session,
+        given: dict,
+        dims: dict[str, int],
+        seed: int,
+        users_data: bool,
+    ) -> None:
+        """Find a second binding of the symbolic dims that the original runs at, and keep it.
+
+        All dims move at once; if the original rejects that, dims are moved one at a time
+        (kept where it runs), so a dim the model fixes in practice (an image height a
+        recognizer's reshape needs) stays and the others are still checked. The user's data
+        (``--verify-inputs``) is cut/tiled to the second shape rather than replaced.
+        """
+        candidates = second_shape_candidates(original, dims)
+        limited = sorted(k for k, values in candidates.items() if not values)
+        movable = [k for k, values in candidates.items() if values]
+
+        def attempt(changed: dict[str, int]):
+            shapes = bound_shapes(original, given, {**dims, **changed})
+            try:
+                if users_data:
+                    feeds = resize_feeds(self.feeds, shapes)
+                else:
+                    feeds = make_inputs(original, seed=seed, shapes=shapes)
+                return feeds, _run(session, feeds), shapes, ""
+            except UserInputError as exc:  # the size cap
+                return None, None, shapes, str(exc)
+            except Exception as exc:
+                return None, None, shapes, _first_line(exc)
+
+        if not movable:
+            names = ", ".join(limited)
+            self.shape_note = f"one shape only: no other value the graph allows for {names}"
+            return
+        chosen: dict[str, int] = {}
+        feeds, outputs, shapes, why = attempt({k: candidates[k][0] for k in movable})
+        if outputs is not None:
+            chosen = {k: candidates[k][0] for k in movable}
+        else:
+            first_failure = why
+            for key in movable[:MAX_DIMS_TRIED]:
+                # With one dim, its first value was the attempt above.
+                for value in candidates[key][1 if len(movable) == 1 else 0 :]:
+                    trial = attempt({**chosen, key: value})
+                    if trial[1] is not None:
+                        chosen[key] = value
+                        feeds, outputs, shapes, _ = trial
+                        break
+            why = first_failure
+        kept = [k for k in movable if k not in chosen]
+        notes = []
+        if limited:
+            notes.append(f"no other value the graph allows for {', '.join(limited)}")
+        if kept:
+            notes.append(
+                f"{', '.join(kept)} kept at one value (the original model fails when "
+                f"{'it changes' if len(kept) == 1 else 'they change'}: {why})"
+            )
+        if outputs is None or feeds is None:
+            self.shape_note = "one shape only: " + "; ".join(notes)
+            return
+        self.input_sets.append(feeds)
+        self.references.append(outputs)
+        self.shapes.append(describe_shapes(original, shapes))
+        self.shape_note = "; ".join(notes)
 
     def rebased(self, reference: ir.Model) -> Verifier:
         """A verifier with the same inputs whose reference is ``reference``'s outputs."""
         other = object.__new__(Verifier)
         other.tolerance, other.feeds = self.tolerance, self.feeds
+        other.input_sets, other.shapes = self.input_sets, self.shapes
+        other.shape_note = self.shape_note
         other.output_names = [v.name for v in reference.graph.outputs]
         other.resolutions = output_resolutions(reference)
         try:
-            other.reference = run_model(reference, self.feeds)
+            session = make_session(reference)
         except Exception as exc:
             raise VerificationUnavailable(_first_line(exc)) from None
+        other.references = []
+        for index, feeds in enumerate(self.input_sets):
+            try:
+                other.references.append(_run(session, feeds))
+            except Exception as exc:
+                raise VerificationUnavailable(f"{_first_line(exc)}{self._at(index)}") from None
+        other.reference = other.references[0]
         return other
+
+    def _at(self, index: int) -> str:
+        """`` at shape 2 (N=2: x 2x4)`` when there are several shapes, else nothing."""
+        if len(self.input_sets) < 2:
+            return ""
+        return f" at shape {index + 1} ({self.shapes[index]})"
 
     def check(self, candidate: ir.Model, tolerance: float | None = None) -> VerifyResult:
         tol = self.tolerance if tolerance is None else tolerance
         names = [v.name for v in candidate.graph.outputs]
+        shapes = {"shapes": list(self.shapes), "shape_note": self.shape_note}
         if names != self.output_names:
-            return VerifyResult(False, reason=f"outputs changed: {self.output_names} -> {names}")
+            return VerifyResult(
+                False, reason=f"outputs changed: {self.output_names} -> {names}", **shapes
+            )
         try:
-            got = run_model(candidate, self.feeds)
+            session = make_session(candidate)
         except Exception as exc:
             return VerifyResult(
-                False, reason=f"optimized model fails in ONNX Runtime: {_first_line(exc)}"
+                False, reason=f"optimized model fails in ONNX Runtime: {_first_line(exc)}", **shapes
             )
-        errors = [
-            compare(n, r, g, res)
-            for n, r, g, res in zip(names, self.reference, got, self.resolutions, strict=True)
-        ]
-        bad = [e for e in errors if not e.shape_ok or e.detail or e.max_rel > tol]
+        per_shape: list[list[OutputError]] = []
         reason = ""
-        if bad:
-            worst = bad[0]
-            reason = worst.detail or f"output {worst.name!r} off by {worst.max_rel:.3g} (rel)"
-        return VerifyResult(not bad, errors, reason)
+        for index, feeds in enumerate(self.input_sets):
+            try:
+                got = _run(session, feeds)
+            except Exception as exc:
+                return VerifyResult(
+                    False,
+                    reason=f"optimized model fails in ONNX Runtime{self._at(index)}: "
+                    f"{_first_line(exc)}",
+                    **shapes,
+                )
+            references = self.references[index]
+            row = [
+                compare(n, r, g, res)
+                for n, r, g, res in zip(names, references, got, self.resolutions, strict=True)
+            ]
+            per_shape.append(row)
+            bad = [e for e in row if not e.shape_ok or e.detail or e.max_rel > tol]
+            if bad:
+                worst = bad[0]
+                reason = worst.detail or f"output {worst.name!r} off by {worst.max_rel:.3g} (rel)"
+                reason += self._at(index)
+                break  # failed already: another shape's run would only cost time
+        errors = [_worst(column) for column in zip(*per_shape, strict=True)]
+        return VerifyResult(not reason, errors, reason, **shapes)
+
+
+def _run(session, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    from graphopt.ortrun import run_session
+
+    names = [o.name for o in session.get_outputs()]
+    return run_session(session, names, feeds)
+
+
+def _worst(errors: tuple[OutputError, ...]) -> OutputError:
+    """One output's error over all input shapes: the worst of each measure."""
+    if len(errors) == 1:
+        return errors[0]
+    return OutputError(
+        errors[0].name,
+        max(e.max_abs for e in errors),
+        max(e.max_rel for e in errors),
+        min(e.cosine for e in errors),
+        max(e.mean_abs for e in errors),
+        shape_ok=all(e.shape_ok for e in errors),
+        detail=next((e.detail for e in errors if e.detail), ""),
+    )
+
+
+def _rejected(exc: BaseException, feeds: dict[str, np.ndarray], source: str | None) -> str:
+    """Why ORT could not run the original, naming what it was fed and how to feed otherwise."""
+    message = _one_line(exc)
+    if source is not None:
+        return f"{message} (on {source}: {describe_feeds(feeds)})"
+    parts = [message]
+    if len(feeds) > 1:
+        # The input ORT's message names ("for input: x", "(x)", 'x'), first; "idx=13" in an
+        # index error is not a name.
+        named = [
+            n
+            for n in feeds
+            if re.search(rf"(input\W{{1,3}}|['\"(]){re.escape(n)}(?![\w=])", message)
+        ]
+        if named:
+            parts.append(f"input {named[0]!r} was {describe_feeds({named[0]: feeds[named[0]]})}")
+    parts.append(f"generated inputs: {describe_feeds(feeds)}")
+    parts.append(
+        "bind dims with --input-shape NAME:DxD... or verify on your own data with "
+        "--verify-inputs FILE.npz"
+    )
+    return "; ".join(parts)
+
+
+def _one_line(exc: BaseException) -> str:
+    """The whole message on one line, uncut: ORT puts what failed after a long source
+    location (a Reshape's "Input shape:{1,16}, requested shape:{1,3,4}" past 300 characters)
+    or on later lines (the dims of "Got invalid dimensions for input")."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    return text or type(exc).__name__
 
 
 def _first_line(exc: BaseException) -> str:
     lines = [line for line in str(exc).strip().splitlines() if line.strip()]
     text = lines[0] if lines else type(exc).__name__
     return text[:300]
+
+
+def default_tolerance(model: ir.Model) -> float:
+    """The default tolerance for the lowest-precision float type ``model`` computes in.
+
+    Looked for in the graph inputs and outputs, initializers, every value whose type is known
+    and Cast targets (subgraphs included): a float16 model with float32 outputs still
+    computes in float16.
+    """
+    found: set[ir.DataType] = set()
+    values = [*model.graph.inputs, *model.graph.outputs, *model.graph.initializers.values()]
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        values.extend(node.outputs)
+        to = node.attributes.get("to") if node.op_type == "Cast" else None
+        if to is not None and isinstance(to.value, int):
+            with contextlib.suppress(ValueError):  # not a type (a hostile model): ORT says so
+                found.add(ir.DataType(to.value))
+    found.update(v.dtype for v in values if v is not None and v.dtype is not None)
+    return max(
+        (DTYPE_TOLERANCES.get(dtype, DEFAULT_TOLERANCE) for dtype in found),
+        default=DEFAULT_TOLERANCE,
+    )
+
+
+def check_input_shapes(model: ir.Model, shapes: Mapping[str, tuple[int, ...]] | None) -> None:
+    """Refuse ``--input-shape`` bindings that cannot be fed or would prove nothing.
+
+    ORT refuses a wrong rank or a dim that contradicts one the model fixes, and the run used
+    to end "not verified" with exit 0; a zero-sized dim "passed" on empty tensors. Each is a
+    one-line :class:`UserInputError` (exit 2) before anything runs.
+    """
+    if not shapes:
+        return
+    inputs = {v.name: v for v in graph_inputs(model)}
+    unknown = sorted(set(shapes) - set(inputs))
+    if unknown:
+        raise UserInputError(f"--input-shape names unknown input(s): {', '.join(unknown)}")
+    for name, shape in shapes.items():
+        flag = f"--input-shape {name}:{'x'.join(str(d) for d in shape)}"
+        if 0 in shape:
+            raise UserInputError(
+                f"{flag}: a zero-sized dim gives empty tensors, on which any rewrite "
+                "compares equal; use dims of at least 1"
+            )
+        declared = inputs[name].shape
+        if declared is None:
+            continue
+        if len(declared) != len(shape):
+            raise UserInputError(
+                f"{flag}: input {name!r} has rank {len(declared)} ({_declared(declared)}), "
+                f"not {len(shape)}"
+            )
+        for axis, (dim, size) in enumerate(zip(declared, shape, strict=True)):
+            if isinstance(dim, int) and dim >= 0 and dim != size:
+                raise UserInputError(
+                    f"{flag}: axis {axis} of input {name!r} is fixed at {dim} by the model "
+                    f"({_declared(declared)})"
+                )
+
+
+def _declared(shape: ir.Shape) -> str:
+    return "[" + ", ".join(str(d) if isinstance(d, int) else (d.value or "?") for d in shape) + "]"
+
+
+def refuse_empty_reference(outputs: Sequence, feeds: Mapping[str, np.ndarray]) -> None:
+    """:class:`NothingToCompare` when every reference output is empty.
+
+    Any candidate's empty outputs compare equal to them, so "passed" would prove nothing: a
+    zero-sized dim the model itself fixes, or a graph that slices everything away at the
+    generated shapes.
+    """
+    if outputs and all(isinstance(o, np.ndarray) and o.size == 0 for o in outputs):
+        shapes = ", ".join(
+            f"{name} {'x'.join(str(d) for d in np.shape(a)) or 'scalar'}"
+            for name, a in feeds.items()
+        )
+        raise NothingToCompare(
+            f"every output of the original model is empty on the inputs used ({shapes}), "
+            "and comparing empty tensors proves nothing"
+        )
+
+
+def import_onnxruntime() -> ModuleType:
+    """``import onnxruntime``, where an interrupt during the import stays an interrupt.
+
+    onnxruntime's extension module imports numpy from C while it loads (seconds, for a
+    library of ~100 MB). A KeyboardInterrupt raised there comes out as an ImportError, which
+    onnxruntime's ``__init__`` keeps and re-raises or, for its optional parts, suppresses;
+    callers that take any exception from ORT for "the model cannot run" then turned Ctrl-C
+    into a skipped verification. So SIGINT/SIGTERM are recorded while importing, and one
+    received means KeyboardInterrupt, whatever the import made of it.
+    """
+    module = sys.modules.get("onnxruntime")
+    if module is not None and hasattr(module, "InferenceSession"):
+        return module
+    with _recording_interrupts() as received:
+        try:
+            import onnxruntime
+        except ImportError:
+            if received:
+                raise KeyboardInterrupt from None
+            raise
+    if received:
+        raise KeyboardInterrupt
+    return onnxruntime
+
+
+@contextlib.contextmanager
+def _recording_interrupts() -> Iterator[list[int]]:
+    """Within the block, note every SIGINT/SIGTERM, then run the handler already set."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received  # handlers can only be set from the main thread
+        return
+    saved = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        previous = signal.getsignal(signum)
+        if not callable(previous):
+            continue  # ignored, or the OS default (which ends the process by itself)
+
+        def record(number: int, frame, previous=previous) -> None:
+            received.append(number)
+            previous(number, frame)
+
+        saved[signum] = previous
+        signal.signal(signum, record)
+    try:
+        yield received
+    finally:
+        for signum, previous in saved.items():
+            signal.signal(signum, previous)

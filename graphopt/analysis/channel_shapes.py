@@ -12,22 +12,39 @@ Shape tensors built at run time are followed entry by entry in
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
+import onnx
 import onnx_ir as ir
 
 from graphopt.editing import const_ints
 
 
 class Context:
-    """What rules may ask about the (shape-inferred) model: shapes and small constants.
+    """What rules may ask about the (shape-inferred) model: shapes, small constants, opsets.
 
     Rules that learn a shape onnx inference lost (Reshape targets) record it in ``known``.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, opsets: Mapping[str, int] | None = None) -> None:
         self.known: dict[int, tuple[int, ...]] = {}
         # (id(value), axis) → size learned through an identity coupling.
         self.sizes: dict[tuple[int, int], int] = {}
+        # The model's opset imports: attribute defaults and meanings changed across opsets
+        # (Softmax's axis, Split's sizes, Slice's bounds...), so a rule must know which
+        # version of its op the node is.
+        self.opsets: dict[str, int] = dict(opsets or {})
+
+    def opset(self, node: ir.Node) -> int:
+        """The opset version of ``node``'s domain in the model ("" and "ai.onnx" are one).
+
+        A model that imports no version for the domain is read as the newest onnx knows.
+        """
+        if node.domain in ("", "ai.onnx"):
+            version = self.opsets.get("", self.opsets.get("ai.onnx"))
+        else:
+            version = self.opsets.get(node.domain)
+        return version if version else onnx.defs.onnx_opset_version()
 
     def shape(self, value: ir.Value | None) -> tuple[int | str, ...] | None:
         """Dims as ints, symbolic dims as their names ('?' when anonymous); None if no rank."""

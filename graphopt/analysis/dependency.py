@@ -57,8 +57,12 @@ class DependencyGraph:
     # Edge arrays over the global element index space.
     edge_a: list[np.ndarray] = field(default_factory=list)
     edge_b: list[np.ndarray] = field(default_factory=list)
-    # Dim-level adjacency (for groups) and the nodes each dim meets.
-    neighbours: dict[DimKey, set[DimKey]] = field(default_factory=dict)
+    # Dim-level adjacency (for groups) and the nodes each dim meets. The neighbours are an
+    # insertion-ordered set (dict keys), not a set: a set of (name, axis) keys iterates in
+    # string-hash order, which PYTHONHASHSEED changes per process, and that order decides the
+    # order of a group's dims, hence of the pruned model's new initializers and of
+    # `analyze --json` (same input, different bytes from run to run).
+    neighbours: dict[DimKey, dict[DimKey, None]] = field(default_factory=dict)
     nodes: dict[DimKey, list[ir.Node]] = field(default_factory=dict)
     seconds: float = 0.0
     context: Context | None = None
@@ -121,7 +125,7 @@ def build_dependency_graph(
 
 def build_on_inferred(model: ir.Model) -> DependencyGraph:
     """The dependency graph of a model whose shapes are already inferred."""
-    ctx = Context()
+    ctx = Context(model.opset_imports)
     dg = DependencyGraph(model, context=ctx)
     main = model.graph
     index = {id(node): i for i, node in enumerate(main)}
@@ -170,8 +174,8 @@ def build_on_inferred(model: ir.Model) -> DependencyGraph:
                 continue
             dg.edge_a.append(dim.offset + c.src_idx)
             dg.edge_b.append(other.offset + c.dst_idx)
-            dg.neighbours.setdefault(dim.key, set()).add(other.key)
-            dg.neighbours.setdefault(other.key, set()).add(dim.key)
+            dg.neighbours.setdefault(dim.key, {})[other.key] = None
+            dg.neighbours.setdefault(other.key, {})[dim.key] = None
         return True
 
     for node in main:

@@ -5,8 +5,16 @@ other ``(value, axis)`` dimensions of the same node must lose the same channels,
 their indices correspond? It returns a list of :class:`Coupling` (index pairs) or a
 :class:`Blocked` with the reason pruning that dimension is not safe at this node.
 
-Ops without a rule block (:func:`rule_for`): an unknown op is never treated as element-wise
-pass-through, which is how other pruners silently build wrong groups.
+Ops without a rule block (:func:`couple`): an unknown op is never treated as element-wise
+pass-through, which is how other pruners silently build wrong groups. The ops that pass
+channels through one to one are listed here (:data:`CHANNELWISE`), not borrowed from the
+FLOPs table: an op counted "per element" there is not thereby safe to prune through.
+
+Rules read the node's opset (:meth:`Context.opset`) where an attribute's default or meaning
+changed: Softmax/LogSoftmax/Hardmax before 13 normalize over every axis from ``axis``
+(default 1) on; Concat's axis defaults to 1 before 4; Split states its sizes as an attribute
+before 13 (and splits equally without one); Slice's bounds and Reshape's target are
+attributes before 10 and 5; elementwise ops broadcast at an ``axis`` before 7.
 """
 
 from __future__ import annotations
@@ -25,7 +33,6 @@ from graphopt.analysis.coupling import (  # re-exported: the rules' vocabulary
     identity,
 )
 from graphopt.analysis.coupling import norm_axis as _norm
-from graphopt.analysis.flops import ELEMENTWISE, _op_set
 from graphopt.analysis.shape_entries import vector_length
 from graphopt.analysis.shape_rules import expand_rule, reshape_rule, shape_rule
 from graphopt.editing import attribute
@@ -66,6 +73,10 @@ def _couple_classes(
 def _elementwise(ctx: Context, node: ir.Node, value: ir.Value, axis: int) -> Result:
     out = node.outputs[0]
     data = [v for v in node.inputs if v is not None]
+    if ctx.opset(node) < 7 and any(ctx.shape(v) != ctx.shape(out) for v in data):
+        # Before opset 7, `broadcast=1` aligns the second operand with the first starting
+        # at `axis` (a [C] bias meets axis 1), not at the trailing axes as below.
+        return Blocked(f"{node.op_type} with legacy broadcasting (opset < 7)")
     if len(data) == 1 or node.op_type in ("Clip", "Dropout", "CastLike"):  # unary-shaped
         if value is not node.inputs[0] and value not in node.outputs:
             return Blocked(f"{node.op_type}: channel axis on a bound input")
@@ -267,6 +278,16 @@ def _reduce(ctx: Context, node: ir.Node, value: ir.Value, axis: int) -> Result:
 
 def _softmax(ctx: Context, node: ir.Node, value: ir.Value, axis: int) -> Result:
     rank = len(ctx.shape(node.inputs[0]))
+    if ctx.opset(node) < 13:
+        # Before opset 13 the input is coerced to 2-D at `axis` (default 1): one
+        # normalization over all axes from `axis` to the end, not over `axis` alone.
+        first = _norm(attribute(node, "axis", 1), rank)
+        if axis >= first:
+            return Blocked(
+                f"{node.op_type} (opset < 13) normalizes over axes {first}.. "
+                "(the channel axis among them)"
+            )
+        return _same_axis(ctx, node, value, axis)
     along = _norm(attribute(node, "axis", -1), rank)
     if axis == along:
         return Blocked(f"{node.op_type} normalizes over the channel axis")
@@ -288,12 +309,18 @@ def _concat_like(ctx: Context, node: ir.Node, value: ir.Value, axis: int) -> Res
     whole = node.outputs[0] if is_concat else node.inputs[0]
     parts = list(node.inputs) if is_concat else list(node.outputs)
     rank = len(ctx.shape(whole))
-    along = _norm(attribute(node, "axis", 0), rank)
+    # Concat-1 (opsets 1-3) has an optional axis, default 1; later ones require it.
+    default = 1 if is_concat and ctx.opset(node) < 4 else 0
+    along = _norm(attribute(node, "axis", default), rank)
     if axis != along:
         members = [(whole, axis)] + [(p, axis) for p in parts if p is not None]
         return _couple_classes(ctx, value, axis, [members])
     if not is_concat and value is not whole and value not in parts:
         return Blocked("Split: channel axis on the split-sizes input")
+    if not is_concat and ctx.opset(node) < 13 and "split" not in node.attributes:
+        # Unequal parts after removal must be stated; before opset 13 only the `split`
+        # attribute can state them, and channel removal writes the sizes input of Split-13.
+        return Blocked("Split (opset < 13) into equal parts: no split attribute to rewrite")
     out: list[Coupling] = []
     offset = 0
     for part in parts:
@@ -311,6 +338,10 @@ def _concat_like(ctx: Context, node: ir.Node, value: ir.Value, axis: int) -> Res
 
 
 def _slice(ctx: Context, node: ir.Node, value: ir.Value, axis: int) -> Result:
+    if ctx.opset(node) < 10:
+        # Slice-1 states starts/ends/axes as attributes; channel removal rewrites (and
+        # reads, on any axis) the bound inputs of Slice-10 only.
+        return Blocked("Slice (opset < 10) with attribute bounds")
     x, y = node.inputs[0], node.outputs[0]
     if value is not x and value is not y:
         return Blocked("Slice: channel axis on a starts/ends input")
@@ -356,13 +387,36 @@ def _gather(ctx: Context, node: ir.Node, value: ir.Value, axis: int) -> Result:
     return [identity(data, in_axis, ctx.shape(y)[axis])]
 
 
+def _reshape(ctx: Context, node: ir.Node, value: ir.Value, axis: int) -> Result:
+    if node.op_type == "Reshape" and ctx.opset(node) < 5:
+        # Reshape-1 states its target as an attribute; the target rules read input 1.
+        return Blocked("Reshape (opset < 5) with a shape attribute")
+    return reshape_rule(ctx, node, value, axis)
+
+
 def _recurrent(ctx: Context, node: ir.Node, value: ir.Value, axis: int) -> Result:
     return Blocked(f"{node.op_type}: recurrent gates are not mapped (not supported)")
 
 
 Rule = Callable[[Context, ir.Node, ir.Value, int], Result]
 
-_PASS_THROUGH = {"Cast", "CastLike", "Identity", "Dropout", "Gelu", "Clip", "FastGelu"}
+
+def _op_set(names: str) -> frozenset[str]:
+    return frozenset(names.split())
+
+
+# Ops that map channel i of their (broadcast) operands to channel i of the output and mix
+# no channels: pruning passes through them (:func:`_elementwise`). This is pruning's own
+# list: the FLOPs table's "one FLOP per element" set answers a different question, and an op
+# added there for counting must not become a pass-through here by accident.
+CHANNELWISE = _op_set(
+    """Abs Acos Acosh Add And Asin Asinh Atan Atanh BitShift BitwiseAnd BitwiseNot BitwiseOr
+    BitwiseXor Cast CastLike Ceil Celu Clip Cos Cosh Div Dropout Elu Equal Erf Exp Floor Gelu
+    Greater GreaterOrEqual HardSigmoid HardSwish Identity IsInf IsNaN LeakyRelu Less
+    LessOrEqual Log Max Mean Min Mish Mod Mul Neg Not Or Pow PRelu Reciprocal Relu Round Selu
+    Shrink Sigmoid Sign Sin Sinh Softplus Softsign Sqrt Sub Sum Tan Tanh ThresholdedRelu Where
+    Xor"""
+)
 
 
 _SAME_SHAPE = _op_set(
@@ -376,7 +430,7 @@ def _each(names: str, rule: Rule) -> dict[str, Rule]:
 
 
 RULES: dict[str, Rule] = {
-    **_each(" ".join(ELEMENTWISE | _PASS_THROUGH), _elementwise),
+    **_each(" ".join(sorted(CHANNELWISE)), _elementwise),
     **_each("BatchNormalization InstanceNormalization", _batchnorm),
     **_each("LayerNormalization RMSNormalization SimplifiedLayerNormalization", _layernorm),
     "GroupNormalization": _groupnorm,
@@ -389,7 +443,7 @@ RULES: dict[str, Rule] = {
     "Transpose": _transpose,
     **_each("Concat Split", _concat_like),
     "Slice": _slice,
-    **_each("Reshape Flatten Squeeze Unsqueeze", reshape_rule),
+    **_each("Reshape Flatten Squeeze Unsqueeze", _reshape),
     "Expand": expand_rule,
     "Gather": _gather,
     "Shape": shape_rule,

@@ -11,9 +11,18 @@ Conventions (the numbers are only comparable under the same ones):
 - pooling: 1 per window element per output; global pooling and reductions: 1 per input
   element;
 - data movement (Reshape, Transpose, Gather, Concat, Cast, ...): 0;
+- integer and quantized ops count as their float counterparts (an integer multiply-add is
+  2 FLOPs too; zero-point and scale arithmetic is not counted): ConvInteger and QLinearConv
+  as Conv, MatMulInteger, QLinearMatMul, MatMulIntegerToFloat as MatMul, QGemm as Gemm,
+  DynamicQuantizeMatMul as MatMul plus quantizing A (as DynamicQuantizeLinear), the
+  ``com.microsoft`` QLinear elementwise ops, global pooling, ReduceMean and Softmax as their
+  float versions (QLinearConcat as Concat, 0);
+- control flow counts what one run executes: an If counts its larger branch (both are
+  listed in :attr:`FlopsReport.control_flow`); a Loop counts its body × the trip count when
+  that is a constant (an upper bound when the loop condition can end it earlier), a Scan ×
+  its sequence length when known; otherwise one iteration, with a note;
 - any other op counts 0 and is listed as *not counted*; a node whose shapes could not be
-  inferred is listed as *unknown shape*. If/Loop/Scan bodies are counted once (a Loop's trip
-  count is not known statically).
+  inferred is listed as *unknown shape*.
 """
 
 from __future__ import annotations
@@ -22,10 +31,12 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx_ir as ir
 
 from graphopt.analysis.shapes import infer_shapes, static_shape
 from graphopt.analysis.stats import is_constant_node
+from graphopt.editing import attribute, const_ints
 
 
 def _op_set(names: str) -> frozenset[str]:
@@ -55,6 +66,10 @@ PER_ELEMENT = {
     "DequantizeLinear": 2,
     "DynamicQuantizeLinear": 3,
 }
+# com.microsoft quantized ops that count as their float counterparts, by kind. onnx infers
+# no shapes for them, so their output shapes are derived from the inputs here.
+QLINEAR_ELEMENTWISE = _op_set("QLinearAdd QLinearMul QLinearSigmoid QLinearLeakyRelu QLinearWhere")
+QLINEAR_ZERO = _op_set("QLinearConcat")
 REDUCTIONS = _op_set(
     """ReduceL1 ReduceL2 ReduceLogSum ReduceLogSumExp ReduceMax ReduceMean ReduceMin ReduceProd
     ReduceSum ReduceSumSquare ArgMax ArgMin CumSum GlobalAveragePool GlobalMaxPool
@@ -79,6 +94,35 @@ class FlopsReport:
     not_counted: Counter[str] = field(default_factory=Counter)
     # Op types whose shapes could not be inferred: op → node count.
     unknown_shape: Counter[str] = field(default_factory=Counter)
+    # How each If/Loop/Scan (outermost first, nested ones too) entered the total.
+    control_flow: list[ControlFlow] = field(default_factory=list)
+
+    def add(self, other: FlopsReport, times: int = 1) -> None:
+        """Count ``other`` (a subgraph's report) ``times`` over; listings are node counts and
+        control-flow records, so they are taken once."""
+        self.total += other.total * times
+        for op, flops in other.by_op.items():
+            if flops * times:
+                self.by_op[op] += flops * times
+        self.not_counted.update(other.not_counted)
+        self.unknown_shape.update(other.unknown_shape)
+        self.control_flow.extend(other.control_flow)
+
+    @property
+    def notes(self) -> list[str]:
+        return [c.note for c in self.control_flow if c.note]
+
+
+@dataclass
+class ControlFlow:
+    """FLOPs of one If/Loop/Scan node: each body once, and what entered the total."""
+
+    node: str
+    op: str
+    bodies: dict[str, int]  # body attribute (then_branch, else_branch, body) → FLOPs of one run
+    counted: int  # what the node added to the total
+    iterations: int | None = None  # Loop/Scan: iterations counted (None: not known)
+    note: str = ""
 
 
 def model_flops(
@@ -91,11 +135,28 @@ def model_flops(
 
 def flops_of_inferred(model: ir.Model) -> FlopsReport:
     """FLOPs of a model whose shapes are already inferred (see :func:`infer_shapes`)."""
+    imports = model.opset_imports
+    return _graph_flops(model.graph, imports.get("", imports.get("ai.onnx", 0)))
+
+
+def _graph_flops(graph: ir.Graph, opset: int) -> FlopsReport:
     report = FlopsReport()
-    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+    for index, node in enumerate(graph):
         if is_constant_node(node):
             continue
         key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+        bodies = {
+            name: attr.value
+            for name, attr in node.attributes.items()
+            if attr.type == ir.AttributeType.GRAPH
+        }
+        if bodies and node.domain in ("", "ai.onnx") and node.op_type in ("If", "Loop", "Scan"):
+            # Fixed order (then before else), whatever the order of the attributes.
+            counts = {k: _graph_flops(bodies[k], opset) for k in sorted(bodies, reverse=True)}
+            _control_flow(report, node, index, counts, opset)
+            continue
+        for body in bodies.values():  # another op's graph attribute: counted once
+            report.add(_graph_flops(body, opset))
         try:
             flops = node_flops(node)
         except _UnknownShape:
@@ -110,6 +171,68 @@ def flops_of_inferred(model: ir.Model) -> FlopsReport:
     return report
 
 
+def _control_flow(
+    report: FlopsReport, node: ir.Node, index: int, bodies: dict[str, FlopsReport], opset: int
+) -> None:
+    """Add what one run of If/Loop/Scan ``node`` executes to ``report`` and record how."""
+    name = node.name or f"{node.op_type}#{index}"
+    totals = {k: r.total for k, r in bodies.items()}
+    record = ControlFlow(name, node.op_type, totals, 0)
+    report.control_flow.append(record)  # before the records of control flow nested in it
+    if node.op_type == "If":
+        # One branch runs, which one is known only at run time: count the larger (an upper
+        # bound) and list both. Listings (not counted, unknown shape) cover both branches.
+        taken = max(bodies, key=lambda k: bodies[k].total)
+        for key, body in bodies.items():
+            report.add(body, times=1 if key == taken else 0)
+        record.counted = bodies[taken].total
+        if len(set(totals.values())) > 1:
+            record.note = (
+                f"If {name}: "
+                + ", ".join(f"{k.removesuffix('_branch')} {v}" for k, v in totals.items())
+                + f" FLOPs; the larger ({taken.removesuffix('_branch')}) is counted"
+            )
+        return
+    body = bodies["body"]
+    trips, why = _iterations(node, opset)
+    record.iterations = trips
+    times = 1 if trips is None else trips
+    report.add(body, times=times)
+    record.counted = body.total * times
+    if trips is None:
+        record.note = f"{node.op_type} {name}: {why}; one iteration counted ({body.total} FLOPs)"
+    else:
+        record.note = f"{node.op_type} {name}: body {body.total} FLOPs × {trips} iterations{why}"
+
+
+def _iterations(node: ir.Node, opset: int) -> tuple[int | None, str]:
+    """Iterations of a Loop/Scan when known statically, and a note (why not, or a caveat)."""
+    if node.op_type == "Loop":
+        trip = node.inputs[0] if node.inputs else None
+        count = const_ints(trip) if trip is not None else None
+        if count is None or len(count) != 1:
+            return None, "trip count not known statically"
+        trips = max(count[0], 0)
+        if len(node.inputs) > 1 and node.inputs[1] is not None:
+            # The condition may end the loop before the trip count (it stays true in exports
+            # of Python for-loops, but that is not visible without running the body).
+            return trips, " at most (the loop condition may end it earlier)"
+        return trips, ""
+    # Scan: every scan input is consumed along its axis, one slice per iteration.
+    scans = attribute(node, "num_scan_inputs", 0)
+    first = node.inputs[len(node.inputs) - scans] if scans else None
+    shape = static_shape(first)
+    if opset == 8:
+        # Scan-8's inputs carry a batch axis first: the body runs per item and time step.
+        if shape is None or len(shape) < 2:
+            return None, "sequence length not known statically"
+        return shape[0] * shape[1], ""
+    axis = (attribute(node, "scan_input_axes") or [0])[0]
+    if shape is None or not -len(shape) <= axis < len(shape):
+        return None, "sequence length not known statically"
+    return shape[axis], ""
+
+
 class _UnknownShape(Exception):
     pass
 
@@ -122,16 +245,33 @@ def node_flops(node: ir.Node) -> int | None:
     op = node.op_type
     if node.domain not in ("", "ai.onnx", "com.microsoft"):
         return None
-    if op in ZERO:
+    if op in ZERO or op in QLINEAR_ZERO:
         return 0
-    if op == "Conv":
-        return _conv(node)
+    if op in ("Conv", "ConvInteger"):
+        # ConvInteger's inputs 2 and 3 are zero points, not a bias.
+        return _conv(node, bias=2 if op == "Conv" else None)
+    if op == "QLinearConv":  # x, x_scale, x_zp, w, w_scale, w_zp, y_scale, y_zp, B
+        return _conv(node, weight=3, bias=8)
     if op == "ConvTranspose":
         return _conv_transpose(node)
-    if op in ("MatMul", "MatMulInteger", "FusedMatMul"):
+    if op in ("MatMul", "MatMulInteger", "FusedMatMul", "QLinearMatMul"):
         return _matmul(node)
+    if op == "MatMulIntegerToFloat":  # A, B, a_scale, b_scale, a_zp, b_zp, bias
+        return _matmul(node, b=1, bias=6)
+    if op == "DynamicQuantizeMatMul":  # A (float, quantized on the fly), B, b_scale, b_zp, bias
+        return _matmul(node, b=1, bias=4) + PER_ELEMENT["DynamicQuantizeLinear"] * _numel(
+            _in(node, 0)
+        )
     if op == "Gemm":
         return _gemm(node)
+    if op == "QGemm":  # A, a_scale, a_zp, B, b_scale, b_zp, C, y_scale, y_zp
+        return _gemm(node, b=3, bias=6)
+    if op in QLINEAR_ELEMENTWISE:
+        return _numel(_broadcast_out(node))
+    if op == "QLinearSoftmax":  # X, X_scale, X_zp, Y_scale, Y_zp; as Softmax
+        return PER_ELEMENT["Softmax"] * _numel(_in(node, 0))
+    if op in ("QLinearGlobalAveragePool", "QLinearReduceMean"):
+        return _numel(_in(node, 0))
     if op in ELEMENTWISE:
         return _numel(_out(node))
     if op in PER_ELEMENT:
@@ -172,12 +312,25 @@ def _has_input(node: ir.Node, index: int) -> bool:
     return index < len(node.inputs) and node.inputs[index] is not None
 
 
-def _conv(node: ir.Node) -> int:
+def _broadcast_out(node: ir.Node) -> tuple[int, ...]:
+    """Output shape of a QLinear elementwise op (onnx infers no contrib shapes): inferred,
+    or else the broadcast of its data inputs, which sit between scales and zero points."""
+    shape = static_shape(node.outputs[0])
+    if shape is not None:
+        return shape
+    data = {"QLinearAdd": (0, 3), "QLinearMul": (0, 3), "QLinearWhere": (0, 1, 4)}
+    try:
+        return tuple(np.broadcast_shapes(*(_in(node, i) for i in data.get(node.op_type, (0,)))))
+    except ValueError:
+        raise _UnknownShape from None
+
+
+def _conv(node: ir.Node, weight: int = 1, bias: int | None = 2) -> int:
     out = _out(node)
-    weight = _in(node, 1)  # [C_out, C_in / groups, k...]
-    macs_per_output = math.prod(weight[1:])
+    w = _in(node, weight)  # [C_out, C_in / groups, k...]
+    macs_per_output = math.prod(w[1:])
     flops = 2 * _numel(out) * macs_per_output
-    if _has_input(node, 2):
+    if bias is not None and _has_input(node, bias):
         flops += _numel(out)
     return flops
 
@@ -192,19 +345,38 @@ def _conv_transpose(node: ir.Node) -> int:
     return flops
 
 
-def _matmul(node: ir.Node) -> int:
-    k = _in(node, 0)[-1]
-    out = _out(node)
-    # The output holds every (batch, m, n) once; each is a dot product of length K.
-    return 2 * _numel(out) * k
-
-
-def _gemm(node: ir.Node) -> int:
+def _matmul(node: ir.Node, b: int | None = None, bias: int | None = None) -> int:
     a = _in(node, 0)
-    trans_a = node.attributes.get("transA")
-    k = a[0] if trans_a is not None and trans_a.value else a[1]
-    out = _out(node)
+    k = a[-1]
+    out = static_shape(node.outputs[0])
+    if out is None and b is not None:
+        # A contrib op onnx does not infer: A [..., M, K] × B [..., K, N].
+        b_shape = _in(node, b)
+        if len(a) < 2 or len(b_shape) < 2:
+            raise _UnknownShape
+        try:
+            batch = np.broadcast_shapes(a[:-2], b_shape[:-2])
+        except ValueError:
+            raise _UnknownShape from None
+        out = (*batch, a[-2], b_shape[-1])
+    if out is None:
+        raise _UnknownShape
+    # The output holds every (batch, m, n) once; each is a dot product of length K.
     flops = 2 * _numel(out) * k
-    if _has_input(node, 2):
+    if bias is not None and _has_input(node, bias):
+        flops += _numel(out)
+    return flops
+
+
+def _gemm(node: ir.Node, b: int = 1, bias: int = 2) -> int:
+    a = _in(node, 0)
+    trans_a, trans_b = attribute(node, "transA", 0), attribute(node, "transB", 0)
+    k = a[0] if trans_a else a[1]
+    out = static_shape(node.outputs[0])
+    if out is None:  # QGemm: onnx infers no contrib shapes
+        b_shape = _in(node, b)
+        out = (a[1] if trans_a else a[0], b_shape[0] if trans_b else b_shape[1])
+    flops = 2 * _numel(out) * k
+    if _has_input(node, bias):
         flops += _numel(out)
     return flops

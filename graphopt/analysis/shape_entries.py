@@ -207,6 +207,20 @@ def shape_source(ctx: Context, value: ir.Value | None, position: int) -> int | D
     return None if isinstance(entry, bool) else entry
 
 
+def decided_entries(ctx: Context, value: ir.Value | None) -> list[int | bool] | None:
+    """Every entry of a scalar or short 1-D integer/bool vector, when each one is decided
+    without running the model: constants, static dims, and comparisons that hold whatever
+    the symbolic dims are (the exporters' ``Equal(Shape(x)[i], -1)`` guard is False, since
+    a dim is never negative). None when any entry is only known at run time."""
+    count = _count(ctx, value)
+    if count is None or count > 64:
+        return None
+    entries = [_entry(ctx, value, p, MAX_SHAPE_HOPS) for p in range(count)]
+    if any(e is None or isinstance(e, DimRef) for e in entries):
+        return None
+    return entries  # type: ignore[return-value]  (ints and bools only)
+
+
 def concat_piece(
     ctx: Context, value: ir.Value | None, position: int
 ) -> tuple[ir.Value, int, int] | None:

@@ -48,12 +48,13 @@ def bind_input_shapes(
 
 
 def infer_shapes(
-    model: ir.Model, given: dict[str, tuple[int, ...]] | None = None
+    model: ir.Model, given: dict[str, tuple[int, ...]] | None = None, *, fold: bool = True
 ) -> tuple[ir.Model, dict[str, tuple[int, ...]]]:
     """A clone of ``model`` with input shapes bound and shapes inferred; and the bound shapes.
 
     Tensors are shared with ``model`` (nothing is copied or materialized); only the clone's
-    value shapes change.
+    value shapes change. ``fold=False``: onnx inference only, without folding the shape
+    arithmetic onnx gives up on (several times faster on large graphs).
     """
     bound = bind_input_shapes(model, given)
     clone = model.clone()
@@ -67,9 +68,189 @@ def infer_shapes(
     # Non-strict: a node onnx cannot infer (custom op) leaves its outputs unknown instead of
     # aborting inference for the whole graph.
     _onnx_inference(clone)
-    if bound and not _all_concrete(clone):
+    if fold and bound and not _all_concrete(clone):
         _shapes_from_folded_copy(clone)
     return clone, bound
+
+
+# model.meta key: the graph object whose intermediate shapes were last re-inferred.
+_RECONCILED = "graphopt.shapes_reconciled"
+
+Dim = int | ir.SymbolicDim
+
+
+def reconcile_shapes(model: ir.Model) -> int:
+    """Re-infer every intermediate shape from the graph inputs; returns how many changed.
+
+    Declared intermediate shapes (value_info) may be stale: left behind by an exporter or an
+    earlier tool at another batch size, e.g. ``[1, 4]`` for a value that is ``[N, 4]``.
+    Passes that fold a shape into a constant must not trust them, or the output works at
+    the stale size only. So every node output's shape is dropped and inferred afresh from
+    the graph inputs (and constants), in place:
+
+    - where inference finds nothing at all (a custom op), the declared shape stays: nothing
+      contradicts it;
+    - an int that inference finds wins over whatever was declared;
+    - where inference finds a symbolic dim and the declaration an int (or a symbol of the
+      graph inputs), the declaration is cross-checked: inference at two different concrete
+      bindings of the input symbols must give that same int (or that symbol's value) both
+      times. ONNX inference loses e.g. the head count of a Reshape whose target has a -1,
+      which exporters do declare; a stale batch size fails the check.
+
+    Runs once per graph object (remembered in ``model.meta``): the passes' own edits keep
+    shapes right, so later calls on the same graph would find nothing new. A rollback
+    swaps the graph, and the next call re-infers.
+    """
+    if model.meta.get(_RECONCILED) is model.graph:
+        return 0
+    declared: list[tuple[ir.Value, ir.Shape | None]] = []
+    for graph in model.graphs():
+        for node in graph:
+            for value in node.outputs:
+                if value.const_value is not None:
+                    continue  # a constant's shape is its data's
+                declared.append((value, value.shape))
+                value.shape = None
+    _onnx_inference(model)  # never raises: a failed inference leaves every shape unknown
+    symbols = input_symbols(model)
+    doubtful = [
+        (value, shape)
+        for value, shape in declared
+        if value.shape is not None
+        and shape is not None
+        and len(shape) == len(value.shape)
+        and any(_claims_more(d, i, symbols) for d, i in zip(shape, value.shape, strict=True))
+    ]
+    checks: list[Check] = []
+    if doubtful:
+        # Plain onnx inference at the bindings usually settles every doubt; folding the
+        # shape arithmetic too (several times slower) only when a declared int is still
+        # in doubt: a symbol's name left unconfirmed only loses a name, an int a constant.
+        checks = _concrete_checks(model, fold=False)
+        if not all(_all_confirmed(value, shape, set(), checks) for value, shape in doubtful):
+            checks = _concrete_checks(model, fold=True)
+    changed = 0
+    for value, shape in declared:
+        if value.shape is None:
+            value.shape = shape
+            continue
+        if shape is not None and len(shape) == len(value.shape):
+            dims = [
+                d if _confirmed(value, axis, d, i, symbols, checks) else i
+                for axis, (d, i) in enumerate(zip(shape, value.shape, strict=True))
+            ]
+            value.shape = ir.Shape(dims)
+        if shape is None or list(shape) != list(value.shape):
+            changed += 1
+    model.meta[_RECONCILED] = model.graph
+    return changed
+
+
+def input_symbols(model: ir.Model) -> set[str]:
+    """Names of the symbolic dims of the graph inputs.
+
+    Inference carries these names along, so two dims that bear the same one are equal at
+    run time (as the inputs' declared shapes promise). Names it makes up for unknown dims
+    (``unk__0``…) are not among them: separate inference runs may reuse one.
+    """
+    return {
+        dim.value
+        for value in graph_inputs(model)
+        if value.shape is not None
+        for dim in value.shape
+        if isinstance(dim, ir.SymbolicDim) and dim.value is not None
+    }
+
+
+def _claims_more(declared: Dim, inferred: Dim, symbols: set[str]) -> bool:
+    """Whether the declared dim says something the inferred (non-int) one does not: an int,
+    or another symbol of the graph inputs."""
+    if isinstance(inferred, int):
+        return False
+    if isinstance(declared, int):
+        return declared >= 0
+    name = declared.value
+    return name is not None and name in symbols and name != inferred.value
+
+
+# (concrete shapes by value name, value of each input symbol) at one binding of the inputs.
+Check = tuple[dict[str, tuple[int | None, ...]], dict[str, int]]
+
+
+def _concrete_checks(model: ir.Model, fold: bool) -> list[Check]:
+    """Inference at two bindings of the input symbols (none when inference fails)."""
+    checks: list[Check] = []
+    for given, values in _bindings(model):
+        try:
+            clone, _ = infer_shapes(model, given, fold=fold)
+        except Exception as exc:  # an odd model: nothing is confirmed, inference wins
+            logger.info("cross-check inference failed: %s", exc)
+            return []
+        shapes = {
+            o.name: tuple(d if isinstance(d, int) else None for d in o.shape)
+            for node in ir.traversal.RecursiveGraphIterator(clone.graph)
+            for o in node.outputs
+            if o.shape is not None
+        }
+        checks.append((shapes, values))
+    return checks
+
+
+def _bindings(model: ir.Model) -> list[tuple[dict[str, tuple[int, ...]], dict[str, int]]]:
+    """Two bindings of the inputs' symbolic dims, every symbol to different sizes in each.
+
+    The first is the documented default (batch 1, …); in the second each size is doubled
+    (batch 3): a dim declared as an int that follows the batch (or any symbol) cannot give
+    that int both times. A symbol takes one size wherever it appears, as the model's
+    declared shapes promise.
+    """
+    firsts: dict[str, int] = {}
+    seconds: dict[str, int] = {}
+    given: tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]] = ({}, {})
+    for value in graph_inputs(model):
+        if value.shape is None:
+            continue
+        default = concrete_shape(value, {})
+        one: list[int] = []
+        two: list[int] = []
+        for axis, (dim, size) in enumerate(zip(value.shape, default, strict=True)):
+            other = size * 2 + (1 if axis == 0 else 0)
+            name = dim.value if isinstance(dim, ir.SymbolicDim) else None
+            if name is not None:
+                size, other = firsts.setdefault(name, size), seconds.setdefault(name, other)
+            elif isinstance(dim, int) and dim >= 0:
+                other = size
+            one.append(size)
+            two.append(other)
+        given[0][value.name], given[1][value.name] = tuple(one), tuple(two)
+    return [(given[0], firsts), (given[1], seconds)]
+
+
+def _all_confirmed(value: ir.Value, declared: ir.Shape, symbols: set[str], checks) -> bool:
+    """Whether every dim of ``declared`` that says more than ``value``'s inferred shape is
+    confirmed by ``checks``."""
+    return all(
+        _confirmed(value, axis, d, i, symbols, checks)
+        for axis, (d, i) in enumerate(zip(declared, value.shape, strict=True))
+        if _claims_more(d, i, symbols)
+    )
+
+
+def _confirmed(
+    value: ir.Value, axis: int, declared: Dim, inferred: Dim, symbols: set[str], checks
+) -> bool:
+    """Whether the declared dim stands: it says more than inference, and both concrete
+    bindings agree with it."""
+    if not _claims_more(declared, inferred, symbols) or not checks:
+        return False
+    for shapes, values in checks:
+        shape = shapes.get(value.name)
+        if shape is None or axis >= len(shape):
+            return False
+        want = declared if isinstance(declared, int) else values.get(declared.value)
+        if shape[axis] is None or shape[axis] != want:
+            return False
+    return True
 
 
 def _forget_symbolic(model: ir.Model) -> None:
@@ -180,6 +361,9 @@ def _fold_rounds(folded: ir.Model, folder) -> None:
     from graphopt.passes.erasure.shape_folding import ShapeFoldingPass
     from graphopt.registry import PassContext
 
+    # The copy's shapes were inferred at bound input shapes just now: nothing to reconcile
+    # (and reconciling would run this very inference again).
+    folded.meta[_RECONCILED] = folded.graph
     for _ in range(3):
         changed = ShapeFoldingPass(PassContext())(folded).modified
         try:

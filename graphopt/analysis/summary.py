@@ -1,13 +1,19 @@
 """``graphopt inspect``: what a model is made of, read from metadata (weights are never read).
 
-Op histogram, parameter count and bytes, FLOPs at the given or default input shapes, opsets,
-IR version, producer, inputs and outputs with dtypes and (symbolic) shapes, and whether the
-model has subgraphs, functions or external data.
+Op histogram, parameter count and bytes, FLOPs at the given or default input shapes (If:
+the larger branch, Loop/Scan: body × iterations when known, with notes), opsets, IR version,
+producer, inputs and outputs with dtypes and (symbolic) shapes, and whether the model has
+subgraphs, functions or external data.
+
+Symbolic dims print as their names (``batch``, ``N``, ``unk__12``, ``s0``). A dim an exporter
+stated as an expression (``2*s0 + 1``, or a sympy printout spanning lines) prints as a short
+name ``expr0``, ``expr1``... and :attr:`ModelSummary.symbols` maps it back to the expression.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 
 import onnx_ir as ir
@@ -16,8 +22,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from graphopt import io
-from graphopt.analysis.flops import flops_of_inferred
-from graphopt.analysis.shapes import infer_shapes, shape_text
+from graphopt.analysis.flops import ControlFlow, flops_of_inferred
+from graphopt.analysis.shapes import infer_shapes
 from graphopt.analysis.stats import count_nodes, has_subgraphs, op_histogram, parameter_count
 from graphopt.inputs import graph_inputs
 
@@ -54,6 +60,10 @@ class ModelSummary:
     external_data: bool
     external_data_files: list[str]
     metadata: dict[str, str] = field(default_factory=dict)
+    # Each If/Loop/Scan: FLOPs of each body once, what entered the total, iterations, note.
+    flops_control_flow: list[ControlFlow] = field(default_factory=list)
+    # Short name shown in a shape → the symbolic expression it stands for (one line).
+    symbols: dict[str, str] = field(default_factory=dict)
 
 
 def summarize(
@@ -66,12 +76,13 @@ def summarize(
     initializers = sum(len(graph.initializers) for graph in (model.graph, *model.graph.subgraphs()))
     producer = " ".join(p for p in (model.producer_name, model.producer_version) if p)
     data_files = io.external_data_files(model)
+    names = SymbolNames([*graph_inputs(model), *model.graph.outputs])
     return ModelSummary(
         ir_version=model.ir_version,
         producer=producer,
         opsets={domain or "ai.onnx": version for domain, version in model.opset_imports.items()},
-        inputs=[_info(v) for v in graph_inputs(model)],
-        outputs=[_info(v) for v in model.graph.outputs],
+        inputs=[_info(v, names) for v in graph_inputs(model)],
+        outputs=[_info(v, names) for v in model.graph.outputs],
         nodes=count_nodes(model),
         ops=dict(sorted(op_histogram(model).items(), key=lambda kv: (-kv[1], kv[0]))),
         parameters=params,
@@ -89,12 +100,68 @@ def summarize(
         external_data=bool(data_files),
         external_data_files=sorted({p.name for p in data_files}),
         metadata=dict(model.metadata_props),
+        flops_control_flow=flops.control_flow,
+        symbols=names.symbols,
     )
 
 
-def _info(value: ir.Value) -> TensorInfo:
+# A dim name shown as it is: an identifier (batch, N, unk__12, s0, sequence_length).
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
+_MAX_NAME = 40
+
+
+class SymbolNames:
+    """Short names for the symbolic dims of ``values``' shapes.
+
+    A name that is a plain identifier (up to 40 characters) is kept. Anything else (an
+    expression exporters and symbolic shape inference write, e.g. ``floor((s0 - 1)/2) + 1``,
+    sometimes multi-line) becomes ``expr0``, ``expr1``... in first-seen order, one name per
+    distinct expression, never one the model already uses.
+    """
+
+    def __init__(self, values: list[ir.Value]) -> None:
+        self.symbols: dict[str, str] = {}
+        self._by_text: dict[str, str] = {}
+        self._taken = {
+            str(d.value)
+            for v in values
+            if v.shape is not None
+            for d in v.shape
+            if not isinstance(d, int) and d.value is not None
+        }
+
+    def name(self, text: str) -> str:
+        text = " ".join(text.split())  # one line, single spaces
+        if _NAME.fullmatch(text) and len(text) <= _MAX_NAME:
+            return text
+        if text not in self._by_text:
+            i = len(self.symbols)
+            while f"expr{i}" in self._taken:
+                i += 1
+            short = f"expr{i}"
+            self._taken.add(short)
+            self._by_text[text] = short
+            self.symbols[short] = text
+        return self._by_text[text]
+
+    def shape(self, shape: ir.Shape | None) -> list[int | str | None] | None:
+        """A JSON-friendly shape: ints, short symbolic names, None for unknown dims."""
+        if shape is None:
+            return None
+        dims: list[int | str | None] = []
+        for dim in shape:
+            if isinstance(dim, int):
+                dims.append(dim)
+            elif getattr(dim, "value", None) is not None and str(dim.value).strip():
+                dims.append(self.name(str(dim.value)))
+            else:
+                dims.append(None)
+        return dims
+
+
+def _info(value: ir.Value, names: SymbolNames) -> TensorInfo:
     dtype = value.dtype.name.lower() if value.dtype is not None else None
-    return TensorInfo(value.name or "", dtype, shape_text(value.shape))
+    return TensorInfo(value.name or "", dtype, names.shape(value.shape))
 
 
 def summary_json(summary: ModelSummary) -> str:
@@ -153,6 +220,12 @@ def render_summary(summary: ModelSummary, console: Console) -> None:
         rows.append(("not counted", _counts(summary.flops_not_counted)))
     if summary.flops_unknown_shape:
         rows.append(("unknown shapes", _counts(summary.flops_unknown_shape)))
+    notes = [c.note for c in summary.flops_control_flow if c.note]
+    for i, note in enumerate(notes):
+        rows.append(("control flow" if i == 0 else "", note))
+    for i, (short, text) in enumerate(summary.symbols.items()):
+        shown = text if len(text) <= 60 else text[:59] + "…"
+        rows.append(("symbolic dims" if i == 0 else "", f"{short} = {shown}"))
     for key, value in rows:
         overview.add_row(key, escape(value))
     console.print(overview)

@@ -26,6 +26,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt.analysis.dependency import DependencyGraph, DimKey, build_on_inferred, split_key
+from graphopt.analysis.excluded import not_analysed
 from graphopt.analysis.flops import _UnknownShape, node_flops
 from graphopt.analysis.shapes import infer_shapes
 from graphopt.analysis.stats import is_constant_node
@@ -102,13 +103,21 @@ class ZigReport:
     total_params: int
     prunable_flops_share: float
     seconds: float
+    # Weights in no group because the analysis does not look at them: (reason, tensors).
+    excluded: list[tuple[str, int]] = field(default_factory=list)
 
     @property
     def prunable(self) -> list[ZeroInvariantGroup]:
         return [g for g in self.groups if g.prunable]
 
     def top_reasons(self, n: int = 5) -> list[tuple[str, int]]:
+        """Reasons by the number of groups they block (a group may have several)."""
         return Counter(r for g in self.groups for r in g.reasons).most_common(n)
+
+    def blocked_by(self) -> list[tuple[tuple[str, ...], int]]:
+        """Blocked groups counted once each, by their full set of reasons: the counts add up
+        to the number of blocked groups."""
+        return Counter(tuple(g.reasons) for g in self.groups if g.reasons).most_common()
 
     def to_json(self, with_indices: bool = True) -> dict:
         return {
@@ -119,6 +128,8 @@ class ZigReport:
             "total_params": self.total_params,
             "prunable_flops_share": self.prunable_flops_share,
             "top_reasons": [{"reason": r, "groups": c} for r, c in self.top_reasons(10)],
+            "blocked_by": [{"reasons": list(r), "groups": c} for r, c in self.blocked_by()],
+            "not_analysed": [{"reason": r, "tensors": n} for r, n in self.excluded],
             "seconds": self.seconds,
             "group_list": [g.to_json(with_indices) for g in self.groups],
         }
@@ -146,7 +157,9 @@ def analyze(model: ir.Model, input_shapes: dict[str, tuple[int, ...]] | None = N
     share = sum(node_cost.get(i, 0) for i in covered) / total_flops
     seconds = time.perf_counter() - start
     graph.seconds = seconds
-    return ZigReport(groups, graph, total_flops, total_params, share, seconds)
+    return ZigReport(
+        groups, graph, total_flops, total_params, share, seconds, not_analysed(model)
+    )  # fmt: skip
 
 
 def partition(graph: DependencyGraph) -> list[ZeroInvariantGroup]:
@@ -263,5 +276,22 @@ def render_report(report: ZigReport, console, limit: int = 40) -> None:
         f"analysis {report.seconds:.2f} s",
         markup=False,
     )
-    for reason, count in report.top_reasons():
-        console.print(f"  blocked ×{count}: {reason}", markup=False)
+    combos = report.blocked_by()
+    shown = combos[:BLOCKED_LINES] if len(combos) > BLOCKED_LINES + 1 else combos
+    for reasons, count in shown:
+        console.print(f"  blocked ×{count}: {'; '.join(reasons)}", markup=False)
+    rest = combos[len(shown) :]
+    if rest:
+        console.print(
+            f"  blocked ×{sum(c for _, c in rest)}: {len(rest)} other sets of reasons (use --json)",
+            markup=False,
+        )
+    for reason, tensors in report.excluded:
+        console.print(
+            f"  in no group: {reason} ({tensors} tensor{'s' if tensors != 1 else ''})",
+            markup=False,
+        )
+
+
+# Sets of reasons listed under the summary line; the rest are counted in one more line.
+BLOCKED_LINES = 8

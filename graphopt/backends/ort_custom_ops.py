@@ -17,12 +17,20 @@ current directory implicitly: a relative path is used only when the user typed i
 :func:`register_custom_ops` is the only place graphopt calls
 ``SessionOptions.register_custom_ops_library``
 (``tests/graphopt_tests/test_safe_loading.py`` checks that).
+
+Libraries the user names for a run (``--custom-ops``, ``OptimizeOptions.custom_ops``) are
+made active with :func:`using_custom_ops`; every ORT session graphopt creates meanwhile
+(``graphopt.verify.make_session``) registers them, so a model with custom ops can be
+verified, probed and measured like any other.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
 from pathlib import Path
 
 from graphopt.errors import UserInputError
@@ -34,6 +42,13 @@ elif sys.platform == "darwin":
     LIBRARY_NAME = "libgraphopt_kernels.dylib"
 else:
     LIBRARY_NAME = "libgraphopt_kernels.so"
+
+# The user's libraries for the run in progress. A context variable, not an argument threaded
+# through every caller: passes build ORT sessions too (attention-mask probes, pruning
+# statistics and fidelity, the zero-invariance check), and a model with a custom op loads in
+# none of them without its library. Context-local, so concurrent runs in other threads or
+# tasks keep their own (a new thread starts with none).
+_ACTIVE: ContextVar[tuple[Path, ...]] = ContextVar("graphopt_custom_op_libraries", default=())
 
 
 def build_dir() -> Path:
@@ -95,3 +110,109 @@ def register_custom_ops(session_options, path: str | os.PathLike | None = None) 
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserInputError(f"{library}: cannot register custom-op library ({first})") from None
     return library
+
+
+def resolve_libraries(paths: Sequence[str | os.PathLike]) -> tuple[Path, ...]:
+    """The user's explicit libraries, each checked like :func:`resolve_custom_op_library`.
+
+    Duplicates (after resolving links) are dropped: ORT would register the same ops twice and
+    refuse the session. A bad path is a one-line :class:`UserInputError`.
+    """
+    libraries: list[Path] = []
+    for path in paths:
+        if os.fspath(path) == "":  # Path("") would silently mean the current directory
+            raise UserInputError("custom-op library: empty path")
+        library = _explicit(Path(os.fspath(path)))
+        if library not in libraries:
+            libraries.append(library)
+    return tuple(libraries)
+
+
+@contextlib.contextmanager
+def using_custom_ops(paths: Sequence[str | os.PathLike]) -> Iterator[tuple[Path, ...]]:
+    """Make ``paths`` the libraries every ORT session created inside the block registers."""
+    token = _ACTIVE.set(resolve_libraries(paths))
+    try:
+        yield _ACTIVE.get()
+    finally:
+        _ACTIVE.reset(token)
+
+
+def active_custom_ops() -> tuple[Path, ...]:
+    """The libraries made active by the innermost :func:`using_custom_ops` (none outside)."""
+    return _ACTIVE.get()
+
+
+def register_active_custom_ops(
+    session_options, libraries: Sequence[str | os.PathLike] | None = None
+) -> list[Path]:
+    """Register ``libraries`` (default: the active ones) on an ``onnxruntime.SessionOptions``.
+
+    Only explicit libraries: graphopt's own build is not added here (its kernels come later).
+    """
+    chosen = active_custom_ops() if libraries is None else libraries
+    registered = []
+    for library in chosen:
+        loaded = register_custom_ops(session_options, library)
+        if loaded is not None:
+            registered.append(loaded)
+    return registered
+
+
+def check_registrable(libraries: Sequence[str | os.PathLike]) -> None:
+    """Register each library once on a scratch ``SessionOptions``: refuse bad ones up front.
+
+    Sessions are built deep inside verification and passes, where a failure would read as
+    "the model cannot run"; a library ORT cannot load is the user's to fix (exit 2).
+    """
+    if not libraries:
+        return
+    from graphopt.verify import import_onnxruntime  # ORT only when libraries are given
+
+    ort = import_onnxruntime()
+    for library in libraries:
+        register_custom_ops(ort.SessionOptions(), library)
+
+
+# Domains whose ops ONNX Runtime implements itself.
+BUILTIN_DOMAINS = frozenset(
+    {
+        "",
+        "ai.onnx",
+        "ai.onnx.ml",
+        "ai.onnx.preview.training",
+        "com.microsoft",
+        "com.microsoft.nchwc",
+    }
+)
+
+
+def custom_domains(model) -> list[str]:
+    """Domains of the ops in ``model`` (an ``onnx_ir.Model``) that neither ONNX Runtime nor
+    the model's own functions define: what a custom-op library would have to provide."""
+    import onnx_ir as ir
+
+    functions = set(model.functions)
+    nodes = list(ir.traversal.RecursiveGraphIterator(model.graph))
+    for function in model.functions.values():
+        nodes.extend(function)
+    return sorted(
+        {
+            node.domain
+            for node in nodes
+            if node.domain not in BUILTIN_DOMAINS
+            and (node.domain, node.op_type, node.overload) not in functions
+        }
+    )
+
+
+def missing_library_hint(model) -> str:
+    """``; the model uses ops of domain X: pass ... --custom-ops LIB.so`` when that may be why
+    ORT cannot load ``model`` (it has custom ops and no library is active), else ``""``."""
+    domains = custom_domains(model)
+    if not domains or active_custom_ops():
+        return ""
+    return (
+        f"; the model uses ops of domain {', '.join(domains)}: pass the custom-op library "
+        "that implements them with --custom-ops LIB.so (API: OptimizeOptions.custom_ops)"
+    )

@@ -67,8 +67,9 @@ def test_verification_failure_raises(tmp_path: Path, monkeypatch) -> None:
     assert not (tmp_path / "out.onnx").exists()
 
 
-def test_unrunnable_original_skips_verification(tmp_path: Path) -> None:
-    # A custom-domain op ORT does not know: the model cannot be run, so nothing is compared.
+def test_unrunnable_original_is_written_but_not_verified(tmp_path: Path) -> None:
+    # A custom-domain op ORT does not know: the model cannot be run, so nothing is compared,
+    # and the report says so (never a silent "nothing to report").
     from onnx import TensorProto, helper
 
     graph = helper.make_graph(
@@ -82,9 +83,27 @@ def test_unrunnable_original_skips_verification(tmp_path: Path) -> None:
         opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("custom", 1)],
         ir_version=8,
     )
-    result = graphopt.optimize(proto)
-    assert result.report.verification is None
+    result = graphopt.optimize(proto, tmp_path / "out.onnx")
+    assert result.report.verification is None and result.report.verified is False
     assert "cannot run the original model" in result.report.verification_skipped
+    assert "--custom-ops" in result.report.verification_skipped  # the domain needs a library
+    assert (tmp_path / "out.onnx").is_file()
+
+
+def test_report_says_whether_the_result_was_verified(tmp_path: Path) -> None:
+    path = model_file(tmp_path)
+    assert graphopt.optimize(path).report.verified is True
+    assert graphopt.optimize(path, options=OptimizeOptions(verify=False)).report.verified is False
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_bad_input_shapes_raise_with_or_without_verification(tmp_path: Path, verify) -> None:
+    path = model_file(tmp_path)  # x: [batch, 4]
+    for shape in ((1, 4, 1), (2, 5), (0, 4)):
+        options = OptimizeOptions(verify=verify, input_shapes={"x": shape})
+        with pytest.raises(UserInputError, match="--input-shape x:"):
+            graphopt.optimize(path, tmp_path / "out.onnx", options)
+    assert not (tmp_path / "out.onnx").exists()
 
 
 def test_the_callers_ir_model_is_left_as_it_was(tmp_path: Path) -> None:

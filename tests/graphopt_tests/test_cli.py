@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -280,3 +281,121 @@ def test_parser_subcommands() -> None:
     parser = build_parser()
     args = parser.parse_args(["optimize", "m.onnx", "--input-shape", "x:1", "--input-shape", "y:2"])
     assert args.input_shape == ["x:1", "y:2"]
+
+
+# ---- verification is never skipped silently ----------------------------------------------
+
+
+def test_exit_codes_are_documented_in_help(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "4 written but not verified" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["optimize", "--help"])
+    assert "--custom-ops" in capsys.readouterr().out
+
+
+def _save(folder: Path, name: str, nodes, inputs, outputs, initializers=()) -> Path:
+    graph = helper.make_graph(nodes, "g", inputs, outputs, list(initializers))
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    path = folder / name
+    onnx.save_model(proto, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("shape", "message"),
+    [
+        ("x:1x4x1", "input 'x' has rank 2 ([batch, 4]), not 3"),
+        ("x:2x5", "axis 1 of input 'x' is fixed at 4 by the model ([batch, 4])"),
+        (
+            "x:0x4",
+            "a zero-sized dim gives empty tensors, on which any rewrite compares equal; "
+            "use dims of at least 1",
+        ),
+    ],
+)
+@pytest.mark.parametrize("verify", [True, False])
+def test_bad_input_shape_is_exit_2_and_writes_nothing(
+    tmp_path: Path, capsys, shape: str, message: str, verify: bool
+) -> None:
+    # Before: ORT refused the shape, the run ended "not verified" and exit 0 (or, for the
+    # zero-sized dim, "verification passed" on empty tensors).
+    argv = ["optimize", str(model_file(tmp_path)), "--input-shape", shape]
+    code, _, err = run([*argv] if verify else [*argv, "--no-verify"], capsys)
+    assert code == 2, err
+    assert err.strip() == f"graphopt: error: --input-shape {shape}: {message}"
+    assert not (tmp_path / "m.opt.onnx").exists()
+
+
+def test_model_that_rejects_generated_inputs_is_written_but_exit_4(tmp_path: Path, capsys) -> None:
+    # x[batch, n] reshaped to 1x3x4: the default n = 16 cannot be; n = 12 can.
+    path = _save(
+        tmp_path,
+        "m.onnx",
+        [helper.make_node("Reshape", ["x", "s"], ["r"]), helper.make_node("Relu", ["r"], ["y"])],
+        [helper.make_tensor_value_info("x", F, ["batch", "n"])],
+        [helper.make_tensor_value_info("y", F, [1, 3, 4])],
+        [onnx.numpy_helper.from_array(np.array([1, 3, 4], np.int64), "s")],
+    )
+    code, out, err = run(["optimize", str(path)], capsys)
+    assert code == 4
+    assert (tmp_path / "m.opt.onnx").is_file() and "wrote" in out
+    assert "verification passed" not in out
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("graphopt: error: written but not verified:")
+    # The input, the shape it had, the fix, and ORT's reason whole (it sits past 300
+    # characters, behind a source location).
+    assert "x 1x16" in err and "--input-shape" in err
+    assert "Input shape:{1,16}, requested shape:{1,3,4}" in err
+    code, out, _ = run(["optimize", str(path), "--input-shape", "x:1x12"], capsys)
+    assert code == 0 and "verification passed" in out
+    assert run(["optimize", str(path), "--no-verify"], capsys)[0] == 0
+
+
+def test_empty_outputs_are_not_verification_passed(tmp_path: Path, capsys) -> None:
+    path = _save(
+        tmp_path,
+        "m.onnx",
+        [helper.make_node("Relu", ["x"], ["y"])],
+        [helper.make_tensor_value_info("x", F, [0, 4])],
+        [helper.make_tensor_value_info("y", F, [0, 4])],
+    )
+    code, out, err = run(["optimize", str(path)], capsys)
+    assert code == 4, out
+    assert "verification passed" not in out
+    assert "written but not verified" in err and "empty" in err
+    assert (tmp_path / "m.opt.onnx").is_file()
+
+
+def test_interrupt_while_importing_onnxruntime_is_130(tmp_path: Path, capsys, monkeypatch) -> None:
+    from graphopt_tests.test_verify import _InterruptedImport
+
+    path = model_file(tmp_path)
+    monkeypatch.delitem(sys.modules, "onnxruntime")
+    monkeypatch.setattr(sys, "meta_path", [_InterruptedImport(), *sys.meta_path])
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        code, _, err = run(["optimize", str(path)], capsys)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    # Before: the interrupt became an ImportError, verification was skipped, exit 0.
+    assert code == 130 and "interrupted" in err
+    assert not (tmp_path / "m.opt.onnx").exists()
+
+
+def test_not_verified_message_is_one_line_whatever_the_input_names(tmp_path: Path, capsys):
+    # The reason names the inputs; a name with a line break must not split the error line.
+    name = "a\nb\u2028c"
+    path = _save(
+        tmp_path,
+        "m.onnx",
+        [helper.make_node("Reshape", [name, "s"], ["y"])],
+        [helper.make_tensor_value_info(name, F, ["n"])],
+        [helper.make_tensor_value_info("y", F, [3, 4])],
+        [onnx.numpy_helper.from_array(np.array([3, 4], np.int64), "s")],
+    )
+    code, _, err = run(["optimize", str(path)], capsys)
+    assert code == 4
+    assert len(err.splitlines()) == 1 and "written but not verified" in err
+    assert "a\\nb\\u2028c" in err

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +22,8 @@ from graphopt.cli import main
 from graphopt.errors import UserInputError
 from graphopt.inputs import make_inputs
 from graphopt.verify import run_model
+from graphopt_tests.robustness.cases_strings import STRING_FIELDS, text_rich_bytes, text_rich_model
+from graphopt_tests.robustness.stringflip import flip_in_strings
 
 F = TensorProto.FLOAT
 
@@ -562,3 +566,233 @@ def test_inline_save_streams_large_initializers(tmp_path: Path, source: str) -> 
         run_model(io.load(proto).model, feeds), run_model(io.load(path).model, feeds), strict=True
     ):
         np.testing.assert_array_equal(ref, out)
+
+
+# --- outputs are regular files --------------------------------------------------------------
+
+
+def _make_node(path: Path, kind: str, pointee: Path) -> None:
+    """Create ``path`` as a FIFO, a symbolic link (to ``pointee``), a dangling link or a folder."""
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "symlink":
+        pointee.write_bytes(b"the file the link points to")
+        path.symlink_to(pointee)
+    elif kind == "dangling_symlink":
+        path.symlink_to(pointee)
+    else:
+        path.mkdir()
+
+
+def _node_kind(path: Path) -> str:
+    mode = os.lstat(path).st_mode
+    for test, kind in ((stat.S_ISFIFO, "fifo"), (stat.S_ISLNK, "link"), (stat.S_ISDIR, "dir")):
+        if test(mode):
+            return kind
+    return "other"
+
+
+_KIND_AFTER = {"fifo": "fifo", "symlink": "link", "dangling_symlink": "link", "folder": "dir"}
+_KIND_MESSAGE = {
+    "fifo": "is a FIFO, not a regular file",
+    "symlink": "is a symbolic link",
+    "dangling_symlink": "is a symbolic link",
+    "folder": "is a folder",
+}
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink", "dangling_symlink", "folder"])
+def test_save_never_replaces_what_is_not_a_regular_file(tmp_path: Path, kind: str) -> None:
+    """The atomic rename would replace a FIFO (or /dev/null) or a link with a regular file."""
+    model = io.load(small_proto()).model
+    target = tmp_path / "o.onnx"
+    pointee = tmp_path / "elsewhere.onnx"
+    _make_node(target, kind, pointee)
+    with pytest.raises(UserInputError, match=_KIND_MESSAGE[kind]):
+        io.save(model, target)
+    assert _node_kind(target) == _KIND_AFTER[kind]
+    if kind == "symlink":  # not written through either
+        assert pointee.read_bytes() == b"the file the link points to"
+    if kind == "dangling_symlink":
+        assert not pointee.exists()
+    assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink"])
+def test_save_never_replaces_a_data_file_that_is_not_regular(tmp_path: Path, kind: str) -> None:
+    model = io.load(small_proto(1024)).model
+    target = tmp_path / "o.onnx"
+    data = tmp_path / "o.onnx.data"
+    pointee = tmp_path / "weights.bin"
+    _make_node(data, kind, pointee)
+    with pytest.raises(UserInputError, match=_KIND_MESSAGE[kind]):
+        io.save(model, target, external_data=True)
+    assert _node_kind(data) == _KIND_AFTER[kind]
+    assert not target.exists()
+    if kind == "symlink":
+        assert pointee.read_bytes() == b"the file the link points to"
+    assert _leftovers(tmp_path) == []
+    # An inline save does not touch OUT.data, so whatever it is does not matter.
+    io.save(model, target, external_data=False)
+    assert onnx.load(str(target)).graph.initializer
+    assert _node_kind(data) == _KIND_AFTER[kind]
+
+
+def test_cli_refuses_a_fifo_output_before_running(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "m.onnx"
+    onnx.save_model(small_proto(), path)
+    fifo = tmp_path / "o.onnx"
+    os.mkfifo(fifo)
+    code, out, err = run_cli(["optimize", str(path), "-o", str(fifo)], capsys)
+    assert code == 2, err
+    assert "is a FIFO, not a regular file" in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "passes" not in out  # refused before the pipeline ran
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+
+
+def test_cli_in_place_refuses_a_symlinked_input(tmp_path: Path, capsys) -> None:
+    real = tmp_path / "real.onnx"
+    onnx.save_model(small_proto(), real)
+    link = tmp_path / "link.onnx"
+    link.symlink_to(real)
+    before = sha(real)
+    code, _, err = run_cli(["optimize", str(link), "--in-place"], capsys)
+    assert code == 2 and "is a symbolic link" in err, err
+    assert link.is_symlink() and sha(real) == before
+
+
+# Runs graphopt's CLI in a child process with os.replace/os.rename/os.unlink guarded: if a
+# regression ever tried to replace /dev/null, the guard fails the run (exit 3) instead of
+# letting a root test run destroy the machine's /dev/null.
+_DEVICE_GUARD = """
+import os, stat, sys
+
+def _guarded(real):
+    def call(*args, **kwargs):
+        target = args[-1] if real is not os.unlink else args[0]
+        try:
+            mode = os.lstat(target).st_mode
+        except OSError:
+            mode = 0
+        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+            raise RuntimeError(f"test guard: refusing to replace the device {target}")
+        return real(*args, **kwargs)
+    return call
+
+os.replace, os.rename, os.unlink = (_guarded(f) for f in (os.replace, os.rename, os.unlink))
+from graphopt.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_console_output_to_dev_null_is_refused_and_dev_null_survives(tmp_path: Path) -> None:
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode), "/dev/null is broken before the test"
+    path = tmp_path / "m.onnx"
+    onnx.save_model(small_proto(), path)
+    proc = subprocess.run(
+        [sys.executable, "-c", _DEVICE_GUARD, "optimize", str(path), "-o", "/dev/null"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "GRAPHOPT_DEBUG": ""},
+        timeout=300,
+    )
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode), "/dev/null was replaced"
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == (
+        "graphopt: error: /dev/null: is a character device, not a regular file; outputs are "
+        "written to regular files only"
+    )
+    assert not list(Path("/dev").glob(".null.*.tmp"))  # no temporary folder left in /dev
+
+
+# --- corrupt string fields and attributes ---------------------------------------------------
+
+
+@pytest.mark.parametrize("field", STRING_FIELDS)
+def test_load_refuses_strings_that_are_not_utf8(tmp_path: Path, field: str) -> None:
+    """protobuf hands such strings to Python as bytes; they used to fail much later."""
+    data = flip_in_strings(text_rich_bytes(), 7, 1, field, mode="invalid")
+    with pytest.raises(UserInputError, match="is not valid UTF-8"):
+        io.load(data)
+    path = tmp_path / "m.onnx"
+    path.write_bytes(data)
+    with pytest.raises(UserInputError, match=rf"^{re.escape(str(path))}: .*is not valid UTF-8"):
+        io.load(path)
+
+
+@pytest.mark.parametrize("command", ["optimize", "inspect", "analyze"])
+def test_cli_non_utf8_doc_string_is_bad_input(tmp_path: Path, capsys, command: str) -> None:
+    # The reported case: it loaded, then optimize died in onnx-ir's serializer (exit 3).
+    path = tmp_path / "m.onnx"
+    path.write_bytes(flip_in_strings(text_rich_bytes(), 0, 1, "ModelProto.doc_string", "invalid"))
+    args = [command, str(path)] + (
+        ["-o", str(tmp_path / "o.onnx")] if command == "optimize" else []
+    )
+    code, _, err = run_cli(args, capsys)
+    assert code == 2, err
+    assert err.startswith(f"graphopt: error: {path}: ModelProto.doc_string b'")
+    assert len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_load_refuses_an_attribute_without_type(tmp_path: Path) -> None:
+    proto = text_rich_model()
+    proto.graph.node[0].attribute.append(helper.make_attribute("strides", [1, 1]))
+    proto.graph.node[0].attribute[-1].type = onnx.AttributeProto.UNDEFINED
+    with pytest.raises(UserInputError, match="node 'conv' attribute 'strides' has no type"):
+        io.load(proto.SerializeToString())
+
+
+def test_string_attributes_text_for_standard_ops_bytes_for_custom_ones(tmp_path: Path) -> None:
+    proto = text_rich_model()
+    proto.graph.node[0].attribute[0].s = b"SAME\xffUPPER"  # Conv auto_pad
+    with pytest.raises(UserInputError, match=r"'auto_pad': string value .* is not valid UTF-8"):
+        io.load(proto.SerializeToString())
+    # A custom op may keep a binary blob there (ORT's EPContext does): kept byte for byte.
+    proto = text_rich_model()
+    blob = helper.make_node("Blob", ["y"], ["z"], domain="com.vendor", payload=b"\xff\x00bin")
+    proto.graph.node.append(blob)
+    proto.graph.output[0].name = "z"
+    proto.opset_import.append(helper.make_opsetid("com.vendor", 1))
+    path = io.save(io.load(proto.SerializeToString()).model, tmp_path / "o.onnx")
+    (saved,) = [n for n in onnx.load(str(path)).graph.node if n.op_type == "Blob"]
+    assert saved.attribute[0].s == b"\xff\x00bin"
+
+
+def test_unreadable_graph_names_the_cause() -> None:
+    proto = text_rich_model()
+    proto.graph.node[-1].output[0] = "i"  # redeclares the If's output
+    with pytest.raises(UserInputError, match="ValueError: Output 'i' is redeclared"):
+        io.load(proto.SerializeToString())
+
+
+def _conv_with_bad_pads(tmp_path: Path) -> Path:
+    proto = text_rich_model()
+    del proto.graph.node[0].attribute[:]
+    proto.graph.node[0].attribute.append(helper.make_attribute("pads", [1, 1, 1]))
+    path = tmp_path / "bad.onnx"
+    path.write_bytes(proto.SerializeToString())
+    return path
+
+
+def test_a_crash_on_an_invalid_model_is_bad_input(tmp_path: Path, capsys, monkeypatch) -> None:
+    """Whichever stage trips over a corrupt file, the CLI blames the file (exit 2), not itself."""
+    import graphopt.analysis.summary as summary
+
+    def crash(*args, **kwargs):
+        raise IndexError("list index out of range")
+
+    monkeypatch.setattr(summary, "summarize", crash)
+    monkeypatch.delenv("GRAPHOPT_DEBUG", raising=False)
+    bad = _conv_with_bad_pads(tmp_path)
+    code, _, err = run_cli(["inspect", str(bad)], capsys)
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "not a valid ONNX model (onnx checker:" in err and "pads has incorrect size" in err
+    assert "graphopt failed on it with IndexError: list index out of range" in err
+    # The same crash on a valid model is graphopt's bug: still an internal error.
+    good = tmp_path / "good.onnx"
+    good.write_bytes(text_rich_bytes())
+    code, _, err = run_cli(["inspect", str(good)], capsys)
+    assert code == 3 and "internal error: IndexError" in err, err

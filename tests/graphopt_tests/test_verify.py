@@ -1,13 +1,34 @@
-"""Verification: error measures and dtypes ORT's Python API only takes as OrtValues."""
+"""Verification: error measures, dtypes ORT's Python API only takes as OrtValues, the
+tolerance by float type, input shapes that cannot be fed or prove nothing, and an interrupt
+while ONNX Runtime loads."""
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
+import signal
+import sys
+
 import ml_dtypes
 import numpy as np
+import onnx_ir as ir
+import pytest
 from onnx import TensorProto, helper
 
-from graphopt.verify import SIGMOID_RESOLUTION, Verifier, compare
-from graphopt_tests.helpers import make_model, tensor_info
+import graphopt
+from graphopt.api import OptimizeOptions
+from graphopt.errors import UserInputError
+from graphopt.verify import (
+    DEFAULT_TOLERANCE,
+    DTYPE_TOLERANCES,
+    SIGMOID_RESOLUTION,
+    NothingToCompare,
+    Verifier,
+    check_input_shapes,
+    compare,
+    default_tolerance,
+)
+from graphopt_tests.helpers import make_model, op_types, tensor_info
 
 
 def test_compare_measures_relative_to_largest_magnitude() -> None:
@@ -88,3 +109,148 @@ def test_sigmoid_outputs_allow_ort_sigmoid_rounding_only() -> None:
     softplus = Verifier(_saturated("Softplus"))
     assert softplus.resolutions == [0.0]
     assert not softplus.check(_saturated("Softplus", shift=2.0**-23)).ok
+
+
+# ---- tolerance by float type -------------------------------------------------------------
+
+
+def _conv_bn(dtype: int, seed: int = 0) -> ir.Model:
+    """y = BatchNormalization(Conv(x)) in ``dtype``: fuse-conv-bn folds it exactly."""
+    rng = np.random.default_rng(seed)
+    np_dtype = helper.tensor_dtype_to_np_dtype(dtype)
+    arrays = {
+        "w": rng.standard_normal((16, 8, 3, 3)) / np.sqrt(72),
+        "b": rng.standard_normal(16) * 0.1,
+        "scale": rng.uniform(0.5, 2.0, 16),
+        "bias": rng.standard_normal(16),
+        "mean": rng.standard_normal(16) * 0.1,
+        "var": rng.uniform(0.5, 2.0, 16),
+    }
+    return make_model(
+        [
+            helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+            helper.make_node("BatchNormalization", ["c", "scale", "bias", "mean", "var"], ["y"]),
+        ],
+        [tensor_info("x", dtype, [1, 8, 16, 16])],
+        [tensor_info("y", dtype, [1, 16, 16, 16])],
+        {name: a.astype(np_dtype) for name, a in arrays.items()},
+    )
+
+
+def test_default_tolerance_follows_the_float_type_the_model_computes_in() -> None:
+    assert default_tolerance(_conv_bn(TensorProto.FLOAT)) == DEFAULT_TOLERANCE == 1e-4
+    assert default_tolerance(_conv_bn(TensorProto.FLOAT16)) == 4 * 2.0**-10
+    # float32 in and out, float16 inside: the float16 rounding is what a rewrite moves.
+    mixed = make_model(
+        [
+            helper.make_node("Cast", ["x"], ["h"], to=TensorProto.FLOAT16),
+            helper.make_node("Relu", ["h"], ["r"]),
+            helper.make_node("Cast", ["r"], ["y"], to=TensorProto.FLOAT),
+        ],
+        [tensor_info("x", TensorProto.FLOAT, [2, 3])],
+        [tensor_info("y", TensorProto.FLOAT, [2, 3])],
+    )
+    assert default_tolerance(mixed) == DTYPE_TOLERANCES[ir.DataType.FLOAT16]
+    bf16 = make_model(
+        [helper.make_node("Cast", ["x"], ["y"], to=TensorProto.FLOAT)],
+        [tensor_info("x", TensorProto.BFLOAT16, [2, 3])],
+        [tensor_info("y", TensorProto.FLOAT, [2, 3])],
+    )
+    assert default_tolerance(bf16) == 4 * 2.0**-7
+    assert Verifier(bf16).tolerance == 4 * 2.0**-7
+    assert Verifier(bf16, tolerance=1e-6).tolerance == 1e-6
+
+
+def test_exact_fusion_on_a_float16_model_is_kept_and_tolerance_overrides() -> None:
+    model = _conv_bn(TensorProto.FLOAT16)
+    result = graphopt.optimize(model)
+    assert "BatchNormalization" not in op_types(result.model)
+    assert result.report.rolled_back == [] and result.report.verified
+    # The fold moves the float16 outputs by about half an ulp at the largest magnitude:
+    # beyond float32's 1e-4, well inside 4 ulps (3.9e-3).
+    assert 1e-4 < result.report.verification.worst_rel < 2.0**-10
+    # An explicit tolerance applies whatever the type: at 1e-4 the fold is rolled back.
+    strict = graphopt.optimize(model, options=OptimizeOptions(tolerance=1e-4))
+    assert "fuse-conv-bn" in strict.report.rolled_back
+    assert "BatchNormalization" in op_types(strict.model)
+
+
+# ---- shapes that cannot be fed or prove nothing ------------------------------------------
+
+
+def _relu(shape: list) -> ir.Model:
+    return make_model(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        [tensor_info("x", TensorProto.FLOAT, shape)],
+        [tensor_info("y", TensorProto.FLOAT, shape)],
+    )
+
+
+@pytest.mark.parametrize(
+    ("shape", "message"),
+    [
+        ((1, 4, 1), "--input-shape x:1x4x1: input 'x' has rank 2 ([batch, 4]), not 3"),
+        ((2, 5), "--input-shape x:2x5: axis 1 of input 'x' is fixed at 4 by the model"),
+        ((0, 4), "--input-shape x:0x4: a zero-sized dim gives empty tensors"),
+    ],
+)
+def test_bad_input_shapes_are_refused_before_anything_runs(shape, message: str) -> None:
+    model = _relu(["batch", 4])
+    with pytest.raises(UserInputError) as info:
+        check_input_shapes(model, {"x": shape})
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
+    with pytest.raises(UserInputError, match="--input-shape x:"):
+        Verifier(model, {"x": shape})
+    check_input_shapes(model, {"x": (3, 4)})  # a symbolic batch takes any size
+
+
+def test_empty_outputs_are_not_called_verified() -> None:
+    # A zero-sized dim the model fixes: every comparison of the empty outputs would pass.
+    with pytest.raises(NothingToCompare, match=r"empty on the inputs used \(x 0x4\)"):
+        Verifier(_relu([0, 4]))
+    result = graphopt.optimize(_relu([0, 4]))
+    assert result.report.verification is None and not result.report.verified
+    assert "comparing empty tensors proves nothing" in result.report.verification_skipped
+
+
+# ---- an interrupt while ONNX Runtime loads -------------------------------------------------
+
+
+class _InterruptedImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """``import onnxruntime`` as Ctrl-C during its load leaves it.
+
+    onnxruntime's extension imports numpy from C; numpy's import_array turns whatever is raised
+    there, KeyboardInterrupt included, into ``ImportError("numpy... failed to import")``. The
+    interrupt is delivered the way Python delivers a signal: the current SIGINT handler runs.
+    """
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "onnxruntime":
+            return importlib.util.spec_from_loader(name, self)
+        return None
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module) -> None:
+        try:
+            signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
+        except KeyboardInterrupt:
+            raise ImportError("numpy._core.multiarray failed to import") from None
+
+
+@pytest.fixture
+def interrupted_ort_import(monkeypatch):
+    """The next ``import onnxruntime`` is interrupted (the real module comes back after)."""
+    monkeypatch.delitem(sys.modules, "onnxruntime")
+    monkeypatch.setattr(sys, "meta_path", [_InterruptedImport(), *sys.meta_path])
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_interrupt_while_importing_onnxruntime_stays_an_interrupt(interrupted_ort_import) -> None:
+    # Before: the ImportError read as "ONNX Runtime cannot run the original model" and the
+    # run went on unverified.
+    with pytest.raises(KeyboardInterrupt):
+        graphopt.optimize(_relu([2, 4]))

@@ -8,6 +8,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt import editing
+from graphopt.analysis.shapes import reconcile_shapes
 from graphopt.registry import GraphPass, Stage, register
 
 # Slice ends at or beyond this are "to the end" whatever the dim (exporters use INT64_MAX).
@@ -226,6 +227,32 @@ def _neutral_operand(node: ir.Node) -> int | None:
     return None
 
 
+def _where_branch(node: ir.Node) -> int | None:
+    """Index of the branch a Where with a constant, uniform condition passes through (1 when
+    all true, 2 when all false), or None; only when neither the condition nor the other
+    branch broadcasts it to a larger shape (the TorchScript ``expand`` guard
+    ``Where(False, 1, shape)`` once its Equal is folded)."""
+    if len(node.inputs) != 3 or any(v is None for v in node.inputs):
+        return None
+    cond = editing.constant_array(node.inputs[0], max_bytes=1 << 16)
+    if cond is None or cond.dtype != np.bool_ or cond.size == 0:
+        return None
+    if not cond.all() and cond.any():
+        return None
+    kept = 1 if cond.all() else 2
+    dims = _dims(node.inputs[kept])
+    if dims is None or node.inputs[kept].dtype != node.outputs[0].dtype:
+        return None
+    for other in (node.inputs[0], node.inputs[3 - kept]):
+        shape = _dims(other)
+        if shape is None or len(shape) > len(dims):
+            return None
+        tail = dims[len(dims) - len(shape) :]
+        if not all(_same_dim(d, 1) or _same_dim(d, k) for d, k in zip(shape, tail, strict=True)):
+            return None
+    return kept
+
+
 @register
 class NoopOpsPass(GraphPass):
     """Remove ops provably returning their input (Cast/Reshape/Transpose…, x+0, x*1); else keep.
@@ -233,18 +260,26 @@ class NoopOpsPass(GraphPass):
     Covered: same-dtype Cast; Reshape/Expand/Flatten to the input's own shape; identity-perm
     Transpose; all-zero Pad; whole-range Slice; one-way Split and Concat; Add/Sub of 0 and
     Mul/Div by 1 and And with true / Or with false whose constant does not broadcast the other
-    operand.
+    operand; Where with an all-true (all-false) constant condition that does not broadcast
+    the chosen branch.
     """
 
     name = "noop-ops"
-    ops = frozenset((*_CHECKS, *_NEUTRAL))
+    ops = frozenset((*_CHECKS, *_NEUTRAL, "Where"))
     stage = Stage.CLEANUP
 
     def rewrite(self, model: ir.Model) -> int:
         opset = editing.opset_version(model)
+        # A no-op judged by a stale declared shape is a no-op at the stale size only.
+        reconcile_shapes(model)
         hits = 0
         for node in editing.all_nodes(model):
-            if not editing.is_op(node, (*_CHECKS, *_NEUTRAL)) or not node.inputs:
+            if not editing.is_op(node, (*_CHECKS, *_NEUTRAL, "Where")) or not node.inputs:
+                continue
+            if node.op_type == "Where":
+                branch = _where_branch(node)
+                if branch is not None and editing.bypass(node, branch):
+                    hits += 1
                 continue
             if node.op_type in _NEUTRAL:
                 kept = _neutral_operand(node)

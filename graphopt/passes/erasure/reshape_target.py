@@ -1,12 +1,21 @@
-"""A Reshape target computed from shapes becomes a constant (one dynamic dim becomes -1).
+"""A Reshape target computed from shapes becomes a constant, wherever that is exact.
 
-Exporters spell ``x.view(*y.shape[:-2], 64, 197)`` as Shape→Slice→Concat→Reshape. Where
-every element of the computed target is known from static dims and constants except at most
-one, the target is a constant: the unknown element is replaced by -1. That is exact when the
-known elements are all positive: Reshape then has one solution for the remaining dim (the
-element count fixes it; with zero elements it is 0 both ways), and a 0 in the dynamic slot
-(copy-from-input without allowzero) could only produce that same solution. The Shape,
-Slice and Concat feeding it — and whatever only fed the Shape — then die.
+Exporters spell ``x.view(*y.shape[:-2], 64, 197)`` as Shape→Slice→Concat→Reshape, and
+Swin's window partition ``x.view(B * 64, 49, C)`` as Shape→Gather→Mul→Unsqueeze→Concat:
+targets built at run time whose entries are mostly static. Each entry of the target is
+followed back (:mod:`graphopt.analysis.shape_entries`: Concat, Gather, Slice, Unsqueeze,
+Cast…) to a constant, a dim read by Shape, or something computed (Mul, Div…). Then:
+
+- a constant, or a static dim, is written as is;
+- a read of the Reshape input's own dim at the same position becomes 0 (without
+  ``allowzero``: "copy the input's dim"), exact whatever that dim is;
+- one remaining entry, whatever computes it, becomes -1. That is exact when every other
+  entry is a positive constant: Reshape then has one solution for it (the element count
+  fixes it; with zero elements it is 0 both ways). Next to a 0 (a copied dim that may be
+  0) or a -1 there is no unique solution, so the target is kept.
+
+The Shape, Gather, Concat… feeding the old target — and whatever only fed them — then die.
+Shapes are re-inferred from the graph inputs first (a stale declared dim would be baked in).
 """
 
 from __future__ import annotations
@@ -15,91 +24,68 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt import editing
+from graphopt.analysis.channel_shapes import Context
+from graphopt.analysis.shape_entries import DimRef, shape_source, vector_length
+from graphopt.analysis.shapes import input_symbols, reconcile_shapes
 from graphopt.registry import GraphPass, Stage, register
 
-_MAX_DEPTH = 8
+# Longest computed target rewritten (Reshape targets are a handful of entries).
+_MAX_ENTRIES = 64
+# Marks an entry that copies the Reshape input's dim at its position (written as 0).
+_COPY = "copy"
 
 
-def _elements(value: ir.Value | None, depth: int = 0) -> list[int | None] | None:
-    """A small 1-D (or scalar) int tensor's elements: ints where known, None where dynamic."""
-    if value is None or depth > _MAX_DEPTH:
+def _entry(ctx: Context, node: ir.Node, position: int, symbols: set[str]) -> int | str | None:
+    """What the target of Reshape ``node`` holds at ``position``: an int, ``_COPY``, or None
+    when its value is only known at run time."""
+    source = shape_source(ctx, node.inputs[1], position)
+    if not isinstance(source, DimRef):
+        return source
+    shape = ctx.shape(source.value)
+    dim = shape[source.axis] if shape is not None and source.axis < len(shape) else None
+    if isinstance(dim, int):
+        return dim * source.scale
+    if source.scale != 1:
         return None
-    known = editing.const_ints(value, max_elements=64)
-    if known is not None:
-        return known
-    node = value.producer()
-    if node is None or len(node.outputs) != 1:
-        return None
-    if editing.is_op(node, "Shape"):
-        source = node.inputs[0]
-        if source is None or source.shape is None:
-            return None
-        dims = [d if isinstance(d, int) else None for d in source.shape.dims]
-        rank = len(dims)
-        start = editing.attribute(node, "start", 0)
-        end = editing.attribute(node, "end", rank)
-        start = min(max(start + rank if start < 0 else start, 0), rank)
-        end = min(max(end + rank if end < 0 else end, 0), rank)
-        return dims[start:end]
-    if editing.is_op(node, "Gather") and editing.attribute(node, "axis", 0) == 0:
-        data = _elements(node.inputs[0], depth + 1)
-        index = editing.constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
-        if data is None or index is None or index.dtype.kind not in "iu" or index.ndim > 1:
-            return None
-        n = len(data)
-        flat = [int(i) + n if i < 0 else int(i) for i in index.reshape(-1)]
-        if any(not 0 <= i < n for i in flat):
-            return None
-        return [data[i] for i in flat]
-    if editing.is_op(node, "Slice") and len(node.inputs) >= 3:
-        data = _elements(node.inputs[0], depth + 1)
-        starts = editing.const_ints(node.inputs[1])
-        ends = editing.const_ints(node.inputs[2])
-        axes = editing.const_ints(node.inputs[3]) if len(node.inputs) > 3 else [0]
-        steps = editing.const_ints(node.inputs[4]) if len(node.inputs) > 4 else [1]
-        if data is None or None in (starts, ends, axes, steps):
-            return None
-        if len(starts) != 1 or len(ends) != 1 or axes not in ([0], [-1]) or steps != [1]:
-            return None
-        # Step-1 ONNX Slice clamps like Python slicing (INT64_MIN/MAX ends included).
-        return data[slice(starts[0], ends[0])]
-    if editing.is_op(node, "Unsqueeze"):
-        axes = (
-            editing.const_ints(node.inputs[1])
-            if len(node.inputs) > 1
-            else editing.attribute(node, "axes")
-        )
-        data = _elements(node.inputs[0], depth + 1)
-        source = node.inputs[0]
-        scalar = source is not None and source.shape is not None and len(source.shape) == 0
-        if data is None or axes is None or list(axes) not in ([0], [-1]) or len(data) != 1:
-            return None
-        # Unsqueeze of a scalar gives [v]; of a 1-element vector a [1, 1] matrix (not 1-D).
-        return data if scalar or _is_scalar_gather(source) else None
-    if editing.is_op(node, "Concat") and editing.attribute(node, "axis", None) in (0, -1):
-        result: list[int | None] = []
-        for part in node.inputs:
-            elements = _elements(part, depth + 1)
-            if elements is None:
-                return None
-            result += elements
-        return result
+    if source.value is node.inputs[0] and source.axis == position:
+        return _COPY
+    # Another tensor's dim named like an input dim (batch, sequence) that the Reshape input
+    # has at this very position: the same size (x.view(B, S, H, D) with B, S read off the
+    # tensor before the projection).
+    data = ctx.shape(node.inputs[0])
+    here = data[position] if data is not None and position < len(data) else None
+    if dim in symbols and here == dim:
+        return _COPY
     return None
 
 
-def _is_scalar_gather(value: ir.Value | None) -> bool:
-    node = value.producer() if value is not None else None
-    if node is None or not editing.is_op(node, "Gather") or len(node.inputs) != 2:
-        return False
-    index = editing.constant_array(node.inputs[1])
-    return index is not None and index.ndim == 0
+def known_target(ctx: Context, node: ir.Node, symbols: set[str]) -> list[int] | None:
+    """A constant target equivalent to Reshape ``node``'s computed one, or None.
+
+    ``symbols``: the names of the graph inputs' symbolic dims (equal names, equal sizes).
+    """
+    length = vector_length(ctx, node.inputs[1])
+    if length is None or not 0 < length <= _MAX_ENTRIES:
+        return None
+    entries = [_entry(ctx, node, p, symbols) for p in range(length)]
+    allowzero = editing.attribute(node, "allowzero", 0)
+    if _COPY in entries and allowzero:
+        # 0 would mean a zero-size dim, not a copy: the input dims must stay read.
+        entries = [None if e == _COPY else e for e in entries]
+    varying = [p for p, e in enumerate(entries) if not isinstance(e, int)]
+    if len(varying) == 1 and all(e > 0 for e in entries if isinstance(e, int)):
+        # The usual -1 (also for a lone copy: the conventional spelling of a batch dim).
+        return [-1 if p in varying else e for p, e in enumerate(entries)]
+    if None in entries:
+        return None  # -1 next to a 0, a copy or a -1: no unique solution
+    return [0 if e == _COPY else e for e in entries]
 
 
 @register
 class ReshapeTargetPass(GraphPass):
-    """Computed Reshape targets known but for ≤ 1 dim → constant (-1 there); else keep.
+    """Computed Reshape targets → constants (copied dims 0, one computed dim -1); else keep.
 
-    Refuses when a known element is 0 or -1 next to an unknown one (no unique solution).
+    Refuses when more than one entry is computed, or one is next to a 0 or -1.
     """
 
     name = "reshape-target"
@@ -107,21 +93,21 @@ class ReshapeTargetPass(GraphPass):
     stage = Stage.CLEANUP
 
     def rewrite(self, model: ir.Model) -> int:
+        reconcile_shapes(model)
+        ctx = Context()
+        symbols = input_symbols(model)
         hits = 0
         for node in editing.all_nodes(model):
             if not editing.is_op(node, "Reshape") or len(node.inputs) < 2 or node.graph is None:
                 continue
             target = node.inputs[1]
-            if target is None or editing.is_constant(target):
+            if target is None or editing.is_constant(target) or node.inputs[0] is None:
                 continue
-            elements = _elements(target)
-            if elements is None or not elements:
+            known = known_target(ctx, node, symbols)
+            if known is None:
                 continue
-            unknown = sum(1 for e in elements if e is None)
-            if unknown > 1 or (unknown == 1 and any(e is not None and e <= 0 for e in elements)):
-                continue
-            array = np.array([-1 if e is None else e for e in elements], dtype=np.int64)
             base = (target.name or "reshape_target") + "_known"
+            array = np.array(known, dtype=np.int64)
             node.replace_input_with(1, editing.add_constant(node, base, array))
             producer = target.producer()
             if producer is not None:

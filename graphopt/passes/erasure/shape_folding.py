@@ -2,7 +2,12 @@
 
 A Shape of a partly dynamic tensor (batch symbolic, channels fixed: the TorchScript
 exporter's Shape→Gather→Unsqueeze→Concat→Reshape) is folded where it is read: a Gather or a
-Slice of it that selects only static dims becomes a constant.
+Slice of it that selects only static dims becomes a constant. So is an Equal of shape
+entries that is decided whatever the symbolic dims are: the TorchScript exporter guards
+every ``expand`` with ``Where(Equal(shape, -1), 1, shape)``, and a dim is never -1.
+
+Shapes are re-inferred from the graph inputs first: a stale declared shape must not be
+folded in (:func:`graphopt.analysis.shapes.reconcile_shapes`).
 """
 
 from __future__ import annotations
@@ -11,6 +16,9 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt import editing
+from graphopt.analysis.channel_shapes import Context
+from graphopt.analysis.shape_entries import decided_entries
+from graphopt.analysis.shapes import reconcile_shapes
 from graphopt.registry import GraphPass, Stage, register
 
 
@@ -26,13 +34,19 @@ def _shape_slice(node: ir.Node, dims: tuple[int, ...]) -> list[int]:
 
 @register
 class ShapeFoldingPass(GraphPass):
-    """Replace Shape (with start/end) and Size of fully static tensors by constants; else keep."""
+    """Replace Shape (with start/end) and Size of fully static tensors by constants; else keep.
+
+    Also: reads of a partly static Shape that select static dims, and Equals of shape
+    entries decided whatever the symbolic dims are.
+    """
 
     name = "shape-folding"
     ops = frozenset(("Shape", "Size"))
     stage = Stage.CLEANUP
 
     def rewrite(self, model: ir.Model) -> int:
+        # A stale declared shape folded here would pin the model to the stale size.
+        reconcile_shapes(model)
         hits = 0
         for node in editing.all_nodes(model):
             if not editing.is_op(node, ("Shape", "Size")) or node.graph is None:
@@ -53,7 +67,34 @@ class ShapeFoldingPass(GraphPass):
                 hits += 1
             else:
                 editing.remove_node(constant.producer())
-        return hits
+        return hits + _fold_decided_equals(model)
+
+
+def _fold_decided_equals(model: ir.Model) -> int:
+    """Replace each Equal over shape entries whose every output entry is decided by a
+    constant (only shape-sized vectors: shape_entries follows at most 64 entries)."""
+    ctx = Context()
+    hits = 0
+    for node in editing.all_nodes(model):
+        if not editing.is_op(node, "Equal") or node.graph is None or len(node.inputs) != 2:
+            continue
+        result = node.outputs[0]
+        if result.shape is None or len(result.shape) > 1:
+            continue
+        entries = decided_entries(ctx, result)
+        if entries is None or not all(isinstance(e, bool) for e in entries):
+            continue
+        array = np.array(entries, dtype=np.bool_)
+        if len(result.shape) == 0:
+            array = array.reshape(())
+        base = result.name or "equal_const"
+        constant = editing.add_constant(node, base + "_folded", array)
+        if editing.replace_value(result, constant):
+            editing.remove_node(node)
+            hits += 1
+        else:
+            editing.remove_node(constant.producer())
+    return hits
 
 
 def _known_dims(node: ir.Node) -> list[int | None] | None:

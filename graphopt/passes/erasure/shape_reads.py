@@ -16,6 +16,7 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from graphopt import editing
+from graphopt.analysis.shapes import reconcile_shapes
 from graphopt.passes.erasure.shape_folding import _shape_slice, fold_shape_reads
 from graphopt.registry import GraphPass, Stage, register
 
@@ -67,6 +68,7 @@ class ShapeThroughSlicePass(GraphPass):
     stage = Stage.CLEANUP
 
     def rewrite(self, model: ir.Model) -> int:
+        reconcile_shapes(model)  # folds x's dims: they must be the inputs', not stale ones
         hits = 0
         for node in editing.all_nodes(model):
             if not editing.is_op(node, "Shape") or node.graph is None:
@@ -123,6 +125,7 @@ class ShapeConcatPass(GraphPass):
     stage = Stage.CLEANUP
 
     def rewrite(self, model: ir.Model) -> int:
+        reconcile_shapes(model)  # the rank of x decides; a stale one would mislead
         hits = 0
         for node in editing.all_nodes(model):
             if not editing.is_op(node, "Concat") or node.graph is None:

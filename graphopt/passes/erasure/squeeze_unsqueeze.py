@@ -7,6 +7,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt import editing
+from graphopt.analysis.shapes import reconcile_shapes
 from graphopt.registry import GraphPass, Stage, register
 
 
@@ -64,6 +65,7 @@ class SqueezeUnsqueezePass(GraphPass):
 
     def rewrite(self, model: ir.Model) -> int:
         opset = editing.opset_version(model)
+        reconcile_shapes(model)  # negative axes are read against ranks: not stale ones
         hits = 0
         for node in editing.all_nodes(model):
             if not editing.is_op(node, ("Squeeze", "Unsqueeze")) or node.graph is None:

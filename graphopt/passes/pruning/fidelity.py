@@ -41,7 +41,31 @@ def outputs_on(model: ir.Model, calib: CalibrationSet) -> list[np.ndarray]:
     names = [o.name for o in session.get_outputs()]
     # Full padded width: outputs of every batch must line up to be concatenated.
     chunks = [run_session(session, names, feeds) for feeds in calib.batches(trim=False)]
-    return [np.concatenate([c[i] for c in chunks]) for i in range(len(names))]
+    return [_joined([c[i] for c in chunks]) for i in range(len(names))]
+
+
+def _joined(pieces: list[np.ndarray]) -> np.ndarray:
+    """One output's batches as one array, along the axis the batches differ in.
+
+    The batch axis of an output need not be the first (``[2, B, H]`` recurrent states) and
+    an output may be a scalar per run; reference and candidate are joined alike, which is
+    all the measures need.
+    """
+    first = pieces[0]
+    if first.ndim == 0:
+        return np.stack(pieces)
+    if all(p.shape == first.shape for p in pieces):
+        return np.concatenate(pieces)
+    differ = {
+        axis
+        for p in pieces
+        if p.ndim == first.ndim
+        for axis in range(first.ndim)
+        if p.shape[axis] != first.shape[axis]
+    }
+    if len(differ) == 1 and all(p.ndim == first.ndim for p in pieces):
+        return np.concatenate(pieces, axis=differ.pop())
+    return np.concatenate([p.reshape(-1) for p in pieces])
 
 
 def padding_mask(calib: CalibrationSet) -> np.ndarray | None:

@@ -39,6 +39,7 @@ class PrunePass(GraphPass):
         PassOption("calib", str, "", "calibration .npz, or 'random' for generated data"),
         PassOption("ridge", float, 0.3, "least-squares ridge, relative to mean variance"),
         PassOption("holdout", float, 0.25, "share of calibration samples kept for fidelity"),
+        PassOption("verify", bool, True, "refuse the result unless removing = zeroing the units"),
     )
 
     def rewrite(self, model: ir.Model) -> int:
@@ -67,6 +68,7 @@ class PrunePass(GraphPass):
             compensation=s["compensation"],
             ridge=s["ridge"],
             holdout=s["holdout"],
+            check=bool(s["verify"]),
         )
 
     def _calibration(self, model: ir.Model, settings: PruneSettings) -> CalibrationSet | None:

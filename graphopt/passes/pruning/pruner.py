@@ -14,8 +14,12 @@ import onnx_ir as ir
 
 from graphopt.analysis.channel_removal import remove_channels
 from graphopt.analysis.dependency import DimKey
+from graphopt.analysis.excluded import describe
 from graphopt.analysis.flops import model_flops
 from graphopt.analysis.zig import ZigReport, analyze
+from graphopt.analysis.zig_check import check_chosen
+from graphopt.errors import CheckFailedError
+from graphopt.inputs import make_inputs
 from graphopt.passes.pruning.activations import channel_statistics
 from graphopt.passes.pruning.allocation import CostModel, allocate, plan_group
 from graphopt.passes.pruning.compensation import compensate
@@ -28,7 +32,7 @@ from graphopt.passes.pruning.fidelity import (
     summary,
 )
 from graphopt.passes.pruning.importance import score_group
-from graphopt.passes.pruning.samples import CalibrationSet
+from graphopt.passes.pruning.samples import CalibrationSet, sample_input_shapes
 from graphopt.passes.pruning.settings import DATA_CRITERIA, PruneSettings, PruneTarget
 from graphopt.registry import PassContext
 
@@ -61,6 +65,10 @@ class PruneReport:
     seconds: float = 0.0
     compensation_kept: bool = True
     compensation_used: str = ""  # the method kept: the asked one, "bias" after lsq, or ""
+    # The zero-invariance guard on the units removed: "passed", "passed (past the removed
+    # channels)", "not judged: ...", "skipped (--no-verify)"; "" when nothing was removed.
+    check: str = ""
+    check_seconds: float = 0.0
 
     @property
     def flops_removed(self) -> float:
@@ -101,8 +109,10 @@ def prune_model(
     )
     context.details["prune"] = record
     if not prunable:
-        context.note("prune: no prunable group in this model (see `graphopt analyze`)")
+        context.note(f"prune: no prunable group: {_why_none(report)} (see `graphopt analyze`)")
         return model, record
+    if report.excluded:
+        context.note(f"prune: left as they are: {describe(report.excluded)}")
     fit, held = calib.split(settings.holdout) if calib is not None else (None, None)
     consumers = find_consumers(report, prunable)
     stats = None
@@ -140,6 +150,9 @@ def prune_model(
     record.params_after = _live_params(pruned)
     record.units_removed = sum(len(u) for u in removed.values())
     record.groups_pruned = sum(1 for u in removed.values() if u)
+    if record.units_removed:
+        # Before compensation: refits change weights on purpose, the removal must not.
+        _guard(model, report, pruned, indices, fit, settings, context, record)
     achieved = record.flops_removed if settings.target.kind == "flops" else record.params_removed
     if achieved + TOLERANCE < settings.target.ratio:
         context.note(
@@ -205,12 +218,69 @@ def _remove(
     return best
 
 
+def _guard(
+    model: ir.Model,
+    report: ZigReport,
+    pruned: ir.Model,
+    indices: dict[DimKey, np.ndarray],
+    calib: CalibrationSet | None,
+    settings: PruneSettings,
+    context: PassContext,
+    record: PruneReport,
+) -> None:
+    """Zeroing exactly the chosen units in the original must give what ``pruned`` gives; a
+    difference is a fault in the analysis or the removal, and the result is refused."""
+    if not settings.check:
+        record.check = "skipped (--no-verify)"
+        return
+    start = time.perf_counter()
+    if calib is not None:
+        feeds = next(calib.batches(trim=False))  # real inputs where the user gave them
+    else:
+        feeds = make_inputs(model, sample_input_shapes(model, context.input_shapes), seed=1)
+    result = check_chosen(model, report, indices, pruned, feeds)
+    record.check_seconds = time.perf_counter() - start
+    if result.ok:
+        record.check = "passed" + (" (past the removed channels)" if result.boundary else "")
+    elif result.inconclusive:
+        record.check = f"not judged: {result.detail}"
+        context.note(f"prune: zero-invariance check {record.check}")
+    else:
+        strip_tags(model)
+        raise CheckFailedError(
+            f"prune: zero-invariance check failed: the model with the {record.units_removed} "
+            f"chosen units removed differs from the original with them zeroed "
+            f"({result.detail}); a graphopt bug in the channel analysis or removal for this "
+            "model, please report it (--no-verify skips this check)"
+        )
+
+
+def _why_none(report: ZigReport) -> str:
+    """Why no group is prunable, with counts that add up to the groups found."""
+    parts = []
+    if report.groups:
+        combos = report.blocked_by()
+        listed = ", ".join(f"{' + '.join(r)} ×{c}" for r, c in combos[:3])
+        if combos[3:]:
+            listed += f", other reasons ×{sum(c for _, c in combos[3:])}"
+        parts.append(f"{len(report.groups)} group(s), all blocked ({listed})")
+    if report.excluded:
+        parts.append(describe(report.excluded))
+    if not parts:
+        parts.append("no float weight in the main graph that a channel can be removed from")
+    return "; ".join(parts)
+
+
 def _note_summary(context: PassContext, record: PruneReport) -> None:
     line = (
         f"prune: {record.units_removed} units from {record.groups_pruned}/"
         f"{record.groups_prunable} groups; FLOPs -{100 * record.flops_removed:.1f}%, "
         f"params -{100 * record.params_removed:.1f}%"
     )
+    if record.check.startswith("skipped"):
+        line += f"; zero-invariance check {record.check}"
+    elif record.check:
+        line += f"; zero-invariance check {record.check} ({record.check_seconds:.2f} s)"
     if record.fidelity_pruned:
         line += f"; held-out ({record.heldout_samples}): {summary(record.fidelity_pruned)}"
     if record.fidelity_compensated:

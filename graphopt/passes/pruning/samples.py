@@ -1,22 +1,36 @@
 """Calibration samples: loaded from ``.npz`` (never pickles) or generated, split, batched.
 
-An ``.npz`` holds one array per model input, shaped ``[N, ...]``; sample ``i`` is
-``array[i:i+1]``. Sequences come pre-padded, with their masks, so every sample of an input
-has the same shape and samples can be fed together in batches where the model's batch dim
-is free. The last ``holdout`` share of the samples is kept apart: fitting (importance,
-compensation) never sees it, and the fidelity report is measured on it only.
+An ``.npz`` holds one array per model input. Samples are laid end to end along the input's
+batch axis (``[N, ...]`` for the usual batch-first input; sample ``i`` is ``array[i:i+1]``
+there), or, for an input without a batch axis (a scalar, a state whose first dim is fixed),
+stacked on a new first axis (sample ``i`` is ``array[i]``). Sequences come pre-padded, with
+their masks, so every sample of an input has the same shape and samples can be fed together
+in batches where the model's batch dim is free. The last ``holdout`` share of the samples is
+kept apart: fitting (importance, compensation) never sees it, and the fidelity report is
+measured on it only.
+
+Which axis is an input's batch axis is read from the model (:func:`sample_axes`): the
+symbolic dim the inputs share (``B`` in ``x[B, 16]`` and ``state[2, B, 8]``), else a first
+dim that is 1 or unnamed; an input with neither has none.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
 
 from graphopt.errors import UserInputError
-from graphopt.inputs import graph_inputs, make_inputs
+from graphopt.inputs import (
+    DEFAULT_BATCH,
+    DEFAULT_IMAGE_DIM,
+    DEFAULT_SEQUENCE_DIM,
+    graph_inputs,
+    make_inputs,
+)
 
 RANDOM_SAMPLES = 32
 BATCH = 8
@@ -30,14 +44,34 @@ class CalibrationSet:
     # Cut each batch of padded sequences to its longest real sequence (the model's sequence
     # dim is free and padding is masked): the same statistics at a fraction of the cost.
     trim: bool = False
+    # Per input, the model axis its samples are laid end to end along in ``arrays`` (its
+    # batch axis), or None: no batch axis, the samples are stacked on a new first axis.
+    # Inputs not named here use axis 0 (the plain ``[N, ...]`` layout).
+    axes: dict[str, int | None] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if any(axis is None for axis in self.axes.values()):
+            # A stacked sample cannot share a run with another one: feed one at a time.
+            self.batch = 1
+
+    def axis(self, name: str) -> int | None:
+        return self.axes.get(name, 0)
 
     @property
     def count(self) -> int:
-        return len(next(iter(self.arrays.values())))
+        name, array = next(iter(self.arrays.items()))
+        return array.shape[self.axis(name) or 0]
 
     def sample_shapes(self) -> dict[str, tuple[int, ...]]:
         """Shape of one sample per input (batch 1): what FLOPs are counted at."""
-        return {name: (1, *a.shape[1:]) for name, a in self.arrays.items()}
+        shapes = {}
+        for name, array in self.arrays.items():
+            axis = self.axis(name)
+            if axis is None:
+                shapes[name] = tuple(array.shape[1:])
+            else:
+                shapes[name] = tuple(1 if i == axis else d for i, d in enumerate(array.shape))
+        return shapes
 
     def split(self, holdout: float) -> tuple[CalibrationSet, CalibrationSet | None]:
         """(fit, held-out); no held-out part when there are fewer than 2 samples."""
@@ -45,21 +79,32 @@ class CalibrationSet:
         held = max(1, round(n * holdout)) if n >= 2 else 0
         if held == 0:
             return self, None
-        fit = {k: v[: n - held] for k, v in self.arrays.items()}
-        rest = {k: v[n - held :] for k, v in self.arrays.items()}
+        fit = {k: self._part(k, v, 0, n - held) for k, v in self.arrays.items()}
+        rest = {k: self._part(k, v, n - held, n) for k, v in self.arrays.items()}
         return (
-            CalibrationSet(fit, self.source, self.batch, self.trim),
-            CalibrationSet(rest, self.source, self.batch, self.trim),
+            CalibrationSet(fit, self.source, self.batch, self.trim, dict(self.axes)),
+            CalibrationSet(rest, self.source, self.batch, self.trim, dict(self.axes)),
         )
 
     def batches(self, trim: bool = True) -> Iterator[dict[str, np.ndarray]]:
         """Feed dicts of ``batch`` samples; ``trim=False`` keeps the padded width."""
         mask_name = _mask_name(self.arrays) if self.trim and trim else None
         for start in range(0, self.count, self.batch):
-            feeds = {k: v[start : start + self.batch] for k, v in self.arrays.items()}
+            feeds = {}
+            for name, array in self.arrays.items():
+                if self.axis(name) is None:
+                    feeds[name] = array[start]  # batch is 1 (see __post_init__)
+                else:
+                    feeds[name] = self._part(name, array, start, start + self.batch)
             if mask_name is not None:
                 feeds = _trimmed(feeds, mask_name)
             yield feeds
+
+    def _part(self, name: str, array: np.ndarray, start: int, stop: int) -> np.ndarray:
+        """Samples ``start:stop`` of one input, in the same layout."""
+        index = [slice(None)] * array.ndim
+        index[self.axis(name) or 0] = slice(start, stop)
+        return array[tuple(index)]
 
 
 def _mask_name(arrays: dict[str, np.ndarray]) -> str | None:
@@ -82,6 +127,99 @@ def _trimmed(feeds: dict[str, np.ndarray], mask_name: str) -> dict[str, np.ndarr
     }
 
 
+def _symbol(dim) -> str | None:
+    """The name of a symbolic dim; None for a fixed or an unnamed one."""
+    return None if isinstance(dim, int) else getattr(dim, "value", None) or None
+
+
+def _batch_symbol(inputs: list[ir.Value]) -> str | None:
+    """The symbolic dim that stands for the batch, if the inputs name one.
+
+    A symbol first in some input's shape qualifies, as does one that several inputs share (a
+    recurrent state ``[2, B, 128]`` next to ``x[B, T, F]``); among them the one the most
+    inputs have, then the one most often first. A sequence length shared by all inputs
+    loses to the batch on the second count.
+    """
+    inputs_with: Counter[str] = Counter()
+    first_in: Counter[str] = Counter()
+    for value in inputs:
+        dims = list(value.shape) if value.shape is not None else []
+        names = {s for s in map(_symbol, dims) if s}
+        inputs_with.update(names)
+        if dims and _symbol(dims[0]):
+            first_in[_symbol(dims[0])] += 1
+    candidates = [s for s in inputs_with if first_in[s] or inputs_with[s] > 1]
+    if not candidates:
+        return None
+    return max(candidates, key=lambda s: (inputs_with[s], first_in[s]))
+
+
+def sample_axes(model: ir.Model) -> dict[str, int | None]:
+    """Per model input, its batch axis (samples are batched along it), or None."""
+    inputs = graph_inputs(model)
+    batch = _batch_symbol(inputs)
+    axes: dict[str, int | None] = {}
+    for value in inputs:
+        if value.shape is None:
+            axes[value.name] = 0  # nothing to go by: the documented batch-first default
+            continue
+        dims = list(value.shape)
+        symbols = [_symbol(d) for d in dims]
+        if batch is not None and batch in symbols:
+            axes[value.name] = symbols.index(batch)
+        elif dims and (dims[0] == 1 or (not isinstance(dims[0], int) and symbols[0] is None)):
+            axes[value.name] = 0  # a batch of one, or an unnamed first dim
+        else:
+            # A scalar, a fixed first dim other than 1 (a [2, 1, 128] state), or a first dim
+            # named after something else than the batch (positions [S]).
+            axes[value.name] = None
+    return axes
+
+
+def sample_input_shapes(
+    model: ir.Model, given: dict[str, tuple[int, ...]] | None = None
+) -> dict[str, tuple[int, ...]]:
+    """One sample's shape per input: the batch dim 1 wherever it sits, a symbol shared by
+    several inputs bound to the same size in all of them; ``given`` shapes are kept.
+
+    (The verification inputs bind any dim after the first to 16 or 32, which puts a batch
+    of 16 into ``state[2, B, 8]`` next to a batch of 1 in ``x[B, 16]``.)
+    """
+    given = dict(given or {})
+    inputs = graph_inputs(model)
+    batch = _batch_symbol(inputs)
+    bound: dict[str, int] = {}
+    for value in inputs:  # sizes the user gave name their symbols for the other inputs
+        shape = given.get(value.name)
+        if shape is not None and value.shape is not None and len(shape) == len(value.shape):
+            for dim, size in zip(value.shape, shape, strict=True):
+                if _symbol(dim):
+                    bound.setdefault(_symbol(dim), size)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for value in inputs:
+        if value.name in given or value.shape is None:
+            if value.name in given:
+                shapes[value.name] = tuple(given[value.name])
+            continue  # make_inputs asks for --input-shape
+        rank = len(value.shape)
+        dims: list[int] = []
+        for axis, dim in enumerate(value.shape):
+            symbol = _symbol(dim)
+            if isinstance(dim, int) and dim >= 0:
+                size = dim
+            elif symbol is not None and symbol in bound:
+                size = bound[symbol]
+            elif (symbol is not None and symbol == batch) or axis == 0:
+                size = DEFAULT_BATCH
+            else:
+                size = DEFAULT_IMAGE_DIM if rank == 4 else DEFAULT_SEQUENCE_DIM
+            if symbol is not None:
+                bound.setdefault(symbol, size)
+            dims.append(size)
+        shapes[value.name] = tuple(dims)
+    return shapes
+
+
 def load_calibration(path: str, model: ir.Model) -> CalibrationSet:
     """Calibration samples from ``path`` (an ``.npz``) checked against the model's inputs."""
     from graphopt.calibration import load_npz
@@ -92,31 +230,82 @@ def load_calibration(path: str, model: ir.Model) -> CalibrationSet:
     if missing:
         raise UserInputError(f"{path}: no array for model input(s) {', '.join(missing)}")
     arrays = {k: arrays[k] for k in inputs}  # extra keys are ignored, order follows the model
-    counts = {len(a) if a.ndim else 0 for a in arrays.values()}
-    if len(counts) != 1 or 0 in counts:
-        raise UserInputError(f"{path}: every array needs the same number N ≥ 1 of samples")
+    batch_axes = sample_axes(model)
+    axes: dict[str, int | None] = {}
     for name, array in arrays.items():
         expected = _numpy_dtype(inputs[name])
         if expected is not None and array.dtype != expected:
             raise UserInputError(
                 f"{path}: input {name!r} is {array.dtype}, the model expects {expected}"
             )
-        shape = inputs[name].shape
-        if shape is not None and len(shape) != array.ndim:
-            raise UserInputError(
-                f"{path}: input {name!r} has rank {array.ndim - 1} per sample after the "
-                f"sample axis; the model expects shape {list(shape)} (sample i is array[i:i+1])"
-            )
-    return CalibrationSet(arrays, path, _batch_size(model), _free_sequence(model))
+        axes[name] = _layout(path, name, array, inputs[name].shape, batch_axes[name])
+    counts = {a.shape[axes[k] or 0] if a.ndim else 0 for k, a in arrays.items()}
+    if len(counts) != 1 or 0 in counts:
+        raise UserInputError(f"{path}: every array needs the same number N ≥ 1 of samples")
+    batch = _batch_size(model, batch_axes)
+    return CalibrationSet(arrays, path, batch, _free_sequence(model), axes)
+
+
+def _layout(
+    path: str, name: str, array: np.ndarray, shape: ir.Shape | None, batch_axis: int | None
+) -> int | None:
+    """Where ``array`` holds its samples: the model's batch axis (same rank as the input)
+    or a new first axis (one rank more)."""
+    if shape is None:
+        return 0  # unknown rank: the documented [N, ...] layout
+    if array.ndim == len(shape) + 1:
+        return None
+    if array.ndim == len(shape) and batch_axis is not None:
+        return batch_axis
+    dims = [d if isinstance(d, int) else str(d) for d in shape]
+    layouts = f"[N, *{dims}] (samples stacked on a new first axis)"
+    if batch_axis is not None:
+        layouts = f"rank {len(shape)} with the N samples along axis {batch_axis}, or " + layouts
+    raise UserInputError(
+        f"{path}: input {name!r} has shape {list(array.shape)}; the model expects {dims}: "
+        f"give {layouts}"
+    )
 
 
 def random_calibration(
     model: ir.Model, shapes: dict[str, tuple[int, ...]], count: int = RANDOM_SAMPLES
 ) -> CalibrationSet:
-    """Generated samples (``--calib random``): seeded, shaped like the verification inputs."""
-    samples = [make_inputs(model, shapes, seed=1000 + i) for i in range(count)]
-    arrays = {k: np.concatenate([s[k] for s in samples]) for k in samples[0]}
-    return CalibrationSet(arrays, "random", _batch_size(model))
+    """Generated samples (``--calib random``): seeded, dtype-aware, shaped as the model
+    declares its inputs (scalars stay scalars, a batch axis that is not the first is
+    batched along), integers in valid ranges (see :func:`_counts_from_one`)."""
+    axes = sample_axes(model)
+    bound = sample_input_shapes(model, shapes)
+    samples = [make_inputs(model, bound, seed=1000 + i) for i in range(count)]
+    by_name = {v.name: v for v in graph_inputs(model)}
+    rng = np.random.default_rng(999)
+    arrays = {}
+    for name in samples[0]:
+        pieces = [_counts_from_one(s[name], by_name[name], axes[name], rng) for s in samples]
+        axis = axes[name]
+        arrays[name] = np.stack(pieces) if axis is None else np.concatenate(pieces, axis=axis)
+    return CalibrationSet(arrays, "random", _batch_size(model, axes), False, axes)
+
+
+def _counts_from_one(
+    array: np.ndarray, value: ir.Value, axis: int | None, rng: np.random.Generator
+) -> np.ndarray:
+    """An integer scalar (or one value per sample, ``[B]``) is a count, length, rate or step
+    more often than an index: 0 empties a Range, divides by zero, cuts a sequence to nothing.
+    Such inputs take values from 1 up to what the generator allowed (``[0, high)``, ``high``
+    narrowed by a Gather table the input indexes). Token ids and masks are left alone."""
+    per_sample = array.ndim == 0 or (array.ndim == 1 and axis == 0)
+    if not per_sample or array.dtype.kind not in "iu" or "mask" in value.name.lower():
+        return array
+    high = _generated_high(value)
+    if high <= 1:
+        return array  # a table of one row: 0 is the only valid value
+    return rng.integers(1, high, size=array.shape).astype(array.dtype)
+
+
+def _generated_high(value: ir.Value) -> int:
+    from graphopt.inputs import INT_HIGH, _index_bound
+
+    return min(INT_HIGH, _index_bound(value) or INT_HIGH)
 
 
 def _free_sequence(model: ir.Model) -> bool:
@@ -125,10 +314,11 @@ def _free_sequence(model: ir.Model) -> bool:
     return bool(two_d) and all(not isinstance(v.shape[1], int) for v in two_d)
 
 
-def _batch_size(model: ir.Model) -> int:
-    """Feed several samples at once only when every input's first dim is free."""
+def _batch_size(model: ir.Model, axes: dict[str, int | None]) -> int:
+    """Feed several samples at once only when every input's batch dim is free."""
     for value in graph_inputs(model):
-        if value.shape is None or not value.shape.dims or isinstance(value.shape[0], int):
+        axis = axes.get(value.name)
+        if axis is None or value.shape is None or isinstance(value.shape[axis], int):
             return 1
     return BATCH
 

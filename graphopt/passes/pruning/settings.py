@@ -12,6 +12,16 @@ ALLOCATIONS = ("uniform", "global")
 COMPENSATIONS = ("none", "bias", "lsq")
 TARGET_KINDS = ("flops", "params")
 
+# The three choices a user may leave unset, resolved by :func:`resolve_choices`.
+CHOICES = ("criterion", "compensation", "allocation")
+# Without real data (no calibration, or ``--calib random``: generated inputs, whose statistics
+# say nothing about the data the model will see) only the data-free choices are safe.
+DATA_FREE_DEFAULTS = {"criterion": "l2", "compensation": "none", "allocation": "uniform"}
+# With a calibration file: the setting that measured best across the project's real-weight
+# models, fidelity weighed against time (bench/prune_defaults.py; BENCHMARKS.md, "Pruning
+# defaults").
+DATA_AWARE_DEFAULTS = {"criterion": "reconstruction", "compensation": "lsq", "allocation": "global"}
+
 
 @dataclass(frozen=True)
 class PruneTarget:
@@ -53,6 +63,9 @@ class PruneSettings:
     ridge: float = 0.3
     # Fraction of the calibration samples held out for the fidelity report (never fitted on).
     holdout: float = 0.25
+    # Check that removing the chosen units equals zeroing them (zig_check.check_chosen) and
+    # refuse the result otherwise; off with --no-verify.
+    check: bool = True
 
     def __post_init__(self) -> None:
         for value, allowed, flag in (
@@ -70,3 +83,60 @@ class PruneSettings:
     @property
     def needs_data(self) -> bool:
         return self.criterion in DATA_CRITERIA or self.compensation != "none"
+
+
+def calibration_is_file(calib: str | None) -> bool:
+    """True when ``calib`` names a calibration file (real samples), not ``random`` or nothing."""
+    return bool(calib) and calib != "random"
+
+
+@dataclass(frozen=True)
+class Choices:
+    """Criterion, compensation and allocation of a run, and which of them were defaults."""
+
+    criterion: str
+    compensation: str
+    allocation: str
+    # The names (of CHOICES) the caller left unset, in CHOICES order.
+    defaulted: tuple[str, ...] = ()
+    # Whether those defaults were the calibration-file ones (else the data-free ones).
+    data_aware: bool = False
+
+    def note(self, calib: str | None) -> str:
+        """One report line: every choice, the defaulted ones marked, and why those defaults."""
+        parts = [
+            f"{name} {getattr(self, name)}" + (" (default)" if name in self.defaulted else "")
+            for name in CHOICES
+        ]
+        line = "prune: " + ", ".join(parts)
+        if not self.defaulted:
+            return line
+        if self.data_aware:
+            why = "defaults with a calibration file"
+        elif calib == "random":
+            why = "data-free defaults: --calib random is generated data"
+        else:
+            why = "data-free defaults: no calibration data"
+        flags = "/".join("--" + name for name in self.defaulted)
+        return f"{line}; {why} ({flags} to choose)"
+
+
+def resolve_choices(
+    criterion: str | None,
+    compensation: str | None,
+    allocation: str | None,
+    calib: str | None,
+) -> Choices:
+    """Fill the choices the caller left unset (None or "") from the defaults that fit ``calib``.
+
+    The one place defaults are decided, so that the CLI, the API and recipes agree: an unset
+    choice takes :data:`DATA_AWARE_DEFAULTS` when ``calib`` is a file, else
+    :data:`DATA_FREE_DEFAULTS`; a choice the caller set is kept as given (and validated later
+    by :class:`PruneSettings`), even when it equals a default.
+    """
+    data_aware = calibration_is_file(calib)
+    defaults = DATA_AWARE_DEFAULTS if data_aware else DATA_FREE_DEFAULTS
+    given = {"criterion": criterion, "compensation": compensation, "allocation": allocation}
+    defaulted = tuple(name for name in CHOICES if not given[name])
+    values = {name: given[name] or defaults[name] for name in CHOICES}
+    return Choices(**values, defaulted=defaulted, data_aware=data_aware)

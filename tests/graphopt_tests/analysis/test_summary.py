@@ -154,3 +154,101 @@ def test_bad_rank_binding_is_not_a_crash(tmp_path, capsys, dims) -> None:
     assert code == 2
     err = capsys.readouterr().err
     assert "does not match the declared shape" in err and "Traceback" not in err
+
+
+def _symbolic_proto() -> onnx.ModelProto:
+    """Dims named as exporters name them, and as expressions (one spans lines, as a sympy
+    printout does); the model already uses the name ``expr0``."""
+    multi_line = "floor((s0 - 1)/2)\n    + 1"
+    x = helper.make_tensor_value_info("x", F, ["batch", "N", "unk__12", "s0"])
+    z = helper.make_tensor_value_info("z", F, ["expr0", "2*s0 + 1", multi_line])
+    y = helper.make_tensor_value_info("y", F, ["batch", "N", "unk__12", "2*s0 + 1"])
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x, z], [y])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_symbolic_dims_print_as_short_names() -> None:
+    s = summarize(io.load(_symbolic_proto()).model)
+    assert [i.shape for i in s.inputs] == [
+        ["batch", "N", "unk__12", "s0"],
+        ["expr0", "expr1", "expr2"],  # expr0 is the model's own name: the next is taken
+    ]
+    assert s.outputs[0].shape == ["batch", "N", "unk__12", "expr1"]  # same text, same name
+    assert s.symbols == {"expr1": "2*s0 + 1", "expr2": "floor((s0 - 1)/2) + 1"}
+    console = Console(record=True, width=120)
+    render_summary(s, console)
+    text = console.export_text()
+    assert "[expr0, expr1, expr2]" in text and "[batch, N, unk__12, s0]" in text
+    assert "expr2 = floor((s0 - 1)/2) + 1" in text
+    assert "2*s0 + 1]" not in text and "\n    + 1" not in text
+
+
+def test_cli_inspect_json_uses_short_names(tmp_path, capsys) -> None:
+    path = tmp_path / "m.onnx"
+    onnx.save_model(_symbolic_proto(), path)
+    assert main(["inspect", str(path), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["inputs"][1]["shape"] == ["expr0", "expr1", "expr2"]
+    assert data["symbols"]["expr2"] == "floor((s0 - 1)/2) + 1"
+    assert all("\n" not in str(d) for t in data["inputs"] + data["outputs"] for d in t["shape"])
+
+
+def _branching_proto() -> onnx.ModelProto:
+    """If with a MatMul branch (2·4·8·8 FLOPs) and a Relu branch (32), then a Loop × 3."""
+    then_graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["t"])], "then", [], [_vi("t")]
+    )
+    else_graph = helper.make_graph([helper.make_node("Relu", ["x"], ["e"])], "else", [], [_vi("e")])
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["c_in"], ["c_out"]), helper.make_node("Neg", ["v"], ["v2"])],
+        "body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("c_in", TensorProto.BOOL, []),
+            _vi("v"),
+        ],
+        [helper.make_tensor_value_info("c_out", TensorProto.BOOL, []), _vi("v2")],
+    )
+    nodes = [
+        helper.make_node(
+            "If", ["c"], ["z"], name="pick", then_branch=then_graph, else_branch=else_graph
+        ),
+        helper.make_node("Loop", ["trips", "", "z"], ["y"], name="repeat", body=body),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [_vi("x"), helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+        [_vi("y")],
+        [
+            onnx.numpy_helper.from_array(np.ones((8, 8), np.float32), "w"),
+            onnx.numpy_helper.from_array(np.array(3, np.int64), "trips"),
+        ],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def _vi(name: str) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, F, [4, 8])
+
+
+def test_inspect_counts_the_larger_branch_and_loop_iterations(tmp_path, capsys) -> None:
+    s = summarize(io.load(_branching_proto()).model)
+    assert s.flops == 512 + 3 * 32
+    assert s.flops_by_op == {"MatMul": 512, "Neg": 96}
+    pick, repeat = s.flops_control_flow
+    assert pick.bodies == {"then_branch": 512, "else_branch": 32} and pick.counted == 512
+    assert (repeat.iterations, repeat.counted) == (3, 96)
+    console = Console(record=True, width=140)
+    render_summary(s, console)
+    text = console.export_text()
+    assert "If pick: then 512, else 32 FLOPs; the larger (then) is counted" in text
+    assert "Loop repeat: body 32 FLOPs × 3 iterations" in text
+    capsys.readouterr()  # the console above printed too
+    path = tmp_path / "m.onnx"
+    onnx.save_model(_branching_proto(), path)
+    assert main(["inspect", str(path), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["flops"] == 608
+    assert [c["node"] for c in data["flops_control_flow"]] == ["pick", "repeat"]
+    assert data["flops_control_flow"][1]["iterations"] == 3

@@ -219,3 +219,26 @@ def test_zero_outputs_with_nothing_to_compare_fail() -> None:
     model = _with_zero_head(G.mlp_with_norm("layernorm"), hidden=False)
     result = check_groups(model, analyze(model))
     assert not result.ok and "nothing to compare" in result.detail
+
+
+def test_guard_checks_the_given_pruned_model_on_the_given_inputs() -> None:
+    """check_chosen judges the model pruning produced (a faulty one fails, with the tensor
+    and error in one line) on the feeds it is given (an original that cannot run on them is
+    'not judged', not a failure)."""
+    from graphopt.analysis.zig_check import check_chosen
+
+    model = G.residual()
+    report = analyze(model)
+    removed = sample_units(report, per_group=2)
+    feeds = {"x": np.random.default_rng(3).standard_normal((1, 3, 8, 8)).astype(np.float32)}
+    pruned = remove_channels(model, report.graph, removed)
+    assert check_chosen(model, report, removed, pruned, feeds).ok
+    key = next(k for k in sorted(removed) if report.graph.dims[k].is_param)
+    wrong = dict(removed)
+    wrong[key] = (removed[key] + 1) % report.graph.dims[key].size
+    faulty = remove_channels(model, report.graph, wrong)
+    result = check_chosen(model, report, removed, faulty, feeds)
+    assert not result.ok and not result.inconclusive and "\n" not in result.detail
+    bad_feeds = {"x": np.zeros((1, 5, 8, 8), np.float32)}
+    result = check_chosen(model, report, removed, pruned, bad_feeds)
+    assert not result.ok and result.inconclusive and "does not run" in result.detail

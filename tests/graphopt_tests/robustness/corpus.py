@@ -2,7 +2,8 @@
 
 Categories cover what a model downloaded from anywhere may hold: corrupt protobufs, absurd
 versions, unknown domains, cycles, dangling and duplicate names, huge declared dims, unsafe
-external data, wrong tensor sizes, subgraphs with outer-scope references, non-ASCII names.
+external data, wrong tensor sizes, subgraphs with outer-scope references, non-ASCII names,
+corrupt string fields.
 Generation is seeded: the same corpus on every run and machine. The cases live in
 ``cases_*.py``; importing this module registers them all in ``CASES``.
 """
@@ -14,10 +15,15 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from graphopt_tests.robustness import cases_graphs, cases_structure, cases_tensors  # noqa: F401 (registers)
+from graphopt_tests.robustness import (  # noqa: F401 (importing registers the cases)
+    cases_graphs,
+    cases_strings,
+    cases_structure,
+    cases_tensors,
+)
 from graphopt_tests.robustness.build import CASES, Case, base_model
 
-__all__ = ["CASES", "Case", "Outcome", "base_model", "categories", "run_case"]
+__all__ = ["CASES", "Case", "Outcome", "base_model", "categories", "run_case", "run_in_process"]
 
 
 def categories() -> Counter[str]:
@@ -136,9 +142,11 @@ def run_case(
 ) -> Outcome:
     """Build ``case`` in ``folder`` and run ``graphopt optimize`` on it; list what went wrong.
 
-    Allowed: exit 2 with one ``graphopt: error:`` line, or exit 0 with an output that loads
-    and matches the original in ORT. Never a traceback, exit 3, a hang, or a file written
-    anywhere but the output (and its data file) — temporary files included.
+    Allowed: exit 2 with one ``graphopt: error:`` line, exit 0 with an output that loads
+    and matches the original in ORT, or exit 4 (written but not verified: ORT cannot run the
+    original) with one such line and an output that loads. Never a traceback, exit 3, a
+    hang, or a file written anywhere but the output (and its data file) — temporary files
+    included.
     """
     import tempfile
     import time
@@ -181,9 +189,12 @@ def run_case(
     elif code == 2:
         if len(lines) != 1 or not lines[0].startswith("graphopt: error:"):
             problems.append(f"exit 2 without exactly one error line: {stderr!r}")
-    elif code == 0:
+    elif code in (0, 4):
         if any("Traceback" in line for line in lines):
             problems.append("traceback on stderr")
+        errors = [line for line in lines if line.startswith("graphopt: error:")]
+        if code == 4 and (len(errors) != 1 or "written but not verified" not in errors[0]):
+            problems.append(f"exit 4 without exactly one 'not verified' line: {stderr!r}")
         why = _outputs_match(source, output) if output.exists() else "exit 0 but no output"
         if why:
             problems.append(why)

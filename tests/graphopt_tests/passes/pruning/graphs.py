@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from graphopt_tests.helpers import make_model, tensor_info
 
@@ -124,3 +124,108 @@ def branches(seed: int = 0, width: int = 16) -> ir.Model:
         helper.make_node("Relu", ["sum"], ["r2"]),
     ]
     return _with_classifier(nodes, "r2", inits)
+
+
+# Models with the input layouts and weights real exports have, for ``--calib random`` and the
+# reasons pruning gives when it finds nothing. Each is the FFN of ``mlp`` (x → 32 → 8) plus:
+
+
+def _ffn(rng: np.random.Generator, out: str = "y") -> tuple[list, dict]:
+    inits = {"w1": _w(rng, 16, 32), "b1": _w(rng, 32), "w2": _w(rng, 32, 8)}
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"]),
+        helper.make_node("Add", ["h", "b1"], ["hb"]),
+        helper.make_node("Relu", ["hb"], ["a"]),
+        helper.make_node("MatMul", ["a", "w2"], [out]),
+    ]
+    return nodes, inits
+
+
+def recurrent_state(seed: int = 0) -> ir.Model:
+    """… a GRU/LSTM-like state ``[2, batch, 8]`` added to the output: the batch axis of that
+    input is its second."""
+    nodes, inits = _ffn(np.random.default_rng(seed))
+    nodes.append(helper.make_node("Add", ["y", "state"], ["out"]))
+    return make_model(
+        nodes,
+        [tensor_info("x", F, ["batch", 16]), tensor_info("state", F, [2, "batch", 8])],
+        [tensor_info("out", F, [2, "batch", 8])],
+        inits,
+    )
+
+
+def scalar_rate(seed: int = 0) -> ir.Model:
+    """… an int64 scalar input (a sample rate) that scales the output."""
+    nodes, inits = _ffn(np.random.default_rng(seed))
+    nodes += [
+        helper.make_node("Cast", ["rate"], ["rate_f"], to=F),
+        helper.make_node("Div", ["y", "rate_f"], ["out"]),
+    ]
+    return make_model(
+        nodes,
+        [tensor_info("x", F, ["batch", 16]), tensor_info("rate", TensorProto.INT64, [])],
+        [tensor_info("out", F, ["batch", 8])],
+        inits,
+    )
+
+
+def conv_in_if(seed: int = 0) -> ir.Model:
+    """Not the FFN: an If on a scalar bool input whose then-branch holds a Conv (3→4) with
+    its weight; the else-branch widens x to 4 channels without weights."""
+    rng = np.random.default_rng(seed)
+    then_branch = helper.make_graph(
+        [helper.make_node("Conv", ["x", "cw"], ["t"], pads=[1] * 4)],
+        "then",
+        [],
+        [tensor_info("t", F, ["batch", 4, 8, 8])],
+        [numpy_helper.from_array(_w(rng, 4, 3, 3, 3), "cw")],
+    )
+    else_branch = helper.make_graph(
+        [helper.make_node("Pad", ["x", "pads"], ["e"])],
+        "else",
+        [],
+        [tensor_info("e", F, ["batch", 4, 8, 8])],
+        [numpy_helper.from_array(np.array([0, 0, 0, 0, 0, 1, 0, 0], np.int64), "pads")],
+    )
+    nodes = [
+        helper.make_node("If", ["flag"], ["i"], then_branch=then_branch, else_branch=else_branch),
+        helper.make_node("Relu", ["i"], ["out"]),
+    ]
+    return make_model(
+        nodes,
+        [tensor_info("x", F, ["batch", 3, 8, 8]), tensor_info("flag", TensorProto.BOOL, [])],
+        [tensor_info("out", F, ["batch", 4, 8, 8])],
+    )
+
+
+def dequantized(seed: int = 0) -> ir.Model:
+    """… with int8 weights behind DequantizeLinear (a QDQ export)."""
+    rng = np.random.default_rng(seed)
+    inits = {
+        "q1": rng.integers(-100, 100, (16, 32)).astype(np.int8),
+        "q2": rng.integers(-100, 100, (32, 8)).astype(np.int8),
+        "scale": np.array(0.01, np.float32),
+        "zero": np.array(0, np.int8),
+    }
+    nodes = [
+        helper.make_node("DequantizeLinear", ["q1", "scale", "zero"], ["w1"]),
+        helper.make_node("DequantizeLinear", ["q2", "scale", "zero"], ["w2"]),
+        helper.make_node("MatMul", ["x", "w1"], ["h"]),
+        helper.make_node("Relu", ["h"], ["a"]),
+        helper.make_node("MatMul", ["a", "w2"], ["y"]),
+    ]
+    return make_model(
+        nodes, [tensor_info("x", F, ["batch", 16])], [tensor_info("y", F, ["batch", 8])], inits
+    )
+
+
+def flat_weight(seed: int = 0) -> ir.Model:
+    """… with its first weight stored flat and reshaped at run time (as some exporters write
+    it): the raw graph ties all 32 hidden units into one; constant folding frees them."""
+    nodes, inits = _ffn(np.random.default_rng(seed))
+    inits["w1_flat"] = inits.pop("w1").reshape(-1)
+    inits["w1_shape"] = np.array([16, 32], np.int64)
+    nodes.insert(0, helper.make_node("Reshape", ["w1_flat", "w1_shape"], ["w1"]))
+    return make_model(
+        nodes, [tensor_info("x", F, ["batch", 16])], [tensor_info("y", F, ["batch", 8])], inits
+    )

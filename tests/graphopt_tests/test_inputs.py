@@ -1,0 +1,332 @@
+"""Generated inputs that exercise the model, and ``--verify-inputs`` for the user's own data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper
+
+from graphopt import io
+from graphopt.api import OptimizeOptions, optimize
+from graphopt.cli import main
+from graphopt.errors import UserInputError
+from graphopt.inputs import (
+    SAMPLE_RATE,
+    bind_dims,
+    input_shapes,
+    make_inputs,
+    second_shape_candidates,
+)
+from graphopt.recipe import recipe_from_dict
+from graphopt.verify import Verifier
+from graphopt_tests.helpers import make_model, tensor_info
+
+F, I64 = TensorProto.FLOAT, TensorProto.INT64
+
+
+@pytest.fixture(autouse=True)
+def _wide_console(monkeypatch) -> None:
+    monkeypatch.setenv("COLUMNS", "200")
+
+
+def _text_model():
+    """ids[batch, seq] → Gather(table of 50 rows) + pos[batch, seq] → Gather(8 rows); a
+    rank-4 bias[batch, 1, seq, seq] added to scores; mask[batch, seq] multiplies."""
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("Gather", ["table", "ids"], ["tok"]),
+        helper.make_node("Gather", ["positions", "pos"], ["p"]),
+        helper.make_node("Add", ["tok", "p"], ["h"]),  # [b, s, 4]
+        helper.make_node("MatMul", ["h", "hT"], ["scores"]),  # [b, s, s]
+        helper.make_node("Unsqueeze", ["scores", "one"], ["s4"]),  # [b, 1, s, s]
+        helper.make_node("Add", ["s4", "bias"], ["biased"]),
+        helper.make_node("Cast", ["mask"], ["m"], to=F),
+        helper.make_node("Unsqueeze", ["m", "one_two"], ["m4"]),  # [b, 1, 1, s]
+        helper.make_node("Mul", ["biased", "m4"], ["y"]),
+        helper.make_node("Transpose", ["h"], ["hT"], perm=[0, 2, 1]),
+    ]
+    # Topological order for the checker: Transpose before MatMul.
+    nodes.insert(3, nodes.pop())
+    return make_model(
+        nodes,
+        [
+            tensor_info("ids", I64, ["batch", "seq"]),
+            tensor_info("pos", I64, ["batch", "seq"]),
+            tensor_info("bias", F, ["batch", 1, "seq", "seq"]),
+            tensor_info("mask", I64, ["batch", "seq"]),
+        ],
+        [tensor_info("y", F, ["batch", 1, "seq", "seq"])],
+        {
+            "table": rng.standard_normal((50, 4)).astype(np.float32),
+            "positions": rng.standard_normal((8, 4)).astype(np.float32),
+            "one": np.array([1], np.int64),
+            "one_two": np.array([1, 2], np.int64),
+        },
+    )
+
+
+def test_one_value_per_named_dim_across_inputs() -> None:
+    model = _text_model()
+    feeds = make_inputs(model)
+    # `seq` is first seen on a rank-2 input (16), capped by the 8-row position table: every
+    # input that names it gets the same value, the rank-4 `bias` included (not 32).
+    assert {k: v.shape for k, v in feeds.items()} == {
+        "ids": (1, 8),
+        "pos": (1, 8),
+        "bias": (1, 1, 8, 8),
+        "mask": (1, 8),
+    }
+    # A shape given for one input binds its named dims for the others.
+    shapes = input_shapes(model, {"ids": (2, 5)})
+    assert shapes == {"ids": (2, 5), "pos": (2, 5), "bias": (2, 1, 5, 5), "mask": (2, 5)}
+    Verifier(model, {"ids": (2, 5)})  # ORT runs the original on them
+
+
+def test_integer_inputs_take_values_the_model_can_use() -> None:
+    model = _text_model()
+    feeds = make_inputs(model, {"ids": (3, 6)}, seed=4)
+    assert feeds["ids"].min() >= 0 and feeds["ids"].max() < 10  # table of 50: [0, 10)
+    # Position ids count along the sequence, as a tokenizer feeds them.
+    np.testing.assert_array_equal(feeds["pos"], np.broadcast_to(np.arange(6), (3, 6)))
+    assert (feeds["mask"] == 1).all()
+
+
+def test_lengths_and_sample_rate() -> None:
+    model = make_model(
+        [
+            helper.make_node("Cast", ["lengths"], ["lf"], to=F),
+            helper.make_node("Cast", ["sample_rate"], ["rf"], to=F),
+            helper.make_node("ReduceSum", ["audio"], ["total"], keepdims=0),
+            helper.make_node("Add", ["lf", "rf"], ["lr"]),
+            helper.make_node("Add", ["lr", "total"], ["y"]),
+        ],
+        [
+            tensor_info("audio", F, ["batch", "frames", 80]),
+            tensor_info("lengths", I64, ["batch"]),
+            tensor_info("sample_rate", I64, []),
+        ],
+        [tensor_info("y", F, ["batch"])],
+    )
+    feeds = make_inputs(model, {"audio": (64, 12, 80)}, seed=1)
+    # Lengths measure the longest symbolic dim of the others (frames = 12, not the 80
+    # features): within [1, 12], and varied.
+    assert feeds["lengths"].shape == (64,)
+    assert feeds["lengths"].min() >= 1 and feeds["lengths"].max() <= 12
+    assert len(set(feeds["lengths"].tolist())) > 3
+    assert int(feeds["sample_rate"]) == SAMPLE_RATE
+
+
+def test_default_dims_are_large_enough_for_windows() -> None:
+    rng = np.random.default_rng(0)
+    model = make_model(
+        [
+            helper.make_node("Conv", ["image", "w"], ["c"]),  # 40x40 kernel, no padding
+            helper.make_node("ReduceMean", ["c"], ["a"], keepdims=0),
+            helper.make_node("Pad", ["signal", "pads"], ["padded"], mode="reflect"),
+            helper.make_node("ReduceMean", ["padded"], ["b"], keepdims=0),
+            helper.make_node("Add", ["a", "b"], ["y"]),
+        ],
+        [tensor_info("image", F, ["n", 1, "h", "w_"]), tensor_info("signal", F, [1, "t"])],
+        [tensor_info("y", F, [])],
+        {
+            "w": rng.standard_normal((2, 1, 40, 40)).astype(np.float32),
+            "pads": np.array([0, 20, 0, 20], np.int64),  # reflect 20 on t: t must be >= 21
+        },
+    )
+    Verifier(model)  # the default shapes run; 32x32 and 16 would not
+    dims = bind_dims(model)
+    assert dims == {"n": 1, "h": 40, "w_": 40, "t": 21}
+    # Second-shape values never go below what the windows need.
+    candidates = second_shape_candidates(model, dims)
+    assert all(v >= 40 for v in candidates["h"]) and all(v >= 21 for v in candidates["t"])
+
+
+def test_stft_frame_sets_the_signal_length() -> None:
+    model = make_model(
+        [helper.make_node("STFT", ["signal", "step", "", "frame"], ["y"], onesided=1)],
+        [tensor_info("signal", F, ["batch", "samples", 1])],
+        [tensor_info("y", F, ["batch", "frames", 201, 2])],
+        {"step": np.array(160, np.int64), "frame": np.array(400, np.int64)},
+        opset=17,
+    )
+    Verifier(model)  # 16 samples would not fill one 400-sample frame
+    assert bind_dims(model) == {"batch": 1, "samples": 400}
+
+
+def test_second_shape_candidates_keep_divisibility_and_limits() -> None:
+    model = _text_model()
+    candidates = second_shape_candidates(model, {"batch": 1, "seq": 8})
+    # seq indexes an 8-row position table: it can only go down.
+    assert candidates == {"batch": [2], "seq": [4]}
+    image = make_model(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        [tensor_info("x", F, ["n", 3, "?", "?"])],  # paddle2onnx's "unknown": two dims
+        [tensor_info("y", F, ["n", 3, "?", "?"])],
+    )
+    dims = bind_dims(image, {"x": (1, 3, 224, 320)})
+    assert dims == {"n": 1, "x[2]": 224, "x[3]": 320}
+    assert second_shape_candidates(image, dims) == {
+        "n": [2],
+        "x[2]": [192, 256, 448, 112],  # 224 = 7 * 32: down by 32 first
+        "x[3]": [288, 352, 640, 160],
+    }
+
+
+def test_a_dim_the_model_fixes_in_practice_is_kept_and_reported() -> None:
+    """Reshape x[n, h, 8] to [n, 64] (0 copies n): n may change, h must stay 8."""
+    model = make_model(
+        [
+            helper.make_node("Reshape", ["x", "target"], ["flat"]),
+            helper.make_node("ReduceSum", ["flat", "axis"], ["y"], keepdims=0),
+        ],
+        [tensor_info("x", F, ["n", "h", 8])],
+        [tensor_info("y", F, ["n2"])],
+        {"target": np.array([0, 64], np.int64), "axis": np.array([1], np.int64)},
+    )
+    verifier = Verifier(model, {"x": (1, 8, 8)})
+    assert [f["x"].shape for f in verifier.input_sets] == [(1, 8, 8), (2, 8, 8)]
+    assert verifier.shape_note.startswith("h kept at one value")
+
+
+def test_rejected_generated_inputs_name_the_input_shape_and_fix(tmp_path: Path, capsys) -> None:
+    """idx + 5 indexes a 8-row table: generated indices in [0, 10) fail in ORT."""
+    model = make_model(
+        [
+            helper.make_node("Add", ["idx", "five"], ["shifted"]),
+            helper.make_node("Gather", ["table", "shifted"], ["y"]),
+        ],
+        [tensor_info("idx", I64, ["batch", "seq"])],
+        [tensor_info("y", F, ["batch", "seq", 2])],
+        {"table": np.ones((8, 2), np.float32), "five": np.array(5, np.int64)},
+    )
+    source = tmp_path / "m.onnx"
+    io.save(model, source)
+    main(["optimize", str(source), "-o", str(tmp_path / "o.onnx")])
+    captured = capsys.readouterr()
+    text = captured.out + captured.err
+    assert "not verified" in text
+    assert "idx 1x16 int64 in [0, 9]" in text
+    assert "--input-shape" in text and "--verify-inputs FILE.npz" in text
+    # The fix works: the user's own data verifies.
+    data = tmp_path / "data.npz"
+    np.savez(data, idx=np.array([[0, 1, 2], [2, 1, 0]], np.int64))
+    code = main(
+        ["optimize", str(source), "-o", str(tmp_path / "o.onnx"), "--verify-inputs", str(data)]
+    )
+    out = capsys.readouterr().out
+    assert code == 0 and "verification passed" in out
+    # The second shape is cut and tiled from the user's data (generated ids would fail).
+    assert "batch=2, seq=3: idx 2x3 | batch=4, seq=2: idx 4x2" in out
+
+
+def _two_input_file(tmp_path: Path) -> Path:
+    """y = x * Cast(mask): x[batch, 4] float, mask[batch, 4] int64."""
+    model = make_model(
+        [
+            helper.make_node("Cast", ["mask"], ["m"], to=F),
+            helper.make_node("Mul", ["x", "m"], ["y"]),
+        ],
+        [tensor_info("x", F, ["batch", 4]), tensor_info("mask", I64, ["batch", 4])],
+        [tensor_info("y", F, ["batch", 4])],
+    )
+    path = tmp_path / "m.onnx"
+    io.save(model, path)
+    return path
+
+
+def test_verify_inputs_runs_on_the_users_data(tmp_path: Path, capsys) -> None:
+    source = _two_input_file(tmp_path)
+    data = tmp_path / "data.npz"
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    np.savez(data, x=x, mask=np.ones((3, 4), np.int64))
+    code = main(["optimize", str(source), "--verify-inputs", str(data)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    # The user's shape first, then a generated second shape.
+    assert "checked at 2 input shapes: batch=3: x 3x4, mask 3x4 | batch=2: x 2x4" in out
+    verifier = Verifier(io.load(source).model, feeds={"x": x, "mask": np.ones((3, 4), np.int64)})
+    np.testing.assert_array_equal(verifier.input_sets[0]["x"], x)
+    # API field and recipe key.
+    result = optimize(source, None, OptimizeOptions(verify_inputs=data))
+    assert result.report.verification.ok
+    assert result.report.verification.shapes[0] == "batch=3: x 3x4, mask 3x4"
+    assert recipe_from_dict({"verify_inputs": str(data)}).verify_inputs == str(data)
+    with pytest.raises(UserInputError, match="verify_inputs is the path"):
+        recipe_from_dict({"verify_inputs": 3})
+
+
+@pytest.mark.parametrize(
+    ("arrays", "message"),
+    [
+        ({"x": np.ones((2, 4), np.float32)}, "no array for model input(s) mask"),
+        (
+            {"x": np.ones((2, 4), np.float32), "mask": np.ones((2, 4), np.int64), "z": np.ones(1)},
+            "array(s) z are not model inputs (x, mask)",
+        ),
+        (
+            {"x": np.ones((2, 4), np.float64), "mask": np.ones((2, 4), np.int64)},
+            "input 'x' is float64, the model expects float32",
+        ),
+        (
+            {"x": np.ones((2, 5), np.float32), "mask": np.ones((2, 5), np.int64)},
+            "input 'x' has shape 2x5, the model expects [batch,4]",
+        ),
+        (
+            {"x": np.ones((2, 4), np.float32), "mask": np.ones((3, 4), np.int64)},
+            "dim 'batch' is 2 in input 'x' but 3 in 'mask'",
+        ),
+    ],
+)
+def test_verify_inputs_that_do_not_match_are_exit_2(
+    tmp_path: Path, capsys, arrays: dict, message: str
+) -> None:
+    source = _two_input_file(tmp_path)
+    data = tmp_path / "data.npz"
+    np.savez(data, **arrays)
+    code = main(["optimize", str(source), "--verify-inputs", str(data)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "m.opt.onnx").exists()
+
+
+def test_verify_inputs_refuses_pickles_and_no_verify(tmp_path: Path, capsys) -> None:
+    source = _two_input_file(tmp_path)
+    pickled = tmp_path / "p.npz"
+    np.savez(pickled, x=np.array([{"a": 1}], dtype=object), mask=np.ones((1, 4), np.int64))
+    code = main(["optimize", str(source), "--verify-inputs", str(pickled)])
+    assert code == 2 and "pickled" in capsys.readouterr().err
+    code = main(["optimize", str(source), "--verify-inputs", str(tmp_path / "missing.npz")])
+    assert code == 2 and "no such verification inputs file" in capsys.readouterr().err
+    data = tmp_path / "d.npz"
+    np.savez(data, x=np.ones((1, 4), np.float32), mask=np.ones((1, 4), np.int64))
+    code = main(["optimize", str(source), "--verify-inputs", str(data), "--no-verify"])
+    assert code == 2 and "contradict" in capsys.readouterr().err
+
+
+def test_rejection_message_calls_out_the_input_ort_names() -> None:
+    from graphopt.verify import _rejected
+
+    feeds = {"x": np.zeros((1, 3, 32, 32), np.float32), "ids": np.zeros((1, 16), np.int64)}
+    named = _rejected(RuntimeError("Got invalid dimensions for input: x for the ..."), feeds, None)
+    assert "input 'x' was x 1x3x32x32 float32; generated inputs:" in named
+    # "idx=13" in an index error names no input.
+    index = _rejected(RuntimeError("out of data bounds, idx=13"), {"idx": feeds["ids"]}, None)
+    assert "was" not in index and "generated inputs: idx 1x16 int64 in [0, 0]" in index
+
+
+def test_no_second_value_is_said_not_invented() -> None:
+    """Position ids index a 1-row table: seq can only be 1, and batch is fixed."""
+    model = make_model(
+        [helper.make_node("Gather", ["table", "position_ids"], ["y"])],
+        [tensor_info("position_ids", I64, [1, "seq"])],
+        [tensor_info("y", F, [1, "seq", 4])],
+        {"table": np.ones((1, 4), np.float32)},
+    )
+    verifier = Verifier(model)
+    assert len(verifier.input_sets) == 1
+    result = verifier.check(model)
+    assert result.shapes == ["seq=1: position_ids 1x1"]
+    assert result.shape_note == "one shape only: no other value the graph allows for seq"
