@@ -45,8 +45,8 @@ class OrtSkipRmsNormPass(OrtFusionPass):
     """With --target ort: RMSNorm (Pow/Mean/Sqrt/Div/Mul) + residual Add → SkipSimplifiedLN."""
 
     name = "ort-skip-rms-norm"
-    # The decomposed RMSNorm (mean of squares) or ORT's SimplifiedLayerNormalization.
-    ops = frozenset(("ReduceMean", "SimplifiedLayerNormalization"))
+    # The decomposed RMSNorm: its mean of squares (the rule makes the Simplified op itself).
+    ops = frozenset(("ReduceMean",))
     # RMSNorm first becomes ORT's SimplifiedLayerNormalization (registered by ORT in the default
     # domain); only the ones that also absorb a residual Add count as hits, but the plain ones
     # are kept too when the pass fires, as they are the same contrib kernel family.
