@@ -73,7 +73,9 @@ def drop_if_unused(value: ir.Value | None) -> None:
         value.graph.initializers.pop(value.name, None)
         return
     producer = value.producer()
-    if producer is not None and editing.is_op(producer, "Constant"):
+    # A producer already out of its graph was dropped through another input that named the
+    # same value (two Slices sharing one axes Constant).
+    if producer is not None and producer.graph is not None and editing.is_op(producer, "Constant"):
         editing.remove_if_dead(producer)
 
 

@@ -177,3 +177,22 @@ def test_slice_read_by_two_slices_refused_when_one_cannot_merge() -> None:
     after, hits = run_pass(_shared_inner(second_axis=1), MergeSlicesPass)
     assert hits == 0
     assert op_types(after) == ["Slice", "Slice", "Slice"]
+
+
+def test_slices_sharing_one_axes_constant_merge() -> None:
+    # Both Slices read the same axes Constant node: dropping it once must be enough (it was
+    # dropped twice, "node ... is not in a graph", and the pass was rolled back).
+    nodes = [
+        helper.make_node("Constant", [], ["axes"], value=helper.make_tensor("a", 7, [1], [1])),
+        helper.make_node("Constant", [], ["s0"], value=helper.make_tensor("s0", 7, [1], [1])),
+        helper.make_node("Constant", [], ["e0"], value=helper.make_tensor("e0", 7, [1], [7])),
+        helper.make_node("Constant", [], ["s1"], value=helper.make_tensor("s1", 7, [1], [2])),
+        helper.make_node("Constant", [], ["e1"], value=helper.make_tensor("e1", 7, [1], [5])),
+        helper.make_node("Slice", ["X", "s0", "e0", "axes"], ["t"]),
+        helper.make_node("Slice", ["t", "s1", "e1", "axes"], ["Y"]),
+    ]
+    model = make_model(nodes, [tensor_info("X", F, [6, 8, 10])], [tensor_info("Y", F, [None] * 3)])
+    after, hits = run_pass(model, MergeSlicesPass)
+    assert hits == 1
+    assert op_types(after) == ["Slice"]
+    assert_same_outputs(model, roundtrip(after))
