@@ -23,10 +23,14 @@ from graphopt.pipeline import (
     PassSpec,
     ProgressCallback,
     RunReport,
+    Step,
     default_pipeline,
     explicit_pipeline,
+    explicit_specs,
+    is_out_of_memory,
+    skip_notes,
 )
-from graphopt.registry import PassContext
+from graphopt.registry import PassContext, get_pass
 from graphopt.verify import (
     NothingToCompare,
     VerificationUnavailable,
@@ -65,17 +69,26 @@ class OptimizeOptions:
     # fusions into LayerNormalization/Gelu/Attention can apply.
     opset: int | None = None
     seed: int = 0
-    # Structured pruning (lossy), e.g. prune="flops=0.3"; the rest refine it.
+    # Structured pruning (lossy), e.g. prune="flops=0.3"; the rest refine it. criterion,
+    # allocation and compensation left None take defaults that depend on ``calib``
+    # (graphopt.passes.pruning.settings.resolve_choices): with a calibration file the
+    # data-aware ones that measured best, else l2 / uniform / none.
     prune: str | None = None
-    criterion: str = "l2"
-    allocation: str = "uniform"
-    compensation: str = "none"
+    criterion: str | None = None
+    allocation: str | None = None
+    compensation: str | None = None
     round_to: int | None = None
     calib: str | None = None  # a .npz path, or "random"
-    max_group_ratio: float = 0.8
+    # None: the pass's own default (PassOption in graphopt/passes/pruning/prune.py, the one
+    # place defaults are declared for the CLI, the API and recipes).
+    max_group_ratio: float | None = None
 
     def lossy_specs(self) -> list[PassSpec]:
-        """``lossy`` plus the pruning pass the ``prune`` fields ask for."""
+        """``lossy`` plus the pruning pass the ``prune`` fields ask for (run settings added)."""
+        return self._with_run_settings(self._asked_lossy())
+
+    def _asked_lossy(self) -> list[PassSpec]:
+        """``lossy`` plus the pruning pass the ``prune`` fields ask for, as asked."""
         specs = list(self.lossy)
         if self.prune:
             from graphopt.passes.pruning.settings import PruneTarget
@@ -83,20 +96,63 @@ class OptimizeOptions:
             target = PruneTarget.parse(self.prune)
             options = {
                 target.kind: target.ratio,
-                "criterion": self.criterion,
-                "allocation": self.allocation,
-                "compensation": self.compensation,
                 "round_to": self.round_to or 0,
                 "calib": self.calib or "",
                 "max_group_ratio": self.max_group_ratio,
             }
+            # Only the choices set: the pass resolves the others, and the stamped record
+            # keeps "not set" apart from "set to the default".
+            choices = {
+                "criterion": self.criterion,
+                "allocation": self.allocation,
+                "compensation": self.compensation,
+            }
+            options.update({k: v for k, v in choices.items() if v is not None})
             specs = [s for s in specs if s.name != "prune"] + [PassSpec("prune", options)]
+        return specs
+
+    def _with_run_settings(self, specs: list[PassSpec]) -> list[PassSpec]:
         # --no-verify also turns off pruning's own check (zeroed vs removed units); an option
         # a recipe gives the pass itself wins.
         return [
             PassSpec(s.name, {"verify": self.verify, **s.options}) if s.name == "prune" else s
             for s in specs
         ]
+
+    def pipeline(self) -> tuple[list[Step], list[str]]:
+        """The steps this run executes, and notes on options given that change nothing."""
+        if self.passes is None:
+            lossy = self.lossy_specs()
+            steps, notes = default_pipeline(lossy, self.skip), skip_notes(lossy, self.skip)
+        else:
+            specs, notes = explicit_specs(self.passes, self._asked_lossy(), self.skip)
+            steps = explicit_pipeline(self._with_run_settings(specs))
+        return steps, notes + _idle_option_notes(self, steps)
+
+
+def _idle_option_notes(options: OptimizeOptions, steps: list[Step]) -> list[str]:
+    """Options set that this run has no use for: said in the report rather than ignored."""
+    names = [spec.name for step in steps for spec in step.passes]
+    notes = []
+    if not options.verify:
+        given = {"--tolerance": options.tolerance is not None, "--seed": options.seed != 0}
+        idle = [flag for flag, set_ in given.items() if set_]
+        if idle:
+            # Both only shape verification (its tolerance, its generated inputs).
+            notes.append(f"{' and '.join(idle)} had no effect: verification was off (--no-verify)")
+    # The limit binds constant folding, and the ORT fusions' preparation (which folds too).
+    folds = "constant-folding" in names or (
+        options.target == "ort" and any("ort" in (get_pass(n).targets or ()) for n in names)
+    )
+    if options.fold_limit_bytes != DEFAULT_FOLD_LIMIT_BYTES and not folds:
+        notes.append("--fold-limit had no effect: constant-folding is not in this run's passes")
+    if options.passes is not None:
+        # The default pipeline skips another target's passes silently (they are listed as
+        # skipped); a pass the user named is worth a word.
+        other = [n for n in dict.fromkeys(names) if not get_pass(n).serves(options.target)]
+        if other:
+            notes.append(f"{', '.join(other)} did nothing: not a pass of --target {options.target}")
+    return notes
 
 
 @dataclass
@@ -181,15 +237,15 @@ def _optimize(
         model, conversion_note = convert_opset(model, options.opset)
         if conversion_note:
             context.note(conversion_note)
-    steps = (
-        explicit_pipeline(options.passes)
-        if options.passes is not None
-        else default_pipeline(options.lossy_specs(), options.skip)
-    )
+    steps, notes = options.pipeline()
+    for note in notes:
+        context.note(note)
     verifier = None
     skipped_reason = ""
     feeds, feeds_source = _verify_inputs(options)
     if options.verify:
+        if progress is not None:
+            progress("running the original model in ONNX Runtime")
         try:
             # The reference is the model as given: an opset conversion is verified too.
             verifier = Verifier(
@@ -201,12 +257,19 @@ def _optimize(
                 feeds_source=feeds_source,
             )
         except VerificationUnavailable as exc:
+            if is_out_of_memory(str(exc)):
+                # Not "ORT cannot run this model" (exit 4): this machine ran out (exit 3).
+                raise MemoryError(str(exc)) from None
             skipped_reason = (
                 str(exc)
                 if isinstance(exc, NothingToCompare)
                 else f"ONNX Runtime cannot run the original model: {exc}"
                 + missing_library_hint(original_for_verify)
             )
+        if verifier is not None and verifier.input_note:
+            # The default sizes did not run and larger ones did: pruning's generated data
+            # (--calib random, its zero-invariance check) and its FLOPs use the ones that ran.
+            context.input_shapes = dict(verifier.generated_shapes)
     manager = PassManager(steps, context, verifier, progress)
     model, report = manager.run(model)
     if not options.verify:
@@ -225,6 +288,8 @@ def _optimize(
     finalize.drop_generated_dims(model)
     finalize.stamp(model, options)
     if target is not None:
+        if progress is not None:
+            progress("writing the output")
         external = options.external_data
         if external is None and loaded.uses_external_data:
             external = True

@@ -1,9 +1,9 @@
 """The ``graphopt`` command line.
 
 Exit codes: 0 success; 1 a check failed (verification); 2 bad input or usage;
-3 internal error (a bug: please report it); 4 written but not verified (ONNX Runtime cannot
-run the original model on the generated inputs, or all its outputs are empty; never with
---no-verify); 130 interrupted.
+3 internal error (a bug: please report it) or out of memory (one line saying so);
+4 written but not verified (ONNX Runtime cannot run the original model on the generated
+inputs, or all its outputs are empty; never with --no-verify); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -12,10 +12,12 @@ import argparse
 import json
 import logging
 import os
+import re
 import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
@@ -29,7 +31,14 @@ from graphopt.errors import (
     UserInputError,
 )
 
+if TYPE_CHECKING:  # imported when a command runs, so that --help stays fast
+    from graphopt.api import OptimizeOptions
+    from graphopt.pipeline import PassSpec
+
 EXIT_INTERNAL = 3
+# What the run was doing, for the out-of-memory message ("out of memory while verifying"):
+# set by optimize's progress callback. One run per process, so module state is enough.
+_stage = ["starting"]
 # What str.splitlines breaks at.
 _LINE_BREAKS = "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"
 
@@ -45,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _ArgumentParser(
         prog="graphopt",
         description="Optimize exported ONNX graphs: erase, fuse, verify.",
-        epilog="Exit codes: 0 ok, 1 a check failed, 2 bad input or usage, 3 internal error, "
+        epilog="Exit codes: 0 ok, 1 a check failed, 2 bad input or usage, 3 internal error "
+        "or out of memory, "
         "4 written but not verified, 130 interrupted.",
     )
     parser.add_argument("--version", action="version", version=f"graphopt {__version__}")
@@ -62,9 +72,23 @@ def build_parser() -> argparse.ArgumentParser:
         "Runtime, and write the result.",
     )
     opt.add_argument("input", help="model file (.onnx)")
+    # Also accepted after the command (`graphopt optimize --verbose`); SUPPRESS keeps the
+    # top-level flag's value when it is not repeated here.
+    opt.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="list every pass in the report (also those that changed nothing) and log what "
+        "passes do",
+    )
     opt.add_argument("-o", "--output", help="output file (default: IN_STEM.opt.onnx beside IN)")
     opt.add_argument("--in-place", action="store_true", help="replace the input atomically")
-    opt.add_argument("--passes", help="comma-separated passes to run, in this order")
+    opt.add_argument(
+        "--passes",
+        help="comma-separated passes to run, in this order; a lossy pass asked for with "
+        "--prune must be in the list (where it runs)",
+    )
     opt.add_argument("--skip", help="comma-separated passes to leave out of the pipeline")
     opt.add_argument("--recipe", help="YAML recipe file (see README for the schema)")
     opt.add_argument("--no-verify", action="store_true", help="do not compare with ORT")
@@ -127,14 +151,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--criterion",
         choices=("l1", "l2", "bn_scale", "activation", "fluctuation", "reconstruction"),
         default=None,
-        help="unit importance (default l2; activation, fluctuation, reconstruction need --calib)",
+        help="unit importance (default: reconstruction with a --calib file, else l2; "
+        "activation, fluctuation, reconstruction need --calib)",
     )
-    prune.add_argument("--allocation", choices=("uniform", "global"), default=None)
+    prune.add_argument(
+        "--allocation",
+        choices=("uniform", "global"),
+        default=None,
+        help="share of each group removed (default: global with a --calib file, else uniform)",
+    )
     prune.add_argument(
         "--compensation",
         choices=("none", "bias", "lsq"),
         default=None,
-        help="refit consumer layers from calibration data (default none)",
+        help="refit consumer layers from calibration data (default: lsq with a --calib "
+        "file, else none)",
     )
     prune.add_argument(
         "--round-to",
@@ -207,6 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     err = Console(stderr=True, highlight=False)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     args: argparse.Namespace | None = None
+    _stage[0] = "starting"
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
@@ -219,6 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command is None:
             parser.print_help()
             return EXIT_BAD_INPUT
+        _stage[0] = f"running graphopt {args.command}"
         return _COMMANDS[args.command](args, out, err)
     except GraphoptError as exc:
         err.print(f"graphopt: error: {exc}", markup=False, soft_wrap=True)
@@ -226,12 +259,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         err.print("graphopt: interrupted", markup=False)
         return EXIT_INTERRUPTED
-    except MemoryError:
-        err.print("graphopt: error: out of memory", markup=False)
-        return EXIT_BAD_INPUT
+    except MemoryError as exc:
+        # The machine's limit, not the user's input (2) nor a crash to report (a traceback).
+        err.print(f"graphopt: error: {_out_of_memory(args, exc)}", markup=False, soft_wrap=True)
+        return EXIT_INTERNAL
     except Exception as exc:
         if os.environ.get("GRAPHOPT_DEBUG"):
             raise
+        from graphopt.pipeline import is_out_of_memory
+
+        if is_out_of_memory(exc):  # ONNX Runtime's failed allocations are generic errors
+            err.print(f"graphopt: error: {_out_of_memory(args, exc)}", markup=False, soft_wrap=True)
+            return EXIT_INTERNAL
         # A crash on a corrupt input file is bad input (exit 2), whichever stage hit it.
         blame = _blame_input(args, exc)
         if blame is not None:
@@ -244,6 +283,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             soft_wrap=True,
         )
         return EXIT_INTERNAL
+
+
+def _out_of_memory(args: argparse.Namespace | None, exc: BaseException) -> str:
+    """One line: what ran out of memory, ORT's words for it if any, and what to try."""
+    match = re.search(r"failed to allocate memory[^\n;]*|std::bad_alloc", str(exc), re.I)
+    detail = f" (ONNX Runtime: {match.group(0).strip()})" if match else ""
+    command = getattr(args, "command", None)
+    hint = (
+        "try --no-verify / a smaller --input-shape"
+        if command == "optimize"
+        else "try a smaller --input-shape"
+    )
+    return f"out of memory while {_stage[0]}{detail}; {hint}"
 
 
 def _blame_input(args: argparse.Namespace | None, exc: Exception) -> str | None:
@@ -287,7 +339,7 @@ def _cmd_optimize(args: argparse.Namespace, out: Console, err: Console) -> int:
     from graphopt.pipeline import PassSpec
     from graphopt.recipe import load_recipe, parse_size
     from graphopt.registry import get_pass
-    from graphopt.report import print_report, progress_display
+    from graphopt.report import describe_stage, print_report, progress_display
 
     options = load_recipe(args.recipe) if args.recipe else OptimizeOptions()
     if args.passes:
@@ -318,9 +370,16 @@ def _cmd_optimize(args: argparse.Namespace, out: Console, err: Console) -> int:
     output = args.output
     if output is None and not args.in_place:
         output = default_output_path(Path(args.input))
-    with progress_display(err) as progress:
+    _stage[0] = "loading the model"
+    with progress_display(err) as display:
+
+        def progress(message: str) -> None:
+            _stage[0] = describe_stage(message)
+            display(message)
+
         result = optimize(args.input, output, options, in_place=args.in_place, progress=progress)
-    print_report(result.report, out)
+    _stage[0] = "printing the report"
+    print_report(result.report, out, verbose=args.verbose)
     out.print(f"wrote {result.output_path}", markup=False)
     if options.verify and not result.report.verified:
         # Asked to verify and could not: the output stands, but nothing proved it exact.
@@ -347,11 +406,38 @@ def _prune_options(args: argparse.Namespace, options) -> None:
     if args.prune:
         options.prune = args.prune
     elif given and not options.prune:
+        if _refine_recipe_prune(options, given):
+            return
         flags = ", ".join("--" + k.replace("_", "-") for k in given)
         verb = "applies" if len(given) == 1 else "apply"
-        raise UserInputError(f"{flags} only {verb} with --prune flops=R or params=R")
+        raise UserInputError(
+            f"{flags} only {verb} with --prune flops=R or params=R (or a recipe that prunes)"
+        )
     for key, value in given.items():
         setattr(options, key, value)
+
+
+def _refine_recipe_prune(options: OptimizeOptions, given: dict[str, Any]) -> bool:
+    """Pruning flags next to a recipe that prunes (``lossy:`` or ``passes:``) override that
+    pass's options, as flags override a recipe; False when the recipe does not prune."""
+    from graphopt.pipeline import PassSpec
+
+    found = False
+
+    def refined(specs: list[PassSpec]) -> list[PassSpec]:
+        nonlocal found
+        out = []
+        for spec in specs:
+            if spec.name == "prune":
+                found = True
+                spec = PassSpec(spec.name, {**spec.options, **given})
+            out.append(spec)
+        return out
+
+    options.lossy = refined(options.lossy)
+    if options.passes is not None:
+        options.passes = refined(options.passes)
+    return found
 
 
 def _cmd_inspect(args: argparse.Namespace, out: Console, err: Console) -> int:

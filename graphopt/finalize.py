@@ -64,8 +64,8 @@ def name_constant_tensors(model: ir.Model) -> int:
             attr = node.attributes.get("value")
             if node.op_type != "Constant" or node.domain not in ("", "ai.onnx") or attr is None:
                 continue
-            if attr.type != ir.AttributeType.TENSOR or len(node.outputs) != 1:
-                continue
+            if attr.is_ref() or attr.type != ir.AttributeType.TENSOR or len(node.outputs) != 1:
+                continue  # a function's reference attribute holds no tensor to name
             name = node.outputs[0].name or ""
             if attr.value.name == name:
                 continue

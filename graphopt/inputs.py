@@ -3,12 +3,15 @@ way the model declares and uses them.
 
 **Shapes.** Every symbolic dim takes one value across all inputs: dims with the same name
 (``batch`` in ``input_ids`` and ``attention_mask``) are one dim, and an unnamed dim is its
-own. ``--input-shape name:1x3x224x224`` binds the named dims of that input for every input
-that shares them; the rest take documented defaults: 1 for a dim first seen on axis 0
-(batch), 32 on other axes of rank-4 inputs (image height/width), 16 otherwise (sequence
-length), raised to what the graph demands of the input directly (a Conv/Pool window, a
-reflect Pad, an STFT frame) and capped by what it allows (positions: rows of the table that
-position ids index).
+own, except that unnamed batch dims are joined to the batch (:func:`dim_keys`: the first
+dim of every input of rank 2 or more, and ``B`` of a recurrent state ``[2, B, 128]``).
+``--input-shape name:1x3x224x224`` binds the dims of that input for every input that shares
+them; the rest take documented defaults: 1 for a batch dim or a dim first seen on axis 0, 32
+on other axes of rank-4 inputs (image height/width), 16 otherwise (sequence length), raised
+to what the graph demands of the input directly (a Conv/Pool window, a reflect Pad, an STFT
+frame) and capped by what it allows (positions: rows of the table that position ids index).
+Where the demand is not direct (a reflect Pad behind a Reshape or inside an If branch) and
+ONNX Runtime rejects the defaults, :func:`enlarged_dims` gives larger bindings to retry at.
 
 **Values.** Floats are standard normal. Integers are in ``[0, 10)``, narrowed to ``[0, n)``
 when the input indexes a table of ``n`` rows through Gather (token-type ids, embeddings);
@@ -46,6 +49,18 @@ MAX_STEP = 32
 SAMPLE_RATE = 16000
 # How far to follow an input through ops that keep its axes, looking for a window it feeds.
 _WINDOW_SEARCH_DEPTH = 8
+# When ORT rejects the original on the default inputs, the dims the user left free (batch dims
+# aside) are retried at ENLARGE_FACTOR, ENLARGE_FACTOR**2... times their default, at most
+# ENLARGE_TRIES times: a sequence of 16 becomes 64, 256... 65536, a rank-1 signal defaulted to
+# 1 reaches 4096; enough for a window or a reflect Pad the analysis cannot see (silero-vad's
+# STFT needs 192 to 1023 samples, behind an If). A failing try usually stops at the first
+# node ORT rejects, so a model that fails for another reason (its values) costs a few quick
+# runs.
+ENLARGE_FACTOR = 4
+ENLARGE_TRIES = 6
+# ... and only while the inputs stay under this share of MAX_INPUT_BYTES: random calibration
+# generates 32 samples at the size found, and the second verification shape may double it.
+ENLARGE_MAX_BYTES = MAX_INPUT_BYTES // 32
 
 Shapes = dict[str, tuple[int, ...]]
 _ANONYMOUS = {"?", "-1", "unknown"}
@@ -88,14 +103,77 @@ def dim_key(value: ir.Value, axis: int) -> str | None:
     return name if name and name not in _ANONYMOUS else f"{value.name}[{axis}]"
 
 
+def dim_keys(model: ir.Model | ir.Graph) -> dict[tuple[str, int], str]:
+    """{(input name, axis): key} for every symbolic dim of the inputs: :func:`dim_key`, with
+    unnamed batch dims joined to the batch.
+
+    Names join dims (``batch`` in two inputs is one dim); an unnamed dim has no name to join
+    by, yet a batch is one size for all inputs: silero-vad's ``input[?, ?]`` and
+    ``state[2, ?, 128]`` fail in ORT when ``state``'s ``?`` is not ``input``'s first. So when
+    some input of rank 2 or more has a symbolic first dim (the batch: the first such dim,
+    named or not), the unnamed batch dim of every input (:func:`_batch_axis`) is that dim.
+    Named dims keep their names: two different names say two dims.
+    """
+    inputs = [v for v in graph_inputs(model) if v.shape is not None]
+    keys: dict[tuple[str, int], str] = {}
+    for value in inputs:
+        for axis in range(len(value.shape)):
+            key = dim_key(value, axis)
+            if key is not None:
+                keys[(value.name, axis)] = key
+    batch = _batch_key(inputs, keys)
+    if batch is None:
+        return keys
+    for value in inputs:
+        axis = _batch_axis(value)
+        if axis is not None and keys[(value.name, axis)] == f"{value.name}[{axis}]":
+            keys[(value.name, axis)] = batch
+    return keys
+
+
+def batch_dims(model: ir.Model | ir.Graph) -> set[str]:
+    """Keys (:func:`dim_keys`) of the dims that stand for a batch: where some input of rank 2
+    or more has a symbolic first dim, every input's :func:`_batch_axis` dim. They default to 1
+    and are never enlarged (:func:`enlarged_dims`): a larger batch repeats the work, it does
+    not make a window fit."""
+    inputs = [v for v in graph_inputs(model) if v.shape is not None]
+    keys = dim_keys(model)
+    if _batch_key(inputs, keys) is None:
+        return set()
+    axes = [(v.name, _batch_axis(v)) for v in inputs]
+    return {keys[(name, axis)] for name, axis in axes if axis is not None}
+
+
+def _batch_key(inputs: list[ir.Value], keys: Mapping[tuple[str, int], str]) -> str | None:
+    """The first symbolic first dim of an input of rank 2 or more: the batch, if any."""
+    for value in inputs:
+        if len(value.shape) >= 2 and (value.name, 0) in keys:
+            return keys[(value.name, 0)]
+    return None
+
+
+def _batch_axis(value: ir.Value) -> int | None:
+    """Where ``value``'s batch dim sits if it has a symbolic one: axis 1 of a recurrent state
+    ``[L, B, H]`` (rank 3, first and last dims fixed: ONNX's RNN/GRU/LSTM state layout), else
+    axis 0 of an input of rank 2 or more. (A rank-1 input's dim is as often a length.)"""
+    shape = value.shape
+    if shape is None or len(shape) < 2:
+        return None
+    fixed = [isinstance(d, int) and d >= 0 for d in shape]
+    axis = 1 if len(shape) == 3 and fixed[0] and fixed[2] else 0
+    return axis if not fixed[axis] else None
+
+
 def symbolic_dims(model: ir.Model | ir.Graph) -> dict[str, list[tuple[ir.Value, int]]]:
-    """Every symbolic dim of the inputs, with the (input, axis) places it occurs, in order."""
+    """Every symbolic dim of the inputs (keys of :func:`dim_keys`), with the (input, axis)
+    places it occurs, in order."""
+    keys = dim_keys(model)
     places: dict[str, list[tuple[ir.Value, int]]] = {}
     for value in graph_inputs(model):
         if value.shape is None:
             continue
         for axis in range(len(value.shape)):
-            key = dim_key(value, axis)
+            key = keys.get((value.name, axis))
             if key is not None:
                 places.setdefault(key, []).append((value, axis))
     return places
@@ -106,21 +184,16 @@ def bind_dims(
 ) -> dict[str, int]:
     """One value per symbolic dim: from ``given`` shapes first, else the defaults.
 
-    A shape given for one input binds its named dims for every input sharing the name: the
-    declared names say the dims are equal, and ORT fails on ``input_ids`` 2x64 beside an
-    ``attention_mask`` left at the default 1x16.
+    A shape given for one input binds its dims for every input sharing them: the declared
+    names say the dims are equal, and ORT fails on ``input_ids`` 2x64 beside an
+    ``attention_mask`` left at the default 1x16 (and on a state whose batch is not the
+    input's: :func:`dim_keys`). A batch dim defaults to 1 wherever it is first seen (a state
+    ``[2, batch, 128]`` listed before ``x[batch, T]``).
     """
     given = given or {}
     places = symbolic_dims(model)
-    dims: dict[str, int] = {}
-    for value in graph_inputs(model):
-        shape = given.get(value.name)
-        if shape is None or value.shape is None or len(shape) != len(value.shape):
-            continue
-        for axis, size in enumerate(shape):
-            key = dim_key(value, axis)
-            if key is not None:
-                dims.setdefault(key, int(size))
+    dims = _given_dims(model, given)
+    batches = batch_dims(model)
     lower, upper = dim_limits(model)
     for key, occurrences in places.items():
         if key in dims:
@@ -128,7 +201,11 @@ def bind_dims(
         value, axis = occurrences[0]
         rank = len(value.shape) if value.shape is not None else 0
         size = (
-            DEFAULT_BATCH if axis == 0 else DEFAULT_IMAGE_DIM if rank == 4 else DEFAULT_SEQUENCE_DIM
+            DEFAULT_BATCH
+            if axis == 0 or key in batches
+            else DEFAULT_IMAGE_DIM
+            if rank == 4
+            else DEFAULT_SEQUENCE_DIM
         )
         if key in upper:
             size = min(size, upper[key])
@@ -136,6 +213,67 @@ def bind_dims(
         # model's intent, the window a hard error in ORT.
         dims[key] = max(size, lower.get(key, 0))
     return dims
+
+
+def _given_dims(model: ir.Model | ir.Graph, given: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
+    """The symbolic dims ``given`` shapes bind (the first given size of each)."""
+    keys = dim_keys(model)
+    dims: dict[str, int] = {}
+    for value in graph_inputs(model):
+        shape = given.get(value.name)
+        if shape is None or value.shape is None or len(shape) != len(value.shape):
+            continue
+        for axis, size in enumerate(shape):
+            key = keys.get((value.name, axis))
+            if key is not None:
+                dims.setdefault(key, int(size))
+    return dims
+
+
+def enlarged_dims(
+    model: ir.Model | ir.Graph,
+    given: Mapping[str, tuple[int, ...]] | None,
+    dims: Mapping[str, int],
+) -> list[dict[str, int]]:
+    """Larger bindings to retry at, in order, when ORT rejects the original at ``dims``.
+
+    Each multiplies every dim the user did not bind (``given``), batch dims aside
+    (:func:`batch_dims`), by :data:`ENLARGE_FACTOR` once more: at most
+    :data:`ENLARGE_TRIES` bindings, each kept under :data:`ENLARGE_MAX_BYTES` of inputs and
+    under the largest size the graph allows (position tables). Dims move together, so
+    equal-named dims stay equal and a batch stays one size across inputs. Empty when there is
+    nothing to enlarge.
+
+    Windows the analysis cannot see need this: silero-vad's signal passes a reflect Pad and
+    an STFT Conv inside an If branch, and 16 samples are far too few; 256 run.
+    """
+    bound = _given_dims(model, given or {})
+    batches = batch_dims(model)
+    _, upper = dim_limits(model)
+    free = [
+        k
+        for k, size in dims.items()
+        if k not in bound and k not in batches and size < upper.get(k, size + 1)
+    ]
+    inputs = {v.name: v for v in graph_inputs(model)}
+    bindings: list[dict[str, int]] = []
+    for step in range(1, ENLARGE_TRIES + 1 if free else 1):
+        trial = dict(dims)
+        for key in free:
+            trial[key] = min(max(dims[key], 1) * ENLARGE_FACTOR**step, upper.get(key, math.inf))
+        if bindings and trial == bindings[-1]:
+            break  # every free dim is at its limit
+        shapes = input_shapes(model, given, trial)
+        size = 0
+        for name, shape in shapes.items():
+            try:
+                size += math.prod(shape) * _numpy_dtype(inputs[name]).itemsize
+            except UserInputError:
+                size += math.prod(shape)  # a dtype make_inputs refuses: it says so itself
+        if size > ENLARGE_MAX_BYTES:
+            break
+        bindings.append(trial)
+    return bindings
 
 
 def input_shapes(
@@ -152,6 +290,7 @@ def input_shapes(
     if dims is None:
         bound = bind_dims(model, given)
         return {v.name: concrete_shape(v, given, bound) for v in graph_inputs(model)}
+    keys = dim_keys(model)
     shapes: Shapes = {}
     for value in graph_inputs(model):
         declared = value.shape
@@ -161,7 +300,7 @@ def input_shapes(
             continue
         sizes = []
         for axis in range(len(declared)):
-            key = dim_key(value, axis)
+            key = keys.get((value.name, axis))
             if key is not None and key in dims:
                 sizes.append(dims[key])
             elif shape is not None:
@@ -190,10 +329,12 @@ def concrete_shape(
         )
     if dims is None:
         dims = bind_dims(value.graph, given) if value.graph is not None else {}
+    keys = dim_keys(value.graph) if value.graph is not None else {}
     rank = len(value.shape)
     sizes: list[int] = []
     for axis, dim in enumerate(value.shape):
         key = dim_key(value, axis)
+        key = keys.get((value.name, axis), key) if key is not None else None
         if key is None:
             sizes.append(int(dim))
         elif key in dims:
@@ -413,17 +554,18 @@ def dim_limits(model: ir.Model | ir.Graph) -> tuple[dict[str, int], dict[str, in
     Pad or an STFT frame that the dim must fill. Largest: the last axis of a position-id
     input, which indexes a table of that many positions. Nothing here runs inference.
     """
+    keys = dim_keys(model)
     lower: dict[str, int] = {}
     upper: dict[str, int] = {}
     for value in graph_inputs(model):
         if value.shape is None:
             continue
         for axis, need in _window_needs(value).items():
-            key = dim_key(value, axis)
+            key = keys.get((value.name, axis))
             if key is not None:
                 lower[key] = max(lower.get(key, 0), need)
         if _POSITION_NAME.search(value.name) and len(value.shape) >= 1:
-            key = dim_key(value, len(value.shape) - 1)
+            key = keys.get((value.name, len(value.shape) - 1))
             rows = _index_bound(value)
             if key is not None and rows is not None:
                 upper[key] = min(upper.get(key, rows), rows)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from graphopt.analysis.stats import count_nodes, has_subgraphs
 from graphopt.errors import CheckFailedError, UserInputError
 from graphopt.fingerprint import Fingerprint, fingerprint
 from graphopt.registry import LOSSY_STAGES, PassContext, Stage, all_passes, get_pass
-from graphopt.verify import VerificationUnavailable, Verifier, VerifyResult
+from graphopt.verify import OutputError, VerificationUnavailable, Verifier, VerifyResult
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +68,14 @@ class PassStats:
     status: str = "ok"
 
 
+@dataclass(frozen=True)
+class ExactCheck:
+    """The verification of one run of consecutive exact passes."""
+
+    reference: str
+    result: VerifyResult
+
+
 @dataclass
 class RunReport:
     """What a pipeline run did."""
@@ -81,8 +90,12 @@ class RunReport:
     notes: list[str] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)
     # Lossy runs: the final model against the original (informational: lossy passes are
-    # expected to move outputs; ``verification`` covers the exact passes after them).
+    # expected to move outputs; ``verification`` covers the exact passes around them).
     lossy_check: VerifyResult | None = None
+    # Every check of exact passes, in order, with the reference it compared against: "the
+    # original", or after lossy passes "the result of prune". ``verification`` is all of
+    # them in one (failed if any failed, the worst error of each output).
+    exact_checks: list[ExactCheck] = field(default_factory=list)
 
     @property
     def verified(self) -> bool:
@@ -149,6 +162,66 @@ def explicit_pipeline(specs: Sequence[PassSpec]) -> list[Step]:
     return steps
 
 
+def explicit_specs(
+    passes: Sequence[PassSpec], lossy: Sequence[PassSpec] = (), skip: Sequence[str] = ()
+) -> tuple[list[PassSpec], list[str]]:
+    """An explicit pass list with the lossy passes and skips asked for beside it, and notes.
+
+    The list says what runs and in which order; nothing is added to it behind the user's back.
+    A lossy pass asked for beside it (``--prune``, a recipe's ``lossy:``) must be in the list,
+    where it should run: its options are merged into that entry (the lossy spec's win, as
+    flags override a recipe); a lossy pass missing from the list is an error, not silently
+    dropped. Skipped passes are taken out of the list; a skip the list has no such pass for
+    changes nothing, and a note says so.
+    """
+    _check_skips(lossy, skip)
+    named = {spec.name for spec in passes}
+    missing = [spec.name for spec in lossy if spec.name not in named]
+    if missing:
+        listed = ", ".join(dict.fromkeys(missing))
+        raise UserInputError(
+            f"{listed} asked for next to an explicit pass list (--passes or the recipe's "
+            f"passes:), which does not name it: add {listed} to the list where it should run "
+            "(its options still come from --prune / the recipe), or drop the list"
+        )
+    asked = {spec.name: spec.options for spec in lossy}
+    specs = [
+        PassSpec(spec.name, {**spec.options, **asked[spec.name]}) if spec.name in asked else spec
+        for spec in passes
+        if spec.name not in skip
+    ]
+    notes = []
+    idle = [name for name in dict.fromkeys(skip) if name not in named]
+    if idle:
+        notes.append(
+            f"skip {', '.join(idle)}: not in the explicit pass list, so skipping changed nothing"
+        )
+    return specs, notes
+
+
+def skip_notes(lossy: Sequence[PassSpec], skip: Sequence[str]) -> list[str]:
+    """Notes on the skips of a default pipeline run that change nothing (lossy passes run only
+    when asked for); skipping a lossy pass that is asked for is an error."""
+    _check_skips(lossy, skip)
+    idle = [name for name in dict.fromkeys(skip) if not get_pass(name).exact]
+    if not idle:
+        return []
+    return [
+        f"skip {', '.join(idle)}: lossy passes run only when asked for, so skipping changed nothing"
+    ]
+
+
+def _check_skips(lossy: Sequence[PassSpec], skip: Sequence[str]) -> None:
+    for name in skip:
+        get_pass(name)  # unknown names are an error, not silently ignored
+    both = [spec.name for spec in lossy if spec.name in skip]
+    if both:
+        listed = ", ".join(dict.fromkeys(both))
+        raise UserInputError(
+            f"{listed} is both asked for (--prune or the recipe's lossy:) and skipped: drop one"
+        )
+
+
 ProgressCallback = Callable[[str], None]
 
 
@@ -186,7 +259,8 @@ class PassManager:
         self._note_subgraph_handling(model)
         signature = _signature(model)
         verifier = self.verifier
-        verification: VerifyResult | None = None
+        reference = "the original"
+        checks: list[ExactCheck] = []
         lossy_check: VerifyResult | None = None
         rolled_back: list[str] = []
         # Exact segments are verified against the model they started from; a lossy step is
@@ -196,30 +270,36 @@ class PassManager:
             if not lossy:
                 model, verification, undone = self._run_exact(model, steps, verifier)
                 rolled_back += undone
+                if verification is not None:
+                    checks.append(ExactCheck(reference, verification))
                 continue
             self._run_steps(model, steps, check_each=False)
+            names = ", ".join(spec.name for step in steps for spec in step.passes)
+            reference = f"the result of {names}"
             if verifier is not None:
                 self.progress("measuring the lossy change")
                 try:
                     verifier = verifier.rebased(model)
                 except VerificationUnavailable as exc:
-                    names = ", ".join(spec.name for step in steps for spec in step.passes)
+                    _raise_if_out_of_memory(str(exc))
                     raise CheckFailedError(
                         f"{names} produced a model ONNX Runtime cannot run: {exc}"
                     ) from None
         if verifier is not self.verifier and self.verifier is not None:
             lossy_check = self.verifier.check(model, tolerance=float("inf"))
+            _raise_if_out_of_memory(lossy_check.reason)
         _restore_signature(model, signature)
         report = RunReport(
             stats=list(self._stats.values()),
             nodes_before=nodes_before,
             nodes_after=count_nodes(model),
             seconds=time.perf_counter() - start,
-            verification=verification,
+            verification=_combined([check.result for check in checks]),
             rolled_back=rolled_back,
             notes=list(self.context.notes),
             details=dict(self.context.details),
             lossy_check=lossy_check,
+            exact_checks=checks,
         )
         return model, report
 
@@ -247,13 +327,17 @@ class PassManager:
         hits_before = self._exact_hits()
         try:
             self._run_steps(model, steps, check_each=False)
-        except UserInputError:
+        except (UserInputError, MemoryError):
             raise
         except Exception as exc:
+            _raise_if_out_of_memory(exc)
             replay_reason = f"a pass crashed ({type(exc).__name__}: {exc})"
         if verifier is not None and not replay_reason:
             self.progress("verifying")
             verification = verifier.check(model)
+            # ORT failing to allocate is the machine's limit, not the passes' fault: replaying
+            # would roll every pass back and then fail the same way.
+            _raise_if_out_of_memory(verification.reason)
             if not verification.ok and self._exact_hits() > hits_before:
                 replay_reason = f"verification failed ({verification.reason})"
         rolled_back: list[str] = []
@@ -266,6 +350,7 @@ class PassManager:
             rolled_back = self._run_steps(model, steps, check_each=True, verifier=verifier)
             if verifier is not None:
                 verification = verifier.check(model)
+                _raise_if_out_of_memory(verification.reason)
         return model, verification, rolled_back
 
     def _exact_hits(self) -> int:
@@ -350,9 +435,10 @@ class PassManager:
         began = time.perf_counter()
         try:
             result = graph_pass(model)
-        except UserInputError:
+        except (UserInputError, MemoryError):
             raise
         except Exception as exc:
+            _raise_if_out_of_memory(exc)
             # A pass that crashes must not take the user's run down with it: the model may be
             # half-edited, so it is only safe to continue when we hold a snapshot.
             if snapshot is None:
@@ -369,6 +455,7 @@ class PassManager:
         hits = graph_pass.hits
         if snapshot is not None and result.modified and verifier is not None:
             check = verifier.check(model)
+            _raise_if_out_of_memory(check.reason)
             if not check.ok:
                 _restore(model, snapshot)
                 self._forget_state()
@@ -456,3 +543,57 @@ def _restore_signature(model: ir.Model, signature: tuple[Signature, Signature]) 
         for value, (name, type_, shape) in zip(values, declared, strict=True):
             if value.name == name:
                 value.type, value.shape = type_, shape
+
+
+# How ONNX Runtime words a failed allocation: its arena's "Failed to allocate memory for
+# requested buffer of size N", or a kernel's C++ std::bad_alloc ("bad allocation" on MSVC). ORT
+# raises these as generic errors, which graphopt would otherwise take for a failed check or a
+# model ORT cannot run. Narrow on purpose: a check's reason also quotes output names.
+_OUT_OF_MEMORY = re.compile(r"failed to allocate memory|std::bad_alloc|bad allocation", re.I)
+
+
+def is_out_of_memory(error: BaseException | str) -> bool:
+    """Whether ``error`` (an exception or the message a check kept of one) is a failed
+    allocation: Python's MemoryError or ONNX Runtime's allocation failures."""
+    if isinstance(error, MemoryError):
+        return True
+    return bool(_OUT_OF_MEMORY.search(str(error)))
+
+
+def _raise_if_out_of_memory(error: BaseException | str) -> None:
+    """Out of memory is not a pass's fault or a failed check: stop the run (the CLI's exit 3)."""
+    if error and is_out_of_memory(error):
+        raise MemoryError(str(error)) from (error if isinstance(error, BaseException) else None)
+
+
+def _combined(results: Sequence[VerifyResult]) -> VerifyResult | None:
+    """Several checks as one: failed if any failed (with the first reason), each output's
+    worst error over all of them, the shapes of the last (every check uses the same inputs)."""
+    if len(results) <= 1:
+        return results[0] if results else None
+    worst: dict[str, OutputError] = {}
+    for result in results:
+        for out in result.outputs:
+            seen = worst.get(out.name)
+            worst[out.name] = out if seen is None else _worse(seen, out)
+    failed = next((r for r in results if not r.ok), None)
+    last = results[-1]
+    return VerifyResult(
+        ok=failed is None,
+        outputs=list(worst.values()),
+        reason=failed.reason if failed is not None else "",
+        shapes=list(last.shapes),
+        shape_note=last.shape_note,
+    )
+
+
+def _worse(a: OutputError, b: OutputError) -> OutputError:
+    return OutputError(
+        a.name,
+        max(a.max_abs, b.max_abs),
+        max(a.max_rel, b.max_rel),
+        min(a.cosine, b.cosine),
+        max(a.mean_abs, b.mean_abs),
+        shape_ok=a.shape_ok and b.shape_ok,
+        detail=a.detail or b.detail,
+    )

@@ -9,8 +9,8 @@ Schema (every key optional; unknown keys are an error)::
         options: {}
     skip: [cse]                # passes left out of the default pipeline
     lossy:                     # lossy passes added to the default pipeline
-      - name: prune
-        options: {flops: 0.3}
+      - name: prune            # criterion/compensation/allocation left out: the defaults
+        options: {flops: 0.3}  # for calib (a file: reconstruction/lsq/global; else l2)
     verify: true
     tolerance: 1.0e-4          # max error relative to each output's largest magnitude
     fold_limit: 1MB            # bytes, with KB/MB/GB suffix, or "none"
@@ -21,7 +21,10 @@ Schema (every key optional; unknown keys are an error)::
     target: portable           # portable | ort
     opset: null                # raise the default-domain opset first (e.g. 17, 20, 23)
 
-Command-line flags given next to ``--recipe`` override the recipe's settings.
+Command-line flags given next to ``--recipe`` override the recipe's settings. Pass options
+are converted to the types the pass declares (``"false"`` → False, ``"16"`` → 16); a value of
+the wrong type is an error naming the pass and the option. With ``passes:``, a pass in
+``lossy:`` must be in the list too (its options are merged into that entry).
 """
 
 from __future__ import annotations
@@ -155,9 +158,12 @@ def _pass_spec(entry: Any, name: str) -> PassSpec:
         opts = entry.get("options") or {}
         if not isinstance(opts, dict):
             raise UserInputError(f"{name}: options of pass {entry['name']!r} must be a mapping")
-        known = {o.name for o in cls.options}
-        bad = set(opts) - known
-        if bad:
-            raise UserInputError(f"{name}: pass {cls.name!r} has no option(s) {sorted(bad)}")
-        return PassSpec(cls.name, dict(opts))
+        try:
+            # Converted to the declared types here, so that a quoted "false" is False and a
+            # wrong type stops the run before anything is loaded; only the options the recipe
+            # gives are kept (the pass's own defaults fill the rest, for every caller alike).
+            checked = cls.check_options({str(k): v for k, v in opts.items()})
+        except UserInputError as exc:
+            raise UserInputError(f"{name}: {exc}") from None
+        return PassSpec(cls.name, {k: checked[k] for k in map(str, opts)})
     raise UserInputError(f"{name}: a pass entry is a name or {{name: ..., options: {{...}}}}")

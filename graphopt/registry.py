@@ -17,13 +17,19 @@ per-pass table, fixed-point iteration, verification and rollback.
 from __future__ import annotations
 
 import abc
+import contextlib
 import enum
+import os
+import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import numpy as np
 import onnx_ir as ir
+
+from graphopt.errors import UserInputError
 
 
 class Stage(enum.IntEnum):
@@ -41,14 +47,76 @@ class Stage(enum.IntEnum):
 LOSSY_STAGES = (Stage.PRUNE, Stage.FACTORIZE, Stage.SPARSIFY, Stage.QUANTIZE)
 
 
+# Spellings a recipe, the CLI or the API may use for a boolean option. YAML reads ``yes``/``no``
+# as booleans already, but a quoted ``"false"`` is a string, and a non-empty string is truthy:
+# without conversion ``force: "false"`` would force.
+_TRUE = frozenset(("true", "yes", "on", "1"))
+_FALSE = frozenset(("false", "no", "off", "0"))
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+_INVALID = object()  # convert's "no conversion applies" (None is a value: "not given")
+
+
 @dataclass(frozen=True)
 class PassOption:
-    """One option a pass accepts (from a recipe or the CLI)."""
+    """One option a pass accepts (from a recipe or the CLI).
+
+    ``default`` is the one default of the option: the CLI, the API and recipes leave an option
+    they were not given out of the pass's options, and the pass fills it from here.
+    """
 
     name: str
     type: type
     default: Any
     help: str
+
+    def convert(self, value: Any, owner: str) -> Any:
+        """``value`` as ``type``; a wrong type is a one-line error naming the pass and option.
+
+        ``None`` means "not given": the default. Booleans accept true/false, yes/no, on/off and
+        1/0 (also as strings); integers accept integral numbers and their text; floats any
+        real number or its text; strings any text or path. Nothing else is coerced: a bool is
+        not a number here, so ``ratio: true`` is an error rather than 1.0.
+        """
+        if value is None:
+            return self.default
+        converted = _converted(self.type, value)
+        if converted is _INVALID:
+            expected = _TYPE_NAMES.get(self.type, self.type.__name__)
+            raise UserInputError(
+                f"pass {owner!r} option {self.name!r}: expected {expected}, got {value!r}"
+            )
+        return converted
+
+
+def _converted(kind: type, value: Any) -> Any:
+    """``value`` as ``kind``, or ``_INVALID`` when it is not one (see PassOption.convert)."""
+    is_int = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+    is_real = is_int or isinstance(value, (float, np.floating))
+    text = value.strip().lower() if isinstance(value, str) else None
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if is_int and value in (0, 1):
+            return bool(value)
+        if text in _TRUE | _FALSE:
+            return text in _TRUE
+    elif kind is int:
+        if is_real and float(value).is_integer():
+            return int(value)
+        if text is not None and re.fullmatch(r"[+-]?\d+", text):
+            return int(text)
+    elif kind is float:
+        if is_real:
+            return float(value)
+        if text is not None:
+            with contextlib.suppress(ValueError):
+                return float(text)
+    elif kind is str:
+        if isinstance(value, (str, os.PathLike)):
+            return os.fspath(value)
+    elif isinstance(value, kind):
+        return value
+    return _INVALID
 
 
 @dataclass
@@ -95,12 +163,24 @@ class GraphPass(ir.passes.InPlacePass):
     def __init__(self, context: PassContext | None = None, **options: Any) -> None:
         super().__init__()
         self.context = context or PassContext()
-        known = {opt.name: opt for opt in self.options}
+        self.settings = self.check_options(options)
+        self.hits = 0
+
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any]) -> dict[str, Any]:
+        """Every option of the pass: the given ones converted to their declared types, the
+        others at their defaults. Unknown names and wrong types are bad input (exit 2), not a
+        crash inside the pipeline."""
+        known = {opt.name: opt for opt in cls.options}
         unknown = set(options) - set(known)
         if unknown:
-            raise ValueError(f"pass {self.name!r} has no option(s) {sorted(unknown)}")
-        self.settings = {opt.name: options.get(opt.name, opt.default) for opt in self.options}
-        self.hits = 0
+            raise UserInputError(f"pass {cls.name!r} has no option(s) {sorted(unknown)}")
+        return {
+            opt.name: opt.convert(options[opt.name], cls.name)
+            if opt.name in options
+            else opt.default
+            for opt in cls.options
+        }
 
     @classmethod
     def description(cls) -> str:
@@ -155,8 +235,6 @@ def all_passes() -> dict[str, type[GraphPass]]:
 def get_pass(name: str) -> type[GraphPass]:
     passes = all_passes()
     if name not in passes:
-        from graphopt.errors import UserInputError
-
         raise UserInputError(f"unknown pass {name!r}; `graphopt passes` lists them")
     return passes[name]
 

@@ -1,22 +1,56 @@
-"""Terminal rendering of run reports (rich tables). Nothing here changes a model."""
+"""Terminal rendering of run reports (rich tables). Nothing here changes a model.
+
+What a report says, once each: the passes that changed the model (all of them with
+``--verbose``) and how many others ran without a change or were skipped; what pruning did;
+the notes; and the verdict. A run with lossy passes has two verdicts that must not be read as
+one: the exact passes *verified* (against the original, and after a lossy pass against its
+result) and the lossy change *measured* against the original, which no tolerance applies to.
+"""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
 
-from graphopt.pipeline import RunReport
+from graphopt.pipeline import PassStats, RunReport
 from graphopt.registry import all_passes
+from graphopt.verify import VerifyResult
+
+if TYPE_CHECKING:  # the pruner imports this module (signed_percent)
+    from graphopt.passes.pruning.pruner import PruneReport
 
 
-def pass_table(report: RunReport) -> Table:
-    title = (
-        f"passes: nodes {report.nodes_before} -> {report.nodes_after} "
-        "(non-Constant, subgraphs included)"
+def signed_percent(change: float) -> str:
+    """A relative change with exactly one sign: ``+296.7%``, ``-25.0%``, ``0.0%``.
+
+    Callers used to print ``-{removed}%``, which gave ``--296.7%`` when the count grew
+    (a negative share removed); the sign belongs to the number.
+    """
+    percent = 100 * change
+    if abs(percent) < 0.05:
+        return "0.0%"  # not "-0.0%"
+    return f"{percent:+.1f}%"
+
+
+def shown(stats: PassStats) -> bool:
+    """Whether the default (not verbose) table lists a pass: it changed the model, it was
+    rolled back, or it is a lossy pass the user asked for."""
+    return bool(stats.hits or stats.nodes_removed or stats.status != "ok") or (
+        not stats.exact and stats.runs > 0
     )
+
+
+def pass_table(report: RunReport, verbose: bool = False) -> Table | None:
+    """The per-pass table: every pass with ``verbose``, else those :func:`shown`; None if
+    there is nothing to list."""
+    rows = [s for s in report.stats if verbose or shown(s)]
+    if not rows:
+        return None
+    title = "passes" if verbose else "passes that changed the model"
     table = Table(title=title, title_justify="left", show_edge=False)
     for column in ("pass", "kind", "runs", "hits", "nodes removed", "time (s)", "status"):
         table.add_column(
@@ -24,7 +58,7 @@ def pass_table(report: RunReport) -> Table:
             justify="left" if column in ("pass", "kind", "status") else "right",
             no_wrap=column == "pass",
         )
-    for s in report.stats:
+    for s in rows:
         table.add_row(
             s.name,
             "exact" if s.exact else "lossy",
@@ -37,17 +71,24 @@ def pass_table(report: RunReport) -> Table:
     return table
 
 
-def verification_table(report: RunReport, lossy: bool = False) -> Table | None:
-    result = report.lossy_check if lossy else report.verification
-    if result is None or not result.outputs:
-        return None
-    title = (
-        "lossy change (ONNX Runtime, original vs result, generated inputs)"
-        if lossy
-        else "verification (ONNX Runtime, original vs optimized)"
-        if report.lossy_check is None
-        else "verification of the exact passes (ONNX Runtime, vs the lossy passes' result)"
-    )
+def hidden_passes_line(report: RunReport) -> str:
+    """What the default table leaves out, counted ("" when it leaves out nothing)."""
+    hidden = [s for s in report.stats if not shown(s)]
+    if not hidden:
+        return ""
+    idle = sum(1 for s in hidden if s.runs)
+    skipped = len(hidden) - idle
+    parts = []
+    if idle:
+        parts.append(f"{idle} ran without a change")
+    if skipped:
+        parts.append(
+            f"{skipped} skipped (none of their ops in the model, or not a pass of this --target)"
+        )
+    return f"{len(hidden)} more passes: {', '.join(parts)}; --verbose lists every pass"
+
+
+def verification_table(result: VerifyResult, title: str) -> Table:
     table = Table(title=title, title_justify="left", show_edge=False)
     for column in ("output", "max abs err", "max rel err", "cosine"):
         table.add_column(column, justify="left" if column == "output" else "right")
@@ -56,49 +97,124 @@ def verification_table(report: RunReport, lossy: bool = False) -> Table | None:
     return table
 
 
-def print_report(report: RunReport, console: Console) -> None:
-    console.print(pass_table(report))
-    for lossy in (True, False):
-        table = verification_table(report, lossy)
-        if table is not None:
-            console.print(table)
+def print_report(report: RunReport, console: Console, verbose: bool = False) -> None:
+    table = pass_table(report, verbose)
+    console.print(table if table is not None else "no pass changed the model")
+    if not verbose:
+        hidden = hidden_passes_line(report)
+        if hidden:
+            console.print(hidden, markup=False)
     prune = report.details.get("prune")
-    if prune is not None and prune.fidelity_pruned:
-        console.print(pruning_table(prune))
+    printed_prune = _print_pruning(prune, console)
+    lossy = report.lossy_check is not None and bool(report.lossy_check.outputs)
+    if report.verification is not None and report.verification.outputs and not lossy:
+        console.print(
+            verification_table(
+                report.verification, "verification (ONNX Runtime, original vs optimized)"
+            )
+        )
+    if lossy and len(report.lossy_check.outputs) > 1:
+        console.print(verification_table(report.lossy_check, _lossy_title(report)))
     for note in report.notes:
-        console.print(f"note: {note}")
+        if printed_prune and note == prune.summary:
+            continue  # printed above from the record itself
+        console.print(f"note: {note}", markup=False)
     for name in report.rolled_back:
         console.print(
             f"[yellow]rolled back:[/] {name} (failed verification or crashed; see status)"
         )
     if report.verification_skipped:
         console.print(f"[yellow]not verified:[/] {report.verification_skipped}")
+    elif lossy:
+        _print_lossy_verdict(report, console)
     elif report.verification is not None:
         verdict = "[green]passed[/]" if report.verification.ok else "[red]FAILED[/]"
         console.print(
             f"verification {verdict}: worst relative error {report.verification.worst_rel:.3g}"
         )
-        # Which input shapes the verdict covers (a second one catches baked dims); plain text:
-        # dim names such as x[2] are not rich markup.
-        shapes = report.verification.shapes
-        if shapes:
-            label = "input shape" if len(shapes) == 1 else f"{len(shapes)} input shapes"
-            console.print(f"checked at {label}: " + " | ".join(shapes), markup=False)
-        if report.verification.shape_note:
-            console.print(f"note: {report.verification.shape_note}", markup=False)
+    if not report.verification_skipped:
+        _print_shapes(report.verification or report.lossy_check, console)
     console.print(
         f"nodes {report.nodes_before} -> {report.nodes_after} "
         f"(non-Constant, subgraphs included) in {report.seconds:.2f} s"
     )
 
 
-def pruning_table(prune) -> Table:
+def _lossy_names(report: RunReport) -> str:
+    return ", ".join(s.name for s in report.stats if not s.exact and s.runs) or "lossy passes"
+
+
+def _lossy_title(report: RunReport) -> str:
+    return (
+        f"lossy change vs the original ({_lossy_names(report)}; ONNX Runtime on the "
+        "verification inputs; measured, not checked)"
+    )
+
+
+def _print_lossy_verdict(report: RunReport, console: Console) -> None:
+    """The exact passes' verification and the lossy change: two things, named, once each."""
+    checks = report.exact_checks
+    if not checks:
+        console.print("exact passes: none ran, nothing to verify")
+    else:
+        failed = [c for c in checks if not c.result.ok]
+        verdict = "[red]FAILED[/]" if failed else "verified"
+        against = " and ".join(
+            f"against {c.reference} (worst rel error {c.result.worst_rel:.3g})" for c in checks
+        )
+        console.print(f"exact passes: {verdict} {against}")
+        for check in failed:
+            console.print(f"  {check.result.reason}", markup=False)
+    lossy = report.lossy_check
+    if len(lossy.outputs) > 1:
+        return  # per output in the table titled "lossy change vs the original"
+    (out,) = lossy.outputs
+    console.print(
+        f"{_lossy_title(report)}: cosine {out.cosine:.6f}, max rel error {out.max_rel:.3g}, "
+        f"max abs error {out.max_abs:.3g}",
+        markup=False,
+    )
+
+
+def _print_shapes(result: VerifyResult | None, console: Console) -> None:
+    """Which input shapes the verdict covers (a second one catches baked dims); plain text:
+    dim names such as x[2] are not rich markup."""
+    if result is None:
+        return
+    if result.shapes:
+        count = len(result.shapes)
+        label = "input shape" if count == 1 else f"{count} input shapes"
+        console.print(f"checked at {label}: " + " | ".join(result.shapes), markup=False)
+    if result.shape_note:
+        console.print(f"note: {result.shape_note}", markup=False)
+
+
+def _print_pruning(prune: PruneReport | None, console: Console) -> bool:
+    """What pruning did, from its record: one line, and the held-out fidelity when there is
+    calibration data. False when there is nothing to print (nothing was pruned)."""
+    if prune is None or not prune.summary:
+        return False
+    line = (
+        f"pruning {prune.target}: {prune.units_removed} units from {prune.groups_pruned}/"
+        f"{prune.groups_prunable} groups; FLOPs {signed_percent(-prune.flops_removed)}, "
+        f"params {signed_percent(-prune.params_removed)}"
+    )
+    if prune.check.startswith("skipped"):
+        line += f"; zero-invariance check {prune.check}"
+    elif prune.check:
+        line += f"; zero-invariance check {prune.check} ({prune.check_seconds:.2f} s)"
+    console.print(line, markup=False)
+    if prune.fidelity_pruned:
+        console.print(pruning_table(prune))
+    return True
+
+
+def pruning_table(prune: PruneReport) -> Table:
     """Fidelity of pruning on held-out calibration samples, before/after compensation."""
     table = Table(
         title=(
-            f"pruning {prune.target}: FLOPs -{100 * prune.flops_removed:.1f}%, params "
-            f"-{100 * prune.params_removed:.1f}%; fidelity on {prune.heldout_samples} held-out "
-            f"calibration samples ({prune.calibration})"
+            f"pruning fidelity on {prune.heldout_samples} held-out calibration samples "
+            f"({prune.calibration})"
         ),
         title_justify="left",
         show_edge=False,
@@ -131,11 +247,18 @@ def passes_table() -> Table:
     return table
 
 
+def describe_stage(message: str) -> str:
+    """A progress message as a phrase: ``running constant-folding (round 2)`` for a pass,
+    other messages ("verifying", "writing the output") as they are."""
+    name = message.split(" (round ")[0]
+    return f"running {message}" if name in all_passes() else message
+
+
 @contextlib.contextmanager
 def progress_display(console: Console) -> Iterator:
     """A status line naming the running pass; silent when stderr is not a terminal."""
     if not console.is_terminal:
         yield lambda message: None
         return
-    with console.status("loading") as status:
-        yield lambda message: status.update(f"running {message}")
+    with console.status("loading the model") as status:
+        yield lambda message: status.update(describe_stage(message))

@@ -27,11 +27,13 @@ from graphopt import io
 from graphopt.backends.ort_custom_ops import register_active_custom_ops
 from graphopt.errors import UserInputError
 from graphopt.inputs import (
+    ENLARGE_FACTOR,
     bind_dims,
     check_feeds,
     describe_feeds,
     describe_shapes,
     dims_of,
+    enlarged_dims,
     graph_inputs,
     make_inputs,
     resize_feeds,
@@ -245,21 +247,68 @@ class Verifier:
             session = make_session(original)
         except Exception as exc:  # the model itself: no inputs would help
             raise VerificationUnavailable(_one_line(exc)) from None
+        # Said with the shapes checked when the generated inputs had to be enlarged.
+        self.input_note = ""
         try:
             self.reference = _run(session, self.feeds)
         except Exception as exc:
-            raise VerificationUnavailable(
-                _rejected(exc, self.feeds, None if feeds is None else feeds_source)
-            ) from None
+            if feeds is not None:
+                raise VerificationUnavailable(_rejected(exc, self.feeds, feeds_source)) from None
+            found = self._enlarge(original, session, given, dims, seed, exc)
+            if found is None:
+                tried = enlarged_dims(original, given, dims)
+                raise VerificationUnavailable(
+                    _rejected(exc, self.feeds, None, _tried_text(original, dims, tried))
+                ) from None
+            dims, shapes, self.feeds, self.reference = found
         refuse_empty_reference(self.reference, self.feeds)
         self.input_sets = [self.feeds]
         self.references = [self.reference]
         self.shapes = [describe_shapes(original, shapes)]
         self.shape_note = ""
+        # The shapes the original runs at on generated inputs (the first set): what other
+        # generated data of the run (pruning's --calib random and its check) should use.
+        self.generated_shapes: dict[str, tuple[int, ...]] = dict(shapes) if feeds is None else {}
         if not dims:
             self.shape_note = "one shape: the inputs have no symbolic dims"
         else:
             self._add_second_shape(original, session, given, dims, seed, feeds is not None)
+        self.shape_note = "; ".join(n for n in (self.input_note, self.shape_note) if n)
+
+    def _enlarge(
+        self,
+        original: ir.Model,
+        session,
+        given: dict,
+        dims: dict[str, int],
+        seed: int,
+        rejection: BaseException,
+    ) -> tuple[dict[str, int], dict, dict[str, np.ndarray], list[np.ndarray]] | None:
+        """The first of :func:`~graphopt.inputs.enlarged_dims` the original runs at:
+        (dims, shapes, feeds, outputs), with ``input_note`` saying what changed and why; None
+        when it runs at none of them.
+
+        A window or reflect Pad the input reaches only through a Reshape or an If branch
+        (silero-vad's STFT) is invisible to :func:`~graphopt.inputs.dim_limits`; ORT's
+        rejection of the defaults is the evidence, and a larger size the remedy.
+        """
+        for trial in enlarged_dims(original, given, dims):
+            shapes = bound_shapes(original, given, trial)
+            try:
+                feeds = make_inputs(original, seed=seed, shapes=shapes)
+                outputs = _run(session, feeds)
+            except UserInputError:
+                return None  # the size cap: larger tries would pass it too
+            except Exception:
+                continue
+            changed = ", ".join(f"{k} {dims[k]} -> {v}" for k, v in trial.items() if v != dims[k])
+            self.input_note = (
+                f"generated inputs enlarged: {changed} (x{ENLARGE_FACTOR} per try until the "
+                f"original model runs); at the default size it fails in "
+                f"{innermost_message(rejection)}; --input-shape sets other sizes"
+            )
+            return trial, shapes, feeds, outputs
+        return None
 
     def _add_second_shape(
         self,
@@ -336,6 +385,7 @@ class Verifier:
         other.tolerance, other.feeds = self.tolerance, self.feeds
         other.input_sets, other.shapes = self.input_sets, self.shapes
         other.shape_note = self.shape_note
+        other.input_note, other.generated_shapes = self.input_note, self.generated_shapes
         other.output_names = [v.name for v in reference.graph.outputs]
         other.resolutions = output_resolutions(reference)
         try:
@@ -421,8 +471,11 @@ def _worst(errors: tuple[OutputError, ...]) -> OutputError:
     )
 
 
-def _rejected(exc: BaseException, feeds: dict[str, np.ndarray], source: str | None) -> str:
-    """Why ORT could not run the original, naming what it was fed and how to feed otherwise."""
+def _rejected(
+    exc: BaseException, feeds: dict[str, np.ndarray], source: str | None, tried: str = ""
+) -> str:
+    """Why ORT could not run the original, naming what it was fed and how to feed otherwise
+    (and ``tried``: the larger sizes that failed too)."""
     message = _one_line(exc)
     if source is not None:
         return f"{message} (on {source}: {describe_feeds(feeds)})"
@@ -438,11 +491,36 @@ def _rejected(exc: BaseException, feeds: dict[str, np.ndarray], source: str | No
         if named:
             parts.append(f"input {named[0]!r} was {describe_feeds({named[0]: feeds[named[0]]})}")
     parts.append(f"generated inputs: {describe_feeds(feeds)}")
+    if tried:
+        parts.append(tried)
     parts.append(
         "bind dims with --input-shape NAME:DxD... or verify on your own data with "
         "--verify-inputs FILE.npz"
     )
     return "; ".join(parts)
+
+
+def _tried_text(model: ir.Model, dims: Mapping[str, int], tried: list[dict[str, int]]) -> str:
+    """``also fails with seq up to 16384 (4 larger sizes)``: the enlarged sizes tried."""
+    if not tried:
+        return ""
+    last = tried[-1]
+    moved = ", ".join(f"{k} up to {v}" for k, v in last.items() if v != dims.get(k))
+    count = f"{len(tried)} larger size{'s' if len(tried) > 1 else ''}"
+    return f"also fails with {moved} ({count} tried)"
+
+
+def innermost_message(exc: BaseException) -> str:
+    """ORT's message from the innermost node that failed: an If wraps its branch's error
+    ("...running If node. Name:'If_0' Status Message: ...running Pad node. Name:..."), and
+    what matters is the Pad and what it said."""
+    text = _one_line(exc)
+    cut = text.rfind("while running ")
+    text = text[cut + len("while running ") :] if cut >= 0 else text
+    node = re.match(r"(\w+) node\. Name:'([^']*)' Status Message: (.*)", text)
+    if node is not None:
+        text = f"{node[1]} node {node[2]!r}: {node[3]}"
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def _one_line(exc: BaseException) -> str:

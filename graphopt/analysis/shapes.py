@@ -86,16 +86,18 @@ def reconcile_shapes(model: ir.Model) -> int:
     earlier tool at another batch size, e.g. ``[1, 4]`` for a value that is ``[N, 4]``.
     Passes that fold a shape into a constant must not trust them, or the output works at
     the stale size only. So every node output's shape is dropped and inferred afresh from
-    the graph inputs (and constants), in place:
+    the graph inputs (and constants), in place, dim by dim:
 
     - where inference finds nothing at all (a custom op), the declared shape stays: nothing
       contradicts it;
-    - an int that inference finds wins over whatever was declared;
-    - where inference finds a symbolic dim and the declaration an int (or a symbol of the
-      graph inputs), the declaration is cross-checked: inference at two different concrete
-      bindings of the input symbols must give that same int (or that symbol's value) both
-      times. ONNX inference loses e.g. the head count of a Reshape whose target has a -1,
-      which exporters do declare; a stale batch size fails the check.
+    - an int, or a symbol of the graph inputs, that inference finds wins over whatever was
+      declared;
+    - where inference finds only a made-up or unknown dim, a declared int stays only when
+      inference at two different concrete bindings of the input symbols gives that same
+      int both times (ONNX inference loses e.g. the head count of a Reshape whose target
+      has a -1, which exporters declare; a stale batch size fails the check). A declared
+      symbol stays unless such a binding contradicts it: a name is never folded into a
+      constant, and the fusions match on the exporter's names (``sequence``).
 
     Runs once per graph object (remembered in ``model.meta``): the passes' own edits keep
     shapes right, so later calls on the same graph would find nothing new. A rollback
@@ -112,31 +114,35 @@ def reconcile_shapes(model: ir.Model) -> int:
                 declared.append((value, value.shape))
                 value.shape = None
     _onnx_inference(model)  # never raises: a failed inference leaves every shape unknown
+    # Where inference finds nothing (a custom op: ORT's contrib ops have no onnx schema),
+    # the declaration stays, and the checks below see it too (at their bindings).
+    blind = [(value, shape) for value, shape in declared if value.shape is None]
+    for value, shape in blind:
+        value.shape = shape
     symbols = input_symbols(model)
-    doubtful = [
-        (value, shape)
+    doubts = [
+        (value, axis, dim)
         for value, shape in declared
-        if value.shape is not None
-        and shape is not None
-        and len(shape) == len(value.shape)
-        and any(_claims_more(d, i, symbols) for d, i in zip(shape, value.shape, strict=True))
+        if value.shape is not None and shape is not None and len(shape) == len(value.shape)
+        for axis, (dim, found) in enumerate(zip(shape, value.shape, strict=True))
+        if _in_doubt(dim, found, symbols)
     ]
-    checks: list[Check] = []
-    if doubtful:
+    kept: set[tuple[int, int]] = set()
+    if doubts:
         # Plain onnx inference at the bindings usually settles every doubt; folding the
-        # shape arithmetic too (several times slower) only when a declared int is still
-        # in doubt: a symbol's name left unconfirmed only loses a name, an int a constant.
-        checks = _concrete_checks(model, fold=False)
-        if not all(_all_confirmed(value, shape, set(), checks) for value, shape in doubtful):
-            checks = _concrete_checks(model, fold=True)
+        # shape arithmetic too (several times slower) only when a declared int is left
+        # unconfirmed by it.
+        checks = _concrete_checks(model, blind, fold=False)
+        if any(isinstance(d, int) and not _stands(v, a, d, checks) for v, a, d in doubts):
+            checks = _concrete_checks(model, blind, fold=True)
+        kept = {(id(v), a) for v, a, d in doubts if _stands(v, a, d, checks)}
     changed = 0
     for value, shape in declared:
-        if value.shape is None:
-            value.shape = shape
-            continue
+        if value.shape is None or value.shape is shape:
+            continue  # nothing inferred: the declaration stands (or there was none)
         if shape is not None and len(shape) == len(value.shape):
             dims = [
-                d if _confirmed(value, axis, d, i, symbols, checks) else i
+                d if (id(value), axis) in kept else i
                 for axis, (d, i) in enumerate(zip(shape, value.shape, strict=True))
             ]
             value.shape = ir.Shape(dims)
@@ -162,30 +168,46 @@ def input_symbols(model: ir.Model) -> set[str]:
     }
 
 
-def _claims_more(declared: Dim, inferred: Dim, symbols: set[str]) -> bool:
-    """Whether the declared dim says something the inferred (non-int) one does not: an int,
-    or another symbol of the graph inputs."""
-    if isinstance(inferred, int):
-        return False
+def _in_doubt(declared: Dim, inferred: Dim, symbols: set[str]) -> bool:
+    """Whether the declared dim says something that inference from the inputs neither
+    confirms nor overrules: inference found only a made-up (``unk__0``) or unknown dim,
+    and the declaration an int or a name (not the same one)."""
+    if isinstance(inferred, int) or inferred.value in symbols:
+        return False  # inference knows: it wins
     if isinstance(declared, int):
         return declared >= 0
-    name = declared.value
-    return name is not None and name in symbols and name != inferred.value
+    return declared.value is not None and declared.value != inferred.value
 
 
 # (concrete shapes by value name, value of each input symbol) at one binding of the inputs.
 Check = tuple[dict[str, tuple[int | None, ...]], dict[str, int]]
 
 
-def _concrete_checks(model: ir.Model, fold: bool) -> list[Check]:
-    """Inference at two bindings of the input symbols (none when inference fails)."""
+def _concrete_checks(
+    model: ir.Model, blind: list[tuple[ir.Value, ir.Shape | None]], fold: bool
+) -> list[Check]:
+    """Inference at two bindings of the input symbols (none when inference fails).
+
+    ``blind``: values whose declared shape stands because inference cannot find one; where
+    that shape is ints and input symbols it is bound too, so that inference goes on past
+    them (it would forget a symbolic shape at concrete bindings).
+    """
     checks: list[Check] = []
     for given, values in _bindings(model):
+        bound: list[tuple[ir.Value, ir.Shape | None]] = []
+        for value, shape in blind:
+            dims = [d if isinstance(d, int) else values.get(d.value or "") for d in shape or ()]
+            if shape is not None and all(isinstance(d, int) and d >= 0 for d in dims):
+                bound.append((value, value.shape))
+                value.shape = ir.Shape(dims)
         try:
             clone, _ = infer_shapes(model, given, fold=fold)
         except Exception as exc:  # an odd model: nothing is confirmed, inference wins
             logger.info("cross-check inference failed: %s", exc)
             return []
+        finally:
+            for value, shape in bound:
+                value.shape = shape
         shapes = {
             o.name: tuple(d if isinstance(d, int) else None for d in o.shape)
             for node in ir.traversal.RecursiveGraphIterator(clone.graph)
@@ -226,29 +248,19 @@ def _bindings(model: ir.Model) -> list[tuple[dict[str, tuple[int, ...]], dict[st
     return [(given[0], firsts), (given[1], seconds)]
 
 
-def _all_confirmed(value: ir.Value, declared: ir.Shape, symbols: set[str], checks) -> bool:
-    """Whether every dim of ``declared`` that says more than ``value``'s inferred shape is
-    confirmed by ``checks``."""
-    return all(
-        _confirmed(value, axis, d, i, symbols, checks)
-        for axis, (d, i) in enumerate(zip(declared, value.shape, strict=True))
-        if _claims_more(d, i, symbols)
-    )
-
-
-def _confirmed(
-    value: ir.Value, axis: int, declared: Dim, inferred: Dim, symbols: set[str], checks
-) -> bool:
-    """Whether the declared dim stands: it says more than inference, and both concrete
-    bindings agree with it."""
-    if not _claims_more(declared, inferred, symbols) or not checks:
+def _stands(value: ir.Value, axis: int, declared: Dim, checks: list[Check]) -> bool:
+    """Whether a declared dim in doubt stands: an int must be confirmed by every binding
+    (and there must be some); a name must not be contradicted by any (a binding that does
+    not know the dim says nothing; a name the bindings cannot evaluate is not checked)."""
+    if isinstance(declared, int) and not checks:
         return False
     for shapes, values in checks:
         shape = shapes.get(value.name)
-        if shape is None or axis >= len(shape):
-            return False
-        want = declared if isinstance(declared, int) else values.get(declared.value)
-        if shape[axis] is None or shape[axis] != want:
+        found = shape[axis] if shape is not None and axis < len(shape) else None
+        if isinstance(declared, int):
+            if found != declared:
+                return False
+        elif found is not None and declared.value in values and found != values[declared.value]:
             return False
     return True
 

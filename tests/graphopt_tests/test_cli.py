@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper
 
@@ -399,3 +400,239 @@ def test_not_verified_message_is_one_line_whatever_the_input_names(tmp_path: Pat
     assert code == 4
     assert len(err.splitlines()) == 1 and "written but not verified" in err
     assert "a\\nb\\u2028c" in err
+
+
+# ---- honest reports ---------------------------------------------------------------------
+
+
+def _ffn_file(folder: Path, kind: str) -> Path:
+    """The pruning tests' FFN (x [batch, 4, 16] → 64 hidden → 16) whose outputs are finite
+    ("plain"), -inf where a Relu is off ("log": Log(Relu(y))), all zero or all one."""
+    from graphopt_tests.passes.pruning.graphs import mlp
+
+    proto = ir.to_proto(mlp())
+    inits = {t.name: t for t in proto.graph.initializer}
+    if kind in ("zero", "constant"):
+        w2 = onnx.numpy_helper.to_array(inits["w2"])
+        inits["w2"].CopyFrom(onnx.numpy_helper.from_array(np.zeros_like(w2), "w2"))
+        b2 = np.zeros(16, np.float32) if kind == "zero" else np.ones(16, np.float32)
+        inits["b2"].CopyFrom(onnx.numpy_helper.from_array(b2, "b2"))
+    if kind == "log":
+        proto.graph.output[0].name = "y0"
+        proto.graph.node[-1].output[0] = "y0"
+        proto.graph.node.extend(
+            [helper.make_node("Relu", ["y0"], ["r"]), helper.make_node("Log", ["r"], ["y"])]
+        )
+        proto.graph.output[0].name = "y"
+    path = folder / f"{kind}.onnx"
+    onnx.save_model(proto, path)
+    return path
+
+
+def _calib_file(folder: Path) -> Path:
+    from graphopt_tests.passes.pruning.graphs import correlated
+
+    path = folder / "calib.npz"
+    np.savez(path, x=correlated(np.random.default_rng(0), (32, 4, 16)))
+    return path
+
+
+PRUNE_WITH_DATA = ["--prune", "flops=0.3", "--criterion", "fluctuation", "--compensation", "bias"]
+
+
+@pytest.mark.parametrize("kind", ["log", "zero", "constant"])
+def test_no_numpy_warnings_on_non_finite_zero_or_constant_outputs(
+    tmp_path: Path, capsys, kind: str
+) -> None:
+    import warnings
+
+    path, calib = _ffn_file(tmp_path, kind), _calib_file(tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code, out, err = run(
+            ["optimize", str(path), *PRUNE_WITH_DATA, "--calib", str(calib)], capsys
+        )
+    assert code == 0 and err == ""
+    # Before: fidelity.py's "invalid value encountered in subtract/divide" on -inf - -inf.
+    assert [f"{w.category.__name__}: {w.message}" for w in caught] == []
+    assert " nan " not in out
+
+
+def test_stderr_is_clean_when_pruning_a_model_with_infinite_outputs(tmp_path: Path) -> None:
+    # The real terminal: numpy prints its warnings to stderr in a plain run.
+    import graphopt
+
+    path, calib = _ffn_file(tmp_path, "log"), _calib_file(tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-m", "graphopt", "optimize", str(path), *PRUNE_WITH_DATA,
+         "--calib", str(calib)],
+        capture_output=True, text=True, cwd=Path(graphopt.__file__).parents[1], timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+
+
+def test_verbose_lists_every_pass_also_after_the_command(tmp_path: Path, capsys) -> None:
+    path = model_file(tmp_path)
+    code, out, _ = run(["optimize", str(path), "-o", str(tmp_path / "o.onnx")], capsys)
+    # A portable run on a 5-node model: no rows for another target's or idle passes.
+    assert code == 0 and "ort-gelu" not in out and "cse " not in out
+    assert "more passes:" in out and "skipped" in out and "--verbose" in out
+    code, out, _ = run(["optimize", str(path), "-o", str(tmp_path / "o.onnx"), "--verbose"], capsys)
+    assert code == 0 and "ort-gelu" in out and "more passes:" not in out
+
+
+# ---- flags that do what they say, or an error ---------------------------------------------
+
+
+def test_passes_without_the_asked_lossy_pass_is_exit_2(tmp_path: Path, capsys) -> None:
+    path = model_file(tmp_path)
+    # Before: exit 0, and --prune silently dropped.
+    code, _, err = run(
+        ["optimize", str(path), "--passes", "dead-code", "--prune", "flops=0.3"], capsys
+    )
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "prune asked for next to an explicit pass list" in err
+    assert not (tmp_path / "m.opt.onnx").exists()
+
+
+def test_passes_naming_prune_run_it_there_with_the_prune_flags(tmp_path: Path, capsys) -> None:
+    path = _ffn_file(tmp_path, "plain")
+    out_path = tmp_path / "o.onnx"
+    code, out, err = run(
+        ["optimize", str(path), "-o", str(out_path), "--passes", "dead-code,prune,dead-code",
+         "--prune", "flops=0.3", "--round-to", "1", "--no-verify"],
+        capsys,
+    )  # fmt: skip
+    # Before: the list's bare `prune` had no target ("give exactly one target"), exit 2.
+    assert code == 0, err
+    text = " ".join(out.split())
+    assert "pruning flops=0.3: 19 units from 1/1 groups" in text
+    # --no-verify reaches a listed prune too (its zero-invariance check).
+    assert "zero-invariance check skipped (--no-verify)" in text
+
+
+def test_skip_takes_passes_out_of_an_explicit_list_and_notes_the_rest(
+    tmp_path: Path, capsys
+) -> None:
+    path = model_file(tmp_path)
+    out_path = tmp_path / "o.onnx"
+    code, out, _ = run(
+        ["optimize", str(path), "-o", str(out_path), "--passes", "dead-code,identity",
+         "--skip", "identity,cse"],
+        capsys,
+    )  # fmt: skip
+    assert code == 0
+    # Before: --skip was ignored next to --passes, and identity removed the Identity node.
+    assert "Identity" in op_types(io.load(out_path).model)
+    assert "note: skip cse: not in the explicit pass list, so skipping changed nothing" in out
+
+
+def test_skip_of_a_lossy_pass(tmp_path: Path, capsys) -> None:
+    path = model_file(tmp_path)
+    # Asked for and skipped: before, it pruned anyway (skip only applied to exact passes).
+    code, _, err = run(["optimize", str(path), "--skip", "prune", "--prune", "flops=0.3"], capsys)
+    assert code == 2 and "prune is both asked for" in err
+    code, out, _ = run(["optimize", str(path), "--skip", "prune"], capsys)
+    assert code == 0 and "skip prune: lossy passes run only when asked for" in out
+
+
+def test_options_without_effect_are_noted(tmp_path: Path, capsys) -> None:
+    path = model_file(tmp_path)
+    out_path = str(tmp_path / "o.onnx")
+    code, out, _ = run(
+        ["optimize", str(path), "-o", out_path, "--no-verify", "--tolerance", "1e-3",
+         "--seed", "3"],
+        capsys,
+    )  # fmt: skip
+    assert code == 0
+    assert "note: --tolerance and --seed had no effect: verification was off" in out
+    code, out, _ = run(
+        ["optimize", str(path), "-o", out_path, "--passes", "dead-code,ort-gelu",
+         "--fold-limit", "2MB"],
+        capsys,
+    )  # fmt: skip
+    assert code == 0
+    assert "note: --fold-limit had no effect: constant-folding is not in this run's passes" in out
+    assert "note: ort-gelu did nothing: not a pass of --target portable" in out
+    # The same flags where they act: no note.
+    code, out, _ = run(
+        ["optimize", str(path), "-o", out_path, "--tolerance", "1e-3", "--fold-limit", "2MB"],
+        capsys,
+    )
+    assert code == 0 and "had no effect" not in out
+
+
+class _OutOfMemoryPass(GraphPass):
+    """Test only: runs out of memory (Python's MemoryError, or ORT's words for it)."""
+
+    name = "test-oom"
+    message = ""
+
+    def rewrite(self, model) -> int:
+        if self.message:
+            raise RuntimeError(self.message)
+        raise MemoryError
+
+
+@pytest.mark.parametrize(
+    ("message", "detail"),
+    [
+        ("", ""),
+        (
+            "[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : bfc_arena.cc:376 Failed to allocate "
+            "memory for requested buffer of size 8589934592",
+            " (ONNX Runtime: Failed to allocate memory for requested buffer of size 8589934592)",
+        ),
+    ],
+)
+def test_out_of_memory_in_a_pass_is_exit_3_not_a_rollback(
+    tmp_path: Path, capsys, monkeypatch, message: str, detail: str
+) -> None:
+    monkeypatch.setattr(_OutOfMemoryPass, "message", message)
+    register_for_test(monkeypatch, _OutOfMemoryPass)
+    path = model_file(tmp_path)
+    code, _, err = run(["optimize", str(path), "--passes", "dead-code,test-oom"], capsys)
+    # Before: taken for a crashing pass, rolled back, and exit 0.
+    assert code == 3 and len(err.strip().splitlines()) == 1
+    assert err.strip() == (
+        f"graphopt: error: out of memory while running test-oom (round 1){detail}; "
+        "try --no-verify / a smaller --input-shape"
+    )
+    assert not (tmp_path / "m.opt.onnx").exists()
+
+
+def test_ort_allocation_failure_on_the_original_is_exit_3_not_4(tmp_path: Path, capsys) -> None:
+    # The output needs 2^52 bytes: ORT's arena refuses at once (no memory is touched).
+    path = _save(
+        tmp_path,
+        "huge.onnx",
+        [helper.make_node("Expand", ["x", "s"], ["y"])],
+        [helper.make_tensor_value_info("x", F, [1])],
+        [helper.make_tensor_value_info("y", F, None)],
+        [onnx.numpy_helper.from_array(np.array([2**20, 2**20, 2**10], np.int64), "s")],
+    )
+    code, _, err = run(["optimize", str(path)], capsys)
+    # Before: "written but not verified: ONNX Runtime cannot run the original model", exit 4.
+    assert code == 3 and len(err.strip().splitlines()) == 1
+    assert "out of memory while running the original model in ONNX Runtime" in err
+    assert "Failed to allocate memory" in err and "try --no-verify" in err
+    assert not (tmp_path / "huge.opt.onnx").exists()
+
+
+def test_memory_error_while_loading_is_exit_3_not_bad_input(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    import graphopt.io
+
+    def exhausted(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(graphopt.io, "load", exhausted)
+    code, _, err = run(["optimize", str(model_file(tmp_path))], capsys)
+    # Before: "graphopt: error: out of memory" with exit 2 (bad input).
+    assert code == 3
+    assert err.strip() == (
+        "graphopt: error: out of memory while loading the model; "
+        "try --no-verify / a smaller --input-shape"
+    )

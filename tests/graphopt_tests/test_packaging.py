@@ -10,6 +10,7 @@ package lives under ``graphopt/`` and the tests under ``tests/graphopt_tests/``.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -55,7 +56,11 @@ for name in names:
     places = [module.__file__] if getattr(module, "__file__", None) else []
     places += list(getattr(module, "__path__", []))
     files = [str(Path(p).resolve()) for p in places]
-    inside = all(Path(f).is_relative_to(base) and not Path(f).is_relative_to(root) for f in files)
+    # Inside the distribution's install folder, not the checkout's folder of that name (a
+    # venv inside the checkout puts site-packages under the root too).
+    inside = all(
+        Path(f).is_relative_to(base) and not Path(f).is_relative_to(root / name) for f in files
+    )
     out[name] = [dist.metadata["Name"], files, inside]
 print(json.dumps(out))
 """
@@ -159,6 +164,13 @@ def test_the_guard_sees_a_shadowing_folder(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_the_wheel_ships_every_package(tmp_path: Path) -> None:
+    # Built from a copy: setuptools leaves build/ and *.egg-info in the folder it builds.
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, source / name)
+    ignore = shutil.ignore_patterns("__pycache__", "_build", "*.egg-info")
+    shutil.copytree(ROOT / "graphopt", source / "graphopt", ignore=ignore)
     proc = subprocess.run(
         [
             sys.executable,
@@ -170,7 +182,7 @@ def test_the_wheel_ships_every_package(tmp_path: Path) -> None:
             "-q",
             "-w",
             str(tmp_path),
-            str(ROOT),
+            str(source),
         ],
         capture_output=True,
         text=True,

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 import onnx_ir as ir
 import pytest
+import yaml
 
 from graphopt.cli import main
 from graphopt.errors import UserInputError
@@ -146,3 +148,163 @@ def test_cli_bad_recipe_is_exit_2(tmp_path: Path, capsys) -> None:
     assert main(["optimize", str(model), "--recipe", str(recipe)]) == 2
     err = capsys.readouterr().err
     assert "unknown pass" in err and "Traceback" not in err
+
+
+# ---- pass option types, one source of defaults, recipes beside flags ----------------------
+
+
+class TypedPass(GraphPass):
+    """Test only: one option of each declared type; records what it was given."""
+
+    name = "test-typed"
+    options = (
+        PassOption("force", bool, False, "a flag"),
+        PassOption("count", int, 2, "a count"),
+        PassOption("ratio", float, 0.5, "a ratio"),
+        PassOption("label", str, "", "a label"),
+    )
+    seen: ClassVar[list[dict]] = []
+
+    def rewrite(self, model: ir.Model) -> int:
+        TypedPass.seen.append(dict(self.settings))
+        return 0
+
+
+@pytest.fixture
+def typed(monkeypatch) -> type[TypedPass]:
+    register_for_test(monkeypatch, TypedPass)
+    monkeypatch.setattr(TypedPass, "seen", [])
+    return TypedPass
+
+
+def test_option_values_are_converted_to_the_declared_types(tmp_path: Path, capsys, typed) -> None:
+    recipe = write(
+        tmp_path,
+        "passes:\n  - name: test-typed\n"
+        '    options: {force: "false", count: "16", ratio: "0.25", label: x}\n',
+    )
+    options = load_recipe(recipe)
+    expected = {"force": False, "count": 16, "ratio": 0.25, "label": "x"}
+    assert options.passes == [PassSpec("test-typed", expected)]
+    assert main(["optimize", str(model_file(tmp_path)), "--recipe", str(recipe)]) == 0
+    # Before: the pass got the string "false", which is truthy: `force: "false"` forced.
+    assert typed.seen and all(seen == expected for seen in typed.seen)
+
+
+@pytest.mark.parametrize(
+    ("value", "bools"),
+    [("yes", True), ("No", False), ("on", True), ("0", False), (1, True), (False, False)],
+)
+def test_boolean_spellings(value, bools: bool, typed) -> None:
+    assert typed(force=value).settings["force"] is bools
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"force": "maybe"}, "option 'force': expected true or false, got 'maybe'"),
+        ({"force": 2}, "option 'force': expected true or false, got 2"),
+        ({"count": 1.5}, "option 'count': expected an integer, got 1.5"),
+        ({"count": True}, "option 'count': expected an integer, got True"),
+        ({"ratio": "small"}, "option 'ratio': expected a number, got 'small'"),
+        ({"ratio": True}, "option 'ratio': expected a number, got True"),
+        ({"label": 3}, "option 'label': expected a string, got 3"),
+    ],
+)
+def test_wrong_option_types_are_exit_2_naming_pass_and_option(
+    tmp_path: Path, capsys, typed, options: dict, message: str
+) -> None:
+    with pytest.raises(UserInputError, match=f"pass 'test-typed' {message}"):
+        recipe_from_dict({"passes": [{"name": "test-typed", "options": options}]})
+    with pytest.raises(UserInputError, match=message):  # the API: when the pass is built
+        typed(**options)
+    recipe = tmp_path / "typed.yaml"
+    recipe.write_text(yaml.safe_dump({"passes": [{"name": "test-typed", "options": options}]}))
+    code = main(["optimize", str(model_file(tmp_path)), "--recipe", str(recipe)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and "pass 'test-typed' option" in err
+
+
+def test_unknown_option_from_the_api_is_bad_input_not_a_crash(tmp_path: Path, capsys) -> None:
+    from graphopt.api import OptimizeOptions, optimize
+
+    options = OptimizeOptions(lossy=[PassSpec("test-lossy", {"ratio": 0.3, "nope": 1})])
+    # Before: ValueError from the pass constructor, an internal error (exit 3).
+    with pytest.raises(UserInputError, match=r"pass 'test-lossy' has no option\(s\) \['nope'\]"):
+        optimize(str(model_file(tmp_path)), None, options)
+
+
+def test_prune_option_defaults_have_one_source(monkeypatch, capsys, tmp_path: Path) -> None:
+    import dataclasses
+
+    import graphopt.api
+    from graphopt.api import OptimizeOptions
+    from graphopt.passes.pruning.prune import PrunePass
+
+    # Change the declared default: every way of asking for pruning must follow it.
+    changed = tuple(
+        dataclasses.replace(o, default=0.5) if o.name == "max_group_ratio" else o
+        for o in PrunePass.options
+    )
+    monkeypatch.setattr(PrunePass, "options", changed)
+    captured: list[OptimizeOptions] = []
+
+    def capture(source, output, options, **kwargs):
+        captured.append(options)
+        raise KeyboardInterrupt  # stop there
+
+    monkeypatch.setattr(graphopt.api, "optimize", capture)
+    assert main(["optimize", str(model_file(tmp_path)), "--prune", "flops=0.3"]) == 130
+    specs = {
+        "cli": captured[0].lossy_specs(),
+        "api": OptimizeOptions(prune="flops=0.3").lossy_specs(),
+        "recipe": recipe_from_dict(
+            {"lossy": [{"name": "prune", "options": {"flops": 0.3}}]}
+        ).lossy_specs(),
+    }
+    for where, (spec,) in specs.items():
+        # Before: the CLI and the API passed their own 0.8 along.
+        assert PrunePass(**spec.options).settings["max_group_ratio"] == 0.5, where
+
+
+def test_recipe_lossy_beside_passes_that_do_not_list_it_is_exit_2(tmp_path: Path, capsys) -> None:
+    recipe = write(
+        tmp_path, "passes: [dead-code]\nlossy:\n  - name: prune\n    options: {flops: 0.3}\n"
+    )
+    code = main(["optimize", str(model_file(tmp_path)), "--recipe", str(recipe)])
+    err = capsys.readouterr().err.strip()
+    # Before: exit 0 with the lossy entry silently dropped.
+    assert code == 2 and err.count("\n") == 0
+    assert "prune asked for next to an explicit pass list" in err
+
+
+def _pruning_recipe(tmp_path: Path, body: str) -> tuple[Path, Path]:
+    from graphopt import io
+    from graphopt_tests.passes.pruning.graphs import mlp
+
+    model = tmp_path / "mlp.onnx"
+    io.save(mlp(), model)
+    return model, write(tmp_path, body)
+
+
+def test_recipe_lossy_options_go_to_the_pass_its_list_names(tmp_path: Path, capsys) -> None:
+    model, recipe = _pruning_recipe(
+        tmp_path,
+        "passes: [dead-code, prune, dead-code]\n"
+        "lossy:\n  - name: prune\n    options: {flops: 0.3, round_to: 1}\n",
+    )
+    # Before: the listed prune ran without the lossy entry's options: "give exactly one
+    # target", exit 2.
+    assert main(["optimize", str(model), "--recipe", str(recipe)]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "pruning flops=0.3: 19 units from 1/1 groups" in text
+
+
+def test_pruning_flags_refine_a_recipe_that_prunes(tmp_path: Path, capsys) -> None:
+    model, recipe = _pruning_recipe(
+        tmp_path, "lossy:\n  - name: prune\n    options: {flops: 0.3, criterion: l2}\n"
+    )
+    # Before: "--criterion only applies with --prune", exit 2, although the recipe prunes.
+    code = main(["optimize", str(model), "--recipe", str(recipe), "--criterion", "l1"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert code == 0 and "prune: criterion l1, " in text

@@ -92,21 +92,40 @@ def measure(
             keep = mask != 0
             a = np.where(keep.reshape(*keep.shape, *(1,) * (a.ndim - 2)), a, 0.0)
             b = np.where(keep.reshape(*keep.shape, *(1,) * (b.ndim - 2)), b, 0.0)
-        scale = float(np.abs(a).max()) or 1.0
-        rows_a = a.reshape(len(a), -1) if a.ndim else a.reshape(1, -1)
-        rows_b = b.reshape(len(b), -1) if b.ndim else b.reshape(1, -1)
-        norms = np.linalg.norm(rows_a, axis=1) * np.linalg.norm(rows_b, axis=1)
-        cos = np.einsum("ij,ij->i", rows_a, rows_b) / np.where(norms > 0, norms, 1.0)
-        cos = np.where(norms > 0, cos, 1.0)
-        results.append(
-            Fidelity(
-                name,
-                float(np.abs(a - b).max() / scale),
-                float(np.abs(a - b).mean()),
-                float(cos.mean()),
-            )
-        )
+        results.append(_measure_floats(name, a, b))
     return results
+
+
+def _measure_floats(name: str, a: np.ndarray, b: np.ndarray) -> Fidelity:
+    """One float output. Non-finite values are compared as verification compares them: the
+    same NaN or infinity in both is equal (and left out of the numbers), a different one is
+    an infinite error and a cosine of 0 for its sample. Without this, ``-inf - -inf`` (a Log
+    of a Relu output) made every measure NaN and printed numpy warnings."""
+    if not a.size:
+        return Fidelity(name, 0.0, 0.0, 1.0)  # an empty output moved nowhere
+    finite = np.isfinite(a) & np.isfinite(b)
+    same = (np.isnan(a) & np.isnan(b)) | (np.isinf(a) & (a == b))
+    differ = ~finite & ~same
+    a, b = np.where(finite, a, 0.0), np.where(finite, b, 0.0)
+    rows_a = _unit_scale(a.reshape(len(a), -1) if a.ndim else a.reshape(1, -1))
+    rows_b = _unit_scale(b.reshape(len(b), -1) if b.ndim else b.reshape(1, -1))
+    norms = np.linalg.norm(rows_a, axis=1) * np.linalg.norm(rows_b, axis=1)
+    cos = np.einsum("ij,ij->i", rows_a, rows_b) / np.where(norms > 0, norms, 1.0)
+    cos = np.where(norms > 0, np.clip(cos, -1.0, 1.0), 1.0)
+    cos = np.where(differ.reshape(len(rows_a), -1).any(axis=1), 0.0, cos)
+    mean_cosine = float(cos.mean())
+    if differ.any():
+        return Fidelity(name, float("inf"), float("inf"), mean_cosine)
+    diff = np.abs(a - b)
+    scale = float(np.abs(a).max()) or 1.0
+    return Fidelity(name, float(diff.max() / scale), float(diff.mean()), mean_cosine)
+
+
+def _unit_scale(rows: np.ndarray) -> np.ndarray:
+    """Rows divided by their largest magnitude: the cosine is unchanged, and squaring cannot
+    overflow (outputs of a diverging model reach 1e38 in float32)."""
+    peak = np.abs(rows).max(axis=1, keepdims=True)
+    return rows / np.where(peak > 0, peak, 1.0)
 
 
 def summary(fidelities: list[Fidelity]) -> str:

@@ -11,7 +11,13 @@ from typing import TYPE_CHECKING
 import onnx_ir as ir
 
 from graphopt.errors import UserInputError
-from graphopt.passes.pruning.settings import DATA_CRITERIA, PruneSettings, PruneTarget
+from graphopt.passes.pruning.settings import (
+    DATA_CRITERIA,
+    Choices,
+    PruneSettings,
+    PruneTarget,
+    resolve_choices,
+)
 from graphopt.registry import GraphPass, PassOption, Stage, register
 
 if TYPE_CHECKING:
@@ -29,47 +35,72 @@ class PrunePass(GraphPass):
     options = (
         PassOption("flops", float, 0.0, "fraction of FLOPs to remove (0 < R < 1)"),
         PassOption("params", float, 0.0, "fraction of parameters to remove (0 < R < 1)"),
+        # criterion, allocation and compensation default to None, "not set": resolve_choices
+        # then picks data-aware defaults for a calibration file, data-free ones otherwise.
         PassOption(
-            "criterion", str, "l2", "l1, l2, bn_scale, activation, fluctuation or reconstruction"
+            "criterion",
+            str,
+            None,
+            "l1, l2, bn_scale, activation, fluctuation or reconstruction "
+            "(default: reconstruction with a calibration file, else l2)",
         ),
-        PassOption("allocation", str, "uniform", "uniform or global"),
-        PassOption("max_group_ratio", float, 0.8, "most any group may lose"),
+        PassOption(
+            "allocation", str, None, "uniform or global (default: global with a file, else uniform)"
+        ),
+        # Numeric defaults are PruneSettings' own: one value for the CLI, the API and recipes.
+        PassOption(
+            "max_group_ratio", float, PruneSettings.max_group_ratio, "most any group may lose"
+        ),
         PassOption("round_to", int, 0, "kept channels multiple of N (0: default by size)"),
-        PassOption("compensation", str, "none", "none, bias or lsq"),
+        PassOption(
+            "compensation", str, None, "none, bias or lsq (default: lsq with a file, else none)"
+        ),
         PassOption("calib", str, "", "calibration .npz, or 'random' for generated data"),
-        PassOption("ridge", float, 0.3, "least-squares ridge, relative to mean variance"),
-        PassOption("holdout", float, 0.25, "share of calibration samples kept for fidelity"),
+        PassOption(
+            "ridge", float, PruneSettings.ridge, "least-squares ridge, relative to mean variance"
+        ),
+        PassOption(
+            "holdout",
+            float,
+            PruneSettings.holdout,
+            "share of calibration samples kept for fidelity",
+        ),
         PassOption("verify", bool, True, "refuse the result unless removing = zeroing the units"),
     )
 
     def rewrite(self, model: ir.Model) -> int:
         from graphopt.passes.pruning.pruner import prune_model
 
-        settings = self._settings()
+        settings, choices = self._settings()
+        # Said first, before anything can fail: the settings used, and which were defaults.
+        self.context.note(choices.note(self.settings["calib"]))
         calib = self._calibration(model, settings)
         pruned, record = prune_model(model, settings, calib, self.context)
+        record.defaults = list(choices.defaulted)
         self.context.details["prune"] = record
         if pruned is not model:
             model.graph = pruned.graph  # the pass manager works on ``model`` in place
         return record.units_removed
 
-    def _settings(self) -> PruneSettings:
+    def _settings(self) -> tuple[PruneSettings, Choices]:
         s = self.settings
         given = [(k, s[k]) for k in ("flops", "params") if s[k]]
         if len(given) != 1:
             raise UserInputError("prune: give exactly one target, flops=R or params=R")
         kind, ratio = given[0]
+        # The CLI, the API and recipes all reach here, so defaults are resolved once for all.
+        choices = resolve_choices(s["criterion"], s["compensation"], s["allocation"], s["calib"])
         return PruneSettings(
             target=PruneTarget.parse(f"{kind}={ratio}"),
-            criterion=s["criterion"],
-            allocation=s["allocation"],
+            criterion=choices.criterion,
+            allocation=choices.allocation,
             max_group_ratio=s["max_group_ratio"],
             round_to=s["round_to"] or None,
-            compensation=s["compensation"],
+            compensation=choices.compensation,
             ridge=s["ridge"],
             holdout=s["holdout"],
             check=bool(s["verify"]),
-        )
+        ), choices
 
     def _calibration(self, model: ir.Model, settings: PruneSettings) -> CalibrationSet | None:
         source = self.settings["calib"]
@@ -92,7 +123,10 @@ class PrunePass(GraphPass):
             )
             from graphopt.passes.pruning.samples import random_calibration
 
-            return random_calibration(model, dict(self.context.input_shapes))
+            calib = random_calibration(model, dict(self.context.input_shapes))
+            if calib.note:  # sizes enlarged, or samples fed one at a time: said, not hidden
+                self.context.note(calib.note)
+            return calib
         from graphopt.passes.pruning.samples import load_calibration
 
         return load_calibration(source, model)

@@ -35,6 +35,7 @@ from graphopt.passes.pruning.importance import score_group
 from graphopt.passes.pruning.samples import CalibrationSet, sample_input_shapes
 from graphopt.passes.pruning.settings import DATA_CRITERIA, PruneSettings, PruneTarget
 from graphopt.registry import PassContext
+from graphopt.report import signed_percent
 
 # Goal corrections when the measured reduction falls short of the cost model's prediction.
 MAX_CORRECTIONS = 3
@@ -69,6 +70,11 @@ class PruneReport:
     # channels)", "not judged: ...", "skipped (--no-verify)"; "" when nothing was removed.
     check: str = ""
     check_seconds: float = 0.0
+    # Which of criterion/compensation/allocation the caller left unset and took a default
+    # (settings.resolve_choices); empty when all three were given.
+    defaults: list[str] = field(default_factory=list)
+    # The summary note this run added to the report's notes ("" before it is written).
+    summary: str = ""
 
     @property
     def flops_removed(self) -> float:
@@ -154,10 +160,18 @@ def prune_model(
         # Before compensation: refits change weights on purpose, the removal must not.
         _guard(model, report, pruned, indices, fit, settings, context, record)
     achieved = record.flops_removed if settings.target.kind == "flops" else record.params_removed
+    kind, asked = settings.target.kind, signed_percent(-settings.target.ratio)
     if achieved + TOLERANCE < settings.target.ratio:
         context.note(
-            f"prune: reached {settings.target.kind} -{100 * achieved:.1f}% of the asked "
-            f"-{100 * settings.target.ratio:.0f}% (group limits, alignment or blocked groups)"
+            f"prune: reached {kind} {signed_percent(-achieved)} of the asked {asked} "
+            "(group limits, alignment or blocked groups)"
+        )
+    elif achieved > settings.target.ratio + 2 * TOLERANCE:
+        # More than asked is a different model than asked for (fidelity pays for it): said,
+        # with the cause, as the shortfall is.
+        context.note(
+            f"prune: overshot: {kind} {signed_percent(-achieved)} where {asked} was asked, "
+            f"{_overshoot_cause(plans, settings)}"
         )
     if held is not None:
         reference = outputs_on(model, held)
@@ -271,11 +285,22 @@ def _why_none(report: ZigReport) -> str:
     return "; ".join(parts)
 
 
+def _overshoot_cause(plans, settings: PruneSettings) -> str:
+    if any(plan.step > 1 for plan in plans):
+        if settings.round_to:
+            return f"as --round-to {settings.round_to} keeps channel counts aligned"
+        return (
+            "as the default alignment keeps channel counts of groups of >= 32 channels "
+            "multiples of 16 (--round-to 1 removes single channels)"
+        )
+    return "as units (channels, heads) go whole and the last one needed was large"
+
+
 def _note_summary(context: PassContext, record: PruneReport) -> None:
     line = (
         f"prune: {record.units_removed} units from {record.groups_pruned}/"
-        f"{record.groups_prunable} groups; FLOPs -{100 * record.flops_removed:.1f}%, "
-        f"params -{100 * record.params_removed:.1f}%"
+        f"{record.groups_prunable} groups; FLOPs {signed_percent(-record.flops_removed)}, "
+        f"params {signed_percent(-record.params_removed)}"
     )
     if record.check.startswith("skipped"):
         line += f"; zero-invariance check {record.check}"
@@ -286,6 +311,8 @@ def _note_summary(context: PassContext, record: PruneReport) -> None:
     if record.fidelity_compensated:
         used = record.compensation_used or "none (reverted)"
         line += f" -> after {used}: {summary(record.fidelity_compensated)}"
+    # The report prints the record itself; it leaves out this note, not to say it twice.
+    record.summary = line
     context.note(line)
 
 

@@ -26,9 +26,12 @@ import onnx_ir as ir
 from graphopt.errors import UserInputError
 from graphopt.inputs import (
     DEFAULT_BATCH,
-    DEFAULT_IMAGE_DIM,
-    DEFAULT_SEQUENCE_DIM,
+    bind_dims,
+    describe_feeds,
+    dim_keys,
+    enlarged_dims,
     graph_inputs,
+    input_shapes,
     make_inputs,
 )
 
@@ -48,6 +51,9 @@ class CalibrationSet:
     # batch axis), or None: no batch axis, the samples are stacked on a new first axis.
     # Inputs not named here use axis 0 (the plain ``[N, ...]`` layout).
     axes: dict[str, int | None] = field(default_factory=dict)
+    # What the report should say about how generated samples were shaped or fed (sizes
+    # enlarged, one sample at a time), or "".
+    note: str = ""
 
     def __post_init__(self) -> None:
         if any(axis is None for axis in self.axes.values()):
@@ -179,45 +185,31 @@ def sample_axes(model: ir.Model) -> dict[str, int | None]:
 def sample_input_shapes(
     model: ir.Model, given: dict[str, tuple[int, ...]] | None = None
 ) -> dict[str, tuple[int, ...]]:
-    """One sample's shape per input: the batch dim 1 wherever it sits, a symbol shared by
-    several inputs bound to the same size in all of them; ``given`` shapes are kept.
+    """One sample's shape per input: the verification inputs' rules
+    (:func:`graphopt.inputs.input_shapes`: dims joined by name and batch, windows filled,
+    position tables respected), with the batch dim 1 wherever it sits; ``given`` shapes are
+    kept.
 
-    (The verification inputs bind any dim after the first to 16 or 32, which puts a batch
-    of 16 into ``state[2, B, 8]`` next to a batch of 1 in ``x[B, 16]``.)
+    (The batch is 1 there too, unless only this module's reading of the batch names it: a
+    symbol shared by several inputs at a later axis, ``a[2, B, 8]`` beside ``b[3, B]``.)
     """
-    given = dict(given or {})
-    inputs = graph_inputs(model)
-    batch = _batch_symbol(inputs)
-    bound: dict[str, int] = {}
-    for value in inputs:  # sizes the user gave name their symbols for the other inputs
-        shape = given.get(value.name)
-        if shape is not None and value.shape is not None and len(shape) == len(value.shape):
-            for dim, size in zip(value.shape, shape, strict=True):
-                if _symbol(dim):
-                    bound.setdefault(_symbol(dim), size)
-    shapes: dict[str, tuple[int, ...]] = {}
-    for value in inputs:
-        if value.name in given or value.shape is None:
-            if value.name in given:
-                shapes[value.name] = tuple(given[value.name])
-            continue  # make_inputs asks for --input-shape
-        rank = len(value.shape)
-        dims: list[int] = []
-        for axis, dim in enumerate(value.shape):
-            symbol = _symbol(dim)
-            if isinstance(dim, int) and dim >= 0:
-                size = dim
-            elif symbol is not None and symbol in bound:
-                size = bound[symbol]
-            elif (symbol is not None and symbol == batch) or axis == 0:
-                size = DEFAULT_BATCH
-            else:
-                size = DEFAULT_IMAGE_DIM if rank == 4 else DEFAULT_SEQUENCE_DIM
-            if symbol is not None:
-                bound.setdefault(symbol, size)
-            dims.append(size)
-        shapes[value.name] = tuple(dims)
-    return shapes
+    return input_shapes(model, given, _sample_dims(model, dict(given or {})))
+
+
+def _sample_dims(model: ir.Model, given: dict[str, tuple[int, ...]]) -> dict[str, int]:
+    """:func:`~graphopt.inputs.bind_dims`, with this module's batch symbol at 1 unless given."""
+    dims = bind_dims(model, given)
+    batch = _batch_symbol(graph_inputs(model))
+    keys = dim_keys(model)
+    given_keys = {
+        keys.get((v.name, axis))
+        for v in graph_inputs(model)
+        if v.name in given
+        for axis in range(len(v.shape or ()))
+    }
+    if batch is not None and batch in dims and batch not in given_keys:
+        dims[batch] = DEFAULT_BATCH
+    return dims
 
 
 def load_calibration(path: str, model: ir.Model) -> CalibrationSet:
@@ -270,20 +262,125 @@ def _layout(
 def random_calibration(
     model: ir.Model, shapes: dict[str, tuple[int, ...]], count: int = RANDOM_SAMPLES
 ) -> CalibrationSet:
-    """Generated samples (``--calib random``): seeded, dtype-aware, shaped as the model
-    declares its inputs (scalars stay scalars, a batch axis that is not the first is
-    batched along), integers in valid ranges (see :func:`_counts_from_one`)."""
+    """Generated samples (``--calib random``): seeded, dtype-aware, shaped and valued as the
+    verification inputs are (scalars stay scalars, a batch axis that is not the first is
+    batched along, integers in valid ranges: see :func:`_counts_from_one`), at sizes the model
+    runs at.
+
+    ONNX Runtime runs the model on the first batch before anything is measured on it. Where
+    it rejects the defaults, the sizes are enlarged as verification enlarges them
+    (:func:`~graphopt.inputs.enlarged_dims`; the run's verification passes the sizes it
+    found in ``shapes``), and a batch the model rejects is fed one sample at a time. When
+    nothing runs: a one-line :class:`UserInputError` naming the shapes and the fixes.
+    """
     axes = sample_axes(model)
-    bound = sample_input_shapes(model, shapes)
-    samples = [make_inputs(model, bound, seed=1000 + i) for i in range(count)]
+    given = dict(shapes)
+    dims = _sample_dims(model, given)
+    session = _session(model)
+    bindings = [dims, *enlarged_dims(model, given, dims)]
+    batched = _batch_size(model, axes)
+    first_error: tuple[BaseException, dict[str, np.ndarray]] | None = None
+    for index, trial in enumerate(bindings):
+        bound = input_shapes(model, given, trial)
+        batch = batched
+        probe = _generated(model, bound, min(batch, count), axes, batch)
+        feeds = next(probe.batches())
+        error = _rejection(session, feeds)
+        if error is not None and batch > 1:
+            one = next(CalibrationSet(probe.arrays, "random", 1, False, axes).batches())
+            if _rejection(session, one) is None:
+                error, batch = None, 1
+        if error is None:
+            calib = _generated(model, bound, count, axes, batch)
+            notes = []
+            if index:
+                changed = ", ".join(
+                    f"{k} {dims[k]} -> {v}" for k, v in trial.items() if v != dims[k]
+                )
+                notes.append(
+                    f"--calib random: samples enlarged ({changed}): the model fails at the "
+                    f"default size ({_innermost(first_error[0])})"
+                )
+            if batch != batched:
+                notes.append("--calib random: samples fed one at a time (a batch fails)")
+            calib.note = "; ".join(notes)
+            return calib
+        first_error = first_error or (error, feeds)
+    error, feeds = first_error
+    tried = ""
+    if len(bindings) > 1:
+        last = bindings[-1]
+        moved = ", ".join(f"{k} up to {v}" for k, v in last.items() if v != dims[k])
+        tried = f"; also fails with {moved}"
+    raise UserInputError(
+        f"prune: ONNX Runtime cannot run the model on the generated calibration inputs "
+        f"({describe_feeds(feeds)}): {_innermost(error)}{tried}; bind sizes with "
+        "--input-shape NAME:DxD... or give real data with --calib FILE.npz"
+    )
+
+
+def _generated(
+    model: ir.Model,
+    bound: dict[str, tuple[int, ...]],
+    count: int,
+    axes: dict[str, int | None],
+    batch: int,
+) -> CalibrationSet:
+    """``count`` generated samples at ``bound`` shapes, laid out along ``axes``. Sample ``i``
+    is the same whatever ``count`` (its own seeds), so a probe of the first batch is what
+    the full set feeds first."""
     by_name = {v.name: v for v in graph_inputs(model)}
-    rng = np.random.default_rng(999)
+    samples = [make_inputs(model, bound, seed=1000 + i) for i in range(count)]
     arrays = {}
     for name in samples[0]:
-        pieces = [_counts_from_one(s[name], by_name[name], axes[name], rng) for s in samples]
+        pieces = [
+            _counts_from_one(s[name], by_name[name], axes[name], np.random.default_rng(2000 + i))
+            for i, s in enumerate(samples)
+        ]
         axis = axes[name]
         arrays[name] = np.stack(pieces) if axis is None else np.concatenate(pieces, axis=axis)
-    return CalibrationSet(arrays, "random", _batch_size(model, axes), False, axes)
+    return CalibrationSet(arrays, "random", batch, False, axes)
+
+
+def _session(model: ir.Model):
+    """An ORT session on ``model``, or a one-line error saying why ORT cannot load it."""
+    from graphopt.backends.ort_custom_ops import missing_library_hint
+    from graphopt.verify import make_session
+
+    try:
+        return make_session(model)
+    except Exception as exc:
+        _raise_if_out_of_memory(exc)
+        raise UserInputError(
+            f"prune: --calib random: ONNX Runtime cannot load the model to run calibration "
+            f"samples: {_innermost(exc)}{missing_library_hint(model)}"
+        ) from None
+
+
+def _rejection(session, feeds: dict[str, np.ndarray]) -> BaseException | None:
+    """Why ORT cannot run ``feeds``, or None when it can."""
+    from graphopt.ortrun import run_session
+
+    try:
+        run_session(session, [o.name for o in session.get_outputs()], feeds)
+    except Exception as exc:
+        _raise_if_out_of_memory(exc)
+        return exc
+    return None
+
+
+def _raise_if_out_of_memory(exc: BaseException) -> None:
+    """A failed allocation is this machine's limit, not data the model rejects."""
+    from graphopt.pipeline import is_out_of_memory
+
+    if is_out_of_memory(exc):
+        raise MemoryError(str(exc)) from exc
+
+
+def _innermost(exc: BaseException) -> str:
+    from graphopt.verify import innermost_message
+
+    return innermost_message(exc)
 
 
 def _counts_from_one(

@@ -96,6 +96,59 @@ def test_reconcile_keeps_a_declared_int_the_bindings_confirm() -> None:
     assert [getattr(d, "value", d) for d in reshape.outputs[0].shape] == ["N", 2, 2]
 
 
+def _dims(value):
+    return [getattr(d, "value", d) for d in value.shape]
+
+
+def test_reconcile_drops_a_declared_name_the_bindings_contradict() -> None:
+    # c = Concat(x, x) is [2N, 4]; a value_info calling it [N, 4] is stale. Inference only
+    # finds a made-up dim there; the bindings (N=1: 2, N=3: 6) contradict N.
+    nodes = [
+        helper.make_node("Concat", ["x", "x"], ["c"], axis=0),
+        helper.make_node("Relu", ["c"], ["y"]),
+    ]
+    model = _with_stale(nodes, {"c": ["N", 4]}, out_shape=(None, 4))
+    reconcile_shapes(model)
+    concat = next(n for n in model.graph if n.op_type == "Concat")
+    assert _dims(concat.outputs[0])[0] != "N" and _dims(concat.outputs[0])[1] == 4
+
+
+def test_reconcile_keeps_what_nothing_contradicts_past_a_custom_op() -> None:
+    # ONNX inference knows nothing of a custom op's output: its declared [N, 4] stands,
+    # and so does the declared 2 after the Reshape that inference alone cannot size.
+    nodes = [
+        helper.make_node("Mystery", ["x"], ["m"], domain="custom"),
+        helper.make_node("Reshape", ["m", "t"], ["r"]),
+        helper.make_node("Relu", ["r"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [tensor_info("x", T.FLOAT, ["N", 4])],
+        [tensor_info("y", T.FLOAT, ["N", 2, 2])],
+        [onnx.numpy_helper.from_array(np.array([0, 2, -1], I64), "t")],
+        value_info=[
+            tensor_info("m", T.FLOAT, ["N", 4]),
+            tensor_info("r", T.FLOAT, ["N", 2, 2]),
+        ],
+    )
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("custom", 1)]
+    model = io.load(helper.make_model(graph, opset_imports=opsets)).model
+    reconcile_shapes(model)
+    values = {o.name: o for node in model.graph for o in node.outputs}
+    assert _dims(values["m"]) == ["N", 4]
+    assert _dims(values["r"]) == ["N", 2, 2]
+
+
+def test_reconcile_runs_once_per_graph() -> None:
+    model = _shape_chain_model()
+    assert reconcile_shapes(model) > 0
+    relu = next(n for n in model.graph if n.op_type == "Relu")
+    relu.outputs[0].shape = ir.Shape([1, 4])  # a later edit is not second-guessed
+    assert reconcile_shapes(model) == 0
+    assert list(relu.outputs[0].shape) == [1, 4]
+
+
 def test_shape_folding_does_not_bake_a_stale_batch() -> None:
     _after, _hits, ops = _check_at_two_batches(_shape_chain_model(), ShapeFoldingPass)
     assert "Shape" in ops  # the batch is symbolic: Shape(a)[0] stays a run-time read
