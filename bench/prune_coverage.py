@@ -255,8 +255,8 @@ def helped(before, after) -> bool:
 def zig_check(source: Path, shapes: dict, row: Row) -> None:
     """(d): zeroing a unit of every prunable group equals removing it (1e-6)."""
     from graphopt.analysis.zig import analyze
-    from graphopt.analysis.zig_check import check_groups
     from graphopt.io import load
+    from graphopt.passes.pruning.zig_check import check_groups
 
     model = load(source).model
     report = analyze(model, shapes)

@@ -91,11 +91,9 @@ class OptimizeOptions:
         """``lossy`` plus the pruning pass the ``prune`` fields ask for, as asked."""
         specs = list(self.lossy)
         if self.prune:
-            from graphopt.passes.pruning.settings import PruneTarget
-
-            target = PruneTarget.parse(self.prune)
+            # The pass parses its own target ("flops=0.3"): the core knows no pass.
             options = {
-                target.kind: target.ratio,
+                **get_pass("prune").options_from_flag(self.prune),
                 "round_to": self.round_to or 0,
                 "calib": self.calib or "",
                 "max_group_ratio": self.max_group_ratio,

@@ -183,6 +183,13 @@ class GraphPass(ir.passes.InPlacePass):
         }
 
     @classmethod
+    def options_from_flag(cls, text: str) -> dict[str, Any]:
+        """Options from the text of the flag that asks for this lossy pass (``--prune T``)."""
+        from graphopt.errors import UserInputError
+
+        raise UserInputError(f"pass {cls.name!r} takes no flag value {text!r}")
+
+    @classmethod
     def description(cls) -> str:
         """The first line of the docstring."""
         return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import Protocol, runtime_checkable
 
 from rich.console import Console
 from rich.table import Table
@@ -20,8 +20,21 @@ from graphopt.pipeline import PassStats, RunReport
 from graphopt.registry import all_passes
 from graphopt.verify import VerifyResult
 
-if TYPE_CHECKING:  # the pruner imports this module (signed_percent)
-    from graphopt.passes.pruning.pruner import PruneReport
+
+@runtime_checkable
+class RenderedDetails(Protocol):
+    """A pass's structured result (``report.details[name]``) that prints itself.
+
+    The core knows no pass: a lossy pass's record renders its own section (pruning: what was
+    removed and the held-out fidelity) and names the note it stands for (``summary``), which
+    is then not printed a second time.
+    """
+
+    summary: str
+
+    def render(self, console: Console) -> bool:
+        """Print the section; False when there is nothing to print."""
+        ...
 
 
 def signed_percent(change: float) -> str:
@@ -104,8 +117,11 @@ def print_report(report: RunReport, console: Console, verbose: bool = False) -> 
         hidden = hidden_passes_line(report)
         if hidden:
             console.print(hidden, markup=False)
-    prune = report.details.get("prune")
-    printed_prune = _print_pruning(prune, console)
+    rendered = {
+        details.summary
+        for details in report.details.values()
+        if isinstance(details, RenderedDetails) and details.render(console)
+    }
     lossy = report.lossy_check is not None and bool(report.lossy_check.outputs)
     if report.verification is not None and report.verification.outputs and not lossy:
         console.print(
@@ -116,8 +132,8 @@ def print_report(report: RunReport, console: Console, verbose: bool = False) -> 
     if lossy and len(report.lossy_check.outputs) > 1:
         console.print(verification_table(report.lossy_check, _lossy_title(report)))
     for note in report.notes:
-        if printed_prune and note == prune.summary:
-            continue  # printed above from the record itself
+        if note in rendered:
+            continue  # printed above from the pass's record itself
         console.print(f"note: {note}", markup=False)
     for name in report.rolled_back:
         console.print(
@@ -187,49 +203,6 @@ def _print_shapes(result: VerifyResult | None, console: Console) -> None:
         console.print(f"checked at {label}: " + " | ".join(result.shapes), markup=False)
     if result.shape_note:
         console.print(f"note: {result.shape_note}", markup=False)
-
-
-def _print_pruning(prune: PruneReport | None, console: Console) -> bool:
-    """What pruning did, from its record: one line, and the held-out fidelity when there is
-    calibration data. False when there is nothing to print (nothing was pruned)."""
-    if prune is None or not prune.summary:
-        return False
-    line = (
-        f"pruning {prune.target}: {prune.units_removed} units from {prune.groups_pruned}/"
-        f"{prune.groups_prunable} groups; FLOPs {signed_percent(-prune.flops_removed)}, "
-        f"params {signed_percent(-prune.params_removed)}"
-    )
-    if prune.check.startswith("skipped"):
-        line += f"; zero-invariance check {prune.check}"
-    elif prune.check:
-        line += f"; zero-invariance check {prune.check} ({prune.check_seconds:.2f} s)"
-    console.print(line, markup=False)
-    if prune.fidelity_pruned:
-        console.print(pruning_table(prune))
-    return True
-
-
-def pruning_table(prune: PruneReport) -> Table:
-    """Fidelity of pruning on held-out calibration samples, before/after compensation."""
-    table = Table(
-        title=(
-            f"pruning fidelity on {prune.heldout_samples} held-out calibration samples "
-            f"({prune.calibration})"
-        ),
-        title_justify="left",
-        show_edge=False,
-    )
-    for column in ("output", "stage", "max rel err", "mean abs err", "mean cosine"):
-        table.add_column(column, justify="left" if column in ("output", "stage") else "right")
-    rows = [("pruned", prune.fidelity_pruned)]
-    if prune.fidelity_compensated:
-        rows.append((f"+ {prune.compensation}", prune.fidelity_compensated))
-    for stage, fidelities in rows:
-        for f in fidelities:
-            table.add_row(
-                f.output, stage, f"{f.max_rel:.3g}", f"{f.mean_abs:.3g}", f"{f.mean_cosine:.4f}"
-            )
-    return table
 
 
 def passes_table() -> Table:

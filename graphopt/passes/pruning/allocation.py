@@ -23,7 +23,7 @@ import numpy as np
 
 from graphopt.analysis.dependency import split_key
 from graphopt.analysis.zig import ZeroInvariantGroup, ZigReport, _node_flops
-from graphopt.analysis.zig_check import group_safe_units
+from graphopt.passes.pruning.zig_check import group_safe_units
 
 BISECTION_STEPS = 40
 

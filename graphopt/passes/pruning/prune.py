@@ -6,7 +6,7 @@ analysis and numerics that only a pruning run needs.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import onnx_ir as ir
 
@@ -67,6 +67,12 @@ class PrunePass(GraphPass):
         ),
         PassOption("verify", bool, True, "refuse the result unless removing = zeroing the units"),
     )
+
+    @classmethod
+    def options_from_flag(cls, text: str) -> dict[str, Any]:
+        """``--prune flops=0.3`` (or the API's ``prune=``) as this pass's options."""
+        target = PruneTarget.parse(text)
+        return {target.kind: target.ratio}
 
     def rewrite(self, model: ir.Model) -> int:
         from graphopt.passes.pruning.pruner import prune_model

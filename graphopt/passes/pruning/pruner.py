@@ -11,17 +11,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
+from rich.console import Console
 
-from graphopt.analysis.channel_removal import remove_channels
 from graphopt.analysis.dependency import DimKey
 from graphopt.analysis.excluded import describe
 from graphopt.analysis.flops import model_flops
 from graphopt.analysis.zig import ZigReport, analyze
-from graphopt.analysis.zig_check import check_chosen
 from graphopt.errors import CheckFailedError
 from graphopt.inputs import make_inputs
 from graphopt.passes.pruning.activations import channel_statistics
 from graphopt.passes.pruning.allocation import CostModel, allocate, plan_group
+from graphopt.passes.pruning.channel_removal import remove_channels
 from graphopt.passes.pruning.compensation import compensate
 from graphopt.passes.pruning.consumers import find_consumers, strip_tags, tag_nodes
 from graphopt.passes.pruning.fidelity import (
@@ -34,6 +34,7 @@ from graphopt.passes.pruning.fidelity import (
 from graphopt.passes.pruning.importance import score_group
 from graphopt.passes.pruning.samples import CalibrationSet, sample_input_shapes
 from graphopt.passes.pruning.settings import DATA_CRITERIA, PruneSettings, PruneTarget
+from graphopt.passes.pruning.zig_check import check_chosen
 from graphopt.registry import PassContext
 from graphopt.report import signed_percent
 
@@ -91,6 +92,12 @@ class PruneReport:
         out["fidelity_pruned"] = [f.to_json() for f in self.fidelity_pruned]
         out["fidelity_compensated"] = [f.to_json() for f in self.fidelity_compensated]
         return out
+
+    def render(self, console: Console) -> bool:
+        """The report's pruning section (see :mod:`graphopt.report`'s ``RenderedDetails``)."""
+        from graphopt.passes.pruning.rendering import print_pruning
+
+        return print_pruning(self, console)
 
 
 def prune_model(

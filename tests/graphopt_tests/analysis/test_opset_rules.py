@@ -21,7 +21,7 @@ from graphopt import io
 from graphopt.analysis import dependency_rules, flops
 from graphopt.analysis.channel_shapes import Context
 from graphopt.analysis.zig import ZeroInvariantGroup, ZigReport, analyze
-from graphopt.analysis.zig_check import check_groups
+from graphopt.passes.pruning.zig_check import check_groups
 
 F = TensorProto.FLOAT
 N = helper.make_node

@@ -87,7 +87,7 @@ def test_cli_analyze_table_and_json(tmp_path, capsys) -> None:
 def test_old_ir_initializer_inputs_are_parameters() -> None:
     """IR < 4 lists every initializer as a graph input too: they are still weights, as
     optimize's initializer-inputs pass treats them, and the model is left as it was."""
-    from graphopt.analysis.zig_check import check_groups
+    from graphopt.passes.pruning.zig_check import check_groups
 
     expected = analyze(G.residual())
     model = G.residual()

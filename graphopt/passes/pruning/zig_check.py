@@ -2,7 +2,7 @@
 
 For the chosen units, two models are built from the original: one with the units' parameter
 slices set to zero, one with the channels physically removed
-(:func:`graphopt.analysis.channel_removal.remove_channels`). Both run in ONNX Runtime on the
+(:func:`graphopt.passes.pruning.channel_removal.remove_channels`). Both run in ONNX Runtime on the
 same generated inputs; the check passes when every output agrees within ``tolerance``
 relative to the output's largest magnitude (1e-6 by default). This validates the groups
 (a missed coupling shows as a difference or a shape error) and the removal routine at once.
@@ -17,11 +17,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.analysis.channel_removal import _values_by_name, edit_parameters, remove_channels
 from graphopt.analysis.dependency import DimKey, split_key
 from graphopt.analysis.zig import ZeroInvariantGroup, ZigReport
 from graphopt.editing import INITIALIZERS_NOT_INPUTS_IR, initializers_as_constants
 from graphopt.inputs import make_inputs
+from graphopt.passes.pruning.channel_removal import (
+    _values_by_name,
+    edit_parameters,
+    remove_channels,
+)
 from graphopt.verify import compare, run_model
 
 TOLERANCE = 1e-6

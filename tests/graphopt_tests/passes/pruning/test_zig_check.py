@@ -9,9 +9,9 @@ import onnx_ir as ir
 import pytest
 
 from graphopt.analysis import dependency_rules
-from graphopt.analysis.channel_removal import remove_channels
 from graphopt.analysis.zig import analyze
-from graphopt.analysis.zig_check import check_groups, check_removal, sample_units
+from graphopt.passes.pruning.channel_removal import remove_channels
+from graphopt.passes.pruning.zig_check import check_groups, check_removal, sample_units
 from graphopt_tests.analysis import zig_graphs as G
 from graphopt_tests.helpers import roundtrip
 
@@ -225,7 +225,7 @@ def test_guard_checks_the_given_pruned_model_on_the_given_inputs() -> None:
     """check_chosen judges the model pruning produced (a faulty one fails, with the tensor
     and error in one line) on the feeds it is given (an original that cannot run on them is
     'not judged', not a failure)."""
-    from graphopt.analysis.zig_check import check_chosen
+    from graphopt.passes.pruning.zig_check import check_chosen
 
     model = G.residual()
     report = analyze(model)
