@@ -5,7 +5,7 @@ element-level components (e.g. output channel k of a Conv with its bias[k], the 
 params[k] and the next Conv's weight[:, k]; or one attention head with its Q/K/V rows and
 output-projection columns). Every unit can be removed independently of the others. Zeroing a
 unit's parameters makes the model compute exactly what it computes with the unit removed —
-:mod:`graphopt.analysis.zig_check` tests that claim.
+:mod:`graphopt.passes.pruning.zig_check` tests that claim.
 
 A group is *blocked* when any dim in it is blocked (the reasons are kept), or when one unit
 covers a whole axis (removing it would leave an empty tensor).
