@@ -96,8 +96,9 @@ def reconcile_shapes(model: ir.Model) -> int:
       inference at two different concrete bindings of the input symbols gives that same
       int both times (ONNX inference loses e.g. the head count of a Reshape whose target
       has a -1, which exporters declare; a stale batch size fails the check). A declared
-      symbol stays unless such a binding contradicts it: a name is never folded into a
-      constant, and the fusions match on the exporter's names (``sequence``).
+      input symbol stays unless such a binding contradicts it, any other declared name
+      (``Gemmlogits_dim_0``) as it is: no binding can evaluate it, a name is never folded
+      into a constant, and the fusions match on the exporter's names (``sequence``).
 
     Runs once per graph object (remembered in ``model.meta``): the passes' own edits keep
     shapes right, so later calls on the same graph would find nothing new. A rollback
@@ -120,14 +121,17 @@ def reconcile_shapes(model: ir.Model) -> int:
     for value, shape in blind:
         value.shape = shape
     symbols = input_symbols(model)
-    doubts = [
-        (value, axis, dim)
-        for value, shape in declared
-        if value.shape is not None and shape is not None and len(shape) == len(value.shape)
-        for axis, (dim, found) in enumerate(zip(shape, value.shape, strict=True))
-        if _in_doubt(dim, found, symbols)
-    ]
-    kept: set[tuple[int, int]] = set()
+    doubts: list[tuple[ir.Value, int, Dim]] = []
+    kept: set[tuple[int, int]] = set()  # (id(value), axis) whose declared dim stays
+    for value, shape in declared:
+        found = value.shape
+        if found is None or shape is None or found is shape or len(found) != len(shape):
+            continue
+        for axis, (dim, inferred) in enumerate(zip(shape, found, strict=True)):
+            if _in_doubt(dim, inferred, symbols):
+                doubts.append((value, axis, dim))
+            elif _unverifiable_name(dim, inferred, symbols):
+                kept.add((id(value), axis))
     if doubts:
         # Plain onnx inference at the bindings usually settles every doubt; folding the
         # shape arithmetic too (several times slower) only when a declared int is left
@@ -135,7 +139,7 @@ def reconcile_shapes(model: ir.Model) -> int:
         checks = _concrete_checks(model, blind, fold=False)
         if any(isinstance(d, int) and not _stands(v, a, d, checks) for v, a, d in doubts):
             checks = _concrete_checks(model, blind, fold=True)
-        kept = {(id(v), a) for v, a, d in doubts if _stands(v, a, d, checks)}
+        kept |= {(id(v), a) for v, a, d in doubts if _stands(v, a, d, checks)}
     changed = 0
     for value, shape in declared:
         if value.shape is None or value.shape is shape:
@@ -170,13 +174,20 @@ def input_symbols(model: ir.Model) -> set[str]:
 
 def _in_doubt(declared: Dim, inferred: Dim, symbols: set[str]) -> bool:
     """Whether the declared dim says something that inference from the inputs neither
-    confirms nor overrules: inference found only a made-up (``unk__0``) or unknown dim,
-    and the declaration an int or a name (not the same one)."""
+    confirms nor overrules, and that the bindings can check: inference found only a
+    made-up (``unk__0``) or unknown dim, and the declaration an int or an input's symbol."""
     if isinstance(inferred, int) or inferred.value in symbols:
         return False  # inference knows: it wins
     if isinstance(declared, int):
         return declared >= 0
-    return declared.value is not None and declared.value != inferred.value
+    return declared.value in symbols
+
+
+def _unverifiable_name(declared: Dim, inferred: Dim, symbols: set[str]) -> bool:
+    """A declared name no binding can evaluate, where inference only made a dim up."""
+    if isinstance(inferred, int) or inferred.value in symbols or isinstance(declared, int):
+        return False
+    return declared.value is not None and declared.value not in symbols
 
 
 # (concrete shapes by value name, value of each input symbol) at one binding of the inputs.
@@ -370,14 +381,15 @@ def shape_text(shape: ir.Shape | None) -> list[int | str | None] | None:
 
 
 def _fold_rounds(folded: ir.Model, folder) -> None:
-    from graphopt.passes.erasure.shape_folding import ShapeFoldingPass
-    from graphopt.registry import PassContext
+    # Through the registry: the analysis imports no pass module (see test_layering).
+    from graphopt.registry import PassContext, get_pass
 
+    shape_folding = get_pass("shape-folding")
     # The copy's shapes were inferred at bound input shapes just now: nothing to reconcile
     # (and reconciling would run this very inference again).
     folded.meta[_RECONCILED] = folded.graph
     for _ in range(3):
-        changed = ShapeFoldingPass(PassContext())(folded).modified
+        changed = shape_folding(PassContext())(folded).modified
         try:
             changed |= folder(folded).modified
         except Exception as exc:  # a failing evaluator: keep what onnx inferred

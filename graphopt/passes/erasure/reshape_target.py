@@ -7,12 +7,13 @@ followed back (:mod:`graphopt.analysis.shape_entries`: Concat, Gather, Slice, Un
 Cast…) to a constant, a dim read by Shape, or something computed (Mul, Div…). Then:
 
 - a constant, or a static dim, is written as is;
-- a read of the Reshape input's own dim at the same position becomes 0 (without
-  ``allowzero``: "copy the input's dim"), exact whatever that dim is;
-- one remaining entry, whatever computes it, becomes -1. That is exact when every other
-  entry is a positive constant: Reshape then has one solution for it (the element count
-  fixes it; with zero elements it is 0 both ways). Next to a 0 (a copied dim that may be
-  0) or a -1 there is no unique solution, so the target is kept.
+- a read of the Reshape input's own dim at the same position, or of a dim named like a
+  graph-input dim (batch, sequence) that the input has at that position, becomes 0
+  (without ``allowzero``: "copy the input's dim"), exact whatever that dim is;
+- when every entry but one is a positive constant, that one becomes -1, whatever computes
+  it (a lone copy too: the usual spelling of a batch dim). Reshape then has one solution
+  for it (the element count fixes it; with zero elements it is 0 both ways). A computed
+  entry next to a 0 (a copied dim may be 0) or a -1 has no unique solution: kept.
 
 The Shape, Gather, Concat… feeding the old target — and whatever only fed them — then die.
 Shapes are re-inferred from the graph inputs first (a stale declared dim would be baked in).
@@ -51,12 +52,21 @@ def _entry(ctx: Context, node: ir.Node, position: int, symbols: set[str]) -> int
         return _COPY
     # Another tensor's dim named like an input dim (batch, sequence) that the Reshape input
     # has at this very position: the same size (x.view(B, S, H, D) with B, S read off the
-    # tensor before the projection).
-    data = ctx.shape(node.inputs[0])
-    here = data[position] if data is not None and position < len(data) else None
-    if dim in symbols and here == dim:
+    # tensor before the projection). Names, not Context's text: it writes unknown dims as
+    # '?', which a model may use as a real name.
+    name = _dim_name(source.value, source.axis)
+    if name is not None and name in symbols and _dim_name(node.inputs[0], position) == name:
         return _COPY
     return None
+
+
+def _dim_name(value: ir.Value | None, axis: int) -> str | None:
+    """The name of ``value``'s symbolic dim ``axis`` (None: an int, unknown or unnamed)."""
+    shape = value.shape if value is not None else None
+    if shape is None or not 0 <= axis < len(shape):
+        return None
+    dim = shape[axis]
+    return dim.value if isinstance(dim, ir.SymbolicDim) else None
 
 
 def known_target(ctx: Context, node: ir.Node, symbols: set[str]) -> list[int] | None:
