@@ -256,10 +256,8 @@ class Verifier:
                 raise VerificationUnavailable(_rejected(exc, self.feeds, feeds_source)) from None
             found = self._enlarge(original, session, given, dims, seed, exc)
             if found is None:
-                tried = enlarged_dims(original, given, dims)
-                raise VerificationUnavailable(
-                    _rejected(exc, self.feeds, None, _tried_text(original, dims, tried))
-                ) from None
+                tried = _tried_text(dims, enlarged_dims(original, given, dims))
+                raise VerificationUnavailable(_rejected(exc, self.feeds, None, tried)) from None
             dims, shapes, self.feeds, self.reference = found
         refuse_empty_reference(self.reference, self.feeds)
         self.input_sets = [self.feeds]
@@ -299,7 +297,11 @@ class Verifier:
                 outputs = _run(session, feeds)
             except UserInputError:
                 return None  # the size cap: larger tries would pass it too
-            except Exception:
+            except Exception as exc:
+                from graphopt.pipeline import is_out_of_memory  # pipeline imports this module
+
+                if is_out_of_memory(exc):
+                    return None  # larger tries would run out too; the defaults' error stands
                 continue
             changed = ", ".join(f"{k} {dims[k]} -> {v}" for k, v in trial.items() if v != dims[k])
             self.input_note = (
@@ -500,8 +502,8 @@ def _rejected(
     return "; ".join(parts)
 
 
-def _tried_text(model: ir.Model, dims: Mapping[str, int], tried: list[dict[str, int]]) -> str:
-    """``also fails with seq up to 16384 (4 larger sizes)``: the enlarged sizes tried."""
+def _tried_text(dims: Mapping[str, int], tried: list[dict[str, int]]) -> str:
+    """``also fails with seq up to 16384 (4 larger sizes tried)``: the enlarged sizes."""
     if not tried:
         return ""
     last = tried[-1]

@@ -13,14 +13,18 @@ from graphopt.api import OptimizeOptions, optimize
 from graphopt.cli import main
 from graphopt.errors import UserInputError
 from graphopt.inputs import (
+    ENLARGE_MAX_BYTES,
+    ENLARGE_TRIES,
     SAMPLE_RATE,
+    batch_dims,
     bind_dims,
+    enlarged_dims,
     input_shapes,
     make_inputs,
     second_shape_candidates,
 )
 from graphopt.recipe import recipe_from_dict
-from graphopt.verify import Verifier
+from graphopt.verify import VerificationUnavailable, Verifier, run_model
 from graphopt_tests.helpers import make_model, tensor_info
 
 F, I64 = TensorProto.FLOAT, TensorProto.INT64
@@ -208,6 +212,8 @@ def test_rejected_generated_inputs_name_the_input_shape_and_fix(tmp_path: Path, 
     text = captured.out + captured.err
     assert "not verified" in text
     assert "idx 1x16 int64 in [0, 9]" in text
+    # Larger sizes were tried too (the batch never), and the message says so.
+    assert "also fails with seq up to 65536 (6 larger sizes tried)" in " ".join(text.split())
     assert "--input-shape" in text and "--verify-inputs FILE.npz" in text
     # The fix works: the user's own data verifies.
     data = tmp_path / "data.npz"
@@ -330,3 +336,195 @@ def test_no_second_value_is_said_not_invented() -> None:
     result = verifier.check(model)
     assert result.shapes == ["seq=1: position_ids 1x1"]
     assert result.shape_note == "one shape only: no other value the graph allows for seq"
+
+
+# ---- sizes the model runs at: batch dims joined, windows out of sight, calibration ----------
+
+
+def _signal_in_if(reflect: int = 40):
+    """silero-vad in miniature: ``signal[?, ?]``, ``state[2, ?, 8]`` and a scalar ``sr``, all
+    dims unnamed. ``If(sr == 16000)`` reflect-pads ``Unsqueeze(signal)`` by ``reflect``
+    samples (20 in the other branch): a window :func:`dim_limits` cannot see, behind an
+    Unsqueeze and inside a branch. The state is concatenated with one value per batch row,
+    so its ``?`` must be the signal's batch."""
+    then_branch, else_branch = (
+        helper.make_graph(
+            [
+                helper.make_node("Unsqueeze", ["signal", "axis1"], [f"{tag}_u"]),
+                helper.make_node("Pad", [f"{tag}_u", f"{tag}_pads"], [f"{tag}_p"], mode="reflect"),
+                helper.make_node("ReduceMean", [f"{tag}_p", "axes12"], [f"{tag}_m"], keepdims=0),
+            ],
+            tag,
+            [],
+            [tensor_info(f"{tag}_m", F, [None])],
+            [
+                helper.make_tensor(
+                    f"{tag}_pads", I64, [6], [0, 0, 0, 0, 0, pad]
+                )  # reflect on the sample axis only
+            ],
+        )
+        for tag, pad in (("then", reflect), ("else", reflect // 2))
+    )
+    nodes = [
+        helper.make_node("Equal", ["sr", "rate"], ["is16k"]),
+        helper.make_node(
+            "If", ["is16k"], ["level"], then_branch=then_branch, else_branch=else_branch
+        ),
+        helper.make_node("Reshape", ["level", "row"], ["column"]),  # [1, B, 1]
+        helper.make_node("Expand", ["column", "two"], ["per_layer"]),  # [2, B, 1]
+        helper.make_node("Concat", ["state", "per_layer"], ["state_out"], axis=2),
+    ]
+    return make_model(
+        nodes,
+        [
+            tensor_info("signal", F, [None, None]),
+            tensor_info("state", F, [2, None, 8]),
+            tensor_info("sr", I64, []),
+        ],
+        [tensor_info("level", F, [None]), tensor_info("state_out", F, [2, None, 9])],
+        {
+            "rate": np.array(SAMPLE_RATE, np.int64),
+            "axis1": np.array([1], np.int64),
+            "axes12": np.array([1, 2], np.int64),
+            "row": np.array([1, -1, 1], np.int64),
+            "two": np.array([2, 1, 1], np.int64),
+        },
+        opset=18,  # ReduceMean's axes as an input
+    )
+
+
+def test_unnamed_batch_dims_are_one_dim() -> None:
+    """A recurrent state's unnamed ``B`` is the signal's unnamed batch: one value, bound by
+    either, never the 16 of a sequence (ORT's Concat/LSTM fail on a state batch of 16)."""
+    model = _signal_in_if()
+    assert batch_dims(model) == {"signal[0]"}
+    assert bind_dims(model) == {"signal[0]": 1, "signal[1]": 16}
+    assert input_shapes(model)["state"] == (2, 1, 8)
+    assert input_shapes(model, {"signal": (3, 100)}) == {
+        "signal": (3, 100),
+        "state": (2, 3, 8),
+        "sr": (),
+    }
+
+
+def test_generated_inputs_are_enlarged_until_the_original_runs(tmp_path: Path, capsys) -> None:
+    model = _signal_in_if()
+    verifier = Verifier(model)
+    # 16 samples cannot be reflect-padded by 40; x4 gives 64, which can. The batch stays 1.
+    assert verifier.input_sets[0]["signal"].shape == (1, 64)
+    assert verifier.input_sets[0]["state"].shape == (2, 1, 8)
+    assert verifier.shape_note.startswith("generated inputs enlarged: signal[1] 16 -> 64 (x4 per")
+    assert "Pad reflect" in verifier.shape_note and "--input-shape" in verifier.shape_note
+    # The second shape moves the batch in both inputs together.
+    assert len(verifier.input_sets) == 2
+    second = verifier.input_sets[1]
+    assert second["state"].shape[1] == second["signal"].shape[0] == 2
+    # The CLI verifies it (exit 0) and says at which shape and why.
+    source = tmp_path / "m.onnx"
+    io.save(model, source)
+    code = main(["optimize", str(source), "-o", str(tmp_path / "o.onnx")])
+    out = " ".join(capsys.readouterr().out.split())  # rich wraps long notes
+    assert code == 0, out
+    assert "checked at 2 input shapes: signal[0]=1, signal[1]=64: signal 1x64, state 2x1x8" in out
+    assert "note: generated inputs enlarged: signal[1] 16 -> 64" in out
+
+
+def test_only_sizes_the_user_leaves_free_are_enlarged() -> None:
+    # Binding the state binds the batch (2, through the unnamed-batch join), not the signal's
+    # length: that is enlarged, the batch kept.
+    verifier = Verifier(_signal_in_if(), {"state": (2, 2, 8)})
+    assert verifier.input_sets[0]["signal"].shape == (2, 64)
+    # A length the user gives is used as given: ORT's rejection is the answer, with the fix.
+    with pytest.raises(VerificationUnavailable, match="Pad reflect") as caught:
+        Verifier(_signal_in_if(), {"signal": (1, 16)})
+    message = str(caught.value)
+    assert "also fails" not in message and "--input-shape" in message and "\n" not in message
+
+
+def test_enlarged_dims_keep_batches_and_stop_at_the_cap() -> None:
+    model = _signal_in_if()
+    steps = enlarged_dims(model, {}, bind_dims(model))
+    assert [s["signal[1]"] for s in steps] == [16 * 4**k for k in range(1, ENLARGE_TRIES + 1)]
+    assert all(s["signal[0]"] == 1 for s in steps)  # a batch repeats work, fills no window
+    image = make_model(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        [tensor_info("x", F, ["n", 3, "h", "w"])],
+        [tensor_info("y", F, ["n", 3, "h", "w"])],
+    )
+    steps = enlarged_dims(image, {}, bind_dims(image))
+    # 1x3x2048x2048 float32 (48 MiB) would pass ENLARGE_MAX_BYTES: 128 and 512 only.
+    assert [(s["n"], s["h"], s["w"]) for s in steps] == [(1, 128, 128), (1, 512, 512)]
+    assert 3 * 2048 * 2048 * 4 > ENLARGE_MAX_BYTES >= 3 * 512 * 512 * 4
+    # Sizes the user gives stay; nothing left to enlarge, nothing to try.
+    given = {"x": (1, 3, 64, 64)}
+    assert enlarged_dims(image, given, bind_dims(image, given)) == []
+
+
+def test_random_calibration_uses_the_sizes_the_model_runs_at() -> None:
+    from graphopt.passes.pruning.samples import random_calibration
+
+    model = _signal_in_if()
+    calib = random_calibration(model, {})
+    assert calib.sample_shapes() == {"signal": (1, 64), "state": (2, 1, 8), "sr": ()}
+    assert calib.note.startswith("--calib random: samples enlarged (signal[1] 16 -> 64)")
+    for feeds in calib.batches():
+        run_model(model, feeds)  # every batch runs in ORT
+    # The sizes verification found (the run passes them as shapes) are used as they are.
+    calib = random_calibration(model, {"signal": (1, 64), "state": (2, 1, 8), "sr": ()})
+    assert calib.sample_shapes()["signal"] == (1, 64) and calib.note == ""
+
+
+def test_random_calibration_feeds_one_sample_where_a_batch_fails() -> None:
+    """Reshape(x, [1, 16]): the batch is declared free, yet only 1 runs."""
+    from graphopt.passes.pruning.samples import random_calibration
+
+    model = make_model(
+        [helper.make_node("Reshape", ["x", "one_row"], ["y"])],
+        [tensor_info("x", F, ["batch", 16])],
+        [tensor_info("y", F, [1, 16])],
+        {"one_row": np.array([1, 16], np.int64)},
+    )
+    calib = random_calibration(model, {})
+    assert calib.batch == 1 and calib.count == 32
+    assert "fed one at a time" in calib.note
+    run_model(model, next(calib.batches()))
+
+
+def _prunable_with_bad_indices():
+    """y = Relu(x·w1)·w2 (prunable hidden units) and z = Gather(table[8], idx + 5): generated
+    indices in [0, 10) fail in ORT at any size."""
+    rng = np.random.default_rng(0)
+    return make_model(
+        [
+            helper.make_node("MatMul", ["x", "w1"], ["h"]),
+            helper.make_node("Relu", ["h"], ["a"]),
+            helper.make_node("MatMul", ["a", "w2"], ["y"]),
+            helper.make_node("Add", ["idx", "five"], ["shifted"]),
+            helper.make_node("Gather", ["table", "shifted"], ["z"]),
+        ],
+        [tensor_info("x", F, ["batch", 16]), tensor_info("idx", I64, ["batch", "seq"])],
+        [tensor_info("y", F, ["batch", 8]), tensor_info("z", F, ["batch", "seq", 2])],
+        {
+            "w1": rng.standard_normal((16, 32)).astype(np.float32),
+            "w2": rng.standard_normal((32, 8)).astype(np.float32),
+            "table": np.ones((8, 2), np.float32),
+            "five": np.array(5, np.int64),
+        },
+    )
+
+
+@pytest.mark.parametrize("verify", [[], ["--no-verify"]])
+def test_calibration_the_model_rejects_is_exit_2_in_one_line(
+    tmp_path: Path, capsys, verify: list[str]
+) -> None:
+    source = tmp_path / "m.onnx"
+    io.save(_prunable_with_bad_indices(), source)
+    args = ["optimize", str(source), "--prune", "flops=0.3", "--calib", "random", *verify]
+    code = main(args)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("graphopt: error: prune: ONNX Runtime cannot")
+    assert "inputs (x 1x16 float32, idx 1x16 int64 in [" in lines[0]
+    assert "--input-shape" in lines[0] and "--calib FILE.npz" in lines[0]

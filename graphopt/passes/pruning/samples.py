@@ -12,6 +12,10 @@ measured on it only.
 Which axis is an input's batch axis is read from the model (:func:`sample_axes`): the
 symbolic dim the inputs share (``B`` in ``x[B, 16]`` and ``state[2, B, 8]``), else a first
 dim that is 1 or unnamed; an input with neither has none.
+
+Generated samples (``--calib random``, :func:`random_calibration`) follow the verification
+inputs' rules (:mod:`graphopt.inputs`) and are run through the model once before use, so
+that pruning observes data the model accepts, or stops with a one-line error (exit 2).
 """
 
 from __future__ import annotations
@@ -287,9 +291,11 @@ def random_calibration(
         feeds = next(probe.batches())
         error = _rejection(session, feeds)
         if error is not None and batch > 1:
-            one = next(CalibrationSet(probe.arrays, "random", 1, False, axes).batches())
-            if _rejection(session, one) is None:
-                error, batch = None, 1
+            # A batch the model rejects (a Reshape to batch 1): one sample at a time, if
+            # that runs; else the one sample's failure is the one to report.
+            feeds = next(CalibrationSet(probe.arrays, "random", 1, False, axes).batches())
+            single = _rejection(session, feeds)
+            error, batch = (None, 1) if single is None else (single, batch)
         if error is None:
             calib = _generated(model, bound, count, axes, batch)
             notes = []
