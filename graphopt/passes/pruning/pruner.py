@@ -32,6 +32,7 @@ from graphopt.passes.pruning.fidelity import (
     summary,
 )
 from graphopt.passes.pruning.importance import score_group
+from graphopt.passes.pruning.rendering import headline
 from graphopt.passes.pruning.samples import CalibrationSet, sample_input_shapes
 from graphopt.passes.pruning.settings import DATA_CRITERIA, PruneSettings, PruneTarget
 from graphopt.passes.pruning.zig_check import check_chosen
@@ -304,15 +305,7 @@ def _overshoot_cause(plans, settings: PruneSettings) -> str:
 
 
 def _note_summary(context: PassContext, record: PruneReport) -> None:
-    line = (
-        f"prune: {record.units_removed} units from {record.groups_pruned}/"
-        f"{record.groups_prunable} groups; FLOPs {signed_percent(-record.flops_removed)}, "
-        f"params {signed_percent(-record.params_removed)}"
-    )
-    if record.check.startswith("skipped"):
-        line += f"; zero-invariance check {record.check}"
-    elif record.check:
-        line += f"; zero-invariance check {record.check} ({record.check_seconds:.2f} s)"
+    line = headline(record, "prune")
     if record.fidelity_pruned:
         line += f"; held-out ({record.heldout_samples}): {summary(record.fidelity_pruned)}"
     if record.fidelity_compensated:

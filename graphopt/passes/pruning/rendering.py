@@ -13,13 +13,10 @@ if TYPE_CHECKING:
     from graphopt.passes.pruning.pruner import PruneReport
 
 
-def print_pruning(prune: PruneReport, console: Console) -> bool:
-    """What pruning did, from its record: one line, and the held-out fidelity when there is
-    calibration data. False when there is nothing to print (nothing was pruned)."""
-    if not prune.summary:
-        return False
+def headline(prune: PruneReport, label: str) -> str:
+    """``label: N units from G/P groups; FLOPs -x%, params -y%; zero-invariance check …``."""
     line = (
-        f"pruning {prune.target}: {prune.units_removed} units from {prune.groups_pruned}/"
+        f"{label}: {prune.units_removed} units from {prune.groups_pruned}/"
         f"{prune.groups_prunable} groups; FLOPs {signed_percent(-prune.flops_removed)}, "
         f"params {signed_percent(-prune.params_removed)}"
     )
@@ -27,7 +24,15 @@ def print_pruning(prune: PruneReport, console: Console) -> bool:
         line += f"; zero-invariance check {prune.check}"
     elif prune.check:
         line += f"; zero-invariance check {prune.check} ({prune.check_seconds:.2f} s)"
-    console.print(line, markup=False)
+    return line
+
+
+def print_pruning(prune: PruneReport, console: Console) -> bool:
+    """What pruning did, from its record: one line, and the held-out fidelity when there is
+    calibration data. False when there is nothing to print (nothing was pruned)."""
+    if not prune.summary:
+        return False
+    console.print(headline(prune, f"pruning {prune.target}"), markup=False)
     if prune.fidelity_pruned:
         console.print(pruning_table(prune))
     return True
