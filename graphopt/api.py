@@ -16,7 +16,7 @@ from graphopt.backends.ort_custom_ops import (
     missing_library_hint,
     using_custom_ops,
 )
-from graphopt.errors import CheckFailedError, UserInputError
+from graphopt.errors import CheckFailedError, UserInputError, is_out_of_memory
 from graphopt.opset import convert_opset
 from graphopt.pipeline import (
     PassManager,
@@ -27,7 +27,6 @@ from graphopt.pipeline import (
     default_pipeline,
     explicit_pipeline,
     explicit_specs,
-    is_out_of_memory,
     skip_notes,
 )
 from graphopt.registry import PassContext, get_pass

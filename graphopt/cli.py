@@ -29,6 +29,7 @@ from graphopt.errors import (
     EXIT_OK,
     GraphoptError,
     UserInputError,
+    is_out_of_memory,
 )
 
 if TYPE_CHECKING:  # imported when a command runs, so that --help stays fast
@@ -266,7 +267,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         if os.environ.get("GRAPHOPT_DEBUG"):
             raise
-        from graphopt.pipeline import is_out_of_memory
 
         if is_out_of_memory(exc):  # ONNX Runtime's failed allocations are generic errors
             err.print(f"graphopt: error: {_out_of_memory(args, exc)}", markup=False, soft_wrap=True)

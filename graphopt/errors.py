@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 EXIT_OK = 0
 EXIT_CHECK_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -27,3 +29,18 @@ class CheckFailedError(GraphoptError):
     """A check the user asked for (verification, compare) did not hold."""
 
     exit_code = EXIT_CHECK_FAILED
+
+
+# How ONNX Runtime words a failed allocation: its arena's "Failed to allocate memory for
+# requested buffer of size N", or a kernel's C++ std::bad_alloc ("bad allocation" on MSVC). ORT
+# raises these as generic errors, which graphopt would otherwise take for a failed check or a
+# model ORT cannot run. Narrow on purpose: a check's reason also quotes output names.
+_OUT_OF_MEMORY = re.compile(r"failed to allocate memory|std::bad_alloc|bad allocation", re.I)
+
+
+def is_out_of_memory(error: BaseException | str) -> bool:
+    """Whether ``error`` (an exception or the message a check kept of one) is a failed
+    allocation: Python's MemoryError or ONNX Runtime's allocation failures."""
+    if isinstance(error, MemoryError):
+        return True
+    return bool(_OUT_OF_MEMORY.search(str(error)))

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ from typing import Any
 import onnx_ir as ir
 
 from graphopt.analysis.stats import count_nodes, has_subgraphs
-from graphopt.errors import CheckFailedError, UserInputError
+from graphopt.errors import CheckFailedError, UserInputError, is_out_of_memory
 from graphopt.fingerprint import Fingerprint, fingerprint
 from graphopt.registry import LOSSY_STAGES, PassContext, Stage, all_passes, get_pass
 from graphopt.verify import OutputError, VerificationUnavailable, Verifier, VerifyResult
@@ -543,21 +542,6 @@ def _restore_signature(model: ir.Model, signature: tuple[Signature, Signature]) 
         for value, (name, type_, shape) in zip(values, declared, strict=True):
             if value.name == name:
                 value.type, value.shape = type_, shape
-
-
-# How ONNX Runtime words a failed allocation: its arena's "Failed to allocate memory for
-# requested buffer of size N", or a kernel's C++ std::bad_alloc ("bad allocation" on MSVC). ORT
-# raises these as generic errors, which graphopt would otherwise take for a failed check or a
-# model ORT cannot run. Narrow on purpose: a check's reason also quotes output names.
-_OUT_OF_MEMORY = re.compile(r"failed to allocate memory|std::bad_alloc|bad allocation", re.I)
-
-
-def is_out_of_memory(error: BaseException | str) -> bool:
-    """Whether ``error`` (an exception or the message a check kept of one) is a failed
-    allocation: Python's MemoryError or ONNX Runtime's allocation failures."""
-    if isinstance(error, MemoryError):
-        return True
-    return bool(_OUT_OF_MEMORY.search(str(error)))
 
 
 def _raise_if_out_of_memory(error: BaseException | str) -> None:

@@ -25,7 +25,7 @@ import onnx_ir as ir
 
 from graphopt import io
 from graphopt.backends.ort_custom_ops import register_active_custom_ops
-from graphopt.errors import UserInputError
+from graphopt.errors import UserInputError, is_out_of_memory
 from graphopt.inputs import (
     ENLARGE_FACTOR,
     bind_dims,
@@ -298,8 +298,6 @@ class Verifier:
             except UserInputError:
                 return None  # the size cap: larger tries would pass it too
             except Exception as exc:
-                from graphopt.pipeline import is_out_of_memory  # pipeline imports this module
-
                 if is_out_of_memory(exc):
                     return None  # larger tries would run out too; the defaults' error stands
                 continue

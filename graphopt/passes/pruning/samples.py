@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.errors import UserInputError
+from graphopt.errors import UserInputError, is_out_of_memory
 from graphopt.inputs import (
     DEFAULT_BATCH,
     bind_dims,
@@ -377,7 +377,6 @@ def _rejection(session, feeds: dict[str, np.ndarray]) -> BaseException | None:
 
 def _raise_if_out_of_memory(exc: BaseException) -> None:
     """A failed allocation is this machine's limit, not data the model rejects."""
-    from graphopt.pipeline import is_out_of_memory
 
     if is_out_of_memory(exc):
         raise MemoryError(str(exc)) from exc
