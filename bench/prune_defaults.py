@@ -113,7 +113,7 @@ class Model:
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Shapes FLOPs are counted at: one calibration sample."""
-        with np.load(self.calib) as data:
+        with np.load(self.calib, allow_pickle=False) as data:
             return {k: (1, *data[k].shape[1:]) for k in data.files}
 
 

@@ -107,14 +107,23 @@ def reconcile_shapes(model: ir.Model) -> int:
     if model.meta.get(_RECONCILED) is model.graph:
         return 0
     declared: list[tuple[ir.Value, ir.Shape | None]] = []
+    untyped: list[tuple[ir.Value, ir.TypeProtocol | None, ir.Shape | None]] = []
     for graph in model.graphs():
         for node in graph:
             for value in node.outputs:
                 if value.const_value is not None:
                     continue  # a constant's shape is its data's
+                if not _tensor_valued(node, value):
+                    untyped.append((value, value.type, value.shape))
+                    continue
                 declared.append((value, value.shape))
                 value.shape = None
     _onnx_inference(model)  # never raises: a failed inference leaves every shape unknown
+    # Sequences and optionals are not shapes to fold, and ONNX's inference through nested
+    # If/Loop bodies can give them a tensor type (a Loop body's If returning a sequence came
+    # back FLOAT [], which ORT then refused): what they were declared stays.
+    for value, type_, shape in untyped:
+        value.type, value.shape = type_, shape
     # Where inference finds nothing (a custom op: ORT's contrib ops have no onnx schema),
     # the declaration stays, and the checks below see it too (at their bindings).
     blind = [(value, shape) for value, shape in declared if value.shape is None]
@@ -154,6 +163,22 @@ def reconcile_shapes(model: ir.Model) -> int:
             changed += 1
     model.meta[_RECONCILED] = model.graph
     return changed
+
+
+# Ops whose outputs may be sequences or optionals, or take their type from a body.
+_MAYBE_NOT_TENSOR = frozenset(
+    (
+        "If", "Loop", "Scan", "Optional", "OptionalGetElement", "SequenceConstruct",
+        "SequenceEmpty", "SequenceInsert", "SequenceErase", "SequenceMap", "SplitToSequence",
+    )
+)  # fmt: skip
+
+
+def _tensor_valued(node: ir.Node, value: ir.Value) -> bool:
+    """Whether ``value`` is known or bound to be a tensor (so its shape may be re-inferred)."""
+    if value.type is not None:
+        return isinstance(value.type, ir.TensorType)
+    return node.op_type not in _MAYBE_NOT_TENSOR or (node.domain or "") not in ("", "ai.onnx")
 
 
 def input_symbols(model: ir.Model) -> set[str]:
