@@ -29,7 +29,7 @@ from graphopt.pipeline import (
     explicit_specs,
     skip_notes,
 )
-from graphopt.registry import PassContext, get_pass
+from graphopt.registry import PassContext, all_passes, get_pass
 from graphopt.verify import (
     NothingToCompare,
     VerificationUnavailable,
@@ -87,25 +87,25 @@ class OptimizeOptions:
         return self._with_run_settings(self._asked_lossy())
 
     def _asked_lossy(self) -> list[PassSpec]:
-        """``lossy`` plus the pruning pass the ``prune`` fields ask for, as asked."""
+        """``lossy`` plus the lossy passes this object's flag fields ask for, as asked.
+
+        Which fields those are comes from the passes' declarations, as the CLI's flags do:
+        a field named like a lossy pass that has a flag (``prune="flops=0.3"``) asks for it,
+        and fields named like that pass's flagged options (``criterion``) refine it. Only the
+        options set are passed: the pass fills the rest from its declared defaults (and the
+        stamped record keeps "not set" apart from "set to the default").
+        """
         specs = list(self.lossy)
-        if self.prune:
-            # The pass parses its own target ("flops=0.3"): the core knows no pass.
-            options = {
-                **get_pass("prune").options_from_flag(self.prune),
-                "round_to": self.round_to or 0,
-                "calib": self.calib or "",
-                "max_group_ratio": self.max_group_ratio,
-            }
-            # Only the choices set: the pass resolves the others, and the stamped record
-            # keeps "not set" apart from "set to the default".
-            choices = {
-                "criterion": self.criterion,
-                "allocation": self.allocation,
-                "compensation": self.compensation,
-            }
-            options.update({k: v for k, v in choices.items() if v is not None})
-            specs = [s for s in specs if s.name != "prune"] + [PassSpec("prune", options)]
+        for cls in all_passes().values():
+            asked = getattr(self, cls.name, None) if not cls.exact and cls.flag else None
+            if not asked:
+                continue
+            options = cls.options_from_flag(asked)  # the pass parses its own "flops=0.3"
+            for option in cls.options:
+                value = getattr(self, option.name, None) if option.flag else None
+                if value is not None:
+                    options[option.name] = value
+            specs = [s for s in specs if s.name != cls.name] + [PassSpec(cls.name, options)]
         return specs
 
     def _with_run_settings(self, specs: list[PassSpec]) -> list[PassSpec]:

@@ -51,7 +51,9 @@ class _ArgumentParser(argparse.ArgumentParser):
         raise UserInputError(f"{self.prog}: {message} (see --help)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(lossy_flags: bool = True) -> argparse.ArgumentParser:
+    """The parser; ``lossy_flags`` False leaves out the flags the lossy passes declare, which
+    cost loading every pass (0.25 s), for commands other than ``optimize``."""
     parser = _ArgumentParser(
         prog="graphopt",
         description="Optimize exported ONNX graphs: erase, fuse, verify.",
@@ -142,51 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="raise the default-domain opset to N first (onnx version converter, verified)",
     )
-    prune = opt.add_argument_group("structured pruning (lossy)")
-    prune.add_argument(
-        "--prune",
-        metavar="flops=R|params=R",
-        help="remove a fraction R of FLOPs (at the calibration/--input-shape shapes) or params",
-    )
-    prune.add_argument(
-        "--criterion",
-        choices=("l1", "l2", "bn_scale", "activation", "fluctuation", "reconstruction"),
-        default=None,
-        help="unit importance (default: reconstruction with a --calib file, else l2; "
-        "activation, fluctuation, reconstruction need --calib)",
-    )
-    prune.add_argument(
-        "--allocation",
-        choices=("uniform", "global"),
-        default=None,
-        help="share of each group removed (default: global with a --calib file, else uniform)",
-    )
-    prune.add_argument(
-        "--compensation",
-        choices=("none", "bias", "lsq"),
-        default=None,
-        help="refit consumer layers from calibration data (default: lsq with a --calib "
-        "file, else none)",
-    )
-    prune.add_argument(
-        "--round-to",
-        type=int,
-        default=None,
-        metavar="N",
-        help="kept channel counts are multiples of N (default: 16 for groups of >= 32 "
-        "channels, else 1)",
-    )
-    prune.add_argument(
-        "--calib",
-        metavar="FILE.npz|random",
-        help="calibration samples: one [N, ...] array per model input (random: generated)",
-    )
-    prune.add_argument(
-        "--max-group-ratio",
-        type=float,
-        default=None,
-        help="most any one group may lose (default 0.8)",
-    )
+    if lossy_flags:
+        _add_lossy_flags(opt)
 
     ins = commands.add_parser(
         "inspect",
@@ -241,8 +200,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args: argparse.Namespace | None = None
     _stage[0] = "starting"
     try:
-        parser = build_parser()
-        args = parser.parse_args(argv)
+        words = list(sys.argv[1:] if argv is None else argv)
+        parser = build_parser(lossy_flags="optimize" in words)
+        args = parser.parse_args(words)
         logging.basicConfig(
             level=logging.INFO if args.verbose else logging.WARNING,
             format="%(levelname)s %(name)s: %(message)s",
@@ -366,7 +326,7 @@ def _cmd_optimize(args: argparse.Namespace, out: Console, err: Console) -> int:
         options.target = args.target
     if args.opset is not None:
         options.opset = args.opset
-    _prune_options(args, options)
+    _lossy_options(args, options)
     output = args.output
     if output is None and not args.in_place:
         output = default_output_path(Path(args.input))
@@ -393,33 +353,83 @@ def _cmd_optimize(args: argparse.Namespace, out: Console, err: Console) -> int:
     return EXIT_OK
 
 
-def _prune_options(args: argparse.Namespace, options) -> None:
-    refinements = {
-        "criterion": args.criterion,
-        "allocation": args.allocation,
-        "compensation": args.compensation,
-        "round_to": args.round_to,
-        "calib": args.calib,
-        "max_group_ratio": args.max_group_ratio,
-    }
-    given = {k: v for k, v in refinements.items() if v is not None}
-    if args.prune:
-        options.prune = args.prune
-    elif given and not options.prune:
-        if _refine_recipe_prune(options, given):
-            return
-        flags = ", ".join("--" + k.replace("_", "-") for k in given)
-        verb = "applies" if len(given) == 1 else "apply"
-        raise UserInputError(
-            f"{flags} only {verb} with --prune flops=R or params=R (or a recipe that prunes)"
+def _lossy_passes() -> list[type]:
+    """The lossy passes that declare a flag of their own (``--prune``), in pipeline order."""
+    from graphopt.registry import all_passes
+
+    return [cls for cls in all_passes().values() if not cls.exact and cls.flag]
+
+
+def _dest(owner: str, option: str = "") -> str:
+    return f"lossy__{owner}__{option}" if option else f"lossy__{owner}"
+
+
+def _add_lossy_flags(parser: argparse.ArgumentParser) -> None:
+    """One argument group per lossy pass, built from what the pass declares (its flag and
+    the options that have one): a new lossy pass needs no change here."""
+    for cls in _lossy_passes():
+        title = f"{cls.name}: {cls.description()}"
+        group = parser.add_argument_group(title)
+        group.add_argument(
+            cls.flag, dest=_dest(cls.name), metavar=cls.flag_metavar, help=cls.flag_help
         )
-    for key, value in given.items():
-        setattr(options, key, value)
+        for option in cls.options:
+            if option.flag is None:
+                continue
+            group.add_argument(
+                option.flag,
+                dest=_dest(cls.name, option.name),
+                type=option.type if option.type in (int, float) else str,
+                choices=option.choices,
+                metavar=option.metavar or option.name.upper(),
+                default=None,
+                help=option.help,
+            )
 
 
-def _refine_recipe_prune(options: OptimizeOptions, given: dict[str, Any]) -> bool:
-    """Pruning flags next to a recipe that prunes (``lossy:`` or ``passes:``) override that
-    pass's options, as flags override a recipe; False when the recipe does not prune."""
+def _lossy_options(args: argparse.Namespace, options: OptimizeOptions) -> None:
+    """What the lossy passes' flags ask for, into ``options``: the pass's own flag and its
+    options' flags. API fields of the same names (``prune``, ``criterion``) take them where
+    they exist; other passes go into ``options.lossy`` as a PassSpec."""
+    from graphopt.pipeline import PassSpec
+
+    for cls in _lossy_passes():
+        asked = getattr(args, _dest(cls.name), None)
+        given = {
+            option.name: value
+            for option in cls.options
+            if option.flag is not None
+            and (value := getattr(args, _dest(cls.name, option.name), None)) is not None
+        }
+        if asked is None and given and not _asks_for(options, cls.name):
+            if _refine_recipe(options, cls.name, given):
+                continue
+            flags = ", ".join(o.flag for o in cls.options if o.name in given)
+            verb = "applies" if len(given) == 1 else "apply"
+            raise UserInputError(
+                f"{flags} only {verb} with {cls.flag} {cls.flag_metavar} "
+                f"(or a recipe that runs {cls.name})"
+            )
+        if asked is None and not given:
+            continue
+        if hasattr(options, cls.name):
+            if asked is not None:
+                setattr(options, cls.name, asked)
+            for key, value in given.items():
+                setattr(options, key, value)
+            continue
+        spec_options = {**(cls.options_from_flag(asked) if asked is not None else {}), **given}
+        if not _refine_recipe(options, cls.name, spec_options):
+            options.lossy = [*options.lossy, PassSpec(cls.name, spec_options)]
+
+
+def _asks_for(options: OptimizeOptions, name: str) -> bool:
+    return bool(getattr(options, name, None))
+
+
+def _refine_recipe(options: OptimizeOptions, name: str, given: dict[str, Any]) -> bool:
+    """Flags next to a recipe that runs pass ``name`` (``lossy:`` or ``passes:``) override
+    that pass's options, as flags override a recipe; False when the recipe does not run it."""
     from graphopt.pipeline import PassSpec
 
     found = False
@@ -428,7 +438,7 @@ def _refine_recipe_prune(options: OptimizeOptions, given: dict[str, Any]) -> boo
         nonlocal found
         out = []
         for spec in specs:
-            if spec.name == "prune":
+            if spec.name == name:
                 found = True
                 spec = PassSpec(spec.name, {**spec.options, **given})
             out.append(spec)

@@ -68,6 +68,11 @@ class PassOption:
     type: type
     default: Any
     help: str
+    # The command-line flag that sets it (``--criterion``); None: recipes and the API only.
+    # The CLI builds its lossy-pass flags from these declarations (``graphopt.cli``).
+    flag: str | None = None
+    choices: tuple[str, ...] | None = None
+    metavar: str | None = None
 
     def convert(self, value: Any, owner: str) -> Any:
         """``value`` as ``type``; a wrong type is a one-line error naming the pass and option.
@@ -149,6 +154,11 @@ class GraphPass(ir.passes.InPlacePass):
     # them untouched (the report says so when a model has subgraphs).
     handles_subgraphs: ClassVar[bool] = True
     options: ClassVar[tuple[PassOption, ...]] = ()
+    # A lossy pass asked for on the command line: the flag (``--prune``), its value's form and
+    # help; ``options_from_flag`` turns the value into options. None: no flag of its own.
+    flag: ClassVar[str | None] = None
+    flag_metavar: ClassVar[str] = "VALUE"
+    flag_help: ClassVar[str] = ""
     # Trigger op types: the pass can only change a model that has a node (any domain;
     # subgraphs and functions included) of one of these types, so the pass manager skips
     # it on other models. None: it may change any model, it always runs.

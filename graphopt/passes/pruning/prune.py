@@ -12,6 +12,9 @@ import onnx_ir as ir
 
 from graphopt.errors import UserInputError
 from graphopt.passes.pruning.settings import (
+    ALLOCATIONS,
+    COMPENSATIONS,
+    CRITERIA,
     DATA_CRITERIA,
     Choices,
     PruneSettings,
@@ -32,6 +35,9 @@ class PrunePass(GraphPass):
     exact = False
     stage = Stage.PRUNE
     handles_subgraphs = False
+    flag = "--prune"
+    flag_metavar = "flops=R|params=R"
+    flag_help = "remove a fraction R of FLOPs (at the calibration/--input-shape shapes) or params"
     options = (
         PassOption("flops", float, 0.0, "fraction of FLOPs to remove (0 < R < 1)"),
         PassOption("params", float, 0.0, "fraction of parameters to remove (0 < R < 1)"),
@@ -41,21 +47,53 @@ class PrunePass(GraphPass):
             "criterion",
             str,
             None,
-            "l1, l2, bn_scale, activation, fluctuation or reconstruction "
-            "(default: reconstruction with a calibration file, else l2)",
+            "unit importance (default: reconstruction with a --calib file, else l2; "
+            "activation, fluctuation, reconstruction need --calib)",
+            flag="--criterion",
+            choices=CRITERIA,
         ),
         PassOption(
-            "allocation", str, None, "uniform or global (default: global with a file, else uniform)"
+            "allocation",
+            str,
+            None,
+            "share of each group removed (default: global with a --calib file, else uniform)",
+            flag="--allocation",
+            choices=ALLOCATIONS,
+        ),
+        PassOption(
+            "compensation",
+            str,
+            None,
+            "refit consumer layers from calibration data (default: lsq with a --calib file, "
+            "else none)",
+            flag="--compensation",
+            choices=COMPENSATIONS,
+        ),
+        PassOption(
+            "round_to",
+            int,
+            0,
+            "kept channel counts are multiples of N (default: 16 for groups of >= 32 "
+            "channels, else 1)",
+            flag="--round-to",
+            metavar="N",
+        ),
+        PassOption(
+            "calib",
+            str,
+            "",
+            "calibration samples: one [N, ...] array per model input (random: generated)",
+            flag="--calib",
+            metavar="FILE.npz|random",
         ),
         # Numeric defaults are PruneSettings' own: one value for the CLI, the API and recipes.
         PassOption(
-            "max_group_ratio", float, PruneSettings.max_group_ratio, "most any group may lose"
+            "max_group_ratio",
+            float,
+            PruneSettings.max_group_ratio,
+            f"most any one group may lose (default {PruneSettings.max_group_ratio})",
+            flag="--max-group-ratio",
         ),
-        PassOption("round_to", int, 0, "kept channels multiple of N (0: default by size)"),
-        PassOption(
-            "compensation", str, None, "none, bias or lsq (default: lsq with a file, else none)"
-        ),
-        PassOption("calib", str, "", "calibration .npz, or 'random' for generated data"),
         PassOption(
             "ridge", float, PruneSettings.ridge, "least-squares ridge, relative to mean variance"
         ),
