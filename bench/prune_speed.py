@@ -23,7 +23,7 @@ from timing import paired_speedups
 
 from graphopt import api, models
 from graphopt.analysis.flops import model_flops
-from graphopt.inputs import graph_inputs
+from graphopt.input_dims import graph_inputs
 from graphopt.io import load
 
 

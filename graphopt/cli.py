@@ -295,7 +295,7 @@ def _raise_interrupt(signum, frame) -> None:
 
 def _cmd_optimize(args: argparse.Namespace, out: Console, err: Console) -> int:
     from graphopt.api import OptimizeOptions, default_output_path, optimize
-    from graphopt.inputs import parse_input_shapes
+    from graphopt.input_dims import parse_input_shapes
     from graphopt.pipeline import PassSpec
     from graphopt.recipe import load_recipe, parse_size
     from graphopt.registry import get_pass
@@ -452,7 +452,7 @@ def _refine_recipe(options: OptimizeOptions, name: str, given: dict[str, Any]) -
 
 def _cmd_inspect(args: argparse.Namespace, out: Console, err: Console) -> int:
     from graphopt.analysis.summary import render_summary, summarize, summary_json
-    from graphopt.inputs import parse_input_shapes
+    from graphopt.input_dims import parse_input_shapes
     from graphopt.io import load
 
     loaded = load(args.input)
@@ -466,7 +466,7 @@ def _cmd_inspect(args: argparse.Namespace, out: Console, err: Console) -> int:
 
 def _cmd_analyze(args: argparse.Namespace, out: Console, err: Console) -> int:
     from graphopt.analysis.zig import analyze, render_report
-    from graphopt.inputs import parse_input_shapes
+    from graphopt.input_dims import parse_input_shapes
     from graphopt.io import load
 
     loaded = load(args.input)

@@ -26,15 +26,14 @@ import onnx_ir as ir
 from graphopt import io
 from graphopt.backends.ort_custom_ops import register_active_custom_ops
 from graphopt.errors import UserInputError, is_out_of_memory
+from graphopt.input_dims import dims_of, graph_inputs
 from graphopt.inputs import (
     ENLARGE_FACTOR,
     bind_dims,
     check_feeds,
     describe_feeds,
     describe_shapes,
-    dims_of,
     enlarged_dims,
-    graph_inputs,
     make_inputs,
     resize_feeds,
     second_shape_candidates,
@@ -287,7 +286,7 @@ class Verifier:
         when it runs at none of them.
 
         A window or reflect Pad the input reaches only through a Reshape or an If branch
-        (silero-vad's STFT) is invisible to :func:`~graphopt.inputs.dim_limits`; ORT's
+        (silero-vad's STFT) is invisible to :func:`~graphopt.input_dims.dim_limits`; ORT's
         rejection of the defaults is the evidence, and a larger size the remedy.
         """
         for trial in enlarged_dims(original, given, dims):

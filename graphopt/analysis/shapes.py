@@ -15,7 +15,8 @@ import onnx_ir.passes.common
 
 from graphopt.editing import initializers_as_constants
 from graphopt.errors import UserInputError
-from graphopt.inputs import concrete_shape, graph_inputs
+from graphopt.input_dims import graph_inputs
+from graphopt.inputs import concrete_shape
 
 logger = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from graphopt import io
 from graphopt.analysis.flops import ControlFlow, flops_of_inferred
 from graphopt.analysis.shapes import infer_shapes
 from graphopt.analysis.stats import count_nodes, has_subgraphs, op_histogram, parameter_count
-from graphopt.inputs import graph_inputs
+from graphopt.input_dims import graph_inputs
 
 
 @dataclass

@@ -16,7 +16,7 @@ from onnx import TensorProto, helper
 from graphopt import io
 from graphopt.cli import build_parser, main
 from graphopt.errors import UserInputError
-from graphopt.inputs import parse_input_shapes
+from graphopt.input_dims import parse_input_shapes
 from graphopt.recipe import parse_size
 from graphopt.registry import GraphPass, all_passes
 from graphopt_tests.helpers import AddToSubPass, SilentAddToSubPass, op_types, register_for_test

@@ -12,11 +12,11 @@ from graphopt import io
 from graphopt.api import OptimizeOptions, optimize
 from graphopt.cli import main
 from graphopt.errors import UserInputError
+from graphopt.input_dims import batch_dims
 from graphopt.inputs import (
     ENLARGE_MAX_BYTES,
     ENLARGE_TRIES,
     SAMPLE_RATE,
-    batch_dims,
     bind_dims,
     enlarged_dims,
     input_shapes,

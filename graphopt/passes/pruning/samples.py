@@ -28,13 +28,12 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt.errors import UserInputError, is_out_of_memory
+from graphopt.input_dims import dim_keys, graph_inputs
 from graphopt.inputs import (
     DEFAULT_BATCH,
     bind_dims,
     describe_feeds,
-    dim_keys,
     enlarged_dims,
-    graph_inputs,
     input_shapes,
     make_inputs,
 )
@@ -405,9 +404,10 @@ def _counts_from_one(
 
 
 def _generated_high(value: ir.Value) -> int:
-    from graphopt.inputs import INT_HIGH, _index_bound
+    from graphopt.input_dims import index_bound
+    from graphopt.inputs import INT_HIGH
 
-    return min(INT_HIGH, _index_bound(value) or INT_HIGH)
+    return min(INT_HIGH, index_bound(value) or INT_HIGH)
 
 
 def _free_sequence(model: ir.Model) -> bool:
