@@ -3,8 +3,9 @@ way the model declares and uses them.
 
 **Shapes.** Every symbolic dim takes one value across all inputs: dims with the same name
 (``batch`` in ``input_ids`` and ``attention_mask``) are one dim, and an unnamed dim is its
-own, except that unnamed batch dims are joined to the batch (:func:`~graphopt.input_dims.dim_keys`: the first
-dim of every input of rank 2 or more, and ``B`` of a recurrent state ``[2, B, 128]``).
+own, except that unnamed batch dims are joined to the batch
+(:func:`~graphopt.input_dims.dim_keys`: the first dim of every input of rank 2 or more, and
+``B`` of a recurrent state ``[2, B, 128]``).
 ``--input-shape name:1x3x224x224`` binds the dims of that input for every input that shares
 them; the rest take documented defaults: 1 for a batch dim or a dim first seen on axis 0, 32
 on other axes of rank-4 inputs (image height/width), 16 otherwise (sequence length), raised
