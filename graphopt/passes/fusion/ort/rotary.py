@@ -11,7 +11,7 @@ from onnxscript.rewriter.ort_fusions.rotary_embedding import (
     fuse_rotary_embedding,
 )
 
-from graphopt.passes.fusion.ort._base import MS_DOMAIN, OrtFusionPass
+from graphopt.passes.fusion.ort._base import MS_DOMAIN, OrtFusionPass, adopt
 from graphopt.private_apis import ir_utils as _ir_utils
 from graphopt.registry import register
 
@@ -113,3 +113,24 @@ class OrtRotaryEmbeddingPass(OrtFusionPass):
         fuse_partial_rotary_embedding,
     )
     produces = ((MS_DOMAIN, "RotaryEmbedding"),)
+
+    def rewrite(self, model: ir.Model) -> int:
+        # GroupQueryAttention runs after this pass and usually matches the fused rotation, but
+        # not on every export: on TorchScript's LLaMA, RotaryEmbedding leaves a layout the GQA
+        # rule does not know (0 GQA after it, 2 without). GQA is the larger gain, so the
+        # rotation stays unfused where fusing it is what stops GQA.
+        from graphopt.passes.fusion.ort.group_query_attention import OrtGroupQueryAttentionPass
+
+        trial = model.clone()
+        hits = super().rewrite(trial)
+        if hits == 0:
+            return 0
+        gqa = OrtGroupQueryAttentionPass(self.context)
+        if gqa.rewrite(trial.clone()) == 0 and gqa.rewrite(model.clone()) > 0:
+            self.context.note(
+                "ort-rotary: RoPE left unfused: GroupQueryAttention matches this model only "
+                "without RotaryEmbedding"
+            )
+            return 0
+        adopt(model, trial)
+        return hits
