@@ -247,7 +247,7 @@ def main() -> int:
         load = f"load {os.getloadavg()[0]:.1f}"
         print(f"{label}: {row.original} nodes; {nodes}; err {errs}; {speed}{fails}; {load}")
         sys.stdout.flush()
-    table = markdown(rows, args.threads)
+    table = markdown(rows, args.threads if args.pairs else [])  # --pairs 0: no speed columns
     print(table)
     if args.markdown:
         Path(args.markdown).write_text(table + "\n", encoding="utf-8")

@@ -1,9 +1,10 @@
 """Run the whole hostile-input corpus and print the outcome per category.
 
-Every case must exit 2 with one ``graphopt: error:`` line or exit 0 with an output that
-loads and matches the original in ORT (see tests/graphopt_tests/robustness/corpus.py).
+Every case must exit 2 with one ``graphopt: error:`` line, exit 0 with an output that loads
+and matches the original in ORT, exit 4 (written, not verified: ORT cannot run the original),
+or exit 3 only as out of memory (see tests/graphopt_tests/robustness/corpus.py, ``run_case``).
 
-Usage: python bench/hostile.py [--subprocess] [--category NAME ...]
+Usage: python bench/hostile.py [--subprocess] [--category NAME ...] [--markdown FILE]
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--subprocess", action="store_true", help="one process per case")
     parser.add_argument("--category", action="append", help="only these categories")
+    parser.add_argument("--markdown", help="also write the table to this file")
     args = parser.parse_args()
     outcomes: dict[str, Counter[str]] = defaultdict(Counter)
     failures = []
@@ -38,14 +40,24 @@ def main() -> int:
         if not outcome.ok:
             failures.append(outcome)
     elapsed = time.perf_counter() - start
-    print(f"{'category':18s} {'cases':>5s} {'exit 0':>7s} {'exit 2':>7s} {'fail':>5s}")
+    # Every allowed outcome gets a column (exit 3: out of memory; exit 4: written, not verified).
+    keys = ["exit 0", "exit 2", "exit 3", "exit 4", "fail"]
+    keys += sorted({k for c in outcomes.values() for k in c} - set(keys))
+    lines = ["| category | cases | " + " | ".join(keys) + " |", "|---" * (len(keys) + 2) + "|"]
     for category, counts in outcomes.items():
-        total = sum(counts.values())
-        print(
-            f"{category:18s} {total:5d} {counts['exit 0']:7d} {counts['exit 2']:7d} "
-            f"{counts['fail']:5d}"
-        )
-    total = sum(sum(c.values()) for c in outcomes.values())
+        cells = [category, str(sum(counts.values()))] + [str(counts[k]) for k in keys]
+        lines.append("| " + " | ".join(cells) + " |")
+    every = Counter()
+    for counts in outcomes.values():
+        every.update(counts)
+    total = sum(every.values())
+    lines.append(
+        "| **all** | " + " | ".join(str(n) for n in [total] + [every[k] for k in keys]) + " |"
+    )
+    table = "\n".join(lines)
+    print(table)
+    if args.markdown:
+        Path(args.markdown).write_text(table + "\n", encoding="utf-8")
     print(f"{total} cases in {elapsed:.1f} s, {len(failures)} failures")
     for outcome in failures:
         print(f"FAIL {outcome.case.id}: exit {outcome.code}: {outcome.problems}")

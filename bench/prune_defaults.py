@@ -60,7 +60,8 @@ FULL: tuple[Setting, ...] = tuple(
 )
 # The grid pruned to what a 2-core budget allows on MiniLM and PP-OCR rec (an lsq run costs
 # about a minute there): today's data-free default, each data-aware ingredient alone, and the
-# lsq combinations that earlier measurements (BENCHMARKS.md, issue 3) put at the top.
+# lsq combinations that the fidelity comparison with Torch-Pruning (BENCHMARKS.md) put at the
+# top.
 SMALL: tuple[Setting, ...] = (
     ("l2", "none", "uniform"),
     ("activation", "none", "uniform"),
