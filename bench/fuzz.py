@@ -5,6 +5,8 @@ with many more examples and a fresh random seed unless one is given. Prints the 
 mismatch, hypothesis's minimal failing graph and a reproduction blob.
 
 Usage: python bench/fuzz.py [--examples 10000] [--seed N] [--minutes M] [--max-blocks 8]
+       [--opsets 7,9,11,13,17,18] [--dtypes float32,float16,...] [--dynamic N,S|none]
+       [--blocks conv_bn,if_branch,...]
 """
 
 from __future__ import annotations
@@ -17,8 +19,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from hypothesis import HealthCheck, given, seed, settings
+from onnx import TensorProto
 
-from graphopt_tests.robustness.fuzzgraphs import check_optimize_preserves, models
+from graphopt_tests.robustness.fuzzgraphs import (
+    BLOCKS,
+    DTYPES,
+    OPSETS,
+    check_optimize_preserves,
+    models,
+)
+
+
+def _csv(text: str) -> list[str]:
+    return [t for t in text.split(",") if t and t != "none"]
 
 
 class _Stop(Exception):
@@ -31,7 +44,19 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=None, help="hypothesis seed (random)")
     parser.add_argument("--minutes", type=float, default=None, help="stop after this long")
     parser.add_argument("--max-blocks", type=int, default=8)
+    parser.add_argument("--opsets", default=",".join(map(str, OPSETS)), help="drawn from")
+    names = ",".join(TensorProto.DataType.Name(d).lower() for d in DTYPES)
+    parser.add_argument("--dtypes", default=names, help="element types drawn from")
+    parser.add_argument("--dynamic", default="N,S", help="symbolic dims that may be drawn")
+    parser.add_argument("--blocks", default=",".join(BLOCKS), help="blocks that may be drawn")
     args = parser.parse_args()
+    strategy = models(
+        max_blocks=args.max_blocks,
+        opsets=tuple(int(o) for o in _csv(args.opsets)),
+        dtypes=tuple(TensorProto.DataType.Value(d.upper()) for d in _csv(args.dtypes)),
+        dynamic=tuple(_csv(args.dynamic)),
+        blocks=tuple(_csv(args.blocks)),
+    )
     run_seed = args.seed if args.seed is not None else int(time.time())
     deadline = time.monotonic() + args.minutes * 60 if args.minutes else None
     count = 0
@@ -45,7 +70,7 @@ def main() -> int:
         suppress_health_check=list(HealthCheck),
         print_blob=True,
     )
-    @given(models(max_blocks=args.max_blocks))
+    @given(strategy)
     def prop(proto) -> None:
         nonlocal count
         if deadline is not None and time.monotonic() > deadline:

@@ -1,5 +1,7 @@
 """Differential fuzzing: random valid graphs keep their ORT outputs through the default
-pipeline (verification off, so a wrong rewrite is not silently rolled back).
+pipeline (verification off, so a wrong rewrite is not silently rolled back). Models are drawn
+over opsets 7..18, float32/float16/bfloat16/int8/uint8/int32/int64 (bool inside), symbolic
+batch / axis-2 dims (checked at two bindings) and If/Loop subgraphs.
 
 CI runs a small derandomized set; ``python bench/fuzz.py --examples 10000`` is the long run.
 """
@@ -9,7 +11,12 @@ from __future__ import annotations
 import onnx
 from hypothesis import HealthCheck, given, settings
 
-from graphopt_tests.robustness.fuzzgraphs import check_optimize_preserves, models
+from graphopt_tests.robustness.fuzzgraphs import (
+    DTYPES,
+    OPSETS,
+    check_optimize_preserves,
+    models,
+)
 
 CI_EXAMPLES = 150
 
@@ -22,7 +29,7 @@ CI_EXAMPLES = 150
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     print_blob=True,
 )
-@given(models())
+@given(models(opsets=OPSETS, dtypes=DTYPES, dynamic=("N", "S")))
 def test_default_pipeline_keeps_outputs(proto: onnx.ModelProto) -> None:
     check_optimize_preserves(proto)
 
