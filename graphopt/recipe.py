@@ -47,6 +47,7 @@ RECIPE_KEYS = {
     "lossy",
     "verify",
     "tolerance",
+    "seed",
     "fold_limit",
     "input_shapes",
     "verify_inputs",
@@ -109,6 +110,12 @@ def recipe_from_dict(data: Any, name: str = "recipe") -> OptimizeOptions:
             options.tolerance = float(data["tolerance"])
         except (TypeError, ValueError):
             raise UserInputError(f"{name}: tolerance must be a number") from None
+    if "seed" in data:
+        # The seed of generated inputs decides which passes verification rolls back: a
+        # recipe can pin it, as the output's recorded options do.
+        if not isinstance(data["seed"], int) or isinstance(data["seed"], bool):
+            raise UserInputError(f"{name}: seed must be an integer")
+        options.seed = data["seed"]
     if "fold_limit" in data:
         options.fold_limit_bytes = parse_size(data["fold_limit"])
     if "input_shapes" in data:

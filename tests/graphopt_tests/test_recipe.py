@@ -112,6 +112,8 @@ def test_empty_recipe_means_defaults(tmp_path: Path) -> None:
         ({"input_shapes": [1, 2]}, "input_shapes maps"),
         ({"input_shapes": {"x": ["a"]}}, "integers"),
         ({"target": "gpu"}, "target must be one of"),
+        ({"seed": "7"}, "seed must be an integer"),
+        ({"seed": True}, "seed must be an integer"),
     ],
 )
 def test_invalid_recipes(data, message: str) -> None:
@@ -308,3 +310,9 @@ def test_pruning_flags_refine_a_recipe_that_prunes(tmp_path: Path, capsys) -> No
     code = main(["optimize", str(model), "--recipe", str(recipe), "--criterion", "l1"])
     text = " ".join(capsys.readouterr().out.split())
     assert code == 0 and "prune: criterion l1, " in text
+
+
+def test_recipe_pins_the_seed_of_generated_inputs() -> None:
+    # The seed decides which passes verification rolls back, and the output records it.
+    assert recipe_from_dict({"seed": 7}).seed == 7
+    assert recipe_from_dict({}).seed == 0
