@@ -9,6 +9,7 @@ large initializers out of the protobuf it hands to onnx: external weights are ne
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import onnx_ir as ir
 import onnx_ir.passes.common
@@ -391,16 +392,18 @@ def _is_concrete(shape: ir.Shape) -> bool:
     return all(isinstance(d, int) and d >= 0 for d in shape)
 
 
-def shape_text(shape: ir.Shape | None) -> list[int | str | None] | None:
-    """A JSON-friendly shape: ints, symbolic names, None for unknown dims."""
+def shape_text(
+    shape: ir.Shape | None, name: Callable[[str], str] = str
+) -> list[int | str | None] | None:
+    """A JSON-friendly shape: ints, symbolic names (through ``name``), None for unknown dims."""
     if shape is None:
         return None
     dims: list[int | str | None] = []
     for dim in shape:
         if isinstance(dim, int):
             dims.append(dim)
-        elif getattr(dim, "value", None) is not None:
-            dims.append(str(dim.value))
+        elif getattr(dim, "value", None) is not None and str(dim.value).strip():
+            dims.append(name(str(dim.value)))
         else:
             dims.append(None)
     return dims

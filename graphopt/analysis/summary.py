@@ -23,7 +23,7 @@ from rich.table import Table
 
 from graphopt import io
 from graphopt.analysis.flops import ControlFlow, flops_of_inferred
-from graphopt.analysis.shapes import infer_shapes
+from graphopt.analysis.shapes import infer_shapes, shape_text
 from graphopt.analysis.stats import count_nodes, has_subgraphs, op_histogram, parameter_count
 from graphopt.input_dims import graph_inputs
 
@@ -146,17 +146,7 @@ class SymbolNames:
 
     def shape(self, shape: ir.Shape | None) -> list[int | str | None] | None:
         """A JSON-friendly shape: ints, short symbolic names, None for unknown dims."""
-        if shape is None:
-            return None
-        dims: list[int | str | None] = []
-        for dim in shape:
-            if isinstance(dim, int):
-                dims.append(dim)
-            elif getattr(dim, "value", None) is not None and str(dim.value).strip():
-                dims.append(self.name(str(dim.value)))
-            else:
-                dims.append(None)
-        return dims
+        return shape_text(shape, self.name)
 
 
 def _info(value: ir.Value, names: SymbolNames) -> TensorInfo:
