@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -29,7 +30,14 @@ from graphopt.pipeline import (
     explicit_specs,
     skip_notes,
 )
-from graphopt.registry import PassContext, all_passes, get_pass
+from graphopt.registry import (
+    PassContext,
+    flag_key,
+    flag_names,
+    flag_owners,
+    flagged_lossy_passes,
+    get_pass,
+)
 from graphopt.verify import (
     NothingToCompare,
     VerificationUnavailable,
@@ -68,51 +76,89 @@ class OptimizeOptions:
     # fusions into LayerNormalization/Gelu/Attention can apply.
     opset: int | None = None
     seed: int = 0
-    # Structured pruning (lossy), e.g. prune="flops=0.3"; the rest refine it. criterion,
-    # allocation and compensation left None take defaults that depend on ``calib``
-    # (graphopt.passes.pruning.settings.resolve_choices): with a calibration file the
-    # data-aware ones that measured best, else l2 / uniform / none.
-    prune: str | None = None
-    criterion: str | None = None
-    allocation: str | None = None
-    compensation: str | None = None
-    round_to: int | None = None
-    calib: str | None = None  # a .npz path, or "random"
-    # None: the pass's own default (PassOption in graphopt/passes/pruning/prune.py, the one
-    # place defaults are declared for the CLI, the API and recipes).
-    max_group_ratio: float | None = None
+    # The lossy passes' flags, as the CLI spells them without dashes: a pass's own flag asks
+    # for it (``prune="flops=0.3"``, ``quantize="int8"``) and its options' flags refine it
+    # (``criterion="lsq"``, ``calib="c.npz"``). Given as keywords, ``OptimizeOptions(prune=...)``
+    # lands here, and ``options.prune`` reads it back. Which names exist comes from the
+    # passes' declarations (``GraphPass.flag``, ``PassOption.flag``), the same ones the CLI
+    # builds its flags from; an option flag two passes declare (``calib``) goes to each pass
+    # asked for that declares it. Options left out take the pass's declared default.
+    flags: dict[str, Any] = field(default_factory=dict)
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for names that are not fields: the pass flags.
+        if name.startswith("__") or name == "flags":
+            raise AttributeError(name)
+        if name in self.flags:
+            return self.flags[name]
+        if name in flag_names():
+            return None
+        raise AttributeError(f"OptimizeOptions has no field or pass flag {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _FIELD_NAMES or name.startswith("_"):
+            object.__setattr__(self, name, value)
+        elif name in flag_names():
+            if value is None:
+                self.flags.pop(name, None)
+            else:
+                self.flags[name] = value
+        else:
+            raise AttributeError(f"OptimizeOptions has no field or pass flag {name!r}")
 
     def lossy_specs(self) -> list[PassSpec]:
-        """``lossy`` plus the pruning pass the ``prune`` fields ask for (run settings added)."""
+        """``lossy`` plus the lossy passes the flags ask for (run settings added)."""
         return self._with_run_settings(self._asked_lossy())
 
     def _asked_lossy(self) -> list[PassSpec]:
-        """``lossy`` plus the lossy passes this object's flag fields ask for, as asked.
+        """``lossy`` plus the lossy passes this object's flags ask for, as asked.
 
-        Which fields those are comes from the passes' declarations, as the CLI's flags do:
-        a field named like a lossy pass that has a flag (``prune="flops=0.3"``) asks for it,
-        and fields named like that pass's flagged options (``criterion``) refine it. Only the
-        options set are passed: the pass fills the rest from its declared defaults (and the
-        stamped record keeps "not set" apart from "set to the default").
+        Only the options set are passed: the pass fills the rest from its declared defaults
+        (and the stamped record keeps "not set" apart from "set to the default"). Option flags
+        given without their pass's flag refine that pass where ``lossy`` or ``passes`` (a
+        recipe) runs it, as flags override a recipe; otherwise they are an error.
         """
+        unknown = sorted(set(self.flags) - flag_names())
+        if unknown:
+            raise UserInputError(
+                f"unknown option(s) {', '.join(map(repr, unknown))}: not a field of "
+                "OptimizeOptions nor a flag of any lossy pass (`graphopt optimize --help` "
+                "lists the flags)"
+            )
         specs = list(self.lossy)
-        for cls in all_passes().values():
-            asked = getattr(self, cls.name, None) if not cls.exact and cls.flag else None
-            if not asked:
+        recipe_runs = {s.name for s in specs} | {s.name for s in self.passes or ()}
+        owners = flag_owners()
+        used: set[str] = set()
+        for cls in flagged_lossy_passes():
+            asked = self.flags.get(flag_key(cls.flag))
+            given = {
+                t.option: self.flags[key]
+                for key, targets in owners.items()
+                if key in self.flags
+                for t in targets
+                if t.owner is cls and t.option is not None
+            }
+            if asked is None and not (given and cls.name in recipe_runs):
                 continue
-            options = cls.options_from_flag(asked)  # the pass parses its own "flops=0.3"
-            for option in cls.options:
-                value = getattr(self, option.name, None) if option.flag else None
-                if value is not None:
-                    options[option.name] = value
-            specs = [s for s in specs if s.name != cls.name] + [PassSpec(cls.name, options)]
+            used.add(flag_key(cls.flag))
+            used.update(flag_key(cls.flag_of(name)) for name in given)
+            # The pass parses its own flag's value ("flops=0.3").
+            options = cls.options_from_flag(str(asked)) if asked is not None else {}
+            options.update(given)
+            specs = _merged(specs, cls.name, options, replace=asked is not None)
+        idle = [key for key in self.flags if key not in used]
+        if idle:
+            raise UserInputError(_orphan_message(idle))
         return specs
 
     def _with_run_settings(self, specs: list[PassSpec]) -> list[PassSpec]:
-        # --no-verify also turns off pruning's own check (zeroed vs removed units); an option
-        # a recipe gives the pass itself wins.
+        # --no-verify also turns off a lossy pass's own checks (pruning's zeroed-vs-removed
+        # units): a pass that declares a ``verify`` option gets the run's; an option a recipe
+        # gives the pass itself wins.
         return [
-            PassSpec(s.name, {"verify": self.verify, **s.options}) if s.name == "prune" else s
+            PassSpec(s.name, {"verify": self.verify, **s.options})
+            if any(o.name == "verify" for o in get_pass(s.name).options)
+            else s
             for s in specs
         ]
 
@@ -125,6 +171,42 @@ class OptimizeOptions:
             specs, notes = explicit_specs(self.passes, self._asked_lossy(), self.skip)
             steps = explicit_pipeline(self._with_run_settings(specs))
         return steps, notes + _idle_option_notes(self, steps)
+
+
+_FIELD_NAMES = frozenset(f.name for f in fields(OptimizeOptions))
+_init_fields = OptimizeOptions.__init__  # the dataclass's own: fields by keyword
+
+
+def _init_with_flags(self: OptimizeOptions, **given: Any) -> None:
+    """OptimizeOptions(field=..., prune=..., calib=...): keywords that are not fields are pass
+    flags (checked against the passes' declarations when the run's passes are built)."""
+    pass_flags = {key: given.pop(key) for key in list(given) if key not in _FIELD_NAMES}
+    _init_fields(self, **given)
+    self.flags.update(pass_flags)
+
+
+OptimizeOptions.__init__ = _init_with_flags  # type: ignore[method-assign]
+
+
+def _merged(
+    specs: list[PassSpec], name: str, options: dict[str, Any], *, replace: bool
+) -> list[PassSpec]:
+    """``specs`` with pass ``name`` given ``options``: replacing its entry (the pass's own flag
+    was given) or refining it (only option flags were); a new entry when there is none."""
+    if replace or all(s.name != name for s in specs):
+        return [s for s in specs if s.name != name] + [PassSpec(name, options)]
+    return [PassSpec(s.name, {**s.options, **options}) if s.name == name else s for s in specs]
+
+
+def _orphan_message(names: list[str]) -> str:
+    """Option flags given without any pass that takes them: which pass flag they need."""
+    owners = flag_owners()
+    flags = ", ".join(owners[n][0].flag for n in names)
+    passes = list(dict.fromkeys(t.owner for n in names for t in owners[n]))
+    needs = " or ".join(f"{cls.flag} {cls.flag_metavar}" for cls in passes)
+    runs = " or ".join(cls.name for cls in passes)
+    verb = "applies" if len(names) == 1 else "apply"
+    return f"{flags} only {verb} with {needs} (or a recipe that runs {runs})"
 
 
 def _idle_option_notes(options: OptimizeOptions, steps: list[Step]) -> list[str]:

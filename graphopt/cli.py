@@ -17,7 +17,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 
@@ -34,7 +34,6 @@ from graphopt.errors import (
 
 if TYPE_CHECKING:  # imported when a command runs, so that --help stays fast
     from graphopt.api import OptimizeOptions
-    from graphopt.pipeline import PassSpec
 
 EXIT_INTERNAL = 3
 # What the run was doing, for the out-of-memory message ("out of memory while verifying"):
@@ -353,101 +352,48 @@ def _cmd_optimize(args: argparse.Namespace, out: Console, err: Console) -> int:
     return EXIT_OK
 
 
-def _lossy_passes() -> list[type]:
-    """The lossy passes that declare a flag of their own (``--prune``), in pipeline order."""
-    from graphopt.registry import all_passes
-
-    return [cls for cls in all_passes().values() if not cls.exact and cls.flag]
-
-
-def _dest(owner: str, option: str = "") -> str:
-    return f"lossy__{owner}__{option}" if option else f"lossy__{owner}"
+def _dest(name: str) -> str:
+    return f"lossy__{name}"
 
 
 def _add_lossy_flags(parser: argparse.ArgumentParser) -> None:
     """One argument group per lossy pass, built from what the pass declares (its flag and
-    the options that have one): a new lossy pass needs no change here."""
-    for cls in _lossy_passes():
-        title = f"{cls.name}: {cls.description()}"
-        group = parser.add_argument_group(title)
-        group.add_argument(
-            cls.flag, dest=_dest(cls.name), metavar=cls.flag_metavar, help=cls.flag_help
-        )
+    the options that have one): a new lossy pass needs no change here. An option flag two
+    passes declare (``--calib``) is one argument, listed with the first pass."""
+    from graphopt.registry import flag_key, flag_owners, flagged_lossy_passes
+
+    owners = flag_owners()
+    added: set[str] = set()
+    for cls in flagged_lossy_passes():
+        group = parser.add_argument_group(f"{cls.name}: {cls.description()}")
+        key = flag_key(cls.flag)
+        group.add_argument(cls.flag, dest=_dest(key), metavar=cls.flag_metavar, help=cls.flag_help)
         for option in cls.options:
-            if option.flag is None:
+            if option.flag is None or flag_key(option.flag) in added:
                 continue
+            key = flag_key(option.flag)
+            added.add(key)
+            also = [t.owner.name for t in owners[key] if t.owner is not cls]
             group.add_argument(
                 option.flag,
-                dest=_dest(cls.name, option.name),
+                dest=_dest(key),
                 type=option.type if option.type in (int, float) else str,
                 choices=option.choices,
                 metavar=option.metavar or option.name.upper(),
                 default=None,
-                help=option.help,
+                help=option.help + (f" (also for {', '.join(also)})" if also else ""),
             )
 
 
 def _lossy_options(args: argparse.Namespace, options: OptimizeOptions) -> None:
-    """What the lossy passes' flags ask for, into ``options``: the pass's own flag and its
-    options' flags. API fields of the same names (``prune``, ``criterion``) take them where
-    they exist; other passes go into ``options.lossy`` as a PassSpec."""
-    from graphopt.pipeline import PassSpec
+    """The lossy passes' flags into ``options.flags``, by key; the API resolves them (which
+    pass each goes to, a recipe's pass they refine, or the error for one given alone)."""
+    from graphopt.registry import flag_names
 
-    for cls in _lossy_passes():
-        asked = getattr(args, _dest(cls.name), None)
-        given = {
-            option.name: value
-            for option in cls.options
-            if option.flag is not None
-            and (value := getattr(args, _dest(cls.name, option.name), None)) is not None
-        }
-        if asked is None and given and not _asks_for(options, cls.name):
-            if _refine_recipe(options, cls.name, given):
-                continue
-            flags = ", ".join(o.flag for o in cls.options if o.name in given)
-            verb = "applies" if len(given) == 1 else "apply"
-            raise UserInputError(
-                f"{flags} only {verb} with {cls.flag} {cls.flag_metavar} "
-                f"(or a recipe that runs {cls.name})"
-            )
-        if asked is None and not given:
-            continue
-        if hasattr(options, cls.name):
-            if asked is not None:
-                setattr(options, cls.name, asked)
-            for key, value in given.items():
-                setattr(options, key, value)
-            continue
-        spec_options = {**(cls.options_from_flag(asked) if asked is not None else {}), **given}
-        if not _refine_recipe(options, cls.name, spec_options):
-            options.lossy = [*options.lossy, PassSpec(cls.name, spec_options)]
-
-
-def _asks_for(options: OptimizeOptions, name: str) -> bool:
-    return bool(getattr(options, name, None))
-
-
-def _refine_recipe(options: OptimizeOptions, name: str, given: dict[str, Any]) -> bool:
-    """Flags next to a recipe that runs pass ``name`` (``lossy:`` or ``passes:``) override
-    that pass's options, as flags override a recipe; False when the recipe does not run it."""
-    from graphopt.pipeline import PassSpec
-
-    found = False
-
-    def refined(specs: list[PassSpec]) -> list[PassSpec]:
-        nonlocal found
-        out = []
-        for spec in specs:
-            if spec.name == name:
-                found = True
-                spec = PassSpec(spec.name, {**spec.options, **given})
-            out.append(spec)
-        return out
-
-    options.lossy = refined(options.lossy)
-    if options.passes is not None:
-        options.passes = refined(options.passes)
-    return found
+    for key in sorted(flag_names()):
+        value = getattr(args, _dest(key), None)
+        if value is not None:
+            options.flags[key] = value
 
 
 def _cmd_inspect(args: argparse.Namespace, out: Console, err: Console) -> int:

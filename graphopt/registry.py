@@ -200,6 +200,13 @@ class GraphPass(ir.passes.InPlacePass):
         raise UserInputError(f"pass {cls.name!r} takes no flag value {text!r}")
 
     @classmethod
+    def flag_of(cls, option: str) -> str:
+        """The command-line flag of one of this pass's options (it must have one)."""
+        flag = next(o.flag for o in cls.options if o.name == option)
+        assert flag is not None
+        return flag
+
+    @classmethod
     def description(cls) -> str:
         """The first line of the docstring."""
         return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
@@ -247,6 +254,45 @@ def all_passes() -> dict[str, type[GraphPass]]:
     _load_builtin_passes()
     order = sorted(_REGISTRY.values(), key=lambda cls: cls.stage)
     return {cls.name: cls for cls in order}
+
+
+def flagged_lossy_passes() -> list[type[GraphPass]]:
+    """The lossy passes that declare a flag of their own (``--prune``), in pipeline order."""
+    return [cls for cls in all_passes().values() if not cls.exact and cls.flag]
+
+
+def flag_key(flag: str) -> str:
+    """A command-line flag as a Python name: ``--round-to`` -> ``round_to`` (the API keyword
+    and ``OptimizeOptions.flags`` key of the flag)."""
+    return flag.lstrip("-").replace("-", "_")
+
+
+@dataclass(frozen=True)
+class FlagTarget:
+    """What one lossy-pass flag sets: the pass itself (``option`` None) or one of its options."""
+
+    owner: type[GraphPass]
+    option: str | None
+    flag: str
+
+
+def flag_owners() -> dict[str, list[FlagTarget]]:
+    """Each flag key (``prune``, ``criterion``, ``calib``) and what it sets, per pass. The CLI,
+    the API's keywords (``OptimizeOptions(prune=..., calib=...)``) and flags next to a recipe
+    all go through this table; an option flag two passes declare (``--calib``) sets both."""
+    owners: dict[str, list[FlagTarget]] = {}
+    for cls in flagged_lossy_passes():
+        assert cls.flag is not None
+        owners.setdefault(flag_key(cls.flag), []).append(FlagTarget(cls, None, cls.flag))
+        for option in cls.options:
+            if option.flag:
+                target = FlagTarget(cls, option.name, option.flag)
+                owners.setdefault(flag_key(option.flag), []).append(target)
+    return owners
+
+
+def flag_names() -> frozenset[str]:
+    return frozenset(flag_owners())
 
 
 def get_pass(name: str) -> type[GraphPass]:

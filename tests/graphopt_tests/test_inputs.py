@@ -461,7 +461,7 @@ def test_enlarged_dims_keep_batches_and_stop_at_the_cap() -> None:
 
 
 def test_random_calibration_uses_the_sizes_the_model_runs_at() -> None:
-    from graphopt.passes.pruning.samples import random_calibration
+    from graphopt.passes.calibration.samples import random_calibration
 
     model = _signal_in_if()
     calib = random_calibration(model, {})
@@ -476,7 +476,7 @@ def test_random_calibration_uses_the_sizes_the_model_runs_at() -> None:
 
 def test_random_calibration_feeds_one_sample_where_a_batch_fails() -> None:
     """Reshape(x, [1, 16]): the batch is declared free, yet only 1 runs."""
-    from graphopt.passes.pruning.samples import random_calibration
+    from graphopt.passes.calibration.samples import random_calibration
 
     model = make_model(
         [helper.make_node("Reshape", ["x", "one_row"], ["y"])],

@@ -11,8 +11,9 @@ import pytest
 
 from graphopt import api
 from graphopt.cli import build_parser, main
+from graphopt.errors import UserInputError
 from graphopt.recipe import load_recipe
-from graphopt.registry import GraphPass, PassOption, Stage, all_passes
+from graphopt.registry import GraphPass, PassOption, Stage
 from graphopt_tests.helpers import register_for_test
 from graphopt_tests.test_cli import model_file
 
@@ -83,17 +84,44 @@ def test_recipe_keys_come_from_the_declaration(tmp_path: Path) -> None:
         api.optimize(model_file(tmp_path), None, _no_verify(load_recipe(str(recipe))))
 
 
-def test_api_fields_follow_the_declared_flags() -> None:
-    # The documented API fields of pruning are exactly its flagged options.
-    prune = all_passes()["prune"]
-    flagged = {o.name for o in prune.options if o.flag}
-    fields = set(api.OptimizeOptions.__dataclass_fields__)
-    assert "prune" in fields and flagged <= fields
-    options = api.OptimizeOptions(prune="flops=0.3", criterion="l1", round_to=4)
+def test_api_keywords_follow_the_declared_flags(tmp_path: Path) -> None:
+    # Every flag of a lossy pass is an API keyword (the flag as a Python name), with nothing
+    # written for it in api.py: a new pass's flags are API keywords at once.
+    options = api.OptimizeOptions(prune="flops=0.3", criterion="l1", round_to=4, verify=False)
     (spec,) = options.lossy_specs()
-    assert spec.name == "prune"
+    assert spec.name == "prune" and options.prune == "flops=0.3"
     assert spec.options["flops"] == 0.3 and spec.options["criterion"] == "l1"
     assert spec.options["round_to"] == 4 and "allocation" not in spec.options
+    squash = api.OptimizeOptions(test_squash="bits=3", squash_level=2, verify=False)
+    assert squash.squash_mode is None  # a declared flag not given reads as "not set"
+    api.optimize(model_file(tmp_path), None, squash)
+    assert SEEN[-1] == {"bits": 3, "level": 2, "mode": "fast", "hidden": 0.5}
+    with pytest.raises(AttributeError, match="no field or pass flag 'squash_levels'"):
+        _ = squash.squash_levels
+    typo = api.OptimizeOptions(test_squash="bits=3", squash_levels=2, verify=False)
+    with pytest.raises(UserInputError, match=r"unknown option.*'squash_levels'"):
+        api.optimize(model_file(tmp_path), None, typo)
+    alone = api.OptimizeOptions(squash_level=2, verify=False)
+    with pytest.raises(UserInputError, match="--squash-level only applies with --test-squash"):
+        api.optimize(model_file(tmp_path), None, alone)
+
+
+def test_an_option_flag_two_passes_declare_sets_both(monkeypatch, tmp_path: Path) -> None:
+    class OtherPass(SquashPass):
+        """Test only: a second lossy pass sharing the level flag."""
+
+        name = "test-other"
+        flag = "--test-other"
+
+    register_for_test(monkeypatch, OtherPass)
+    help_text = _optimize_help()
+    assert help_text.count("[--squash-level N]") == 1  # one argument, not a clash
+    args = ["optimize", str(model_file(tmp_path)), "-o", str(tmp_path / "o.onnx"), "--no-verify"]
+    assert (
+        main([*args, "--test-squash", "bits=1", "--test-other", "bits=2", "--squash-level", "5"])
+        == 0
+    )
+    assert sorted((s["bits"], s["level"]) for s in SEEN) == [(1, 5), (2, 5)]
 
 
 def _optimize_help() -> str:

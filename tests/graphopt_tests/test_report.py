@@ -12,7 +12,7 @@ from onnx import TensorProto, helper
 from rich.console import Console
 
 from graphopt.api import OptimizeOptions, optimize
-from graphopt.passes.pruning.fidelity import Fidelity, measure
+from graphopt.passes.calibration.fidelity import Fidelity, measure
 from graphopt.passes.pruning.pruner import PruneReport
 from graphopt.pipeline import PassManager, PassSpec, PassStats, RunReport, explicit_pipeline
 from graphopt.registry import GraphPass, Stage

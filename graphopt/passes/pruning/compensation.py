@@ -45,10 +45,10 @@ from graphopt.editing import (
     single_user,
     unique_name,
 )
-from graphopt.passes.pruning.activations import channel_rows, sequence_mask
+from graphopt.passes.calibration.activations import channel_rows, sequence_mask
+from graphopt.passes.calibration.samples import CalibrationSet
 from graphopt.passes.pruning.consumers import Consumer, tagged_nodes
 from graphopt.passes.pruning.incremental import IncrementalObserver
-from graphopt.passes.pruning.samples import CalibrationSet
 
 # The pruned model runs once per stage (up to the stage's layers); see ``_stages``.
 MAX_STAGES = 64

@@ -27,7 +27,7 @@ import numpy as np
 from graphopt.analysis.dependency import DimKey
 from graphopt.analysis.zig import ZeroInvariantGroup, ZigReport
 from graphopt.editing import constant_array
-from graphopt.passes.pruning.activations import ChannelStats
+from graphopt.passes.calibration.activations import ChannelStats
 from graphopt.passes.pruning.consumers import Consumer
 
 

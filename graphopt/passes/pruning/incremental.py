@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.passes.pruning.activations import (
+from graphopt.passes.calibration.activations import (
     observation_session,
     run_observation,
     with_outputs,

@@ -24,7 +24,7 @@ from graphopt.passes.pruning.settings import (
 from graphopt.registry import GraphPass, PassOption, Stage, register
 
 if TYPE_CHECKING:
-    from graphopt.passes.pruning.samples import CalibrationSet
+    from graphopt.passes.calibration.samples import CalibrationSet
 
 
 @register
@@ -165,12 +165,12 @@ class PrunePass(GraphPass):
                 "warning: --calib random: importance and compensation were fitted on "
                 "generated inputs, not real data; fidelity numbers are on generated inputs too"
             )
-            from graphopt.passes.pruning.samples import random_calibration
+            from graphopt.passes.calibration.samples import random_calibration
 
             calib = random_calibration(model, dict(self.context.input_shapes))
             if calib.note:  # sizes enlarged, or samples fed one at a time: said, not hidden
                 self.context.note(calib.note)
             return calib
-        from graphopt.passes.pruning.samples import load_calibration
+        from graphopt.passes.calibration.samples import load_calibration
 
         return load_calibration(source, model)

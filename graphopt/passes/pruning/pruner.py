@@ -19,21 +19,21 @@ from graphopt.analysis.flops import model_flops
 from graphopt.analysis.zig import ZigReport, analyze
 from graphopt.errors import CheckFailedError
 from graphopt.inputs import make_inputs
-from graphopt.passes.pruning.activations import channel_statistics
-from graphopt.passes.pruning.allocation import CostModel, allocate, plan_group
-from graphopt.passes.pruning.channel_removal import remove_channels
-from graphopt.passes.pruning.compensation import compensate
-from graphopt.passes.pruning.consumers import find_consumers, strip_tags, tag_nodes
-from graphopt.passes.pruning.fidelity import (
+from graphopt.passes.calibration.activations import channel_statistics
+from graphopt.passes.calibration.fidelity import (
     Fidelity,
     measure,
     outputs_on,
     padding_mask,
     summary,
 )
+from graphopt.passes.calibration.samples import CalibrationSet, sample_input_shapes
+from graphopt.passes.pruning.allocation import CostModel, allocate, plan_group
+from graphopt.passes.pruning.channel_removal import remove_channels
+from graphopt.passes.pruning.compensation import compensate
+from graphopt.passes.pruning.consumers import find_consumers, strip_tags, tag_nodes
 from graphopt.passes.pruning.importance import score_group
 from graphopt.passes.pruning.rendering import headline
-from graphopt.passes.pruning.samples import CalibrationSet, sample_input_shapes
 from graphopt.passes.pruning.settings import DATA_CRITERIA, PruneSettings, PruneTarget
 from graphopt.passes.pruning.zig_check import check_chosen
 from graphopt.registry import PassContext

@@ -76,7 +76,7 @@ def test_table_marks_failures_with_their_reason() -> None:
 def test_compensation_judged_closer_only_when_pruning_moved_an_output() -> None:
     """Check (e) on one output: lower mean |error| and cosine not lower; where pruning left
     the output exactly unchanged (a zero-initialised head), it must stay unchanged."""
-    from graphopt.passes.pruning.fidelity import Fidelity
+    from graphopt.passes.calibration.fidelity import Fidelity
     from graphopt.passes.pruning.pruner import PruneReport
 
     bench = _bench()

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.passes.pruning.activations import observe
+from graphopt.passes.calibration.activations import observe
+from graphopt.passes.calibration.samples import CalibrationSet
 from graphopt.passes.pruning.incremental import IncrementalObserver
-from graphopt.passes.pruning.samples import CalibrationSet
 from graphopt_tests.passes.pruning.graphs import branches, cnn, correlated
 
 

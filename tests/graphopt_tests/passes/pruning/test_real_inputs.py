@@ -13,8 +13,8 @@ import pytest
 from graphopt import io
 from graphopt.cli import main
 from graphopt.errors import UserInputError
+from graphopt.passes.calibration.samples import load_calibration, random_calibration
 from graphopt.passes.pruning.prune import PrunePass
-from graphopt.passes.pruning.samples import load_calibration, random_calibration
 from graphopt.registry import PassContext
 from graphopt_tests.passes.pruning import graphs as G
 

@@ -17,7 +17,7 @@ import onnx_ir as ir
 
 from graphopt.analysis.dependency import DimKey
 from graphopt.errors import UserInputError
-from graphopt.passes.pruning.samples import CalibrationSet
+from graphopt.passes.calibration.samples import CalibrationSet
 
 
 @dataclass

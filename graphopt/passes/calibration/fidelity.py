@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.passes.pruning.activations import sequence_mask
-from graphopt.passes.pruning.samples import CalibrationSet
+from graphopt.passes.calibration.activations import sequence_mask
+from graphopt.passes.calibration.samples import CalibrationSet
 
 
 @dataclass
