@@ -22,6 +22,9 @@ class Fidelity:
     max_rel: float
     mean_abs: float
     mean_cosine: float
+    # Share of positions whose argmax over the last axis is the same (a classifier's or a
+    # decoder's prediction); None where the output has no class axis.
+    argmax_agreement: float | None = None
 
     def to_json(self) -> dict:
         return {
@@ -29,15 +32,17 @@ class Fidelity:
             "max_rel": self.max_rel,
             "mean_abs": self.mean_abs,
             "mean_cosine": self.mean_cosine,
+            "argmax_agreement": self.argmax_agreement,
         }
 
 
-def outputs_on(model: ir.Model, calib: CalibrationSet) -> list[np.ndarray]:
-    """Every output of ``model`` on every sample, concatenated along the sample axis."""
+def outputs_on(model: ir.Model, calib: CalibrationSet, optimize: bool = True) -> list[np.ndarray]:
+    """Every output of ``model`` on every sample, concatenated along the sample axis
+    (``optimize``: with ONNX Runtime's graph optimizations on)."""
     from graphopt.ortrun import run_session
     from graphopt.verify import make_session
 
-    session = make_session(model, optimize=True)
+    session = make_session(model, optimize=optimize)
     names = [o.name for o in session.get_outputs()]
     # Full padded width: outputs of every batch must line up to be concatenated.
     chunks = [run_session(session, names, feeds) for feeds in calib.batches(trim=False)]
@@ -118,7 +123,15 @@ def _measure_floats(name: str, a: np.ndarray, b: np.ndarray) -> Fidelity:
         return Fidelity(name, float("inf"), float("inf"), mean_cosine)
     diff = np.abs(a - b)
     scale = float(np.abs(a).max()) or 1.0
-    return Fidelity(name, float(diff.max() / scale), float(diff.mean()), mean_cosine)
+    return Fidelity(
+        name, float(diff.max() / scale), float(diff.mean()), mean_cosine, _argmax_agreement(a, b)
+    )
+
+
+def _argmax_agreement(a: np.ndarray, b: np.ndarray) -> float | None:
+    if a.ndim < 2 or a.shape[-1] < 2:
+        return None
+    return float(np.mean(a.argmax(axis=-1) == b.argmax(axis=-1)))
 
 
 def _unit_scale(rows: np.ndarray) -> np.ndarray:

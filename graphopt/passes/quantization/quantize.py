@@ -1,0 +1,292 @@
+"""The ``quantize`` pass: options in, one mode's function out.
+
+Kept small on purpose: importing it (every run registers every pass) must not load the
+numerics that only a quantization run needs. Each mode is a function
+``(model, settings, calib, context) -> QuantRecord`` that rewrites ``model`` in place; the
+mode table is :data:`~graphopt.passes.quantization.settings.MODES`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from typing import TYPE_CHECKING, Any
+
+import onnx_ir as ir
+
+from graphopt.errors import UserInputError
+from graphopt.passes.quantization.settings import (
+    ACTIVATION_TYPES,
+    BLOCK_SIZES,
+    CALIB_METHODS,
+    INT4_METHODS,
+    MODES,
+    QUANT_FORMATS,
+    QuantSettings,
+    parse_mode,
+    parse_patterns,
+)
+from graphopt.registry import GraphPass, PassOption, Stage, register
+
+if TYPE_CHECKING:
+    from graphopt.passes.calibration.samples import CalibrationSet
+
+# Modes that cannot run without calibration data: activation ranges come from it.
+NEEDS_CALIBRATION = frozenset({"int8", "fp8"})
+
+
+@register
+class QuantizePass(GraphPass):
+    """Lower weights and activations to INT8/INT4/FP16/BF16/FP8 where the runtime gains (lossy)."""
+
+    name = "quantize"
+    exact = False
+    stage = Stage.QUANTIZE
+    handles_subgraphs = False
+    flag = "--quantize"
+    flag_metavar = "|".join(MODES)
+    flag_help = (
+        "quantize: int8 (static, needs --calib), int8-dynamic (MatMul/Gemm), int4-weight, "
+        "fp16, bf16, fp8 (E4M3 Q/DQ, opset >= 19)"
+    )
+    options = (
+        PassOption("mode", str, "", "quantization mode", choices=tuple(MODES)),
+        PassOption(
+            "calib",
+            str,
+            "",
+            "calibration samples: one [N, ...] array per model input (random: generated)",
+            flag="--calib",
+            metavar="FILE.npz|random",
+        ),
+        PassOption(
+            "calib_method",
+            str,
+            None,
+            "activation ranges: auto (per tensor, the method whose consumer output error is "
+            "lowest) is the default",
+            flag="--calib-method",
+            choices=CALIB_METHODS,
+        ),
+        PassOption(
+            "quant_format",
+            str,
+            None,
+            "qdq (portable, what TensorRT reads; default) or qoperator (QLinear*, ORT only)",
+            flag="--quant-format",
+            choices=QUANT_FORMATS,
+        ),
+        PassOption(
+            "activation_type",
+            str,
+            None,
+            "int8 activation type (default: s8 portable; --target ort: from the CPU's rule "
+            "table in graphopt/passes/quantization/cpu_rules.py)",
+            flag="--activation-type",
+            choices=ACTIVATION_TYPES,
+        ),
+        PassOption("per_channel", bool, True, "per-output-channel weight scales"),
+        PassOption(
+            "exclude",
+            str,
+            "",
+            "keep these in float: op types or node-name globs, comma-separated "
+            "(for fp16/bf16: the keep-in-fp32 list)",
+            flag="--exclude",
+            metavar="PATTERNS",
+        ),
+        PassOption(
+            "max_error",
+            float,
+            None,
+            "mixed precision: keep the most sensitive layers in float until the max relative "
+            "error on held-out calibration samples is <= E",
+            flag="--max-error",
+            metavar="E",
+        ),
+        PassOption(
+            "min_cosine",
+            float,
+            None,
+            "mixed precision: ... until the mean output cosine on held-out samples is >= C",
+            flag="--min-cosine",
+            metavar="C",
+        ),
+        PassOption(
+            "smoothquant",
+            float,
+            None,
+            "SmoothQuant migration strength alpha for MatMul inputs (0 = off; default: 0.5 "
+            "for int8 on models with LayerNorm-fed MatMuls, else off)",
+            flag="--smoothquant",
+            metavar="ALPHA",
+        ),
+        PassOption(
+            "equalize",
+            bool,
+            None,
+            "cross-layer equalization and bias absorption before int8 (default: on for "
+            "models with depthwise convolutions)",
+            flag="--equalize",
+            metavar="true|false",
+        ),
+        PassOption(
+            "bias_correction",
+            bool,
+            None,
+            "correct the bias of quantized layers for their mean output shift (default: on "
+            "with a --calib file)",
+            flag="--bias-correction",
+            metavar="true|false",
+        ),
+        PassOption(
+            "block_size",
+            int,
+            32,
+            "int4-weight block size",
+            flag="--block-size",
+            metavar="|".join(map(str, BLOCK_SIZES)),
+        ),
+        PassOption(
+            "int4_method",
+            str,
+            None,
+            "int4-weight rounding: rtn, gptq (error feedback) or awq (activation-aware "
+            "scales); default gptq with a --calib file, else rtn",
+            flag="--int4-method",
+            choices=INT4_METHODS,
+        ),
+        PassOption(
+            "int4_asymmetric",
+            bool,
+            False,
+            "int4 blocks with zero points (asymmetric)",
+            flag="--int4-asymmetric",
+            metavar="true|false",
+        ),
+        PassOption(
+            "quantize_embeddings",
+            bool,
+            False,
+            "also quantize embedding tables (Gather on a weight) in int4-weight/int8",
+            flag="--quantize-embeddings",
+            metavar="true|false",
+        ),
+        PassOption(
+            "autotune",
+            bool,
+            False,
+            "--target ort: time the int8 candidates on this machine and keep the fastest "
+            "(the choice is recorded in the output's metadata)",
+            flag="--autotune",
+            metavar="true|false",
+        ),
+        PassOption("holdout", float, 0.25, "share of calibration samples kept for fidelity"),
+    )
+
+    @classmethod
+    def options_from_flag(cls, text: str) -> dict[str, Any]:
+        """``--quantize int8`` (or the API's ``quantize=``) as this pass's options."""
+        return {"mode": parse_mode(text)}
+
+    def rewrite(self, model: ir.Model) -> int:
+        settings = self.resolved()
+        calib = self._calibration(model, settings)
+        module_name, _, function_name = MODES[settings.mode].partition(":")
+        function = getattr(importlib.import_module(module_name), function_name)
+        start = time.perf_counter()
+        record = function(model, settings, calib, self.context)
+        record.seconds = time.perf_counter() - start
+        record.settings = settings.to_json()
+        record.summary = record.headline()
+        self.context.details["quantize"] = record
+        return record.quantized
+
+    def resolved(self) -> QuantSettings:
+        """The settings of this run: checked, with the documented defaults filled in."""
+        s = self.settings
+        if not s["mode"]:
+            raise UserInputError("quantize: give a mode, e.g. --quantize int8")
+        mode = parse_mode(s["mode"])
+        for name in ("max_error", "min_cosine"):
+            value = s[name]
+            if value is not None and not (0.0 < value < (1.0 if name == "min_cosine" else 1e9)):
+                raise UserInputError(f"quantize: --{name.replace('_', '-')} {value}: out of range")
+        if s["block_size"] not in BLOCK_SIZES:
+            raise UserInputError(
+                f"quantize: --block-size {s['block_size']}: expected one of "
+                f"{', '.join(map(str, BLOCK_SIZES))}"
+            )
+        defaulted = [k for k in _DEFAULTED if s[k] is None]
+        has_file = bool(s["calib"]) and s["calib"] != "random"
+        target = self.context.target
+        return QuantSettings(
+            mode=mode,
+            target=target,
+            calib=s["calib"],
+            calib_method=s["calib_method"] or "auto",
+            quant_format=s["quant_format"] or "qdq",
+            activation_type=s["activation_type"] or default_activation_type(target),
+            per_channel=s["per_channel"],
+            exclude=parse_patterns(s["exclude"]),
+            max_error=s["max_error"],
+            min_cosine=s["min_cosine"],
+            # None: the mode decides (smoothquant: only where LayerNorm feeds MatMuls).
+            smoothquant=-1.0 if s["smoothquant"] is None else s["smoothquant"],
+            equalize=bool(s["equalize"]) if s["equalize"] is not None else False,
+            bias_correction=has_file if s["bias_correction"] is None else s["bias_correction"],
+            block_size=s["block_size"],
+            int4_method=s["int4_method"] or ("gptq" if has_file else "rtn"),
+            int4_asymmetric=s["int4_asymmetric"],
+            quantize_embeddings=s["quantize_embeddings"],
+            autotune=s["autotune"],
+            holdout=s["holdout"],
+            defaulted=tuple(defaulted),
+        )
+
+    def _calibration(self, model: ir.Model, settings: QuantSettings) -> CalibrationSet | None:
+        source = settings.calib
+        if not source:
+            if settings.mode in NEEDS_CALIBRATION:
+                raise UserInputError(
+                    f"quantize {settings.mode}: activation ranges need calibration data: pass "
+                    "--calib FILE.npz (`graphopt calib` builds one from images or text), or "
+                    "--calib random to use generated inputs (not recommended)"
+                )
+            return None
+        if source == "random":
+            self.context.note(
+                "warning: --calib random: activation ranges and fidelity come from generated "
+                "inputs, not real data"
+            )
+            from graphopt.passes.calibration.samples import random_calibration
+
+            calib = random_calibration(model, dict(self.context.input_shapes))
+            if calib.note:
+                self.context.note(calib.note)
+            return calib
+        from graphopt.passes.calibration.samples import load_calibration
+
+        return load_calibration(source, model)
+
+
+# Options whose unset value (None) is resolved per run; the report says which were.
+_DEFAULTED = (
+    "calib_method",
+    "quant_format",
+    "activation_type",
+    "smoothquant",
+    "equalize",
+    "bias_correction",
+    "int4_method",
+)
+
+
+def default_activation_type(target: str) -> str:
+    """The int8 activation type when none is given: s8 for portable/TensorRT (symmetric, what
+    TensorRT accepts); for ``--target ort`` the rule table for this machine's CPU."""
+    if target != "ort":
+        return "s8"
+    from graphopt.passes.quantization.cpu_rules import activation_type_for_this_cpu
+
+    return activation_type_for_this_cpu()

@@ -1,0 +1,213 @@
+"""What a quantization run did, and how far it moved the outputs: the pass's report section.
+
+Every mode fills one :class:`QuantRecord`: the settings it ran with, each layer's precision,
+every tensor whose element type changed, the weight bytes before and after, and fidelity
+against the float original on calibration and held-out samples, measured with ONNX Runtime's
+graph optimizations off and on (deployed, ORT fuses Q/DQ into integer kernels whose numerics
+differ from the Q/DQ reference).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+from rich.console import Console
+from rich.table import Table
+
+from graphopt.passes.calibration.fidelity import Fidelity, measure
+from graphopt.passes.calibration.samples import CalibrationSet
+
+
+@dataclass
+class LayerPrecision:
+    """One compute node and the precision it runs in after quantization."""
+
+    node: str
+    op_type: str
+    precision: str  # "int8", "int4", "fp16", "float" (kept), ...
+    reason: str = ""  # why it stayed in float, or how it was quantized
+
+
+@dataclass
+class TypeChange:
+    tensor: str
+    before: str
+    after: str
+
+
+@dataclass
+class CurvePoint:
+    """One step of a mixed-precision search: layers kept in float, fidelity, speed."""
+
+    kept_float: int
+    cosine: float
+    max_rel: float
+    speedup: float | None = None
+    layer: str = ""  # the layer this step returned to float
+
+
+@dataclass
+class QuantRecord:
+    mode: str
+    settings: dict[str, Any] = field(default_factory=dict)
+    layers: list[LayerPrecision] = field(default_factory=list)
+    type_changes: list[TypeChange] = field(default_factory=list)
+    weight_bytes_before: int = 0
+    weight_bytes_after: int = 0
+    # {"calibration": [...], "held-out": [...], "held-out, ORT optimized": [...]}
+    fidelity: dict[str, list[Fidelity]] = field(default_factory=dict)
+    fidelity_source: str = ""  # "N held-out samples of FILE", "generated inputs", ...
+    curve: list[CurvePoint] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    summary: str = ""  # the headline, also the report note it stands for
+
+    @property
+    def quantized(self) -> int:
+        return sum(1 for layer in self.layers if layer.precision != "float")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "settings": self.settings,
+            "layers": [layer.__dict__ for layer in self.layers],
+            "type_changes": [change.__dict__ for change in self.type_changes],
+            "weight_bytes_before": self.weight_bytes_before,
+            "weight_bytes_after": self.weight_bytes_after,
+            "fidelity": {k: [f.to_json() for f in v] for k, v in self.fidelity.items()},
+            "fidelity_source": self.fidelity_source,
+            "curve": [point.__dict__ for point in self.curve],
+            "notes": self.notes,
+        }
+
+    def headline(self) -> str:
+        kept = sum(1 for layer in self.layers if layer.precision == "float")
+        size = ""
+        if self.weight_bytes_before:
+            ratio = self.weight_bytes_after / self.weight_bytes_before
+            size = (
+                f"; weights {_mib(self.weight_bytes_before)} -> "
+                f"{_mib(self.weight_bytes_after)} ({ratio:.0%})"
+            )
+        return (
+            f"quantization {self.mode}: {self.quantized} layers quantized, {kept} kept in "
+            f"float{size}"
+        )
+
+    def render(self, console: Console) -> bool:
+        console.print(self.headline(), markup=False)
+        for note in self.notes:
+            console.print(f"  {note}", markup=False)
+        if self.fidelity:
+            console.print(fidelity_table(self))
+        if self.curve:
+            console.print(curve_table(self))
+        changed = [c for c in self.type_changes]
+        if changed:
+            shown = ", ".join(f"{c.tensor} {c.before}->{c.after}" for c in changed[:8])
+            more = f" and {len(changed) - 8} more" if len(changed) > 8 else ""
+            console.print(
+                f"  tensors whose element type changed ({len(changed)}): {shown}{more}",
+                markup=False,
+            )
+        return True
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.2f} MiB"
+
+
+def fidelity_table(record: QuantRecord) -> Table:
+    table = Table(
+        title=f"quantization fidelity against the float original ({record.fidelity_source})",
+        title_justify="left",
+        show_edge=False,
+    )
+    for column in ("output", "samples", "max rel err", "mean abs err", "mean cosine", "argmax"):
+        table.add_column(column, justify="left" if column in ("output", "samples") else "right")
+    for phase, fidelities in record.fidelity.items():
+        for f in fidelities:
+            argmax = "" if f.argmax_agreement is None else f"{f.argmax_agreement:.1%}"
+            table.add_row(
+                f.output,
+                phase,
+                f"{f.max_rel:.3g}",
+                f"{f.mean_abs:.3g}",
+                f"{f.mean_cosine:.4f}",
+                argmax,
+            )
+    return table
+
+
+def curve_table(record: QuantRecord) -> Table:
+    table = Table(
+        title="mixed precision: the steps walked (layers returned to float, most sensitive first)",
+        title_justify="left",
+        show_edge=False,
+    )
+    for column in ("kept in float", "layer", "mean cosine", "max rel err", "speed-up"):
+        table.add_column(column, justify="left" if column == "layer" else "right")
+    for p in record.curve:
+        speed = "" if p.speedup is None else f"{p.speedup:.2f}x"
+        table.add_row(str(p.kept_float), p.layer, f"{p.cosine:.4f}", f"{p.max_rel:.3g}", speed)
+    return table
+
+
+def weight_bytes(model: ir.Model) -> int:
+    """Bytes of every initializer and Constant tensor, subgraphs included."""
+    total = 0
+    seen: set[int] = set()
+    for graph in (model.graph, *model.graph.subgraphs()):
+        for value in graph.initializers.values():
+            if value.const_value is not None and id(value.const_value) not in seen:
+                seen.add(id(value.const_value))
+                total += value.const_value.nbytes
+        for node in graph:
+            if node.op_type == "Constant" and node.domain == "":
+                attr = node.attributes.get("value")
+                if attr is not None and isinstance(attr.value, ir.TensorProtocol):
+                    total += attr.value.nbytes
+    return total
+
+
+def measure_fidelity(
+    original: ir.Model,
+    quantized: ir.Model,
+    sets: dict[str, CalibrationSet],
+    *,
+    optimized_too: bool = True,
+) -> dict[str, list[Fidelity]]:
+    """Fidelity of ``quantized`` against ``original`` on each named sample set, with ORT's
+    graph optimizations off (the Q/DQ reference numerics) and, with ``optimized_too``, on
+    (the integer kernels ORT fuses the model into: what a deployment runs)."""
+    from graphopt.passes.calibration.fidelity import outputs_on, padding_mask
+
+    results: dict[str, list[Fidelity]] = {}
+    for label, samples in sets.items():
+        reference = outputs_on(original, samples)
+        names = [v.name for v in original.graph.outputs]
+        mask = padding_mask(samples)
+        levels = ((False, ""), (True, ", ORT optimized")) if optimized_too else ((True, ""),)
+        for optimize, suffix in levels:
+            got = outputs_on(quantized, samples, optimize=optimize)
+            results[label + suffix] = measure(names, reference, got, mask)
+    return results
+
+
+def worst_cosine(fidelities: list[Fidelity]) -> float:
+    return float(min((f.mean_cosine for f in fidelities), default=1.0))
+
+
+def worst_max_rel(fidelities: list[Fidelity]) -> float:
+    return float(max((f.max_rel for f in fidelities), default=0.0))
+
+
+def dtype_name(dtype: ir.DataType | np.dtype | None) -> str:
+    if dtype is None:
+        return "?"
+    if isinstance(dtype, ir.DataType):
+        return dtype.name.lower()
+    return str(dtype)
