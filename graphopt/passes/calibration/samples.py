@@ -234,6 +234,11 @@ def load_calibration(path: str, model: ir.Model) -> CalibrationSet:
                 f"{path}: input {name!r} is {array.dtype}, the model expects {expected}"
             )
         axes[name] = _layout(path, name, array, inputs[name].shape, batch_axes[name])
+        if array.dtype.kind in "fc" and not np.isfinite(array).all():
+            # Ranges, scales and least-squares fits computed from NaN/inf are NaN: refused
+            # here, in one line, rather than found as a broken model later.
+            bad = int(np.size(array) - np.isfinite(array).sum())
+            raise UserInputError(f"{path}: input {name!r} holds {bad} NaN or infinite value(s)")
     counts = {a.shape[axes[k] or 0] if a.ndim else 0 for k, a in arrays.items()}
     if len(counts) != 1 or 0 in counts:
         raise UserInputError(f"{path}: every array needs the same number N ≥ 1 of samples")

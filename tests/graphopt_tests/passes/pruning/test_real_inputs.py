@@ -174,3 +174,13 @@ def test_all_groups_blocked_says_why_with_counts_that_add_up():
     counts = [int(n) for n in re.findall(r"×(\d+)", note)]
     assert groups > 0 and sum(counts) == groups and "LayerNormalization" in note
     assert report.groups_prunable == 0 and report.units_removed == 0
+
+
+def test_npz_with_nan_or_inf_is_refused_in_one_line(tmp_path):
+    x = np.ones((4, 16), np.float32)
+    x[1, 3] = np.nan
+    x[2, 0] = np.inf
+    path = G.write_npz(tmp_path / "nan.npz", {"x": x, "state": np.zeros((2, 4, 8), np.float32)})
+    with pytest.raises(UserInputError, match="'x' holds 2 NaN or infinite") as caught:
+        load_calibration(path, G.recurrent_state())
+    assert "\n" not in str(caught.value)

@@ -1,0 +1,392 @@
+"""Quantization side by side: graphopt's modes against ONNX Runtime's own tools, one run.
+
+    python bench/quantize.py --models resnet50,mobilenet_v3_large,efficientnet_b0 \
+        --batches 1,8 --pairs 20 --work /tmp/qb --markdown /tmp/qb/cnn.md
+    python bench/quantize.py --models minilm,digits,ppocr_rec,ppocr_det --work /tmp/qb \
+        --markdown /tmp/qb/real.md
+
+Every row quantizes the same original float export with the same calibration data:
+
+- CNNs with random seeded weights (resnet50, mobilenet_v3_large, efficientnet_b0): ORT's
+  ``quantize_static`` per-channel over {QDQ, QOperator} x {U8, S8 activations} (MinMax, its
+  default) against ``graphopt --quantize int8 --target ort`` (defaults). Calibration and
+  evaluation inputs are generated (standard normal images): fidelity is on generated data.
+- digits (trained): top-1 accuracy on the 360 test images, calibration on 256 others.
+- MiniLM (real weights): ORT ``quantize_dynamic`` (U8 and S8 weights), ORT's
+  ``MatMulNBitsQuantizer`` (RTN, block 32) against graphopt int8-dynamic, int8 and int4-weight;
+  fidelity = mean cosine of the sentence embeddings on the 250 evaluation sentences.
+- PP-OCRv4 rec: greedy CTC decoding of rendered text lines; the share of lines whose decoded
+  label sequence equals fp32's. PP-OCRv4 det: IoU of the binarized (> 0.3) probability maps
+  with fp32's on rendered pages.
+
+Speed: ORT CPU, ORT_ENABLE_ALL, ``--threads`` (1 by default), warm-up, ``--pairs`` paired
+interleaved rounds, median of time(fp32) / time(quantized) (``bench/timing.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+sys.path.insert(0, str(Path(__file__).parent))
+from timing import paired_speedups, session
+
+CNNS = ("resnet50", "mobilenet_v3_large", "efficientnet_b0", "resnet18", "mobilenet_v2")
+CALIB_COUNT = 32
+EVAL_COUNT = 16
+
+
+@dataclass
+class Row:
+    model: str
+    method: str
+    path: Path | None
+    fidelity: str = ""
+    size_ratio: float | None = None
+    seconds: float | None = None
+    speed: dict[str, float] = field(default_factory=dict)
+    note: str = ""
+    score: float | None = None  # the fidelity as a number (higher is better), for "best"
+
+
+def build(name: str) -> Path:
+    out = subprocess.run(
+        [sys.executable, "-m", "graphopt.models", "build", name],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+def input_info(path: Path) -> list[tuple[str, list[int | str]]]:
+    model = onnx.load(os.fspath(path), load_external_data=False)
+    inits = {i.name for i in model.graph.initializer}
+    result = []
+    for value in model.graph.input:
+        if value.name in inits:
+            continue
+        dims = [
+            d.dim_value if d.HasField("dim_value") else d.dim_param
+            for d in value.type.tensor_type.shape.dim
+        ]
+        result.append((value.name, dims))
+    return result
+
+
+# ---------------------------------------------------------------------------------------
+# data per model
+
+
+def image_data(path: Path, count: int, seed: int, side: int = 224) -> dict[str, np.ndarray]:
+    ((name, dims),) = input_info(path)
+    shape = [count, *(d if isinstance(d, int) and d > 0 else side for d in dims[1:])]
+    return {name: np.random.default_rng(seed).standard_normal(shape).astype(np.float32)}
+
+
+def ocr_data(path: Path, count: int, seed: int) -> dict[str, np.ndarray]:
+    from graphopt.models.ocr import text_images
+
+    ((name, _dims),) = input_info(path)
+    shape = [count, 3, 48, 320] if "rec" in path.stem else [count, 3, 480, 640]
+    return {name: text_images(count, shape, seed=seed)}
+
+
+def minilm_data(split: str, count: int | None) -> dict[str, np.ndarray]:
+    from graphopt.models import sentences
+
+    return sentences.tokenize(sentences.sentences(split, count))
+
+
+def save_npz(path: Path, data: dict[str, np.ndarray]) -> Path:
+    np.savez(path, **data)
+    return path
+
+
+class Reader:
+    """ORT's CalibrationDataReader over one sample at a time."""
+
+    def __init__(self, data: dict[str, np.ndarray], batch: int = 1) -> None:
+        count = len(next(iter(data.values())))
+        self._items = iter(
+            [{k: v[i : i + batch] for k, v in data.items()} for i in range(0, count, batch)]
+        )
+
+    def get_next(self):
+        return next(self._items, None)
+
+
+# ---------------------------------------------------------------------------------------
+# quantizers
+
+
+def ort_static(src: Path, dst: Path, data, fmt: str, act: str) -> None:
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    quantize_static(
+        os.fspath(src),
+        os.fspath(dst),
+        Reader(data),
+        quant_format=QuantFormat.QDQ if fmt == "qdq" else QuantFormat.QOperator,
+        activation_type=QuantType.QUInt8 if act == "u8" else QuantType.QInt8,
+        weight_type=QuantType.QInt8,
+        per_channel=True,
+    )
+
+
+def ort_dynamic(src: Path, dst: Path, weight: str) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(
+        os.fspath(src),
+        os.fspath(dst),
+        weight_type=QuantType.QUInt8 if weight == "u8" else QuantType.QInt8,
+    )
+
+
+def ort_nbits(src: Path, dst: Path) -> None:
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    model = onnx.load(os.fspath(src))
+    quantizer = MatMulNBitsQuantizer(model, block_size=32, is_symmetric=True)
+    quantizer.process()
+    onnx.save(quantizer.model.model, os.fspath(dst))
+
+
+def graphopt_quantize(src: Path, dst: Path, **flags) -> str:
+    from graphopt.api import OptimizeOptions, optimize
+
+    result = optimize(src, dst, OptimizeOptions(verify=False, **flags))
+    record = result.report.details.get("quantize")
+    return record.headline() if record is not None else ""
+
+
+def timed(make) -> tuple[float, str]:
+    start = time.perf_counter()
+    note = make() or ""
+    return time.perf_counter() - start, note
+
+
+# ---------------------------------------------------------------------------------------
+# fidelity
+
+
+def outputs(path: Path, data: dict[str, np.ndarray], batch: int = 8) -> list[np.ndarray]:
+    s = session(path, threads=0)
+    names = [i.name for i in s.get_inputs()]
+    count = len(next(iter(data.values())))
+    chunks = [
+        s.run(None, {k: data[k][i : i + batch] for k in names}) for i in range(0, count, batch)
+    ]
+    return [np.concatenate([c[j] for c in chunks]) for j in range(len(chunks[0]))]
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
+    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    return float(np.mean((a * b).sum(1) / np.maximum(na * nb, 1e-30)))
+
+
+def ctc_labels(logits: np.ndarray) -> list[tuple[int, ...]]:
+    best = logits.argmax(-1)  # [N, T]
+    labels = []
+    for row in best:
+        seq, previous = [], -1
+        for index in row:
+            if index != previous and index != 0:
+                seq.append(int(index))
+            previous = index
+        labels.append(tuple(seq))
+    return labels
+
+
+def fidelity(name: str, original: Path, candidate: Path, data) -> tuple[str, float]:
+    if name == "digits":
+        from graphopt.models import digits
+
+        images, labels = digits.data("test")
+        (logits,) = outputs(candidate, {digits.INPUT_NAME: images}, batch=64)
+        acc = digits.accuracy(logits, labels)
+        return f"{acc:.2%} acc", acc
+    if name == "minilm":
+        from graphopt.models import sentences
+
+        cos = sentences.fidelity(original, candidate)
+        return f"{cos:.4f} cos", cos
+    ref, got = outputs(original, data), outputs(candidate, data)
+    if name == "ppocr_rec":
+        a, b = ctc_labels(ref[0]), ctc_labels(got[0])
+        same = float(np.mean([x == y for x, y in zip(a, b, strict=True)]))
+        return f"{same:.1%} lines same", same
+    if name == "ppocr_det":
+        a, b = ref[0] > 0.3, got[0] > 0.3
+        iou = float((a & b).sum() / max((a | b).sum(), 1))
+        return f"{iou:.4f} IoU", iou
+    cos = cosine_rows(ref[0], got[0])
+    agree = float(np.mean(ref[0].argmax(-1) == got[0].argmax(-1)))
+    return f"{cos:.4f} cos, top-1 {agree:.0%}", cos
+
+
+def file_size(path: Path) -> int:
+    total = path.stat().st_size
+    data = path.with_name(path.name + ".data")
+    return total + (data.stat().st_size if data.exists() else 0)
+
+
+# ---------------------------------------------------------------------------------------
+# one model
+
+
+def methods(name: str, src: Path, work: Path, calib: dict, calib_npz: Path):
+    """(label, output path, function that writes it) per method, peers first."""
+    out = []
+    if name == "minilm":
+        for weight in ("u8", "s8"):
+            dst = work / f"{name}.ort_dynamic_{weight}.onnx"
+            out.append(
+                (
+                    f"ORT quantize_dynamic {weight.upper()} weights",
+                    dst,
+                    lambda d=dst, w=weight: ort_dynamic(src, d, w),
+                )
+            )
+        dst = work / f"{name}.ort_nbits.onnx"
+        out.append(("ORT MatMulNBits RTN block 32", dst, lambda d=dst: ort_nbits(src, d)))
+        for mode in ("int8-dynamic", "int8", "int4-weight"):
+            dst = work / f"{name}.graphopt_{mode}.onnx"
+            flags = {"quantize": mode, "target": "ort", "calib": os.fspath(calib_npz)}
+            if mode == "int4-weight":
+                flags["quantize_embeddings"] = True
+            out.append(
+                (
+                    f"graphopt {mode} --target ort",
+                    dst,
+                    lambda d=dst, f=flags: graphopt_quantize(src, d, **f),
+                )
+            )
+        return out
+    for fmt in ("qdq", "qoperator"):
+        for act in ("u8", "s8"):
+            dst = work / f"{name}.ort_{fmt}_{act}.onnx"
+            label = f"ORT quantize_static {fmt.upper()} {act.upper()} act."
+            out.append((label, dst, lambda d=dst, f=fmt, a=act: ort_static(src, d, calib, f, a)))
+    dst = work / f"{name}.graphopt_int8.onnx"
+    flags = {"quantize": "int8", "target": "ort", "calib": os.fspath(calib_npz)}
+    out.append(
+        ("graphopt int8 --target ort", dst, lambda d=dst: graphopt_quantize(src, d, **flags))
+    )
+    return out
+
+
+def speed_feeds(name: str, src: Path, batch: int) -> dict[str, np.ndarray]:
+    if name == "minilm":
+        return minilm_data("eval", batch)
+    if name.startswith("ppocr"):
+        return ocr_data(src, batch, seed=99)
+    if name == "digits":
+        from graphopt.models import digits
+
+        images, _ = digits.data("test")
+        return {digits.INPUT_NAME: images[:batch]}
+    return image_data(src, batch, seed=99)
+
+
+def run_model(name: str, args, work: Path) -> list[Row]:
+    src = build(name)
+    if name == "minilm":
+        calib, evaluation = minilm_data("calib", 128), None
+    elif name == "digits":
+        from graphopt.models import digits
+
+        images, _ = digits.data("calib")
+        calib, evaluation = {digits.INPUT_NAME: images}, None
+    elif name.startswith("ppocr"):
+        calib = ocr_data(src, CALIB_COUNT, seed=0)
+        evaluation = ocr_data(src, args.ocr_eval, seed=1)
+    else:
+        calib = image_data(src, CALIB_COUNT, seed=0)
+        evaluation = image_data(src, EVAL_COUNT, seed=1)
+    calib_npz = save_npz(work / f"{name}.calib.npz", calib)
+    rows = [Row(name, "fp32 original", src, size_ratio=1.0)]
+    rows[0].fidelity, rows[0].score = fidelity(name, src, src, evaluation)
+    for label, dst, make in methods(name, src, work, calib, calib_npz):
+        row = Row(name, label, dst)
+        try:
+            row.seconds, row.note = timed(make)
+            row.fidelity, row.score = fidelity(name, src, dst, evaluation)
+            row.size_ratio = file_size(dst) / file_size(src)
+        except Exception as exc:  # a peer or a mode that fails is a row, not a crash
+            row.path = None
+            row.note = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+        rows.append(row)
+        print(f"{name}: {label}: {row.fidelity} {row.note}", flush=True)
+    done = [r for r in rows[1:] if r.path is not None]
+    for batch in args.batches:
+        feeds = speed_feeds(name, src, batch)
+        for threads in args.threads:
+            ratios = paired_speedups([src] + [r.path for r in done], feeds, threads, args.pairs)
+            for r, ratio in zip(done, ratios, strict=True):
+                r.speed[f"b{batch} t{threads}"] = ratio
+    rows[0].speed = {f"b{b} t{t}": 1.0 for b in args.batches for t in args.threads}
+    return rows
+
+
+def markdown(rows: list[Row], args) -> str:
+    keys = [f"b{b} t{t}" for b in args.batches for t in args.threads]
+    lines = [
+        "| model | method | fidelity vs fp32 | size | "
+        + " | ".join(keys)
+        + " | quantize s | notes |",
+        "|---" * (6 + len(keys)) + "|",
+    ]
+    for r in rows:
+        speeds = [f"{r.speed[k]:.2f}x" if k in r.speed else "-" for k in keys]
+        size = f"{r.size_ratio:.2f}" if r.size_ratio is not None else "-"
+        secs = f"{r.seconds:.1f}" if r.seconds is not None else "-"
+        note = r.note.replace("|", "/")
+        lines.append(
+            f"| {r.model} | {r.method} | {r.fidelity} | {size} | "
+            + " | ".join(speeds)
+            + f" | {secs} | {note} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="resnet50")
+    parser.add_argument("--batches", default="1")
+    parser.add_argument("--threads", default="1")
+    parser.add_argument("--pairs", type=int, default=20)
+    parser.add_argument("--ocr-eval", type=int, default=200, help="rendered lines/pages")
+    parser.add_argument("--work", default="/tmp/graphopt-quant-bench")
+    parser.add_argument("--markdown")
+    args = parser.parse_args(argv)
+    args.batches = [int(b) for b in args.batches.split(",")]
+    args.threads = [int(t) for t in args.threads.split(",")]
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    rows: list[Row] = []
+    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+        rows += run_model(name, args, work)
+    text = (
+        f"{time.strftime('%Y-%m-%d')}, onnxruntime {ort.__version__}, load "
+        f"{os.getloadavg()[0]:.1f}\n\n" + markdown(rows, args)
+    )
+    print(text)
+    if args.markdown:
+        Path(args.markdown).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
