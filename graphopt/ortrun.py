@@ -2,17 +2,29 @@
 
 ORT's Python API takes and returns bfloat16/float8 only as ``OrtValue``s; graphopt's
 verification and tests must still cover models with such inputs and outputs.
+
+onnxruntime itself is imported on first use, through :func:`import_onnxruntime`, so that an
+interrupt during its (seconds-long) import stays an interrupt; ``--no-verify`` runs never
+pay for it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
-from typing import Any
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 SUB_BYTE_TYPES = {
     getattr(onnx.TensorProto, name)
@@ -41,6 +53,7 @@ def to_feed(value: Any) -> Any:
             # ORT wants them packed several per byte, which its Python API cannot build.
             raise TypeError(f"ORT's Python API cannot feed {array.dtype} inputs")
         raw = array.view(np.uint8 if array.dtype.itemsize == 1 else np.uint16)
+        ort = import_onnxruntime()
         return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(np.ascontiguousarray(raw), onnx_type)
     return array
 
@@ -62,6 +75,7 @@ def from_ort_value(value: ort.OrtValue) -> Any:
 
 def run_session(session: ort.InferenceSession, names: list[str], feeds: dict[str, Any]) -> list:
     """``session.run`` that also handles bfloat16/float8 inputs and outputs."""
+    ort = import_onnxruntime()
     converted = {k: to_feed(v) for k, v in feeds.items()}
     if not any(isinstance(v, ort.OrtValue) for v in converted.values()):
         try:
@@ -97,6 +111,7 @@ def has_kernel(op_type: str, opset: int, dtype: int = onnx.TensorProto.FLOAT) ->
     )
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
     model.ir_version = min(model.ir_version, 11)
+    ort = import_onnxruntime()
     options = ort.SessionOptions()
     options.log_severity_level = 4
     try:
@@ -104,3 +119,54 @@ def has_kernel(op_type: str, opset: int, dtype: int = onnx.TensorProto.FLOAT) ->
     except Exception as exc:
         return "NOT_IMPLEMENTED" not in str(exc) and "implementation" not in str(exc)
     return True
+
+
+def import_onnxruntime() -> ModuleType:
+    """``import onnxruntime``, where an interrupt during the import stays an interrupt.
+
+    onnxruntime's extension module imports numpy from C while it loads (seconds, for a
+    library of ~100 MB). A KeyboardInterrupt raised there comes out as an ImportError, which
+    onnxruntime's ``__init__`` keeps and re-raises or, for its optional parts, suppresses;
+    callers that take any exception from ORT for "the model cannot run" then turned Ctrl-C
+    into a skipped verification. So SIGINT/SIGTERM are recorded while importing, and one
+    received means KeyboardInterrupt, whatever the import made of it.
+    """
+    module = sys.modules.get("onnxruntime")
+    if module is not None and hasattr(module, "InferenceSession"):
+        return module
+    with _recording_interrupts() as received:
+        try:
+            import onnxruntime
+        except ImportError:
+            if received:
+                raise KeyboardInterrupt from None
+            raise
+    if received:
+        raise KeyboardInterrupt
+    return onnxruntime
+
+
+@contextlib.contextmanager
+def _recording_interrupts() -> Iterator[list[int]]:
+    """Within the block, note every SIGINT/SIGTERM, then run the handler already set."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received  # handlers can only be set from the main thread
+        return
+    saved = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        previous = signal.getsignal(signum)
+        if not callable(previous):
+            continue  # ignored, or the OS default (which ends the process by itself)
+
+        def record(number: int, frame, previous=previous) -> None:
+            received.append(number)
+            previous(number, frame)
+
+        saved[signum] = previous
+        signal.signal(signum, record)
+    try:
+        yield received
+    finally:
+        for signum, previous in saved.items():
+            signal.signal(signum, previous)

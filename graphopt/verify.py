@@ -11,14 +11,10 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import signal
-import sys
 import tempfile
-import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import onnx_ir as ir
@@ -39,6 +35,7 @@ from graphopt.inputs import (
     second_shape_candidates,
 )
 from graphopt.inputs import input_shapes as bound_shapes  # `input_shapes` is a parameter name
+from graphopt.ortrun import import_onnxruntime
 
 # float32 (and float64): the long-standing default, room for float32 sums reassociated over
 # large reductions.
@@ -616,54 +613,3 @@ def refuse_empty_reference(outputs: Sequence, feeds: Mapping[str, np.ndarray]) -
             f"every output of the original model is empty on the inputs used ({shapes}), "
             "and comparing empty tensors proves nothing"
         )
-
-
-def import_onnxruntime() -> ModuleType:
-    """``import onnxruntime``, where an interrupt during the import stays an interrupt.
-
-    onnxruntime's extension module imports numpy from C while it loads (seconds, for a
-    library of ~100 MB). A KeyboardInterrupt raised there comes out as an ImportError, which
-    onnxruntime's ``__init__`` keeps and re-raises or, for its optional parts, suppresses;
-    callers that take any exception from ORT for "the model cannot run" then turned Ctrl-C
-    into a skipped verification. So SIGINT/SIGTERM are recorded while importing, and one
-    received means KeyboardInterrupt, whatever the import made of it.
-    """
-    module = sys.modules.get("onnxruntime")
-    if module is not None and hasattr(module, "InferenceSession"):
-        return module
-    with _recording_interrupts() as received:
-        try:
-            import onnxruntime
-        except ImportError:
-            if received:
-                raise KeyboardInterrupt from None
-            raise
-    if received:
-        raise KeyboardInterrupt
-    return onnxruntime
-
-
-@contextlib.contextmanager
-def _recording_interrupts() -> Iterator[list[int]]:
-    """Within the block, note every SIGINT/SIGTERM, then run the handler already set."""
-    received: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield received  # handlers can only be set from the main thread
-        return
-    saved = {}
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        previous = signal.getsignal(signum)
-        if not callable(previous):
-            continue  # ignored, or the OS default (which ends the process by itself)
-
-        def record(number: int, frame, previous=previous) -> None:
-            received.append(number)
-            previous(number, frame)
-
-        saved[signum] = previous
-        signal.signal(signum, record)
-    try:
-        yield received
-    finally:
-        for signum, previous in saved.items():
-            signal.signal(signum, previous)

@@ -167,7 +167,7 @@ def check_registrable(libraries: Sequence[str | os.PathLike]) -> None:
     """
     if not libraries:
         return
-    from graphopt.verify import import_onnxruntime  # ORT only when libraries are given
+    from graphopt.ortrun import import_onnxruntime  # ORT only when libraries are given
 
     ort = import_onnxruntime()
     for library in libraries:
