@@ -195,6 +195,10 @@ def options_record(options: OptimizeOptions) -> dict[str, Any]:
     }
     if calib_digest is not None:
         record["calib_sha256"] = calib_digest
+    if options.custom_ops:
+        # The libraries decide whether verification can run, hence which passes stand; by
+        # name and digest, as data files are (a path would leak the user's folders).
+        record["custom_ops"] = [_data_record(Path(library)) for library in options.custom_ops]
     verify_inputs = getattr(options, "verify_inputs", None)
     if verify_inputs is not None:
         # Verification data decides which passes are rolled back, hence the output.

@@ -381,6 +381,16 @@ def test_output_records_version_and_options(tmp_path: Path) -> None:
     assert finalize.options_record(restored) == recorded
 
 
+def test_record_names_custom_op_libraries_by_name_and_digest(tmp_path: Path) -> None:
+    library = tmp_path / "libops.so"
+    library.write_bytes(b"not a real library")
+    record = finalize.options_record(OptimizeOptions(custom_ops=[library]))
+    (entry,) = record["custom_ops"]
+    assert entry["name"] == "libops.so" and len(entry["sha256"]) == 64
+    assert str(tmp_path) not in json.dumps(record)  # no folder of the user's in the file
+    assert "custom_ops" not in finalize.options_record(OptimizeOptions())
+
+
 def test_recorded_options_reproduce_the_file(tmp_path: Path, monkeypatch) -> None:
     """Prune with a calibration file; rerun from the record alone, with the data elsewhere."""
     source = tmp_path / "cnn.onnx"
