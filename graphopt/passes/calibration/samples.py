@@ -323,7 +323,7 @@ def random_calibration(
         moved = ", ".join(f"{k} up to {v}" for k, v in last.items() if v != dims[k])
         tried = f"; also fails with {moved}"
     raise UserInputError(
-        f"prune: ONNX Runtime cannot run the model on the generated calibration inputs "
+        f"ONNX Runtime cannot run the model on the generated calibration inputs "
         f"({describe_feeds(feeds)}): {_innermost(error)}{tried}; bind sizes with "
         "--input-shape NAME:DxD... or give real data with --calib FILE.npz"
     )
