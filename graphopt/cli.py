@@ -183,6 +183,8 @@ def build_parser(lossy_flags: bool = True) -> argparse.ArgumentParser:
     )
     ana.add_argument("--json", action="store_true", help="print JSON instead of tables")
 
+    _add_calib_command(commands)
+
     commands.add_parser(
         "passes",
         help="list the registered passes",
@@ -442,6 +444,41 @@ def _cmd_analyze(args: argparse.Namespace, out: Console, err: Console) -> int:
     return EXIT_OK
 
 
+def _add_calib_command(commands: argparse._SubParsersAction) -> None:
+    cal = commands.add_parser(
+        "calib",
+        help="build a calibration .npz from a folder of images or a text file",
+        description="Write the calibration data --calib takes (one array per model input) "
+        "from a folder of images (the model's image input) or a file of sentences, one per "
+        "line (its token inputs). Shapes and dtypes come from the model.",
+    )
+    cal.add_argument("input", help="model file (.onnx)")
+    cal.add_argument("-o", "--output", required=True, help="output file (.npz)")
+    source = cal.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", metavar="FOLDER", help="folder of images (sorted order)")
+    source.add_argument("--text", metavar="FILE", help="text file, one sentence per line")
+    cal.add_argument("--tokenizer", metavar="PATH", help="tokenizer.json or its folder (local)")
+    cal.add_argument("--seq-len", type=int, help="tokens per sentence (default: model's, or 128)")
+    cal.add_argument("--size", type=int, help="image side for symbolic dims (default 224)")
+    cal.add_argument("--resize", type=int, help="shorter side before the centre crop (=size)")
+    cal.add_argument("--crop", choices=("center", "none"), default="center", help="(center)")
+    cal.add_argument("--mean", help="per-channel mean after scaling, e.g. 0.485,0.456,0.406 (0)")
+    cal.add_argument("--std", help="per-channel std, e.g. 0.229,0.224,0.225 (1)")
+    cal.add_argument("--layout", choices=("nchw", "nhwc"), help="image layout (default: guess)")
+    cal.add_argument("--channels", choices=("rgb", "bgr"), default="rgb", help="rgb (default)")
+    cal.add_argument("--scale", type=float, help="pixels are divided by this first (255)")
+    cal.add_argument("--limit", type=int, help="use at most N samples")
+    cal.add_argument("--seed", type=int, help="shuffle the samples with this seed before --limit")
+
+
+def _cmd_calib(args: argparse.Namespace, out: Console, err: Console) -> int:
+    from graphopt.calib_builder import CalibRequest, build_calibration
+
+    result = build_calibration(CalibRequest.from_namespace(args))
+    out.print(result.describe(), markup=False, soft_wrap=True)
+    return EXIT_OK
+
+
 def _cmd_passes(args: argparse.Namespace, out: Console, err: Console) -> int:
     from graphopt.report import passes_table
 
@@ -466,6 +503,7 @@ _COMMANDS = {
     "optimize": _cmd_optimize,
     "inspect": _cmd_inspect,
     "analyze": _cmd_analyze,
+    "calib": _cmd_calib,
     "passes": _cmd_passes,
 }
 

@@ -163,8 +163,35 @@ def reconcile_shapes(model: ir.Model) -> int:
             value.shape = ir.Shape(dims)
         if shape is None or list(shape) != list(value.shape):
             changed += 1
+    if kept:
+        _carry_kept_dims(model, declared, symbols)
     model.meta[_RECONCILED] = model.graph
     return changed
+
+
+def _carry_kept_dims(
+    model: ir.Model, declared: list[tuple[ir.Value, ir.Shape | None]], symbols: set[str]
+) -> None:
+    """Infer once more the values nobody declared that inference left partly unknown.
+
+    They took their dims from the inference above, which ran before the declared dims kept
+    there were put back: a ``batch`` kept on ``x`` reached an undeclared ``q(x)`` (a tool
+    such as ONNX Runtime's quantizer adds values without value_info) as a made-up ``unk__N``
+    that later inferences never refine, so a second ``optimize`` of the output refined it
+    and changed the bytes. Inferring again with the kept dims in place carries them on.
+    """
+    fresh = [
+        value
+        for value, shape in declared
+        if shape is None
+        and value.shape is not None
+        and any(not isinstance(d, int) and d.value not in symbols for d in value.shape)
+    ]
+    if not fresh:
+        return
+    for value in fresh:
+        value.shape = None
+    _onnx_inference(model)
 
 
 # Ops whose outputs may be sequences or optionals, or take their type from a body.

@@ -20,6 +20,11 @@ NONDETERMINISTIC = frozenset(
         "Bernoulli",
     }
 )
+# Never merged: a Q/DQ pair per consumer is how a quantized model says which tensors each
+# quantized op reads (ONNX Runtime's DedicatedQDQPair, what QNN and NNAPI expect); two equal
+# pairs are a format choice, not redundancy, and merging them changes the node units an
+# execution provider fuses.
+QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
 # Constant tensors above this many elements are not compared (weights belong to dedup).
 CONSTANT_SIZE_LIMIT = 1024
 
@@ -50,6 +55,8 @@ def _node_key(node: ir.Node) -> tuple | None:
     # Only standard ops: another domain's op may have side effects we cannot see.
     if not editing.is_op(node, node.op_type) or node.op_type in NONDETERMINISTIC:
         return None
+    if node.op_type in QDQ_OPS:
+        return None
     if not node.outputs:
         return None
     try:
@@ -62,7 +69,7 @@ def _node_key(node: ir.Node) -> tuple | None:
 
 @register
 class CsePass(GraphPass):
-    """Merge identical deterministic standard ops on the same inputs; skip random/control flow."""
+    """Merge identical deterministic standard ops on the same inputs (not random, Q/DQ, If/Loop)."""
 
     name = "cse"
     memoize = True

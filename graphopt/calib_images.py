@@ -1,0 +1,212 @@
+"""Calibration arrays for a model's image input, from the image files of a folder.
+
+The image input is the model's rank-4 input with 1 or 3 channels at axis 1 (NCHW) or axis
+3 (NHWC); ``--layout`` settles a model whose input could be either. Each file (sorted by
+path, subfolders included) is opened with PIL, converted to RGB (or grayscale for one
+channel), resized and cropped to the input's height and width, and for a float input
+scaled and normalized: ``(pixel / scale - mean) / std``. An integer input (uint8) takes the
+raw pixels. Fixed dims come from the model; ``--size`` gives the symbolic ones (224 when
+neither says).
+
+Cropping (``--crop center``, the default): the shorter side is resized to ``--resize``
+(default: the crop size itself), then the centre ``size`` square is cut out, as
+torchvision's ``Resize(resize)`` + ``CenterCrop(size)`` do. ``--crop none`` resizes the
+whole image to the input's size, aspect ratio not kept.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx_ir as ir
+
+from graphopt.errors import UserInputError
+from graphopt.input_dims import graph_inputs
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from graphopt.calib_builder import CalibRequest
+
+IMAGE_SUFFIXES = frozenset(
+    {".bmp", ".gif", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp"}
+)
+DEFAULT_SIZE = 224
+DEFAULT_SCALE = 255.0
+CHANNELS = (1, 3)
+_FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE)
+_PIXEL_TYPES = (ir.DataType.UINT8,)
+
+
+def image_arrays(model: ir.Model, request: CalibRequest) -> dict[str, np.ndarray]:
+    """``{input name: [N, ...] array}`` for the model's image input from ``request.images``."""
+    value, layout = image_input(model, request.layout)
+    others = [v.name for v in graph_inputs(model) if v is not value]
+    if others:
+        raise UserInputError(
+            f"model input(s) {', '.join(map(repr, others))} are not images; --images fills "
+            f"only the image input {value.name!r}"
+        )
+    # The batch is axis 0 in both layouts; samples are laid end to end along it.
+    if not _free_batch(value.shape[0]):
+        raise UserInputError(
+            f"input {value.name!r} has a fixed batch of {value.shape[0]}; calib "
+            "writes one sample per image and needs a batch dim that is 1 or symbolic"
+        )
+    channels, height, width = _image_dims(value, layout, request.size)
+    float_input = value.dtype in _FLOAT_TYPES
+    if not float_input and value.dtype not in _PIXEL_TYPES:
+        raise UserInputError(
+            f"input {value.name!r} has dtype {value.dtype}; calib writes float or uint8 images"
+        )
+    if not float_input and (request.mean or request.std or request.scale is not None):
+        raise UserInputError(
+            f"input {value.name!r} takes uint8 pixels; --mean, --std and --scale apply to "
+            "float inputs only"
+        )
+    mean = _per_channel(request.mean, channels, "--mean", 0.0)
+    std = _per_channel(request.std, channels, "--std", 1.0)
+    if np.any(std == 0):
+        raise UserInputError("--std: a standard deviation of 0 divides by zero")
+    scale = DEFAULT_SCALE if request.scale is None else float(request.scale)
+    if scale <= 0:
+        raise UserInputError(f"--scale {request.scale}: expected a positive number")
+    from graphopt.calib_builder import pick
+
+    files = pick(image_files(Path(request.images)), request.limit, request.seed)
+    pixels = np.stack(
+        [_load(path, channels, (height, width), request.crop, request.resize) for path in files]
+    )  # [N, H, W, C] uint8
+    if request.channels == "bgr":
+        pixels = pixels[..., ::-1]
+    if float_input:
+        data = (pixels.astype(np.float32) / np.float32(scale) - mean) / std
+        data = data.astype(value.dtype.numpy())
+    else:
+        data = pixels
+    if layout == "nchw":
+        data = data.transpose(0, 3, 1, 2)
+    return {value.name: np.ascontiguousarray(data)}
+
+
+def image_input(model: ir.Model, layout: str | None) -> tuple[ir.Value, str]:
+    """The model's image-like input and its layout ("nchw" or "nhwc")."""
+    found = []
+    for value in graph_inputs(model):
+        if value.shape is None or len(value.shape) != 4:
+            continue
+        if value.dtype not in _FLOAT_TYPES + _PIXEL_TYPES:
+            continue
+        for name, axis in (("nchw", 1), ("nhwc", 3)):
+            if layout not in (None, name):
+                continue
+            if value.shape[axis] in CHANNELS or (layout == name and _symbolic(value.shape[axis])):
+                found.append((value, name))
+                break  # [N, 3, H, 3]: NCHW first, as most exporters write
+    described = ", ".join(f"{v.name!r} {v.dtype} {_dims(v)}" for v in graph_inputs(model)) or "none"
+    if not found:
+        wanted = "a float or uint8 rank-4 input with 1 or 3 channels"
+        wanted += f" ({layout.upper()})" if layout else " (NCHW or NHWC)"
+        raise UserInputError(
+            f"model has no image-like input: expected {wanted}; inputs: {described}"
+        )
+    if len(found) > 1:
+        raise UserInputError(f"model has several image-like inputs ({described}); calib fills one")
+    return found[0]
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The image files under ``folder`` (subfolders included, hidden ones not), sorted."""
+    if not folder.exists():
+        raise UserInputError(f"{folder}: no such folder")
+    if not folder.is_dir():
+        raise UserInputError(f"{folder}: not a folder (--images takes a folder of images)")
+    files = sorted(
+        path
+        for path in folder.rglob("*")
+        if path.suffix.lower() in IMAGE_SUFFIXES
+        and path.is_file()
+        and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+    )
+    if not files:
+        suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
+        raise UserInputError(f"{folder}: no images found (looked for {suffixes})")
+    return files
+
+
+def _load(
+    path: Path, channels: int, size: tuple[int, int], crop: str, resize: int | None
+) -> np.ndarray:
+    """One image as uint8 [H, W, C]."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image = image.convert("L" if channels == 1 else "RGB")
+            image = _fit(image, size, crop, resize)
+            array = np.asarray(image, dtype=np.uint8)
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
+        raise UserInputError(f"{path}: cannot read image ({exc})") from None
+    return array[..., None] if array.ndim == 2 else array
+
+
+def _fit(image: Image.Image, size: tuple[int, int], crop: str, resize: int | None) -> Image.Image:
+    from PIL import Image
+
+    height, width = size
+    if crop == "none":
+        return image.resize((width, height), Image.Resampling.BILINEAR)
+    # Shorter side to `resize` (at least the crop), then the centre crop.
+    shorter = max(resize or max(height, width), height, width)
+    w, h = image.size
+    factor = shorter / min(w, h)
+    new_w, new_h = max(width, round(w * factor)), max(height, round(h * factor))
+    image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
+    left, top = (new_w - width) // 2, (new_h - height) // 2
+    return image.crop((left, top, left + width, top + height))
+
+
+def _image_dims(value: ir.Value, layout: str, size: int | None) -> tuple[int, int, int]:
+    """(channels, height, width): fixed dims from the model, ``size`` for symbolic ones."""
+    shape = value.shape
+    c_axis, h_axis, w_axis = (1, 2, 3) if layout == "nchw" else (3, 1, 2)
+    channels = shape[c_axis] if isinstance(shape[c_axis], int) and shape[c_axis] > 0 else 3
+    side = []
+    for axis in (h_axis, w_axis):
+        dim = shape[axis]
+        if isinstance(dim, int) and dim > 0:
+            if size is not None and size != dim:
+                raise UserInputError(
+                    f"--size {size}: input {value.name!r} is fixed at {_dims(value)}"
+                )
+            side.append(dim)
+        else:
+            side.append(size or DEFAULT_SIZE)
+    if size is not None and size < 1:
+        raise UserInputError(f"--size {size}: expected a positive number of pixels")
+    return channels, side[0], side[1]
+
+
+def _per_channel(values, channels: int, flag: str, default: float) -> np.ndarray:
+    if values is None:
+        return np.full(channels, default, np.float32)
+    if len(values) not in (1, channels):
+        raise UserInputError(f"{flag}: {len(values)} values for an input of {channels} channels")
+    return np.broadcast_to(np.asarray(values, np.float32), (channels,)).copy()
+
+
+def _free_batch(dim) -> bool:
+    return dim == 1 or _symbolic(dim)
+
+
+def _symbolic(dim) -> bool:
+    return not isinstance(dim, int) or dim < 0
+
+
+def _dims(value: ir.Value) -> str:
+    if value.shape is None:
+        return "[?]"
+    dims = (str(d) if isinstance(d, int) else (d.value or "?") for d in value.shape)
+    return "[" + ",".join(dims) + "]"
