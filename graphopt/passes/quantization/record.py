@@ -64,6 +64,9 @@ class QuantRecord:
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
     summary: str = ""  # the headline, also the report note it stands for
+    # Why ONNX Runtime's CPU provider cannot run the result ("" when it can): the pipeline
+    # then leaves the exact passes after it unverified instead of failing (bf16).
+    ort_unrunnable: str = ""
 
     @property
     def quantized(self) -> int:
