@@ -1,0 +1,194 @@
+"""Mixed precision: keep the fewest, most sensitive layers in float until a fidelity target
+holds. Generic over the quantization mode (int8-dynamic and static int8 both use it).
+
+The caller gives three things:
+
+* ``build(kept_float) -> ir.Model``: the model quantized except the named layers (a fresh
+  model per call; the search never edits it);
+* ``evaluate(model) -> (mean cosine, max relative error)`` against the float original on
+  calibration (fit) samples: sensitivities are measured with it;
+* a :class:`Target` (``--min-cosine`` and/or ``--max-error``), checked with ``check``
+  (by default ``evaluate``; pass one on held-out samples so the target is not judged on the
+  data the order was chosen on).
+
+:func:`search` measures each candidate layer's sensitivity (by default the gain of keeping
+only that layer in float, "all-but-one"; ``method="only-one"``: the loss of quantizing only
+that layer), then returns layers to float, most sensitive first, until the target holds.
+Every step is a :class:`~graphopt.passes.quantization.record.CurvePoint` (fidelity, and a
+short paired ORT timing when ``speed`` is given): the speed/accuracy curve of the report.
+:func:`fidelity_evaluator` and :func:`speed_meter` build ``evaluate``/``check`` and ``speed``
+from calibration samples.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from graphopt.passes.calibration.fidelity import measure, outputs_on, padding_mask
+from graphopt.passes.calibration.samples import CalibrationSet
+from graphopt.passes.quantization.record import CurvePoint, worst_cosine, worst_max_rel
+
+Build = Callable[[frozenset[str]], ir.Model]
+Evaluate = Callable[[ir.Model], tuple[float, float]]
+METHODS = ("all-but-one", "only-one")
+
+
+@dataclass(frozen=True)
+class Target:
+    """A fidelity target: mean cosine at least ``min_cosine`` and/or max relative error at
+    most ``max_error`` (both: both must hold)."""
+
+    min_cosine: float | None = None
+    max_error: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.min_cosine is None and self.max_error is None:
+            raise ValueError("a mixed-precision target needs min_cosine or max_error")
+
+    @classmethod
+    def from_settings(cls, settings) -> Target:
+        """From a :class:`~graphopt.passes.quantization.settings.QuantSettings`."""
+        return cls(settings.min_cosine, settings.max_error)
+
+    def met(self, cosine: float, max_rel: float) -> bool:
+        if self.min_cosine is not None and not cosine >= self.min_cosine:
+            return False
+        return self.max_error is None or max_rel <= self.max_error
+
+    def badness(self, cosine: float, max_rel: float) -> float:
+        """One number to rank layers by: each measure in units of its target's allowance."""
+        total = 0.0
+        if self.min_cosine is not None:
+            total += (1.0 - cosine) / max(1.0 - self.min_cosine, 1e-12)
+        if self.max_error is not None:
+            total += max_rel / max(self.max_error, 1e-12)
+        return total
+
+    def describe(self) -> str:
+        parts = []
+        if self.min_cosine is not None:
+            parts.append(f"mean cosine >= {self.min_cosine:g}")
+        if self.max_error is not None:
+            parts.append(f"max rel error <= {self.max_error:g}")
+        return " and ".join(parts)
+
+
+def sensitivities(
+    build: Build,
+    candidates: Sequence[str],
+    evaluate: Evaluate,
+    target: Target,
+    method: str = "all-but-one",
+) -> dict[str, float]:
+    """Per candidate, how much keeping it in float helps (larger: more sensitive).
+
+    ``all-but-one``: badness(all quantized) - badness(all but this one quantized), which sees
+    the layer in the company it will run in; ``only-one``: badness(only this one quantized)
+    (the float model's, a constant, left out), blind to interactions. Both cost one build
+    and one evaluation per candidate.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown sensitivity method {method!r}; expected one of {METHODS}")
+    everything = frozenset(candidates)
+    if method == "all-but-one":
+        base = target.badness(*evaluate(build(frozenset())))
+        return {
+            name: base - target.badness(*evaluate(build(frozenset([name])))) for name in candidates
+        }
+    return {name: target.badness(*evaluate(build(everything - {name}))) for name in candidates}
+
+
+def search(
+    build: Build,
+    candidates: Sequence[str],
+    evaluate: Evaluate,
+    target: Target,
+    *,
+    check: Evaluate | None = None,
+    speed: Callable[[ir.Model], float] | None = None,
+    method: str = "all-but-one",
+) -> tuple[frozenset[str], list[CurvePoint]]:
+    """The fewest most-sensitive layers to keep in float so that ``target`` holds (on
+    ``check``'s samples), and the curve walked: point 0 is everything quantized, point k has
+    the k most sensitive layers in float. When no prefix meets the target, every candidate
+    is kept (the last point says how far that got)."""
+    check = check or evaluate
+    candidates = sorted(set(candidates))
+    curve: list[CurvePoint] = []
+    kept: frozenset[str] = frozenset()
+
+    def step(layer: str) -> bool:
+        model = build(kept)
+        cosine, max_rel = check(model)
+        speedup = speed(model) if speed is not None else None
+        curve.append(CurvePoint(len(kept), cosine, max_rel, speedup, layer))
+        return target.met(cosine, max_rel)
+
+    if step("") or not candidates:
+        return kept, curve
+    scores = sensitivities(build, candidates, evaluate, target, method)
+    order = sorted(candidates, key=lambda name: (-scores[name], name))
+    for layer in order:
+        kept = kept | {layer}
+        if step(layer):
+            break
+    return kept, curve
+
+
+def fidelity_evaluator(original: ir.Model, samples: CalibrationSet) -> Evaluate:
+    """``model -> (worst mean cosine, worst max rel error)`` over ``original``'s outputs on
+    ``samples``, run with ORT's optimizations on (the deployed integer kernels); the
+    original's outputs are computed once."""
+    reference = outputs_on(original, samples)
+    names = [v.name for v in original.graph.outputs]
+    mask = padding_mask(samples)
+
+    def evaluate(model: ir.Model) -> tuple[float, float]:
+        fidelities = measure(names, reference, outputs_on(model, samples, optimize=True), mask)
+        return worst_cosine(fidelities), worst_max_rel(fidelities)
+
+    return evaluate
+
+
+def speed_meter(
+    reference: ir.Model, feeds: dict[str, np.ndarray], pairs: int = 15
+) -> Callable[[ir.Model], float]:
+    """``model -> speed-up over reference``: ORT CPU, 1 thread, all optimizations, warm-up,
+    then ``pairs`` interleaved runs, the median of per-pair time ratios (short: a curve has
+    many points; the benchmark's own timing uses more pairs)."""
+    base = _timing_session(reference)
+
+    def speedup(model: ir.Model) -> float:
+        session = _timing_session(model)
+        for s in (base, session):
+            s.run(None, feeds)
+        ratios = []
+        for _ in range(pairs):
+            start = time.perf_counter()
+            base.run(None, feeds)
+            middle = time.perf_counter()
+            session.run(None, feeds)
+            ratios.append((middle - start) / max(time.perf_counter() - middle, 1e-9))
+        return float(statistics.median(ratios))
+
+    return speedup
+
+
+def _timing_session(model: ir.Model):
+    import onnxruntime as ort
+
+    from graphopt import io
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 4
+    data = io.to_proto(model).SerializeToString()
+    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
