@@ -304,3 +304,43 @@ def test_exact_passes_after_a_lossy_pass_are_verified_against_its_result(monkeyp
     assert report.rolled_back == ["test-add-to-sub"]
     assert report.verification is not None and report.verification.ok
     assert op_types(model) == ["Add", "Relu"]
+
+
+class RoundingLossyPass(ScaleOutputPass):
+    """Test only: a lossy pass whose result, its record says, rounds at run time."""
+
+    name = "test-lossy-rounding"
+
+    def rewrite(self, model: ir.Model) -> int:
+        hits = super().rewrite(model)
+        record = type("Record", (), {"exact_tolerance_after": 0.5, "summary": ""})()
+        self.context.details[self.name] = record
+        return hits
+
+
+class NudgePass(GraphPass):
+    """Test only: an "exact" pass that moves the bias by 1% (as a rounding flip would)."""
+
+    name = "test-nudge"
+
+    def rewrite(self, model: ir.Model) -> int:
+        value = model.graph.initializers["b"]
+        value.const_value = ir.Tensor(value.const_value.numpy() * 1.01, name="b")
+        return 1
+
+
+@pytest.mark.parametrize("lossy", ["test-lossy-scale", "test-lossy-rounding"])
+def test_exact_passes_after_run_time_rounding_are_verified_at_its_tolerance(
+    monkeypatch, lossy: str
+) -> None:
+    register_for_test(monkeypatch, ScaleOutputPass, RoundingLossyPass, NudgePass)
+    model = add_relu_model()
+    steps = explicit_pipeline([PassSpec(lossy), PassSpec("test-nudge")])
+    context = PassContext()
+    model, report = PassManager(steps, context, verifier=Verifier(model)).run(model)
+    if lossy == "test-lossy-rounding":
+        # The record's floor (0.5) covers a 1% move: kept, and the report says why.
+        assert report.rolled_back == []
+        assert any("verified at tolerance 0.5" in note for note in report.notes)
+    else:
+        assert report.rolled_back == ["test-nudge"]

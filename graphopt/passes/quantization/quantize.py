@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 
 # Modes that cannot run without calibration data: activation ranges come from it.
 NEEDS_CALIBRATION = frozenset({"int8", "fp8"})
+# Modes whose result quantizes activations at run time (see QuantRecord.exact_tolerance_after).
+ROUNDS_AT_RUN_TIME = frozenset({"int8", "int8-dynamic", "fp8"})
 
 
 @register
@@ -198,6 +200,13 @@ class QuantizePass(GraphPass):
         record = function(model, settings, calib, self.context)
         record.seconds = time.perf_counter() - start
         record.settings = settings.to_json()
+        if settings.mode in ROUNDS_AT_RUN_TIME and record.fidelity:
+            # Its own measured error against the original (ORT optimizations off: the Q/DQ
+            # reference numerics verification also runs).
+            from graphopt.passes.quantization.record import worst_max_rel
+
+            first = next(iter(record.fidelity.values()))
+            record.exact_tolerance_after = worst_max_rel(first)
         record.summary = record.headline()
         self.context.details["quantize"] = record
         return record.quantized

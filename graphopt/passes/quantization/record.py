@@ -67,6 +67,10 @@ class QuantRecord:
     # Why ONNX Runtime's CPU provider cannot run the result ("" when it can): the pipeline
     # then leaves the exact passes after it unverified instead of failing (bf16).
     ort_unrunnable: str = ""
+    # The tolerance the exact passes after quantization are verified at: a result that rounds
+    # at run time (int8 activations) can move by a quantization step under an exact rewrite
+    # (pipeline._widen_for_rounding). 0: the default tolerance.
+    exact_tolerance_after: float = 0.0
 
     @property
     def quantized(self) -> int:
