@@ -1,0 +1,278 @@
+"""Where int8 goes: the compute nodes, the tensors that get a scale, and which share one.
+
+The placement is what a runtime can fuse, not just what can be quantized:
+
+- **compute** (Conv, Gemm, MatMul): activation inputs and weights in int8 (weights
+  per-channel), bias alongside; the output is quantized *after* a single-use Relu/Clip
+  epilogue, so ONNX Runtime folds the activation into the quantize step and fuses
+  DQ→Conv→Q into one QLinearConv;
+- **elementwise** (Add): a residual sum whose inputs are both int8 stays int8 (QLinearAdd),
+  with its own output range (again after a Relu epilogue);
+- **averaging** (GlobalAveragePool, AveragePool) on an int8 input: own output range;
+- **data movement** (MaxPool, Reshape, Transpose, Flatten, Squeeze, Unsqueeze, Concat, ...)
+  on int8 inputs: the output *shares* the input's scale and zero point (one scale across all
+  of Concat's inputs), so the runtime drops the DQ/Q around them and int8 flows through;
+- everything else stays float with its reason: sensitive ops (Softmax, LayerNormalization,
+  GELU, ...), ``--exclude``, or ops with no int8 kernel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import onnx_ir as ir
+
+from graphopt.editing import attribute
+
+COMPUTE = frozenset({"Conv", "Gemm", "MatMul"})
+ELEMENTWISE = frozenset({"Add"})
+AVERAGING = frozenset({"GlobalAveragePool", "AveragePool"})
+# Ops whose output values are a subset of (a rearrangement of) their input's: a shared
+# scale is exact for them.
+DATA_MOVEMENT = frozenset(
+    {
+        "MaxPool",
+        "Reshape",
+        "Transpose",
+        "Flatten",
+        "Squeeze",
+        "Unsqueeze",
+        "Concat",
+        "Identity",
+        "Slice",
+        "Gather",
+        "Split",
+        "DepthToSpace",
+        "SpaceToDepth",
+        "Resize",
+    }
+)
+EPILOGUES = frozenset({"Relu", "Clip"})
+# Kept float on purpose: their numerics need the range (normalizations, exponentials).
+SENSITIVE = frozenset(
+    {
+        "Softmax",
+        "LogSoftmax",
+        "LayerNormalization",
+        "SkipLayerNormalization",
+        "SimplifiedLayerNormalization",
+        "RMSNormalization",
+        "InstanceNormalization",
+        "BatchNormalization",
+        "GroupNormalization",
+        "Gelu",
+        "FastGelu",
+        "BiasGelu",
+        "Erf",
+        "Exp",
+        "Log",
+        "Pow",
+        "Sqrt",
+        "Div",
+        "ReduceMean",
+        "Sigmoid",
+        "Tanh",
+        "HardSigmoid",
+        "HardSwish",
+    }
+)
+# Nodes that carry no computation worth a precision line.
+UNREPORTED = frozenset({"Constant"})
+
+
+@dataclass
+class Placement:
+    """What is quantized. Tensors map to the root of their shared-scale group."""
+
+    compute: dict[str, str] = field(default_factory=dict)  # node -> how
+    floats: dict[str, str] = field(default_factory=dict)  # node -> why it stays float
+    tensors: dict[str, str] = field(default_factory=dict)  # tensor -> group root
+    weights: dict[str, tuple[int, int]] = field(default_factory=dict)  # node -> (input, axis)
+    # Compute outputs before their epilogue (bias correction and re-placement observe them).
+    raw_outputs: dict[str, str] = field(default_factory=dict)  # node -> output tensor
+
+    def groups(self) -> dict[str, list[str]]:
+        by_root: dict[str, list[str]] = {}
+        for tensor, root in self.tensors.items():
+            by_root.setdefault(root, []).append(tensor)
+        return {root: sorted(members) for root, members in sorted(by_root.items())}
+
+
+def is_float(value: ir.Value | None) -> bool:
+    return value is not None and value.dtype in (None, ir.DataType.FLOAT)
+
+
+def is_weight(value: ir.Value | None) -> bool:
+    """A constant tensor (initializer or Constant output): quantized offline, never observed."""
+    if value is None:
+        return False
+    if value.const_value is not None:
+        return True
+    producer = value.producer()
+    return producer is not None and producer.op_type == "Constant" and producer.domain == ""
+
+
+def _activation(value: ir.Value | None) -> bool:
+    return value is not None and is_float(value) and not is_weight(value)
+
+
+def _compute_check(node: ir.Node) -> tuple[int | None, int | None, str]:
+    """(weight input, channel axis, "") when ``node`` can run in int8, else a reason."""
+    inputs = list(node.inputs)
+    if not inputs or not all(v is None or is_float(v) for v in inputs):
+        return None, None, "not a float32 node"
+    if node.op_type == "Conv":
+        if len(inputs) < 2 or not _activation(inputs[0]) or not is_weight(inputs[1]):
+            return None, None, "Conv without a constant weight"
+        return 1, 0, ""
+    if node.op_type == "Gemm":
+        if attribute(node, "transA", 0) or attribute(node, "alpha", 1.0) != 1.0:
+            return None, None, "Gemm with transA or alpha (no int8 kernel form)"
+        if len(inputs) > 2 and attribute(node, "beta", 1.0) != 1.0:
+            return None, None, "Gemm with beta != 1"
+        if not _activation(inputs[0]) or not is_weight(inputs[1]):
+            return None, None, "Gemm without a constant weight"
+        return 1, (0 if attribute(node, "transB", 0) else 1), ""
+    if node.op_type == "MatMul":
+        a, b = inputs[0], inputs[1]
+        if not _activation(a):
+            return None, None, "MatMul with a constant first input"
+        if is_weight(b):
+            shape = b.const_value.shape if b.const_value is not None else None
+            rank = len(shape) if shape is not None else 2
+            if rank != 2:
+                return None, None, "MatMul with a weight of rank != 2"
+            return 1, 1, ""
+        return None, None, ""  # both activations: per-tensor on both
+    return None, None, "no int8 kernel"
+
+
+def place(
+    model: ir.Model,
+    exclude,
+    excluded_nodes: frozenset[str] = frozenset(),
+    outputs_too: bool = False,
+) -> Placement:
+    """The placement for ``model``: ``exclude(node)`` (``--exclude``) and ``excluded_nodes``
+    (node names, e.g. mixed precision's float set) keep nodes in float. ``outputs_too``:
+    graph outputs may be quantized as well (ONNX Runtime fuses DQ→Conv/Gemm→Q only: a
+    Conv or Gemm that writes a float graph output keeps dequantizing its weight every run)."""
+    graph = model.graph
+    placement = Placement()
+    groups = placement.tensors
+    outputs = {v.name for v in graph.outputs}
+
+    def keep_float(node: ir.Node) -> str:
+        if node.name in excluded_nodes:
+            return "kept in float (mixed precision)"
+        if exclude(node):
+            return "kept in float (--exclude)"
+        return ""
+
+    def quantizable(value: ir.Value) -> bool:
+        return _activation(value) and (outputs_too or value.name not in outputs)
+
+    def epilogue(node: ir.Node) -> ir.Value:
+        """The compute output, or its single-use Relu/Clip's output (the Q goes there)."""
+        out = node.outputs[0]
+        uses = out.uses()
+        if len(uses) != 1 or (out.name in outputs and not outputs_too):
+            return out
+        user = uses[0].node
+        if user.op_type not in EPILOGUES or user.domain != "" or keep_float(user):
+            return out
+        if user.op_type == "Clip" and any(not is_weight(v) for v in list(user.inputs)[1:] if v):
+            return out
+        if not quantizable(user.outputs[0]):
+            return out
+        placement.compute[user.name] = f"int8 (fused into {node.op_type}: quantized after it)"
+        return user.outputs[0]
+
+    for node in graph:  # topological order
+        op = node.op_type
+        if node.domain not in ("", "ai.onnx") or op in UNREPORTED:
+            continue
+        if node.name in placement.compute:
+            continue  # an epilogue already placed
+        reason = keep_float(node)
+        if op in COMPUTE:
+            weight, axis, why = _compute_check(node)
+            if reason or why:
+                placement.floats[node.name] = reason or why
+                continue
+            out = node.outputs[0]
+            how = "int8 (per-channel weights)" if weight is not None else "int8 (both inputs)"
+            if not quantizable(out):
+                # A float graph output (portable: TensorRT fuses DQ→op with a float output;
+                # ORT would not, which is why --target ort quantizes outputs too).
+                how += ", float output"
+            for index, value in enumerate(node.inputs):
+                if index != weight and index < 2 and value is not None and quantizable(value):
+                    groups.setdefault(value.name, value.name)
+            if weight is not None:
+                placement.weights[node.name] = (weight, axis)
+            placement.raw_outputs[node.name] = out.name
+            out = epilogue(node)
+            if quantizable(out):
+                groups.setdefault(out.name, out.name)
+            placement.compute[node.name] = how
+            continue
+        data = [v for v in node.inputs if v is not None and not is_weight(v)]
+        int8_inputs = bool(data) and all(v.name in groups for v in data)
+        if op in ELEMENTWISE and not reason:
+            if int8_inputs and len(data) == 2:
+                out = epilogue(node)
+                placement.raw_outputs[node.name] = node.outputs[0].name
+                if quantizable(out):
+                    groups.setdefault(out.name, out.name)
+                    placement.compute[node.name] = "int8 (both inputs int8)"
+                    continue
+            placement.floats[node.name] = reason or "float (an input is not int8)"
+            continue
+        if op in AVERAGING and not reason and int8_inputs and quantizable(node.outputs[0]):
+            groups.setdefault(node.outputs[0].name, node.outputs[0].name)
+            placement.compute[node.name] = "int8 (own output scale)"
+            continue
+        if op in DATA_MOVEMENT and not reason and int8_inputs:
+            outs = [v for v in node.outputs if quantizable(v)]
+            if op in ("Gather", "Slice", "Reshape", "Split", "Resize") and len(data) > 1:
+                outs = []  # a data-dependent index/shape input: not pure data movement
+            if len(outs) == len(node.outputs):
+                root = _union(groups, [v.name for v in data])
+                for value in outs:
+                    groups[value.name] = root
+                placement.compute[node.name] = "int8 (shares its input's scale)"
+                continue
+        placement.floats[node.name] = reason or (
+            # The exact passes fold BatchNormalization into the Conv before it; one left
+            # here had no Conv to fold into (and would split a Conv from its Q).
+            "float (a BatchNormalization not folded into a Conv)"
+            if op == "BatchNormalization"
+            else "float (numerically sensitive)"
+            if op in SENSITIVE
+            else "float (inputs not int8)"
+            if op in DATA_MOVEMENT | AVERAGING | ELEMENTWISE
+            else "float (no int8 kernel)"
+        )
+    _compress(groups)
+    return placement
+
+
+def _union(groups: dict[str, str], names: list[str]) -> str:
+    """Merge the groups of ``names`` into one; returns its root (the smallest name)."""
+    roots = sorted({_find(groups, name) for name in names})
+    root = roots[0]
+    for other in roots[1:]:
+        groups[other] = root
+    return root
+
+
+def _find(groups: dict[str, str], name: str) -> str:
+    while groups[name] != name:
+        name = groups[name]
+    return name
+
+
+def _compress(groups: dict[str, str]) -> None:
+    for name in list(groups):
+        groups[name] = _find(groups, name)

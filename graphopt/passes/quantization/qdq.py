@@ -1,0 +1,282 @@
+"""Emitting a placement: QuantizeLinear/DequantizeLinear pairs (QDQ), weights in int8.
+
+QDQ is the portable form (TensorRT reads it; ONNX Runtime fuses each DQ→op→Q into its
+integer kernel): every quantized activation gets one Q→DQ pair right after its producer
+and all its consumers read the DQ; weights are stored as int8 initializers followed by a
+per-channel DequantizeLinear (``axis``); biases stay float (the runtime requantizes them to
+int32 with ``x_scale · w_scale`` when it fuses). The QOperator form (QLinearConv, ...) is
+derived from this in :mod:`graphopt.passes.quantization.qoperator`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from graphopt.editing import constant_array
+from graphopt.passes.quantization.placement import Placement
+from graphopt.passes.quantization.ranges import QuantParams
+from graphopt.passes.quantization.record import TypeChange
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """A weight in int8: values, per-channel (or scalar) scales, the channel axis."""
+
+    values: np.ndarray  # int8
+    scale: np.ndarray  # float32, [C] or []
+    axis: int | None
+
+    def dequantized(self) -> np.ndarray:
+        if self.axis is None:
+            return self.values.astype(np.float32) * self.scale
+        shape = [1] * self.values.ndim
+        shape[self.axis] = -1
+        return self.values.astype(np.float32) * self.scale.reshape(shape)
+
+
+def quantize_weight(array: np.ndarray, axis: int | None) -> QuantizedWeight:
+    """Symmetric int8 in [-127, 127], zero point 0; per channel along ``axis`` (None: one
+    scale for the tensor)."""
+    array = np.asarray(array, dtype=np.float32)
+    if axis is None:
+        peak = np.array(np.abs(array).max() if array.size else 0.0, dtype=np.float32)
+    else:
+        others = tuple(i for i in range(array.ndim) if i != axis)
+        peak = np.abs(array).max(axis=others).astype(np.float32)
+    # An all-zero channel quantizes to zeros with any scale; 1 keeps DequantizeLinear finite.
+    scale = np.where(peak > 0, peak / np.float32(127.0), np.float32(1.0)).astype(np.float32)
+    shaped = (
+        scale
+        if axis is None
+        else scale.reshape([-1 if i == axis else 1 for i in range(array.ndim)])
+    )
+    values = np.clip(np.rint(array / shaped), -127, 127).astype(np.int8)
+    return QuantizedWeight(values, scale, axis)
+
+
+@dataclass
+class Emitted:
+    """What the emission changed (for the record)."""
+
+    type_changes: list[TypeChange] = field(default_factory=list)
+    weights: dict[str, QuantizedWeight] = field(default_factory=dict)  # by node
+    corrected: set[str] = field(default_factory=set)  # nodes whose bias was corrected
+
+
+class _Names:
+    """Fresh value names, checked against everything the graph already uses (fast)."""
+
+    def __init__(self, graph: ir.Graph) -> None:
+        self.taken = set(graph.initializers) | {v.name for v in graph.inputs}
+        for node in graph:
+            self.taken.update(o.name for o in node.outputs if o.name)
+            if node.name:
+                self.taken.add(node.name)
+
+    def __call__(self, base: str) -> str:
+        name, index = base, 1
+        while name in self.taken:
+            name = f"{base}_{index}"
+            index += 1
+        self.taken.add(name)
+        return name
+
+
+def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    value = ir.Value(
+        name=name,
+        shape=ir.Shape(array.shape),
+        type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+        const_value=ir.Tensor(array, name=name),
+    )
+    graph.register_initializer(value)
+    return value
+
+
+def emit_qdq(
+    model: ir.Model,
+    placement: Placement,
+    params: dict[str, QuantParams],
+    per_channel: bool = True,
+    input_means: dict[str, np.ndarray] | None = None,
+) -> Emitted:
+    """Insert the placement's Q/DQ into ``model`` in place. ``params`` holds one entry per
+    group root. With ``input_means`` (node -> per-channel mean of its input on calibration
+    data), each node's bias absorbs the mean output shift its weight rounding causes."""
+    graph = model.graph
+    names = _Names(graph)
+    emitted = Emitted()
+    nodes = {node.name: node for node in graph}
+    order = {node.name: i for i, node in enumerate(graph)}
+    cache: dict[tuple[str, int | None], tuple[ir.Value, QuantizedWeight]] = {}
+    for node_name in sorted(placement.weights, key=order.__getitem__):
+        node = nodes[node_name]
+        index, axis = placement.weights[node_name]
+        weight = node.inputs[index]
+        axis = axis if per_channel else None
+        key = (weight.name, axis)
+        if key not in cache:
+            quantized = quantize_weight(constant_array(weight), axis)
+            cache[key] = (_weight_dq(graph, names, node, weight, quantized), quantized)
+            emitted.type_changes.append(TypeChange(weight.name, "float", "int8"))
+        dq_value, quantized = cache[key]
+        node.replace_input_with(index, dq_value)
+        emitted.weights[node_name] = quantized
+        if input_means and node_name in input_means:
+            original = constant_array(weight) if weight.const_value is not None else None
+            shift = _rounding_shift(node, original, quantized, input_means[node_name])
+            if shift is not None and _shift_bias(graph, names, node, shift):
+                emitted.corrected.add(node_name)
+    scales: dict[str, tuple[ir.Value, ir.Value]] = {}
+    values = _values_by_name(graph)
+    for tensor in sorted(placement.tensors, key=lambda t: _position(values[t], order)):
+        root = placement.tensors[tensor]
+        p = params[root]
+        if root not in scales:
+            scales[root] = (
+                _initializer(graph, names(f"{root}_scale"), np.array(p.scale, dtype=np.float32)),
+                _initializer(
+                    graph, names(f"{root}_zero_point"), np.array(p.zero_point, p.numpy_dtype)
+                ),
+            )
+        _insert_pair(graph, names, values[tensor], *scales[root], p)
+    return emitted
+
+
+def _values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
+    found = {v.name: v for v in graph.inputs}
+    for node in graph:
+        for out in node.outputs:
+            found[out.name] = out
+    return found
+
+
+def _position(value: ir.Value, order: dict[str, int]) -> int:
+    producer = value.producer()
+    return -1 if producer is None else order.get(producer.name, -1)
+
+
+def _weight_dq(
+    graph: ir.Graph, names: _Names, node: ir.Node, weight: ir.Value, q: QuantizedWeight
+) -> ir.Value:
+    base = weight.name
+    inputs = [
+        _initializer(graph, names(f"{base}_quantized"), q.values),
+        _initializer(graph, names(f"{base}_scale"), q.scale),
+        _initializer(graph, names(f"{base}_zero_point"), np.zeros(q.scale.shape, np.int8)),
+    ]
+    attributes = [] if q.axis is None else [ir.AttrInt64("axis", q.axis)]
+    out = ir.Value(
+        name=names(f"{base}_dequantized"),
+        shape=ir.Shape(q.values.shape),
+        type=ir.TensorType(ir.DataType.FLOAT),
+    )
+    dq = ir.Node(
+        "",
+        "DequantizeLinear",
+        inputs,
+        attributes=attributes,
+        outputs=[out],
+        name=names(f"{base}_DequantizeLinear"),
+    )
+    graph.insert_before(node, dq)
+    return out
+
+
+def _rounding_shift(
+    node: ir.Node, weight: np.ndarray | None, q: QuantizedWeight, mean: np.ndarray
+) -> np.ndarray | None:
+    """E[(Wq - W) x] per output channel, from the input's per-channel mean: the mean output
+    shift weight rounding adds (what bias correction removes)."""
+    if weight is None:
+        return None
+    delta = q.dequantized().astype(np.float64) - weight.astype(np.float64)
+    mean = mean.astype(np.float64)
+    if node.op_type == "Conv":
+        groups = int(next((a.value for a in node.attributes.values() if a.name == "group"), 1))
+        out_channels, per_group = delta.shape[0], delta.shape[1]
+        if mean.shape[0] != per_group * groups:
+            return None
+        sums = delta.reshape(out_channels, per_group, -1).sum(axis=2)
+        group_of = np.arange(out_channels) // (out_channels // groups)
+        means = mean.reshape(groups, per_group)[group_of]
+        return (sums * means).sum(axis=1)
+    if node.op_type == "Gemm":
+        trans = next((a.value for a in node.attributes.values() if a.name == "transB"), 0)
+        matrix = delta if trans else delta.T  # [N, K]
+        return matrix @ mean if matrix.shape[1] == mean.shape[0] else None
+    return None  # MatMul has no bias input to fold into
+
+
+def _shift_bias(graph: ir.Graph, names: _Names, node: ir.Node, shift: np.ndarray) -> bool:
+    """Subtract ``shift`` from the node's bias (a new initializer; one is made if absent)."""
+    index = 2
+    old = node.inputs[index] if len(node.inputs) > index else None
+    bias = constant_array(old) if old is not None else np.zeros(shift.shape, np.float32)
+    if bias is None or bias.shape != shift.shape:
+        return False
+    new = (bias.astype(np.float64) - shift).astype(np.float32)
+    base = old.name if old is not None else f"{node.name}_bias"
+    value = _initializer(graph, names(f"{base}_corrected"), new)
+    if len(node.inputs) <= index:
+        node.resize_inputs(index + 1)
+    node.replace_input_with(index, value)
+    return True
+
+
+def _insert_pair(
+    graph: ir.Graph,
+    names: _Names,
+    value: ir.Value,
+    scale: ir.Value,
+    zero: ir.Value,
+    p: QuantParams,
+) -> None:
+    """value → Q → DQ, and every consumer of ``value`` reads the DQ instead."""
+    qtype = ir.DataType.UINT8 if p.dtype == "u8" else ir.DataType.INT8
+    quantized = ir.Value(
+        name=names(f"{value.name}_quantized"), shape=value.shape, type=ir.TensorType(qtype)
+    )
+    restored = ir.Value(
+        name=names(f"{value.name}_dequantized"),
+        shape=value.shape,
+        type=ir.TensorType(ir.DataType.FLOAT),
+    )
+    q = ir.Node(
+        "",
+        "QuantizeLinear",
+        [value, scale, zero],
+        outputs=[quantized],
+        name=names(f"{value.name}_QuantizeLinear"),
+    )
+    dq = ir.Node(
+        "",
+        "DequantizeLinear",
+        [quantized, scale, zero],
+        outputs=[restored],
+        name=names(f"{value.name}_DequantizeLinear"),
+    )
+    uses = [(use.node, use.idx) for use in value.uses()]
+    producer = value.producer()
+    if producer is None:
+        first = next(iter(graph), None)
+        if first is None:
+            graph.append(q)
+            graph.append(dq)
+        else:
+            graph.insert_before(first, [q, dq])
+    else:
+        graph.insert_after(producer, [q, dq])
+    for user, index in uses:
+        if user is not q:
+            user.replace_input_with(index, restored)
+    if value.is_graph_output():
+        # The output keeps its name and now comes out of the DQ (as ORT's quantizer does).
+        name = value.name
+        value.name = names(f"{name}_float")
+        outputs = graph.outputs
+        outputs[next(i for i, v in enumerate(outputs) if v is value)] = restored
+        restored.name = name

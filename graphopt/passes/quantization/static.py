@@ -1,0 +1,418 @@
+"""``--quantize int8``: static INT8 with calibrated activation ranges.
+
+The steps, each its own module:
+
+1. checks: calibration data given, no Q/DQ already, opset ≥ 13 (per-channel DequantizeLinear);
+2. :func:`make_plan`: the placement (:mod:`.placement`), one statistics pass over the
+   calibration part of the samples (:mod:`.ranges`), and a range per quantized tensor by the
+   chosen method (``auto``: :mod:`.auto_method`);
+3. :func:`build_quantized`: a quantized copy for a given set of float-kept nodes (QDQ by
+   :mod:`.qdq`, QOperator by :mod:`.qoperator`); mixed precision calls it repeatedly;
+4. the record: per node precision and reason, type changes, weight bytes, fidelity on the
+   calibration and held-out parts.
+
+Hooks for the accuracy tools: cross-layer equalization rewrites the float model before the
+plan (``settings.equalize``); bias correction (``settings.bias_correction``) is applied in
+:func:`build_quantized` from the per-channel input means the plan collects; mixed precision
+(``settings.max_error`` / ``settings.min_cosine``) chooses ``excluded_nodes``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from graphopt.errors import UserInputError
+from graphopt.passes.calibration.samples import CalibrationSet
+from graphopt.passes.quantization import placement as placing
+from graphopt.passes.quantization.qdq import Emitted, emit_qdq
+from graphopt.passes.quantization.ranges import (
+    QuantParams,
+    Range,
+    TensorStats,
+    calibrate,
+    collect,
+    params_for,
+)
+from graphopt.passes.quantization.record import (
+    LayerPrecision,
+    QuantRecord,
+    measure_fidelity,
+    weight_bytes,
+)
+from graphopt.passes.quantization.settings import QuantSettings
+from graphopt.registry import PassContext
+
+# Ops that mean the model is quantized already: quantizing it again would stack scales.
+QUANTIZED_OPS = frozenset(
+    {
+        "QuantizeLinear",
+        "DequantizeLinear",
+        "DynamicQuantizeLinear",
+        "QLinearConv",
+        "QLinearMatMul",
+        "QLinearAdd",
+        "QGemm",
+        "MatMulInteger",
+        "ConvInteger",
+        "DynamicQuantizeMatMul",
+        "MatMulNBits",
+    }
+)
+PER_CHANNEL_OPSET = 13
+# Samples per tensor that ``auto`` replays its consumers on.
+AUTO_SAMPLES = 2
+
+
+@dataclass
+class QuantPlan:
+    """Everything :func:`build_quantized` needs, computed once from calibration data."""
+
+    settings: QuantSettings
+    ranges: dict[str, Range]  # tensor -> range
+    input_means: dict[str, np.ndarray] = field(default_factory=dict)  # tensor -> per channel
+
+
+def quantize_static(
+    model: ir.Model,
+    settings: QuantSettings,
+    calib: CalibrationSet | None,
+    context: PassContext,
+) -> QuantRecord:
+    """Quantize ``model`` in place to int8 (weights per-channel s8, activations u8/s8)."""
+    if calib is None:
+        raise UserInputError("quantize int8: static quantization needs --calib FILE.npz")
+    _refuse_quantized(model)
+    record = QuantRecord(mode="int8")
+    _ensure_opset(model, record)
+    _name_nodes(model)
+    original = model.clone()
+    fit, held = calib.split(settings.holdout)
+    if settings.equalize:
+        _equalize(model, settings, fit, record)
+    plan = make_plan(model, settings, fit)
+    excluded: frozenset[str] = frozenset()
+    if settings.mixed_precision:
+        excluded = _mixed_precision(model, original, plan, fit, held, record)
+    quantized, placement, emitted = _build(model, plan, excluded)
+    model.graph = quantized.graph
+    _fill_record(record, original, model, plan, placement, emitted)
+    sets = {"calibration": fit} if held is None else {"calibration": fit, "held-out": held}
+    record.fidelity = measure_fidelity(original, model, sets)
+    record.fidelity_source = (
+        f"{fit.count} calibration samples"
+        + ("" if held is None else f" and {held.count} held-out samples")
+        + f" of {calib.source}"
+    )
+    return record
+
+
+def make_plan(model: ir.Model, settings: QuantSettings, calib: CalibrationSet) -> QuantPlan:
+    """Ranges of every tensor the placement may quantize, from one pass over ``calib``."""
+    placement = placing.place(model, settings.excluded, outputs_too=_outputs_too(settings))
+    values = _values(model)
+    wanted = set(placement.tensors)
+    # Compute outputs before their epilogue: a re-placement (an excluded Relu) needs them.
+    wanted.update(placement.raw_outputs.values())
+    wanted = {name for name in wanted if name in values}
+    channel_axes = _input_channel_axes(model, placement) if settings.bias_correction else {}
+    consumers: dict[str, list[ir.Node]] = {}
+    auto = settings.calib_method == "auto"
+    observed = set(wanted) | set(channel_axes)
+    if auto:
+        runner_inputs = set()
+        for name in sorted(set(placement.tensors) & wanted):
+            users = _consumers(values[name])
+            consumers[name] = users
+            for node in users:
+                runner_inputs.update(
+                    v.name for v in node.inputs if v is not None and not placing.is_weight(v)
+                )
+        observed |= {n for n in runner_inputs if n in values and placing.is_float(values[n])}
+    stats = collect(
+        model,
+        sorted(observed),
+        calib,
+        channel_axes=channel_axes,
+        keep=AUTO_SAMPLES if auto else 0,
+    )
+    plan = QuantPlan(settings, {})
+    for name, axis in sorted(channel_axes.items()):
+        mean = stats[name].channel_mean
+        if mean is not None and axis is not None:
+            plan.input_means[name] = mean
+    outputs = {v.name for v in model.graph.outputs}
+    for name in sorted(wanted & outputs):
+        # A model output is never clipped: its extremes are the answer (a classifier's top
+        # logit is the outlier every clipping method would cut).
+        plan.ranges[name] = calibrate(stats[name], "minmax", settings.activation_type)
+    spare = wanted - outputs - set(placement.tensors)
+    for name in sorted(spare):
+        # Only a re-placement uses these (mixed precision keeping an epilogue in float):
+        # not worth replaying consumers for.
+        method = "percentile" if auto else settings.calib_method
+        plan.ranges[name] = calibrate(stats[name], method, settings.activation_type)
+    if auto:
+        from graphopt.passes.quantization.auto_method import ConsumerRunner, choose
+
+        runner = ConsumerRunner(model)
+        for name in sorted(wanted - outputs - spare):
+            chosen, _ = choose(
+                name,
+                stats,
+                consumers[name],
+                runner,
+                lambda r: _params(r, settings),
+                settings.activation_type,
+            )
+            plan.ranges[name] = chosen
+    else:
+        for name in sorted(wanted - outputs - spare):
+            plan.ranges[name] = calibrate(
+                stats[name], settings.calib_method, settings.activation_type
+            )
+    return plan
+
+
+def build_quantized(
+    model: ir.Model, plan: QuantPlan, excluded_nodes: frozenset[str] = frozenset()
+) -> ir.Model:
+    """A quantized copy of ``model`` (unchanged) with ``excluded_nodes`` kept in float."""
+    return _build(model, plan, excluded_nodes)[0]
+
+
+def _build(
+    model: ir.Model, plan: QuantPlan, excluded_nodes: frozenset[str]
+) -> tuple[ir.Model, placing.Placement, Emitted]:
+    settings = plan.settings
+    placement = placing.place(
+        model, settings.excluded, excluded_nodes, outputs_too=_outputs_too(settings)
+    )
+    params: dict[str, QuantParams] = {}
+    for root, members in placement.groups().items():
+        known = [plan.ranges[m] for m in members if m in plan.ranges]
+        if not known:
+            # No statistics for this group (a placement the plan did not foresee): float.
+            for member in members:
+                del placement.tensors[member]
+            continue
+        lo, hi = min(r.lo for r in known), max(r.hi for r in known)
+        params[root] = _params(Range(lo, hi, ""), settings)
+    clone = model.clone()
+    means = None
+    if settings.bias_correction and plan.input_means:
+        means = {
+            node.name: plan.input_means[node.inputs[0].name]
+            for node in clone.graph
+            if node.name in placement.weights and node.inputs[0].name in plan.input_means
+        }
+    emitted = emit_qdq(clone, placement, params, settings.per_channel, means)
+    if settings.quant_format == "qoperator":
+        from graphopt.passes.quantization.qoperator import to_qoperator
+
+        to_qoperator(clone, emitted)
+    _drop_unused_initializers(clone.graph)
+    return clone, placement, emitted
+
+
+def _outputs_too(settings: QuantSettings) -> bool:
+    """Quantize graph outputs too: only for ORT, which fuses a Conv/Gemm into its integer
+    kernel only with a Q after it (the outputs then carry int8 rounding; the record shows
+    it). Portable models keep float outputs (TensorRT fuses DQ→op with a float output)."""
+    return settings.target == "ort"
+
+
+def _params(r: Range, settings: QuantSettings) -> QuantParams:
+    # s8: symmetric (zero point 0, what TensorRT requires) unless the target is ORT, whose
+    # Relu folding needs the zero point at the bottom of a one-sided range.
+    symmetric = settings.activation_type == "s8" and settings.target != "ort"
+    return params_for(r.lo, r.hi, settings.activation_type, symmetric)
+
+
+def _refuse_quantized(model: ir.Model) -> None:
+    found = sorted({n.op_type for n in model.graph if n.op_type in QUANTIZED_OPS})
+    if found:
+        raise UserInputError(
+            f"quantize int8: the model is already quantized (it has {', '.join(found)}); "
+            "quantize the float original instead"
+        )
+
+
+def _ensure_opset(model: ir.Model, record: QuantRecord) -> None:
+    from graphopt.opset import convert_opset, default_opset
+
+    if default_opset(model) >= PER_CHANNEL_OPSET:
+        return
+    converted, note = convert_opset(model, PER_CHANNEL_OPSET)
+    model.graph = converted.graph
+    if note:
+        record.notes.append(f"{note} (per-channel DequantizeLinear needs opset 13)")
+
+
+def _name_nodes(model: ir.Model) -> None:
+    """Give every node a unique name: the placement and the record refer to nodes by name."""
+    taken: set[str] = set()
+    for index, node in enumerate(model.graph):
+        if not node.name or node.name in taken:
+            base = f"{node.op_type}_{index}"
+            name, k = base, 1
+            while name in taken:
+                name, k = f"{base}_{k}", k + 1
+            node.name = name
+        taken.add(node.name)
+
+
+def _values(model: ir.Model) -> dict[str, ir.Value]:
+    found = {v.name: v for v in model.graph.inputs}
+    for node in model.graph:
+        for out in node.outputs:
+            found[out.name] = out
+    return found
+
+
+def _consumers(value: ir.Value) -> list[ir.Node]:
+    seen: dict[str, ir.Node] = {}
+    for use in value.uses():
+        seen.setdefault(use.node.name, use.node)
+    return [seen[name] for name in sorted(seen)]
+
+
+def _input_channel_axes(model: ir.Model, placement: placing.Placement) -> dict[str, int]:
+    """Inputs of the weighted compute nodes and their channel axis (bias correction)."""
+    axes: dict[str, int] = {}
+    for node in model.graph:
+        if node.name not in placement.weights:
+            continue
+        value = node.inputs[0]
+        if value is None:
+            continue
+        axes[value.name] = 1 if node.op_type == "Conv" else -1
+    return axes
+
+
+def _drop_unused_initializers(graph: ir.Graph) -> None:
+    """The float weights replaced by int8 ones (kept names would double the file)."""
+    used = {v.name for node in graph for v in node.inputs if v is not None}
+    used |= {v.name for v in graph.outputs}
+    for name in sorted(graph.initializers):
+        value = graph.initializers[name]
+        if name not in used and not value.uses() and not value.is_graph_input():
+            del graph.initializers[name]
+
+
+def _equalize(
+    model: ir.Model, settings: QuantSettings, calib: CalibrationSet, record: QuantRecord
+) -> None:
+    """Cross-layer equalization before the plan (from its own module, when present)."""
+    try:
+        module = importlib.import_module("graphopt.passes.quantization.equalization")
+    except ModuleNotFoundError:
+        record.notes.append("--equalize: cross-layer equalization is not available yet")
+        return
+    note = module.equalize(model, settings, calib)
+    if note:
+        record.notes.append(note)
+
+
+def _mixed_precision(
+    model: ir.Model,
+    original: ir.Model,
+    plan: QuantPlan,
+    fit: CalibrationSet,
+    held: CalibrationSet | None,
+    record: QuantRecord,
+) -> frozenset[str]:
+    """The compute layers (Conv/Gemm/MatMul) to keep in float so --min-cosine/--max-error
+    holds on held-out samples (sensitivities measured on the fit samples)."""
+    from graphopt.passes.quantization import mixed_precision as mp
+
+    placement = placing.place(
+        model, plan.settings.excluded, outputs_too=_outputs_too(plan.settings)
+    )
+    candidates = sorted(
+        node.name
+        for node in model.graph
+        if node.name in placement.compute and node.op_type in placing.COMPUTE
+    )
+    target = mp.Target.from_settings(plan.settings)
+    evaluate = mp.fidelity_evaluator(original, fit)
+    check = mp.fidelity_evaluator(original, held) if held is not None else evaluate
+    feeds = next(iter((held or fit).batches(trim=False)))
+    kept, curve = mp.search(
+        lambda kept: build_quantized(model, plan, kept),
+        candidates,
+        evaluate,
+        target,
+        check=check,
+        speed=mp.speed_meter(original, feeds),
+    )
+    record.curve = curve
+    last = curve[-1]
+    verdict = "met" if target.met(last.cosine, last.max_rel) else "NOT met"
+    record.notes.append(
+        f"mixed precision: target {target.describe()} {verdict} on "
+        f"{'held-out' if held is not None else 'calibration'} samples with {len(kept)} of "
+        f"{len(candidates)} layers kept in float"
+    )
+    return kept
+
+
+def _fill_record(
+    record: QuantRecord,
+    original: ir.Model,
+    quantized: ir.Model,
+    plan: QuantPlan,
+    placement: placing.Placement,
+    emitted: Emitted,
+) -> None:
+    settings = plan.settings
+    for node in original.graph:
+        if node.op_type in placing.UNREPORTED:
+            continue
+        if node.name in placement.compute:
+            record.layers.append(
+                LayerPrecision(node.name, node.op_type, "int8", placement.compute[node.name])
+            )
+        else:
+            reason = placement.floats.get(node.name, "float (not placed)")
+            record.layers.append(LayerPrecision(node.name, node.op_type, "float", reason))
+    record.type_changes = emitted.type_changes
+    record.weight_bytes_before = weight_bytes(original)
+    record.weight_bytes_after = weight_bytes(quantized)
+    symmetric = settings.activation_type == "s8" and settings.target != "ort"
+    record.notes.append(
+        f"{settings.quant_format.upper()} form; weights s8 "
+        f"{'per-channel' if settings.per_channel else 'per-tensor'} symmetric; activations "
+        f"{settings.activation_type} {'symmetric' if symmetric else 'asymmetric'}"
+    )
+    outputs = {v.name for v in original.graph.outputs}
+    ranged = [t for t in placement.tensors if t in plan.ranges and t not in outputs]
+    methods = Counter(plan.ranges[t].method for t in ranged)
+    counts = ", ".join(f"{m} {n}" for m, n in sorted(methods.items()))
+    label = "auto chose" if settings.calib_method == "auto" else "method"
+    record.notes.append(
+        f"activation ranges of {len(ranged)} tensors ({len(placement.groups())} scales): "
+        f"{label} {counts}"
+    )
+    quantized_outputs = sorted(outputs & set(placement.tensors))
+    if quantized_outputs:
+        record.notes.append(
+            f"model outputs quantized too (ORT fuses Conv/Gemm only with a Q after it), "
+            f"with their full range: {', '.join(quantized_outputs)}"
+        )
+    if settings.bias_correction:
+        corrected = sum(1 for n in emitted.weights if n in emitted.corrected)
+        record.notes.append(f"bias correction (weight rounding shift) on {corrected} layers")
+    kept = [layer for layer in record.layers if layer.precision == "float"]
+    if kept:
+        reasons = Counter(layer.reason for layer in kept)
+        record.notes.append(
+            "kept in float: " + "; ".join(f"{n} {r}" for r, n in sorted(reasons.items()))
+        )
+
+
+__all__ = ["QuantPlan", "TensorStats", "build_quantized", "make_plan", "quantize_static"]
