@@ -149,7 +149,9 @@ def require(module: str, package: str, flag: str) -> None:
     """A one-line error naming the package to install when ``module`` is missing (Pillow
     and tokenizers come with the [calib] or [torch] extra, not with graphopt itself)."""
     if find_spec(module) is None:
-        raise UserInputError(f"calib {flag} needs the {package} package: pip install {package} (or graphopt[calib])")
+        raise UserInputError(
+            f"calib {flag} needs the {package} package: pip install {package} (or graphopt[calib])"
+        )
 
 
 def pick(items: Sequence, limit: int | None, seed: int | None) -> list:
