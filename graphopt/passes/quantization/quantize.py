@@ -197,7 +197,18 @@ class QuantizePass(GraphPass):
         module_name, _, function_name = MODES[settings.mode].partition(":")
         function = getattr(importlib.import_module(module_name), function_name)
         start = time.perf_counter()
-        record = function(model, settings, calib, self.context)
+        if settings.autotune and settings.mode == "int8" and settings.target == "ort":
+            from graphopt.passes.quantization.autotune import autotune
+
+            assert calib is not None  # int8 needs calibration (checked above)
+            record = autotune(model, settings, calib, self.context, function)
+        else:
+            record = function(model, settings, calib, self.context)
+            if settings.autotune and not any("--autotune" in n for n in record.notes):
+                record.notes.append(
+                    "--autotune had no effect: it times static int8 candidates for "
+                    "--target ort only"
+                )
         record.seconds = time.perf_counter() - start
         record.settings = settings.to_json()
         if settings.mode in ROUNDS_AT_RUN_TIME and record.fidelity:
