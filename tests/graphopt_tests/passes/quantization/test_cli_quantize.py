@@ -1,0 +1,98 @@
+"""`graphopt optimize --quantize ...` from the command line, recipes and the API: success, and
+one-line refusals (exit 2) for the mistakes a user makes, with nothing written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from graphopt import api, io
+from graphopt.cli import main
+from graphopt.errors import UserInputError
+from graphopt.recipe import recipe_from_dict
+from graphopt_tests.passes.quantization.test_static import _data, small_cnn
+
+
+def _files(tmp_path: Path) -> tuple[Path, Path]:
+    model = tmp_path / "cnn.onnx"
+    io.save(small_cnn(), model)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=_data(32))
+    return model, calib
+
+
+def test_int8_from_the_command_line_reports_fidelity(tmp_path, capsys) -> None:
+    model, calib = _files(tmp_path)
+    out = tmp_path / "q.onnx"
+    code = main(
+        ["optimize", str(model), "-o", str(out), "--quantize", "int8", "--calib", str(calib)]
+    )
+    text = capsys.readouterr().out
+    assert code == 0 and out.is_file()
+    assert "quantization int8:" in text and "held-out, ORT optimized" in text
+    ops = {n.op_type for n in io.load(out).model.graph}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ([], "activation ranges need calibration data"),
+        (["--calib", "{nan}"], "NaN or infinite"),
+        (["--calib", "{renamed}"], "no array for model input(s) x"),
+        (["--calib", "{wrong_dtype}"], "the model expects float32"),
+        (["--calib", "{calib}", "--block-size", "48"], "--block-size 48"),
+        (["--calib", "{calib}", "--min-cosine", "1.5"], "--min-cosine 1.5: out of range"),
+    ],
+)
+def test_mistakes_are_one_line_errors_and_write_nothing(tmp_path, capsys, extra, message) -> None:
+    model, calib = _files(tmp_path)
+    files = {"calib": calib}
+    for name, array in {
+        "nan": np.full((8, 3, 8, 8), np.nan, np.float32),
+        "renamed": _data(8),
+        "wrong_dtype": _data(8).astype(np.float64),
+    }.items():
+        files[name] = tmp_path / f"{name}.npz"
+        np.savez(files[name], **({"other": array} if name == "renamed" else {"x": array}))
+    extra = [e.format(**{k: str(v) for k, v in files.items()}) for e in extra]
+    out = tmp_path / "q.onnx"
+    code = main(["optimize", str(model), "-o", str(out), "--quantize", "int8", *extra])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err, err
+    assert err.count("\n") == 0 and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_unknown_mode_and_options_without_quantize_are_refused(tmp_path, capsys) -> None:
+    model, calib = _files(tmp_path)
+    assert main(["optimize", str(model), "--quantize", "int3"]) == 2
+    assert "expected one of int8" in capsys.readouterr().err
+    assert main(["optimize", str(model), "--calib-method", "mse"]) == 2
+    assert "--calib-method only applies with --quantize" in capsys.readouterr().err
+    # --calib is shared: alone it needs --prune or --quantize.
+    assert main(["optimize", str(model), "--calib", str(calib)]) == 2
+    assert "--prune" in capsys.readouterr().err
+
+
+def test_recipe_and_api_reach_the_same_pass(tmp_path) -> None:
+    model, calib = _files(tmp_path)
+    options = recipe_from_dict(
+        {
+            "lossy": [
+                {
+                    "name": "quantize",
+                    "options": {"mode": "int8", "calib": str(calib), "calib_method": "minmax"},
+                }
+            ]
+        }
+    )
+    result = api.optimize(model, None, options)
+    assert result.report.details["quantize"].settings["calib_method"] == "minmax"
+    keywords = api.OptimizeOptions(quantize="int8", calib=str(calib), calib_method="mse")
+    result = api.optimize(model, None, keywords)
+    assert result.report.details["quantize"].settings["calib_method"] == "mse"
+    with pytest.raises(UserInputError, match="need calibration data"):
+        api.optimize(model, None, api.OptimizeOptions(quantize="int8"))
