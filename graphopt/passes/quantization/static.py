@@ -11,15 +11,18 @@ The steps, each its own module:
 4. the record: per node precision and reason, type changes, weight bytes, fidelity on the
    calibration and held-out parts.
 
-Hooks for the accuracy tools: cross-layer equalization rewrites the float model before the
-plan (``settings.equalize``); bias correction (``settings.bias_correction``) is applied in
-:func:`build_quantized` from the per-channel input means the plan collects; mixed precision
-(``settings.max_error`` / ``settings.min_cosine``) chooses ``excluded_nodes``.
+Hooks for the accuracy tools: two exact float rewrites before the plan, cross-layer
+equalization (:mod:`.equalization`; ``--equalize``, default on for models with depthwise
+convolutions) and SmoothQuant (:mod:`.smoothquant`; ``--smoothquant``, default alpha 0.5 on
+normalization-fed MatMuls, as int8-dynamic); bias correction (``settings.bias_correction``)
+is applied in :func:`build_quantized` from the per-channel input means the plan collects;
+mixed precision (``settings.max_error`` / ``settings.min_cosine``) chooses
+``excluded_nodes``. One placement refinement lives here: a MatMul's output that only float
+ops read stays float (:func:`_float_matmul_outputs`).
 """
 
 from __future__ import annotations
 
-import importlib
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -92,8 +95,8 @@ def quantize_static(
     _name_nodes(model)
     original = model.clone()
     fit, held = calib.split(settings.holdout)
-    if settings.equalize:
-        _equalize(model, settings, fit, record)
+    _equalize(model, settings, fit, record)
+    _smooth(model, settings, fit, record)
     plan = make_plan(model, settings, fit)
     excluded: frozenset[str] = frozenset()
     if settings.mixed_precision:
@@ -113,7 +116,7 @@ def quantize_static(
 
 def make_plan(model: ir.Model, settings: QuantSettings, calib: CalibrationSet) -> QuantPlan:
     """Ranges of every tensor the placement may quantize, from one pass over ``calib``."""
-    placement = placing.place(model, settings.excluded, outputs_too=_outputs_too(settings))
+    placement = _place(model, settings)
     values = _values(model)
     wanted = set(placement.tensors)
     # Compute outputs before their epilogue: a re-placement (an excluded Relu) needs them.
@@ -189,9 +192,7 @@ def _build(
     model: ir.Model, plan: QuantPlan, excluded_nodes: frozenset[str]
 ) -> tuple[ir.Model, placing.Placement, Emitted]:
     settings = plan.settings
-    placement = placing.place(
-        model, settings.excluded, excluded_nodes, outputs_too=_outputs_too(settings)
-    )
+    placement = _place(model, settings, excluded_nodes)
     params: dict[str, QuantParams] = {}
     for root, members in placement.groups().items():
         known = [plan.ranges[m] for m in members if m in plan.ranges]
@@ -217,6 +218,39 @@ def _build(
         to_qoperator(clone, emitted)
     _drop_unused_initializers(clone.graph)
     return clone, placement, emitted
+
+
+def _place(
+    model: ir.Model, settings: QuantSettings, excluded_nodes: frozenset[str] = frozenset()
+) -> placing.Placement:
+    placement = placing.place(
+        model, settings.excluded, excluded_nodes, outputs_too=_outputs_too(settings)
+    )
+    _float_matmul_outputs(model, placement)
+    return placement
+
+
+def _float_matmul_outputs(model: ir.Model, placement: placing.Placement) -> list[str]:
+    """Leave a MatMul's output float when nothing int8 reads it (the bias Add of a
+    transformer's projections): a Q/DQ there only rounds what float ops read next, and per
+    tensor, where a transformer's hidden state has its outlier channels (on MiniLM it cost
+    more than all other rounding together). Runtimes fuse DQ→MatMul with a float output
+    (ONNX Runtime: MatMulIntegerToFloat); Conv and Gemm keep theirs (QLinearConv and QGemm
+    need the Q). Returns the tensors left float."""
+    groups = placement.groups()
+    dropped = []
+    for node in model.graph:
+        if node.op_type != "MatMul" or node.name not in placement.compute:
+            continue
+        out = node.outputs[0]
+        if groups.get(out.name) != [out.name] or out.is_graph_output():
+            continue  # an epilogue's output, or a scale shared with data movement
+        if any(use.node.name in placement.compute for use in out.uses()):
+            continue
+        del placement.tensors[out.name]
+        placement.compute[node.name] += ", float output (read by float ops)"
+        dropped.append(out.name)
+    return dropped
 
 
 def _outputs_too(settings: QuantSettings) -> bool:
@@ -307,15 +341,39 @@ def _drop_unused_initializers(graph: ir.Graph) -> None:
 def _equalize(
     model: ir.Model, settings: QuantSettings, calib: CalibrationSet, record: QuantRecord
 ) -> None:
-    """Cross-layer equalization before the plan (from its own module, when present)."""
-    try:
-        module = importlib.import_module("graphopt.passes.quantization.equalization")
-    except ModuleNotFoundError:
-        record.notes.append("--equalize: cross-layer equalization is not available yet")
+    """Cross-layer equalization before the plan: ``--equalize`` forces it either way; unset,
+    it runs on models with depthwise convolutions (whose per-channel weight ranges differ
+    most, while the activation between them and the pointwise Conv has one scale)."""
+    from graphopt.passes.quantization import equalization
+
+    wanted = settings.equalize
+    if "equalize" in settings.defaulted:
+        wanted = equalization.has_depthwise(model)
+        if wanted:
+            record.notes.append("--equalize defaulted on: the model has depthwise convolutions")
+    if wanted:
+        record.notes.append(equalization.equalize(model, settings, calib))
+
+
+def _smooth(
+    model: ir.Model, settings: QuantSettings, calib: CalibrationSet, record: QuantRecord
+) -> None:
+    """SmoothQuant for the MatMuls a normalization feeds (the int8-dynamic rule): their
+    inputs carry the outlier channels that one per-tensor activation scale handles worst."""
+    from graphopt.passes.quantization import smoothquant
+
+    alpha = settings.smoothquant
+    if alpha == 0:
         return
-    note = module.equalize(model, settings, calib)
-    if note:
-        record.notes.append(note)
+    chosen = smoothquant.DEFAULT_ALPHA if alpha < 0 else alpha
+    # Unset (-1): only where a LayerNormalization feeds the layers.
+    select = smoothquant.layer_norm_fed if alpha < 0 else (lambda linear: True)
+    done = smoothquant.smooth(
+        model, calib, chosen, lambda lin: select(lin) and not settings.excluded(lin.node)
+    )
+    if done.groups:
+        record.notes.append(f"{done.note}, alpha {chosen:g}")
+    record.notes.extend(f"SmoothQuant skipped {why}" for why in done.skipped)
 
 
 def _mixed_precision(
@@ -330,9 +388,7 @@ def _mixed_precision(
     holds on held-out samples (sensitivities measured on the fit samples)."""
     from graphopt.passes.quantization import mixed_precision as mp
 
-    placement = placing.place(
-        model, plan.settings.excluded, outputs_too=_outputs_too(plan.settings)
-    )
+    placement = _place(model, plan.settings)
     candidates = sorted(
         node.name
         for node in model.graph

@@ -24,8 +24,9 @@ def test_autotune_keeps_a_measured_candidate_and_records_it(tmp_path) -> None:
     model, context = _quantize(tmp_path, autotune=True)
     chosen = json.loads(model.metadata_props[METADATA_KEY])
     assert set(chosen["relative_times"]) == {"qdq/u8", "qdq/s8", "qoperator/u8", "qoperator/s8"}
-    fastest = min(chosen["relative_times"], key=chosen["relative_times"].get)
-    assert f"{chosen['quant_format']}/{chosen['activation_type']}" == fastest
+    times = chosen["relative_times"]
+    # The kept one is the fastest measured (times are recorded rounded: ties are possible).
+    assert times[f"{chosen['quant_format']}/{chosen['activation_type']}"] == min(times.values())
     ops = {node.op_type for node in model.graph}
     assert ("QLinearConv" in ops) == (chosen["quant_format"] == "qoperator")
     record = context.details["quantize"]
