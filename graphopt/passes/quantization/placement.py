@@ -14,6 +14,32 @@ The placement is what a runtime can fuse, not just what can be quantized:
   of Concat's inputs), so the runtime drops the DQ/Q around them and int8 flows through;
 - everything else stays float with its reason: sensitive ops (Softmax, LayerNormalization,
   GELU, ...), ``--exclude``, or ops with no int8 kernel.
+
+One ONNX Runtime rule (``--target ort``): a SiLU, ``x · Sigmoid(x)``, on a quantized ``x``
+stays float and is emitted as one ``com.microsoft`` QuickGelu (alpha 1, the same function).
+ORT gives each consumer of a DequantizeLinear its own copy before its fusions run, so the
+Sigmoid and the Mul stop sharing an input and ORT's own SiLU→QuickGelu fusion no longer
+matches: the float model runs one fused kernel, the QDQ model two passes over memory plus
+a third for the product. Quantizing the SiLU instead (QLinearSigmoid + QLinearMul, what
+``quantize_static`` does) is slower still. Measured on EfficientNet-B0 (ORT 1.32, 1 thread,
+this 2-core VNNI machine, speed-up over fp32 at batch 1/8): ORT's QDQ 0.84×/1.18× (its
+int8 SiLU took 7.8 of 16.8 ms), ours with float Sigmoid+Mul 0.67×/0.83×, ours with
+QuickGelu 1.02×/1.29×.
+
+Depthwise Convs stay int8 on every target. ORT's int8 depthwise kernel is slower than its
+fp32 NCHWc one here (profiled at batch 1: EfficientNet-B0 1.52 vs 1.13 ms, MobileNetV3
+1.59 vs 0.89 ms), but a float depthwise Conv between int8 ones adds layout Transposes and
+Q/DQ that grow with the batch: keeping them float measured 1.17×/1.18× (EfficientNet-B0)
+and 1.15×/1.12× (MobileNetV3) against 1.02×/1.27× and 1.02×/1.24× all-int8 (batch 1/8),
+a loss at batch 8 where ORT's own quantizer already reaches 1.24× on MobileNetV3.
+
+Also for ONNX Runtime: a ReduceMean over the two spatial axes of a 4-D int8 tensor
+(``keepdims``; how exporters write a squeeze-excitation's pooling) is averaging, emitted as
+GlobalAveragePool, which ORT fuses into QLinearGlobalAveragePool; it has no int8 ReduceMean
+in QDQ form, and its float ReduceMean on the NHWC tensors between QLinearConvs reduces the
+middle axes, its slow case (MobileNetV3, 3 such means: 1.03×/1.15× → 1.08×/1.16×). A mean
+of a float tensor (EfficientNet's, after the SiLU) stays float: quantizing its input for
+the int8 pool gained at batch 1 but lost at batch 8 (1.00×/1.31× → 1.10-1.18×/1.23×).
 """
 
 from __future__ import annotations
@@ -22,7 +48,7 @@ from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
-from graphopt.editing import attribute
+from graphopt.editing import attribute, const_ints
 
 COMPUTE = frozenset({"Conv", "Gemm", "MatMul"})
 ELEMENTWISE = frozenset({"Add"})
@@ -48,6 +74,12 @@ DATA_MOVEMENT = frozenset(
     }
 )
 EPILOGUES = frozenset({"Relu", "Clip"})
+# ONNX Runtime runs these on int8 through a 256-entry table (QLinearLeakyRelu,
+# QLinearSigmoid) when a DQ feeds them and a Q follows: --target ort places them int8 when
+# their input is int8 and an int8 compute node reads the output (which then has a Q anyway).
+# Not when only float ops read it: a table lookup then a DQ costs what a DQ then the float
+# op costs, and adds a rounding.
+LOOKUP = frozenset({"LeakyRelu", "Sigmoid"})
 # Kept float on purpose: their numerics need the range (normalizations, exponentials).
 SENSITIVE = frozenset(
     {
@@ -90,6 +122,10 @@ class Placement:
     weights: dict[str, tuple[int, int]] = field(default_factory=dict)  # node -> (input, axis)
     # Compute outputs before their epilogue (bias correction and re-placement observe them).
     raw_outputs: dict[str, str] = field(default_factory=dict)  # node -> output tensor
+    # --target ort: SiLU pairs emitted as one QuickGelu (see the module docstring).
+    silu: dict[str, str] = field(default_factory=dict)  # Mul node -> its Sigmoid node
+    # --target ort: spatial ReduceMeans emitted as GlobalAveragePool (ditto).
+    global_means: set[str] = field(default_factory=set)  # ReduceMean nodes
 
     def groups(self) -> dict[str, list[str]]:
         by_root: dict[str, list[str]] = {}
@@ -152,11 +188,15 @@ def place(
     exclude,
     excluded_nodes: frozenset[str] = frozenset(),
     outputs_too: bool = False,
+    target: str | None = None,
 ) -> Placement:
     """The placement for ``model``: ``exclude(node)`` (``--exclude``) and ``excluded_nodes``
     (node names, e.g. mixed precision's float set) keep nodes in float. ``outputs_too``:
     graph outputs may be quantized as well (ONNX Runtime fuses DQ→Conv/Gemm→Q only: a
-    Conv or Gemm that writes a float graph output keeps dequantizing its weight every run)."""
+    Conv or Gemm that writes a float graph output keeps dequantizing its weight every run).
+    ``target``: the run's ``--target``; None infers it from ``outputs_too`` (which only
+    ``--target ort`` sets)."""
+    ort = target == "ort" if target is not None else outputs_too
     graph = model.graph
     placement = Placement()
     groups = placement.tensors
@@ -229,6 +269,25 @@ def place(
                     continue
             placement.floats[node.name] = reason or "float (an input is not int8)"
             continue
+        if ort and op in LOOKUP and node.domain == "" and not reason and int8_inputs:
+            out = node.outputs[0]
+            read_in_int8 = any(
+                use.node.op_type in COMPUTE
+                and use.idx < 2
+                and not keep_float(use.node)
+                and not _compute_check(use.node)[2]
+                for use in out.uses()
+            )
+            if read_in_int8 and quantizable(out):  # (never a SiLU's Sigmoid: a Mul reads it)
+                groups.setdefault(out.name, out.name)
+                placement.compute[node.name] = f"int8 (own output scale; ORT: QLinear{op})"
+                continue
+        spatial_mean = ort and op == "ReduceMean" and node.domain == "" and _spatial_mean(node)
+        if spatial_mean and not reason and int8_inputs and quantizable(node.outputs[0]):
+            groups.setdefault(node.outputs[0].name, node.outputs[0].name)
+            placement.compute[node.name] = "int8 (own output scale; as GlobalAveragePool)"
+            placement.global_means.add(node.name)
+            continue
         if op in AVERAGING and not reason and int8_inputs and quantizable(node.outputs[0]):
             groups.setdefault(node.outputs[0].name, node.outputs[0].name)
             placement.compute[node.name] = "int8 (own output scale)"
@@ -255,7 +314,52 @@ def place(
             else "float (no int8 kernel)"
         )
     _compress(groups)
+    if ort:
+        _place_silu(graph, placement)
     return placement
+
+
+def _spatial_mean(node: ir.Node) -> bool:
+    """Whether a ReduceMean is a GlobalAveragePool: axes {2, 3} of a 4-D input, kept."""
+    x = node.inputs[0]
+    if x is None or x.shape is None or len(x.shape) != 4 or attribute(node, "keepdims", 1) != 1:
+        return False
+    inputs = list(node.inputs)
+    axes = const_ints(inputs[1]) if len(inputs) > 1 and inputs[1] is not None else None
+    if axes is None:
+        axes = attribute(node, "axes", None)  # before opset 18
+    return axes is not None and sorted(int(a) % 4 for a in axes) == [2, 3]
+
+
+def _silu_mul(sigmoid: ir.Node) -> ir.Node | None:
+    """The Mul of ``x · Sigmoid(x)`` when ``sigmoid`` is the pair's Sigmoid, else None."""
+    x, out = sigmoid.inputs[0], sigmoid.outputs[0]
+    if sigmoid.op_type != "Sigmoid" or x is None or out.is_graph_output():
+        return None
+    uses = out.uses()
+    if len(uses) != 1:
+        return None
+    mul = uses[0].node
+    if mul.op_type != "Mul" or mul.domain != "":
+        return None
+    if sorted([id(v) for v in mul.inputs]) != sorted([id(x), id(out)]):
+        return None
+    return mul
+
+
+def _place_silu(graph: ir.Graph, placement: Placement) -> None:
+    """Mark each float ``Mul(x, Sigmoid(x))`` on a quantized ``x`` for QuickGelu emission.
+    Only on a quantized ``x``: on a float one ORT fuses the pair itself."""
+    for node in graph:
+        if node.op_type != "Sigmoid" or node.domain != "" or node.name not in placement.floats:
+            continue
+        x = node.inputs[0]
+        mul = _silu_mul(node)
+        if mul is None or x.name not in placement.tensors or mul.name not in placement.floats:
+            continue
+        placement.silu[mul.name] = node.name
+        why = "float (SiLU, emitted as one QuickGelu for ONNX Runtime)"
+        placement.floats[node.name] = placement.floats[mul.name] = why
 
 
 def _union(groups: dict[str, str], names: list[str]) -> str:

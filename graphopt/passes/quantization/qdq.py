@@ -6,6 +6,10 @@ and all its consumers read the DQ; weights are stored as int8 initializers follo
 per-channel DequantizeLinear (``axis``); biases stay float (the runtime requantizes them to
 int32 with ``x_scale · w_scale`` when it fuses). The QOperator form (QLinearConv, ...) is
 derived from this in :mod:`graphopt.passes.quantization.qoperator`.
+
+Two ONNX Runtime forms (``--target ort``; why: :mod:`graphopt.passes.quantization.placement`):
+the placement's SiLU pairs are emitted as one ``com.microsoft`` QuickGelu reading the DQ,
+and its spatial ReduceMeans as GlobalAveragePool (the same mean, a form ORT fuses in int8).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.editing import constant_array
+from graphopt.editing import constant_array, replace_value
 from graphopt.passes.quantization.placement import Placement
 from graphopt.passes.quantization.ranges import QuantParams
 from graphopt.passes.quantization.record import TypeChange
@@ -143,7 +147,42 @@ def emit_qdq(
                 ),
             )
         _insert_pair(graph, names, values[tensor], *scales[root], p)
+    for name in sorted(placement.global_means):
+        mean = nodes[name]
+        _replace_node(graph, names, [mean], "", "GlobalAveragePool", [mean.inputs[0]], [])
+    for mul_name in sorted(placement.silu):
+        mul, sigmoid = nodes[mul_name], nodes[placement.silu[mul_name]]
+        alpha = [ir.AttrFloat32("alpha", 1.0)]  # QuickGelu(x) = x·σ(alpha·x)
+        _replace_node(
+            graph, names, [mul, sigmoid], "com.microsoft", "QuickGelu", [sigmoid.inputs[0]], alpha
+        )
+    if placement.silu:
+        model.opset_imports.setdefault("com.microsoft", 1)
     return emitted
+
+
+def _replace_node(
+    graph: ir.Graph,
+    names: _Names,
+    old_nodes: list[ir.Node],
+    domain: str,
+    op_type: str,
+    inputs: list[ir.Value | None],
+    attributes: list[ir.Attr],
+) -> None:
+    """Replace ``old_nodes`` (the first one's output is the result) with one node that keeps
+    the first one's name and output value name (the record and the Q/DQ refer to them)."""
+    first = old_nodes[0]
+    old = first.outputs[0]
+    new = ir.Value(name=names(f"{old.name}_{op_type}"), shape=old.shape, type=old.type)
+    node = ir.Node(domain, op_type, inputs, attributes=attributes, outputs=[new])
+    graph.insert_before(first, node)
+    value_name, node_name = old.name, first.name
+    replace_value(old, new)  # cannot refuse: ``new`` has a producer in this graph
+    graph.remove(old_nodes, safe=True)
+    old.name = None
+    new.name = value_name
+    node.name = node_name
 
 
 def _values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:

@@ -224,7 +224,11 @@ def _place(
     model: ir.Model, settings: QuantSettings, excluded_nodes: frozenset[str] = frozenset()
 ) -> placing.Placement:
     placement = placing.place(
-        model, settings.excluded, excluded_nodes, outputs_too=_outputs_too(settings)
+        model,
+        settings.excluded,
+        excluded_nodes,
+        outputs_too=_outputs_too(settings),
+        target=settings.target,
     )
     _float_matmul_outputs(model, placement)
     return placement
