@@ -280,9 +280,11 @@ def methods(name: str, src: Path, work: Path, calib: dict, calib_npz: Path):
             )
         dst = work / f"{name}.ort_nbits.onnx"
         out.append(("ORT MatMulNBits RTN block 32", dst, lambda d=dst: ort_nbits(src, d)))
-        for mode in ("int8-dynamic", "int8", "int4-weight"):
-            dst = work / f"{name}.graphopt_{mode}.onnx"
-            flags = {"quantize": mode, "target": "ort", "calib": os.fspath(calib_npz)}
+        for mode in ("int8-dynamic", "int8", "int8 --min-cosine 0.995", "int4-weight"):
+            dst = work / f"{name}.graphopt_{mode.split()[0]}{'_mixed' if ' ' in mode else ''}.onnx"
+            flags = {"quantize": mode.split()[0], "target": "ort", "calib": os.fspath(calib_npz)}
+            if "--min-cosine" in mode:
+                flags["min_cosine"] = 0.995
             if mode == "int4-weight":
                 flags["quantize_embeddings"] = True
             out.append(
