@@ -268,7 +268,10 @@ def _layout(
 
 
 def random_calibration(
-    model: ir.Model, shapes: dict[str, tuple[int, ...]], count: int = RANDOM_SAMPLES
+    model: ir.Model,
+    shapes: dict[str, tuple[int, ...]],
+    count: int = RANDOM_SAMPLES,
+    owner: str = "",
 ) -> CalibrationSet:
     """Generated samples (``--calib random``): seeded, dtype-aware, shaped and valued as the
     verification inputs are (scalars stay scalars, a batch axis that is not the first is
@@ -279,7 +282,8 @@ def random_calibration(
     it rejects the defaults, the sizes are enlarged as verification enlarges them
     (:func:`~graphopt.inputs.enlarged_dims`; the run's verification passes the sizes it
     found in ``shapes``), and a batch the model rejects is fed one sample at a time. When
-    nothing runs: a one-line :class:`UserInputError` naming the shapes and the fixes.
+    nothing runs: a one-line :class:`UserInputError` naming the shapes and the fixes (and
+    ``owner``, the pass that asked, when given).
     """
     axes = sample_axes(model)
     given = dict(shapes)
@@ -323,7 +327,8 @@ def random_calibration(
         moved = ", ".join(f"{k} up to {v}" for k, v in last.items() if v != dims[k])
         tried = f"; also fails with {moved}"
     raise UserInputError(
-        f"ONNX Runtime cannot run the model on the generated calibration inputs "
+        f"{owner + ': ' if owner else ''}ONNX Runtime cannot run the model on the generated "
+        "calibration inputs "
         f"({describe_feeds(feeds)}): {_innermost(error)}{tried}; bind sizes with "
         "--input-shape NAME:DxD... or give real data with --calib FILE.npz"
     )

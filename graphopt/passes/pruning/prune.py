@@ -167,7 +167,7 @@ class PrunePass(GraphPass):
             )
             from graphopt.passes.calibration.samples import random_calibration
 
-            calib = random_calibration(model, dict(self.context.input_shapes))
+            calib = random_calibration(model, dict(self.context.input_shapes), owner="prune")
             if calib.note:  # sizes enlarged, or samples fed one at a time: said, not hidden
                 self.context.note(calib.note)
             return calib

@@ -535,7 +535,7 @@ def _one_sample(samples: CalibrationSet) -> dict[str, np.ndarray]:
 def _generated(model: ir.Model, context: PassContext) -> CalibrationSet:
     from graphopt.passes.calibration.samples import random_calibration
 
-    return random_calibration(model, dict(context.input_shapes))
+    return random_calibration(model, dict(context.input_shapes), owner="quantize")
 
 
 def _fidelity(

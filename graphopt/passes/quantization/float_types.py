@@ -152,7 +152,9 @@ def quantize_half(
     else:
         from graphopt.passes.calibration.samples import random_calibration
 
-        sets = {"generated": random_calibration(original, dict(context.input_shapes))}
+        sets = {
+            "generated": random_calibration(original, dict(context.input_shapes), owner="quantize")
+        }
         record.fidelity_source = f"{sets['generated'].count} generated inputs (no --calib)"
     from graphopt.passes.quantization.float_simulation import fidelity_on_runnable
 

@@ -281,7 +281,7 @@ class QuantizePass(GraphPass):
             )
             from graphopt.passes.calibration.samples import random_calibration
 
-            calib = random_calibration(model, dict(self.context.input_shapes))
+            calib = random_calibration(model, dict(self.context.input_shapes), owner="quantize")
             if calib.note:
                 self.context.note(calib.note)
             return calib
