@@ -280,7 +280,7 @@ def methods(name: str, src: Path, work: Path, calib: dict, calib_npz: Path):
             )
         dst = work / f"{name}.ort_nbits.onnx"
         out.append(("ORT MatMulNBits RTN block 32", dst, lambda d=dst: ort_nbits(src, d)))
-        for mode in ("int8-dynamic", "int8", "int8 --min-cosine 0.995", "int4-weight"):
+        for mode in ("int8-dynamic", "int8", "int8 --min-cosine 0.995", "int4-weight", "fp16"):
             dst = work / f"{name}.graphopt_{mode.split()[0]}{'_mixed' if ' ' in mode else ''}.onnx"
             flags = {"quantize": mode.split()[0], "target": "ort", "calib": os.fspath(calib_npz)}
             if "--min-cosine" in mode:
@@ -305,6 +305,10 @@ def methods(name: str, src: Path, work: Path, calib: dict, calib_npz: Path):
     out.append(
         ("graphopt int8 --target ort", dst, lambda d=dst: graphopt_quantize(src, d, **flags))
     )
+    if name in CNNS:
+        dst = work / f"{name}.graphopt_fp16.onnx"
+        fp16 = {"quantize": "fp16", "target": "ort", "calib": os.fspath(calib_npz)}
+        out.append(("graphopt fp16", dst, lambda d=dst: graphopt_quantize(src, d, **fp16)))
     return out
 
 
