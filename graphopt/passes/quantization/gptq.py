@@ -215,19 +215,21 @@ def gptq(
     upper = _inverse_cholesky_upper(h).astype(np.float32)
     del h
     row_block = order // block
-    row_scales = scales[row_block]
-    row_zeros = None if zeros is None else zeros[row_block].astype(np.float32)
     low, high = levels(asymmetric)
     q = np.zeros((k, n), dtype=np.int8)
     for start in range(0, k, GPTQ_BATCH):
         stop = min(start + GPTQ_BATCH, k)
+        # Each batch's rows' scales, gathered per batch: a [K, N] table of them would cost
+        # as much as the weight itself.
+        row_scales = scales[row_block[start:stop]]
+        row_zeros = None if zeros is None else zeros[row_block[start:stop]].astype(np.float32)
         part = work[start:stop].copy()
         errors = np.zeros_like(part)
         inverse = upper[start:stop, start:stop]
         for i in range(stop - start):
             row = part[i]
-            zero = 0.0 if row_zeros is None else row_zeros[start + i]
-            scale = row_scales[start + i]
+            zero = 0.0 if row_zeros is None else row_zeros[i]
+            scale = row_scales[i]
             code = np.clip(np.round(row / scale + zero), low, high)
             q[start + i] = code
             error = (row - (code - zero) * scale) / inverse[i, i]
@@ -288,13 +290,23 @@ class InputStatistics:
 def input_statistics(model, names: list[str], calib, max_channels: int = 8192) -> InputStatistics:
     """Gram matrices of the named activations (last axis = channels) over ``calib``, padded
     positions left out; one ORT run per batch observes them all."""
-    from graphopt.passes.calibration.activations import channel_rows, observe, sequence_mask
+    from graphopt.passes.calibration.activations import observe
+
+    return accumulate_statistics(observe(model, sorted(set(names)), calib), names, max_channels)
+
+
+def accumulate_statistics(
+    observations, names: list[str], max_channels: int = 8192
+) -> InputStatistics:
+    """:class:`InputStatistics` of ``names`` from per-batch ``(feeds, {name: activation})``
+    pairs (whatever ran the model: one session, or a stage of a streaming observer)."""
+    from graphopt.passes.calibration.activations import channel_rows, sequence_mask
 
     names = sorted(set(names))
     grams: dict[str, np.ndarray] = {}
     squares: dict[str, np.ndarray] = {}
     rows_seen: dict[str, int] = dict.fromkeys(names, 0)
-    for feeds, values in observe(model, names, calib):
+    for feeds, values in observations:
         mask = sequence_mask(feeds)
         for name in names:
             array = values[name]

@@ -18,8 +18,9 @@ its sign, as ORT's own quantizer does); the portable form keeps scales positive.
 Only the weights change, one at a time: each is read when it is quantized (an external
 tensor straight from its memory map) and its float copy leaves the graph right after, as does
 each Hessian after its last layer, so a model with external data is not held in memory whole
-on top of its quantized form. (GPTQ/AWQ observe every layer input in one ORT run of the float
-model, and the fidelity check runs ORT on both models: those, not the rounding, set the peak.)
+on top of its quantized form. GPTQ streams too (:func:`_quantize_sequential`): it observes
+one layer input at a time through the layers already quantized, so one Hessian is alive at a
+time. (AWQ still observes every layer input in one ORT run of the float model.)
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from graphopt.passes.calibration.samples import CalibrationSet
 from graphopt.passes.quantization.gptq import (
     InputStatistics,
     Int4Weight,
+    accumulate_statistics,
     gptq,
     input_statistics,
     rtn,
@@ -115,7 +117,7 @@ def quantize_int4(
         for s in sites
     )
     stats = None
-    if method in ("gptq", "awq") and sites:
+    if method == "awq" and sites:
         names = [s.activation.name for s in sites if s.kind != "gather"]
         stats = input_statistics(model, names, fit, MAX_HESSIAN_CHANNELS)
     if method == "awq":
@@ -129,16 +131,24 @@ def quantize_int4(
         model.opset_imports.setdefault(MS_DOMAIN, 1)
     elif model.ir_version < INT4_IR_VERSION:
         model.ir_version = INT4_IR_VERSION
-    record.layers.extend(_quantize_sites(model.graph, sites, settings, stats, scaled))
+    fallbacks = []
+    if method == "gptq" and sites:
+        layers, fallbacks = _quantize_sequential(model, sites, settings, fit)
+        record.layers.extend(layers)
+    else:
+        record.layers.extend(_quantize_sites(model.graph, sites, settings, stats, scaled))
     record.weight_bytes_after = weight_bytes(model)
-    if stats is not None:
+    if method in ("gptq", "awq") and sites:
         unseen = ", not the held-out ones" if held is not None else ""
+        order = ", layer by layer through the layers already quantized" * (method == "gptq")
         record.notes.append(
-            f"{method}: layer inputs observed on {fit.count} calibration samples{unseen}"
+            f"{method}: layer inputs observed on {fit.count} calibration samples{unseen}{order}"
         )
-    if method == "gptq" and stats is not None and stats.fallbacks:
+    if method == "awq" and stats is not None:
+        fallbacks = stats.fallbacks
+    if method == "gptq" and fallbacks:
         record.notes.append(
-            f"{len(stats.fallbacks)} layer input(s) wider than {MAX_HESSIAN_CHANNELS} "
+            f"{len(fallbacks)} layer input(s) wider than {MAX_HESSIAN_CHANNELS} "
             "channels: activation-weighted RTN instead of GPTQ"
         )
     if not sites:
@@ -176,6 +186,42 @@ def _quantize_sites(
     return layers
 
 
+def _quantize_sequential(
+    model: ir.Model, sites: list[Site], settings: QuantSettings, calib: CalibrationSet
+) -> tuple[list[LayerPrecision], list[str]]:
+    """GPTQ one layer input at a time (the paper's sequential order), streaming.
+
+    Sites that read the same input (q/k/v, gate/up) form one stage. A stage observes its input
+    on the model as the earlier stages left it, so each Hessian sees the error of the layers
+    already quantized, and the staged observer runs only the nodes between the last stage's
+    frontier and this input, fed from the frontier values it kept: one pass over the model,
+    with only that stretch's (already quantized) weights in the ORT session. Alive at a time:
+    one stage's Hessian and one float weight, not every Hessian and a whole float model.
+    Stages go in graph order of their first site; a site upstream of an input belongs to an
+    earlier stage (it precedes that input's readers), so nothing the observer has run is ever
+    rewritten (the observer's contract).
+    """
+    from graphopt.passes.pruning.incremental import IncrementalObserver
+
+    stages: dict[int, list[Site]] = {}
+    for site in sites:
+        key = id(site) if site.kind == "gather" else id(site.activation)
+        stages.setdefault(key, []).append(site)
+    observer = IncrementalObserver(model, list(calib.batches()), calib.source)
+    layers: list[LayerPrecision] = []
+    fallbacks: list[str] = []
+    for group in stages.values():
+        stats = None
+        if group[0].kind != "gather":
+            # Read now: an earlier stage's emission may have renamed this input.
+            name = group[0].activation.name
+            stats = accumulate_statistics(observer.advance([name]), [name], MAX_HESSIAN_CHANNELS)
+            fallbacks.extend(stats.fallbacks)
+        layers.extend(_quantize_sites(model.graph, group, settings, stats, {}))
+        del stats  # this stage's Hessian: gone before the next one is gathered
+    return layers, fallbacks
+
+
 def _stored_as(site: Site, settings: QuantSettings, ort: bool) -> str:
     """What the weight's element type becomes (the report's type-change line)."""
     if ort:
@@ -199,7 +245,7 @@ def _fidelity_sets(
         from graphopt.passes.calibration.samples import random_calibration
 
         try:
-            calib = random_calibration(model, dict(context.input_shapes))
+            calib = random_calibration(model, dict(context.input_shapes), owner="quantize")
         except UserInputError as exc:
             context.note(f"quantize int4-weight: fidelity not measured: {exc}")
             return {}, ""
