@@ -50,7 +50,9 @@ def _chunks(tensor: ir.TensorProtocol, limit: int | None = None) -> Iterator[byt
             data = tensor.tobytes()
             yield data if limit is None else data[:limit]
         else:
-            yield raw if limit is None else raw[:limit]
+            # A memoryview, not the array: callers compare and test chunks as bytes (an
+            # array's truth value is ambiguous; an external tensor's chunks are bytes).
+            yield memoryview(raw if limit is None else raw[:limit])
 
 
 def _raw_view(tensor: ir.TensorProtocol) -> np.ndarray | None:

@@ -159,6 +159,33 @@ def test_dedup_external_data(tmp_path):
     assert hits == 1 and len(after.graph.initializers) == 1
 
 
+def test_dedup_compares_an_external_tensor_with_an_in_memory_twin(tmp_path):
+    """A pass that replaced one of two external weights (quantization writes new in-memory
+    tensors) leaves an external and an in-memory tensor with equal bytes: compared chunk by
+    chunk, which once tested a numpy chunk's truth value and crashed (rolled back)."""
+    import onnx_ir as ir
+
+    w = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+    model = make_model(
+        [
+            helper.make_node("MatMul", ["x", "w1"], ["a"]),
+            helper.make_node("MatMul", ["a", "w2"], ["y"]),
+        ],
+        [tensor_info("x", F, [2, 64])],
+        [tensor_info("y", F, [2, 64])],
+        {"w1": w, "w2": w.copy()},
+    )
+    path = tmp_path / "m.onnx"
+    onnx.save(
+        io.to_proto(model), path, save_as_external_data=True, size_threshold=0, location="m.data"
+    )
+    loaded = io.load(path).model
+    w2 = loaded.graph.initializers["w2"]
+    w2.const_value = ir.Tensor(w.copy(), name="w2")  # now in memory, w1 still external
+    after, hits = run_pass(loaded, DedupInitializersPass)
+    assert hits == 1 and len(after.graph.initializers) == 1
+
+
 def test_unused_initializers_and_dead_code():
     model = make_model(
         [helper.make_node("Relu", ["x"], ["y"]), helper.make_node("Neg", ["x"], ["dead"])],
