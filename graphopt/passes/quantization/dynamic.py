@@ -432,23 +432,7 @@ def quantize_dynamic(
     ort = settings.target == "ort"
     fit, held = calib.split(settings.holdout) if calib is not None else (None, None)
 
-    alpha = settings.smoothquant
-    if alpha != 0:
-        if fit is None:
-            if alpha > 0 or _any_layer_norm_fed(model):
-                record.notes.append(
-                    "SmoothQuant skipped: it needs calibration data (--calib FILE.npz)"
-                )
-        else:
-            chosen = smoothquant.DEFAULT_ALPHA if alpha < 0 else alpha
-            # Unset: only where a LayerNormalization feeds the layers (outlier channels).
-            select = smoothquant.layer_norm_fed if alpha < 0 else (lambda linear: True)
-            done = smoothquant.smooth(
-                model, fit, chosen, lambda lin: select(lin) and not settings.excluded(lin.node)
-            )
-            if done.groups:
-                record.notes.append(f"{done.note}, alpha {chosen:g}")
-            record.notes.extend(f"SmoothQuant skipped {why}" for why in done.skipped)
+    smoothquant.apply_settings(model, settings, fit, record.notes)
 
     keep: frozenset[str] = frozenset()
     if settings.mixed_precision:
@@ -459,12 +443,6 @@ def quantize_dynamic(
     record.weight_bytes_after = weight_bytes(model)
     _fidelity(original, model, calib, fit, held, context, record)
     return record
-
-
-def _any_layer_norm_fed(model: ir.Model) -> bool:
-    from graphopt.passes.quantization.smoothquant import layer_norm_fed
-
-    return any(layer_norm_fed(linear) for linear in find_linears(model)[0])
 
 
 def _mixed_precision(

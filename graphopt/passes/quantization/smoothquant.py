@@ -26,6 +26,7 @@ from graphopt import editing
 from graphopt.passes.calibration.activations import channel_rows, observe, sequence_mask
 from graphopt.passes.calibration.samples import CalibrationSet
 from graphopt.passes.quantization.dynamic import Linear, find_linears
+from graphopt.passes.quantization.settings import QuantSettings
 
 DEFAULT_ALPHA = 0.5
 # Factors beyond this range come from channels that are (nearly) zero on the calibration
@@ -198,3 +199,27 @@ def _scale_weight_rows(model: ir.Model, linear: Linear, s: np.ndarray) -> None:
 
 def _add(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
     return editing.add_initializer(graph, base, np.ascontiguousarray(array, dtype=np.float32))
+
+
+def apply_settings(
+    model: ir.Model, settings: QuantSettings, calib: CalibrationSet | None, notes: list[str]
+) -> None:
+    """SmoothQuant as the run's settings ask (``settings.smoothquant``: -1 unset, 0 off, else
+    alpha), for int8-dynamic and static int8 alike; what it did or skipped goes to ``notes``.
+
+    Unset means alpha :data:`DEFAULT_ALPHA` on the MatMuls a normalization feeds only: their
+    inputs carry the outlier channels that one per-tensor activation scale handles worst
+    (measured on MiniLM: smoothing the Gelu-fed ones too lost accuracy)."""
+    alpha = settings.smoothquant
+    if alpha == 0:
+        return
+    if calib is None:
+        if alpha > 0 or any(map(layer_norm_fed, find_linears(model)[0])):
+            notes.append("SmoothQuant skipped: it needs calibration data (--calib FILE.npz)")
+        return
+    chosen = DEFAULT_ALPHA if alpha < 0 else alpha
+    select = layer_norm_fed if alpha < 0 else (lambda linear: True)
+    done = smooth(model, calib, chosen, lambda lin: select(lin) and not settings.excluded(lin.node))
+    if done.groups:
+        notes.append(f"{done.note}, alpha {chosen:g}")
+    notes.extend(f"SmoothQuant skipped {why}" for why in done.skipped)

@@ -96,7 +96,9 @@ def quantize_static(
     original = model.clone()
     fit, held = calib.split(settings.holdout)
     _equalize(model, settings, fit, record)
-    _smooth(model, settings, fit, record)
+    from graphopt.passes.quantization import smoothquant
+
+    smoothquant.apply_settings(model, settings, fit, record.notes)
     plan = make_plan(model, settings, fit)
     excluded: frozenset[str] = frozenset()
     if settings.mixed_precision:
@@ -357,27 +359,6 @@ def _equalize(
             record.notes.append("--equalize defaulted on: the model has depthwise convolutions")
     if wanted:
         record.notes.append(equalization.equalize(model, settings, calib))
-
-
-def _smooth(
-    model: ir.Model, settings: QuantSettings, calib: CalibrationSet, record: QuantRecord
-) -> None:
-    """SmoothQuant for the MatMuls a normalization feeds (the int8-dynamic rule): their
-    inputs carry the outlier channels that one per-tensor activation scale handles worst."""
-    from graphopt.passes.quantization import smoothquant
-
-    alpha = settings.smoothquant
-    if alpha == 0:
-        return
-    chosen = smoothquant.DEFAULT_ALPHA if alpha < 0 else alpha
-    # Unset (-1): only where a LayerNormalization feeds the layers.
-    select = smoothquant.layer_norm_fed if alpha < 0 else (lambda linear: True)
-    done = smoothquant.smooth(
-        model, calib, chosen, lambda lin: select(lin) and not settings.excluded(lin.node)
-    )
-    if done.groups:
-        record.notes.append(f"{done.note}, alpha {chosen:g}")
-    record.notes.extend(f"SmoothQuant skipped {why}" for why in done.skipped)
 
 
 def _mixed_precision(
