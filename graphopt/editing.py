@@ -141,7 +141,14 @@ def unique_name(graph: ir.Graph, base: str) -> str:
 
 def add_initializer(graph: ir.Graph, base_name: str, array: np.ndarray) -> ir.Value:
     """A new initializer holding ``array`` under a fresh name."""
-    name = unique_name(graph, base_name)
+    return register_array(graph, unique_name(graph, base_name), array)
+
+
+def register_array(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """A new initializer holding ``array`` under ``name``, which the caller knows is free.
+
+    For passes that add many tensors and keep their own table of taken names (quantization
+    adds several per layer): :func:`unique_name` scans the whole graph on every call."""
     value = ir.Value(
         name=name,
         shape=ir.Shape(array.shape),

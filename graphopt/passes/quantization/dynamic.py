@@ -357,15 +357,7 @@ class _Names:
         return name
 
     def add(self, graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
-        name = self.name(base)
-        value = ir.Value(
-            name=name,
-            shape=ir.Shape(array.shape),
-            type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-            const_value=ir.Tensor(array, name=name),
-        )
-        graph.register_initializer(value)
-        return value
+        return editing.register_array(graph, self.name(base), array)
 
 
 def lower(

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.editing import constant_array, replace_value
+from graphopt.editing import constant_array, register_array, replace_value
 from graphopt.passes.quantization.placement import Placement
 from graphopt.passes.quantization.ranges import QuantParams
 from graphopt.passes.quantization.record import TypeChange
@@ -89,17 +89,6 @@ class _Names:
         return name
 
 
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    value = ir.Value(
-        name=name,
-        shape=ir.Shape(array.shape),
-        type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-        const_value=ir.Tensor(array, name=name),
-    )
-    graph.register_initializer(value)
-    return value
-
-
 def emit_qdq(
     model: ir.Model,
     placement: Placement,
@@ -141,8 +130,8 @@ def emit_qdq(
         p = params[root]
         if root not in scales:
             scales[root] = (
-                _initializer(graph, names(f"{root}_scale"), np.array(p.scale, dtype=np.float32)),
-                _initializer(
+                register_array(graph, names(f"{root}_scale"), np.array(p.scale, dtype=np.float32)),
+                register_array(
                     graph, names(f"{root}_zero_point"), np.array(p.zero_point, p.numpy_dtype)
                 ),
             )
@@ -203,9 +192,9 @@ def _weight_dq(
 ) -> ir.Value:
     base = weight.name
     inputs = [
-        _initializer(graph, names(f"{base}_quantized"), q.values),
-        _initializer(graph, names(f"{base}_scale"), q.scale),
-        _initializer(graph, names(f"{base}_zero_point"), np.zeros(q.scale.shape, np.int8)),
+        register_array(graph, names(f"{base}_quantized"), q.values),
+        register_array(graph, names(f"{base}_scale"), q.scale),
+        register_array(graph, names(f"{base}_zero_point"), np.zeros(q.scale.shape, np.int8)),
     ]
     attributes = [] if q.axis is None else [ir.AttrInt64("axis", q.axis)]
     out = ir.Value(
@@ -259,7 +248,7 @@ def _shift_bias(graph: ir.Graph, names: _Names, node: ir.Node, shift: np.ndarray
         return False
     new = (bias.astype(np.float64) - shift).astype(np.float32)
     base = old.name if old is not None else f"{node.name}_bias"
-    value = _initializer(graph, names(f"{base}_corrected"), new)
+    value = register_array(graph, names(f"{base}_corrected"), new)
     if len(node.inputs) <= index:
         node.resize_inputs(index + 1)
     node.replace_input_with(index, value)

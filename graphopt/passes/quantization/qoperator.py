@@ -14,9 +14,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.editing import attribute, constant_array
+from graphopt.editing import attribute, constant_array, register_array
 from graphopt.passes.quantization.placement import DATA_MOVEMENT
-from graphopt.passes.quantization.qdq import Emitted, _initializer, _Names
+from graphopt.passes.quantization.qdq import Emitted, _Names
 from graphopt.passes.quantization.record import TypeChange
 
 MS_DOMAIN = "com.microsoft"
@@ -120,7 +120,7 @@ def _convert_compute(graph: ir.Graph, names: _Names, node: ir.Node, emitted: Emi
                 return False
             scale = float(constant_array(a.inputs[1])) * constant_array(w.inputs[1])
             b32 = np.rint(bias.astype(np.float64) / scale).astype(np.int32)
-            new_inputs.append(_initializer(graph, names(f"{inputs[2].name}_int32"), b32))
+            new_inputs.append(register_array(graph, names(f"{inputs[2].name}_int32"), b32))
         domain, new_op = "", "QLinearConv"
     elif op == "MatMul":
         b = _weight_dq(inputs[1]) or _activation_dq(inputs[1])
