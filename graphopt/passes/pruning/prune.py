@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import onnx_ir as ir
 
 from graphopt.errors import UserInputError
+from graphopt.passes.calibration import CALIB_OPTION
 from graphopt.passes.pruning.settings import (
     ALLOCATIONS,
     COMPENSATIONS,
@@ -78,14 +79,7 @@ class PrunePass(GraphPass):
             flag="--round-to",
             metavar="N",
         ),
-        PassOption(
-            "calib",
-            str,
-            "",
-            "calibration samples: one [N, ...] array per model input (random: generated)",
-            flag="--calib",
-            metavar="FILE.npz|random",
-        ),
+        CALIB_OPTION,
         # Numeric defaults are PruneSettings' own: one value for the CLI, the API and recipes.
         PassOption(
             "max_group_ratio",

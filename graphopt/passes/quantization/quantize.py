@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import onnx_ir as ir
 
 from graphopt.errors import UserInputError
+from graphopt.passes.calibration import CALIB_OPTION
 from graphopt.passes.quantization.settings import (
     ACTIVATION_TYPES,
     BLOCK_SIZES,
@@ -53,14 +54,7 @@ class QuantizePass(GraphPass):
     )
     options = (
         PassOption("mode", str, "", "quantization mode", choices=tuple(MODES)),
-        PassOption(
-            "calib",
-            str,
-            "",
-            "calibration samples: one [N, ...] array per model input (random: generated)",
-            flag="--calib",
-            metavar="FILE.npz|random",
-        ),
+        CALIB_OPTION,
         PassOption(
             "calib_method",
             str,
