@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 
 from graphopt import __version__
+from graphopt.commands import COMMANDS
 from graphopt.errors import (
     EXIT_BAD_INPUT,
     EXIT_INTERRUPTED,
@@ -190,6 +191,8 @@ def build_parser(lossy_flags: bool = True) -> argparse.ArgumentParser:
         help="list the registered passes",
         description="List every pass: name, exact or lossy, stage, subgraph handling, description.",
     )
+    for name in COMMANDS:
+        _command_module(name).add_parser(commands)
     return parser
 
 
@@ -214,6 +217,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help()
             return EXIT_BAD_INPUT
         _stage[0] = f"running graphopt {args.command}"
+        if args.command in COMMANDS:
+            return _command_module(args.command).run(args, out, err)
         return _COMMANDS[args.command](args, out, err)
     except GraphoptError as exc:
         err.print(f"graphopt: error: {exc}", markup=False, soft_wrap=True)
@@ -497,6 +502,12 @@ def _names(text: str) -> list[str]:
     if not names:
         raise UserInputError("expected a comma-separated list of pass names")
     return names
+
+
+def _command_module(name: str):
+    import importlib
+
+    return importlib.import_module(f"graphopt.commands.{COMMANDS[name]}")
 
 
 _COMMANDS = {

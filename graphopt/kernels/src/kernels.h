@@ -1,0 +1,96 @@
+// graphopt's sparse kernels: the plain C++ interface every kernel file implements.
+//
+// The ORT binding (ort_binding.cc) and the standalone test binary (kernel_tests.cc) call only
+// these functions, so a kernel never sees ORT types and can be tested under sanitizers alone.
+// Layouts are documented in graphopt/kernels/LAYOUTS.md; graphopt/kernels/packing.py writes
+// them. All sizes are int64_t; pointers are never null unless the comment says "may be null".
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace graphopt {
+
+// Instruction-set tiers, lowest to highest. detect_isa() reads the CPU once;
+// selected_isa() is detect_isa() capped by the environment variable GRAPHOPT_KERNELS_ISA
+// (scalar|avx2|avx512|avx512vnni) so tests can force the fallback (a cap, never a raise).
+enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512 = 2, Avx512Vnni = 3 };
+Isa detect_isa();
+Isa selected_isa();
+const char* isa_name(Isa isa);
+
+// Fused epilogue after the bias: none, max(x, 0), or GELU (erf form, as ONNX's Gelu).
+enum class Activation : int { None = 0, Relu = 1, Gelu = 2 };
+
+// How a kernel splits work: calls fn(arg, i) for every i in [0, n), possibly concurrently.
+// The ORT binding runs it on the session's intra-op pool (KernelContext_ParallelFor); tests
+// run it serially or on std::threads. A kernel must give each i a disjoint part of Y.
+struct Parallel {
+  void (*run)(const Parallel& self, size_t n, void (*fn)(void* arg, size_t i), void* arg);
+  void* state;      // for run's use
+  int threads;      // how many run may use at once (>= 1), for choosing n
+};
+Parallel serial_parallel();  // runs fn(arg, 0..n-1) in order on the calling thread
+
+// Block-sparse W (logical [K, N], the MatMul's B) in BSR over output rows:
+// block row i covers outputs n in [i*R, i*R+R), block column j covers k in [j*C, j*C+C).
+// values[b*R*C + r*C + c] = W[col_idx[b]*C + c, i*R + r] for b in [row_ptr[i], row_ptr[i+1]);
+// entries past K or N are zero (padding). row_ptr has ceil(N/R)+1 entries, row_ptr[0] == 0.
+struct BsrF32 {
+  int64_t K, N;
+  int32_t R, C;
+  int64_t nnzb;
+  const float* values;     // [nnzb, R, C]
+  const int32_t* col_idx;  // [nnzb], each < ceil(K/C), increasing within a block row
+  const int32_t* row_ptr;  // [ceil(N/R)+1]
+};
+
+// 2:4 along K: for output n and group g (k in [4g, 4g+4)), two kept values and their
+// positions p0 < p1 in [0, 4). K % 4 == 0.
+// values[n*(K/2) + 2g + t] is W[4g + p_t, n]; indices[n*ceil(K/8) + g/2] holds group g's
+// positions in its low nibble (g even) or high nibble (g odd): bits 0-1 p0, bits 2-3 p1.
+struct Packed24F32 {
+  int64_t K, N;
+  const float* values;     // [N, K/2]
+  const uint8_t* indices;  // [N, ceil(K/8)]
+};
+
+// Int8 block-sparse W, same BSR layout as BsrF32 with int8 values, C % 4 == 0.
+// Symmetric weights: w_real = w_scale[n] * w (w_scale_size is 1 or N).
+// w_rowsum[n] = sum_k W[k, n] (int32, for the activation zero point), N entries.
+struct BsrS8 {
+  int64_t K, N;
+  int32_t R, C;
+  int64_t nnzb;
+  const int8_t* values;
+  const int32_t* col_idx;
+  const int32_t* row_ptr;
+  const float* w_scale;
+  int64_t w_scale_size;
+  const int32_t* w_rowsum;
+};
+
+// Y[M, N] = act(A[M, K] @ W + bias); bias may be null. A and Y are row-major, contiguous.
+void sparse_matmul_f32(const float* A, int64_t M, const BsrF32& W, const float* bias,
+                       Activation act, float* Y, const Parallel& par, Isa isa);
+void sparse_matmul_f32_reference(const float* A, int64_t M, const BsrF32& W, const float* bias,
+                                 Activation act, float* Y);
+
+void sparse_matmul_24_f32(const float* A, int64_t M, const Packed24F32& W, const float* bias,
+                          Activation act, float* Y, const Parallel& par, Isa isa);
+void sparse_matmul_24_f32_reference(const float* A, int64_t M, const Packed24F32& W,
+                                    const float* bias, Activation act, float* Y);
+
+// Y[M, N] (float) = act(a_scale * w_scale[n] * sum_k (A[m,k] - a_zero_point) * W[k,n] + bias)
+// A is uint8 [M, K] (as ORT's QLinearMatMul takes activations).
+void sparse_qmatmul_s8(const uint8_t* A, int64_t M, float a_scale, uint8_t a_zero_point,
+                       const BsrS8& W, const float* bias, Activation act, float* Y,
+                       const Parallel& par, Isa isa);
+void sparse_qmatmul_s8_reference(const uint8_t* A, int64_t M, float a_scale,
+                                 uint8_t a_zero_point, const BsrS8& W, const float* bias,
+                                 Activation act, float* Y);
+
+// Shared epilogue (epilogue.cc): Y[i] = act(Y[i] + bias[n]) for one row of N outputs.
+void apply_epilogue_row(float* y, int64_t N, const float* bias, Activation act);
+
+}  // namespace graphopt
