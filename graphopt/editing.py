@@ -139,6 +139,37 @@ def unique_name(graph: ir.Graph, base: str) -> str:
     return f"{base}_{index}"
 
 
+class NameTable:
+    """Fresh names for a pass that adds many values, nodes or initializers.
+
+    One scan of the model (initializers, inputs, node names and outputs, subgraphs included:
+    value and node names share one namespace here, which is stricter than ONNX needs), then a
+    set: :func:`unique_name` scans the whole graph on every call, which is quadratic for a pass
+    that adds several names per layer.
+    """
+
+    def __init__(self, graph: ir.Graph) -> None:
+        self.taken: set[str] = set(graph.initializers)
+        self.taken.update(v.name for v in graph.inputs if v.name)
+        for node in ir.traversal.RecursiveGraphIterator(graph):
+            if node.name:
+                self.taken.add(node.name)
+            self.taken.update(o.name for o in node.outputs if o.name)
+
+    def take(self, base: str) -> str:
+        """``base``, or ``base_1``, ``base_2``, ... : the first name not taken; now taken."""
+        name, index = base, 1
+        while name in self.taken:
+            name = f"{base}_{index}"
+            index += 1
+        self.taken.add(name)
+        return name
+
+    def add_initializer(self, graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
+        """A new initializer of ``graph`` holding ``array`` under a fresh name."""
+        return register_array(graph, self.take(base), array)
+
+
 def add_initializer(graph: ir.Graph, base_name: str, array: np.ndarray) -> ir.Value:
     """A new initializer holding ``array`` under a fresh name."""
     return register_array(graph, unique_name(graph, base_name), array)

@@ -194,7 +194,7 @@ class Lowering:
         self.graph = model.graph
         self.ort = ort
         self.per_channel = per_channel
-        self.maker = _Names(model)
+        self.maker = editing.NameTable(model.graph)
         # One DynamicQuantizeLinear per activation, shared by every layer reading it.
         self.quantized_inputs: dict[int, tuple[ir.Value, ir.Value, ir.Value]] = {}
         self.changes: list[TypeChange] = []
@@ -219,16 +219,16 @@ class Lowering:
         return "int8 per-channel" if self.per_channel else "int8 per-tensor"
 
     def _initializer(self, base: str, array: np.ndarray) -> ir.Value:
-        return self.maker.add(self.graph, base, array)
+        return self.maker.add_initializer(self.graph, base, array)
 
     def _dynamic_input(self, linear: Linear) -> tuple[ir.Value, ir.Value, ir.Value]:
         x = linear.input
         if id(x) not in self.quantized_inputs:
             base = x.name or "x"
             outputs = [
-                ir.Value(name=self.maker.name(f"{base}_quantized")),
-                ir.Value(name=self.maker.name(f"{base}_scale")),
-                ir.Value(name=self.maker.name(f"{base}_zero_point")),
+                ir.Value(name=self.maker.take(f"{base}_quantized")),
+                ir.Value(name=self.maker.take(f"{base}_scale")),
+                ir.Value(name=self.maker.take(f"{base}_zero_point")),
             ]
             node = ir.Node(
                 "", "DynamicQuantizeLinear", [x], outputs=outputs, name=f"{base}_QuantizeLinear"
@@ -246,10 +246,10 @@ class Lowering:
     def _standard(self, linear, xq, xs, xzp, q_value, scale_value) -> str:
         """DynamicQuantizeLinear → MatMulInteger → Cast → Mul (ORT fuses this pattern too)."""
         node, base = linear.node, linear.name
-        acc = ir.Value(name=self.maker.name(f"{base}_int32"))
-        floats = ir.Value(name=self.maker.name(f"{base}_int32_float"))
-        scales = ir.Value(name=self.maker.name(f"{base}_scales"))
-        out = ir.Value(name=self.maker.name(f"{base}_dequantized"))
+        acc = ir.Value(name=self.maker.take(f"{base}_int32"))
+        floats = ir.Value(name=self.maker.take(f"{base}_int32_float"))
+        scales = ir.Value(name=self.maker.take(f"{base}_scales"))
+        out = ir.Value(name=self.maker.take(f"{base}_dequantized"))
         nodes = [
             ir.Node("", "MatMulInteger", [xq, q_value, xzp], outputs=[acc], name=f"{base}_int"),
             ir.Node(
@@ -264,7 +264,7 @@ class Lowering:
             ir.Node("", "Mul", [floats, scales], outputs=[out], name=f"{base}_dequantize"),
         ]
         if linear.bias is not None and node.op_type == "Gemm":
-            biased = ir.Value(name=self.maker.name(f"{base}_biased"))
+            biased = ir.Value(name=self.maker.take(f"{base}_biased"))
             nodes.append(
                 ir.Node("", "Add", [out, linear.bias], outputs=[biased], name=f"{base}_bias")
             )
@@ -274,7 +274,7 @@ class Lowering:
 
     def _integer_to_float(self, linear, xq, xs, xzp, q_value, scale_value) -> str:
         node, base = linear.node, linear.name
-        out = ir.Value(name=self.maker.name(f"{base}_dequantized"))
+        out = ir.Value(name=self.maker.take(f"{base}_dequantized"))
         replaced = node.outputs[0]
         bias = linear.bias
         columns = linear.weight.shape[1]
@@ -297,7 +297,7 @@ class Lowering:
 
     def _qattention(self, linear, xq, xs, xzp, q_value, scale_value) -> str:
         node, base = linear.node, linear.name
-        out = ir.Value(name=self.maker.name(f"{base}_out"))
+        out = ir.Value(name=self.maker.take(f"{base}_out"))
         mask = node.inputs[3] if len(node.inputs) > 3 else None
         attributes = [a for k, a in sorted(node.attributes.items()) if k != "qkv_hidden_sizes"]
         fused = ir.Node(
@@ -337,27 +337,6 @@ class Lowering:
             value = self.graph.initializers[name]
             if not value.uses() and not value.is_graph_output() and not value.is_graph_input():
                 del self.graph.initializers[name]
-
-
-class _Names:
-    """Fresh value names (one scan of the model, then a set)."""
-
-    def __init__(self, model: ir.Model) -> None:
-        self.taken = set(model.graph.initializers)
-        self.taken.update(v.name for v in model.graph.inputs if v.name)
-        for node in ir.traversal.RecursiveGraphIterator(model.graph):
-            self.taken.update(o.name for o in node.outputs if o.name)
-
-    def name(self, base: str) -> str:
-        name, index = base, 1
-        while name in self.taken:
-            name = f"{base}_{index}"
-            index += 1
-        self.taken.add(name)
-        return name
-
-    def add(self, graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
-        return editing.register_array(graph, self.name(base), array)
 
 
 def lower(

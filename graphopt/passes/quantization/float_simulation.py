@@ -16,7 +16,7 @@ import onnx_ir as ir
 
 from graphopt import editing
 from graphopt.passes.calibration.samples import CalibrationSet
-from graphopt.passes.quantization.float_types import FLOAT, NameSource, cast_node
+from graphopt.passes.quantization.float_types import FLOAT, cast_node
 from graphopt.passes.quantization.record import measure_fidelity
 
 
@@ -60,7 +60,7 @@ def simulation(model: ir.Model, low: ir.DataType) -> ir.Model:
     bf16/fp16 runs on ORT's CPU provider), which is the emitted model's rounding."""
     sim = model.clone()
     graph = sim.graph
-    names = NameSource(graph)
+    names = editing.NameTable(graph)
     for node in list(graph):
         if editing.is_op(node, ("Cast", "Constant")) or node.domain not in editing.DEFAULT_DOMAINS:
             continue

@@ -498,7 +498,7 @@ def apply_plan(model: ir.Model, plan: Plan, low: ir.DataType) -> list[TypeChange
     for value in lowered:
         changes.append(TypeChange(value.name or "", dtype_name(FLOAT), dtype_name(low)))
     # 3. Casts wherever a value's type is not what its reader expects.
-    names = NameSource(graph)
+    names = editing.NameTable(graph)
     lowered_ids = {id(v) for v in lowered}
     for value in _float_values(graph):
         if id(value) in lowered_ids or value.dtype in (FLOAT, None):
@@ -530,7 +530,7 @@ def _fix_uses(
     value: ir.Value,
     plan: Plan,
     low: ir.DataType,
-    names: NameSource,
+    names: editing.NameTable,
     is_low: bool,
 ) -> None:
     """Insert one Cast per needed type and point the readers that need it at it."""
@@ -566,7 +566,7 @@ def _insert_after_source(graph: ir.Graph, value: ir.Value, node: ir.Node) -> Non
         graph.append(node)
 
 
-def cast_node(value: ir.Value, to: ir.DataType, name: str, names: NameSource) -> ir.Node:
+def cast_node(value: ir.Value, to: ir.DataType, name: str, names: editing.NameTable) -> ir.Node:
     out = ir.Value(name=name, type=ir.TensorType(to), shape=value.shape)
     return ir.Node(
         "",
@@ -576,24 +576,6 @@ def cast_node(value: ir.Value, to: ir.DataType, name: str, names: NameSource) ->
         outputs=[out],
         name=names.take(f"{name}_cast"),
     )
-
-
-class NameSource:
-    """Fresh value and node names (one namespace, both checked against the graph)."""
-
-    def __init__(self, graph: ir.Graph) -> None:
-        self.taken = set(graph.initializers) | {v.name for v in graph.inputs}
-        for node in ir.traversal.RecursiveGraphIterator(graph):
-            self.taken.add(node.name)
-            self.taken.update(o.name for o in node.outputs)
-
-    def take(self, base: str) -> str:
-        name, index = base, 1
-        while name in self.taken:
-            name = f"{base}_{index}"
-            index += 1
-        self.taken.add(name)
-        return name
 
 
 def _store_low(value: ir.Value, low: ir.DataType) -> None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.editing import constant_array, register_array, replace_value
+from graphopt.editing import NameTable, constant_array, register_array, replace_value
 from graphopt.passes.quantization.placement import Placement
 from graphopt.passes.quantization.ranges import QuantParams
 from graphopt.passes.quantization.record import TypeChange
@@ -70,25 +70,6 @@ class Emitted:
     corrected: set[str] = field(default_factory=set)  # nodes whose bias was corrected
 
 
-class _Names:
-    """Fresh value names, checked against everything the graph already uses (fast)."""
-
-    def __init__(self, graph: ir.Graph) -> None:
-        self.taken = set(graph.initializers) | {v.name for v in graph.inputs}
-        for node in graph:
-            self.taken.update(o.name for o in node.outputs if o.name)
-            if node.name:
-                self.taken.add(node.name)
-
-    def __call__(self, base: str) -> str:
-        name, index = base, 1
-        while name in self.taken:
-            name = f"{base}_{index}"
-            index += 1
-        self.taken.add(name)
-        return name
-
-
 def emit_qdq(
     model: ir.Model,
     placement: Placement,
@@ -100,7 +81,7 @@ def emit_qdq(
     group root. With ``input_means`` (node -> per-channel mean of its input on calibration
     data), each node's bias absorbs the mean output shift its weight rounding causes."""
     graph = model.graph
-    names = _Names(graph)
+    names = NameTable(graph)
     emitted = Emitted()
     nodes = {node.name: node for node in graph}
     order = {node.name: i for i, node in enumerate(graph)}
@@ -130,9 +111,11 @@ def emit_qdq(
         p = params[root]
         if root not in scales:
             scales[root] = (
-                register_array(graph, names(f"{root}_scale"), np.array(p.scale, dtype=np.float32)),
                 register_array(
-                    graph, names(f"{root}_zero_point"), np.array(p.zero_point, p.numpy_dtype)
+                    graph, names.take(f"{root}_scale"), np.array(p.scale, dtype=np.float32)
+                ),
+                register_array(
+                    graph, names.take(f"{root}_zero_point"), np.array(p.zero_point, p.numpy_dtype)
                 ),
             )
         _insert_pair(graph, names, values[tensor], *scales[root], p)
@@ -152,7 +135,7 @@ def emit_qdq(
 
 def _replace_node(
     graph: ir.Graph,
-    names: _Names,
+    names: NameTable,
     old_nodes: list[ir.Node],
     domain: str,
     op_type: str,
@@ -163,7 +146,7 @@ def _replace_node(
     the first one's name and output value name (the record and the Q/DQ refer to them)."""
     first = old_nodes[0]
     old = first.outputs[0]
-    new = ir.Value(name=names(f"{old.name}_{op_type}"), shape=old.shape, type=old.type)
+    new = ir.Value(name=names.take(f"{old.name}_{op_type}"), shape=old.shape, type=old.type)
     node = ir.Node(domain, op_type, inputs, attributes=attributes, outputs=[new])
     graph.insert_before(first, node)
     value_name, node_name = old.name, first.name
@@ -188,17 +171,17 @@ def _position(value: ir.Value, order: dict[str, int]) -> int:
 
 
 def _weight_dq(
-    graph: ir.Graph, names: _Names, node: ir.Node, weight: ir.Value, q: QuantizedWeight
+    graph: ir.Graph, names: NameTable, node: ir.Node, weight: ir.Value, q: QuantizedWeight
 ) -> ir.Value:
     base = weight.name
     inputs = [
-        register_array(graph, names(f"{base}_quantized"), q.values),
-        register_array(graph, names(f"{base}_scale"), q.scale),
-        register_array(graph, names(f"{base}_zero_point"), np.zeros(q.scale.shape, np.int8)),
+        register_array(graph, names.take(f"{base}_quantized"), q.values),
+        register_array(graph, names.take(f"{base}_scale"), q.scale),
+        register_array(graph, names.take(f"{base}_zero_point"), np.zeros(q.scale.shape, np.int8)),
     ]
     attributes = [] if q.axis is None else [ir.AttrInt64("axis", q.axis)]
     out = ir.Value(
-        name=names(f"{base}_dequantized"),
+        name=names.take(f"{base}_dequantized"),
         shape=ir.Shape(q.values.shape),
         type=ir.TensorType(ir.DataType.FLOAT),
     )
@@ -208,7 +191,7 @@ def _weight_dq(
         inputs,
         attributes=attributes,
         outputs=[out],
-        name=names(f"{base}_DequantizeLinear"),
+        name=names.take(f"{base}_DequantizeLinear"),
     )
     graph.insert_before(node, dq)
     return out
@@ -239,7 +222,7 @@ def _rounding_shift(
     return None  # MatMul has no bias input to fold into
 
 
-def _shift_bias(graph: ir.Graph, names: _Names, node: ir.Node, shift: np.ndarray) -> bool:
+def _shift_bias(graph: ir.Graph, names: NameTable, node: ir.Node, shift: np.ndarray) -> bool:
     """Subtract ``shift`` from the node's bias (a new initializer; one is made if absent)."""
     index = 2
     old = node.inputs[index] if len(node.inputs) > index else None
@@ -248,7 +231,7 @@ def _shift_bias(graph: ir.Graph, names: _Names, node: ir.Node, shift: np.ndarray
         return False
     new = (bias.astype(np.float64) - shift).astype(np.float32)
     base = old.name if old is not None else f"{node.name}_bias"
-    value = register_array(graph, names(f"{base}_corrected"), new)
+    value = register_array(graph, names.take(f"{base}_corrected"), new)
     if len(node.inputs) <= index:
         node.resize_inputs(index + 1)
     node.replace_input_with(index, value)
@@ -257,7 +240,7 @@ def _shift_bias(graph: ir.Graph, names: _Names, node: ir.Node, shift: np.ndarray
 
 def _insert_pair(
     graph: ir.Graph,
-    names: _Names,
+    names: NameTable,
     value: ir.Value,
     scale: ir.Value,
     zero: ir.Value,
@@ -266,10 +249,10 @@ def _insert_pair(
     """value → Q → DQ, and every consumer of ``value`` reads the DQ instead."""
     qtype = ir.DataType.UINT8 if p.dtype == "u8" else ir.DataType.INT8
     quantized = ir.Value(
-        name=names(f"{value.name}_quantized"), shape=value.shape, type=ir.TensorType(qtype)
+        name=names.take(f"{value.name}_quantized"), shape=value.shape, type=ir.TensorType(qtype)
     )
     restored = ir.Value(
-        name=names(f"{value.name}_dequantized"),
+        name=names.take(f"{value.name}_dequantized"),
         shape=value.shape,
         type=ir.TensorType(ir.DataType.FLOAT),
     )
@@ -278,14 +261,14 @@ def _insert_pair(
         "QuantizeLinear",
         [value, scale, zero],
         outputs=[quantized],
-        name=names(f"{value.name}_QuantizeLinear"),
+        name=names.take(f"{value.name}_QuantizeLinear"),
     )
     dq = ir.Node(
         "",
         "DequantizeLinear",
         [quantized, scale, zero],
         outputs=[restored],
-        name=names(f"{value.name}_DequantizeLinear"),
+        name=names.take(f"{value.name}_DequantizeLinear"),
     )
     uses = [(use.node, use.idx) for use in value.uses()]
     producer = value.producer()
@@ -304,7 +287,7 @@ def _insert_pair(
     if value.is_graph_output():
         # The output keeps its name and now comes out of the DQ (as ORT's quantizer does).
         name = value.name
-        value.name = names(f"{name}_float")
+        value.name = names.take(f"{name}_float")
         outputs = graph.outputs
         outputs[next(i for i, v in enumerate(outputs) if v is value)] = restored
         restored.name = name

@@ -14,9 +14,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.editing import attribute, constant_array, register_array
+from graphopt.editing import NameTable, attribute, constant_array, register_array
 from graphopt.passes.quantization.placement import DATA_MOVEMENT
-from graphopt.passes.quantization.qdq import Emitted, _Names
+from graphopt.passes.quantization.qdq import Emitted
 from graphopt.passes.quantization.record import TypeChange
 
 MS_DOMAIN = "com.microsoft"
@@ -26,7 +26,7 @@ def to_qoperator(model: ir.Model, emitted: Emitted) -> int:
     """Rewrite ``model``'s QDQ groups in place; returns how many operators were converted.
     Activations that became int8 tensors are added to ``emitted.type_changes``."""
     graph = model.graph
-    names = _Names(graph)
+    names = NameTable(graph)
     converted = 0
     for node in list(graph):
         if node.domain not in ("", "ai.onnx"):
@@ -97,7 +97,7 @@ def _clamps_like(epilogue: ir.Node, q: ir.Node) -> bool:
     return clip_low <= low and high <= clip_high
 
 
-def _convert_compute(graph: ir.Graph, names: _Names, node: ir.Node, emitted: Emitted) -> bool:
+def _convert_compute(graph: ir.Graph, names: NameTable, node: ir.Node, emitted: Emitted) -> bool:
     found = _output_q(node)
     if found is None:
         return False
@@ -120,7 +120,7 @@ def _convert_compute(graph: ir.Graph, names: _Names, node: ir.Node, emitted: Emi
                 return False
             scale = float(constant_array(a.inputs[1])) * constant_array(w.inputs[1])
             b32 = np.rint(bias.astype(np.float64) / scale).astype(np.int32)
-            new_inputs.append(register_array(graph, names(f"{inputs[2].name}_int32"), b32))
+            new_inputs.append(register_array(graph, names.take(f"{inputs[2].name}_int32"), b32))
         domain, new_op = "", "QLinearConv"
     elif op == "MatMul":
         b = _weight_dq(inputs[1]) or _activation_dq(inputs[1])
@@ -146,7 +146,7 @@ def _convert_compute(graph: ir.Graph, names: _Names, node: ir.Node, emitted: Emi
 
 def _replace(
     graph: ir.Graph,
-    names: _Names,
+    names: NameTable,
     node: ir.Node,
     q: ir.Node,
     epilogue: ir.Node | None,
@@ -157,11 +157,11 @@ def _replace(
     emitted: Emitted,
 ) -> None:
     old = q.outputs[0]
-    out = ir.Value(name=names(f"{node.outputs[0].name}_int8"), shape=old.shape, type=old.type)
+    out = ir.Value(name=names.take(f"{node.outputs[0].name}_int8"), shape=old.shape, type=old.type)
     new = ir.Node(domain, op, inputs, attributes=attributes, outputs=[out], name=node.name)
     graph.insert_before(node, new)
     if epilogue is not None and not _clamps_like(epilogue, q):
-        raw, out = out, ir.Value(name=names(f"{epilogue.outputs[0].name}_int8"), type=old.type)
+        raw, out = out, ir.Value(name=names.take(f"{epilogue.outputs[0].name}_int8"), type=old.type)
         out.shape = old.shape
         graph.insert_before(node, ir.Node("", "Relu", [raw], outputs=[out], name=epilogue.name))
     old.replace_all_uses_with(out)
@@ -170,7 +170,9 @@ def _replace(
     _detach(graph, [n for n in (q, epilogue, node) if n is not None])
 
 
-def _convert_data_movement(graph: ir.Graph, names: _Names, node: ir.Node, emitted: Emitted) -> bool:
+def _convert_data_movement(
+    graph: ir.Graph, names: NameTable, node: ir.Node, emitted: Emitted
+) -> bool:
     """An op on int8 inputs and outputs of one shared scale runs on the int8 tensors."""
     data = [(i, v) for i, v in enumerate(node.inputs) if v is not None and v.const_value is None]
     dqs = [_activation_dq(v) for _, v in data]
@@ -189,7 +191,9 @@ def _convert_data_movement(graph: ir.Graph, names: _Names, node: ir.Node, emitte
     for (index, _), dq in zip(data, dqs, strict=True):
         inputs[index] = dq.inputs[0]
     outputs = [
-        ir.Value(name=names(f"{out.name}_int8"), shape=q.outputs[0].shape, type=q.outputs[0].type)
+        ir.Value(
+            name=names.take(f"{out.name}_int8"), shape=q.outputs[0].shape, type=q.outputs[0].type
+        )
         for out, q in zip(node.outputs, qs, strict=True)
     ]
     new = ir.Node(
