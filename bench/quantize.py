@@ -305,6 +305,17 @@ def methods(name: str, src: Path, work: Path, calib: dict, calib_npz: Path):
     out.append(
         ("graphopt int8 --target ort", dst, lambda d=dst: graphopt_quantize(src, d, **flags))
     )
+    if name == "ppocr_rec":
+        # A CTC decoder's user sees the argmax per time step: mixed precision on agreement.
+        dst = work / f"{name}.graphopt_int8_agree.onnx"
+        agree = {**flags, "min_agreement": 0.9995}
+        out.append(
+            (
+                "graphopt int8 --min-agreement 0.9995 --target ort",
+                dst,
+                lambda d=dst: graphopt_quantize(src, d, **agree),
+            )
+        )
     if name in CNNS:
         dst = work / f"{name}.graphopt_fp16.onnx"
         fp16 = {"quantize": "fp16", "target": "ort", "calib": os.fspath(calib_npz)}

@@ -456,7 +456,7 @@ def _mixed_precision(
     kept, curve = mp.search(build, candidates, evaluate, target, check=check, speed=speed)
     record.curve = curve
     last = curve[-1]
-    verdict = "met" if target.met(last.cosine, last.max_rel) else "NOT met"
+    verdict = "met" if target.met(mp.point_measure(last)) else "NOT met"
     record.notes.append(
         f"mixed precision: target {target.describe()} {verdict} on "
         f"{'held-out' if held is not None else 'calibration'} samples with {len(kept)} of "

@@ -5,9 +5,10 @@ The caller gives three things:
 
 * ``build(kept_float) -> ir.Model``: the model quantized except the named layers (a fresh
   model per call; the search never edits it);
-* ``evaluate(model) -> (mean cosine, max relative error)`` against the float original on
-  calibration (fit) samples: sensitivities are measured with it;
-* a :class:`Target` (``--min-cosine`` and/or ``--max-error``), checked with ``check``
+* ``evaluate(model) -> Measured`` (mean cosine, max relative error, argmax agreement) against
+  the float original on calibration (fit) samples: sensitivities are measured with it;
+* a :class:`Target` (``--min-cosine``, ``--max-error`` and/or ``--min-agreement``), checked
+  with ``check``
   (by default ``evaluate``; pass one on held-out samples so the target is not judged on the
   data the order was chosen on).
 
@@ -29,49 +30,76 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import onnx_ir as ir
 
+from graphopt.errors import UserInputError
 from graphopt.passes.calibration.fidelity import measure, outputs_on, padding_mask
 from graphopt.passes.calibration.samples import CalibrationSet
 from graphopt.passes.quantization.record import CurvePoint, worst_cosine, worst_max_rel
 
+
+class Measured(NamedTuple):
+    """One model's fidelity against the original: the worst output's mean cosine, max relative
+    error, and argmax agreement along the last axis (None: no output has a class axis)."""
+
+    cosine: float
+    max_rel: float
+    agreement: float | None = None
+
+
 Build = Callable[[frozenset[str]], ir.Model]
-Evaluate = Callable[[ir.Model], tuple[float, float]]
+Evaluate = Callable[[ir.Model], Measured]
 METHODS = ("all-but-one", "only-one")
 STRATEGIES = ("gallop", "linear")
 
 
 @dataclass(frozen=True)
 class Target:
-    """A fidelity target: mean cosine at least ``min_cosine`` and/or max relative error at
-    most ``max_error`` (both: both must hold)."""
+    """A fidelity target: mean cosine at least ``min_cosine``, max relative error at most
+    ``max_error``, argmax agreement at least ``min_agreement`` (several: all must hold).
+
+    Argmax agreement is what a classifier's or a CTC decoder's user sees; on softmax outputs
+    cosine tracks it poorly (a step whose top two classes are close flips at a cosine of
+    0.9999), so such models are better served by ranking and stopping on agreement itself.
+    """
 
     min_cosine: float | None = None
     max_error: float | None = None
+    min_agreement: float | None = None
 
     def __post_init__(self) -> None:
-        if self.min_cosine is None and self.max_error is None:
-            raise ValueError("a mixed-precision target needs min_cosine or max_error")
+        if self.min_cosine is None and self.max_error is None and self.min_agreement is None:
+            raise ValueError(
+                "a mixed-precision target needs min_cosine, max_error or min_agreement"
+            )
 
     @classmethod
     def from_settings(cls, settings) -> Target:
         """From a :class:`~graphopt.passes.quantization.settings.QuantSettings`."""
-        return cls(settings.min_cosine, settings.max_error)
+        return cls(settings.min_cosine, settings.max_error, settings.min_agreement)
 
-    def met(self, cosine: float, max_rel: float) -> bool:
-        if self.min_cosine is not None and not cosine >= self.min_cosine:
+    def met(self, measured: Measured) -> bool:
+        if self.min_cosine is not None and not measured.cosine >= self.min_cosine:
             return False
-        return self.max_error is None or max_rel <= self.max_error
+        if self.min_agreement is not None and not _agreement(measured) >= self.min_agreement:
+            return False
+        return self.max_error is None or measured.max_rel <= self.max_error
 
-    def badness(self, cosine: float, max_rel: float) -> float:
+    def badness(self, measured: Measured) -> float:
         """One number to rank layers by: each measure in units of its target's allowance."""
         total = 0.0
         if self.min_cosine is not None:
-            total += (1.0 - cosine) / max(1.0 - self.min_cosine, 1e-12)
+            total += (1.0 - measured.cosine) / max(1.0 - self.min_cosine, 1e-12)
         if self.max_error is not None:
-            total += max_rel / max(self.max_error, 1e-12)
+            total += measured.max_rel / max(self.max_error, 1e-12)
+        if self.min_agreement is not None:
+            total += (1.0 - _agreement(measured)) / max(1.0 - self.min_agreement, 1e-12)
+            # Agreement moves in whole flipped positions: many layers flip none alone. The
+            # cosine, far below one flip's weight, orders those ties by how close they come.
+            total += 1e-3 * (1.0 - measured.cosine) / max(1.0 - (self.min_cosine or 0.999), 1e-12)
         return total
 
     def describe(self) -> str:
@@ -80,6 +108,8 @@ class Target:
             parts.append(f"mean cosine >= {self.min_cosine:g}")
         if self.max_error is not None:
             parts.append(f"max rel error <= {self.max_error:g}")
+        if self.min_agreement is not None:
+            parts.append(f"argmax agreement >= {self.min_agreement:g}")
         return " and ".join(parts)
 
 
@@ -101,11 +131,11 @@ def sensitivities(
         raise ValueError(f"unknown sensitivity method {method!r}; expected one of {METHODS}")
     everything = frozenset(candidates)
     if method == "all-but-one":
-        base = target.badness(*evaluate(build(frozenset())))
+        base = target.badness(evaluate(build(frozenset())))
         return {
-            name: base - target.badness(*evaluate(build(frozenset([name])))) for name in candidates
+            name: base - target.badness(evaluate(build(frozenset([name])))) for name in candidates
         }
-    return {name: target.badness(*evaluate(build(everything - {name}))) for name in candidates}
+    return {name: target.badness(evaluate(build(everything - {name}))) for name in candidates}
 
 
 def search(
@@ -139,10 +169,17 @@ def search(
     def met(k: int) -> bool:
         if k not in points:
             model = build(frozenset(order[:k]))
-            cosine, max_rel = check(model)
+            measured = check(model)
             speedup = speed(model) if speed is not None else None
-            points[k] = CurvePoint(k, cosine, max_rel, speedup, order[k - 1] if k else "")
-        return target.met(points[k].cosine, points[k].max_rel)
+            points[k] = CurvePoint(
+                k,
+                measured.cosine,
+                measured.max_rel,
+                speedup,
+                order[k - 1] if k else "",
+                measured.agreement,
+            )
+        return target.met(point_measure(points[k]))
 
     def result(k: int) -> tuple[frozenset[str], list[CurvePoint]]:
         return frozenset(order[:k]), [points[i] for i in sorted(points)]
@@ -171,18 +208,38 @@ def search(
 
 
 def fidelity_evaluator(original: ir.Model, samples: CalibrationSet) -> Evaluate:
-    """``model -> (worst mean cosine, worst max rel error)`` over ``original``'s outputs on
-    ``samples``, run with ORT's optimizations on (the deployed integer kernels); the
-    original's outputs are computed once."""
+    """``model -> Measured`` (worst mean cosine, max rel error and argmax agreement) over
+    ``original``'s outputs on ``samples``, run with ORT's optimizations on (the deployed
+    integer kernels); the original's outputs are computed once."""
     reference = outputs_on(original, samples)
     names = [v.name for v in original.graph.outputs]
     mask = padding_mask(samples)
 
-    def evaluate(model: ir.Model) -> tuple[float, float]:
+    def evaluate(model: ir.Model) -> Measured:
         fidelities = measure(names, reference, outputs_on(model, samples, optimize=True), mask)
-        return worst_cosine(fidelities), worst_max_rel(fidelities)
+        agreements = [f.argmax_agreement for f in fidelities if f.argmax_agreement is not None]
+        return Measured(
+            worst_cosine(fidelities),
+            worst_max_rel(fidelities),
+            min(agreements) if agreements else None,
+        )
 
     return evaluate
+
+
+def point_measure(point: CurvePoint) -> Measured:
+    """A curve point's fidelity, as :meth:`Target.met` takes it."""
+    return Measured(point.cosine, point.max_rel, point.agreement)
+
+
+def _agreement(measured: Measured) -> float:
+    if measured.agreement is None:
+        # A target no measure can meet must not pass (or fail) silently.
+        raise UserInputError(
+            "quantize: --min-agreement needs an output with a class axis (rank >= 2, last "
+            "dim >= 2); use --min-cosine or --max-error"
+        )
+    return measured.agreement
 
 
 def speed_meter(

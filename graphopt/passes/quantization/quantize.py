@@ -109,6 +109,15 @@ class QuantizePass(GraphPass):
             metavar="C",
         ),
         PassOption(
+            "min_agreement",
+            float,
+            None,
+            "mixed precision: ... until the argmax agreement along the last axis (a "
+            "classifier's or CTC decoder's prediction) on held-out samples is >= A",
+            flag="--min-agreement",
+            metavar="A",
+        ),
+        PassOption(
             "smoothquant",
             float,
             None,
@@ -222,9 +231,10 @@ class QuantizePass(GraphPass):
         if not s["mode"]:
             raise UserInputError("quantize: give a mode, e.g. --quantize int8")
         mode = parse_mode(s["mode"])
-        for name in ("max_error", "min_cosine"):
+        for name in ("max_error", "min_cosine", "min_agreement"):
             value = s[name]
-            if value is not None and not (0.0 < value < (1.0 if name == "min_cosine" else 1e9)):
+            limit = 1e9 if name == "max_error" else 1.0
+            if value is not None and not (0.0 < value <= limit):
                 raise UserInputError(f"quantize: --{name.replace('_', '-')} {value}: out of range")
         if s["block_size"] not in BLOCK_SIZES:
             raise UserInputError(
@@ -245,6 +255,7 @@ class QuantizePass(GraphPass):
             exclude=parse_patterns(s["exclude"]),
             max_error=s["max_error"],
             min_cosine=s["min_cosine"],
+            min_agreement=s["min_agreement"],
             # None: the mode decides (smoothquant: only where LayerNorm feeds MatMuls).
             smoothquant=-1.0 if s["smoothquant"] is None else s["smoothquant"],
             equalize=bool(s["equalize"]) if s["equalize"] is not None else False,

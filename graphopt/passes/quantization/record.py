@@ -47,6 +47,7 @@ class CurvePoint:
     max_rel: float
     speedup: float | None = None
     layer: str = ""  # the layer this step returned to float
+    agreement: float | None = None  # worst output's argmax agreement, where one has classes
 
 
 @dataclass
@@ -155,11 +156,17 @@ def curve_table(record: QuantRecord) -> Table:
         title_justify="left",
         show_edge=False,
     )
-    for column in ("kept in float", "layer", "mean cosine", "max rel err", "speed-up"):
+    agreement = any(p.agreement is not None for p in record.curve)
+    columns = ["kept in float", "layer", "mean cosine", "max rel err"]
+    columns += ["argmax agree"] if agreement else []
+    for column in (*columns, "speed-up"):
         table.add_column(column, justify="left" if column == "layer" else "right")
     for p in record.curve:
         speed = "" if p.speedup is None else f"{p.speedup:.2f}x"
-        table.add_row(str(p.kept_float), p.layer, f"{p.cosine:.4f}", f"{p.max_rel:.3g}", speed)
+        cells = [str(p.kept_float), p.layer, f"{p.cosine:.4f}", f"{p.max_rel:.3g}"]
+        if agreement:
+            cells.append("" if p.agreement is None else f"{p.agreement:.2%}")
+        table.add_row(*cells, speed)
     return table
 
 

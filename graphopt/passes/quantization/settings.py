@@ -44,6 +44,7 @@ class QuantSettings:
     exclude: tuple[str, ...] = ()
     max_error: float | None = None
     min_cosine: float | None = None
+    min_agreement: float | None = None
     smoothquant: float = 0.0
     equalize: bool = False
     bias_correction: bool = False
@@ -58,7 +59,7 @@ class QuantSettings:
 
     @property
     def mixed_precision(self) -> bool:
-        return self.max_error is not None or self.min_cosine is not None
+        return any(v is not None for v in (self.max_error, self.min_cosine, self.min_agreement))
 
     def excluded(self, node: ir.Node) -> bool:
         """Whether ``--exclude`` keeps this node in its original precision: a pattern matches

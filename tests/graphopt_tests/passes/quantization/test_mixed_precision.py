@@ -26,9 +26,14 @@ def fake_build(kept: frozenset[str]) -> frozenset[str]:
     return frozenset(PENALTY) - kept  # the layers quantized
 
 
-def fake_evaluate(quantized: frozenset[str]) -> tuple[float, float]:
+# Positions each quantized layer flips (an argmax target): "a" costs little cosine but flips
+# the most, so ranking by agreement and ranking by cosine disagree.
+FLIPS = {"a": 0.03, "b": 0.0, "c": 0.004, "d": 0.001}
+
+
+def fake_evaluate(quantized: frozenset[str]) -> mp.Measured:
     loss = sum(PENALTY[name] for name in quantized)
-    return 1.0 - loss, 10 * loss
+    return mp.Measured(1.0 - loss, 10 * loss, 1.0 - sum(FLIPS[name] for name in quantized))
 
 
 @pytest.mark.parametrize("method", mp.METHODS)
@@ -51,9 +56,9 @@ def test_search_stops_at_once_when_everything_quantized_meets_the_target():
 
 def test_search_checks_the_target_on_the_held_out_evaluator():
     # Held-out samples see a larger loss: the search walks further than the fit data says.
-    def held_out(quantized: frozenset[str]) -> tuple[float, float]:
-        cosine, error = fake_evaluate(quantized)
-        return cosine - 0.005, error
+    def held_out(quantized: frozenset[str]) -> mp.Measured:
+        cosine, error, agreement = fake_evaluate(quantized)
+        return mp.Measured(cosine - 0.005, error, agreement)
 
     kept, _ = mp.search(fake_build, list(PENALTY), fake_evaluate, mp.Target(0.985), check=held_out)
     assert kept == {"b", "d"}
@@ -63,8 +68,35 @@ def test_target_needs_a_bound_and_combines_both():
     with pytest.raises(ValueError):
         mp.Target()
     both = mp.Target(min_cosine=0.99, max_error=0.1)
-    assert both.met(0.995, 0.05) and not both.met(0.995, 0.2) and not both.met(0.98, 0.05)
+    assert both.met(mp.Measured(0.995, 0.05))
+    assert not both.met(mp.Measured(0.995, 0.2)) and not both.met(mp.Measured(0.98, 0.05))
     assert "cosine >= 0.99" in both.describe() and "error <= 0.1" in both.describe()
+    agree = mp.Target(min_agreement=0.99)
+    assert agree.met(mp.Measured(0.5, 9.0, 0.995)) and not agree.met(mp.Measured(1.0, 0.0, 0.98))
+    assert "argmax agreement >= 0.99" in agree.describe()
+
+
+def test_agreement_target_ranks_by_flipped_positions_not_cosine():
+    # All quantized: agreement 0.965. Cosine ranks b first (it flips nothing); agreement
+    # ranks a first, and a alone back in float meets 0.99 (0.995).
+    kept, curve = mp.search(fake_build, list(PENALTY), fake_evaluate, mp.Target(min_agreement=0.99))
+    assert kept == {"a"}
+    assert [p.layer for p in curve] == ["", "a"]
+    assert curve[-1].agreement == pytest.approx(0.995)
+    # Flipped positions order the layers (a, c, d); b flips none, and its cosine cost still
+    # ranks it above a layer that costs nothing at all.
+    scores = mp.sensitivities(
+        fake_build, list(PENALTY), fake_evaluate, mp.Target(min_agreement=0.99)
+    )
+    assert sorted(scores, key=lambda n: -scores[n]) == ["a", "c", "d", "b"]
+    assert scores["b"] > 0
+
+
+def test_agreement_target_on_a_model_without_classes_is_a_user_error():
+    from graphopt.errors import UserInputError
+
+    with pytest.raises(UserInputError, match="--min-agreement needs an output with a class axis"):
+        mp.Target(min_agreement=0.99).met(mp.Measured(1.0, 0.0, None))
 
 
 def test_int8_dynamic_keeps_exactly_the_sensitive_layer_in_float(tmp_path):
