@@ -3,20 +3,20 @@
 The project's rule: ORT CPU, 1 thread (2 threads reported too), warm-up, at least 20
 paired interleaved rounds, median of the per-round ratios time(reference) / time(candidate).
 Every candidate runs in the same process right after the reference in each round, so load
-from other jobs on a shared machine hits both sides of a ratio alike.
+from other jobs on a shared machine hits both sides of a ratio alike. The rounds come from
+:func:`graphopt.timing.interleaved` (which ``graphopt bench`` uses too).
 """
 
 from __future__ import annotations
 
 import os
 import statistics
-import time
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-WARMUP = 3
+from graphopt.timing import WARMUP, interleaved, pair_ratios
 
 
 def session(path: Path, threads: int, optimize: bool = True) -> ort.InferenceSession:
@@ -47,17 +47,18 @@ def paired_speedups(
     """
     per_path = feeds if isinstance(feeds, list) else [feeds] * len(paths)
     sessions = [session(p, threads, optimize) for p in paths]
+
+    def call(s: ort.InferenceSession, f: dict[str, np.ndarray]):
+        def run() -> None:
+            for _ in range(inner):
+                s.run(None, f)
+
+        return run
+
+    # Warm-up as before: WARMUP single runs each, whatever ``inner`` is.
     for s, f in zip(sessions, per_path, strict=True):
         for _ in range(WARMUP):
             s.run(None, f)
-    ratios: list[list[float]] = [[] for _ in paths[1:]]
-    for _ in range(pairs):
-        times = []
-        for s, f in zip(sessions, per_path, strict=True):
-            start = time.perf_counter()
-            for _ in range(inner):
-                s.run(None, f)
-            times.append(time.perf_counter() - start)
-        for i, t in enumerate(times[1:]):
-            ratios[i].append(times[0] / t)
-    return [statistics.median(r) for r in ratios]
+    calls = [call(s, f) for s, f in zip(sessions, per_path, strict=True)]
+    times = interleaved(calls, pairs, warmup=0)
+    return [statistics.median(pair_ratios(times[0], t)) for t in times[1:]]

@@ -6,7 +6,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx_ir as ir
@@ -17,6 +17,7 @@ from graphopt.backends.ort_custom_ops import (
     missing_library_hint,
     using_custom_ops,
 )
+from graphopt.backends.tensorrt.cli_options import EngineOptions
 from graphopt.errors import CheckFailedError, UserInputError, is_out_of_memory
 from graphopt.opset import convert_opset
 from graphopt.pipeline import (
@@ -44,6 +45,9 @@ from graphopt.verify import (
     Verifier,
     check_input_shapes,
 )
+
+if TYPE_CHECKING:
+    from graphopt.backends.tensorrt.build import EngineReport
 
 DEFAULT_FOLD_LIMIT_BYTES = 1 << 20
 
@@ -76,6 +80,8 @@ class OptimizeOptions:
     # fusions into LayerNormalization/Gelu/Attention can apply.
     opset: int | None = None
     seed: int = 0
+    # Also build a TensorRT engine from the output (--engine; graphopt.backends.tensorrt).
+    engine: EngineOptions | None = None
     # The lossy passes' flags, as the CLI spells them without dashes: a pass's own flag asks
     # for it (``prune="flops=0.3"``, ``quantize="int8"``) and its options' flags refine it
     # (``criterion="lsq"``, ``calib="c.npz"``). Given as keywords, ``OptimizeOptions(prune=...)``
@@ -166,6 +172,7 @@ class OptimizeOptions:
         """The steps this run executes, and notes on options given that change nothing."""
         if self.passes is None:
             lossy = self.lossy_specs()
+            _check_targets(lossy, self.target)
             steps, notes = default_pipeline(lossy, self.skip), skip_notes(lossy, self.skip)
         else:
             specs, notes = explicit_specs(self.passes, self._asked_lossy(), self.skip)
@@ -188,6 +195,16 @@ def _init_with_flags(self: OptimizeOptions, **given: Any) -> None:
 OptimizeOptions.__init__ = _init_with_flags  # type: ignore[method-assign]
 
 
+def _check_targets(specs: list[PassSpec], target: str) -> None:
+    """A pass asked for by flag that only rewrites for other targets (``--sparse-kernels``
+    without ``--target ort``) would silently do nothing: refused in one line."""
+    for spec in specs:
+        cls = get_pass(spec.name)
+        if not cls.serves(target):
+            wanted = " or ".join(f"--target {t}" for t in sorted(cls.targets or ()))
+            raise UserInputError(f"{cls.flag or cls.name} needs {wanted} (got --target {target})")
+
+
 def _merged(
     specs: list[PassSpec], name: str, options: dict[str, Any], *, replace: bool
 ) -> list[PassSpec]:
@@ -203,7 +220,7 @@ def _orphan_message(names: list[str]) -> str:
     owners = flag_owners()
     flags = ", ".join(owners[n][0].flag for n in names)
     passes = list(dict.fromkeys(t.owner for n in names for t in owners[n]))
-    needs = " or ".join(f"{cls.flag} {cls.flag_metavar}" for cls in passes)
+    needs = " or ".join(f"{cls.flag} {cls.flag_metavar or ''}".strip() for cls in passes)
     runs = " or ".join(cls.name for cls in passes)
     verb = "applies" if len(names) == 1 else "apply"
     return f"{flags} only {verb} with {needs} (or a recipe that runs {runs})"
@@ -239,6 +256,8 @@ class OptimizeResult:
     model: ir.Model
     report: RunReport
     output_path: Path | None = None
+    # The TensorRT engine build's report (options.engine), built or why it was skipped.
+    engine: EngineReport | None = None
 
 
 def default_output_path(source: Path) -> Path:
@@ -263,10 +282,22 @@ def optimize(
     ``result.report.verification_skipped`` (the CLI exits 4).
     """
     options = options or OptimizeOptions()
+    if options.engine is not None:
+        from graphopt.backends.tensorrt.build import check_options
+
+        check_options(options.engine)  # before minutes of passes, not after
     # Every ORT session of the run (verification, probes in passes) registers these.
     with using_custom_ops(options.custom_ops) as libraries:
         check_registrable(libraries)
-        return _optimize(source, output, options, in_place=in_place, progress=progress)
+        result = _optimize(source, output, options, in_place=in_place, progress=progress)
+    if options.engine is not None:
+        from graphopt.backends.tensorrt.build import build_engine
+
+        if progress is not None:
+            progress("building the TensorRT engine")
+        source_model = result.output_path or ir.serde.serialize_model(result.model)
+        result.engine = build_engine(source_model, options.engine, dict(options.input_shapes))
+    return result
 
 
 def _optimize(

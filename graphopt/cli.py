@@ -3,7 +3,8 @@
 Exit codes: 0 success; 1 a check failed (verification); 2 bad input or usage;
 3 internal error (a bug: please report it) or out of memory (one line saying so);
 4 written but not verified (ONNX Runtime cannot run the original model on the generated
-inputs, or all its outputs are empty; never with --no-verify); 130 interrupted.
+inputs, or all its outputs are empty; never with --no-verify), or written but its --engine
+not built (no TensorRT module imports); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -133,10 +134,11 @@ def build_parser(lossy_flags: bool = True) -> argparse.ArgumentParser:
     opt.add_argument("--seed", type=int, default=None, help="seed of generated inputs (0)")
     opt.add_argument(
         "--target",
-        choices=("portable", "ort"),
+        choices=("portable", "ort", "tensorrt"),
         default=None,
         help="portable (default): standard ONNX ops only; ort: also ONNX Runtime's "
-        "com.microsoft fused ops",
+        "com.microsoft fused ops; tensorrt: standard ops in the forms TensorRT's parser "
+        "takes (symmetric int8 Q/DQ, int4 weights with float16 activations)",
     )
     opt.add_argument(
         "--opset",
@@ -144,6 +146,16 @@ def build_parser(lossy_flags: bool = True) -> argparse.ArgumentParser:
         default=None,
         help="raise the default-domain opset to N first (onnx version converter, verified)",
     )
+    opt.add_argument(
+        "--save-ort-optimized",
+        metavar="PATH",
+        help="also write ONNX Runtime's optimized form of the output for deployment "
+        "(level extended; PATH.ort: the .ort format of ORT Mobile/minimal builds)",
+    )
+    # TensorRT: --engine, --shapes, --builder-level, --compute-capability.
+    from graphopt.backends.tensorrt.cli_options import add_engine_arguments
+
+    add_engine_arguments(opt)
     if lossy_flags:
         _add_lossy_flags(opt)
 
@@ -333,6 +345,9 @@ def _cmd_optimize(args: argparse.Namespace, out: Console, err: Console) -> int:
     if args.opset is not None:
         options.opset = args.opset
     _lossy_options(args, options)
+    from graphopt.backends.tensorrt.cli_options import engine_options, print_engine_report
+
+    options.engine = engine_options(args)
     output = args.output
     if output is None and not args.in_place:
         output = default_output_path(Path(args.input))
@@ -347,6 +362,15 @@ def _cmd_optimize(args: argparse.Namespace, out: Console, err: Console) -> int:
     _stage[0] = "printing the report"
     print_report(result.report, out, verbose=args.verbose)
     out.print(f"wrote {result.output_path}", markup=False)
+    if args.save_ort_optimized:
+        from graphopt.backends.ort import save_optimized
+
+        saved = save_optimized(
+            result.output_path, args.save_ort_optimized, custom_ops=options.custom_ops
+        )
+        out.print(f"wrote {saved} (ONNX Runtime's optimized model)", markup=False)
+    if result.engine is not None and not print_engine_report(result.engine, out, err, args.verbose):
+        return EXIT_NOT_VERIFIED  # written, but the engine asked for was not built
     if options.verify and not result.report.verified:
         # Asked to verify and could not: the output stands, but nothing proved it exact.
         reason = result.report.verification_skipped or "no verification ran"
@@ -374,7 +398,14 @@ def _add_lossy_flags(parser: argparse.ArgumentParser) -> None:
     for cls in flagged_lossy_passes():
         group = parser.add_argument_group(f"{cls.name}: {cls.description()}")
         key = flag_key(cls.flag)
-        group.add_argument(cls.flag, dest=_dest(key), metavar=cls.flag_metavar, help=cls.flag_help)
+        if cls.flag_metavar is None:  # a switch (--sparse-kernels)
+            group.add_argument(
+                cls.flag, dest=_dest(key), action="store_const", const="on", help=cls.flag_help
+            )
+        else:
+            group.add_argument(
+                cls.flag, dest=_dest(key), metavar=cls.flag_metavar, help=cls.flag_help
+            )
         for option in cls.options:
             if option.flag is None or flag_key(option.flag) in added:
                 continue

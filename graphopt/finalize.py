@@ -177,6 +177,10 @@ def options_record(options: OptimizeOptions) -> dict[str, Any]:
             # (an absolute path would differ between equal runs and leak the user's tree).
             spec_options["calib"] = Path(calib).name
             calib_digest = _sha256(Path(calib))
+        decisions = spec_options.get("decisions")
+        if decisions:
+            # sparse-kernels' replayed decisions: by name, as calibration files are.
+            spec_options["decisions"] = Path(decisions).name
         lossy.append({"name": spec.name, "options": spec_options})
     record: dict[str, Any] = {
         "passes": None

@@ -120,8 +120,12 @@ def default_pipeline(
     for name in skip:
         get_pass(name)  # unknown names are an error, not silently ignored
     for spec in lossy:
-        if get_pass(spec.name).exact:
+        if get_pass(spec.name).exact and get_pass(spec.name).stage != Stage.LOWER:
             raise UserInputError(f"pass {spec.name!r} is exact; it already runs by default")
+    # Exact passes asked for by flag (Stage.LOWER: --sparse-kernels) run last, on the final
+    # graph, in the exact segment before them: verified (and rolled back) as any exact pass.
+    late = [spec for spec in lossy if get_pass(spec.name).stage == Stage.LOWER]
+    lossy = [spec for spec in lossy if get_pass(spec.name).stage != Stage.LOWER]
 
     def stage(kind: Stage) -> tuple[PassSpec, ...]:
         return tuple(
@@ -141,6 +145,7 @@ def default_pipeline(
         ordered = sorted(lossy, key=lambda spec: LOSSY_STAGES.index(get_pass(spec.name).stage))
         steps += [Step((spec,)) for spec in ordered]
         steps += exact_steps[1:]
+    steps += [Step((spec,)) for spec in late]
     return [step for step in steps if step.passes]
 
 

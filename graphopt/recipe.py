@@ -18,7 +18,7 @@ Schema (every key optional; unknown keys are an error)::
       input: [1, 3, 224, 224]
     verify_inputs: data.npz    # verify on this data: one array per model input
     external_data: null        # true / false / null (automatic past 2 GB)
-    target: portable           # portable | ort
+    target: portable           # portable | ort | tensorrt
     opset: null                # raise the default-domain opset first (e.g. 17, 20, 23)
 
 Command-line flags given next to ``--recipe`` override the recipe's settings. Pass options
@@ -55,7 +55,7 @@ RECIPE_KEYS = {
     "target",
     "opset",
 }
-TARGETS = ("portable", "ort")
+TARGETS = ("portable", "ort", "tensorrt")
 
 
 def parse_size(text: str | int | None) -> int | None:

@@ -42,6 +42,9 @@ class Stage(enum.IntEnum):
     FACTORIZE = 11
     SPARSIFY = 12
     QUANTIZE = 13
+    # Exact passes that run only when asked for (their flag), after everything else: lowering
+    # to graphopt's own kernels must see the final graph (the ORT fusions' BiasGelu included).
+    LOWER = 14
 
 
 LOSSY_STAGES = (Stage.PRUNE, Stage.FACTORIZE, Stage.SPARSIFY, Stage.QUANTIZE)
@@ -157,7 +160,8 @@ class GraphPass(ir.passes.InPlacePass):
     # A lossy pass asked for on the command line: the flag (``--prune``), its value's form and
     # help; ``options_from_flag`` turns the value into options. None: no flag of its own.
     flag: ClassVar[str | None] = None
-    flag_metavar: ClassVar[str] = "VALUE"
+    # None: the flag is a switch that takes no value (``options_from_flag("on")``).
+    flag_metavar: ClassVar[str | None] = "VALUE"
     flag_help: ClassVar[str] = ""
     # Trigger op types: the pass can only change a model that has a node (any domain;
     # subgraphs and functions included) of one of these types, so the pass manager skips
@@ -257,8 +261,13 @@ def all_passes() -> dict[str, type[GraphPass]]:
 
 
 def flagged_lossy_passes() -> list[type[GraphPass]]:
-    """The lossy passes that declare a flag of their own (``--prune``), in pipeline order."""
-    return [cls for cls in all_passes().values() if not cls.exact and cls.flag]
+    """The passes that declare a flag of their own (``--prune``), in pipeline order: the lossy
+    ones and the exact opt-in ones of ``Stage.LOWER`` (``--sparse-kernels``)."""
+    return [
+        cls
+        for cls in all_passes().values()
+        if cls.flag and (not cls.exact or cls.stage == Stage.LOWER)
+    ]
 
 
 def flag_key(flag: str) -> str:

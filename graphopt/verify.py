@@ -123,7 +123,7 @@ def make_session(
     ort = import_onnxruntime()  # imported here: --no-verify runs never pay for it
 
     options = ort.SessionOptions()
-    register_active_custom_ops(options, custom_ops)
+    register_active_custom_ops(options, custom_ops, model=model)
     options.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if optimize

@@ -12,6 +12,15 @@ with the user's rights. So graphopt loads one from exactly two places:
   (symlinks followed), must exist, must be a regular file and must end in ``.so``,
   ``.dylib`` or ``.dll``.
 
+One fallback for the first: when the installed package folder is read-only (a system-wide
+install), ``python -m graphopt.kernels build`` builds into a per-user cache folder instead,
+:func:`user_build_dir`: ``~/.cache/graphopt/kernels/build-<digest>/``, where ``~`` is the
+account's home from the password database (not ``$HOME``/``$XDG_CACHE_HOME``: no environment
+variable picks a library) and ``<digest>`` hashes the package's kernel sources, so a build of
+other sources is never loaded. It is trusted only while the package folder is read-only, and
+only when the library and every folder from ``~/.cache/graphopt`` down to it belong to the
+current user and are writable by nobody else.
+
 Never from a model file (metadata, custom domains or anything else in it) and never from the
 current directory implicitly: a relative path is used only when the user typed it.
 :func:`register_custom_ops` is the only place graphopt calls
@@ -68,6 +77,19 @@ def resolve_custom_op_library(path: str | os.PathLike | None) -> Path | None:
     if path is not None:
         return _explicit(Path(os.fspath(path)))
     folder = build_dir()
+    own = _library_in(folder)
+    if own is not None or package_build_writable():
+        return own
+    cache = user_build_dir()
+    if cache is None:
+        return None
+    library = _library_in(cache)
+    if library is None or not _private_to_user(library, cache.parents[1]):
+        return None
+    return library
+
+
+def _library_in(folder: Path) -> Path | None:
     candidate = folder / LIBRARY_NAME
     if not candidate.is_file():
         return None
@@ -76,6 +98,47 @@ def resolve_custom_op_library(path: str | os.PathLike | None) -> Path | None:
     if not resolved.is_relative_to(folder) or not resolved.is_file():
         return None
     return resolved
+
+
+def package_build_writable() -> bool:
+    """Whether :func:`build_dir` can be written (created, when missing) by this user."""
+    folder = build_dir()
+    return os.access(folder if folder.exists() else folder.parent, os.W_OK)
+
+
+def kernel_source_digest() -> str:
+    """16 hex digits hashing graphopt/kernels' C++ sources and CMakeLists.txt."""
+    import hashlib
+
+    import graphopt.kernels
+
+    root = Path(graphopt.kernels.__file__).resolve().parent
+    digest = hashlib.sha256()
+    for file in sorted([root / "CMakeLists.txt", *(root / "src").glob("*")]):
+        if file.is_file():
+            digest.update(file.name.encode() + b"\0" + file.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def user_build_dir() -> Path | None:
+    """The per-user build folder for a read-only installation (POSIX only), else None."""
+    if os.name != "posix":
+        return None
+    import pwd
+
+    home = Path(pwd.getpwuid(os.getuid()).pw_dir)
+    return home / ".cache" / "graphopt" / "kernels" / f"build-{kernel_source_digest()}"
+
+
+def _private_to_user(library: Path, top: Path) -> bool:
+    """``library`` and its folders up to ``top`` are the user's and writable by no one else
+    (another account that could swap the file would choose the code graphopt loads)."""
+    paths = [library, *library.parents]
+    for path in paths[: paths.index(top) + 1] if top in paths else []:
+        info = path.stat()
+        if info.st_uid != os.getuid() or info.st_mode & 0o022:
+            return False
+    return top in paths
 
 
 def _explicit(path: Path) -> Path:
@@ -144,19 +207,79 @@ def active_custom_ops() -> tuple[Path, ...]:
 
 
 def register_active_custom_ops(
-    session_options, libraries: Sequence[str | os.PathLike] | None = None
+    session_options, libraries: Sequence[str | os.PathLike] | None = None, model=None
 ) -> list[Path]:
-    """Register ``libraries`` (default: the active ones) on an ``onnxruntime.SessionOptions``.
-
-    Only explicit libraries: graphopt's own build is not added here (its kernels come later).
-    """
+    """Register ``libraries`` (default: the active ones) on an ``onnxruntime.SessionOptions``,
+    and graphopt's own build when ``model`` uses ops of domain :data:`OWN_DOMAIN` (only then:
+    a model never chooses the library, it only names the domain graphopt maps to its own)."""
     chosen = active_custom_ops() if libraries is None else libraries
     registered = []
     for library in chosen:
         loaded = register_custom_ops(session_options, library)
         if loaded is not None:
             registered.append(loaded)
+    if model is not None and uses_own_kernels(model):
+        own = own_library()
+        if own not in registered:  # ORT refuses the same ops registered twice
+            registered.append(register_custom_ops(session_options, own))
     return registered
+
+
+# The op domain of graphopt's own kernels (graphopt/kernels): a lowered model names only this
+# domain and its version, never a library path.
+OWN_DOMAIN = "graphopt"
+OWN_DOMAIN_VERSION = 1
+BUILD_COMMAND = "python -m graphopt.kernels build"
+
+
+def uses_own_kernels(model) -> bool:
+    """Whether ``model`` (an ``onnx_ir.Model`` or ``onnx.ModelProto``) has ops of
+    :data:`OWN_DOMAIN` (subgraphs and functions included)."""
+    import onnx_ir as ir
+
+    if isinstance(model, ir.Model):
+        return OWN_DOMAIN in custom_domains(model)
+    import onnx
+
+    graphs = [model.graph]
+    nodes = [node for function in model.functions for node in function.node]
+    while graphs:
+        graph = graphs.pop()
+        for node in graph.node:
+            nodes.append(node)
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    graphs.append(attr.g)
+                graphs.extend(attr.graphs)
+    return any(node.domain == OWN_DOMAIN for node in nodes)
+
+
+def missing_own_library_message() -> str:
+    """One line: the model needs graphopt's kernels, where they would be, how to build them."""
+    return (
+        f"the model uses ops of domain {OWN_DOMAIN!r} (graphopt's sparse kernels), whose "
+        f"library is not built: expected at {build_dir() / LIBRARY_NAME} "
+        f"(graphopt.kernels.library_path()); build it with `{BUILD_COMMAND}`"
+    )
+
+
+def own_library() -> Path:
+    """graphopt's own kernel library, or a one-line :class:`UserInputError` saying how to
+    build it."""
+    library = resolve_custom_op_library(None)
+    if library is None:
+        raise UserInputError(missing_own_library_message())
+    return library
+
+
+def own_session_options():
+    """An ``onnxruntime.SessionOptions`` with graphopt's own kernels registered: what a plain
+    ORT user passes to ``InferenceSession`` to run a ``--sparse-kernels`` model."""
+    from graphopt.ortrun import import_onnxruntime
+
+    options = import_onnxruntime().SessionOptions()
+    register_custom_ops(options, own_library())
+    return options
 
 
 def check_registrable(libraries: Sequence[str | os.PathLike]) -> None:

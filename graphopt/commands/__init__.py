@@ -9,4 +9,8 @@ nothing heavy (numpy, onnx and ORT are imported inside ``run``).
 from __future__ import annotations
 
 # Subcommand name -> module under graphopt.commands.
-COMMANDS: dict[str, str] = {}
+COMMANDS: dict[str, str] = {
+    "bench": "bench",
+    "compare": "compare",
+    "lint": "lint",
+}

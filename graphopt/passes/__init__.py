@@ -1,3 +1,6 @@
 """graphopt's rewrite passes. Importing this package registers every built-in pass."""
 
-from graphopt.passes import erasure, fusion, pruning, quantization  # noqa: F401  (registration)
+# TensorRT's --requantize symmetric (a lossy pass that lives with the TensorRT backend).
+from graphopt.backends.tensorrt import requantize  # noqa: F401  (registration)
+from graphopt.passes import erasure, fusion, pruning, quantization, sparsity  # noqa: F401
+from graphopt.passes.sparsity import lowering  # noqa: F401  (registration)

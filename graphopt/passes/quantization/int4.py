@@ -153,9 +153,29 @@ def quantize_int4(
         )
     if not sites:
         record.notes.append("no MatMul/Gemm (or, if asked, Gather) with a constant 2-D weight")
+    if sites and settings.target == "tensorrt":
+        _float16_activations(model, settings, record)
     if original is not None and sites:
         record.fidelity = measure_fidelity(original, model, fidelity_sets)
     return record
+
+
+def _float16_activations(model: ir.Model, settings: QuantSettings, record: QuantRecord) -> None:
+    """--target tensorrt: the rest of the graph in float16 (fp16's rules), because TensorRT's
+    int4 weight-only GEMMs take float16 activations. A declared precision change."""
+    import dataclasses
+
+    from graphopt.passes.quantization.float_types import apply_plan, fill_types, plan_conversion
+
+    fp16 = dataclasses.replace(settings, mode="fp16")
+    plan = plan_conversion(model, fp16, ir.DataType.FLOAT16, {}, fill_types(model))
+    changes = apply_plan(model, plan, ir.DataType.FLOAT16)
+    record.type_changes.extend(changes)
+    record.notes.append(
+        f"--target tensorrt: activations float16 ({len(changes)} tensors float32 -> float16; "
+        "TensorRT's int4 weight-only kernels take float16 activations); graph inputs and "
+        "outputs stay float32"
+    )
 
 
 def _quantize_sites(

@@ -1,0 +1,278 @@
+"""ONNX Runtime as a deployment backend: sessions built the way a user deploys a model.
+
+Verification (:func:`graphopt.verify.make_session`) always runs on the CPU with ORT's own
+graph optimizations off, so that it compares graphopt's rewrite and nothing else. Measuring
+and comparing for deployment (``graphopt bench``, ``graphopt compare``) and producing an
+edge artefact need the other knobs: execution providers, intra/inter-op threads, ORT's graph
+optimization level, and the custom-op libraries a model needs. They are chosen here, once.
+
+- :class:`SessionConfig` and :func:`create_session`: a session for a path or an in-memory
+  model; a requested provider that ORT silently replaced by the CPU (a CUDA build whose
+  libraries are missing) is an error, not a number measured on the wrong device.
+- :func:`resolve_providers`: ``cpu``, ``cuda,cpu`` or ORT's full names, checked against
+  what the installed onnxruntime offers.
+- :func:`save_optimized`: ORT's own optimized model, as ONNX or in the ``.ort`` format that
+  ORT Mobile/minimal builds load, for ``graphopt optimize --save-ort-optimized PATH``.
+
+onnxruntime, numpy and onnx are imported inside the functions: ``graphopt --help`` and the
+subcommands' parsers import this module.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from graphopt.backends.ort_custom_ops import register_active_custom_ops
+from graphopt.errors import UserInputError
+
+if TYPE_CHECKING:
+    import onnx_ir as ir
+
+CPU = "CPUExecutionProvider"
+# Short names users type; anything else must be ORT's full provider name.
+PROVIDER_ALIASES = {
+    "cpu": CPU,
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "trt": "TensorrtExecutionProvider",
+    "rocm": "ROCMExecutionProvider",
+    "migraphx": "MIGraphXExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+    "dnnl": "DnnlExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+    "dml": "DmlExecutionProvider",
+    "directml": "DmlExecutionProvider",
+    "xnnpack": "XnnpackExecutionProvider",
+    "qnn": "QNNExecutionProvider",
+    "nnapi": "NnapiExecutionProvider",
+    "webgpu": "WebGpuExecutionProvider",
+}
+# --opt-level names -> ORT's GraphOptimizationLevel members.
+OPT_LEVELS = {
+    "disable": "ORT_DISABLE_ALL",
+    "basic": "ORT_ENABLE_BASIC",
+    "extended": "ORT_ENABLE_EXTENDED",
+    "layout": "ORT_ENABLE_LAYOUT",
+    "all": "ORT_ENABLE_ALL",
+}
+# Serialize an in-memory model below this; above it ORT reads a temporary file (protobuf's
+# 2 GB limit, with room for the graph).
+IN_MEMORY_LIMIT_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """How to build an ORT session. ``threads``/``inter_threads`` 0: ORT's default (all
+    cores); ``custom_ops`` None: the libraries the run made active (``--custom-ops``)."""
+
+    providers: tuple[str, ...] = (CPU,)
+    threads: int = 0
+    inter_threads: int = 0
+    opt_level: str = "all"
+    sequential: bool = True
+    custom_ops: tuple[str, ...] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "providers": list(self.providers),
+            "threads": self.threads,
+            "inter_threads": self.inter_threads,
+            "opt_level": self.opt_level,
+            "execution_mode": "sequential" if self.sequential else "parallel",
+        }
+
+
+def resolve_providers(spec: str | Sequence[str] | None) -> tuple[str, ...]:
+    """ORT provider names for ``spec`` (``"cuda,cpu"``, ``["cpu"]``, None: the CPU).
+
+    Each must be offered by the installed onnxruntime (a CPU wheel offers the CPU only): a
+    benchmark of "CUDA" that ran on the CPU would be a wrong number. The CPU is appended as
+    the fallback for nodes an accelerator does not take, as ORT itself does.
+    """
+    words = [spec] if isinstance(spec, str) else list(spec or [])
+    names: list[str] = []
+    for word in words:
+        for part in word.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            name = PROVIDER_ALIASES.get(part.lower(), part)
+            if name not in names:
+                names.append(name)
+    if not names:
+        return (CPU,)
+    from graphopt.ortrun import import_onnxruntime
+
+    available = import_onnxruntime().get_available_providers()
+    for name in names:
+        if name not in available:
+            known = name in PROVIDER_ALIASES.values() or name.endswith("ExecutionProvider")
+            what = "is not available in this onnxruntime" if known else "is not a provider"
+            raise UserInputError(
+                f"--provider {name}: {what} (available: {', '.join(available)}; short names: "
+                f"{', '.join(sorted(PROVIDER_ALIASES))})"
+            )
+    if CPU not in names:
+        names.append(CPU)
+    return tuple(names)
+
+
+def optimization_level(name: str):
+    """ORT's ``GraphOptimizationLevel`` for a name of :data:`OPT_LEVELS`."""
+    if name not in OPT_LEVELS:
+        choices = ", ".join(OPT_LEVELS)
+        raise UserInputError(f"optimization level {name!r}: expected one of {choices}")
+    from graphopt.ortrun import import_onnxruntime
+
+    return getattr(import_onnxruntime().GraphOptimizationLevel, OPT_LEVELS[name])
+
+
+def session_options(config: SessionConfig, model: ir.Model | None = None):
+    """An ``onnxruntime.SessionOptions`` for ``config``, custom-op libraries registered.
+
+    The user's libraries (``config.custom_ops``, by default the active ``--custom-ops``) are
+    registered, and graphopt's own kernel library when ``model`` uses its op domain
+    (:func:`~graphopt.backends.ort_custom_ops.register_active_custom_ops`).
+    """
+    from graphopt.ortrun import import_onnxruntime
+
+    ort = import_onnxruntime()
+    options = ort.SessionOptions()
+    # With the model: graphopt's own kernel library too when it uses their domain (a
+    # one-line error saying how to build it when it is missing).
+    register_active_custom_ops(options, config.custom_ops, model=model)
+    options.graph_optimization_level = optimization_level(config.opt_level)
+    if config.threads < 0 or config.inter_threads < 0:
+        raise UserInputError("--threads: must be 0 (ORT's default) or more")
+    if config.threads:
+        options.intra_op_num_threads = config.threads
+    if config.inter_threads:
+        options.inter_op_num_threads = config.inter_threads
+    options.execution_mode = (
+        ort.ExecutionMode.ORT_SEQUENTIAL if config.sequential else ort.ExecutionMode.ORT_PARALLEL
+    )
+    # Errors only: a model ORT cannot run is reported by graphopt in one line.
+    options.log_severity_level = 3
+    return options
+
+
+def create_session(
+    source: str | os.PathLike | ir.Model,
+    config: SessionConfig = SessionConfig(),
+    model: ir.Model | None = None,
+    options=None,
+):
+    """An ``onnxruntime.InferenceSession`` for a model file or an in-memory model.
+
+    ``model``: the loaded model when ``source`` is a path (read for the custom-op domains it
+    needs; without it the file is opened by ORT alone). ``options``: a prepared
+    ``SessionOptions`` to use instead of :func:`session_options`.
+    """
+    import onnx_ir as ir
+
+    from graphopt.ortrun import import_onnxruntime
+
+    ort = import_onnxruntime()
+    in_memory = isinstance(source, ir.Model)
+    if in_memory:
+        model = source
+    if options is None:
+        options = session_options(config, model)
+    providers = list(config.providers)
+    if not in_memory:
+        session = ort.InferenceSession(os.fspath(source), options, providers=providers)
+    else:
+        from graphopt import io
+
+        if io.total_tensor_bytes(source) < IN_MEMORY_LIMIT_BYTES:
+            data = io.to_proto(source).SerializeToString()
+            session = ort.InferenceSession(data, options, providers=providers)
+        else:
+            with tempfile.TemporaryDirectory(prefix="graphopt-ort-") as tmp:
+                path = Path(tmp) / "model.onnx"
+                io.save(source, path, external_data=True)
+                session = ort.InferenceSession(os.fspath(path), options, providers=providers)
+    _check_providers(session, providers)
+    return session
+
+
+def _check_providers(session, requested: list[str]) -> None:
+    # ORT falls back to the CPU with a log line when an accelerator fails to initialize
+    # (missing CUDA libraries); measuring that as "cuda" would mislead.
+    used = session.get_providers()
+    lost = [p for p in requested if p != CPU and p not in used]
+    if lost:
+        raise UserInputError(
+            f"--provider {lost[0]}: ONNX Runtime could not initialize it and fell back to "
+            f"{', '.join(used)} (check its libraries, e.g. CUDA/cuDNN, are installed)"
+        )
+
+
+def save_optimized(
+    source: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    opt_level: str = "extended",
+    ort_format: bool | None = None,
+    providers: Sequence[str] = (CPU,),
+    custom_ops: Sequence[str | os.PathLike] | None = None,
+) -> Path:
+    """Write ORT's optimized form of the model at ``source`` to ``output``; return it.
+
+    ``ort_format`` None: by ``output``'s suffix (``.ort``: the ORT format that ORT Mobile and
+    minimal builds load, no protobuf parser needed; else ONNX). The default level is
+    ``extended``: ``all`` adds layout transforms (NCHWc) tied to this machine's vector
+    width, which ORT itself warns against saving for another device.
+    """
+    from graphopt import io
+
+    output = Path(os.fspath(output))
+    if ort_format is None:
+        ort_format = output.suffix.lower() == ".ort"
+    io.check_output_target(output)
+    if output.resolve() == Path(os.fspath(source)).resolve():
+        raise UserInputError(f"{output}: would overwrite the model it is made from")
+    loaded = io.load(source)
+    config = SessionConfig(
+        providers=tuple(providers),
+        opt_level=opt_level,
+        custom_ops=None if custom_ops is None else tuple(os.fspath(p) for p in custom_ops),
+    )
+    folder = output.parent if str(output.parent) else Path(".")
+    # ORT writes in place: into a temporary folder beside the output first, then renamed,
+    # so an interrupted or failed run leaves no half-written model under the user's name.
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=folder))
+    try:
+        options = session_options(config, loaded.model)
+        options.optimized_model_filepath = os.fspath(tmp_dir / output.name)
+        data_name = io.data_file_name(output)
+        if ort_format:
+            options.add_session_config_entry("session.save_model_format", "ORT")
+        elif io.total_tensor_bytes(loaded.model) >= IN_MEMORY_LIMIT_BYTES:
+            # Past protobuf's 2 GB a single ONNX file cannot hold the weights.
+            options.add_session_config_entry(
+                "session.optimized_model_external_initializers_file_name", data_name
+            )
+        try:
+            create_session(source, config, loaded.model, options=options)
+        except UserInputError:
+            raise
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserInputError(f"{source}: ONNX Runtime cannot optimize it ({first})") from None
+        written = tmp_dir / output.name
+        if not written.is_file():
+            raise UserInputError(f"{output}: ONNX Runtime wrote no optimized model")
+        if (tmp_dir / data_name).is_file():
+            io.check_output_target(output, data=True)
+            os.replace(tmp_dir / data_name, folder / data_name)
+        os.replace(written, output)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return output

@@ -1,0 +1,516 @@
+// Standalone tests of the sparse kernels, no ORT: every ISA tier up to the detected one
+// against the reference kernel, and the reference against a dense matmul of the unpacked
+// weight (so the reference's reading of the layout is checked too).
+//
+// Random shapes (M = 0 and 1 included, odd K and N), every block shape, sparsities 0..1, with
+// and without bias and activation, serial and on threads. Outputs get guard cells on both
+// sides and start as NaN, so a kernel that skips an output or writes outside Y is caught even
+// without the sanitizers (CMake's GRAPHOPT_SANITIZE build adds ASan + UBSan).
+//
+// Usage: graphopt_kernel_tests [--cases N] [--seed S] [--max-dim D]   exit 1 on any mismatch
+//        graphopt_kernel_tests --info                                  detected/selected ISA
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <string>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+#include "epilogue_internal.h"
+#include "kernels.h"
+
+namespace graphopt {
+namespace {
+
+constexpr int kGuard = 16;
+constexpr float kGuardValue = 12345.0f;
+
+struct Options {
+  int cases = 120;
+  unsigned seed = 1;
+  int max_dim = 48;
+};
+
+// ---- Parallel on std::threads: pieces handed out by an atomic counter -------------------
+
+struct ThreadPoolState {
+  int threads;
+};
+
+void run_on_threads(const Parallel& self, size_t n, void (*fn)(void*, size_t), void* arg) {
+  std::atomic<size_t> next{0};
+  auto worker = [&]() {
+    for (size_t i = next++; i < n; i = next++) fn(arg, i);
+  };
+  std::vector<std::thread> pool;
+  for (int t = 1; t < self.threads; ++t) pool.emplace_back(worker);
+  worker();
+  for (auto& thread : pool) thread.join();
+}
+
+Parallel threaded_parallel(int threads) { return Parallel{&run_on_threads, nullptr, threads}; }
+
+// ---- random problems --------------------------------------------------------------------
+
+struct Rng {
+  std::mt19937 engine;
+  explicit Rng(unsigned seed) : engine(seed) {}
+  int64_t integer(int64_t lo, int64_t hi) {  // inclusive
+    return std::uniform_int_distribution<int64_t>(lo, hi)(engine);
+  }
+  float real(float lo, float hi) { return std::uniform_real_distribution<float>(lo, hi)(engine); }
+  template <typename T>
+  T pick(const std::vector<T>& items) {
+    return items[static_cast<size_t>(integer(0, static_cast<int64_t>(items.size()) - 1))];
+  }
+};
+
+struct Shape {
+  int64_t M, K, N;
+  int32_t R, C;
+  double sparsity;
+  bool bias;
+  Activation act;
+};
+
+std::string describe(const char* op, const Shape& s, Isa isa, int threads) {
+  char text[256];
+  std::snprintf(text, sizeof text,
+                "%s M=%lld K=%lld N=%lld block=%dx%d sparsity=%.2f bias=%d act=%d isa=%s "
+                "threads=%d",
+                op, static_cast<long long>(s.M), static_cast<long long>(s.K),
+                static_cast<long long>(s.N), s.R, s.C, s.sparsity, s.bias ? 1 : 0,
+                static_cast<int>(s.act), isa_name(isa), threads);
+  return text;
+}
+
+Shape random_shape(Rng& rng, const Options& opt, const std::vector<std::pair<int, int>>& blocks,
+                   int64_t k_multiple) {
+  Shape s{};
+  s.M = rng.pick<int64_t>({0, 1, 1, 2, 3, 5, 8, 17});
+  s.K = rng.integer(1, opt.max_dim);
+  if (k_multiple > 1) s.K = ((s.K + k_multiple - 1) / k_multiple) * k_multiple;
+  s.N = rng.integer(1, opt.max_dim);
+  const auto block = rng.pick(blocks);
+  s.R = block.first;
+  s.C = block.second;
+  s.sparsity = rng.pick<double>({0.0, 0.25, 0.5, 0.75, 0.9, 1.0});
+  s.bias = rng.integer(0, 1) == 1;
+  s.act = static_cast<Activation>(rng.integer(0, 2));
+  return s;
+}
+
+// Dense W [K, N] with whole R x C blocks (over n, k) zeroed at the given sparsity.
+template <typename T>
+std::vector<T> block_sparse_dense(Rng& rng, const Shape& s, T lo, T hi) {
+  std::vector<T> w(static_cast<size_t>(s.K * s.N));
+  for (int64_t i = 0; i * s.R < s.N; ++i) {
+    for (int64_t j = 0; j * s.C < s.K; ++j) {
+      const bool keep = rng.real(0.0f, 1.0f) >= s.sparsity;
+      for (int64_t r = 0; r < s.R && i * s.R + r < s.N; ++r) {
+        for (int64_t c = 0; c < s.C && j * s.C + c < s.K; ++c) {
+          T value = 0;
+          if (keep) {
+            if constexpr (std::is_floating_point_v<T>) {
+              value = rng.real(lo, hi);
+            } else {
+              value = static_cast<T>(rng.integer(lo, hi));
+            }
+          }
+          w[static_cast<size_t>((j * s.C + c) * s.N + i * s.R + r)] = value;
+        }
+      }
+    }
+  }
+  return w;
+}
+
+template <typename T>
+struct Bsr {
+  std::vector<T> values;
+  std::vector<int32_t> col_idx, row_ptr;
+};
+
+// BSR packing as packing.py does it: all-zero blocks dropped, padding zero.
+template <typename T>
+Bsr<T> pack_bsr(const std::vector<T>& w, const Shape& s) {
+  Bsr<T> out;
+  out.row_ptr.push_back(0);
+  for (int64_t i = 0; i * s.R < s.N; ++i) {
+    for (int64_t j = 0; j * s.C < s.K; ++j) {
+      std::vector<T> block(static_cast<size_t>(s.R * s.C), T(0));
+      bool nonzero = false;
+      for (int64_t r = 0; r < s.R && i * s.R + r < s.N; ++r) {
+        for (int64_t c = 0; c < s.C && j * s.C + c < s.K; ++c) {
+          const T value = w[static_cast<size_t>((j * s.C + c) * s.N + i * s.R + r)];
+          block[static_cast<size_t>(r * s.C + c)] = value;
+          nonzero = nonzero || value != T(0);
+        }
+      }
+      if (!nonzero) continue;
+      out.values.insert(out.values.end(), block.begin(), block.end());
+      out.col_idx.push_back(static_cast<int32_t>(j));
+    }
+    out.row_ptr.push_back(static_cast<int32_t>(out.col_idx.size()));
+  }
+  return out;
+}
+
+// ---- checking -------------------------------------------------------------------------
+
+struct Output {
+  std::vector<float> cells;
+  int64_t size;
+  explicit Output(int64_t n)
+      : cells(static_cast<size_t>(n + 2 * kGuard), std::numeric_limits<float>::quiet_NaN()),
+        size(n) {
+    for (int g = 0; g < kGuard; ++g) {
+      cells[static_cast<size_t>(g)] = kGuardValue;
+      cells[static_cast<size_t>(n + kGuard + g)] = kGuardValue;
+    }
+  }
+  float* data() { return cells.data() + kGuard; }
+  float at(int64_t i) const { return cells[static_cast<size_t>(i + kGuard)]; }
+  bool guards_intact() const {
+    for (int g = 0; g < kGuard; ++g) {
+      if (cells[static_cast<size_t>(g)] != kGuardValue ||
+          cells[static_cast<size_t>(size + kGuard + g)] != kGuardValue) {
+        return false;
+      }
+    }
+    return true;
+  }
+};
+
+float activate(float x, Activation act) {
+  if (act == Activation::Relu) return x > 0.0f ? x : 0.0f;
+  if (act == Activation::Gelu) return 0.5f * x * (1.0f + std::erf(x * 0.70710678118654752440f));
+  return x;
+}
+
+int g_failures = 0;
+long g_checks = 0;
+
+// |got - want| <= tol * (scale + 1) per output, scale = sum |a*w| + |bias| for that output: the
+// float rounding any summation order can produce, with room for a different order.
+void compare(const std::string& what, const Output& got, const std::vector<float>& want,
+             const std::vector<float>& scale, double tol) {
+  ++g_checks;
+  if (!got.guards_intact()) {
+    if (g_failures++ < 20) std::printf("FAIL %s: wrote outside Y\n", what.c_str());
+    return;
+  }
+  for (int64_t i = 0; i < got.size; ++i) {
+    const double diff = std::fabs(static_cast<double>(got.at(i)) - want[static_cast<size_t>(i)]);
+    if (!(diff <= tol * (scale[static_cast<size_t>(i)] + 1.0))) {  // NaN fails too
+      if (g_failures++ < 20) {
+        std::printf("FAIL %s: Y[%lld] = %.9g, want %.9g\n", what.c_str(),
+                    static_cast<long long>(i), got.at(i), want[static_cast<size_t>(i)]);
+      }
+      return;
+    }
+  }
+}
+
+std::vector<Isa> tiers() {
+  std::vector<Isa> out;
+  for (int t = 0; t <= static_cast<int>(detect_isa()); ++t) out.push_back(static_cast<Isa>(t));
+  return out;
+}
+
+const std::vector<Parallel>& parallels() {
+  static const std::vector<Parallel> all{serial_parallel(), threaded_parallel(3)};
+  return all;
+}
+
+// ---- the three ops --------------------------------------------------------------------
+
+void check_f32(Rng& rng, const Shape& s) {
+  const auto w = block_sparse_dense<float>(rng, s, -1.0f, 1.0f);
+  const auto packed = pack_bsr(w, s);
+  std::vector<float> a(static_cast<size_t>(s.M * s.K)), bias(static_cast<size_t>(s.N));
+  for (auto& x : a) x = rng.real(-1.0f, 1.0f);
+  for (auto& x : bias) x = rng.real(-1.0f, 1.0f);
+  const BsrF32 W{s.K, s.N, s.R, s.C, static_cast<int64_t>(packed.col_idx.size()),
+                 packed.values.data(), packed.col_idx.data(), packed.row_ptr.data()};
+  const float* b = s.bias ? bias.data() : nullptr;
+  // Dense truth, in double.
+  std::vector<float> dense(static_cast<size_t>(s.M * s.N)), scale(dense.size());
+  for (int64_t m = 0; m < s.M; ++m) {
+    for (int64_t n = 0; n < s.N; ++n) {
+      double acc = 0.0, mag = 0.0;
+      for (int64_t k = 0; k < s.K; ++k) {
+        const double p = double{a[static_cast<size_t>(m * s.K + k)]} *
+                         w[static_cast<size_t>(k * s.N + n)];
+        acc += p;
+        mag += std::fabs(p);
+      }
+      if (b) acc += b[n], mag += std::fabs(b[n]);
+      dense[static_cast<size_t>(m * s.N + n)] = activate(static_cast<float>(acc), s.act);
+      scale[static_cast<size_t>(m * s.N + n)] = static_cast<float>(mag);
+    }
+  }
+  Output ref(s.M * s.N);
+  sparse_matmul_f32_reference(a.data(), s.M, W, b, s.act, ref.data());
+  compare(describe("reference-vs-dense f32", s, Isa::Scalar, 1), ref, dense, scale, 1e-5);
+  std::vector<float> ref_values(dense.size());
+  for (int64_t i = 0; i < ref.size; ++i) ref_values[static_cast<size_t>(i)] = ref.at(i);
+  for (Isa isa : tiers()) {
+    for (const Parallel& par : parallels()) {
+      Output y(s.M * s.N);
+      sparse_matmul_f32(a.data(), s.M, W, b, s.act, y.data(), par, isa);
+      compare(describe("sparse_matmul_f32", s, isa, par.threads), y, ref_values, scale, 1e-5);
+    }
+  }
+}
+
+void test_f32(Rng& rng, const Options& opt) {
+  const std::vector<std::pair<int, int>> blocks{{1, 4}, {4, 1}, {16, 1}, {4, 4}, {1, 1}, {2, 2}};
+  for (int t = 0; t < opt.cases; ++t) check_f32(rng, random_shape(rng, opt, blocks, 1));
+}
+
+// Shapes the random ones rarely reach: the M-vectorized path's K panels (1xC, M >= 64,
+// K ~ 1000, density >= 0.5), a partial last M tile, whole 16x16 output transposes, the M = 7 /
+// M = 8 switch between the row and M-vectorized paths, and R = 32 / R = 3 blocks.
+void test_f32_fixed(Rng& rng) {
+  using A = Activation;
+  const Shape shapes[] = {
+      {128, 1000, 40, 1, 4, 0.5, true, A::Gelu},  {70, 1003, 33, 1, 1, 0.3, true, A::Relu},
+      {64, 997, 19, 1, 4, 0.9, false, A::None},   {96, 1000, 48, 1, 4, 0.0, true, A::None},
+      {7, 300, 50, 1, 4, 0.5, true, A::Gelu},     {8, 300, 50, 1, 4, 0.5, true, A::Gelu},
+      {8, 45, 37, 4, 1, 0.5, false, A::Relu},     {7, 45, 37, 4, 1, 0.5, false, A::Relu},
+      {20, 50, 70, 32, 1, 0.5, true, A::None},    {3, 50, 70, 32, 1, 0.5, true, A::Gelu},
+      {17, 40, 31, 3, 2, 0.25, true, A::Relu},    {5, 40, 31, 3, 1, 0.25, true, A::None},
+      {40, 64, 64, 16, 1, 0.75, true, A::Gelu},   {33, 130, 47, 4, 4, 0.75, false, A::Gelu},
+  };
+  for (const Shape& s : shapes) check_f32(rng, s);
+}
+
+void check_24(Rng& rng, const Shape& s) {
+  const int64_t groups = s.K / 4, half = s.K / 2, stride = (s.K + 7) / 8;
+  std::vector<float> w(static_cast<size_t>(s.K * s.N), 0.0f);
+  std::vector<float> values(static_cast<size_t>(s.N * half));
+  std::vector<uint8_t> indices(static_cast<size_t>(s.N * stride), 0);
+  for (int64_t n = 0; n < s.N; ++n) {
+    for (int64_t g = 0; g < groups; ++g) {
+      const int p0 = static_cast<int>(rng.integer(0, 2));
+      const int p1 = static_cast<int>(rng.integer(p0 + 1, 3));
+      // Sparsity here: the chance a kept value is zero (a 2:4 group may hold fewer than 2).
+      for (int tt = 0; tt < 2; ++tt) {
+        const float value = rng.real(0.0f, 1.0f) < s.sparsity ? 0.0f : rng.real(-1.0f, 1.0f);
+        values[static_cast<size_t>(n * half + 2 * g + tt)] = value;
+        w[static_cast<size_t>((4 * g + (tt ? p1 : p0)) * s.N + n)] = value;
+      }
+      const uint8_t nibble = static_cast<uint8_t>(p0 | (p1 << 2));
+      indices[static_cast<size_t>(n * stride + g / 2)] |=
+          static_cast<uint8_t>((g % 2) ? nibble << 4 : nibble);
+    }
+  }
+  std::vector<float> a(static_cast<size_t>(s.M * s.K)), bias(static_cast<size_t>(s.N));
+  for (auto& x : a) x = rng.real(-1.0f, 1.0f);
+  for (auto& x : bias) x = rng.real(-1.0f, 1.0f);
+  const float* b = s.bias ? bias.data() : nullptr;
+  const Packed24F32 W{s.K, s.N, values.data(), indices.data()};
+  std::vector<float> dense(static_cast<size_t>(s.M * s.N)), scale(dense.size());
+  for (int64_t m = 0; m < s.M; ++m) {
+    for (int64_t n = 0; n < s.N; ++n) {
+      double acc = 0.0, mag = 0.0;
+      for (int64_t k = 0; k < s.K; ++k) {
+        const double p = double{a[static_cast<size_t>(m * s.K + k)]} *
+                         w[static_cast<size_t>(k * s.N + n)];
+        acc += p;
+        mag += std::fabs(p);
+      }
+      if (b) acc += b[n], mag += std::fabs(b[n]);
+      dense[static_cast<size_t>(m * s.N + n)] = activate(static_cast<float>(acc), s.act);
+      scale[static_cast<size_t>(m * s.N + n)] = static_cast<float>(mag);
+    }
+  }
+  Output ref(s.M * s.N);
+  sparse_matmul_24_f32_reference(a.data(), s.M, W, b, s.act, ref.data());
+  compare(describe("reference-vs-dense 2:4", s, Isa::Scalar, 1), ref, dense, scale, 1e-5);
+  std::vector<float> ref_values(dense.size());
+  for (int64_t i = 0; i < ref.size; ++i) ref_values[static_cast<size_t>(i)] = ref.at(i);
+  for (Isa isa : tiers()) {
+    for (const Parallel& par : parallels()) {
+      Output y(s.M * s.N);
+      sparse_matmul_24_f32(a.data(), s.M, W, b, s.act, y.data(), par, isa);
+      compare(describe("sparse_matmul_24_f32", s, isa, par.threads), y, ref_values, scale, 1e-5);
+    }
+  }
+}
+
+void test_24(Rng& rng, const Options& opt) {
+  for (int t = 0; t < opt.cases; ++t) check_24(rng, random_shape(rng, opt, {{1, 1}}, 4));
+}
+
+// 2:4 at K = 12 (odd group count, no whole 16-wide step), 260 and 1004 (a tail of 1-3
+// groups after the 16-wide steps), on both the row (M < 8) and the M-vectorized path.
+void test_24_fixed(Rng& rng) {
+  for (const int64_t K : {12, 260, 1004}) {
+    for (const int64_t M : {1, 8, 40}) {
+      const Shape s{M, K, 37, 1, 1, 0.25, M != 8, M == 1 ? Activation::Gelu : Activation::Relu};
+      check_24(rng, s);
+    }
+  }
+}
+
+void test_s8(Rng& rng, const Options& opt) {
+  const std::vector<std::pair<int, int>> blocks{{1, 4}, {4, 4}, {2, 4}, {16, 4}, {1, 8}, {8, 4}};
+  for (int t = 0; t < opt.cases; ++t) {
+    const Shape s = random_shape(rng, opt, blocks, 1);
+    const auto w = block_sparse_dense<int8_t>(rng, s, -127, 127);
+    const auto packed = pack_bsr(w, s);
+    std::vector<int32_t> rowsum(static_cast<size_t>(s.N), 0);
+    for (int64_t k = 0; k < s.K; ++k) {
+      for (int64_t n = 0; n < s.N; ++n) {
+        rowsum[static_cast<size_t>(n)] += w[static_cast<size_t>(k * s.N + n)];
+      }
+    }
+    const bool per_channel = rng.integer(0, 1) == 1;
+    std::vector<float> w_scale(per_channel ? static_cast<size_t>(s.N) : 1);
+    for (auto& x : w_scale) x = rng.real(0.001f, 0.02f);
+    std::vector<uint8_t> a(static_cast<size_t>(s.M * s.K));
+    for (auto& x : a) x = static_cast<uint8_t>(rng.integer(0, 255));
+    const float a_scale = rng.real(0.001f, 0.05f);
+    const auto a_zero = static_cast<uint8_t>(rng.integer(0, 255));
+    std::vector<float> bias(static_cast<size_t>(s.N));
+    for (auto& x : bias) x = rng.real(-1.0f, 1.0f);
+    const float* b = s.bias ? bias.data() : nullptr;
+    const BsrS8 W{s.K, s.N, s.R, s.C, static_cast<int64_t>(packed.col_idx.size()),
+                  packed.values.data(), packed.col_idx.data(), packed.row_ptr.data(),
+                  w_scale.data(), static_cast<int64_t>(w_scale.size()), rowsum.data()};
+    std::vector<float> dense(static_cast<size_t>(s.M * s.N)), scale(dense.size());
+    for (int64_t m = 0; m < s.M; ++m) {
+      for (int64_t n = 0; n < s.N; ++n) {
+        int64_t acc = 0;
+        for (int64_t k = 0; k < s.K; ++k) {
+          acc += (int64_t{a[static_cast<size_t>(m * s.K + k)]} - a_zero) *
+                 w[static_cast<size_t>(k * s.N + n)];
+        }
+        const double ws = w_scale[per_channel ? static_cast<size_t>(n) : 0];
+        double y = double{a_scale} * ws * static_cast<double>(acc);
+        const double mag = std::fabs(y) + (b ? std::fabs(b[n]) : 0.0);
+        if (b) y += b[n];
+        dense[static_cast<size_t>(m * s.N + n)] = activate(static_cast<float>(y), s.act);
+        scale[static_cast<size_t>(m * s.N + n)] = static_cast<float>(mag);
+      }
+    }
+    Output ref(s.M * s.N);
+    sparse_qmatmul_s8_reference(a.data(), s.M, a_scale, a_zero, W, b, s.act, ref.data());
+    compare(describe("reference-vs-dense s8", s, Isa::Scalar, 1), ref, dense, scale, 1e-5);
+    std::vector<float> ref_values(dense.size());
+    for (int64_t i = 0; i < ref.size; ++i) ref_values[static_cast<size_t>(i)] = ref.at(i);
+    for (Isa isa : tiers()) {
+      for (const Parallel& par : parallels()) {
+        Output y(s.M * s.N);
+        sparse_qmatmul_s8(a.data(), s.M, a_scale, a_zero, W, b, s.act, y.data(), par, isa);
+        compare(describe("sparse_qmatmul_s8", s, isa, par.threads), y, ref_values, scale, 1e-5);
+      }
+    }
+  }
+}
+
+// ---- the fused GELU ---------------------------------------------------------------------
+
+// The epilogue's erf-GELU on every tier against 0.5 x erfc(-x / sqrt 2) in double, over a wide
+// range: a dense sweep of [-20, 20] (the negative tail, where Phi(x) is tiny, included), tiny
+// and denormal x, large |x|, +-0, +-inf and NaN; row lengths 1..40 cover the vector tails.
+// The vector tiers must be within kGeluTol of the output's own magnitude; the scalar tier
+// (std::erf, which loses the negative tail to cancellation in 1 + erf) within 1e-7 |x|.
+void test_gelu() {
+  constexpr double kGeluTol = 1e-6;
+  std::vector<float> xs;
+  for (int i = -200000; i <= 200000; ++i) xs.push_back(static_cast<float>(i) * 1e-4f);
+  for (float v = 1e-38f; v < 1e38f; v *= 3.7f) {
+    xs.push_back(v);
+    xs.push_back(-v);
+  }
+  const float specials[] = {0.0f, -0.0f, 1e-45f, -1e-45f, 5.0f, -5.0f, 5.5f, -5.5f,
+                            13.0f, -13.0f, 27.0f, -27.0f, 1e4f, -1e4f, 3e38f, -3e38f,
+                            std::numeric_limits<float>::infinity(),
+                            -std::numeric_limits<float>::infinity(),
+                            std::numeric_limits<float>::quiet_NaN()};
+  xs.insert(xs.end(), std::begin(specials), std::end(specials));
+  for (Isa isa : tiers()) {
+    ++g_checks;
+    std::vector<float> y = xs;
+    // Uneven row lengths so every tail width is exercised.
+    for (size_t start = 0, len = 1; start < y.size(); start += len, len = len % 40 + 1) {
+      const size_t n = std::min(len, y.size() - start);
+      detail::apply_epilogue_row_isa(y.data() + start, static_cast<int64_t>(n), nullptr,
+                                     Activation::Gelu, isa);
+    }
+    double worst = 0.0;
+    float worst_x = 0.0f;
+    for (size_t i = 0; i < xs.size(); ++i) {
+      const double x = xs[i];
+      const double want = 0.5 * x * std::erfc(-x * 0.70710678118654752440);
+      const double got = y[i];
+      if (std::isnan(want) || std::isnan(got)) {
+        if (std::isnan(want) != std::isnan(got)) worst = INFINITY, worst_x = xs[i];
+        continue;
+      }
+      if (std::isinf(want) || std::isinf(got)) {
+        if (want != got) worst = INFINITY, worst_x = xs[i];
+        continue;
+      }
+      double mag = std::fabs(want);
+      if (isa == Isa::Scalar) mag = std::max(mag, std::fabs(x) * 0.1);
+      // Below float's normal range only an absolute error is meaningful.
+      const double err = std::fabs(got - want) / std::max(mag, 1e-30);
+      if (err > worst) worst = err, worst_x = xs[i];
+    }
+    if (!(worst <= kGeluTol)) {
+      if (g_failures++ < 20) {
+        std::printf("FAIL gelu %s: relative error %.3g at x = %.9g\n", isa_name(isa), worst,
+                    worst_x);
+      }
+    } else {
+      std::printf("gelu %s: max relative error %.3g (at x = %.6g)\n", isa_name(isa), worst,
+                  worst_x);
+    }
+  }
+}
+
+}  // namespace
+}  // namespace graphopt
+
+int main(int argc, char** argv) {
+  using namespace graphopt;
+  Options opt;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg == "--info") {
+      std::printf("detected isa: %s\nselected isa: %s\n", isa_name(detect_isa()),
+                  isa_name(selected_isa()));
+      return 0;
+    }
+    if (i + 1 < argc && arg == "--cases") {
+      opt.cases = std::atoi(argv[++i]);
+    } else if (i + 1 < argc && arg == "--seed") {
+      opt.seed = static_cast<unsigned>(std::strtoul(argv[++i], nullptr, 10));
+    } else if (i + 1 < argc && arg == "--max-dim") {
+      opt.max_dim = std::max(1, std::atoi(argv[++i]));
+    } else {
+      std::fprintf(stderr, "usage: %s [--cases N] [--seed S] [--max-dim D] | --info\n", argv[0]);
+      return 2;
+    }
+  }
+  Rng rng(opt.seed);
+  test_f32(rng, opt);
+  test_f32_fixed(rng);
+  test_24(rng, opt);
+  test_24_fixed(rng);
+  test_s8(rng, opt);
+  test_gelu();
+  std::printf("kernel_tests: %d cases per op, tiers scalar..%s, %ld comparisons, %d failures\n",
+              opt.cases, isa_name(detect_isa()), g_checks, g_failures);
+  return g_failures == 0 ? 0 : 1;
+}

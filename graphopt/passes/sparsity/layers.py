@@ -1,0 +1,269 @@
+"""The layers a sparsify run may touch, their weights in canonical form, and selection.
+
+Canonical form ``W[N, K]``: one row per output, the reduction axis K along the row, ordered
+so that the pattern's consecutive K elements are the ones a sparse kernel groups:
+
+* MatMul ``x @ B``, B ``[K, N]``: ``Bᵀ``. Gemm: ``B`` with ``transB=1``, else ``Bᵀ``.
+* Conv ``[O, C/g, kh, kw]``: ``[O, kh·kw·C/g]`` ordered (ky, kx, channel), so groups of M
+  consecutive K elements are M consecutive input channels at one kernel position (what
+  TensorRT's 2:4 kernels need), not M kernel taps of one channel.
+
+Selection (``--sparsity-layers``): ``all``; ``ffn``: MatMul/Gemm pairs around a
+transformer's feed-forward nonlinearity (the layer whose output reaches an Erf/Gelu/Relu/...
+within a few elementwise steps, and the layer that reads that nonlinearity's result);
+``attention``: projections whose output reaches, or whose input comes from, a MatMul of two
+activations (attention scores, probabilities × values) through reshapes/transposes only;
+anything else is a glob on node or weight names. By default the classifier stays dense: a
+layer no other candidate reads from, unless it is part of an FFN or attention block (a
+transformer's last FFN projection is not a classifier), and so do layers with a reduction
+size under ``MIN_REDUCTION`` (the digits CNN's first conv, 1·3·3 inputs, has none to spare).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from graphopt.editing import attribute, constant_array, is_op, register_array, remove_if_dead
+
+# Layers with fewer reduction features than this stay dense by default.
+MIN_REDUCTION = 16
+NONLINEAR = frozenset(
+    {"Erf", "Gelu", "FastGelu", "BiasGelu", "Relu", "Sigmoid", "Tanh", "Softplus", "HardSwish"}
+)
+# Ops an FFN's pieces (bias, erf-GELU's scale and sum) pass through between layers.
+ELEMENTWISE = frozenset({"Add", "Mul", "Div", "Sub", "Pow", "Sqrt", "Cast"}) | NONLINEAR
+# Ops between an attention projection and the activation-by-activation MatMul it feeds.
+RESHAPING = frozenset({"Reshape", "Transpose", "Add", "Mul", "Div", "Split", "Slice", "Squeeze"})
+REACH = 8
+
+
+@dataclass
+class Layer:
+    node: ir.Node
+    op: str
+    weight: ir.Value
+    shape: tuple[int, ...]  # the stored weight's shape
+    groups: int = 1
+    kind: str = ""  # "ffn", "attention" or ""
+
+    @property
+    def name(self) -> str:
+        return self.node.name or self.weight.name or ""
+
+    @property
+    def params(self) -> int:
+        return int(np.prod(self.shape))
+
+    def canonical(self) -> np.ndarray:
+        """The weight as ``W[N, K]`` float32 (see the module docstring)."""
+        w = constant_array(self.weight)
+        assert w is not None
+        w = np.asarray(w, dtype=np.float32)
+        if self.op == "Conv":
+            return np.moveaxis(w, 1, -1).reshape(w.shape[0], -1)
+        if self.op == "Gemm" and attribute(self.node, "transB", 0):
+            return w
+        return w.T
+
+    def stored(self, canonical: np.ndarray) -> np.ndarray:
+        """:meth:`canonical`'s inverse: ``W[N, K]`` back in the stored layout and dtype."""
+        dtype = self.weight.dtype.numpy() if self.weight.dtype is not None else np.float32
+        if self.op == "Conv":
+            o, cin = self.shape[:2]
+            w = np.moveaxis(canonical.reshape(o, *self.shape[2:], cin), -1, 1)
+        elif self.op == "Gemm" and attribute(self.node, "transB", 0):
+            w = canonical
+        else:
+            w = canonical.T
+        return np.ascontiguousarray(w, dtype=dtype)
+
+    @property
+    def reduction(self) -> int:
+        return int(np.prod(self.shape[1:])) if self.op == "Conv" else self.canonical_k
+
+    @property
+    def canonical_k(self) -> int:
+        if self.op == "Conv":
+            return int(np.prod(self.shape[1:]))
+        trans = self.op == "Gemm" and attribute(self.node, "transB", 0)
+        return self.shape[1] if trans else self.shape[0]
+
+    @property
+    def outputs(self) -> int:
+        if self.op == "Conv":
+            return self.shape[0]
+        trans = self.op == "Gemm" and attribute(self.node, "transB", 0)
+        return self.shape[0] if trans else self.shape[1]
+
+
+def find_layers(graph: ir.Graph) -> tuple[list[Layer], list[tuple[str, str]]]:
+    """Every MatMul/Gemm/Conv with a constant float weight (graph order), and the others
+    of those types with why they cannot be sparsified."""
+    layers: list[Layer] = []
+    refused: list[tuple[str, str]] = []
+    for node in graph:
+        if not is_op(node, ("MatMul", "Gemm", "Conv")) or len(node.inputs) < 2:
+            continue
+        weight = node.inputs[1]
+        if weight is None or weight.is_graph_input():
+            continue
+        tensor = ir.convenience.get_const_tensor(weight)
+        if tensor is None:
+            continue  # activation × activation (attention scores): nothing to sparsify
+        name = node.name or ""
+        shape = tuple(int(d) for d in tensor.shape)
+        if tensor.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE):
+            refused.append((name, f"weight is {tensor.dtype.name.lower()}, not float"))
+        elif node.op_type != "Conv" and len(shape) != 2:
+            refused.append((name, f"weight of rank {len(shape)}"))
+        elif node.op_type == "Conv" and len(shape) < 3:
+            refused.append((name, "Conv weight of rank < 3"))
+        elif node.op_type == "Gemm" and attribute(node, "transA", 0):
+            refused.append((name, "Gemm with transA"))
+        elif len(weight.uses()) > 1:
+            refused.append((name, "weight shared with another node"))
+        else:
+            groups = int(attribute(node, "group", 1)) if node.op_type == "Conv" else 1
+            layers.append(Layer(node, node.op_type, weight, shape, groups))
+    _classify(layers)
+    return layers, refused
+
+
+def _classify(layers: list[Layer]) -> None:
+    """Mark FFN and attention projections (see the module docstring)."""
+    by_node = {id(layer.node): layer for layer in layers}
+    for layer in layers:
+        if layer.op == "Conv":
+            continue
+        down = _ffn_partner(layer.node, by_node)
+        if down is not None:
+            layer.kind = down.kind = "ffn"
+    for layer in layers:
+        if layer.op != "Conv" and not layer.kind and _near_attention(layer.node):
+            layer.kind = "attention"
+
+
+def _ffn_partner(node: ir.Node, by_node: dict[int, Layer]) -> Layer | None:
+    """The layer reading the nonlinearity ``node`` feeds (an FFN's second projection)."""
+    frontier, seen, nonlinear = [node], {id(node)}, False
+    for _ in range(REACH):
+        following = []
+        for current in frontier:
+            for out in current.outputs:
+                for use in out.uses():
+                    user = use.node
+                    if id(user) in seen:
+                        continue
+                    seen.add(id(user))
+                    if nonlinear and id(user) in by_node and use.idx == 0:
+                        return by_node[id(user)]
+                    if user.op_type in ELEMENTWISE:
+                        nonlinear = nonlinear or user.op_type in NONLINEAR
+                        following.append(user)
+        frontier = following
+    return None
+
+
+def _two_activation_matmul(node: ir.Node) -> bool:
+    """A MatMul of two activations (attention scores, probabilities × values)."""
+    return is_op(node, "MatMul") and all(
+        v is not None and ir.convenience.get_const_tensor(v) is None for v in node.inputs
+    )
+
+
+def _near_attention(node: ir.Node) -> bool:
+    """Output reaches, or input comes from, a MatMul of two activations via reshapes only."""
+    frontier = [node]
+    for _ in range(REACH):
+        following = []
+        for current in frontier:
+            for out in current.outputs:
+                for use in out.uses():
+                    if _two_activation_matmul(use.node):
+                        return True
+                    if use.node.op_type in RESHAPING:
+                        following.append(use.node)
+        frontier = following
+    producer = node.inputs[0].producer() if node.inputs[0] is not None else None
+    for _ in range(REACH):
+        if producer is None:
+            return False
+        if _two_activation_matmul(producer):
+            return True
+        if producer.op_type not in RESHAPING or producer.inputs[0] is None:
+            return False
+        producer = producer.inputs[0].producer()
+    return False
+
+
+def terminal(layers: list[Layer]) -> set[int]:
+    """id() of the layers no other layer reads from, directly or through other nodes."""
+    ids = {id(layer.node) for layer in layers}
+    result = set()
+    for layer in layers:
+        stack, seen, found = [layer.node], set(), False
+        while stack and not found:
+            current = stack.pop()
+            for out in current.outputs:
+                for use in out.uses():
+                    user = use.node
+                    if id(user) in ids and user is not layer.node:
+                        found = True
+                        break
+                    if id(user) not in seen:
+                        seen.add(id(user))
+                        stack.append(user)
+                if found:
+                    break
+        if not found:
+            result.add(id(layer.node))
+    return result
+
+
+def select(
+    layers: list[Layer], terms: tuple[str, ...], keep_last: bool
+) -> tuple[list[Layer], list[tuple[str, str]]]:
+    """The layers ``terms`` name, and the others with why they stay dense."""
+    last = terminal(layers) if keep_last else set()
+    chosen, left = [], []
+    for layer in layers:
+        named = any(
+            term == "all"
+            or (term in ("ffn", "attention") and layer.kind == term)
+            or fnmatch.fnmatchcase(layer.node.name or "", term)
+            or fnmatch.fnmatchcase(layer.weight.name or "", term)
+            for term in terms
+        )
+        if not named:
+            left.append((layer.name, f"not in --sparsity-layers {','.join(terms)}"))
+        elif id(layer.node) in last and not layer.kind:
+            left.append((layer.name, "the last layer (classifier): --sparsity-keep-last false"))
+        elif layer.reduction < MIN_REDUCTION:
+            left.append((layer.name, f"reduction size {layer.reduction} < {MIN_REDUCTION}"))
+        else:
+            chosen.append(layer)
+    return chosen, left
+
+
+def replace_weight(graph: ir.Graph, layer: Layer, canonical: np.ndarray) -> None:
+    """Give ``layer`` a new weight tensor from ``canonical`` (the old one is never edited),
+    under the old initializer's name when nothing else reads it."""
+    array = layer.stored(canonical)
+    old = layer.weight
+    name = old.name or "sparse_weight"
+    producer = old.producer()
+    if old.is_initializer() and graph.initializers.get(name) is old:
+        del graph.initializers[name]
+        new = register_array(graph, name, array)
+    else:
+        from graphopt.editing import add_initializer
+
+        new = add_initializer(graph, name + "_sparse", array)
+    layer.node.replace_input_with(1, new)
+    if producer is not None:
+        remove_if_dead(producer)
+    layer.weight = new

@@ -1,0 +1,564 @@
+"""The ``sparse-kernels`` pass: sparse constant-weight layers -> graphopt's own kernels.
+
+With ``--target ort --sparse-kernels``, a MatMul or Gemm whose weight is a sparse constant
+becomes an op of domain ``graphopt`` (``graphopt/kernels``) holding the packed weight, where
+the crossover measured on this machine says the sparse op is faster
+(:mod:`graphopt.passes.sparsity.crossover`). The packed weight holds the same numbers, so the
+pass is exact: float results differ only by summation order, and the pipeline verifies it in
+ONNX Runtime like any exact pass (its sessions register graphopt's library for domain
+``graphopt``). The output names the domain and its version, never a library path.
+
+Layers:
+
+- ``MatMul(A, B)``, B a 2-D float32 constant; ``Gemm`` with transA=0, alpha=1, beta=1 (or no
+  C; C of N values becomes the bias), transB respected. A following bias ``Add`` (N
+  values), ``Relu``, ``Gelu`` (erf) or com.microsoft ``Gelu``/``BiasGelu`` fold into the op.
+- int8: ``MatMul(DequantizeLinear(x_q u8, scalar scale, scalar zp), DequantizeLinear(W s8
+  constant, per-tensor or per-column scale, zero point 0))`` -> ``SparseQMatMul`` (float out).
+- Not lowered: 1x1 Conv (NCHW would need a Transpose pair around the op; a note says so).
+
+Format: 2:4 (``SparseMatMul24``) or BSR (``SparseMatMul``) with the block shape (R outputs
+x C inputs) among :data:`BSR_SHAPES` that stores the fewest bytes; the fewest bytes wins
+because the kernels stream the packed weight (memory-bound at these sizes), and it is a
+deterministic function of the weight. Layers under :data:`MIN_SPARSITY` are not timed
+(only to save time: no kernel wins there).
+
+Decision: the crossover times the layer with its epilogue, dense against the op with the
+epilogue fused and, with an activation, against the op with the activation left to ORT (a
+separate vectorized Gelu beat the fused one 8x on MiniLM's FFN); the faster form is lowered
+when it beats dense by ``min_speedup``.
+
+Decisions (per layer: shape, sparsity, format, dense and sparse ms, lowered) are recorded in
+the output's ``metadata_props[METADATA_KEY]``; ``decisions`` (``--sparse-kernels-decisions``)
+replays them from such a model or a JSON file (read and written by
+:mod:`graphopt.passes.sparsity.crossover`), so a rerun elsewhere writes the same model.
+M, the rows a layer sees, comes from ``--input-shape``; unbound dims count as
+:data:`DEFAULT_ROWS` rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from graphopt import editing
+from graphopt.backends.ort_custom_ops import OWN_DOMAIN, OWN_DOMAIN_VERSION, own_library
+from graphopt.errors import UserInputError
+from graphopt.passes.sparsity import crossover
+from graphopt.passes.sparsity.crossover import METADATA_KEY, load_decisions, recorded
+from graphopt.registry import GraphPass, PassOption, Stage, register
+
+MIN_SPARSITY = 0.2
+DEFAULT_ROWS = 128
+# (R, C): R outputs (N) by C inputs (K) per block. int8 blocks need C % 4 == 0 (VNNI).
+BSR_SHAPES = ((1, 4), (4, 1), (16, 1), (4, 4), (1, 1))
+S8_SHAPES = ((1, 4), (4, 4), (16, 4), (1, 8))
+_SWITCH_ON = frozenset(("", "on", "true", "yes", "1"))
+# An epilogue without its activation: (bias, nodes folded besides the anchor, output).
+Split = tuple[np.ndarray | None, list[ir.Node], ir.Value]
+
+
+@dataclass
+class Layer:
+    """One lowerable layer: its weight [K, N], what it reads and what it replaces."""
+
+    name: str
+    op: str  # MatMul, Gemm or QMatMul (the int8 QDQ pattern)
+    anchor: ir.Node
+    a: ir.Value
+    w: np.ndarray
+    output: ir.Value
+    removed: list[ir.Node]
+    bias: np.ndarray | None
+    activation: str
+    rows: int
+    # int8 only: activation scale and zero point, weight scales ([1] or [N]).
+    a_scale: np.ndarray | None = None
+    a_zero: np.ndarray | None = None
+    w_scale: np.ndarray | None = None
+    sources: list[ir.Node] = field(default_factory=list)  # DequantizeLinear nodes read
+    # Bias, folded nodes and output with the activation left to ORT (None: no activation).
+    split: Split | None = None
+
+    def separate(self) -> Layer:
+        """This layer with its activation left out of the op (an ORT node after it)."""
+        assert self.split is not None
+        bias, removed, output = self.split
+        folded = [self.anchor, *removed]
+        return dataclasses.replace(
+            self, activation="none", bias=bias, removed=folded, output=output, split=None
+        )
+
+    @property
+    def K(self) -> int:
+        return int(self.w.shape[0])
+
+    @property
+    def N(self) -> int:
+        return int(self.w.shape[1])
+
+    @property
+    def sparsity(self) -> float:
+        return float(1.0 - np.count_nonzero(self.w) / max(self.w.size, 1))
+
+
+@register
+class SparseKernelsPass(GraphPass):
+    """Lower sparse-weight MatMul/Gemm to graphopt's sparse kernels where measured faster."""
+
+    name = "sparse-kernels"
+    exact = True
+    stage = Stage.LOWER
+    handles_subgraphs = False
+    flag = "--sparse-kernels"
+    flag_metavar = None
+    flag_help = (
+        "with --target ort: sparse constant-weight MatMul/Gemm become graphopt's sparse ops "
+        "(domain graphopt) where a crossover measured on this machine says they are faster"
+    )
+    ops = frozenset({"MatMul", "Gemm", "Conv"})
+    targets = frozenset({"ort"})
+    options = (
+        PassOption(
+            "decisions",
+            str,
+            "",
+            "replay the crossover decisions recorded in a model lowered before (or a JSON "
+            "file of them) instead of measuring",
+            flag="--sparse-kernels-decisions",
+            metavar="MODEL_OR_JSON",
+        ),
+        PassOption(
+            "min_speedup",
+            float,
+            1.1,
+            "lower a layer when dense time / sparse time is at least this",
+            flag="--sparse-kernels-min-speedup",
+            metavar="X",
+        ),
+        PassOption(
+            "threads",
+            int,
+            1,
+            "intra-op threads of the crossover's timing sessions (as the model will run)",
+            flag="--sparse-kernels-threads",
+            metavar="N",
+        ),
+    )
+
+    @classmethod
+    def options_from_flag(cls, text: str) -> dict[str, Any]:
+        if text.strip().lower() in _SWITCH_ON:
+            return {}
+        raise UserInputError(f"{cls.flag} is a switch: leave it out not to lower (got {text!r})")
+
+    def rewrite(self, model: ir.Model) -> int:
+        if self.settings["threads"] < 1:
+            raise UserInputError("--sparse-kernels-threads: must be 1 or more")
+        rows = _dim_values(model, self.context.input_shapes)
+        layers, convs = find_layers(model, rows)
+        if convs:
+            self.context.note(
+                f"sparse-kernels: {convs} sparse 1x1 Conv layer(s) not lowered (NCHW would "
+                "need a Transpose pair around the op; not implemented)"
+            )
+        layers = [layer for layer in layers if layer.sparsity >= MIN_SPARSITY]
+        if not layers:
+            return 0
+        library = crossover.library_digest(own_library())  # one line when not built
+        given = load_decisions(self.settings["decisions"])
+        cache = crossover.CrossoverCache()
+        shared: dict[tuple[str, tuple[int, ...], str], ir.Value] = {}
+        record = recorded(model)
+        sources: dict[str, int] = {}
+        hits = 0
+        for layer in layers:
+            packed, fmt = choose_format(layer)
+            entry, source = self._decide(layer, packed, fmt, library, given, cache)
+            sources[source] = sources.get(source, 0) + 1
+            record[layer.name] = entry
+            if entry["lowered"]:
+                separate = entry.get("epilogue") == "separate" and layer.split is not None
+                lower(model.graph, layer.separate() if separate else layer, packed, fmt, shared)
+                hits += 1
+        if hits:
+            model.graph.opset_imports[OWN_DOMAIN] = OWN_DOMAIN_VERSION
+        model.metadata_props[METADATA_KEY] = crossover.canonical(
+            {
+                "domain": OWN_DOMAIN,
+                "version": OWN_DOMAIN_VERSION,
+                "layers": [record[name] for name in sorted(record)],
+            }
+        )
+        how = ", ".join(f"{count} {source}" for source, count in sorted(sources.items()))
+        self.context.note(
+            f"sparse-kernels: lowered {hits} of {len(layers)} sparse layer(s) (timings: {how}; "
+            f"cache {cache.path}); decisions in the output's metadata {METADATA_KEY}"
+        )
+        return hits
+
+    def _decide(
+        self,
+        layer: Layer,
+        packed: Any,
+        fmt: str,
+        library: str,
+        given: dict[str, dict[str, Any]],
+        cache: crossover.CrossoverCache,
+    ) -> tuple[dict[str, Any], str]:
+        """The layer's decision record, and where its timing came from."""
+        kind = "s8" if layer.op == "QMatMul" else "f32"
+        threads = self.settings["threads"]
+        epilogue = "+".join(
+            part
+            for part in ("bias" if layer.bias is not None else "", layer.activation)
+            if part and part != "none"
+        )
+        key = crossover.shape_class(
+            kind,
+            layer.K,
+            layer.N,
+            layer.rows,
+            fmt,
+            layer.sparsity,
+            threads,
+            library,
+            epilogue or "none",
+        )
+        entry = given.get(layer.name)
+        if entry is not None:
+            for name, mine in (("K", layer.K), ("N", layer.N), ("format", fmt)):
+                if entry.get(name) != mine:
+                    raise UserInputError(
+                        f"--sparse-kernels-decisions: layer {layer.name!r} has {name} "
+                        f"{mine!r}, the decisions say {entry.get(name)!r}"
+                    )
+            entry = dict(entry)
+            if "lowered" not in entry:  # a hand-written file may give the timings only
+                try:
+                    speedup = float(entry["dense_ms"]) / float(entry["sparse_ms"])
+                except (KeyError, TypeError, ValueError, ZeroDivisionError):
+                    raise UserInputError(
+                        f"--sparse-kernels-decisions: layer {layer.name!r} needs lowered, "
+                        "or dense_ms and sparse_ms"
+                    ) from None
+                entry["lowered"] = speedup >= self.settings["min_speedup"]
+            return entry, "given"
+        timing = cache.get(key)
+        source = "from the cache"
+        if timing is None:
+            models, feeds = crossover.timing_models(
+                layer, lambda variant: op_parts(variant, packed, fmt)
+            )
+            timing = crossover.measure(models, feeds, threads)
+            cache.put(key, timing)
+            source = "measured"
+        return {
+            **timing.as_dict(),
+            "epilogue": timing.best[0] if layer.activation != "none" else "fused",
+            "layer": layer.name,
+            "op": layer.op,
+            "K": layer.K,
+            "N": layer.N,
+            "M": layer.rows,
+            "sparsity": round(layer.sparsity, 4),
+            "format": fmt,
+            "speedup": round(timing.speedup, 3),
+            "lowered": timing.speedup >= self.settings["min_speedup"],
+            "key": key,
+        }, source
+
+
+def find_layers(model: ir.Model, dims: dict[str, int]) -> tuple[list[Layer], int]:
+    """The lowerable layers of the main graph (any sparsity), and how many sparse 1x1 Convs
+    were left alone."""
+    layers: list[Layer] = []
+    convs = 0
+    taken: set[int] = set()
+    for node in model.graph:
+        if id(node) in taken:
+            continue
+        layer = _qdq_layer(node, dims) or _float_layer(node, dims)
+        if layer is not None:
+            layers.append(layer)
+            taken.update(id(n) for n in layer.removed)
+        elif editing.is_op(node, "Conv") and _sparse_pointwise(node):
+            convs += 1
+    return layers, convs
+
+
+def _float_layer(node: ir.Node, dims: dict[str, int]) -> Layer | None:
+    bias = None
+    if editing.is_op(node, "MatMul"):
+        a, b = node.inputs[0], node.inputs[1]
+        w = editing.constant_array(b)
+    elif editing.is_op(node, "Gemm"):
+        a, b = node.inputs[0], node.inputs[1]
+        if editing.attribute(node, "transA", 0) or editing.attribute(node, "alpha", 1.0) != 1.0:
+            return None
+        w = editing.constant_array(b)
+        if w is not None and w.ndim == 2 and editing.attribute(node, "transB", 0):
+            w = w.T
+        c = node.inputs[2] if len(node.inputs) > 2 else None
+        if c is not None:
+            if editing.attribute(node, "beta", 1.0) != 1.0:
+                return None
+            bias = _vector(editing.constant_array(c), None if w is None else w.shape[1], 2)
+            if bias is None:
+                return None
+    else:
+        return None
+    # A's type may be unknown (no inference yet): MatMul/Gemm make it the weight's, float32.
+    if a is None or a.dtype not in (None, ir.DataType.FLOAT) or w is None or w.ndim != 2:
+        return None
+    if w.dtype != np.float32:
+        return None
+    w = np.ascontiguousarray(w)
+    bias, act, removed, output, split = _epilogue(node.outputs[0], w.shape[1], bias)
+    rows = _rows(a, dims)
+    name = node.name or node.outputs[0].name or "matmul"
+    layer = Layer(name, node.op_type, node, a, w, output, [node, *removed], bias, act, rows)
+    layer.split = split
+    return layer
+
+
+def _qdq_layer(node: ir.Node, dims: dict[str, int]) -> Layer | None:
+    if not editing.is_op(node, "MatMul"):
+        return None
+    dq_a, dq_w = (v.producer() if v is not None else None for v in node.inputs[:2])
+    if dq_a is None or dq_w is None:
+        return None
+    if not (editing.is_op(dq_a, "DequantizeLinear") and editing.is_op(dq_w, "DequantizeLinear")):
+        return None
+    if editing.attribute(dq_a, "block_size", 0) or editing.attribute(dq_w, "block_size", 0):
+        return None
+    x_q = dq_a.inputs[0]
+    if x_q is None or editing.is_constant(x_q):
+        return None
+    dtype = x_q.dtype
+    if dtype is None and x_q.producer() is not None and x_q.producer().op_type == "QuantizeLinear":
+        zero = editing.constant_array(dq_a.inputs[2]) if len(dq_a.inputs) > 2 else None
+        dtype = ir.DataType.UINT8 if zero is not None and zero.dtype == np.uint8 else None
+    if dtype != ir.DataType.UINT8:
+        return None
+    a_scale = editing.constant_array(dq_a.inputs[1])
+    a_zero = editing.constant_array(dq_a.inputs[2]) if len(dq_a.inputs) > 2 else None
+    if a_scale is None or a_scale.size != 1 or a_scale.dtype != np.float32:
+        return None
+    if a_zero is None or a_zero.size != 1 or a_zero.dtype != np.uint8:
+        return None
+    w = editing.constant_array(dq_w.inputs[0])
+    if w is None or w.dtype != np.int8 or w.ndim != 2:
+        return None
+    w_scale = editing.constant_array(dq_w.inputs[1])
+    w_zero = editing.constant_array(dq_w.inputs[2]) if len(dq_w.inputs) > 2 else None
+    axis = editing.attribute(dq_w, "axis", 1)
+    if w_scale is None or w_scale.dtype != np.float32:
+        return None
+    if not (w_scale.size == 1 or (w_scale.size == w.shape[1] and axis in (1, -1))):
+        return None
+    has_zero = len(dq_w.inputs) > 2 and dq_w.inputs[2] is not None
+    if has_zero and (w_zero is None or np.any(w_zero)):
+        return None  # asymmetric weights: the kernel's weights are symmetric
+    bias, act, removed, output, split = _epilogue(node.outputs[0], w.shape[1], None)
+    return Layer(
+        node.name or node.outputs[0].name or "matmul",
+        "QMatMul",
+        node,
+        x_q,
+        np.ascontiguousarray(w),
+        output,
+        [node, *removed],
+        bias,
+        act,
+        _rows(x_q, dims),
+        a_scale=a_scale.reshape(()).astype(np.float32),
+        a_zero=a_zero.reshape(()).astype(np.uint8),
+        w_scale=w_scale.reshape(-1).astype(np.float32),
+        sources=[dq_a, dq_w],
+        split=split,
+    )
+
+
+def _epilogue(
+    y: ir.Value, n: int, bias: np.ndarray | None
+) -> tuple[np.ndarray | None, str, list[ir.Node], ir.Value, Split | None]:
+    """What folds into the op after ``y``: a bias Add, then Relu/Gelu (or a BiasGelu); and
+    the same without the activation (bias, nodes, output), which then stays an ORT node."""
+    removed: list[ir.Node] = []
+    user = editing.single_user(y)
+    if bias is None and user is not None and editing.is_op(user, "Add"):
+        other = user.inputs[1] if user.inputs[0] is y else user.inputs[0]
+        vector = _vector(editing.constant_array(other), n, _rank(y))
+        if vector is not None and other is not y:
+            bias, y = vector, user.outputs[0]
+            removed.append(user)
+            user = editing.single_user(y)
+    if user is None:
+        return bias, "none", removed, y, None
+    split = (bias, list(removed), y)
+    microsoft = user.domain == "com.microsoft"
+    if bias is None and microsoft and user.op_type == "BiasGelu" and user.inputs[0] is y:
+        vector = _vector(editing.constant_array(user.inputs[1]), n, 1)
+        if vector is not None:
+            return vector, "gelu", [*removed, user], user.outputs[0], split
+    if editing.is_op(user, "Relu"):
+        return bias, "relu", [*removed, user], user.outputs[0], split
+    erf_gelu = editing.is_op(user, "Gelu") and editing.attribute(user, "approximate", "none") in (
+        "none",
+        "",
+    )
+    if erf_gelu or (microsoft and user.op_type == "Gelu"):
+        return bias, "gelu", [*removed, user], user.outputs[0], split
+    return bias, "none", removed, y, None
+
+
+def _vector(array: np.ndarray | None, n: int | None, rank: int | None) -> np.ndarray | None:
+    """``array`` as N float32 bias values when adding it to [..., N] keeps the shape."""
+    if array is None or n is None or array.dtype != np.float32:
+        return None
+    # A [1, N] bias would make a [N] result [1, N]: only when the rank is known to allow it.
+    if array.ndim > max(rank or 1, 1) or any(d != 1 for d in array.shape[:-1]):
+        return None
+    if array.size == n:
+        return np.ascontiguousarray(array.reshape(n))
+    if array.size == 1:
+        return np.full(n, array.reshape(()), dtype=np.float32)
+    return None
+
+
+def _sparse_pointwise(node: ir.Node) -> bool:
+    w = editing.constant_array(node.inputs[1] if len(node.inputs) > 1 else None)
+    if w is None or w.ndim != 4 or w.shape[2:] != (1, 1):
+        return False
+    return 1.0 - np.count_nonzero(w) / max(w.size, 1) >= MIN_SPARSITY
+
+
+def _rank(value: ir.Value | None) -> int | None:
+    return None if value is None or value.shape is None else len(value.shape)
+
+
+def _dim_values(model: ir.Model, shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
+    """Symbolic dim names bound by ``--input-shape`` (``batch`` -> 8)."""
+    bound: dict[str, int] = {}
+    for value in model.graph.inputs:
+        given = shapes.get(value.name or "")
+        if given is None or value.shape is None or len(given) != len(value.shape):
+            continue
+        for dim, size in zip(value.shape, given, strict=True):
+            if isinstance(dim, ir.SymbolicDim) and dim.value:
+                bound[dim.value] = int(size)
+    return bound
+
+
+def _rows(a: ir.Value, dims: dict[str, int]) -> int:
+    """M: the product of A's leading dims; unbound ones count as DEFAULT_ROWS in all."""
+    if a.shape is None:
+        return DEFAULT_ROWS
+    rows, unbound = 1, False
+    for dim in list(a.shape)[:-1]:
+        if isinstance(dim, int):
+            rows *= dim
+        elif isinstance(dim, ir.SymbolicDim) and dim.value in dims:
+            rows *= dims[dim.value]
+        else:
+            unbound = True
+    return rows * DEFAULT_ROWS if unbound else rows
+
+
+def choose_format(layer: Layer) -> tuple[Any, str]:
+    """The packed weight and its format name (``2:4`` or ``bsrRxC``): fewest stored bytes."""
+    from graphopt.kernels import packing
+
+    w = layer.w
+    if layer.op == "QMatMul":
+        r, c = min(S8_SHAPES, key=lambda shape: _bsr_bytes(w, *shape, itemsize=1))
+        assert layer.w_scale is not None
+        return packing.pack_bsr_s8(w, layer.w_scale, r, c), f"bsr{r}x{c}"
+    r, c = min(BSR_SHAPES, key=lambda shape: _bsr_bytes(w, *shape, itemsize=4))
+    best = _bsr_bytes(w, r, c, itemsize=4)
+    K, N = w.shape
+    bytes_24 = N * (K // 2) * 4 + N * -(-K // 8)
+    if K % 4 == 0 and bytes_24 <= best and _fits_24(w):
+        return packing.pack_24(w), "2:4"
+    return packing.pack_bsr(w, r, c), f"bsr{r}x{c}"
+
+
+def _bsr_bytes(w: np.ndarray, r: int, c: int, itemsize: int) -> int:
+    """Bytes of ``w`` in BSR with R x C blocks: values, col_idx and row_ptr."""
+    K, N = w.shape
+    kb, nb = -(-K // c), -(-N // r)
+    nonzero = np.zeros((kb * c, nb * r), dtype=bool)
+    nonzero[:K, :N] = w != 0
+    blocks = int(nonzero.reshape(kb, c, nb, r).any(axis=(1, 3)).sum())
+    return blocks * (r * c * itemsize + 4) + (nb + 1) * 4
+
+
+def _fits_24(w: np.ndarray) -> bool:
+    K, N = w.shape
+    return bool(((w != 0).reshape(K // 4, 4, N).sum(axis=1) <= 2).all())
+
+
+def op_parts(layer: Layer, packed: Any, fmt: str) -> tuple[str, list[tuple[str, Any]], dict]:
+    """The op type, its constant inputs after A (name suffix, array; the bias last, if any)
+    and its attributes."""
+    attrs: dict[str, Any] = {"K": layer.K, "N": layer.N, "activation": layer.activation}
+    bias = [] if layer.bias is None else [("bias", layer.bias)]
+    if fmt == "2:4":
+        consts = [("values", packed.values), ("indices", packed.indices), *bias]
+        return "SparseMatMul24", consts, attrs
+    attrs.update(block_r=int(packed.R), block_c=int(packed.C))
+    bsr = [("values", packed.values), ("col_idx", packed.col_idx), ("row_ptr", packed.row_ptr)]
+    if layer.op != "QMatMul":
+        return "SparseMatMul", [*bsr, *bias], attrs
+    assert layer.a_scale is not None and layer.a_zero is not None
+    consts = [("a_scale", layer.a_scale), ("a_zero_point", layer.a_zero), *bsr]
+    consts += [("w_scale", packed.w_scale), ("w_rowsum", packed.w_rowsum), *bias]
+    return "SparseQMatMul", consts, attrs
+
+
+def lower(
+    graph: ir.Graph,
+    layer: Layer,
+    packed: Any,
+    fmt: str,
+    shared: dict[tuple[str, tuple[int, ...], str], ir.Value] | None = None,
+) -> None:
+    """Replace the layer's nodes by the sparse op (through :mod:`graphopt.editing`).
+
+    ``shared``: the arrays this run added, by content. Equal ones (the row_ptr of layers
+    sparsified alike) are one initializer, as the cleanup passes would make them on the next
+    run: so ``optimize`` of the output changes nothing."""
+    shared = {} if shared is None else shared
+    op_type, consts, attrs = op_parts(layer, packed, fmt)
+    inputs = [layer.a]
+    for suffix, array in consts:
+        array = np.ascontiguousarray(array)
+        key = (array.dtype.str, array.shape, hashlib.sha256(array.tobytes()).hexdigest())
+        if key not in shared:
+            name = editing.unique_name(graph, f"{layer.name}.sparse_{suffix}")
+            shared[key] = editing.register_array(graph, name, array)
+        inputs.append(shared[key])
+    node = ir.node(op_type, inputs, attrs, domain=OWN_DOMAIN, name=layer.name, num_outputs=1)
+    editing.insert_before(layer.anchor, [node])
+    old, new = layer.output, node.outputs[0]
+    new.type, new.shape = old.type, old.shape
+    name = old.name
+    weights = [v for n in layer.removed for v in n.inputs if v is not None and v.is_initializer()]
+    if not editing.replace_value(old, new):
+        raise AssertionError("the sparse op's output is a fresh node output")
+    for dead in reversed(layer.removed):
+        editing.remove_node(dead)
+    if not new.is_graph_output():
+        new.name = name
+    for source in layer.sources:
+        if editing.remove_if_dead(source):
+            weights += [v for v in source.inputs if v is not None and v.is_initializer()]
+    for value in weights:
+        if not value.uses() and not value.is_graph_output() and value.name in graph.initializers:
+            del graph.initializers[value.name]

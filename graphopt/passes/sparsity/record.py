@@ -1,0 +1,138 @@
+"""What a sparsify run did, and how far it moved the outputs: the pass's report section.
+
+One :class:`SparsityRecord` per run (``context.details["sparsify"]``): the pattern, the
+criterion and allocation (and which were defaults), each layer's achieved sparsity and output
+error, the layers left dense and why, and fidelity against the dense original on the
+calibration samples it was fitted on and on held-out ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from graphopt.passes.calibration.fidelity import Fidelity
+
+# Layers listed in the terminal table; the rest are summarized in one line.
+SHOWN_LAYERS = 24
+
+
+@dataclass
+class LayerSparsity:
+    node: str
+    op: str
+    kind: str  # "ffn", "attention" or ""
+    params: int
+    sparsity: float  # share of the weight that is zero after the pass
+    error: float | None  # relative output error on calibration inputs (or weight error)
+    method: str  # the criterion actually used for this layer
+
+
+@dataclass
+class SparsityRecord:
+    pattern: str
+    criterion: str = ""
+    allocation: str = ""
+    defaults: list[str] = field(default_factory=list)
+    # "output" (‖X ΔW‖² / ‖X W‖² on calibration inputs) or "weight" (‖ΔW‖² / ‖W‖², no data).
+    error_kind: str = "output"
+    layers: list[LayerSparsity] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    # {"calibration": [...], "held-out": [...]} (or "generated" without a calibration file)
+    fidelity: dict[str, list[Fidelity]] = field(default_factory=dict)
+    fidelity_source: str = ""
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    summary: str = ""
+
+    @property
+    def zeros(self) -> int:
+        return round(sum(layer.params * layer.sparsity for layer in self.layers))
+
+    @property
+    def params(self) -> int:
+        return sum(layer.params for layer in self.layers)
+
+    def headline(self) -> str:
+        share = self.zeros / self.params if self.params else 0.0
+        return (
+            f"sparsity {self.pattern}: {len(self.layers)} layers sparsified ({share:.1%} of "
+            f"their {self.params:,} weights zero), {len(self.skipped)} left dense; criterion "
+            f"{self.criterion}, allocation {self.allocation}"
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "pattern": self.pattern,
+            "criterion": self.criterion,
+            "allocation": self.allocation,
+            "defaults": self.defaults,
+            "error_kind": self.error_kind,
+            "layers": [layer.__dict__ for layer in self.layers],
+            "skipped": [list(s) for s in self.skipped],
+            "fidelity": {k: [f.to_json() for f in v] for k, v in self.fidelity.items()},
+            "fidelity_source": self.fidelity_source,
+            "notes": self.notes,
+        }
+
+    def render(self, console: Console) -> bool:
+        console.print(self.headline(), markup=False)
+        for note in self.notes:
+            console.print(f"  {note}", markup=False)
+        if self.layers:
+            console.print(layer_table(self))
+        if self.skipped:
+            shown = "; ".join(f"{name}: {why}" for name, why in self.skipped[:8])
+            more = f" and {len(self.skipped) - 8} more" if len(self.skipped) > 8 else ""
+            console.print(f"  left dense: {shown}{more}", markup=False)
+        if self.fidelity:
+            console.print(fidelity_table(self))
+        return True
+
+
+def layer_table(record: SparsityRecord) -> Table:
+    what = "output" if record.error_kind == "output" else "weight (no data)"
+    table = Table(
+        title=f"sparsified layers (relative {what} error)", title_justify="left", show_edge=False
+    )
+    for column in ("layer", "op", "block", "weights", "sparsity", "error", "method"):
+        table.add_column(column, justify="left" if column in ("layer", "op", "block") else "right")
+    for layer in record.layers[:SHOWN_LAYERS]:
+        error = "" if layer.error is None else f"{layer.error:.3g}"
+        table.add_row(
+            layer.node,
+            layer.op,
+            layer.kind,
+            f"{layer.params:,}",
+            f"{layer.sparsity:.1%}",
+            error,
+            layer.method,
+        )
+    if len(record.layers) > SHOWN_LAYERS:
+        table.add_row(f"... {len(record.layers) - SHOWN_LAYERS} more", "", "", "", "", "", "")
+    return table
+
+
+def fidelity_table(record: SparsityRecord) -> Table:
+    table = Table(
+        title=f"sparsity fidelity against the dense original ({record.fidelity_source})",
+        title_justify="left",
+        show_edge=False,
+    )
+    for column in ("output", "samples", "max rel err", "mean abs err", "mean cosine", "argmax"):
+        table.add_column(column, justify="left" if column in ("output", "samples") else "right")
+    for phase, fidelities in record.fidelity.items():
+        for f in fidelities:
+            argmax = "" if f.argmax_agreement is None else f"{f.argmax_agreement:.1%}"
+            table.add_row(
+                f.output,
+                phase,
+                f"{f.max_rel:.3g}",
+                f"{f.mean_abs:.3g}",
+                f"{f.mean_cosine:.4f}",
+                argmax,
+            )
+    return table

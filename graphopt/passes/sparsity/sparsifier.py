@@ -1,0 +1,255 @@
+"""Sparsify a model's weights in place and record what it did (the ``sparsify`` pass's work).
+
+Layers are found and selected (:mod:`.layers`), given a share each (the pattern's, or
+:mod:`.allocation`'s), and sparsified by the criterion:
+
+* magnitude: the pattern's mask on ``|W|``; no data.
+* wanda: on ``|W_ij|·‖X_j‖`` with ``X`` the layer's calibration input.
+* reconstruction: SparseGPT (:mod:`.reconstruct`) on the layer's calibration Hessian.
+
+Data criteria go layer input by layer input in graph order (layers reading one input, such
+as q/k/v, together), each input observed on the model as the earlier stages left it, with
+the incremental observer GPTQ uses: each Hessian sees the error of the layers already
+sparsified, and later layers correct what earlier ones lost. Weights are replaced by new
+dense-with-zeros tensors; nothing else in the graph changes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from graphopt.passes.calibration.samples import CalibrationSet
+from graphopt.passes.sparsity import allocation, statistics
+from graphopt.passes.sparsity.layers import Layer, find_layers, replace_weight, select
+from graphopt.passes.sparsity.masks import pattern_mask, scores
+from graphopt.passes.sparsity.reconstruct import sparsegpt
+from graphopt.passes.sparsity.record import LayerSparsity, SparsityRecord
+from graphopt.passes.sparsity.settings import Pattern
+from graphopt.registry import PassContext
+
+# Fitted samples the report's "calibration" fidelity is measured on (at most).
+FIDELITY_SAMPLES = 64
+
+
+@dataclass(frozen=True)
+class SparsifySettings:
+    pattern: Pattern
+    criterion: str = "magnitude"
+    allocation: str = "uniform"
+    layers: tuple[str, ...] = ("all",)
+    keep_last: bool = True
+    holdout: float = 0.25
+
+
+def sparsify_model(
+    model: ir.Model,
+    settings: SparsifySettings,
+    calib: CalibrationSet | None,
+    context: PassContext,
+) -> SparsityRecord:
+    """Sparsify ``model``'s selected layers in place; the record says what and how well."""
+    started = time.perf_counter()
+    record = SparsityRecord(str(settings.pattern), settings.criterion, settings.allocation)
+    found, refused = find_layers(model.graph)
+    chosen, left = select(found, settings.layers, settings.keep_last)
+    record.skipped.extend(refused + left)
+    layers = []
+    for layer in chosen:
+        why = _misfit(layer, settings.pattern)
+        if why:
+            record.skipped.append((layer.name, why))
+        else:
+            layers.append(layer)
+    fit, held = calib, None
+    if calib is not None and settings.holdout > 0:  # split() holds one sample out even at 0
+        fit, held = calib.split(settings.holdout)
+    sets, record.fidelity_source = _fidelity_sets(model, fit, held, context)
+    original = model.clone() if sets and layers else None
+    shares = _shares(model, layers, settings, fit, record)
+    data = settings.criterion != "magnitude" and fit is not None
+    record.error_kind = "output" if data else "weight"
+    if data:
+        _sequential(model, layers, shares, settings, fit, record)
+    else:
+        for layer, share in zip(layers, shares, strict=True):
+            pattern = settings.pattern.with_ratio(share)
+            _sparsify_layer(model.graph, layer, pattern, "magnitude", None, record)
+    if not found:
+        record.notes.append("no MatMul/Gemm/Conv with a constant weight")
+    if original is not None:
+        from graphopt.passes.quantization.record import measure_fidelity
+
+        record.fidelity = measure_fidelity(original, model, sets, optimized_too=False)
+    record.seconds = time.perf_counter() - started
+    return record
+
+
+def _misfit(layer: Layer, pattern: Pattern) -> str:
+    """Why ``pattern`` does not fit ``layer`` ("" when it does)."""
+    if layer.op == "Conv" and layer.shape[1] % pattern.k_multiple:
+        # Groups must not straddle kernel positions: M consecutive channels at one tap.
+        return f"input channels per group {layer.shape[1]} is not a multiple of " + str(
+            pattern.k_multiple
+        )
+    if layer.canonical_k % pattern.k_multiple:
+        return f"reduction size {layer.canonical_k} is not a multiple of {pattern.k_multiple}"
+    if layer.outputs % pattern.n_multiple:
+        return f"{layer.outputs} outputs is not a multiple of {pattern.n_multiple}"
+    return ""
+
+
+def _fidelity_sets(
+    model: ir.Model,
+    fit: CalibrationSet | None,
+    held: CalibrationSet | None,
+    context: PassContext,
+) -> tuple[dict[str, CalibrationSet], str]:
+    """Where fidelity is measured: the fitting and held-out samples, else generated inputs."""
+    if fit is not None:
+        # The fitted samples' fidelity says how well the fit went, the held-out one whether
+        # it carries over; a subset of the former says the first as well as all of them.
+        shown = _first(fit, FIDELITY_SAMPLES)
+        sets = {"calibration": shown}
+        if held is not None:
+            sets["held-out"] = held
+        extra = f", {held.count} held out" if held is not None else ", none held out"
+        return sets, f"{shown.count} of the fitted samples of {fit.source}{extra}"
+    from graphopt.errors import UserInputError
+    from graphopt.passes.calibration.samples import random_calibration
+
+    try:
+        generated = random_calibration(model, dict(context.input_shapes), owner="sparsify")
+    except UserInputError as exc:
+        context.note(f"sparsify: fidelity not measured: {exc}")
+        return {}, ""
+    return {"generated": generated}, f"{generated.count} generated inputs (no --calib file)"
+
+
+def _first(calib: CalibrationSet, count: int) -> CalibrationSet:
+    """The first ``count`` samples of ``calib`` (all of them when it has fewer)."""
+    if calib.count <= count:
+        return calib
+    arrays = {name: calib._part(name, a, 0, count) for name, a in calib.arrays.items()}
+    return CalibrationSet(arrays, calib.source, calib.batch, calib.trim, dict(calib.axes))
+
+
+def _shares(
+    model: ir.Model,
+    layers: list[Layer],
+    settings: SparsifySettings,
+    fit: CalibrationSet | None,
+    record: SparsityRecord,
+) -> list[float]:
+    pattern = settings.pattern
+    if settings.allocation != "global" or not layers:
+        return [pattern.ratio] * len(layers)
+    if pattern.is_nm:
+        record.notes.append("allocation global: an N:M pattern has one share; uniform used")
+        return [pattern.ratio] * len(layers)
+    hessians: dict[int, np.ndarray | None] = {}
+    energies: dict[int, np.ndarray | None] = {}
+    if settings.criterion != "magnitude" and fit is not None:
+        from graphopt.passes.calibration.activations import observe
+
+        names = sorted({layer.node.inputs[0].name for layer in layers})
+        stats = statistics.gather(observe(model, names, fit), layers, want_gram=True)
+        for layer in layers:
+            entry = stats.get(id(layer.node))
+            hessians[id(layer.node)] = None if entry is None else entry.hessian
+            energies[id(layer.node)] = None if entry is None else entry.energy
+    weights = [layer.canonical() for layer in layers]
+
+    def measure(i: int, share: float) -> float:
+        key = id(layers[i].node)
+        criterion = "magnitude" if settings.criterion == "magnitude" else "wanda"
+        w = weights[i]
+        mask = pattern_mask(scores(w, criterion, energies.get(key)), pattern.with_ratio(share))
+        approx = np.where(mask, w, 0.0)
+        hessian = hessians.get(key)
+        if hessian is None:
+            return statistics.relative_weight_error(w, approx)
+        return statistics.relative_output_error(w, approx, hessian)
+
+    curves = allocation.error_curves(len(layers), measure)
+    shares = allocation.allocate(curves, [layer.params for layer in layers], pattern.ratio)
+    proxy = " (Wanda-mask errors as the proxy)" * (settings.criterion == "reconstruction")
+    record.notes.append(
+        f"allocation global: per-layer shares {min(shares):.2f}..{max(shares):.2f} for a "
+        f"parameter-weighted mean of {pattern.ratio:g}, by measured layer error{proxy}"
+    )
+    return shares
+
+
+def _sequential(
+    model: ir.Model,
+    layers: list[Layer],
+    shares: list[float],
+    settings: SparsifySettings,
+    fit: CalibrationSet,
+    record: SparsityRecord,
+) -> None:
+    """Data criteria, one layer input at a time (see the module docstring)."""
+    from graphopt.passes.pruning.incremental import IncrementalObserver
+
+    share_of = {id(layer.node): share for layer, share in zip(layers, shares, strict=True)}
+    stages: dict[int, list[Layer]] = {}
+    for layer in layers:
+        stages.setdefault(id(layer.node.inputs[0]), []).append(layer)
+    observer = IncrementalObserver(model, list(fit.batches()), fit.source)
+    reconstruct = settings.criterion == "reconstruction"
+    fallbacks = 0
+    for group in stages.values():
+        name = group[0].node.inputs[0].name
+        # Hessians for wanda too: the report's per-layer output errors are read from them.
+        stats = statistics.gather(observer.advance([name]), group, want_gram=True)
+        for layer in group:
+            entry = stats.get(id(layer.node))
+            pattern = settings.pattern.with_ratio(share_of[id(layer.node)])
+            method = settings.criterion
+            if entry is None or (reconstruct and entry.gram is None):
+                fallbacks += 1
+                method = "wanda" if entry is not None else "magnitude"
+            _sparsify_layer(model.graph, layer, pattern, method, entry, record)
+        del stats  # this stage's Hessians: gone before the next stage's are gathered
+    record.notes.append(
+        f"{settings.criterion}: layer inputs observed on {fit.count} calibration samples, "
+        "layer by layer through the layers already sparsified"
+    )
+    if fallbacks:
+        record.notes.append(
+            f"{fallbacks} layer(s) without calibration statistics for {settings.criterion} "
+            "(grouped or non-2-D Conv, or inputs wider than "
+            f"{statistics.MAX_HESSIAN_FEATURES}): wanda or magnitude instead"
+        )
+
+
+def _sparsify_layer(
+    graph: ir.Graph,
+    layer: Layer,
+    pattern: Pattern,
+    method: str,
+    entry: statistics.InputStats | None,
+    record: SparsityRecord,
+) -> None:
+    w = layer.canonical()
+    hessian = entry.hessian if entry is not None else None
+    if method == "reconstruction" and hessian is not None:
+        approx = sparsegpt(w, hessian, pattern)
+    else:
+        energy = entry.energy if entry is not None else None
+        approx = np.where(pattern_mask(scores(w, method, energy), pattern), w, np.float32(0.0))
+    if hessian is not None:
+        error = statistics.relative_output_error(w, approx, hessian)
+    elif entry is None:
+        error = statistics.relative_weight_error(w, approx)
+    else:
+        error = None
+    replace_weight(graph, layer, approx.astype(np.float32))
+    zeros = float(np.mean(layer.stored(approx) == 0))
+    record.layers.append(
+        LayerSparsity(layer.name, layer.op, layer.kind, layer.params, zeros, error, method)
+    )

@@ -1,0 +1,173 @@
+"""The TensorRT backend without TensorRT: static rules, profiles, 2:4 detection, fix hints."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from graphopt.backends.tensorrt.hints import fix_for
+from graphopt.backends.tensorrt.precision import graph_precisions, is_two_four
+from graphopt.backends.tensorrt.profiles import parse_shapes, plan_profiles
+from graphopt.backends.tensorrt.rules import ERROR, WARNING, static_findings
+from graphopt.errors import UserInputError
+
+
+def _model(nodes, inputs, outputs, initializers=(), opset=17) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "t", inputs, outputs, list(initializers))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _info(name, elem=TensorProto.FLOAT, shape=(2, 4)):
+    return helper.make_tensor_value_info(name, elem, list(shape))
+
+
+def _errors(model: onnx.ModelProto) -> list[tuple[str, str]]:
+    return [(f.rule, f.reason) for f in static_findings(model) if f.severity == ERROR]
+
+
+def test_clean_model_has_no_errors() -> None:
+    model = _model([helper.make_node("Relu", ["x"], ["y"])], [_info("x")], [_info("y")])
+    assert _errors(model) == []
+
+
+def test_unknown_op_and_foreign_domain_are_errors() -> None:
+    model = _model(
+        [
+            helper.make_node("Unique", ["x"], ["u"]),
+            helper.make_node("FastGelu", ["u"], ["g"], domain="com.microsoft"),
+            # The parser imports some com.microsoft ops by name (parser_data.CONTRIB_OPS).
+            helper.make_node("Gelu", ["g"], ["y"], domain="com.microsoft"),
+        ],
+        [_info("x")],
+        [_info("y")],
+    )
+    found = [(rule, reason.split(" ")[1]) for rule, reason in _errors(model)]
+    assert found == [("op", "Unique"), ("op", "com.microsoft::FastGelu")]
+
+
+def test_double_input_is_accepted_but_uint16_is_not() -> None:
+    # Measured on TensorRT-RTX 1.7: DOUBLE inputs parse (cast on import); UINT16 does not.
+    double = _model(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        [_info("x", TensorProto.DOUBLE)],
+        [_info("y", TensorProto.DOUBLE)],
+    )
+    wide = _model(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        [_info("x", TensorProto.UINT16)],
+        [_info("y", TensorProto.UINT16)],
+    )
+    assert _errors(double) == []
+    assert [rule for rule, _ in _errors(wide)] == ["tensor-type", "tensor-type"]
+
+
+def _dq(zero_point: np.ndarray, name: str = "dq") -> onnx.ModelProto:
+    weight = numpy_helper.from_array(np.arange(8, dtype=zero_point.dtype).reshape(2, 4), "w")
+    scale = numpy_helper.from_array(np.array(0.1, np.float32), "s")
+    zp = numpy_helper.from_array(zero_point, "z")
+    return _model(
+        [
+            helper.make_node("DequantizeLinear", ["w", "s", "z"], ["wf"], name=name),
+            helper.make_node("Add", ["x", "wf"], ["y"]),
+        ],
+        [_info("x")],
+        [_info("y")],
+        [weight, scale, zp],
+    )
+
+
+def test_asymmetric_and_uint8_quantization_are_errors() -> None:
+    assert _errors(_dq(np.array(0, np.int8))) == []
+    ((rule, reason),) = _errors(_dq(np.array(3, np.int8)))
+    assert rule == "quantization" and "zero point" in reason
+    ((rule, reason),) = _errors(_dq(np.array(0, np.uint8)))
+    assert rule == "quantization" and "uint8" in reason
+    assert "--requantize symmetric" in fix_for("DequantizeLinear", reason)
+
+
+def test_computed_axes_are_errors_constant_axes_are_not() -> None:
+    def reduce(axes_constant: bool) -> onnx.ModelProto:
+        axes = numpy_helper.from_array(np.array([1], np.int64), "axes")
+        return _model(
+            [helper.make_node("ReduceSum", ["x", "axes"], ["y"])],
+            [_info("x")] + ([] if axes_constant else [_info("axes", TensorProto.INT64, [1])]),
+            [_info("y", shape=(2, 1))],
+            [axes] if axes_constant else [],
+            opset=18,
+        )
+
+    assert _errors(reduce(True)) == []
+    ((rule, _),) = _errors(reduce(False))
+    assert rule == "constant-input"
+
+
+def test_layer_norm_extra_outputs_and_pool_dilation() -> None:
+    scale = numpy_helper.from_array(np.ones(4, np.float32), "g")
+    norm = _model(
+        [helper.make_node("LayerNormalization", ["x", "g"], ["y", "mean"])],
+        [_info("x")],
+        [_info("y"), _info("mean", shape=(2, 1))],
+        [scale],
+    )
+    pool = _model(
+        [helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[2], dilations=[2])],
+        [_info("x", shape=(1, 1, 8))],
+        [_info("y", shape=(1, 1, 6))],
+    )
+    assert [r for r, _ in _errors(norm)] == ["outputs"]
+    assert [r for r, _ in _errors(pool)] == ["attributes"]
+
+
+def test_dynamic_dims_are_a_warning() -> None:
+    model = _model(
+        [helper.make_node("Relu", ["x"], ["y"])], [_info("x", shape=("batch", 4))], [_info("y")]
+    )
+    findings = static_findings(model)
+    assert [f.severity for f in findings] == [WARNING]
+    assert "batch" in findings[0].reason
+
+
+def test_shapes_flag_parsing() -> None:
+    parsed = parse_shapes(["x:min=1x3,opt=4x3,max=8x3"])
+    assert parsed == {"x": ((1, 3), (4, 3), (8, 3))}
+    for bad in ("x:min=1x3,opt=4x3", "x:min=4x3,opt=1x3,max=8x3", "x:min=1x3,opt=4,max=8x3"):
+        with pytest.raises(UserInputError):
+            parse_shapes([bad])
+
+
+def test_profiles_given_fixed_and_derived() -> None:
+    inputs = [
+        ("image", (-1, 3, -1, -1), True),
+        ("ids", (-1, -1), False),
+        ("mask", (-1, -1), False),
+        ("static", (1, 4), True),
+    ]
+    profiles = plan_profiles(
+        inputs, parse_shapes(["mask:min=1x1,opt=2x64,max=4x256"]), {"ids": (2, 32)}
+    )
+    by_name = {p.name: p for p in profiles}
+    assert set(by_name) == {"image", "ids", "mask"}  # the static input needs none
+    assert (by_name["image"].min, by_name["image"].max) == ((1, 3, 224, 224), (8, 3, 224, 224))
+    assert by_name["ids"].min == by_name["ids"].max == (2, 32)
+    assert by_name["mask"].source == "--shapes" and by_name["mask"].opt == (2, 64)
+    with pytest.raises(UserInputError, match="no network input"):
+        plan_profiles(inputs, parse_shapes(["nope:min=1,opt=1,max=1"]), {})
+
+
+def test_two_four_detection() -> None:
+    rng = np.random.default_rng(0)
+    dense = rng.standard_normal((128, 64)).astype(np.float32)
+    sparse = dense.copy()
+    # Zero two of every four along the reduction axis (rows of a MatMul weight [K, N]).
+    sparse.reshape(32, 4, 64)[:, :2, :] = 0
+    assert is_two_four(sparse, 0) and not is_two_four(dense, 0)
+    model = _model(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        [_info("x", shape=(1, 128))],
+        [_info("y", shape=(1, 64))],
+        [numpy_helper.from_array(sparse, "w")],
+    )
+    found = graph_precisions(model)
+    assert found.sparse_weights == ["w"] and found.holds("float32")

@@ -1,0 +1,51 @@
+"""``--target tensorrt``: the forms its lossy passes emit (no TensorRT needed)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from graphopt.api import OptimizeOptions, optimize
+
+
+def _mlp() -> onnx.ModelProto:
+    rng = np.random.default_rng(4)
+    weights = [
+        numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32) * 0.1, "w1"),
+        numpy_helper.from_array(rng.standard_normal((64, 32)).astype(np.float32) * 0.1, "w2"),
+    ]
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w1"], ["h"]),
+            helper.make_node("Relu", ["h"], ["r"]),
+            helper.make_node("MatMul", ["r", "w2"], ["y"]),
+        ],
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 32])],
+        weights,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+
+
+def test_int4_weight_for_tensorrt_computes_in_float16(tmp_path) -> None:
+    source = tmp_path / "mlp.onnx"
+    onnx.save(_mlp(), source)
+    out = tmp_path / "q.onnx"
+    result = optimize(source, out, OptimizeOptions(target="tensorrt", quantize="int4-weight"))
+    record = result.report.details["quantize"]
+    assert any("activations float16" in note for note in record.notes)
+    assert record.fidelity  # the float16 change is inside what fidelity measures
+    model = onnx.load(out)
+    assert all(n.domain in ("", "ai.onnx") for n in model.graph.node)  # no MatMulNBits
+    inits = {t.name: t for t in model.graph.initializer}
+    dequantized = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    assert len(dequantized) == 2
+    assert {inits[n.input[0]].data_type for n in dequantized} == {TensorProto.INT4}
+    # The scales are float16, so the weights and the MatMuls they feed are float16; the
+    # graph's input and output stay float32 (Casts at the boundary).
+    assert {inits[n.input[1]].data_type for n in dequantized} == {TensorProto.FLOAT16}
+    assert model.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    assert model.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    assert sum(n.op_type == "Cast" for n in model.graph.node) >= 2

@@ -1,0 +1,177 @@
+"""``graphopt bench``: batch sizes, shared inputs, ratios, JSON, the .ort format, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper
+
+from graphopt import io
+from graphopt.backends.ort_bench import BenchRequest, _feeds, _open, shapes_at
+from graphopt.cli import main
+from graphopt_tests.helpers import make_model, tensor_info
+
+F = TensorProto.FLOAT
+
+
+def _model(batch: str | int = "batch", width: int = 16):
+    rng = np.random.default_rng(0)
+    return make_model(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["h"]),
+            helper.make_node("Relu", ["h"], ["y"]),
+        ],
+        [tensor_info("x", F, [batch, width])],
+        [tensor_info("y", F, [batch, 8])],
+        {"w": rng.standard_normal((width, 8)).astype(np.float32)},
+    )
+
+
+def _file(folder: Path, name: str = "m.onnx", **kwargs) -> Path:
+    path = folder / name
+    io.save(_model(**kwargs), path)
+    return path
+
+
+def _run(args: list[str], capsys) -> tuple[int, str, str]:
+    code = main(args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_json_per_batch_with_ratio_to_the_first(tmp_path: Path, capsys) -> None:
+    a, b = str(_file(tmp_path)), str(_file(tmp_path, "b.onnx"))
+    code, out, _ = _run(["bench", a, b, "--batch", "1", "4", "--runs", "5", "--json"], capsys)
+    assert code == 0
+    data = json.loads(out)
+    assert data["session"]["threads"] == 1 and data["session"]["providers"] == [
+        "CPUExecutionProvider"
+    ]
+    assert [x["batch"] for x in data["batches"]] == [1, 4]
+    assert "x 4x16" in data["batches"][1]["shapes"]
+    for batch in data["batches"]:
+        first, second = batch["models"]
+        assert first["ratio_to_first"] is None
+        ratio = second["ratio_to_first"]
+        assert 0 < ratio["p10"] <= ratio["median"] <= ratio["p90"]
+        latency = first["latency_ms"]
+        assert 0 < latency["p10"] <= latency["median"] <= latency["p90"]
+        # Items per second at the median latency.
+        expected = batch["batch"] / (latency["median"] / 1e3)
+        assert first["throughput_per_s"] == pytest.approx(expected)
+
+
+def test_table_names_models_and_says_what_the_ratio_is(tmp_path: Path, capsys) -> None:
+    a = str(_file(tmp_path))
+    code, out, _ = _run(["bench", a, a, "--runs", "3", "--threads", "1"], capsys)
+    assert code == 0
+    assert "ref" in out and "x (" in out and "time(#1) / time(model)" in out
+    assert "3 warm-up + 3 interleaved rounds" in out and "seed 0" in out
+
+
+def test_models_with_the_same_inputs_get_the_same_arrays(tmp_path: Path) -> None:
+    a, b = _file(tmp_path), _file(tmp_path, "b.onnx")
+    other = _file(tmp_path, "c.onnx", width=12)
+    request = BenchRequest(models=[str(a), str(b), str(other)])
+    opened = [_open(p, request.config) for p in request.models]
+    feeds = _feeds(opened, request, 3)
+    assert feeds[0] is feeds[1]
+    assert feeds[2]["x"].shape == (3, 12)
+
+
+def test_batch_binds_the_symbolic_batch_only(tmp_path: Path) -> None:
+    model = _model()
+    assert shapes_at(model, {}, None) == {"x": (1, 16)}
+    assert shapes_at(model, {"x": (2, 16)}, 8) == {"x": (8, 16)}
+    fixed = _model(batch=4)
+    assert shapes_at(fixed, {}, 4) == {"x": (4, 16)}
+
+
+def test_batch_on_a_fixed_batch_model_is_bad_input(tmp_path: Path, capsys) -> None:
+    path = str(_file(tmp_path, batch=4))
+    code, _, err = _run(["bench", path, "--batch", "2", "--runs", "1"], capsys)
+    assert code == 2
+    assert "no symbolic batch dim" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--runs", "0"], "--runs"),
+        (["--batch", "0"], "--batch"),
+        (["--threads", "-1"], "--threads"),
+        (["--provider", "nope"], "is not a provider"),
+        (["--input-shape", "x:1xq"], "dims must be integers"),
+    ],
+)
+def test_bad_options_exit_2_in_one_line(tmp_path: Path, capsys, extra, message) -> None:
+    code, _, err = _run(["bench", str(_file(tmp_path)), *extra], capsys)
+    assert code == 2 and message in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_unreadable_model_exits_2(tmp_path: Path, capsys) -> None:
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"\x00garbage\xff" * 10)
+    for path in (junk, tmp_path / "absent.onnx"):
+        code, _, err = _run(["bench", str(path), "--runs", "1"], capsys)
+        assert code == 2 and str(path) in err and "Traceback" not in err
+
+
+def test_ort_format_file_is_timed_on_inputs_from_its_session(tmp_path: Path, capsys) -> None:
+    from graphopt.backends.ort import save_optimized
+
+    source = _file(tmp_path)
+    ort_file = save_optimized(source, tmp_path / "m.ort")
+    args = ["bench", str(source), str(ort_file), "--batch", "2", "--runs", "2", "--json"]
+    code, out, _ = _run(args, capsys)
+    assert code == 0
+    rows = json.loads(out)["batches"][0]["models"]
+    assert rows[1]["path"] == str(ort_file) and rows[1]["ratio_to_first"]["median"] > 0
+
+
+def test_help_lists_the_options(capsys) -> None:
+    for command, flags in (
+        ("bench", ("--batch", "--threads", "--runs", "--provider", "--input-shape", "--json")),
+        ("compare", ("--inputs", "--rtol", "--cos-min", "--histogram", "--provider")),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--help"])
+        assert exit_info.value.code == 0
+        out = capsys.readouterr().out
+        assert all(flag in out for flag in flags), (command, out)
+
+
+def test_progress_bar_on_a_terminal_counts_every_round(tmp_path: Path) -> None:
+    import argparse
+    import io as stdio
+
+    from rich.console import Console
+
+    from graphopt.commands import bench
+
+    path = str(_file(tmp_path))
+    screen = stdio.StringIO()
+    err = Console(file=screen, force_terminal=True, width=100)
+    out = Console(file=stdio.StringIO(), width=200)
+    args = argparse.Namespace(
+        models=[path, path],
+        batch=[1, 2],
+        threads=1,
+        runs=bench.PROGRESS_MIN_RUNS,
+        warmup=0,
+        provider=None,
+        opt_level="all",
+        custom_ops=None,
+        input_shape=None,
+        seed=0,
+        json=False,
+    )
+    assert bench.run(args, out, err) == 0
+    rounds = 2 * bench.PROGRESS_MIN_RUNS
+    assert "timing rounds" in screen.getvalue() and f"{rounds}/{rounds}" in screen.getvalue()
+    assert "batch 2" in out.file.getvalue()

@@ -1,0 +1,1 @@
+"""Tests of graphopt.kernels: packing, the ORT custom ops, the C++ test binary, the build."""
