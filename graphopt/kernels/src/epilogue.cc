@@ -50,10 +50,10 @@ void apply_epilogue_row_isa(float* y, int64_t N, const float* bias, Activation a
 }  // namespace detail
 
 void apply_epilogue_row(float* y, int64_t N, const float* bias, Activation act) {
-  // Read once per process: the epilogue runs once per output row, and the tiers agree to
-  // about 1e-7 relative, so a cap set later (GRAPHOPT_KERNELS_ISA) changes nothing visible.
-  static const Isa isa = selected_isa();
-  detail::apply_epilogue_row_isa(y, N, bias, act, isa);
+  // The cap (GRAPHOPT_KERNELS_ISA) is read on every call, as the kernels' dispatch reads it:
+  // once per output row and thread part, negligible next to the row's work. (The M-vectorized
+  // kernels call their own tier's row epilogue directly.)
+  detail::apply_epilogue_row_isa(y, N, bias, act, selected_isa());
 }
 
 }  // namespace graphopt

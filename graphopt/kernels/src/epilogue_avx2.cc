@@ -60,7 +60,8 @@ template <Activation kAct>
 void row(float* y, int64_t N, const float* bias) {
   int64_t n = 0;
   for (; n + 8 <= N; n += 8) {
-    _mm256_storeu_ps(y + n, step<kAct>(_mm256_loadu_ps(y + n), bias != nullptr ? bias + n : nullptr));
+    const float* b = bias != nullptr ? bias + n : nullptr;
+    _mm256_storeu_ps(y + n, step<kAct>(_mm256_loadu_ps(y + n), b));
   }
   if (n < N) {
     const size_t bytes = static_cast<size_t>(N - n) * sizeof(float);

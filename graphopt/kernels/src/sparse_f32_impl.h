@@ -123,6 +123,7 @@ constexpr int64_t kPackKChunk = 256;
 constexpr int64_t kChunkOutputs = 256;
 constexpr int64_t kPanelBytes = 40 * 1024;
 constexpr double kMinBlocksPerVisit = 8.0;
+constexpr int64_t kNarrowTileBytes = 256 * 1024;
 
 // dst[c * ds + r] = src[r * ss + c] for an 8x8 block (AVX only, valid in both ISA files).
 static inline void transpose8x8(const float* src, int64_t ss, float* dst, int64_t ds) {
@@ -934,10 +935,12 @@ static void bsr_f32(const float* A, int64_t M, const BsrF32& W, const float* bia
   const double per_visit = static_cast<double>(W.nnzb) / static_cast<double>(block_rows) *
                            static_cast<double>(panel_cols) / static_cast<double>(block_cols);
   const bool one_panel = R >= 4 || per_visit < kMinBlocksPerVisit;
-  // One panel of 1xC blocks streams A^T from L2 for every FMA: a narrower tile (Mt = 32) halves
-  // those bytes per tile and keeps them resident next to Y's lines (measured on Zen 5: 3-8%
-  // faster at 90% sparsity, slower with panels).
-  if (one_panel && R < 4) nv = std::min(nv, 2);
+  // One panel of 1xC blocks streams A^T from L2 for every FMA; a narrower tile (Mt = 32, a
+  // tile of at most kNarrowTileBytes) measured faster on Zen 5 at 90% sparsity for K = 768
+  // (-15%) but not for K = 3072 (+5%), nor with panels.
+  if (one_panel && R < 4 && Kpad * 32 * int64_t{sizeof(float)} <= kNarrowTileBytes) {
+    nv = std::min(nv, 2);
+  }
   const int64_t Mt = int64_t{nv} * V::W;
   BsrPanelJob job;
   job.W = &W;

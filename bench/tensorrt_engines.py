@@ -1,0 +1,85 @@
+"""TensorRT engine builds from ``graphopt optimize --target tensorrt``, one row per model and
+precision: does TensorRT's parser take the output, and what does the builder make of it.
+
+    python bench/tensorrt_engines.py --models resnet18,mobilenet_v2,bert_tiny,minilm \
+        --forms fp32,fp16,int8,int4-weight --work /tmp/trt
+
+Needs ``tensorrt_rtx`` (``pip install -e ".[tensorrt]"``) or ``tensorrt``; the build runs
+ahead of time on the CPU (no GPU: the engine is not run, and no tactic is timed). int8 uses
+generated calibration inputs (``--calib random``): this checks what the parser and builder
+accept, not accuracy. Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+from pathlib import Path
+
+
+def build_row(model: str, form: str, work: Path) -> str:
+    from graphopt.api import OptimizeOptions, optimize
+    from graphopt.backends.tensorrt.cli_options import EngineOptions
+    from graphopt.models import build
+
+    src = Path(build(model))
+    out = work / f"{model}.{form}.onnx"
+    plan = work / f"{model}.{form}.plan"
+    flags = {} if form == "fp32" else {"quantize": form}
+    if form in ("int8", "fp8"):
+        flags["calib"] = "random"
+    options = OptimizeOptions(target="tensorrt", verify=False, **flags)
+    options.engine = EngineOptions(plan)
+    start = time.perf_counter()
+    try:
+        result = optimize(src, out, options)
+    except Exception as exc:  # a row, not a crash: the table says what failed
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return f"| {model} | {form} | failed: {first[:120]} | | | | |"
+    total = time.perf_counter() - start
+    engine = result.engine
+    if engine is None or not engine.built:
+        reason = engine.skipped if engine is not None else "no engine report"
+        return f"| {model} | {form} | not built: {reason} | | | | |"
+    counts = engine.precision_counts()
+    precisions = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+    return (
+        f"| {model} | {form} | built | {engine.engine_bytes / 2**20:.1f} MiB | "
+        f"{engine.seconds:.2f} s | {len(engine.layers)} ({precisions}) | {total:.1f} s |"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="resnet18,mobilenet_v2,bert_tiny,minilm")
+    parser.add_argument("--forms", default="fp32,fp16,int8,int4-weight")
+    parser.add_argument("--work", default="/tmp/graphopt-trt-engines")
+    args = parser.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    from graphopt.backends.tensorrt.module import find_tensorrt
+
+    found = find_tensorrt().found
+    if found is None:
+        raise SystemExit(f"no TensorRT module: {find_tensorrt().why_not()}")
+    print(
+        f"- command: `python bench/tensorrt_engines.py --models {args.models} --forms {args.forms}`"
+    )
+    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    print(f"- date: {date}; load {os.getloadavg()[0]:.1f}")
+    cpu = platform.processor() or platform.machine()
+    print(f"- TensorRT module: {found.name} {found.version}; {cpu}, no GPU")
+    print()
+    header = ["model", "form", "parse + build", "engine", "build time"]
+    header += ["layers (declared output precisions)", "optimize + build"]
+    print("| " + " | ".join(header) + " |")
+    print("|---|---|---|---|---:|---|---:|")
+    for model in args.models.split(","):
+        for form in args.forms.split(","):
+            print(build_row(model, form, work), flush=True)
+
+
+if __name__ == "__main__":
+    main()
