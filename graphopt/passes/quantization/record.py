@@ -193,10 +193,13 @@ def measure_fidelity(
     sets: dict[str, CalibrationSet],
     *,
     optimized_too: bool = True,
+    unoptimized_only: bool = False,
 ) -> dict[str, list[Fidelity]]:
     """Fidelity of ``quantized`` against ``original`` on each named sample set, with ORT's
     graph optimizations off (the Q/DQ reference numerics) and, with ``optimized_too``, on
-    (the integer kernels ORT fuses the model into: what a deployment runs)."""
+    (the integer kernels ORT fuses the model into: what a deployment runs). Without
+    ``optimized_too`` only the optimized run; with ``unoptimized_only`` only the reference
+    one (for forms ORT's optimizer gets wrong)."""
     from graphopt.passes.calibration.fidelity import outputs_on, padding_mask
 
     results: dict[str, list[Fidelity]] = {}
@@ -205,6 +208,8 @@ def measure_fidelity(
         names = [v.name for v in original.graph.outputs]
         mask = padding_mask(samples)
         levels = ((False, ""), (True, ", ORT optimized")) if optimized_too else ((True, ""),)
+        if unoptimized_only:
+            levels = ((False, ""),)
         for optimize, suffix in levels:
             got = outputs_on(quantized, samples, optimize=optimize)
             results[label + suffix] = measure(names, reference, got, mask)

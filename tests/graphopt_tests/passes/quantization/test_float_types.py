@@ -207,6 +207,26 @@ def test_same_input_same_bytes(mode):
     assert io.to_proto(first).SerializeToString() == io.to_proto(second).SerializeToString()
 
 
+def test_fp8_behind_a_clip_measures_fidelity_without_ort_optimizations(tmp_path):
+    # ORT 1.32's optimizer fails the session on Clip -> float8 QuantizeLinear (and drops a
+    # Relu in front of one): the record measures the model's own numerics, optimizations off.
+    model = small_model(19)
+    relu = next(n for n in model.graph if n.op_type == "Relu")
+    relu.op_type = "Clip"
+    relu.version = None
+    low = ir.Value(name="clip_min", const_value=ir.tensor(np.array(0.0, np.float32)))
+    high = ir.Value(name="clip_max", const_value=ir.tensor(np.array(6.0, np.float32)))
+    for value in (low, high):
+        model.graph.register_initializer(value)
+    relu.resize_inputs(3)
+    relu.replace_input_with(1, low)
+    relu.replace_input_with(2, high)
+    record = quantize(model, mode="fp8", calib=calib_file(tmp_path))
+    assert set(record.fidelity) == {"calibration", "held-out"}
+    assert record.fidelity["held-out"][0].mean_cosine > 0.99
+    assert any("optimizations off" in note for note in record.notes)
+
+
 def test_fp8_same_input_same_bytes(tmp_path):
     first, second = small_model(19), small_model(19)
     quantize(first, mode="fp8", calib=calib_file(tmp_path))
