@@ -145,9 +145,9 @@ def _fake_build(kept: frozenset[str]) -> frozenset[str]:
     return frozenset(PENALTY) - kept
 
 
-def _fake_evaluate(quantized: frozenset[str]) -> tuple[float, float]:
+def _fake_evaluate(quantized: frozenset[str]) -> mp.Measured:
     loss = sum(PENALTY[name] for name in quantized)
-    return 1.0 - loss, loss
+    return mp.Measured(1.0 - loss, loss)
 
 
 def test_galloping_search_finds_the_linear_answer_with_fewer_builds():
@@ -158,7 +158,7 @@ def test_galloping_search_finds_the_linear_answer_with_fewer_builds():
             _fake_build, list(PENALTY), _fake_evaluate, target, strategy=strategy
         )
         found[strategy] = (kept, curve)
-        assert target.met(curve[-1].cosine, curve[-1].max_rel)
+        assert target.met(mp.point_measure(curve[-1]))
         assert [p.kept_float for p in curve] == sorted(p.kept_float for p in curve)
     (linear, linear_curve), (gallop, gallop_curve) = found["linear"], found["gallop"]
     assert gallop == linear == {"layer03", "layer11", "layer19", "layer20"}
