@@ -4,7 +4,17 @@ to observe its tensors on them, and fidelity against the original model.
 Shared by pruning, quantization and the passes that follow; no pass of its own.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from graphopt.registry import PassOption
+
+if TYPE_CHECKING:
+    import onnx_ir as ir
+
+    from graphopt.passes.calibration.samples import CalibrationSet
+    from graphopt.registry import PassContext
 
 # The one declaration of ``--calib``: every lossy pass that takes calibration data lists this
 # option, so the CLI builds one flag that reaches each of them (graphopt.registry.flag_owners).
@@ -16,3 +26,27 @@ CALIB_OPTION = PassOption(
     flag="--calib",
     metavar="FILE.npz|random",
 )
+
+
+def calibration_for(
+    owner: str, source: str, model: ir.Model, context: PassContext, fitted: str
+) -> CalibrationSet:
+    """The samples ``--calib SOURCE`` names for pass ``owner``: a user's ``.npz`` file, or
+    ``random`` (generated inputs at the run's shapes, with a warning in the report that says
+    what was ``fitted`` on them). The caller handles an empty ``source`` (whether it may run
+    without data is the pass's own rule). Numerics are imported only when data is asked for.
+    """
+    if source == "random":
+        context.note(
+            f"warning: --calib random: {fitted} on generated inputs, not real data; fidelity "
+            "numbers are on generated inputs too"
+        )
+        from graphopt.passes.calibration.samples import random_calibration
+
+        calib = random_calibration(model, dict(context.input_shapes), owner=owner)
+        if calib.note:  # sizes enlarged, or samples fed one at a time: said, not hidden
+            context.note(calib.note)
+        return calib
+    from graphopt.passes.calibration.samples import load_calibration
+
+    return load_calibration(source, model)

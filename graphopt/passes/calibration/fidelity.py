@@ -147,3 +147,24 @@ def summary(fidelities: list[Fidelity]) -> str:
         f"cosine {worst.mean_cosine:.4f}, max rel {max(f.max_rel for f in fidelities):.3g}, "
         f"mean abs {worst.mean_abs:.3g}"
     )
+
+
+def fidelity_table(title: str, fidelity: dict[str, list[Fidelity]]):
+    """A lossy pass's fidelity as a rich table: one row per output and sample set (phase)."""
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left", show_edge=False)
+    for column in ("output", "samples", "max rel err", "mean abs err", "mean cosine", "argmax"):
+        table.add_column(column, justify="left" if column in ("output", "samples") else "right")
+    for phase, fidelities in fidelity.items():
+        for f in fidelities:
+            argmax = "" if f.argmax_agreement is None else f"{f.argmax_agreement:.1%}"
+            table.add_row(
+                f.output,
+                phase,
+                f"{f.max_rel:.3g}",
+                f"{f.mean_abs:.3g}",
+                f"{f.mean_cosine:.4f}",
+                argmax,
+            )
+    return table

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import onnx_ir as ir
 
 from graphopt.errors import UserInputError
-from graphopt.passes.calibration import CALIB_OPTION
+from graphopt.passes.calibration import CALIB_OPTION, calibration_for
 from graphopt.passes.pruning.settings import (
     ALLOCATIONS,
     COMPENSATIONS,
@@ -154,17 +154,6 @@ class PrunePass(GraphPass):
                     "(or --calib random to use generated inputs, not recommended)"
                 )
             return None
-        if source == "random":
-            self.context.note(
-                "warning: --calib random: importance and compensation were fitted on "
-                "generated inputs, not real data; fidelity numbers are on generated inputs too"
-            )
-            from graphopt.passes.calibration.samples import random_calibration
-
-            calib = random_calibration(model, dict(self.context.input_shapes), owner="prune")
-            if calib.note:  # sizes enlarged, or samples fed one at a time: said, not hidden
-                self.context.note(calib.note)
-            return calib
-        from graphopt.passes.calibration.samples import load_calibration
-
-        return load_calibration(source, model)
+        return calibration_for(
+            "prune", source, model, self.context, "importance and compensation were fitted"
+        )

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import onnx_ir as ir
 
 from graphopt.errors import UserInputError
-from graphopt.passes.calibration import CALIB_OPTION
+from graphopt.passes.calibration import CALIB_OPTION, calibration_for
 from graphopt.passes.quantization.settings import (
     ACTIVATION_TYPES,
     BLOCK_SIZES,
@@ -279,20 +279,9 @@ class QuantizePass(GraphPass):
                     "--calib random to use generated inputs (not recommended)"
                 )
             return None
-        if source == "random":
-            self.context.note(
-                "warning: --calib random: activation ranges and fidelity come from generated "
-                "inputs, not real data"
-            )
-            from graphopt.passes.calibration.samples import random_calibration
-
-            calib = random_calibration(model, dict(self.context.input_shapes), owner="quantize")
-            if calib.note:
-                self.context.note(calib.note)
-            return calib
-        from graphopt.passes.calibration.samples import load_calibration
-
-        return load_calibration(source, model)
+        return calibration_for(
+            "quantize", source, model, self.context, "activation ranges were measured"
+        )
 
 
 # Options whose unset value (None) is resolved per run; the report says which were.

@@ -17,7 +17,7 @@ import onnx_ir as ir
 from rich.console import Console
 from rich.table import Table
 
-from graphopt.passes.calibration.fidelity import Fidelity, measure
+from graphopt.passes.calibration.fidelity import Fidelity, fidelity_table, measure
 from graphopt.passes.calibration.samples import CalibrationSet
 
 
@@ -110,7 +110,12 @@ class QuantRecord:
         for note in self.notes:
             console.print(f"  {note}", markup=False)
         if self.fidelity:
-            console.print(fidelity_table(self))
+            console.print(
+                fidelity_table(
+                    f"quantization fidelity against the float original ({self.fidelity_source})",
+                    self.fidelity,
+                )
+            )
         if self.curve:
             console.print(curve_table(self))
         changed = [c for c in self.type_changes]
@@ -126,28 +131,6 @@ class QuantRecord:
 
 def _mib(size: int) -> str:
     return f"{size / 2**20:.2f} MiB"
-
-
-def fidelity_table(record: QuantRecord) -> Table:
-    table = Table(
-        title=f"quantization fidelity against the float original ({record.fidelity_source})",
-        title_justify="left",
-        show_edge=False,
-    )
-    for column in ("output", "samples", "max rel err", "mean abs err", "mean cosine", "argmax"):
-        table.add_column(column, justify="left" if column in ("output", "samples") else "right")
-    for phase, fidelities in record.fidelity.items():
-        for f in fidelities:
-            argmax = "" if f.argmax_agreement is None else f"{f.argmax_agreement:.1%}"
-            table.add_row(
-                f.output,
-                phase,
-                f"{f.max_rel:.3g}",
-                f"{f.mean_abs:.3g}",
-                f"{f.mean_cosine:.4f}",
-                argmax,
-            )
-    return table
 
 
 def curve_table(record: QuantRecord) -> Table:

@@ -14,7 +14,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from graphopt.passes.calibration.fidelity import Fidelity
+from graphopt.passes.calibration.fidelity import Fidelity, fidelity_table
 
 # Layers listed in the terminal table; the rest are summarized in one line.
 SHOWN_LAYERS = 24
@@ -89,7 +89,12 @@ class SparsityRecord:
             more = f" and {len(self.skipped) - 8} more" if len(self.skipped) > 8 else ""
             console.print(f"  left dense: {shown}{more}", markup=False)
         if self.fidelity:
-            console.print(fidelity_table(self))
+            console.print(
+                fidelity_table(
+                    f"sparsity fidelity against the dense original ({self.fidelity_source})",
+                    self.fidelity,
+                )
+            )
         return True
 
 
@@ -113,26 +118,4 @@ def layer_table(record: SparsityRecord) -> Table:
         )
     if len(record.layers) > SHOWN_LAYERS:
         table.add_row(f"... {len(record.layers) - SHOWN_LAYERS} more", "", "", "", "", "", "")
-    return table
-
-
-def fidelity_table(record: SparsityRecord) -> Table:
-    table = Table(
-        title=f"sparsity fidelity against the dense original ({record.fidelity_source})",
-        title_justify="left",
-        show_edge=False,
-    )
-    for column in ("output", "samples", "max rel err", "mean abs err", "mean cosine", "argmax"):
-        table.add_column(column, justify="left" if column in ("output", "samples") else "right")
-    for phase, fidelities in record.fidelity.items():
-        for f in fidelities:
-            argmax = "" if f.argmax_agreement is None else f"{f.argmax_agreement:.1%}"
-            table.add_row(
-                f.output,
-                phase,
-                f"{f.max_rel:.3g}",
-                f"{f.mean_abs:.3g}",
-                f"{f.mean_cosine:.4f}",
-                argmax,
-            )
     return table

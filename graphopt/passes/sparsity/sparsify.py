@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import onnx_ir as ir
 
 from graphopt.errors import UserInputError
-from graphopt.passes.calibration import CALIB_OPTION
+from graphopt.passes.calibration import CALIB_OPTION, calibration_for
 from graphopt.passes.sparsity.settings import (
     ALLOCATIONS,
     CRITERIA,
@@ -124,17 +124,6 @@ class SparsifyPass(GraphPass):
                     "FILE.npz (or --calib random to use generated inputs, not recommended)"
                 )
             return None
-        if source == "random":
-            self.context.note(
-                "warning: --calib random: sparsity was chosen on generated inputs, not real "
-                "data; fidelity numbers are on generated inputs too"
-            )
-            from graphopt.passes.calibration.samples import random_calibration
-
-            calib = random_calibration(model, dict(self.context.input_shapes), owner="sparsify")
-            if calib.note:
-                self.context.note(calib.note)
-            return calib
-        from graphopt.passes.calibration.samples import load_calibration
-
-        return load_calibration(source, model)
+        return calibration_for(
+            "sparsify", source, model, self.context, "the weights to zero were chosen"
+        )
