@@ -50,3 +50,30 @@ def calibration_for(
     from graphopt.passes.calibration.samples import load_calibration
 
     return load_calibration(source, model)
+
+
+def choices_note(
+    owner: str,
+    choices: dict[str, str],
+    defaulted: tuple[str, ...],
+    data_aware: bool,
+    calib: str | None,
+    no_data: str,
+    flag_prefix: str = "--",
+) -> str:
+    """One report line of a lossy pass's choices (``criterion l2 (default), ...``), the
+    defaulted ones marked, and why those defaults: with a calibration file, ``--calib
+    random`` (generated data) or no data at all (``no_data`` says what that allows)."""
+    parts = [f"{name} {value}" + (" (default)" if name in defaulted else "")
+             for name, value in choices.items()]  # fmt: skip
+    line = f"{owner}: " + ", ".join(parts)
+    if not defaulted:
+        return line
+    if data_aware:
+        why = "defaults with a calibration file"
+    elif calib == "random":
+        why = "data-free defaults: --calib random is generated data"
+    else:
+        why = f"data-free defaults: {no_data}"
+    flags = "/".join(flag_prefix + name for name in defaulted)
+    return f"{line}; {why} ({flags} to choose)"

@@ -104,21 +104,12 @@ class Choices:
 
     def note(self, calib: str | None) -> str:
         """One report line: every choice, the defaulted ones marked, and why those defaults."""
-        parts = [
-            f"{name} {getattr(self, name)}" + (" (default)" if name in self.defaulted else "")
-            for name in CHOICES
-        ]
-        line = "prune: " + ", ".join(parts)
-        if not self.defaulted:
-            return line
-        if self.data_aware:
-            why = "defaults with a calibration file"
-        elif calib == "random":
-            why = "data-free defaults: --calib random is generated data"
-        else:
-            why = "data-free defaults: no calibration data"
-        flags = "/".join("--" + name for name in self.defaulted)
-        return f"{line}; {why} ({flags} to choose)"
+        from graphopt.passes.calibration import choices_note
+
+        choices = {name: getattr(self, name) for name in CHOICES}
+        return choices_note(
+            "prune", choices, self.defaulted, self.data_aware, calib, "no calibration data", "--"
+        )
 
 
 def resolve_choices(

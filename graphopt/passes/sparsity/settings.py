@@ -123,21 +123,19 @@ class Choices:
     data_aware: bool = False
 
     def note(self, calib: str | None) -> str:
-        parts = [
-            f"{name} {getattr(self, name)}" + (" (default)" if name in self.defaulted else "")
-            for name in CHOICES
-        ]
-        line = "sparsify: " + ", ".join(parts)
-        if not self.defaulted:
-            return line
-        if self.data_aware:
-            why = "defaults with a calibration file"
-        elif calib == "random":
-            why = "data-free defaults: --calib random is generated data"
-        else:
-            why = "data-free defaults: no calibration data, only magnitude is possible"
-        flags = "/".join("--sparsity-" + name for name in self.defaulted)
-        return f"{line}; {why} ({flags} to choose)"
+        """One report line: every choice, the defaulted ones marked, and why those defaults."""
+        from graphopt.passes.calibration import choices_note
+
+        choices = {name: getattr(self, name) for name in CHOICES}
+        return choices_note(
+            "sparsify",
+            choices,
+            self.defaulted,
+            self.data_aware,
+            calib,
+            "no calibration data, only magnitude is possible",
+            "--sparsity-",
+        )
 
 
 def resolve_choices(criterion: str | None, allocation: str | None, calib: str | None) -> Choices:
