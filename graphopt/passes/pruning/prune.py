@@ -14,7 +14,6 @@ from graphopt.errors import UserInputError
 from graphopt.passes.calibration import CALIB_OPTION, calibration_for
 from graphopt.passes.pruning.settings import (
     ALLOCATIONS,
-    COMPENSATIONS,
     CRITERIA,
     DATA_CRITERIA,
     Choices,
@@ -61,14 +60,16 @@ class PrunePass(GraphPass):
             flag="--allocation",
             choices=ALLOCATIONS,
         ),
+        # --compensation is shared with factorize, sparsify and quantize, whose value is
+        # eora:R (or none): no argparse choices, each pass checks the values it takes.
         PassOption(
             "compensation",
             str,
             None,
-            "refit consumer layers from calibration data (default: lsq with a --calib file, "
-            "else none)",
+            "prune: refit consumer layers from calibration data, none|bias|lsq (default: lsq "
+            "with a --calib file, else none); factorize/sparsify/quantize: none|eora:RANK",
             flag="--compensation",
-            choices=COMPENSATIONS,
+            metavar="none|bias|lsq|eora:RANK",
         ),
         PassOption(
             "round_to",
@@ -126,8 +127,18 @@ class PrunePass(GraphPass):
         if len(given) != 1:
             raise UserInputError("prune: give exactly one target, flops=R or params=R")
         kind, ratio = given[0]
+        compensation = s["compensation"]
+        if compensation and str(compensation).strip().lower().startswith("eora"):
+            # The shared flag's value for the passes after pruning (--prune ... --quantize ...
+            # --compensation eora:16): pruning's own lsq refit is already the full-rank
+            # least-squares fit on the kept inputs, so it keeps its default and says so.
+            self.context.note(
+                f"prune: --compensation {compensation} is for factorize/sparsify/quantize; "
+                "pruning keeps its own default (lsq with a --calib file, else none)"
+            )
+            compensation = None
         # The CLI, the API and recipes all reach here, so defaults are resolved once for all.
-        choices = resolve_choices(s["criterion"], s["compensation"], s["allocation"], s["calib"])
+        choices = resolve_choices(s["criterion"], compensation, s["allocation"], s["calib"])
         return PruneSettings(
             target=PruneTarget.parse(f"{kind}={ratio}"),
             criterion=choices.criterion,

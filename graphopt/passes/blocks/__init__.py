@@ -1,0 +1,1 @@
+"""Block erasure: residual blocks scored on calibration data and the least useful removed."""

@@ -1,0 +1,1 @@
+"""Low-rank factorization of single weights (plain and activation-aware SVD)."""
