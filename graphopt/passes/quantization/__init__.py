@@ -5,4 +5,5 @@ FP16/BF16 and FP8, placed where the target runtime fuses it.
 module and is imported only when asked for, so registering the pass stays cheap.
 """
 
-from graphopt.passes.quantization import quantize  # noqa: F401  (imported for registration)
+# requantize: TensorRT's --requantize symmetric, for models another tool quantized.
+from graphopt.passes.quantization import quantize, requantize  # noqa: F401  (registration)
