@@ -7,7 +7,9 @@ precision: does TensorRT's parser take the output, and what does the builder mak
 Needs ``tensorrt_rtx`` (``pip install -e ".[tensorrt]"``) or ``tensorrt``; the build runs
 ahead of time on the CPU (no GPU: the engine is not run, and no tactic is timed). int8 uses
 generated calibration inputs (``--calib random``): this checks what the parser and builder
-accept, not accuracy. Prints a markdown table.
+accept, not accuracy. Prints a markdown table, a row as each build ends. ``--models all``:
+every model of the catalog; the ONNX and plan files are deleted after their row unless
+``--keep`` (the whole catalog's engines take tens of GB).
 """
 
 from __future__ import annotations
@@ -59,17 +61,21 @@ def main() -> None:
     parser.add_argument("--models", default="resnet18,mobilenet_v2,bert_tiny,minilm")
     parser.add_argument("--forms", default="fp32,fp16,int8,int4-weight")
     parser.add_argument("--work", default="/tmp/graphopt-trt-engines")
+    parser.add_argument("--keep", action="store_true", help="keep the ONNX and plan files")
     args = parser.parse_args()
+    if args.models == "all":
+        from graphopt.models import names
+
+        args.models = ",".join(names())
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     from graphopt.backends.tensorrt.module import find_tensorrt
 
+    shown = "all" if len(args.models.split(",")) > 8 else args.models
     found = find_tensorrt().found
     if found is None:
         raise SystemExit(f"no TensorRT module: {find_tensorrt().why_not()}")
-    print(
-        f"- command: `python bench/tensorrt_engines.py --models {args.models} --forms {args.forms}`"
-    )
+    print(f"- command: `python bench/tensorrt_engines.py --models {shown} --forms {args.forms}`")
     date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     print(f"- date: {date}; load {os.getloadavg()[0]:.1f}")
     cpu = platform.processor() or platform.machine()
@@ -82,6 +88,9 @@ def main() -> None:
     for model in args.models.split(","):
         for form in args.forms.split(","):
             print(build_row(model, form, work), flush=True)
+            if not args.keep:
+                for path in work.glob(f"{model}.{form}.*"):
+                    path.unlink()
 
 
 if __name__ == "__main__":
