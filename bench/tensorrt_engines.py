@@ -22,8 +22,7 @@ from pathlib import Path
 
 
 def build_row(model: str, form: str, work: Path) -> str:
-    from graphopt.api import OptimizeOptions, optimize
-    from graphopt.backends.tensorrt.cli_options import EngineOptions
+    from graphopt.api import optimize
     from graphopt.models import build
 
     src = Path(build(model))
@@ -35,11 +34,18 @@ def build_row(model: str, form: str, work: Path) -> str:
     # Blockwise int4 DequantizeLinear is opset 21; float8 Q/DQ opset 19 (the pass says so
     # rather than raising the opset behind the user's back).
     opset = {"int4-weight": 21, "fp8": 19}.get(form)
-    options = OptimizeOptions(target="tensorrt", verify=False, opset=opset, **flags)
-    options.engine = EngineOptions(plan)
     start = time.perf_counter()
+    how = "built"
     try:
-        result = optimize(src, out, options)
+        try:
+            result = optimize(src, out, _options(plan, opset, flags, []))
+        except Exception as exc:
+            if "profile was derived" not in str(exc):
+                raise
+            # What the error tells a user to do: give the shapes the model takes. The
+            # catalog's test shape is opt, batch 1 to 8 around it.
+            how = "built with --shapes from the catalog's test shape (derived profile fails)"
+            result = optimize(src, out, _options(plan, opset, flags, _catalog_shapes(model)))
     except Exception as exc:  # a row, not a crash: the table says what failed
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return f"| {model} | {form} | failed: {first[:200]} | | | | |"
@@ -51,9 +57,30 @@ def build_row(model: str, form: str, work: Path) -> str:
     counts = engine.precision_counts()
     precisions = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
     return (
-        f"| {model} | {form} | built | {engine.engine_bytes / 2**20:.1f} MiB | "
+        f"| {model} | {form} | {how} | {engine.engine_bytes / 2**20:.1f} MiB | "
         f"{engine.seconds:.2f} s | {len(engine.layers)} ({precisions}) | {total:.1f} s |"
     )
+
+
+def _options(plan: Path, opset: int | None, flags: dict, shapes: list[str]):
+    from graphopt.api import OptimizeOptions
+    from graphopt.backends.tensorrt.cli_options import EngineOptions
+
+    options = OptimizeOptions(target="tensorrt", verify=False, opset=opset, **flags)
+    options.engine = EngineOptions(plan, shapes=shapes)
+    return options
+
+
+def _catalog_shapes(model: str) -> list[str]:
+    """``--shapes`` for each input at the catalog's test shape, batch 1 / test / 8."""
+    from graphopt.models import input_shapes
+
+    specs = []
+    for name, shape in input_shapes(model).items():
+        low, high = (1, *shape[1:]), (max(8, shape[0]), *shape[1:])
+        dims = ["x".join(map(str, s)) for s in (low, shape, high)]
+        specs.append(f"{name}:min={dims[0]},opt={dims[1]},max={dims[2]}")
+    return specs
 
 
 def main() -> None:

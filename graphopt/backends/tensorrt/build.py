@@ -143,7 +143,9 @@ def build_engine(
     if serialized is None:
         errors = [m for severity, m in parsed.logger.messages if "ERROR" in severity]
         raise CheckFailedError(
-            "TensorRT's builder failed: " + ("; ".join(errors[-3:]) or "no message")
+            "TensorRT's builder failed: "
+            + ("; ".join(errors[-3:]) or "no message")
+            + _derived_hint(report.profiles)
         )
     data = memoryview(serialized)
     report.path.write_bytes(data)
@@ -151,6 +153,19 @@ def build_engine(
     report.built = True
     report.notes.append(PER_TACTIC_NOTE)
     return report
+
+
+def _derived_hint(profiles: list[InputProfile]) -> str:
+    """What to do when the builder fails on a profile graphopt guessed: a dynamic image side
+    of 224 is wrong for a model whose height is fixed in practice (a text-line recognizer)."""
+    derived = [p for p in profiles if p.source == "derived"]
+    if not derived:
+        return ""
+    shown = "; ".join(p.describe() for p in derived)
+    return (
+        f" (the optimization profile was derived, not given: {shown}; give the shapes the "
+        "model takes with --shapes NAME:min=DxD,opt=DxD,max=DxD or --input-shape)"
+    )
 
 
 def _set_capabilities(

@@ -159,3 +159,34 @@ def test_fp8_engine_needs_compute_capability_89(trt, tmp_path: Path) -> None:
         run("8.6")
     result = run("8.9")
     assert result.engine is not None and result.engine.precision_counts()["fp8"] > 0
+
+
+def test_a_build_failing_on_a_derived_profile_says_so_and_given_shapes_build(
+    trt, tmp_path: Path
+) -> None:
+    # A text-line model: any width, but the height is 48 in practice. The derived 224x224
+    # profile cannot be reshaped; the error must say the profile was guessed and how to give it.
+    src = tmp_path / "line.onnx"
+    shape = helper.make_tensor("shape", TensorProto.INT64, [3], [0, 3 * 48 * 5, -1])
+    graph = helper.make_graph(
+        [
+            helper.make_node("Reshape", ["x", "shape"], ["r"]),
+            helper.make_node("Relu", ["r"], ["y"]),
+        ],
+        "line",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, "h", "w"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [shape],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), src)
+    plan = tmp_path / "line.plan"
+    derived = OptimizeOptions(target="tensorrt", verify=False)
+    derived.engine = EngineOptions(plan)
+    with pytest.raises(CheckFailedError) as caught:
+        optimize(src, tmp_path / "a.onnx", derived)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "profile was derived, not given: x: min=1x3x224x224" in message and "--shapes" in message
+    given = OptimizeOptions(target="tensorrt", verify=False)
+    given.engine = EngineOptions(plan, shapes=["x:min=1x3x48x160,opt=1x3x48x320,max=8x3x48x640"])
+    assert optimize(src, tmp_path / "b.onnx", given).engine.built
