@@ -1,0 +1,105 @@
+"""What a decompose run did and what it cost: the pass's report section.
+
+One :class:`DecomposeRecord` per run (``context.details["decompose"]``): per module its inner
+dimension before and after, its relative output error on the calibration statistics and the
+FLOPs it removed; the modules left as they are and why; totals; fidelity against the input
+model on calibration and held-out samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from graphopt.passes.calibration.fidelity import Fidelity, fidelity_table, summary
+
+SHOWN_MODULES = 30
+
+
+@dataclass
+class ModuleRecord:
+    layer: int
+    kind: str  # mlp, qk, vo
+    before: int  # inner dim: MLP width, or heads × head dim
+    after: int
+    error: float  # relative output error ‖ΔY‖/‖Y‖ on the calibration statistics
+    flops: int  # FLOPs removed (at the run's shapes)
+
+
+@dataclass
+class DecomposeRecord:
+    target: str
+    modules: str
+    calibration: str = ""
+    ratio: float = 0.0  # the share of each selected inner dim removed
+    allocation: str = "uniform"
+    decomposed: list[ModuleRecord] = field(default_factory=list)
+    skipped: list[tuple[str, str, str]] = field(default_factory=list)  # (where, kind, why)
+    flops_before: int = 0
+    flops_after: int = 0
+    params_before: int = 0
+    params_after: int = 0
+    fidelity: dict[str, list[Fidelity]] = field(default_factory=dict)
+    fidelity_source: str = ""
+    check: str = ""
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    summary: str = ""
+
+    @property
+    def flops_removed(self) -> float:
+        return 1.0 - self.flops_after / self.flops_before if self.flops_before else 0.0
+
+    def headline(self) -> str:
+        line = (
+            f"decompose {self.target} ({self.modules}): {len(self.decomposed)} modules "
+            f"decomposed, {len(self.skipped)} left; inner dims -{self.ratio:.0%} "
+            f"{'each' if self.allocation == 'uniform' else 'on average (global)'}; FLOPs "
+            f"{self.flops_before:,} -> {self.flops_after:,} (-{self.flops_removed:.1%})"
+        )
+        held = self.fidelity.get("held-out")
+        if held:
+            line += f"; held-out: {summary(held)}"
+        return line
+
+    def to_json(self) -> dict[str, Any]:
+        out = {k: v for k, v in self.__dict__.items() if k not in ("decomposed", "fidelity")}
+        out["decomposed"] = [m.__dict__ for m in self.decomposed]
+        out["skipped"] = [list(s) for s in self.skipped]
+        out["flops_removed"] = self.flops_removed
+        out["fidelity"] = {k: [f.to_json() for f in v] for k, v in self.fidelity.items()}
+        return out
+
+    def render(self, console: Console) -> bool:
+        console.print(self.headline(), markup=False)
+        for note in self.notes:
+            console.print(f"  {note}", markup=False)
+        if self.decomposed:
+            console.print(module_table(self))
+        if self.skipped:
+            shown = "; ".join(f"{w} {k}: {why}" for w, k, why in self.skipped[:8])
+            more = f" and {len(self.skipped) - 8} more" if len(self.skipped) > 8 else ""
+            console.print(f"  left as they are: {shown}{more}", markup=False)
+        if self.fidelity:
+            title = f"decompose fidelity against the input model ({self.fidelity_source})"
+            console.print(fidelity_table(title, self.fidelity))
+        return True
+
+
+def module_table(record: DecomposeRecord) -> Table:
+    table = Table(
+        title="decomposed modules (relative output error on calibration statistics)",
+        title_justify="left",
+        show_edge=False,
+    )
+    for column in ("layer", "kind", "inner dim", "error", "FLOPs removed"):
+        table.add_column(column, justify="left" if column in ("layer", "kind") else "right")
+    for m in record.decomposed[:SHOWN_MODULES]:
+        table.add_row(str(m.layer), m.kind, f"{m.before} -> {m.after}", f"{m.error:.3g}",
+                      f"{m.flops:,}")  # fmt: skip
+    if len(record.decomposed) > SHOWN_MODULES:
+        table.add_row(f"... {len(record.decomposed) - SHOWN_MODULES} more", "", "", "", "")
+    return table
