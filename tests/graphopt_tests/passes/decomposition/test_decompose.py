@@ -13,8 +13,13 @@ from graphopt.models import build
 from graphopt.registry import flag_owners
 
 
-def _run(source, out, target="flops=0.25", modules="mlp,qk,vo", calib="random"):
-    options = OptimizeOptions(decompose=target, modules=modules, calib=calib)
+def _run(
+    source, out, target="flops=0.25", modules="mlp,qk,vo", calib="random", allocation="uniform"
+):
+    # uniform: every selected kind is cut, so each kind's surgery is exercised.
+    options = OptimizeOptions(
+        decompose=target, modules=modules, calib=calib, decompose_allocation=allocation
+    )
     return optimize(source, out, options).report.details["decompose"]
 
 
@@ -29,6 +34,13 @@ def bert(tmp_path_factory):
     out = tmp_path_factory.mktemp("bert") / "bert.onnx"
     source = build("bert_tiny")
     return source, out, _run(source, out)
+
+
+def test_global_allocation_is_the_default_and_reported(tmp_path) -> None:
+    options = OptimizeOptions(decompose="flops=0.25", calib="random")
+    record = optimize(build("bert_tiny"), tmp_path / "g.onnx", options).report.details["decompose"]
+    assert record.allocation == "global"
+    assert record.flops_removed == pytest.approx(0.25, abs=0.02)
 
 
 def test_flags_are_derived_from_the_options():
