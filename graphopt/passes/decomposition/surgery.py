@@ -21,7 +21,7 @@ import onnx_ir as ir
 from graphopt.analysis.zig import ZigReport
 from graphopt.editing import add_initializer
 from graphopt.passes.decomposition.modules import Attention, Found, Mlp, Projection
-from graphopt.passes.pruning.channel_removal import _set_shape_entry, remove_channels
+from graphopt.passes.pruning.channel_removal import remove_channels, set_shape_entry
 
 TAG = "graphopt.decompose.node"
 
@@ -141,7 +141,7 @@ def _write_projection(
     heads = weight.shape[1] // head_dim
     if not padded and proj.rewrite_entry:
         node = tagged[proj.reshape]
-        _set_shape_entry(g, node, analysed[proj.reshape], report.graph, 1, 3, len(keep) // heads)
+        set_shape_entry(g, node, analysed[proj.reshape], report.graph, 1, 3, len(keep) // heads)
 
 
 def _write_vo(g, tagged, analysed, report, vp: VoPlan, padded: bool) -> None:
@@ -168,4 +168,4 @@ def _write_vo(g, tagged, analysed, report, vp: VoPlan, padded: bool) -> None:
         _set_input(g, add, att.o_bias_slot, vp.o_bias, add.inputs[att.o_bias_slot].name)
     if not padded and att.merge_entry:
         node = tagged[att.merge]
-        _set_shape_entry(g, node, analysed[att.merge], report.graph, 1, 2, len(keep))
+        set_shape_entry(g, node, analysed[att.merge], report.graph, 1, 2, len(keep))

@@ -126,13 +126,13 @@ def _fix_node(g, node: ir.Node, analysed: ir.Node, graph, key: DimKey, removed) 
         # read by Shape follows a dim the analysis coupled to this one.
         entry = shape_source(graph.context, analysed.inputs[1], axis)
         if isinstance(entry, int) and entry not in (-1, 0):
-            _set_shape_entry(g, node, analysed, graph, 1, axis, new_size(graph, key, removed))
+            set_shape_entry(g, node, analysed, graph, 1, axis, new_size(graph, key, removed))
     elif op == "Expand" and analysed.outputs[0].name == name:
         length = vector_length(graph.context, analysed.inputs[1])
         position = axis - (len(shape(analysed.outputs[0])) - length)
         entry = shape_source(graph.context, analysed.inputs[1], position) if position >= 0 else 1
         if isinstance(entry, int) and entry != 1:
-            _set_shape_entry(g, node, analysed, graph, 1, position, new_size(graph, key, removed))
+            set_shape_entry(g, node, analysed, graph, 1, position, new_size(graph, key, removed))
     elif op == "Split" and analysed.inputs[0].name == name:
         rank = len(shape(analysed.inputs[0]))
         along = attribute(node, "axis", 0)
@@ -188,7 +188,7 @@ def _fix_slice(g, node, analysed, graph, key, removed) -> None:
         node.replace_input_with(input_index, fresh)
 
 
-def _set_shape_entry(g, node, analysed, graph, input_index: int, position: int, new: int) -> None:
+def set_shape_entry(g, node, analysed, graph, input_index: int, position: int, new: int) -> None:
     """Give ``node`` its own copy of shape input ``input_index`` with ``position`` = ``new``.
 
     The constant part holding the entry (the whole input, or one Concat piece, perhaps behind

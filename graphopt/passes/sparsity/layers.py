@@ -225,9 +225,10 @@ def terminal(layers: list[Layer]) -> set[int]:
 
 
 def select(
-    layers: list[Layer], terms: tuple[str, ...], keep_last: bool
+    layers: list[Layer], terms: tuple[str, ...], keep_last: bool, flag_prefix: str = "--sparsity-"
 ) -> tuple[list[Layer], list[tuple[str, str]]]:
-    """The layers ``terms`` name, and the others with why they stay dense."""
+    """The layers ``terms`` name, and the others with why they are left as they are
+    (naming the calling pass's flags: ``--sparsity-layers``, ``--factorize-layers``)."""
     last = terminal(layers) if keep_last else set()
     chosen, left = [], []
     for layer in layers:
@@ -239,9 +240,9 @@ def select(
             for term in terms
         )
         if not named:
-            left.append((layer.name, f"not in --sparsity-layers {','.join(terms)}"))
+            left.append((layer.name, f"not in {flag_prefix}layers {','.join(terms)}"))
         elif id(layer.node) in last and not layer.kind:
-            left.append((layer.name, "the last layer (classifier): --sparsity-keep-last false"))
+            left.append((layer.name, f"the last layer (classifier): {flag_prefix}keep-last false"))
         elif layer.reduction < MIN_REDUCTION:
             left.append((layer.name, f"reduction size {layer.reduction} < {MIN_REDUCTION}"))
         else:

@@ -67,7 +67,7 @@ def gather(
         for layer in layers:
             if id(layer.node) not in stats:
                 continue
-            rows = _rows(layer, values[layer.node.inputs[0].name], mask, rng)
+            rows = layer_rows(layer, values[layer.node.inputs[0].name], mask, rng)
             entry = stats[id(layer.node)]
             entry.rows += rows.shape[0]
             squares = np.einsum("ij,ij->j", rows, rows, dtype=np.float64)
@@ -78,7 +78,7 @@ def gather(
     return stats
 
 
-def _rows(layer: Layer, x: np.ndarray, mask, rng: np.random.Generator) -> np.ndarray:
+def layer_rows(layer: Layer, x: np.ndarray, mask, rng: np.random.Generator) -> np.ndarray:
     """The layer's input as (rows × canonical features), float32."""
     if layer.op != "Conv":
         return channel_rows(x, x.ndim - 1, mask).astype(np.float32)

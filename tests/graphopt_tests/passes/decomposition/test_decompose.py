@@ -112,7 +112,7 @@ def test_a_wrong_shape_rewrite_is_caught_and_the_module_left(tmp_path, monkeypat
     rewrite, and the Q/K modules are left as they are, with the reason."""
     from graphopt.passes.decomposition import surgery
 
-    monkeypatch.setattr(surgery, "_set_shape_entry", lambda *args, **kwargs: None)
+    monkeypatch.setattr(surgery, "set_shape_entry", lambda *args, **kwargs: None)
     record = _run(build("bert_tiny"), tmp_path / "o.onnx", "ratio=0.25", "mlp,qk")
     assert [m.kind for m in record.decomposed] == ["mlp", "mlp"]
     assert [(kind, why) for _, kind, why in record.skipped] == [
