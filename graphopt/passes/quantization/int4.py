@@ -126,6 +126,8 @@ def quantize_int4(
         scaled = apply_awq(model, sites, stats, settings)
     else:
         scaled = {}
+    if settings.compensation:  # EoRA's reference: W before rounding, after AWQ's scaling
+        record.float_model = model.clone()
 
     if ort:
         model.opset_imports.setdefault(MS_DOMAIN, 1)

@@ -186,6 +186,16 @@ class QuantizePass(GraphPass):
             flag="--autotune",
             metavar="true|false",
         ),
+        # Shared with prune (none|bias|lsq) and sparsify/factorize: no argparse choices.
+        PassOption(
+            "compensation",
+            str,
+            None,
+            "int8/int4-weight: eora:RANK adds a float32 rank-RANK path per quantized "
+            "MatMul/Gemm fitted to its calibration inputs (needs --calib); none (default)",
+            flag="--compensation",
+            metavar="none|bias|lsq|eora:RANK",
+        ),
         PassOption("holdout", float, 0.25, "share of calibration samples kept for fidelity"),
     )
 
@@ -194,11 +204,19 @@ class QuantizePass(GraphPass):
         """``--quantize int8`` (or the API's ``quantize=``) as this pass's options."""
         return {"mode": parse_mode(text)}
 
+    # Set by resolved(): why --compensation does nothing here (pruning's bias/lsq), or "".
+    _compensation_note = ""
+
     def rewrite(self, model: ir.Model) -> int:
         settings = self.resolved()
         calib = self._calibration(model, settings)
         module_name, _, function_name = MODES[settings.mode].partition(":")
         function = getattr(importlib.import_module(module_name), function_name)
+        original = None
+        if settings.compensation:
+            from graphopt.passes.compensation.quantized import prepare
+
+            original = prepare(model, settings)
         start = time.perf_counter()
         if settings.autotune and settings.mode == "int8" and settings.target == "ort":
             from graphopt.passes.quantization.autotune import autotune
@@ -212,6 +230,13 @@ class QuantizePass(GraphPass):
                     "--autotune had no effect: it times static int8 candidates for "
                     "--target ort only"
                 )
+        if original is not None:
+            from graphopt.passes.compensation.quantized import compensate_quantized
+
+            assert calib is not None  # required with --compensation (resolved())
+            compensate_quantized(model, original, record, calib, settings, self.context)
+        elif self._compensation_note:
+            record.notes.append(self._compensation_note)
         record.seconds = time.perf_counter() - start
         record.settings = settings.to_json()
         if settings.mode in ROUNDS_AT_RUN_TIME and record.fidelity:
@@ -241,6 +266,15 @@ class QuantizePass(GraphPass):
                 f"quantize: --block-size {s['block_size']}: expected one of "
                 f"{', '.join(map(str, BLOCK_SIZES))}"
             )
+        from graphopt.passes.compensation.eora import parse_compensation, require_calibration
+
+        rank, self._compensation_note = parse_compensation(s["compensation"], "quantize")
+        require_calibration(rank, s["calib"], "quantize")
+        if rank and mode not in ("int8", "int4-weight"):
+            raise UserInputError(
+                f"quantize {mode}: --compensation eora works with --quantize int8 and "
+                "int4-weight only"
+            )
         defaulted = [k for k in _DEFAULTED if s[k] is None]
         has_file = bool(s["calib"]) and s["calib"] != "random"
         target = self.context.target
@@ -266,6 +300,7 @@ class QuantizePass(GraphPass):
             quantize_embeddings=s["quantize_embeddings"],
             autotune=s["autotune"],
             holdout=s["holdout"],
+            compensation=rank,
             defaulted=tuple(defaulted),
         )
 

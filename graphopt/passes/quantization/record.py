@@ -72,6 +72,10 @@ class QuantRecord:
     # at run time (int8 activations) can move by a quantization step under an exact rewrite
     # (pipeline._widen_for_rounding). 0: the default tolerance.
     exact_tolerance_after: float = 0.0
+    # --compensation eora:R: the float model right before rounding (the modes that support it
+    # keep it for the compensation, which drops it), and what the compensation did.
+    float_model: ir.Model | None = None
+    compensation: Any = None  # a compensation.record.CompensationRecord
 
     @property
     def quantized(self) -> int:
@@ -89,6 +93,7 @@ class QuantRecord:
             "fidelity_source": self.fidelity_source,
             "curve": [point.__dict__ for point in self.curve],
             "notes": self.notes,
+            **({"compensation": self.compensation.to_json()} if self.compensation else {}),
         }
 
     def headline(self) -> str:
@@ -118,6 +123,8 @@ class QuantRecord:
             )
         if self.curve:
             console.print(curve_table(self))
+        if self.compensation is not None:
+            self.compensation.render(console)
         changed = [c for c in self.type_changes]
         if changed:
             shown = ", ".join(f"{c.tensor} {c.before}->{c.after}" for c in changed[:8])

@@ -54,6 +54,7 @@ class QuantSettings:
     quantize_embeddings: bool = False
     autotune: bool = False
     holdout: float = 0.25
+    compensation: int = 0  # --compensation eora:R: the rank (0: none)
     seed: int = 0
     defaulted: tuple[str, ...] = field(default=())
 

@@ -104,6 +104,8 @@ def quantize_static(
     if settings.mixed_precision:
         excluded = _mixed_precision(model, original, plan, fit, held, record)
     quantized, placement, emitted = _build(model, plan, excluded)
+    if settings.compensation:  # EoRA's reference: W before rounding, after SmoothQuant
+        record.float_model = model.clone()
     model.graph = quantized.graph
     _fill_record(record, original, model, plan, placement, emitted)
     sets = {"calibration": fit} if held is None else {"calibration": fit, "held-out": held}

@@ -9,12 +9,15 @@ calibration samples it was fitted on and on held-out ones.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
 
 from graphopt.passes.calibration.fidelity import Fidelity, fidelity_table
+
+if TYPE_CHECKING:
+    from graphopt.passes.compensation.record import CompensationRecord
 
 # Layers listed in the terminal table; the rest are summarized in one line.
 SHOWN_LAYERS = 24
@@ -47,6 +50,9 @@ class SparsityRecord:
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
     summary: str = ""
+    # --compensation eora:R: the low-rank paths added after sparsifying (fidelity is then the
+    # model's with them; the record keeps the fidelity without).
+    compensation: CompensationRecord | None = None
 
     @property
     def zeros(self) -> int:
@@ -76,6 +82,7 @@ class SparsityRecord:
             "fidelity": {k: [f.to_json() for f in v] for k, v in self.fidelity.items()},
             "fidelity_source": self.fidelity_source,
             "notes": self.notes,
+            **({"compensation": self.compensation.to_json()} if self.compensation else {}),
         }
 
     def render(self, console: Console) -> bool:
@@ -95,6 +102,8 @@ class SparsityRecord:
                     self.fidelity,
                 )
             )
+        if self.compensation is not None:
+            self.compensation.render(console)
         return True
 
 

@@ -43,6 +43,7 @@ class SparsifySettings:
     layers: tuple[str, ...] = ("all",)
     keep_last: bool = True
     holdout: float = 0.25
+    compensation: int = 0  # EoRA rank (0: none); needs calibration data
 
 
 def sparsify_model(
@@ -72,20 +73,47 @@ def sparsify_model(
     shares = _shares(model, layers, settings, fit, record)
     data = settings.criterion != "magnitude" and fit is not None
     record.error_kind = "output" if data else "weight"
+    # EoRA's inputs per layer: (layer, W, sparse W, Hessian); magnitude's Hessians up front.
+    changed: list | None = [] if settings.compensation and fit is not None else None
+    grams = _grams(model, layers, fit) if changed is not None and not data else {}
     if data:
-        _sequential(model, layers, shares, settings, fit, record)
+        _sequential(model, layers, shares, settings, fit, record, changed)
     else:
         for layer, share in zip(layers, shares, strict=True):
             pattern = settings.pattern.with_ratio(share)
-            _sparsify_layer(model.graph, layer, pattern, "magnitude", None, record)
+            _sparsify_layer(model.graph, layer, pattern, "magnitude", None, record, changed)
     if not found:
         record.notes.append("no MatMul/Gemm/Conv with a constant weight")
     if original is not None:
         from graphopt.passes.quantization.record import measure_fidelity
 
         record.fidelity = measure_fidelity(original, model, sets, optimized_too=False)
+    if changed is not None:
+        from graphopt.passes.compensation.sparsified import compensate_sparsified
+
+        before = record.fidelity or None
+        record.compensation = compensate_sparsified(
+            model, original, changed, grams, settings.compensation, sets, context, before
+        )
+        record.compensation.fidelity_source = record.fidelity_source
+        if record.compensation.fidelity_after:
+            record.fidelity = record.compensation.fidelity_after
     record.seconds = time.perf_counter() - started
     return record
+
+
+def _grams(
+    model: ir.Model, layers: list[Layer], fit: CalibrationSet | None
+) -> dict[int, np.ndarray]:
+    """Input Hessians of ``layers`` (by ``id(layer.node)``) on the dense model, for EoRA after
+    a data-free criterion (the data criteria gather their own, layer by layer)."""
+    from graphopt.passes.calibration.activations import observe
+
+    if fit is None or not layers:
+        return {}
+    names = sorted({layer.node.inputs[0].name for layer in layers})
+    stats = statistics.gather(observe(model, names, fit), layers, want_gram=True)
+    return {key: entry.hessian for key, entry in stats.items() if entry.hessian is not None}
 
 
 def _misfit(layer: Layer, pattern: Pattern) -> str:
@@ -191,6 +219,7 @@ def _sequential(
     settings: SparsifySettings,
     fit: CalibrationSet,
     record: SparsityRecord,
+    changed: list | None = None,
 ) -> None:
     """Data criteria, one layer input at a time (see the module docstring)."""
     from graphopt.passes.pruning.incremental import IncrementalObserver
@@ -213,7 +242,7 @@ def _sequential(
             if entry is None or (reconstruct and entry.gram is None):
                 fallbacks += 1
                 method = "wanda" if entry is not None else "magnitude"
-            _sparsify_layer(model.graph, layer, pattern, method, entry, record)
+            _sparsify_layer(model.graph, layer, pattern, method, entry, record, changed)
         del stats  # this stage's Hessians: gone before the next stage's are gathered
     record.notes.append(
         f"{settings.criterion}: layer inputs observed on {fit.count} calibration samples, "
@@ -234,6 +263,7 @@ def _sparsify_layer(
     method: str,
     entry: statistics.InputStats | None,
     record: SparsityRecord,
+    changed: list | None = None,
 ) -> None:
     w = layer.canonical()
     hessian = entry.hessian if entry is not None else None
@@ -249,6 +279,8 @@ def _sparsify_layer(
     else:
         error = None
     replace_weight(graph, layer, approx.astype(np.float32))
+    if changed is not None:
+        changed.append((layer, w, approx, hessian))
     zeros = float(np.mean(layer.stored(approx) == 0))
     record.layers.append(
         LayerSparsity(layer.name, layer.op, layer.kind, layer.params, zeros, error, method)

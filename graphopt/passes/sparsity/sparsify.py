@@ -80,6 +80,16 @@ class SparsifyPass(GraphPass):
             flag="--sparsity-keep-last",
             metavar="true|false",
         ),
+        # Shared with prune (none|bias|lsq) and quantize/factorize: no argparse choices.
+        PassOption(
+            "compensation",
+            str,
+            None,
+            "sparsify/quantize/factorize: eora:RANK adds a float32 rank-RANK path per changed "
+            "layer fitted to its calibration inputs (needs --calib); none (default)",
+            flag="--compensation",
+            metavar="none|bias|lsq|eora:RANK",
+        ),
         CALIB_OPTION,
         PassOption("holdout", float, 0.25, "share of calibration samples kept for fidelity"),
     )
@@ -91,11 +101,14 @@ class SparsifyPass(GraphPass):
         return {"pattern": str(text)}
 
     def rewrite(self, model: ir.Model) -> int:
+        from graphopt.passes.compensation.eora import parse_compensation, require_calibration
         from graphopt.passes.sparsity.sparsifier import SparsifySettings, sparsify_model
 
         s = self.settings
         if not s["pattern"]:
             raise UserInputError("sparsify: give a pattern, e.g. --sparsity 2:4")
+        rank, note = parse_compensation(s["compensation"], "sparsify")
+        require_calibration(rank, s["calib"], "sparsify")
         choices = resolve_choices(s["criterion"], s["allocation"], s["calib"])
         self.context.note(choices.note(s["calib"]))
         settings = SparsifySettings(
@@ -105,9 +118,12 @@ class SparsifyPass(GraphPass):
             layers=parse_layers(s["layers"]),
             keep_last=bool(s["keep_last"]),
             holdout=s["holdout"],
+            compensation=rank,
         )
         calib = self._calibration(model, choices.criterion)
         record = sparsify_model(model, settings, calib, self.context)
+        if note:
+            record.notes.append(note)
         record.defaults = list(choices.defaulted)
         if calib is None:
             record.notes.insert(0, "no calibration data: magnitude only, errors are weight errors")

@@ -1,0 +1,189 @@
+"""EoRA after ``quantize`` (int8 QDQ, int4-weight): the rounded layers as
+:class:`~.eora.ChangedLayer` entries.
+
+The mode keeps the float model right before rounding (``QuantRecord.float_model``: after
+SmoothQuant or AWQ rescaled inputs and weights, so its ``W`` and the inputs it is observed on
+are the ones the rounded weights approximate). ``W'`` is read back from the quantized graph,
+node by node name: the ``DequantizeLinear`` feeding a MatMul/Gemm (per tensor, per channel or
+blockwise, as ONNX defines it) or a ``MatMulNBits``' packed blocks. The path reads the layer's
+float input (before its Q/DQ) and is added to the layer's output; it stays float32.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from graphopt.editing import attribute, constant_array
+from graphopt.passes.calibration.samples import CalibrationSet
+from graphopt.passes.compensation.eora import PREFIX, ChangedLayer, compensate
+from graphopt.passes.quantization.record import QuantRecord
+from graphopt.passes.quantization.settings import QuantSettings
+from graphopt.registry import PassContext
+
+MS_DOMAIN = "com.microsoft"
+
+
+def prepare(model: ir.Model, settings: QuantSettings) -> ir.Model:
+    """Before the mode runs: name every node (layers are matched across the rounding by
+    name) and keep the float original fidelity is measured against."""
+    from graphopt.passes.quantization.static import _name_nodes
+
+    _name_nodes(model)
+    return model.clone()
+
+
+def compensate_quantized(
+    model: ir.Model,
+    original: ir.Model,
+    record: QuantRecord,
+    calib: CalibrationSet,
+    settings: QuantSettings,
+    context: PassContext,
+) -> None:
+    """Add EoRA paths to the layers ``record``'s mode rounded; the result goes on ``record``
+    (its fidelity becomes the model's with the paths, the one without kept beside)."""
+    from graphopt.passes.calibration.activations import observe
+    from graphopt.passes.quantization.record import measure_fidelity
+    from graphopt.passes.sparsity import statistics
+    from graphopt.passes.sparsity.layers import find_layers
+    from graphopt.passes.sparsity.sparsifier import FIDELITY_SAMPLES, _first
+
+    reference, record.float_model = record.float_model, None
+    if reference is None:
+        record.notes.append("--compensation: this mode keeps no float reference; no paths")
+        return
+    fit, held = calib.split(settings.holdout)
+    sets = {"calibration": _first(fit, FIDELITY_SAMPLES)}
+    if held is not None:
+        sets["held-out"] = held
+    nodes = {node.name: node for node in model.graph if node.name}
+    values = {v.name: v for v in model.graph.inputs}
+    values.update({o.name: o for node in model.graph for o in node.outputs if o.name})
+    found, _ = find_layers(reference.graph)
+    candidates, skipped, rounded = [], [], {}
+    for layer in found:
+        if layer.op == "Conv" or (layer.node.name or "").startswith(PREFIX):
+            if layer.op == "Conv":
+                skipped.append((layer.name, "Conv: the path would need a Conv pair (not built)"))
+            continue
+        node = nodes.get(layer.node.name or "")
+        x = values.get(layer.node.inputs[0].name)
+        approx, why = (None, "not found after quantization") if node is None else dequantized(node)
+        if approx is not None and x is None:
+            approx, why = None, "its float input is gone after quantization"
+        if approx is None:
+            if why:
+                skipped.append((layer.name, why))
+            continue
+        candidates.append((layer, node, x))
+        rounded[id(layer.node)] = approx
+    layers = []
+    if candidates:
+        names = sorted({layer.node.inputs[0].name for layer, _, _ in candidates})
+        stats = statistics.gather(
+            observe(reference, names, fit), [c[0] for c in candidates], want_gram=True
+        )
+        for layer, node, x in candidates:
+            entry = stats.get(id(layer.node))
+            w = layer.canonical().astype(np.float64)
+            if layer.op == "Gemm":
+                w *= float(attribute(layer.node, "alpha", 1.0))
+            approx = rounded[id(layer.node)]
+            if entry is None or entry.gram is None:
+                skipped.append((layer.name, "no input Gram (input too wide)"))
+            elif approx.shape != w.shape:
+                skipped.append((layer.name, f"rounded weight {approx.shape} != {w.shape}"))
+            else:
+                delta = (w - approx).astype(np.float32)
+                gram = np.asarray(entry.gram, np.float64) / max(entry.rows, 1)
+                layers.append(ChangedLayer(layer.name, x, node.outputs[0], w, delta, gram))
+
+    def measure(m: ir.Model) -> dict:
+        return measure_fidelity(original, m, sets)
+
+    shapes = dict(context.input_shapes)
+    result = compensate(
+        model, layers, settings.compensation, "quantize", measure, shapes, shapes_of=original
+    )
+    result.skipped[:0] = skipped
+    result.fidelity_source = (
+        f"{sets['calibration'].count} calibration samples"
+        + ("" if held is None else f" and {held.count} held-out samples")
+        + f" of {calib.source}"
+    )
+    result.notes.append(
+        "paths in float32 beside the rounded layers; layer inputs observed on "
+        f"{fit.count} calibration samples of the float model before rounding"
+    )
+    record.compensation = result
+    if result.fidelity_after:
+        record.fidelity, record.fidelity_source = result.fidelity_after, result.fidelity_source
+
+
+def dequantized(node: ir.Node) -> tuple[np.ndarray | None, str]:
+    """The weight ``node`` computes with, as canonical ``W'[N, K]`` float64 (Gemm: alpha
+    included), or (None, why not; "" for a layer left in float)."""
+    if node.domain == MS_DOMAIN and node.op_type == "MatMulNBits":
+        return _matmul_nbits(node)
+    if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
+        return None, f"became {node.op_type} (not read back)"
+    weight = node.inputs[1]
+    dq = weight.producer() if weight is not None else None
+    if dq is None or dq.op_type != "DequantizeLinear":
+        return None, ""  # kept in float: nothing to compensate
+    stored = _dequantize(dq)
+    if stored is None:
+        return None, "its DequantizeLinear inputs are not constant"
+    if node.op_type == "Gemm":
+        alpha = float(attribute(node, "alpha", 1.0))
+        return (stored if attribute(node, "transB", 0) else stored.T) * alpha, ""
+    return stored.T, ""
+
+
+def _dequantize(node: ir.Node) -> np.ndarray | None:
+    """A constant ``DequantizeLinear``'s output (float64): per tensor, per axis or blocked."""
+    q = constant_array(node.inputs[0])
+    scale = constant_array(node.inputs[1])
+    zero = constant_array(node.inputs[2]) if len(node.inputs) > 2 else None
+    if q is None or scale is None:
+        return None
+    q = q.astype(np.float64)
+    scale = scale.astype(np.float64)
+    zero = np.zeros_like(scale) if zero is None else zero.astype(np.float64)
+    axis = int(attribute(node, "axis", 1)) % max(q.ndim, 1)
+    block = int(attribute(node, "block_size", 0))
+    if block:
+        scale = np.repeat(scale, block, axis=axis).take(range(q.shape[axis]), axis=axis)
+        zero = np.repeat(zero, block, axis=axis).take(range(q.shape[axis]), axis=axis)
+    elif scale.size > 1:
+        shape = [1] * q.ndim
+        shape[axis] = scale.size
+        scale, zero = scale.reshape(shape), zero.reshape(shape)
+    return (q - zero) * scale
+
+
+def _matmul_nbits(node: ir.Node) -> tuple[np.ndarray | None, str]:
+    """``MatMulNBits``' weight ``[N, K]``: packed codes, block scales, zero points (8 when
+    absent); low nibble first, as the contrib op defines it."""
+    k, n = int(attribute(node, "K", 0)), int(attribute(node, "N", 0))
+    bits, block = int(attribute(node, "bits", 4)), int(attribute(node, "block_size", 0))
+    packed = constant_array(node.inputs[1])
+    scales = constant_array(node.inputs[2]) if len(node.inputs) > 2 else None
+    if bits != 4 or packed is None or scales is None or not block:
+        return None, "MatMulNBits not read back (not 4-bit, or inputs not constant)"
+    blocks = packed.shape[1]
+    codes = np.empty((n, blocks, block), np.float64)
+    codes[..., 0::2] = packed & 0x0F
+    codes[..., 1::2] = packed >> 4
+    zeros = np.full((n, blocks), 8.0)
+    packed_zeros = constant_array(node.inputs[3]) if len(node.inputs) > 3 else None
+    if packed_zeros is not None:
+        if packed_zeros.dtype != np.uint8:
+            return None, "MatMulNBits with float zero points not read back"
+        pairs = packed_zeros.reshape(n, -1)
+        both = np.stack([pairs & 0x0F, pairs >> 4], axis=-1).reshape(n, -1)
+        zeros = both[:, :blocks].astype(np.float64)
+    scale = scales.astype(np.float64).reshape(n, blocks)
+    w = (codes - zeros[..., None]) * scale[..., None]
+    return w.reshape(n, blocks * block)[:, :k], ""
