@@ -271,3 +271,17 @@ def initializers_as_constants(model: ir.Model) -> int:
     onnx_ir.passes.common.RemoveInitializersFromInputsPass()(model)
     model.ir_version = INITIALIZERS_NOT_INPUTS_IR
     return before - sum(len(graph.inputs) for graph in model.graphs())
+
+
+def name_nodes(graph: ir.Graph) -> None:
+    """Give every node of ``graph`` a unique name (``OpType_index`` where it had none or a
+    taken one): records and placements refer to nodes by name."""
+    taken: set[str] = set()
+    for index, node in enumerate(graph):
+        if not node.name or node.name in taken:
+            base = f"{node.op_type}_{index}"
+            name, k = base, 1
+            while name in taken:
+                name, k = f"{base}_{k}", k + 1
+            node.name = name
+        taken.add(node.name)

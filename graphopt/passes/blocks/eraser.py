@@ -53,7 +53,7 @@ def erase_model(
     model: ir.Model, settings: EraseSettings, calib: CalibrationSet, context: PassContext
 ) -> ErasureRecord:
     """Erase blocks of ``model`` in place; the record says which and how well."""
-    from graphopt.passes.sparsity.sparsifier import _fidelity_sets, _first
+    from graphopt.passes.calibration.fidelity import fidelity_sets
 
     started = time.perf_counter()
     record = ErasureRecord(settings.target, settings.score, settings.replacement)
@@ -66,12 +66,12 @@ def erase_model(
     fit, held = calib, None
     if settings.holdout > 0:
         fit, held = calib.split(settings.holdout)
-    sets, record.fidelity_source = _fidelity_sets(model, fit, held, context)
+    sets, record.fidelity_source = fidelity_sets(model, fit, held, context, "erase-blocks")
     shapes = calib.sample_shapes()
     record.flops_before = model_flops(model, shapes).total
     data = block_data(model, blocks, fit, settings.replacement == "linear")
     replacements = [d.replacement(settings.replacement, settings.ridge) for d in data]
-    scoring = _first(fit, SCORE_SAMPLES)
+    scoring = fit.first(SCORE_SAMPLES)
     reference = _outputs(model, scoring) if settings.score == "removal" else None
     for block, replacement, stats in zip(blocks, replacements, data, strict=True):
         alone = model.clone()

@@ -1,4 +1,4 @@
-"""How far a pruned model's outputs moved, on held-out calibration samples.
+"""How far a lossy pass moved a model's outputs, and on which samples that is measured.
 
 Per output: max error relative to the original's largest magnitude (the project's error
 measure), mean absolute error, and the mean over samples of the cosine between original and
@@ -8,12 +8,16 @@ pruned output rows (per-sample cosine is what embedding users look at).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_ir as ir
 
 from graphopt.passes.calibration.activations import sequence_mask
 from graphopt.passes.calibration.samples import CalibrationSet
+
+if TYPE_CHECKING:
+    from graphopt.registry import PassContext
 
 
 @dataclass
@@ -168,3 +172,36 @@ def fidelity_table(title: str, fidelity: dict[str, list[Fidelity]]):
                 argmax,
             )
     return table
+
+
+# Fitted samples a lossy pass's "calibration" fidelity is measured on (at most).
+FIDELITY_SAMPLES = 64
+
+
+def fidelity_sets(
+    model: ir.Model,
+    fit: CalibrationSet | None,
+    held: CalibrationSet | None,
+    context: PassContext,
+    owner: str,
+) -> tuple[dict[str, CalibrationSet], str]:
+    """Where pass ``owner`` measures fidelity, and a line saying so: the first fitted samples
+    and the held-out ones, else (no calibration file) generated inputs at the run's shapes."""
+    if fit is not None:
+        # The fitted samples' fidelity says how well the fit went, the held-out one whether
+        # it carries over; a subset of the former says the first as well as all of them.
+        shown = fit.first(FIDELITY_SAMPLES)
+        sets = {"calibration": shown}
+        if held is not None:
+            sets["held-out"] = held
+        extra = f", {held.count} held out" if held is not None else ", none held out"
+        return sets, f"{shown.count} of the fitted samples of {fit.source}{extra}"
+    from graphopt.errors import UserInputError
+    from graphopt.passes.calibration.samples import random_calibration
+
+    try:
+        generated = random_calibration(model, dict(context.input_shapes), owner=owner)
+    except UserInputError as exc:
+        context.note(f"{owner}: fidelity not measured: {exc}")
+        return {}, ""
+    return {"generated": generated}, f"{generated.count} generated inputs (no --calib file)"

@@ -95,6 +95,13 @@ class CalibrationSet:
             CalibrationSet(rest, self.source, self.batch, self.trim, dict(self.axes)),
         )
 
+    def first(self, count: int) -> CalibrationSet:
+        """The first ``count`` samples (all of them when there are fewer)."""
+        if self.count <= count:
+            return self
+        arrays = {name: self._part(name, a, 0, count) for name, a in self.arrays.items()}
+        return CalibrationSet(arrays, self.source, self.batch, self.trim, dict(self.axes))
+
     def batches(self, trim: bool = True) -> Iterator[dict[str, np.ndarray]]:
         """Feed dicts of ``batch`` samples; ``trim=False`` keeps the padded width."""
         mask_name = _mask_name(self.arrays) if self.trim and trim else None

@@ -27,9 +27,9 @@ MS_DOMAIN = "com.microsoft"
 def prepare(model: ir.Model, settings: QuantSettings) -> ir.Model:
     """Before the mode runs: name every node (layers are matched across the rounding by
     name) and keep the float original fidelity is measured against."""
-    from graphopt.passes.quantization.static import _name_nodes
+    from graphopt.editing import name_nodes
 
-    _name_nodes(model)
+    name_nodes(model.graph)
     return model.clone()
 
 
@@ -44,17 +44,17 @@ def compensate_quantized(
     """Add EoRA paths to the layers ``record``'s mode rounded; the result goes on ``record``
     (its fidelity becomes the model's with the paths, the one without kept beside)."""
     from graphopt.passes.calibration.activations import observe
+    from graphopt.passes.calibration.fidelity import FIDELITY_SAMPLES
     from graphopt.passes.quantization.record import measure_fidelity
     from graphopt.passes.sparsity import statistics
     from graphopt.passes.sparsity.layers import find_layers
-    from graphopt.passes.sparsity.sparsifier import FIDELITY_SAMPLES, _first
 
     reference, record.float_model = record.float_model, None
     if reference is None:
         record.notes.append("--compensation: this mode keeps no float reference; no paths")
         return
     fit, held = calib.split(settings.holdout)
-    sets = {"calibration": _first(fit, FIDELITY_SAMPLES)}
+    sets = {"calibration": fit.first(FIDELITY_SAMPLES)}
     if held is not None:
         sets["held-out"] = held
     nodes = {node.name: node for node in model.graph if node.name}

@@ -371,9 +371,7 @@ def _error(p: _Prepared, k: int, settings) -> float:
 def _verify(model, report, found, plan: Plan, fit, record):
     """The shrunk model must compute what the padded one (same numbers, original sizes,
     zeros in the dropped channels) computes; modules where it does not are left out."""
-    from graphopt.passes.sparsity.sparsifier import _first
-
-    sample = _first(fit, 2)
+    sample = fit.first(2)
     shrunk = build(model, report, found, plan, padded=False)
     if _agree(build(model, report, found, plan, padded=True), shrunk, sample):
         record.check = "passed"
@@ -429,9 +427,9 @@ def _module_record(p: _Prepared, share: float, settings) -> ModuleRecord:
 
 
 def _fidelity(model, result, fit, held, context, record) -> None:
+    from graphopt.passes.calibration.fidelity import fidelity_sets
     from graphopt.passes.quantization.record import measure_fidelity
-    from graphopt.passes.sparsity.sparsifier import _fidelity_sets
 
-    sets, record.fidelity_source = _fidelity_sets(model, fit, held, context)
+    sets, record.fidelity_source = fidelity_sets(model, fit, held, context, "decompose")
     if sets:
         record.fidelity = measure_fidelity(model, result, sets, optimized_too=False)

@@ -107,7 +107,7 @@ def factorize_model(
     context: PassContext,
 ) -> FactorizeRecord:
     """Factorize ``model``'s selected layers in place; the record says what and how well."""
-    from graphopt.passes.sparsity.sparsifier import _fidelity_sets
+    from graphopt.passes.calibration.fidelity import fidelity_sets
 
     started = time.perf_counter()
     record = FactorizeRecord(str(settings.rule), settings.method, speed_check=settings.speed_check)
@@ -131,7 +131,7 @@ def factorize_model(
         fit, held = calib.split(settings.holdout)
     shapes = calib.sample_shapes() if calib is not None else dict(context.input_shapes)
     record.flops_before = model_flops(model, shapes).total
-    sets, record.fidelity_source = _fidelity_sets(model, fit, held, context)
+    sets, record.fidelity_source = fidelity_sets(model, fit, held, context, "factorize")
     original = model.clone() if layers else None
     planned = _curves(model, layers, shapes, settings, fit, record)
     record.error_kind = "output" if fit is not None else "weight"

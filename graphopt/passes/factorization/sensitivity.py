@@ -38,7 +38,6 @@ def sensitivities(
     by ``approximations[i]()``, in the stored layout) / ``local_errors[i]``; None where the
     weight is not an initializer or the probe could not run."""
     from graphopt.ortrun import run_session
-    from graphopt.passes.sparsity.sparsifier import _first
     from graphopt.verify import make_session
 
     clone = model.clone()
@@ -51,7 +50,7 @@ def sensitivities(
             probed.append(weight.name)
         else:
             probed.append(None)
-    samples = list(_first(calib, PROBE_SAMPLES).batches())
+    samples = list(calib.first(PROBE_SAMPLES).batches())
     session = make_session(clone, optimize=True)
     names = [o.name for o in session.get_outputs()]
     reference = [run_session(session, names, feeds) for feeds in samples]

@@ -450,7 +450,7 @@ def _mixed_precision(
     ]
     target = mp.Target.from_settings(settings)
     # Sensitivities only rank layers: a few dozen samples do, at a fraction of the cost.
-    evaluate = mp.fidelity_evaluator(original, _first(fit, SENSITIVITY_SAMPLES))
+    evaluate = mp.fidelity_evaluator(original, fit.first(SENSITIVITY_SAMPLES))
     check = mp.fidelity_evaluator(original, held) if held is not None else evaluate
     speed = mp.speed_meter(original, _one_sample(held or fit))
     kept, curve = mp.search(build, candidates, evaluate, target, check=check, speed=speed)
@@ -464,13 +464,6 @@ def _mixed_precision(
         "sample, before the target's fusions run)"
     )
     return kept
-
-
-def _first(samples: CalibrationSet, count: int) -> CalibrationSet:
-    """The first ``count`` samples (all of them when there are fewer)."""
-    if samples.count <= count:
-        return samples
-    return samples.split(1.0 - count / samples.count)[0]
 
 
 def _one_sample(samples: CalibrationSet) -> dict[str, np.ndarray]:

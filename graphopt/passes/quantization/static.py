@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
+from graphopt.editing import name_nodes
 from graphopt.errors import UserInputError
 from graphopt.passes.calibration.samples import CalibrationSet
 from graphopt.passes.quantization import placement as placing
@@ -92,7 +93,7 @@ def quantize_static(
     _refuse_quantized(model)
     record = QuantRecord(mode="int8")
     _ensure_opset(model, record)
-    _name_nodes(model)
+    name_nodes(model.graph)
     original = model.clone()
     fit, held = calib.split(settings.holdout)
     _equalize(model, settings, fit, record)
@@ -293,19 +294,6 @@ def _ensure_opset(model: ir.Model, record: QuantRecord) -> None:
     model.graph = converted.graph
     if note:
         record.notes.append(f"{note} (per-channel DequantizeLinear needs opset 13)")
-
-
-def _name_nodes(model: ir.Model) -> None:
-    """Give every node a unique name: the placement and the record refer to nodes by name."""
-    taken: set[str] = set()
-    for index, node in enumerate(model.graph):
-        if not node.name or node.name in taken:
-            base = f"{node.op_type}_{index}"
-            name, k = base, 1
-            while name in taken:
-                name, k = f"{base}_{k}", k + 1
-            node.name = name
-        taken.add(node.name)
 
 
 def _values(model: ir.Model) -> dict[str, ir.Value]:

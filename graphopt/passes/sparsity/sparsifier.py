@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from graphopt.passes.calibration.fidelity import fidelity_sets
 from graphopt.passes.calibration.samples import CalibrationSet
 from graphopt.passes.sparsity import allocation, statistics
 from graphopt.passes.sparsity.layers import Layer, find_layers, replace_weight, select
@@ -30,9 +31,6 @@ from graphopt.passes.sparsity.reconstruct import sparsegpt
 from graphopt.passes.sparsity.record import LayerSparsity, SparsityRecord
 from graphopt.passes.sparsity.settings import Pattern
 from graphopt.registry import PassContext
-
-# Fitted samples the report's "calibration" fidelity is measured on (at most).
-FIDELITY_SAMPLES = 64
 
 
 @dataclass(frozen=True)
@@ -68,7 +66,7 @@ def sparsify_model(
     fit, held = calib, None
     if calib is not None and settings.holdout > 0:  # split() holds one sample out even at 0
         fit, held = calib.split(settings.holdout)
-    sets, record.fidelity_source = _fidelity_sets(model, fit, held, context)
+    sets, record.fidelity_source = fidelity_sets(model, fit, held, context, "sparsify")
     original = model.clone() if sets and layers else None
     shares = _shares(model, layers, settings, fit, record)
     data = settings.criterion != "magnitude" and fit is not None
@@ -128,41 +126,6 @@ def _misfit(layer: Layer, pattern: Pattern) -> str:
     if layer.outputs % pattern.n_multiple:
         return f"{layer.outputs} outputs is not a multiple of {pattern.n_multiple}"
     return ""
-
-
-def _fidelity_sets(
-    model: ir.Model,
-    fit: CalibrationSet | None,
-    held: CalibrationSet | None,
-    context: PassContext,
-) -> tuple[dict[str, CalibrationSet], str]:
-    """Where fidelity is measured: the fitting and held-out samples, else generated inputs."""
-    if fit is not None:
-        # The fitted samples' fidelity says how well the fit went, the held-out one whether
-        # it carries over; a subset of the former says the first as well as all of them.
-        shown = _first(fit, FIDELITY_SAMPLES)
-        sets = {"calibration": shown}
-        if held is not None:
-            sets["held-out"] = held
-        extra = f", {held.count} held out" if held is not None else ", none held out"
-        return sets, f"{shown.count} of the fitted samples of {fit.source}{extra}"
-    from graphopt.errors import UserInputError
-    from graphopt.passes.calibration.samples import random_calibration
-
-    try:
-        generated = random_calibration(model, dict(context.input_shapes), owner="sparsify")
-    except UserInputError as exc:
-        context.note(f"sparsify: fidelity not measured: {exc}")
-        return {}, ""
-    return {"generated": generated}, f"{generated.count} generated inputs (no --calib file)"
-
-
-def _first(calib: CalibrationSet, count: int) -> CalibrationSet:
-    """The first ``count`` samples of ``calib`` (all of them when it has fewer)."""
-    if calib.count <= count:
-        return calib
-    arrays = {name: calib._part(name, a, 0, count) for name, a in calib.arrays.items()}
-    return CalibrationSet(arrays, calib.source, calib.batch, calib.trim, dict(calib.axes))
 
 
 def _shares(
