@@ -315,6 +315,13 @@ def _site(node: ir.Node, settings: QuantSettings, ort: bool) -> tuple[Site | Non
         return None, f"weight is {tensor.dtype.name.lower()}"
     if len(weight.uses()) != 1 or weight.is_graph_output():
         return None, "weight shared with other nodes"
+    if kind in ("matmul", "gemm") and settings.target == "tensorrt" and len(tensor.shape) == 2:
+        # TensorRT's parser takes a blockwise DequantizeLinear only in whole blocks along K
+        # (measured: PP-OCR cls's K=200 and RegNet's K=440 at block 32 are rejected).
+        trans = kind == "gemm" and attribute(node, "transB", 0)
+        k = int(tensor.shape[1] if trans else tensor.shape[0])
+        if k % settings.block_size:
+            return None, f"K {k} not a multiple of block {settings.block_size} (TensorRT)"
     if kind == "gemm":
         if attribute(node, "transA", 0):
             return None, "Gemm transA=1"

@@ -49,3 +49,22 @@ def test_int4_weight_for_tensorrt_computes_in_float16(tmp_path) -> None:
     assert model.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
     assert model.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
     assert sum(n.op_type == "Cast" for n in model.graph.node) >= 2
+
+
+def test_int4_for_tensorrt_keeps_a_weight_without_whole_blocks_in_float(tmp_path) -> None:
+    # TensorRT's parser rejects a blockwise DequantizeLinear whose K is not whole blocks.
+    proto = _mlp()
+    rng = np.random.default_rng(5)
+    odd = rng.standard_normal((40, 32)).astype(np.float32)
+    proto.graph.initializer[1].CopyFrom(numpy_helper.from_array(odd, "w2"))
+    proto.graph.initializer[0].CopyFrom(
+        numpy_helper.from_array(rng.standard_normal((64, 40)).astype(np.float32), "w1")
+    )
+    source = tmp_path / "odd.onnx"
+    onnx.save(proto, source)
+    options = OptimizeOptions(target="tensorrt", quantize="int4-weight", block_size=32)
+    result = optimize(source, tmp_path / "q.onnx", options)
+    kept = {(layer.precision, layer.reason) for layer in result.report.details["quantize"].layers}
+    assert ("float", "K 40 not a multiple of block 32 (TensorRT)") in kept
+    model = onnx.load(tmp_path / "q.onnx")
+    assert sum(n.op_type == "DequantizeLinear" for n in model.graph.node) == 1
