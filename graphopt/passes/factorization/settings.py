@@ -109,11 +109,12 @@ class Choices:
 
 
 def resolve_method(method: str | None, calib: str | None) -> Choices:
-    """The method asked for, else asvd with calibration data (a file or ``random``) and svd
-    without; asvd without any data is bad input naming ``--calib``."""
+    """The method asked for, else asvd with a calibration file and svd without one (or with
+    ``--calib random``: generated inputs say nothing about real activations, the rule of every
+    lossy pass); asvd without any data is bad input naming ``--calib``."""
     data_aware = bool(calib) and calib != "random"
     if method is None:
-        return Choices("asvd" if calib else "svd", ("method",), data_aware)
+        return Choices("asvd" if data_aware else "svd", ("method",), data_aware)
     chosen = str(method).strip().lower()
     if chosen not in METHODS:
         raise UserInputError(f"--factorize-method {method!r}: choose one of {', '.join(METHODS)}")

@@ -123,7 +123,8 @@ def test_rounding_to_multiples():
 
 def test_method_defaults_and_data_rule():
     assert resolve_method(None, "calib.npz").method == "asvd"
-    assert resolve_method(None, "random").method == "asvd"
+    assert resolve_method(None, "random").method == "svd"  # generated data: data-free default
+    assert resolve_method("asvd", "random").method == "asvd"  # asked for explicitly
     assert resolve_method(None, "").method == "svd"
     assert resolve_method(None, "").defaulted == ("method",)
     assert "method svd (default)" in resolve_method(None, "").note("")
