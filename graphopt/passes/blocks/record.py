@@ -14,7 +14,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from graphopt.passes.calibration.fidelity import Fidelity, fidelity_table
+from graphopt.passes.calibration.fidelity import Fidelity
+from graphopt.passes.calibration.report import fidelity_json, render_section
 
 
 @dataclass
@@ -76,28 +77,22 @@ class ErasureRecord:
             "flops_after": self.flops_after,
             "flops_removed": self.flops_removed,
             "joint_score": self.joint_score,
-            "fidelity": {k: [f.to_json() for f in v] for k, v in self.fidelity.items()},
+            "fidelity": fidelity_json(self.fidelity),
             "fidelity_source": self.fidelity_source,
             "notes": self.notes,
         }
 
     def render(self, console: Console) -> bool:
-        console.print(self.headline(), markup=False)
-        for note in self.notes:
-            console.print(f"  {note}", markup=False)
-        if self.blocks:
-            console.print(block_table(self))
-        if self.refused:
-            shown = "; ".join(f"{name}: {why}" for name, why in self.refused[:8])
-            more = f" and {len(self.refused) - 8} more" if len(self.refused) > 8 else ""
-            console.print(f"  refused: {shown}{more}", markup=False)
-        if self.fidelity:
-            console.print(
-                fidelity_table(
-                    f"erase-blocks fidelity against the input model ({self.fidelity_source})",
-                    self.fidelity,
-                )
-            )
+        render_section(
+            console,
+            self.headline(),
+            self.notes,
+            block_table(self) if self.blocks else None,
+            "refused",
+            [f"{name}: {why}" for name, why in self.refused],
+            f"erase-blocks fidelity against the input model ({self.fidelity_source})",
+            self.fidelity,
+        )
         return True
 
 

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from graphopt.passes.calibration.fidelity import Fidelity, fidelity_table
+from graphopt.passes.calibration.report import fidelity_json
 
 SHOWN_LAYERS = 24
 
@@ -64,10 +65,8 @@ class CompensationRecord:
             "params": self.params,
             "flops_before": self.flops_before,
             "flops_added": self.flops_added,
-            "fidelity_before": {
-                k: [f.to_json() for f in v] for k, v in self.fidelity_before.items()
-            },
-            "fidelity_after": {k: [f.to_json() for f in v] for k, v in self.fidelity_after.items()},
+            "fidelity_before": fidelity_json(self.fidelity_before),
+            "fidelity_after": fidelity_json(self.fidelity_after),
             "fidelity_source": self.fidelity_source,
             "notes": self.notes,
         }

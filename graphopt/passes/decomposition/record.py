@@ -14,7 +14,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from graphopt.passes.calibration.fidelity import Fidelity, fidelity_table, summary
+from graphopt.passes.calibration.fidelity import Fidelity, summary
+from graphopt.passes.calibration.report import fidelity_json, render_section
 
 SHOWN_MODULES = 30
 
@@ -70,22 +71,20 @@ class DecomposeRecord:
         out["decomposed"] = [m.__dict__ for m in self.decomposed]
         out["skipped"] = [list(s) for s in self.skipped]
         out["flops_removed"] = self.flops_removed
-        out["fidelity"] = {k: [f.to_json() for f in v] for k, v in self.fidelity.items()}
+        out["fidelity"] = fidelity_json(self.fidelity)
         return out
 
     def render(self, console: Console) -> bool:
-        console.print(self.headline(), markup=False)
-        for note in self.notes:
-            console.print(f"  {note}", markup=False)
-        if self.decomposed:
-            console.print(module_table(self))
-        if self.skipped:
-            shown = "; ".join(f"{w} {k}: {why}" for w, k, why in self.skipped[:8])
-            more = f" and {len(self.skipped) - 8} more" if len(self.skipped) > 8 else ""
-            console.print(f"  left as they are: {shown}{more}", markup=False)
-        if self.fidelity:
-            title = f"decompose fidelity against the input model ({self.fidelity_source})"
-            console.print(fidelity_table(title, self.fidelity))
+        render_section(
+            console,
+            self.headline(),
+            self.notes,
+            module_table(self) if self.decomposed else None,
+            "left as they are",
+            [f"{w} {k}: {why}" for w, k, why in self.skipped],
+            f"decompose fidelity against the input model ({self.fidelity_source})",
+            self.fidelity,
+        )
         return True
 
 

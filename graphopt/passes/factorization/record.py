@@ -18,7 +18,8 @@ import onnx_ir as ir
 from rich.console import Console
 from rich.table import Table
 
-from graphopt.passes.calibration.fidelity import Fidelity, fidelity_table
+from graphopt.passes.calibration.fidelity import Fidelity
+from graphopt.passes.calibration.report import fidelity_json, render_section
 
 if TYPE_CHECKING:
     from graphopt.passes.compensation.record import CompensationRecord
@@ -100,29 +101,23 @@ class FactorizeRecord:
             "flops_before": self.flops_before,
             "flops_after": self.flops_after,
             "flops_removed": self.flops_removed,
-            "fidelity": {k: [f.to_json() for f in v] for k, v in self.fidelity.items()},
+            "fidelity": fidelity_json(self.fidelity),
             "fidelity_source": self.fidelity_source,
             "notes": self.notes,
             **({"compensation": self.compensation.to_json()} if self.compensation else {}),
         }
 
     def render(self, console: Console) -> bool:
-        console.print(self.headline(), markup=False)
-        for note in self.notes:
-            console.print(f"  {note}", markup=False)
-        if self.layers:
-            console.print(layer_table(self))
-        if self.skipped:
-            shown = "; ".join(f"{name}: {why}" for name, why in self.skipped[:8])
-            more = f" and {len(self.skipped) - 8} more" if len(self.skipped) > 8 else ""
-            console.print(f"  left whole: {shown}{more}", markup=False)
-        if self.fidelity:
-            console.print(
-                fidelity_table(
-                    f"factorize fidelity against the original ({self.fidelity_source})",
-                    self.fidelity,
-                )
-            )
+        render_section(
+            console,
+            self.headline(),
+            self.notes,
+            layer_table(self) if self.layers else None,
+            "left whole",
+            [f"{name}: {why}" for name, why in self.skipped],
+            f"factorize fidelity against the original ({self.fidelity_source})",
+            self.fidelity,
+        )
         if self.compensation is not None:
             self.compensation.render(console)
         return True

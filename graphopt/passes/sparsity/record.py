@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.table import Table
 
-from graphopt.passes.calibration.fidelity import Fidelity, fidelity_table
+from graphopt.passes.calibration.fidelity import Fidelity
+from graphopt.passes.calibration.report import fidelity_json, render_section
 
 if TYPE_CHECKING:
     from graphopt.passes.compensation.record import CompensationRecord
@@ -79,29 +80,23 @@ class SparsityRecord:
             "error_kind": self.error_kind,
             "layers": [layer.__dict__ for layer in self.layers],
             "skipped": [list(s) for s in self.skipped],
-            "fidelity": {k: [f.to_json() for f in v] for k, v in self.fidelity.items()},
+            "fidelity": fidelity_json(self.fidelity),
             "fidelity_source": self.fidelity_source,
             "notes": self.notes,
             **({"compensation": self.compensation.to_json()} if self.compensation else {}),
         }
 
     def render(self, console: Console) -> bool:
-        console.print(self.headline(), markup=False)
-        for note in self.notes:
-            console.print(f"  {note}", markup=False)
-        if self.layers:
-            console.print(layer_table(self))
-        if self.skipped:
-            shown = "; ".join(f"{name}: {why}" for name, why in self.skipped[:8])
-            more = f" and {len(self.skipped) - 8} more" if len(self.skipped) > 8 else ""
-            console.print(f"  left dense: {shown}{more}", markup=False)
-        if self.fidelity:
-            console.print(
-                fidelity_table(
-                    f"sparsity fidelity against the dense original ({self.fidelity_source})",
-                    self.fidelity,
-                )
-            )
+        render_section(
+            console,
+            self.headline(),
+            self.notes,
+            layer_table(self) if self.layers else None,
+            "left dense",
+            [f"{name}: {why}" for name, why in self.skipped],
+            f"sparsity fidelity against the dense original ({self.fidelity_source})",
+            self.fidelity,
+        )
         if self.compensation is not None:
             self.compensation.render(console)
         return True
