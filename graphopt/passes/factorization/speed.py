@@ -14,7 +14,6 @@ metadata (:data:`METADATA_KEY`), and a later run can replay them from that model
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,13 +23,13 @@ import numpy as np
 import onnx
 
 from graphopt.editing import attribute
-from graphopt.errors import UserInputError
 from graphopt.passes.sparsity.crossover import (
     CrossoverCache,
     Timing,
     bucket,
     cpu_signature,
     measure,
+    read_recorded,
 )
 from graphopt.passes.sparsity.layers import Layer
 
@@ -158,19 +157,9 @@ def timing_models(shape: Shape, rank: int) -> tuple[list[onnx.ModelProto], dict[
 
 def load_replay(source: str) -> dict[str, dict[str, float]]:
     """Timings by shape class from a model this pass wrote (its metadata) or a JSON file."""
-    path = Path(source)
-    try:
-        if path.suffix.lower() == ".onnx":
-            proto = onnx.load(str(path), load_external_data=False)
-            props = {p.key: p.value for p in proto.metadata_props}
-            if METADATA_KEY not in props:
-                raise UserInputError(f"{path}: no {METADATA_KEY} in the model's metadata")
-            data = json.loads(props[METADATA_KEY])
-        else:
-            data = json.loads(path.read_text())
+
+    def timings(data: Any) -> dict[str, dict[str, float]]:
         return {str(k): {"dense_ms": float(v["dense_ms"]), "sparse_ms": float(v["sparse_ms"])}
                 for k, v in data["timings"].items()}  # fmt: skip
-    except UserInputError:
-        raise
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise UserInputError(f"{path}: cannot read factorize timings ({exc})") from None
+
+    return read_recorded(source, METADATA_KEY, "factorize timings", timings)

@@ -316,26 +316,37 @@ def _significant(value: float) -> float:
     return float(f"{value:.4g}")
 
 
-def load_decisions(source: str) -> dict[str, dict[str, Any]]:
-    """Decisions by layer from a lowered model's metadata or a JSON file ("" -> none)."""
-    if not source:
-        return {}
+def read_recorded(source: str, key: str, what: str, pick: Callable[[Any], Any]) -> Any:
+    """``pick`` of the JSON a pass recorded under metadata ``key`` of a model it wrote (an
+    ``.onnx`` path) or of a JSON file: how a rerun replays measured choices. Anything unreadable
+    is a one-line error naming the file and ``what`` was being read."""
     path = Path(source)
     try:
         if path.suffix.lower() == ".onnx":
             proto = onnx.load(str(path), load_external_data=False)
             props = {p.key: p.value for p in proto.metadata_props}
-            if METADATA_KEY not in props:
-                raise UserInputError(f"{path}: no {METADATA_KEY} in the model's metadata")
-            data = json.loads(props[METADATA_KEY])
+            if key not in props:
+                raise UserInputError(f"{path}: no {key} in the model's metadata")
+            data = json.loads(props[key])
         else:
             data = json.loads(path.read_text())
-        layers = data["layers"] if isinstance(data, dict) else data
-        return {str(entry["layer"]): dict(entry) for entry in layers}
+        return pick(data)
     except UserInputError:
         raise
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UserInputError(f"{path}: cannot read sparse-kernel decisions ({exc})") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise UserInputError(f"{path}: cannot read {what} ({exc})") from None
+
+
+def load_decisions(source: str) -> dict[str, dict[str, Any]]:
+    """Decisions by layer from a lowered model's metadata or a JSON file ("" -> none)."""
+    if not source:
+        return {}
+
+    def layers(data: Any) -> dict[str, dict[str, Any]]:
+        entries = data["layers"] if isinstance(data, dict) else data
+        return {str(entry["layer"]): dict(entry) for entry in entries}
+
+    return read_recorded(source, METADATA_KEY, "sparse-kernel decisions", layers)
 
 
 def recorded(model: ir.Model) -> dict[str, dict[str, Any]]:
