@@ -1,6 +1,6 @@
 """MiniLM at fewer FLOPs: low-rank factorization (SVD, ASVD) vs channel pruning, and both.
 
-    python bench/factorization_minilm.py [--work DIR] [--pairs 20] [--calib 256]
+    python bench/factorization_minilm.py [--work DIR] [--pairs 20] [--calib 431]
         [--flops 0.25] [--markdown OUT.md]
 
 One command, one run, side by side. MiniLM (real weights), seq 128, calibration sentences
@@ -80,7 +80,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/factorization_minilm"))
     parser.add_argument("--pairs", type=int, default=20)
-    parser.add_argument("--calib", type=int, default=256)
+    parser.add_argument("--calib", type=int, default=431)
     parser.add_argument("--flops", type=float, default=0.25)
     parser.add_argument("--markdown", type=Path)
     args = parser.parse_args()
