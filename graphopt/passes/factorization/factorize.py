@@ -13,6 +13,7 @@ import onnx_ir as ir
 
 from graphopt.errors import UserInputError
 from graphopt.passes.calibration import CALIB_OPTION, calibration_for
+from graphopt.passes.compensation import COMPENSATION_OPTION
 from graphopt.passes.factorization.settings import (
     DEFAULT_MULTIPLE,
     METHODS,
@@ -87,16 +88,7 @@ class FactorizePass(GraphPass):
             flag="--round-to",
             metavar="N",
         ),
-        # Shared with prune (its lsq/bias, noted and ignored here) and sparsify/quantize.
-        PassOption(
-            "compensation",
-            str,
-            None,
-            "factorize: none|eora:RANK (eora: a low-rank correction of the error, fitted on "
-            "--calib)",
-            flag="--compensation",
-            metavar="none|bias|lsq|eora:RANK",
-        ),
+        COMPENSATION_OPTION,
         CALIB_OPTION,
         PassOption("holdout", float, 0.25, "share of calibration samples kept for fidelity"),
     )

@@ -12,6 +12,7 @@ import onnx_ir as ir
 
 from graphopt.errors import UserInputError
 from graphopt.passes.calibration import CALIB_OPTION, calibration_for
+from graphopt.passes.compensation import COMPENSATION_OPTION
 from graphopt.passes.pruning.settings import (
     ALLOCATIONS,
     CRITERIA,
@@ -60,17 +61,7 @@ class PrunePass(GraphPass):
             flag="--allocation",
             choices=ALLOCATIONS,
         ),
-        # --compensation is shared with factorize, sparsify and quantize, whose value is
-        # eora:R (or none): no argparse choices, each pass checks the values it takes.
-        PassOption(
-            "compensation",
-            str,
-            None,
-            "prune: refit consumer layers from calibration data, none|bias|lsq (default: lsq "
-            "with a --calib file, else none); factorize/sparsify/quantize: none|eora:RANK",
-            flag="--compensation",
-            metavar="none|bias|lsq|eora:RANK",
-        ),
+        COMPENSATION_OPTION,
         PassOption(
             "round_to",
             int,

@@ -16,6 +16,7 @@ import onnx_ir as ir
 
 from graphopt.errors import UserInputError
 from graphopt.passes.calibration import CALIB_OPTION, calibration_for
+from graphopt.passes.compensation import COMPENSATION_OPTION
 from graphopt.passes.quantization.settings import (
     ACTIVATION_TYPES,
     BLOCK_SIZES,
@@ -186,16 +187,7 @@ class QuantizePass(GraphPass):
             flag="--autotune",
             metavar="true|false",
         ),
-        # Shared with prune (none|bias|lsq) and sparsify/factorize: no argparse choices.
-        PassOption(
-            "compensation",
-            str,
-            None,
-            "int8/int4-weight: eora:RANK adds a float32 rank-RANK path per quantized "
-            "MatMul/Gemm fitted to its calibration inputs (needs --calib); none (default)",
-            flag="--compensation",
-            metavar="none|bias|lsq|eora:RANK",
-        ),
+        COMPENSATION_OPTION,
         PassOption("holdout", float, 0.25, "share of calibration samples kept for fidelity"),
     )
 

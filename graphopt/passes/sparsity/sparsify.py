@@ -13,6 +13,7 @@ import onnx_ir as ir
 
 from graphopt.errors import UserInputError
 from graphopt.passes.calibration import CALIB_OPTION, calibration_for
+from graphopt.passes.compensation import COMPENSATION_OPTION
 from graphopt.passes.sparsity.settings import (
     ALLOCATIONS,
     CRITERIA,
@@ -80,16 +81,7 @@ class SparsifyPass(GraphPass):
             flag="--sparsity-keep-last",
             metavar="true|false",
         ),
-        # Shared with prune (none|bias|lsq) and quantize/factorize: no argparse choices.
-        PassOption(
-            "compensation",
-            str,
-            None,
-            "sparsify/quantize/factorize: eora:RANK adds a float32 rank-RANK path per changed "
-            "layer fitted to its calibration inputs (needs --calib); none (default)",
-            flag="--compensation",
-            metavar="none|bias|lsq|eora:RANK",
-        ),
+        COMPENSATION_OPTION,
         CALIB_OPTION,
         PassOption("holdout", float, 0.25, "share of calibration samples kept for fidelity"),
     )
