@@ -8,7 +8,7 @@ dynamic, so the sidecar records the shapes tests and verification should bind.
 from __future__ import annotations
 
 import shutil
-from functools import partial
+from functools import cache, partial
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
@@ -117,3 +117,91 @@ def text_images(count: int, shape: list[int] | tuple[int, ...], seed: int = 0) -
         pixels = np.clip(pixels, 0, 255) / 255.0
         out[i] = ((pixels - OCR_MEAN) / OCR_STD).transpose(2, 0, 1)[:channels]
     return out
+
+
+# Share of rendered words that end in a punctuation mark (text_lines).
+PUNCTUATION_RATE = 0.15
+
+
+def rec_dictionary(path: str | Path) -> list[str]:
+    """The recognizer's label characters (index 1..n; 0 is the CTC blank), from the
+    ``character`` entry rapidocr's exports carry in their metadata."""
+    import onnx
+
+    model = onnx.load(path, load_external_data=False)
+    for prop in model.metadata_props:
+        if prop.key == "character":
+            return prop.value.splitlines()
+    raise ValueError(f"{path}: no 'character' metadata (not a rapidocr PP-OCR recognizer)")
+
+
+@cache
+def _drawable(characters: tuple[str, ...], size: int) -> tuple[str, ...]:
+    """The characters Pillow's built-in font draws as themselves, not as its missing-glyph
+    box: a line of tofu is no test of a recognizer."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size)
+
+    def bitmap(text: str) -> bytes:
+        image = Image.new("L", (2 * size, 2 * size), 0)
+        ImageDraw.Draw(image).text((size // 2, size // 2), text, fill=255, font=font)
+        return image.tobytes()
+
+    missing = bitmap("\u4e00")  # a CJK ideograph: the built-in font has none
+    blank = bitmap(" ")
+    return tuple(
+        c for c in characters if c.strip() and len(c) == 1 and bitmap(c) not in (missing, blank)
+    )
+
+
+def text_lines(
+    count: int, characters: list[str], height: int = 48, width: int = 320, seed: int = 0
+) -> tuple[np.ndarray, list[str]]:
+    """``count`` rendered text-line crops, ``[count, 3, height, width]`` float32, prepared as
+    rapidocr prepares the detector's boxes for the recognizer: a tight crop of one whole line,
+    resized to ``height`` keeping its aspect (squeezed only when wider than ``width``), then
+    padded on the right with zeros after normalization. Returns the images and their texts
+    (the truth a reading is scored against).
+
+    Text: 1-4 words of 1-8 letters and digits drawn from ``characters`` (the model's
+    dictionary) that Pillow's built-in font can draw, a word ending in one of the drawable
+    punctuation marks now and then (``PUNCTUATION_RATE``), as printed text does: lines of
+    random symbols are ambiguous to any reader. Dark ink on a light background, random size,
+    small margins, mild noise. Needs Pillow (a torchvision dependency).
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    drawable = _drawable(tuple(characters), 32)
+    letters = [c for c in drawable if c.isalnum()]
+    marks = [c for c in drawable if not c.isalnum()]
+    if not letters:
+        raise ValueError("none of the letters can be drawn with Pillow's built-in font")
+    rng = np.random.default_rng(seed)
+    out = np.zeros((count, 3, height, width), np.float32)
+    texts: list[str] = []
+    for i in range(count):
+        size = int(rng.integers(24, 48))
+        font = ImageFont.load_default(size)
+        words = []
+        for _ in range(int(rng.integers(1, 5))):
+            word = "".join(rng.choice(letters, int(rng.integers(1, 9))))
+            if marks and rng.random() < PUNCTUATION_RATE:
+                word += str(rng.choice(marks))
+            words.append(word)
+        text = " ".join(words)
+        texts.append(text)
+        left, top, right, bottom = font.getbbox(text)
+        margin_x, margin_y = (int(v) for v in rng.integers(2, max(3, size // 4), 2))
+        box_w, box_h = right - left + 2 * margin_x, bottom - top + 2 * margin_y
+        background = int(rng.integers(190, 256))
+        image = Image.new("RGB", (box_w, box_h), (background,) * 3)
+        ink = tuple(int(v) for v in rng.integers(0, 90, 3))
+        ImageDraw.Draw(image).text((margin_x - left, margin_y - top), text, fill=ink, font=font)
+        pixels = np.asarray(image, np.float32) + rng.normal(0.0, 4.0, (box_h, box_w, 3))
+        line = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+        resized_w = min(width, int(np.ceil(height * box_w / box_h)))
+        line = line.resize((resized_w, height), Image.Resampling.BILINEAR)
+        normalized = (np.asarray(line, np.float32) / 255.0 - OCR_MEAN) / OCR_STD
+        out[i, :, :, :resized_w] = normalized.transpose(2, 0, 1)
+    return out, texts
