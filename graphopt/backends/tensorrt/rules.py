@@ -70,6 +70,18 @@ _FOUR_BIT = ("INT4", "UINT4", "FLOAT4E2M1")
 _SINGLE_OUTPUT = ("BatchNormalization", "LayerNormalization", "MaxPool", "Attention")
 _POOLS = ("AveragePool", "MaxPool", "LpPool")
 _QDQ = ("QuantizeLinear", "DequantizeLinear")
+_RANDOM = ("RandomUniform", "RandomUniformLike", "RandomNormal", "RandomNormalLike")
+# Inputs TensorRT imports as shape tensors (Loop's trip count, target shapes, Upsample scales).
+_SHAPE_SLOTS = {
+    "Loop": (0,),
+    "Upsample": (1,),
+    "Reshape": (1,),
+    "Expand": (1,),
+    "ConstantOfShape": (0,),
+    "Tile": (1,),
+}
+# Ops whose output depends on their input's shape only, not its values.
+_SHAPE_READERS = ("Shape", "Size")
 
 
 @dataclass(frozen=True)
@@ -94,14 +106,25 @@ def static_findings(model: onnx.ModelProto) -> list[Finding]:
     constants = _constants(graph)
     findings = list(_graph_types(graph))
     runtime = frozenset(v.name for v in graph.input) - {t.name for t in graph.initializer}
-    context = _Context(constants, opset, *_value_types(model), runtime)
-    for index, node in enumerate(graph.node):
+    types, shapes = _value_types(model)
+    context = _Context(constants, opset, types, shapes, runtime, _float_derived(graph, types))
+    for index, node in enumerate(_nodes(graph)):
         name = node.name or f"node {index}"
         for rule, check in _NODE_RULES:
             for reason in check(node, context):
                 findings.append(Finding(ERROR, name, node.op_type, reason, rule))
     findings.extend(_dynamic_dims(graph))
     return findings
+
+
+def _nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    """The graph's nodes, each followed by those of its subgraphs: TensorRT imports both
+    branches of an If and every Loop body, so a rejected node anywhere fails the parse."""
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            for body in (attr.g, *attr.graphs) if attr.HasField("g") else attr.graphs:
+                yield from _nodes(body)
 
 
 def _graph_types(graph: onnx.GraphProto) -> Iterator[Finding]:
@@ -139,6 +162,7 @@ class _Context:
     types: dict[str, str]  # value name -> element type name
     shapes: dict[str, tuple[int | None, ...]]  # value name -> dims (None: not static)
     inputs: frozenset[str] = frozenset()  # the graph's (runtime) input names
+    float_derived: frozenset[str] = frozenset()  # values computed from a float runtime input
 
 
 def _value_types(
@@ -278,10 +302,89 @@ def _input_types(node: onnx.NodeProto, context: _Context) -> Iterator[str]:
         dims = context.shapes.get(node.input[0])
         if dims is not None and None not in dims and int(np.prod(dims)) % 2:
             yield "4-bit DequantizeLinear of an odd number of elements"
+    if op in _RANDOM and _random_type(node, context) == "DOUBLE":
+        yield f"{op} producing double: unsupported data type in TensorRT's random layers"
     if op == "Attention" and len(node.input) > 2:
         key, value = (context.shapes.get(node.input[i]) for i in (1, 2))
         if key and value and None not in key + value and key != value:
             yield f"Attention with key {key} and value {value}: TensorRT needs equal shapes"
+
+
+def _shapes(node: onnx.NodeProto, context: _Context) -> Iterator[str]:
+    """Limits on static shapes the parser checks (read from ONNX shape inference)."""
+    op = node.op_type
+    if op == "Split" and _attr(node, "num_outputs", None) is not None:
+        dims = context.shapes.get(node.input[0])
+        axis = _attr(node, "axis", 0)
+        count = _attr(node, "num_outputs", 1)
+        if dims is not None and -len(dims) <= axis < len(dims) and dims[axis] is not None:
+            chunk = -(-dims[axis] // count)
+            if chunk * (count - 1) > dims[axis]:
+                yield (
+                    f"Split of {dims[axis]} into {count} outputs leaves the last chunk negative "
+                    "(onnx/onnx#5766), which TensorRT rejects"
+                )
+    if op == "MatMul" and len(node.input) == 2:
+        first, second = (context.shapes.get(n) for n in node.input)
+        if first is not None and second is not None and len(first) == 1 and len(second) >= 3:
+            yield "MatMul of a 1-D vector by a batched (rank >= 3) tensor is not supported"
+    if op == "TensorScatter":
+        cache = context.shapes.get(node.input[0])
+        if cache is not None and len(cache) != 4:
+            yield f"TensorScatter past_cache of rank {len(cache)}: TensorRT needs 4-D"
+    if op == "Attention":
+        yield from _attention_mask(node, context)
+
+
+def _attention_mask(node: onnx.NodeProto, context: _Context) -> Iterator[str]:
+    """4-D Attention: the mask must broadcast to [batch, q heads, q length, kv length]
+    (ONNX lets a mask be shorter than the keys when ``nonpad_kv_seqlen`` is given)."""
+    query, key, mask = (context.shapes.get(_at(node, i)) for i in (0, 1, 3))
+    if not (query and key and mask) or len(query) != 4 or len(key) != 4 or len(mask) > 4:
+        return
+    target = (query[0], query[1], query[2], key[2])
+    for have, want in zip(reversed(mask), reversed(target), strict=False):
+        if None not in (have, want) and have not in (1, want):
+            yield f"Attention mask {mask} does not broadcast to {target}"
+            return
+
+
+def _random_type(node: onnx.NodeProto, context: _Context) -> str:
+    """The element type a random op produces: ``dtype``, else (``*Like``) its input's."""
+    dtype = _attr(node, "dtype", None)
+    if dtype is not None:
+        return _type_name(dtype)
+    if node.op_type.endswith("Like") and node.input:
+        return context.types.get(node.input[0], "")
+    return "FLOAT"
+
+
+def _shape_inputs(node: onnx.NodeProto, context: _Context) -> Iterator[str]:
+    """A shape tensor computed from a float network input: TensorRT requires network inputs
+    that reach shape computations to be int32/int64 (its shape analysis rejects the rest)."""
+    for index in _SHAPE_SLOTS.get(node.op_type, ()):
+        name = _at(node, index)
+        if name and name in context.float_derived:
+            yield (
+                f"input {index} of {node.op_type} is a shape computed from a float network "
+                "input: TensorRT needs shape inputs to be int32/int64 network inputs or "
+                "constants"
+            )
+
+
+def _float_derived(graph: onnx.GraphProto, types: dict[str, str]) -> frozenset[str]:
+    """Values computed (at any depth, in this graph) from a float runtime input; ops that read
+    only their input's shape stop the chain."""
+    initializers = {t.name for t in graph.initializer}
+    derived = {
+        v.name
+        for v in graph.input
+        if v.name not in initializers and _is_float(types.get(v.name, ""))
+    }
+    for node in graph.node:
+        if node.op_type not in _SHAPE_READERS and any(i in derived for i in node.input if i):
+            derived.update(o for o in node.output if o)
+    return frozenset(derived)
 
 
 def _is_float(type_name: str) -> bool:
@@ -319,6 +422,8 @@ _NODE_RULES: tuple[tuple[str, _Rule], ...] = (
     ("attributes", _attributes),
     ("input-type", _input_types),
     ("quantization", _quantization),
+    ("shape-input", _shape_inputs),
+    ("shape", _shapes),
 )
 
 

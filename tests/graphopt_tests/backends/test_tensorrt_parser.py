@@ -18,9 +18,6 @@ from graphopt_tests.helpers import import_or_skip
 
 # Every 10th ONNX node test (sorted by name): 189 cases, ~90 of them rejected by the parser.
 SAMPLE_EVERY = 10
-# Sampled cases TensorRT rejects for a reason the ONNX file alone does not show (a shape
-# the parser computes): the table cannot see these; listed so that a change either way fails.
-KNOWN_GAPS = {"test_range_float_type_positive_delta_expanded"}
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +40,7 @@ def test_static_table_agrees_with_the_parser_on_node_tests(trt) -> None:
     rejected = sum(not v.parser_ok for v in verdicts)
     print(f"agreement {len(verdicts) - len(disagree)}/{len(verdicts)}, parser rejected {rejected}")
     assert len(verdicts) > 150 and rejected > 50  # both verdicts well represented
-    assert disagree == KNOWN_GAPS
+    assert disagree == set()
 
 
 def _mlp(path: Path) -> Path:

@@ -120,6 +120,87 @@ def test_layer_norm_extra_outputs_and_pool_dilation() -> None:
     assert [r for r, _ in _errors(pool)] == ["attributes"]
 
 
+def test_shape_computed_from_a_float_input_is_an_error() -> None:
+    # The expanded Range: trip count = Cast(Ceil(limit / delta)); a Shape read stops the chain.
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["c"], ["c_out"])],
+        "body",
+        [_info("i", TensorProto.INT64, []), _info("c", TensorProto.BOOL, [])],
+        [_info("c_out", TensorProto.BOOL, [])],
+    )
+    cond = numpy_helper.from_array(np.array(True), "cond")
+
+    def loop(count_from: str) -> onnx.ModelProto:
+        return _model(
+            [
+                helper.make_node("Shape", ["limit"], ["shape"]),
+                helper.make_node("Ceil", ["limit"], ["ceil"]),
+                helper.make_node("Cast", [count_from], ["trips"], to=TensorProto.INT64),
+                helper.make_node("Loop", ["trips", "cond"], [], body=body),
+                helper.make_node("Identity", ["limit"], ["y"]),
+            ],
+            [_info("limit", shape=[1])],
+            [_info("y", shape=[1])],
+            [cond],
+        )
+
+    ((rule, reason),) = _errors(loop("ceil"))
+    assert rule == "shape-input" and "float network input" in reason
+    assert _errors(loop("shape")) == []
+
+
+def test_split_with_a_negative_last_chunk_is_an_error_inside_a_branch() -> None:
+    def split(size: int, parts: int) -> onnx.ModelProto:
+        branch = helper.make_graph(
+            [helper.make_node("Split", ["x"], [f"p{i}" for i in range(parts)], num_outputs=parts)],
+            "then",
+            [],
+            [_info("p0", shape=[None])],
+        )
+        other = helper.make_graph(
+            [helper.make_node("Identity", ["x"], ["q"])], "else", [], [_info("q", shape=[None])]
+        )
+        return _model(
+            [helper.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=other)],
+            [_info("c", TensorProto.BOOL, []), _info("x", shape=[size])],
+            [_info("y", shape=[None])],
+            opset=18,
+        )
+
+    # onnx/onnx#5766: 5 into 4 chunks of 2 leaves -1 for the last; 4 into 5 leaves 0 (taken).
+    ((rule, reason),) = _errors(split(5, 4))
+    assert rule == "shape" and "negative" in reason
+    assert _errors(split(4, 5)) == []
+
+
+def test_random_double_vector_matmul_scatter_and_mask_rules() -> None:
+    random = _model(
+        [helper.make_node("RandomUniformLike", ["x"], ["y"])],
+        [_info("x", TensorProto.DOUBLE)],
+        [_info("y", TensorProto.DOUBLE)],
+    )
+    assert "double" in _errors(random)[0][1]
+    vector_first = _model(
+        [helper.make_node("MatMul", ["a", "b"], ["y"])],
+        [_info("a", shape=[4]), _info("b", shape=[2, 4, 1])],
+        [_info("y", shape=[2, 1])],
+    )
+    vector_last = _model(
+        [helper.make_node("MatMul", ["b", "a"], ["y"])],
+        [_info("b", shape=[2, 3, 4]), _info("a", shape=[4])],
+        [_info("y", shape=[2, 3])],
+    )
+    assert "1-D" in _errors(vector_first)[0][1] and _errors(vector_last) == []
+    q, k, mask = (2, 3, 4, 8), (2, 3, 6, 8), (2, 3, 4, 4)
+    attention = _model(
+        [helper.make_node("Attention", ["q", "k", "v", "m"], ["y"])],
+        [_info("q", shape=q), _info("k", shape=k), _info("v", shape=k), _info("m", shape=mask)],
+        [_info("y", shape=q)],
+        opset=23,
+    )
+    assert "does not broadcast" in _errors(attention)[0][1]
+
+
 def test_dynamic_dims_are_a_warning() -> None:
     model = _model(
         [helper.make_node("Relu", ["x"], ["y"])], [_info("x", shape=("batch", 4))], [_info("y")]
