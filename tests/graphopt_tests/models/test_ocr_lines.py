@@ -1,0 +1,65 @@
+"""Rendered text-line crops for the PP-OCR recognizer (``graphopt.models.ocr.text_lines``)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from graphopt.models.ocr import OCR_MEAN, OCR_STD, text_lines
+from graphopt_tests.helpers import import_or_skip
+
+LETTERS = list("abcdefghijkmnopqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ0123456789")
+MARKS = list(".,:;!?")
+CJK = ["一", "中"]  # in PP-OCR's dictionary, but not in Pillow's built-in font
+
+
+@pytest.fixture(scope="module")
+def lines() -> tuple[np.ndarray, list[str]]:
+    import_or_skip("PIL", "Pillow renders the lines")
+    return text_lines(24, LETTERS + MARKS + CJK, seed=3)
+
+
+def test_lines_are_whole_crops_padded_with_zeros(lines) -> None:
+    images, texts = lines
+    assert images.shape == (24, 3, 48, 320) and images.dtype == np.float32
+    assert len(texts) == 24
+    lo, hi = (0.0 - OCR_MEAN) / OCR_STD, (1.0 - OCR_MEAN) / OCR_STD
+    assert images.min() >= lo and images.max() <= hi
+    # A line narrower than the input ends in zero padding (rapidocr's), a wider one fills it.
+    widths = [int(np.flatnonzero(np.abs(img).sum(axis=(0, 1)) > 0).max()) + 1 for img in images]
+    assert min(widths) < 320 and max(widths) == 320
+    for img, width in zip(images, widths, strict=True):
+        assert not img[:, :, width:].any()
+
+
+def test_texts_use_drawable_dictionary_characters_only(lines) -> None:
+    _, texts = lines
+    used = set("".join(texts)) - {" "}
+    assert used <= set(LETTERS + MARKS)  # no CJK: it would render as the missing-glyph box
+    assert used & set(LETTERS) and any(t[-1] in MARKS for w in texts for t in w.split())
+
+
+def test_same_seed_same_lines_other_seed_other_lines(lines) -> None:
+    images, texts = lines
+    again, texts_again = text_lines(24, LETTERS + MARKS + CJK, seed=3)
+    other, texts_other = text_lines(24, LETTERS + MARKS + CJK, seed=4)
+    assert np.array_equal(images, again) and texts == texts_again
+    assert texts != texts_other and not np.array_equal(images, other)
+
+
+def test_no_drawable_letter_is_an_error() -> None:
+    import_or_skip("PIL", "Pillow renders the lines")
+    with pytest.raises(ValueError, match="none of the letters"):
+        text_lines(1, CJK)
+
+
+def test_dictionary_comes_from_the_recognizer_metadata() -> None:
+    import_or_skip("rapidocr_onnxruntime", "the PP-OCR models ship in rapidocr-onnxruntime")
+    from graphopt import models
+    from graphopt.models.ocr import rec_dictionary
+
+    characters = rec_dictionary(models.get("ppocr_rec"))
+    assert len(characters) == 6623  # 6625 classes: the CTC blank, these, and the space
+    assert {"a", "Z", "7", "中"} <= set(characters)
+    with pytest.raises(ValueError, match="no 'character' metadata"):
+        rec_dictionary(models.get("ppocr_cls"))
