@@ -28,6 +28,29 @@ CALIB_OPTION = PassOption(
 )
 
 
+def is_calibration_file(calib: str | None) -> bool:
+    """True when ``--calib`` names a file of real samples, not ``random`` or nothing: only
+    then do the lossy passes pick their data-aware defaults."""
+    return bool(calib) and calib != "random"
+
+
+def fill_defaults(
+    given: dict[str, str | None],
+    calib: str | None,
+    data_aware: dict[str, str],
+    data_free: dict[str, str],
+) -> tuple[dict[str, str], tuple[str, ...], bool]:
+    """A lossy pass's choices with the unset ones (None or "") filled from the defaults that
+    fit ``calib``: (values, the names defaulted in ``given``'s order, whether the defaults were
+    the data-aware ones). A choice the caller set is kept as given, even when it equals a
+    default; the pass validates it."""
+    aware = is_calibration_file(calib)
+    defaults = data_aware if aware else data_free
+    defaulted = tuple(name for name, value in given.items() if not value)
+    values = {name: value or defaults[name] for name, value in given.items()}
+    return values, defaulted, aware
+
+
 def calibration_for(
     owner: str, source: str, model: ir.Model, context: PassContext, fitted: str
 ) -> CalibrationSet:

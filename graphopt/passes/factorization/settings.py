@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass
 
 from graphopt.errors import UserInputError
+from graphopt.passes.calibration import is_calibration_file
 
 METHODS = ("svd", "asvd")
 DATA_METHODS = ("asvd",)
@@ -112,7 +113,7 @@ def resolve_method(method: str | None, calib: str | None) -> Choices:
     """The method asked for, else asvd with a calibration file and svd without one (or with
     ``--calib random``: generated inputs say nothing about real activations, the rule of every
     lossy pass); asvd without any data is bad input naming ``--calib``."""
-    data_aware = bool(calib) and calib != "random"
+    data_aware = is_calibration_file(calib)
     if method is None:
         return Choices("asvd" if data_aware else "svd", ("method",), data_aware)
     chosen = str(method).strip().lower()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from graphopt.errors import UserInputError
+from graphopt.passes.calibration import fill_defaults
 
 CRITERIA = ("l1", "l2", "bn_scale", "activation", "fluctuation", "reconstruction")
 DATA_CRITERIA = ("activation", "fluctuation", "reconstruction")
@@ -85,11 +86,6 @@ class PruneSettings:
         return self.criterion in DATA_CRITERIA or self.compensation != "none"
 
 
-def calibration_is_file(calib: str | None) -> bool:
-    """True when ``calib`` names a calibration file (real samples), not ``random`` or nothing."""
-    return bool(calib) and calib != "random"
-
-
 @dataclass(frozen=True)
 class Choices:
     """Criterion, compensation and allocation of a run, and which of them were defaults."""
@@ -125,9 +121,8 @@ def resolve_choices(
     :data:`DATA_FREE_DEFAULTS`; a choice the caller set is kept as given (and validated later
     by :class:`PruneSettings`), even when it equals a default.
     """
-    data_aware = calibration_is_file(calib)
-    defaults = DATA_AWARE_DEFAULTS if data_aware else DATA_FREE_DEFAULTS
     given = {"criterion": criterion, "compensation": compensation, "allocation": allocation}
-    defaulted = tuple(name for name in CHOICES if not given[name])
-    values = {name: given[name] or defaults[name] for name in CHOICES}
+    values, defaulted, data_aware = fill_defaults(
+        given, calib, DATA_AWARE_DEFAULTS, DATA_FREE_DEFAULTS
+    )
     return Choices(**values, defaulted=defaulted, data_aware=data_aware)

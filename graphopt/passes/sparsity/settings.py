@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass
 
 from graphopt.errors import UserInputError
+from graphopt.passes.calibration import fill_defaults
 
 CRITERIA = ("magnitude", "wanda", "reconstruction")
 DATA_CRITERIA = ("wanda", "reconstruction")
@@ -140,11 +141,10 @@ class Choices:
 
 def resolve_choices(criterion: str | None, allocation: str | None, calib: str | None) -> Choices:
     """Fill unset choices from the defaults that fit ``calib`` (a file: data-aware)."""
-    data_aware = bool(calib) and calib != "random"
-    defaults = DATA_AWARE_DEFAULTS if data_aware else DATA_FREE_DEFAULTS
     given = {"criterion": criterion, "allocation": allocation}
-    defaulted = tuple(name for name in CHOICES if not given[name])
-    values = {name: given[name] or defaults[name] for name in CHOICES}
+    values, defaulted, data_aware = fill_defaults(
+        given, calib, DATA_AWARE_DEFAULTS, DATA_FREE_DEFAULTS
+    )
     for name, allowed in (("criterion", CRITERIA), ("allocation", ALLOCATIONS)):
         if values[name] not in allowed:
             raise UserInputError(
