@@ -137,7 +137,9 @@ def _prepare(model, report: ZigReport, found: Found, settings, fit, record) -> l
                 why = "statistics not available" if c is None else "Q and K read different inputs"
                 record.skipped.append((f"attention {att.layer}", kind, why))
                 continue
-            shape = ctx.shape(report.graph.model.graph.node(proj.matmul).inputs[0])
+            # Tokens and sequence from the head split's input [B, S, H·D]: the projection
+            # itself may read a flattened [B·S, in] (GPT-2's Gemm).
+            shape = ctx.shape(report.graph.model.graph.node(proj.reshape).inputs[0])
             make = _prepare_qk if kind == "qk" else _prepare_vo
             prepared.append(make(att, c, mean, shape))
     return prepared

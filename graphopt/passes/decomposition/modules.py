@@ -8,9 +8,12 @@
   Reshape and scalar scaling to its projection ``MatMul`` (and bias ``Add``); the output
   traced forward through Transpose and the head-merge Reshape to the O projection.
 
-Anything else on those paths (a Split of a fused QKV projection, rotary Slice/Neg/Concat,
-an Expand repeating K/V heads for grouped-query attention, a shape computed at run time)
-leaves the module as it is, with the reason: the rewrite only handles what it can prove.
+A fused QKV projection (GPT-2: one MatMul/Gemm whose columns a Split cuts into q, k, v) is
+followed through the Split by :mod:`.fused`; the O projection may be a Gemm, and the head
+merge may flatten to 2-D (``[B·S, H·D]``). Anything else on those paths (rotary
+Slice/Neg/Concat, an Expand repeating K/V heads for grouped-query attention, a shape computed
+at run time) leaves the module as it is, with the reason: the rewrite only handles what it
+can prove.
 Nodes are referred to by their position in the analysed graph's node list, which has the
 same order as the model's (:func:`graphopt.analysis.dependency.build_on_inferred`).
 """
@@ -22,16 +25,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.analysis.shape_entries import constant_piece, shape_source
+from graphopt.analysis.shape_entries import DimRef, constant_piece, shape_source
 from graphopt.analysis.zig import ZigReport
 from graphopt.editing import attribute, constant_array
+from graphopt.passes.decomposition.fused import FusedSource, readers, shared, through_split
 from graphopt.passes.pruning.consumers import Consumer, find_consumers
 
 # Ops that may stand between the score and the Softmax (scaling, masking, dtype changes).
 SCORE_OPS = frozenset({"Add", "Mul", "Div", "Sub", "Where", "Cast"})
 # What a path op means when it stops a trace: the reason reported.
 WHY = {
-    "Split": "fused QKV projection (Split)",
     "Slice": "rotary embedding (Slice/Neg/Concat) between projection and score",
     "Neg": "rotary embedding (Slice/Neg/Concat) between projection and score",
     "Concat": "rotary embedding (Slice/Neg/Concat) between projection and score",
@@ -53,6 +56,7 @@ class Projection:
     reshape: int  # node index of the head-split Reshape
     rewrite_entry: bool  # whether the Reshape's D entry is a number to rewrite (not -1)
     input_name: str  # the projection's data input (its correlation drives the choice)
+    fused: FusedSource | None = None  # q/k/v as a column range of a fused projection
 
 
 @dataclass
@@ -67,8 +71,11 @@ class Attention:
     v: Projection | None = None
     merge: int | None = None  # head-merge Reshape
     merge_entry: bool = False  # its H*D entry is a number to rewrite
+    merge_rank: int = 3  # the head merge's output rank (2 when it also flattens B·S)
+    extra_merges: tuple[tuple[int, int], ...] = ()  # other head merges: (node, width entry)
     o_matmul: int | None = None
     o_weight: np.ndarray | None = None  # [H*D, out]
+    o_trans_b: bool = False  # O is a Gemm with transB (weight stored [out, H*D])
     o_bias_add: int | None = None
     o_bias_slot: int = 1
     o_bias: np.ndarray | None = None
@@ -200,7 +207,7 @@ def _projection(ctx, value: ir.Value, index: dict[int, int], want_last: bool):
         node = value.producer()
         if node is None:
             return None, "operand is not computed from a projection"
-        if not first and len(value.uses()) != 1:
+        if not first and shared(value):
             return None, f"{value.name} has other readers"
         first = False
         op = node.op_type
@@ -230,6 +237,8 @@ def _projection(ctx, value: ir.Value, index: dict[int, int], want_last: bool):
             value = node.inputs[0]
         elif op in ("Add", "MatMul") and reshape is not None:
             return _projection_at(node, reshape, index)
+        elif op == "Split" and reshape is not None:
+            return _fused_at(ctx, node, value, reshape, index)
         else:
             return None, WHY.get(op, f"{op} between the projection and the attention product")
 
@@ -246,7 +255,7 @@ def _projection_at(node: ir.Node, reshape, index):
         if bias_add is None:
             return None, "Add after the projection is not a bias"
         data = node.inputs[1 - bias_slot]
-        if len(data.uses()) != 1:
+        if shared(data):
             return None, "projection output has other readers"
         node = data.producer()
         if node is None or node.op_type != "MatMul":
@@ -267,6 +276,27 @@ def _projection_at(node: ir.Node, reshape, index):
     return (projection, (heads, dim)), ""
 
 
+def _fused_at(ctx, split: ir.Node, value: ir.Value, reshape, index):
+    head_split, heads, dim, rewrite = reshape
+    found, why = through_split(ctx, split, value, heads, dim, index)
+    if found is None:
+        return None, why
+    source, input_name = found
+    cols = slice(source.offset, source.offset + heads * dim)
+    projection = Projection(
+        source.matmul,
+        source.weight[:, cols],
+        source.bias_node,
+        source.bias_slot,
+        None if source.bias is None else source.bias[cols],
+        index[id(head_split)],
+        rewrite,
+        input_name,
+        source,
+    )
+    return (projection, (heads, dim)), ""
+
+
 def _scalar(value: ir.Value | None) -> bool:
     array = constant_array(value)
     return array is not None and array.size == 1
@@ -280,7 +310,13 @@ def _output(ctx, av: ir.Node, index: dict[int, int], att: Attention, hd) -> str:
     value = av.outputs[0]
     axis_h, axis_d = 1, 3  # [B, H, S, D]
     while True:
-        uses = [u.node for u in value.uses()]
+        if value.is_graph_output():
+            return "attention output has several readers"
+        uses = readers(value)
+        if len(uses) > 1 and axis_d == 3 and axis_h == 2:
+            uses, why = _extra_merges(ctx, value, uses, heads * dim, index, att)
+            if why:
+                return why
         if len(uses) != 1:
             return "attention output has several readers"
         node = uses[0]
@@ -293,26 +329,33 @@ def _output(ctx, av: ir.Node, index: dict[int, int], att: Attention, hd) -> str:
             continue
         if node.op_type != "Reshape" or axis_d != 3 or axis_h != 2:
             return f"{node.op_type} between the attention product and the head merge"
-        shape = ctx.shape(node.outputs[0])
-        if shape is None or len(shape) != 3 or shape[2] != heads * dim:
-            return "head-merge Reshape is not to [.., heads*head_dim]"
-        entry = shape_source(ctx, node.inputs[1], 2)
-        if entry == -1:
-            att.merge_entry = False
-        elif entry == heads * dim and constant_piece(ctx, node.inputs[1], 2) is not None:
-            att.merge_entry = True
-        else:
-            return "width of the head-merge Reshape is computed at run time"
+        rank, rewrite, why = _merge_width(ctx, node, heads * dim)
+        if why:
+            return why
+        att.merge_rank, att.merge_entry = rank, rewrite
         att.merge = index[id(node)]
-        out = node.outputs[0]
-        uses = [u.node for u in out.uses()]
-        if len(uses) != 1 or uses[0].op_type != "MatMul" or uses[0].inputs[0] is not out:
+        out, why = _flattened(ctx, node.outputs[0], heads * dim)
+        if out is None:
+            return why
+        uses = readers(out)
+        if len(uses) != 1 or uses[0].op_type not in ("MatMul", "Gemm"):
             return "head merge is not read by one O projection MatMul"
         o = uses[0]
+        if o.inputs[0] is not out or not _plain_gemm(o):
+            return "head merge is not read by one O projection MatMul"
         weight = constant_array(o.inputs[1])
         if weight is None or weight.ndim != 2:
             return "O projection weight is not a constant matrix"
+        att.o_trans_b = o.op_type == "Gemm" and bool(attribute(o, "transB", 0))
+        weight = weight.T if att.o_trans_b else weight
         att.o_matmul, att.o_weight = index[id(o)], weight.astype(np.float64)
+        if o.op_type == "Gemm" and len(o.inputs) > 2 and o.inputs[2] is not None:
+            array = constant_array(o.inputs[2])
+            if array is None or array.shape != (weight.shape[1],):
+                return "O projection Gemm bias is not a constant vector"
+            att.o_bias_add, att.o_bias_slot = index[id(o)], 2
+            att.o_bias = array.astype(np.float64)
+            return ""
         after = [u.node for u in o.outputs[0].uses()]
         if len(after) == 1 and after[0].op_type == "Add":
             add = after[0]
@@ -323,3 +366,62 @@ def _output(ctx, av: ir.Node, index: dict[int, int], att: Attention, hd) -> str:
                     att.o_bias = array.astype(np.float64)
                     break
         return ""
+
+
+def _merge_width(ctx, node: ir.Node, width: int) -> tuple[int, bool, str]:
+    """A head-merge Reshape's output rank and whether its width entry is a constant to
+    rewrite (not when -1 or read at run time), or why it cannot be rewritten."""
+    shape = ctx.shape(node.outputs[0])
+    if shape is None or len(shape) not in (2, 3) or shape[-1] != width:
+        return 0, False, "head-merge Reshape is not to [.., heads*head_dim]"
+    entry = shape_source(ctx, node.inputs[1], len(shape) - 1)
+    if entry == -1 or isinstance(entry, DimRef):
+        return len(shape), False, ""
+    if entry == width and constant_piece(ctx, node.inputs[1], len(shape) - 1) is not None:
+        return len(shape), True, ""
+    return 0, False, "width of the head-merge Reshape is computed at run time"
+
+
+def _extra_merges(ctx, value, uses, width, index, att: Attention):
+    """Several head-merge Reshapes of one attention output (TorchScript exports once folded:
+    one feeds O, the others only Shape reads): the one to follow, the others' constant width
+    entries noted in ``att.extra_merges`` to rewrite too."""
+    if not all(u.op_type == "Reshape" and u.inputs[0] is value for u in uses):
+        return uses, "attention output has several readers"
+    main = [u for u in uses if readers(u.outputs[0]) or u.outputs[0].is_graph_output()]
+    if len(main) != 1:
+        return uses, "attention output has several readers"
+    for node in uses:
+        rank, rewrite, why = _merge_width(ctx, node, width)
+        if why:
+            return uses, why
+        if rewrite and node is not main[0]:
+            att.extra_merges += ((index[id(node)], rank - 1),)
+    return main, ""
+
+
+def _flattened(ctx, value: ir.Value, width: int) -> tuple[ir.Value | None, str]:
+    """Past Reshapes that only flatten the leading axes (the TorchScript exporter's 2-D Gemm
+    input) and state the last one as -1 or read it at run time: nothing to rewrite there."""
+    while True:
+        if value.is_graph_output():
+            return None, "head merge is a model output"
+        uses = readers(value)
+        if len(uses) != 1 or uses[0].op_type != "Reshape" or uses[0].inputs[0] is not value:
+            return value, ""
+        node = uses[0]
+        shape = ctx.shape(node.outputs[0])
+        if not shape or shape[-1] != width:
+            return None, "Reshape between the head merge and O changes the width"
+        entry = shape_source(ctx, node.inputs[1], len(shape) - 1)
+        if isinstance(entry, int) and entry != -1:
+            return None, "Reshape between the head merge and O states the width as a constant"
+        value = node.outputs[0]
+
+
+def _plain_gemm(node: ir.Node) -> bool:
+    """A MatMul, or a Gemm that is one: no transA, alpha and beta 1."""
+    if node.op_type == "MatMul":
+        return True
+    plain = not attribute(node, "transA", 0) and attribute(node, "alpha", 1.0) == 1.0
+    return plain and attribute(node, "beta", 1.0) == 1.0

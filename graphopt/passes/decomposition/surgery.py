@@ -4,7 +4,8 @@ The MLP's intermediate units go with pruning's channel removal (the ZIG group sa
 parameter slices and size constants belong to a unit); the down projection is then replaced
 by its Nyström refit. Attention head dims are not ZIG units (a head's dims are coupled in
 Q·Kᵀ), so Q/K/V/O weights, biases and the head-split/merge Reshape entries are rewritten
-here, on the nodes :mod:`.modules` found.
+here, on the nodes :mod:`.modules` found. Q, K and V cut from one fused projection by a
+Split are written together by :func:`.fused.write` (one weight, one Split).
 
 ``padded=True`` writes the same numbers at the original sizes, zeros in the dropped
 channels, and touches no shape: a model that must compute what the shrunk one computes.
@@ -20,6 +21,7 @@ import onnx_ir as ir
 
 from graphopt.analysis.zig import ZigReport
 from graphopt.editing import add_initializer
+from graphopt.passes.decomposition import fused
 from graphopt.passes.decomposition.modules import Attention, Found, Mlp, Projection
 from graphopt.passes.pruning.channel_removal import remove_channels, set_shape_entry
 
@@ -84,13 +86,40 @@ def build(model: ir.Model, report: ZigReport, found: Found, plan: Plan, padded: 
     g = clone.graph
     for mp in plan.mlps:
         _write_mlp(g, tagged, mp, padded)
+    ranges: dict[int, tuple[fused.FusedSource, dict[int, fused.Range]]] = {}
     for qp in plan.qks:
         for proj in (qp.att.q, qp.att.k):
-            _write_projection(g, tagged, analysed, report, proj, qp.keep, proj.weight, proj.bias,
-                              qp.att.head_dim, padded)  # fmt: skip
+            if proj.fused is not None:
+                _add_range(ranges, proj, fused.Range(qp.keep, proj.weight, proj.bias))
+                _write_head_split(g, tagged, analysed, report, proj, qp.keep, qp.att, padded)
+            else:
+                _write_projection(g, tagged, analysed, report, proj, qp.keep, proj.weight,
+                                  proj.bias, qp.att.head_dim, padded)  # fmt: skip
     for vp in plan.vos:
+        v = vp.att.v
+        if v.fused is not None:
+            _add_range(ranges, v, fused.Range(vp.kept(), vp.v_weight, vp.v_bias))
+            _write_head_split(g, tagged, analysed, report, v, vp.kept(), vp.att, padded)
         _write_vo(g, tagged, analysed, report, vp, padded)
+    for split in sorted(ranges):
+        source, parts = ranges[split]
+        fused.write(g, tagged, analysed, report, source, parts, padded)
+    _drop_unused_initializers(g)
     return clone
+
+
+def _drop_unused_initializers(g: ir.Graph) -> None:
+    """The weights and shape constants the rewrite replaced: nothing reads them any more, and
+    a session built on the model should not have to carry (or look for) them."""
+    for name in [n for n, v in g.initializers.items() if not v.uses()]:
+        value = g.initializers[name]
+        if not value.is_graph_output() and not value.is_graph_input():
+            g.initializers.pop(name)
+
+
+def _add_range(ranges, proj: Projection, part: fused.Range) -> None:
+    source = proj.fused
+    ranges.setdefault(source.split, (source, {}))[1][source.part] = part
 
 
 def _wanted_nodes(plan: Plan) -> list[int]:
@@ -100,7 +129,10 @@ def _wanted_nodes(plan: Plan) -> list[int]:
             if proj is not None:
                 found = (proj.matmul, proj.bias_add, proj.reshape)
                 wanted.update(i for i in found if i is not None)
+                if proj.fused is not None:
+                    wanted.update((proj.fused.split, *proj.fused.reshapes))
         wanted.update(i for i in (att.merge, att.o_matmul, att.o_bias_add) if i is not None)
+        wanted.update(i for i, _ in att.extra_merges)
     return sorted(wanted)
 
 
@@ -144,13 +176,21 @@ def _write_projection(
         set_shape_entry(g, node, analysed[proj.reshape], report.graph, 1, 3, len(keep) // heads)
 
 
+def _write_head_split(g, tagged, analysed, report, proj: Projection, keep, att, padded) -> None:
+    """The head dim of a fused projection's head-split Reshape (its columns: :mod:`.fused`)."""
+    if not padded and proj.rewrite_entry:
+        node = tagged[proj.reshape]
+        set_shape_entry(g, node, analysed[proj.reshape], report.graph, 1, 3, len(keep) // att.heads)
+
+
 def _write_vo(g, tagged, analysed, report, vp: VoPlan, padded: bool) -> None:
     att = vp.att
     keep = vp.kept()
-    _write_projection(
-        g, tagged, analysed, report, att.v, keep, vp.v_weight, vp.v_bias, att.head_dim, padded
-    )
-    if att.v.bias_add is not None and vp.v_bias is None:
+    if att.v.fused is None:
+        _write_projection(
+            g, tagged, analysed, report, att.v, keep, vp.v_weight, vp.v_bias, att.head_dim, padded
+        )
+    if att.v.fused is None and att.v.bias_add is not None and vp.v_bias is None:
         # The V bias went into O's bias (softmax rows sum to 1): V's bias is zero now.
         add = tagged[att.v.bias_add]
         width = att.v.weight.shape[1] if padded else len(keep)
@@ -162,10 +202,13 @@ def _write_vo(g, tagged, analysed, report, vp: VoPlan, padded: bool) -> None:
         o_weight = np.where(rows[:, None], vp.o_weight, 0.0)
     else:
         o_weight = vp.o_weight[keep]
-    _set_input(g, o, 1, o_weight, o.inputs[1].name)
+    _set_input(g, o, 1, o_weight.T if att.o_trans_b else o_weight, o.inputs[1].name)
     if vp.o_bias is not None:
         add = tagged[att.o_bias_add]
         _set_input(g, add, att.o_bias_slot, vp.o_bias, add.inputs[att.o_bias_slot].name)
     if not padded and att.merge_entry:
         node = tagged[att.merge]
-        set_shape_entry(g, node, analysed[att.merge], report.graph, 1, 2, len(keep))
+        position = att.merge_rank - 1
+        set_shape_entry(g, node, analysed[att.merge], report.graph, 1, position, len(keep))
+    for i, position in att.extra_merges if not padded else ():
+        set_shape_entry(g, tagged[i], analysed[i], report.graph, 1, position, len(keep))
