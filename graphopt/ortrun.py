@@ -1,4 +1,5 @@
-"""Running an ORT session on numpy feeds, including dtypes numpy holds only via ml_dtypes.
+"""Running an ORT session on numpy feeds, including dtypes numpy holds only via ml_dtypes,
+and building one whose large initializers ORT reads from graphopt's own arrays.
 
 ORT's Python API takes and returns bfloat16/float8 only as ``OrtValue``s; graphopt's
 verification and tests must still cover models with such inputs and outputs.
@@ -13,15 +14,22 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import mmap
+import os
 import signal
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
+import onnx_ir as ir
+
+from graphopt import io
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -89,6 +97,162 @@ def run_session(session: ort.InferenceSession, names: list[str], feeds: dict[str
         for k, v in converted.items()
     }
     return [from_ort_value(v) for v in session.run_with_ort_values(names, values)]
+
+
+# Initializer types whose numpy arrays ORT takes as they are (ml_dtypes ones are serialized).
+_LENDABLE = frozenset(
+    getattr(ir.DataType, name)
+    for name in (
+        *("FLOAT", "DOUBLE", "FLOAT16", "INT8", "INT16", "INT32", "INT64"),
+        *("UINT8", "UINT16", "UINT32", "UINT64", "BOOL"),
+    )
+)
+# The file the stand-ins of lent initializers name (ORT checks that it exists; never read).
+_STUB_NAME = "lent-initializers.stub"
+
+
+def shareable_initializers(model: ir.Model, min_bytes: int) -> dict[str, np.ndarray]:
+    """The main graph's initializers of ``min_bytes`` or more that ORT can read in place, as
+    arrays by name, in graph order.
+
+    In-memory tensors give their own array. An external tensor gives a new read-only map of its
+    bytes, owned by the session that reads it: the tensor's own map can then still be released
+    (the int4 pass drops each float weight once quantized) while a session is alive, and the
+    pages ORT read while creating the session are given back (see :func:`shared_session`).
+    """
+    lent: dict[str, np.ndarray] = {}
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if (
+            tensor is None
+            or value.is_graph_input()  # overridable by a feed: ORT must own it
+            # ORT drops unread initializers before it takes external ones, then fails to find
+            # them ("Failed to find existing initializer"): those stay serialized.
+            or not value.uses()
+            or tensor.dtype not in _LENDABLE
+            or tensor.nbytes < min_bytes
+        ):
+            continue
+        array = _lendable_array(tensor)
+        if array is not None:
+            lent[value.name] = array
+    return lent
+
+
+def _lendable_array(tensor: ir.TensorProtocol) -> np.ndarray | None:
+    """The tensor's data as a C-ordered little-endian array of its own dtype, or None."""
+    dtype = np.dtype(tensor.dtype.numpy())
+    shape = tuple(int(d) for d in tensor.shape.numpy())
+    if isinstance(tensor, ir.ExternalTensor):
+        if sys.byteorder != "little":
+            return None
+        return _map_file(tensor.path, tensor.offset or 0, dtype, shape)
+    array = tensor.numpy()
+    if (
+        not isinstance(array, np.ndarray)
+        or array.dtype != dtype
+        or array.shape != shape
+        or not array.flags.c_contiguous
+        or array.dtype.byteorder == ">"
+        or (array.dtype.byteorder == "=" and sys.byteorder != "little")
+    ):
+        return None
+    return array
+
+
+def _map_file(path: str | os.PathLike, offset: int, dtype: np.dtype, shape: tuple) -> np.ndarray:
+    """A read-only array over ``path``'s bytes from ``offset``, in a map of its own."""
+    count = int(np.prod(shape, dtype=np.int64))
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    with open(path, "rb") as handle:
+        mapped = mmap.mmap(
+            handle.fileno(),
+            count * dtype.itemsize + offset - start,
+            access=mmap.ACCESS_READ,
+            offset=start,
+        )
+    return np.frombuffer(mapped, dtype=dtype, count=count, offset=offset - start).reshape(shape)
+
+
+def file_map(array: np.ndarray) -> mmap.mmap | None:
+    """The file map under ``array`` (one of :func:`_map_file`'s), else None."""
+    base = array
+    while isinstance(base, np.ndarray):
+        base = base.base
+    if isinstance(base, memoryview):  # np.frombuffer's view of the map
+        base = base.obj
+    return base if isinstance(base, mmap.mmap) else None
+
+
+def shared_session(
+    model: ir.Model,
+    lent: dict[str, np.ndarray],
+    options: ort.SessionOptions,
+    providers: list[str],
+    optimize: bool,
+) -> ort.InferenceSession:
+    """An ORT session for ``model`` whose initializers named in ``lent`` are not serialized.
+
+    The proto carries stand-ins (external data in a sparse stub file) and ORT gets the arrays:
+    without its graph optimizations, as shared initializers it reads in place (``add_initializer``:
+    no copy); with them, as external initializers it takes in before optimizing
+    (``add_external_initializers``: one copy, so that constant folding and fusions see the
+    data). The session keeps the arrays alive for as long as it lives.
+    """
+    ort = import_onnxruntime()
+    proto = _proto_with_stand_ins(model, lent)
+    values = [ort.OrtValue.ortvalue_from_numpy(array) for array in lent.values()]
+    if optimize:
+        options.add_external_initializers(list(lent), values)
+        session = ort.InferenceSession(proto.SerializeToString(), options, providers=providers)
+    else:
+        for name, value in zip(lent, values, strict=True):
+            options.add_initializer(name, value)
+        # ORT resolves external data against the model's folder, so the model is a file.
+        with tempfile.TemporaryDirectory(prefix="graphopt-session-") as tmp:
+            with open(Path(tmp) / _STUB_NAME, "wb") as stub:
+                stub.truncate(max(array.nbytes for array in lent.values()))  # sparse
+            path = Path(tmp) / "model.onnx"
+            path.write_bytes(proto.SerializeToString())
+            del proto
+            session = ort.InferenceSession(os.fspath(path), options, providers=providers)
+    session._graphopt_lent = values  # ORT reads these buffers for the session's whole life
+    for array in lent.values():
+        mapped = file_map(array)
+        if mapped is not None and hasattr(mmap, "MADV_DONTNEED"):
+            # ORT has prepacked what it packs (MatMul weights) into buffers of its own: the
+            # file's pages it read need not stay in this process. Dropped pages of a read-only
+            # file map are read again from the file if touched (a Gather's rows).
+            mapped.madvise(mmap.MADV_DONTNEED)
+    return session
+
+
+def _proto_with_stand_ins(model: ir.Model, lent: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """``model``'s proto with the ``lent`` initializers as external-data stand-ins."""
+    swapped = []
+    try:
+        for value in model.graph.initializers.values():
+            if value.name in lent:
+                swapped.append((value, value.const_value))
+                empty = np.zeros(0, dtype=lent[value.name].dtype)
+                value.const_value = ir.Tensor(empty, name=value.name)
+        proto = io.to_proto(model)
+    finally:
+        for value, tensor in swapped:
+            value.const_value = tensor
+    for initializer in proto.graph.initializer:
+        array = lent.get(initializer.name)
+        if array is None:
+            continue
+        initializer.ClearField("raw_data")
+        del initializer.dims[:]
+        initializer.dims.extend(array.shape)
+        initializer.data_location = onnx.TensorProto.EXTERNAL
+        del initializer.external_data[:]
+        for key, value in (("location", _STUB_NAME), ("offset", "0"), ("length", array.nbytes)):
+            entry = initializer.external_data.add()
+            entry.key, entry.value = key, str(value)
+    return proto
 
 
 # Inputs to give a probe node so that ORT's kernel lookup (not shape inference) decides.

@@ -35,7 +35,7 @@ from graphopt.inputs import (
     second_shape_candidates,
 )
 from graphopt.inputs import input_shapes as bound_shapes  # `input_shapes` is a parameter name
-from graphopt.ortrun import import_onnxruntime
+from graphopt.ortrun import import_onnxruntime, shareable_initializers, shared_session
 
 # float32 (and float64): the long-standing default, room for float32 sums reassociated over
 # large reductions.
@@ -69,6 +69,10 @@ SCALE_FLOOR = 1e-6
 SIGMOID_RESOLUTION = 2.0**-21
 # Serialize to memory below this; above it ORT reads a temporary file with external data.
 IN_MEMORY_LIMIT_BYTES = 1 << 30
+# Below IN_MEMORY_LIMIT_BYTES, initializers from this size on are lent to ORT rather than
+# serialized: the proto, its bytes and ORT's parse were three copies of every weight (a
+# quantized 2 GB decoder's sessions peaked at ~1.5 GB over the model for a 0.5 GB model).
+SHARE_MIN_BYTES = 1 << 20
 # Second shape: at most this many dims are tried one by one when changing all at once fails
 # (each try is one run of the original; a failing run usually stops at the first bad node).
 MAX_DIMS_TRIED = 8
@@ -115,7 +119,13 @@ def make_session(
     optimize: bool = False,
     custom_ops: Sequence[str | os.PathLike] | None = None,
 ):
-    """An ORT CPU session for an in-memory model (temporary external data when large).
+    """An ORT CPU session for an in-memory model.
+
+    Below :data:`IN_MEMORY_LIMIT_BYTES` the model goes to ORT in memory; its initializers of
+    :data:`SHARE_MIN_BYTES` or more are not serialized but lent to ORT (see
+    :func:`graphopt.ortrun.shared_session`): a session then costs ORT's own buffers (prepacked
+    weights), not copies of every weight. Above it ORT reads a temporary file with external
+    data (which it maps).
 
     ``custom_ops``: custom-op libraries to register; by default those the run made active
     (``--custom-ops``; see :mod:`graphopt.backends.ort_custom_ops`).
@@ -134,13 +144,17 @@ def make_session(
     options.log_severity_level = 4
     if threads:
         options.intra_op_num_threads = threads
+    providers = ["CPUExecutionProvider"]
     if io.total_tensor_bytes(model) < IN_MEMORY_LIMIT_BYTES:
+        shared = shareable_initializers(model, SHARE_MIN_BYTES)
+        if shared:
+            return shared_session(model, shared, options, providers, optimize)
         data = io.to_proto(model).SerializeToString()
-        return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(data, options, providers=providers)
     with tempfile.TemporaryDirectory(prefix="graphopt-verify-") as tmp:
         path = Path(tmp) / "model.onnx"
         io.save(model, path, external_data=True)
-        return ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(os.fspath(path), options, providers=providers)
 
 
 def run_model(model: ir.Model, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

@@ -73,17 +73,86 @@ def clean(model: ir.Model, context: PassContext) -> None:
             return
 
 
+# Initializers over this size go to ORT's symbolic shape tool as typed graph inputs, without
+# their data (int32/int64 ones stay: shape arithmetic reads their values).
+SYMBOLIC_WEIGHT_BYTES = 1024
+_SHAPE_DTYPES = frozenset((ir.DataType.INT32, ir.DataType.INT64))
+
+
 def _symbolic_shapes(model: ir.Model) -> ir.Model | None:
-    """``model`` re-loaded with ORT's symbolic shapes, or None when that inference fails."""
+    """``model`` re-loaded with ORT's symbolic shapes, or None when that inference fails.
+
+    The tool copies the model proto several times over; its weights only count by their
+    shapes, so large ones are left out (typed graph inputs, as onnx-ir does for ONNX's shape
+    inference) and the re-loaded model gets the very same tensors back, in their order. A
+    model whose float embedding table stays float (int4-weight) otherwise peaked at ~4 copies
+    of the table per fusion pass.
+    """
     from graphopt.private_apis import symbolic_shape_inference
 
+    saved, stripped = _weights_as_inputs(model.graph)
     try:
         proto = symbolic_shape_inference(io.to_proto(model))
     except Exception:  # any failure there just means: keep ONNX's shapes
-        return None
+        proto = None
+    finally:
+        _weights_back(model.graph, saved, stripped)
     if proto is None:
         return None
-    return io.load(proto).model
+    result = io.load(proto).model
+    del proto
+    names = {value.name for value, *_ in stripped}
+    if names - {value.name for value in result.graph.inputs}:
+        return None  # the tool dropped one: keep ONNX's shapes
+    _weights_back(result.graph, saved, stripped, by_name=True)
+    return result
+
+
+def _weights_as_inputs(graph: ir.Graph):
+    """Move ``graph``'s large initializers to typed graph inputs without data; returns the
+    initializers in order and (value, tensor, shape, type) of those moved."""
+    saved = list(graph.initializers.values())
+    stripped = []
+    for value in saved:
+        tensor = value.const_value
+        if (
+            tensor is None
+            or tensor.nbytes <= SYMBOLIC_WEIGHT_BYTES
+            or tensor.dtype in _SHAPE_DTYPES
+            or value.is_graph_input()
+        ):
+            continue
+        stripped.append((value, tensor, value.shape, value.type))
+    for value, tensor, _, _ in stripped:
+        graph.initializers.pop(value.name)
+        value.const_value = None
+        value.shape = value.shape or ir.Shape(tensor.shape)
+        value.type = value.type or ir.TensorType(tensor.dtype)
+        graph.inputs.append(value)
+    return saved, stripped
+
+
+def _weights_back(graph: ir.Graph, saved, stripped, by_name: bool = False) -> None:
+    """Undo :func:`_weights_as_inputs` on ``graph``, or with ``by_name`` on the graph loaded
+    from the tool's result: the same tensors, the initializers' original order."""
+    moved = {value.name: (tensor, shape, kind) for value, tensor, shape, kind in stripped}
+    inputs = {v.name: v for v in graph.inputs if v.name in moved}
+    for value in inputs.values():
+        graph.inputs.remove(value)
+    current = dict(graph.initializers)
+    graph.initializers.clear()
+    for value in saved:
+        if value.name in moved:
+            tensor, shape, kind = moved[value.name]
+            target = inputs[value.name] if by_name else value
+            target.const_value = tensor
+            if not by_name:
+                value.shape, value.type = shape, kind
+            graph.register_initializer(target)
+        elif value.name in current:
+            graph.register_initializer(current.pop(value.name))
+    for value in current.values():
+        graph.register_initializer(value)
 
 
 def value_shapes(model: ir.Model) -> dict[str, ir.Shape | None]:

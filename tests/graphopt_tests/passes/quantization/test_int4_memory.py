@@ -8,9 +8,9 @@ ORT sessions, graph objects: ~145 MiB on CPython 3.11 / ORT 1.32); what the 80 M
 adds over it is what must stay within 1.5× its weight bytes.
 
 The runs take the code path of models over ``verify.IN_MEMORY_LIMIT_BYTES`` (1 GiB): sessions
-read temporary external-data files. Below it, ``make_session`` serializes models in memory
-(proto + bytes + ORT's copy, ~4× the weights at this size): a speed choice for small models
-that a CI-sized model would otherwise measure instead of the quantizer.
+read temporary external-data files, which ORT maps, as it does for a real > 1 GB decoder's
+float model. (Below the limit ``make_session`` lends initializers of 1 MiB or more to ORT
+instead; ``tests/graphopt_tests/test_shared_session.py`` covers that path.)
 ``bench/int4_memory.py`` runs the real > 1 GB case.
 """
 
@@ -145,19 +145,14 @@ def baseline(tmp_path_factory) -> int:
     return _peak(model, calib, folder / "out.onnx", "gptq", "false")
 
 
-# Leaving the embedding table in float costs ~1.65× today: the float table is read again by
-# every ORT session after quantization (fidelity check, verification of the exact passes).
-_EMB_FLOAT = pytest.mark.xfail(reason="embeddings left in float peak at ~1.65x", strict=False)
-
-
 @pytest.mark.parametrize(
     "method, embeddings",
     [
         ("rtn", "true"),
         # ~25 s on 2 busy cores (it runs the decoder stage by stage): slow; rtn is the fast form.
         pytest.param("gptq", "true", marks=pytest.mark.slow),
-        pytest.param("rtn", "false", marks=[_EMB_FLOAT, pytest.mark.slow]),
-        pytest.param("gptq", "false", marks=[_EMB_FLOAT, pytest.mark.slow]),
+        pytest.param("rtn", "false", marks=pytest.mark.slow),
+        pytest.param("gptq", "false", marks=pytest.mark.slow),
     ],
 )
 def test_int4_peak_memory_is_within_1_5x_weights(decoder, baseline, tmp_path, method, embeddings):
