@@ -12,6 +12,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt import finalize, io
+from graphopt.backends.ort import using_providers
 from graphopt.backends.ort_custom_ops import (
     check_registrable,
     missing_library_hint,
@@ -69,6 +70,10 @@ class OptimizeOptions:
     # ONNX Runtime custom-op libraries (.so/.dylib/.dll) registered in every ORT session
     # graphopt creates, so that models with custom ops can be verified (--custom-ops).
     custom_ops: list[str | os.PathLike] = field(default_factory=list)
+    # ONNX Runtime execution providers of verification and of the lossy passes' calibration
+    # and fidelity runs (--provider: "cuda", "cuda,cpu", ORT's full names); None: the CPU.
+    # Timings that choose rewrites for a CPU target (crossovers, autotuning) stay on the CPU.
+    provider: str | None = None
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     # Verify on the user's data instead of generated inputs: an .npz path (one array per
     # input, loaded without pickle) or {input name: array}.
@@ -287,7 +292,7 @@ def optimize(
 
         check_options(options.engine)  # before minutes of passes, not after
     # Every ORT session of the run (verification, probes in passes) registers these.
-    with using_custom_ops(options.custom_ops) as libraries:
+    with using_custom_ops(options.custom_ops) as libraries, using_providers(options.provider):
         check_registrable(libraries)
         result = _optimize(source, output, options, in_place=in_place, progress=progress)
     if options.engine is not None:

@@ -111,6 +111,13 @@ def build_parser(lossy_flags: bool = True) -> argparse.ArgumentParser:
         "creates, to verify models with custom ops (repeatable)",
     )
     opt.add_argument(
+        "--provider",
+        metavar="P[,P...]",
+        help="ONNX Runtime execution provider(s) of verification and of the lossy passes' "
+        "calibration and fidelity runs: cpu (default), cuda, tensorrt, openvino, ... or ORT's "
+        "full names; one that is not available is an error",
+    )
+    opt.add_argument(
         "--input-shape",
         action="append",
         metavar="NAME:DxD...",
@@ -330,6 +337,8 @@ def _cmd_optimize(args: argparse.Namespace, out: Console, err: Console) -> int:
         options.tolerance = args.tolerance
     if args.custom_ops:
         options.custom_ops = list(args.custom_ops)
+    if args.provider:
+        options.provider = args.provider
     if args.input_shape:
         options.input_shapes.update(parse_input_shapes(args.input_shape))
     if args.verify_inputs is not None:

@@ -37,6 +37,7 @@ import onnx
 import onnx_ir as ir
 
 from graphopt import __version__
+from graphopt.backends.ort import CPU, active_providers
 
 if TYPE_CHECKING:
     from graphopt.api import OptimizeOptions
@@ -203,6 +204,10 @@ def options_record(options: OptimizeOptions) -> dict[str, Any]:
         # The libraries decide whether verification can run, hence which passes stand; by
         # name and digest, as data files are (a path would leak the user's folders).
         record["custom_ops"] = [_data_record(Path(library)) for library in options.custom_ops]
+    providers = getattr(options, "provider", None) and active_providers()
+    if providers and providers != (CPU,):
+        # Verification ran there: its numerics decide which passes stand.
+        record["providers"] = list(providers)
     verify_inputs = getattr(options, "verify_inputs", None)
     if verify_inputs is not None:
         # Verification data decides which passes are rolled back, hence the output.

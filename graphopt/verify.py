@@ -20,6 +20,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt import io
+from graphopt.backends.ort import active_providers, check_providers
 from graphopt.backends.ort_custom_ops import register_active_custom_ops
 from graphopt.errors import UserInputError, is_out_of_memory
 from graphopt.input_dims import dims_of, graph_inputs
@@ -119,7 +120,8 @@ def make_session(
     optimize: bool = False,
     custom_ops: Sequence[str | os.PathLike] | None = None,
 ):
-    """An ORT CPU session for an in-memory model.
+    """An ORT session for an in-memory model, on the run's providers (the CPU unless
+    ``--provider`` named others; :func:`graphopt.backends.ort.using_providers`).
 
     Below :data:`IN_MEMORY_LIMIT_BYTES` the model goes to ORT in memory; its initializers of
     :data:`SHARE_MIN_BYTES` or more are not serialized but lent to ORT (see
@@ -144,17 +146,19 @@ def make_session(
     options.log_severity_level = 4
     if threads:
         options.intra_op_num_threads = threads
-    providers = ["CPUExecutionProvider"]
-    if io.total_tensor_bytes(model) < IN_MEMORY_LIMIT_BYTES:
-        shared = shareable_initializers(model, SHARE_MIN_BYTES)
-        if shared:
-            return shared_session(model, shared, options, providers, optimize)
+    providers = list(active_providers())
+    if io.total_tensor_bytes(model) >= IN_MEMORY_LIMIT_BYTES:
+        with tempfile.TemporaryDirectory(prefix="graphopt-verify-") as tmp:
+            path = Path(tmp) / "model.onnx"
+            io.save(model, path, external_data=True)
+            session = ort.InferenceSession(os.fspath(path), options, providers=providers)
+    elif shared := shareable_initializers(model, SHARE_MIN_BYTES):
+        session = shared_session(model, shared, options, providers, optimize)
+    else:
         data = io.to_proto(model).SerializeToString()
-        return ort.InferenceSession(data, options, providers=providers)
-    with tempfile.TemporaryDirectory(prefix="graphopt-verify-") as tmp:
-        path = Path(tmp) / "model.onnx"
-        io.save(model, path, external_data=True)
-        return ort.InferenceSession(os.fspath(path), options, providers=providers)
+        session = ort.InferenceSession(data, options, providers=providers)
+    check_providers(session, providers)
+    return session
 
 
 def run_model(model: ir.Model, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

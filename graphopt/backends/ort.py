@@ -1,7 +1,8 @@
 """ONNX Runtime as a deployment backend: sessions built the way a user deploys a model.
 
-Verification (:func:`graphopt.verify.make_session`) always runs on the CPU with ORT's own
-graph optimizations off, so that it compares graphopt's rewrite and nothing else. Measuring
+Verification (:func:`graphopt.verify.make_session`) runs with ORT's own graph optimizations
+off, so that it compares graphopt's rewrite and nothing else, on the CPU unless the run names
+other providers (``graphopt optimize --provider``, :func:`using_providers`). Measuring
 and comparing for deployment (``graphopt bench``, ``graphopt compare``) and producing an
 edge artefact need the other knobs: execution providers, intra/inter-op threads, ORT's graph
 optimization level, and the custom-op libraries a model needs. They are chosen here, once.
@@ -23,7 +24,9 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -200,6 +203,32 @@ def create_session(
                 session = ort.InferenceSession(os.fspath(path), options, providers=providers)
     _check_providers(session, providers)
     return session
+
+
+# The providers of every verification/calibration session while a run is inside
+# :func:`using_providers` (the CPU otherwise).
+_ACTIVE_PROVIDERS: ContextVar[tuple[str, ...]] = ContextVar("graphopt_providers", default=(CPU,))
+
+
+@contextmanager
+def using_providers(spec: str | Sequence[str] | None) -> Iterator[tuple[str, ...]]:
+    """Make ``spec`` (checked by :func:`resolve_providers`) the providers of the sessions that
+    graphopt's verification and lossy passes create inside the block."""
+    token = _ACTIVE_PROVIDERS.set(resolve_providers(spec))
+    try:
+        yield _ACTIVE_PROVIDERS.get()
+    finally:
+        _ACTIVE_PROVIDERS.reset(token)
+
+
+def active_providers() -> tuple[str, ...]:
+    """The providers made active by the innermost :func:`using_providers` (the CPU outside)."""
+    return _ACTIVE_PROVIDERS.get()
+
+
+def check_providers(session, requested: Sequence[str]) -> None:
+    """An error when ORT silently replaced a requested accelerator by the CPU."""
+    _check_providers(session, list(requested))
 
 
 def _check_providers(session, requested: list[str]) -> None:

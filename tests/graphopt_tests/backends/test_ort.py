@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
@@ -155,3 +156,54 @@ def test_model_of_graphopt_domain_asks_for_graphopt_kernels(monkeypatch) -> None
         backend.session_options(backend.SessionConfig(), model)
     assert "\n" not in str(missing.value)
     backend.session_options(backend.SessionConfig(), _model())  # no such op: nothing needed
+
+
+# --- the run's providers: verification and lossy-pass sessions (optimize --provider) ---
+
+AZURE = "AzureExecutionProvider"  # in every onnxruntime wheel: a non-CPU provider to pass
+
+
+def test_verification_sessions_use_the_runs_providers() -> None:
+    from graphopt import verify
+
+    assert verify.make_session(io.load(_model()).model).get_providers() == [backend.CPU]
+    if AZURE not in ort.get_available_providers():
+        pytest.skip(f"this onnxruntime offers no {AZURE} to pass through")
+    with backend.using_providers(AZURE) as providers:
+        assert providers == (AZURE, backend.CPU)
+        session = verify.make_session(io.load(_model()).model)
+        assert session.get_providers() == [AZURE, backend.CPU]
+    assert backend.active_providers() == (backend.CPU,)
+
+
+def test_a_provider_ort_dropped_is_an_error() -> None:
+    class FellBack:
+        def get_providers(self):
+            return [backend.CPU]
+
+    with pytest.raises(UserInputError, match="could not initialize it"):
+        backend.check_providers(FellBack(), ["CUDAExecutionProvider", backend.CPU])
+    backend.check_providers(FellBack(), [backend.CPU])
+
+
+def test_optimize_provider_flag(tmp_path: Path, capsys) -> None:
+    from graphopt.cli import main
+
+    source = _saved(tmp_path)
+    plain, on_cpu = tmp_path / "plain.onnx", tmp_path / "cpu.onnx"
+    assert main(["optimize", str(source), "-o", str(plain)]) == 0
+    assert main(["optimize", str(source), "-o", str(on_cpu), "--provider", "cpu"]) == 0
+    assert plain.read_bytes() == on_cpu.read_bytes()  # the CPU is the default: same bytes
+    capsys.readouterr()
+    missing = tmp_path / "cuda.onnx"
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        assert main(["optimize", str(source), "-o", str(missing), "--provider", "cuda"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "--provider CUDAExecutionProvider: is not available" in err
+        assert len(err.splitlines()) == 1 and "Traceback" not in err
+        assert not missing.exists()
+    if AZURE in ort.get_available_providers():
+        other = tmp_path / "azure.onnx"
+        assert main(["optimize", str(source), "-o", str(other), "--provider", AZURE]) == 0
+        props = [p.value for p in onnx.load(other).metadata_props]
+        assert any(AZURE in value for value in props)  # recorded with the run's options
