@@ -14,6 +14,12 @@ Each sparse model's output is checked against the dense one (max|a-b| / max|a|).
     python bench/sparse_kernels.py                 # the full sweep (a few minutes)
     python bench/sparse_kernels.py --quick         # 1x4 and 2:4 only, three sparsities
     python bench/sparse_kernels.py --library PATH  # a library other than the package build
+    python bench/sparse_kernels.py --baseline-library OLD.so  # also time OLD.so in each round
+
+With ``--baseline-library`` every round runs dense, ours and the baseline library's op on the
+same packed weight (three-way interleaved), so a kernel change is compared with the kernel it
+replaces under the same machine state: the report adds the baseline's speedup over dense and
+the median per-round ratio time(baseline) / time(ours).
 
 Prints a markdown report (command, date, versions, CPU, load) with the speedup table, the
 crossover sparsity per shape and the weight memory at 75% sparsity.
@@ -63,6 +69,8 @@ class Row:
     speedup: float
     min_ratio: float
     error: float
+    base_speedup: float | None = None  # dense / baseline library (median per-round ratio)
+    vs_base: float | None = None  # baseline / ours (median per-round ratio)
 
 
 def block_sparse_weight(K: int, N: int, R: int, C: int, sparsity: float, seed: int) -> np.ndarray:
@@ -154,12 +162,19 @@ def make_session(model: bytes, threads: int, library: Path | None) -> ort.Infere
 
 
 def paired(
-    dense: ort.InferenceSession, sparse: ort.InferenceSession, feed: dict, pairs: int
-) -> tuple[float, float, float, float]:
+    dense: ort.InferenceSession,
+    sparse: ort.InferenceSession,
+    feed: dict,
+    pairs: int,
+    baseline: ort.InferenceSession | None = None,
+) -> tuple[float, float, float, float, float | None, float | None]:
     """Per single run: median dense s, median sparse s, the median of the per-round ratios
     dense/sparse, and min(dense)/min(sparse) (the fastest samples: least hit by preemption on
-    a loaded machine, where one side of a pair may lose the CPU for a whole time slice)."""
-    for s in (dense, sparse):
+    a loaded machine, where one side of a pair may lose the CPU for a whole time slice); with
+    a baseline session (timed in the same rounds), the medians of the per-round ratios
+    dense/baseline and baseline/sparse, else None twice."""
+    sessions = [dense, sparse] + ([baseline] if baseline is not None else [])
+    for s in sessions:
         for _ in range(WARMUP):
             s.run(None, feed)
     start = time.perf_counter()
@@ -174,14 +189,21 @@ def paired(
 
         return run
 
-    dense_t, sparse_t = (
-        [t / inner for t in ts] for ts in interleaved([call(dense), call(sparse)], pairs, warmup=0)
-    )
+    times = [
+        [t / inner for t in ts] for ts in interleaved([call(s) for s in sessions], pairs, warmup=0)
+    ]
+    dense_t, sparse_t = times[0], times[1]
+    base = vs_base = None
+    if baseline is not None:
+        base = statistics.median(pair_ratios(dense_t, times[2]))
+        vs_base = statistics.median(pair_ratios(times[2], sparse_t))
     return (
         statistics.median(dense_t),
         statistics.median(sparse_t),
         statistics.median(pair_ratios(dense_t, sparse_t)),
         min(dense_t) / min(sparse_t),
+        base,
+        vs_base,
     )
 
 
@@ -243,6 +265,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-24", action="store_true", help="skip the 2:4 rows")
     parser.add_argument("--pairs", type=int, default=20)
     parser.add_argument("--library", type=Path, help="custom-op library (default: package build)")
+    parser.add_argument(
+        "--baseline-library",
+        type=Path,
+        help="a second custom-op library (e.g. a copy of the previous build) timed in the same "
+        "rounds as --library",
+    )
     parser.add_argument("--out", type=Path, help="also write the report here")
     args = parser.parse_args(argv)
 
@@ -295,33 +323,69 @@ def main(argv: list[str] | None = None) -> int:
             dense = make_session(dense_bytes, threads, None)
             for name, s, w, model, _ in variants:
                 sparse = make_session(model, threads, library)
+                baseline = (
+                    make_session(model, threads, args.baseline_library)
+                    if args.baseline_library is not None
+                    else None
+                )
                 for M in args.m:
                     feed = feeds[M]
                     expect = feed["A"] @ w
                     got = sparse.run(None, feed)[0]
                     err = max_rel(expect, got)
-                    d, sp, ratio, best = paired(dense, sparse, feed, args.pairs)
-                    rows.append(Row(K, N, M, threads, name, s, d * 1e3, sp * 1e3, ratio, best, err))
+                    d, sp, ratio, best, base, vs_base = paired(
+                        dense, sparse, feed, args.pairs, baseline
+                    )
+                    rows.append(
+                        Row(
+                            K,
+                            N,
+                            M,
+                            threads,
+                            name,
+                            s,
+                            d * 1e3,
+                            sp * 1e3,
+                            ratio,
+                            best,
+                            err,
+                            base,
+                            vs_base,
+                        )
+                    )
+                    versus = (
+                        f", baseline {base:.2f}x, ours/baseline {vs_base:.2f}x"
+                        if base is not None
+                        else ""
+                    )
                     print(
                         f"{K}x{N} M={M} t={threads} {name} s={s:.2f}: {ratio:.2f}x "
                         f"(min/min {best:.2f}x, dense {d * 1e3:.3f} ms, "
-                        f"sparse {sp * 1e3:.3f} ms, err {err:.1e})",
+                        f"sparse {sp * 1e3:.3f} ms, err {err:.1e}{versus})",
                         file=sys.stderr,
                     )
-                del sparse
+                del sparse, baseline
+    with_base = args.baseline_library is not None
+    if with_base:
+        lines.append(f"- baseline library: `{args.baseline_library}` (timed in the same rounds)")
     lines += [
         "",
         "## Speedup over dense MatMul",
         "",
         "| K x N | M | threads | block | sparsity | dense ms | sparse ms | speedup | min/min "
-        "| max rel err |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| max rel err |" + (" baseline speedup | ours vs baseline |" if with_base else ""),
+        "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if with_base else ""),
     ]
     for r in rows:
+        extra = (
+            f" {r.base_speedup:.2f} | {r.vs_base:.2f} |"
+            if r.base_speedup is not None and r.vs_base is not None
+            else ""
+        )
         lines.append(
             f"| {r.K}x{r.N} | {r.M} | {r.threads} | {r.block} | {r.sparsity:.2f} | "
             f"{r.dense_ms:.3f} | {r.sparse_ms:.3f} | {r.speedup:.2f} | {r.min_ratio:.2f} | "
-            f"{r.error:.1e} |"
+            f"{r.error:.1e} |{extra}"
         )
     lines += ["", "## Crossover sparsity (ours at least as fast from here on)", ""]
     lines += [

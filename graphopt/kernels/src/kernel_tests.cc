@@ -277,7 +277,10 @@ void test_f32(Rng& rng, const Options& opt) {
 
 // Shapes the random ones rarely reach: the M-vectorized path's K panels (1xC, M >= 64,
 // K ~ 1000, density >= 0.5), a partial last M tile, whole 16x16 output transposes, the M = 7 /
-// M = 8 switch between the row and M-vectorized paths, and R = 32 / R = 3 blocks.
+// M = 8 switch between the row and M-vectorized paths, and R = 32 / R = 3 blocks. The 1x4
+// AVX-512 path stages whole groups of 16 outputs and copies them to Y between rows: N = 50 and
+// 35 end in a partial group; at 90% it takes narrow K panels, at 95% one panel for K = 600
+// but still panels for K = 2100 (an A^T tile past L2); M = 100 and 70 end in a partial tile.
 void test_f32_fixed(Rng& rng) {
   using A = Activation;
   const Shape shapes[] = {
@@ -288,6 +291,9 @@ void test_f32_fixed(Rng& rng) {
       {20, 50, 70, 32, 1, 0.5, true, A::None},    {3, 50, 70, 32, 1, 0.5, true, A::Gelu},
       {17, 40, 31, 3, 2, 0.25, true, A::Relu},    {5, 40, 31, 3, 1, 0.25, true, A::None},
       {40, 64, 64, 16, 1, 0.75, true, A::Gelu},   {33, 130, 47, 4, 4, 0.75, false, A::Gelu},
+      {100, 1000, 50, 1, 4, 0.5, true, A::Gelu},  {70, 600, 35, 1, 4, 0.9, false, A::Relu},
+      {64, 2100, 40, 1, 4, 0.9, true, A::None},   {9, 2100, 16, 1, 4, 0.75, true, A::Relu},
+      {70, 600, 35, 1, 4, 0.95, true, A::Gelu},   {64, 2100, 40, 1, 4, 0.95, false, A::Relu},
   };
   for (const Shape& s : shapes) check_f32(rng, s);
 }

@@ -98,7 +98,9 @@ static inline float* thread_scratch(size_t floats) {
 //    contiguous Mt-vector of A^T: broadcast the weight, FMA into Mt/W accumulators per output.
 //    Outputs are produced as Y^T strips (outputs x Mt) in a buffer, then transposed 8x8 into
 //    Y. For 1xC blocks K is also cut into panels that fit L1 (BsrPanelJob). Work = A^T tiles
-//    x ranges of block rows balanced by non-zeros.
+//    x ranges of block rows balanced by non-zeros. 1x4 blocks on AVX-512 take a lean loop
+//    over groups of rows (rows_1x4_panel), K panels down to about 6 blocks per visit, and Y
+//    stores spread between rows (bsr_panel_task's stage).
 //  * small M: each output row is a dot product over the row's blocks; the weights are streamed
 //    once per call and A (padded to whole blocks) stays in L1.
 // ---------------------------------------------------------------------------------------------
@@ -123,6 +125,12 @@ constexpr int64_t kPackKChunk = 256;
 constexpr int64_t kChunkOutputs = 256;
 constexpr int64_t kPanelBytes = 40 * 1024;
 constexpr double kMinBlocksPerVisit = 8.0;
+// Rows of 1x4 blocks between copies of the staged Y lines (see bsr_panel_task).
+constexpr int64_t kDrainRows = 4;
+// An A^T tile up to this size stays in L2 (1 MiB) beside the weights streaming through it.
+constexpr int64_t kL2TileBytes = 512 * 1024;
+// Blocks per visit of a narrow (Mt = 32) K panel from which the 1x4 path takes panels.
+constexpr double kMinNarrowVisit = 6.0;
 constexpr int64_t kNarrowTileBytes = 256 * 1024;
 
 // dst[c * ds + r] = src[r * ss + c] for an 8x8 block (AVX only, valid in both ISA files).
@@ -347,63 +355,6 @@ struct V16 {
 };
 #endif  // __AVX512F__
 
-// ---- packing A^T ---------------------------------------------------------------------------
-
-struct PackJob {
-  const float* A;
-  int64_t M, K, Kpad, Mt, kchunks;
-  float* At;  // [tiles][Kpad][Mt]
-};
-
-static void pack_task(void* arg, size_t index) {
-  const PackJob& j = *static_cast<const PackJob*>(arg);
-  const int64_t t = static_cast<int64_t>(index) / j.kchunks;
-  const int64_t k0 = (static_cast<int64_t>(index) % j.kchunks) * kPackKChunk;
-  const int64_t k1 = std::min(j.Kpad, k0 + kPackKChunk);
-  const int64_t m0 = t * j.Mt, mv = std::min(j.Mt, j.M - m0);
-  float* tile = j.At + t * j.Kpad * j.Mt;
-  for (int64_t k = k0; k < k1; k += 8) {
-    const int64_t kn = std::min<int64_t>(8, k1 - k);
-    for (int64_t mm = 0; mm < j.Mt; mm += 8) {
-      if (kn == 8 && k + 8 <= j.K && mm + 8 <= mv) {
-        transpose8x8(j.A + (m0 + mm) * j.K + k, j.K, tile + k * j.Mt + mm, j.Mt);
-        continue;
-      }
-      for (int64_t kk = k; kk < k + kn; ++kk) {
-        for (int64_t q = mm; q < mm + 8; ++q) {
-          tile[kk * j.Mt + q] = (kk < j.K && q < mv) ? j.A[(m0 + q) * j.K + kk] : 0.0f;
-        }
-      }
-    }
-  }
-}
-
-// Packs A [M, K] into zero-padded A^T tiles of Mt columns; returns the tiles' base.
-static inline float* pack_transposed(const float* A, int64_t M, int64_t K, int64_t Kpad,
-                                     int64_t Mt, const Parallel& par) {
-  const int64_t tiles = (M + Mt - 1) / Mt;
-  float* At = detail::thread_scratch(static_cast<size_t>(tiles * Kpad * Mt));
-  PackJob job{A, M, K, Kpad, Mt, (Kpad + kPackKChunk - 1) / kPackKChunk, At};
-  par.run(par, static_cast<size_t>(tiles * job.kchunks), &pack_task, &job);
-  return At;
-}
-
-// Y[mm, q] = buf[q * Mt + mm] for outputs q in [q0, q1) and rows mm in [m0, m1), 8x8 at a time.
-static inline void store_transposed_rect(const float* buf, int64_t Mt, int64_t q0, int64_t q1,
-                                         int64_t m0, int64_t m1, float* y, int64_t N) {
-  for (int64_t q = q0; q < q1; q += 8) {
-    for (int64_t mm = m0; mm < m1; mm += 8) {
-      if (q + 8 <= q1 && mm + 8 <= m1) {
-        transpose8x8(buf + q * Mt + mm, Mt, y + mm * N + q, N);
-        continue;
-      }
-      for (int64_t qq = q; qq < std::min(q + 8, q1); ++qq) {
-        for (int64_t m = mm; m < std::min(mm + 8, m1); ++m) y[m * N + qq] = buf[qq * Mt + m];
-      }
-    }
-  }
-}
-
 #ifdef __AVX512F__
 // dst[c * ds + r] = src[r * ss + c] for a 16x16 block: each Y row gets one 64-byte store (a
 // whole cache line when aligned) instead of two 32-byte halves written at different times,
@@ -438,6 +389,84 @@ static inline void transpose16x16(const float* src, int64_t ss, float* dst, int6
   }
 }
 #endif
+
+// ---- packing A^T ---------------------------------------------------------------------------
+
+struct PackJob {
+  const float* A;
+  int64_t M, K, Kpad, Mt, kchunks;
+  float* At;  // [tiles][Kpad][Mt]
+};
+
+// tile[k * Mt + q] = A[(m0 + q) * K + k] for q in [q0, q1), k in [k0, k1) (both ranges start at a
+// multiple of 8), zero where k >= K or q >= mv: 8x8 transposes, element by element at the edges.
+static void pack_rect(const float* A, int64_t K, int64_t Mt, int64_t m0, int64_t mv, int64_t q0,
+                      int64_t q1, int64_t k0, int64_t k1, float* tile) {
+  for (int64_t k = k0; k < k1; k += 8) {
+    const int64_t kn = std::min<int64_t>(8, k1 - k);
+    for (int64_t mm = q0; mm < q1; mm += 8) {
+      if (kn == 8 && k + 8 <= K && mm + 8 <= mv) {
+        transpose8x8(A + (m0 + mm) * K + k, K, tile + k * Mt + mm, Mt);
+        continue;
+      }
+      for (int64_t kk = k; kk < k + kn; ++kk) {
+        for (int64_t q = mm; q < mm + 8; ++q) {
+          tile[kk * Mt + q] = (kk < K && q < mv) ? A[(m0 + q) * K + kk] : 0.0f;
+        }
+      }
+    }
+  }
+}
+
+static void pack_task(void* arg, size_t index) {
+  const PackJob& j = *static_cast<const PackJob*>(arg);
+  const int64_t t = static_cast<int64_t>(index) / j.kchunks;
+  const int64_t k0 = (static_cast<int64_t>(index) % j.kchunks) * kPackKChunk;
+  const int64_t k1 = std::min(j.Kpad, k0 + kPackKChunk);
+  const int64_t m0 = t * j.Mt, mv = std::min(j.Mt, j.M - m0);
+  float* tile = j.At + t * j.Kpad * j.Mt;
+  int64_t q16 = 0, k16 = k0;
+#ifdef __AVX512F__
+  // 16x16 transposes read and write whole 64-byte lines; 16 rows of A at a time (m outer)
+  // read as 16 sequential streams, which the hardware prefetchers follow (all Mt rows at once
+  // were too many streams: the pack took a fifth of the kernel's time at K = 3072).
+  q16 = mv / 16 * 16;
+  k16 = k0 + std::max<int64_t>(0, std::min(k1, j.K) - k0) / 16 * 16;
+  for (int64_t mm = 0; mm < q16; mm += 16) {
+    for (int64_t k = k0; k < k16; k += 16) {
+      transpose16x16(j.A + (m0 + mm) * j.K + k, j.K, tile + k * j.Mt + mm, j.Mt);
+    }
+  }
+#endif
+  pack_rect(j.A, j.K, j.Mt, m0, mv, 0, q16, k16, k1, tile);
+  pack_rect(j.A, j.K, j.Mt, m0, mv, q16, j.Mt, k0, k1, tile);
+}
+
+// Packs A [M, K] into zero-padded A^T tiles of Mt columns; returns the tiles' base.
+static inline float* pack_transposed(const float* A, int64_t M, int64_t K, int64_t Kpad,
+                                     int64_t Mt, const Parallel& par) {
+  const int64_t tiles = (M + Mt - 1) / Mt;
+  float* At = detail::thread_scratch(static_cast<size_t>(tiles * Kpad * Mt));
+  PackJob job{A, M, K, Kpad, Mt, (Kpad + kPackKChunk - 1) / kPackKChunk, At};
+  par.run(par, static_cast<size_t>(tiles * job.kchunks), &pack_task, &job);
+  return At;
+}
+
+// Y[mm, q] = buf[q * Mt + mm] for outputs q in [q0, q1) and rows mm in [m0, m1), 8x8 at a time.
+static inline void store_transposed_rect(const float* buf, int64_t Mt, int64_t q0, int64_t q1,
+                                         int64_t m0, int64_t m1, float* y, int64_t N) {
+  for (int64_t q = q0; q < q1; q += 8) {
+    for (int64_t mm = m0; mm < m1; mm += 8) {
+      if (q + 8 <= q1 && mm + 8 <= m1) {
+        transpose8x8(buf + q * Mt + mm, Mt, y + mm * N + q, N);
+        continue;
+      }
+      for (int64_t qq = q; qq < std::min(q + 8, q1); ++qq) {
+        for (int64_t m = mm; m < std::min(mm + 8, m1); ++m) y[m * N + qq] = buf[qq * Mt + m];
+      }
+    }
+  }
+}
 
 // Y[mm, q] = buf[q * Mt + mm] for q < nn outputs and mm < mv rows (Y's row stride N).
 static inline void store_transposed(const float* buf, int64_t Mt, int64_t nn, int64_t mv,
@@ -573,6 +602,69 @@ static BsrSliceFn pick_slice_nv(int RS, int NV, int64_t C) {
   }
 }
 
+// 1x4 blocks, one A^T tile of NV vectors: block rows [i0, i1), each continued from its
+// cursor[i - i0] while col_idx < col_end (and the cursor advanced), accumulated into
+// io[(i - i0) * Mt + m]. bsr_slice<V, 1, NV, 4> in one call for a group of rows: the call,
+// the slices loop and the accumulators' reload cost as much as a few blocks per visit, and a
+// visit of a K panel holds only about 10 blocks at 75% sparsity.
+template <class V, int NV>
+static void rows_1x4_panel(const BsrF32& W, int64_t i0, int64_t i1, int64_t* cursor,
+                           int32_t col_end, const float* At, float* io) {
+  using T = typename V::T;
+  constexpr int64_t Mt = int64_t{NV} * V::W;
+  constexpr int NA = NV >= 4 ? 2 : 4;  // 8 or more independent FMA chains
+  const int32_t* cols = W.col_idx;
+  const float* values = W.values;
+  for (int64_t i = i0; i < i1; ++i, io += Mt) {
+    int64_t b = cursor[i - i0];
+    const int64_t e = W.row_ptr[i + 1];
+    if (b == e) continue;
+    T acc[NA][NV];
+    for (int j = 0; j < NV; ++j) {
+      acc[0][j] = V::load(io + j * V::W);
+      for (int s = 1; s < NA; ++s) acc[s][j] = V::zero();
+    }
+    for (; b < e; ++b) {
+      const int32_t col = cols[b];
+      if (col >= col_end) break;
+      const float* a = At + static_cast<int64_t>(col) * 4 * Mt;
+      const T w4 = V::load4(values + b * 4);
+      auto step = [&](auto cc) {
+        constexpr int c = decltype(cc)::value;
+        const T w = V::template splat<c>(w4);
+        for (int j = 0; j < NV; ++j) {
+          acc[c % NA][j] = V::fma(w, V::load(a + c * Mt + j * V::W), acc[c % NA][j]);
+        }
+      };
+      step(std::integral_constant<int, 0>{});
+      step(std::integral_constant<int, 1>{});
+      step(std::integral_constant<int, 2>{});
+      step(std::integral_constant<int, 3>{});
+    }
+    cursor[i - i0] = b;
+    for (int j = 0; j < NV; ++j) {
+      T sum = acc[0][j];
+      for (int s = 1; s < NA; ++s) sum = V::add(sum, acc[s][j]);
+      V::store(io + j * V::W, sum);
+    }
+  }
+}
+
+using Rows1x4Fn = void (*)(const BsrF32&, int64_t, int64_t, int64_t*, int32_t, const float*,
+                           float*);
+
+template <class V>
+static Rows1x4Fn pick_rows_1x4(int nv) {
+  switch (nv) {  // the AVX-512 file caps nv at 4
+    case 4:
+      return &rows_1x4_panel<V, 4>;
+    case 2:
+      return &rows_1x4_panel<V, 2>;
+    default:
+      return &rows_1x4_panel<V, 1>;
+  }
+}
+
 // One slice of a block row: rows [r0, r0 + rs) computed by fn.
 struct Slice {
   int64_t r0;
@@ -594,6 +686,7 @@ struct BsrPanelJob {
   Activation act;
   std::vector<Slice> slices;
   std::vector<int64_t> bounds;  // nsplit + 1 block-row boundaries
+  Rows1x4Fn rows_1x4 = nullptr;  // the 1x4 fast path, else the slices
 };
 
 template <class V>
@@ -612,9 +705,22 @@ static void bsr_panel_task(void* arg, size_t index) {
   std::vector<float> acc_owner(static_cast<size_t>(j.chunk * R * Mt));
   std::vector<int64_t> cursor(static_cast<size_t>(j.chunk));
   float* acc = acc_owner.data();
+  // Block rows per Y store: whole 16x16 transposes on AVX-512.
+  const int64_t group = std::max<int64_t>(1, V::W / R);
+  // The 1x4 path's staged group: Y rows m of W outputs at stage[m * W], rows [drained,
+  // pending) not yet copied to stage_y[m * N].
+  std::vector<float> stage_owner(j.rows_1x4 != nullptr ? static_cast<size_t>(V::W * Mt) : 0);
+  float* stage = stage_owner.data();
+  float* stage_y = nullptr;
+  int64_t pending = 0, drained = 0;
+  auto drain = [&](int64_t upto) {
+    for (; drained < upto; ++drained) {
+      V::store(stage_y + drained * N, V::load(stage + drained * V::W));
+    }
+  };
   for (int64_t c0 = i0; c0 < i1; c0 += j.chunk) {
     const int64_t c1 = std::min(i1, c0 + j.chunk);
-    const int64_t n0 = c0 * R, n1 = std::min(c1 * R, N);
+    const int64_t n0 = c0 * R;
     for (int64_t n = n0; n < c1 * R; ++n) {
       const typename V::T b = V::set1(j.bias != nullptr && n < N ? j.bias[n] : 0.0f);
       for (int64_t m = 0; m < Mt; m += V::W) V::store(acc + (n - n0) * Mt + m, b);
@@ -622,22 +728,54 @@ static void bsr_panel_task(void* arg, size_t index) {
     for (int64_t i = c0; i < c1; ++i) cursor[static_cast<size_t>(i - c0)] = W.row_ptr[i];
     for (int64_t p = 0; p < block_cols; p += j.panel_cols) {
       // The last panel takes every block left (no col_idx compare can stop it early).
-      const int32_t col_end = p + j.panel_cols < block_cols
-                                  ? static_cast<int32_t>(p + j.panel_cols)
-                                  : std::numeric_limits<int32_t>::max();
-      for (int64_t i = c0; i < c1; ++i) {
-        const int64_t b0 = cursor[static_cast<size_t>(i - c0)], e = W.row_ptr[i + 1];
-        if (b0 == e) continue;
-        float* out = acc + (i - c0) * R * Mt;
-        int64_t b1 = b0;
-        for (const Slice& sl : j.slices) b1 = sl.fn(W, b0, e, col_end, sl.r0, At, out + sl.r0 * Mt);
-        cursor[static_cast<size_t>(i - c0)] = b1;
+      const bool last = p + j.panel_cols >= block_cols;
+      const int32_t col_end =
+          last ? std::numeric_limits<int32_t>::max() : static_cast<int32_t>(p + j.panel_cols);
+      for (int64_t g0 = c0; g0 < c1; g0 += group) {
+        const int64_t g1 = std::min(c1, g0 + group);
+        if (j.rows_1x4 != nullptr && last) {
+          // Y's previous group leaves the stage a few lines after each few rows: a Y store
+          // that misses the cache (Y of N = 3072 outputs is bigger than L2) then waits while
+          // FMAs go on, instead of 16x16 transposes' worth of them filling the store queue
+          // and stalling the next stores (about a fifth of the time at 90% sparsity).
+          for (int64_t r = g0; r < g1; r += kDrainRows) {
+            const int64_t r1 = std::min(g1, r + kDrainRows);
+            j.rows_1x4(W, r, r1, cursor.data() + (r - c0), col_end, At, acc + (r - c0) * Mt);
+            drain((pending * (r1 - g0) + group - 1) / group);
+          }
+          drain(pending);
+        } else if (j.rows_1x4 != nullptr) {
+          j.rows_1x4(W, g0, g1, cursor.data() + (g0 - c0), col_end, At, acc + (g0 - c0) * Mt);
+        } else {
+          for (int64_t i = g0; i < g1; ++i) {
+            const int64_t b0 = cursor[static_cast<size_t>(i - c0)], e = W.row_ptr[i + 1];
+            if (b0 == e) continue;
+            float* out = acc + (i - c0) * R * Mt;
+            int64_t b1 = b0;
+            for (const Slice& sl : j.slices) {
+              b1 = sl.fn(W, b0, e, col_end, sl.r0, At, out + sl.r0 * Mt);
+            }
+            cursor[static_cast<size_t>(i - c0)] = b1;
+          }
+        }
+        if (!last) continue;
+        // A finished group goes to Y at once (its stores overlap the next group's FMAs), the
+        // activation on Y^T while it is in cache (padding rows m >= mv included: harmless).
+        const int64_t gn0 = g0 * R, gn1 = std::min(g1 * R, N);
+        float* gacc = acc + (g0 - c0) * R * Mt;
+        if (j.act != Activation::None) V::activate(gacc, (gn1 - gn0) * Mt, j.act);
+        if (j.rows_1x4 != nullptr && gn1 - gn0 == V::W) {
+          store_transposed(gacc, Mt, V::W, mv, stage, V::W);
+          stage_y = y + gn0;
+          pending = mv;
+          drained = 0;
+        } else {
+          store_transposed(gacc, Mt, gn1 - gn0, mv, y + gn0, N);
+        }
       }
     }
-    // The activation on Y^T while it is in cache (padding rows m >= mv included: harmless).
-    if (j.act != Activation::None) V::activate(acc, (n1 - n0) * Mt, j.act);
-    store_transposed(acc, Mt, n1 - n0, mv, y + n0, N);
   }
+  drain(pending);
 }
 
 // The plain M-vectorized loop (used by 2:4): Rows gives R() outputs per row and
@@ -934,10 +1072,27 @@ static void bsr_f32(const float* A, int64_t M, const BsrF32& W, const float* bia
       std::max<int64_t>(1, kPanelBytes / (C * nv * V::W * int64_t{sizeof(float)}));
   const double per_visit = static_cast<double>(W.nnzb) / static_cast<double>(block_rows) *
                            static_cast<double>(panel_cols) / static_cast<double>(block_cols);
-  const bool one_panel = R >= 4 || per_visit < kMinBlocksPerVisit;
+  const bool tile_in_l2 = Kpad * nv * V::W * int64_t{sizeof(float)} <= kL2TileBytes;
+  bool one_panel = R >= 4 || per_visit < kMinBlocksPerVisit;
+  // The AVX-512 1x4 path (rows_1x4_panel) visits cheaply enough for panels to pay at high
+  // sparsity too: with a narrow tile (Mt = 32: twice the panel's block columns, twice the
+  // blocks per visit) from kMinNarrowVisit blocks per visit, and below that still when one
+  // panel's A^T tile would not stay in L2. Measured on Zen 5 against one panel at M = 128:
+  // -12% (768 x 3072) and -15% (3072 x 768) at 90% sparsity, -20% for 3072 x 768 at 95%,
+  // +6% for 768 x 3072 at 95% (hence the threshold).
+  const bool fast_1x4 = V::W == 16 && R == 1 && C == 4;
+  if (fast_1x4 && one_panel) {
+    const int narrow = std::min(nv, 2);
+    const double narrow_visit = per_visit * nv / narrow;
+    if (narrow_visit >= kMinNarrowVisit || !tile_in_l2) {
+      one_panel = false;
+      panel_cols = panel_cols * nv / narrow;
+      nv = narrow;
+    }
+  }
   // One panel of 1xC blocks streams A^T from L2 for every FMA; a narrower tile (Mt = 32, a
   // tile of at most kNarrowTileBytes) measured faster on Zen 5 at 90% sparsity for K = 768
-  // (-15%) but not for K = 3072 (+5%), nor with panels.
+  // (-15%) but not for K = 3072 (+5%), nor with panels (before rows_1x4_panel).
   if (one_panel && R < 4 && Kpad * 32 * int64_t{sizeof(float)} <= kNarrowTileBytes) {
     nv = std::min(nv, 2);
   }
@@ -950,6 +1105,9 @@ static void bsr_f32(const float* A, int64_t M, const BsrF32& W, const float* bia
   job.Kpad = Kpad;
   job.Mt = Mt;
   job.act = act;
+  if constexpr (V::W == 16) {
+    if (fast_1x4) job.rows_1x4 = pick_rows_1x4<V>(nv);
+  }
   for (int64_t r0 = 0; r0 < R;) {
     int rs = 8;
     while (rs > 1 && (rs > R - r0 || rs * nv > max_acc)) rs /= 2;
