@@ -77,6 +77,8 @@ def build(work: Path, layers: int, hidden: int, intermediate: int, vocab: int) -
     if path.exists() and (folder / (MODEL_NAME + ".data")).exists():
         return path
     folder.mkdir(parents=True, exist_ok=True)
+    # onnx.save appends to an existing data file: an interrupted export's bytes would stay.
+    (folder / (MODEL_NAME + ".data")).unlink(missing_ok=True)
     # Exported in a child process: torch's copy of the weights is gone before graphopt runs.
     code = _EXPORT.format(
         layers=layers, hidden=hidden, inter=intermediate, vocab=vocab, path=str(path)
@@ -128,7 +130,15 @@ def write_calib(folder: Path, vocab: int) -> Path:
 
 
 def data_bytes(model: Path) -> int:
-    return (model.parent / (model.name + ".data")).stat().st_size
+    """The initializers' bytes (not the data file's size: a file written twice holds more)."""
+    import onnx
+
+    proto = onnx.load(model, load_external_data=False)
+    total = 0
+    for tensor in proto.graph.initializer:
+        entries = {e.key: e.value for e in tensor.external_data}
+        total += int(entries["length"]) if "length" in entries else len(tensor.raw_data)
+    return total
 
 
 def run(label: str, model: Path, calib: Path) -> Result:
