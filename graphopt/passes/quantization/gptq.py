@@ -212,7 +212,7 @@ def gptq(
     work = np.asarray(w, dtype=np.float32)[order]
     work[dead[order]] = 0.0
     h[np.diag_indices(k)] += dampening * float(np.mean(np.diag(h)))
-    upper = _inverse_cholesky_upper(h).astype(np.float32)
+    upper = inverse_cholesky_upper(h).astype(np.float32)
     del h
     row_block = order // block
     low, high = levels(asymmetric)
@@ -244,7 +244,7 @@ def gptq(
     return Int4Weight(restored, scales, zeros, block)
 
 
-def _inverse_cholesky_upper(h: np.ndarray) -> np.ndarray:
+def inverse_cholesky_upper(h: np.ndarray) -> np.ndarray:
     """Upper Cholesky factor ``R`` of ``H⁻¹ = RᵀR`` (what GPTQ's row updates read), with more
     dampening while ``H`` is not positive definite in floating point.
 

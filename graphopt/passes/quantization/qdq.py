@@ -76,10 +76,13 @@ def emit_qdq(
     params: dict[str, QuantParams],
     per_channel: bool = True,
     input_means: dict[str, np.ndarray] | None = None,
+    rounded: dict[tuple[str, int | None], QuantizedWeight] | None = None,
 ) -> Emitted:
     """Insert the placement's Q/DQ into ``model`` in place. ``params`` holds one entry per
     group root. With ``input_means`` (node -> per-channel mean of its input on calibration
-    data), each node's bias absorbs the mean output shift its weight rounding causes."""
+    data), each node's bias absorbs the mean output shift its weight rounding causes.
+    ``rounded``: weights already in int8 by ``(weight name, axis)`` (data-aware rounding);
+    the others round to nearest."""
     graph = model.graph
     names = NameTable(graph)
     emitted = Emitted()
@@ -93,7 +96,7 @@ def emit_qdq(
         axis = axis if per_channel else None
         key = (weight.name, axis)
         if key not in cache:
-            quantized = quantize_weight(constant_array(weight), axis)
+            quantized = (rounded or {}).get(key) or quantize_weight(constant_array(weight), axis)
             cache[key] = (_weight_dq(graph, names, node, weight, quantized), quantized)
             emitted.type_changes.append(TypeChange(weight.name, "float", "int8"))
         dq_value, quantized = cache[key]

@@ -22,6 +22,7 @@ from graphopt.passes.quantization.settings import (
     BLOCK_SIZES,
     CALIB_METHODS,
     INT4_METHODS,
+    INT8_WEIGHT_METHODS,
     MODES,
     QUANT_FORMATS,
     QuantSettings,
@@ -163,6 +164,16 @@ class QuantizePass(GraphPass):
             choices=INT4_METHODS,
         ),
         PassOption(
+            "int8_weights",
+            str,
+            None,
+            "int8 weight rounding: rtn (round to nearest) or gptq (error feedback through "
+            "the layer input's Gram matrix, same scales); --quantize int8 only; default gptq "
+            "with a --calib file, else rtn",
+            flag="--int8-weights",
+            choices=INT8_WEIGHT_METHODS,
+        ),
+        PassOption(
             "int4_asymmetric",
             bool,
             False,
@@ -222,6 +233,11 @@ class QuantizePass(GraphPass):
                     "--autotune had no effect: it times static int8 candidates for "
                     "--target ort only"
                 )
+        if settings.int8_weights != "rtn" and settings.mode != "int8":
+            record.notes.append(
+                f"--int8-weights {settings.int8_weights} had no effect: it rounds the weights "
+                "of --quantize int8 (static) only"
+            )
         if original is not None:
             from graphopt.passes.compensation.quantized import compensate_quantized
 
@@ -258,6 +274,11 @@ class QuantizePass(GraphPass):
                 f"quantize: --block-size {s['block_size']}: expected one of "
                 f"{', '.join(map(str, BLOCK_SIZES))}"
             )
+        if s["int8_weights"] is not None and s["int8_weights"] not in INT8_WEIGHT_METHODS:
+            raise UserInputError(
+                f"quantize: --int8-weights {s['int8_weights']}: expected one of "
+                f"{', '.join(INT8_WEIGHT_METHODS)}"
+            )
         from graphopt.passes.compensation.eora import parse_compensation, require_calibration
 
         rank, self._compensation_note = parse_compensation(s["compensation"], "quantize")
@@ -288,6 +309,8 @@ class QuantizePass(GraphPass):
             bias_correction=has_file if s["bias_correction"] is None else s["bias_correction"],
             block_size=s["block_size"],
             int4_method=s["int4_method"] or ("gptq" if has_file else "rtn"),
+            # Static int8 only (int8-dynamic rounds its weights to nearest).
+            int8_weights=s["int8_weights"] or ("gptq" if has_file and mode == "int8" else "rtn"),
             int4_asymmetric=s["int4_asymmetric"],
             quantize_embeddings=s["quantize_embeddings"],
             autotune=s["autotune"],
@@ -320,6 +343,7 @@ _DEFAULTED = (
     "equalize",
     "bias_correction",
     "int4_method",
+    "int8_weights",
 )
 
 

@@ -23,6 +23,8 @@ CALIB_METHODS = ("minmax", "percentile", "entropy", "mse", "auto")
 QUANT_FORMATS = ("qdq", "qoperator")
 ACTIVATION_TYPES = ("u8", "s8")
 INT4_METHODS = ("rtn", "gptq", "awq")
+# --int8-weights: how static int8 rounds weights (int8_rounding.py).
+INT8_WEIGHT_METHODS = ("rtn", "gptq")
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 
 
@@ -50,6 +52,7 @@ class QuantSettings:
     bias_correction: bool = False
     block_size: int = 32
     int4_method: str = "rtn"
+    int8_weights: str = "rtn"
     int4_asymmetric: bool = False
     quantize_embeddings: bool = False
     autotune: bool = False

@@ -16,6 +16,8 @@ equalization (:mod:`.equalization`; ``--equalize``, default on for models with d
 convolutions) and SmoothQuant (:mod:`.smoothquant`; ``--smoothquant``, default alpha 0.5 on
 normalization-fed MatMuls, as int8-dynamic); bias correction (``settings.bias_correction``)
 is applied in :func:`build_quantized` from the per-channel input means the plan collects;
+data-aware weight rounding (:mod:`.int8_rounding`, ``--int8-weights gptq``, the default with
+a calibration file) is computed once in :func:`make_plan`, every build reuses its codes;
 mixed precision (``settings.max_error`` / ``settings.min_cosine``) chooses
 ``excluded_nodes``. One placement refinement lives here: a MatMul's output that only float
 ops read stays float (:func:`_float_matmul_outputs`).
@@ -33,7 +35,7 @@ from graphopt.editing import name_nodes
 from graphopt.errors import UserInputError
 from graphopt.passes.calibration.samples import CalibrationSet
 from graphopt.passes.quantization import placement as placing
-from graphopt.passes.quantization.qdq import Emitted, emit_qdq
+from graphopt.passes.quantization.qdq import Emitted, QuantizedWeight, emit_qdq
 from graphopt.passes.quantization.ranges import (
     QuantParams,
     Range,
@@ -79,6 +81,9 @@ class QuantPlan:
     settings: QuantSettings
     ranges: dict[str, Range]  # tensor -> range
     input_means: dict[str, np.ndarray] = field(default_factory=dict)  # tensor -> per channel
+    # --int8-weights gptq: the data-aware weights by (weight name, axis), and what they gained.
+    weights: dict[tuple[str, int | None], QuantizedWeight] = field(default_factory=dict)
+    weight_note: str = ""
 
 
 def quantize_static(
@@ -149,6 +154,11 @@ def make_plan(model: ir.Model, settings: QuantSettings, calib: CalibrationSet) -
         keep=AUTO_SAMPLES if auto else 0,
     )
     plan = QuantPlan(settings, {})
+    if settings.int8_weights == "gptq":
+        from graphopt.passes.quantization.int8_rounding import round_weights
+
+        rounded = round_weights(model, placement.weights, calib, settings.per_channel)
+        plan.weights, plan.weight_note = rounded.weights, rounded.note()
     for name, axis in sorted(channel_axes.items()):
         mean = stats[name].channel_mean
         if mean is not None and axis is not None:
@@ -216,7 +226,7 @@ def _build(
             for node in clone.graph
             if node.name in placement.weights and node.inputs[0].name in plan.input_means
         }
-    emitted = emit_qdq(clone, placement, params, settings.per_channel, means)
+    emitted = emit_qdq(clone, placement, params, settings.per_channel, means, plan.weights)
     if settings.quant_format == "qoperator":
         from graphopt.passes.quantization.qoperator import to_qoperator
 
@@ -435,6 +445,8 @@ def _fill_record(
             f"model outputs quantized too (ORT fuses Conv/Gemm only with a Q after it), "
             f"with their full range: {', '.join(quantized_outputs)}"
         )
+    if plan.weight_note:
+        record.notes.append(plan.weight_note)
     if settings.bias_correction:
         corrected = sum(1 for n in emitted.weights if n in emitted.corrected)
         record.notes.append(f"bias correction (weight rounding shift) on {corrected} layers")

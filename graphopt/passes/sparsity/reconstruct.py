@@ -24,7 +24,7 @@ import math
 
 import numpy as np
 
-from graphopt.passes.quantization.gptq import DAMPENING, GPTQ_BATCH, _inverse_cholesky_upper
+from graphopt.passes.quantization.gptq import DAMPENING, GPTQ_BATCH, inverse_cholesky_upper
 from graphopt.passes.sparsity.masks import nm_mask, tile_mask
 from graphopt.passes.sparsity.settings import Pattern
 
@@ -50,7 +50,7 @@ def sparsegpt(
     # An input that is always 0 carries nothing: its weights cost nothing wherever they go.
     h[dead, dead] = 1.0
     h[np.diag_indices(k)] += dampening * float(np.mean(np.diag(h)))
-    upper = _inverse_cholesky_upper(h).astype(np.float32)
+    upper = inverse_cholesky_upper(h).astype(np.float32)
     del h
     work = np.asarray(weight, dtype=np.float32).copy()
     keep = np.ones((n, k), dtype=bool)
