@@ -15,7 +15,8 @@ keeps.
 
 Generic over the pass that made the change: each pass hands over :class:`ChangedLayer`
 entries (``sparsify``, ``quantize``, ``factorize``) and :func:`compensate` inserts the paths
-and measures fidelity before and after. The paths are float32 MatMuls.
+and measures fidelity before and after. The paths are float32 MatMuls, or for a 2-D Conv a
+Conv pair with the layer's placement then 1×1 (:mod:`.conv`; ``K`` is then the im2col patch).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import onnx_ir as ir
 
 from graphopt.editing import NameTable, insert_after, replace_value
 from graphopt.errors import UserInputError
+from graphopt.passes.compensation.conv import ConvGeometry
 from graphopt.passes.compensation.record import CompensationRecord, LayerCompensation
 
 # H + DAMP·mean(diag H)·I (see the module docstring).
@@ -53,6 +55,11 @@ class ChangedLayer:
     weight: np.ndarray
     delta: np.ndarray
     gram: np.ndarray
+    # A 2-D Conv's placement (``K`` is its patch, the Gram its patches'); None: MatMul/Gemm.
+    conv: ConvGeometry | None = None
+    # ``W − W'`` as the pass left it, where joint EoRA (:mod:`.joint`) rounded again and
+    # ``delta`` is the new weight's: the report's "error without" is the pass's.
+    pass_delta: np.ndarray | None = None
 
 
 def parse_compensation(text: str | None, owner: str) -> tuple[int, str]:
@@ -149,14 +156,24 @@ def insert_path(
     if layer.x.dtype not in (None, ir.DataType.FLOAT):
         return f"its input is {layer.x.dtype.name.lower()} (the path is float32)"
     base = f"{PREFIX}_{_safe(layer.name)}"
-    at = names.add_initializer(graph, f"{base}_A", np.ascontiguousarray(a.T, np.float32))
-    bt = names.add_initializer(graph, f"{base}_B", np.ascontiguousarray(b.T, np.float32))
+    conv = layer.conv
+    first = a.T if conv is None else conv.first_weight(a)
+    second = b.T if conv is None else conv.second_weight(b)
+    at = names.add_initializer(graph, f"{base}_A", np.ascontiguousarray(first, np.float32))
+    bt = names.add_initializer(graph, f"{base}_B", np.ascontiguousarray(second, np.float32))
     down = ir.Value(name=names.take(f"{base}_down"))
     up = ir.Value(name=names.take(f"{base}_up"))
     total = ir.Value(name=names.take(f"{base}_sum"), type=layer.y.type, shape=layer.y.shape)
+    if conv is None:
+        pair = [
+            ir.node("MatMul", [layer.x, at], outputs=[down], name=names.take(f"{base}_MatMul_A")),
+            ir.node("MatMul", [down, bt], outputs=[up], name=names.take(f"{base}_MatMul_B")),
+        ]
+    else:
+        labels = (names.take(f"{base}_Conv_A"), names.take(f"{base}_Conv_B"))
+        pair = conv.nodes(layer.x, at, bt, down, up, labels)
     nodes = [
-        ir.node("MatMul", [layer.x, at], outputs=[down], name=names.take(f"{base}_MatMul_A")),
-        ir.node("MatMul", [down, bt], outputs=[up], name=names.take(f"{base}_MatMul_B")),
+        *pair,
         # Reads ``up`` twice for now: y's uses move to the sum next, and this one must not.
         ir.node("Add", [up, up], outputs=[total], name=names.take(f"{base}_Add")),
     ]
@@ -193,23 +210,26 @@ def compensate(
     go in (unless ``before`` holds that already) and after. FLOPs are counted at
     ``input_shapes`` (the run's) on ``shapes_of`` (the pass's float input model; default
     ``model`` as it was): its total, and each path's ``2·r·(N + K) + N`` per row of its input
-    (contrib ops such as MatMulNBits leave shapes after them unknown to ONNX inference, so the
-    paths are counted from the float model's shapes, not the edited model's)."""
+    (a Conv's: per output position; contrib ops such as MatMulNBits leave shapes after them
+    unknown to ONNX inference, so the paths are counted from the float model's shapes, not
+    the edited model's)."""
     record = CompensationRecord(owner=owner, rank=rank)
     if before is not None:
         record.fidelity_before = before
     elif measure is not None:
         record.fidelity_before = measure(model)
     rows, record.flops_before = _rows_and_flops(shapes_of or model, layers, input_shapes)
-    missing = [layer for layer in layers if layer.x.name not in rows]
+    missing = [layer for layer in layers if _row_key(layer) not in rows]
     if missing and shapes_of is not None:  # inputs the pass renamed (SmoothQuant, AWQ's Mul)
         rows.update(_rows_and_flops(model, missing, input_shapes)[0])
+    keys = {id(layer): _row_key(layer) for layer in layers}  # before paths rename outputs
     names = NameTable(model.graph)
     uncounted = 0
     for layer in layers:
         n, k = layer.delta.shape
         total = max(_energy(layer.weight, layer.gram), np.finfo(np.float64).tiny)
-        error_before = _energy(layer.delta, layer.gram) / total
+        left = layer.delta if layer.pass_delta is None else layer.pass_delta
+        error_before = _energy(left, layer.gram) / total
         a, b = eora_factors(layer.delta, layer.gram, rank)
         error_after = _energy(layer.delta - b @ a, layer.gram) / total
         why = insert_path(model.graph, layer, a, b, names)
@@ -221,7 +241,7 @@ def compensate(
         record.layers.append(
             LayerCompensation(layer.name, n, k, r, error_before, error_after, r * (n + k), per_row)
         )
-        count = rows.get(layer.x.name or "")
+        count = rows.get(keys[id(layer)])
         if count is None:
             uncounted += 1
         else:
@@ -233,10 +253,15 @@ def compensate(
     return record
 
 
+def _row_key(layer: ChangedLayer) -> str:
+    """The value whose shape counts the path's rows: a MatMul's input, a Conv's output."""
+    return (layer.x.name if layer.conv is None else layer.y.name) or ""
+
+
 def _rows_and_flops(
     model: ir.Model, layers: list[ChangedLayer], shapes: dict[str, tuple[int, ...]] | None
 ) -> tuple[dict[str, int], int]:
-    """Rows (positions) of each layer input at ``shapes``, by name, and ``model``'s FLOPs."""
+    """Rows of each layer's path at ``shapes`` (by :func:`_row_key`), and ``model``'s FLOPs."""
     from graphopt.analysis.flops import flops_of_inferred
     from graphopt.analysis.shapes import infer_shapes
     from graphopt.editing import static_shape
@@ -245,12 +270,15 @@ def _rows_and_flops(
         inferred, _ = infer_shapes(model, shapes or None)
     except Exception:  # FLOPs are informational: shapes inference cannot bind
         return {}, 0
-    wanted = {layer.x.name for layer in layers if layer.x.name}
+    spatial = {layer.y.name for layer in layers if layer.conv is not None}
+    wanted = {_row_key(layer) for layer in layers} - {""}
     values = {v.name: v for v in inferred.graph.inputs if v.name in wanted}
     values.update({o.name: o for node in inferred.graph for o in node.outputs if o.name in wanted})
     rows = {}
     for name, value in values.items():
         shape = static_shape(value)
         if shape:
-            rows[name] = int(np.prod(shape[:-1]))
+            # [B, C, OH, OW] for a Conv's output: a row per output position.
+            kept = [shape[0], *shape[2:]] if name in spatial else shape[:-1]
+            rows[name] = int(np.prod(kept))
     return rows, int(flops_of_inferred(inferred).total)

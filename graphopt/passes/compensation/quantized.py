@@ -5,8 +5,11 @@ The mode keeps the float model right before rounding (``QuantRecord.float_model`
 SmoothQuant or AWQ rescaled inputs and weights, so its ``W`` and the inputs it is observed on
 are the ones the rounded weights approximate). ``W'`` is read back from the quantized graph,
 node by node name: the ``DequantizeLinear`` feeding a MatMul/Gemm (per tensor, per channel or
-blockwise, as ONNX defines it) or a ``MatMulNBits``' packed blocks. The path reads the layer's
-float input (before its Q/DQ) and is added to the layer's output; it stays float32.
+blockwise, as ONNX defines it; a Conv's too, its path a Conv pair, :mod:`.conv`) or a
+``MatMulNBits``' packed blocks. The path reads the layer's float input (before its Q/DQ) and is
+added to the layer's output; it stays float32. A ``MatMulNBits`` layer rounded by GPTQ is
+first rounded again by GPTQ with its path in view (:mod:`.joint`), and its packed blocks are
+rewritten.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import onnx_ir as ir
 
 from graphopt.editing import attribute, constant_array
 from graphopt.passes.calibration.samples import CalibrationSet
+from graphopt.passes.compensation import joint
+from graphopt.passes.compensation.conv import ConvGeometry, canonical, geometry
 from graphopt.passes.compensation.eora import PREFIX, ChangedLayer, compensate
 from graphopt.passes.quantization.record import QuantRecord
 from graphopt.passes.quantization.settings import QuantSettings
@@ -62,11 +67,15 @@ def compensate_quantized(
     values.update({o.name: o for node in model.graph for o in node.outputs if o.name})
     found, _ = find_layers(reference.graph)
     candidates, skipped, rounded = [], [], {}
+    shapes: dict[int, ConvGeometry | None] = {}
     for layer in found:
-        if layer.op == "Conv" or (layer.node.name or "").startswith(PREFIX):
-            if layer.op == "Conv":
-                skipped.append((layer.name, "Conv: the path would need a Conv pair (not built)"))
+        if (layer.node.name or "").startswith(PREFIX):
             continue
+        if layer.op == "Conv":
+            shapes[id(layer.node)], why = geometry(layer.node, layer.shape)
+            if why:
+                skipped.append((layer.name, why))
+                continue
         node = nodes.get(layer.node.name or "")
         x = values.get(layer.node.inputs[0].name)
         approx, why = (None, "not found after quantization") if node is None else dequantized(node)
@@ -78,7 +87,10 @@ def compensate_quantized(
             continue
         candidates.append((layer, node, x))
         rounded[id(layer.node)] = approx
-    layers = []
+    layers, requantize = [], []
+    # How the mode rounded each layer ("gptq, block 32, symmetric"): joint EoRA re-rounds
+    # the same way.
+    methods = {entry.node: entry.reason.split(",")[0] for entry in record.layers}
     if candidates:
         names = sorted({layer.node.inputs[0].name for layer, _, _ in candidates})
         stats = statistics.gather(
@@ -95,17 +107,34 @@ def compensate_quantized(
             elif approx.shape != w.shape:
                 skipped.append((layer.name, f"rounded weight {approx.shape} != {w.shape}"))
             else:
-                delta = (w - approx).astype(np.float32)
                 gram = np.asarray(entry.gram, np.float64) / max(entry.rows, 1)
-                layers.append(ChangedLayer(layer.name, x, node.outputs[0], w, delta, gram))
+                conv = shapes.get(id(layer.node))
+                changed = ChangedLayer(layer.name, x, node.outputs[0], w, w - approx, gram, conv)
+                if layer.op == "MatMul" and node.op_type == "MatMulNBits":
+                    requantize.append((changed, node, methods.get(node.name or "", "")))
+                layers.append(changed)
 
     def measure(m: ir.Model) -> dict:
         return measure_fidelity(original, m, sets)
 
-    shapes = dict(context.input_shapes)
+    before = measure(model)  # the rounded model as the mode left it (before joint EoRA)
+    refined = 0
+    if joint.ENABLED and requantize:
+        refined = sum(_requantized(model, *entry, settings) for entry in requantize)
+    for layer in layers:
+        layer.delta = np.asarray(layer.delta, np.float32)
     result = compensate(
-        model, layers, settings.compensation, "quantize", measure, shapes, shapes_of=original
+        model,
+        layers,
+        settings.compensation,
+        "quantize",
+        measure,
+        dict(context.input_shapes),
+        before,
+        shapes_of=original,
     )
+    if refined:
+        result.notes.append(joint.note(refined, len(layers), "GPTQ, MatMulNBits"))
     result.skipped[:0] = skipped
     result.fidelity_source = (
         f"{sets['calibration'].count} calibration samples"
@@ -121,12 +150,61 @@ def compensate_quantized(
         record.fidelity, record.fidelity_source = result.fidelity_after, result.fidelity_source
 
 
+def _requantized(
+    model: ir.Model, layer: ChangedLayer, node: ir.Node, method: str, settings: QuantSettings
+) -> bool:
+    """Round ``layer`` again with its path in view (:mod:`.joint`) by GPTQ when the mode's
+    ``method`` was GPTQ, and rewrite ``node``'s blocks; whether it was (``layer.delta``
+    follows)."""
+    from graphopt.passes.quantization.gptq import gptq
+    from graphopt.passes.quantization.int4 import matmul_nbits_arrays
+
+    # GPTQ only: after RTN, re-rounding lowered the layers' calibration error but not the
+    # model's (MiniLM int4 RTN, rank 32: 72.5% of the gap closed plain, 60.5% joint).
+    if method != "gptq":
+        return False
+    block, asymmetric = settings.block_size, settings.int4_asymmetric
+    signed = settings.target == "ort"  # as the mode rounded for MatMulNBits
+    scales = constant_array(node.inputs[2]) if len(node.inputs) > 2 else None
+    if scales is None or (len(node.inputs) > 3 and node.inputs[3] is not None) != asymmetric:
+        return False
+
+    def rounder(target: np.ndarray):
+        weight = np.ascontiguousarray(target.T, np.float32)  # [K, N], blocks along K
+        qw = gptq(weight, layer.gram, block, asymmetric, signed=signed)
+        return qw.dequantize().T, qw
+
+    w = layer.weight
+    best = joint.refine(w, w - layer.delta, layer.gram, settings.compensation, rounder, "weight")
+    if best is None:
+        return False
+    packed, new_scales, zeros = matmul_nbits_arrays(best.extra, scales.dtype.type)
+    for index, array in ((1, packed), (2, new_scales), (3, zeros)):
+        if array is not None:
+            _swap_input(model.graph, node, index, array)
+    layer.pass_delta = np.asarray(layer.delta, np.float32)
+    layer.delta = w - best.approx
+    return True
+
+
+def _swap_input(graph: ir.Graph, node: ir.Node, index: int, array) -> None:
+    """``node``'s constant input ``index`` replaced by ``array`` (named after it, not with
+    the paths' prefix: it is the layer's own); the old one dropped if nothing else reads it."""
+    from graphopt.editing import add_initializer
+
+    old = node.inputs[index]
+    base = f"{(old.name if old is not None else None) or node.name or 'layer'}_joint"
+    node.replace_input_with(index, add_initializer(graph, base, array))
+    if old is not None and not old.uses() and old.name in graph.initializers:
+        del graph.initializers[old.name]
+
+
 def dequantized(node: ir.Node) -> tuple[np.ndarray | None, str]:
     """The weight ``node`` computes with, as canonical ``W'[N, K]`` float64 (Gemm: alpha
-    included), or (None, why not; "" for a layer left in float)."""
+    included; Conv: (ky, kx, channel) order), or (None, why not; "" for a layer left in float)."""
     if node.domain == MS_DOMAIN and node.op_type == "MatMulNBits":
         return _matmul_nbits(node)
-    if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
+    if node.op_type not in ("MatMul", "Gemm", "Conv") or node.domain not in ("", "ai.onnx"):
         return None, f"became {node.op_type} (not read back)"
     weight = node.inputs[1]
     dq = weight.producer() if weight is not None else None
@@ -135,6 +213,8 @@ def dequantized(node: ir.Node) -> tuple[np.ndarray | None, str]:
     stored = _dequantize(dq)
     if stored is None:
         return None, "its DequantizeLinear inputs are not constant"
+    if node.op_type == "Conv":
+        return canonical(stored), ""
     if node.op_type == "Gemm":
         alpha = float(attribute(node, "alpha", 1.0))
         return (stored if attribute(node, "transB", 0) else stored.T) * alpha, ""

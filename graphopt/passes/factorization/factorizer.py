@@ -173,12 +173,17 @@ def _compensate(
     """EoRA paths (:mod:`graphopt.passes.compensation.eora`) for the factorized layers'
     remaining error ``W − U·V``, on the Gram of their inputs as the fit saw them."""
     from graphopt.editing import attribute
+    from graphopt.passes.compensation.conv import factorized
     from graphopt.passes.compensation.eora import ChangedLayer, compensate
 
     changed, skipped = [], []
     for fitted in record.fitted:
+        conv, why = (None, "")
         if fitted.second.op_type == "Conv":
-            skipped.append((fitted.name, "Conv: the path would need a Conv pair (not built)"))
+            # A Conv path beside the pair: the first Conv's geometry, the layer's channels.
+            conv, why = factorized(fitted.first, int(fitted.weight.shape[0]))
+        if why:
+            skipped.append((fitted.name, why))
         elif fitted.gram is None:
             skipped.append((fitted.name, "no input Gram (input too wide or not observed)"))
         else:
@@ -189,7 +194,7 @@ def _compensate(
             delta = (weight - fitted.approx * alpha).astype(np.float32)
             gram = np.asarray(fitted.gram, np.float64)
             changed.append(
-                ChangedLayer(fitted.name, fitted.input, fitted.output, weight, delta, gram)
+                ChangedLayer(fitted.name, fitted.input, fitted.output, weight, delta, gram, conv)
             )
     measure = None
     if original is not None and sets:
