@@ -186,14 +186,55 @@ def quantize_weight(weight: np.ndarray, per_channel: bool = True) -> tuple[np.nd
     return q, scale
 
 
+def rounded_codes(
+    model: ir.Model, calib: CalibrationSet, per_channel: bool, notes: list[str]
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """GPTQ-rounded int8 weights (``--int8-weights gptq``) of the MatMul/Gemm layers, by node
+    name, as :func:`quantize_weight` returns them (q [K, N], scale [N]); the note says what
+    they gained over round-to-nearest on the calibration data."""
+    from graphopt.passes.quantization.int8_rounding import round_weights
+
+    axes: dict[str, tuple[int, int]] = {}
+    for linear in find_linears(model)[0]:
+        node = linear.node
+        # Gemm's alpha is folded into the [K, N] matrix the lowering quantizes: not the
+        # stored weight GPTQ rounds, so such layers keep round-to-nearest.
+        if node.op_type in LINEAR_OPS and float(editing.attribute(node, "alpha", 1.0)) == 1.0:
+            transposed = node.op_type == "Gemm" and editing.attribute(node, "transB", 0)
+            axes[linear.name] = (1, 0 if transposed else 1)
+    rounded = round_weights(model, axes, calib, per_channel)
+    notes.append(rounded.note())
+    codes: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for node in model.graph:
+        if node.name not in axes:
+            continue
+        axis = axes[node.name][1] if per_channel else None
+        weight = rounded.weights.get((node.inputs[1].name or "", axis))
+        if weight is None:
+            continue
+        values = weight.values.T if axes[node.name][1] == 0 else weight.values
+        columns = values.shape[1]
+        scale = np.broadcast_to(weight.scale, (columns,)).astype(np.float32)
+        codes[node.name] = (np.ascontiguousarray(values, dtype=np.int8), scale)
+    return codes
+
+
 class Lowering:
     """Rewrites layers of one graph into their int8-dynamic form."""
 
-    def __init__(self, model: ir.Model, ort: bool, per_channel: bool = True) -> None:
+    def __init__(
+        self,
+        model: ir.Model,
+        ort: bool,
+        per_channel: bool = True,
+        codes: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+    ) -> None:
         self.model = model
         self.graph = model.graph
         self.ort = ort
         self.per_channel = per_channel
+        # Int8 weights rounded beforehand (GPTQ), by node name; the rest round to nearest.
+        self.codes = codes or {}
         self.maker = editing.NameTable(model.graph)
         # One DynamicQuantizeLinear per activation, shared by every layer reading it.
         self.quantized_inputs: dict[int, tuple[ir.Value, ir.Value, ir.Value]] = {}
@@ -202,7 +243,7 @@ class Lowering:
     def quantize(self, linear: Linear) -> str:
         """Rewrite one layer; returns how (for the record)."""
         node = linear.node
-        q, scale = quantize_weight(linear.weight, self.per_channel)
+        q, scale = self.codes.get(linear.name) or quantize_weight(linear.weight, self.per_channel)
         base = linear.name or node.op_type
         q_value = self._initializer(f"{base}_weight_q", q)
         scale_value = self._initializer(f"{base}_weight_scale", scale)
@@ -345,13 +386,15 @@ def lower(
     ort: bool,
     excluded: Callable[[ir.Node], bool],
     per_channel: bool = True,
+    codes: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> tuple[list[LayerPrecision], list[TypeChange]]:
     """Quantize every layer of ``model`` (in place) except those named in ``keep_float`` and
-    those ``excluded`` (``--exclude``); the layers' precisions and the type changes."""
+    those ``excluded`` (``--exclude``); the layers' precisions and the type changes.
+    ``codes``: int8 weights rounded beforehand, by node name (:func:`rounded_codes`)."""
     names = {node.name: node for node in model.graph if node.name}
     index = {id(node): i for i, node in enumerate(model.graph)}
     linears, layers = find_linears(model)
-    lowering = Lowering(model, ort, per_channel)
+    lowering = Lowering(model, ort, per_channel, codes)
     for linear in linears:
         node = linear.node
         if excluded(node):
@@ -404,12 +447,16 @@ def quantize_dynamic(
     fit, held = calib.split(settings.holdout) if calib is not None else (None, None)
 
     smoothquant.apply_settings(model, settings, fit, record.notes)
+    codes = None
+    if settings.int8_weights == "gptq" and fit is not None:
+        # Rounded once, after SmoothQuant moved its scales into the weights.
+        codes = rounded_codes(model, fit, settings.per_channel, record.notes)
 
     keep: frozenset[str] = frozenset()
     if settings.mixed_precision:
-        keep = _mixed_precision(model, original, settings, fit, held, context, record)
+        keep = _mixed_precision(model, original, settings, fit, held, context, record, codes)
 
-    layers, changes = lower(model, keep, ort, settings.excluded, settings.per_channel)
+    layers, changes = lower(model, keep, ort, settings.excluded, settings.per_channel, codes)
     record.layers, record.type_changes = layers, changes
     record.weight_bytes_after = weight_bytes(model)
     _fidelity(original, model, calib, fit, held, context, record)
@@ -424,6 +471,7 @@ def _mixed_precision(
     held: CalibrationSet | None,
     context: PassContext,
     record: QuantRecord,
+    codes: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> frozenset[str]:
     """Which layers stay float so the --min-cosine/--max-error target holds on held-out
     samples (sensitivities on the fit samples)."""
@@ -440,7 +488,7 @@ def _mixed_precision(
 
     def build(kept: frozenset[str]) -> ir.Model:
         candidate = smoothed.clone()
-        lower(candidate, kept, ort, settings.excluded, settings.per_channel)
+        lower(candidate, kept, ort, settings.excluded, settings.per_channel, codes)
         return candidate
 
     candidates = [

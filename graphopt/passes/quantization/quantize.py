@@ -22,6 +22,7 @@ from graphopt.passes.quantization.settings import (
     BLOCK_SIZES,
     CALIB_METHODS,
     INT4_METHODS,
+    INT8_MODES,
     INT8_WEIGHT_METHODS,
     MODES,
     QUANT_FORMATS,
@@ -168,7 +169,7 @@ class QuantizePass(GraphPass):
             str,
             None,
             "int8 weight rounding: rtn (round to nearest) or gptq (error feedback through "
-            "the layer input's Gram matrix, same scales); --quantize int8 only; default gptq "
+            "the layer input's Gram matrix, same scales); int8 and int8-dynamic; default gptq "
             "with a --calib file, else rtn",
             flag="--int8-weights",
             choices=INT8_WEIGHT_METHODS,
@@ -233,10 +234,10 @@ class QuantizePass(GraphPass):
                     "--autotune had no effect: it times static int8 candidates for "
                     "--target ort only"
                 )
-        if settings.int8_weights != "rtn" and settings.mode != "int8":
+        if settings.int8_weights != "rtn" and settings.mode not in INT8_MODES:
             record.notes.append(
                 f"--int8-weights {settings.int8_weights} had no effect: it rounds the weights "
-                "of --quantize int8 (static) only"
+                "of --quantize int8 and int8-dynamic only"
             )
         if original is not None:
             from graphopt.passes.compensation.quantized import compensate_quantized
@@ -309,8 +310,8 @@ class QuantizePass(GraphPass):
             bias_correction=has_file if s["bias_correction"] is None else s["bias_correction"],
             block_size=s["block_size"],
             int4_method=s["int4_method"] or ("gptq" if has_file else "rtn"),
-            # Static int8 only (int8-dynamic rounds its weights to nearest).
-            int8_weights=s["int8_weights"] or ("gptq" if has_file and mode == "int8" else "rtn"),
+            int8_weights=s["int8_weights"]
+            or ("gptq" if has_file and mode in INT8_MODES else "rtn"),
             int4_asymmetric=s["int4_asymmetric"],
             quantize_embeddings=s["quantize_embeddings"],
             autotune=s["autotune"],

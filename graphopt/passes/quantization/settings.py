@@ -23,8 +23,9 @@ CALIB_METHODS = ("minmax", "percentile", "entropy", "mse", "auto")
 QUANT_FORMATS = ("qdq", "qoperator")
 ACTIVATION_TYPES = ("u8", "s8")
 INT4_METHODS = ("rtn", "gptq", "awq")
-# --int8-weights: how static int8 rounds weights (int8_rounding.py).
+# --int8-weights: how int8 (static and dynamic) rounds weights (int8_rounding.py).
 INT8_WEIGHT_METHODS = ("rtn", "gptq")
+INT8_MODES = ("int8", "int8-dynamic")
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 
 

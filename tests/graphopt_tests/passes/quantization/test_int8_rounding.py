@@ -199,13 +199,42 @@ def test_random_calibration_defaults_to_round_to_nearest(tmp_path):
     assert record.settings["int8_weights"] == "rtn"
 
 
+def test_dynamic_int8_rounds_its_weights_too(tmp_path):
+    """int8-dynamic takes the same codes (MatMul and Gemm with transB), by default with a
+    file, deterministically; the emitted weights keep round-to-nearest's scales."""
+    model = matmul_model()
+    calib = _calib_file(tmp_path, model, count=48)
+
+    def dynamic(**options):
+        context = PassContext(target="ort")
+        result, _ = run_pass(model, QuantizePass, context, mode="int8-dynamic", calib=calib,
+                             **options)  # fmt: skip
+        return result, context.details["quantize"]
+
+    first, record = dynamic()
+    assert record.settings["int8_weights"] == "gptq"
+    assert any(n.startswith("int8 weights: gptq on 2 layers") for n in record.notes)
+    again, _ = dynamic()
+    assert io.to_proto(first).SerializeToString() == io.to_proto(again).SerializeToString()
+    nearest, rtn_record = dynamic(int8_weights="rtn")
+    assert not any(n.startswith("int8 weights") for n in rtn_record.notes)
+    ours, theirs = (
+        {n: constant_array(v) for n, v in sorted(m.graph.initializers.items())}
+        for m in (first, nearest)
+    )
+    codes = [n for n in ours if n.endswith("_weight_q")]
+    assert len(codes) == 2
+    for name in codes:
+        assert not np.array_equal(ours[name], theirs[name])
+        scale = name.removesuffix("_q") + "_scale"
+        assert np.array_equal(ours[scale], theirs[scale])
+
+
 def test_other_modes_say_the_option_had_no_effect(tmp_path):
     model = matmul_model()
     context = PassContext(target="ort")
     calib = _calib_file(tmp_path, model)
-    run_pass(model, QuantizePass, context, mode="int8-dynamic", calib=calib)
-    assert context.details["quantize"].settings["int8_weights"] == "rtn"
-    run_pass(model, QuantizePass, context, mode="int8-dynamic", calib=calib, int8_weights="gptq")
+    run_pass(model, QuantizePass, context, mode="fp16", calib=calib, int8_weights="gptq")
     assert any("--int8-weights gptq had no effect" in n for n in context.details["quantize"].notes)
 
 
