@@ -6,12 +6,14 @@
 
 One command. MiniLM (real weights) is optimized with ``--quantize int8``, ``--quantize
 int4-weight --target ort`` (MatMulNBits, GPTQ by default with the calibration file) and
-``--sparsity 2:4`` (reconstruction by default), each without ``--compensation`` and with
-``eora:R`` for each rank (``--configs`` also offers int4-rtn and 2:4-magnitude, the data-free
-roundings), once per fit in ``--fits``: ``plain`` is EoRA after the pass (the path
-approximates ``ΔW`` on the layer's input Gram), ``joint`` (the default) first rounds again
-with the path in view (:mod:`graphopt.passes.compensation.joint`: MatMulNBits int4 after
-GPTQ, N:M sparsity by the pass's criterion; RTN int4, int8 QDQ and factorization stay plain).
+``--sparsity 2:4`` (reconstruction by default) and, with ``--configs prune``,
+``--prune flops=0.25`` (lsq refit; the paths go from each pruned block's input), each
+without ``--compensation`` and with ``eora:R`` for each rank (``--configs`` also offers
+int4-rtn and 2:4-magnitude, the data-free roundings), once per fit in ``--fits``: ``plain``
+is EoRA after the pass (the path approximates ``ΔW`` on the layer's input Gram), ``joint``
+(the default) first rounds again with the path in view
+(:mod:`graphopt.passes.compensation.joint`: MatMulNBits int4 after GPTQ, N:M sparsity by the
+pass's criterion; RTN int4, int8 QDQ and factorization stay plain; pruning has no rounding).
 Calibration: the first ``--calib-sentences`` sentences of :mod:`graphopt.models.sentences`'
 calib split (seq 128). Fidelity: mean cosine of the sentence embeddings against the float
 original on the disjoint eval split (``--eval-sentences``); the gap is ``1 − cos``; "gap
@@ -56,6 +58,9 @@ CONFIGS = {
     # Not in the default set: the data-free roundings, whose error EoRA sees unwhitened.
     "int4-rtn": {"quantize": "int4-weight", "target": "ort", "int4_method": "rtn"},
     "2:4-magnitude": {"sparsity": "2:4", "sparsity_criterion": "magnitude"},
+    # Structured pruning (lsq refit underneath); eora:R adds paths from each pruned block's
+    # input (compensation/pruned.py). Not in the default set; its fit is always plain.
+    "prune": {"prune": "flops=0.25"},
 }
 DEFAULT_CONFIGS = "int8,int4,2:4"
 FITS = ("plain", "joint")
@@ -103,6 +108,8 @@ def run(source: Path, out: Path, config: dict, calib: Path, rank: int, fit: str)
     details = result.report.details
     record = details.get("quantize") or details.get("sparsify") or details.get("factorize")
     comp = getattr(record, "compensation", None)
+    if "prune-eora" in details:  # pruning's own record stays its; the paths have their own
+        comp = details["prune-eora"].record
     return {
         "seconds": seconds,
         "paths": len(comp.layers) if comp else 0,

@@ -218,10 +218,10 @@ def compensate(
         record.fidelity_before = before
     elif measure is not None:
         record.fidelity_before = measure(model)
-    rows, record.flops_before = _rows_and_flops(shapes_of or model, layers, input_shapes)
+    rows, record.flops_before = rows_and_flops(shapes_of or model, layers, input_shapes)
     missing = [layer for layer in layers if _row_key(layer) not in rows]
     if missing and shapes_of is not None:  # inputs the pass renamed (SmoothQuant, AWQ's Mul)
-        rows.update(_rows_and_flops(model, missing, input_shapes)[0])
+        rows.update(rows_and_flops(model, missing, input_shapes)[0])
     keys = {id(layer): _row_key(layer) for layer in layers}  # before paths rename outputs
     names = NameTable(model.graph)
     uncounted = 0
@@ -258,7 +258,7 @@ def _row_key(layer: ChangedLayer) -> str:
     return (layer.x.name if layer.conv is None else layer.y.name) or ""
 
 
-def _rows_and_flops(
+def rows_and_flops(
     model: ir.Model, layers: list[ChangedLayer], shapes: dict[str, tuple[int, ...]] | None
 ) -> tuple[dict[str, int], int]:
     """Rows of each layer's path at ``shapes`` (by :func:`_row_key`), and ``model``'s FLOPs."""

@@ -108,6 +108,10 @@ class PrunePass(GraphPass):
         pruned, record = prune_model(model, settings, calib, self.context)
         record.defaults = list(choices.defaulted)
         self.context.details["prune"] = record
+        if self.eora_rank and calib is not None:
+            from graphopt.passes.compensation.pruned import add_paths
+
+            add_paths(model, pruned, calib, self.eora_rank, settings.holdout, self.context)
         if pruned is not model:
             model.graph = pruned.graph  # the pass manager works on ``model`` in place
         return record.units_removed
@@ -119,14 +123,15 @@ class PrunePass(GraphPass):
             raise UserInputError("prune: give exactly one target, flops=R or params=R")
         kind, ratio = given[0]
         compensation = s["compensation"]
+        self.eora_rank = 0
         if compensation and str(compensation).strip().lower().startswith("eora"):
-            # The shared flag's value for the passes after pruning (--prune ... --quantize ...
-            # --compensation eora:16): pruning's own lsq refit is already the full-rank
-            # least-squares fit on the kept inputs, so it keeps its default and says so.
-            self.context.note(
-                f"prune: --compensation {compensation} is for factorize/sparsify/quantize; "
-                "pruning keeps its own default (lsq with a --calib file, else none)"
-            )
+            from graphopt.passes.compensation.eora import parse_compensation, require_calibration
+
+            # eora:R keeps pruning's own refit (its default, lsq with a --calib file: the
+            # full-rank fit on the kept inputs) and adds rank-R paths from each pruned block's
+            # input (compensation/pruned.py): the two recover different parts of the loss.
+            self.eora_rank = parse_compensation(compensation, "prune")[0]
+            require_calibration(self.eora_rank, s["calib"], "prune")
             compensation = None
         # The CLI, the API and recipes all reach here, so defaults are resolved once for all.
         choices = resolve_choices(s["criterion"], compensation, s["allocation"], s["calib"])

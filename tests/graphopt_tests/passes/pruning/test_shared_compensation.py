@@ -1,5 +1,5 @@
-"""``--compensation`` is one flag shared by prune (none|bias|lsq) and the passes after it
-(eora:RANK): pruning passes an EoRA value over with a note and keeps its own default."""
+"""``--compensation`` is one flag shared by prune (none|bias|lsq|eora:RANK) and the passes
+after it (eora:RANK): with an EoRA value pruning keeps its own default refit and adds paths."""
 
 from __future__ import annotations
 
@@ -23,15 +23,18 @@ def ffn_and_calib(tmp_path: Path) -> tuple[Path, Path]:
     return model, calib
 
 
-def test_prune_keeps_its_default_and_says_so_for_an_eora_value(ffn_and_calib, capsys) -> None:
+def test_prune_keeps_its_default_and_adds_paths_for_an_eora_value(ffn_and_calib, capsys) -> None:
     model, calib = ffn_and_calib
     out_path = model.parent / "out.onnx"
     args = ["optimize", str(model), "-o", str(out_path), "--prune", "flops=0.3"]
     code = main([*args, "--calib", str(calib), "--compensation", "eora:8"])
     out = capsys.readouterr().out
     assert code == 0 and out_path.exists()
-    assert "--compensation eora:8 is for factorize/sparsify/quantize" in out
+    # lsq (pruning's default) stays underneath; eora:8 adds a rank-8 path after it.
     assert "compensation lsq (default)" in out
+    assert "EoRA rank 8: 1 float32 low-rank paths added" in out
+    assert "is for factorize/sparsify/quantize" not in out
+    assert sum(n.op_type == "MatMul" for n in ir.load(out_path).graph) == 4
 
 
 def test_a_value_no_pass_takes_is_one_line_and_exit_2(ffn_and_calib, capsys) -> None:
