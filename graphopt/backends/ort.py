@@ -1,6 +1,6 @@
 """ONNX Runtime as a deployment backend: sessions built the way a user deploys a model.
 
-Verification (:func:`graphopt.verify.make_session`) runs with ORT's own graph optimizations
+Verification (:func:`graphopt.sessions.make_session`) runs with ORT's own graph optimizations
 off, so that it compares graphopt's rewrite and nothing else, on the CPU unless the run names
 other providers (``graphopt optimize --provider``, :func:`using_providers`). Measuring
 and comparing for deployment (``graphopt bench``, ``graphopt compare``) and producing an

@@ -29,7 +29,7 @@ current directory implicitly: a relative path is used only when the user typed i
 
 Libraries the user names for a run (``--custom-ops``, ``OptimizeOptions.custom_ops``) are
 made active with :func:`using_custom_ops`; every ORT session graphopt creates meanwhile
-(``graphopt.verify.make_session``) registers them, so a model with custom ops can be
+(``graphopt.sessions.make_session``) registers them, so a model with custom ops can be
 verified, probed and measured like any other.
 """
 

@@ -118,7 +118,7 @@ def observe(
 
 def observation_session(model: ir.Model):
     """An ORT session to observe ``model`` with (its outputs are the values observed)."""
-    from graphopt.verify import make_session
+    from graphopt.sessions import make_session
 
     try:
         # ORT optimizations on: statistics do not need bit-exactness, and it is faster.

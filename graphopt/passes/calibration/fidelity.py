@@ -44,7 +44,7 @@ def outputs_on(model: ir.Model, calib: CalibrationSet, optimize: bool = True) ->
     """Every output of ``model`` on every sample, concatenated along the sample axis
     (``optimize``: with ONNX Runtime's graph optimizations on)."""
     from graphopt.ortrun import run_session
-    from graphopt.verify import make_session
+    from graphopt.sessions import make_session
 
     session = make_session(model, optimize=optimize)
     names = [o.name for o in session.get_outputs()]

@@ -367,7 +367,7 @@ def _generated(
 def _session(model: ir.Model):
     """An ORT session on ``model``, or a one-line error saying why ORT cannot load it."""
     from graphopt.backends.ort_custom_ops import missing_library_hint
-    from graphopt.verify import make_session
+    from graphopt.sessions import make_session
 
     try:
         return make_session(model)

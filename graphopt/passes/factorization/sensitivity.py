@@ -38,7 +38,7 @@ def sensitivities(
     by ``approximations[i]()``, in the stored layout) / ``local_errors[i]``; None where the
     weight is not an initializer or the probe could not run."""
     from graphopt.ortrun import run_session
-    from graphopt.verify import make_session
+    from graphopt.sessions import make_session
 
     clone = model.clone()
     by_name = dict(clone.graph.initializers)

@@ -53,7 +53,7 @@ class ConsumerRunner:
 
 
 def _single_node_session(model: ir.Model, node: ir.Node):
-    from graphopt.verify import make_session
+    from graphopt.sessions import make_session
 
     inputs, initializers = [], []
     seen: dict[str, ir.Value] = {}

@@ -102,7 +102,7 @@ def autotune(
 
 
 def _time(candidates: list[Candidate], calib: CalibrationSet) -> None:
-    from graphopt.verify import make_session
+    from graphopt.sessions import make_session
 
     feeds = next(calib.batches())
     sessions = [make_session(c.model, threads=1, optimize=True) for c in candidates]

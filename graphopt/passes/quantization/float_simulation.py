@@ -29,7 +29,7 @@ def fidelity_on_runnable(
     """Fidelity on ``converted`` when ONNX Runtime (CPU) runs it, else on its float
     simulation (:func:`simulation`); the note says which; the last item is why ORT cannot
     run ``converted`` ("" when it can)."""
-    from graphopt.verify import make_session
+    from graphopt.sessions import make_session
 
     kind = low.name.lower()
     unrunnable = ""

@@ -164,14 +164,14 @@ AZURE = "AzureExecutionProvider"  # in every onnxruntime wheel: a non-CPU provid
 
 
 def test_verification_sessions_use_the_runs_providers() -> None:
-    from graphopt import verify
+    from graphopt import sessions
 
-    assert verify.make_session(io.load(_model()).model).get_providers() == [backend.CPU]
+    assert sessions.make_session(io.load(_model()).model).get_providers() == [backend.CPU]
     if AZURE not in ort.get_available_providers():
         pytest.skip(f"this onnxruntime offers no {AZURE} to pass through")
     with backend.using_providers(AZURE) as providers:
         assert providers == (AZURE, backend.CPU)
-        session = verify.make_session(io.load(_model()).model)
+        session = sessions.make_session(io.load(_model()).model)
         assert session.get_providers() == [AZURE, backend.CPU]
     assert backend.active_providers() == (backend.CPU,)
 

@@ -23,7 +23,8 @@ from graphopt.backends.ort_custom_ops import (
 )
 from graphopt.cli import main
 from graphopt.errors import UserInputError
-from graphopt.verify import make_session, run_model
+from graphopt.sessions import make_session
+from graphopt.verify import run_model
 
 # The smallest valid custom-op library: ORT dlopens it, calls RegisterCustomOps, and a NULL
 # OrtStatus* means success. No ORT headers needed.
@@ -261,7 +262,7 @@ def test_model_metadata_naming_a_library_is_ignored(own_build: Path, tmp_path: P
 
     from onnx import TensorProto, helper
 
-    from graphopt.verify import make_session
+    from graphopt.sessions import make_session
     from graphopt_tests.helpers import make_model, tensor_info
 
     evil = tmp_path / "libevil.so"

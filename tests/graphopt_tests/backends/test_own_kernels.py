@@ -118,7 +118,7 @@ def test_missing_library_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 def test_verify_sessions_refuse_without_library(tmp_path: Path, monkeypatch) -> None:
     import_or_skip("onnxruntime", "verification sessions are ONNX Runtime sessions")
-    from graphopt.verify import make_session
+    from graphopt.sessions import make_session
 
     monkeypatch.setattr(ort_custom_ops, "build_dir", lambda: tmp_path / "absent")
     with pytest.raises(UserInputError, match=r"python -m graphopt\.kernels build"):

@@ -16,7 +16,7 @@ A case is checked in three steps, always on ONNX Runtime's CPU provider:
    constant folding may compute everything) and the result must still match.
 
 ORT runs with its default optimization level (``ORT_ENABLE_ALL``), unlike
-:func:`graphopt.verify.make_session`: this suite asks whether a user who deploys graphopt's
+:func:`graphopt.sessions.make_session`: this suite asks whether a user who deploys graphopt's
 output with ORT's defaults still gets the right answer, and "before" and "after" run with the
 same settings, so a difference is graphopt's doing. When a case regresses, the diagnosis
 also reruns it with ORT's optimizations off to tell an interaction with ORT's own fusions

@@ -125,7 +125,7 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def run(model: ir.Model, x: np.ndarray, optimize: bool = True) -> np.ndarray:
-    from graphopt.verify import make_session
+    from graphopt.sessions import make_session
 
     return make_session(model, optimize=optimize).run(None, {"x": x})[0]
 

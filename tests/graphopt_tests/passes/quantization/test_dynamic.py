@@ -201,7 +201,7 @@ def test_gemm_bias_of_any_broadcast_shape(bias_shape):
     for target in ("portable", "ort"):
         result, hits, _ = quantized(model, target=target)
         assert hits == 1
-        from graphopt.verify import make_session
+        from graphopt.sessions import make_session
 
         got = make_session(result, optimize=True).run(None, {"x": x})[0]
         want = make_session(model).run(None, {"x": x})[0]

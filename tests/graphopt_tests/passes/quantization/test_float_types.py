@@ -15,7 +15,7 @@ from graphopt.errors import UserInputError
 from graphopt.passes.quantization.quantize import QuantizePass
 from graphopt.passes.quantization.record import QuantRecord
 from graphopt.registry import PassContext
-from graphopt.verify import make_session
+from graphopt.sessions import make_session
 from graphopt_tests.helpers import make_model, tensor_info
 
 FLOAT = ir.DataType.FLOAT
