@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from graphopt.passes.calibration.fidelity import Fidelity
-from graphopt.passes.calibration.report import fidelity_json, render_section
+from graphopt.passes.calibration.report import record_tail, removed_share, render_section
 
 
 @dataclass
@@ -56,7 +56,7 @@ class ErasureRecord:
 
     @property
     def flops_removed(self) -> float:
-        return 1.0 - self.flops_after / self.flops_before if self.flops_before else 0.0
+        return removed_share(self.flops_before, self.flops_after)
 
     def headline(self) -> str:
         return (
@@ -77,9 +77,7 @@ class ErasureRecord:
             "flops_after": self.flops_after,
             "flops_removed": self.flops_removed,
             "joint_score": self.joint_score,
-            "fidelity": fidelity_json(self.fidelity),
-            "fidelity_source": self.fidelity_source,
-            "notes": self.notes,
+            **record_tail(self),
         }
 
     def render(self, console: Console) -> bool:

@@ -23,6 +23,25 @@ def fidelity_json(fidelity: dict[str, list[Fidelity]]) -> dict[str, list[dict[st
     return {name: [f.to_json() for f in rows] for name, rows in fidelity.items()}
 
 
+def removed_share(before: int, after: int) -> float:
+    """``1 − after / before`` (0 when there was nothing): the share a lossy pass removed."""
+    return 1.0 - after / before if before else 0.0
+
+
+def record_tail(record: Any) -> dict[str, Any]:
+    """The keys a lossy pass's record ends its JSON with: fidelity, where its samples came
+    from, the notes, and the EoRA record when ``--compensation eora`` added paths."""
+    tail = {
+        "fidelity": fidelity_json(record.fidelity),
+        "fidelity_source": record.fidelity_source,
+        "notes": record.notes,
+    }
+    compensation = getattr(record, "compensation", None)
+    if compensation is not None:
+        tail["compensation"] = compensation.to_json()
+    return tail
+
+
 def left_line(label: str, items: list[str]) -> str:
     """``  left dense: a: why; b: why and 3 more`` (the first :data:`SHOWN_LEFT` items)."""
     shown = "; ".join(items[:SHOWN_LEFT])
@@ -39,8 +58,10 @@ def render_section(
     left: list[str],
     fidelity_title: str,
     fidelity: dict[str, list[Fidelity]],
+    compensation: Any = None,
 ) -> None:
-    """Print one lossy pass's section (see the module docstring)."""
+    """Print one lossy pass's section (see the module docstring), then the EoRA record's
+    (``compensation``) when the pass added paths."""
     console.print(headline, markup=False)
     for note in notes:
         console.print(f"  {note}", markup=False)
@@ -50,3 +71,5 @@ def render_section(
         console.print(left_line(left_label, left), markup=False)
     if fidelity:
         console.print(fidelity_table(fidelity_title, fidelity))
+    if compensation is not None:
+        compensation.render(console)

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from graphopt.passes.calibration.fidelity import Fidelity, summary
-from graphopt.passes.calibration.report import fidelity_json, render_section
+from graphopt.passes.calibration.report import fidelity_json, removed_share, render_section
 
 SHOWN_MODULES = 30
 
@@ -52,7 +52,7 @@ class DecomposeRecord:
 
     @property
     def flops_removed(self) -> float:
-        return 1.0 - self.flops_after / self.flops_before if self.flops_before else 0.0
+        return removed_share(self.flops_before, self.flops_after)
 
     def headline(self) -> str:
         line = (

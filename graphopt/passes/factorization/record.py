@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from graphopt.passes.calibration.fidelity import Fidelity
-from graphopt.passes.calibration.report import fidelity_json, render_section
+from graphopt.passes.calibration.report import record_tail, removed_share, render_section
 
 if TYPE_CHECKING:
     from graphopt.passes.compensation.record import CompensationRecord
@@ -80,7 +80,7 @@ class FactorizeRecord:
 
     @property
     def flops_removed(self) -> float:
-        return 1.0 - self.flops_after / self.flops_before if self.flops_before else 0.0
+        return removed_share(self.flops_before, self.flops_after)
 
     def headline(self) -> str:
         return (
@@ -101,10 +101,7 @@ class FactorizeRecord:
             "flops_before": self.flops_before,
             "flops_after": self.flops_after,
             "flops_removed": self.flops_removed,
-            "fidelity": fidelity_json(self.fidelity),
-            "fidelity_source": self.fidelity_source,
-            "notes": self.notes,
-            **({"compensation": self.compensation.to_json()} if self.compensation else {}),
+            **record_tail(self),
         }
 
     def render(self, console: Console) -> bool:
@@ -117,9 +114,8 @@ class FactorizeRecord:
             [f"{name}: {why}" for name, why in self.skipped],
             f"factorize fidelity against the original ({self.fidelity_source})",
             self.fidelity,
+            self.compensation,
         )
-        if self.compensation is not None:
-            self.compensation.render(console)
         return True
 
 

@@ -27,6 +27,7 @@ from graphopt.passes.calibration.fidelity import (
     padding_mask,
     summary,
 )
+from graphopt.passes.calibration.report import removed_share
 from graphopt.passes.calibration.samples import CalibrationSet, sample_input_shapes
 from graphopt.passes.pruning.allocation import CostModel, allocate, plan_group
 from graphopt.passes.pruning.channel_removal import remove_channels
@@ -80,7 +81,7 @@ class PruneReport:
 
     @property
     def flops_removed(self) -> float:
-        return 1.0 - self.flops_after / self.flops_before if self.flops_before else 0.0
+        return removed_share(self.flops_before, self.flops_after)
 
     @property
     def params_removed(self) -> float:

@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from graphopt.passes.calibration.fidelity import Fidelity, fidelity_table, measure
+from graphopt.passes.calibration.report import fidelity_json
 from graphopt.passes.calibration.samples import CalibrationSet
 
 
@@ -89,7 +90,7 @@ class QuantRecord:
             "type_changes": [change.__dict__ for change in self.type_changes],
             "weight_bytes_before": self.weight_bytes_before,
             "weight_bytes_after": self.weight_bytes_after,
-            "fidelity": {k: [f.to_json() for f in v] for k, v in self.fidelity.items()},
+            "fidelity": fidelity_json(self.fidelity),
             "fidelity_source": self.fidelity_source,
             "curve": [point.__dict__ for point in self.curve],
             "notes": self.notes,

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from graphopt.passes.calibration.fidelity import Fidelity
-from graphopt.passes.calibration.report import fidelity_json, render_section
+from graphopt.passes.calibration.report import record_tail, render_section
 
 if TYPE_CHECKING:
     from graphopt.passes.compensation.record import CompensationRecord
@@ -80,10 +80,7 @@ class SparsityRecord:
             "error_kind": self.error_kind,
             "layers": [layer.__dict__ for layer in self.layers],
             "skipped": [list(s) for s in self.skipped],
-            "fidelity": fidelity_json(self.fidelity),
-            "fidelity_source": self.fidelity_source,
-            "notes": self.notes,
-            **({"compensation": self.compensation.to_json()} if self.compensation else {}),
+            **record_tail(self),
         }
 
     def render(self, console: Console) -> bool:
@@ -96,9 +93,8 @@ class SparsityRecord:
             [f"{name}: {why}" for name, why in self.skipped],
             f"sparsity fidelity against the dense original ({self.fidelity_source})",
             self.fidelity,
+            self.compensation,
         )
-        if self.compensation is not None:
-            self.compensation.render(console)
         return True
 
 
