@@ -3,8 +3,10 @@ passes' fidelity checks run on.
 
 A model under :data:`IN_MEMORY_LIMIT_BYTES` goes to ORT in memory, its initializers of
 :data:`SHARE_MIN_BYTES` or more lent from graphopt's own arrays (no serialized copy); a larger
-one is read from a temporary external-data file, which ORT maps. Sessions use the run's
-providers (``--provider``) and register its custom-op libraries (``--custom-ops``).
+one is read from a temporary external-data file, which ORT maps (the limit is
+:data:`graphopt.backends.ort.IN_MEMORY_LIMIT_BYTES`, one for every session graphopt
+builds). Sessions use the run's providers (``--provider``) and register its custom-op
+libraries (``--custom-ops``).
 """
 
 from __future__ import annotations
@@ -17,12 +19,10 @@ from pathlib import Path
 import onnx_ir as ir
 
 from graphopt import io
-from graphopt.backends.ort import active_providers, check_providers
+from graphopt.backends.ort import IN_MEMORY_LIMIT_BYTES, active_providers, check_providers
 from graphopt.backends.ort_custom_ops import register_active_custom_ops
 from graphopt.ortrun import import_onnxruntime, shareable_initializers, shared_session
 
-# Serialize to memory below this; above it ORT reads a temporary file with external data.
-IN_MEMORY_LIMIT_BYTES = 1 << 30
 # Below IN_MEMORY_LIMIT_BYTES, initializers from this size on are lent to ORT rather than
 # serialized: the proto, its bytes and ORT's parse were three copies of every weight (a
 # quantized 2 GB decoder's sessions peaked at ~1.5 GB over the model for a 0.5 GB model).
