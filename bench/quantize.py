@@ -19,7 +19,10 @@ Every row quantizes the same original float export with the same calibration dat
 - PP-OCRv4 rec: greedy CTC decoding of rendered text-line crops prepared as rapidocr
   prepares the detector's boxes (``graphopt.models.ocr.text_lines``: whole lines, height 48,
   right-padded to 320; characters from the model's own dictionary); the share of lines whose
-  decoded label sequence equals fp32's, and the share read exactly as rendered. PP-OCRv4
+  decoded label sequence equals fp32's, and the share read exactly as rendered
+  (``--rec-text random``: random words of dictionary letters; ``phrases``: runs of English
+  words). Reference rows perturb the fp32 weights without quantizing (bf16 rounding, 0.1% and
+  0.3% relative noise): the floor under "lines same" on those lines. PP-OCRv4
   det: IoU of the binarized (> 0.3) probability maps
   with fp32's on rendered pages.
 
@@ -120,12 +123,12 @@ def image_data(path: Path, count: int, seed: int, side: int = 224) -> dict[str, 
 REC_TEXTS: dict[int, list[str]] = {}
 
 
-def ocr_data(path: Path, count: int, seed: int) -> dict[str, np.ndarray]:
+def ocr_data(path: Path, count: int, seed: int, text: str = "random") -> dict[str, np.ndarray]:
     from graphopt.models.ocr import rec_dictionary, text_images, text_lines
 
     ((name, _dims),) = input_info(path)
     if "rec" in path.stem:
-        images, REC_TEXTS[seed] = text_lines(count, rec_dictionary(path), seed=seed)
+        images, REC_TEXTS[seed] = text_lines(count, rec_dictionary(path), seed=seed, text=text)
         return {name: images}
     return {name: text_images(count, [count, 3, 480, 640], seed=seed)}
 
@@ -348,11 +351,64 @@ def methods(name: str, src: Path, work: Path, calib: dict, calib_npz: Path):
                 lambda d=dst: graphopt_quantize(src, d, **agree),
             )
         )
+    if name == "ppocr_rec":
+        # No quantization, only perturbed weights: how often the greedy text flips when the
+        # weights move by less than any int8 (or bf16) rounding does, i.e. the floor under
+        # "lines same" on these lines.
+        for kind, label in PERTURBATIONS.items():
+            dst = work / f"{name}.reference_{kind}.onnx"
+            out.append((label, dst, lambda d=dst, k=kind: perturbed_weights(src, d, k)))
     if name in CNNS:
         dst = work / f"{name}.graphopt_fp16.onnx"
         fp16 = {"quantize": "fp16", "target": "ort", "calib": os.fspath(calib_npz)}
         out.append(("graphopt fp16", dst, lambda d=dst: graphopt_quantize(src, d, **fp16)))
     return out
+
+
+# Reference rows (ppocr_rec): fp32 with perturbed weights, no quantization.
+PERTURBATIONS = {
+    "bf16": "reference: fp32, weights rounded to bf16",
+    "noise0.001": "reference: fp32, weights x (1 + N(0, 0.1%))",
+    "noise0.003": "reference: fp32, weights x (1 + N(0, 0.3%))",
+}
+
+
+def perturbed_weights(src: Path, dst: Path, kind: str) -> str:
+    """``src`` with its weights (float tensors of rank >= 2, initializers or Constant nodes,
+    after graphopt's exact passes fold the batch norms) rounded to bfloat16 (to nearest even)
+    or multiplied by 1 + a seeded Gaussian of relative size ``noise<σ>``; nothing else
+    changes."""
+    from onnx import numpy_helper
+
+    from graphopt.api import OptimizeOptions, optimize
+
+    folded = dst.with_suffix(".folded.onnx")
+    optimize(src, folded, OptimizeOptions(verify=False))
+    model = onnx.load(folded)
+    rng = np.random.default_rng(0)
+    tensors = list(model.graph.initializer) + [
+        a.t
+        for n in model.graph.node
+        if n.op_type == "Constant"
+        for a in n.attribute
+        if a.name == "value"
+    ]
+    changed = 0
+    for tensor in tensors:
+        w = numpy_helper.to_array(tensor)
+        if w.dtype != np.float32 or w.ndim < 2:
+            continue
+        if kind == "bf16":
+            bits = w.view(np.uint32)
+            rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            new = rounded.astype(np.uint32).view(np.float32)
+        else:
+            sigma = float(kind.removeprefix("noise"))
+            new = (w * (1 + sigma * rng.standard_normal(w.shape))).astype(np.float32)
+        tensor.CopyFrom(numpy_helper.from_array(new, tensor.name))
+        changed += 1
+    onnx.save(model, os.fspath(dst))
+    return f"{changed} weight tensors perturbed ({kind}), no quantization"
 
 
 def speed_feeds(name: str, src: Path, batch: int) -> dict[str, np.ndarray]:
@@ -378,8 +434,8 @@ def run_model(name: str, args, work: Path) -> list[Row]:
         images, _ = digits.data("calib")
         calib, evaluation = {digits.INPUT_NAME: images}, None
     elif name.startswith("ppocr"):
-        calib = ocr_data(src, CALIB_COUNT, seed=CALIB_SEED)
-        evaluation = ocr_data(src, args.ocr_eval, seed=EVAL_SEED)
+        calib = ocr_data(src, CALIB_COUNT, seed=CALIB_SEED, text=args.rec_text)
+        evaluation = ocr_data(src, args.ocr_eval, seed=EVAL_SEED, text=args.rec_text)
     else:
         calib = image_data(src, CALIB_COUNT, seed=0)
         evaluation = image_data(src, EVAL_COUNT, seed=1)
@@ -436,6 +492,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", default="1")
     parser.add_argument("--pairs", type=int, default=20)
     parser.add_argument("--ocr-eval", type=int, default=200, help="rendered lines/pages")
+    parser.add_argument(
+        "--rec-text",
+        choices=("random", "phrases"),
+        default="random",
+        help="ppocr_rec lines: random words of dictionary letters, or runs of English words "
+        "(graphopt.models.ocr.LINE_TEXTS)",
+    )
     parser.add_argument("--work", default="/tmp/graphopt-quant-bench")
     parser.add_argument("--markdown")
     args = parser.parse_args(argv)

@@ -8,6 +8,7 @@ dynamic, so the sidecar records the shapes tests and verification should bind.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from functools import cache, partial
 from importlib.util import find_spec
 from pathlib import Path
@@ -155,8 +156,59 @@ def _drawable(characters: tuple[str, ...], size: int) -> tuple[str, ...]:
     )
 
 
+def random_words(drawable: tuple[str, ...]) -> Callable[[np.random.Generator], str]:
+    """Lines of 1-4 words of 1-8 letters and digits drawn from ``drawable``, a word ending in
+    one of the drawable punctuation marks now and then (``PUNCTUATION_RATE``), as printed text
+    does: lines of random symbols are ambiguous to any reader."""
+    letters = [c for c in drawable if c.isalnum()]
+    marks = [c for c in drawable if not c.isalnum()]
+    if not letters:
+        raise ValueError("none of the letters can be drawn with Pillow's built-in font")
+
+    def line(rng: np.random.Generator) -> str:
+        words = []
+        for _ in range(int(rng.integers(1, 5))):
+            word = "".join(rng.choice(letters, int(rng.integers(1, 9))))
+            if marks and rng.random() < PUNCTUATION_RATE:
+                word += str(rng.choice(marks))
+            words.append(word)
+        return " ".join(words)
+
+    return line
+
+
+def phrases(drawable: tuple[str, ...]) -> Callable[[np.random.Generator], str]:
+    """Lines of 1-5 consecutive words of graphopt's locally generated English sentences
+    (:mod:`graphopt.models.sentences`, both splits) whose characters are all in ``drawable``:
+    text with the casing, spelling and punctuation a reader meets in print."""
+    from graphopt.models import sentences
+
+    allowed = set(drawable) | {" "}
+    words = [
+        w for split in ("calib", "eval") for s in sentences.sentences(split) for w in s.split()
+    ]
+    words = [w for w in words if set(w) <= allowed]
+    if not words:
+        raise ValueError("no word of the sentences can be drawn with the dictionary")
+
+    def line(rng: np.random.Generator) -> str:
+        start, length = int(rng.integers(0, len(words))), int(rng.integers(1, 6))
+        return " ".join(words[start : start + length])
+
+    return line
+
+
+# text_lines(text=...): how a line's text is made (each maker returns a per-line function).
+LINE_TEXTS = {"random": random_words, "phrases": phrases}
+
+
 def text_lines(
-    count: int, characters: list[str], height: int = 48, width: int = 320, seed: int = 0
+    count: int,
+    characters: list[str],
+    height: int = 48,
+    width: int = 320,
+    seed: int = 0,
+    text: str = "random",
 ) -> tuple[np.ndarray, list[str]]:
     """``count`` rendered text-line crops, ``[count, 3, height, width]`` float32, prepared as
     rapidocr prepares the detector's boxes for the recognizer: a tight crop of one whole line,
@@ -164,40 +216,34 @@ def text_lines(
     padded on the right with zeros after normalization. Returns the images and their texts
     (the truth a reading is scored against).
 
-    Text: 1-4 words of 1-8 letters and digits drawn from ``characters`` (the model's
-    dictionary) that Pillow's built-in font can draw, a word ending in one of the drawable
-    punctuation marks now and then (``PUNCTUATION_RATE``), as printed text does: lines of
-    random symbols are ambiguous to any reader. Dark ink on a light background, random size,
-    small margins, mild noise. Needs Pillow (a torchvision dependency).
+    Text: only characters of ``characters`` (the model's dictionary) that Pillow's built-in
+    font can draw; ``text`` picks how lines are made (``LINE_TEXTS``): ``random`` words of
+    random letters and digits (:func:`random_words`) or ``phrases`` of English sentences
+    (:func:`phrases`). Dark ink on a light background, random size, small margins, mild
+    noise. Needs Pillow (a torchvision dependency).
     """
     from PIL import Image, ImageDraw, ImageFont
 
-    drawable = _drawable(tuple(characters), 32)
-    letters = [c for c in drawable if c.isalnum()]
-    marks = [c for c in drawable if not c.isalnum()]
-    if not letters:
-        raise ValueError("none of the letters can be drawn with Pillow's built-in font")
+    if text not in LINE_TEXTS:
+        raise ValueError(f"text={text!r}: expected one of {', '.join(LINE_TEXTS)}")
+    make_line = LINE_TEXTS[text](_drawable(tuple(characters), 32))
     rng = np.random.default_rng(seed)
     out = np.zeros((count, 3, height, width), np.float32)
     texts: list[str] = []
     for i in range(count):
         size = int(rng.integers(24, 48))
         font = ImageFont.load_default(size)
-        words = []
-        for _ in range(int(rng.integers(1, 5))):
-            word = "".join(rng.choice(letters, int(rng.integers(1, 9))))
-            if marks and rng.random() < PUNCTUATION_RATE:
-                word += str(rng.choice(marks))
-            words.append(word)
-        text = " ".join(words)
-        texts.append(text)
-        left, top, right, bottom = font.getbbox(text)
+        line_text = make_line(rng)
+        texts.append(line_text)
+        left, top, right, bottom = font.getbbox(line_text)
         margin_x, margin_y = (int(v) for v in rng.integers(2, max(3, size // 4), 2))
         box_w, box_h = right - left + 2 * margin_x, bottom - top + 2 * margin_y
         background = int(rng.integers(190, 256))
         image = Image.new("RGB", (box_w, box_h), (background,) * 3)
         ink = tuple(int(v) for v in rng.integers(0, 90, 3))
-        ImageDraw.Draw(image).text((margin_x - left, margin_y - top), text, fill=ink, font=font)
+        ImageDraw.Draw(image).text(
+            (margin_x - left, margin_y - top), line_text, fill=ink, font=font
+        )
         pixels = np.asarray(image, np.float32) + rng.normal(0.0, 4.0, (box_h, box_w, 3))
         line = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
         resized_w = min(width, int(np.ceil(height * box_w / box_h)))

@@ -292,6 +292,8 @@ class QuantizePass(GraphPass):
         defaulted = [k for k in _DEFAULTED if s[k] is None]
         has_file = bool(s["calib"]) and s["calib"] != "random"
         target = self.context.target
+        if target == "tensorrt":
+            _check_tensorrt_form(mode, s["quant_format"], s["activation_type"])
         return QuantSettings(
             mode=mode,
             target=target,
@@ -346,6 +348,28 @@ _DEFAULTED = (
     "int4_method",
     "int8_weights",
 )
+
+
+def _check_tensorrt_form(mode: str, quant_format: str | None, activation_type: str | None) -> None:
+    """Refuse, before any work, the forms TensorRT's parser rejects: ORT's integer operators
+    (QOperator's QLinearConv/QLinearMatMul, int8-dynamic's DynamicQuantizeLinear/MatMulInteger)
+    and asymmetric u8 activations (TensorRT takes zero points of 0 only)."""
+    if mode == "int8-dynamic":
+        raise UserInputError(
+            "quantize int8-dynamic --target tensorrt: TensorRT has no dynamic int8 form "
+            "(DynamicQuantizeLinear/MatMulInteger are ONNX Runtime's); use --quantize int8 "
+            "(static Q/DQ) with --calib, or --target ort"
+        )
+    if quant_format == "qoperator":
+        raise UserInputError(
+            "quantize --quant-format qoperator --target tensorrt: QLinearConv/QLinearMatMul "
+            "are ONNX Runtime's operators, TensorRT's parser takes Q/DQ: use --quant-format qdq"
+        )
+    if activation_type == "u8" and mode == "int8":
+        raise UserInputError(
+            "quantize --activation-type u8 --target tensorrt: TensorRT takes symmetric int8 "
+            "(zero point 0) only: use --activation-type s8 (the default for this target)"
+        )
 
 
 def default_activation_type(target: str) -> str:

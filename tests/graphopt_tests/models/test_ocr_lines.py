@@ -63,3 +63,21 @@ def test_dictionary_comes_from_the_recognizer_metadata() -> None:
     assert {"a", "Z", "7", "中"} <= set(characters)
     with pytest.raises(ValueError, match="no 'character' metadata"):
         rec_dictionary(models.get("ppocr_cls"))
+
+
+def test_phrases_are_runs_of_sentence_words_in_drawable_characters() -> None:
+    import_or_skip("PIL", "Pillow renders the lines")
+    from graphopt.models import sentences
+
+    alphabet = [chr(c) for c in range(33, 127)]  # printable ASCII, as the built-in font draws
+    images, texts = text_lines(16, alphabet + CJK, seed=5, text="phrases")
+    assert images.shape == (16, 3, 48, 320) and len(texts) == 16
+    corpus = " " + " ".join(sentences.sentences("calib") + sentences.sentences("eval")) + " "
+    for text in texts:
+        assert 1 <= len(text.split()) <= 5 and set(text) <= set(alphabet) | {" "}
+        assert f" {text} " in corpus  # consecutive words, in order
+    # Fewer drawable characters: only the words spelled entirely with them.
+    _, lower = text_lines(16, list("abcdefghijklmnopqrstuvwxyz"), seed=5, text="phrases")
+    assert all(set(t) <= set("abcdefghijklmnopqrstuvwxyz ") for t in lower)
+    with pytest.raises(ValueError, match="text='poems'"):
+        text_lines(1, LETTERS, text="poems")

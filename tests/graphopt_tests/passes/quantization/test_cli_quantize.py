@@ -45,6 +45,16 @@ def test_int8_from_the_command_line_reports_fidelity(tmp_path, capsys) -> None:
         (["--calib", "{wrong_dtype}"], "the model expects float32"),
         (["--calib", "{calib}", "--block-size", "48"], "--block-size 48"),
         (["--calib", "{calib}", "--min-cosine", "1.5"], "--min-cosine 1.5: out of range"),
+        # Forms TensorRT's parser rejects are refused up front for --target tensorrt.
+        (
+            ["--calib", "{calib}", "--target", "tensorrt", "--quant-format", "qoperator"],
+            "use --quant-format qdq",
+        ),
+        (
+            ["--calib", "{calib}", "--target", "tensorrt", "--activation-type", "u8"],
+            "TensorRT takes symmetric int8",
+        ),
+        (["--target", "tensorrt", "--quantize", "int8-dynamic"], "no dynamic int8 form"),
     ],
 )
 def test_mistakes_are_one_line_errors_and_write_nothing(tmp_path, capsys, extra, message) -> None:
