@@ -281,6 +281,8 @@ void test_f32(Rng& rng, const Options& opt) {
 // AVX-512 path stages whole groups of 16 outputs and copies them to Y between rows: N = 50 and
 // 35 end in a partial group; at 90% it takes narrow K panels, at 95% one panel for K = 600
 // but still panels for K = 2100 (an A^T tile past L2); M = 100 and 70 end in a partial tile.
+// N = 300 at 75% (full tile: column look-ahead, weights prefetched rows ahead) spans two
+// chunks of block rows, the second partial, with a partial last M tile.
 void test_f32_fixed(Rng& rng) {
   using A = Activation;
   const Shape shapes[] = {
@@ -294,6 +296,7 @@ void test_f32_fixed(Rng& rng) {
       {100, 1000, 50, 1, 4, 0.5, true, A::Gelu},  {70, 600, 35, 1, 4, 0.9, false, A::Relu},
       {64, 2100, 40, 1, 4, 0.9, true, A::None},   {9, 2100, 16, 1, 4, 0.75, true, A::Relu},
       {70, 600, 35, 1, 4, 0.95, true, A::Gelu},   {64, 2100, 40, 1, 4, 0.95, false, A::Relu},
+      {72, 800, 300, 1, 4, 0.75, true, A::Relu},
   };
   for (const Shape& s : shapes) check_f32(rng, s);
 }
