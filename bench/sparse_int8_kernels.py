@@ -2,6 +2,7 @@
 
     python -m graphopt.kernels build          # once: the custom-op library
     python bench/sparse_int8_kernels.py [--pairs 30] [--quick] [--markdown OUT.md] [--library PATH]
+    python bench/sparse_int8_kernels.py --baseline-library OLD.so  # also time OLD.so each round
 
 One process, one ORT session per operator, all three timed side by side in every round:
 
@@ -10,6 +11,10 @@ One process, one ORT session per operator, all three timed side by side in every
 - **MatMulIntegerToFloat** (com.microsoft): the same, float output, i.e. exactly our op's
   contract (what ORT's dynamic quantization emits);
 - **ours**: ``SparseQMatMul`` with the weight packed by ``graphopt.kernels.packing.pack_bsr_s8``.
+
+With ``--baseline-library`` a fourth session runs the same ``SparseQMatMul`` model from another
+build of the library (e.g. a copy of the previous one) in the same rounds, so a kernel change is
+measured under the same machine state: two more columns, its ms and time(baseline)/time(ours).
 
 Shapes are BERT-base's FFN (K x N = 768 x 3072 and 3072 x 768) at M = 1 and 128 rows, block
 sparsity 0.5 to 0.95 in 1x4 blocks (other block shapes at 0.8), intra-op threads 1 and 2.
@@ -72,6 +77,7 @@ class Result:
     max_rel: float  # ours vs MatMulIntegerToFloat
     dense_bytes: int
     packed_bytes: int
+    vs_base: float | None = None  # time(baseline library) / time(ours), median per round
 
 
 def block_sparse_int8(K: int, N: int, R: int, C: int, sparsity: float, seed: int) -> np.ndarray:
@@ -163,7 +169,7 @@ def session(model: bytes, threads: int, library: Path) -> ort.InferenceSession:
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
-def run_case(case: Case, library: Path, pairs: int) -> Result:
+def run_case(case: Case, library: Path, pairs: int, baseline: Path | None = None) -> Result:
     w = block_sparse_int8(case.K, case.N, case.R, case.C, case.sparsity, SEED)
     packed = pack_bsr_s8(w, W_SCALE, case.R, case.C)
     a = np.random.default_rng(SEED + 1).integers(0, 256, size=(case.M, case.K), dtype=np.uint8)
@@ -174,9 +180,15 @@ def run_case(case: Case, library: Path, pairs: int) -> Result:
         "ours": sparse_model(packed),
     }
     sessions = {k: session(m, case.threads, library) for k, m in models.items()}
+    if baseline is not None:
+        sessions["base"] = session(models["ours"], case.threads, baseline)
     ours = sessions["ours"].run(None, feeds)[0]
     ref = sessions["mmitf"].run(None, feeds)[0]
     max_rel = float(np.max(np.abs(ours - ref)) / max(float(np.max(np.abs(ref))), 1e-30))
+    if baseline is not None:
+        base_out = sessions["base"].run(None, feeds)[0]
+        base_rel = np.max(np.abs(base_out - ref)) / max(float(np.max(np.abs(ref))), 1e-30)
+        max_rel = max(max_rel, float(base_rel))
 
     def call(s: ort.InferenceSession):
         return lambda: s.run(None, feeds)
@@ -194,6 +206,9 @@ def run_case(case: Case, library: Path, pairs: int) -> Result:
         max_rel,
         w.nbytes,
         packed_bytes(packed) + packed.row_ptr.nbytes,
+        statistics.median(pair_ratios(by_name["base"], by_name["ours"]))
+        if baseline is not None
+        else None,
     )
 
 
@@ -218,6 +233,7 @@ def row(r: Result) -> str:
         f"| {r.ms['qlinear']:.3f} | {r.ms['mmitf']:.3f} | {r.ms['ours']:.3f} "
         f"| **{r.vs_qlinear:.2f}x** | {r.vs_mmitf:.2f}x | {r.packed_bytes / r.dense_bytes:.2f} "
         f"| {r.max_rel:.1e} |"
+        + (f" {r.ms['base']:.3f} | {r.vs_base:.2f}x |" if r.vs_base is not None else "")
     )
 
 
@@ -225,6 +241,12 @@ HEADER = (
     "| K x N | M | block | sparsity | threads | QLinearMatMul ms | MatMulIntegerToFloat ms "
     "| ours ms | ours vs QLinearMatMul | ours vs MatMulIntegerToFloat | bytes vs dense int8 "
     "| max rel err vs MatMulIntegerToFloat |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
+)
+BASE_HEADER = (
+    HEADER.split("\n")[0]
+    + " baseline library ms | ours vs baseline library |\n"
+    + HEADER.split("\n")[1]
+    + "---|---|"
 )
 
 
@@ -246,6 +268,11 @@ def preamble(library: Path, args: argparse.Namespace) -> str:
             f"{np.__version__}, Python {platform.python_version()}",
             f"- CPU: {cpu_model()} ({os.cpu_count()} cores); GRAPHOPT_KERNELS_ISA={isa}",
             f"- library: {library}",
+            *(
+                [f"- baseline library: {args.baseline_library} (timed in the same rounds)"]
+                if args.baseline_library is not None
+                else []
+            ),
             f"- timing: {args.pairs} paired interleaved rounds after {WARMUP} warm-up calls; "
             "ms = median per call; ratios = median of per-round time(baseline)/time(ours)",
             "- QLinearMatMul requantizes to uint8; MatMulIntegerToFloat and ours output float "
@@ -261,21 +288,29 @@ def main() -> None:
     parser.add_argument("--library", type=Path, default=None, help="custom-op library to use")
     parser.add_argument("--quick", action="store_true", help="1x4 at sparsity 0.8 only")
     parser.add_argument("--markdown", type=Path, default=None, help="also write the table here")
+    parser.add_argument(
+        "--baseline-library",
+        type=Path,
+        default=None,
+        help="a second custom-op library (e.g. a copy of the previous build) timed in the same "
+        "rounds as ours",
+    )
     args = parser.parse_args()
     library = args.library or library_path()
     if library is None:
         sys.exit("graphopt's kernels are not built: run `python -m graphopt.kernels build`")
     print(preamble(library, args), flush=True)
     print()
-    print(HEADER, flush=True)
+    header = HEADER if args.baseline_library is None else BASE_HEADER
+    print(header, flush=True)
     results = []
     for case in cases(args.quick):
-        results.append(run_case(case, library, args.pairs))
+        results.append(run_case(case, library, args.pairs, args.baseline_library))
         print(row(results[-1]), flush=True)
     after = f"load average after timing: {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
     print(f"\n{after}")
     if args.markdown is not None:
-        table = "\n".join([HEADER, *(row(r) for r in results)])
+        table = "\n".join([header, *(row(r) for r in results)])
         args.markdown.write_text(f"{preamble(library, args)}\n\n{table}\n\n{after}\n")
 
 

@@ -372,8 +372,15 @@ void test_24_fixed(Rng& rng) {
 
 void test_s8(Rng& rng, const Options& opt) {
   const std::vector<std::pair<int, int>> blocks{{1, 4}, {4, 4}, {2, 4}, {16, 4}, {1, 8}, {8, 4}};
-  for (int t = 0; t < opt.cases; ++t) {
-    const Shape s = random_shape(rng, opt, blocks, 1);
+  // Beyond the random sizes: K split into several L1 panels by the 1x4 tile path (K > 512),
+  // 64-row tiles plus a partial one, and M = 1 with K past the register table (K > 1024).
+  const std::vector<Shape> fixed{{70, 1100, 37, 1, 4, 0.8, true, Activation::Gelu},
+                                 {130, 600, 20, 1, 4, 0.5, false, Activation::Relu},
+                                 {1, 1100, 37, 1, 4, 0.8, true, Activation::None}};
+  const int total = opt.cases + static_cast<int>(fixed.size());
+  for (int t = 0; t < total; ++t) {
+    const Shape s = t < opt.cases ? random_shape(rng, opt, blocks, 1)
+                                  : fixed[static_cast<size_t>(t - opt.cases)];
     const auto w = block_sparse_dense<int8_t>(rng, s, -127, 127);
     const auto packed = pack_bsr(w, s);
     std::vector<int32_t> rowsum(static_cast<size_t>(s.N), 0);

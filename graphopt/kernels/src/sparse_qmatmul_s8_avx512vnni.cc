@@ -8,6 +8,11 @@
 //   rows' accumulators; the A loads are reused across up to 4 outputs of an R > 1 block and a
 //   weight broadcast across up to 4 zmm of rows. Results come out as [n][rows] and are turned
 //   into Y's [rows][n] by a 16x16 in-register transpose.
+//   1x4 blocks (panel_tile): a 64-row tile is 64*K bytes (48 KB at K = 768, all of Zen 5's
+//   L1D), and every block loads 256 of them at a random k; so K is cut into equal panels of
+//   at most 32 KB of the tile, each output takes its blocks panel by panel (col_idx is sorted
+//   within an output, a cursor per output marks where the next panel starts) and int32
+//   partial sums wait in the output buffer between panels.
 // - M == 1 (a tile would waste 15 of 16 lanes): vectorize over a block row's blocks.
 //   1x4 blocks: 16 blocks' weight dwords are one load; their 16 activation dwords come from a
 //   register table (K <= 1024, vpermi2d) or scalar-indexed inserts, and outputs are
@@ -15,7 +20,8 @@
 //   Blocks with R*C dividing 64 (1x8, 1x16, 2x4, 4x4, ...): one zmm of weights is whole
 //   blocks; masked loads + vpermd place each block's activations under its weights.
 //   Other shapes: vpgatherdd (correct, slow).
-//   (Which path wins where was measured on Zen 4; other cores may prefer other crossovers.)
+//   (Which path wins where was measured on Zen 4; other cores may prefer other crossovers.
+//   The 1x4 panels and the alignment of the scratch buffers were measured on Zen 5.)
 // A is copied with zero padding up to a whole number of block columns, so blocks that hang
 // past K meet zeros (exact whatever the padding weights hold; w_rowsum covers k < K only).
 #include <immintrin.h>
@@ -27,10 +33,12 @@
 #endif
 
 #include <algorithm>
+#include <climits>
 #include <cstring>
 #include <memory>
 #include <vector>
 
+#include "epilogue_internal.h"
 #include "sparse_qmatmul_s8_internal.h"
 
 namespace graphopt {
@@ -40,6 +48,28 @@ namespace {
 constexpr int64_t kTileRows = 64;    // 4 zmm of 16 rows: 4 x RC accumulators fit 32 registers
 constexpr int64_t kMinTileRows = 2;  // one row: the gather path (a tile would waste 15 lanes)
 constexpr int64_t kChunkOutputs = 128;
+// The 1x4 tile path's K panels: at most this many groups of 4 k (32 KB of a 64-row tile),
+// K split into equal panels. (Zen 5, K = 768 / 3072 at M = 128: 0.92x / 0.78x the time of
+// whole-K tiles; 64-group panels lose to the extra per-panel work of each output.)
+constexpr int64_t kPanelMaxGroups = 128;
+
+// Scratch of n elements of T, 64-byte aligned (optionally zeroed): the kernels read and write
+// it in whole zmm, and a load or store that splits two cache lines costs about twice as much
+// (malloc's 16-byte alignment left that to chance: up to 1.4x between calls of one shape).
+template <typename T>
+class Aligned {
+ public:
+  explicit Aligned(size_t n, bool zero = false) : mem_(new unsigned char[n * sizeof(T) + 63]) {
+    data_ = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(mem_.get()) + 63) &
+                                 ~uintptr_t{63});
+    if (zero) std::memset(static_cast<void*>(data_), 0, n * sizeof(T));
+  }
+  T* data() const { return data_; }
+
+ private:
+  std::unique_ptr<unsigned char[]> mem_;
+  T* data_;
+};
 
 inline int32_t load_i32(const void* p) {
   int32_t v;
@@ -95,6 +125,85 @@ inline void dot_tile(const uint8_t* tile, const int8_t* values, const int32_t* c
   for (int r = 0; r < RC; ++r)
     for (int t = 0; t < T; ++t)
       out[r * 4 + t] = U == 2 ? _mm512_add_epi32(acc[0][r][t], acc[U - 1][r][t]) : acc[0][r][t];
+}
+
+// 1x4 blocks (R = 1, C = 4), the common case: dot_tile<T, 1, 1> over the blocks of one output
+// from *cur on while their block column is below lim (one K panel of the tile); *cur is left
+// at the first block not taken. The two accumulator sets are separate named arrays: indexed
+// as one 2-D array by the unrolled u, GCC 12 copies every accumulator between registers
+// around each vpdpbusd (~8 extra moves per 2 blocks).
+template <int T>
+inline void dot_1x4_panel(const uint8_t* tile, const int8_t* values, const int32_t* col,
+                          int64_t* cur, int64_t b1, int32_t lim, __m512i* out) {
+  constexpr int64_t gstride = 64 * T;
+  __m512i x[T], y[T];
+#pragma GCC unroll 4
+  for (int t = 0; t < T; ++t) x[t] = y[t] = _mm512_setzero_si512();
+  int64_t b = *cur;
+  // col is increasing within the output, so col[b + 1] < lim covers col[b] too.
+  for (; b + 2 <= b1 && col[b + 1] < lim; b += 2) {
+    const uint8_t* a0 = tile + static_cast<int64_t>(col[b]) * gstride;
+    const uint8_t* a1 = tile + static_cast<int64_t>(col[b + 1]) * gstride;
+    const __m512i w0 = _mm512_set1_epi32(load_i32(values + b * 4));
+    const __m512i w1 = _mm512_set1_epi32(load_i32(values + b * 4 + 4));
+#pragma GCC unroll 4
+    for (int t = 0; t < T; ++t)
+      x[t] = _mm512_dpbusd_epi32(x[t], _mm512_loadu_si512(a0 + 64 * t), w0);
+#pragma GCC unroll 4
+    for (int t = 0; t < T; ++t)
+      y[t] = _mm512_dpbusd_epi32(y[t], _mm512_loadu_si512(a1 + 64 * t), w1);
+  }
+  if (b < b1 && col[b] < lim) {
+    const uint8_t* a0 = tile + static_cast<int64_t>(col[b]) * gstride;
+    const __m512i w0 = _mm512_set1_epi32(load_i32(values + b * 4));
+#pragma GCC unroll 4
+    for (int t = 0; t < T; ++t)
+      x[t] = _mm512_dpbusd_epi32(x[t], _mm512_loadu_si512(a0 + 64 * t), w0);
+    ++b;
+  }
+  *cur = b;
+#pragma GCC unroll 4
+  for (int t = 0; t < T; ++t) out[t] = _mm512_add_epi32(x[t], y[t]);
+}
+
+// Outputs [i0, i1) of 1x4 blocks for one tile of 16*T rows, K panel by K panel: each panel
+// of the tile (panel groups of 4 k, 64*T*panel bytes) stays in L1 while every output of the
+// chunk takes its blocks there. acc[(i - i0) * 64 + row] holds the int32 partial sums between
+// panels and, after the last, the dequantized floats (in place).
+template <int T>
+void panel_tile(const Problem& p, const uint8_t* tile, int64_t kg, int64_t panel, int64_t i0,
+                int64_t i1, int64_t* cursor, int32_t* acc) {
+  const BsrS8& W = *p.W;
+  const __m512i zp = _mm512_set1_epi32(p.a_zero_point);
+  for (int64_t i = i0; i < i1; ++i) cursor[i - i0] = W.row_ptr[i];
+  for (int64_t g0 = 0; g0 < kg; g0 += panel) {
+    const bool first = g0 == 0, last = g0 + panel >= kg;
+    const int32_t lim = last ? INT32_MAX : static_cast<int32_t>(g0 + panel);
+    for (int64_t i = i0; i < i1; ++i) {
+      __m512i out[T];
+      dot_1x4_panel<T>(tile, W.values, W.col_idx, cursor + (i - i0), W.row_ptr[i + 1], lim, out);
+      int32_t* dst = acc + (i - i0) * kTileRows;
+      if (!first) {
+#pragma GCC unroll 4
+        for (int t = 0; t < T; ++t)
+          out[t] = _mm512_add_epi32(out[t], _mm512_load_si512(dst + 16 * t));
+      }
+      if (!last) {
+#pragma GCC unroll 4
+        for (int t = 0; t < T; ++t) _mm512_store_si512(dst + 16 * t, out[t]);
+        continue;
+      }
+      const float ws = W.w_scale_size == 1 ? W.w_scale[0] : W.w_scale[i];
+      const __m512 scale = _mm512_set1_ps(p.a_scale * ws);
+      const __m512i corr = _mm512_mullo_epi32(zp, _mm512_set1_epi32(W.w_rowsum[i]));
+#pragma GCC unroll 4
+      for (int t = 0; t < T; ++t) {
+        const __m512i c = _mm512_sub_epi32(out[t], corr);
+        _mm512_store_ps(reinterpret_cast<float*>(dst) + 16 * t,
+                        _mm512_mul_ps(_mm512_cvtepi32_ps(c), scale));
+      }
+    }
+  }
 }
 
 using DotFn = void (*)(const uint8_t*, const int8_t*, const int32_t*, int64_t, int64_t, int64_t,
@@ -186,6 +295,7 @@ struct TileJob {
   const int64_t* bounds;
   const uint8_t* packed;  // all tiles, tile j at packed + j * kg * 256
   int64_t kg, q;
+  int64_t panel;  // 1x4 blocks: groups of 4 k per K panel (panel_tile), 0 = whole K at once
 };
 
 void tile_part(void* arg, size_t part) {
@@ -198,8 +308,9 @@ void tile_part(void* arg, size_t part) {
   const int64_t chunk_cap = (chunk_rows * R + 15) / 16 * 16;
   // tmp[n - nc0][0..64): one output's results for the tile's rows (zeroed: the transpose reads
   // whole 16-output groups, the unused ones are masked off on store).
-  std::vector<float> tmp(static_cast<size_t>(chunk_cap * kTileRows), 0.0f);
-  std::vector<float> rowbuf(static_cast<size_t>(kTileRows * chunk_cap));  // [rows][chunk_cap]
+  Aligned<float> tmp(static_cast<size_t>(chunk_cap * kTileRows), true);
+  Aligned<float> rowbuf(static_cast<size_t>(kTileRows * chunk_cap));  // [rows][chunk_cap]
+  std::vector<int64_t> cursor(static_cast<size_t>(chunk_rows));
   const __m512i zp = _mm512_set1_epi32(p.a_zero_point);
   const int64_t ntiles = (M + kTileRows - 1) / kTileRows;
   for (int64_t ic = i0; ic < i1; ic += chunk_rows) {
@@ -211,7 +322,16 @@ void tile_part(void* arg, size_t part) {
       const int64_t T = (rows + 15) / 16;
       const uint8_t* tp = job.packed + tile * job.kg * kTileRows * 4;
       __m512i out[16];
-      for (int64_t i = ic; i < ie; ++i) {
+      if (job.panel > 0) {
+        int32_t* acc = reinterpret_cast<int32_t*>(tmp.data());
+        switch (T) {
+          case 1: panel_tile<1>(p, tp, job.kg, job.panel, ic, ie, cursor.data(), acc); break;
+          case 2: panel_tile<2>(p, tp, job.kg, job.panel, ic, ie, cursor.data(), acc); break;
+          case 3: panel_tile<3>(p, tp, job.kg, job.panel, ic, ie, cursor.data(), acc); break;
+          default: panel_tile<4>(p, tp, job.kg, job.panel, ic, ie, cursor.data(), acc); break;
+        }
+      }
+      for (int64_t i = ic; i < ie && job.panel == 0; ++i) {
         for (int64_t r0 = 0; r0 < R && i * R + r0 < N; r0 += 4) {
           const int rc = static_cast<int>(std::min<int64_t>(4, R - r0));
           const DotFn dot = dot_for(T, rc, job.q);
@@ -249,7 +369,10 @@ void tile_part(void* arg, size_t part) {
       }
       for (int64_t mm = 0; mm < rows; ++mm) {
         float* src = rowbuf.data() + mm * chunk_cap;
-        apply_epilogue_row(src, nout, p.bias ? p.bias + nc0 : nullptr, p.act);
+        // This tier's row epilogue directly: apply_epilogue_row reads GRAPHOPT_KERNELS_ISA
+        // (getenv) on every call, measurable at one call per row and chunk.
+        if (p.bias != nullptr || p.act != Activation::None)
+          detail::apply_epilogue_row_avx512(src, nout, p.bias ? p.bias + nc0 : nullptr, p.act);
         std::memcpy(p.Y + (m0 + mm) * N + nc0, src, static_cast<size_t>(nout) * sizeof(float));
       }
     }
@@ -316,30 +439,42 @@ void stream_1x4(const Problem& p, const uint8_t* a, float* y, int64_t i0, int64_
                 Gather gather, uint32_t* pre) {
   const BsrS8& W = *p.W;
   const int64_t B0 = W.row_ptr[i0], B1 = W.row_ptr[i1];
+  // Locals: the stores into pre (vector stores, which may alias anything) would otherwise
+  // make the compiler reload W's fields every 16 blocks.
+  const int32_t* const col_idx = W.col_idx;
+  const int8_t* const values = W.values;
+  const int64_t nnzb = W.nnzb;
   const __m512i zero = _mm512_setzero_si512();
   const __m512i last = _mm512_set1_epi32(15);
   __m512i carry = zero;
   pre[0] = 0;
-  for (int64_t b = B0; b < B1; b += 16) {
-    const int64_t cnt = std::min<int64_t>(16, B1 - b);
-    const __mmask16 mask = static_cast<__mmask16>((1u << cnt) - 1u);
-    __m512i av;
-    if (b + 16 <= W.nnzb) {
-      av = gather(W.col_idx + b);  // lanes past B1: other rows' (valid) columns, weight 0
-    } else {
-      const __m512i col = _mm512_maskz_loadu_epi32(mask, W.col_idx + b);
-      av = _mm512_mask_i32gather_epi32(zero, mask, col, a, 4);
-    }
-    const __m512i wv = _mm512_maskz_loadu_epi32(mask, W.values + b * 4);
-    __m512i d = _mm512_dpbusd_epi32(zero, av, wv);
-    // Inclusive prefix sum across the 16 lanes: shift in zeros by 1, 2, 4, 8 lanes and add.
+  // Inclusive prefix sum across the 16 lanes (shift in zeros by 1, 2, 4, 8 lanes and add)
+  // plus the running total, stored at pre + j + 1 for the group's first block j.
+  auto step = [&](__m512i d, int64_t j) {
     d = _mm512_add_epi32(d, _mm512_alignr_epi32(d, zero, 15));
     d = _mm512_add_epi32(d, _mm512_alignr_epi32(d, zero, 14));
     d = _mm512_add_epi32(d, _mm512_alignr_epi32(d, zero, 12));
     d = _mm512_add_epi32(d, _mm512_alignr_epi32(d, zero, 8));
     d = _mm512_add_epi32(d, carry);
-    _mm512_storeu_si512(pre + (b - B0) + 1, d);
+    _mm512_storeu_si512(pre + j + 1, d);
     carry = _mm512_permutexvar_epi32(last, d);
+  };
+  int64_t b = B0;
+  for (; b + 16 <= B1; b += 16) {
+    const __m512i wv = _mm512_loadu_si512(values + b * 4);
+    step(_mm512_dpbusd_epi32(zero, gather(col_idx + b), wv), b - B0);
+  }
+  if (b < B1) {
+    const __mmask16 mask = static_cast<__mmask16>((1u << (B1 - b)) - 1u);
+    __m512i av;
+    if (b + 16 <= nnzb) {
+      av = gather(col_idx + b);  // lanes past B1: other rows' (valid) columns, weight 0
+    } else {
+      const __m512i col = _mm512_maskz_loadu_epi32(mask, col_idx + b);
+      av = _mm512_mask_i32gather_epi32(zero, mask, col, a, 4);
+    }
+    const __m512i wv = _mm512_maskz_loadu_epi32(mask, values + b * 4);
+    step(_mm512_dpbusd_epi32(zero, av, wv), b - B0);
   }
   for (int64_t i = i0; i < i1; ++i) {
     const uint32_t s = pre[W.row_ptr[i + 1] - B0] - pre[W.row_ptr[i] - B0];
@@ -353,8 +488,10 @@ void stream_1x4(const Problem& p, const uint8_t* a, float* y, int64_t i0, int64_
 // (j, r, c4) = (L / (R*q), (L / q) % R, L % q). The matching activations are block j's q
 // dwords repeated for each r: one masked load of those q dwords and one masked vpermd (lane L
 // takes dword L % q) place them. After a block row, output r is the sum of its lanes.
-void rows_packed_blocks(const Problem& p, const uint8_t* a, float* y, int64_t i0, int64_t i1,
-                        int64_t q) {
+// noinline: inlined into row_part its loop came out ~5-10% slower, from changes elsewhere in
+// row_part (register allocation), on Zen 5.
+__attribute__((noinline)) void rows_packed_blocks(const Problem& p, const uint8_t* a, float* y,
+                                                  int64_t i0, int64_t i1, int64_t q) {
   const BsrS8& W = *p.W;
   const int64_t R = W.R, N = W.N, rc = R * W.C;
   const int64_t G = 64 / rc;
@@ -497,7 +634,7 @@ void run_avx512vnni(const Problem& p, const Parallel& par) {
     // Rows padded with zeros to a multiple of 128 bytes: the table gather loads whole pairs
     // of 64-byte registers.
     const int64_t stride = (kpad + 127) / 128 * 128;
-    std::vector<uint8_t> padded(static_cast<size_t>(p.M * stride), 0);
+    const Aligned<uint8_t> padded(static_cast<size_t>(p.M * stride), true);
     for (int64_t m = 0; m < p.M; ++m)
       std::memcpy(padded.data() + m * stride, p.A + m * W.K, static_cast<size_t>(W.K));
     // ~10 us of work per part at least: the pool's hand-off costs a few us.
@@ -514,17 +651,20 @@ void run_avx512vnni(const Problem& p, const Parallel& par) {
   }
   const int64_t ntiles = (p.M + kTileRows - 1) / kTileRows;
   // pack_tile writes every byte a tile's reader uses: no zero fill needed.
-  std::unique_ptr<uint8_t[]> packed(new uint8_t[ntiles * kg * kTileRows * 4]);
+  const Aligned<uint8_t> packed_buf(static_cast<size_t>(ntiles * kg * kTileRows * 4));
+  uint8_t* const packed = packed_buf.data();
   for (int64_t t = 0; t < ntiles; ++t) {
     const int64_t rows = std::min(kTileRows, p.M - t * kTileRows);
     pack_tile(p.A, p.M, W.K, t * kTileRows, (rows + 15) / 16, kg,
-              packed.get() + t * kg * kTileRows * 4);
+              packed + t * kg * kTileRows * 4);
   }
   // The tile path does ~16 rows of a block per instruction: ~10 us is ~256k block-rows.
   const int64_t parts = choose_parts(par, nbr, work_units(W, p.M) * q, 262144);
   std::vector<int64_t> bounds(static_cast<size_t>(parts + 1));
   balanced_bounds(W.row_ptr, nbr, parts, bounds.data());
-  TileJob job{&p, bounds.data(), packed.get(), kg, q};
+  const int64_t npanels = (kg + kPanelMaxGroups - 1) / kPanelMaxGroups;
+  const int64_t panel = W.R == 1 && q == 1 ? (kg + npanels - 1) / npanels : 0;
+  TileJob job{&p, bounds.data(), packed, kg, q, panel};
   if (parts == 1) {
     tile_part(&job, 0);
   } else {

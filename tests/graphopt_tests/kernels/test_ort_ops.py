@@ -112,6 +112,28 @@ def test_sparse_qmatmul_matches_numpy() -> None:
 
 
 @pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(
+    ("M", "K", "block"),
+    [(70, 1100, (1, 4)), (130, 2060, (1, 4)), (1, 1100, (1, 4)), (70, 1100, (2, 4))],
+)
+def test_sparse_qmatmul_long_k_and_many_rows(threads: int, M: int, K: int, block) -> None:
+    """Shapes the random sweep is too small for: K split into several L1 panels (1x4 tile
+    path, more than 512 k), 64-row tiles plus a partial one, and M = 1 past the register
+    table (K > 1024)."""
+    rng = np.random.default_rng(K + M)
+    N = 75
+    w = (block_sparse(rng, K, N, *block, 0.8) * 50).round().clip(-127, 127).astype(np.int8)
+    w_scale = rng.uniform(0.001, 0.02, N).astype(np.float32)
+    a = rng.integers(0, 256, (M, K)).astype(np.uint8)
+    bias = rng.standard_normal(N).astype(np.float32)
+    packed = pack_bsr_s8(w, w_scale, *block)
+    y = om.run(om.sparse_qmatmul(a, 0.02, 131, packed, bias, "gelu"), a, threads)
+    want = _s8_reference(a, 0.02, 131, w, w_scale, bias, "gelu")
+    scale = max(1.0, float(np.abs(want).max(initial=0.0)))
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
 def test_larger_problem_same_result_for_one_and_two_threads(threads: int) -> None:
     """Enough rows and outputs that the kernels split the work over the pool."""
     rng = np.random.default_rng(1)
