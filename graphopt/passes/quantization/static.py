@@ -105,10 +105,13 @@ def quantize_static(
     from graphopt.passes.quantization import smoothquant
 
     smoothquant.apply_settings(model, settings, fit, record.notes)
+    padded = _pad_channels(model, settings)
     plan = make_plan(model, settings, fit)
     excluded: frozenset[str] = frozenset()
     if settings.mixed_precision:
         excluded = _mixed_precision(model, original, plan, fit, held, record)
+    if padded:
+        _keep_padding(padded, excluded, record)
     quantized, placement, emitted = _build(model, plan, excluded)
     if settings.compensation:  # EoRA's reference: W before rounding, after SmoothQuant
         record.float_model = model.clone()
@@ -359,6 +362,30 @@ def _equalize(
             record.notes.append("--equalize defaulted on: the model has depthwise convolutions")
     if wanted:
         record.notes.append(equalization.equalize(model, settings, calib))
+
+
+def _pad_channels(model: ir.Model, settings: QuantSettings) -> list:
+    """For ``--target ort``: stem Convs padded to 4k input channels, so that ORT runs them with
+    its direct int8 conv kernels (:mod:`.channel_padding`)."""
+    if settings.target != "ort":
+        return []
+    from graphopt.passes.quantization import channel_padding
+
+    return channel_padding.pad_stem_channels(model, settings.excluded)
+
+
+def _keep_padding(padded: list, excluded: frozenset[str], record: QuantRecord) -> None:
+    """Undo the padding of Convs that mixed precision keeps in float; note the rest."""
+    from graphopt.passes.quantization import channel_padding
+
+    kept = []
+    for conv in padded:
+        if conv.node.name in excluded:
+            conv.undo()
+        else:
+            kept.append(conv)
+    if kept:
+        record.notes.append(channel_padding.note(kept))
 
 
 def _mixed_precision(

@@ -1,0 +1,113 @@
+"""Stem Convs padded to 4k input channels for ORT's direct int8 conv: exact, only where MLAS's
+conditions hold and the Conv reads a graph input, ``--target ort`` only, undone for layers
+kept in float."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper
+
+from graphopt.passes.quantization import channel_padding
+from graphopt.passes.quantization.quantize import QuantizePass
+from graphopt.registry import PassContext
+from graphopt_tests.helpers import assert_same_outputs, make_model, op_types, run_pass, tensor_info
+
+
+def stem(c_in: int = 3, c_out: int = 16, group: int = 1) -> ir.Model:
+    """x [N, c_in, 12, 12] -> Conv 3x3 stride 2 (the stem) -> Relu -> Conv 1x1 -> y."""
+    rng = np.random.default_rng(0)
+    inits = {
+        "w1": rng.standard_normal((c_out, c_in // group, 3, 3)).astype(np.float32),
+        "b1": rng.standard_normal(c_out).astype(np.float32),
+        "w2": rng.standard_normal((8, c_out, 1, 1)).astype(np.float32) * 0.3,
+    }
+    nodes = [
+        helper.make_node(
+            "Conv",
+            ["x", "w1", "b1"],
+            ["c1"],
+            name="stem",
+            strides=[2, 2],
+            pads=[1] * 4,
+            group=group,
+        ),
+        helper.make_node("Relu", ["c1"], ["a1"], name="act"),
+        helper.make_node("Conv", ["a1", "w2"], ["y"], name="head"),
+    ]
+    return make_model(
+        nodes,
+        [tensor_info("x", TensorProto.FLOAT, ["N", c_in, 12, 12])],
+        [tensor_info("y", TensorProto.FLOAT, ["N", 8, 6, 6])],
+        inits,
+    )
+
+
+def _feeds(c_in: int = 3, batch: int = 2) -> dict[str, np.ndarray]:
+    return {"x": np.random.default_rng(5).standard_normal((batch, c_in, 12, 12), np.float32)}
+
+
+def test_padding_is_exact_and_only_on_the_stem() -> None:
+    model = stem()
+    before = model.clone()
+    padded = channel_padding.pad_stem_channels(model)
+    assert [(p.node.name, p.channels) for p in padded] == [("stem", (3, 4))]
+    conv = next(n for n in model.graph if n.name == "stem")
+    assert conv.inputs[0].producer().op_type == "Pad"
+    assert conv.inputs[1].const_value.numpy().shape == (16, 4, 3, 3)
+    assert not conv.inputs[1].const_value.numpy()[:, 3].any()
+    for batch in (1, 3):  # N is symbolic
+        assert_same_outputs(before, model, _feeds(batch=batch), tolerance=0.0)
+    assert "stem (3 -> 4)" in channel_padding.note(padded)
+
+
+@pytest.mark.parametrize(
+    ("c_in", "c_out", "group"),
+    [(4, 16, 1), (3, 8, 1), (3, 18, 1), (6, 16, 2)],
+    ids=["aligned already", "too few outputs", "outputs not 4k", "grouped"],
+)
+def test_convs_outside_the_kernel_conditions_are_left_alone(c_in, c_out, group) -> None:
+    model = stem(c_in, c_out, group)
+    assert channel_padding.pad_stem_channels(model) == []
+    assert "Pad" not in op_types(model)
+
+
+def test_undo_restores_the_float_model() -> None:
+    model = stem()
+    names = set(model.graph.initializers)
+    (conv,) = channel_padding.pad_stem_channels(model)
+    conv.undo()
+    assert "Pad" not in op_types(model) and set(model.graph.initializers) == names
+    assert_same_outputs(stem(), model, _feeds(), tolerance=0.0)
+
+
+def _calib(tmp_path: Path) -> str:
+    path = tmp_path / "calib.npz"
+    np.savez(path, x=np.random.default_rng(1).standard_normal((16, 3, 12, 12), np.float32))
+    return str(path)
+
+
+@pytest.mark.parametrize("target", ["ort", "portable"])
+def test_static_int8_pads_the_stem_for_ort_only(tmp_path, target) -> None:
+    context = PassContext(target=target)
+    quantized, _ = run_pass(stem(), QuantizePass, context, mode="int8", calib=_calib(tmp_path))
+    record = context.details["quantize"]
+    padded = any("zero-padded" in note for note in record.notes)
+    assert padded == (target == "ort")
+    assert ("Pad" in op_types(quantized)) == (target == "ort")
+    # Quantized either way, and the padding costs no fidelity (the padded channel is zero).
+    assert {"QuantizeLinear", "DequantizeLinear"} <= set(op_types(quantized))
+    cosines = [f.mean_cosine for rows in record.fidelity.values() for f in rows]
+    assert cosines and min(cosines) > 0.99
+
+
+def test_a_stem_kept_in_float_is_not_padded(tmp_path) -> None:
+    context = PassContext(target="ort")
+    quantized, _ = run_pass(
+        stem(), QuantizePass, context, mode="int8", calib=_calib(tmp_path), exclude="stem"
+    )
+    assert "Pad" not in op_types(quantized)
+    assert not any("zero-padded" in note for note in context.details["quantize"].notes)
