@@ -93,7 +93,7 @@ std::string describe(const char* op, const Shape& s, Isa isa, int threads) {
 Shape random_shape(Rng& rng, const Options& opt, const std::vector<std::pair<int, int>>& blocks,
                    int64_t k_multiple) {
   Shape s{};
-  s.M = rng.pick<int64_t>({0, 1, 1, 2, 3, 5, 8, 17});
+  s.M = rng.pick<int64_t>({0, 1, 1, 2, 3, 4, 5, 6, 7, 8, 17});
   s.K = rng.integer(1, opt.max_dim);
   if (k_multiple > 1) s.K = ((s.K + k_multiple - 1) / k_multiple) * k_multiple;
   s.N = rng.integer(1, opt.max_dim);
@@ -297,6 +297,11 @@ void test_f32_fixed(Rng& rng) {
       {64, 2100, 40, 1, 4, 0.9, true, A::None},   {9, 2100, 16, 1, 4, 0.75, true, A::Relu},
       {70, 600, 35, 1, 4, 0.95, true, A::Gelu},   {64, 2100, 40, 1, 4, 0.95, false, A::Relu},
       {72, 800, 300, 1, 4, 0.75, true, A::Relu},
+      // 1x4 at M = 2..7 takes several rows of A per pass over the weights: all 2..7 at once
+      // for K up to 1170, else 4 at a time and then the last 1-3 (K = 1203: padded to 1204).
+      {6, 90, 41, 1, 4, 0.5, true, A::Gelu},      {4, 77, 23, 1, 4, 0.9, false, A::None},
+      {4, 1203, 37, 1, 4, 0.5, true, A::Relu},    {5, 1250, 20, 1, 4, 0.9, false, A::Gelu},
+      {6, 1300, 29, 1, 4, 0.75, true, A::None},   {7, 1500, 33, 1, 4, 0.25, false, A::Relu},
   };
   for (const Shape& s : shapes) check_f32(rng, s);
 }
