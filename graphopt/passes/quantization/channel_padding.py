@@ -27,7 +27,6 @@ from graphopt.editing import (
     attribute,
     constant_array,
     insert_before,
-    remove_node,
     unique_name,
 )
 
@@ -39,24 +38,20 @@ OUTPUT_PACK = 16
 
 @dataclass
 class PaddedConv:
-    """One Conv whose input channels were padded, and how to undo it (a layer that mixed
-    precision keeps in float gains nothing from the padding)."""
+    """One Conv whose input channels were padded: its float input ``x`` now reaches it through
+    a Pad as ``padded``; its weight ``weight`` became ``padded_weight`` (``extra`` zero
+    channels appended)."""
 
     node: ir.Node
-    pad: ir.Node
     x: ir.Value
-    weight: ir.Value
+    padded: ir.Value
+    weight: str
+    padded_weight: str
     channels: tuple[int, int]
 
-    def undo(self) -> None:
-        graph = self.node.graph
-        added = (self.node.inputs[1], *self.pad.inputs[1:])
-        self.node.replace_input_with(0, self.x)
-        self.node.replace_input_with(1, self.weight)
-        remove_node(self.pad)
-        for value in added:
-            if value is not None and not value.uses() and value.name in graph.initializers:
-                del graph.initializers[value.name]
+    @property
+    def extra(self) -> int:
+        return self.channels[1] - self.channels[0]
 
     def describe(self) -> str:
         return f"{self.node.name} ({self.channels[0]} -> {self.channels[1]})"
@@ -106,7 +101,11 @@ def pad_stem_channels(model: ir.Model, excluded=lambda node: False) -> list[Padd
         old_weight = node.inputs[1]
         node.replace_input_with(0, out)
         node.replace_input_with(1, new_weight)
-        padded.append(PaddedConv(node, pad_node, x, old_weight, (c_in, c_in + extra)))
+        if not old_weight.uses() and old_weight.name in graph.initializers:
+            del graph.initializers[old_weight.name]
+        padded.append(
+            PaddedConv(node, x, out, old_weight.name, new_weight.name, (c_in, c_in + extra))
+        )
     return padded
 
 

@@ -105,13 +105,11 @@ def quantize_static(
     from graphopt.passes.quantization import smoothquant
 
     smoothquant.apply_settings(model, settings, fit, record.notes)
-    padded = _pad_channels(model, settings)
     plan = make_plan(model, settings, fit)
     excluded: frozenset[str] = frozenset()
     if settings.mixed_precision:
         excluded = _mixed_precision(model, original, plan, fit, held, record)
-    if padded:
-        _keep_padding(padded, excluded, record)
+    _pad_channels(model, plan, excluded, record)
     quantized, placement, emitted = _build(model, plan, excluded)
     if settings.compensation:  # EoRA's reference: W before rounding, after SmoothQuant
         record.float_model = model.clone()
@@ -364,28 +362,40 @@ def _equalize(
         record.notes.append(equalization.equalize(model, settings, calib))
 
 
-def _pad_channels(model: ir.Model, settings: QuantSettings) -> list:
+def _pad_channels(
+    model: ir.Model, plan: QuantPlan, excluded: frozenset[str], record: QuantRecord
+) -> None:
     """For ``--target ort``: stem Convs padded to 4k input channels, so that ORT runs them with
-    its direct int8 conv kernels (:mod:`.channel_padding`)."""
+    its direct int8 conv kernels (:mod:`.channel_padding`). After the plan, which carries over
+    to the padded names unchanged: the zero channel must not move the input's range (a
+    histogram of 25% zeros would) nor the weights' rounding."""
+    settings = plan.settings
     if settings.target != "ort":
-        return []
+        return
     from graphopt.passes.quantization import channel_padding
 
-    return channel_padding.pad_stem_channels(model, settings.excluded)
+    def keep(node: ir.Node) -> bool:
+        return settings.excluded(node) or node.name in excluded
 
-
-def _keep_padding(padded: list, excluded: frozenset[str], record: QuantRecord) -> None:
-    """Undo the padding of Convs that mixed precision keeps in float; note the rest."""
-    from graphopt.passes.quantization import channel_padding
-
-    kept = []
+    padded = channel_padding.pad_stem_channels(model, keep)
     for conv in padded:
-        if conv.node.name in excluded:
-            conv.undo()
-        else:
-            kept.append(conv)
-    if kept:
-        record.notes.append(channel_padding.note(kept))
+        if conv.x.name in plan.ranges:
+            plan.ranges[conv.padded.name] = plan.ranges[conv.x.name]
+        if conv.x.name in plan.input_means:
+            mean = plan.input_means[conv.x.name]
+            plan.input_means[conv.padded.name] = np.concatenate(
+                [mean, np.zeros(conv.extra, mean.dtype)]
+            )
+        for (name, axis), weight in list(plan.weights.items()):
+            if name == conv.weight:
+                values = np.zeros((*weight.values.shape[:1], conv.extra, *weight.values.shape[2:]))
+                plan.weights[(conv.padded_weight, axis)] = QuantizedWeight(
+                    np.concatenate([weight.values, values.astype(weight.values.dtype)], axis=1),
+                    weight.scale,
+                    weight.axis,
+                )
+    if padded:
+        record.notes.append(channel_padding.note(padded))
 
 
 def _mixed_precision(
