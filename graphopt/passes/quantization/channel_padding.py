@@ -58,6 +58,14 @@ class PaddedConv:
         return f"{self.node.name} ({self.channels[0]} -> {self.channels[1]})"
 
 
+def zero_channels(array: np.ndarray, extra: int, axis: int) -> np.ndarray:
+    """``array`` with ``extra`` zero entries appended along ``axis`` (a weight's input
+    channels, a per-channel vector): what padding a Conv's input does to each of them."""
+    widths = [(0, 0)] * array.ndim
+    widths[axis] = (0, extra)
+    return np.pad(array, widths)
+
+
 def pad_stem_channels(
     model: ir.Model, excluded: Callable[[ir.Node], bool] = lambda node: False
 ) -> list[PaddedConv]:
@@ -84,9 +92,8 @@ def pad_stem_channels(
             continue
         if x.type is None or x.type.dtype != ir.DataType.FLOAT:
             continue
-        zeros = np.zeros((c_out, extra, *weight.shape[2:]), np.float32)
         new_weight = add_initializer(
-            graph, f"{node.name}_weight_padded", np.concatenate([weight, zeros], 1)
+            graph, f"{node.name}_weight_padded", zero_channels(weight, extra, axis=1)
         )
         pads = np.zeros(2 * weight.ndim, np.int64)
         pads[weight.ndim + 1] = extra  # the end of the channel axis
@@ -119,4 +126,11 @@ def note(padded: list[PaddedConv]) -> str:
     )
 
 
-__all__ = ["CHANNEL_ALIGN", "OUTPUT_PACK", "PaddedConv", "note", "pad_stem_channels"]
+__all__ = [
+    "CHANNEL_ALIGN",
+    "OUTPUT_PACK",
+    "PaddedConv",
+    "note",
+    "pad_stem_channels",
+    "zero_channels",
+]

@@ -383,16 +383,14 @@ def _pad_channels(
             plan.ranges[conv.padded.name] = plan.ranges[conv.x.name]
         if conv.x.name in plan.input_means:
             mean = plan.input_means[conv.x.name]
-            plan.input_means[conv.padded.name] = np.concatenate(
-                [mean, np.zeros(conv.extra, mean.dtype)]
+            plan.input_means[conv.padded.name] = channel_padding.zero_channels(
+                mean, conv.extra, axis=0
             )
         for (name, axis), weight in list(plan.weights.items()):
             if name == conv.weight:
-                values = np.zeros((*weight.values.shape[:1], conv.extra, *weight.values.shape[2:]))
+                codes = channel_padding.zero_channels(weight.values, conv.extra, axis=1)
                 plan.weights[(conv.padded_weight, axis)] = QuantizedWeight(
-                    np.concatenate([weight.values, values.astype(weight.values.dtype)], axis=1),
-                    weight.scale,
-                    weight.axis,
+                    codes, weight.scale, weight.axis
                 )
     if padded:
         record.notes.append(channel_padding.note(padded))
