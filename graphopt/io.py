@@ -225,8 +225,12 @@ def save(
     check_output_target(target, data=use_external)
     data_name = data_file_name(target)
     _remove_stale_temp_folders(folder, target.name)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=_temp_prefix(target.name), suffix=".tmp", dir=folder))
+    tmp_dir: Path | None = None
     try:
+        with _signals_deferred():  # no interrupt between creating the folder and naming it
+            tmp_dir = Path(
+                tempfile.mkdtemp(prefix=_temp_prefix(target.name), suffix=".tmp", dir=folder)
+            )
         tmp_model = tmp_dir / target.name
         if use_external:
             ir.save(
@@ -254,8 +258,31 @@ def save(
         os.replace(tmp_model, target)
         _fsync_dir(folder)
     finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+        if tmp_dir is not None:
+            with _signals_deferred():  # an interrupt inside rmtree would leave half the folder
+                shutil.rmtree(tmp_dir, ignore_errors=True)
     return target
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM held back (delivered on exit) on the main thread of a POSIX process:
+    the CLI turns them into KeyboardInterrupt, which must not land between creating a temporary
+    folder and the ``try`` that removes it, nor inside the removal."""
+    import signal
+    import threading
+
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not (
+        threading.main_thread()
+    ):
+        yield
+        return
+    signals = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def check_output_target(target: Path, *, data: bool = False) -> None:

@@ -796,3 +796,32 @@ def test_a_crash_on_an_invalid_model_is_bad_input(tmp_path: Path, capsys, monkey
     good.write_bytes(text_rich_bytes())
     code, _, err = run_cli(["inspect", str(good)], capsys)
     assert code == 3 and "internal error: IndexError" in err, err
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "pthread_sigmask"), reason="POSIX only")
+def test_sigterm_as_the_temp_folder_is_created_leaves_no_litter(tmp_path, monkeypatch) -> None:
+    """The CLI turns SIGTERM into KeyboardInterrupt; one arriving just after the temporary
+    folder is created (before save holds its name) is held back until the ``try`` that removes
+    the folder owns it."""
+    import signal
+    import tempfile
+
+    model = io.load(small_proto()).model
+    real_mkdtemp = tempfile.mkdtemp
+
+    def interrupted(*args, **kwargs):
+        folder = real_mkdtemp(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return folder
+
+    def raise_interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tempfile, "mkdtemp", interrupted)
+    previous = signal.signal(signal.SIGTERM, raise_interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            io.save(model, tmp_path / "m.onnx")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
