@@ -28,6 +28,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -266,23 +267,37 @@ def save(
 
 @contextlib.contextmanager
 def _signals_deferred() -> Iterator[None]:
-    """SIGINT and SIGTERM held back (delivered on exit) on the main thread of a POSIX process:
-    the CLI turns them into KeyboardInterrupt, which must not land between creating a temporary
-    folder and the ``try`` that removes it, nor inside the removal."""
+    """SIGINT and SIGTERM held back (delivered on exit) on a process's main thread: the CLI
+    turns them into KeyboardInterrupt, which must not land between creating a temporary folder
+    and the ``try`` that removes it, nor inside the removal.
+
+    The handlers are swapped rather than the signals masked: a mask is per thread, and in a
+    process with other threads (ORT's pools, a test runner's I/O thread) the kernel hands a
+    process-directed signal to a thread that does not block it, after which Python still runs
+    the handler on the main thread at its next instruction."""
     import signal
     import threading
 
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not (
-        threading.main_thread()
-    ):
-        yield
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set handlers, and only it runs them
         return
-    signals = {signal.SIGINT, signal.SIGTERM}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    received: list[int] = []
+
+    def hold(signum: int, _frame: object) -> None:
+        received.append(signum)
+
+    previous: dict[int, Any] = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(signum)
+        if handler is not None:  # None: installed outside Python, cannot be restored
+            previous[signum] = signal.signal(signum, hold)
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(received):
+            signal.raise_signal(signum)  # now with the caller's handler
 
 
 def check_output_target(target: Path, *, data: bool = False) -> None:
