@@ -202,6 +202,23 @@ def phrases(drawable: tuple[str, ...]) -> Callable[[np.random.Generator], str]:
 LINE_TEXTS = {"random": random_words, "phrases": phrases}
 
 
+def fitted_line(
+    font: Any, text: str, margins: tuple[int, int], max_aspect: float
+) -> tuple[str, tuple[int, int, int, int]]:
+    """``text`` less as many words from its end as it takes for its crop (the ink's box plus
+    ``margins`` on each side) to be at most ``max_aspect`` times as wide as high; one word
+    is kept whatever its width. Returns the text and its crop as (left, top, width, height),
+    left and top being the ink's offset from the drawing origin."""
+    words = text.split(" ")
+    while True:
+        text = " ".join(words)
+        left, top, right, bottom = font.getbbox(text)
+        box_w, box_h = right - left + 2 * margins[0], bottom - top + 2 * margins[1]
+        if len(words) == 1 or box_w <= max_aspect * box_h:
+            return text, (left, top, box_w, box_h)
+        words.pop()
+
+
 def text_lines(
     count: int,
     characters: list[str],
@@ -212,8 +229,10 @@ def text_lines(
 ) -> tuple[np.ndarray, list[str]]:
     """``count`` rendered text-line crops, ``[count, 3, height, width]`` float32, prepared as
     rapidocr prepares the detector's boxes for the recognizer: a tight crop of one whole line,
-    resized to ``height`` keeping its aspect (squeezed only when wider than ``width``), then
-    padded on the right with zeros after normalization. Returns the images and their texts
+    resized to ``height`` keeping its aspect, then padded on the right with zeros after
+    normalization. A line too long for ``width`` loses words from its end until it fits
+    (:func:`fitted_line`): rapidocr widens a batch for long lines rather than squeeze them,
+    so only a single word too long is squeezed. Returns the images and their texts
     (the truth a reading is scored against).
 
     Text: only characters of ``characters`` (the model's dictionary) that Pillow's built-in
@@ -234,10 +253,11 @@ def text_lines(
         size = int(rng.integers(24, 48))
         font = ImageFont.load_default(size)
         line_text = make_line(rng)
-        texts.append(line_text)
-        left, top, right, bottom = font.getbbox(line_text)
         margin_x, margin_y = (int(v) for v in rng.integers(2, max(3, size // 4), 2))
-        box_w, box_h = right - left + 2 * margin_x, bottom - top + 2 * margin_y
+        line_text, (left, top, box_w, box_h) = fitted_line(
+            font, line_text, (margin_x, margin_y), width / height
+        )
+        texts.append(line_text)
         background = int(rng.integers(190, 256))
         image = Image.new("RGB", (box_w, box_h), (background,) * 3)
         ink = tuple(int(v) for v in rng.integers(0, 90, 3))

@@ -25,9 +25,9 @@ def test_lines_are_whole_crops_padded_with_zeros(lines) -> None:
     assert len(texts) == 24
     lo, hi = (0.0 - OCR_MEAN) / OCR_STD, (1.0 - OCR_MEAN) / OCR_STD
     assert images.min() >= lo and images.max() <= hi
-    # A line narrower than the input ends in zero padding (rapidocr's), a wider one fills it.
+    # A line narrower than the input ends in zero padding (rapidocr's).
     widths = [int(np.flatnonzero(np.abs(img).sum(axis=(0, 1)) > 0).max()) + 1 for img in images]
-    assert min(widths) < 320 and max(widths) == 320
+    assert min(widths) < 320 and max(widths) <= 320
     for img, width in zip(images, widths, strict=True):
         assert not img[:, :, width:].any()
 
@@ -45,6 +45,23 @@ def test_same_seed_same_lines_other_seed_other_lines(lines) -> None:
     other, texts_other = text_lines(24, LETTERS + MARKS + CJK, seed=4)
     assert np.array_equal(images, again) and texts == texts_again
     assert texts != texts_other and not np.array_equal(images, other)
+
+
+def test_a_long_line_loses_words_from_its_end_until_its_crop_fits() -> None:
+    pil = import_or_skip("PIL.ImageFont", "Pillow renders the lines")
+    from graphopt.models.ocr import fitted_line
+
+    font = pil.load_default(40)
+    text = "several words that cannot all fit"
+    fitted, (_, _, box_w, box_h) = fitted_line(font, text, (4, 3), 320 / 48)
+    assert text.startswith(fitted) and fitted != text  # a prefix of whole words
+    assert box_w <= 320 / 48 * box_h  # resized to height 48 it is not squeezed
+    longer = " ".join(text.split()[: len(fitted.split()) + 1])  # one word more would not fit
+    left, top, right, bottom = font.getbbox(longer)
+    assert right - left + 8 > 320 / 48 * (bottom - top + 6)
+    # One word is kept whatever its width (it is then squeezed), and a short line is whole.
+    assert fitted_line(font, "W" * 40, (4, 3), 320 / 48)[0] == "W" * 40
+    assert fitted_line(font, "two words", (4, 3), 320 / 48)[0] == "two words"
 
 
 def test_no_drawable_letter_is_an_error() -> None:
