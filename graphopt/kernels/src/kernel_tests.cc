@@ -375,6 +375,146 @@ void test_24_fixed(Rng& rng) {
   }
 }
 
+// How check_s8 shapes the weight beyond Shape: one output row with every block stored (the
+// longest lane of the M = 1 row-lane layout), and whether to run the row-lane layout at all.
+struct S8Extras {
+  bool dense_row = false;
+  bool lanes = false;
+};
+
+void check_s8(Rng& rng, const Shape& s, const S8Extras& extra) {
+  auto w = block_sparse_dense<int8_t>(rng, s, -127, 127);
+  if (extra.dense_row && s.N > 0) {
+    const int64_t n = rng.integer(0, s.N - 1);
+    for (int64_t k = 0; k < s.K; ++k) {
+      int8_t& v = w[static_cast<size_t>(k * s.N + n)];
+      if (v == 0) v = static_cast<int8_t>(rng.integer(1, 127));
+    }
+  }
+  const auto packed = pack_bsr(w, s);
+  std::vector<int32_t> rowsum(static_cast<size_t>(s.N), 0);
+  for (int64_t k = 0; k < s.K; ++k) {
+    for (int64_t n = 0; n < s.N; ++n) {
+      rowsum[static_cast<size_t>(n)] += w[static_cast<size_t>(k * s.N + n)];
+    }
+  }
+  const bool per_channel = rng.integer(0, 1) == 1;
+  std::vector<float> w_scale(per_channel ? static_cast<size_t>(s.N) : 1);
+  for (auto& x : w_scale) x = rng.real(0.001f, 0.02f);
+  std::vector<uint8_t> a(static_cast<size_t>(s.M * s.K));
+  for (auto& x : a) x = static_cast<uint8_t>(rng.integer(0, 255));
+  const float a_scale = rng.real(0.001f, 0.05f);
+  const auto a_zero = static_cast<uint8_t>(rng.integer(0, 255));
+  std::vector<float> bias(static_cast<size_t>(s.N));
+  for (auto& x : bias) x = rng.real(-1.0f, 1.0f);
+  const float* b = s.bias ? bias.data() : nullptr;
+  const BsrS8 W{s.K, s.N, s.R, s.C, static_cast<int64_t>(packed.col_idx.size()),
+                packed.values.data(), packed.col_idx.data(), packed.row_ptr.data(),
+                w_scale.data(), static_cast<int64_t>(w_scale.size()), rowsum.data()};
+  std::vector<float> dense(static_cast<size_t>(s.M * s.N)), scale(dense.size());
+  for (int64_t m = 0; m < s.M; ++m) {
+    for (int64_t n = 0; n < s.N; ++n) {
+      int64_t acc = 0;
+      for (int64_t k = 0; k < s.K; ++k) {
+        acc += (int64_t{a[static_cast<size_t>(m * s.K + k)]} - a_zero) *
+               w[static_cast<size_t>(k * s.N + n)];
+      }
+      const double ws = w_scale[per_channel ? static_cast<size_t>(n) : 0];
+      double y = double{a_scale} * ws * static_cast<double>(acc);
+      const double mag = std::fabs(y) + (b ? std::fabs(b[n]) : 0.0);
+      if (b) y += b[n];
+      dense[static_cast<size_t>(m * s.N + n)] = activate(static_cast<float>(y), s.act);
+      scale[static_cast<size_t>(m * s.N + n)] = static_cast<float>(mag);
+    }
+  }
+  Output ref(s.M * s.N);
+  sparse_qmatmul_s8_reference(a.data(), s.M, a_scale, a_zero, W, b, s.act, ref.data());
+  compare(describe("reference-vs-dense s8", s, Isa::Scalar, 1), ref, dense, scale, 1e-5);
+  std::vector<float> ref_values(dense.size());
+  for (int64_t i = 0; i < ref.size; ++i) ref_values[static_cast<size_t>(i)] = ref.at(i);
+  for (Isa isa : tiers()) {
+    for (const Parallel& par : parallels()) {
+      Output y(s.M * s.N);
+      sparse_qmatmul_s8(a.data(), s.M, a_scale, a_zero, W, b, s.act, y.data(), par, isa);
+      compare(describe("sparse_qmatmul_s8", s, isa, par.threads), y, ref_values, scale, 1e-5);
+    }
+  }
+  if (!extra.lanes) return;
+  // The M = 1 row-lane layout: the cost model's choice and every panel width and chunk size
+  // the kernel has. Handed to every tier (below AVX-512 VNNI it must be ignored) and, for
+  // M != 1, to the tile/row paths (ignored too).
+  ++g_checks;
+  const bool applies = s.R == 1 && s.C == 4 && s.K > 0 && s.N > 0;
+  if ((build_row_lanes_s8(W) != nullptr) != applies) {
+    if (g_failures++ < 20) {
+      std::printf("FAIL %s: build_row_lanes_s8 %s\n",
+                  describe("row lanes", s, Isa::Scalar, 1).c_str(), applies ? "declined" : "built");
+    }
+    return;
+  }
+  if (!applies) return;
+  for (const int P : {0, 1, 2, 3, 4}) {
+    for (const int G : {1, 2, 4, 8}) {
+      const auto lanes = build_row_lanes_s8(W, P, P == 0 ? 0 : G);
+      ++g_checks;
+      const bool as_asked = P == 0 || (lanes != nullptr && lanes->P == P && lanes->G == G);
+      if (lanes == nullptr || !as_asked || lanes->nnzb != W.nnzb ||
+          lanes->slots() * 16 < W.nnzb || lanes->bytes() <= 0) {
+        if (g_failures++ < 20) std::printf("FAIL row lanes P=%d G=%d: bad layout\n", P, G);
+        continue;
+      }
+      for (Isa isa : tiers()) {
+        for (const Parallel& par : parallels()) {
+          Output y(s.M * s.N);
+          sparse_qmatmul_s8(a.data(), s.M, a_scale, a_zero, W, b, s.act, y.data(), par, isa,
+                            lanes.get());
+          char what[64];
+          std::snprintf(what, sizeof what, "sparse_qmatmul_s8 row lanes P=%d G=%d", lanes->P,
+                        lanes->G);
+          compare(describe(what, s, isa, par.threads), y, ref_values, scale, 1e-5);
+        }
+      }
+      if (P == 0) break;  // the automatic choice: once
+    }
+  }
+}
+
+// The row-lane builder checks the indices it uses: a weight breaking the BSR rules (a column
+// outside K, columns not increasing in a row, row_ptr decreasing or not ending at nnzb) gets
+// no layout (the caller then takes the BSR path, whose callers check the same rules).
+void test_s8_lanes_refuse_bad_weights() {
+  const int8_t values[12] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12};
+  const float w_scale = 0.1f;
+  const int32_t rowsum[2] = {10, 68};
+  struct Case {
+    int32_t col[3];
+    int32_t row_ptr[3];
+    const char* what;
+  };
+  const Case cases[] = {{{0, 1, 2}, {0, 1, 3}, "valid"},
+                        {{0, 1, 3}, {0, 1, 3}, "column outside K"},
+                        {{0, -1, 2}, {0, 1, 3}, "negative column"},
+                        {{0, 2, 1}, {0, 1, 3}, "columns not increasing"},
+                        {{0, 1, 2}, {0, 4, 3}, "row_ptr decreasing (past nnzb)"},
+                        {{0, 1, 2}, {0, 1, 2}, "row_ptr not ending at nnzb"}};
+  const int32_t col[3] = {0, 1, 2}, row_ptr[3] = {0, 1, 3};
+  const BsrS8 good{12, 2, 1, 4, 3, values, col, row_ptr, &w_scale, 1, rowsum};
+  for (const auto pg : {std::pair<int, int>{5, 0}, {6, 1}, {1, 3}, {2, 16}}) {
+    ++g_checks;
+    if (build_row_lanes_s8(good, pg.first, pg.second) != nullptr) {
+      if (g_failures++ < 20) std::printf("FAIL row lanes built P=%d G=%d\n", pg.first, pg.second);
+    }
+  }
+  for (const Case& c : cases) {
+    ++g_checks;
+    const BsrS8 W{12, 2, 1, 4, 3, values, c.col, c.row_ptr, &w_scale, 1, rowsum};
+    const bool valid = std::string(c.what) == "valid";
+    if ((build_row_lanes_s8(W) != nullptr) != valid) {
+      if (g_failures++ < 20) std::printf("FAIL row lanes builder on %s\n", c.what);
+    }
+  }
+}
+
 void test_s8(Rng& rng, const Options& opt) {
   const std::vector<std::pair<int, int>> blocks{{1, 4}, {4, 4}, {2, 4}, {16, 4}, {1, 8}, {8, 4}};
   // Beyond the random sizes: K split into several L1 panels by the 1x4 tile path (K > 512),
@@ -386,56 +526,30 @@ void test_s8(Rng& rng, const Options& opt) {
   for (int t = 0; t < total; ++t) {
     const Shape s = t < opt.cases ? random_shape(rng, opt, blocks, 1)
                                   : fixed[static_cast<size_t>(t - opt.cases)];
-    const auto w = block_sparse_dense<int8_t>(rng, s, -127, 127);
-    const auto packed = pack_bsr(w, s);
-    std::vector<int32_t> rowsum(static_cast<size_t>(s.N), 0);
-    for (int64_t k = 0; k < s.K; ++k) {
-      for (int64_t n = 0; n < s.N; ++n) {
-        rowsum[static_cast<size_t>(n)] += w[static_cast<size_t>(k * s.N + n)];
-      }
-    }
-    const bool per_channel = rng.integer(0, 1) == 1;
-    std::vector<float> w_scale(per_channel ? static_cast<size_t>(s.N) : 1);
-    for (auto& x : w_scale) x = rng.real(0.001f, 0.02f);
-    std::vector<uint8_t> a(static_cast<size_t>(s.M * s.K));
-    for (auto& x : a) x = static_cast<uint8_t>(rng.integer(0, 255));
-    const float a_scale = rng.real(0.001f, 0.05f);
-    const auto a_zero = static_cast<uint8_t>(rng.integer(0, 255));
-    std::vector<float> bias(static_cast<size_t>(s.N));
-    for (auto& x : bias) x = rng.real(-1.0f, 1.0f);
-    const float* b = s.bias ? bias.data() : nullptr;
-    const BsrS8 W{s.K, s.N, s.R, s.C, static_cast<int64_t>(packed.col_idx.size()),
-                  packed.values.data(), packed.col_idx.data(), packed.row_ptr.data(),
-                  w_scale.data(), static_cast<int64_t>(w_scale.size()), rowsum.data()};
-    std::vector<float> dense(static_cast<size_t>(s.M * s.N)), scale(dense.size());
-    for (int64_t m = 0; m < s.M; ++m) {
-      for (int64_t n = 0; n < s.N; ++n) {
-        int64_t acc = 0;
-        for (int64_t k = 0; k < s.K; ++k) {
-          acc += (int64_t{a[static_cast<size_t>(m * s.K + k)]} - a_zero) *
-                 w[static_cast<size_t>(k * s.N + n)];
-        }
-        const double ws = w_scale[per_channel ? static_cast<size_t>(n) : 0];
-        double y = double{a_scale} * ws * static_cast<double>(acc);
-        const double mag = std::fabs(y) + (b ? std::fabs(b[n]) : 0.0);
-        if (b) y += b[n];
-        dense[static_cast<size_t>(m * s.N + n)] = activate(static_cast<float>(y), s.act);
-        scale[static_cast<size_t>(m * s.N + n)] = static_cast<float>(mag);
-      }
-    }
-    Output ref(s.M * s.N);
-    sparse_qmatmul_s8_reference(a.data(), s.M, a_scale, a_zero, W, b, s.act, ref.data());
-    compare(describe("reference-vs-dense s8", s, Isa::Scalar, 1), ref, dense, scale, 1e-5);
-    std::vector<float> ref_values(dense.size());
-    for (int64_t i = 0; i < ref.size; ++i) ref_values[static_cast<size_t>(i)] = ref.at(i);
-    for (Isa isa : tiers()) {
-      for (const Parallel& par : parallels()) {
-        Output y(s.M * s.N);
-        sparse_qmatmul_s8(a.data(), s.M, a_scale, a_zero, W, b, s.act, y.data(), par, isa);
-        compare(describe("sparse_qmatmul_s8", s, isa, par.threads), y, ref_values, scale, 1e-5);
-      }
-    }
+    check_s8(rng, s, S8Extras{false, true});
   }
+}
+
+// The M = 1 row-lane layout on its own sizes: K from a few k to several panels of every width
+// (up to 2100: 3 panels at P = 8, 17 at P = 1) and not a multiple of a panel or of 4, N not a
+// multiple of 16 (a partial last group), sparsity from dense to all-zero (rows without blocks,
+// empty weights), one row with every block in half the cases; bias and activations.
+void test_s8_lanes(Rng& rng, const Options& opt) {
+  const int cases = std::max(8, opt.cases / 3);
+  for (int t = 0; t < cases; ++t) {
+    Shape s{};
+    s.M = 1;
+    s.K = rng.pick<int64_t>({1, 3, 4, 5, 127, 128, 129, 260, 513, 770, 1023, 1025, 2100});
+    s.N = rng.pick<int64_t>({1, 15, 16, 17, 33, 47, 64, 65, 100, 131, 200});
+    s.R = 1, s.C = 4;
+    s.sparsity = rng.pick<double>({0.0, 0.5, 0.8, 0.9, 0.95, 1.0});
+    s.bias = rng.integer(0, 1) == 1;
+    s.act = static_cast<Activation>(rng.integer(0, 2));
+    check_s8(rng, s, S8Extras{rng.integer(0, 1) == 1, true});
+  }
+  // M = 8 with a layout handed in: the tile path runs, the layout is ignored.
+  check_s8(rng, Shape{8, 260, 37, 1, 4, 0.8, true, Activation::Relu}, S8Extras{false, true});
+  test_s8_lanes_refuse_bad_weights();
 }
 
 // ---- the fused GELU ---------------------------------------------------------------------
@@ -530,6 +644,7 @@ int main(int argc, char** argv) {
   test_24(rng, opt);
   test_24_fixed(rng);
   test_s8(rng, opt);
+  test_s8_lanes(rng, opt);
   test_gelu();
   std::printf("kernel_tests: %d cases per op, tiers scalar..%s, %ld comparisons, %d failures\n",
               opt.cases, isa_name(detect_isa()), g_checks, g_failures);

@@ -8,6 +8,8 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
+#include <vector>
 
 namespace graphopt {
 
@@ -81,11 +83,48 @@ void sparse_matmul_24_f32(const float* A, int64_t M, const Packed24F32& W, const
 void sparse_matmul_24_f32_reference(const float* A, int64_t M, const Packed24F32& W,
                                     const float* bias, Activation act, float* Y);
 
+// The "row lanes" layout of a 1x4 BsrS8 for M = 1, derived at run time (never in a file; see
+// LAYOUTS.md, "Derived at run time"): a vector lane is an output row. K is cut into panels of
+// 32*P dwords (128*P bytes of A); the outputs into chunks of 16*G (G groups of 16 lanes). In
+// each panel a chunk's rows take the lanes in their own order, longest (most blocks in that
+// panel) first, so the rows of a group of 16 have about as many blocks there; between panels
+// the chunk's partial sums change lanes by shuffle[(c*panels + p)*16G + l] (lane l of the next
+// order takes lane shuffle[..] of this one; after the last panel, the next order is the
+// outputs' own). Slot s of (chunk c, panel p, group j), s in [slot_ptr[(c*panels + p)*G + j],
+// the next entry), holds for each lane of the group one of its row's blocks in that panel:
+// weights[s*64 + 4l .. +4] and the dword index inside the panel idx[s*16 + l] (< 32*P); a
+// lane with fewer blocks there gets zero weights at index 0 (exact: 0 * a = 0).
+// w_scale / w_rowsum: the BsrS8's per output, padded with zeros to whole chunks.
+struct RowLanesS8 {
+  int64_t K = 0, N = 0, nnzb = 0;  // of the BsrS8 it was built from (checked at each call)
+  int32_t P = 1;                   // panel width in pairs of zmm (32 dwords each): 1..4
+  int32_t G = 1;                   // groups of 16 lanes per chunk: 1 (no reordering), 2, 4, 8
+  int64_t chunks = 0, panels = 0;
+  std::vector<int32_t> slot_ptr;   // [chunks * panels * G + 1]
+  std::vector<uint8_t> shuffle;    // [chunks * panels, 16 * G] (empty for G = 1)
+  const int8_t* weights = nullptr;  // [slots, 16, 4], 64-byte aligned, in storage
+  std::vector<uint8_t> idx;        // [slots, 16]
+  std::vector<float> w_scale;      // [chunks * 16 * G]
+  std::vector<int32_t> w_rowsum;   // [chunks * 16 * G]
+  std::vector<int8_t> storage;     // holds weights (+63 bytes for the alignment)
+  int64_t slots() const { return slot_ptr.empty() ? 0 : slot_ptr.back(); }
+  int64_t bytes() const;           // heap bytes of the arrays above
+};
+
+// Builds the row-lane layout of W (already index-checked by the caller) choosing P and G by a
+// cost model, or (tests, measurements) the given panel_pairs (1..4) and chunk_groups (1, 2,
+// 4, 8). nullptr where it does not apply (blocks other than 1x4, K or N of 0, a P or G the
+// kernel has no instance for) or where W breaks the BSR rules (the builder checks each index
+// it uses rather than trusting the caller).
+std::unique_ptr<RowLanesS8> build_row_lanes_s8(const BsrS8& W, int panel_pairs = 0,
+                                               int chunk_groups = 0);
+
 // Y[M, N] (float) = act(a_scale * w_scale[n] * sum_k (A[m,k] - a_zero_point) * W[k,n] + bias)
 // A is uint8 [M, K] (as ORT's QLinearMatMul takes activations).
+// lanes (may be null): build_row_lanes_s8(W); used at M = 1 on the AVX-512 VNNI tier.
 void sparse_qmatmul_s8(const uint8_t* A, int64_t M, float a_scale, uint8_t a_zero_point,
                        const BsrS8& W, const float* bias, Activation act, float* Y,
-                       const Parallel& par, Isa isa);
+                       const Parallel& par, Isa isa, const RowLanesS8* lanes = nullptr);
 void sparse_qmatmul_s8_reference(const uint8_t* A, int64_t M, float a_scale,
                                  uint8_t a_zero_point, const BsrS8& W, const float* bias,
                                  Activation act, float* Y);

@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <cstring>
 #include <exception>
+#include <memory>
 #include <mutex>
 #include <new>
 #include <string>
@@ -396,6 +397,8 @@ class KernelBase {
     return state.error;
   }
 
+  bool constant_weights() const { return constant_weights_; }
+
   const OrtApi& api_;
   const Attributes at_;
   const Isa isa_;  // chosen when the session is created (GRAPHOPT_KERNELS_ISA read then)
@@ -499,6 +502,40 @@ class SparseQMatMulKernel : public KernelBase {
  public:
   using KernelBase::KernelBase;
 
+ private:
+  // The M = 1 row-lane layout (kernels.h RowLanesS8), derived from the weight on the first
+  // M = 1 run where it can serve: 1x4 blocks, the AVX-512 VNNI tier, and every weight input a
+  // constant initializer (ORT hands each run the same immutable tensors, so the layout stays
+  // true). Built once per kernel instance under lanes_lock_ (concurrent runs of one session
+  // may race to it); a run whose weights sit at other addresses than the ones it was built
+  // from, or whose weights are not constant, takes the BSR path. Called only after the
+  // weights passed check_bsr in this run.
+  using WeightKey = std::array<const void*, 5>;
+  const RowLanesS8* row_lanes(const BsrS8& w, const WeightKey& key) {
+    if (!constant_weights() || at_.R != 1 || at_.C != 4 || isa_ < Isa::Avx512Vnni) {
+      return nullptr;
+    }
+    if (!lanes_done_.load(std::memory_order_acquire)) {
+      std::lock_guard<std::mutex> guard(lanes_lock_);
+      if (!lanes_done_.load(std::memory_order_relaxed)) {
+        try {
+          lanes_ = build_row_lanes_s8(w);
+        } catch (const std::bad_alloc&) {
+          lanes_.reset();  // an optional speed-up: without memory for it, the BSR path
+        }
+        lanes_key_ = key;
+        lanes_done_.store(true, std::memory_order_release);  // publishes lanes_, lanes_key_
+      }
+    }
+    return lanes_key_ == key ? lanes_.get() : nullptr;
+  }
+
+  std::mutex lanes_lock_;
+  std::unique_ptr<RowLanesS8> lanes_;  // null where the builder declined
+  WeightKey lanes_key_{};
+  std::atomic<bool> lanes_done_{false};
+
+ public:
   OrtStatus* ComputeV2(OrtKernelContext* context) {
     const std::string op = "SparseQMatMul";
     Input a, a_scale, a_zero, values, col_idx, row_ptr, w_scale, w_rowsum, bias_in;
@@ -545,8 +582,10 @@ class SparseQMatMulKernel : public KernelBase {
     const auto* A = static_cast<const uint8_t*>(a.data);
     const float scale = *static_cast<const float*>(a_scale.data);
     const uint8_t zero = *static_cast<const uint8_t*>(a_zero.data);
+    const WeightKey key{values.data, col_idx.data, row_ptr.data, w_scale.data, w_rowsum.data};
     return with_pool(context, [&](const Parallel& par) {
-      sparse_qmatmul_s8(A, M, scale, zero, w, bias, at_.act, y, par, isa_);
+      const RowLanesS8* lanes = M == 1 ? row_lanes(w, key) : nullptr;
+      sparse_qmatmul_s8(A, M, scale, zero, w, bias, at_.act, y, par, isa_, lanes);
     });
   }
 };

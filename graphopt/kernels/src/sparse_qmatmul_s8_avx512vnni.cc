@@ -13,7 +13,17 @@
 //   at most 32 KB of the tile, each output takes its blocks panel by panel (col_idx is sorted
 //   within an output, a cursor per output marks where the next panel starts) and int32
 //   partial sums wait in the output buffer between panels.
-// - M == 1 (a tile would waste 15 of 16 lanes): vectorize over a block row's blocks.
+// - M == 1 with the row-lane layout (RowLanesS8 in kernels.h, derived at run time by the ORT
+//   binding for constant 1x4 weights; LAYOUTS.md "Derived at run time"): a lane is an output
+//   row. Per chunk of 16*G outputs and K panel of 32*P dwords, the panel of A sits in 2P zmm;
+//   each slot is a 64-byte load of 16 rows' weight dwords, a 16-byte load of their indices
+//   into the panel, a vpermi2d lookup (P of them and P - 1 selects) and one vpdpbusd into a
+//   16-output accumulator. Per panel the chunk's rows are in lanes longest first (less zero
+//   padding in a group of 16), and vpermi2d moves the G accumulators to the next panel's
+//   order. No horizontal sums or prefix sums; zero point, scales and store take 16 outputs
+//   at once, and the table no longer depends on K. (Zen 5, BERT-base FFN at 80%: ~5-7.5 us
+//   against ~27 us for the prefix-sum stream below; it moves 0.7 MB and is memory-bound.)
+// - M == 1 otherwise (a tile would waste 15 of 16 lanes): vectorize over a block row's blocks.
 //   1x4 blocks: 16 blocks' weight dwords are one load; their 16 activation dwords come from a
 //   register table (K <= 1024, vpermi2d) or scalar-indexed inserts, and outputs are
 //   differences of a prefix sum over the block stream (K <= 1024) or per-row reductions.
@@ -621,7 +631,194 @@ void row_part(void* arg, size_t part) {
   }
 }
 
+// ---- M == 1 on the row-lane layout (kernels.h RowLanesS8, LAYOUTS.md "Derived at run time").
+//
+// A lane is an output row: per group of 16 outputs, per K panel, each slot is one 64-byte load
+// of 16 rows' weight dwords, one 16-byte load of their dword indices into the panel, a table
+// lookup of the 16 activation dwords from the panel (held in 2P zmm) and one vpdpbusd. No
+// horizontal sums, no prefix sums; the zero point, scales and store take 16 outputs at once.
+
+// The activation dwords of one panel (32*P dwords) in 2*P registers: vpermi2d picks from a
+// pair by the low 5 bits of the index; a lane whose index is >= 32p takes pair p's pick.
+template <int P>
+struct PanelTable {
+  __m512i t[2 * P];
+  explicit PanelTable(const uint8_t* a) {
+#pragma GCC unroll 16
+    for (int i = 0; i < 2 * P; ++i) t[i] = _mm512_load_si512(a + 64 * i);
+  }
+  __m512i operator()(__m512i idx) const {
+    __m512i r = _mm512_permutex2var_epi32(t[0], idx, t[1]);
+#pragma GCC unroll 8
+    for (int p = 1; p < P; ++p) {
+      const __mmask16 k = _mm512_cmpge_epu32_mask(idx, _mm512_set1_epi32(32 * p));
+      r = _mm512_mask_mov_epi32(r, k, _mm512_permutex2var_epi32(t[2 * p], idx, t[2 * p + 1]));
+    }
+    return r;
+  }
+};
+
+// The chunk's G accumulators to the next lane order: lane l of the result takes lane t[l] of
+// a (16*G lanes, t bytes). vpermi2d reaches 32 lanes; G = 4, 8 select between 2, 4 of them.
+template <int G>
+inline void shuffle_lanes(__m512i* a, const uint8_t* t) {
+  __m512i r[G];
+#pragma GCC unroll 8
+  for (int j = 0; j < G; ++j) {
+    const __m512i i =
+        _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t + 16 * j)));
+    if (G == 2) {
+      r[j] = _mm512_permutex2var_epi32(a[0], i, a[1]);
+    } else {
+      // Pairs of registers by bit 5 of the lane index, then (G = 8) halves by bit 6.
+      const __mmask16 b5 = _mm512_test_epi32_mask(i, _mm512_set1_epi32(32));
+      __m512i q[G / 4];
+#pragma GCC unroll 2
+      for (int h = 0; h < G / 4; ++h) {
+        const __m512i lo = _mm512_permutex2var_epi32(a[4 * h], i, a[4 * h + 1]);
+        const __m512i hi = _mm512_permutex2var_epi32(a[4 * h + 2], i, a[4 * h + 3]);
+        q[h] = _mm512_mask_mov_epi32(lo, b5, hi);
+      }
+      r[j] = G == 4 ? q[0]
+                    : _mm512_mask_mov_epi32(
+                          q[0], _mm512_test_epi32_mask(i, _mm512_set1_epi32(64)), q[G / 4 - 1]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int j = 0; j < G; ++j) a[j] = r[j];
+}
+
+struct LanesJob {
+  const Problem* p;
+  const RowLanesS8* L;
+  const uint8_t* padded;  // A, zero past K up to panels * 128 * P bytes, 64-byte aligned
+  const int64_t* bounds;  // chunks of each part
+};
+
+template <int P, int G>
+void lanes_part(const LanesJob& job, int64_t c0, int64_t c1) {
+  const Problem& p = *job.p;
+  const RowLanesS8& L = *job.L;
+  const int64_t panels = L.panels, N = L.N;
+  const int32_t* const slot_ptr = L.slot_ptr.data();
+  const int8_t* const weights = L.weights;
+  const uint8_t* const idx = L.idx.data();
+  const __m512i zp = _mm512_set1_epi32(p.a_zero_point);
+  const __m512 a_scale = _mm512_set1_ps(p.a_scale);
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (int64_t c = c0; c < c1; ++c) {
+    // Two accumulators per group: consecutive slots' vpdpbusd do not wait for each other.
+    // (Four measured no faster on Zen 5: the loop is bound by the lookups and the loads.)
+    __m512i x[G], y[G];
+#pragma GCC unroll 8
+    for (int j = 0; j < G; ++j) x[j] = y[j] = _mm512_setzero_si512();
+    for (int64_t pn = 0; pn < panels; ++pn) {
+      const PanelTable<P> table(job.padded + pn * 128 * P);
+      const int32_t* sp = slot_ptr + (c * panels + pn) * G;
+#pragma GCC unroll 8
+      for (int j = 0; j < G; ++j) {
+        int64_t s = sp[j];
+        const int64_t s1 = sp[j + 1];
+        for (; s + 2 <= s1; s += 2) {
+          const __m512i i0 = _mm512_cvtepu8_epi32(
+              _mm_loadu_si128(reinterpret_cast<const __m128i*>(idx + s * 16)));
+          const __m512i i1 = _mm512_cvtepu8_epi32(
+              _mm_loadu_si128(reinterpret_cast<const __m128i*>(idx + s * 16 + 16)));
+          x[j] = _mm512_dpbusd_epi32(x[j], table(i0), _mm512_load_si512(weights + s * 64));
+          y[j] = _mm512_dpbusd_epi32(y[j], table(i1), _mm512_load_si512(weights + s * 64 + 64));
+        }
+        if (s < s1) {
+          const __m512i i0 = _mm512_cvtepu8_epi32(
+              _mm_loadu_si128(reinterpret_cast<const __m128i*>(idx + s * 16)));
+          x[j] = _mm512_dpbusd_epi32(x[j], table(i0), _mm512_load_si512(weights + s * 64));
+        }
+      }
+      if (G > 1) {  // to the next panel's lane order (after the last: the outputs' order)
+#pragma GCC unroll 8
+        for (int j = 0; j < G; ++j) {
+          x[j] = _mm512_add_epi32(x[j], y[j]);
+          y[j] = _mm512_setzero_si512();
+        }
+        shuffle_lanes<G>(x, L.shuffle.data() + (c * panels + pn) * 16 * G);
+      }
+    }
+    // dequant() for 16 outputs at a time, the same float operations in the same order.
+#pragma GCC unroll 8
+    for (int j = 0; j < G; ++j) {
+      const int64_t n0 = (c * G + j) * 16;
+      if (n0 >= N) break;
+      const __m512i acc = _mm512_add_epi32(x[j], y[j]);
+      const __m512i corr = _mm512_mullo_epi32(zp, _mm512_loadu_si512(L.w_rowsum.data() + n0));
+      const __m512 scale = _mm512_mul_ps(a_scale, _mm512_loadu_ps(L.w_scale.data() + n0));
+      const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc, corr)), scale);
+      const __mmask16 real = _mm512_cmplt_epi32_mask(
+          lane, _mm512_set1_epi32(static_cast<int32_t>(std::min<int64_t>(16, N - n0))));
+      _mm512_mask_storeu_ps(p.Y + n0, real, v);
+    }
+  }
+}
+
+template <int P>
+void lanes_part_g(const LanesJob& job, int64_t c0, int64_t c1) {
+  switch (job.L->G) {
+    case 1: lanes_part<P, 1>(job, c0, c1); break;
+    case 2: lanes_part<P, 2>(job, c0, c1); break;
+    case 4: lanes_part<P, 4>(job, c0, c1); break;
+    default: lanes_part<P, 8>(job, c0, c1); break;
+  }
+}
+
+void lanes_part_fn(void* arg, size_t part) {
+  const LanesJob& job = *static_cast<const LanesJob*>(arg);
+  const int64_t c0 = job.bounds[part], c1 = job.bounds[part + 1];
+  switch (job.L->P) {
+    case 1: lanes_part_g<1>(job, c0, c1); break;
+    case 2: lanes_part_g<2>(job, c0, c1); break;
+    case 3: lanes_part_g<3>(job, c0, c1); break;
+    default: lanes_part_g<4>(job, c0, c1); break;
+  }
+}
+
 }  // namespace
+
+void run_lanes_avx512vnni(const Problem& p, const RowLanesS8& L, const Parallel& par) {
+  // A padded with zeros to whole panels (a zero-weight slot reads index 0, a real one reads
+  // below K or meets a zero; the layout's indices are < 32*P by construction). On the stack
+  // up to 8 KB (K <= 7168), no heap round trip in a call of a few us (not measurably faster
+  // on the shared Zen 5 box, within its noise).
+  const int64_t bytes = L.panels * 128 * L.P;
+  alignas(64) uint8_t local[8192];
+  std::unique_ptr<Aligned<uint8_t>> heap;
+  uint8_t* padded = local;
+  if (bytes > static_cast<int64_t>(sizeof local)) {
+    heap = std::make_unique<Aligned<uint8_t>>(static_cast<size_t>(bytes));
+    padded = heap->data();
+  }
+  std::memcpy(padded, p.A, static_cast<size_t>(p.W->K));
+  std::memset(padded + p.W->K, 0, static_cast<size_t>(bytes - p.W->K));
+  const int64_t parts = std::min<int64_t>(
+      L.chunks, choose_parts(par, L.chunks, work_units(*p.W, 1), 32768));
+  if (parts == 1) {
+    const int64_t whole[2] = {0, L.chunks};
+    LanesJob job{&p, &L, padded, whole};
+    lanes_part_fn(&job, 0);
+  } else {
+    // Equal slot counts per part, on chunk boundaries.
+    std::vector<int64_t> bounds(static_cast<size_t>(parts + 1));
+    const int64_t total = L.slots();
+    for (int64_t t = 1; t < parts; ++t) {
+      int64_t c = bounds[t - 1];
+      while (c < L.chunks && L.slot_ptr[c * L.panels * L.G] < total * t / parts) ++c;
+      bounds[t] = c;
+    }
+    bounds[parts] = L.chunks;
+    LanesJob job{&p, &L, padded, bounds.data()};
+    par.run(par, static_cast<size_t>(parts), lanes_part_fn, &job);
+  }
+  // Bias and activation over the whole row.
+  if (p.bias != nullptr || p.act != Activation::None)
+    detail::apply_epilogue_row_avx512(p.Y, L.N, p.bias, p.act);
+}
 
 void run_avx512vnni(const Problem& p, const Parallel& par) {
   const BsrS8& W = *p.W;

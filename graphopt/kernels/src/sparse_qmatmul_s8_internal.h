@@ -50,6 +50,8 @@ inline float dequant(int32_t acc, const Problem& p, int64_t n) {
 void run_scalar(const Problem& p, const Parallel& par);
 void run_avx2(const Problem& p, const Parallel& par);
 void run_avx512vnni(const Problem& p, const Parallel& par);
+// M = 1 on the row-lane layout (lanes built from *p.W, p.M == 1).
+void run_lanes_avx512vnni(const Problem& p, const RowLanesS8& lanes, const Parallel& par);
 
 }  // namespace qs8
 }  // namespace graphopt

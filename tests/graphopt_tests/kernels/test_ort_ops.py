@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import graphopt.backends.ort_custom_ops
 import graphopt.kernels
 from graphopt.kernels.packing import pack_24, pack_bsr, pack_bsr_s8
 from graphopt_tests.kernels import ort_models as om
@@ -133,6 +134,82 @@ def test_sparse_qmatmul_long_k_and_many_rows(threads: int, M: int, K: int, block
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5 * scale)
 
 
+def _s8_session(model: bytes, threads: int):
+    """A session of ``model`` whose input A may take any shape (the helper fixes A's)."""
+    import onnx
+
+    proto = onnx.load_from_string(model)
+    proto.graph.input[0].type.tensor_type.ClearField("shape")
+    model = proto.SerializeToString()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    assert graphopt.backends.ort_custom_ops.register_custom_ops(options) is not None
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_sparse_qmatmul_m1_row_lanes_on_repeated_runs(threads: int) -> None:
+    """M = 1 with 1x4 blocks and constant weights: the kernel derives its row-lane layout on
+    the first M = 1 run and uses it from then on (AVX-512 VNNI). Random sizes around its
+    groups of 16 outputs and K panels (up to 3 panels of 256 dwords, K past the old register
+    table), sparsity from dense to all-zero, one row with every block; each session runs
+    M = 1, M = 3 (the BSR path), M = 1 again and a 1-D A, all against numpy."""
+    rng = np.random.default_rng(41 + threads)
+    for case in range(24):
+        K = int(rng.choice([1, 5, 127, 129, 513, 1030, 2100, 3072]))
+        N = int(rng.choice([1, 15, 17, 33, 100, 131]))
+        sparsity = float(rng.choice([0.0, 0.5, 0.8, 0.95, 1.0]))
+        w = (block_sparse(rng, K, N, 1, 4, sparsity) * 50).round().clip(-127, 127)
+        w = w.astype(np.int8)
+        if case % 3 == 0:
+            n = int(rng.integers(0, N))
+            w[:, n] = np.where(w[:, n] == 0, 1, w[:, n])  # a row with every block
+        w_scale = rng.uniform(0.001, 0.02, N if case % 2 else 1).astype(np.float32)
+        bias = rng.standard_normal(N).astype(np.float32) if case % 4 else None
+        act = ACTS[case % len(ACTS)]
+        a_scale, a_zero = float(rng.uniform(0.005, 0.05)), int(rng.integers(0, 256))
+        packed = pack_bsr_s8(w, w_scale, 1, 4)
+        a1 = rng.integers(0, 256, (1, K)).astype(np.uint8)
+        session = _s8_session(om.sparse_qmatmul(a1, a_scale, a_zero, packed, bias, act), threads)
+        for a in (a1, rng.integers(0, 256, (3, K)).astype(np.uint8), a1, a1[0]):
+            y = session.run(None, {"A": a})[0]
+            want = _s8_reference(a, a_scale, a_zero, w, w_scale, bias, act)
+            scale = max(1.0, float(np.abs(want).max(initial=0.0)))
+            np.testing.assert_allclose(
+                y, want, rtol=1e-5, atol=1e-5 * scale, err_msg=f"case {case} M={a.shape}"
+            )
+
+
+def test_sparse_qmatmul_m1_weight_computed_at_run_time() -> None:
+    """A weight that is a graph input is no constant: the M = 1 row-lane layout must not be
+    derived from it (a layout kept from the first run would answer for the old weight)."""
+    import onnx
+
+    rng = np.random.default_rng(77)
+    K, N = 300, 37
+    w1 = (block_sparse(rng, K, N, 1, 4, 0.7) * 50).round().clip(-127, 127).astype(np.int8)
+    w2 = w1.copy()
+    w2[w2 != 0] = -w2[w2 != 0]  # same blocks, other values (so col_idx/row_ptr stay valid)
+    p1, p2 = pack_bsr_s8(w1, 0.01, 1, 4), pack_bsr_s8(w2, 0.01, 1, 4)
+    np.testing.assert_array_equal(p1.col_idx, p2.col_idx)
+    a = rng.integers(0, 256, (1, K)).astype(np.uint8)
+    proto = onnx.load_from_string(om.sparse_qmatmul(a, 0.02, 9, p1, None, "relu"))
+    graph = proto.graph
+    for name, kind in (("values", onnx.TensorProto.INT8), ("w_rowsum", onnx.TensorProto.INT32)):
+        graph.initializer.remove(next(t for t in graph.initializer if t.name == name))
+        graph.input.append(onnx.helper.make_tensor_value_info(name, kind, None))
+    session = _s8_session(proto.SerializeToString(), 1)
+    # The same buffers each run, rewritten in between: ORT reads numpy inputs in place, so the
+    # weight's addresses stay the same and only its constness tells the kernel apart.
+    values, rowsum = p1.values.copy(), p1.w_rowsum.copy()
+    for p, w in ((p1, w1), (p2, w2), (p1, w1)):
+        values[...], rowsum[...] = p.values, p.w_rowsum
+        y = session.run(None, {"A": a, "values": values, "w_rowsum": rowsum})[0]
+        want = _s8_reference(a, 0.02, 9, w, np.float32([0.01]), None, "relu")
+        np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(want).max()))
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_larger_problem_same_result_for_one_and_two_threads(threads: int) -> None:
     """Enough rows and outputs that the kernels split the work over the pool."""
@@ -190,6 +267,11 @@ w8 = rng.integers(-127, 128, (40, 24)).astype(np.int8)
 y = om.run(om.sparse_qmatmul(q, 0.01, 7, pack_bsr_s8(w8, 0.02, 4, 4), None, ""), q)
 want = 0.01 * 0.02 * ((q.astype(np.int64) - 7) @ w8.astype(np.int64))
 np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-4)
+q1 = q[:1]  # M = 1, 1x4 blocks: the row-lane layout is for AVX-512 VNNI only
+for _ in range(2):
+    y = om.run(om.sparse_qmatmul(q1, 0.01, 7, pack_bsr_s8(w8, 0.02, 1, 4), None, ""), q1)
+    want = 0.01 * 0.02 * ((q1.astype(np.int64) - 7) @ w8.astype(np.int64))
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-4)
 print("forced ok")
 """
 
