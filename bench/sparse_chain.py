@@ -10,6 +10,13 @@ dense against ``graphopt.SparseMatMul`` (BSR 1x4) with the same weights: what a 
 forward pass meets. M rows (default 1), 1 thread, warm-up, paired interleaved rounds;
 speed-up = median over rounds of time(dense) / time(sparse); ms per layer = the graph's
 median time / 2L.
+
+    python bench/sparse_chain.py --baseline-library OLD.so  # also time OLD.so in each round
+
+With ``--baseline-library`` every round also runs the sparse graph on a second custom-op
+library (e.g. a copy of the previous build), so a kernel change is measured against the one it
+replaces under the same machine state: the report adds the baseline's speed-up over dense and
+the median per-round ratio time(baseline) / time(ours).
 """
 
 from __future__ import annotations
@@ -74,42 +81,75 @@ def chain_model(pairs: int, sparsity: float, sparse: bool, seed: int = 0) -> byt
     return helper.make_model(graph, opset_imports=opsets).SerializeToString()
 
 
+def rounds(sessions: list[ort.InferenceSession], feed: dict, pairs: int) -> list[list[float]]:
+    """Seconds per round for each session, in paired interleaved rounds.
+
+    ``interleaved`` runs its calls forward, then backward, so the first and last of three
+    run twice in a row at every turn (then their weights are still in cache from the run
+    before) and the middle one never does: timing two libraries as calls 2 and 3 measured
+    the same library 1-20% slower in the middle. With a baseline, half the rounds put each
+    library in the middle.
+    """
+    calls = [lambda s=s: s.run(None, feed) for s in sessions]
+    if len(calls) < 3:
+        return interleaved(calls, pairs)
+    first = interleaved(calls, (pairs + 1) // 2)
+    second = interleaved([calls[0], calls[2], calls[1]], pairs // 2)
+    return [first[0] + second[0], first[1] + second[2], first[2] + second[1]]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, nargs="+", default=[6], help="FFN pairs")
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.75, 0.9])
     parser.add_argument("--m", type=int, default=1, help="rows of A")
     parser.add_argument("--pairs", type=int, default=40, help="paired rounds")
+    parser.add_argument("--library", type=Path, help="custom-op library (default: package build)")
+    parser.add_argument(
+        "--baseline-library",
+        type=Path,
+        help="a second custom-op library (e.g. a copy of the previous build) timed in the same "
+        "rounds as --library",
+    )
     args = parser.parse_args(argv)
-    library = library_path()
+    library = args.library if args.library is not None else library_path()
     if library is None:
         raise SystemExit("graphopt's kernel library is not built: python -m graphopt.kernels build")
+    base_lib = args.baseline_library
     given = sys.argv[1:] if argv is None else argv
     lines = [
         f"- command: `python bench/sparse_chain.py {' '.join(given)}`",
         f"- date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M UTC}; onnxruntime "
         f"{ort.__version__}, onnx {onnx.__version__}; CPU: {cpu_name()}",
         f"- load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
+        f"- library: `{library}`"
+        + (f"; baseline library: `{base_lib}` (timed in the same rounds)" if base_lib else ""),
         "",
-        "| FFN pairs | M | sparsity | dense ms/layer | sparse ms/layer | speed-up | max rel err |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| FFN pairs | M | sparsity | dense ms/layer | sparse ms/layer | speed-up | max rel err |"
+        + (" baseline ms/layer | baseline speed-up | ours vs baseline |" if base_lib else ""),
+        "|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if base_lib else ""),
     ]
     feed = {"A": np.random.default_rng(1).standard_normal((args.m, 768)).astype(np.float32)}
     for pairs in args.layers:
         for sparsity in args.sparsities:
             dense = make_session(chain_model(pairs, sparsity, False), 1, None)
-            sparse = make_session(chain_model(pairs, sparsity, True), 1, library)
+            model = chain_model(pairs, sparsity, True)
+            sparse = make_session(model, 1, library)
+            sessions = [dense, sparse]
+            if base_lib is not None:
+                sessions.append(make_session(model, 1, base_lib))
             error = max_rel(dense.run(None, feed)[0], sparse.run(None, feed)[0])
-            times = interleaved(
-                [lambda s=dense: s.run(None, feed), lambda s=sparse: s.run(None, feed)],
-                args.pairs,
-            )
+            times = rounds(sessions, feed, args.pairs)
             ratio = float(np.median(pair_ratios(times[0], times[1])))
             per_layer = [float(np.median(t)) * 1e3 / (2 * pairs) for t in times]
             lines.append(
                 f"| {pairs} | {args.m} | {sparsity:.2f} | {per_layer[0]:.4f} | "
                 f"{per_layer[1]:.4f} | {ratio:.2f}x | {error:.1e} |"
             )
+            if base_lib is not None:
+                base = float(np.median(pair_ratios(times[0], times[2])))
+                vs_base = float(np.median(pair_ratios(times[2], times[1])))
+                lines[-1] += f" {per_layer[2]:.4f} | {base:.2f}x | {vs_base:.3f}x |"
             print(lines[-1], flush=True)
     lines.append(f"- load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print("\n".join(lines))

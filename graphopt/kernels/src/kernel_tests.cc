@@ -302,6 +302,12 @@ void test_f32_fixed(Rng& rng) {
       {6, 90, 41, 1, 4, 0.5, true, A::Gelu},      {4, 77, 23, 1, 4, 0.9, false, A::None},
       {4, 1203, 37, 1, 4, 0.5, true, A::Relu},    {5, 1250, 20, 1, 4, 0.9, false, A::Gelu},
       {6, 1300, 29, 1, 4, 0.75, true, A::None},   {7, 1500, 33, 1, 4, 0.25, false, A::Relu},
+      // 1x4 at M = 1: rows of exactly 8 and 16 blocks (no masked step), very long rows (750
+      // blocks, K padded from 2998), rows of 0 or 1 blocks (most rows empty), and rows of 1-7
+      // blocks whose masked step reads column indices up to the matrix's end.
+      {1, 32, 45, 1, 4, 0.0, true, A::None},      {1, 64, 29, 1, 4, 0.0, false, A::Relu},
+      {1, 2998, 21, 1, 4, 0.0, true, A::Gelu},    {1, 40, 300, 1, 4, 0.95, true, A::None},
+      {1, 28, 37, 1, 4, 0.5, false, A::None},     {1, 770, 500, 1, 4, 0.9, true, A::Relu},
   };
   for (const Shape& s : shapes) check_f32(rng, s);
 }
