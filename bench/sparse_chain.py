@@ -93,6 +93,8 @@ def rounds(sessions: list[ort.InferenceSession], feed: dict, pairs: int) -> list
     calls = [lambda s=s: s.run(None, feed) for s in sessions]
     if len(calls) < 3:
         return interleaved(calls, pairs)
+    if pairs < 2:
+        raise SystemExit("--pairs: at least 2 with --baseline-library (half in each order)")
     first = interleaved(calls, (pairs + 1) // 2)
     second = interleaved([calls[0], calls[2], calls[1]], pairs // 2)
     return [first[0] + second[0], first[1] + second[2], first[2] + second[1]]
@@ -126,8 +128,12 @@ def main(argv: list[str] | None = None) -> int:
         + (f"; baseline library: `{base_lib}` (timed in the same rounds)" if base_lib else ""),
         "",
         "| FFN pairs | M | sparsity | dense ms/layer | sparse ms/layer | speed-up | max rel err |"
-        + (" baseline ms/layer | baseline speed-up | ours vs baseline |" if base_lib else ""),
-        "|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if base_lib else ""),
+        + (
+            " baseline ms/layer | baseline speed-up | baseline max rel err | ours vs baseline |"
+            if base_lib
+            else ""
+        ),
+        "|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|---:|" if base_lib else ""),
     ]
     feed = {"A": np.random.default_rng(1).standard_normal((args.m, 768)).astype(np.float32)}
     for pairs in args.layers:
@@ -149,7 +155,10 @@ def main(argv: list[str] | None = None) -> int:
             if base_lib is not None:
                 base = float(np.median(pair_ratios(times[0], times[2])))
                 vs_base = float(np.median(pair_ratios(times[2], times[1])))
-                lines[-1] += f" {per_layer[2]:.4f} | {base:.2f}x | {vs_base:.3f}x |"
+                base_error = max_rel(dense.run(None, feed)[0], sessions[2].run(None, feed)[0])
+                lines[-1] += (
+                    f" {per_layer[2]:.4f} | {base:.2f}x | {base_error:.1e} | {vs_base:.3f}x |"
+                )
             print(lines[-1], flush=True)
     lines.append(f"- load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print("\n".join(lines))

@@ -287,16 +287,19 @@ def _signals_deferred() -> Iterator[None]:
         received.append(signum)
 
     previous: dict[int, Any] = {}
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        handler = signal.getsignal(signum)
-        if handler is not None:  # None: installed outside Python, cannot be restored
-            previous[signum] = signal.signal(signum, hold)
     try:
+        # Inside the try: signal.signal runs pending handlers first, so a signal arriving
+        # between two swaps may raise here, and what was swapped already must be restored.
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            if signal.getsignal(signum) is not None:  # None: set outside Python, unrestorable
+                previous[signum] = signal.signal(signum, hold)
         yield
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        for signum in dict.fromkeys(received):
+        # SIGTERM first: its handler may end the process (SIG_DFL), which must not be lost
+        # to a KeyboardInterrupt raised by SIGINT's.
+        for signum in sorted(set(received), key=lambda s: s != signal.SIGTERM):
             signal.raise_signal(signum)  # now with the caller's handler
 
 

@@ -798,7 +798,7 @@ def test_a_crash_on_an_invalid_model_is_bad_input(tmp_path: Path, capsys, monkey
     assert code == 3 and "internal error: IndexError" in err, err
 
 
-@pytest.mark.skipif(not hasattr(__import__("signal"), "SIGTERM"), reason="POSIX only")
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 @pytest.mark.parametrize("other_thread", [False, True], ids=["one-thread", "other-thread"])
 def test_sigterm_as_the_temp_folder_is_created_leaves_no_litter(
     tmp_path, monkeypatch, other_thread
@@ -833,8 +833,38 @@ def test_sigterm_as_the_temp_folder_is_created_leaves_no_litter(
     try:
         with pytest.raises(KeyboardInterrupt):
             io.save(model, tmp_path / "m.onnx")
+        assert signal.getsignal(signal.SIGTERM) is raise_interrupt  # the caller's is back
     finally:
         signal.signal(signal.SIGTERM, previous)
         stop.set()
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
-    assert signal.getsignal(signal.SIGTERM) is previous  # the caller's handler is back
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_signals_held_during_save_are_delivered_after_sigterm_first() -> None:
+    """Both held: SIGTERM's handler runs before SIGINT's KeyboardInterrupt can pre-empt it
+    (SIGTERM's default ends the process, which must not be lost), and both handlers are
+    back afterwards."""
+    import signal
+
+    seen: list[str] = []
+
+    def on_term(signum, frame):
+        seen.append("term")
+
+    def on_int(signum, frame):
+        seen.append("int")
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGTERM, on_term), signal.signal(signal.SIGINT, on_int)
+    try:
+        with pytest.raises(KeyboardInterrupt), io._signals_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert seen == []  # held
+        assert seen == ["term", "int"]
+        assert signal.getsignal(signal.SIGTERM) is on_term
+        assert signal.getsignal(signal.SIGINT) is on_int
+    finally:
+        signal.signal(signal.SIGTERM, before[0])
+        signal.signal(signal.SIGINT, before[1])

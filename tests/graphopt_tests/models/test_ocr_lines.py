@@ -25,9 +25,10 @@ def test_lines_are_whole_crops_padded_with_zeros(lines) -> None:
     assert len(texts) == 24
     lo, hi = (0.0 - OCR_MEAN) / OCR_STD, (1.0 - OCR_MEAN) / OCR_STD
     assert images.min() >= lo and images.max() <= hi
-    # A line narrower than the input ends in zero padding (rapidocr's).
+    # A line narrower than the input ends in zero padding (rapidocr's); lines shortened to
+    # fit still come close to the right edge.
     widths = [int(np.flatnonzero(np.abs(img).sum(axis=(0, 1)) > 0).max()) + 1 for img in images]
-    assert min(widths) < 320 and max(widths) <= 320
+    assert min(widths) < 320 and max(widths) > 0.9 * 320
     for img, width in zip(images, widths, strict=True):
         assert not img[:, :, width:].any()
 
