@@ -2,9 +2,17 @@
 
 Every round runs each candidate once, back to back, so load from other jobs hits all sides of
 a ratio alike; ratios are taken per round (time(reference) / time(candidate)) and summarized
-by their median, with p10-p90 as the spread. Rounds alternate the order (A B C, C B A, ...):
-a linear drift in machine speed, or a cache advantage of running second, then falls on every
-candidate equally. Used by ``graphopt bench`` and by the scripts in ``bench/``.
+by their median, with p10-p90 as the spread. Rounds alternate the order (A B C, C B A, ...),
+so a linear drift in machine speed falls on every candidate equally.
+
+Each timed run directly follows an untimed run of the same candidate (``prime``): every
+candidate is timed warm, as a model serving requests runs. Without it the caches favour
+position: alternating A B C, C B A, A B C runs A and C twice in a row at every turn, their
+weights still cached from the run before, while B always follows another model. Measured:
+ResNet-50 int8 at batch 1 timed between two others read 3% slower than the same file timed
+last (1% at batch 8), and a chain of sparse layers up to 20%.
+
+Used by ``graphopt bench`` and by the scripts in ``bench/``.
 """
 
 from __future__ import annotations
@@ -23,11 +31,13 @@ def interleaved(
     rounds: int,
     warmup: int = WARMUP,
     tick: Callable[[], None] | None = None,
+    prime: bool = True,
 ) -> list[list[float]]:
     """Seconds per round for each of ``calls``: ``result[i][r]`` is call ``i`` in round ``r``.
 
-    Each call runs ``warmup`` times first (allocations, ORT's first-run planning). ``tick``
-    is called after every round (a progress bar).
+    Each call runs ``warmup`` times first (allocations, ORT's first-run planning); with
+    ``prime`` each timed run follows an untimed run of the same call (see the module
+    docstring). ``tick`` is called after every round (a progress bar).
     """
     if rounds < 1:
         raise ValueError("rounds must be at least 1")
@@ -38,6 +48,8 @@ def interleaved(
     order = list(range(len(calls)))
     for r in range(rounds):
         for i in order if r % 2 == 0 else reversed(order):
+            if prime:
+                calls[i]()
             start = time.perf_counter()
             calls[i]()
             times[i].append(time.perf_counter() - start)

@@ -3,7 +3,8 @@
 Per batch size: every model gets the same generated inputs (graphopt's input generator, the
 seed printed), its own session with the chosen provider, threads and optimization level,
 warm-up runs, then ``--runs`` interleaved rounds (:func:`graphopt.timing.interleaved`) so
-that load from other processes falls on every model alike. Reported per model: median, p10
+that load from other processes falls on every model alike, each timed run primed by an
+untimed run of the same model (every model timed warm). Reported per model: median, p10
 and p90 latency, throughput (batch / median latency), and from the second model on its speed
 relative to the first: the median over rounds of time(first) / time(model), with the p10-p90
 of those per-round ratios as the spread.
@@ -155,7 +156,8 @@ def _render(result: Any, out: Console) -> None:
     out.print(
         f"ONNX Runtime {result.ort_version}, {', '.join(config.providers)}, "
         f"{config.threads or 'default'} intra-op thread(s), opt level {config.opt_level}; "
-        f"{result.warmup} warm-up + {result.rounds} interleaved rounds; inputs seed "
+        f"{result.warmup} warm-up + {result.rounds} interleaved rounds (each timed run "
+        f"primed by one untimed); inputs seed "
         f"{result.seed}",
         markup=False,
         soft_wrap=True,

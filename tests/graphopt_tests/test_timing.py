@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -12,11 +14,35 @@ def test_rounds_alternate_order_after_warmup() -> None:
     calls: list[str] = []
     ticks: list[int] = []
     runs = [lambda name=name: calls.append(name) for name in "abc"]
-    times = interleaved(runs, rounds=3, warmup=2, tick=lambda: ticks.append(len(calls)))
+    times = interleaved(
+        runs, rounds=3, warmup=2, tick=lambda: ticks.append(len(calls)), prime=False
+    )
     # Warm-up: each twice in turn; then a b c, c b a, a b c.
     assert calls == list("aabbcc") + list("abc") + list("cba") + list("abc")
     assert ticks == [9, 12, 15]
     assert [len(t) for t in times] == [3, 3, 3] and all(s >= 0 for t in times for s in t)
+
+
+def test_each_timed_run_follows_a_run_of_itself() -> None:
+    """Primed (the default): whatever the order, every timed run directly follows an untimed
+    run of the same call, so no position in the round is warmer than another."""
+    calls: list[str] = []
+    runs = [lambda name=name: calls.append(name) for name in "abc"]
+    times = interleaved(runs, rounds=2, warmup=1)
+    assert calls == list("abc") + list("aabbcc") + list("ccbbaa")
+    assert [len(t) for t in times] == [2, 2, 2]
+    # Times are taken of the second run of each pair: a call that is slow when cold shows it
+    # only in the untimed run.
+    state = {"last": None}
+
+    def cold_slow(name: str) -> None:
+        if state["last"] != name:
+            time.sleep(0.02)
+        state["last"] = name
+
+    slow = [lambda name=name: cold_slow(name) for name in "ab"]
+    times = interleaved(slow, rounds=3, warmup=0)
+    assert max(max(t) for t in times) < 0.015
 
 
 def test_rounds_must_be_positive() -> None:
