@@ -422,26 +422,33 @@ struct RowJob {
 // gives each output as the difference of two entries; wrapping is harmless because each
 // true difference (one output's sum) fits int32.
 
-// Gathers activation dwords from a held in 2*P registers (K <= 128*P bytes): vpermi2d picks
-// from 32 dwords by the low 5 bits of the index, the high bits choose the register pair.
+// 32*P activation dwords held in 2*P registers, looked up 16 at a time by dword index:
+// vpermi2d picks from a pair by the low 5 bits of the index; a lane whose index is >= 32p takes
+// pair p's pick. Indices must be below 32*P.
 template <int P>
-struct TableGather {
+struct RegisterTable {
   __m512i t[2 * P];
-  explicit TableGather(const uint8_t* a) {
+  explicit RegisterTable(const uint8_t* a) {
 #pragma GCC unroll 16
     for (int i = 0; i < 2 * P; ++i) t[i] = _mm512_loadu_si512(a + 64 * i);
   }
-  __m512i operator()(const int32_t* col) const {
-    const __m512i idx = _mm512_loadu_si512(col);
-    const __m512i hi = _mm512_srli_epi32(idx, 5);
+  __m512i operator()(__m512i idx) const {
     __m512i r = _mm512_permutex2var_epi32(t[0], idx, t[1]);
 #pragma GCC unroll 8
     for (int p = 1; p < P; ++p) {
-      const __mmask16 k = _mm512_cmpeq_epi32_mask(hi, _mm512_set1_epi32(p));
+      const __mmask16 k = _mm512_cmpge_epu32_mask(idx, _mm512_set1_epi32(32 * p));
       r = _mm512_mask_mov_epi32(r, k, _mm512_permutex2var_epi32(t[2 * p], idx, t[2 * p + 1]));
     }
     return r;
   }
+};
+
+// Gathers the activation dwords of 16 blocks from a held in registers (K <= 128*P bytes).
+template <int P>
+struct TableGather {
+  RegisterTable<P> table;
+  explicit TableGather(const uint8_t* a) : table(a) {}
+  __m512i operator()(const int32_t* col) const { return table(_mm512_loadu_si512(col)); }
 };
 
 template <typename Gather>
@@ -638,26 +645,6 @@ void row_part(void* arg, size_t part) {
 // lookup of the 16 activation dwords from the panel (held in 2P zmm) and one vpdpbusd. No
 // horizontal sums, no prefix sums; the zero point, scales and store take 16 outputs at once.
 
-// The activation dwords of one panel (32*P dwords) in 2*P registers: vpermi2d picks from a
-// pair by the low 5 bits of the index; a lane whose index is >= 32p takes pair p's pick.
-template <int P>
-struct PanelTable {
-  __m512i t[2 * P];
-  explicit PanelTable(const uint8_t* a) {
-#pragma GCC unroll 16
-    for (int i = 0; i < 2 * P; ++i) t[i] = _mm512_load_si512(a + 64 * i);
-  }
-  __m512i operator()(__m512i idx) const {
-    __m512i r = _mm512_permutex2var_epi32(t[0], idx, t[1]);
-#pragma GCC unroll 8
-    for (int p = 1; p < P; ++p) {
-      const __mmask16 k = _mm512_cmpge_epu32_mask(idx, _mm512_set1_epi32(32 * p));
-      r = _mm512_mask_mov_epi32(r, k, _mm512_permutex2var_epi32(t[2 * p], idx, t[2 * p + 1]));
-    }
-    return r;
-  }
-};
-
 // The chunk's G accumulators to the next lane order: lane l of the result takes lane t[l] of
 // a (16*G lanes, t bytes). vpermi2d reaches 32 lanes; G = 4, 8 select between 2, 4 of them.
 template <int G>
@@ -713,7 +700,7 @@ void lanes_part(const LanesJob& job, int64_t c0, int64_t c1) {
 #pragma GCC unroll 8
     for (int j = 0; j < G; ++j) x[j] = y[j] = _mm512_setzero_si512();
     for (int64_t pn = 0; pn < panels; ++pn) {
-      const PanelTable<P> table(job.padded + pn * 128 * P);
+      const RegisterTable<P> table(job.padded + pn * 128 * P);  // one panel
       const int32_t* sp = slot_ptr + (c * panels + pn) * G;
 #pragma GCC unroll 8
       for (int j = 0; j < G; ++j) {
