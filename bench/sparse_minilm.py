@@ -9,7 +9,8 @@ One command. MiniLM (real weights) is optimized three ways, all ``--target ort``
 - **lowered**: the zeros model with ``--sparse-kernels`` (the crossover decides per layer).
 
 Speed: ORT CPU, ORT_ENABLE_ALL, seq 128, batch 1 and 8, 1 and 2 threads, warm-up, ``--pairs``
-paired interleaved rounds (dense, zeros, lowered in each), median ms per model and median of
+paired interleaved rounds (dense, zeros, lowered in each, alternating order, each timed run
+primed by an untimed one), median ms per model and median of
 the per-round ratios time(dense) / time(candidate). Fidelity: mean cosine of the sentence
 embeddings against the dense original on ``--sentences`` evaluation sentences (seq 128).
 The markdown states the date, versions, CPU, kernel ISA and load, and the per-layer
@@ -26,7 +27,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +39,7 @@ from graphopt.backends.ort_custom_ops import own_session_options, uses_own_kerne
 from graphopt.models import build
 from graphopt.models.sentences import mean_cosine, minilm_npz, sentences, tokenize
 from graphopt.passes.sparsity.lowering import METADATA_KEY
+from graphopt.timing import interleaved, pair_ratios
 
 SEQ = 128
 WARMUP = 3
@@ -67,19 +68,13 @@ def embed(path: Path, texts: list[str], batch: int = 16) -> np.ndarray:
 
 
 def paired(paths: list[Path], feeds: dict[str, np.ndarray], threads: int, pairs: int):
-    """Median ms per model and median ratio time(paths[0]) / time(other), per other."""
+    """Median ms per model and median ratio time(paths[0]) / time(other), per other
+    (:func:`graphopt.timing.interleaved`: alternating order, each timed run primed)."""
     runs = [session(p, threads) for p in paths]
-    for run in runs:
-        for _ in range(WARMUP):
-            run.run(None, feeds)
-    times: list[list[float]] = [[] for _ in runs]
-    for _ in range(pairs):
-        for index, run in enumerate(runs):
-            began = time.perf_counter()
-            run.run(None, feeds)
-            times[index].append((time.perf_counter() - began) * 1e3)
+    calls = [lambda run=run: run.run(None, feeds) for run in runs]
+    times = [[t * 1e3 for t in ts] for ts in interleaved(calls, pairs, warmup=WARMUP)]
     medians = [statistics.median(t) for t in times]
-    ratios = [statistics.median(a / b for a, b in zip(times[0], t, strict=True)) for t in times[1:]]
+    ratios = [statistics.median(pair_ratios(times[0], t)) for t in times[1:]]
     return medians, ratios
 
 
