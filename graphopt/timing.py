@@ -9,8 +9,8 @@ Each timed run directly follows an untimed run of the same candidate (``prime``)
 candidate is timed warm, as a model serving requests runs. Without it the caches favour
 position: alternating A B C, C B A, A B C runs A and C twice in a row at every turn, their
 weights still cached from the run before, while B always follows another model. Measured:
-ResNet-50 int8 at batch 1 timed between two others read 3% slower than the same file timed
-last (1% at batch 8), and a chain of sparse layers up to 20%.
+ResNet-50 int8 at batch 1 timed between two others read 3% slower than an equally fast variant
+timed last (1% at batch 8), and a chain of sparse layers up to 20%.
 
 Used by ``graphopt bench`` and by the scripts in ``bench/``.
 """
