@@ -34,6 +34,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).parent))
 from sparse_kernels import OPSET, block_sparse_weight, cpu_name, make_session, max_rel
+from timing import add_library_options
 
 from graphopt.kernels import library_path, packing
 from graphopt.timing import interleaved, pair_ratios
@@ -106,13 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.75, 0.9])
     parser.add_argument("--m", type=int, default=1, help="rows of A")
     parser.add_argument("--pairs", type=int, default=40, help="paired rounds")
-    parser.add_argument("--library", type=Path, help="custom-op library (default: package build)")
-    parser.add_argument(
-        "--baseline-library",
-        type=Path,
-        help="a second custom-op library (e.g. a copy of the previous build) timed in the same "
-        "rounds as --library",
-    )
+    add_library_options(parser)
     args = parser.parse_args(argv)
     library = args.library if args.library is not None else library_path()
     if library is None:

@@ -40,6 +40,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
+from timing import add_library_options
 
 from graphopt.backends.ort_custom_ops import register_custom_ops
 from graphopt.kernels import library_path
@@ -285,16 +286,9 @@ def preamble(library: Path, args: argparse.Namespace) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=30)
-    parser.add_argument("--library", type=Path, default=None, help="custom-op library to use")
+    add_library_options(parser)
     parser.add_argument("--quick", action="store_true", help="1x4 at sparsity 0.8 only")
     parser.add_argument("--markdown", type=Path, default=None, help="also write the table here")
-    parser.add_argument(
-        "--baseline-library",
-        type=Path,
-        default=None,
-        help="a second custom-op library (e.g. a copy of the previous build) timed in the same "
-        "rounds as ours",
-    )
     args = parser.parse_args()
     library = args.library or library_path()
     if library is None:

@@ -42,6 +42,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
+from timing import add_library_options
 
 from graphopt.backends.ort_custom_ops import register_custom_ops
 from graphopt.kernels import packing
@@ -264,13 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sparsities", type=float, nargs="+")
     parser.add_argument("--no-24", action="store_true", help="skip the 2:4 rows")
     parser.add_argument("--pairs", type=int, default=20)
-    parser.add_argument("--library", type=Path, help="custom-op library (default: package build)")
-    parser.add_argument(
-        "--baseline-library",
-        type=Path,
-        help="a second custom-op library (e.g. a copy of the previous build) timed in the same "
-        "rounds as --library",
-    )
+    add_library_options(parser)
     parser.add_argument("--out", type=Path, help="also write the report here")
     args = parser.parse_args(argv)
 

@@ -9,6 +9,7 @@ from other jobs on a shared machine hits both sides of a ratio alike. The rounds
 
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 from pathlib import Path
@@ -17,6 +18,17 @@ import numpy as np
 import onnxruntime as ort
 
 from graphopt.timing import WARMUP, interleaved, pair_ratios
+
+
+def add_library_options(parser: argparse.ArgumentParser) -> None:
+    """``--library`` and ``--baseline-library``: the kernel benches' custom-op libraries."""
+    parser.add_argument("--library", type=Path, help="custom-op library (default: package build)")
+    parser.add_argument(
+        "--baseline-library",
+        type=Path,
+        help="a second custom-op library (e.g. a copy of the previous build) timed in the same "
+        "rounds as --library",
+    )
 
 
 def session(path: Path, threads: int, optimize: bool = True) -> ort.InferenceSession:
