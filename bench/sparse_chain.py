@@ -82,25 +82,6 @@ def chain_model(pairs: int, sparsity: float, sparse: bool, seed: int = 0) -> byt
     return helper.make_model(graph, opset_imports=opsets).SerializeToString()
 
 
-def rounds(sessions: list[ort.InferenceSession], feed: dict, pairs: int) -> list[list[float]]:
-    """Seconds per round for each session, in paired interleaved rounds.
-
-    ``interleaved`` runs its calls forward, then backward, so the first and last of three
-    run twice in a row at every turn (then their weights are still in cache from the run
-    before) and the middle one never does: timing two libraries as calls 2 and 3 measured
-    the same library 1-20% slower in the middle. With a baseline, half the rounds put each
-    library in the middle.
-    """
-    calls = [lambda s=s: s.run(None, feed) for s in sessions]
-    if len(calls) < 3:
-        return interleaved(calls, pairs)
-    if pairs < 2:
-        raise SystemExit("--pairs: at least 2 with --baseline-library (half in each order)")
-    first = interleaved(calls, (pairs + 1) // 2)
-    second = interleaved([calls[0], calls[2], calls[1]], pairs // 2)
-    return [first[0] + second[0], first[1] + second[2], first[2] + second[1]]
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, nargs="+", default=[6], help="FFN pairs")
@@ -140,7 +121,10 @@ def main(argv: list[str] | None = None) -> int:
             if base_lib is not None:
                 sessions.append(make_session(model, 1, base_lib))
             error = max_rel(dense.run(None, feed)[0], sparse.run(None, feed)[0])
-            times = rounds(sessions, feed, args.pairs)
+            # Every timed run is primed by one of its own (graphopt.timing), so no library
+            # gains from its place in the round.
+            calls = [lambda s=s: s.run(None, feed) for s in sessions]
+            times = interleaved(calls, args.pairs)
             ratio = float(np.median(pair_ratios(times[0], times[1])))
             per_layer = [float(np.median(t)) * 1e3 / (2 * pairs) for t in times]
             lines.append(
