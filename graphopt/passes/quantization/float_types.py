@@ -128,14 +128,24 @@ def quantize_half(
     shapes = fill_types(model)
     record.weight_bytes_before = weight_bytes(model)
     fit, held = calib.split(settings.holdout) if calib is not None else (None, None)
-    ranges = observed_ranges(model, fit) if fit is not None and low == ir.DataType.FLOAT16 else {}
+    generated = None
+    if calib is None:
+        from graphopt.passes.calibration.samples import random_calibration
+
+        # Without --calib, fp16's overflow guard still needs ranges: generated inputs show
+        # what random data does to the activations (seen: a random-weight Inception-v3 left
+        # fp16's range and gave inf with no range at all).
+        generated = random_calibration(original, dict(context.input_shapes), owner="quantize")
+    source = fit if fit is not None else generated
+    ranges = observed_ranges(model, source) if low == ir.DataType.FLOAT16 else {}
     plan = plan_conversion(model, settings, low, ranges, shapes)
     record.layers = plan.layers
     record.type_changes = apply_plan(model, plan, low)
     record.weight_bytes_after = weight_bytes(model)
     if ranges:
+        where = "calibration samples" if fit is not None else "generated inputs (no --calib)"
         record.notes.append(
-            f"fp16 ranges from {fit.count} calibration samples: tensors above "
+            f"fp16 ranges from {source.count} {where}: tensors above "
             f"{FP16_LIMIT:g} in magnitude kept float32"
         )
     risky = sorted({x.op_type for x in plan.layers if x.reason.startswith("numerically risky")})
@@ -150,11 +160,7 @@ def quantize_half(
             f", {held.count} held out" if held is not None else ""
         )
     else:
-        from graphopt.passes.calibration.samples import random_calibration
-
-        sets = {
-            "generated": random_calibration(original, dict(context.input_shapes), owner="quantize")
-        }
+        sets = {"generated": generated}
         record.fidelity_source = f"{sets['generated'].count} generated inputs (no --calib)"
     from graphopt.passes.quantization.float_simulation import fidelity_on_runnable
 

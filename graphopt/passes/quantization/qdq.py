@@ -68,6 +68,7 @@ class Emitted:
     type_changes: list[TypeChange] = field(default_factory=list)
     weights: dict[str, QuantizedWeight] = field(default_factory=dict)  # by node
     corrected: set[str] = field(default_factory=set)  # nodes whose bias was corrected
+    bias_fitted: set[str] = field(default_factory=set)  # weight scales raised for the bias
 
 
 def emit_qdq(
@@ -94,11 +95,17 @@ def emit_qdq(
         index, axis = placement.weights[node_name]
         weight = node.inputs[index]
         axis = axis if per_channel else None
-        key = (weight.name, axis)
+        base = (weight.name, axis)
+        quantized = (rounded or {}).get(base) or quantize_weight(constant_array(weight), axis)
+        fitted = _fit_bias(node, weight, quantized, _input_scale(node, placement, params))
+        key: tuple = base
+        if fitted is not None:
+            quantized, key = fitted, (*base, fitted.scale.tobytes())
+            emitted.bias_fitted.add(node_name)
         if key not in cache:
-            quantized = (rounded or {}).get(key) or quantize_weight(constant_array(weight), axis)
+            if not any(k[:2] == base for k in cache):
+                emitted.type_changes.append(TypeChange(weight.name, "float", "int8"))
             cache[key] = (_weight_dq(graph, names, node, weight, quantized), quantized)
-            emitted.type_changes.append(TypeChange(weight.name, "float", "int8"))
         dq_value, quantized = cache[key]
         node.replace_input_with(index, dq_value)
         emitted.weights[node_name] = quantized
@@ -171,6 +178,54 @@ def _values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
 def _position(value: ir.Value, order: dict[str, int]) -> int:
     producer = value.producer()
     return -1 if producer is None else order.get(producer.name, -1)
+
+
+# Integer kernels add the bias to the int32 accumulator as round(b / (x_scale · w_scale)):
+# ONNX Runtime requantizes a QDQ model's float bias that way when it fuses (and the QOperator
+# form stores it so). A bias that large next to its input's scale (an input that is ~0 on
+# the calibration data) would wrap around int32: ORT's fused model then reads garbage while
+# the unfused one is right. Half the int32 range keeps room for the accumulation itself.
+BIAS_LIMIT = float(2**30)
+
+
+def _input_scale(node: ir.Node, placement: Placement, params: dict[str, QuantParams]) -> float:
+    """The scale of ``node``'s quantized data input (0.0: float, nothing fuses)."""
+    data = node.inputs[0] if node.inputs else None
+    root = placement.tensors.get(data.name) if data is not None else None
+    return float(params[root].scale) if root is not None and root in params else 0.0
+
+
+def _fit_bias(
+    node: ir.Node, weight: ir.Value, q: QuantizedWeight, x_scale: float
+) -> QuantizedWeight | None:
+    """``q`` with the scales raised (and those channels rounded to nearest again) where
+    round(bias / (x_scale · w_scale)) would pass ``BIAS_LIMIT``, as ORT's own quantizer
+    does; None when every channel fits. The raised channel's weights round coarser, but their
+    product with an input that small is negligible next to the bias they share."""
+    if x_scale <= 0.0 or node.op_type not in ("Conv", "Gemm") or len(node.inputs) < 3:
+        return None
+    bias_value = node.inputs[2]
+    bias = constant_array(bias_value) if bias_value is not None else None
+    array = constant_array(weight)
+    if bias is None or array is None:
+        return None
+    needed = np.abs(bias.astype(np.float64)).reshape(-1) / (x_scale * BIAS_LIMIT)
+    scale = q.scale.astype(np.float64)
+    if q.axis is None:
+        needed = np.array(needed.max(initial=0.0))
+    elif needed.shape != scale.shape:
+        return None
+    raise_ = needed > scale
+    if not raise_.any():
+        return None
+    new_scale = np.where(raise_, needed * 1.001, scale).astype(np.float32)
+    shape = [1] * array.ndim
+    if q.axis is not None:
+        shape[q.axis] = -1
+    again = np.clip(np.rint(array / new_scale.reshape(shape)), -127, 127).astype(np.int8)
+    keep = ~raise_.reshape(shape) if q.axis is not None else np.False_
+    values = np.where(keep, q.values, again).astype(np.int8)
+    return QuantizedWeight(values, new_scale, q.axis)
 
 
 def _weight_dq(

@@ -485,6 +485,11 @@ def _fill_record(
     if settings.bias_correction:
         corrected = sum(1 for n in emitted.weights if n in emitted.corrected)
         record.notes.append(f"bias correction (weight rounding shift) on {corrected} layers")
+    if emitted.bias_fitted:
+        record.notes.append(
+            "weight scales raised so the int32 bias fits (input ~0 next to its bias, as "
+            f"quantized): {', '.join(sorted(emitted.bias_fitted))}"
+        )
     kept = [layer for layer in record.layers if layer.precision == "float"]
     if kept:
         reasons = Counter(layer.reason for layer in kept)

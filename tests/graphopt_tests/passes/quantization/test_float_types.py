@@ -150,6 +150,23 @@ def test_calibration_range_beyond_fp16_keeps_float32(tmp_path):
     )
 
 
+def test_without_calibration_generated_inputs_guard_the_fp16_range():
+    # Weights inside fp16's range whose Conv output is not (~1e5 on N(0, 1) inputs): with no
+    # --calib the ranges come from generated inputs, so the Conv stays float32 and the output
+    # stays finite (without any range it overflowed to inf).
+    model = small_model()
+    weight = model.graph.initializers["w"]
+    weight.const_value = ir.tensor(weight.const_value.numpy() * np.float32(2e4))
+    original = model.clone()
+    record = quantize(model, mode="fp16")
+    kept, reason = precision(record, "conv")
+    assert kept == "float" and "exceeds the fp16 limit" in reason
+    assert any("generated inputs (no --calib)" in note for note in record.notes)
+    x = np.random.default_rng(5).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    got = run(model, x)
+    assert np.isfinite(got).all() and cosine(run(original, x), got) > 0.999
+
+
 def test_weight_beyond_fp16_keeps_its_reader_float32_without_calibration():
     model = small_model(scale=1e5)
     record = quantize(model, mode="fp16")

@@ -140,6 +140,41 @@ def test_small_cnn_quantizes_fuses_and_stays_close(tmp_path, target, activation_
     assert all(f.mean_cosine > 0.99 for fs in record.fidelity.values() for f in fs)
 
 
+@pytest.mark.parametrize("quant_format", ["qdq", "qoperator"])
+def test_a_bias_too_large_for_its_input_scale_still_fits_int32(tmp_path, quant_format):
+    # An input ~1e-12 on the calibration data (a dead branch) next to biases ~1: the int32
+    # bias round(b / (x_scale * w_scale)) would wrap. ORT's fused run then read garbage while
+    # the unfused run was right (seen on random-weight GoogLeNet's classifier).
+    model = small_cnn()
+    x = _data(48) * np.float32(1e-12)
+    calib = tmp_path / "tiny.npz"
+    np.savez(calib, x=x)
+    for name in ("b1", "b2", "b3"):
+        model.graph.initializers[name].const_value = ir.tensor(
+            np.full(model.graph.initializers[name].shape[0], 1.5, np.float32)
+        )
+    quantized, record = _quantize(
+        model, tmp_path, target="ort", calib=str(calib), quant_format=quant_format
+    )
+    int32_constants = [
+        value.const_value.numpy()
+        for node in quantized.graph
+        for value in node.inputs
+        if value is not None
+        and value.const_value is not None
+        and value.const_value.dtype == ir.DataType.INT32
+    ]
+    assert quant_format == "qdq" or int32_constants  # QOperator stores the int32 biases
+    assert all(np.abs(b).max() <= 2**30 for b in int32_constants)
+    sample = x[:8]
+    reference = _run(model, sample, optimize=False)
+    for optimize in (False, True):
+        got = _run(quantized, sample, optimize)
+        error = np.abs(got - reference).max() / np.abs(reference).max()
+        assert error < 0.02, (optimize, error)
+    assert any("int32 bias fits" in note and "conv1" in note for note in record.notes)
+
+
 def test_weights_are_int8_per_channel_with_axis(tmp_path):
     quantized, _ = _quantize(small_cnn(), tmp_path)
     weights = {
