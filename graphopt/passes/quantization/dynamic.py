@@ -35,7 +35,6 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt import editing
-from graphopt.errors import UserInputError
 from graphopt.passes.quantization.record import (
     LayerPrecision,
     QuantRecord,
@@ -417,19 +416,27 @@ def lower(
     return layers, lowering.changes
 
 
+def _ensure_opset(model: ir.Model, record: QuantRecord) -> None:
+    """Raise an older model to opset 11 (DynamicQuantizeLinear), as static int8 raises it to
+    13, with a note; the conversion is exact and verified with the rest."""
+    from graphopt.opset import convert_opset, default_opset
+
+    if default_opset(model) >= MIN_OPSET:
+        return
+    converted, note = convert_opset(model, MIN_OPSET)
+    model.graph = converted.graph
+    if note:
+        record.notes.append(f"{note} (DynamicQuantizeLinear needs opset {MIN_OPSET})")
+
+
 def quantize_dynamic(
     model: ir.Model, settings: QuantSettings, calib: CalibrationSet | None, context: PassContext
 ) -> QuantRecord:
     """The ``int8-dynamic`` mode (see the module docstring); rewrites ``model`` in place."""
     from graphopt.passes.quantization import smoothquant
 
-    opset = model.graph.opset_imports.get("", model.graph.opset_imports.get("ai.onnx", 0))
-    if opset < MIN_OPSET:
-        raise UserInputError(
-            f"quantize int8-dynamic: DynamicQuantizeLinear needs opset >= {MIN_OPSET} (the "
-            f"model has {opset}): rerun with --opset {MIN_OPSET}"
-        )
     record = QuantRecord(mode=settings.mode)
+    _ensure_opset(model, record)
     if settings.activation_type == "s8" and "activation_type" not in settings.defaulted:
         record.notes.append(
             "--activation-type s8 ignored: DynamicQuantizeLinear quantizes activations to u8 "
