@@ -1,9 +1,12 @@
 """Raising a model's default-domain opset with the onnx version converter (only when asked).
 
 Some fusions produce ops that need a newer opset than the model has (LayerNormalization 17,
-Gelu 20, RMSNormalization and Attention 23). graphopt never changes the opset on its own:
-``--opset N`` converts first, and the pass manager's verification then covers the
-conversion together with the rewrites.
+Gelu 20, RMSNormalization and Attention 23). graphopt does not raise the opset for a fusion
+on its own: ``--opset N`` converts first, and the pass manager's verification then covers
+the conversion together with the rewrites. The one exception is a quantization mode whose
+ops need a newer opset than the model has (per-channel DequantizeLinear 13,
+DynamicQuantizeLinear 11): the user asked for the mode, so :func:`raise_in_place` converts
+and says so.
 """
 
 from __future__ import annotations
@@ -41,3 +44,14 @@ def convert_opset(model: ir.Model, version: int) -> tuple[ir.Model, str]:
             f"cannot convert from opset {current} to {version}: {first[:200]}"
         ) from None
     return io.load(converted).model, f"converted default-domain opset {current} -> {version}"
+
+
+def raise_in_place(model: ir.Model, version: int, why: str) -> str:
+    """Raise ``model`` itself to opset ``version`` where it is older (a quantization mode
+    whose ops need it: the user asked for the mode, and the conversion is exact and verified
+    with the rest of the run). Returns the note that says so, with ``why``; "" if unchanged."""
+    if default_opset(model) >= version:
+        return ""
+    converted, note = convert_opset(model, version)
+    model.graph = converted.graph
+    return f"{note} ({why})"

@@ -35,6 +35,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt import editing
+from graphopt.opset import raise_in_place
 from graphopt.passes.quantization.record import (
     LayerPrecision,
     QuantRecord,
@@ -416,19 +417,6 @@ def lower(
     return layers, lowering.changes
 
 
-def _ensure_opset(model: ir.Model, record: QuantRecord) -> None:
-    """Raise an older model to opset 11 (DynamicQuantizeLinear), as static int8 raises it to
-    13, with a note; the conversion is exact and verified with the rest."""
-    from graphopt.opset import convert_opset, default_opset
-
-    if default_opset(model) >= MIN_OPSET:
-        return
-    converted, note = convert_opset(model, MIN_OPSET)
-    model.graph = converted.graph
-    if note:
-        record.notes.append(f"{note} (DynamicQuantizeLinear needs opset {MIN_OPSET})")
-
-
 def quantize_dynamic(
     model: ir.Model, settings: QuantSettings, calib: CalibrationSet | None, context: PassContext
 ) -> QuantRecord:
@@ -436,7 +424,9 @@ def quantize_dynamic(
     from graphopt.passes.quantization import smoothquant
 
     record = QuantRecord(mode=settings.mode)
-    _ensure_opset(model, record)
+    note = raise_in_place(model, MIN_OPSET, f"DynamicQuantizeLinear needs opset {MIN_OPSET}")
+    if note:
+        record.notes.append(note)
     if settings.activation_type == "s8" and "activation_type" not in settings.defaulted:
         record.notes.append(
             "--activation-type s8 ignored: DynamicQuantizeLinear quantizes activations to u8 "

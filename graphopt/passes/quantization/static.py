@@ -33,6 +33,7 @@ import onnx_ir as ir
 
 from graphopt.editing import name_nodes
 from graphopt.errors import UserInputError
+from graphopt.opset import raise_in_place
 from graphopt.passes.calibration.samples import CalibrationSet
 from graphopt.passes.quantization import placement as placing
 from graphopt.passes.quantization.qdq import Emitted, QuantizedWeight, emit_qdq
@@ -97,7 +98,9 @@ def quantize_static(
         raise UserInputError("quantize int8: static quantization needs --calib FILE.npz")
     _refuse_quantized(model)
     record = QuantRecord(mode="int8")
-    _ensure_opset(model, record)
+    note = raise_in_place(model, PER_CHANNEL_OPSET, "per-channel DequantizeLinear needs opset 13")
+    if note:
+        record.notes.append(note)
     name_nodes(model.graph)
     original = model.clone()
     fit, held = calib.split(settings.holdout)
@@ -294,17 +297,6 @@ def _refuse_quantized(model: ir.Model) -> None:
             f"quantize int8: the model is already quantized (it has {', '.join(found)}); "
             "quantize the float original instead"
         )
-
-
-def _ensure_opset(model: ir.Model, record: QuantRecord) -> None:
-    from graphopt.opset import convert_opset, default_opset
-
-    if default_opset(model) >= PER_CHANNEL_OPSET:
-        return
-    converted, note = convert_opset(model, PER_CHANNEL_OPSET)
-    model.graph = converted.graph
-    if note:
-        record.notes.append(f"{note} (per-channel DequantizeLinear needs opset 13)")
 
 
 def _values(model: ir.Model) -> dict[str, ir.Value]:
