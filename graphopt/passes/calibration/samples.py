@@ -148,6 +148,12 @@ def _symbol(dim) -> str | None:
     return None if isinstance(dim, int) else getattr(dim, "value", None) or None
 
 
+def _fixed(dim) -> bool:
+    """A dim of known size: an int >= 0 (exporters such as Paddle2ONNX write -1 for a
+    dynamic one, which ONNX Runtime reads as such)."""
+    return isinstance(dim, int) and dim >= 0
+
+
 def _batch_symbol(inputs: list[ir.Value]) -> str | None:
     """The symbolic dim that stands for the batch, if the inputs name one.
 
@@ -183,8 +189,9 @@ def sample_axes(model: ir.Model) -> dict[str, int | None]:
         symbols = [_symbol(d) for d in dims]
         if batch is not None and batch in symbols:
             axes[value.name] = symbols.index(batch)
-        elif dims and (dims[0] == 1 or (not isinstance(dims[0], int) and symbols[0] is None)):
-            axes[value.name] = 0  # a batch of one, or an unnamed first dim
+        elif dims and (dims[0] == 1 or (symbols[0] is None and not _fixed(dims[0]))):
+            # A batch of one, or an unnamed first dim (Paddle's exports write it as -1).
+            axes[value.name] = 0
         else:
             # A scalar, a fixed first dim other than 1 (a [2, 1, 128] state), or a first dim
             # named after something else than the batch (positions [S]).
