@@ -262,17 +262,22 @@ class QuantParams:
 # range, compared with an absolute epsilon (FLT_EPSILON, its ClipQuantRewrite): a symmetric
 # scale below epsilon / 128 makes the domain's negative half look empty, so a ReLU6 went
 # and ORT's optimized run read negative values (random-weight MobileNetV2, portable s8:
-# cosine 0.55 against 0.9997 unoptimized). Symmetric scales stay above twice that: a range
-# that small keeps fewer levels instead.
+# cosine 0.55 against 0.9997 unoptimized). A Clip's output keeps its symmetric scale above
+# twice that (``min_scale``): a range that small keeps fewer levels instead. Only there:
+# elsewhere the floor would only cost levels (random-weight EfficientNet-B0's activations
+# are ~1e-15 throughout, and every one of them would round to 0).
 SYMMETRIC_MIN_SCALE = 2.0 * float(np.finfo(np.float32).eps) / 128.0
 
 
-def params_for(lo: float, hi: float, dtype: str, symmetric: bool) -> QuantParams:
-    """Scale and zero point covering ``[lo, hi]`` (widened to include 0, as ONNX requires)."""
+def params_for(
+    lo: float, hi: float, dtype: str, symmetric: bool, min_scale: float = 0.0
+) -> QuantParams:
+    """Scale and zero point covering ``[lo, hi]`` (widened to include 0, as ONNX requires);
+    a symmetric scale is at least ``min_scale``."""
     lo, hi = min(lo, 0.0), max(hi, 0.0)
     if symmetric:
         peak = max(-lo, hi)
-        scale = max(peak / 127.0, SYMMETRIC_MIN_SCALE) if peak > 0 else 1.0
+        scale = max(peak / 127.0, min_scale) if peak > 0 else 1.0
         return QuantParams(float(np.float32(scale)), 128 if dtype == "u8" else 0, dtype)
     qmin, qmax = (0, 255) if dtype == "u8" else (-128, 127)
     scale = (hi - lo) / (qmax - qmin) if hi > lo else 1.0

@@ -38,6 +38,7 @@ from graphopt.passes.calibration.samples import CalibrationSet
 from graphopt.passes.quantization import placement as placing
 from graphopt.passes.quantization.qdq import Emitted, QuantizedWeight, emit_qdq
 from graphopt.passes.quantization.ranges import (
+    SYMMETRIC_MIN_SCALE,
     QuantParams,
     Range,
     TensorStats,
@@ -213,6 +214,7 @@ def _build(
     settings = plan.settings
     placement = _place(model, settings, excluded_nodes)
     params: dict[str, QuantParams] = {}
+    values = _values(model)
     for root, members in placement.groups().items():
         known = [plan.ranges[m] for m in members if m in plan.ranges]
         if not known:
@@ -221,7 +223,8 @@ def _build(
                 del placement.tensors[member]
             continue
         lo, hi = min(r.lo for r in known), max(r.hi for r in known)
-        params[root] = _params(Range(lo, hi, ""), settings)
+        clipped = any(_made_by(values, m, "Clip") for m in members)
+        params[root] = _params(Range(lo, hi, ""), settings, clipped)
     clone = model.clone()
     means = None
     if settings.bias_correction and plan.input_means:
@@ -283,11 +286,19 @@ def _outputs_too(settings: QuantSettings) -> bool:
     return settings.target == "ort"
 
 
-def _params(r: Range, settings: QuantSettings) -> QuantParams:
+def _params(r: Range, settings: QuantSettings, clipped: bool = False) -> QuantParams:
     # s8: symmetric (zero point 0, what TensorRT requires) unless the target is ORT, whose
-    # Relu folding needs the zero point at the bottom of a one-sided range.
+    # Relu folding needs the zero point at the bottom of a one-sided range. ``clipped``: a
+    # Clip's output, whose scale ORT's optimizer must not read as empty (SYMMETRIC_MIN_SCALE).
     symmetric = settings.activation_type == "s8" and settings.target != "ort"
-    return params_for(r.lo, r.hi, settings.activation_type, symmetric)
+    floor = SYMMETRIC_MIN_SCALE if clipped else 0.0
+    return params_for(r.lo, r.hi, settings.activation_type, symmetric, floor)
+
+
+def _made_by(values: dict[str, ir.Value], tensor: str, op_type: str) -> bool:
+    value = values.get(tensor)
+    node = value.producer() if value is not None else None
+    return node is not None and node.op_type == op_type
 
 
 def _refuse_quantized(model: ir.Model) -> None:
