@@ -53,9 +53,6 @@ MODES: dict[str, dict] = {
 # (c): ORT's fused kernels round differently from the Q/DQ reference; more than this much
 # mean cosine apart is a deployment that computes something else.
 DEPLOY_SLACK = 0.01
-# Catalog models left out by default: each takes longer than the rest of its family together
-# and adds no op the others lack.
-HEAVY = ("bert_base", "vit_b_16")
 
 
 @dataclass
@@ -309,7 +306,7 @@ def main() -> None:
         names = (
             [n.strip() for n in args.models.split(",") if n.strip()]
             if args.models
-            else [n for n in models.names() if n not in HEAVY]
+            else models.names()
         )
         for name in names:
             command = [sys.executable, __file__, "--child", "--models", name]
