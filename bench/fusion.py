@@ -17,8 +17,9 @@ CPU, generated inputs), and ONNX Runtime CPU speed:
 Method: one session per model and setting (sequential execution, ``--threads`` intra-op
 threads), warm-up, then ``--pairs`` interleaved rounds (original, graphopt, onnxslim in
 turn, the order rotating every round), each model timed over ``--inner`` runs per round
-(more for fast models, so that a round takes ≥ 30 ms). A speed ratio is the median over
-rounds of t(other) / t(graphopt): above 1 means graphopt's output is faster.
+(more for fast models, so that a round takes ≥ 30 ms) after one untimed run of its own. A
+speed ratio is the median over rounds of t(other) / t(graphopt): above 1 means graphopt's
+output is faster.
 
 The nine ``light_*`` models are the catalog's randomized copies of ONNX's light zoo
 (``graphopt.models.light``: seeded random weights as initializers, as issue 4 asks), not the
@@ -127,6 +128,9 @@ def speed_ratios(
         # Interleaved, so load drift hits all alike; the order rotates every round so that no
         # model always runs right after the same other one (caches, CPU frequency).
         for name in order[i % len(order) :] + order[: i % len(order)]:
+            # Primed: an untimed run first, so no model's first run of a turn is the cold
+            # one after another model's (graphopt/timing.py does the same).
+            sessions[name].run(None, feeds)
             rounds[name].append(timed(sessions[name], feeds, inner))
     ours = rounds["graphopt"]
     return {
