@@ -10,7 +10,9 @@ padded before it is quantized, a zero weight slice) the direct path applies: 799
 for 4/3 of the multiply-adds, 2.4% of the whole model. Exact: the padded channel is 0.0,
 quantizes to the zero point, and meets zero weights.
 
-Only where the Conv reads a graph input (a float Pad there costs ~5% of the layer's time; deeper in
+A stride-2 stem with static, even height and width is folded by SpaceToDepth instead
+(:mod:`.stem_space_to_depth`: 12 channels, and fewer kernel taps); this pads the rest. Only
+where the Conv reads a graph input (a float Pad there costs ~5% of the layer's time; deeper in
 a quantized graph it would sit between a DequantizeLinear and a QuantizeLinear), for
 ``--target ort``.
 """

@@ -109,6 +109,7 @@ def quantize_static(
     from graphopt.passes.quantization import smoothquant
 
     smoothquant.apply_settings(model, settings, fit, record.notes)
+    merged_into = _merge_shortcuts(model, settings, record)
     plan = make_plan(model, settings, fit)
     excluded: frozenset[str] = frozenset()
     if settings.mixed_precision:
@@ -118,7 +119,7 @@ def quantize_static(
     if settings.compensation:  # EoRA's reference: W before rounding, after SmoothQuant
         record.float_model = model.clone()
     model.graph = quantized.graph
-    _fill_record(record, original, model, plan, placement, emitted)
+    _fill_record(record, original, model, plan, placement, emitted, merged_into)
     sets = {"calibration": fit} if held is None else {"calibration": fit, "held-out": held}
     record.fidelity = measure_fidelity(original, model, sets)
     record.fidelity_source = (
@@ -365,21 +366,53 @@ def _equalize(
         record.notes.append(equalization.equalize(model, settings, calib))
 
 
+def _merge_shortcuts(
+    model: ir.Model, settings: QuantSettings, record: QuantRecord
+) -> dict[str, str]:
+    """For ``--target ort``: ``Add(Conv1x1, Conv1x1)`` as one Conv over both inputs
+    (:mod:`.shortcut_merge`). Before the plan: calibration and rounding see the merged Conv.
+    Returns each merged node's name -> the Conv it became (for the per-layer table)."""
+    if settings.target != "ort":
+        return {}
+    from graphopt.passes.quantization import shortcut_merge
+
+    merged = shortcut_merge.merge_summed_pointwise_convs(model, settings.excluded)
+    if merged:
+        record.notes.append(shortcut_merge.note(merged))
+    return {old: pair.name for pair in merged for old in (pair.add, *pair.convs)}
+
+
 def _pad_channels(
     model: ir.Model, plan: QuantPlan, excluded: frozenset[str], record: QuantRecord
 ) -> None:
-    """For ``--target ort``: stem Convs padded to 4k input channels, so that ORT runs them with
-    its direct int8 conv kernels (:mod:`.channel_padding`). After the plan, which carries over
+    """For ``--target ort``: stem Convs folded by SpaceToDepth (stride 2,
+    :mod:`.stem_space_to_depth`) or else padded to 4k input channels, so that ORT runs them
+    with its direct int8 conv kernels (:mod:`.channel_padding`). After the plan, which carries over
     to the padded names unchanged: the zero channel must not move the input's range (a
     histogram of 25% zeros would) nor the weights' rounding."""
     settings = plan.settings
     if settings.target != "ort":
         return
-    from graphopt.passes.quantization import channel_padding
+    from graphopt.passes.quantization import channel_padding, stem_space_to_depth
 
     def keep(node: ir.Node) -> bool:
         return settings.excluded(node) or node.name in excluded
 
+    folded = stem_space_to_depth.fold_stems(model, keep)
+    for stem in folded:
+        if stem.x.name in plan.ranges:
+            plan.ranges[stem.folded.name] = plan.ranges[stem.x.name]
+        if stem.x.name in plan.input_means:
+            mean = plan.input_means[stem.x.name]
+            plan.input_means[stem.folded.name] = stem.fold_channels(mean)
+        for (name, axis), weight in list(plan.weights.items()):
+            if name == stem.weight:
+                codes = stem.fold_weight(weight.values)
+                plan.weights[(stem.new_weight, axis)] = QuantizedWeight(
+                    codes, weight.scale, weight.axis
+                )
+    if folded:
+        record.notes.append(stem_space_to_depth.note(folded))
     padded = channel_padding.pad_stem_channels(model, keep)
     for conv in padded:
         if conv.x.name in plan.ranges:
@@ -447,12 +480,17 @@ def _fill_record(
     plan: QuantPlan,
     placement: placing.Placement,
     emitted: Emitted,
+    merged_into: dict[str, str],
 ) -> None:
     settings = plan.settings
     for node in original.graph:
         if node.op_type in placing.UNREPORTED:
             continue
-        if node.name in placement.compute:
+        merged = merged_into.get(node.name)
+        if merged is not None and merged in placement.compute:
+            how = f"merged into {merged}: {placement.compute[merged]}"
+            record.layers.append(LayerPrecision(node.name, node.op_type, "int8", how))
+        elif node.name in placement.compute:
             record.layers.append(
                 LayerPrecision(node.name, node.op_type, "int8", placement.compute[node.name])
             )

@@ -1,6 +1,8 @@
 """Stem Convs padded to 4k input channels for ORT's direct int8 conv: exact, only where MLAS's
 conditions hold and the Conv reads a graph input, ``--target ort`` only, not for layers kept
-in float, and invisible to the quantization (same ranges, same int8 codes)."""
+in float, and invisible to the quantization (same ranges, same int8 codes). The stems here have
+symbolic height and width, so SpaceToDepth folding (which takes static, even ones first) leaves
+them to the padding."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from graphopt_tests.helpers import assert_same_outputs, make_model, op_types, ru
 
 
 def stem(c_in: int = 3, c_out: int = 16, group: int = 1) -> ir.Model:
-    """x [N, c_in, 12, 12] -> Conv 3x3 stride 2 (the stem) -> Relu -> Conv 1x1 -> y."""
+    """x [N, c_in, H, W] -> Conv 3x3 stride 2 (the stem) -> Relu -> Conv 1x1 -> y."""
     rng = np.random.default_rng(0)
     inits = {
         "w1": rng.standard_normal((c_out, c_in // group, 3, 3)).astype(np.float32),
@@ -40,8 +42,8 @@ def stem(c_in: int = 3, c_out: int = 16, group: int = 1) -> ir.Model:
     ]
     return make_model(
         nodes,
-        [tensor_info("x", TensorProto.FLOAT, ["N", c_in, 12, 12])],
-        [tensor_info("y", TensorProto.FLOAT, ["N", 8, 6, 6])],
+        [tensor_info("x", TensorProto.FLOAT, ["N", c_in, "H", "W"])],
+        [tensor_info("y", TensorProto.FLOAT, ["N", 8, "h", "w"])],
         inits,
     )
 
