@@ -7,7 +7,9 @@ pass over the output plus a requantization. One Conv over ``Concat(h, x)`` with 
 side by side computes the same sum: same multiply-adds, one pass, no Add. A strided shortcut
 reads its input through MaxPool(kernel 1, the same strides), which subsamples exactly as the
 strided 1x1 Conv did. Measured on int8 ResNet-50 (Zen 5, 1 thread, 4 such blocks): 1.5-1.9%
-of the model's time.
+of the model's time. Only where both inputs together have no more channels than the output
+(a bottleneck's 4x expansion): the Concat copies both inputs, which costs more than the saved
+passes when they are as wide as the output (RegNetY-400MF: 0.5-2.2% slower merged).
 
 Exact in float. In int8 it is a different quantization, not a rounding of this one: the
 concatenated input has one scale where ``h`` and ``x`` had one each, and each output channel
@@ -104,6 +106,11 @@ def _summed_convs(add: ir.Node) -> tuple[ir.Node, ir.Node] | None:
         return None
     weights = [_pointwise(p) for p in producers]
     if any(w is None for w in weights) or weights[0].shape[0] != weights[1].shape[0]:
+        return None
+    if weights[0].shape[1] + weights[1].shape[1] > weights[0].shape[0]:
+        # The Concat copies both inputs; the merge saves passes over the output. Worth it
+        # where the inputs are narrower than the output (a bottleneck's expansion, ResNet-50:
+        # 1.5-1.9% faster), not where they are as wide (RegNetY-400MF: 0.5-2.2% slower).
         return None
     shapes = [v.shape for v in add.inputs]
     # Same output shapes, every dim known or the same symbol: no broadcasting in the Add, and

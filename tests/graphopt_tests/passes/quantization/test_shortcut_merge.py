@@ -23,6 +23,7 @@ def block(
     main_kernel: int = 1,
     shortcut_extra_use: bool = False,
     output_is_sum: bool = False,
+    c_out: int = 16,
 ) -> ir.Model:
     """A bottleneck with a projection shortcut:
     x [N, 8, 12, 12] -> Conv 3x3 (stride s) -> Relu -> Conv main -> Add <- Conv 1x1 (stride s)
@@ -31,10 +32,10 @@ def block(
     s = shortcut_stride
     inits = {
         "w_in": rng.standard_normal((6, 8, 3, 3)).astype(np.float32) * 0.3,
-        "w_main": rng.standard_normal((16, 6, main_kernel, main_kernel)).astype(np.float32),
-        "b_main": rng.standard_normal(16).astype(np.float32),
-        "w_short": rng.standard_normal((16, 8, 1, 1)).astype(np.float32),
-        "b_short": rng.standard_normal(16).astype(np.float32),
+        "w_main": rng.standard_normal((c_out, 6, main_kernel, main_kernel)).astype(np.float32),
+        "b_main": rng.standard_normal(c_out).astype(np.float32),
+        "w_short": rng.standard_normal((c_out, 8, 1, 1)).astype(np.float32),
+        "b_short": rng.standard_normal(c_out).astype(np.float32),
     }
     pad = main_kernel // 2
     nodes = [
@@ -50,12 +51,12 @@ def block(
         ),
         helper.make_node("Add", ["m", "sc"], ["y" if output_is_sum else "sum"], name="add"),
     ]
-    outputs = [tensor_info("y", TensorProto.FLOAT, ["N", 16, 12 // s, 12 // s])]
+    outputs = [tensor_info("y", TensorProto.FLOAT, ["N", c_out, 12 // s, 12 // s])]
     if not output_is_sum:
         nodes.append(helper.make_node("Relu", ["sum"], ["y"], name="relu_out"))
     if shortcut_extra_use:
         nodes.append(helper.make_node("Neg", ["sc"], ["z"], name="also_reads_shortcut"))
-        outputs.append(tensor_info("z", TensorProto.FLOAT, ["N", 16, 12 // s, 12 // s]))
+        outputs.append(tensor_info("z", TensorProto.FLOAT, ["N", c_out, 12 // s, 12 // s]))
     return make_model(
         nodes, [tensor_info("x", TensorProto.FLOAT, ["N", 8, 12, 12])], outputs, inits
     )
@@ -85,8 +86,12 @@ def test_merging_is_exact(stride, output_is_sum) -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"main_kernel": 3}, {"shortcut_extra_use": True}],
-    ids=["a 3x3 Conv in the sum", "the shortcut's output read elsewhere too"],
+    [{"main_kernel": 3}, {"shortcut_extra_use": True}, {"c_out": 12}],
+    ids=[
+        "a 3x3 Conv in the sum",
+        "the shortcut's output read elsewhere too",
+        "inputs wider than the output (6 + 8 > 12)",
+    ],
 )
 def test_sums_outside_the_conditions_are_left_alone(kwargs) -> None:
     model = block(**kwargs)
