@@ -9,8 +9,9 @@ sequence length 128 (ORT_ENABLE_ALL, sequential execution, 1 and 2 intra-op thre
     ort-opt      onnxruntime.transformers.optimizer.optimize_model(IN, model_type, num_heads,
                  hidden_size) with its defaults
 
-Method: warm-up, then ``--pairs`` interleaved rounds (original, ours, ort-opt in turn, each
-timed over ``--inner`` runs); the speed-up is the median of the per-round ratios
+Method: ``graphopt.timing.interleaved``: warm-up, then ``--pairs`` rounds in alternating
+order (original, ours, ort-opt; then reversed), each timed turn of ``--inner`` runs primed by
+an untimed turn of the same model; the speed-up is the median of the per-round ratios
 original/candidate. Max rel err: graphopt's output vs the original (ORT_ENABLE_ALL), as
 max|a-b| / max|a| over outputs.
 
@@ -25,7 +26,6 @@ import logging
 import os
 import statistics
 import tempfile
-import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +36,7 @@ import onnxruntime as ort
 from graphopt import api, models
 from graphopt.inputs import make_inputs
 from graphopt.io import load
+from graphopt.timing import interleaved, pair_ratios
 from graphopt.verify import compare
 
 # name: (model_type for ORT's optimizer or None, num_heads, hidden_size)
@@ -102,22 +103,19 @@ def ort_optimizer(path: Path, out: Path, model_type: str, heads: int, hidden: in
 def speedups(
     paths: list[Path], feeds: dict[str, np.ndarray], threads: int, pairs: int, inner: int
 ) -> list[float]:
-    """Median over interleaved rounds of time(original) / time(candidate), per candidate."""
+    """Median over interleaved rounds of time(original) / time(candidate), per candidate
+    (``graphopt.timing``: alternating order, each timed turn primed by an untimed one)."""
     sessions = [session(p, threads) for p in paths]
-    for s in sessions:  # warm-up
-        for _ in range(3):
-            s.run(None, feeds)
-    ratios: list[list[float]] = [[] for _ in paths[1:]]
-    for _ in range(pairs):
-        times = []
-        for s in sessions:
-            start = time.perf_counter()
+
+    def turn(s: ort.InferenceSession):
+        def call() -> None:
             for _ in range(inner):
                 s.run(None, feeds)
-            times.append(time.perf_counter() - start)
-        for i, t in enumerate(times[1:]):
-            ratios[i].append(times[0] / t)
-    return [statistics.median(r) for r in ratios]
+
+        return call
+
+    times = interleaved([turn(s) for s in sessions], rounds=pairs)
+    return [statistics.median(pair_ratios(times[0], t)) for t in times[1:]]
 
 
 def bench_model(name: str, tmp: Path, args: argparse.Namespace) -> Row:
