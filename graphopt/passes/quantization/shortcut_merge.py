@@ -27,14 +27,13 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt.editing import (
-    add_initializer,
+    NameTable,
     attribute,
     constant_array,
     insert_before,
     is_op,
     remove_node,
     replace_value,
-    unique_name,
 )
 
 
@@ -61,14 +60,28 @@ def merge_summed_pointwise_convs(
         import onnx_ir.passes.common
 
         onnx_ir.passes.common.ShapeInferencePass(check_type=False, strict_mode=False)(model)
+    names = NameTable(graph)  # node and value names: records and placements key on them
     for node in list(graph):
         if not is_op(node, "Add") or excluded(node):
             continue
         convs = _summed_convs(node)
         if convs is None or any(excluded(conv) for conv in convs):
             continue
-        merged.append(_merge(graph, node, convs))
+        merged.append(_merge(graph, names, node, convs))
     return merged
+
+
+def final_names(merged: list[MergedPair]) -> dict[str, str]:
+    """Each merged node's name -> the Conv it is part of in the end (a merged Conv can be
+    merged again: ``Add(Add(Conv, Conv), Conv)``)."""
+    into = {old: pair.name for pair in merged for old in (pair.add, *pair.convs)}
+    final = {}
+    for old in into:
+        name = into[old]
+        while name in into:
+            name = into[name]
+        final[old] = name
+    return final
 
 
 def _adds_two_convs(node: ir.Node) -> bool:
@@ -113,11 +126,12 @@ def _summed_convs(add: ir.Node) -> tuple[ir.Node, ir.Node] | None:
         # 1.5-1.9% faster), not where they are as wide (RegNetY-400MF: 0.5-2.2% slower).
         return None
     shapes = [v.shape for v in add.inputs]
-    # Same output shapes, every dim known or the same symbol: no broadcasting in the Add, and
-    # the two (subsampled) inputs cover the same pixels.
+    # Same output shapes, every dim known or the same named symbol: no broadcasting in the
+    # Add, and the two (subsampled) inputs cover the same pixels. Unnamed symbolic dims
+    # compare equal to each other, so they prove nothing.
     if any(s is None for s in shapes) or list(shapes[0].dims) != list(shapes[1].dims):
         return None
-    if any(d is None for d in shapes[0].dims):
+    if not all(isinstance(d, int) or d.value is not None for d in shapes[0].dims):
         return None
     for p in producers:
         x = p.inputs[0]
@@ -128,8 +142,10 @@ def _summed_convs(add: ir.Node) -> tuple[ir.Node, ir.Node] | None:
     return producers[0], producers[1]
 
 
-def _merge(graph: ir.Graph, add: ir.Node, convs: tuple[ir.Node, ir.Node]) -> MergedPair:
-    name = unique_name(graph, f"{convs[0].name}_merged")
+def _merge(
+    graph: ir.Graph, names: NameTable, add: ir.Node, convs: tuple[ir.Node, ir.Node]
+) -> MergedPair:
+    name = names.take(f"{convs[0].name}_merged")
     inputs, before = [], []
     for conv in convs:
         x = conv.inputs[0]
@@ -139,19 +155,19 @@ def _merge(graph: ir.Graph, add: ir.Node, convs: tuple[ir.Node, ir.Node]) -> Mer
                 "MaxPool",
                 [x],
                 attributes={"kernel_shape": [1, 1], "strides": strides},
-                name=unique_name(graph, f"{conv.name}_subsample"),
+                name=names.take(f"{conv.name}_subsample"),
             )
             sub = pool.outputs[0]
-            sub.name = unique_name(graph, f"{x.name}_subsampled")
+            sub.name = names.take(f"{x.name}_subsampled")
             sub.type = x.type
             if x.shape is not None and conv.outputs[0].shape is not None:
                 sub.shape = ir.Shape([*x.shape.dims[:2], *conv.outputs[0].shape.dims[2:]])
             before.append(pool)
             x = sub
         inputs.append(x)
-    concat = ir.node("Concat", inputs, attributes={"axis": 1}, name=f"{name}_inputs")
+    concat = ir.node("Concat", inputs, attributes={"axis": 1}, name=names.take(f"{name}_inputs"))
     joined = concat.outputs[0]
-    joined.name = unique_name(graph, f"{name}_input")
+    joined.name = names.take(f"{name}_input")
     joined.type = inputs[0].type
     weights = [constant_array(c.inputs[1]) for c in convs]
     channels = [w.shape[1] for w in weights]
@@ -163,10 +179,10 @@ def _merge(graph: ir.Graph, add: ir.Node, convs: tuple[ir.Node, ir.Node]) -> Mer
     for conv in convs:
         if len(conv.inputs) > 2 and conv.inputs[2] is not None:
             bias = bias + constant_array(conv.inputs[2]).astype(np.float32)
-    weight = add_initializer(graph, f"{name}_weight", np.concatenate(weights, axis=1))
+    weight = names.add_initializer(graph, f"{name}_weight", np.concatenate(weights, axis=1))
     merged = ir.node(
         "Conv",
-        [joined, weight, add_initializer(graph, f"{name}_bias", bias)],
+        [joined, weight, names.add_initializer(graph, f"{name}_bias", bias)],
         attributes={"kernel_shape": [1, 1]},
         name=name,
     )
@@ -198,4 +214,4 @@ def note(merged: list[MergedPair]) -> str:
     )
 
 
-__all__ = ["MergedPair", "merge_summed_pointwise_convs", "note"]
+__all__ = ["MergedPair", "final_names", "merge_summed_pointwise_convs", "note"]

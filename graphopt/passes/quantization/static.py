@@ -379,7 +379,7 @@ def _merge_shortcuts(
     merged = shortcut_merge.merge_summed_pointwise_convs(model, settings.excluded)
     if merged:
         record.notes.append(shortcut_merge.note(merged))
-    return {old: pair.name for pair in merged for old in (pair.add, *pair.convs)}
+    return shortcut_merge.final_names(merged)
 
 
 def _pad_channels(
@@ -487,9 +487,15 @@ def _fill_record(
         if node.op_type in placing.UNREPORTED:
             continue
         merged = merged_into.get(node.name)
-        if merged is not None and merged in placement.compute:
-            how = f"merged into {merged}: {placement.compute[merged]}"
-            record.layers.append(LayerPrecision(node.name, node.op_type, "int8", how))
+        if merged is not None:
+            # Reported as the Conv it became runs: int8, or kept float (mixed precision).
+            if merged in placement.compute:
+                how, precision = placement.compute[merged], "int8"
+            else:
+                how, precision = placement.floats.get(merged, "float (not placed)"), "float"
+            record.layers.append(
+                LayerPrecision(node.name, node.op_type, precision, f"merged into {merged}: {how}")
+            )
         elif node.name in placement.compute:
             record.layers.append(
                 LayerPrecision(node.name, node.op_type, "int8", placement.compute[node.name])

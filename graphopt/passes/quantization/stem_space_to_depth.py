@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.editing import add_initializer, attribute, constant_array, insert_before, unique_name
+from graphopt.editing import NameTable, attribute, constant_array, insert_before
 
 BLOCK = 2
 # Below this many output channels MLAS's direct kernel does not apply (channel_padding).
@@ -109,18 +109,19 @@ def fold_stems(
     graph = model.graph
     inputs = {id(v) for v in graph.inputs}
     folded = []
+    names = NameTable(graph)
     for node in list(graph):
         if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or excluded(node):
             continue
         if len(node.inputs) < 2 or node.inputs[0] is None or id(node.inputs[0]) not in inputs:
             continue
-        stem = _fold(graph, node)
+        stem = _fold(graph, names, node)
         if stem is not None:
             folded.append(stem)
     return folded
 
 
-def _fold(graph: ir.Graph, node: ir.Node) -> FoldedStem | None:
+def _fold(graph: ir.Graph, names: NameTable, node: ir.Node) -> FoldedStem | None:
     weight = constant_array(node.inputs[1])
     if weight is None or weight.dtype != np.float32 or weight.ndim != 4:
         return None
@@ -148,10 +149,12 @@ def _fold(graph: ir.Graph, node: ir.Node) -> FoldedStem | None:
     if rows is None or cols is None:
         return None
     stem = FoldedStem(node, x, x, "", "", rows, cols)
-    new_weight = add_initializer(graph, f"{node.name}_weight_s2d", stem.fold_weight(weight))
-    s2d = ir.node("SpaceToDepth", [x], attributes={"blocksize": BLOCK}, name=f"{node.name}_s2d")
+    new_weight = names.add_initializer(graph, f"{node.name}_weight_s2d", stem.fold_weight(weight))
+    s2d = ir.node(
+        "SpaceToDepth", [x], attributes={"blocksize": BLOCK}, name=names.take(f"{node.name}_s2d")
+    )
     out = s2d.outputs[0]
-    out.name = unique_name(graph, f"{x.name}_s2d")
+    out.name = names.take(f"{x.name}_s2d")
     out.type = x.type
     out.shape = ir.Shape([dims[0], BLOCK * BLOCK * c_in, height // BLOCK, width // BLOCK])
     insert_before(node, [s2d])

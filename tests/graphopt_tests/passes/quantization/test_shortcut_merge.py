@@ -130,3 +130,107 @@ def test_static_int8_merges_for_ort_only(tmp_path, target) -> None:
     # Fidelity against the unmerged float original, and it holds.
     cosines = [f.mean_cosine for rows in record.fidelity.values() for f in rows]
     assert cosines and min(cosines) > 0.995
+
+
+def _sum_of_convs(
+    convs: list[tuple[str, str, int]], channels: int = 4, out: int = 16, size: int = 8
+) -> ir.Model:
+    """Convs (name, input, stride) 1x1 -> summed left to right -> y; inputs [N, channels,
+    size, size] named as the Convs read them. No biases."""
+    rng = np.random.default_rng(3)
+    inits, nodes, total = {}, [], None
+    for name, x, stride in convs:
+        inits[f"w_{name}"] = rng.standard_normal((out, channels, 1, 1)).astype(np.float32)
+        nodes.append(
+            helper.make_node(
+                "Conv", [x, f"w_{name}"], [f"o_{name}"], name=name, strides=[stride, stride]
+            )
+        )
+        if total is not None:
+            nodes.append(
+                helper.make_node("Add", [total, f"o_{name}"], [f"s_{name}"], name=f"add_{name}")
+            )
+            total = f"s_{name}"
+        else:
+            total = f"o_{name}"
+    nodes.append(helper.make_node("Relu", [total], ["y"], name="relu"))
+    xs = sorted({x for _, x, _ in convs})
+    stride = max(s for _, _, s in convs)
+    return make_model(
+        nodes,
+        [tensor_info(x, TensorProto.FLOAT, ["N", channels, size, size]) for x in xs],
+        [tensor_info("y", TensorProto.FLOAT, ["N", out, size // stride, size // stride])],
+        inits,
+    )
+
+
+def _feeds_for(model: ir.Model, batch: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(batch)
+    return {
+        v.name: rng.standard_normal((batch, *v.shape.dims[1:])).astype(np.float32)
+        for v in model.graph.inputs
+    }
+
+
+def test_two_strided_convs_of_the_same_input_get_distinct_names() -> None:
+    model = _sum_of_convs([("c1", "x", 2), ("c2", "x", 2)])
+    before = model.clone()
+    merged = shortcut_merge.merge_summed_pointwise_convs(model)
+    assert len(merged) == 1 and op_types(model).count("MaxPool") == 2
+    names = [o.name for n in model.graph for o in n.outputs]
+    assert len(names) == len(set(names))
+    for batch in (1, 2):
+        assert_same_outputs(before, model, _feeds_for(before, batch), tolerance=1e-5)
+
+
+def test_new_names_do_not_clash_with_existing_nodes() -> None:
+    model = _sum_of_convs([("c1", "h", 1), ("c2", "x", 1)])
+    # A node already called what the merged Conv would be called.
+    relu = next(n for n in model.graph if n.name == "relu")
+    relu.name = "c1_merged"
+    before = model.clone()
+    (pair,) = shortcut_merge.merge_summed_pointwise_convs(model)
+    assert pair.name != "c1_merged"
+    node_names = [n.name for n in model.graph]
+    assert len(node_names) == len(set(node_names))
+    assert_same_outputs(before, model, _feeds_for(before, 2), tolerance=1e-5)
+
+
+def test_a_merged_conv_merged_again_is_reported_under_its_final_name(tmp_path) -> None:
+    # Add(Add(Conv(h), Conv(x)), Conv(z)): merged twice, every original layer maps to the last.
+    model = _sum_of_convs([("c1", "h", 1), ("c2", "x", 1), ("c3", "z", 1)])
+    before = model.clone()
+    merged = shortcut_merge.merge_summed_pointwise_convs(model)
+    assert len(merged) == 2 and "Add" not in op_types(model)
+    final = shortcut_merge.final_names(merged)
+    originals = {"c1", "c2", "c3", "add_c2", "add_c3"}
+    assert originals <= set(final)  # and the first merged Conv, merged again
+    assert set(final.values()) == {merged[-1].name}
+    assert_same_outputs(before, model, _feeds_for(before, 2), tolerance=1e-5)
+    path = tmp_path / "calib.npz"
+    rng = np.random.default_rng(1)
+    np.savez(path, **{x: rng.standard_normal((16, 4, 8, 8), np.float32) for x in "hxz"})
+    context = PassContext(target="ort")
+    run_pass(before, QuantizePass, context, mode="int8", calib=str(path))
+    layers = {layer.node: layer for layer in context.details["quantize"].layers}
+    for name in originals:
+        assert layers[name].precision == "int8", layers[name]
+        assert layers[name].reason.startswith(f"merged into {merged[-1].name}")
+
+
+def test_unknown_dims_are_not_taken_for_equal_ones(monkeypatch) -> None:
+    # A broadcasting Add ([N,16,1,1] + [N,16,8,8]) whose shapes inference could not fill in:
+    # two unknown dims must not pass for the same size.
+    import onnx_ir.passes.common
+
+    model = _sum_of_convs([("c1", "h", 1), ("c2", "x", 1)])
+    for node in model.graph:
+        for value in node.outputs:
+            if value.name in ("o_c1", "o_c2"):
+                value.shape = ir.Shape([None, 16, None, None])
+    monkeypatch.setattr(
+        onnx_ir.passes.common.ShapeInferencePass,
+        "call",
+        lambda self, m: onnx_ir.passes.PassResult(m, False),
+    )
+    assert shortcut_merge.merge_summed_pointwise_convs(model) == []

@@ -223,3 +223,25 @@ def test_the_int8_model_is_bit_identical_with_and_without_folding(
         outputs[fold] = quantized
     # Same input range, same weights plus zeros: the same codes, the same integer sums.
     assert_same_outputs(outputs[False], outputs[True], feeds, tolerance=0.0)
+
+
+@pytest.mark.parametrize("c_in", [1, 2, 4])
+def test_folding_is_exact_for_one_to_four_channels(c_in) -> None:
+    model = stem((7, 7), (3, 3, 3, 3), (16, 16), c_in=c_in)
+    before = model.clone()
+    (folded,) = stem_space_to_depth.fold_stems(model)
+    assert folded.node.inputs[1].const_value.numpy().shape == (16, 4 * c_in, 4, 4)
+    assert_same_outputs(before, model, _feeds((16, 16), c_in=c_in, batch=2), tolerance=1e-5)
+
+
+def test_auto_pad_and_convs_deeper_in_the_graph_are_left_alone() -> None:
+    model = stem()
+    conv = next(n for n in model.graph if n.name == "stem")
+    conv.attributes["auto_pad"] = ir.AttrString("auto_pad", "SAME_UPPER")
+    del conv.attributes["pads"]
+    assert stem_space_to_depth.fold_stems(model) == []
+    # A stride-2 Conv that reads another node's output, not a graph input: not a stem.
+    deeper = stem()
+    head = next(n for n in deeper.graph if n.name == "head")
+    head.attributes["strides"] = ir.AttrInt64s("strides", [2, 2])
+    assert [f.node.name for f in stem_space_to_depth.fold_stems(deeper)] == ["stem"]
