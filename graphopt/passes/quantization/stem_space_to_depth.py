@@ -7,7 +7,9 @@ multiply-add step each, mostly loop overhead. SpaceToDepth(2) turns the stride-2
 channels into a stride-1 Conv over 4C channels of the half-size image, with the kernel
 reshaped to ceil(k/2)-ish taps (7x7 -> 4x4 over 12 channels): fewer, fuller steps. Measured
 on int8 ResNet-50 (Zen 5, 1 thread): the stem 614 -> 448 us, 1.6% of the model, outputs
-bit-identical.
+bit-identical on ORT's integer kernels. (With ORT's optimizations off, the float Conv between
+DequantizeLinear and QuantizeLinear sums in another order, and an activation that lands on a
+rounding boundary can take the neighbouring int8 level.)
 
 Exact: every original weight lands on exactly one new tap, the new taps without one are zero,
 and the new padding reads the zeros the old padding did. The quantization is unchanged: the
