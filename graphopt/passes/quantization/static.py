@@ -26,6 +26,7 @@ ops read stays float (:func:`_float_matmul_outputs`).
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -400,36 +401,49 @@ def _pad_channels(
 
     folded = stem_space_to_depth.fold_stems(model, keep)
     for stem in folded:
-        if stem.x.name in plan.ranges:
-            plan.ranges[stem.folded.name] = plan.ranges[stem.x.name]
-        if stem.x.name in plan.input_means:
-            mean = plan.input_means[stem.x.name]
-            plan.input_means[stem.folded.name] = stem.fold_channels(mean)
-        for (name, axis), weight in list(plan.weights.items()):
-            if name == stem.weight:
-                codes = stem.fold_weight(weight.values)
-                plan.weights[(stem.new_weight, axis)] = QuantizedWeight(
-                    codes, weight.scale, weight.axis
-                )
+        _carry_plan(
+            plan,
+            (stem.x.name, stem.folded.name),
+            stem.fold_channels,
+            (stem.weight, stem.new_weight),
+            stem.fold_weight,
+        )
     if folded:
         record.notes.append(stem_space_to_depth.note(folded))
     padded = channel_padding.pad_stem_channels(model, keep)
     for conv in padded:
-        if conv.x.name in plan.ranges:
-            plan.ranges[conv.padded.name] = plan.ranges[conv.x.name]
-        if conv.x.name in plan.input_means:
-            mean = plan.input_means[conv.x.name]
-            plan.input_means[conv.padded.name] = channel_padding.zero_channels(
-                mean, conv.extra, axis=0
-            )
-        for (name, axis), weight in list(plan.weights.items()):
-            if name == conv.weight:
-                codes = channel_padding.zero_channels(weight.values, conv.extra, axis=1)
-                plan.weights[(conv.padded_weight, axis)] = QuantizedWeight(
-                    codes, weight.scale, weight.axis
-                )
+        _carry_plan(
+            plan,
+            (conv.x.name, conv.padded.name),
+            lambda mean, c=conv: channel_padding.zero_channels(mean, c.extra, axis=0),
+            (conv.weight, conv.padded_weight),
+            lambda codes, c=conv: channel_padding.zero_channels(codes, c.extra, axis=1),
+        )
     if padded:
         record.notes.append(channel_padding.note(padded))
+
+
+def _carry_plan(
+    plan: QuantPlan,
+    inputs: tuple[str, str],
+    map_mean: Callable[[np.ndarray], np.ndarray],
+    weights: tuple[str, str],
+    map_codes: Callable[[np.ndarray], np.ndarray],
+) -> None:
+    """The plan of a Conv whose input and weight were renamed (old, new) by an exact layout
+    rewrite: the same range, the per-channel mean and the int8 codes laid out as the new
+    weight is (the scales are per output channel, which the rewrites keep)."""
+    old_input, new_input = inputs
+    if old_input in plan.ranges:
+        plan.ranges[new_input] = plan.ranges[old_input]
+    if old_input in plan.input_means:
+        plan.input_means[new_input] = map_mean(plan.input_means[old_input])
+    old_weight, new_weight = weights
+    for (name, axis), weight in list(plan.weights.items()):
+        if name == old_weight:
+            plan.weights[(new_weight, axis)] = QuantizedWeight(
+                map_codes(weight.values), weight.scale, weight.axis
+            )
 
 
 def _mixed_precision(
