@@ -30,6 +30,7 @@ from graphopt.editing import (
     attribute,
     constant_array,
     insert_before,
+    is_op,
     unique_name,
 )
 
@@ -68,18 +69,28 @@ def zero_channels(array: np.ndarray, extra: int, axis: int) -> np.ndarray:
     return np.pad(array, widths)
 
 
+def input_convs(model: ir.Model, excluded: Callable[[ir.Node], bool]) -> list[ir.Node]:
+    """The Convs of ``model``'s main graph that read a graph input (the stems), less the
+    ``excluded`` ones: a list, so that callers may rewrite while walking it."""
+    inputs = {id(v) for v in model.graph.inputs}
+    return [
+        node
+        for node in model.graph
+        if is_op(node, "Conv")
+        and not excluded(node)
+        and len(node.inputs) >= 2
+        and node.inputs[0] is not None
+        and id(node.inputs[0]) in inputs
+    ]
+
+
 def pad_stem_channels(
     model: ir.Model, excluded: Callable[[ir.Node], bool] = lambda node: False
 ) -> list[PaddedConv]:
     """Pad every eligible Conv of ``model`` in place (``excluded(node)``: leave it)."""
     graph = model.graph
-    inputs = {id(v) for v in graph.inputs}
     padded = []
-    for node in list(graph):
-        if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or excluded(node):
-            continue
-        if len(node.inputs) < 2 or node.inputs[0] is None or id(node.inputs[0]) not in inputs:
-            continue
+    for node in input_convs(model, excluded):
         weight = constant_array(node.inputs[1])
         if weight is None or weight.dtype != np.float32 or weight.ndim < 3:
             continue
@@ -132,6 +143,7 @@ __all__ = [
     "CHANNEL_ALIGN",
     "OUTPUT_PACK",
     "PaddedConv",
+    "input_convs",
     "note",
     "pad_stem_channels",
     "zero_channels",

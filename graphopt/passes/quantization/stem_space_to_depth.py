@@ -30,10 +30,9 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt.editing import NameTable, attribute, constant_array, insert_before
+from graphopt.passes.quantization.channel_padding import OUTPUT_PACK, input_convs
 
 BLOCK = 2
-# Below this many output channels MLAS's direct kernel does not apply (channel_padding).
-OUTPUT_PACK = 16
 # SpaceToDepth multiplies the input channels by 4; past this the stem is no longer "a few
 # channels" and the tap loop overhead it removes no longer dominates.
 MAX_INPUT_CHANNELS = 4
@@ -109,14 +108,9 @@ def fold_stems(
 ) -> list[FoldedStem]:
     """Fold every eligible stem Conv of ``model`` in place (``excluded(node)``: leave it)."""
     graph = model.graph
-    inputs = {id(v) for v in graph.inputs}
     folded = []
     names = NameTable(graph)
-    for node in list(graph):
-        if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or excluded(node):
-            continue
-        if len(node.inputs) < 2 or node.inputs[0] is None or id(node.inputs[0]) not in inputs:
-            continue
+    for node in input_convs(model, excluded):
         stem = _fold(graph, names, node)
         if stem is not None:
             folded.append(stem)
