@@ -93,6 +93,18 @@ def replace_value(old: ir.Value, new: ir.Value) -> bool:
     return True
 
 
+def take_over(old: ir.Value, new: ir.Value) -> None:
+    """Make ``new`` stand where ``old`` stood: every use, and ``old``'s name (records,
+    calibration ranges and Q/DQ placements refer to values by name). ``new`` must have a
+    producer in ``old``'s graph."""
+    name = old.name
+    if not replace_value(old, new):
+        raise ValueError(f"{new.name!r} cannot take over graph output {name!r}")
+    if new.name != name:
+        old.name = None
+        new.name = name
+
+
 def _replace_in_outputs(graph: ir.Graph | ir.Function, old: ir.Value, new: ir.Value) -> None:
     outputs = graph.outputs
     for i, value in enumerate(outputs):

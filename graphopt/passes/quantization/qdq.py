@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.editing import NameTable, constant_array, register_array, replace_value
+from graphopt.editing import NameTable, constant_array, register_array, take_over
 from graphopt.passes.quantization.placement import Placement
 from graphopt.passes.quantization.ranges import QuantParams
 from graphopt.passes.quantization.record import TypeChange
@@ -159,11 +159,9 @@ def _replace_node(
     new = ir.Value(name=names.take(f"{old.name}_{op_type}"), shape=old.shape, type=old.type)
     node = ir.Node(domain, op_type, inputs, attributes=attributes, outputs=[new])
     graph.insert_before(first, node)
-    value_name, node_name = old.name, first.name
-    replace_value(old, new)  # cannot refuse: ``new`` has a producer in this graph
+    node_name = first.name
+    take_over(old, new)
     graph.remove(old_nodes, safe=True)
-    old.name = None
-    new.name = value_name
     node.name = node_name
 
 

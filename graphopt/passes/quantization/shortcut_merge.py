@@ -33,7 +33,7 @@ from graphopt.editing import (
     insert_before,
     is_op,
     remove_node,
-    replace_value,
+    take_over,
 )
 
 
@@ -191,11 +191,7 @@ def _merge(
     # The merged Conv takes over the Add's output value (its name, type, shape and uses).
     merged_out = merged.outputs[0]
     merged_out.type, merged_out.shape = out.type, out.shape
-    name_of_sum = out.name
-    replace_value(out, merged_out)
-    if merged_out.name != name_of_sum:  # not a graph output: keep the name calibration knows
-        out.name = None
-        merged_out.name = name_of_sum
+    take_over(out, merged_out)
     pair = MergedPair(add.name, (convs[0].name, convs[1].name), name)
     remove_node(add)
     for conv in convs:

@@ -1,0 +1,51 @@
+"""The graph-editing helpers: ``take_over`` moves every use and the name of a value."""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+from onnx import TensorProto, helper
+
+from graphopt.editing import insert_before, remove_node, take_over
+from graphopt_tests.helpers import assert_same_outputs, make_model, tensor_info
+
+
+def _model(output: str) -> ir.Model:
+    """x -> Relu -> a -> Neg -> y  (or a itself is the output)."""
+    nodes = [helper.make_node("Relu", ["x"], ["a"], name="relu")]
+    if output == "y":
+        nodes.append(helper.make_node("Neg", ["a"], ["y"], name="neg"))
+    return make_model(
+        nodes,
+        [tensor_info("x", TensorProto.FLOAT, [2, 3])],
+        [tensor_info(output, TensorProto.FLOAT, [2, 3])],
+    )
+
+
+def _swap_relu_for_max(model: ir.Model) -> ir.Value:
+    """Replace Relu(x) by Max(x, x - x) (the same values), through ``take_over``."""
+    relu = next(n for n in model.graph if n.name == "relu")
+    x = relu.inputs[0]
+    zero = ir.node("Sub", [x, x], name="zero")
+    new = ir.node("Max", [x, zero.outputs[0]], name="max")
+    insert_before(relu, [zero, new])
+    take_over(relu.outputs[0], new.outputs[0])
+    remove_node(relu)
+    return new.outputs[0]
+
+
+def test_the_new_value_gets_the_uses_and_the_name() -> None:
+    model = _model("y")
+    before = model.clone()
+    value = _swap_relu_for_max(model)
+    assert value.name == "a"
+    neg = next(n for n in model.graph if n.name == "neg")
+    assert neg.inputs[0] is value
+    assert_same_outputs(before, model, tolerance=0.0)
+
+
+def test_a_graph_output_keeps_its_name() -> None:
+    model = _model("a")
+    before = model.clone()
+    value = _swap_relu_for_max(model)
+    assert [v.name for v in model.graph.outputs] == ["a"] and model.graph.outputs[0] is value
+    assert_same_outputs(before, model, tolerance=0.0)
