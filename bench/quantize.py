@@ -27,13 +27,16 @@ Every row quantizes the same original float export with the same calibration dat
   with fp32's on rendered pages.
 
 Speed: ORT CPU, ORT_ENABLE_ALL, ``--threads`` (1 by default), warm-up, ``--pairs`` paired
-interleaved rounds, median of time(fp32) / time(quantized) (``bench/timing.py``).
+interleaved rounds, median of time(fp32) / time(quantized) (``bench/timing.py``), in
+``--invocations`` fresh processes (3 by default): the cell is the median of their medians,
+with their range.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -45,7 +48,7 @@ import onnx
 import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).parent))
-from timing import paired_speedups, session
+from timing import invocation_speedups, session
 
 CNNS = ("resnet50", "mobilenet_v3_large", "efficientnet_b0", "resnet18", "mobilenet_v2")
 CALIB_COUNT = 32
@@ -62,6 +65,7 @@ class Row:
     size_ratio: float | None = None
     seconds: float | None = None
     speed: dict[str, float] = field(default_factory=dict)
+    spread: dict[str, tuple[float, float]] = field(default_factory=dict)  # over invocations
     note: str = ""
     score: float | None = None  # the fidelity as a number (higher is better), for "best"
 
@@ -473,11 +477,23 @@ def run_model(name: str, args, work: Path) -> list[Row]:
     for batch in args.batches:
         feeds = speed_feeds(name, src, batch)
         for threads in args.threads:
-            ratios = paired_speedups([src] + [r.path for r in done], feeds, threads, args.pairs)
-            for r, ratio in zip(done, ratios, strict=True):
-                r.speed[f"b{batch} t{threads}"] = ratio
+            runs = invocation_speedups(
+                [src] + [r.path for r in done], feeds, threads, args.pairs, args.invocations
+            )
+            for r, ratios in zip(done, runs, strict=True):
+                r.speed[f"b{batch} t{threads}"] = statistics.median(ratios)
+                r.spread[f"b{batch} t{threads}"] = (min(ratios), max(ratios))
     rows[0].speed = {f"b{b} t{t}": 1.0 for b in args.batches for t in args.threads}
     return rows
+
+
+def speed_cell(row: Row, key: str) -> str:
+    """The median over invocations, with their range when there were several."""
+    if key not in row.speed:
+        return "-"
+    low, high = row.spread.get(key, (row.speed[key], row.speed[key]))
+    cell = f"{row.speed[key]:.2f}x"
+    return cell if low == high else f"{cell} ({low:.2f}-{high:.2f})"
 
 
 def markdown(rows: list[Row], args) -> str:
@@ -489,7 +505,7 @@ def markdown(rows: list[Row], args) -> str:
         "|---" * (6 + len(keys)) + "|",
     ]
     for r in rows:
-        speeds = [f"{r.speed[k]:.2f}x" if k in r.speed else "-" for k in keys]
+        speeds = [speed_cell(r, k) for k in keys]
         size = f"{r.size_ratio:.2f}" if r.size_ratio is not None else "-"
         secs = f"{r.seconds:.1f}" if r.seconds is not None else "-"
         note = r.note.replace("|", "/")
@@ -507,6 +523,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", default="1")
     parser.add_argument("--threads", default="1")
     parser.add_argument("--pairs", type=int, default=20)
+    parser.add_argument(
+        "--invocations",
+        type=int,
+        default=3,
+        help="fresh processes the timing runs in; a speed is the median of their paired "
+        "medians, shown with their range",
+    )
     parser.add_argument("--ocr-eval", type=int, default=200, help="rendered lines/pages")
     parser.add_argument(
         "--rec-text",

@@ -10,8 +10,10 @@ from other jobs on a shared machine hits both sides of a ratio alike. The rounds
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import statistics
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -74,3 +76,24 @@ def paired_speedups(
     calls = [call(s, f) for s, f in zip(sessions, per_path, strict=True)]
     times = interleaved(calls, pairs, warmup=0)
     return [statistics.median(pair_ratios(times[0], t)) for t in times[1:]]
+
+
+def invocation_speedups(
+    paths: list[Path],
+    feeds: dict[str, np.ndarray] | list[dict[str, np.ndarray]],
+    threads: int = 1,
+    pairs: int = 20,
+    invocations: int = 3,
+) -> list[list[float]]:
+    """:func:`paired_speedups` in ``invocations`` fresh processes, one after another: per
+    candidate, one paired median per invocation (the issue targets' "paired medians of 3
+    invocations"). A fresh process gets fresh sessions, allocations and thread pools, so the
+    spread across invocations shows what one process's luck was worth."""
+    per_invocation = []
+    for _ in range(invocations):
+        # spawn, not fork: a forked child would inherit this process's ORT thread pools.
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            per_invocation.append(
+                pool.submit(paired_speedups, paths, feeds, threads, pairs).result()
+            )
+    return [list(ratios) for ratios in zip(*per_invocation, strict=True)]
