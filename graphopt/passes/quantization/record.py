@@ -162,16 +162,26 @@ def curve_table(record: QuantRecord) -> Table:
 
 
 def weight_bytes(model: ir.Model) -> int:
-    """Bytes of every initializer and Constant tensor, subgraphs included."""
+    """Bytes of every initializer and Constant tensor something reads, subgraphs included.
+
+    Dead ones do not count: a rewrite that replaces a weight held in a Constant node (as
+    paddle2onnx exports hold them) leaves the node for the pipeline's final cleanup, and
+    the file written has no such bytes."""
     total = 0
     seen: set[int] = set()
-    for graph in (model.graph, *model.graph.subgraphs()):
+    graphs = (model.graph, *model.graph.subgraphs())
+    outputs = {id(v) for g in graphs for v in g.outputs}
+
+    def live(value: ir.Value) -> bool:
+        return bool(value.uses()) or id(value) in outputs
+
+    for graph in graphs:
         for value in graph.initializers.values():
-            if value.const_value is not None and id(value.const_value) not in seen:
+            if value.const_value is not None and id(value.const_value) not in seen and live(value):
                 seen.add(id(value.const_value))
                 total += value.const_value.nbytes
         for node in graph:
-            if node.op_type == "Constant" and node.domain == "":
+            if node.op_type == "Constant" and node.domain == "" and live(node.outputs[0]):
                 attr = node.attributes.get("value")
                 if attr is not None and isinstance(attr.value, ir.TensorProtocol):
                     total += attr.value.nbytes
