@@ -216,6 +216,7 @@ class QuantizePass(GraphPass):
 
     def rewrite(self, model: ir.Model) -> int:
         settings = self.resolved()
+        _refuse_reduced_float(model, settings.mode)
         calib = self._calibration(model, settings)
         module_name, _, function_name = MODES[settings.mode].partition(":")
         function = getattr(importlib.import_module(module_name), function_name)
@@ -351,6 +352,34 @@ _DEFAULTED = (
     "int4_method",
     "int8_weights",
 )
+
+
+# The nodes whose weights the modes quantize; their input type tells what the model computes in.
+_WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+_REDUCED_FLOATS = {ir.DataType.FLOAT16: "float16", ir.DataType.BFLOAT16: "bfloat16"}
+
+
+def _refuse_reduced_float(model: ir.Model, mode: str) -> None:
+    """Refuse a model that computes in float16/bfloat16 only, before any work: the int8 and
+    float modes start from float32 and would leave every layer as it is, a silent no-op.
+    int4-weight is the exception: MatMulNBits takes float16 activations."""
+    if mode == "int4-weight":
+        return
+    types = [
+        node.inputs[0].dtype
+        for graph in (model.graph, *model.graph.subgraphs())
+        for node in graph
+        if node.op_type in _WEIGHTED_OPS and node.domain == "" and node.inputs[0] is not None
+    ]
+    reduced = [t for t in types if t in _REDUCED_FLOATS]
+    # An unknown type (no shape inference reached it) may be float32: no refusal on a guess.
+    if reduced and not any(t in (ir.DataType.FLOAT, None) for t in types):
+        name = _REDUCED_FLOATS[reduced[0]]
+        raise UserInputError(
+            f"quantize {mode}: the model already computes in {name} ({len(reduced)} "
+            f"Conv/Gemm/MatMul nodes, none in float32); --quantize {mode} starts from a "
+            "float32 model: give the float32 export"
+        )
 
 
 def _check_tensorrt_form(mode: str, quant_format: str | None, activation_type: str | None) -> None:

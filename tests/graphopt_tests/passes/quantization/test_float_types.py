@@ -402,3 +402,22 @@ def test_gpt2_fp16_keeps_its_exact_fusions_and_is_a_fixed_point():
     assert 0 < record.exact_tolerance_after < 1e-2
     again = api.optimize(result.model, None, api.OptimizeOptions(target="ort"))
     assert [n.op_type for n in again.model.graph] == [n.op_type for n in result.model.graph]
+
+
+@pytest.mark.parametrize("mode", ["int8", "int8-dynamic", "fp16", "bf16"])
+def test_a_model_already_in_fp16_is_refused_not_left_as_it_is(tmp_path, mode):
+    """Every Conv/MatMul computes in float16: these modes start from float32 and would
+    quantize nothing, so the user hears why instead of getting the model back unchanged."""
+    model = small_model()
+    quantize(model, mode="fp16")
+    with pytest.raises(UserInputError, match="already computes in float16"):
+        quantize(model, mode=mode, calib=calib_file(tmp_path))
+
+
+def test_int4_weight_takes_a_model_already_in_fp16():
+    """MatMulNBits takes float16 activations: int4-weight is no reason to refuse."""
+    model = small_model()
+    quantize(model, mode="fp16")
+    graph_pass = QuantizePass(PassContext(target="ort"), mode="int4-weight")
+    graph_pass(model)
+    assert precision(graph_pass.context.details["quantize"], "matmul")[0].startswith("int4")
