@@ -216,7 +216,7 @@ class QuantizePass(GraphPass):
 
     def rewrite(self, model: ir.Model) -> int:
         settings = self.resolved()
-        _refuse_reduced_float(model, settings.mode)
+        _refuse_nothing_to_quantize(model, settings.mode)
         calib = self._calibration(model, settings)
         module_name, _, function_name = MODES[settings.mode].partition(":")
         function = getattr(importlib.import_module(module_name), function_name)
@@ -359,18 +359,31 @@ _WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _REDUCED_FLOATS = {ir.DataType.FLOAT16: "float16", ir.DataType.BFLOAT16: "bfloat16"}
 
 
-def _refuse_reduced_float(model: ir.Model, mode: str) -> None:
-    """Refuse a model that computes in float16/bfloat16 only, before any work: the int8 and
-    float modes start from float32 and would leave every layer as it is, a silent no-op.
-    int4-weight is the exception: MatMulNBits takes float16 activations."""
-    if mode == "int4-weight":
-        return
-    types = [
-        node.inputs[0].dtype
-        for graph in (model.graph, *model.graph.subgraphs())
+def _refuse_nothing_to_quantize(model: ir.Model, mode: str) -> None:
+    """Refuse, before any work, a model the mode would hand back unchanged: one that computes
+    in float16/bfloat16 only (the modes start from float32; int4-weight is the exception,
+    MatMulNBits takes float16 activations), or one already quantized whose every
+    Conv/Gemm/MatMul reads a quantized weight (int8 refuses any Q/DQ, in static.py)."""
+    from graphopt.analysis.excluded import is_quantized_op
+    from graphopt.passes.quantization.placement import is_weight
+
+    graphs = (model.graph, *model.graph.subgraphs())
+    weighted = [
+        node
+        for graph in graphs
         for node in graph
         if node.op_type in _WEIGHTED_OPS and node.domain == "" and node.inputs[0] is not None
     ]
+    quantized = sorted({n.op_type for g in graphs for n in g if is_quantized_op(n)})
+    # The weight is the first or second input (a bias, third, may stay float after Q/DQ).
+    if quantized and not any(is_weight(v) for n in weighted for v in n.inputs[:2]):
+        raise UserInputError(
+            f"quantize {mode}: the model is already quantized ({', '.join(quantized)}; no "
+            "Conv/Gemm/MatMul with a float weight is left); quantize the float original instead"
+        )
+    if mode == "int4-weight":
+        return
+    types = [node.inputs[0].dtype for node in weighted]
     reduced = [t for t in types if t in _REDUCED_FLOATS]
     # An unknown type (no shape inference reached it) may be float32: no refusal on a guess.
     if reduced and not any(t in (ir.DataType.FLOAT, None) for t in types):

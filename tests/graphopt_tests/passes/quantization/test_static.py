@@ -309,6 +309,26 @@ def test_an_already_quantized_model_is_refused(tmp_path):
         _quantize(quantized, tmp_path)
 
 
+@pytest.mark.parametrize("quant_format", ["qdq", "qoperator"])
+@pytest.mark.parametrize("mode", ["int8-dynamic", "int4-weight", "fp16", "bf16"])
+def test_the_other_modes_refuse_a_model_with_no_float_weight_left(tmp_path, mode, quant_format):
+    """Every Conv/Gemm reads an int8 weight: the mode would hand the model back unchanged."""
+    quantized, _ = _quantize(small_cnn(), tmp_path, target="ort", quant_format=quant_format)
+    context = PassContext(target="ort")
+    with pytest.raises(UserInputError, match="already quantized"):
+        run_pass(quantized, QuantizePass, context, mode=mode)
+
+
+def test_a_float_matmul_left_beside_int8_convs_is_still_quantized(tmp_path):
+    """Partly quantized (int8 convs, the Gemm excluded and kept float): int8-dynamic takes
+    the float Gemm; no refusal."""
+    quantized, _ = _quantize(small_cnn(), tmp_path, target="ort", exclude="Gemm")
+    context = PassContext(target="ort")
+    run_pass(quantized, QuantizePass, context, mode="int8-dynamic")
+    record = context.details["quantize"]
+    assert [layer.node for layer in record.layers if layer.precision == "int8"] == ["fc"]
+
+
 def test_old_opset_is_raised_for_per_channel_scales(tmp_path):
     quantized, record = _quantize(small_cnn(opset=11), tmp_path)
     assert quantized.opset_imports[""] == 13
