@@ -31,8 +31,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         description="Run models A and B in ONNX Runtime on the same inputs (your .npz, or "
         "generated at two shapes where dims are symbolic, with the seed printed) and "
         "report per output: max abs error, error relative to A's largest magnitude, cosine "
-        "and argmax agreement over the last axis. Exit 0 within tolerance, 1 otherwise, "
-        "2 on bad input.",
+        "and argmax agreement over the last axis (trailing size-1 axes dropped). Exit 0 "
+        "within tolerance, 1 otherwise, 2 on bad input.",
     )
     parser.add_argument("model_a", metavar="A", help="reference model (.onnx)")
     parser.add_argument("model_b", metavar="B", help="model to check against A (.onnx)")

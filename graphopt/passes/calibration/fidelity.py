@@ -26,8 +26,8 @@ class Fidelity:
     max_rel: float
     mean_abs: float
     mean_cosine: float
-    # Share of positions whose argmax over the last axis is the same (a classifier's or a
-    # decoder's prediction); None where the output has no class axis.
+    # Share of positions whose argmax over the last axis (trailing size-1 axes dropped) is the
+    # same (a classifier's or a decoder's prediction); None where the output has no class axis.
     argmax_agreement: float | None = None
 
     def to_json(self) -> dict:
@@ -133,6 +133,10 @@ def _measure_floats(name: str, a: np.ndarray, b: np.ndarray) -> Fidelity:
 
 
 def _argmax_agreement(a: np.ndarray, b: np.ndarray) -> float | None:
+    # Trailing size-1 axes hold no classes: a classifier ending in a 1x1 Conv or a pool gives
+    # [N, classes, 1, 1], whose class axis is the last one that is not 1.
+    while a.ndim > 2 and a.shape[-1] == 1 and a.shape == b.shape:
+        a, b = a[..., 0], b[..., 0]
     if a.ndim < 2 or a.shape[-1] < 2:
         return None
     return float(np.mean(a.argmax(axis=-1) == b.argmax(axis=-1)))

@@ -1,0 +1,34 @@
+"""Fidelity measures: argmax agreement on the class axis."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from graphopt.passes.calibration.fidelity import measure
+
+
+def _agreement(ref: np.ndarray, got: np.ndarray) -> float | None:
+    return measure(["y"], [ref], [got])[0].argmax_agreement
+
+
+def test_argmax_agreement_on_the_last_axis():
+    ref = np.array([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]], np.float32)
+    got = ref.copy()
+    got[0] = [0.9, 0.1]  # one of four rows flips
+    assert _agreement(ref, got) == 0.75
+
+
+def test_trailing_singleton_axes_are_not_the_class_axis():
+    """[N, classes, 1, 1] (a classifier ending in a 1x1 Conv, as SqueezeNet does): the
+    agreement is over the classes, not over an axis of one."""
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((8, 10, 1, 1)).astype(np.float32)
+    got = ref.copy()
+    got[:2, :, 0, 0] = -got[:2, :, 0, 0]  # argmax of the negation differs
+    assert _agreement(ref, got) == 0.75
+
+
+def test_an_output_without_classes_has_no_agreement():
+    ref = np.ones((4, 1), np.float32)
+    assert _agreement(ref, ref) is None
+    assert _agreement(np.ones(4, np.float32), np.ones(4, np.float32)) is None
