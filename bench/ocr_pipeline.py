@@ -4,7 +4,7 @@
 
 ``bench/quantize.py`` feeds the recognizer line crops it renders itself. Here text lines are
 drawn on pages (Pillow's built-in font, English phrases or random words from the model's
-dictionary, ``graphopt.models.ocr.LINE_TEXTS``), rapidocr-onnxruntime's detector (fp32) finds
+dictionary, ``graphopt.models.ocr.line_maker``), rapidocr-onnxruntime's detector (fp32) finds
 the lines, and rapidocr's own code crops them (``get_crop_img_list``) and prepares each crop
 for the recognizer (``resize_norm_img``: height 48, aspect kept, at least 320 wide; one crop
 per run, so no batch-mate widens it). Each crop is read greedily by the fp32 recognizer and
@@ -93,13 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from rapidocr_onnxruntime import RapidOCR
 
-    from graphopt.models.ocr import LINE_TEXTS, _drawable, rec_dictionary
+    from graphopt.models.ocr import line_maker, rec_dictionary
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     src = qb.build("ppocr_rec")
     dictionary = rec_dictionary(src)
-    line_text = LINE_TEXTS[args.text](_drawable(tuple(dictionary), 32))
+    line_text = line_maker(dictionary, args.text)
     engine = RapidOCR()
     prepare = engine.text_rec.resize_norm_img
     crops = rendered_crops(engine, line_text, args.pages, seed=0)

@@ -202,6 +202,14 @@ def phrases(drawable: tuple[str, ...]) -> Callable[[np.random.Generator], str]:
 LINE_TEXTS = {"random": random_words, "phrases": phrases}
 
 
+def line_maker(characters: list[str], text: str = "random") -> Callable[[np.random.Generator], str]:
+    """The per-line text function ``text_lines`` uses (``LINE_TEXTS[text]``), over the
+    characters of ``characters`` Pillow's built-in font draws."""
+    if text not in LINE_TEXTS:
+        raise ValueError(f"text={text!r}: expected one of {', '.join(LINE_TEXTS)}")
+    return LINE_TEXTS[text](_drawable(tuple(characters), 32))
+
+
 def fitted_line(
     font: Any, text: str, margins: tuple[int, int], max_aspect: float
 ) -> tuple[str, tuple[int, int, int, int]]:
@@ -243,9 +251,7 @@ def text_lines(
     """
     from PIL import Image, ImageDraw, ImageFont
 
-    if text not in LINE_TEXTS:
-        raise ValueError(f"text={text!r}: expected one of {', '.join(LINE_TEXTS)}")
-    make_line = LINE_TEXTS[text](_drawable(tuple(characters), 32))
+    make_line = line_maker(characters, text)
     rng = np.random.default_rng(seed)
     out = np.zeros((count, 3, height, width), np.float32)
     texts: list[str] = []
