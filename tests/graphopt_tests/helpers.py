@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Sequence
 from importlib.util import find_spec
+from pathlib import Path
 from types import ModuleType
 
 import numpy as np
@@ -84,6 +85,13 @@ def assert_same_outputs(
         err = compare(value.name, r, g)
         assert err.shape_ok, f"{value.name}: {err.detail}"
         assert err.max_rel <= tolerance, f"{value.name}: rel error {err.max_rel}"
+
+
+def random_calib(folder: Path, shape: Sequence[int], name: str = "x", seed: int = 1) -> str:
+    """A calibration file of seeded standard-normal samples for input ``name``."""
+    path = folder / "calib.npz"
+    np.savez(path, **{name: np.random.default_rng(seed).standard_normal(shape, np.float32)})
+    return str(path)
 
 
 def op_types(model: ir.Model) -> list[str]:

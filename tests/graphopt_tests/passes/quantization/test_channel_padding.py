@@ -11,41 +11,18 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 import pytest
-from onnx import TensorProto, helper
 
 from graphopt.passes.quantization import channel_padding
 from graphopt.passes.quantization.quantize import QuantizePass
 from graphopt.registry import PassContext
-from graphopt_tests.helpers import assert_same_outputs, make_model, op_types, run_pass, tensor_info
+from graphopt_tests.helpers import assert_same_outputs, op_types, random_calib, run_pass
+from graphopt_tests.passes.quantization import stem_graphs
 
 
 def stem(c_in: int = 3, c_out: int = 16, group: int = 1) -> ir.Model:
-    """x [N, c_in, H, W] -> Conv 3x3 stride 2 (the stem) -> Relu -> Conv 1x1 -> y."""
-    rng = np.random.default_rng(0)
-    inits = {
-        "w1": rng.standard_normal((c_out, c_in // group, 3, 3)).astype(np.float32),
-        "b1": rng.standard_normal(c_out).astype(np.float32),
-        "w2": rng.standard_normal((8, c_out, 1, 1)).astype(np.float32) * 0.3,
-    }
-    nodes = [
-        helper.make_node(
-            "Conv",
-            ["x", "w1", "b1"],
-            ["c1"],
-            name="stem",
-            strides=[2, 2],
-            pads=[1] * 4,
-            group=group,
-        ),
-        helper.make_node("Relu", ["c1"], ["a1"], name="act"),
-        helper.make_node("Conv", ["a1", "w2"], ["y"], name="head"),
-    ]
-    return make_model(
-        nodes,
-        [tensor_info("x", TensorProto.FLOAT, ["N", c_in, "H", "W"])],
-        [tensor_info("y", TensorProto.FLOAT, ["N", 8, "h", "w"])],
-        inits,
-    )
+    """x [N, c_in, H, W] -> Conv 3x3 stride 2 (the stem) -> Relu -> Conv 1x1 -> y; symbolic
+    height and width."""
+    return stem_graphs.stem(size=("H", "W"), c_in=c_in, c_out=c_out, group=group)
 
 
 def _feeds(c_in: int = 3, batch: int = 2) -> dict[str, np.ndarray]:
@@ -78,9 +55,7 @@ def test_convs_outside_the_kernel_conditions_are_left_alone(c_in, c_out, group) 
 
 
 def _calib(tmp_path: Path) -> str:
-    path = tmp_path / "calib.npz"
-    np.savez(path, x=np.random.default_rng(1).standard_normal((16, 3, 12, 12), np.float32))
-    return str(path)
+    return random_calib(tmp_path, (16, 3, 12, 12))
 
 
 @pytest.mark.parametrize("target", ["ort", "portable"])

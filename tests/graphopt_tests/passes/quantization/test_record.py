@@ -5,8 +5,10 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
+from graphopt.passes.quantization.quantize import QuantizePass
 from graphopt.passes.quantization.record import weight_bytes
-from graphopt_tests.helpers import make_model, tensor_info
+from graphopt.registry import PassContext
+from graphopt_tests.helpers import make_model, random_calib, run_pass, tensor_info
 
 
 def _constant(name: str, array: np.ndarray):
@@ -35,10 +37,6 @@ def test_weight_bytes_counts_live_initializers_and_constants_only():
 def test_static_int8_of_constant_node_weights_reports_the_bytes_written(tmp_path):
     """Weights in Constant nodes (paddle2onnx's export) are replaced by int8 initializers;
     the float Constants left dead for the final cleanup are no weight of the result."""
-    from graphopt.passes.quantization.quantize import QuantizePass
-    from graphopt.registry import PassContext
-    from graphopt_tests.helpers import run_pass
-    from graphopt_tests.passes.quantization.test_static import _calib
 
     rng = np.random.default_rng(0)
     w1 = (rng.standard_normal((16, 3, 3, 3)) * 0.3).astype(np.float32)
@@ -56,7 +54,7 @@ def test_static_int8_of_constant_node_weights_reports_the_bytes_written(tmp_path
         [tensor_info("y", TensorProto.FLOAT, ["N", 16, 8, 8])],
     )
     context = PassContext(target="ort")
-    run_pass(model, QuantizePass, context, mode="int8", calib=_calib(tmp_path))
+    run_pass(model, QuantizePass, context, mode="int8", calib=random_calib(tmp_path, (48, 3, 8, 8)))
     record = context.details["quantize"]
     assert record.weight_bytes_before == w1.nbytes + w2.nbytes
     # int8 codes (a quarter) plus per-channel scales and the padded stem's zero channel.

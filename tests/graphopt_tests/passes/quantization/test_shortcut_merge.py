@@ -15,7 +15,14 @@ from onnx import TensorProto, helper
 from graphopt.passes.quantization import shortcut_merge
 from graphopt.passes.quantization.quantize import QuantizePass
 from graphopt.registry import PassContext
-from graphopt_tests.helpers import assert_same_outputs, make_model, op_types, run_pass, tensor_info
+from graphopt_tests.helpers import (
+    assert_same_outputs,
+    make_model,
+    op_types,
+    random_calib,
+    run_pass,
+    tensor_info,
+)
 
 
 def block(
@@ -108,9 +115,7 @@ def test_an_excluded_conv_is_not_merged() -> None:
 
 
 def _calib(tmp_path: Path) -> str:
-    path = tmp_path / "calib.npz"
-    np.savez(path, x=np.random.default_rng(1).standard_normal((32, 8, 12, 12), np.float32))
-    return str(path)
+    return random_calib(tmp_path, (32, 8, 12, 12))
 
 
 @pytest.mark.parametrize("target", ["ort", "portable"])

@@ -11,54 +11,14 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 import pytest
-from onnx import TensorProto, helper
 
 from graphopt.ortrun import run_session
 from graphopt.passes.quantization import stem_space_to_depth
 from graphopt.passes.quantization.quantize import QuantizePass
 from graphopt.registry import PassContext
 from graphopt.sessions import make_session
-from graphopt_tests.helpers import assert_same_outputs, make_model, op_types, run_pass, tensor_info
-
-
-def stem(
-    kernel: tuple[int, int] = (3, 3),
-    pads: tuple[int, int, int, int] = (1, 1, 1, 1),
-    size: tuple[int | str, int | str] = (12, 12),
-    c_in: int = 3,
-    c_out: int = 16,
-    strides: tuple[int, int] = (2, 2),
-    group: int = 1,
-    dilations: tuple[int, int] = (1, 1),
-) -> ir.Model:
-    """x [N, c_in, H, W] -> Conv (the stem) -> Relu -> Conv 1x1 -> y."""
-    rng = np.random.default_rng(0)
-    inits = {
-        "w1": rng.standard_normal((c_out, c_in // group, *kernel)).astype(np.float32),
-        "b1": rng.standard_normal(c_out).astype(np.float32),
-        "w2": rng.standard_normal((8, c_out, 1, 1)).astype(np.float32) * 0.3,
-    }
-    nodes = [
-        helper.make_node(
-            "Conv",
-            ["x", "w1", "b1"],
-            ["c1"],
-            name="stem",
-            kernel_shape=list(kernel),
-            strides=list(strides),
-            pads=list(pads),
-            group=group,
-            dilations=list(dilations),
-        ),
-        helper.make_node("Relu", ["c1"], ["a1"], name="act"),
-        helper.make_node("Conv", ["a1", "w2"], ["y"], name="head"),
-    ]
-    return make_model(
-        nodes,
-        [tensor_info("x", TensorProto.FLOAT, ["N", c_in, *size])],
-        [tensor_info("y", TensorProto.FLOAT, ["N", 8, "h", "w"])],
-        inits,
-    )
+from graphopt_tests.helpers import assert_same_outputs, op_types, random_calib, run_pass
+from graphopt_tests.passes.quantization.stem_graphs import stem
 
 
 def _feeds(size=(12, 12), c_in: int = 3, batch: int = 2) -> dict[str, np.ndarray]:
@@ -176,9 +136,7 @@ def test_fold_axis_matches_the_strided_convolution_everywhere() -> None:
 
 
 def _calib(tmp_path: Path, size=(16, 16)) -> str:
-    path = tmp_path / "calib.npz"
-    np.savez(path, x=np.random.default_rng(1).standard_normal((16, 3, *size), np.float32))
-    return str(path)
+    return random_calib(tmp_path, (16, 3, *size))
 
 
 @pytest.mark.parametrize("target", ["ort", "portable"])
