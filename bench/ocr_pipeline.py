@@ -105,7 +105,6 @@ def main(argv: list[str] | None = None) -> int:
     crops = rendered_crops(engine, line_text, args.pages, seed=0)
     inputs = [prepare(c, max(320 / 48, c.shape[1] / c.shape[0]))[None] for c in crops]
     reference = readings(src, inputs)
-    space = len(dictionary) + 1  # the space PP-OCR appends, 1-based
     characters = [*dictionary, " "]
 
     def text(labels: tuple[int, ...]) -> str:
@@ -136,14 +135,10 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 qb.ort_static(src, dst, calib, "qdq", kind)
             got = readings(dst, inputs)
-            pairs = list(zip(reference, got, strict=True))
-            same = np.mean([a == b for a, b in pairs])
-            unspaced = np.mean(
-                [[i for i in a if i != space] == [i for i in b if i != space] for a, b in pairs]
-            )
+            same, unspaced = qb.lines_same(src, reference, got)
             described = CALIB_SOURCES[source.split(":")[0]] + f", seed {source.split(':')[1]}"
             print(f"| {described} | {label} | {same:.1%} | {unspaced:.1%} |", flush=True)
-            differ = [(a, b) for a, b in pairs if a != b]
+            differ = [(a, b) for a, b in zip(reference, got, strict=True) if a != b]
             shown = "; ".join(f"{text(a)!r} -> {text(b)!r}" for a, b in differ[: args.show])
             if shown and kind == "graphopt":
                 notes.append(f"{label}, {source}: {len(differ)} crops differ, e.g. {shown}")

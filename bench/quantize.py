@@ -261,20 +261,7 @@ def fidelity(name: str, original: Path, candidate: Path, data) -> tuple[str, flo
     ref, got = outputs(original, data), outputs(candidate, data)
     if name == "ppocr_rec":
         a, b = ctc_labels(ref[0]), ctc_labels(got[0])
-        same = float(np.mean([x == y for x, y in zip(a, b, strict=True)]))
-        from graphopt.models.ocr import rec_dictionary
-
-        # PaddleOCR's own RecMetric compares with spaces removed (ignore_space=True, its
-        # default): shown beside the strict count, which stays the score.
-        space = len(rec_dictionary(original)) + 1  # the space PP-OCR appends, 1-based
-        unspaced = float(
-            np.mean(
-                [
-                    [i for i in x if i != space] == [i for i in y if i != space]
-                    for x, y in zip(a, b, strict=True)
-                ]
-            )
-        )
+        same, unspaced = lines_same(original, a, b)
         read = read_right(original, b, REC_TEXTS[EVAL_SEED])
         return (
             f"{same:.1%} lines same ({unspaced:.1%} ignoring spaces), {read:.1%} read right",
@@ -287,6 +274,21 @@ def fidelity(name: str, original: Path, candidate: Path, data) -> tuple[str, flo
     cos = cosine_rows(ref[0], got[0])
     agree = float(np.mean(ref[0].argmax(-1) == got[0].argmax(-1)))
     return f"{cos:.4f} cos, top-1 {agree:.0%}", cos
+
+
+def lines_same(
+    model: Path, a: list[tuple[int, ...]], b: list[tuple[int, ...]]
+) -> tuple[float, float]:
+    """Shares of lines whose greedy label sequences are equal: strictly, and with spaces
+    removed, as PaddleOCR's own RecMetric compares (ignore_space=True, its default; shown
+    beside the strict count, which stays the score)."""
+    from graphopt.models.ocr import rec_dictionary
+
+    space = len(rec_dictionary(model)) + 1  # the space PP-OCR appends, 1-based
+    pairs = list(zip(a, b, strict=True))
+    same = float(np.mean([x == y for x, y in pairs]))
+    unspaced = [[i for i in x if i != space] == [i for i in y if i != space] for x, y in pairs]
+    return same, float(np.mean(unspaced))
 
 
 def read_right(model: Path, labels: list[tuple[int, ...]], texts: list[str]) -> float:
