@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
+from graphopt.analysis.excluded import is_quantized_op
 from graphopt.editing import name_nodes
 from graphopt.errors import UserInputError
 from graphopt.opset import raise_in_place
@@ -56,22 +57,10 @@ from graphopt.passes.quantization.record import (
 from graphopt.passes.quantization.settings import QuantSettings
 from graphopt.registry import PassContext
 
-# Ops that mean the model is quantized already: quantizing it again would stack scales.
-QUANTIZED_OPS = frozenset(
-    {
-        "QuantizeLinear",
-        "DequantizeLinear",
-        "DynamicQuantizeLinear",
-        "QLinearConv",
-        "QLinearMatMul",
-        "QLinearAdd",
-        "QGemm",
-        "MatMulInteger",
-        "ConvInteger",
-        "DynamicQuantizeMatMul",
-        "MatMulNBits",
-    }
-)
+# Ops that mean the model is quantized already, so quantizing it again would stack scales:
+# those that read integer weights (the analysis's list, QLinear* included) and the
+# activation quantizers.
+ACTIVATION_QUANTIZERS = frozenset({"QuantizeLinear", "DynamicQuantizeLinear"})
 PER_CHANNEL_OPSET = 13
 # Samples per tensor that ``auto`` replays its consumers on.
 AUTO_SAMPLES = 2
@@ -304,7 +293,9 @@ def _made_by(values: dict[str, ir.Value], tensor: str, op_type: str) -> bool:
 
 
 def _refuse_quantized(model: ir.Model) -> None:
-    found = sorted({n.op_type for n in model.graph if n.op_type in QUANTIZED_OPS})
+    found = sorted(
+        {n.op_type for n in model.graph if is_quantized_op(n) or n.op_type in ACTIVATION_QUANTIZERS}
+    )
     if found:
         raise UserInputError(
             f"quantize int8: the model is already quantized (it has {', '.join(found)}); "

@@ -309,6 +309,33 @@ def test_an_already_quantized_model_is_refused(tmp_path):
         _quantize(quantized, tmp_path)
 
 
+def test_a_model_with_any_quantized_op_is_refused(tmp_path):
+    """A QLinear* op beyond Conv/MatMul/Add (here com.microsoft's QLinearSigmoid on a side
+    branch) also marks the model as quantized: the same list the analysis uses."""
+    proto = io.to_proto(small_cnn())
+    graph = proto.graph
+    graph.node.append(
+        helper.make_node(
+            "QLinearSigmoid",
+            ["q", "q_scale", "q_zero", "q_scale", "q_zero"],
+            ["qs"],
+            name="side",
+            domain="com.microsoft",
+        )
+    )
+    graph.output.append(helper.make_tensor_value_info("qs", TensorProto.UINT8, [4]))
+    graph.initializer.extend(
+        [
+            onnx.numpy_helper.from_array(np.arange(4, dtype=np.uint8), "q"),
+            onnx.numpy_helper.from_array(np.array(0.1, np.float32), "q_scale"),
+            onnx.numpy_helper.from_array(np.array(128, np.uint8), "q_zero"),
+        ]
+    )
+    proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    with pytest.raises(UserInputError, match=r"already quantized.*QLinearSigmoid"):
+        _quantize(ir.serde.deserialize_model(proto), tmp_path)
+
+
 @pytest.mark.parametrize("quant_format", ["qdq", "qoperator"])
 @pytest.mark.parametrize("mode", ["int8-dynamic", "int4-weight", "fp16", "bf16"])
 def test_the_other_modes_refuse_a_model_with_no_float_weight_left(tmp_path, mode, quant_format):
