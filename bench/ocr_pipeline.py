@@ -12,8 +12,11 @@ by graphopt's ``--quantize int8 --target ort`` under several calibration sets (`
 ``lines:SEED``, the 32 rendered line crops bench/quantize.py calibrates on; ``crops:SEED``, 48
 detector crops of 8 other pages padded to the widest), to show how much the score moves with
 the calibration samples; ORT's ``quantize_static`` QDQ U8/S8 (per-channel) run on the first
-set. The score is the share of crops whose decoded label sequence equals fp32's, and with
-spaces ignored (PaddleOCR's ``RecMetric`` convention). Nothing is timed.
+set. ``--settings`` runs other int8 flags on every set too (``SETTINGS``). The score is the
+share of crops whose decoded label sequence equals fp32's, and with spaces ignored
+(PaddleOCR's ``RecMetric`` convention). As a floor, it also reads the crops with fp32 after
+adding Gaussian noise of a fraction of a gray level (``NOISE_LEVELS``) to the text's columns
+or to the zero padding on their right (``with_noise``). Nothing is timed.
 """
 
 from __future__ import annotations
@@ -34,6 +37,15 @@ CALIB_SOURCES = {
     "crops": "48 detector crops of 8 other pages",
 }
 PAGE_W, PAGE_H = 640, 480
+# --settings: graphopt's int8 flags compared on every calibration set (name: (flags, options)).
+SETTINGS: dict[str, tuple[str, dict]] = {
+    "default": ("", {}),
+    "minmax": (" --calib-method minmax", {"calib_method": "minmax"}),
+    "percentile": (" --calib-method percentile", {"calib_method": "percentile"}),
+    "entropy": (" --calib-method entropy", {"calib_method": "entropy"}),
+    "rtn": (" --int8-weights rtn", {"int8_weights": "rtn"}),
+    "no-bias-correction": (" --bias-correction false", {"bias_correction": False}),
+}
 
 
 def rendered_crops(engine, line_text, pages: int, seed: int) -> list[np.ndarray]:
@@ -78,6 +90,28 @@ def readings(path: Path, inputs: list[np.ndarray]) -> list[tuple[int, ...]]:
     return [qb.ctc_labels(session.run(None, {name: x})[0])[0] for x in inputs]
 
 
+# The floor rows: fp32 on its own inputs plus Gaussian noise of these standard deviations, in
+# gray levels of the 8-bit image (one level is 2/255 after rapidocr's normalization).
+NOISE_LEVELS = (0.5, 2.0)
+GRAY_LEVEL = 2.0 / 255.0
+
+
+def with_noise(
+    inputs: list[np.ndarray], text_widths: list[int], level: float, region: str
+) -> list[np.ndarray]:
+    """``inputs`` plus Gaussian noise of ``level`` gray levels on the text's columns or on the
+    zero padding to their right (seed 0)."""
+    rng = np.random.default_rng(0)
+    noisy = []
+    for x, width in zip(inputs, text_widths, strict=True):
+        noise = rng.normal(0.0, level * GRAY_LEVEL, x.shape).astype(np.float32)
+        columns = slice(0, width) if region == "text" else slice(width, None)
+        mask = np.zeros_like(x)
+        mask[..., columns] = 1.0
+        noisy.append(x + noise * mask)
+    return noisy
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pages", type=int, default=30, help="evaluation pages")
@@ -88,9 +122,17 @@ def main(argv: list[str] | None = None) -> int:
         help="calibration sets, KIND:SEED comma-separated (KIND: lines or crops); ORT's "
         "tools run on the first",
     )
+    parser.add_argument(
+        "--settings",
+        default="default",
+        help=f"graphopt int8 settings to run on each set, comma-separated ({', '.join(SETTINGS)})",
+    )
     parser.add_argument("--show", type=int, default=8, help="differing crops shown per method")
     parser.add_argument("--work", default="/tmp/graphopt-ocr-pipeline")
     args = parser.parse_args(argv)
+    settings = args.settings.split(",")
+    if unknown := sorted(set(settings) - set(SETTINGS)):
+        parser.error(f"--settings: unknown {', '.join(unknown)}")
     from rapidocr_onnxruntime import RapidOCR
 
     from graphopt.models.ocr import line_maker, rec_dictionary
@@ -122,16 +164,30 @@ def main(argv: list[str] | None = None) -> int:
     notes: list[str] = []
     print(f"{args.pages} pages, {len(crops)} crops ({args.text}), onnxruntime {ort.__version__}")
     print("\n| calibration | method | crops read as fp32 | ignoring spaces |\n|---|---|---|---|")
+    # The text's width in each prepared crop (as resize_norm_img resizes); the rest is padding.
+    text_widths = [
+        min(x.shape[-1], int(np.ceil(48 * crop.shape[1] / crop.shape[0])))
+        for x, crop in zip(inputs, crops, strict=True)
+    ]
+    for level in NOISE_LEVELS:
+        for region in ("text", "padding"):
+            noisy = with_noise(inputs, text_widths, level, region)
+            same, unspaced = qb.lines_same(src, reference, readings(src, noisy))
+            label = f"fp32, input + N(0, {level} gray level) on the {region}"
+            print(f"| (none: the floor) | {label} | {same:.1%} | {unspaced:.1%} |", flush=True)
     for source in args.calib.split(","):
         calib = calibration(source)
         calib_npz = qb.save_npz(work / f"calib.{source.replace(':', '')}.npz", calib)
-        methods = {"graphopt int8 --target ort": "graphopt"}
+        methods = {f"graphopt int8 --target ort{SETTINGS[name][0]}": name for name in settings}
         if source in args.calib.split(",")[:1]:  # the peers once: they are far behind
             methods |= {f"ORT quantize_static QDQ {k.upper()} act.": k for k in ("u8", "s8")}
         for label, kind in methods.items():
             dst = work / f"rec.{kind}.{source.replace(':', '')}.onnx"
-            if kind == "graphopt":
-                qb.graphopt_quantize(src, dst, quantize="int8", target="ort", calib=str(calib_npz))
+            if kind in SETTINGS:
+                options = SETTINGS[kind][1]
+                qb.graphopt_quantize(
+                    src, dst, quantize="int8", target="ort", calib=str(calib_npz), **options
+                )
             else:
                 qb.ort_static(src, dst, calib, "qdq", kind)
             got = readings(dst, inputs)
@@ -140,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {described} | {label} | {same:.1%} | {unspaced:.1%} |", flush=True)
             differ = [(a, b) for a, b in zip(reference, got, strict=True) if a != b]
             shown = "; ".join(f"{text(a)!r} -> {text(b)!r}" for a, b in differ[: args.show])
-            if shown and kind == "graphopt":
+            if shown and kind in SETTINGS:
                 notes.append(f"{label}, {source}: {len(differ)} crops differ, e.g. {shown}")
     print("\n" + "\n".join(notes))
     return 0
