@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from graphopt.fingerprint import Fingerprint, fingerprint
+
 DEFAULT_DOMAINS = ("", "ai.onnx")
 
 
@@ -297,3 +299,27 @@ def name_nodes(graph: ir.Graph) -> None:
                 name, k = f"{base}_{k}", k + 1
             node.name = name
         taken.add(node.name)
+
+
+# The model state on which shape inference last changed nothing (one model at a time).
+_inferred: tuple[ir.Model, Fingerprint] | None = None
+
+
+def fill_missing_shapes(model: ir.Model) -> None:
+    """Fill in missing intermediate shapes (best effort, never fails on odd graphs).
+
+    Inference serializes the whole model, and several fusion passes in a row ask for it:
+    on a state where it already changed nothing it would change nothing again, so that
+    state is remembered (by fingerprint) and the call skipped.
+    """
+    global _inferred
+    import onnx_ir.passes.common
+
+    before = fingerprint(model)
+    if _inferred is not None and _inferred[0] is model and _inferred[1] == before:
+        return
+    _inferred = None
+    onnx_ir.passes.common.ShapeInferencePass(check_type=False, strict_mode=False)(model)
+    after = fingerprint(model)
+    if after == before:
+        _inferred = (model, after)

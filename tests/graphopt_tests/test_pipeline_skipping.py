@@ -16,9 +16,8 @@ import onnx_ir.passes.common
 import pytest
 from onnx import TensorProto, helper
 
-from graphopt import io
+from graphopt import editing, io
 from graphopt.fingerprint import fingerprint
-from graphopt.passes.fusion import _common
 from graphopt.pipeline import PassManager, PassSpec, Step, default_pipeline, op_types
 from graphopt.registry import GraphPass, PassContext, Stage, all_passes
 from graphopt_tests.helpers import make_model, register_for_test, tensor_info
@@ -75,7 +74,7 @@ def run_default(model: ir.Model, skip: bool, monkeypatch=None) -> tuple[bytes, P
     manager.skip_idle = skip
     if not skip and monkeypatch is not None:
         # Also never reuse a shape inference: every fusion pass infers again.
-        monkeypatch.setattr(_common, "fingerprint", lambda model: object())
+        monkeypatch.setattr(editing, "fingerprint", lambda model: object())
     result, _ = manager.run(model)
     return io.to_proto(result).SerializeToString(), manager
 
@@ -180,7 +179,7 @@ def test_memoized_pass_reruns_only_after_a_change(monkeypatch) -> None:
     assert len(CountingPass.calls) == 2
 
 
-def test_infer_shapes_is_skipped_on_a_state_it_left_unchanged(monkeypatch) -> None:
+def test_shape_filling_is_skipped_on_a_state_it_left_unchanged(monkeypatch) -> None:
     calls: list[int] = []
     real = ir.passes.common.ShapeInferencePass
 
@@ -192,13 +191,13 @@ def test_infer_shapes_is_skipped_on_a_state_it_left_unchanged(monkeypatch) -> No
     monkeypatch.setattr(ir.passes.common, "ShapeInferencePass", Counting)
     model = conv_bn_model()
     before = fingerprint(model)
-    _common.infer_shapes(model)  # fills in shapes: the state changes
+    editing.fill_missing_shapes(model)  # fills in shapes: the state changes
     assert fingerprint(model) != before
-    _common.infer_shapes(model)  # runs, changes nothing: remembered
-    _common.infer_shapes(model)  # skipped
+    editing.fill_missing_shapes(model)  # runs, changes nothing: remembered
+    editing.fill_missing_shapes(model)  # skipped
     assert len(calls) == 2
     model.graph.node(0).name = "other"  # any change: inference runs again
-    _common.infer_shapes(model)
+    editing.fill_missing_shapes(model)
     assert len(calls) == 3
 
 

@@ -8,7 +8,6 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt import editing
-from graphopt.fingerprint import Fingerprint, fingerprint
 
 # Folding rescales weights; only float tensors fold exactly (integer Conv/MatMul would need
 # requantization, and bfloat16/float8 have no safe numpy arithmetic here).
@@ -190,30 +189,6 @@ def value_rank(value: ir.Value | None) -> int | None:
         return len(value.shape)
     tensor = None if value.is_graph_input() else ir.convenience.get_const_tensor(value)
     return len(tensor.shape) if tensor is not None else None
-
-
-# The model state on which shape inference last changed nothing (one model at a time).
-_inferred: tuple[ir.Model, Fingerprint] | None = None
-
-
-def infer_shapes(model: ir.Model) -> None:
-    """Fill in missing intermediate shapes (best effort, never fails on odd graphs).
-
-    Inference serializes the whole model, and several fusion passes in a row ask for it:
-    on a state where it already changed nothing it would change nothing again, so that
-    state is remembered (by fingerprint) and the call skipped.
-    """
-    global _inferred
-    import onnx_ir.passes.common
-
-    before = fingerprint(model)
-    if _inferred is not None and _inferred[0] is model and _inferred[1] == before:
-        return
-    _inferred = None
-    onnx_ir.passes.common.ShapeInferencePass(check_type=False, strict_mode=False)(model)
-    after = fingerprint(model)
-    if after == before:
-        _inferred = (model, after)
 
 
 def fold_into_each(model: ir.Model, op_type: str, fuse_next) -> int:

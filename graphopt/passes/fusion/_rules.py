@@ -270,7 +270,7 @@ def infer_shapes(model: ir.Model) -> None:
     """Fill in shapes (ranks decide whether a [1]-shaped constant can broadcast a result up)."""
     # Best effort: the checks refuse what stays unknown.
     with contextlib.suppress(Exception):
-        _common.infer_shapes(model)
+        editing.fill_missing_shapes(model)
 
 
 def rank(value: ir.Value | None) -> int | None:

@@ -46,7 +46,7 @@ class FuseMatMulAddPass(GraphPass):
         # A's rank decides everything; exported graphs often carry no shapes on intermediate
         # values, so infer them (once) when a candidate needs it.
         if any(_needs_shape(m) for m in matmuls):
-            _common.infer_shapes(model)
+            editing.fill_missing_shapes(model)
         return sum(1 for matmul in matmuls if self._fuse(matmul))
 
     def _fuse(self, matmul: ir.Node) -> bool:

@@ -40,7 +40,7 @@ class FuseMatMulBatchNormPass(GraphPass):
             if editing.is_op(node, "BatchNormalization") and _matmul_of(node) is not None
         ]
         if any(_common.value_rank(_matmul_of(bn).inputs[0]) is None for bn in pairs):
-            _common.infer_shapes(model)
+            editing.fill_missing_shapes(model)
         maker = _common.WeightMaker(model)
         return sum(1 for bn in pairs if self._fuse(bn, maker))
 

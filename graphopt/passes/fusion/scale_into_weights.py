@@ -43,7 +43,7 @@ class FoldScaleIntoWeightsPass(GraphPass):
         # needs x's channel dim, so fill in missing shapes first (only when a candidate lacks
         # them: inference serializes the whole model).
         if any(_needs_shape(node) for graph in _common.all_graphs(model) for node in graph):
-            _common.infer_shapes(model)
+            editing.fill_missing_shapes(model)
         self.maker = _common.WeightMaker(model)
         hits = 0
         for graph in _common.all_graphs(model):

@@ -178,10 +178,8 @@ def fill_types(model: ir.Model) -> dict[str, ir.Shape]:
     missing = [out for node in model.graph for out in node.outputs if out.shape is None]
     if not missing and all(out.type is not None for node in model.graph for out in node.outputs):
         return {}
-    import onnx_ir.passes.common
-
     clone = model.clone()
-    onnx_ir.passes.common.ShapeInferencePass(check_type=False, strict_mode=False)(clone)
+    editing.fill_missing_shapes(clone)
     found = {out.name: out for node in clone.graph for out in node.outputs}
     for node in model.graph:
         for out in node.outputs:

@@ -30,6 +30,7 @@ from graphopt.editing import (
     NameTable,
     attribute,
     constant_array,
+    fill_missing_shapes,
     insert_before,
     is_op,
     remove_node,
@@ -57,9 +58,7 @@ def merge_summed_pointwise_convs(
     merged = []
     if any(_adds_two_convs(node) for node in graph):
         # The merge checks that both Convs give the same shape; fill in any shape not known.
-        import onnx_ir.passes.common
-
-        onnx_ir.passes.common.ShapeInferencePass(check_type=False, strict_mode=False)(model)
+        fill_missing_shapes(model)
     names = NameTable(graph)  # node and value names: records and placements key on them
     for node in list(graph):
         if not is_op(node, "Add") or excluded(node):
