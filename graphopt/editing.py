@@ -7,6 +7,8 @@ than the caller asked for.
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import onnx_ir as ir
 
@@ -301,8 +303,9 @@ def name_nodes(graph: ir.Graph) -> None:
         taken.add(node.name)
 
 
-# The model state on which shape inference last changed nothing (one model at a time).
-_inferred: tuple[ir.Model, Fingerprint] | None = None
+# The model state on which shape inference last changed nothing (one model at a time). The
+# model is held weakly: a clone inferred once and dropped (fp16's type fill) is not pinned.
+_inferred: tuple[weakref.ref[ir.Model], Fingerprint] | None = None
 
 
 def fill_missing_shapes(model: ir.Model) -> None:
@@ -316,10 +319,10 @@ def fill_missing_shapes(model: ir.Model) -> None:
     import onnx_ir.passes.common
 
     before = fingerprint(model)
-    if _inferred is not None and _inferred[0] is model and _inferred[1] == before:
+    if _inferred is not None and _inferred[0]() is model and _inferred[1] == before:
         return
     _inferred = None
     onnx_ir.passes.common.ShapeInferencePass(check_type=False, strict_mode=False)(model)
     after = fingerprint(model)
     if after == before:
-        _inferred = (model, after)
+        _inferred = (weakref.ref(model), after)

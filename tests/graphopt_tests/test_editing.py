@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import onnx_ir as ir
 from onnx import TensorProto, helper
 
-from graphopt.editing import insert_before, remove_node, take_over
+from graphopt.editing import fill_missing_shapes, insert_before, remove_node, take_over
 from graphopt_tests.helpers import assert_same_outputs, make_model, tensor_info
 
 
@@ -49,3 +52,20 @@ def test_a_graph_output_keeps_its_name() -> None:
     value = _swap_relu_for_max(model)
     assert [v.name for v in model.graph.outputs] == ["a"] and model.graph.outputs[0] is value
     assert_same_outputs(before, model, tolerance=0.0)
+
+
+def test_shape_filling_remembers_a_model_without_keeping_it_alive() -> None:
+    """The skip-if-unchanged memory holds the model weakly: a clone inferred and dropped
+    (as the fp16 type fill does) is freed, not pinned until the next call."""
+    model = make_model(
+        [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Neg", ["r"], ["y"])],
+        [tensor_info("x", TensorProto.FLOAT, ["N", 4])],
+        [tensor_info("y", TensorProto.FLOAT, ["N", 4])],
+    )
+    fill_missing_shapes(model)  # fills in r's shape
+    assert model.graph.node(0).outputs[0].shape is not None
+    fill_missing_shapes(model)  # changes nothing: remembered
+    held = weakref.ref(model)
+    del model
+    gc.collect()
+    assert held() is None
