@@ -357,13 +357,17 @@ _DEFAULTED = (
 # The nodes whose weights the modes quantize; their input type tells what the model computes in.
 _WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _REDUCED_FLOATS = {ir.DataType.FLOAT16: "float16", ir.DataType.BFLOAT16: "bfloat16"}
+# With the analysis's integer-weight ops (QLinear* included), what marks a model as quantized
+# for static int8, whose ranges and scales would stack on the ones it has.
+_ACTIVATION_QUANTIZERS = frozenset({"QuantizeLinear", "DynamicQuantizeLinear"})
 
 
 def _refuse_nothing_to_quantize(model: ir.Model, mode: str) -> None:
     """Refuse, before any work, a model the mode would hand back unchanged: one that computes
     in float16/bfloat16 only (the modes start from float32; int4-weight is the exception,
     MatMulNBits takes float16 activations), or one already quantized whose every
-    Conv/Gemm/MatMul reads a quantized weight (int8 refuses any Q/DQ, in static.py)."""
+    Conv/Gemm/MatMul reads a quantized weight; int8 refuses any quantized op in the main
+    graph, the one it quantizes."""
     from graphopt.analysis.excluded import is_quantized_op
     from graphopt.passes.quantization.placement import is_weight
 
@@ -381,6 +385,19 @@ def _refuse_nothing_to_quantize(model: ir.Model, mode: str) -> None:
             f"quantize {mode}: the model is already quantized ({', '.join(quantized)}; no "
             "Conv/Gemm/MatMul with a float weight is left); quantize the float original instead"
         )
+    if mode == "int8":
+        found = sorted(
+            {
+                n.op_type
+                for n in model.graph
+                if is_quantized_op(n) or n.op_type in _ACTIVATION_QUANTIZERS
+            }
+        )
+        if found:
+            raise UserInputError(
+                f"quantize int8: the model is already quantized (it has {', '.join(found)}); "
+                "quantize the float original instead"
+            )
     if mode == "int4-weight":
         return
     types = [node.inputs[0].dtype for node in weighted]

@@ -2,7 +2,8 @@
 
 The steps, each its own module:
 
-1. checks: calibration data given, no Q/DQ already, opset ≥ 13 (per-channel DequantizeLinear);
+1. checks: calibration data given, opset ≥ 13 (per-channel DequantizeLinear); a model with
+   Q/DQ already is refused before, in :mod:`.quantize`;
 2. :func:`make_plan`: the placement (:mod:`.placement`), one statistics pass over the
    calibration part of the samples (:mod:`.ranges`), and a range per quantized tensor by the
    chosen method (``auto``: :mod:`.auto_method`);
@@ -32,7 +33,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.analysis.excluded import is_quantized_op
 from graphopt.editing import name_nodes
 from graphopt.errors import UserInputError
 from graphopt.opset import raise_in_place
@@ -57,10 +57,6 @@ from graphopt.passes.quantization.record import (
 from graphopt.passes.quantization.settings import QuantSettings
 from graphopt.registry import PassContext
 
-# Ops that mean the model is quantized already, so quantizing it again would stack scales:
-# those that read integer weights (the analysis's list, QLinear* included) and the
-# activation quantizers.
-ACTIVATION_QUANTIZERS = frozenset({"QuantizeLinear", "DynamicQuantizeLinear"})
 PER_CHANNEL_OPSET = 13
 # Samples per tensor that ``auto`` replays its consumers on.
 AUTO_SAMPLES = 2
@@ -87,7 +83,6 @@ def quantize_static(
     """Quantize ``model`` in place to int8 (weights per-channel s8, activations u8/s8)."""
     if calib is None:
         raise UserInputError("quantize int8: static quantization needs --calib FILE.npz")
-    _refuse_quantized(model)
     record = QuantRecord(mode="int8")
     note = raise_in_place(model, PER_CHANNEL_OPSET, "per-channel DequantizeLinear needs opset 13")
     if note:
@@ -290,17 +285,6 @@ def _made_by(values: dict[str, ir.Value], tensor: str, op_type: str) -> bool:
     value = values.get(tensor)
     node = value.producer() if value is not None else None
     return node is not None and node.op_type == op_type
-
-
-def _refuse_quantized(model: ir.Model) -> None:
-    found = sorted(
-        {n.op_type for n in model.graph if is_quantized_op(n) or n.op_type in ACTIVATION_QUANTIZERS}
-    )
-    if found:
-        raise UserInputError(
-            f"quantize int8: the model is already quantized (it has {', '.join(found)}); "
-            "quantize the float original instead"
-        )
 
 
 def _values(model: ir.Model) -> dict[str, ir.Value]:
