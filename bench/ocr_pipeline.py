@@ -107,9 +107,9 @@ def with_noise(
     for x, width in zip(inputs, text_widths, strict=True):
         noise = rng.normal(0.0, level * GRAY_LEVEL, x.shape).astype(np.float32)
         columns = slice(0, width) if region == "text" else slice(width, None)
-        mask = np.zeros_like(x)
-        mask[..., columns] = 1.0
-        noisy.append(x + noise * mask)
+        y = x.copy()
+        y[..., columns] += noise[..., columns]
+        noisy.append(y)
     return noisy
 
 
