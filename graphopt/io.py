@@ -164,11 +164,14 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _iter_all_tensors(model: ir.Model) -> Iterator[ir.TensorProtocol]:
+    """Every stored tensor: initializers, and attribute tensors of the graph, its subgraphs
+    and the model's local functions (whose external data resolves like the graph's)."""
     for graph in (model.graph, *model.graph.subgraphs()):
         for value in graph.initializers.values():
             if value.const_value is not None:
                 yield value.const_value
-    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+    bodies = (model.graph, *model.functions.values())
+    for node in (n for body in bodies for n in ir.traversal.RecursiveGraphIterator(body)):
         for attr in node.attributes.values():
             if attr.type == ir.AttributeType.TENSOR:
                 yield attr.value
@@ -226,6 +229,16 @@ def save(
     check_output_target(target, data=use_external)
     data_name = data_file_name(target)
     _remove_stale_temp_folders(folder, target.name)
+    try:
+        _write_atomically(model, target, folder, data_name, use_external)
+    except OSError as exc:  # a full disk, a folder made read-only meanwhile
+        raise UserInputError(f"{target}: cannot be written ({exc.strerror or exc})") from None
+    return target
+
+
+def _write_atomically(
+    model: ir.Model, target: Path, folder: Path, data_name: str, use_external: bool
+) -> None:
     tmp_dir: Path | None = None
     try:
         with _signals_deferred():  # no interrupt between creating the folder and naming it
@@ -234,12 +247,13 @@ def save(
             )
         tmp_model = tmp_dir / target.name
         if use_external:
-            ir.save(
-                model,
-                tmp_model,
-                external_data=data_name,
-                size_threshold_bytes=EXTERNAL_DATA_THRESHOLD_BYTES,
-            )
+            with _external_attributes_in_memory(model):
+                ir.save(
+                    model,
+                    tmp_model,
+                    external_data=data_name,
+                    size_threshold_bytes=EXTERNAL_DATA_THRESHOLD_BYTES,
+                )
         else:
             _save_inline(model, tmp_model)
         _fsync(tmp_model)
@@ -262,7 +276,6 @@ def save(
         if tmp_dir is not None:
             with _signals_deferred():  # an interrupt inside rmtree would leave half the folder
                 shutil.rmtree(tmp_dir, ignore_errors=True)
-    return target
 
 
 @contextlib.contextmanager
@@ -313,11 +326,27 @@ def check_output_target(target: Path, *, data: bool = False) -> None:
     the write onto any file the user may replace. So only regular files are replaced.
     """
     folder = target.parent if str(target.parent) else Path(".")
+    if not target.name or target.name in (".", ".."):
+        raise UserInputError(f"output path {str(target)!r} names no file")
     if not folder.is_dir():
         raise UserInputError(f"{target}: output folder {folder} does not exist")
     _check_replaceable(target)
     if data:
         _check_replaceable(folder / data_file_name(target))
+    _check_writable(folder, target)
+
+
+def _check_writable(folder: Path, target: Path) -> None:
+    """Refuse a folder a file cannot be created in, before the work that would be written:
+    a temporary file is created and removed there (``os.access`` misses read-only mounts
+    and immutable folders, and says yes to root)."""
+    try:
+        handle, probe = tempfile.mkstemp(prefix=_temp_prefix(target.name), dir=folder)
+    except OSError as exc:
+        raise UserInputError(f"{target}: cannot write in {folder} ({exc.strerror})") from None
+    os.close(handle)
+    with contextlib.suppress(OSError):
+        os.unlink(probe)
 
 
 _FILE_KINDS = (
@@ -499,7 +528,8 @@ def to_proto(model: ir.Model) -> onnx.ModelProto:
 
 @contextlib.contextmanager
 def _external_tensors_in_memory(model: ir.Model) -> Iterator[None]:
-    """Temporarily swap external initializers for in-memory copies, restoring them after."""
+    """Temporarily swap external initializers and attribute tensors for in-memory copies,
+    restoring them after."""
     swapped: list[tuple[ir.Value, ir.TensorProtocol]] = []
     try:
         for graph in (model.graph, *model.graph.subgraphs()):
@@ -508,10 +538,34 @@ def _external_tensors_in_memory(model: ir.Model) -> Iterator[None]:
                 if isinstance(tensor, ir.ExternalTensor):
                     swapped.append((value, tensor))
                     value.const_value = ir.Tensor(tensor.numpy(), name=tensor.name)
-        yield
+        with _external_attributes_in_memory(model):
+            yield
     finally:
         for value, tensor in swapped:
             value.const_value = tensor
+
+
+@contextlib.contextmanager
+def _external_attributes_in_memory(model: ir.Model) -> Iterator[None]:
+    """Temporarily swap attribute tensors (Constant values, in the graph, its subgraphs and
+    local functions) read from external data for in-memory copies. Written as they are,
+    they would name their file relative to the output's folder, not the input's, and
+    onnx-ir's external-data writer moves initializers only."""
+    swapped: list[tuple[ir.Node, str, ir.Attr]] = []
+    try:
+        bodies = (model.graph, *model.functions.values())
+        for node in (n for body in bodies for n in ir.traversal.RecursiveGraphIterator(body)):
+            for name, attr in list(node.attributes.items()):
+                if attr.type == ir.AttributeType.TENSOR and isinstance(
+                    attr.value, ir.ExternalTensor
+                ):
+                    copy = ir.Tensor(attr.value.numpy(), name=attr.value.name)
+                    swapped.append((node, name, attr))
+                    node.attributes[name] = ir.AttrTensor(name, copy, doc_string=attr.doc_string)
+        yield
+    finally:
+        for node, name, attr in swapped:
+            node.attributes[name] = attr
 
 
 def _fsync(path: Path) -> None:

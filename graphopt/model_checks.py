@@ -278,7 +278,8 @@ def check_scopes(model: ir.Model, name: str) -> None:
 def check_external_data(proto: onnx.ModelProto, base_dir: Path, name: str) -> None:
     """Refuse external-data references that escape ``base_dir`` or point at short files."""
     root = base_dir.resolve()
-    for tensor in _iter_tensor_protos(proto.graph):
+    # Local functions too: their Constants are read (folded) like the main graph's.
+    for tensor in _iter_model_tensor_protos(proto):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         info = {entry.key: entry.value for entry in tensor.external_data}
@@ -304,8 +305,16 @@ def check_external_data(proto: onnx.ModelProto, base_dir: Path, name: str) -> No
             raise UserInputError(f"{label}: external-data offset/length is not a number") from None
         if offset < 0 or (length is not None and length < 0):
             raise UserInputError(f"{label}: negative external-data offset or length")
+        expected = _expected_nbytes(tensor)
+        if length is not None and length != expected and expected:
+            # Readers disagree on such a tensor (onnx-ir reads the dims' worth of bytes past
+            # the stated length, ONNX Runtime refuses it): no reading of it is the model's.
+            raise UserInputError(
+                f"{label}: external-data length {length} does not match the tensor's "
+                f"{expected} bytes"
+            )
         size = target.stat().st_size
-        needed = offset + (length if length is not None else _expected_nbytes(tensor))
+        needed = offset + (length if length is not None else expected)
         if needed > size:
             raise UserInputError(
                 f"{label}: external-data file {location!r} is too short "

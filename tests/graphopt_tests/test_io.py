@@ -349,6 +349,93 @@ def test_cli_refuses_unsafe_external_data(
     assert len(err.strip().splitlines()) == 1, err
 
 
+def _function_constant_model(folder: Path, location: str) -> Path:
+    """y = x + F(), the local function F returning a Constant of 4 floats stored at
+    ``location`` (external data)."""
+    tensor = onnx.TensorProto(name="c", data_type=TensorProto.FLOAT, dims=[4])
+    tensor.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"), ("length", "16")):
+        tensor.external_data.add(key=key, value=value)
+    function = helper.make_function(
+        "local",
+        "F",
+        [],
+        ["c"],
+        [helper.make_node("Constant", [], ["c"], value=tensor)],
+        [helper.make_opsetid("", 17)],
+    )
+    graph = helper.make_graph(
+        [
+            helper.make_node("F", [], ["c"], domain="local"),
+            helper.make_node("Add", ["x", "c"], ["y"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+    )
+    proto = helper.make_model(
+        graph,
+        functions=[function],
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)],
+    )
+    path = folder / "m.onnx"
+    path.write_bytes(proto.SerializeToString())
+    return path
+
+
+@pytest.mark.parametrize(
+    ("location", "message"),
+    [("/etc/passwd", "is absolute"), ("../outside.data", "leaves the model's folder")],
+)
+def test_function_constants_external_data_is_checked(
+    tmp_path: Path, capsys, location: str, message: str
+) -> None:
+    # A local function's Constant is folded like the graph's: it must not read outside.
+    (tmp_path / "outside.data").write_bytes(b"secret!!" * 2)
+    folder = tmp_path / "model"
+    folder.mkdir()
+    path = _function_constant_model(folder, location)
+    for command in (["optimize", str(path), "--no-verify"], ["inspect", str(path)]):
+        code, _, err = run_cli(command, capsys)
+        assert code == 2, err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not (folder / "m.opt.onnx").exists()
+
+
+@pytest.mark.parametrize("flags", [[], ["--external-data"]])
+def test_function_constants_read_from_the_model_folder(
+    tmp_path: Path, capsys, monkeypatch, flags: list[str]
+) -> None:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "c.data").write_bytes(np.arange(4, dtype=np.float32).tobytes())
+    path = _function_constant_model(folder, "c.data")
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    # A file of the same name in the working folder must not be what is read.
+    (elsewhere / "c.data").write_bytes(np.full(4, 100, np.float32).tobytes())
+    monkeypatch.chdir(elsewhere)
+    out = tmp_path / "out.onnx"
+    code, _, err = run_cli(["optimize", str(path), "-o", str(out), *flags], capsys)
+    assert code == 0, err
+    # The output holds the values itself (its folder has no c.data to point at).
+    x = np.ones(4, np.float32)
+    (y,) = run_model(io.load(out).model, {"x": x})
+    np.testing.assert_array_equal(y, x + np.arange(4, dtype=np.float32))
+
+
+def test_cli_refuses_external_length_unlike_the_tensor(tmp_path: Path, capsys) -> None:
+    # 8 bytes stated for a 16-byte tensor: onnx-ir would read 16, ORT refuses.
+    path = _function_constant_model(tmp_path, "c.data")
+    (tmp_path / "c.data").write_bytes(b"\0" * 16)
+    proto = onnx.load(path, load_external_data=False)
+    entry = proto.functions[0].node[0].attribute[0].t.external_data[2]
+    entry.value = "8"
+    path.write_bytes(proto.SerializeToString())
+    code, _, err = run_cli(["inspect", str(path)], capsys)
+    assert code == 2 and "does not match the tensor's 16 bytes" in err, err
+
+
 def test_cli_refuses_short_data_file(tmp_path: Path, capsys) -> None:
     path = save_external(small_proto(), tmp_path / "m.onnx")
     data = tmp_path / "m.onnx.data"
