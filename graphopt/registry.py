@@ -55,7 +55,12 @@ LOSSY_STAGES = (Stage.PRUNE, Stage.FACTORIZE, Stage.SPARSIFY, Stage.QUANTIZE)
 # without conversion ``force: "false"`` would force.
 _TRUE = frozenset(("true", "yes", "on", "1"))
 _FALSE = frozenset(("false", "no", "off", "0"))
-_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+_TYPE_NAMES = {
+    bool: "true or false",
+    int: "an integer",
+    float: "a finite number",
+    str: "a string",
+}
 _INVALID = object()  # convert's "no conversion applies" (None is a value: "not given")
 
 
@@ -76,23 +81,34 @@ class PassOption:
     flag: str | None = None
     choices: tuple[str, ...] | None = None
     metavar: str | None = None
+    # The closed interval a given number must lie in (the default may lie outside it: a
+    # sentinel for "not given").
+    bounds: tuple[float, float] | None = None
 
     def convert(self, value: Any, owner: str) -> Any:
-        """``value`` as ``type``; a wrong type is a one-line error naming the pass and option.
+        """``value`` as ``type``, within ``choices`` and ``bounds``; anything else is a
+        one-line error naming the pass and option.
 
         ``None`` means "not given": the default. Booleans accept true/false, yes/no, on/off and
         1/0 (also as strings); integers accept integral numbers and their text; floats any
-        real number or its text; strings any text or path. Nothing else is coerced: a bool is
-        not a number here, so ``ratio: true`` is an error rather than 1.0.
+        finite real number or its text; strings any text or path. Nothing else is coerced: a
+        bool is not a number here, so ``ratio: true`` is an error rather than 1.0. The CLI's
+        argparse checks choices too; recipes and the API reach only this check.
         """
         if value is None:
             return self.default
         converted = _converted(self.type, value)
+        where = f"pass {owner!r} option {self.name!r}"
         if converted is _INVALID:
             expected = _TYPE_NAMES.get(self.type, self.type.__name__)
+            raise UserInputError(f"{where}: expected {expected}, got {value!r}")
+        if self.choices is not None and converted not in self.choices:
             raise UserInputError(
-                f"pass {owner!r} option {self.name!r}: expected {expected}, got {value!r}"
+                f"{where}: expected one of {', '.join(self.choices)}, got {converted!r}"
             )
+        if self.bounds is not None and not self.bounds[0] <= converted <= self.bounds[1]:
+            lo, hi = self.bounds
+            raise UserInputError(f"{where}: expected a number in [{lo:g}, {hi:g}], got {value!r}")
         return converted
 
 
@@ -114,11 +130,14 @@ def _converted(kind: type, value: Any) -> Any:
         if text is not None and re.fullmatch(r"[+-]?\d+", text):
             return int(text)
     elif kind is float:
-        if is_real:
+        # NaN and infinities are no setting: NaN passes every comparison a range check makes.
+        if is_real and np.isfinite(value):
             return float(value)
         if text is not None:
             with contextlib.suppress(ValueError):
-                return float(text)
+                number = float(text)
+                if np.isfinite(number):
+                    return number
     elif kind is str:
         if isinstance(value, (str, os.PathLike)):
             return os.fspath(value)

@@ -164,6 +164,8 @@ class TypedPass(GraphPass):
         PassOption("count", int, 2, "a count"),
         PassOption("ratio", float, 0.5, "a ratio"),
         PassOption("label", str, "", "a label"),
+        PassOption("kind", str, "a", "a choice", choices=("a", "b")),
+        PassOption("share", float, -1.0, "a bounded share", bounds=(0.0, 0.9)),
     )
     seen: ClassVar[list[dict]] = []
 
@@ -183,10 +185,11 @@ def test_option_values_are_converted_to_the_declared_types(tmp_path: Path, capsy
     recipe = write(
         tmp_path,
         "passes:\n  - name: test-typed\n"
-        '    options: {force: "false", count: "16", ratio: "0.25", label: x}\n',
+        '    options: {force: "false", count: "16", ratio: "0.25", label: x, kind: b, '
+        "share: 0.9}\n",
     )
     options = load_recipe(recipe)
-    expected = {"force": False, "count": 16, "ratio": 0.25, "label": "x"}
+    expected = {"force": False, "count": 16, "ratio": 0.25, "label": "x", "kind": "b", "share": 0.9}
     assert options.passes == [PassSpec("test-typed", expected)]
     assert main(["optimize", str(model_file(tmp_path)), "--recipe", str(recipe)]) == 0
     # Before: the pass got the string "false", which is truthy: `force: "false"` forced.
@@ -208,9 +211,16 @@ def test_boolean_spellings(value, bools: bool, typed) -> None:
         ({"force": 2}, "option 'force': expected true or false, got 2"),
         ({"count": 1.5}, "option 'count': expected an integer, got 1.5"),
         ({"count": True}, "option 'count': expected an integer, got True"),
-        ({"ratio": "small"}, "option 'ratio': expected a number, got 'small'"),
-        ({"ratio": True}, "option 'ratio': expected a number, got True"),
+        ({"ratio": "small"}, "option 'ratio': expected a finite number, got 'small'"),
+        ({"ratio": True}, "option 'ratio': expected a finite number, got True"),
         ({"label": 3}, "option 'label': expected a string, got 3"),
+        # NaN passes any range check written as comparisons; infinities are no setting.
+        ({"ratio": float("nan")}, "option 'ratio': expected a finite number, got nan"),
+        ({"ratio": "inf"}, "option 'ratio': expected a finite number, got 'inf'"),
+        # Choices and bounds hold for recipes and the API, not only argparse's flags.
+        ({"kind": "c"}, "option 'kind': expected one of a, b, got 'c'"),
+        ({"share": 1.0}, r"option 'share': expected a number in \[0, 0.9\], got 1.0"),
+        ({"share": -0.5}, r"option 'share': expected a number in \[0, 0.9\], got -0.5"),
     ],
 )
 def test_wrong_option_types_are_exit_2_naming_pass_and_option(

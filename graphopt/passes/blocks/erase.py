@@ -12,7 +12,7 @@ from typing import Any
 import onnx_ir as ir
 
 from graphopt.errors import UserInputError
-from graphopt.passes.calibration import CALIB_OPTION, calibration_for
+from graphopt.passes.calibration import CALIB_OPTION, HOLDOUT_OPTION, calibration_for
 from graphopt.registry import GraphPass, PassOption, Stage, register
 
 SCORES = ("removal", "angular")
@@ -59,7 +59,7 @@ class EraseBlocksPass(GraphPass):
         ),
         CALIB_OPTION,
         PassOption("ridge", float, 1e-3, "linear replacement ridge, relative to input energy"),
-        PassOption("holdout", float, 0.25, "share of calibration samples kept for fidelity"),
+        HOLDOUT_OPTION,
     )
 
     @classmethod

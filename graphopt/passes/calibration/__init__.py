@@ -26,6 +26,15 @@ CALIB_OPTION = PassOption(
     flag="--calib",
     metavar="FILE.npz|random",
 )
+# The share of the calibration samples a lossy pass keeps out of fitting to measure its
+# fidelity on (0: none held out). At most 0.9, so something is left to fit on.
+HOLDOUT_OPTION = PassOption(
+    "holdout",
+    float,
+    0.25,
+    "share of calibration samples kept for fidelity",
+    bounds=(0.0, 0.9),
+)
 
 
 def is_calibration_file(calib: str | None) -> bool:

@@ -83,9 +83,10 @@ class CalibrationSet:
         return shapes
 
     def split(self, holdout: float) -> tuple[CalibrationSet, CalibrationSet | None]:
-        """(fit, held-out); no held-out part when there are fewer than 2 samples."""
+        """(fit, held-out): the last ``holdout`` share of the samples held out, at least one
+        and never all (no held-out part for ``holdout`` 0 or fewer than 2 samples)."""
         n = self.count
-        held = max(1, round(n * holdout)) if n >= 2 else 0
+        held = min(max(1, round(n * holdout)), n - 1) if n >= 2 and holdout > 0 else 0
         if held == 0:
             return self, None
         fit = {k: self._part(k, v, 0, n - held) for k, v in self.arrays.items()}

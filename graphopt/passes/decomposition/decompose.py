@@ -12,7 +12,7 @@ from typing import Any
 import onnx_ir as ir
 
 from graphopt.errors import UserInputError
-from graphopt.passes.calibration import CALIB_OPTION, calibration_for
+from graphopt.passes.calibration import CALIB_OPTION, HOLDOUT_OPTION, calibration_for
 from graphopt.registry import GraphPass, PassOption, Stage, register
 
 TARGETS = ("flops", "ratio")
@@ -87,7 +87,7 @@ class DecomposePass(GraphPass):
         CALIB_OPTION,
         PassOption("ridge", float, 1.0, "leverage-score ridge, relative to mean activation power"),
         PassOption("damp", float, 0.1, "Nyström refit damping toward the kept rows"),
-        PassOption("holdout", float, 0.25, "share of calibration samples kept for fidelity"),
+        HOLDOUT_OPTION,
     )
 
     @classmethod

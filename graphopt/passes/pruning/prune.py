@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import onnx_ir as ir
 
 from graphopt.errors import UserInputError
-from graphopt.passes.calibration import CALIB_OPTION, calibration_for
+from graphopt.passes.calibration import CALIB_OPTION, HOLDOUT_OPTION, calibration_for
 from graphopt.passes.compensation import COMPENSATION_OPTION
 from graphopt.passes.pruning.settings import (
     ALLOCATIONS,
@@ -83,12 +83,7 @@ class PrunePass(GraphPass):
         PassOption(
             "ridge", float, PruneSettings.ridge, "least-squares ridge, relative to mean variance"
         ),
-        PassOption(
-            "holdout",
-            float,
-            PruneSettings.holdout,
-            "share of calibration samples kept for fidelity",
-        ),
+        HOLDOUT_OPTION,
         PassOption("verify", bool, True, "refuse the result unless removing = zeroing the units"),
     )
 

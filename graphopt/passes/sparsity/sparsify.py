@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import onnx_ir as ir
 
 from graphopt.errors import UserInputError
-from graphopt.passes.calibration import CALIB_OPTION, calibration_for
+from graphopt.passes.calibration import CALIB_OPTION, HOLDOUT_OPTION, calibration_for
 from graphopt.passes.compensation import COMPENSATION_OPTION
 from graphopt.passes.sparsity.settings import (
     ALLOCATIONS,
@@ -83,7 +83,7 @@ class SparsifyPass(GraphPass):
         ),
         COMPENSATION_OPTION,
         CALIB_OPTION,
-        PassOption("holdout", float, 0.25, "share of calibration samples kept for fidelity"),
+        HOLDOUT_OPTION,
     )
 
     @classmethod
