@@ -8,6 +8,7 @@ one-line :class:`~graphopt.errors.UserInputError` (exit code 2), never a numpy t
 
 from __future__ import annotations
 
+import math
 import os
 import zipfile
 from pathlib import Path
@@ -31,6 +32,7 @@ def load_npz(path: str | os.PathLike, what: str = "calibration") -> dict[str, np
     # np.load from taking the .npy or pickle branch at all.
     if not zipfile.is_zipfile(path):
         raise UserInputError(f"{path}: not an .npz archive (expected numpy.savez output)")
+    _check_declared_sizes(path, what)
     try:
         with np.load(path, allow_pickle=False) as archive:
             if not isinstance(archive, np.lib.npyio.NpzFile):
@@ -48,9 +50,44 @@ def load_npz(path: str | os.PathLike, what: str = "calibration") -> dict[str, np
         raise UserInputError(f"{path}: cannot read {what} data ({exc})") from None
     except (OSError, EOFError, zipfile.BadZipFile, KeyError) as exc:
         raise UserInputError(f"{path}: corrupt {what} .npz ({exc})") from None
+    except MemoryError:
+        raise UserInputError(f"{path}: {what} arrays too large for this machine's memory") from None
     if not arrays:
         raise UserInputError(f"{path}: holds no arrays")
     return arrays
+
+
+def _check_declared_sizes(path: Path, what: str) -> None:
+    """Refuse a member whose ``.npy`` header declares more bytes than the member holds: numpy
+    would allocate the declared size first (a few KB of file claiming 100 GB is a
+    MemoryError, not a corrupt file). Unreadable headers are left to ``np.load``."""
+    readers = {
+        (1, 0): np.lib.format.read_array_header_1_0,
+        (2, 0): np.lib.format.read_array_header_2_0,
+    }
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if not info.filename.endswith(".npy"):
+                    continue
+                with archive.open(info) as member:
+                    reader = readers.get(np.lib.format.read_magic(member))
+                    if reader is None:
+                        continue
+                    shape, _, dtype = reader(member)
+                    available = info.file_size - member.tell()
+                if dtype.hasobject:
+                    continue  # refused when loaded, without allocating
+                declared = math.prod(shape) * dtype.itemsize
+                if declared > available:
+                    raise UserInputError(
+                        f"{path}: corrupt {what} .npz (array {info.filename[:-4]!r} declares "
+                        f"shape {tuple(shape)}, {declared} bytes, but holds {available})"
+                    )
+    except UserInputError:
+        raise
+    except Exception:  # np.load reports what is wrong with the file
+        return
 
 
 def _plain(path: Path, name: str, array: np.ndarray | bytes) -> np.ndarray:

@@ -289,6 +289,11 @@ def round_weights(
         g, _, n = grouped.shape
         scale = np.broadcast_to(nearest.scale, (g * n,)).reshape(g, n)
         h = grams[target.key]
+        if not np.isfinite(h).all():
+            # Inputs past the float range (the caller refuses such a result): no error
+            # feedback through an infinite or NaN matrix, which would make the codes garbage.
+            result.skipped += 1
+            continue
         codes = round_codes(grouped, h, scale)
         stored = from_groups(target, codes, array.shape)
         rounded = QuantizedWeight(stored, nearest.scale, target.axis)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import onnx_ir as ir
 
 from graphopt.errors import UserInputError
-from graphopt.passes.calibration import CALIB_OPTION, calibration_for
+from graphopt.passes.calibration import CALIB_OPTION, HOLDOUT_OPTION, calibration_for
 from graphopt.passes.compensation import COMPENSATION_OPTION
 from graphopt.passes.quantization.settings import (
     ACTIVATION_TYPES,
@@ -131,6 +131,7 @@ class QuantizePass(GraphPass):
             "for int8 on models with LayerNorm-fed MatMuls, else off)",
             flag="--smoothquant",
             metavar="ALPHA",
+            bounds=(0.0, 1.0),
         ),
         PassOption(
             "equalize",
@@ -203,7 +204,7 @@ class QuantizePass(GraphPass):
             metavar="true|false",
         ),
         COMPENSATION_OPTION,
-        PassOption("holdout", float, 0.25, "share of calibration samples kept for fidelity"),
+        HOLDOUT_OPTION,
     )
 
     @classmethod
@@ -226,13 +227,17 @@ class QuantizePass(GraphPass):
 
             original = prepare(model, settings)
         start = time.perf_counter()
-        if settings.autotune and settings.mode == "int8" and settings.target == "ort":
-            from graphopt.passes.quantization.autotune import autotune
+        stored_before = _stored_tensors(model)
+        # Overflow in the statistics is refused below, in one line (_refuse_non_finite), not
+        # in numpy's warnings on the way there.
+        with _quiet_float_errors():
+            if settings.autotune and settings.mode == "int8" and settings.target == "ort":
+                from graphopt.passes.quantization.autotune import autotune
 
-            assert calib is not None  # int8 needs calibration (checked above)
-            record = autotune(model, settings, calib, self.context, function)
-        else:
-            record = function(model, settings, calib, self.context)
+                assert calib is not None  # int8 needs calibration (checked above)
+                record = autotune(model, settings, calib, self.context, function)
+            else:
+                record = function(model, settings, calib, self.context)
             if settings.autotune and not any("--autotune" in n for n in record.notes):
                 record.notes.append(
                     "--autotune had no effect: it times static int8 candidates for "
@@ -243,6 +248,8 @@ class QuantizePass(GraphPass):
                 f"--int8-weights {settings.int8_weights} had no effect: it rounds the weights "
                 "of --quantize int8 and int8-dynamic only"
             )
+        if settings.mode not in ("fp16", "bf16"):  # these only cast: an inf stays an inf
+            _refuse_non_finite(model, stored_before, calib)
         if original is not None:
             from graphopt.passes.compensation.quantized import compensate_quantized
 
@@ -360,6 +367,46 @@ _REDUCED_FLOATS = {ir.DataType.FLOAT16: "float16", ir.DataType.BFLOAT16: "bfloat
 # With the analysis's integer-weight ops (QLinear* included), what marks a model as quantized
 # for static int8, whose ranges and scales would stack on the ones it has.
 _ACTIVATION_QUANTIZERS = frozenset({"QuantizeLinear", "DynamicQuantizeLinear"})
+
+
+def _quiet_float_errors():
+    import numpy as np
+
+    return np.errstate(over="ignore", invalid="ignore", divide="ignore")
+
+
+def _stored_tensors(model: ir.Model) -> dict[str, int]:
+    """The main graph's initializers by name, as object ids (what quantizing replaced)."""
+    return {
+        name: id(value.const_value)
+        for name, value in model.graph.initializers.items()
+        if value.const_value is not None
+    }
+
+
+def _refuse_non_finite(
+    model: ir.Model, before: dict[str, int], calib: CalibrationSet | None
+) -> None:
+    """Refuse a result whose new float tensors (scales, corrected biases, smoothing factors)
+    hold NaN or infinities. Finite calibration data can still overflow float32 inside the
+    model (values near 1e38 squared in a statistic, an activation past the float range), and
+    quantization statistics of infinite activations are NaN: the model would compute NaN
+    everywhere. Only tensors the mode created are read, so a streamed model's weights are not
+    loaded again."""
+    import numpy as np
+
+    for name, value in model.graph.initializers.items():
+        tensor = value.const_value
+        if tensor is None or before.get(name) == id(tensor):
+            continue
+        if tensor.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16):
+            continue
+        if not np.isfinite(tensor.numpy().astype(np.float32)).all():
+            source = f" ({calib.source})" if calib is not None else ""
+            raise UserInputError(
+                f"quantize: the calibration data{source} drive the model past the float range: "
+                f"{name!r} came out NaN or infinite; check the data's scale and normalization"
+            )
 
 
 def _refuse_nothing_to_quantize(model: ir.Model, mode: str) -> None:

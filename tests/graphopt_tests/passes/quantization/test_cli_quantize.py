@@ -45,6 +45,10 @@ def test_int8_from_the_command_line_reports_fidelity(tmp_path, capsys) -> None:
         (["--calib", "{wrong_dtype}"], "the model expects float32"),
         (["--calib", "{calib}", "--block-size", "48"], "--block-size 48"),
         (["--calib", "{calib}", "--min-cosine", "1.5"], "--min-cosine 1.5: out of range"),
+        (["--calib", "{calib}", "--smoothquant", "nan"], "expected a finite number, got nan"),
+        (["--calib", "{calib}", "--smoothquant", "7"], "expected a number in [0, 1], got 7"),
+        # Finite, but past float32's range once squared or summed inside the model.
+        (["--calib", "{huge}"], "drive the model past the float range"),
         # Forms TensorRT's parser rejects are refused up front for --target tensorrt.
         (
             ["--calib", "{calib}", "--target", "tensorrt", "--quant-format", "qoperator"],
@@ -64,6 +68,7 @@ def test_mistakes_are_one_line_errors_and_write_nothing(tmp_path, capsys, extra,
         "nan": np.full((8, 3, 8, 8), np.nan, np.float32),
         "renamed": _data(8),
         "wrong_dtype": _data(8).astype(np.float64),
+        "huge": np.clip(_data(8), -1, 1) * np.float32(3e38),
     }.items():
         files[name] = tmp_path / f"{name}.npz"
         np.savez(files[name], **({"other": array} if name == "renamed" else {"x": array}))
