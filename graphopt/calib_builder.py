@@ -116,8 +116,18 @@ def build_calibration(request: CalibRequest) -> CalibResult:
 
     if (request.images is None) == (request.text is None):
         raise UserInputError("calib: give exactly one of --images FOLDER or --text FILE")
-    if request.limit is not None and request.limit < 1:
-        raise UserInputError(f"--limit {request.limit}: expected a positive number of samples")
+    for flag, number in (
+        ("--limit", request.limit),
+        ("--seq-len", request.seq_len),
+        ("--size", request.size),
+        ("--resize", request.resize),
+    ):
+        if number is not None and number < 1:
+            raise UserInputError(f"{flag} {number}: expected a positive whole number")
+    if request.seed is not None and request.seed < 0:
+        raise UserInputError(f"--seed {request.seed}: expected a whole number >= 0")
+    if request.scale is not None and not (np.isfinite(request.scale) and request.scale > 0):
+        raise UserInputError(f"--scale {request.scale}: expected a positive finite number")
     model_path = Path(os.fspath(request.model))
     output = Path(os.fspath(request.output))
     _check_not_model(model_path, output)

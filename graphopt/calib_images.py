@@ -144,12 +144,32 @@ def _load(
 
     try:
         with Image.open(path) as image:
+            image = _as_8_bit(image, path)
             image = image.convert("L" if channels == 1 else "RGB")
             image = _fit(image, size, crop, resize)
             array = np.asarray(image, dtype=np.uint8)
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
         raise UserInputError(f"{path}: cannot read image ({exc})") from None
     return array[..., None] if array.ndim == 2 else array
+
+
+def _as_8_bit(image: Image.Image, path: Path) -> Image.Image:
+    """A single-channel 16-bit image scaled to 8 bits (65535 -> 255). PIL's ``convert``
+    clips such pixels at 255 instead, which turned most of a 16-bit PNG white. A 32-bit
+    integer or float image has no range to scale from: refused."""
+    from PIL import Image
+
+    if image.mode.startswith("I;16") or image.mode == "I":
+        pixels = np.asarray(image).astype(np.int64)
+        if image.mode == "I" and (pixels.min() < 0 or pixels.max() > 65535):
+            raise UserInputError(f"{path}: 32-bit integer image; convert it to 8 or 16 bits")
+        return Image.fromarray(np.rint(pixels / 257.0).astype(np.uint8), "L")
+    if image.mode == "F":
+        raise UserInputError(
+            f"{path}: floating-point image, whose pixel range is unknown; convert it to 8 or "
+            "16 bits"
+        )
+    return image
 
 
 def _fit(image: Image.Image, size: tuple[int, int], crop: str, resize: int | None) -> Image.Image:

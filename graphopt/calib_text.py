@@ -62,6 +62,13 @@ def text_arrays(model: ir.Model, request: CalibRequest) -> dict[str, np.ndarray]
     pad_id, pad_token = _pad(tokenizer)
     tokenizer.enable_padding(length=seq_len, pad_id=pad_id, pad_token=pad_token)
     encodings = tokenizer.encode_batch(lines)
+    longest = max(len(e.ids) for e in encodings)
+    if longest > seq_len:
+        # Truncation keeps the special tokens ([CLS] ... [SEP]) whatever max_length says.
+        raise UserInputError(
+            f"--seq-len {seq_len}: too short for the tokenizer's special tokens "
+            f"(a sentence still takes {longest} tokens)"
+        )
     columns = {
         "ids": [e.ids for e in encodings],
         "mask": [e.attention_mask for e in encodings],

@@ -242,6 +242,8 @@ def make_inputs(
     if unknown:
         raise UserInputError(f"--input-shape names unknown input(s): {', '.join(sorted(unknown))}")
     shapes = dict(shapes) if shapes is not None else input_shapes(model, given)
+    if seed < 0:  # numpy's own refusal would be an internal error
+        raise UserInputError(f"--seed {seed}: expected a whole number >= 0")
     rng = np.random.default_rng(seed)
     feeds: dict[str, np.ndarray] = {}
     total = 0

@@ -123,6 +123,21 @@ def test_grayscale_input_and_crop_none(tmp_path, capsys):
     assert load_npz(out)["x"].shape == (3, 1, 6, 9)
 
 
+def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path, capsys):
+    image = import_or_skip("PIL.Image", PIL_REASON)
+    model = _image_model(tmp_path / "m.onnx", ["N", 1, 4, 4])
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    pixels = np.array([[0, 257, 32896, 65535]] * 4, np.uint16)  # 0, 1, 128, 255 in 8 bits
+    image.fromarray(pixels).save(folder / "deep.png")
+    assert image.open(folder / "deep.png").mode.startswith("I")  # stored as 16 bits
+    out = tmp_path / "c.npz"
+    code, text = _calib(capsys, model, "-o", out, "--images", folder, "--crop", "none")
+    assert code == 0, text
+    # Before: PIL's convert("L") clipped every pixel over 255, so three columns read 1.0.
+    np.testing.assert_allclose(load_npz(out)["x"][0, 0, 0], np.array([0, 1, 128, 255]) / 255)
+
+
 def test_uint8_input_takes_raw_pixels(tmp_path, capsys):
     model = _image_model(tmp_path / "m.onnx", ["N", 4, 4, 3], dtype=TensorProto.UINT8)
     pixels = _images(tmp_path / "imgs", 2, size=(4, 4))
@@ -145,6 +160,11 @@ def test_uint8_input_takes_raw_pixels(tmp_path, capsys):
         ("over_model", "is the model itself"),
         ("fixed_size", "is fixed at"),
         ("bad_mean", "--mean"),
+        # Numbers the options cannot take (numpy's own refusal was an internal error).
+        ("negative_seed", "--seed -1: expected a whole number >= 0"),
+        ("nan_scale", "--scale nan: expected a positive finite number"),
+        ("zero_resize", "--resize 0: expected a positive whole number"),
+        ("float_image", "floating-point image, whose pixel range is unknown"),
     ],
 )
 def test_image_errors_are_one_line_exit_2(tmp_path, capsys, setup, expected):
@@ -154,7 +174,7 @@ def test_image_errors_are_one_line_exit_2(tmp_path, capsys, setup, expected):
     folder.mkdir()
     out = tmp_path / "c.npz"
     extra: list[str] = []
-    if setup in ("corrupt", "not_image_model", "over_model", "fixed_size", "bad_mean"):
+    if setup not in ("empty", "missing"):
         _images(folder, 2, size=(8, 8))
     if setup == "corrupt":
         (folder / "broken.jpg").write_bytes(b"not a jpeg at all")
@@ -168,6 +188,16 @@ def test_image_errors_are_one_line_exit_2(tmp_path, capsys, setup, expected):
         extra = ["--size", "16"]
     elif setup == "bad_mean":
         extra = ["--mean", "a,b"]
+    elif setup == "negative_seed":
+        extra = ["--seed", "-1"]
+    elif setup == "nan_scale":
+        extra = ["--scale", "nan"]
+    elif setup == "zero_resize":
+        extra = ["--resize", "0"]
+    elif setup == "float_image":
+        from PIL import Image
+
+        Image.fromarray(np.full((8, 8), 0.5, np.float32), "F").save(folder / "f.tiff")
     before = model.read_bytes()
     code, text = _calib(capsys, model, "-o", out, "--images", folder, *extra)
     assert code == 2
@@ -207,6 +237,20 @@ def test_text_gives_the_same_tokens_as_the_models_own_tokenizer(tmp_path, capsys
         assert list(arrays) == ["input_ids", "attention_mask", "token_type_ids"]
         for name, array in arrays.items():
             np.testing.assert_array_equal(array, expected[name])
+
+
+def test_sequence_length_shorter_than_the_special_tokens_is_refused(tmp_path, capsys):
+    folder = _minilm_tokenizer()
+    text = tmp_path / "s.txt"
+    text.write_text("hi\nthe quick brown fox jumps over the lazy dog\n", encoding="utf-8")
+    model = _token_model(tmp_path / "m.onnx")
+    out = tmp_path / "t.npz"
+    # [CLS] and [SEP] stay whatever the truncation length: rows came out ragged (exit 3).
+    code, msg = _calib(
+        capsys, model, "-o", out, "--text", text, "--tokenizer", folder, "--seq-len", "1"
+    )
+    assert code == 2 and "--seq-len 1: too short for the tokenizer's special tokens" in msg, msg
+    assert msg.strip().count("\n") == 0 and not out.exists()
 
 
 def test_text_maps_input_names_dtypes_and_a_fixed_sequence_length(tmp_path, capsys):
