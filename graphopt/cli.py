@@ -240,34 +240,40 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _command_module(args.command).run(args, out, err)
         return _COMMANDS[args.command](args, out, err)
     except GraphoptError as exc:
-        err.print(f"graphopt: error: {exc}", markup=False, soft_wrap=True)
+        _say(err, f"graphopt: error: {exc}")
         return exc.exit_code
     except KeyboardInterrupt:
         err.print("graphopt: interrupted", markup=False)
         return EXIT_INTERRUPTED
     except MemoryError as exc:
         # The machine's limit, not the user's input (2) nor a crash to report (a traceback).
-        err.print(f"graphopt: error: {_out_of_memory(args, exc)}", markup=False, soft_wrap=True)
+        _say(err, f"graphopt: error: {_out_of_memory(args, exc)}")
         return EXIT_INTERNAL
     except Exception as exc:
         if os.environ.get("GRAPHOPT_DEBUG"):
             raise
 
         if is_out_of_memory(exc):  # ONNX Runtime's failed allocations are generic errors
-            err.print(f"graphopt: error: {_out_of_memory(args, exc)}", markup=False, soft_wrap=True)
+            _say(err, f"graphopt: error: {_out_of_memory(args, exc)}")
             return EXIT_INTERNAL
         # A crash on a corrupt input file is bad input (exit 2), whichever stage hit it.
         blame = _blame_input(args, exc)
         if blame is not None:
-            err.print(f"graphopt: error: {blame}", markup=False, soft_wrap=True)
+            _say(err, f"graphopt: error: {blame}")
             return EXIT_BAD_INPUT
-        err.print(
+        _say(
+            err,
             f"graphopt: internal error: {type(exc).__name__}: {exc} "
             "(set GRAPHOPT_DEBUG=1 for a traceback)",
-            markup=False,
-            soft_wrap=True,
         )
         return EXIT_INTERNAL
+
+
+def _say(err: Console, message: str) -> None:
+    """One line on stderr, whatever the message holds: a path or a library's error with a
+    line break in it is shown with the break escaped."""
+    one_line = message.replace("\r\n", "\\n").replace("\n", "\\n").replace("\r", "\\r")
+    err.print(one_line, markup=False, soft_wrap=True)
 
 
 def _out_of_memory(args: argparse.Namespace | None, exc: BaseException) -> str:
@@ -385,9 +391,7 @@ def _cmd_optimize(args: argparse.Namespace, out: Console, err: Console) -> int:
         reason = result.report.verification_skipped or "no verification ran"
         # One line even when an input's name holds a line break (the reason names inputs).
         reason = reason.translate({ord(c): repr(c)[1:-1] for c in _LINE_BREAKS})
-        err.print(
-            f"graphopt: error: written but not verified: {reason}", markup=False, soft_wrap=True
-        )
+        _say(err, f"graphopt: error: written but not verified: {reason}")
         return EXIT_NOT_VERIFIED
     return EXIT_OK
 

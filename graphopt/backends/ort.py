@@ -160,8 +160,9 @@ def session_options(config: SessionConfig, model: ir.Model | None = None):
     options.execution_mode = (
         ort.ExecutionMode.ORT_SEQUENTIAL if config.sequential else ort.ExecutionMode.ORT_PARALLEL
     )
-    # Errors only: a model ORT cannot run is reported by graphopt in one line.
-    options.log_severity_level = 3
+    # Fatal only: ORT logs a failing kernel as an error besides raising it, and graphopt
+    # reports the raised error in one line.
+    options.log_severity_level = 4
     return options
 
 
