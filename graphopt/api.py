@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -290,6 +291,14 @@ def optimize(
     if options.engine is not None:
         from graphopt.backends.tensorrt.build import check_options
 
+        if options.engine.input_path is None and isinstance(source, (str, os.PathLike)):
+            # The API's callers get the CLI's checks: the engine never replaces the input
+            # or the ONNX output, and --shapes names are checked against the input's.
+            written = source if in_place else output
+            options = dataclasses.replace(
+                options,
+                engine=dataclasses.replace(options.engine, input_path=source, output_path=written),
+            )
         check_options(options.engine)  # before minutes of passes, not after
     # Every ORT session of the run (verification, probes in passes) registers these.
     with using_custom_ops(options.custom_ops) as libraries, using_providers(options.provider):
@@ -322,6 +331,14 @@ def _optimize(
         # Passes rewrite in place; the caller's ir.Model stays as it was (tensors are shared,
         # not copied: passes replace initializers rather than write into them).
         model = model.clone()
+    if target is not None:
+        # Refuse a missing folder, or a device/FIFO/link/folder as output, before the pipeline
+        # runs rather than after (io.save checks again).
+        external = options.external_data
+        io.check_output_target(
+            target, data=loaded.uses_external_data if external is None else external
+        )
+        _refuse_output_over_data(target, options)
     if target is not None and not in_place:
         data_files = io.external_data_files(model)
         data_target = target.with_name(io.data_file_name(target))
@@ -335,13 +352,6 @@ def _optimize(
                 f"{target}: output would overwrite the input's external-data file; "
                 "choose another output name"
             )
-    if target is not None:
-        # Refuse a missing folder, or a device/FIFO/link/folder as output, before the pipeline
-        # runs rather than after (io.save checks again).
-        external = options.external_data
-        io.check_output_target(
-            target, data=loaded.uses_external_data if external is None else external
-        )
     context = PassContext(
         fold_limit_bytes=options.fold_limit_bytes,
         input_shapes=dict(options.input_shapes),
@@ -445,6 +455,18 @@ def _resolve_output(
             f"{target}: output would overwrite the input; use --in-place to replace it"
         )
     return target
+
+
+def _refuse_output_over_data(target: Path, options: OptimizeOptions) -> None:
+    """Refuse an output that is one of the run's data files (``--calib``, ``--verify-inputs``):
+    the model would replace the samples it was calibrated or verified on."""
+    given = [("--verify-inputs", options.verify_inputs)]
+    specs = [*(options.passes or []), *options.lossy_specs()]
+    given += [("--calib", spec.options.get("calib")) for spec in specs]
+    for flag, value in given:
+        is_path = isinstance(value, (str, os.PathLike)) and str(value) not in ("", "random")
+        if is_path and _same_file(target, Path(os.fspath(value))):
+            raise UserInputError(f"{target}: output would overwrite the {flag} file")
 
 
 def _same_file(a: Path, b: Path) -> bool:

@@ -47,9 +47,12 @@ def run(args: argparse.Namespace, out: Console, err: Console) -> int:
     from graphopt.errors import EXIT_CHECK_FAILED, EXIT_OK
     from graphopt.io import load
 
-    # graphopt's loader: its checks turn a corrupt or hostile file into one line (exit 2).
-    model = ir.serde.serialize_model(load(args.input).model)
-    result = lint_tensorrt(model, static=args.static)
+    # graphopt's loader: its checks turn a corrupt or hostile file into one line (exit 2),
+    # and external-data locations that leave the model's folder are refused there.
+    loaded = load(args.input)
+    model = ir.serde.serialize_model(loaded.model)
+    # TensorRT's parser reads external data beside the model's file, not the current folder.
+    result = lint_tensorrt(model, static=args.static, path=loaded.path)
     if args.json:
         sys.stdout.write(json.dumps(result.to_json(), indent=1) + "\n")
         return EXIT_CHECK_FAILED if result.errors else EXIT_OK

@@ -22,7 +22,13 @@ import onnx
 
 from graphopt.backends.tensorrt.cli_options import COMPUTE_CAPABILITIES as CLI_CAPABILITIES
 from graphopt.backends.tensorrt.cli_options import EngineOptions
+from graphopt.backends.tensorrt.engine_file import (
+    check_engine_target,
+    protected_files,
+    write_engine,
+)
 from graphopt.backends.tensorrt.hints import describe_rejection
+from graphopt.backends.tensorrt.model_scan import scan_model
 from graphopt.backends.tensorrt.module import TensorRT, find_tensorrt, parse
 from graphopt.backends.tensorrt.precision import graph_precisions
 from graphopt.backends.tensorrt.profiles import InputProfile, parse_shapes, plan_profiles
@@ -67,8 +73,13 @@ class EngineReport:
 
 
 def check_options(options: EngineOptions) -> None:
-    """Refuse bad options before the pipeline runs (not after minutes of passes)."""
-    parse_shapes(options.shapes)
+    """Refuse bad options before the pipeline runs (not after minutes of passes, nor after
+    the ONNX output is written): the engine path, --shapes (and, where the input model's file
+    is known, that its names are inputs of that model), the builder level, the capabilities."""
+    check_engine_target(options.path, protected_files(options.input_path, options.output_path))
+    shapes = parse_shapes(options.shapes)
+    if shapes and options.input_path is not None:
+        _check_shape_names(shapes, options.input_path)
     if options.builder_level is not None and not 0 <= options.builder_level <= 5:
         raise UserInputError(f"--builder-level {options.builder_level}: expected 0 to 5")
     unknown = [c for c in options.compute_capabilities if c not in COMPUTE_CAPABILITIES]
@@ -91,6 +102,10 @@ def build_engine(
     and the graphopt option that fixes it.
     """
     check_options(options)
+    # The model built from (the ONNX output, when it is a file) must survive the write too.
+    protected = protected_files(options.input_path, options.output_path)
+    if not isinstance(model, onnx.ModelProto):
+        protected += protected_files(None, model)
     report = EngineReport(Path(os.fspath(options.path)))
     available = find_tensorrt()
     if available.found is None:
@@ -117,7 +132,7 @@ def build_engine(
     if report.profiles:
         profile = parsed.builder.create_optimization_profile()
         for p in report.profiles:
-            profile.set_shape(p.name, p.min, p.opt, p.max)
+            _set_shape(profile, p)
         config.add_optimization_profile(profile)
     flags = trt.module.BuilderFlag
     if held.sparse_weights:
@@ -148,11 +163,37 @@ def build_engine(
             + _derived_hint(report.profiles)
         )
     data = memoryview(serialized)
-    report.path.write_bytes(data)
+    write_engine(report.path, data, protected)
     report.engine_bytes = data.nbytes
     report.built = True
     report.notes.append(PER_TACTIC_NOTE)
     return report
+
+
+def _check_shape_names(shapes: dict[str, object], input_path: str | os.PathLike) -> None:
+    """--shapes names that are no input of the model: refused before the pipeline runs (the
+    network's own inputs are checked again after it, in :func:`plan_profiles`)."""
+    header = scan_model(input_path)
+    if header is None:  # not a readable model: the loader says why
+        return
+    inputs = header.fed_inputs
+    unknown = sorted(set(shapes) - set(inputs))
+    if unknown:
+        raise UserInputError(
+            f"--shapes: no input named {', '.join(map(repr, unknown))} in {input_path} "
+            f"(inputs: {', '.join(inputs) or 'none'})"
+        )
+
+
+def _set_shape(profile: Any, given: InputProfile) -> None:
+    """One input's profile; what TensorRT refuses (a shape it finds inconsistent) as one line."""
+    try:
+        profile.set_shape(given.name, given.min, given.opt, given.max)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+        reason = next(iter(str(exc).strip().splitlines()), "") or type(exc).__name__
+        raise UserInputError(
+            f"profile {given.describe()}: TensorRT refuses it ({reason})"
+        ) from None
 
 
 def _derived_hint(profiles: list[InputProfile]) -> str:

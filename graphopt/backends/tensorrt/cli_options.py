@@ -29,6 +29,11 @@ class EngineOptions:
     shapes: list[str] = field(default_factory=list)  # "name:min=AxB,opt=AxB,max=AxB"
     builder_level: int | None = None  # 0-5; None: TensorRT's default (3)
     compute_capabilities: list[str] = field(default_factory=list)  # "8.9", "12.0"
+    # The run's input model and ONNX output, where known (the CLI fills them): the engine
+    # path must be neither, and --shapes names are checked against the input before the
+    # passes run rather than after the ONNX output is written.
+    input_path: str | os.PathLike | None = None
+    output_path: str | os.PathLike | None = None
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
@@ -80,11 +85,22 @@ def engine_options(args: argparse.Namespace) -> EngineOptions | None:
         if given:
             raise UserInputError(f"{', '.join(given)} only apply with --engine OUT.plan")
         return None
+    from pathlib import Path
+
+    from graphopt.api import default_output_path
+
+    output = args.output
+    if getattr(args, "in_place", False):
+        output = args.input
+    elif output is None:
+        output = default_output_path(Path(args.input))
     return EngineOptions(
         args.engine,
         list(args.shapes or ()),
         args.builder_level,
         list(args.compute_capability or ()),
+        input_path=args.input,
+        output_path=output,
     )
 
 

@@ -10,6 +10,7 @@ then needs a profile).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import onnx
@@ -57,25 +58,32 @@ class LintResult:
         }
 
 
-def lint_tensorrt(model: onnx.ModelProto, static: bool = False) -> LintResult:
-    """Lint ``model`` for TensorRT's ONNX parser."""
+def lint_tensorrt(
+    model: onnx.ModelProto, static: bool = False, path: str | os.PathLike | None = None
+) -> LintResult:
+    """Lint ``model`` for TensorRT's ONNX parser. ``path``: the file ``model`` was loaded
+    from; its external data is read from that file's folder (checked by the loader to stay
+    inside it), not from the current directory."""
     available = find_tensorrt()
     table = static_findings(model)
     if static or available.found is None:
         note = "" if static else f"no TensorRT module ({available.why_not()})"
         return LintResult("static rule table", table, note)
     trt = available.found
-    findings = parser_findings(trt, model)
+    findings = parser_findings(trt, model, path)
     findings += [f for f in table if f.severity == WARNING]
     return LintResult(f"{trt.describe()} parser", findings)
 
 
-def parser_findings(trt: TensorRT, model: onnx.ModelProto) -> list[Finding]:
-    """Every node the real parser rejects, cutting each out to parse on past it."""
+def parser_findings(
+    trt: TensorRT, model: onnx.ModelProto, path: str | os.PathLike | None = None
+) -> list[Finding]:
+    """Every node the real parser rejects, cutting each out to parse on past it. ``path``:
+    the model's file, for its external data (see :func:`lint_tensorrt`)."""
     current = _with_types(model)
     findings: list[Finding] = []
     for _ in range(MAX_REJECTIONS):
-        parsed = parse(trt, current.SerializeToString())
+        parsed = parse(trt, current.SerializeToString(), path=path)
         if parsed.ok:
             return findings
         error = parsed.errors[0]

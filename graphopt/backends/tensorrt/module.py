@@ -106,10 +106,19 @@ class Parsed:
     errors: list[ParserError] = field(default_factory=list)
 
 
-def parse(trt: TensorRT, model_bytes: bytes, strongly_typed: bool | None = None) -> Parsed:
+def parse(
+    trt: TensorRT,
+    model_bytes: bytes,
+    strongly_typed: bool | None = None,
+    path: str | os.PathLike | None = None,
+) -> Parsed:
     """Parse an ONNX model's bytes into a new network. ``strongly_typed`` None: what the
     module does best (always for TensorRT-RTX, whose networks are strongly typed; never for
-    enterprise TensorRT, whose builder flags then follow the graph's precisions)."""
+    enterprise TensorRT, whose builder flags then follow the graph's precisions).
+
+    ``path``: the model's file, whose folder the parser reads external data from (without
+    it, TensorRT resolves the locations against the current directory). The caller checks
+    the locations stay inside that folder first (:func:`graphopt.io.load` does)."""
     m = trt.module
     logger = capture_logger(m)
     builder = m.Builder(logger)
@@ -119,7 +128,10 @@ def parse(trt: TensorRT, model_bytes: bytes, strongly_typed: bool | None = None)
         flags = 1 << int(m.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
     parser = m.OnnxParser(network, logger)
-    ok = bool(parser.parse(model_bytes))
+    if path is None:
+        ok = bool(parser.parse(model_bytes))
+    else:
+        ok = bool(parser.parse(model_bytes, os.fspath(path)))
     errors = [_error(parser.get_error(i)) for i in range(parser.num_errors)]
     return Parsed(builder, network, parser, logger, ok and not errors, errors)
 

@@ -23,6 +23,10 @@ IMAGE_SIDE = (224, 224, 224)
 SEQUENCE = (1, 128, 512)
 OTHER = (1, 16, 64)
 _KEYS = ("min", "opt", "max")
+# The largest profile dim graphopt passes on: TensorRT-RTX 1.7's set_shape refuses 2**31 to
+# 2**32 - 1 ("inconsistent with other shapes"), takes some larger values and raises TypeError
+# past int64; each would otherwise surface as an internal error after the ONNX is written.
+MAX_DIM = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,10 @@ def parse_shapes(specs: Sequence[str] | None) -> dict[str, tuple[tuple[int, ...]
             raise UserInputError(f"--shapes {spec!r}: min, opt and max differ in rank")
         if any(not 0 < a <= b <= c for a, b, c in zip(low, opt, high, strict=True)):
             raise UserInputError(f"--shapes {spec!r}: need 0 < min <= opt <= max in every dim")
+        if max(high, default=0) > MAX_DIM:
+            raise UserInputError(
+                f"--shapes {spec!r}: dims must be at most {MAX_DIM} (what TensorRT takes)"
+            )
         result[name] = shapes
     return result
 

@@ -1,0 +1,119 @@
+"""Where ``--engine`` writes: checked before any work, written atomically.
+
+The engine path must name a regular file (or nothing yet) in an existing, writable folder; a
+symbolic link is refused, not followed (a link planted in a shared folder would redirect the
+write). It must not be the input model, the ONNX output, or a file either of them reads its
+weights from, whatever the spelling (a symbolic or hard link to one counts as that file).
+
+The plan is written into a temporary folder beside the target, synced, then renamed over it
+(as :func:`graphopt.io.save` does): an interrupted write leaves the previous plan or none.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+from graphopt import io
+from graphopt.backends.tensorrt.model_scan import scan_model
+from graphopt.errors import UserInputError
+
+Protected = Iterable[tuple[str | os.PathLike, str]]
+
+
+def engine_target(path: str | os.PathLike) -> Path:
+    """``--engine``'s path, refused when it cannot name a file."""
+    text = os.fspath(path)
+    if isinstance(text, bytes):
+        text = os.fsdecode(text)
+    if not text.strip():
+        raise UserInputError("--engine: empty path; give the engine's file, e.g. model.plan")
+    if text.endswith((os.sep, os.altsep or os.sep)):
+        raise UserInputError(f"--engine {text}: names a folder; give the engine's file")
+    return Path(text)
+
+
+def protected_files(
+    input_path: str | os.PathLike | None, output_path: str | os.PathLike | None
+) -> list[tuple[Path, str]]:
+    """The files the engine must not replace, each with what it is."""
+    files: list[tuple[Path, str]] = []
+    if input_path is not None:
+        source = Path(os.fspath(input_path))
+        files.append((source, "the input model"))
+        header = scan_model(source)
+        for location in sorted(header.locations if header else ()):
+            files.append((source.parent / location, "an external-data file of the input model"))
+    if output_path is not None:
+        output = Path(os.fspath(output_path))
+        files.append((output, "the ONNX output"))
+        files.append((output.with_name(io.data_file_name(output)), "the ONNX output's data file"))
+    return files
+
+
+def check_engine_target(path: str | os.PathLike, protected: Protected) -> Path:
+    """Refuse an engine path that cannot be written or would replace a protected file."""
+    target = engine_target(path)
+    try:
+        io.check_output_target(target)
+    except UserInputError as exc:
+        raise UserInputError(f"--engine {exc}") from None
+    folder = target.parent if str(target.parent) else Path(".")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserInputError(f"--engine {target}: folder {folder} is not writable")
+    for other, what in protected:
+        if _same_file(target, Path(os.fspath(other))):
+            raise UserInputError(
+                f"--engine {target}: is {what}; the engine would overwrite it (give another path)"
+            )
+    return target
+
+
+def write_engine(path: str | os.PathLike, data: memoryview | bytes, protected: Protected) -> Path:
+    """Write ``data`` to ``path`` atomically, after checking the path again (the pipeline ran
+    in between: the folder or the file may have changed)."""
+    target = check_engine_target(path, protected)
+    folder = target.parent if str(target.parent) else Path(".")
+    tmp_dir: Path | None = None
+    try:
+        io._remove_stale_temp_folders(folder, target.name)
+        try:
+            with io._signals_deferred():  # no interrupt between creating the folder and naming it
+                tmp_dir = Path(
+                    tempfile.mkdtemp(prefix=io._temp_prefix(target.name), suffix=".tmp", dir=folder)
+                )
+            tmp_file = tmp_dir / target.name
+            with open(tmp_file, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            io._check_replaceable(target)  # again: it may have changed meanwhile
+            os.replace(tmp_file, target)
+            io._fsync_dir(folder)
+        finally:
+            if tmp_dir is not None:
+                with io._signals_deferred():
+                    shutil.rmtree(tmp_dir, ignore_errors=True)
+    except OSError as exc:
+        raise UserInputError(f"--engine {target}: cannot be written ({_reason(exc)})") from None
+    return target
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` are one file: the same inode when both exist (hard and
+    symbolic links included), else the same resolved path."""
+    with contextlib.suppress(OSError):
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    try:
+        return a.resolve() == b.resolve()
+    except (OSError, RuntimeError):  # a symbolic-link loop
+        return os.path.abspath(a) == os.path.abspath(b)
