@@ -197,6 +197,9 @@ class GraphPass(ir.passes.InPlacePass):
         super().__init__()
         self.context = context or PassContext()
         self.settings = self.check_options(options)
+        # The options the caller set (a value equal to the default included): a pass says
+        # when one of them does nothing in this run.
+        self.given = frozenset(name for name, value in options.items() if value is not None)
         self.hits = 0
 
     @classmethod

@@ -243,6 +243,11 @@ class QuantizePass(GraphPass):
                     "--autotune had no effect: it times static int8 candidates for "
                     "--target ort only"
                 )
+        for name in sorted(self.given & _INT4_ONLY.keys()):
+            if settings.mode != "int4-weight":
+                record.notes.append(
+                    f"{_INT4_ONLY[name]} had no effect: it applies to --quantize int4-weight only"
+                )
         if settings.int8_weights != "rtn" and settings.mode not in INT8_MODES:
             record.notes.append(
                 f"--int8-weights {settings.int8_weights} had no effect: it rounds the weights "
@@ -367,6 +372,14 @@ _REDUCED_FLOATS = {ir.DataType.FLOAT16: "float16", ir.DataType.BFLOAT16: "bfloat
 # With the analysis's integer-weight ops (QLinear* included), what marks a model as quantized
 # for static int8, whose ranges and scales would stack on the ones it has.
 _ACTIVATION_QUANTIZERS = frozenset({"QuantizeLinear", "DynamicQuantizeLinear"})
+
+
+# Options only --quantize int4-weight reads (name: flag), noted when given to another mode.
+_INT4_ONLY = {
+    "block_size": "--block-size",
+    "int4_method": "--int4-method",
+    "int4_asymmetric": "--int4-asymmetric",
+}
 
 
 def _quiet_float_errors():

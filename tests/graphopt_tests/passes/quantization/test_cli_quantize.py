@@ -111,3 +111,17 @@ def test_recipe_and_api_reach_the_same_pass(tmp_path) -> None:
     assert result.report.details["quantize"].settings["calib_method"] == "mse"
     with pytest.raises(UserInputError, match="need calibration data"):
         api.optimize(model, None, api.OptimizeOptions(quantize="int8"))
+
+
+def test_int4_options_given_to_another_mode_are_noted(tmp_path, capsys) -> None:
+    model, calib = _files(tmp_path)
+    out = tmp_path / "q.onnx"
+    argv = ["optimize", str(model), "-o", str(out), "--quantize", "int8", "--calib", str(calib)]
+    code = main([*argv, "--block-size", "32", "--int4-asymmetric", "true"])
+    text = capsys.readouterr().out
+    assert code == 0
+    # Given, even at its default: the user asked for something this mode does not do.
+    assert "--block-size had no effect: it applies to --quantize int4-weight only" in text
+    assert "--int4-asymmetric had no effect" in text
+    assert main(argv) == 0
+    assert "had no effect" not in capsys.readouterr().out
