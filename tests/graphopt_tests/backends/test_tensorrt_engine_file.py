@@ -19,58 +19,9 @@ from onnx import TensorProto, helper, numpy_helper
 from graphopt.backends.tensorrt import engine_file
 from graphopt.backends.tensorrt.build import build_engine, check_options
 from graphopt.backends.tensorrt.cli_options import EngineOptions
-from graphopt.backends.tensorrt.module import find_tensorrt
 from graphopt.cli import main
 from graphopt.errors import UserInputError
-from graphopt_tests.helpers import import_or_skip
-
-
-@pytest.fixture
-def no_tensorrt(monkeypatch):
-    monkeypatch.setenv("GRAPHOPT_TENSORRT", "none")
-    find_tensorrt.cache_clear()
-    yield
-    monkeypatch.delenv("GRAPHOPT_TENSORRT")
-    find_tensorrt.cache_clear()
-
-
-@pytest.fixture
-def trt():
-    import_or_skip("tensorrt_rtx", "pip install 'graphopt[tensorrt]' (TensorRT-RTX)")
-    find_tensorrt.cache_clear()
-    assert find_tensorrt().found is not None, find_tensorrt().why_not()
-    yield
-    find_tensorrt.cache_clear()
-
-
-def _relu(path: Path) -> Path:
-    graph = helper.make_graph(
-        [helper.make_node("Relu", ["x"], ["y"])],
-        "relu",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])],
-    )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
-    return path
-
-
-def _external(folder: Path) -> Path:
-    """y = x + W, W stored in folder/w.bin."""
-    (folder / "w.bin").write_bytes(np.arange(4, dtype=np.float32).tobytes())
-    weight = onnx.TensorProto(name="W", data_type=TensorProto.FLOAT, dims=[1, 4])
-    weight.data_location = TensorProto.EXTERNAL
-    entry = weight.external_data.add()
-    entry.key, entry.value = "location", "w.bin"
-    graph = helper.make_graph(
-        [helper.make_node("Add", ["x", "W"], ["y"])],
-        "ext",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
-        [weight],
-    )
-    path = folder / "ext.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
-    return path
+from graphopt_tests.backends.trt_models import external_add_file, relu_file
 
 
 def _optimize(source: Path, output: Path | None, engine: str, *extra: str) -> list[str]:
@@ -87,7 +38,7 @@ def _error(capsys) -> str:
 def test_an_engine_path_that_is_the_input_or_the_output_is_refused_before_any_work(
     no_tensorrt, tmp_path: Path, capsys
 ) -> None:
-    source = _relu(tmp_path / "m.onnx")
+    source = relu_file(tmp_path / "m.onnx")
     before = source.read_bytes()
     out = tmp_path / "o.onnx"
     os.link(source, tmp_path / "hard.plan")
@@ -115,7 +66,7 @@ def test_an_engine_path_that_is_the_input_or_the_output_is_refused_before_any_wo
 def test_an_engine_path_that_is_the_inputs_external_data_is_refused(
     no_tensorrt, tmp_path: Path, capsys
 ) -> None:
-    source = _external(tmp_path)
+    source = external_add_file(tmp_path)
     weights = (tmp_path / "w.bin").read_bytes()
     assert main(_optimize(source, tmp_path / "o.onnx", str(tmp_path / "w.bin"))) == 2
     assert "external-data file of the input model" in _error(capsys)
@@ -125,7 +76,7 @@ def test_an_engine_path_that_is_the_inputs_external_data_is_refused(
 def test_unwritable_engine_paths_are_one_line_before_any_work(
     no_tensorrt, tmp_path: Path, capsys, monkeypatch
 ) -> None:
-    source = _relu(tmp_path / "m.onnx")
+    source = relu_file(tmp_path / "m.onnx")
     out = tmp_path / "o.onnx"
     (tmp_path / "adir").mkdir()
     victim = tmp_path / "victim.txt"
@@ -202,7 +153,7 @@ def test_check_options_without_known_paths_still_checks_the_engine_path(tmp_path
 
 
 def test_build_engine_refuses_to_overwrite_the_model_it_builds_from(trt, tmp_path: Path) -> None:
-    source = _relu(tmp_path / "m.onnx")
+    source = relu_file(tmp_path / "m.onnx")
     before = source.read_bytes()
     with pytest.raises(UserInputError, match="is the ONNX output"):
         build_engine(source, EngineOptions(source))
@@ -212,7 +163,7 @@ def test_build_engine_refuses_to_overwrite_the_model_it_builds_from(trt, tmp_pat
 def test_an_engine_replaces_an_old_plan_and_the_onnx_output_is_intact(
     trt, tmp_path: Path, capsys
 ) -> None:
-    source = _relu(tmp_path / "m.onnx")
+    source = relu_file(tmp_path / "m.onnx")
     out, plan = tmp_path / "o.onnx", tmp_path / "m.plan"
     plan.write_bytes(b"an old plan")
     os.link(plan, tmp_path / "old.plan")
@@ -254,7 +205,7 @@ def test_shapes_for_an_initializer_backed_input_are_refused_before_the_pipeline(
 def test_the_python_api_gets_the_same_engine_checks(tmp_path: Path, no_tensorrt) -> None:
     from graphopt import api
 
-    model = _relu(tmp_path / "m.onnx")
+    model = relu_file(tmp_path / "m.onnx")
     before = model.read_bytes()
     out = tmp_path / "o.onnx"
     for engine, message in ((model, "is the input model"), (out, "ONNX output")):

@@ -7,49 +7,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import onnx
-import pytest
 from onnx import TensorProto, helper
 
-from graphopt.backends.tensorrt.module import find_tensorrt
 from graphopt.cli import main
-from graphopt_tests.helpers import import_or_skip
-
-
-@pytest.fixture
-def trt():
-    import_or_skip("tensorrt_rtx", "pip install 'graphopt[tensorrt]' (TensorRT-RTX)")
-    find_tensorrt.cache_clear()
-    found = find_tensorrt().found
-    assert found is not None, find_tensorrt().why_not()
-    yield found
-    find_tensorrt.cache_clear()
-
-
-def _external(folder: Path, location: str = "w.bin") -> Path:
-    """y = x + W with W (4 floats) stored at ``location``, relative to ``folder``."""
-    folder.mkdir(exist_ok=True)
-    weight = onnx.TensorProto(name="W", data_type=TensorProto.FLOAT, dims=[1, 4])
-    weight.data_location = TensorProto.EXTERNAL
-    entry = weight.external_data.add()
-    entry.key, entry.value = "location", location
-    graph = helper.make_graph(
-        [helper.make_node("Add", ["x", "W"], ["y"], name="add")],
-        "ext",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
-        [weight],
-    )
-    path = folder / "ext.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
-    return path
+from graphopt_tests.backends.trt_models import external_add_file
 
 
 def test_lint_reads_external_data_beside_the_model(
     trt, tmp_path: Path, monkeypatch, capsys
 ) -> None:
-    model = _external(tmp_path / "models")
-    (tmp_path / "models" / "w.bin").write_bytes(np.ones(4, np.float32).tobytes())
+    model = external_add_file(tmp_path / "models")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
@@ -70,7 +37,7 @@ def test_lint_reads_external_data_beside_the_model(
 def test_lint_refuses_external_data_outside_the_models_folder(
     trt, tmp_path: Path, monkeypatch, capsys
 ) -> None:
-    model = _external(tmp_path / "models", "../secret.bin")
+    model = external_add_file(tmp_path / "models", "../secret.bin", write=False)
     (tmp_path / "secret.bin").write_bytes(np.ones(4, np.float32).tobytes())
     monkeypatch.chdir(tmp_path / "models")
     assert main(["lint", str(model)]) == 2

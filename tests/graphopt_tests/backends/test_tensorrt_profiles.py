@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import onnx
 import pytest
 from onnx import TensorProto, helper
 
@@ -15,27 +14,8 @@ from graphopt.backends.tensorrt.module import find_tensorrt
 from graphopt.backends.tensorrt.profiles import MAX_DIM, InputProfile, parse_shapes
 from graphopt.cli import main
 from graphopt.errors import UserInputError
+from graphopt_tests.backends.trt_models import relu_file
 from graphopt_tests.helpers import import_or_skip
-
-
-@pytest.fixture
-def no_tensorrt(monkeypatch):
-    monkeypatch.setenv("GRAPHOPT_TENSORRT", "none")
-    find_tensorrt.cache_clear()
-    yield
-    monkeypatch.delenv("GRAPHOPT_TENSORRT")
-    find_tensorrt.cache_clear()
-
-
-def _relu(path: Path) -> Path:
-    graph = helper.make_graph(
-        [helper.make_node("Relu", ["x"], ["y"])],
-        "relu",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])],
-    )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
-    return path
 
 
 @pytest.mark.parametrize(
@@ -59,7 +39,7 @@ def test_the_largest_dim_is_taken() -> None:
 def test_huge_dims_and_unknown_names_fail_before_the_onnx_is_written(
     no_tensorrt, tmp_path: Path, capsys
 ) -> None:
-    source = _relu(tmp_path / "m.onnx")
+    source = relu_file(tmp_path / "m.onnx")
     out = tmp_path / "o.onnx"
     base = ["optimize", str(source), "-o", str(out), "--no-verify", "--engine"]
     base.append(str(tmp_path / "m.plan"))
