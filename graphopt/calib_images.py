@@ -16,6 +16,7 @@ whole image to the input's size, aspect ratio not kept.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -143,7 +144,12 @@ def _load(
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
+        # PIL warns (two lines on stderr) between 89M and 179M pixels and refuses above: such
+        # an image is read like any other, as PIL allows, without the warning.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+        with image:
             image = _as_8_bit(image, path)
             image = image.convert("L" if channels == 1 else "RGB")
             image = _fit(image, size, crop, resize)

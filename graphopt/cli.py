@@ -451,9 +451,12 @@ def _cmd_inspect(args: argparse.Namespace, out: Console, err: Console) -> int:
     from graphopt.analysis.summary import render_summary, summarize, summary_json
     from graphopt.input_dims import parse_input_shapes
     from graphopt.io import load
+    from graphopt.verify import check_input_shapes
 
     loaded = load(args.input)
-    summary = summarize(loaded.model, parse_input_shapes(args.input_shape))
+    shapes = parse_input_shapes(args.input_shape)
+    check_input_shapes(loaded.model, shapes)  # FLOPs at a shape the model cannot take: none
+    summary = summarize(loaded.model, shapes)
     if args.json:
         _print_json(summary_json(summary))
     else:
@@ -465,9 +468,11 @@ def _cmd_analyze(args: argparse.Namespace, out: Console, err: Console) -> int:
     from graphopt.analysis.zig import analyze, render_report
     from graphopt.input_dims import parse_input_shapes
     from graphopt.io import load
+    from graphopt.verify import check_input_shapes
 
     loaded = load(args.input)
     shapes = parse_input_shapes(args.input_shape)
+    check_input_shapes(loaded.model, shapes)  # --raw too, as optimize refuses them
     model, prepared = loaded.model, ""
     if not args.raw:
         # Pruning runs after the exact passes: exporters' Transpose/Identity-wrapped weights,

@@ -329,6 +329,19 @@ def test_bad_input_shape_is_exit_2_and_writes_nothing(
     assert not (tmp_path / "m.opt.onnx").exists()
 
 
+@pytest.mark.parametrize("command", [["inspect"], ["analyze"], ["analyze", "--raw"]])
+def test_inspect_and_analyze_refuse_a_shape_the_model_cannot_take(
+    tmp_path: Path, capsys, command: list[str]
+) -> None:
+    # Before: inspect and analyze --raw reported FLOPs at x 2x5, a shape ORT refuses.
+    argv = [*command, str(model_file(tmp_path)), "--input-shape", "x:2x5"]
+    code, _, err = run(argv, capsys)
+    assert code == 2, err
+    assert err.strip().endswith("axis 1 of input 'x' is fixed at 4 by the model ([batch, 4])")
+    code, _, err = run([*command, str(model_file(tmp_path)), "--input-shape", "x:2x4"], capsys)
+    assert code == 0, err
+
+
 def test_model_that_rejects_generated_inputs_is_written_but_exit_4(tmp_path: Path, capsys) -> None:
     # x[batch, n] reshaped to 1x3x4: the default n = 16 cannot be; n = 12 can.
     path = _save(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar
 
+import numpy as np
 import onnx_ir as ir
 import pytest
 import yaml
@@ -235,6 +236,15 @@ def test_wrong_option_types_are_exit_2_naming_pass_and_option(
     code = main(["optimize", str(model_file(tmp_path)), "--recipe", str(recipe)])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0 and "pass 'test-typed' option" in err
+
+
+def test_a_wrong_value_is_shown_on_one_short_line(typed) -> None:
+    # The API: an array where a path goes (calib={"x": array}) printed its repr over lines.
+    with pytest.raises(UserInputError) as caught:
+        typed(label=np.zeros((40, 40)))
+    message = str(caught.value)
+    assert message.startswith("pass 'test-typed' option 'label': expected a string, got array(")
+    assert "\n" not in message and message.endswith("...") and len(message) < 160
 
 
 def test_unknown_option_from_the_api_is_bad_input_not_a_crash(tmp_path: Path, capsys) -> None:
