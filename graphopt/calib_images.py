@@ -36,6 +36,8 @@ IMAGE_SUFFIXES = frozenset(
 )
 DEFAULT_SIZE = 224
 DEFAULT_SCALE = 255.0
+# The largest calibration array calib writes: a few times this is held while it is built.
+MAX_CALIB_BYTES = 4 << 30
 CHANNELS = (1, 3)
 _FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE)
 _PIXEL_TYPES = (ir.DataType.UINT8,)
@@ -77,6 +79,7 @@ def image_arrays(model: ir.Model, request: CalibRequest) -> dict[str, np.ndarray
     from graphopt.calib_builder import pick
 
     files = pick(image_files(Path(request.images)), request.limit, request.seed)
+    _check_size(value, len(files), channels, height, width, float_input)
     pixels = np.stack(
         [_load(path, channels, (height, width), request.crop, request.resize) for path in files]
     )  # [N, H, W, C] uint8
@@ -157,6 +160,21 @@ def _load(
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
         raise UserInputError(f"{path}: cannot read image ({exc})") from None
     return array[..., None] if array.ndim == 2 else array
+
+
+def _check_size(
+    value: ir.Value, count: int, channels: int, height: int, width: int, float_input: bool
+) -> None:
+    """Refuse an output larger than ``MAX_CALIB_BYTES`` before reading an image: a mistyped
+    ``--size`` would otherwise allocate until the system kills the process, without a word."""
+    itemsize = value.dtype.itemsize if float_input else 1
+    total = count * channels * height * width * itemsize
+    if total > MAX_CALIB_BYTES:
+        raise UserInputError(
+            f"input {value.name!r} at {height}x{width}: {count} images would take "
+            f"{total / 2**30:.1f} GiB (limit {MAX_CALIB_BYTES >> 30} GiB); use a smaller "
+            "--size or --limit"
+        )
 
 
 def _as_8_bit(image: Image.Image, path: Path) -> Image.Image:

@@ -104,6 +104,9 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
 
 def read_sentences(path: Path) -> list[str]:
     """The non-empty lines of ``path``, stripped, in file order."""
+    if path.exists() and not path.is_dir() and not path.is_file():
+        # A device or FIFO (/dev/zero) would be read until memory runs out.
+        raise UserInputError(f"{path}: not a regular file; --text takes a file of sentences")
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:

@@ -165,6 +165,7 @@ def test_uint8_input_takes_raw_pixels(tmp_path, capsys):
         ("nan_scale", "--scale nan: expected a positive finite number"),
         ("zero_resize", "--resize 0: expected a positive whole number"),
         ("float_image", "floating-point image, whose pixel range is unknown"),
+        ("huge_size", "2 images would take 20.1 GiB (limit 4 GiB)"),
     ],
 )
 def test_image_errors_are_one_line_exit_2(tmp_path, capsys, setup, expected):
@@ -194,6 +195,9 @@ def test_image_errors_are_one_line_exit_2(tmp_path, capsys, setup, expected):
         extra = ["--scale", "nan"]
     elif setup == "zero_resize":
         extra = ["--resize", "0"]
+    elif setup == "huge_size":
+        model = _image_model(tmp_path / "s.onnx", ["N", 3, "h", "w"])
+        extra = ["--size", "30000"]
     elif setup == "float_image":
         from PIL import Image
 
@@ -292,6 +296,7 @@ def test_text_maps_input_names_dtypes_and_a_fixed_sequence_length(tmp_path, caps
         ("unmapped_input", "not token inputs"),
         ("no_tokenizer", "needs --tokenizer"),
         ("empty_text", "no sentences"),
+        ("device", "not a regular file"),
     ],
 )
 def test_text_errors_are_one_line_exit_2(tmp_path, capsys, setup, expected):
@@ -312,6 +317,8 @@ def test_text_errors_are_one_line_exit_2(tmp_path, capsys, setup, expected):
         tokenizer = []
     elif setup == "empty_text":
         text.write_text("\n  \n", encoding="utf-8")
+    elif setup == "device":
+        text = "/dev/zero"  # endless: was read until the system killed the process
     code, msg = _calib(capsys, model, "-o", tmp_path / "t.npz", "--text", text, *tokenizer)
     assert code == 2, msg
     assert expected in msg
