@@ -209,7 +209,49 @@ def _ext_dev(folder: Path) -> Path:
     return _external(folder, "../../../../../../../../dev/zero")
 
 
+def _ext_in_function(folder: Path, location: str) -> Path:
+    """y = x + F(): the local function F's Constant (4 floats) stored at ``location``; its
+    file (16 bytes) is written outside the model's folder, where ``location`` leads."""
+    value = TensorProto(name="c", data_type=F, dims=[4], data_location=TensorProto.EXTERNAL)
+    for key, text in (("location", location), ("offset", "0"), ("length", "16")):
+        value.external_data.add(key=key, value=text)
+    (folder / "outside.data").write_bytes(np.arange(4, dtype=np.float32).tobytes())
+    sub = folder / "sub"
+    sub.mkdir()
+    function = helper.make_function(
+        "local",
+        "F",
+        [],
+        ["c"],
+        [helper.make_node("Constant", [], ["c"], value=value)],
+        [helper.make_opsetid("", 17)],
+    )
+    graph = helper.make_graph(
+        [
+            helper.make_node("F", [], ["c"], domain="local"),
+            helper.make_node("Add", ["x", "c"], ["y"]),
+        ],
+        "g",
+        [vi("x", F, [4])],
+        [vi("y", F, [4])],
+    )
+    proto = helper.make_model(
+        graph,
+        functions=[function],
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)],
+    )
+    path = sub / "m.onnx"
+    path.write_bytes(proto.SerializeToString())
+    return path
+
+
 _add("external_data", "absolute", _ext_absolute)
+_add(
+    "external_data",
+    "function_constant_absolute",
+    lambda f: _ext_in_function(f, str((f / "outside.data").resolve())),
+)
+_add("external_data", "function_constant_dotdot", lambda f: _ext_in_function(f, "../outside.data"))
 _add("external_data", "absolute_etc_passwd", lambda f: _external(f, "/etc/passwd"))
 _add("external_data", "dotdot", _ext_dotdot)
 _add("external_data", "dotdot_dev_zero", _ext_dev)
