@@ -183,6 +183,7 @@ class OptimizeOptions:
         else:
             specs, notes = explicit_specs(self.passes, self._asked_lossy(), self.skip)
             steps = explicit_pipeline(self._with_run_settings(specs))
+        _refuse_repeated_lossy(steps)
         return steps, notes + _idle_option_notes(self, steps)
 
 
@@ -199,6 +200,18 @@ def _init_with_flags(self: OptimizeOptions, **given: Any) -> None:
 
 
 OptimizeOptions.__init__ = _init_with_flags  # type: ignore[method-assign]
+
+
+def _refuse_repeated_lossy(steps: list[Step]) -> None:
+    """A lossy pass listed twice (``--passes prune,prune``, two recipe entries) would apply
+    its cut twice while its report measures the second against the first: refused."""
+    names = [spec.name for step in steps for spec in step.passes if not get_pass(spec.name).exact]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise UserInputError(
+            f"lossy pass(es) {', '.join(map(repr, repeated))} listed more than once; each "
+            "runs once (give the whole target to one entry, e.g. --prune flops=0.5)"
+        )
 
 
 def _check_targets(specs: list[PassSpec], target: str) -> None:

@@ -403,8 +403,11 @@ class PassManager:
                     if spec.name in self._disabled:
                         continue
                     cls = get_pass(spec.name)
+                    present = self._present_op_types(model)
+                    if not cls.exact and cls.serves(self.context.target):
+                        _refuse_lossy_without_targets(cls, present)
                     if not cls.serves(self.context.target) or (
-                        self.skip_idle and not cls.applies(self._present_op_types(model))
+                        self.skip_idle and not cls.applies(present)
                     ):
                         # Another target's pass, or none of its trigger ops is in the model:
                         # it would find nothing.
@@ -623,4 +626,17 @@ def _worse(a: OutputError, b: OutputError) -> OutputError:
         max(a.mean_abs, b.mean_abs),
         shape_ok=a.shape_ok and b.shape_ok,
         detail=a.detail or b.detail,
+    )
+
+
+def _refuse_lossy_without_targets(cls: type, present: frozenset[str]) -> None:
+    """A lossy pass the user asked for on a model without any op it rewrites is refused in
+    one line (exit 2), as pruning's and quantization's "nothing to do" are: skipped like an
+    idle exact pass, it ran none of its checks and the report said nothing of it."""
+    if cls.ops is None or not cls.ops.isdisjoint(present):
+        return
+    asked = cls.flag or f"pass {cls.name!r}"
+    raise UserInputError(
+        f"{asked}: nothing to do: the model has none of the ops it rewrites "
+        f"({', '.join(sorted(cls.ops))})"
     )

@@ -649,3 +649,46 @@ def test_memory_error_while_loading_is_exit_3_not_bad_input(
         "graphopt: error: out of memory while loading the model; "
         "try --no-verify / a smaller --input-shape"
     )
+
+
+def _relu_file(folder: Path) -> Path:
+    return _save(
+        folder,
+        "relu.onnx",
+        [helper.make_node("Relu", ["x"], ["y"])],
+        [helper.make_tensor_value_info("x", F, ["batch", 8])],
+        [helper.make_tensor_value_info("y", F, ["batch", 8])],
+    )
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--sparsity", "2:4"], "--sparsity: nothing to do"),
+        (["--factorize", "rank=8"], "--factorize: nothing to do"),
+        (["--decompose", "ratio=0.3"], "--decompose: nothing to do"),
+    ],
+)
+def test_a_lossy_pass_with_nothing_to_rewrite_is_refused(
+    tmp_path: Path, capsys, flags: list[str], message: str
+) -> None:
+    # Before: skipped like an idle exact pass, exit 0, the report silent about it.
+    code, _, err = run(["optimize", str(_relu_file(tmp_path)), *flags], capsys)
+    assert code == 2 and message in err and err.strip().count("\n") == 0, err
+    assert not (tmp_path / "relu.opt.onnx").exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--sparsity-layers", ",,"], "layers ',,': expected all, ffn, attention"),
+        (["--factorize", "rank=1e308"], "rank=K needs a positive integer"),
+    ],
+)
+def test_lossy_option_mistakes_are_one_line(
+    tmp_path: Path, capsys, flags: list[str], message: str
+) -> None:
+    path = model_file(tmp_path)
+    lossy = [] if flags[0].startswith("--factorize") else ["--sparsity", "2:4"]
+    code, _, err = run(["optimize", str(path), *lossy, *flags], capsys)
+    assert code == 2 and message in err and err.strip().count("\n") == 0, err

@@ -58,7 +58,13 @@ class EraseBlocksPass(GraphPass):
             choices=REPLACEMENTS,
         ),
         CALIB_OPTION,
-        PassOption("ridge", float, 1e-3, "linear replacement ridge, relative to input energy"),
+        PassOption(
+            "ridge",
+            float,
+            1e-3,
+            "linear replacement ridge, relative to input energy",
+            bounds=(0.0, 1e6),
+        ),
         HOLDOUT_OPTION,
     )
 

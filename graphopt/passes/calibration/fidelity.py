@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_ir as ir
 
+from graphopt.errors import UserInputError
 from graphopt.passes.calibration.activations import sequence_mask
 from graphopt.passes.calibration.samples import CalibrationSet
 
@@ -49,7 +50,17 @@ def outputs_on(model: ir.Model, calib: CalibrationSet, optimize: bool = True) ->
     session = make_session(model, optimize=optimize)
     names = [o.name for o in session.get_outputs()]
     # Full padded width: outputs of every batch must line up to be concatenated.
-    chunks = [run_session(session, names, feeds) for feeds in calib.batches(trim=False)]
+    try:
+        chunks = [run_session(session, names, feeds) for feeds in calib.batches(trim=False)]
+    except Exception as exc:
+        # ORT's InvalidArgument: feeds of the wrong shape or type for the inputs. The
+        # original is measured first, so this is the calibration file's, not a rewrite's.
+        if type(exc).__name__ != "InvalidArgument":
+            raise
+        line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserInputError(
+            f"calibration data ({calib.source}) does not run through the model: {line[:200]}"
+        ) from None
     return [_joined([c[i] for c in chunks]) for i in range(len(names))]
 
 

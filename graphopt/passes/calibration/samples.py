@@ -257,8 +257,47 @@ def load_calibration(path: str, model: ir.Model) -> CalibrationSet:
     counts = {a.shape[axes[k] or 0] if a.ndim else 0 for k, a in arrays.items()}
     if len(counts) != 1 or 0 in counts:
         raise UserInputError(f"{path}: every array needs the same number N ≥ 1 of samples")
+    _check_named_dims(path, arrays, inputs, axes)
     batch = _batch_size(model, batch_axes)
     return CalibrationSet(arrays, path, batch, _free_sequence(model), axes)
+
+
+def _check_named_dims(
+    path: str,
+    arrays: dict[str, np.ndarray],
+    inputs: dict[str, ir.Value],
+    axes: dict[str, int | None],
+) -> None:
+    """Refuse arrays that contradict a dim the model fixes, or give one named dim two sizes
+    (``input_ids`` 16 tokens long and its ``attention_mask`` 8): no run takes them, and the
+    passes that read shapes from the data (pruning's analysis, decomposition's heads) found
+    "shapes unknown" or "no prunable group" instead."""
+    seen: dict[str, tuple[int, str]] = {}
+    for name, array in arrays.items():
+        shape = inputs[name].shape
+        if shape is None:
+            continue
+        axis = axes[name]
+        # Per-sample dims in the input's order; the sample axis itself holds the count.
+        sizes = array.shape[1:] if axis is None else array.shape
+        for position, (dim, size) in enumerate(zip(shape, sizes, strict=False)):
+            if position == axis:
+                continue
+            if _fixed(dim) and size != dim:
+                dims = [d if isinstance(d, int) else str(d) for d in shape]
+                raise UserInputError(
+                    f"{path}: input {name!r} has size {size} on axis {position}; the model "
+                    f"fixes it at {dim} ({dims})"
+                )
+            symbol = _symbol(dim)
+            if symbol is None:
+                continue
+            first = seen.setdefault(symbol, (size, name))
+            if first[0] != size:
+                raise UserInputError(
+                    f"{path}: dim {symbol!r} is {first[0]} in input {first[1]!r} but {size} "
+                    f"in input {name!r}; the arrays must agree on it"
+                )
 
 
 def _layout(

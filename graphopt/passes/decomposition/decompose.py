@@ -85,8 +85,16 @@ class DecomposePass(GraphPass):
             choices=("uniform", "global"),
         ),
         CALIB_OPTION,
-        PassOption("ridge", float, 1.0, "leverage-score ridge, relative to mean activation power"),
-        PassOption("damp", float, 0.1, "Nyström refit damping toward the kept rows"),
+        PassOption(
+            "ridge",
+            float,
+            1.0,
+            "leverage-score ridge, relative to mean activation power",
+            bounds=(0.0, 1e6),
+        ),
+        PassOption(
+            "damp", float, 0.1, "Nyström refit damping toward the kept rows", bounds=(0.0, 1e6)
+        ),
         HOLDOUT_OPTION,
     )
 

@@ -83,7 +83,7 @@ class FactorizePass(GraphPass):
         PassOption(
             "round_to",
             int,
-            0,
+            None,  # None: not given (0 given is refused, not read as "the default")
             f"ranks are multiples of N (default {DEFAULT_MULTIPLE})",
             flag="--round-to",
             metavar="N",
@@ -106,7 +106,7 @@ class FactorizePass(GraphPass):
         s = self.settings
         if not s["rule"]:
             raise UserInputError("factorize: give a rank rule, e.g. --factorize flops=0.25")
-        if s["round_to"] < 0:
+        if s["round_to"] is not None and s["round_to"] < 1:
             raise UserInputError(f"--round-to {s['round_to']}: expected a positive multiple")
         eora, note = parse_compensation(s["compensation"], "factorize")
         if note:
@@ -119,7 +119,7 @@ class FactorizePass(GraphPass):
             method=choices.method,
             layers=parse_layers(s["layers"]),
             keep_last=bool(s["keep_last"]),
-            multiple=s["round_to"] or DEFAULT_MULTIPLE,
+            multiple=DEFAULT_MULTIPLE if s["round_to"] is None else s["round_to"],
             speed_check=speed_check_mode(s["speed_check"]),
             holdout=s["holdout"],
             compensation=eora,

@@ -49,7 +49,7 @@ class RankRule:
         except ValueError:
             raise UserInputError(f"--factorize {text!r}: {_EXPECTED}") from None
         if kind == "rank":
-            if not value.is_integer() or value < 1:
+            if not match[2].isdigit() or value < 1:  # 1e308 is no rank
                 raise UserInputError(f"--factorize {text!r}: rank=K needs a positive integer")
         elif kind == "energy" and not 0.0 < value <= 1.0:
             raise UserInputError(f"--factorize {text!r}: energy=E needs 0 < E <= 1")

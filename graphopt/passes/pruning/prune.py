@@ -65,7 +65,7 @@ class PrunePass(GraphPass):
         PassOption(
             "round_to",
             int,
-            0,
+            None,  # None: not given (0 given is refused, not read as "the default")
             "kept channel counts are multiples of N (default: 16 for groups of >= 32 "
             "channels, else 1)",
             flag="--round-to",
@@ -81,7 +81,11 @@ class PrunePass(GraphPass):
             flag="--max-group-ratio",
         ),
         PassOption(
-            "ridge", float, PruneSettings.ridge, "least-squares ridge, relative to mean variance"
+            "ridge",
+            float,
+            PruneSettings.ridge,
+            "least-squares ridge, relative to mean variance",
+            bounds=(0.0, 1e6),
         ),
         HOLDOUT_OPTION,
         PassOption("verify", bool, True, "refuse the result unless removing = zeroing the units"),
@@ -135,7 +139,7 @@ class PrunePass(GraphPass):
             criterion=choices.criterion,
             allocation=choices.allocation,
             max_group_ratio=s["max_group_ratio"],
-            round_to=s["round_to"] or None,
+            round_to=s["round_to"],
             compensation=choices.compensation,
             ridge=s["ridge"],
             holdout=s["holdout"],

@@ -75,7 +75,9 @@ class PruneSettings:
             (self.compensation, COMPENSATIONS, "--compensation"),
         ):
             if value not in allowed:
-                raise UserInputError(f"{flag} {value!r}: choose one of {', '.join(allowed)}")
+                # --compensation also takes eora:RANK (resolved before these settings).
+                listed = [*allowed, "eora:RANK"] if flag == "--compensation" else allowed
+                raise UserInputError(f"{flag} {value!r}: choose one of {', '.join(listed)}")
         if self.round_to is not None and self.round_to < 1:
             raise UserInputError(f"--round-to {self.round_to}: must be a positive integer")
         if not 0.0 < self.max_group_ratio <= 1.0:

@@ -291,11 +291,6 @@ class QuantizePass(GraphPass):
                 f"quantize: --block-size {s['block_size']}: expected one of "
                 f"{', '.join(map(str, BLOCK_SIZES))}"
             )
-        if s["int8_weights"] is not None and s["int8_weights"] not in INT8_WEIGHT_METHODS:
-            raise UserInputError(
-                f"quantize: --int8-weights {s['int8_weights']}: expected one of "
-                f"{', '.join(INT8_WEIGHT_METHODS)}"
-            )
         from graphopt.passes.compensation.eora import parse_compensation, require_calibration
 
         rank, self._compensation_note = parse_compensation(s["compensation"], "quantize")

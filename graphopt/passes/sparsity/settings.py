@@ -109,9 +109,15 @@ LAYER_GROUPS = ("all", "ffn", "attention")
 
 
 def parse_layers(text: str) -> tuple[str, ...]:
-    """``--sparsity-layers ffn,attention,*dense*`` as its comma-separated terms (non-empty)."""
-    terms = tuple(t.strip() for t in str(text or "all").split(",") if t.strip())
-    return terms or ("all",)
+    """``--sparsity-layers ffn,attention,*dense*`` as its comma-separated terms (non-empty).
+    A given text with no term (``""``, ``",,"``) is refused: read as ``all``, a typo would
+    have selected every layer."""
+    terms = tuple(t.strip() for t in str(text).split(",") if t.strip())
+    if not terms:
+        raise UserInputError(
+            f"layers {text!r}: expected all, ffn, attention or name globs, comma-separated"
+        )
+    return terms
 
 
 @dataclass(frozen=True)

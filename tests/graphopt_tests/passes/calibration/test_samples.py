@@ -4,8 +4,10 @@ exporters declare them."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from onnx import TensorProto, helper
 
+from graphopt.errors import UserInputError
 from graphopt.passes.calibration.samples import load_calibration, sample_axes
 from graphopt_tests.helpers import make_model
 
@@ -34,3 +36,27 @@ def test_a_first_dim_written_as_minus_one_is_the_batch(tmp_path):
 def test_a_fixed_first_dim_other_than_one_is_not_the_batch():
     assert sample_axes(_conv_with_first_dim(2)) == {"x": None}
     assert sample_axes(_conv_with_first_dim("N")) == {"x": 0}
+
+
+def _two_inputs_sharing_sequence() -> object:
+    ids = helper.make_tensor_value_info("ids", TensorProto.FLOAT, ["batch", "sequence"])
+    mask = helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["batch", "sequence"])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "sequence"])
+    return make_model([helper.make_node("Mul", ["ids", "mask"], ["y"])], [ids, mask], [y])
+
+
+def test_arrays_disagreeing_on_a_named_dim_are_refused(tmp_path):
+    # ids 16 long, mask 8: no run takes both; pruning's analysis read "shapes unknown".
+    path = tmp_path / "calib.npz"
+    np.savez(path, ids=np.ones((4, 16), np.float32), mask=np.ones((4, 8), np.float32))
+    with pytest.raises(UserInputError, match="dim 'sequence' is 16 in input 'ids' but 8"):
+        load_calibration(str(path), _two_inputs_sharing_sequence())
+    np.savez(path, ids=np.ones((4, 16), np.float32), mask=np.ones((4, 16), np.float32))
+    assert load_calibration(str(path), _two_inputs_sharing_sequence()).count == 4
+
+
+def test_arrays_contradicting_a_fixed_dim_are_refused(tmp_path):
+    path = tmp_path / "calib.npz"
+    np.savez(path, x=np.zeros((5, 2, 8, 8), np.float32))  # the Conv takes 3 channels
+    with pytest.raises(UserInputError, match="has size 2 on axis 1; the model fixes it at 3"):
+        load_calibration(str(path), _conv_with_first_dim("N"))

@@ -50,3 +50,49 @@ def test_pickled_calibration_is_refused_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0 and "Traceback" not in err
     assert not (tmp_path / "mlp.opt.onnx").exists()
+
+
+def test_data_free_pruning_reports_fidelity_on_generated_inputs(tmp_path, capsys):
+    # Before: with l2 and no calibration samples, --no-verify left the cut unmeasured.
+    model, _ = _files(tmp_path)
+    out = tmp_path / "pruned.onnx"
+    code = main(["optimize", str(model), "-o", str(out), "--prune", "flops=0.3", "--no-verify"])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    flat = " ".join(text.split())  # the table's title wraps at the table's width
+    assert "pruning fidelity on 32 generated inputs (no calibration samples held out)" in flat
+    assert "mean cosine" in text
+
+
+def test_round_to_zero_is_refused_not_read_as_the_default(tmp_path, capsys):
+    model, _ = _files(tmp_path)
+    for flag in ("--prune", "--factorize"):
+        target = "flops=0.3"
+        code = main(["optimize", str(model), flag, target, "--round-to", "0", "--no-verify"])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and "--round-to 0" in err and "\n" not in err, err
+
+
+def test_a_lossy_pass_listed_twice_is_refused(tmp_path, capsys):
+    # Before: prune ran twice, its headline measured the second cut against the first.
+    model, _ = _files(tmp_path)
+    code = main(["optimize", str(model), "--passes", "prune,prune", "--prune", "flops=0.3"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "'prune' listed more than once" in err, err
+
+
+def test_calibration_of_the_wrong_shape_is_refused_when_loaded(tmp_path, capsys):
+    # l2 without compensation read the samples only to measure fidelity: ORT's
+    # InvalidArgument there was an internal error (exit 3), and pruning's analysis at the
+    # data's shapes found "no prunable group". Now refused when the file is loaded.
+    model, _ = _files(tmp_path)
+    wrong = tmp_path / "wrong.npz"
+    np.savez(wrong, x=correlated(np.random.default_rng(0), (8, 4, 15)))  # x is [.., .., 16]
+    for flags in (
+        ["--prune", "flops=0.3", "--criterion", "l2", "--compensation", "none"],
+        ["--sparsity", "2:4", "--sparsity-criterion", "magnitude"],
+    ):
+        code = main(["optimize", str(model), *flags, "--calib", str(wrong)])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and "has size 15 on axis 2; the model fixes it at 16" in err, err
+        assert "\n" not in err
