@@ -42,12 +42,8 @@ def pruning_table(prune: PruneReport) -> Table:
     """Fidelity of pruning on held-out calibration samples, before/after compensation."""
     table = Table(
         title=(
-            f"pruning fidelity on {prune.heldout_samples} {prune.fidelity_samples} "
-            + (
-                f"({prune.calibration})"
-                if prune.fidelity_samples.startswith("held-out")
-                else "(no calibration samples held out)"
-            )
+            f"pruning fidelity on {prune.heldout_samples} held-out calibration samples "
+            f"({prune.calibration})"
         ),
         title_justify="left",
         show_edge=False,

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from graphopt.api import OptimizeOptions, optimize
 from graphopt.backends.tensorrt.rules import ERROR, static_findings
+from graphopt.errors import UserInputError
 
 
 def _convnet(path: Path) -> Path:
@@ -85,12 +87,14 @@ def test_requantize_ort_static_uint8(tmp_path: Path) -> None:
     assert any(n.op_type == "Clip" for n in onnx.load(out).graph.node)
 
 
-def test_requantize_leaves_a_symmetric_model_alone(tmp_path: Path) -> None:
+def test_requantize_refuses_a_model_with_nothing_quantized(tmp_path: Path) -> None:
     source = _convnet(tmp_path / "f.onnx")
-    result = optimize(
-        source,
-        tmp_path / "o.onnx",
-        OptimizeOptions(target="tensorrt", requantize="symmetric", verify=False),
-    )
-    # Nothing quantized: the pass had no trigger op and changed nothing.
-    assert "requantize" not in result.report.details
+    # Nothing quantized: asked for, the pass would change nothing; said in one line (exit 2),
+    # as every lossy pass with none of its ops in the model is.
+    with pytest.raises(UserInputError, match="--requantize: nothing to do"):
+        optimize(
+            source,
+            tmp_path / "o.onnx",
+            OptimizeOptions(target="tensorrt", requantize="symmetric", verify=False),
+        )
+    assert not (tmp_path / "o.onnx").exists()
