@@ -164,3 +164,36 @@ def register_for_test(monkeypatch, *classes: type[GraphPass]) -> None:
     registry.all_passes()  # load the built-in passes first
     for cls in classes:
         monkeypatch.setitem(registry._REGISTRY, cls.name, cls)
+
+
+def function_constant_file(path: Path, location: str) -> Path:
+    """``path``: y = x + F(), x [4], the local function F returning a Constant of 4 floats
+    stored as external data at ``location`` (offset 0, length 16)."""
+    tensor = onnx.TensorProto(name="c", data_type=onnx.TensorProto.FLOAT, dims=[4])
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"), ("length", "16")):
+        tensor.external_data.add(key=key, value=value)
+    function = helper.make_function(
+        "local",
+        "F",
+        [],
+        ["c"],
+        [helper.make_node("Constant", [], ["c"], value=tensor)],
+        [helper.make_opsetid("", 17)],
+    )
+    graph = helper.make_graph(
+        [
+            helper.make_node("F", [], ["c"], domain="local"),
+            helper.make_node("Add", ["x", "c"], ["y"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4])],
+    )
+    proto = helper.make_model(
+        graph,
+        functions=[function],
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)],
+    )
+    path.write_bytes(proto.SerializeToString())
+    return path

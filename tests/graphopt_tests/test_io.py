@@ -22,6 +22,7 @@ from graphopt.cli import main
 from graphopt.errors import UserInputError
 from graphopt.inputs import make_inputs
 from graphopt.verify import run_model
+from graphopt_tests.helpers import function_constant_file
 from graphopt_tests.robustness.cases_strings import STRING_FIELDS, text_rich_bytes, text_rich_model
 from graphopt_tests.robustness.stringflip import flip_in_strings
 
@@ -350,37 +351,7 @@ def test_cli_refuses_unsafe_external_data(
 
 
 def _function_constant_model(folder: Path, location: str) -> Path:
-    """y = x + F(), the local function F returning a Constant of 4 floats stored at
-    ``location`` (external data)."""
-    tensor = onnx.TensorProto(name="c", data_type=TensorProto.FLOAT, dims=[4])
-    tensor.data_location = TensorProto.EXTERNAL
-    for key, value in (("location", location), ("offset", "0"), ("length", "16")):
-        tensor.external_data.add(key=key, value=value)
-    function = helper.make_function(
-        "local",
-        "F",
-        [],
-        ["c"],
-        [helper.make_node("Constant", [], ["c"], value=tensor)],
-        [helper.make_opsetid("", 17)],
-    )
-    graph = helper.make_graph(
-        [
-            helper.make_node("F", [], ["c"], domain="local"),
-            helper.make_node("Add", ["x", "c"], ["y"]),
-        ],
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
-    )
-    proto = helper.make_model(
-        graph,
-        functions=[function],
-        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)],
-    )
-    path = folder / "m.onnx"
-    path.write_bytes(proto.SerializeToString())
-    return path
+    return function_constant_file(folder / "m.onnx", location)
 
 
 @pytest.mark.parametrize(

@@ -9,21 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from graphopt.backends.tensorrt.module import find_tensorrt
 from graphopt.cli import main
 from graphopt_tests.helpers import import_or_skip
-
-
-@pytest.fixture
-def no_tensorrt(monkeypatch):
-    monkeypatch.setenv("GRAPHOPT_TENSORRT", "none")
-    find_tensorrt.cache_clear()
-    yield
-    monkeypatch.delenv("GRAPHOPT_TENSORRT")
-    find_tensorrt.cache_clear()
 
 
 def _save(path: Path, zero_point: int | None) -> Path:

@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from graphopt_tests.helpers import function_constant_file
 from graphopt_tests.robustness.build import I64, F, _add, base_model, model, vi, writer
 
 # --- 10. huge declared dims ------------------------------------------------------------------
@@ -210,39 +211,11 @@ def _ext_dev(folder: Path) -> Path:
 
 
 def _ext_in_function(folder: Path, location: str) -> Path:
-    """y = x + F(): the local function F's Constant (4 floats) stored at ``location``; its
-    file (16 bytes) is written outside the model's folder, where ``location`` leads."""
-    value = TensorProto(name="c", data_type=F, dims=[4], data_location=TensorProto.EXTERNAL)
-    for key, text in (("location", location), ("offset", "0"), ("length", "16")):
-        value.external_data.add(key=key, value=text)
+    """A local function's Constant stored at ``location``, relative to sub/; its file (16
+    bytes) lies outside sub/, where ``location`` leads."""
     (folder / "outside.data").write_bytes(np.arange(4, dtype=np.float32).tobytes())
-    sub = folder / "sub"
-    sub.mkdir()
-    function = helper.make_function(
-        "local",
-        "F",
-        [],
-        ["c"],
-        [helper.make_node("Constant", [], ["c"], value=value)],
-        [helper.make_opsetid("", 17)],
-    )
-    graph = helper.make_graph(
-        [
-            helper.make_node("F", [], ["c"], domain="local"),
-            helper.make_node("Add", ["x", "c"], ["y"]),
-        ],
-        "g",
-        [vi("x", F, [4])],
-        [vi("y", F, [4])],
-    )
-    proto = helper.make_model(
-        graph,
-        functions=[function],
-        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)],
-    )
-    path = sub / "m.onnx"
-    path.write_bytes(proto.SerializeToString())
-    return path
+    (folder / "sub").mkdir()
+    return function_constant_file(folder / "sub" / "m.onnx", location)
 
 
 _add("external_data", "absolute", _ext_absolute)

@@ -1,5 +1,5 @@
-"""Fixtures of the backend tests: TensorRT forced absent, or required (skipped, saying why,
-without tensorrt_rtx)."""
+"""Fixtures shared by the backend and command tests: TensorRT forced absent, or required
+(skipped, saying why, without tensorrt_rtx)."""
 
 from __future__ import annotations
 
