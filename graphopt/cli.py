@@ -269,6 +269,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERNAL
 
 
+def _check_ort_optimized_target(target: Path, args: argparse.Namespace, output) -> None:
+    """Refuse, before any work, a ``--save-ort-optimized`` path that is the input model,
+    the output, or the engine: it is written last, over whatever is there."""
+    from graphopt import io
+
+    io.check_output_target(target)
+    others = {"the input model": args.input, "the output": output or args.input}
+    if getattr(args, "engine", None):
+        others["the --engine file"] = args.engine
+    for what, path in others.items():
+        if path is not None and _same_path(target, Path(path)):
+            raise UserInputError(f"--save-ort-optimized {target}: is {what}; give another path")
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    try:
+        return a.samefile(b) if a.exists() and b.exists() else a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
 def _say(err: Console, message: str) -> None:
     """One line on stderr, whatever the message holds: a path or a library's error with a
     line break in it is shown with the break escaped."""
@@ -366,6 +387,8 @@ def _cmd_optimize(args: argparse.Namespace, out: Console, err: Console) -> int:
     output = args.output
     if output is None and not args.in_place:
         output = default_output_path(Path(args.input))
+    if args.save_ort_optimized:
+        _check_ort_optimized_target(Path(args.save_ort_optimized), args, output)
     _stage[0] = "loading the model"
     with progress_display(err) as display:
 

@@ -42,6 +42,9 @@ def parse_input_shapes(specs: list[str] | None) -> dict[str, tuple[int, ...]]:
             raise UserInputError(f"--input-shape {spec!r}: dims must be integers") from None
         if any(d < 0 for d in shape):
             raise UserInputError(f"--input-shape {spec!r}: dims must be non-negative")
+        if name in shapes and shapes[name] != shape:
+            # Which one was meant? The last one used to win without a word.
+            raise UserInputError(f"--input-shape {name}: given twice, with different dims")
         shapes[name] = shape
     return shapes
 

@@ -68,6 +68,9 @@ OPT_LEVELS = {
 # 2 GB limit, with room for the graph).
 IN_MEMORY_LIMIT_BYTES = 1 << 30
 
+# More threads than any machine graphopt runs on has cores (ORT starts them all at once).
+MAX_THREADS = 1024
+
 
 @dataclass(frozen=True)
 class SessionConfig:
@@ -153,6 +156,9 @@ def session_options(config: SessionConfig, model: ir.Model | None = None):
     options.graph_optimization_level = optimization_level(config.opt_level)
     if config.threads < 0 or config.inter_threads < 0:
         raise UserInputError("--threads: must be 0 (ORT's default) or more")
+    if max(config.threads, config.inter_threads) > MAX_THREADS:
+        # ORT starts every thread up front: 100000 of them exhausted memory with no message.
+        raise UserInputError(f"--threads: at most {MAX_THREADS}")
     if config.threads:
         options.intra_op_num_threads = config.threads
     if config.inter_threads:

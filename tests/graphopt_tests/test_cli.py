@@ -692,3 +692,29 @@ def test_lossy_option_mistakes_are_one_line(
     lossy = [] if flags[0].startswith("--factorize") else ["--sparsity", "2:4"]
     code, _, err = run(["optimize", str(path), *lossy, *flags], capsys)
     assert code == 2 and message in err and err.strip().count("\n") == 0, err
+
+
+def test_input_shapes_must_agree_on_named_dims_and_not_repeat(tmp_path: Path, capsys) -> None:
+    path = _save(
+        tmp_path,
+        "two.onnx",
+        [helper.make_node("Mul", ["ids", "mask"], ["y"])],
+        [
+            helper.make_tensor_value_info("ids", F, ["batch", "sequence"]),
+            helper.make_tensor_value_info("mask", F, ["batch", "sequence"]),
+        ],
+        [helper.make_tensor_value_info("y", F, ["batch", "sequence"])],
+    )
+    # Before: ORT refused the pair, and the run ended "not verified" (exit 4), written.
+    code, _, err = run(
+        ["optimize", str(path), "--input-shape", "ids:1x16", "--input-shape", "mask:1x8"], capsys
+    )
+    assert code == 2 and "dim 'sequence' is 8 here but 16 for input 'ids'" in err, err
+    # Before: the last of two bindings of one input won without a word.
+    code, _, err = run(
+        ["optimize", str(path), "--input-shape", "ids:1x16", "--input-shape", "ids:1x8"], capsys
+    )
+    assert code == 2 and "--input-shape ids: given twice, with different dims" in err, err
+    assert not (tmp_path / "two.opt.onnx").exists()
+    argv = ["optimize", str(path), "--input-shape", "ids:1x16", "--input-shape", "mask:1x16"]
+    assert run(argv, capsys)[0] == 0

@@ -68,6 +68,9 @@ def test_session_options_carry_threads_level_and_mode() -> None:
     assert options.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL
     with pytest.raises(UserInputError, match="optimization level 'fast'"):
         backend.session_options(backend.SessionConfig(opt_level="fast"))
+    # ORT starts every thread up front: 100000 exhausted memory without a message.
+    with pytest.raises(UserInputError, match="--threads: at most 1024"):
+        backend.session_options(backend.SessionConfig(threads=100_000))
 
 
 def test_session_from_path_and_from_memory_agree(tmp_path: Path) -> None:
@@ -138,6 +141,22 @@ def test_optimize_saves_ort_optimized_model_beside_its_output(tmp_path: Path, ca
     x = np.ones((1, 8), dtype=np.float32)
     want = backend.create_session(source).run(None, {"x": x})[0]
     np.testing.assert_allclose(backend.create_session(edge).run(None, {"x": x})[0], want, 1e-5)
+
+
+def test_optimize_refuses_an_ort_optimized_path_over_its_input_or_output(
+    tmp_path: Path, capsys
+) -> None:
+    from graphopt.cli import main
+
+    source = _saved(tmp_path)
+    before = source.read_bytes()
+    out = tmp_path / "out.onnx"
+    # Before: written last, over the input model itself, with exit 0.
+    for target, what in ((source, "the input model"), (out, "the output")):
+        code = main(["optimize", str(source), "-o", str(out), "--save-ort-optimized", str(target)])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and f"is {what}; give another path" in err, err
+    assert source.read_bytes() == before and not out.exists()
 
 
 def test_model_of_graphopt_domain_asks_for_graphopt_kernels(monkeypatch) -> None:
