@@ -17,7 +17,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt.errors import UserInputError, is_out_of_memory
-from graphopt.input_dims import dims_of, graph_inputs
+from graphopt.input_dims import dim_key, dims_of, graph_inputs
 from graphopt.inputs import (
     ENLARGE_FACTOR,
     bind_dims,
@@ -551,14 +551,15 @@ def check_input_shapes(model: ir.Model, shapes: Mapping[str, tuple[int, ...]] | 
                     f"{flag}: axis {axis} of input {name!r} is fixed at {dim} by the model "
                     f"({_declared(declared)})"
                 )
-            symbol = None if isinstance(dim, int) else dim.value
-            if symbol:
-                # One named dim, two sizes (input_ids 16 long, its mask 8): no run takes
-                # both; verification ended "not verified" (exit 4) instead.
-                first = named.setdefault(symbol, (size, name))
+            # One named dim, two sizes (input_ids 16 long, its mask 8): no run takes both;
+            # verification ended "not verified" (exit 4) instead. dim_key keeps anonymous
+            # dims ("?", paddle2onnx's "unknown") apart: they share no name.
+            key = dim_key(inputs[name], axis)
+            if key is not None:
+                first = named.setdefault(key, (size, name))
                 if first[0] != size:
                     raise UserInputError(
-                        f"{flag}: dim {symbol!r} is {size} here but {first[0]} for input "
+                        f"{flag}: dim {key!r} is {size} here but {first[0]} for input "
                         f"{first[1]!r}; inputs that share a named dim take one size"
                     )
 

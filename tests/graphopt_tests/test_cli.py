@@ -718,3 +718,12 @@ def test_input_shapes_must_agree_on_named_dims_and_not_repeat(tmp_path: Path, ca
     assert not (tmp_path / "two.opt.onnx").exists()
     argv = ["optimize", str(path), "--input-shape", "ids:1x16", "--input-shape", "mask:1x16"]
     assert run(argv, capsys)[0] == 0
+    # "?" is paddle2onnx's "unknown", not a name two dims share (PP-OCR's cls: [?, 3, ?, ?]).
+    anonymous = _save(
+        tmp_path,
+        "anon.onnx",
+        [helper.make_node("Relu", ["x"], ["y"])],
+        [helper.make_tensor_value_info("x", F, ["?", 3, "?", "?"])],
+        [helper.make_tensor_value_info("y", F, ["?", 3, "?", "?"])],
+    )
+    assert run(["optimize", str(anonymous), "--input-shape", "x:1x3x48x192"], capsys)[0] == 0

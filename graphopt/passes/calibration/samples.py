@@ -28,7 +28,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt.errors import UserInputError, is_out_of_memory
-from graphopt.input_dims import dim_keys, graph_inputs
+from graphopt.input_dims import dim_key, dim_keys, graph_inputs
 from graphopt.inputs import (
     DEFAULT_BATCH,
     bind_dims,
@@ -289,7 +289,8 @@ def _check_named_dims(
                     f"{path}: input {name!r} has size {size} on axis {position}; the model "
                     f"fixes it at {dim} ({dims})"
                 )
-            symbol = _symbol(dim)
+            # dim_key: a name two dims share; anonymous ones ("?") get keys of their own.
+            symbol = dim_key(inputs[name], position)
             if symbol is None:
                 continue
             first = seen.setdefault(symbol, (size, name))

@@ -60,3 +60,13 @@ def test_arrays_contradicting_a_fixed_dim_are_refused(tmp_path):
     np.savez(path, x=np.zeros((5, 2, 8, 8), np.float32))  # the Conv takes 3 channels
     with pytest.raises(UserInputError, match="has size 2 on axis 1; the model fixes it at 3"):
         load_calibration(str(path), _conv_with_first_dim("N"))
+
+
+def test_anonymous_dims_of_different_sizes_are_not_one_dim(tmp_path):
+    # paddle2onnx writes unknown dims as "?": PP-OCR's images are 48 high, 192 wide.
+    path = tmp_path / "calib.npz"
+    np.savez(path, x=np.zeros((2, 3, 48, 192), np.float32))
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["?", 3, "?", "?"])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["?", 3, "?", "?"])
+    model = make_model([helper.make_node("Relu", ["x"], ["y"])], [x], [y])
+    assert load_calibration(str(path), model).count == 2
