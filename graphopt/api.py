@@ -355,12 +355,12 @@ def _optimize(
     if target is not None and not in_place:
         data_files = io.external_data_files(model)
         data_target = target.with_name(io.data_file_name(target))
-        if any(_same_file(data_target, f) for f in data_files):
+        if any(io.same_file(data_target, f) for f in data_files):
             raise UserInputError(
                 f"{target}: its external-data file {data_target.name} would overwrite the "
                 "input's weights; choose another output name"
             )
-        if any(_same_file(target, f) for f in data_files):
+        if any(io.same_file(target, f) for f in data_files):
             raise UserInputError(
                 f"{target}: output would overwrite the input's external-data file; "
                 "choose another output name"
@@ -463,7 +463,7 @@ def _resolve_output(
     if output is None:
         return None
     target = Path(os.fspath(output))
-    if source_path is not None and _same_file(source_path, target):
+    if source_path is not None and io.same_file(source_path, target):
         raise UserInputError(
             f"{target}: output would overwrite the input; use --in-place to replace it"
         )
@@ -478,14 +478,5 @@ def _refuse_output_over_data(target: Path, options: OptimizeOptions) -> None:
     given += [("--calib", spec.options.get("calib")) for spec in specs]
     for flag, value in given:
         is_path = isinstance(value, (str, os.PathLike)) and str(value) not in ("", "random")
-        if is_path and _same_file(target, Path(os.fspath(value))):
+        if is_path and io.same_file(target, Path(os.fspath(value))):
             raise UserInputError(f"{target}: output would overwrite the {flag} file")
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        if a.exists() and b.exists():
-            return a.samefile(b)
-        return a.resolve() == b.resolve()
-    except OSError:
-        return False

@@ -279,15 +279,8 @@ def _check_ort_optimized_target(target: Path, args: argparse.Namespace, output) 
     if getattr(args, "engine", None):
         others["the --engine file"] = args.engine
     for what, path in others.items():
-        if path is not None and _same_path(target, Path(path)):
+        if path is not None and io.same_file(target, Path(path)):
             raise UserInputError(f"--save-ort-optimized {target}: is {what}; give another path")
-
-
-def _same_path(a: Path, b: Path) -> bool:
-    try:
-        return a.samefile(b) if a.exists() and b.exists() else a.resolve() == b.resolve()
-    except OSError:
-        return False
 
 
 def _say(err: Console, message: str) -> None:

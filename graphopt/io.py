@@ -316,6 +316,18 @@ def _signals_deferred() -> Iterator[None]:
             signal.raise_signal(signum)  # now with the caller's handler
 
 
+def same_file(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` are one file: the same inode when both exist (hard and
+    symbolic links included), else the same resolved path."""
+    with contextlib.suppress(OSError):
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    try:
+        return a.resolve() == b.resolve()
+    except (OSError, RuntimeError):  # a symbolic-link loop
+        return os.path.abspath(a) == os.path.abspath(b)
+
+
 def check_output_target(target: Path, *, data: bool = False) -> None:
     """Refuse an output (and with ``data``, its OUT.data) that exists and is no regular file.
 

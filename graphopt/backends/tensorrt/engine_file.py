@@ -11,7 +11,6 @@ The plan is written into a temporary folder beside the target, synced, then rena
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import tempfile
@@ -66,7 +65,7 @@ def check_engine_target(path: str | os.PathLike, protected: Protected) -> Path:
     if not os.access(folder, os.W_OK | os.X_OK):
         raise UserInputError(f"--engine {target}: folder {folder} is not writable")
     for other, what in protected:
-        if _same_file(target, Path(os.fspath(other))):
+        if io.same_file(target, Path(os.fspath(other))):
             raise UserInputError(
                 f"--engine {target}: is {what}; the engine would overwrite it (give another path)"
             )
@@ -105,15 +104,3 @@ def write_engine(path: str | os.PathLike, data: memoryview | bytes, protected: P
 
 def _reason(exc: OSError) -> str:
     return exc.strerror or " ".join(str(exc).split()) or type(exc).__name__
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    """Whether ``a`` and ``b`` are one file: the same inode when both exist (hard and
-    symbolic links included), else the same resolved path."""
-    with contextlib.suppress(OSError):
-        if a.exists() and b.exists():
-            return os.path.samefile(a, b)
-    try:
-        return a.resolve() == b.resolve()
-    except (OSError, RuntimeError):  # a symbolic-link loop
-        return os.path.abspath(a) == os.path.abspath(b)

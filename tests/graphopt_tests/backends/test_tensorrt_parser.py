@@ -14,21 +14,9 @@ from onnx import TensorProto, helper, numpy_helper
 from graphopt.api import OptimizeOptions, optimize
 from graphopt.backends.tensorrt.cli_options import EngineOptions
 from graphopt.errors import CheckFailedError
-from graphopt_tests.helpers import import_or_skip
 
 # Every 10th ONNX node test (sorted by name): 189 cases, ~90 of them rejected by the parser.
 SAMPLE_EVERY = 10
-
-
-@pytest.fixture(scope="module")
-def trt():
-    import_or_skip("tensorrt_rtx", "pip install 'graphopt[tensorrt]' (TensorRT-RTX)")
-    from graphopt.backends.tensorrt.module import find_tensorrt
-
-    find_tensorrt.cache_clear()
-    found = find_tensorrt().found
-    assert found is not None, find_tensorrt().why_not()
-    return found
 
 
 def test_static_table_agrees_with_the_parser_on_node_tests(trt) -> None:
