@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib.util import find_spec
@@ -187,20 +186,8 @@ def _check_not_model(model: Path, output: Path) -> None:
 
 
 def write_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """``numpy.savez`` to ``path`` through a temporary file beside it and a rename: a kill
-    midway leaves the old file (or none), never a torn archive."""
-    from graphopt.io import check_output_target
+    """``numpy.savez`` to ``path`` atomically (:func:`graphopt.io.write_file_atomically`): a
+    kill midway leaves the old file (or none), never a torn archive."""
+    from graphopt.io import write_file_atomically
 
-    check_output_target(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, **arrays)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-        raise
+    write_file_atomically(path, lambda handle: np.savez(handle, **arrays))

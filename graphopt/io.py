@@ -25,10 +25,10 @@ import socket
 import stat
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import onnx
@@ -232,19 +232,14 @@ def save(
     try:
         _write_atomically(model, target, folder, data_name, use_external)
     except OSError as exc:  # a full disk, a folder made read-only meanwhile
-        raise UserInputError(f"{target}: cannot be written ({exc.strerror or exc})") from None
+        raise UserInputError(f"{target}: cannot be written ({_os_reason(exc)})") from None
     return target
 
 
 def _write_atomically(
     model: ir.Model, target: Path, folder: Path, data_name: str, use_external: bool
 ) -> None:
-    tmp_dir: Path | None = None
-    try:
-        with _signals_deferred():  # no interrupt between creating the folder and naming it
-            tmp_dir = Path(
-                tempfile.mkdtemp(prefix=_temp_prefix(target.name), suffix=".tmp", dir=folder)
-            )
+    with temporary_folder(folder, target.name) as tmp_dir:
         tmp_model = tmp_dir / target.name
         if use_external:
             with _external_attributes_in_memory(model):
@@ -272,10 +267,56 @@ def _write_atomically(
         _check_replaceable(target)
         os.replace(tmp_model, target)
         _fsync_dir(folder)
+
+
+def write_file_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
+    """Write one file at ``path`` through ``write(handle)``, atomically; return the path.
+
+    The same route as :func:`save`: the target is checked first (a regular file or nothing,
+    in a writable folder), the bytes go to a temporary folder beside it, are synced and
+    renamed over it, so an interrupted write leaves the previous file or none. An
+    ``OSError`` (a full disk, a folder made read-only meanwhile) is a one-line user error.
+    """
+    target = Path(os.fspath(path))
+    folder = target.parent if str(target.parent) else Path(".")
+    check_output_target(target)
+    _remove_stale_temp_folders(folder, target.name)
+    try:
+        with temporary_folder(folder, target.name) as tmp_dir:
+            tmp_file = tmp_dir / target.name
+            with open(tmp_file, "wb") as handle:
+                write(handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            _check_replaceable(target)  # again: it may have changed meanwhile
+            os.replace(tmp_file, target)
+            _fsync_dir(folder)
+    except OSError as exc:
+        raise UserInputError(f"{target}: cannot be written ({_os_reason(exc)})") from None
+    return target
+
+
+@contextlib.contextmanager
+def temporary_folder(folder: Path, name: str) -> Iterator[Path]:
+    """A new temporary folder in ``folder`` for writing ``name``, removed on exit.
+
+    Its name carries host and pid, so a later write of ``name`` can remove a killed run's
+    leftovers (:func:`_remove_stale_temp_folders`). Interrupts are held back while it is
+    created and removed: one landing in between would leave a folder that may hold a full
+    copy of the weights."""
+    tmp_dir: Path | None = None
+    try:
+        with _signals_deferred():  # no interrupt between creating the folder and naming it
+            tmp_dir = Path(tempfile.mkdtemp(prefix=_temp_prefix(name), suffix=".tmp", dir=folder))
+        yield tmp_dir
     finally:
         if tmp_dir is not None:
             with _signals_deferred():  # an interrupt inside rmtree would leave half the folder
                 shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def _os_reason(exc: OSError) -> str:
+    return exc.strerror or " ".join(str(exc).split()) or type(exc).__name__
 
 
 @contextlib.contextmanager

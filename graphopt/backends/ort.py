@@ -22,10 +22,9 @@ subcommands' parsers import this module.
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
@@ -272,7 +271,7 @@ def save_optimized(
     if ort_format is None:
         ort_format = output.suffix.lower() == ".ort"
     io.check_output_target(output)
-    if output.resolve() == Path(os.fspath(source)).resolve():
+    if io.same_file(output, Path(os.fspath(source))):
         raise UserInputError(f"{output}: would overwrite the model it is made from")
     loaded = io.load(source)
     config = SessionConfig(
@@ -283,32 +282,50 @@ def save_optimized(
     folder = output.parent if str(output.parent) else Path(".")
     # ORT writes in place: into a temporary folder beside the output first, then renamed,
     # so an interrupted or failed run leaves no half-written model under the user's name.
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=folder))
     try:
-        options = session_options(config, loaded.model)
-        options.optimized_model_filepath = os.fspath(tmp_dir / output.name)
-        data_name = io.data_file_name(output)
-        if ort_format:
-            options.add_session_config_entry("session.save_model_format", "ORT")
-        elif io.total_tensor_bytes(loaded.model) >= IN_MEMORY_LIMIT_BYTES:
-            # Past protobuf's 2 GB a single ONNX file cannot hold the weights.
-            options.add_session_config_entry(
-                "session.optimized_model_external_initializers_file_name", data_name
-            )
-        try:
-            create_session(source, config, loaded.model, options=options)
-        except UserInputError:
-            raise
-        except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UserInputError(f"{source}: ONNX Runtime cannot optimize it ({first})") from None
-        written = tmp_dir / output.name
-        if not written.is_file():
-            raise UserInputError(f"{output}: ONNX Runtime wrote no optimized model")
-        if (tmp_dir / data_name).is_file():
-            io.check_output_target(output, data=True)
-            os.replace(tmp_dir / data_name, folder / data_name)
-        os.replace(written, output)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+        with io.temporary_folder(folder, output.name) as tmp_dir:
+            _save_optimized_into(tmp_dir, source, output, loaded.model, config, ort_format)
+    except OSError as exc:  # a full disk, a folder made read-only meanwhile
+        raise UserInputError(f"{output}: cannot be written ({exc.strerror or exc})") from None
     return output
+
+
+def _save_optimized_into(
+    tmp_dir: Path,
+    source: str | os.PathLike,
+    output: Path,
+    model: ir.Model,
+    config: SessionConfig,
+    ort_format: bool,
+) -> None:
+    from graphopt import io
+
+    folder = output.parent if str(output.parent) else Path(".")
+    options = session_options(config, model)
+    options.optimized_model_filepath = os.fspath(tmp_dir / output.name)
+    data_name = io.data_file_name(output)
+    if ort_format:
+        options.add_session_config_entry("session.save_model_format", "ORT")
+    elif io.total_tensor_bytes(model) >= IN_MEMORY_LIMIT_BYTES:
+        # Past protobuf's 2 GB a single ONNX file cannot hold the weights.
+        options.add_session_config_entry(
+            "session.optimized_model_external_initializers_file_name", data_name
+        )
+    try:
+        create_session(source, config, model, options=options)
+    except UserInputError:
+        raise
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserInputError(f"{source}: ONNX Runtime cannot optimize it ({first})") from None
+    written = tmp_dir / output.name
+    if not written.is_file():
+        raise UserInputError(f"{output}: ONNX Runtime wrote no optimized model")
+    if (tmp_dir / data_name).is_file():
+        io.check_output_target(output, data=True)
+        # The old model goes first: a kill between the renames leaves no model rather than
+        # the old one pointing at new weights (as io.save does).
+        with suppress(FileNotFoundError):
+            output.unlink()
+        os.replace(tmp_dir / data_name, folder / data_name)
+    os.replace(written, output)

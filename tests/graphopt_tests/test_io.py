@@ -133,6 +133,26 @@ def test_save_is_atomic_when_serialization_fails(tmp_path: Path, monkeypatch) ->
     assert _leftovers(tmp_path) == []
 
 
+def test_write_file_atomically_keeps_the_old_file_on_failure(tmp_path: Path) -> None:
+    target = tmp_path / "e.plan"
+    assert io.write_file_atomically(target, lambda handle: handle.write(b"new")) == target
+    assert target.read_bytes() == b"new"
+
+    def full_disk(handle) -> None:
+        handle.write(b"half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(UserInputError, match=r"e\.plan: cannot be written \(No space left"):
+        io.write_file_atomically(target, full_disk)
+    assert target.read_bytes() == b"new"
+    assert _leftovers(tmp_path) == []
+    link = tmp_path / "link.plan"
+    link.symlink_to(target)
+    with pytest.raises(UserInputError, match="symbolic link"):
+        io.write_file_atomically(link, lambda handle: handle.write(b"x"))
+    assert target.read_bytes() == b"new"
+
+
 def test_save_inline_and_external(tmp_path: Path) -> None:
     model = io.load(small_proto()).model
     inline = io.save(model, tmp_path / "a.onnx", external_data=False)

@@ -5,15 +5,13 @@ symbolic link is refused, not followed (a link planted in a shared folder would 
 write). It must not be the input model, the ONNX output, or a file either of them reads its
 weights from, whatever the spelling (a symbolic or hard link to one counts as that file).
 
-The plan is written into a temporary folder beside the target, synced, then renamed over it
-(as :func:`graphopt.io.save` does): an interrupted write leaves the previous plan or none.
+The plan is written by :func:`graphopt.io.write_file_atomically`, as models are saved: an
+interrupted write leaves the previous plan or none.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -76,31 +74,7 @@ def write_engine(path: str | os.PathLike, data: memoryview | bytes, protected: P
     """Write ``data`` to ``path`` atomically, after checking the path again (the pipeline ran
     in between: the folder or the file may have changed)."""
     target = check_engine_target(path, protected)
-    folder = target.parent if str(target.parent) else Path(".")
-    tmp_dir: Path | None = None
     try:
-        io._remove_stale_temp_folders(folder, target.name)
-        try:
-            with io._signals_deferred():  # no interrupt between creating the folder and naming it
-                tmp_dir = Path(
-                    tempfile.mkdtemp(prefix=io._temp_prefix(target.name), suffix=".tmp", dir=folder)
-                )
-            tmp_file = tmp_dir / target.name
-            with open(tmp_file, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            io._check_replaceable(target)  # again: it may have changed meanwhile
-            os.replace(tmp_file, target)
-            io._fsync_dir(folder)
-        finally:
-            if tmp_dir is not None:
-                with io._signals_deferred():
-                    shutil.rmtree(tmp_dir, ignore_errors=True)
-    except OSError as exc:
-        raise UserInputError(f"--engine {target}: cannot be written ({_reason(exc)})") from None
-    return target
-
-
-def _reason(exc: OSError) -> str:
-    return exc.strerror or " ".join(str(exc).split()) or type(exc).__name__
+        return io.write_file_atomically(target, lambda handle: handle.write(data))
+    except UserInputError as exc:
+        raise UserInputError(f"--engine {exc}") from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -128,6 +129,26 @@ def test_save_optimized_refuses_bad_targets(tmp_path: Path) -> None:
         backend.save_optimized(source, tmp_path / "missing" / "m.ort")
     with pytest.raises(UserInputError, match="no such file"):
         backend.save_optimized(tmp_path / "absent.onnx", tmp_path / "m.ort")
+
+
+def test_save_optimized_failing_write_is_a_user_error_and_keeps_the_old_file(
+    tmp_path: Path, monkeypatch
+) -> None:
+    source = _saved(tmp_path)
+    target = tmp_path / "m.ort"
+    target.write_bytes(b"previous")
+    real_replace = os.replace
+
+    def full_disk(src, dst) -> None:
+        if Path(dst) == target:
+            raise OSError(28, "No space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(backend.os, "replace", full_disk)
+    with pytest.raises(UserInputError, match=r"m\.ort: cannot be written \(No space left"):
+        backend.save_optimized(source, target)
+    assert target.read_bytes() == b"previous"
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
 
 
 def test_optimize_saves_ort_optimized_model_beside_its_output(tmp_path: Path, capsys) -> None:
