@@ -16,6 +16,7 @@ whole image to the input's size, aspect ratio not kept.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -185,7 +186,10 @@ def _as_8_bit(image: Image.Image, path: Path) -> Image.Image:
 
     if image.mode.startswith("I;16") or image.mode == "I":
         pixels = np.asarray(image).astype(np.int64)
-        if image.mode == "I" and (pixels.min() < 0 or pixels.max() > 65535):
+        # Mode "I" holds 16-bit PNGs and PGMs and 32-bit TIFFs alike; a TIFF's declared
+        # depth tells them apart even when its pixels happen to fit in 16 bits.
+        declared = _declared_bits(image)
+        if image.mode == "I" and (declared > 16 or pixels.min() < 0 or pixels.max() > 65535):
             raise UserInputError(f"{path}: 32-bit integer image; convert it to 8 or 16 bits")
         return Image.fromarray(np.rint(pixels / 257.0).astype(np.uint8), "L")
     if image.mode == "F":
@@ -194,6 +198,17 @@ def _as_8_bit(image: Image.Image, path: Path) -> Image.Image:
             "16 bits"
         )
     return image
+
+
+def _declared_bits(image: Image.Image) -> int:
+    """Bits per sample the file declares (TIFF's BitsPerSample tag), else 16 (the depth
+    Pillow's other formats open as mode "I" have)."""
+    tags = getattr(image, "tag_v2", None)
+    with contextlib.suppress(AttributeError, TypeError, ValueError):
+        bits = tags.get(258) if tags is not None else None
+        if bits:
+            return max(int(b) for b in (bits if isinstance(bits, tuple) else (bits,)))
+    return 16
 
 
 def _fit(image: Image.Image, size: tuple[int, int], crop: str, resize: int | None) -> Image.Image:

@@ -165,6 +165,8 @@ def test_uint8_input_takes_raw_pixels(tmp_path, capsys):
         ("nan_scale", "--scale nan: expected a positive finite number"),
         ("zero_resize", "--resize 0: expected a positive whole number"),
         ("float_image", "floating-point image, whose pixel range is unknown"),
+        # A 32-bit TIFF whose pixels fit in 16 bits was read as 16-bit (divided by 257).
+        ("int32_image", "32-bit integer image"),
         ("huge_size", "2 images would take 20.1 GiB (limit 4 GiB)"),
     ],
 )
@@ -202,6 +204,10 @@ def test_image_errors_are_one_line_exit_2(tmp_path, capsys, setup, expected):
         from PIL import Image
 
         Image.fromarray(np.full((8, 8), 0.5, np.float32), "F").save(folder / "f.tiff")
+    elif setup == "int32_image":
+        from PIL import Image
+
+        Image.fromarray(np.full((8, 8), 200, np.int32), "I").save(folder / "i.tiff")
     before = model.read_bytes()
     code, text = _calib(capsys, model, "-o", out, "--images", folder, *extra)
     assert code == 2
