@@ -1,10 +1,15 @@
-"""Fidelity measures: argmax agreement on the class axis."""
+"""Fidelity measures: argmax agreement on the class axis; samples the model cannot take."""
 
 from __future__ import annotations
 
 import numpy as np
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper
 
-from graphopt.passes.calibration.fidelity import measure
+from graphopt.errors import UserInputError
+from graphopt.passes.calibration.fidelity import measure, outputs_on
+from graphopt.passes.calibration.samples import CalibrationSet
 
 
 def _agreement(ref: np.ndarray, got: np.ndarray) -> float | None:
@@ -32,3 +37,21 @@ def test_an_output_without_classes_has_no_agreement():
     ref = np.ones((4, 1), np.float32)
     assert _agreement(ref, ref) is None
     assert _agreement(np.ones(4, np.float32), np.ones(4, np.float32)) is None
+
+
+def test_samples_the_model_cannot_take_are_a_one_line_user_error():
+    """The load checks catch most mismatches; whatever reaches ORT as InvalidArgument (here
+    a set built by hand, as the API allows) names the calibration data, in one line."""
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+    )
+    model = ir.serde.deserialize_model(helper.make_model(graph))
+    wrong = CalibrationSet({"x": np.ones((2, 3), np.float32)}, "calib.npz")
+    with pytest.raises(UserInputError, match=r"calibration data \(calib\.npz\) does not run") as e:
+        outputs_on(model, wrong)
+    assert "\n" not in str(e.value)
+    right = CalibrationSet({"x": -np.ones((2, 4), np.float32)}, "calib.npz")
+    np.testing.assert_array_equal(outputs_on(model, right)[0], np.zeros((2, 4), np.float32))
