@@ -190,7 +190,7 @@ class QuantizePass(GraphPass):
             "quantize_embeddings",
             bool,
             False,
-            "also quantize embedding tables (Gather on a weight) in int4-weight/int8",
+            "also quantize embedding tables (Gather on a weight) in int4-weight",
             flag="--quantize-embeddings",
             metavar="true|false",
         ),
@@ -243,16 +243,7 @@ class QuantizePass(GraphPass):
                     "--autotune had no effect: it times static int8 candidates for "
                     "--target ort only"
                 )
-        for name in sorted(self.given & _INT4_ONLY.keys()):
-            if settings.mode != "int4-weight":
-                record.notes.append(
-                    f"{_INT4_ONLY[name]} had no effect: it applies to --quantize int4-weight only"
-                )
-        if settings.int8_weights != "rtn" and settings.mode not in INT8_MODES:
-            record.notes.append(
-                f"--int8-weights {settings.int8_weights} had no effect: it rounds the weights "
-                "of --quantize int8 and int8-dynamic only"
-            )
+        record.notes.extend(_unused_option_notes(self.given, settings.mode))
         if settings.mode not in ("fp16", "bf16"):  # these only cast: an inf stays an inf
             _refuse_non_finite(model, stored_before, calib)
         if original is not None:
@@ -369,12 +360,37 @@ _REDUCED_FLOATS = {ir.DataType.FLOAT16: "float16", ir.DataType.BFLOAT16: "bfloat
 _ACTIVATION_QUANTIZERS = frozenset({"QuantizeLinear", "DynamicQuantizeLinear"})
 
 
-# Options only --quantize int4-weight reads (name: flag), noted when given to another mode.
-_INT4_ONLY = {
-    "block_size": "--block-size",
-    "int4_method": "--int4-method",
-    "int4_asymmetric": "--int4-asymmetric",
+# Options only some modes read (name: flag, those modes). Given to another mode, the report
+# says it had no effect: a setting the user chose must not vanish silently. (--autotune has
+# its own note: it also needs --target ort; --compensation is refused where it cannot run.)
+_MODE_OPTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "calib_method": ("--calib-method", ("int8",)),
+    "quant_format": ("--quant-format", ("int8",)),
+    "activation_type": ("--activation-type", INT8_MODES),
+    "per_channel": ("per_channel", (*INT8_MODES, "fp8")),
+    "max_error": ("--max-error", INT8_MODES),
+    "min_cosine": ("--min-cosine", INT8_MODES),
+    "min_agreement": ("--min-agreement", INT8_MODES),
+    "smoothquant": ("--smoothquant", INT8_MODES),
+    "equalize": ("--equalize", ("int8",)),
+    "bias_correction": ("--bias-correction", ("int8",)),
+    "int8_weights": ("--int8-weights", INT8_MODES),
+    "block_size": ("--block-size", ("int4-weight",)),
+    "int4_method": ("--int4-method", ("int4-weight",)),
+    "int4_asymmetric": ("--int4-asymmetric", ("int4-weight",)),
+    "quantize_embeddings": ("--quantize-embeddings", ("int4-weight",)),
 }
+
+
+def _unused_option_notes(given: frozenset[str], mode: str) -> list[str]:
+    """A note per given option that ``mode`` does not read."""
+    notes = []
+    for name in sorted(given & _MODE_OPTIONS.keys()):
+        flag, modes = _MODE_OPTIONS[name]
+        if mode not in modes:
+            where = " and ".join(f"--quantize {m}" for m in modes)
+            notes.append(f"{flag} had no effect: it applies to {where} only")
+    return notes
 
 
 def _quiet_float_errors():

@@ -125,3 +125,17 @@ def test_int4_options_given_to_another_mode_are_noted(tmp_path, capsys) -> None:
     assert "--int4-asymmetric had no effect" in text
     assert main(argv) == 0
     assert "had no effect" not in capsys.readouterr().out
+
+
+def test_int8_options_given_to_a_float_mode_are_noted(tmp_path, capsys) -> None:
+    """--max-error, --calib-method and the like shape int8 only; fp16 used to drop them
+    silently."""
+    model, calib = _files(tmp_path)
+    out = tmp_path / "h.onnx"
+    argv = ["optimize", str(model), "-o", str(out), "--quantize", "fp16", "--calib", str(calib)]
+    code = main([*argv, "--max-error", "0.01", "--calib-method", "mse", "--equalize", "true"])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    assert "--max-error had no effect: it applies to --quantize int8 and --quantize" in text
+    assert "--calib-method had no effect: it applies to --quantize int8 only" in text
+    assert "--equalize had no effect" in text
