@@ -59,9 +59,6 @@ def check_engine_target(path: str | os.PathLike, protected: Protected) -> Path:
         io.check_output_target(target)
     except UserInputError as exc:
         raise UserInputError(f"--engine {exc}") from None
-    folder = target.parent if str(target.parent) else Path(".")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise UserInputError(f"--engine {target}: folder {folder} is not writable")
     for other, what in protected:
         if io.same_file(target, Path(os.fspath(other))):
             raise UserInputError(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -95,15 +96,18 @@ def test_unwritable_engine_paths_are_one_line_before_any_work(
         assert message.startswith("graphopt: error: --engine") and reason in message, message
         assert not out.exists()
     assert victim.read_text() == "keep"
-    # A folder the user may not write to (root may write anywhere: the check is os.access).
-    real_access = os.access
-    monkeypatch.setattr(
-        os,
-        "access",
-        lambda p, mode: False if Path(p) == tmp_path / "adir" else real_access(p, mode),
-    )
+    # A folder no file can be created in (root may write anywhere, so the failure is
+    # simulated where the check creates its probe file).
+    real_mkstemp = tempfile.mkstemp
+
+    def refused(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir) == tmp_path / "adir":
+            raise PermissionError(13, "Permission denied")
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", refused)
     assert main(_optimize(source, out, str(tmp_path / "adir" / "x.plan"))) == 2
-    assert "is not writable" in _error(capsys)
+    assert "cannot write in" in _error(capsys)
     assert not out.exists()
 
 
