@@ -26,6 +26,7 @@ from typing import Any
 import onnx_ir as ir
 
 from graphopt.analysis.stats import count_nodes, has_subgraphs
+from graphopt.blas_threads import single_threaded_blas
 from graphopt.errors import CheckFailedError, UserInputError, is_out_of_memory
 from graphopt.fingerprint import Fingerprint, fingerprint
 from graphopt.registry import LOSSY_STAGES, PassContext, Stage, all_passes, get_pass
@@ -258,6 +259,11 @@ class PassManager:
         self.skip_idle = True
 
     def run(self, model: ir.Model) -> tuple[ir.Model, RunReport]:
+        # The output must not depend on the machine's core count (see blas_threads).
+        with single_threaded_blas():
+            return self._run(model)
+
+    def _run(self, model: ir.Model) -> tuple[ir.Model, RunReport]:
         start = time.perf_counter()
         nodes_before = count_nodes(model)
         self._note_subgraph_handling(model)

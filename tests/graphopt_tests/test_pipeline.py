@@ -65,6 +65,20 @@ class UserErrorPass(GraphPass):
         raise UserInputError("this model is not supported by test-user-error")
 
 
+class BlasThreadsPass(GraphPass):
+    """Test only: records the thread counts of the BLAS libraries loaded while it runs."""
+
+    name = "test-blas-threads"
+    seen: ClassVar[list[int]] = []
+
+    def rewrite(self, model: ir.Model) -> int:
+        from threadpoolctl import threadpool_info
+
+        blas = [i for i in threadpool_info() if i["user_api"] == "blas"]
+        BlasThreadsPass.seen = [i["num_threads"] for i in blas]
+        return 0
+
+
 class NoSubgraphsPass(GraphPass):
     """Test only: does nothing and says it leaves subgraphs alone."""
 
@@ -85,11 +99,25 @@ def _fake_passes(monkeypatch) -> None:
         AlwaysHitsPass,
         UserErrorPass,
         NoSubgraphsPass,
+        BlasThreadsPass,
     )
 
 
 def _steps(*names: str, fixed_point: bool = True) -> list[Step]:
     return [Step(tuple(PassSpec(n) for n in names), fixed_point)]
+
+
+def test_passes_run_with_single_threaded_blas() -> None:
+    """numpy's threaded BLAS rounds sums by thread count: passes see one thread, so the
+    output does not depend on the machine's cores; the caller's setting comes back after."""
+    from threadpoolctl import threadpool_info
+
+    np.ones((64, 64)) @ np.ones((64, 64))  # BLAS loaded
+    before = [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+    assert before
+    PassManager(_steps("test-blas-threads", fixed_point=False)).run(add_relu_model())
+    assert BlasThreadsPass.seen == [1] * len(before)
+    assert [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"] == before
 
 
 def test_fixed_point_iteration_is_bounded() -> None:

@@ -22,8 +22,13 @@ user names none:
 
 from __future__ import annotations
 
+import json
 import platform
 from pathlib import Path
+
+# The output's record of a choice made by the table (metadata_props): the CPU family and the
+# activation type it gave.
+CPU_RULE_KEY = "graphopt.cpu_rule"
 
 RULES = {
     "x86-vnni": "u8",
@@ -50,6 +55,11 @@ def cpu_family() -> str:
 
 def activation_type_for_this_cpu() -> str:
     return RULES[cpu_family()]
+
+
+def record(family: str, activation_type: str) -> str:
+    """The metadata value recording the table's choice."""
+    return json.dumps({"activation_type": activation_type, "cpu_family": family}, sort_keys=True)
 
 
 def _cpu_flags() -> set[str]:

@@ -244,6 +244,8 @@ class QuantizePass(GraphPass):
                     "--target ort only"
                 )
         record.notes.extend(_unused_option_notes(self.given, settings.mode))
+        if not settings.autotune:  # --autotune records its own choice
+            _record_cpu_rule_choice(model, settings, record.notes)
         if settings.mode not in ("fp16", "bf16"):  # these only cast: an inf stays an inf
             _refuse_non_finite(model, stored_before, calib)
         if original is not None:
@@ -503,6 +505,25 @@ def _check_tensorrt_form(mode: str, quant_format: str | None, activation_type: s
             "quantize --activation-type u8 --target tensorrt: TensorRT takes symmetric int8 "
             "(zero point 0) only: use --activation-type s8 (the default for this target)"
         )
+
+
+def _record_cpu_rule_choice(model: ir.Model, settings: QuantSettings, notes: list[str]) -> None:
+    """Record the activation type the CPU rule table chose (``--target ort``, none given):
+    the same input and options give another file on a CPU of another family, and the file
+    must say which choice made it, and how to make it on another machine."""
+    if settings.target != "ort" or settings.mode not in INT8_MODES:
+        return
+    if "activation_type" not in settings.defaulted:
+        return
+    from graphopt.passes.quantization.cpu_rules import CPU_RULE_KEY, cpu_family, record
+
+    family = cpu_family()
+    model.metadata_props[CPU_RULE_KEY] = record(family, settings.activation_type)
+    notes.append(
+        f"activations {settings.activation_type}: the CPU rule table's choice for this machine "
+        f"({family}); --activation-type {settings.activation_type} gives the same file on "
+        "any CPU"
+    )
 
 
 def default_activation_type(target: str) -> str:
