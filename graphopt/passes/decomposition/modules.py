@@ -158,6 +158,10 @@ def _attention(report: ZigReport, softmax: ir.Node, index: dict[int, int], n: in
     if not att.qk_reason and q[1] != k[1]:
         att.qk_reason = f"Q heads×dim {q[1]} differ from K's {k[1]}"
     att.vo_reason = why_v or _output(ctx, av, index, att, v[1] if v else None)
+    if not att.vo_reason and v[1] != dims[0]:
+        # V/O's plan reads the block's head dim: a V whose heads x dim differ from Q's (a
+        # model decomposed once already, whose V kept fewer dims per head) is left alone.
+        att.vo_reason = f"V heads×dim {v[1]} differ from Q's {dims[0]}"
     return att
 
 

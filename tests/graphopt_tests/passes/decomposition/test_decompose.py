@@ -71,6 +71,18 @@ def test_bert_tiny_inner_dims_shrink_and_flops_drop(bert):
     assert record.to_json()["decomposed"][0]["kind"] in ("mlp", "qk", "vo")
 
 
+def test_a_decomposed_model_decomposes_again(tmp_path):
+    """Global allocation leaves V with fewer dims per head than Q; a second run read V with
+    Q's head dim and crashed (IndexError). Now such V/O blocks are left, with the reason."""
+    first, second = tmp_path / "once.onnx", tmp_path / "twice.onnx"
+    _run(build("bert_tiny"), first, "ratio=0.3", allocation="global")
+    record = _run(first, second, "ratio=0.3", allocation="global")
+    assert record.check == "passed"
+    left = [why for _, kind, why in record.skipped if kind == "vo"]
+    assert left and all("differ from Q's" in why for why in left)
+    assert record.decomposed  # the MLPs still shrink
+
+
 def test_ratio_target_and_one_module_kind(tmp_path):
     source = build("bert_tiny")
     record = _run(source, tmp_path / "vo.onnx", "ratio=0.5", "vo")
