@@ -343,7 +343,7 @@ def random_calibration(
     axes = sample_axes(model)
     given = dict(shapes)
     dims = _sample_dims(model, given)
-    session = _session(model)
+    session = _session(model, owner)
     bindings = [dims, *enlarged_dims(model, given, dims)]
     batched = _batch_size(model, axes)
     first_error: tuple[BaseException, dict[str, np.ndarray]] | None = None
@@ -412,8 +412,9 @@ def _generated(
     return CalibrationSet(arrays, "random", batch, False, axes)
 
 
-def _session(model: ir.Model):
-    """An ORT session on ``model``, or a one-line error saying why ORT cannot load it."""
+def _session(model: ir.Model, owner: str):
+    """An ORT session on ``model``, or a one-line error saying why ORT cannot load it
+    (``owner``: the pass that asked, when given)."""
     from graphopt.backends.ort_custom_ops import missing_library_hint
     from graphopt.sessions import make_session
 
@@ -422,7 +423,8 @@ def _session(model: ir.Model):
     except Exception as exc:
         _raise_if_out_of_memory(exc)
         raise UserInputError(
-            f"prune: --calib random: ONNX Runtime cannot load the model to run calibration "
+            f"{owner + ': ' if owner else ''}--calib random: ONNX Runtime cannot load the "
+            "model to run calibration "
             f"samples: {_innermost(exc)}{missing_library_hint(model)}"
         ) from None
 

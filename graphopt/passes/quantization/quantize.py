@@ -483,6 +483,14 @@ def _refuse_nothing_to_quantize(model: ir.Model, mode: str) -> None:
             f"Conv/Gemm/MatMul nodes, none in float32); --quantize {mode} starts from a "
             "float32 model: give the float32 export"
         )
+    if reduced and mode in ("fp16", "bf16"):
+        # Converted before, with some layers kept float32 (bf16 Conv before opset 22, fp16's
+        # overflow guard): ranges and fidelity are measured against the float32 original.
+        raise UserInputError(
+            f"quantize {mode}: the model already computes partly in "
+            f"{_REDUCED_FLOATS[reduced[0]]} ({len(reduced)} of {len(types)} Conv/Gemm/MatMul "
+            f"nodes); --quantize {mode} starts from a float32 model: give the float32 export"
+        )
 
 
 def _check_tensorrt_form(mode: str, quant_format: str | None, activation_type: str | None) -> None:

@@ -414,6 +414,17 @@ def test_a_model_already_in_fp16_is_refused_not_left_as_it_is(tmp_path, mode):
         quantize(model, mode=mode, calib=calib_file(tmp_path))
 
 
+def test_bf16_twice_is_refused_where_conv_stayed_float32(tmp_path):
+    """bf16 keeps Conv in float32 before opset 22, so its output still has float32 layers;
+    a second bf16 run failed inside ORT (which runs no bf16 Gemm) under another pass's name."""
+    model = small_model()
+    quantize(model, mode="bf16")
+    types = {n.op_type: n.inputs[0].dtype for n in model.graph if n.op_type in ("Conv", "MatMul")}
+    assert types["Conv"] == ir.DataType.FLOAT and ir.DataType.BFLOAT16 in types.values()
+    with pytest.raises(UserInputError, match="already computes partly in bfloat16"):
+        quantize(model, mode="bf16")
+
+
 def test_int4_weight_takes_a_model_already_in_fp16():
     """MatMulNBits takes float16 activations: int4-weight is no reason to refuse."""
     model = small_model()
