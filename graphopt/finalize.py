@@ -182,6 +182,10 @@ def options_record(options: OptimizeOptions) -> dict[str, Any]:
         if decisions:
             # sparse-kernels' replayed decisions: by name, as calibration files are.
             spec_options["decisions"] = Path(decisions).name
+        speed_check = spec_options.get("speed_check")
+        if isinstance(speed_check, str) and speed_check not in ("on", "off"):
+            # factorize's replayed timings (a file): by name too.
+            spec_options["speed_check"] = Path(speed_check).name
         lossy.append({"name": spec.name, "options": spec_options})
     record: dict[str, Any] = {
         "passes": None

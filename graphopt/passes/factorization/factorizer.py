@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
@@ -421,7 +422,11 @@ def _write_metadata(
         {"layer": p.layer.name, "rank": p.rank, "full": p.full, "speedup": p.speedup}
         for p in planned
     ]
-    data: dict = {"version": 1, "rule": record.rule, "speed_check": settings.speed_check}
+    replayed = settings.speed_check not in ("on", "off")
+    # A replay file by its name, as calibration files are: a path would make the same run
+    # from another folder (or spelled relative vs absolute) give other bytes.
+    mode = Path(settings.speed_check).name if replayed else settings.speed_check
+    data: dict = {"version": 1, "rule": record.rule, "speed_check": mode}
     data["layers"] = layers
     if check is not None:
         data["timings"] = dict(sorted(check.used.items()))

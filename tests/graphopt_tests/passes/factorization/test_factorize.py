@@ -165,6 +165,12 @@ def test_deterministic_with_the_speed_check_off_or_replayed(tmp_path, monkeypatc
     assert [t.SerializeToString() for t in proto2.graph.initializer] == [
         t.SerializeToString() for t in proto3.graph.initializer
     ]
+    # The replay file is recorded by name: spelled relative, from another folder, the same
+    # bytes (the path as typed was in the record).
+    monkeypatch.chdir(tmp_path)
+    relative = tmp_path / "relative.onnx"
+    _record(model, relative, factorize_speed_check=outs[2].name, **common)
+    assert relative.read_bytes() == outs[3].read_bytes()
 
 
 def test_prunes_compensation_values_are_noted_not_used(tmp_path):
