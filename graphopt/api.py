@@ -214,6 +214,26 @@ def _refuse_repeated_lossy(steps: list[Step]) -> None:
         )
 
 
+def _repeated_lossy_notes(model: ir.Model, steps: list[Step]) -> list[str]:
+    """A warning per lossy pass of this run that an earlier run already applied to the input
+    (its metadata says so): a second prune/factorize/erase compounds the first, and this
+    run's fidelity is measured against the input, not the model before the first run."""
+    from graphopt.finalize import earlier_lossy_names
+
+    earlier = earlier_lossy_names(model.metadata_props)
+    notes = []
+    for spec in (s for step in steps for s in step.passes):
+        if spec.name in earlier and not get_pass(spec.name).exact:
+            cls = get_pass(spec.name)
+            applied = f" ({earlier[spec.name]})" if earlier[spec.name] else ""
+            notes.append(
+                f"warning: the input was already through {cls.flag or spec.name}{applied} "
+                "(its metadata records it): this run applies it again on top, and its "
+                "fidelity is measured against the input, not the model before the first run"
+            )
+    return notes
+
+
 def _check_targets(specs: list[PassSpec], target: str) -> None:
     """A pass asked for by flag that only rewrites for other targets (``--sparse-kernels``
     without ``--target ort``) would silently do nothing: refused in one line."""
@@ -376,7 +396,7 @@ def _optimize(
         if conversion_note:
             context.note(conversion_note)
     steps, notes = options.pipeline()
-    for note in notes:
+    for note in notes + _repeated_lossy_notes(model, steps):
         context.note(note)
     verifier = None
     skipped_reason = ""

@@ -45,6 +45,9 @@ if TYPE_CHECKING:
 VERSION_KEY = "graphopt.version"
 DEPENDENCIES_KEY = "graphopt.dependencies"
 OPTIONS_KEY = "graphopt.options"
+# The lossy passes of earlier runs on the input (oldest first): a run replaces OPTIONS_KEY,
+# which would otherwise forget that an int8 model was quantized or a model pruned twice.
+HISTORY_KEY = "graphopt.history"
 # Names ONNX shape inference gives the unknown dims it invents.
 _GENERATED_DIM = re.compile(r"unk__\d+")
 # Libraries whose behaviour shapes the written model (folding, rewriting, serialization,
@@ -263,9 +266,46 @@ def stamp(model: ir.Model, options: OptimizeOptions) -> None:
     Keys already there (an earlier graphopt run) are overwritten in place, so their order in
     the file, and the file, stay the same when the options are the same.
     """
+    history = earlier_lossy_runs(model.metadata_props)  # read before the record is replaced
+    if history:
+        model.metadata_props[HISTORY_KEY] = _canonical_json(history)
     model.metadata_props[VERSION_KEY] = __version__
     model.metadata_props[DEPENDENCIES_KEY] = _canonical_json(_dependency_versions())
     model.metadata_props[OPTIONS_KEY] = _canonical_json(options_record(options))
+
+
+def earlier_lossy_runs(props: Mapping[str, str]) -> list[dict[str, Any]]:
+    """The lossy passes graphopt applied to a model before, oldest first, each run as
+    ``{"version": ..., "lossy": [...]}``: the history the model carries plus the run that
+    wrote it. A run without lossy passes adds nothing, so re-optimizing with exact passes
+    only leaves the history (and the file) as it was. Unreadable records are skipped."""
+    history: list[dict[str, Any]] = []
+    try:
+        earlier = json.loads(props.get(HISTORY_KEY, "[]"))
+        history = [run for run in earlier if isinstance(run, dict)]
+    except (TypeError, ValueError):
+        pass
+    try:
+        last = json.loads(props[OPTIONS_KEY])
+        lossy = last.get("lossy") if isinstance(last, dict) else None
+    except (KeyError, TypeError, ValueError):
+        lossy = None
+    if isinstance(lossy, list) and lossy:
+        history.append({"version": props.get(VERSION_KEY, "unknown"), "lossy": lossy})
+    return history
+
+
+def earlier_lossy_names(props: Mapping[str, str]) -> dict[str, str]:
+    """Pass name -> its options as recorded, for every lossy pass applied before."""
+    found: dict[str, str] = {}
+    for run in earlier_lossy_runs(props):
+        for entry in run.get("lossy") or ():
+            if isinstance(entry, dict) and isinstance(entry.get("name"), str):
+                options = entry.get("options") or {}
+                found[entry["name"]] = ", ".join(
+                    f"{k}={v}" for k, v in sorted(options.items()) if v not in (None, "", False)
+                )
+    return found
 
 
 def options_from_metadata(props: Mapping[str, str]) -> OptimizeOptions:

@@ -428,3 +428,30 @@ def test_a_rerun_with_other_options_rewrites_the_record(tmp_path: Path) -> None:
     keys = [k for k, _ in props]
     assert len(keys) == len(set(keys)), "one record, overwritten, not appended"
     assert json.loads(dict(props)[finalize.OPTIONS_KEY])["seed"] == 9
+
+
+def test_earlier_lossy_runs_are_kept_and_a_repeat_is_warned(tmp_path: Path) -> None:
+    """A run replaces the options record, which forgot that the input was pruned; the
+    history keeps it, an exact-only rerun leaves the file as it was, and pruning the pruned
+    model again (it compounds) says so."""
+    source = tmp_path / "cnn.onnx"
+    ir.save(cnn(), source)
+    pruned, plain, plain_again, twice = (tmp_path / f"{n}.onnx" for n in "abcd")
+    graphopt.optimize(source, pruned, OptimizeOptions(prune="flops=0.3"))
+    assert finalize.HISTORY_KEY not in {p.key for p in onnx.load(str(pruned)).metadata_props}
+    graphopt.optimize(pruned, plain)
+    graphopt.optimize(plain, plain_again)
+    assert plain_again.read_bytes() == plain.read_bytes()
+    props = {p.key: p.value for p in onnx.load(str(plain)).metadata_props}
+    history = json.loads(props[finalize.HISTORY_KEY])
+    assert [[e["name"] for e in run["lossy"]] for run in history] == [["prune"]]
+    assert json.loads(props[finalize.OPTIONS_KEY])["lossy"] == []
+    result = graphopt.optimize(plain, twice, OptimizeOptions(prune="flops=0.3"))
+    warnings = [n for n in result.report.notes if "already through --prune" in n]
+    assert len(warnings) == 1 and "flops=0.3" in warnings[0]
+    history = json.loads(
+        {p.key: p.value for p in onnx.load(str(twice)).metadata_props}[finalize.HISTORY_KEY]
+    )
+    assert len(history) == 1  # the exact-only run in between added nothing
+    quantized = graphopt.optimize(pruned, None, OptimizeOptions(quantize="fp16"))
+    assert not [n for n in quantized.report.notes if "already through" in n]

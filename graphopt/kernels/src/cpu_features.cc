@@ -54,17 +54,22 @@ Isa probe() {
 Isa probe() { return Isa::Scalar; }
 #endif
 
-// GRAPHOPT_KERNELS_ISA as a tier; an unknown value caps nothing (the variable is for tests
-// and for ruling out a misbehaving tier, never for claiming one the CPU lacks).
-Isa cap_from_environment(Isa detected) {
-  const char* value = std::getenv("GRAPHOPT_KERNELS_ISA");
-  if (value == nullptr || *value == '\0') return detected;
+// GRAPHOPT_KERNELS_ISA's tier, or -1 when it is unset or empty (no cap) or names no tier.
+int cap_tier(const char* value) {
+  if (value == nullptr || *value == '\0') return -1;
   for (int tier = 0; tier <= static_cast<int>(Isa::Avx512Vnni); ++tier) {
-    if (std::strcmp(value, isa_name(static_cast<Isa>(tier))) == 0) {
-      return tier < static_cast<int>(detected) ? static_cast<Isa>(tier) : detected;
-    }
+    if (std::strcmp(value, isa_name(static_cast<Isa>(tier))) == 0) return tier;
   }
-  return detected;
+  return -1;
+}
+
+// The variable is for tests and for ruling out a misbehaving tier, never for claiming one the
+// CPU lacks. An unknown value caps nothing here (a kernel has no way to report it); the ORT
+// binding refuses it through unknown_isa_cap() before any kernel runs.
+Isa cap_from_environment(Isa detected) {
+  const int tier = cap_tier(std::getenv("GRAPHOPT_KERNELS_ISA"));
+  if (tier < 0) return detected;
+  return tier < static_cast<int>(detected) ? static_cast<Isa>(tier) : detected;
 }
 
 }  // namespace
@@ -77,6 +82,12 @@ Isa detect_isa() {
 Isa selected_isa() {
   // Read on every call (cheap) so a test can change the variable between runs in a process.
   return cap_from_environment(detect_isa());
+}
+
+const char* unknown_isa_cap() {
+  const char* value = std::getenv("GRAPHOPT_KERNELS_ISA");
+  if (value == nullptr || *value == '\0' || cap_tier(value) >= 0) return nullptr;
+  return value;
 }
 
 const char* isa_name(Isa isa) {

@@ -16,9 +16,13 @@ namespace graphopt {
 // Instruction-set tiers, lowest to highest. detect_isa() reads the CPU once;
 // selected_isa() is detect_isa() capped by the environment variable GRAPHOPT_KERNELS_ISA
 // (scalar|avx2|avx512|avx512vnni) so tests can force the fallback (a cap, never a raise).
+// unknown_isa_cap() is the variable's value when it is set but names no tier (else null):
+// selected_isa() then caps nothing, so the ORT binding refuses to create a kernel instead
+// (someone ruling out a tier by a misspelt name must not silently get that tier).
 enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512 = 2, Avx512Vnni = 3 };
 Isa detect_isa();
 Isa selected_isa();
+const char* unknown_isa_cap();
 const char* isa_name(Isa isa);
 
 // Fused epilogue after the bias: none, max(x, 0), or GELU (erf form, as ONNX's Gelu).
@@ -60,6 +64,9 @@ struct Packed24F32 {
 // Int8 block-sparse W, same BSR layout as BsrF32 with int8 values, C % 4 == 0.
 // Symmetric weights: w_real = w_scale[n] * w (w_scale_size is 1 or N).
 // w_rowsum[n] = sum_k W[k, n] (int32, for the activation zero point), N entries.
+// K <= kMaxS8K: every tier accumulates sum_k a*w in int32 (as vpdpbusd does, and as ORT's own
+// int8 GEMMs assume), and |a*w| <= 255*128, so past that K a sum may not fit.
+constexpr int64_t kMaxS8K = 2147483647 / (255 * 128);  // 65793
 struct BsrS8 {
   int64_t K, N;
   int32_t R, C;

@@ -32,6 +32,12 @@ void sparse_matmul_24_f32(const float* A, int64_t M, const Packed24F32& W, const
   if (M <= 0 || W.N <= 0) {
     return;
   }
+  // K = 0: Y = act(bias), from the reference, as in sparse_matmul_f32 (whose SIMD tiers loop
+  // over K panels and would never store); these tiers happen to store it, but need not.
+  if (W.K == 0) {
+    sparse_matmul_24_f32_reference(A, M, W, bias, act, Y);
+    return;
+  }
   if (isa >= Isa::Avx512) {
     detail::sparse_matmul_24_f32_avx512(A, M, W, bias, act, Y, par);
   } else if (isa >= Isa::Avx2) {

@@ -40,6 +40,13 @@ void sparse_matmul_f32(const float* A, int64_t M, const BsrF32& W, const float* 
   if (M <= 0 || W.N <= 0) {
     return;
   }
+  // K = 0 (no block columns, no blocks): Y = act(bias). The reference writes that; the SIMD
+  // tiers' M-vectorized path stores Y from its last K panel, and K = 0 has no panel at all
+  // (Y was left as the allocator had it).
+  if (W.K == 0) {
+    sparse_matmul_f32_reference(A, M, W, bias, act, Y);
+    return;
+  }
   if (isa >= Isa::Avx512) {
     detail::sparse_matmul_f32_avx512(A, M, W, bias, act, Y, par);
   } else if (isa >= Isa::Avx2) {

@@ -7,7 +7,10 @@
 // Arithmetic, shared by every variant so they agree bit for bit: acc = sum_k A[m,k] * W[k,n] in
 // int32 over stored blocks only (k < K, n < N; padding entries are never read against A), then
 // y = a_scale * w_scale[n] * (acc - a_zero_point * w_rowsum[n]), then bias and activation via
-// apply_epilogue_row. int32 is exact: |a*w| <= 255*128, so K up to ~65k cannot overflow.
+// apply_epilogue_row. int32 is exact: |a*w| <= 255*128, so K up to kMaxS8K = 65793 cannot
+// overflow (kernels.h); the ORT binding refuses a larger K when it creates the kernel. Past
+// that contract the sums wrap modulo 2^32 on every tier (the scalar code adds in uint32, so
+// a caller that breaks it gets wrong numbers, never signed overflow).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -52,7 +55,9 @@ void scalar_rows(const Problem& p, int64_t i0, int64_t i1, int64_t m0, int64_t m
   const int64_t R = W.R, C = W.C, K = W.K, N = W.N;
   const int64_t n0 = i0 * R, n1 = std::min(i1 * R, N);
   if (n1 <= n0) return;
-  std::vector<int32_t> acc(static_cast<size_t>(n1 - n0));
+  // uint32: adds modulo 2^32 like vpaddd (see the top of the file); s itself is exact (at
+  // most C <= 4096 products of at most 255*128).
+  std::vector<uint32_t> acc(static_cast<size_t>(n1 - n0));
   for (int64_t m = m0; m < m1; ++m) {
     const uint8_t* a = p.A + m * K;
     std::fill(acc.begin(), acc.end(), 0);
@@ -66,12 +71,14 @@ void scalar_rows(const Problem& p, int64_t i0, int64_t i1, int64_t m0, int64_t m
           if (n >= N) break;
           int32_t s = 0;
           for (int64_t c = 0; c < kc; ++c) s += static_cast<int32_t>(a[k0 + c]) * v[r * C + c];
-          acc[static_cast<size_t>(n - n0)] += s;
+          acc[static_cast<size_t>(n - n0)] += static_cast<uint32_t>(s);
         }
       }
     }
     float* y = p.Y + m * N + n0;
-    for (int64_t n = n0; n < n1; ++n) y[n - n0] = dequant(acc[static_cast<size_t>(n - n0)], p, n);
+    for (int64_t n = n0; n < n1; ++n) {
+      y[n - n0] = dequant(static_cast<int32_t>(acc[static_cast<size_t>(n - n0)]), p, n);
+    }
     apply_epilogue_row(y, n1 - n0, p.bias ? p.bias + n0 : nullptr, p.act);
   }
 }

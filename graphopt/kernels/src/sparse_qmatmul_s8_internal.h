@@ -39,10 +39,17 @@ inline double work_units(const BsrS8& W, int64_t M) {
 
 // Float result of one output from its int32 dot sum_k a*w (a raw uint8): the zero point is
 // removed through the weight row sum, then the two scales are applied.
+// The correction is computed modulo 2^32, as the SIMD tiers' vpmulld/vpsubd do, so every tier
+// agrees bit for bit and none has signed overflow (UB in C++) whatever w_rowsum holds. It is
+// exact whenever the true sum_k (a - zero_point) * w fits int32: always for a w_rowsum that is
+// the weight's own and K <= kMaxS8K (|a - zero_point| <= 255, |w| <= 128), even where the
+// two terms alone would overflow.
 inline float dequant(int32_t acc, const Problem& p, int64_t n) {
   const BsrS8& W = *p.W;
   const float ws = W.w_scale_size == 1 ? W.w_scale[0] : W.w_scale[n];
-  const int32_t corrected = acc - static_cast<int32_t>(p.a_zero_point) * W.w_rowsum[n];
+  const uint32_t correction =
+      uint32_t{p.a_zero_point} * static_cast<uint32_t>(W.w_rowsum[n]);  // mod 2^32
+  const auto corrected = static_cast<int32_t>(static_cast<uint32_t>(acc) - correction);
   return static_cast<float>(corrected) * (p.a_scale * ws);
 }
 
