@@ -67,27 +67,61 @@ OrtStatus* int_attribute(const OrtApi& api, const OrtKernelInfo* info, const std
   return nullptr;
 }
 
+// "Op node 'name'": errors raised while ORT creates the kernel (attributes, the environment)
+// reach the user without the node's name (ORT adds it only to errors of a run).
+std::string node_label(const OrtApi& api, const OrtKernelInfo* info, const char* op) {
+  std::string label = op;
+  size_t size = 0;
+  if (OrtStatus* status = api.KernelInfo_GetNodeName(info, nullptr, &size)) {
+    api.ReleaseStatus(status);
+    return label;
+  }
+  std::string name(size, '\0');
+  if (OrtStatus* status = api.KernelInfo_GetNodeName(info, name.data(), &size)) {
+    api.ReleaseStatus(status);
+    return label;
+  }
+  name.resize(std::strlen(name.c_str()));
+  return name.empty() ? label : label + " node '" + name + "'";
+}
+
+constexpr const char* kActivations = "\"\", \"none\", \"relu\" or \"gelu\"";
+
 OrtStatus* activation_attribute(const OrtApi& api, const OrtKernelInfo* info,
                                 const std::string& op, Activation* out) {
   *out = Activation::None;
   size_t size = 0;
-  // The size query fails when the attribute is absent: no activation.
   if (OrtStatus* status = api.KernelInfoGetAttribute_string(info, "activation", nullptr, &size)) {
+    // Absent means no activation; present with another type (INT, STRINGS, ...) is a model
+    // error, never "no activation". The C API has no "has attribute" query, and the typed
+    // getters cannot recognise every other type (STRINGS has none), so ORT's message tells:
+    // "No attribute with name:'activation'is defined." for an absent one (op_node_proto_helper
+    // in every ORT from 1.0 on), "Attribute name and type don't match" for another type.
+    const std::string message = api.GetErrorMessage(status);
     api.ReleaseStatus(status);
-    return nullptr;
+    if (message.find("No attribute") != std::string::npos) return nullptr;
+    return fail(api, op, std::string("attribute 'activation' must be a string (") + kActivations +
+                             "), got one of another type");
   }
+  // size counts the terminating NUL that ORT appends.
   std::string value(size, '\0');
   GRAPHOPT_RETURN_IF_ERROR(
       api.KernelInfoGetAttribute_string(info, "activation", value.data(), &size));
-  value.resize(std::strlen(value.c_str()));
+  const size_t length = size > 0 ? size - 1 : 0;
+  if (std::strlen(value.c_str()) != length) {
+    // A NUL inside the bytes ("relu\0tanh"): C strings would read "relu", ONNX's checker and
+    // any other reader the whole value; no spelling of an activation holds one.
+    return fail(api, op, std::string("attribute 'activation' holds a NUL byte; it must be ") +
+                             kActivations);
+  }
+  value.resize(length);
   if (value.empty() || value == "none") return nullptr;
   if (value == "relu") {
     *out = Activation::Relu;
   } else if (value == "gelu") {
     *out = Activation::Gelu;
   } else {
-    return fail(api, op,
-                "activation must be \"\", \"none\", \"relu\" or \"gelu\", got \"" + value + "\"");
+    return fail(api, op, std::string("activation must be ") + kActivations + ", got \"" + value + "\"");
   }
   return nullptr;
 }
@@ -97,10 +131,10 @@ struct Attributes {
   Activation act = Activation::None;
 };
 
-// K (a multiple of k_multiple), N, activation, and for the block-sparse ops block_r/block_c
-// (C a multiple of c_multiple).
+// K (a multiple of k_multiple, at most max_k), N, activation, and for the block-sparse ops
+// block_r/block_c (C a multiple of c_multiple).
 OrtStatus* read_attributes(const OrtApi& api, const OrtKernelInfo* info, const std::string& op,
-                           bool blocks, int64_t k_multiple, int64_t c_multiple,
+                           bool blocks, int64_t k_multiple, int64_t c_multiple, int64_t max_k,
                            Attributes* out) {
   GRAPHOPT_RETURN_IF_ERROR(int_attribute(api, info, op, "K", &out->K));
   GRAPHOPT_RETURN_IF_ERROR(int_attribute(api, info, op, "N", &out->N));
@@ -108,6 +142,11 @@ OrtStatus* read_attributes(const OrtApi& api, const OrtKernelInfo* info, const s
   if (out->K < 0 || out->K >= kMaxDim || out->N < 0 || out->N >= kMaxDim) {
     return fail(api, op, "K and N must be in [0, 2^31), got K=" + std::to_string(out->K) +
                              " N=" + std::to_string(out->N));
+  }
+  if (out->K > max_k) {  // SparseQMatMul: kernels.h's kMaxS8K
+    return fail(api, op, "K=" + std::to_string(out->K) + " exceeds " + std::to_string(max_k) +
+                             ", the largest K whose int32 sum of u8*s8 products cannot overflow"
+                             " (keep this MatMul dense)");
   }
   if (out->K % k_multiple != 0) {
     return fail(api, op, "K must be a multiple of " + std::to_string(k_multiple) + ", got " +
@@ -557,13 +596,26 @@ class SparseQMatMulKernel : public KernelBase {
     const std::array<const void*, 3> weights{values.data, col_idx.data, row_ptr.data};
     const bool deep = !already_checked(weights);
     GRAPHOPT_RETURN_IF_ERROR(check_bsr(api_, op, at_, values, col_idx, row_ptr, deep, &nnzb));
-    if (deep) remember_checked(weights);
     if (!w_scale.present || w_scale.shape.size() != 1 ||
         (w_scale.size != 1 && w_scale.size != at_.N)) {
       return fail(api_, op, "input 'w_scale' has shape " + shape_text(w_scale.shape) +
                                 ", expected [1] or [" + std::to_string(at_.N) + "]");
     }
     GRAPHOPT_RETURN_IF_ERROR(expect_shape(api_, op, "w_rowsum", w_rowsum, {at_.N}));
+    // A row sum of K int8 weights lies in [-128K, 127K]; one outside is not this weight's (and
+    // would make a_zero_point * w_rowsum overflow int32 even for a K the kernels allow). Inside
+    // that range a wrong sum still gives wrong numbers, never undefined behaviour (dequant).
+    // Checked with the indices (w_rowsum is constant whenever they are remembered).
+    const auto* rowsum = static_cast<const int32_t*>(w_rowsum.data);
+    for (int64_t n = 0; deep && n < at_.N; ++n) {
+      if (rowsum[n] < -128 * at_.K || rowsum[n] > 127 * at_.K) {
+        return fail(api_, op, "w_rowsum[" + std::to_string(n) + "]=" + std::to_string(rowsum[n]) +
+                                  " is outside [" + std::to_string(-128 * at_.K) + ", " +
+                                  std::to_string(127 * at_.K) + "], the sums of K=" +
+                                  std::to_string(at_.K) + " int8 weights");
+      }
+    }
+    if (deep) remember_checked(weights);  // after every deep check: a failed one is rerun
     GRAPHOPT_RETURN_IF_ERROR(bias_input(api_, op, bias_in, at_.N, &bias));
     float* y = nullptr;
     GRAPHOPT_RETURN_IF_ERROR(make_output(api_, context, y_shape, &y));
@@ -592,12 +644,28 @@ class SparseQMatMulKernel : public KernelBase {
 
 // ---- op descriptions -----------------------------------------------------------------------
 
+// The version of domain "graphopt" these ops implement (LAYOUTS.md). ORT's default range for
+// a custom op is [1, 2^31 - 1]: a model importing "graphopt" version 2 (a layout this library
+// does not know) would run as if it were 1. Ending the range here makes ORT refuse it.
+constexpr int kOpsetVersion = 1;
+
 template <typename TOp, typename TKernel>
 struct OpBase : Ort::CustomOpBase<TOp, TKernel, true> {
+  OpBase() {
+    this->start_ver_ = kOpsetVersion;
+    this->end_ver_ = kOpsetVersion;
+  }
+
   OrtStatus* CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
+    const std::string label = node_label(api, info, TOp::kName);
+    if (const char* cap = unknown_isa_cap()) {
+      return fail(api, label,
+                  std::string("GRAPHOPT_KERNELS_ISA=\"") + cap +
+                      "\" names no tier: use scalar, avx2, avx512 or avx512vnni, or unset it");
+    }
     Attributes attributes;
-    GRAPHOPT_RETURN_IF_ERROR(read_attributes(api, info, TOp::kName, TOp::kBlocks,
-                                             TOp::kKMultiple, TOp::kCMultiple, &attributes));
+    GRAPHOPT_RETURN_IF_ERROR(read_attributes(api, info, label, TOp::kBlocks, TOp::kKMultiple,
+                                             TOp::kCMultiple, TOp::kMaxK, &attributes));
     // Constant packed weights (the lowering always writes initializers) are index-checked on
     // the first run only; see KernelBase::already_checked.
     bool constant = true;
@@ -634,6 +702,7 @@ struct SparseMatMulOp : OpBase<SparseMatMulOp, SparseMatMulKernel> {
   static constexpr bool kBlocks = true;
   static constexpr int64_t kKMultiple = 1;
   static constexpr int64_t kCMultiple = 1;
+  static constexpr int64_t kMaxK = INT64_MAX;  // read_attributes: K < 2^31
   static constexpr std::array<ONNXTensorElementDataType, 5> kInputs{kF32, kF32, kI32, kI32, kF32};
   static constexpr std::array<size_t, 3> kWeightInputs{1, 2, 3};
 };
@@ -643,6 +712,7 @@ struct SparseMatMul24Op : OpBase<SparseMatMul24Op, SparseMatMul24Kernel> {
   static constexpr bool kBlocks = false;
   static constexpr int64_t kKMultiple = 4;
   static constexpr int64_t kCMultiple = 1;
+  static constexpr int64_t kMaxK = INT64_MAX;
   static constexpr std::array<ONNXTensorElementDataType, 4> kInputs{kF32, kF32, kU8, kF32};
   static constexpr std::array<size_t, 2> kWeightInputs{1, 2};
 };
@@ -652,6 +722,7 @@ struct SparseQMatMulOp : OpBase<SparseQMatMulOp, SparseQMatMulKernel> {
   static constexpr bool kBlocks = true;
   static constexpr int64_t kKMultiple = 1;
   static constexpr int64_t kCMultiple = 4;
+  static constexpr int64_t kMaxK = kMaxS8K;  // int32 accumulation (kernels.h)
   static constexpr std::array<ONNXTensorElementDataType, 9> kInputs{kU8, kF32, kU8, kI8, kI32,
                                                                     kI32, kF32, kI32, kF32};
   static constexpr std::array<size_t, 5> kWeightInputs{3, 4, 5, 6, 7};

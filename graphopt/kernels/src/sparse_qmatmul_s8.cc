@@ -60,7 +60,7 @@ void scalar_rows(const Problem& p, int64_t i0, int64_t i1, int64_t m0, int64_t m
   std::vector<uint32_t> acc(static_cast<size_t>(n1 - n0));
   for (int64_t m = m0; m < m1; ++m) {
     const uint8_t* a = p.A + m * K;
-    std::fill(acc.begin(), acc.end(), 0);
+    std::fill(acc.begin(), acc.end(), 0u);
     for (int64_t i = i0; i < i1; ++i) {
       for (int64_t b = W.row_ptr[i]; b < W.row_ptr[i + 1]; ++b) {
         const int64_t k0 = static_cast<int64_t>(W.col_idx[b]) * C;

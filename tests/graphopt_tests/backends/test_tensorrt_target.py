@@ -68,3 +68,19 @@ def test_int4_for_tensorrt_keeps_a_weight_without_whole_blocks_in_float(tmp_path
     assert ("float", "K 40 not a multiple of block 32 (TensorRT)") in kept
     model = onnx.load(tmp_path / "q.onnx")
     assert sum(n.op_type == "DequantizeLinear" for n in model.graph.node) == 1
+
+
+def test_an_ort_targeted_input_is_warned_about_not_rewritten_silently(tmp_path) -> None:
+    """--target tensorrt on a model quantized for ORT (MatMulNBits) wrote what TensorRT's
+    parser rejects with no word; the rule table's verdict is now in the report, and a clean
+    TensorRT-form output carries no such warning."""
+    source = tmp_path / "mlp.onnx"
+    onnx.save(_mlp(), source)
+    for_ort = tmp_path / "ort.onnx"
+    optimize(source, for_ort, OptimizeOptions(target="ort", quantize="int4-weight"))
+    assert any(n.op_type == "MatMulNBits" for n in onnx.load(for_ort).graph.node)
+    result = optimize(for_ort, tmp_path / "trt.onnx", OptimizeOptions(target="tensorrt"))
+    warnings = [n for n in result.report.notes if "TensorRT's parser would reject" in n]
+    assert len(warnings) == 1 and "MatMulNBits" in warnings[0]
+    clean = optimize(source, None, OptimizeOptions(target="tensorrt", quantize="int4-weight"))
+    assert not [n for n in clean.report.notes if "would reject" in n]
