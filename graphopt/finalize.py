@@ -266,19 +266,26 @@ def stamp(model: ir.Model, options: OptimizeOptions) -> None:
     Keys already there (an earlier graphopt run) are overwritten in place, so their order in
     the file, and the file, stay the same when the options are the same.
     """
-    history = earlier_lossy_runs(model.metadata_props)  # read before the record is replaced
+    record = options_record(options)
+    # Read before the record is replaced. A rerun with the same lossy options leaves the
+    # history as it was: on its own output (sparsify, sparse-kernels: a fixed point) it
+    # must give the same file; a pass that compounds instead is warned about in the report.
+    history = earlier_lossy_runs(model.metadata_props, unless=record["lossy"])
     if history:
         model.metadata_props[HISTORY_KEY] = _canonical_json(history)
     model.metadata_props[VERSION_KEY] = __version__
     model.metadata_props[DEPENDENCIES_KEY] = _canonical_json(_dependency_versions())
-    model.metadata_props[OPTIONS_KEY] = _canonical_json(options_record(options))
+    model.metadata_props[OPTIONS_KEY] = _canonical_json(record)
 
 
-def earlier_lossy_runs(props: Mapping[str, str]) -> list[dict[str, Any]]:
+def earlier_lossy_runs(
+    props: Mapping[str, str], unless: list[dict[str, Any]] | None = None
+) -> list[dict[str, Any]]:
     """The lossy passes graphopt applied to a model before, oldest first, each run as
     ``{"version": ..., "lossy": [...]}``: the history the model carries plus the run that
-    wrote it. A run without lossy passes adds nothing, so re-optimizing with exact passes
-    only leaves the history (and the file) as it was. Unreadable records are skipped."""
+    wrote it, unless that run had no lossy passes or its lossy record equals ``unless``, so
+    re-optimizing with exact passes only (or the same lossy options) leaves the history, and
+    the file, as it was. Unreadable records are skipped."""
     history: list[dict[str, Any]] = []
     try:
         earlier = json.loads(props.get(HISTORY_KEY, "[]"))
@@ -290,7 +297,7 @@ def earlier_lossy_runs(props: Mapping[str, str]) -> list[dict[str, Any]]:
         lossy = last.get("lossy") if isinstance(last, dict) else None
     except (KeyError, TypeError, ValueError):
         lossy = None
-    if isinstance(lossy, list) and lossy:
+    if isinstance(lossy, list) and lossy and _canonical_json(lossy) != _canonical_json(unless):
         history.append({"version": props.get(VERSION_KEY, "unknown"), "lossy": lossy})
     return history
 

@@ -219,6 +219,7 @@ def register_active_custom_ops(
         if loaded is not None:
             registered.append(loaded)
     if model is not None and uses_own_kernels(model):
+        check_own_domain_version(model)
         own = own_library()
         if own not in registered:  # ORT refuses the same ops registered twice
             registered.append(register_custom_ops(session_options, own))
@@ -252,6 +253,31 @@ def uses_own_kernels(model) -> bool:
                     graphs.append(attr.g)
                 graphs.extend(attr.graphs)
     return any(node.domain == OWN_DOMAIN for node in nodes)
+
+
+def own_domain_version(model) -> int | None:
+    """The version of :data:`OWN_DOMAIN` that ``model`` (an ``onnx_ir.Model`` or
+    ``onnx.ModelProto``) imports, or None when it imports none."""
+    import onnx_ir as ir
+
+    if isinstance(model, ir.Model):
+        return model.opset_imports.get(OWN_DOMAIN)
+    versions = [entry.version for entry in model.opset_import if entry.domain == OWN_DOMAIN]
+    return versions[0] if versions else None
+
+
+def check_own_domain_version(model) -> None:
+    """Refuse (one-line :class:`UserInputError`) a model importing a version of
+    :data:`OWN_DOMAIN` other than :data:`OWN_DOMAIN_VERSION`. ONNX Runtime cannot: it gives a
+    custom op one schema from its first version on, so version 2 of the domain would run on
+    these version-1 kernels as if it were 1, whatever changed in its layouts."""
+    version = own_domain_version(model)
+    if version is not None and version != OWN_DOMAIN_VERSION:
+        raise UserInputError(
+            f"the model imports domain {OWN_DOMAIN!r} version {version}; graphopt's sparse "
+            f"kernels implement version {OWN_DOMAIN_VERSION} only (lower the model again with "
+            "this graphopt, or use the graphopt that wrote it)"
+        )
 
 
 def missing_own_library_message() -> str:

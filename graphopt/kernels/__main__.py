@@ -41,9 +41,21 @@ def _tier_from_flags(flags: set[str]) -> str:
     return tier
 
 
-def _capped(tier: str) -> str:
+def _cap() -> str:
+    """GRAPHOPT_KERNELS_ISA, "" when unset. A value naming no tier is a one-line
+    UserInputError, as the library refuses it when ORT creates a kernel: a misspelt cap
+    ("AVX2") must not leave the tier it meant to rule out in use."""
     cap = os.environ.get("GRAPHOPT_KERNELS_ISA", "")
-    if cap in TIERS and TIERS.index(cap) < TIERS.index(tier):
+    if cap and cap not in TIERS:
+        raise UserInputError(
+            f"GRAPHOPT_KERNELS_ISA={cap!r} names no tier: use {', '.join(TIERS)}, or unset it"
+        )
+    return cap
+
+
+def _capped(tier: str) -> str:
+    cap = _cap()
+    if cap and TIERS.index(cap) < TIERS.index(tier):
         return cap
     return tier
 
@@ -53,6 +65,7 @@ def info() -> int:
     from graphopt.kernels import library_path, unavailable_reason
     from graphopt.kernels.build import TEST_BINARY
 
+    _cap()  # an unknown cap: the error sessions would give, before anything is printed
     flags = _cpu_flags()
     shown = ("avx", "avx2", "fma", "f16c", *TIER_FLAGS["avx512"], "avx512_vnni")
     print(f"machine: {platform.machine()} {sys.platform}")

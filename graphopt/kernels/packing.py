@@ -105,6 +105,11 @@ def unpack_bsr(packed: BsrPacked | BsrS8Packed) -> np.ndarray:
     return np.ascontiguousarray(dense_nk.T)
 
 
+# The largest K SparseQMatMul takes (kernels.h kMaxS8K): every tier sums u8*s8 products in
+# int32, and 255 * 128 * K must fit. The binding refuses a larger K when a session is created.
+S8_MAX_K = 2147483647 // (255 * 128)
+
+
 def pack_bsr_s8(w_kn_int8: np.ndarray, w_scale: float | np.ndarray, R: int, C: int) -> BsrS8Packed:
     """int8 BSR (C a multiple of 4) with ``w_scale`` (a scalar or one per output n)."""
     _check_block(R, C)

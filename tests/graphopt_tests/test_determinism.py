@@ -453,5 +453,10 @@ def test_earlier_lossy_runs_are_kept_and_a_repeat_is_warned(tmp_path: Path) -> N
         {p.key: p.value for p in onnx.load(str(twice)).metadata_props}[finalize.HISTORY_KEY]
     )
     assert len(history) == 1  # the exact-only run in between added nothing
+    # On the pruned output itself, the same options again: warned, and the history is left
+    # as it was (for a lossy pass that is a fixed point, the file must stay the same).
+    result = graphopt.optimize(pruned, None, OptimizeOptions(prune="flops=0.3"))
+    assert [n for n in result.report.notes if "already through --prune" in n]
+    assert finalize.HISTORY_KEY not in result.model.metadata_props
     quantized = graphopt.optimize(pruned, None, OptimizeOptions(quantize="fp16"))
     assert not [n for n in quantized.report.notes if "already through" in n]

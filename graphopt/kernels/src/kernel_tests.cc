@@ -565,6 +565,121 @@ void test_s8_lanes(Rng& rng, const Options& opt) {
 // and denormal x, large |x|, +-0, +-inf and NaN; row lengths 1..40 cover the vector tails.
 // The vector tiers must be within kGeluTol of the output's own magnitude; the scalar tier
 // (std::erf, which loses the negative tail to cancellation in 1 + erf) within 1e-7 |x|.
+// K = 0 (A is [M, 0], no blocks): Y = act(bias), or act(0) without one, on every tier and
+// on both the row (M < 8) and M-vectorized (M >= 8) paths; the latter once stored Y only from
+// its last K panel, so with no panel at all Y kept what was there (NaN here). M = 0 and
+// N = 0 must write nothing (the guards). Pointers are non-null, as the binding passes them.
+void test_k_zero() {
+  alignas(64) static const unsigned char empty[64] = {};
+  const auto* no_floats = reinterpret_cast<const float*>(empty);
+  const auto* no_i32 = reinterpret_cast<const int32_t*>(empty);
+  const auto* no_i8 = reinterpret_cast<const int8_t*>(empty);
+  const auto* no_u8 = reinterpret_cast<const uint8_t*>(empty);
+  for (const int64_t M : {0, 1, 7, 8, 9, 33, 64, 100}) {
+    for (const int64_t N : {0, 1, 16, 37, 300}) {
+      for (const int act_index : {0, 1, 2}) {
+        for (const bool with_bias : {false, true}) {
+          const auto act = static_cast<Activation>(act_index);
+          std::vector<float> bias(static_cast<size_t>(N) + 1);
+          for (int64_t n = 0; n < N; ++n) bias[static_cast<size_t>(n)] = 0.25f * (n % 9) - 1.0f;
+          const float* b = with_bias ? bias.data() : nullptr;
+          std::vector<float> want(static_cast<size_t>(M * N)), scale(want.size(), 1.0f);
+          for (int64_t i = 0; i < M * N; ++i) {
+            want[static_cast<size_t>(i)] = activate(b ? b[i % N] : 0.0f, act);
+          }
+          const std::vector<int32_t> row_ptr(static_cast<size_t>(N) + 1, 0);  // R = 1
+          std::vector<int32_t> rowsum(static_cast<size_t>(N) + 1, 0);
+          const float w_scale = 0.5f;
+          const BsrF32 wf{0, N, 1, 4, 0, no_floats, no_i32, row_ptr.data()};
+          const Packed24F32 w24{0, N, no_floats, no_u8};
+          const BsrS8 ws{0, N, 1, 4, 0, no_i8, no_i32, row_ptr.data(), &w_scale, 1,
+                         rowsum.data()};
+          const Shape s{M, 0, N, 1, 4, 1.0, with_bias, act};
+          for (Isa isa : tiers()) {
+            for (const Parallel& par : parallels()) {
+              Output y(M * N);
+              sparse_matmul_f32(no_floats, M, wf, b, act, y.data(), par, isa);
+              compare(describe("K=0 sparse_matmul_f32", s, isa, par.threads), y, want, scale,
+                      1e-6);
+              Output y24(M * N);
+              sparse_matmul_24_f32(no_floats, M, w24, b, act, y24.data(), par, isa);
+              compare(describe("K=0 sparse_matmul_24_f32", s, isa, par.threads), y24, want, scale,
+                      1e-6);
+              Output y8(M * N);
+              sparse_qmatmul_s8(no_u8, M, 0.1f, 7, ws, b, act, y8.data(), par, isa);
+              compare(describe("K=0 sparse_qmatmul_s8", s, isa, par.threads), y8, want, scale,
+                      1e-6);
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// K = kMaxS8K, the largest the binding allows, with the extreme products (a = 255 against
+// w = -128 or 127): the int32 sums reach -255*128*K = -2147483520, exact on every tier. Then
+// a w_rowsum inside [-128K, 127K] but not the weight's: a_zero_point * w_rowsum alone fits,
+// acc minus it does not; dequant wraps modulo 2^32 as the SIMD tiers do, so every tier gives
+// the same (wrong, but defined) number where the scalar code once overflowed (UB).
+void test_s8_largest_k() {
+  const int64_t K = kMaxS8K, N = 16;
+  for (const int w_value : {-128, 127}) {
+    for (const int64_t M : {1, 3, 9}) {
+      const Shape s{M, K, N, 1, 4, 0.0, false, Activation::None};
+      std::vector<int8_t> values(static_cast<size_t>(N * ((K + 3) / 4) * 4), 0);
+      std::vector<int32_t> col_idx, row_ptr{0};
+      const int64_t kd = (K + 3) / 4;
+      for (int64_t n = 0; n < N; ++n) {
+        for (int64_t j = 0; j < kd; ++j) {
+          for (int64_t c = 0; c < 4; ++c) {
+            values[static_cast<size_t>((n * kd + j) * 4 + c)] =
+                static_cast<int8_t>(j * 4 + c < K ? w_value : 0);
+          }
+          col_idx.push_back(static_cast<int32_t>(j));
+        }
+        row_ptr.push_back(static_cast<int32_t>(col_idx.size()));
+      }
+      std::vector<int32_t> rowsum(static_cast<size_t>(N), static_cast<int32_t>(w_value * K));
+      const float w_scale = 1.0f;
+      const std::vector<uint8_t> a(static_cast<size_t>(M * K), 255);
+      const BsrS8 W{K, N, 1, 4, static_cast<int64_t>(col_idx.size()), values.data(),
+                    col_idx.data(), row_ptr.data(), &w_scale, 1, rowsum.data()};
+      const double exact = 255.0 * w_value * static_cast<double>(K);
+      std::vector<float> want(static_cast<size_t>(M * N), static_cast<float>(exact));
+      std::vector<float> scale(want.size(), 0.0f);
+      for (Isa isa : tiers()) {
+        for (const Parallel& par : parallels()) {
+          Output y(M * N);
+          sparse_qmatmul_s8(a.data(), M, 1.0f, 0, W, nullptr, Activation::None, y.data(), par,
+                            isa);
+          compare(describe("largest K sparse_qmatmul_s8", s, isa, par.threads), y, want, scale,
+                  0);
+        }
+      }
+      if (M != 3) continue;
+      // The foreign row sum, at the end of its range opposite the weight's sign.
+      const int32_t foreign = static_cast<int32_t>(w_value < 0 ? 127 * K : -128 * K);
+      std::fill(rowsum.begin(), rowsum.end(), foreign);
+      const std::vector<uint8_t> a1(static_cast<size_t>(M * K), 255);
+      Output ref(M * N);
+      sparse_qmatmul_s8_reference(a1.data(), M, 1.0f, 255, W, nullptr, Activation::None,
+                                  ref.data());
+      std::vector<float> ref_values(want.size());
+      for (int64_t i = 0; i < ref.size; ++i) ref_values[static_cast<size_t>(i)] = ref.at(i);
+      for (Isa isa : tiers()) {
+        for (const Parallel& par : parallels()) {
+          Output y(M * N);
+          sparse_qmatmul_s8(a1.data(), M, 1.0f, 255, W, nullptr, Activation::None, y.data(), par,
+                            isa);
+          compare(describe("foreign w_rowsum sparse_qmatmul_s8", s, isa, par.threads), y,
+                  ref_values, scale, 0);
+        }
+      }
+    }
+  }
+}
+
 void test_gelu() {
   constexpr double kGeluTol = 1e-6;
   std::vector<float> xs;
@@ -626,6 +741,13 @@ void test_gelu() {
 int main(int argc, char** argv) {
   using namespace graphopt;
   Options opt;
+  if (const char* cap = unknown_isa_cap()) {  // refused as the ORT binding refuses it
+    std::fprintf(stderr,
+                 "GRAPHOPT_KERNELS_ISA=\"%s\" names no tier: use scalar, avx2, avx512 or "
+                 "avx512vnni, or unset it\n",
+                 cap);
+    return 2;
+  }
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     if (arg == "--info") {
@@ -651,6 +773,8 @@ int main(int argc, char** argv) {
   test_24_fixed(rng);
   test_s8(rng, opt);
   test_s8_lanes(rng, opt);
+  test_k_zero();
+  test_s8_largest_k();
   test_gelu();
   std::printf("kernel_tests: %d cases per op, tiers scalar..%s, %ld comparisons, %d failures\n",
               opt.cases, isa_name(detect_isa()), g_checks, g_failures);

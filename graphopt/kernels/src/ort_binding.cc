@@ -121,7 +121,8 @@ OrtStatus* activation_attribute(const OrtApi& api, const OrtKernelInfo* info,
   } else if (value == "gelu") {
     *out = Activation::Gelu;
   } else {
-    return fail(api, op, std::string("activation must be ") + kActivations + ", got \"" + value + "\"");
+    return fail(api, op,
+                std::string("activation must be ") + kActivations + ", got \"" + value + "\"");
   }
   return nullptr;
 }
@@ -644,18 +645,8 @@ class SparseQMatMulKernel : public KernelBase {
 
 // ---- op descriptions -----------------------------------------------------------------------
 
-// The version of domain "graphopt" these ops implement (LAYOUTS.md). ORT's default range for
-// a custom op is [1, 2^31 - 1]: a model importing "graphopt" version 2 (a layout this library
-// does not know) would run as if it were 1. Ending the range here makes ORT refuse it.
-constexpr int kOpsetVersion = 1;
-
 template <typename TOp, typename TKernel>
 struct OpBase : Ort::CustomOpBase<TOp, TKernel, true> {
-  OpBase() {
-    this->start_ver_ = kOpsetVersion;
-    this->end_ver_ = kOpsetVersion;
-  }
-
   OrtStatus* CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
     const std::string label = node_label(api, info, TOp::kName);
     if (const char* cap = unknown_isa_cap()) {
@@ -743,6 +734,10 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   Ort::InitApi(api);
   // The ops and the domain must outlive every session that uses them: static ops, and one
   // domain per registration that is never freed (a few bytes per SessionOptions).
+  // The ops implement version 1 of the domain, but ORT runs them for any version the model
+  // imports (>= 1): it makes one schema per op name, valid from its start version on, and an
+  // op's end version does not limit that schema. graphopt's own sessions refuse another version
+  // (graphopt/backends/ort_custom_ops.py, check_own_domain_version).
   static SparseMatMulOp sparse_matmul;
   static SparseMatMul24Op sparse_matmul_24;
   static SparseQMatMulOp sparse_qmatmul;

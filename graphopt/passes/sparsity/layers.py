@@ -241,13 +241,24 @@ def select(
         )
         if not named:
             left.append((layer.name, f"not in {flag_prefix}layers {','.join(terms)}"))
-        elif id(layer.node) in last and not layer.kind:
+        elif id(layer.node) in last and _is_head(layer):
             left.append((layer.name, f"the last layer (classifier): {flag_prefix}keep-last false"))
         elif layer.reduction < MIN_REDUCTION:
             left.append((layer.name, f"reduction size {layer.reduction} < {MIN_REDUCTION}"))
         else:
             chosen.append(layer)
     return chosen, left
+
+
+def _is_head(layer: Layer) -> bool:
+    """Whether a last layer is a model's final classifier, which keep-last leaves dense: any
+    layer that is no FFN or attention projection, and an FFN's second layer on [N, features]
+    rows (a CNN's MLP head: VGG's, MobileNetV3's Linear-Hardswish-Linear). A transformer's
+    last FFN projection works on [batch, seq, hidden] rows and is sparsified as the others."""
+    if not layer.kind:
+        return True
+    shape = layer.node.inputs[0].shape if layer.node.inputs[0] is not None else None
+    return shape is not None and len(shape) == 2
 
 
 def replace_weight(graph: ir.Graph, layer: Layer, canonical: np.ndarray) -> None:

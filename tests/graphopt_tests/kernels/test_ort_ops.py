@@ -233,18 +233,25 @@ def test_empty_bias_counts_as_none_and_m_zero_gives_empty_output() -> None:
     assert om.run(om.sparse_matmul(empty, pack_bsr(w, 1, 4), None, "relu"), empty).shape == (0, 5)
 
 
-def test_k_zero_gives_the_epilogue_of_the_bias() -> None:
-    bias = np.arange(5, dtype=np.float32) - 2
-    a, w = np.zeros((3, 0), np.float32), np.zeros((0, 5), np.float32)
-    want = np.broadcast_to(np.maximum(bias, 0), (3, 5))
-    np.testing.assert_array_equal(
-        om.run(om.sparse_matmul(a, pack_bsr(w, 4, 1), bias, "relu"), a), want
-    )
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512", "avx512vnni"])
+@pytest.mark.parametrize("M", [3, 9, 64])
+def test_k_zero_gives_the_epilogue_of_the_bias(monkeypatch, isa: str, M: int) -> None:
+    """K = 0 on every tier (a cap above the CPU's is no cap) and on both the row path (M < 8)
+    and the M-vectorized one, which once left Y unwritten (the allocator's bytes)."""
+    monkeypatch.setenv("GRAPHOPT_KERNELS_ISA", isa)  # read when the session creates a kernel
+    bias = np.arange(37, dtype=np.float32) - 2
+    a, w = np.zeros((M, 0), np.float32), np.zeros((0, 37), np.float32)
+    want = np.broadcast_to(np.maximum(bias, 0), (M, 37))
+    for block in [(4, 1), (1, 4), (1, 1)]:
+        y = om.run(om.sparse_matmul(a, pack_bsr(w, *block), bias, "relu"), a)
+        np.testing.assert_array_equal(y, want, err_msg=f"block {block}")
+        y = om.run(om.sparse_matmul(a, pack_bsr(w, *block), None, ""), a)
+        np.testing.assert_array_equal(y, np.zeros((M, 37), np.float32), err_msg=f"block {block}")
     np.testing.assert_array_equal(om.run(om.sparse_matmul_24(a, pack_24(w), bias, "relu"), a), want)
-    q = np.zeros((3, 0), np.uint8)
+    q = np.zeros((M, 0), np.uint8)
     packed = pack_bsr_s8(w.astype(np.int8), 0.1, 1, 4)
     y = om.run(om.sparse_qmatmul(q, 0.1, 3, packed, bias, ""), q)
-    np.testing.assert_array_equal(y, np.broadcast_to(bias, (3, 5)))
+    np.testing.assert_array_equal(y, np.broadcast_to(bias, (M, 37)))
 
 
 _FORCED = r"""

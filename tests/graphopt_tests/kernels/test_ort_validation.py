@@ -10,7 +10,7 @@ import pytest
 
 import graphopt.backends.ort_custom_ops
 import graphopt.kernels
-from graphopt.kernels.packing import pack_24, pack_bsr, pack_bsr_s8
+from graphopt.kernels.packing import S8_MAX_K, pack_24, pack_bsr, pack_bsr_s8
 from graphopt_tests.kernels import ort_models as om
 
 ort = pytest.importorskip("onnxruntime")
@@ -93,6 +93,71 @@ def test_bad_attributes_are_refused_when_the_session_is_made() -> None:
     _fails(om.sparse_matmul(A, P, None, "", K=-1), A, "K and N")
 
 
+def _with_attribute(model: bytes, name: str, value, node_name: str = "") -> bytes:
+    """``model`` with its node's attribute ``name`` replaced (removed when value is None)."""
+    import onnx
+
+    proto = onnx.load_from_string(model)
+    node = proto.graph.node[0]
+    node.name = node_name
+    for attribute in list(node.attribute):
+        if attribute.name == name:
+            node.attribute.remove(attribute)
+    if value is not None:
+        node.attribute.append(onnx.helper.make_attribute(name, value))
+    return proto.SerializeToString()
+
+
+@pytest.mark.parametrize(
+    ("value", "needle"),
+    [
+        (1, "must be a string"),  # once taken as "no activation"
+        (["relu"], "must be a string"),
+        (1.5, "must be a string"),
+        (b"relu\0tanh", "NUL byte"),  # once read as "relu"
+    ],
+)
+def test_activation_of_another_type_or_with_a_nul_is_refused(value, needle) -> None:
+    model = _with_attribute(om.sparse_matmul(A, P, None, "relu"), "activation", value, "fc1")
+    _fails(model, A, "SparseMatMul node 'fc1'", "'activation'", needle)
+
+
+def test_absent_activation_is_none() -> None:
+    model = _with_attribute(om.sparse_matmul(A, P, None, "relu"), "activation", None)
+    np.testing.assert_allclose(om.run(model, A), A @ W, atol=1e-5)
+
+
+@pytest.mark.parametrize("cap", ["bogus", "AVX2", "avx2 "])
+def test_unknown_isa_cap_is_refused(monkeypatch, cap: str) -> None:
+    monkeypatch.setenv("GRAPHOPT_KERNELS_ISA", cap)
+    _fails(om.sparse_matmul(A, P, None, ""), A, f'GRAPHOPT_KERNELS_ISA="{cap}"', "avx512vnni")
+
+
+def test_empty_isa_cap_caps_nothing(monkeypatch) -> None:
+    monkeypatch.setenv("GRAPHOPT_KERNELS_ISA", "")
+    np.testing.assert_allclose(om.run(om.sparse_matmul(A, P, None, ""), A), A @ W, atol=1e-5)
+
+
+def test_another_version_of_the_domain_is_refused_by_graphopt() -> None:
+    """ORT runs these version-1 kernels for any version a model imports (one schema per op,
+    from its first version on), so graphopt's own sessions check the import."""
+    import onnx
+
+    from graphopt.errors import UserInputError
+
+    proto = onnx.load_from_string(om.sparse_matmul(A, P, None, ""))
+    ort_custom_ops = graphopt.backends.ort_custom_ops
+    assert ort_custom_ops.own_domain_version(proto) == 1
+    assert ort_custom_ops.register_active_custom_ops(ort.SessionOptions(), (), model=proto)
+    next(o for o in proto.opset_import if o.domain == "graphopt").version = 2
+    with pytest.raises(UserInputError, match=r"'graphopt' version 2.*version 1 only") as error:
+        ort_custom_ops.register_active_custom_ops(ort.SessionOptions(), (), model=proto)
+    assert "\n" not in str(error.value)
+    import onnx_ir as ir
+
+    assert ort_custom_ops.own_domain_version(ir.serde.deserialize_model(proto)) == 2
+
+
 def test_two_four_bad_indices_and_shapes() -> None:
     w = np.zeros((8, 3), np.float32)
     w[[0, 5], :] = 1.0
@@ -135,6 +200,40 @@ def test_qmatmul_bad_inputs() -> None:
     )
     p2 = pack_bsr_s8(w, 0.05, 1, 4)
     _fails(om.sparse_qmatmul(a, 0.1, 3, p2, None, "", block_c=2), a, "multiple of 4")
+
+
+def test_qmatmul_k_whose_int32_sum_could_overflow_is_refused() -> None:
+    """Past S8_MAX_K a sum of K products 255 * 128 may not fit the int32 accumulator every tier
+    uses (K = 70000 of 255 * 127 gave -2.03e9 for 2.27e9): refused when the session is made,
+    naming the node and the limit."""
+    w = RNG.integers(-127, 128, (12, 5)).astype(np.int8)
+    a = RNG.integers(0, 256, (2, 12)).astype(np.uint8)
+    model = om.sparse_qmatmul(a, 0.1, 3, pack_bsr_s8(w, 0.05, 1, 4), None, "", K=S8_MAX_K + 1)
+    model = _with_attribute(model, "K", S8_MAX_K + 1, "ffn.up")
+    _fails(model, a, "SparseQMatMul node 'ffn.up'", f"K={S8_MAX_K + 1} exceeds {S8_MAX_K}")
+
+
+@pytest.mark.parametrize("weight", [127, -128])
+def test_qmatmul_at_the_largest_k_is_exact(weight: int) -> None:
+    K, N = S8_MAX_K, 8
+    w = np.full((K, N), weight, np.int8)
+    a = np.full((3, K), 255, np.uint8)
+    y = om.run(om.sparse_qmatmul(a, 1.0, 0, pack_bsr_s8(w, 1.0, 1, 4), None, ""), a)
+    np.testing.assert_array_equal(y, np.full((3, N), np.float32(255 * weight * K)))
+
+
+def test_qmatmul_w_rowsum_outside_its_range_is_refused() -> None:
+    w = RNG.integers(-127, 128, (8, 4)).astype(np.int8)
+    packed = pack_bsr_s8(w, 1.0, 1, 4)
+    a = np.full((1, 8), 1, np.uint8)
+    for bad in (127 * 8 + 1, -128 * 8 - 1, np.iinfo(np.int32).max):
+        rowsum = packed.w_rowsum.copy()
+        rowsum[2] = bad
+        model = om.sparse_qmatmul(a, 1.0, 255, packed, None, "", w_rowsum=rowsum)
+        _fails(model, a, f"w_rowsum[2]={bad} is outside [-1024, 1016]")
+    edge = packed.w_rowsum.copy()
+    edge[:] = [127 * 8, -128 * 8, 0, 1]  # inside the range: runs (wrong numbers, defined)
+    om.run(om.sparse_qmatmul(a, 1.0, 255, packed, None, "", w_rowsum=edge), a)
 
 
 def test_weights_computed_at_run_time_are_checked_on_every_run() -> None:

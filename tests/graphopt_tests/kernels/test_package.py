@@ -8,6 +8,7 @@ import pytest
 
 import graphopt.kernels
 from graphopt.backends import ort_custom_ops
+from graphopt.errors import UserInputError
 from graphopt.kernels import __main__ as cli
 from graphopt.kernels import build
 
@@ -78,6 +79,17 @@ def test_isa_rule_from_cpu_flags(monkeypatch) -> None:
     monkeypatch.setenv("GRAPHOPT_KERNELS_ISA", "avx2")
     assert cli._capped("avx512vnni") == "avx2"
     assert cli._capped("scalar") == "scalar"  # a cap, never a raise
+
+
+@pytest.mark.parametrize("cap", ["bogus", "AVX2"])
+def test_unknown_isa_cap_is_an_error_in_info(monkeypatch, capsys, cap: str) -> None:
+    """As the library refuses it: a misspelt cap must not leave the tier in use silently."""
+    monkeypatch.setenv("GRAPHOPT_KERNELS_ISA", cap)
+    with pytest.raises(UserInputError, match="names no tier"):
+        cli._capped("avx512")
+    assert cli.main(["info"]) == 2
+    err = capsys.readouterr().err
+    assert f"GRAPHOPT_KERNELS_ISA={cap!r} names no tier" in err and err.count("\n") == 1
 
 
 def test_cached_headers_are_reused_without_apt(tmp_path: Path, monkeypatch) -> None:

@@ -71,6 +71,30 @@ def test_an_ffn_pair_is_found_and_its_last_layer_is_not_a_classifier():
     assert len(chosen) == 2
 
 
+def test_a_cnns_mlp_head_is_a_classifier():
+    """VGG's and MobileNetV3's heads are Linear-activation-Linear on [N, features]: an FFN
+    pair by shape of the graph, but its last layer is the final classifier that keep-last
+    leaves dense (it was sparsified); the same pair on [batch, seq, width] rows is not."""
+    rng = np.random.default_rng(0)
+    inits = {
+        "w1": rng.standard_normal((32, 64)).astype(np.float32),
+        "w2": rng.standard_normal((10, 64)).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("Gemm", ["x", "w1"], ["h"], name="fc1"),
+        helper.make_node("HardSwish", ["h"], ["a"]),
+        helper.make_node("Gemm", ["a", "w2"], ["y"], name="fc2", transB=1),
+    ]
+    model = make_model(nodes, [tensor_info("x", F, [1, 32])], [tensor_info("y", F, [1, 10])], inits)
+    model.graph.node(0).outputs[0].shape = ir.Shape([1, 64])
+    model.graph.node(1).outputs[0].shape = ir.Shape([1, 64])
+    layers, _ = find_layers(model.graph)
+    assert [layer.kind for layer in layers] == ["ffn", "ffn"]
+    chosen, left = select(layers, ("all",), keep_last=True)
+    assert [layer.node.name for layer in chosen] == ["fc1"]
+    assert left == [("fc2", "the last layer (classifier): --sparsity-keep-last false")]
+
+
 @pytest.mark.parametrize("name", ["bert_tiny", "minilm"])
 def test_transformer_layers_are_classified(name):
     path = build(name)
