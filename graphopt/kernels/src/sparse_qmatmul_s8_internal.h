@@ -47,7 +47,9 @@ inline double work_units(const BsrS8& W, int64_t M) {
 inline float dequant(int32_t acc, const Problem& p, int64_t n) {
   const BsrS8& W = *p.W;
   const float ws = W.w_scale_size == 1 ? W.w_scale[0] : W.w_scale[n];
-  const int32_t corrected = acc - static_cast<int32_t>(p.a_zero_point) * W.w_rowsum[n];
+  const uint32_t correction =
+      uint32_t{p.a_zero_point} * static_cast<uint32_t>(W.w_rowsum[n]);  // mod 2^32
+  const auto corrected = static_cast<int32_t>(static_cast<uint32_t>(acc) - correction);
   return static_cast<float>(corrected) * (p.a_scale * ws);
 }
 
