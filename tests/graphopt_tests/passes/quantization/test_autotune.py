@@ -48,3 +48,22 @@ def test_autotune_outside_static_int8_for_ort_says_it_had_no_effect(tmp_path) ->
     QuantizePass(context, mode="int8", calib=_calib(tmp_path), autotune=True)(model)
     assert METADATA_KEY not in model.metadata_props
     assert any("--autotune had no effect" in n for n in context.details["quantize"].notes)
+
+
+def test_a_rerun_reuses_this_machines_times_and_gives_the_same_choice(
+    tmp_path, monkeypatch
+) -> None:
+    """Near-equal candidates flipped between runs (digits: qdq/s8 vs qoperator/u8), so the
+    same options gave different files; the times are now cached per machine, as
+    factorize's are, and a rerun reproduces the first run's metadata and graph."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    first, first_context = _quantize(tmp_path, autotune=True)
+    assert list((tmp_path / "cache" / "graphopt" / "autotune").glob("times-*.json"))
+    assert not any("cache" in n for n in first_context.notes)
+    second, second_context = _quantize(tmp_path, autotune=True)
+    assert any("from this machine's cache" in n for n in second_context.notes)
+    assert second.metadata_props[METADATA_KEY] == first.metadata_props[METADATA_KEY]
+    assert [n.op_type for n in second.graph] == [n.op_type for n in first.graph]
+    # Other settings are another key: measured again.
+    _, context = _quantize(tmp_path, autotune=True, calib_method="minmax")
+    assert not any("cache" in n for n in context.notes)
