@@ -355,6 +355,10 @@ def _qdq_layer(node: ir.Node, dims: dict[str, int]) -> Layer | None:
     w = editing.constant_array(dq_w.inputs[0])
     if w is None or w.dtype != np.int8 or w.ndim != 2:
         return None
+    from graphopt.kernels.packing import S8_MAX_K
+
+    if w.shape[0] > S8_MAX_K:
+        return None  # its int32 sums could overflow: the kernel refuses it (kernels.h)
     w_scale = editing.constant_array(dq_w.inputs[1])
     w_zero = editing.constant_array(dq_w.inputs[2]) if len(dq_w.inputs) > 2 else None
     axis = editing.attribute(dq_w, "axis", 1)

@@ -256,6 +256,19 @@ def test_int8_qdq_pattern_lowers(kernels, tmp_path: Path) -> None:
         assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
 
 
+def test_an_int8_layer_past_the_kernels_k_limit_stays_dense(kernels, monkeypatch) -> None:
+    """SparseQMatMul sums u8*s8 products in int32 and refuses K > 65,793; the lowering leaves
+    such a MatMul as it is (the limit lowered here to this model's K - 1)."""
+    from graphopt.kernels import packing
+
+    model, _ = qdq_model()
+    layers, _ = kernels.find_layers(model, {"batch": 1})
+    assert [layer.op for layer in layers] == ["QMatMul"]
+    monkeypatch.setattr(packing, "S8_MAX_K", 63)
+    layers, _ = kernels.find_layers(model, {"batch": 1})
+    assert [layer.op for layer in layers if layer.op == "QMatMul"] == []
+
+
 def test_cli_needs_target_ort(tmp_path: Path, capsys) -> None:
     source = tmp_path / "mlp.onnx"
     io.save(mlp(), source)
