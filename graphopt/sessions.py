@@ -20,7 +20,8 @@ import onnx_ir as ir
 
 from graphopt import io
 from graphopt.backends.ort import IN_MEMORY_LIMIT_BYTES, active_providers, check_providers
-from graphopt.backends.ort_custom_ops import register_active_custom_ops
+from graphopt.backends.ort_custom_ops import OWN_DOMAIN, register_active_custom_ops
+from graphopt.errors import UserInputError
 from graphopt.ortrun import import_onnxruntime, shareable_initializers, shared_session
 
 # Below IN_MEMORY_LIMIT_BYTES, initializers from this size on are lent to ORT rather than
@@ -62,6 +63,22 @@ def make_session(
     if threads:
         options.intra_op_num_threads = threads
     providers = list(active_providers())
+    try:
+        session = _session(ort, model, options, providers, optimize)
+    except Exception as exc:
+        if "Domain already set in registry" in str(exc):
+            # Two libraries register one op domain: a user library and graphopt's own build
+            # (a copy of an older one) both claim "graphopt". The user's to fix, not the model.
+            raise UserInputError(
+                "two custom-op libraries register the same op domain (graphopt's own kernels "
+                f"register {OWN_DOMAIN!r}): drop the --custom-ops library that repeats it"
+            ) from None
+        raise
+    check_providers(session, providers)
+    return session
+
+
+def _session(ort, model: ir.Model, options, providers: list[str], optimize: bool):
     if io.total_tensor_bytes(model) >= IN_MEMORY_LIMIT_BYTES:
         with tempfile.TemporaryDirectory(prefix="graphopt-verify-") as tmp:
             path = Path(tmp) / "model.onnx"
@@ -72,5 +89,4 @@ def make_session(
     else:
         data = io.to_proto(model).SerializeToString()
         session = ort.InferenceSession(data, options, providers=providers)
-    check_providers(session, providers)
     return session

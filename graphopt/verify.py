@@ -202,6 +202,10 @@ class Verifier:
         self.resolutions = output_resolutions(original)
         try:
             session = make_session(original)
+        except UserInputError:
+            # The user's setup, not the model (two libraries claiming one op domain, graphopt's
+            # kernels not built): said before anything is written.
+            raise
         except Exception as exc:  # the model itself: no inputs would help
             raise VerificationUnavailable(_one_line(exc)) from None
         # Said with the shapes checked when the generated inputs had to be enlarged.

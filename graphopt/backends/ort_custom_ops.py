@@ -213,17 +213,31 @@ def register_active_custom_ops(
     and graphopt's own build when ``model`` uses ops of domain :data:`OWN_DOMAIN` (only then:
     a model never chooses the library, it only names the domain graphopt maps to its own)."""
     chosen = active_custom_ops() if libraries is None else libraries
-    registered = []
-    for library in chosen:
-        loaded = register_custom_ops(session_options, library)
-        if loaded is not None:
-            registered.append(loaded)
+    own = None
     if model is not None and uses_own_kernels(model):
         check_own_domain_version(model)
         own = own_library()
-        if own not in registered:  # ORT refuses the same ops registered twice
-            registered.append(register_custom_ops(session_options, own))
+    registered = []
+    for library in chosen:
+        if own is not None and _same_contents(Path(os.fspath(library)), own):
+            # graphopt's own build, or a copy of it, given with --custom-ops: registered once,
+            # below (ORT refuses a domain registered twice: "Domain already set in registry").
+            continue
+        loaded = register_custom_ops(session_options, library)
+        if loaded is not None:
+            registered.append(loaded)
+    if own is not None:
+        registered.append(register_custom_ops(session_options, own))
     return registered
+
+
+def _same_contents(a: Path, b: Path) -> bool:
+    import filecmp
+
+    try:
+        return filecmp.cmp(a, b, shallow=False)
+    except OSError:
+        return False
 
 
 # The op domain of graphopt's own kernels (graphopt/kernels): a lowered model names only this
@@ -358,7 +372,8 @@ def custom_domains(model) -> list[str]:
 def missing_library_hint(model) -> str:
     """``; the model uses ops of domain X: pass ... --custom-ops LIB.so`` when that may be why
     ORT cannot load ``model`` (it has custom ops and no library is active), else ``""``."""
-    domains = custom_domains(model)
+    # graphopt's own domain is never the user's to supply: its ops failing is the error.
+    domains = [d for d in custom_domains(model) if d != OWN_DOMAIN]
     if not domains or active_custom_ops():
         return ""
     return (

@@ -102,6 +102,36 @@ def test_own_library_not_registered_twice(fake_build: Path) -> None:
     assert options.loaded == [str(fake_build)]
 
 
+def test_a_copy_of_the_own_library_is_not_registered_twice(fake_build: Path, tmp_path) -> None:
+    """--custom-ops naming a copy of graphopt's build (same bytes, another path) registered
+    domain graphopt twice: ORT refused the session ("Domain already set in registry")."""
+    copy = tmp_path / "elsewhere" / "copy.so"
+    copy.parent.mkdir()
+    copy.write_bytes(fake_build.read_bytes())
+    options = RecordingOptions()
+    ort_custom_ops.register_active_custom_ops(options, [copy], model=sparse_model())
+    assert options.loaded == [str(fake_build)]
+
+
+def test_two_libraries_claiming_one_domain_is_a_user_error(monkeypatch) -> None:
+    """Another build of the kernels given with --custom-ops: ORT refuses the session; the
+    message says which flag to drop, and verification does not turn it into exit 4."""
+    import_or_skip("onnxruntime", "verification sessions are ONNX Runtime sessions")
+    from graphopt import sessions
+    from graphopt.verify import Verifier
+
+    def refused(*args, **kwargs):
+        raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : Domain already set in registry")
+
+    monkeypatch.setattr(sessions, "_session", refused)
+    with pytest.raises(UserInputError, match="drop the --custom-ops library that repeats it"):
+        Verifier(io.load(dense_model()).model, {}, 1e-4, 0)
+
+
+def test_the_custom_ops_hint_never_names_graphopts_own_domain() -> None:
+    assert ort_custom_ops.missing_library_hint(io.load(sparse_model()).model) == ""
+
+
 def test_missing_library_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ort_custom_ops, "build_dir", lambda: tmp_path / "absent")
     options = RecordingOptions()
