@@ -12,6 +12,7 @@ import contextlib
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -114,8 +115,12 @@ def compare(name: str, ref: np.ndarray, got: np.ndarray, resolution: float = 0.0
     """Error of ``got`` against ``ref`` as graphopt measures it.
 
     ``resolution``: absolute differences up to this are the producing op's rounding; only the
-    excess counts toward ``max_rel`` (``max_abs`` stays the raw difference).
+    excess counts toward ``max_rel`` (``max_abs`` stays the raw difference). Sequence,
+    optional and map outputs (lists, None, dicts from ONNX Runtime) are compared element by
+    element (:func:`_compare_structured`).
     """
+    if not isinstance(ref, np.ndarray) or not isinstance(got, np.ndarray):
+        return _compare_structured(name, ref, got, resolution)
     if ref.shape != got.shape or ref.dtype != got.dtype:
         return OutputError(
             name,
@@ -150,6 +155,42 @@ def compare(name: str, ref: np.ndarray, got: np.ndarray, resolution: float = 0.0
     norm = float(np.linalg.norm(a) * np.linalg.norm(b))
     cosine = float(np.dot(a, b) / norm) if norm > 0 else (1.0 if max_abs == 0 else 0.0)
     return OutputError(name, max_abs, max_rel, cosine, float(diff.mean()))
+
+
+def _compare_structured(name: str, ref: Any, got: Any, resolution: float) -> OutputError:
+    """A sequence (list), optional (None when empty) or map (dict) output: the worst error of
+    its elements; a different kind, length, presence or key set is a mismatch."""
+
+    def mismatch(what: str) -> OutputError:
+        return OutputError(name, np.inf, np.inf, 0.0, np.inf, shape_ok=False, detail=what)
+
+    if ref is None or got is None:
+        if ref is None and got is None:
+            return OutputError(name, 0.0, 0.0, 1.0, 0.0)
+        shown = ["absent" if v is None else "present" for v in (ref, got)]
+        return mismatch(f"output {name!r}: optional {shown[0]} -> {shown[1]}")
+    if isinstance(ref, dict) and isinstance(got, dict):
+        if sorted(map(repr, ref)) != sorted(map(repr, got)):
+            return mismatch(f"output {name!r}: map keys differ")
+        pairs = [(ref[k], got[k]) for k in ref]
+    elif isinstance(ref, (list, tuple)) and isinstance(got, (list, tuple)):
+        if len(ref) != len(got):
+            return mismatch(f"output {name!r}: sequence of {len(ref)} -> {len(got)}")
+        pairs = list(zip(ref, got, strict=True))
+    elif np.isscalar(ref) and np.isscalar(got):
+        pairs = [(ref, got)]
+    else:
+        return mismatch(f"output {name!r}: {type(ref).__name__} -> {type(got).__name__}")
+    if not pairs:
+        return OutputError(name, 0.0, 0.0, 1.0, 0.0)
+    return _worst(tuple(compare(name, _as_array(r), _as_array(g), resolution) for r, g in pairs))
+
+
+def _as_array(value: Any) -> Any:
+    # Plain values (a map's numbers) become arrays; nested sequences/maps/None stay as they are.
+    if value is None or isinstance(value, (list, tuple, dict, np.ndarray)):
+        return value
+    return np.asarray(value)
 
 
 def output_resolutions(model: ir.Model) -> list[float]:

@@ -61,7 +61,22 @@ def outputs_on(model: ir.Model, calib: CalibrationSet, optimize: bool = True) ->
         raise UserInputError(
             f"calibration data ({calib.source}) does not run through the model: {line[:200]}"
         ) from None
-    return [_joined([c[i] for c in chunks]) for i in range(len(names))]
+    return [_joined([_flat(c[i]) for c in chunks]) for i in range(len(names))]
+
+
+def _flat(value) -> np.ndarray:
+    """A sequence, optional or map output as one flat array of its elements (so the same
+    measures apply): a list's tensors concatenated, an empty optional as no values."""
+    if isinstance(value, np.ndarray):
+        return value
+    if value is None:
+        return np.zeros(0, np.float32)
+    if isinstance(value, dict):
+        value = [value[k] for k in sorted(value, key=repr)]
+    parts = [_flat(v) if not np.isscalar(v) else np.asarray([v]) for v in value]
+    if not parts:
+        return np.zeros(0, np.float32)
+    return np.concatenate([np.asarray(p).ravel() for p in parts])
 
 
 def _joined(pieces: list[np.ndarray]) -> np.ndarray:

@@ -201,7 +201,10 @@ def observed_ranges(model: ir.Model, calib: CalibrationSet) -> dict[str, float]:
         out.name
         for node in model.graph
         for out in node.outputs
-        if out.name and out.dtype == FLOAT and not _is_constant_node(node)
+        if out.name
+        and out.dtype == FLOAT
+        and isinstance(out.type, ir.TensorType)  # not a sequence or optional of them
+        and not _is_constant_node(node)
     ]
     ranges: dict[str, float] = {}
     for value in model.graph.inputs:
