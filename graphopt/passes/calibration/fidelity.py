@@ -41,9 +41,13 @@ class Fidelity:
         }
 
 
-def outputs_on(model: ir.Model, calib: CalibrationSet, optimize: bool = True) -> list[np.ndarray]:
+def outputs_on(
+    model: ir.Model, calib: CalibrationSet, optimize: bool = True, *, reference: bool = False
+) -> list[np.ndarray]:
     """Every output of ``model`` on every sample, concatenated along the sample axis
-    (``optimize``: with ONNX Runtime's graph optimizations on)."""
+    (``optimize``: with ONNX Runtime's graph optimizations on). ``reference``: ``model`` is
+    the one the samples are measured against (the original), so any failure of its run is
+    the samples' (a generated TopK k past the axis, a Loop whose trip count the data sets)."""
     from graphopt.ortrun import run_session
     from graphopt.sessions import make_session
 
@@ -55,13 +59,24 @@ def outputs_on(model: ir.Model, calib: CalibrationSet, optimize: bool = True) ->
     except Exception as exc:
         # ORT's InvalidArgument: feeds of the wrong shape or type for the inputs. The
         # original is measured first, so this is the calibration file's, not a rewrite's.
-        if type(exc).__name__ != "InvalidArgument":
+        if type(exc).__name__ != "InvalidArgument" and not (reference and _ort_error(exc)):
             raise
         line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserInputError(
             f"calibration data ({calib.source}) does not run through the model: {line[:200]}"
+            + (
+                "; these are generated samples: give real data with --calib FILE.npz"
+                if calib.source == "random"
+                else ""
+            )
         ) from None
     return [_joined([_flat(c[i]) for c in chunks]) for i in range(len(names))]
+
+
+def _ort_error(exc: BaseException) -> bool:
+    # ONNX Runtime's own exception types (Fail, RuntimeException, ...), not a Python error
+    # or the machine running out of memory.
+    return type(exc).__module__.startswith("onnxruntime") and "bad_alloc" not in str(exc)
 
 
 def _flat(value) -> np.ndarray:

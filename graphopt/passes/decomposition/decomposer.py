@@ -404,7 +404,7 @@ def _agree(reference: ir.Model, candidate: ir.Model, sample: CalibrationSet) -> 
         got = outputs_on(candidate, sample, optimize=False)
     except Exception:  # a model ORT refuses fails the check; the caller says so
         return False
-    want = outputs_on(reference, sample, optimize=False)
+    want = outputs_on(reference, sample, optimize=False, reference=True)
     for a, b in zip(want, got, strict=True):
         if a.shape != b.shape:
             return False

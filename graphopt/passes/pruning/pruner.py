@@ -191,7 +191,7 @@ def prune_model(
             "of 2 or more samples holds some out), and --no-verify skips the measurement"
         )
     if held is not None:
-        reference = outputs_on(model, held)
+        reference = outputs_on(model, held, reference=True)
         names = [v.name for v in model.graph.outputs]
         record.heldout_samples = held.count
         record.fidelity_pruned = measure(
@@ -375,7 +375,7 @@ def _compensate(model, pruned, consumers, fit, settings, indices, context):
         if validation is None or not layers:
             return candidate, layers, method if layers else ""
         if reference is None:
-            reference = outputs_on(model, validation)
+            reference = outputs_on(model, validation, reference=True)
             mask = padding_mask(validation)
             before = measure(names, reference, outputs_on(plain, validation), mask)
         after = measure(names, reference, outputs_on(candidate, validation), mask)

@@ -211,7 +211,7 @@ def fidelity_evaluator(original: ir.Model, samples: CalibrationSet) -> Evaluate:
     """``model -> Measured`` (worst mean cosine, max rel error and argmax agreement) over
     ``original``'s outputs on ``samples``, run with ORT's optimizations on (the deployed
     integer kernels); the original's outputs are computed once."""
-    reference = outputs_on(original, samples)
+    reference = outputs_on(original, samples, reference=True)
     names = [v.name for v in original.graph.outputs]
     mask = padding_mask(samples)
 

@@ -205,7 +205,7 @@ def measure_fidelity(
 
     results: dict[str, list[Fidelity]] = {}
     for label, samples in sets.items():
-        reference = outputs_on(original, samples)
+        reference = outputs_on(original, samples, reference=True)
         names = [v.name for v in original.graph.outputs]
         mask = padding_mask(samples)
         levels = ((False, ""), (True, ", ORT optimized")) if optimized_too else ((True, ""),)

@@ -55,3 +55,31 @@ def test_samples_the_model_cannot_take_are_a_one_line_user_error():
     assert "\n" not in str(e.value)
     right = CalibrationSet({"x": -np.ones((2, 4), np.float32)}, "calib.npz")
     np.testing.assert_array_equal(outputs_on(model, right)[0], np.zeros((2, 4), np.float32))
+
+
+def test_a_reference_run_failing_on_the_samples_is_theirs_a_candidates_is_not():
+    """ORT fails at run time on data a node cannot take (TopK's k past the axis): on the
+    original that is the samples' fault, one line (was exit 3); on a rewritten model it
+    stays an error of the rewrite."""
+    graph = helper.make_graph(
+        [helper.make_node("TopK", ["x", "k"], ["v", "i"])],
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4]),
+            helper.make_tensor_value_info("k", TensorProto.INT64, [1]),
+        ],
+        [
+            helper.make_tensor_value_info("v", TensorProto.FLOAT, [1, "k"]),
+            helper.make_tensor_value_info("i", TensorProto.INT64, [1, "k"]),
+        ],
+    )
+    model = ir.serde.deserialize_model(helper.make_model(graph))
+    samples = CalibrationSet(
+        {"x": np.ones((2, 4), np.float32), "k": np.array([2, 8], np.int64)}, "random"
+    )
+    with pytest.raises(UserInputError, match=r"give real data with --calib FILE\.npz") as e:
+        outputs_on(model, samples, reference=True)
+    assert "\n" not in str(e.value)
+    with pytest.raises(Exception, match="TopK") as e:
+        outputs_on(model, samples)
+    assert not isinstance(e.value, UserInputError)
