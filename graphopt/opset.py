@@ -43,7 +43,40 @@ def convert_opset(model: ir.Model, version: int) -> tuple[ir.Model, str]:
         raise UserInputError(
             f"cannot convert from opset {current} to {version}: {first[:200]}"
         ) from None
-    return io.load(converted).model, f"converted default-domain opset {current} -> {version}"
+    result = io.load(converted).model
+    changed = _interface_change(model, result)
+    if changed:
+        # The converter adapts some ops by changing what the graph takes (Scan 8 -> 9 drops
+        # its batch axis from the graph's inputs): not a conversion users can deploy as is.
+        raise UserInputError(
+            f"converting from opset {current} to {version} changes the model's interface "
+            f"({changed}); export the model at opset {version} or later instead"
+        )
+    return result, f"converted default-domain opset {current} -> {version}"
+
+
+def _interface_change(before: ir.Model, after: ir.Model) -> str:
+    """The first graph input or output whose name, type or rank/fixed dims differ, or ""."""
+    pairs = [
+        *zip(before.graph.inputs, after.graph.inputs, strict=False),
+        *zip(before.graph.outputs, after.graph.outputs, strict=False),
+    ]
+    if len(before.graph.inputs) != len(after.graph.inputs) or len(before.graph.outputs) != len(
+        after.graph.outputs
+    ):
+        return "the number of inputs or outputs"
+    for old, new in pairs:
+        if old.name != new.name or old.dtype != new.dtype:
+            return f"{old.name!r} -> {new.name!r} {new.dtype}"
+        if old.shape is not None and new.shape is not None:
+            fixed = [
+                (a, b)
+                for a, b in zip(old.shape, new.shape, strict=False)
+                if isinstance(a, int) and isinstance(b, int)
+            ]
+            if len(old.shape) != len(new.shape) or any(a != b for a, b in fixed):
+                return f"{old.name!r} {list(old.shape)} -> {list(new.shape)}"
+    return ""
 
 
 def raise_in_place(model: ir.Model, version: int, why: str) -> str:
