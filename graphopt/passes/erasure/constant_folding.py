@@ -80,6 +80,7 @@ class _LimitedFolder(folding.FoldConstantsPass):
             should_fold=self._should_fold,
         )
         self.limit = limit
+        self.default_opset = 0  # set per model in call()
 
     def _allowed(self, node: ir.Node, nbytes: int) -> bool:
         return self.limit is None or nbytes <= self.limit or nbytes <= _replaced_bytes(node)
@@ -96,7 +97,17 @@ class _LimitedFolder(folding.FoldConstantsPass):
                 return False
         return True
 
+    def call(self, model: ir.Model):  # type: ignore[override]
+        imports = model.opset_imports
+        self.default_opset = imports.get("", imports.get("ai.onnx", 0))
+        return super().call(model)
+
     def process_node(self, node: ir.Node, is_function: bool):  # type: ignore[override]
+        if node.op_type in _SEQUENCE_REWRITES and self.default_opset < 13:
+            # onnxscript rewrites these into Unsqueeze/Split with axes as an input, which
+            # needs opset 13: below it the model would be invalid (rolled back by verification,
+            # written as it is with --no-verify).
+            return None
         if _has_unmodelled_cast_attributes(node):
             # onnxscript rewrites CastLike into Cast(to=...) and drops `saturate` (and would
             # drop any newer attribute): leave such casts alone.
@@ -113,6 +124,10 @@ class _LimitedFolder(folding.FoldConstantsPass):
         if isinstance(output_array, np.ndarray) and not self._allowed(node, output_array.nbytes):
             return None
         return super()._prepare_folded_tensor(node, output_name, output_array)
+
+
+# Ops onnxscript's folder rewrites (not folds) into opset-13 forms.
+_SEQUENCE_REWRITES = frozenset({"ConcatFromSequence", "SplitToSequence"})
 
 
 def _graph_input_constants(model: ir.Model) -> list[tuple[ir.Value, ir.TensorProtocol]]:
@@ -145,7 +160,7 @@ class ConstantFoldingPass(GraphPass):
         outputs = [(v, v.name, v.type, v.shape) for v in model.graph.outputs]
         before = _count(model)
         try:
-            _LimitedFolder(self.context.fold_limit_bytes)(model)
+            folded = _LimitedFolder(self.context.fold_limit_bytes)(model)
         finally:
             for value, tensor in hidden:
                 value.const_value = tensor
@@ -155,4 +170,7 @@ class ConstantFoldingPass(GraphPass):
             current.name = name
             if current is value:
                 value.type, value.shape = type_, shape
-        return max(before - _count(model), 0)
+        # Hits are the nodes folded away; a rewrite that removes none still counts as a change
+        # (onnxscript turns ConcatFromSequence of a SequenceConstruct into Unsqueeze + Concat):
+        # reported as none, a broken one was never replayed and rolled back.
+        return max(before - _count(model), 1 if folded.modified else 0)

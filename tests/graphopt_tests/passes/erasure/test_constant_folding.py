@@ -126,3 +126,22 @@ def test_output_signature_unchanged():
     after, hits, _ = check(model, ConstantFoldingPass, shapes={"x": (2, 3)})
     assert hits >= 1
     assert [(v.name, v.type, v.shape) for v in after.graph.outputs] == before
+
+
+def _sequence_concat(opset: int):
+    nodes = [
+        helper.make_node("SequenceConstruct", ["x", "y"], ["s"]),
+        helper.make_node("ConcatFromSequence", ["s"], ["z"], axis=0, new_axis=1),
+    ]
+    inputs = [tensor_info("x", T.FLOAT, [2, 3]), tensor_info("y", T.FLOAT, [2, 3])]
+    return make_model(nodes, inputs, [tensor_info("z", T.FLOAT, [2, 2, 3])], opset=opset)
+
+
+def test_sequence_rewrites_only_where_the_opset_allows_them():
+    """onnxscript rewrites ConcatFromSequence of a SequenceConstruct into Unsqueeze (axes as
+    an input: opset 13) + Concat. Below 13 that model is invalid: left alone. From 13 the
+    rewrite is a change the pass reports (it reported none, so a broken one escaped replay)."""
+    old, hits = run_pass(_sequence_concat(12), ConstantFoldingPass, PassContext())
+    assert hits == 0 and op_types(old) == ["SequenceConstruct", "ConcatFromSequence"]
+    _, hits, ops = check(_sequence_concat(13), ConstantFoldingPass)
+    assert hits >= 1 and "ConcatFromSequence" not in ops
