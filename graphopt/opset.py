@@ -36,6 +36,12 @@ def convert_opset(model: ir.Model, version: int) -> tuple[ir.Model, str]:
         )
     if version == current:
         return model, ""
+    if current == 0:
+        # The converter asserts in C++ on this; say what is missing instead.
+        raise UserInputError(
+            f"cannot convert to opset {version}: the model imports no default-domain (ai.onnx) "
+            "opset (only other domains)"
+        )
     try:
         converted = version_converter.convert_version(io.to_proto(model), version)
     except Exception as exc:  # the converter raises bare RuntimeErrors with C++ messages

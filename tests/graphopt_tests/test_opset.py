@@ -68,3 +68,18 @@ def test_a_conversion_that_changes_the_inputs_is_refused() -> None:
     graph's inputs: int8-dynamic (which needs opset 11) then failed with exit 1."""
     with pytest.raises(UserInputError, match=r"changes the model's interface \('initial' \[1, 2\]"):
         convert_opset(_scan_8(), 11)
+
+
+def test_a_model_without_a_default_domain_import_is_refused_in_words() -> None:
+    """onnx's converter asserted in C++ ("assertInVersionRange ... between 1 an") on a model
+    that imports only other domains (the training ops' ai.onnx.preview.training)."""
+    graph = helper.make_graph(
+        [helper.make_node("Custom", ["x"], ["y"], domain="example")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("example", 1)])
+    model.ir_version = 8
+    with pytest.raises(UserInputError, match="imports no default-domain"):
+        convert_opset(ir.serde.deserialize_model(model), 11)

@@ -506,10 +506,11 @@ def _fill_record(
     methods = Counter(plan.ranges[t].method for t in ranged)
     counts = ", ".join(f"{m} {n}" for m, n in sorted(methods.items()))
     label = "auto chose" if settings.calib_method == "auto" else "method"
-    record.notes.append(
-        f"activation ranges of {len(ranged)} tensors ({len(placement.groups())} scales): "
-        f"{label} {counts}"
-    )
+    if ranged:  # none: nothing was quantized, and the note would end in "auto chose "
+        record.notes.append(
+            f"activation ranges of {len(ranged)} tensors ({len(placement.groups())} scales): "
+            f"{label} {counts}"
+        )
     quantized_outputs = sorted(outputs & set(placement.tensors))
     if quantized_outputs:
         record.notes.append(
