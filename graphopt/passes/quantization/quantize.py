@@ -244,6 +244,12 @@ class QuantizePass(GraphPass):
                     "--target ort only"
                 )
         record.notes.extend(_unused_option_notes(self.given, settings.mode))
+        inside = _weighted_in_subgraphs(model)
+        if inside:
+            record.notes.append(
+                f"{inside} Conv/Gemm/MatMul node(s) inside If/Loop/Scan branches left in float: "
+                "quantize rewrites the main graph only"
+            )
         if not settings.autotune:  # --autotune records its own choice
             _record_cpu_rule_choice(model, settings, record.notes)
         if settings.mode not in ("fp16", "bf16"):  # these only cast: an inf stays an inf
@@ -393,6 +399,15 @@ def _unused_option_notes(given: frozenset[str], mode: str) -> list[str]:
             where = " and ".join(f"--quantize {m}" for m in modes)
             notes.append(f"{flag} had no effect: it applies to {where} only")
     return notes
+
+
+def _weighted_in_subgraphs(model: ir.Model) -> int:
+    return sum(
+        1
+        for graph in model.graph.subgraphs()
+        for node in graph
+        if node.op_type in _WEIGHTED_OPS and node.domain == ""
+    )
 
 
 def _quiet_float_errors():

@@ -139,3 +139,47 @@ def test_int8_options_given_to_a_float_mode_are_noted(tmp_path, capsys) -> None:
     assert "--max-error had no effect: it applies to --quantize int8 and --quantize" in text
     assert "--calib-method had no effect: it applies to --quantize int8 only" in text
     assert "--equalize had no effect" in text
+
+
+def test_layers_inside_branches_are_said_to_stay_float() -> None:
+    """silero-vad's layers sit in If branches: "0 layers quantized" was all the report said."""
+    import numpy as np
+    import onnx_ir as ir
+    from onnx import TensorProto, helper, numpy_helper
+
+    from graphopt.passes.quantization.quantize import QuantizePass
+    from graphopt.registry import PassContext
+
+    weight = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    branch = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["b"])],
+        "then",
+        [],
+        [helper.make_tensor_value_info("b", TensorProto.FLOAT, [2, 4])],
+    )
+    other = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["c"])],
+        "else",
+        [],
+        [helper.make_tensor_value_info("c", TensorProto.FLOAT, [2, 4])],
+    )
+    graph = helper.make_graph(
+        [
+            helper.make_node("If", ["flag"], ["y"], then_branch=branch, else_branch=other),
+            helper.make_node("MatMul", ["y", "w"], ["z"]),
+        ],
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4]),
+            helper.make_tensor_value_info("flag", TensorProto.BOOL, []),
+        ],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 4])],
+        [weight],
+    )
+    model = ir.serde.deserialize_model(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    )
+    context = PassContext(target="ort")
+    QuantizePass(context, mode="fp16")(model)
+    notes = context.details["quantize"].notes
+    assert any("1 Conv/Gemm/MatMul node(s) inside If/Loop/Scan branches" in n for n in notes)
