@@ -192,6 +192,13 @@ def input_shapes(
     return shapes
 
 
+# A sequence/optional/map input: graphopt generates (and .npz files hold) tensors only.
+_NOT_A_TENSOR = (
+    "input {name!r} is not a tensor (a sequence, optional or map): graphopt cannot generate "
+    "data for it, nor read it from a .npz; run with --no-verify"
+)
+
+
 def concrete_shape(
     value: ir.Value,
     given: Mapping[str, tuple[int, ...]],
@@ -204,6 +211,8 @@ def concrete_shape(
     """
     if value.name in given:
         return tuple(given[value.name])
+    if value.type is not None and not isinstance(value.type, ir.TensorType):
+        raise UserInputError(_NOT_A_TENSOR.format(name=value.name))
     if value.shape is None:
         raise UserInputError(
             f"input {value.name!r} has no declared shape; pass --input-shape {value.name}:DxD..."
@@ -420,7 +429,7 @@ def _length_limit(model: ir.Model, value: ir.Value, shapes: Mapping[str, tuple[i
 
 def _numpy_dtype(value: ir.Value) -> np.dtype:
     if value.type is None or not isinstance(value.type, ir.TensorType):
-        raise UserInputError(f"input {value.name!r} is not a tensor; cannot generate data for it")
+        raise UserInputError(_NOT_A_TENSOR.format(name=value.name))
     try:
         return np.dtype(value.dtype.numpy())
     except Exception:

@@ -528,3 +528,25 @@ def test_calibration_the_model_rejects_is_exit_2_in_one_line(
     assert len(lines) == 1 and lines[0].startswith("graphopt: error: prune: ONNX Runtime cannot")
     assert "inputs (x 1x16 float32, idx 1x16 int64 in [" in lines[0]
     assert "--input-shape" in lines[0] and "--calib FILE.npz" in lines[0]
+
+
+def test_a_sequence_input_is_said_to_be_no_tensor() -> None:
+    """It was told to pass --input-shape, which cannot help."""
+    import onnx_ir as ir
+    import pytest
+    from onnx import TensorProto, helper
+
+    from graphopt.errors import UserInputError
+    from graphopt.inputs import make_inputs
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_sequence_value_info("x", TensorProto.FLOAT, None)],
+        [helper.make_tensor_sequence_value_info("y", TensorProto.FLOAT, None)],
+    )
+    model = ir.serde.deserialize_model(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    )
+    with pytest.raises(UserInputError, match=r"is not a tensor .*--no-verify"):
+        make_inputs(model, {})
