@@ -214,33 +214,6 @@ def _refuse_repeated_lossy(steps: list[Step]) -> None:
         )
 
 
-def _tensorrt_rejections(model: ir.Model) -> list[str]:
-    """A warning naming what TensorRT's parser would reject in ``model`` (its static rule
-    table; ``graphopt lint`` runs the real parser where TensorRT is installed), or none."""
-    from graphopt.backends.ort import IN_MEMORY_LIMIT_BYTES
-    from graphopt.backends.tensorrt.hints import fix_for
-    from graphopt.backends.tensorrt.rules import ERROR, static_findings
-
-    if io.total_tensor_bytes(model) >= IN_MEMORY_LIMIT_BYTES:
-        # Not copied into a protobuf for a check: `graphopt lint` reads the file.
-        return [
-            "--target tensorrt: not checked against TensorRT's rules (over 1 GiB of "
-            "weights); graphopt lint --target tensorrt OUT checks the file"
-        ]
-    errors = [f for f in static_findings(io.to_proto(model)) if f.severity == ERROR]
-    if not errors:
-        return []
-    first = errors[0]
-    named = ", ".join(sorted({f.op_type or f.rule for f in errors}))
-    fix = fix_for(first.op_type, first.reason)
-    return [
-        f"warning: --target tensorrt: TensorRT's parser would reject {len(errors)} node(s) "
-        f"({named}; first: {first.node_name}: {first.reason})"
-        + (f"; fix: {fix}" if fix else "")
-        + "; graphopt lint --target tensorrt lists them"
-    ]
-
-
 def _repeated_lossy_notes(model: ir.Model, steps: list[Step]) -> list[str]:
     """A warning per lossy pass of this run that an earlier run already applied to the input
     (its metadata says so): a second prune/factorize/erase compounds the first, and this
@@ -367,7 +340,9 @@ def optimize(
     if options.target == "tensorrt" and options.engine is None:
         # An engine build would name what TensorRT rejects; without one, the rule table
         # does (an ORT-targeted input keeps MatMulNBits, u8 Q/DQ, graphopt's kernels).
-        result.report.notes.extend(_tensorrt_rejections(result.model))
+        from graphopt.backends.tensorrt.lint import rejection_notes
+
+        result.report.notes.extend(rejection_notes(result.model))
     if options.engine is not None:
         from graphopt.backends.tensorrt.build import build_engine
 

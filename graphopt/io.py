@@ -232,7 +232,7 @@ def save(
     try:
         _write_atomically(model, target, folder, data_name, use_external)
     except OSError as exc:  # a full disk, a folder made read-only meanwhile
-        raise UserInputError(f"{target}: cannot be written ({_os_reason(exc)})") from None
+        raise UserInputError(f"{target}: cannot be written ({os_error_reason(exc)})") from None
     return target
 
 
@@ -292,7 +292,7 @@ def write_file_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], N
             os.replace(tmp_file, target)
             _fsync_dir(folder)
     except OSError as exc:
-        raise UserInputError(f"{target}: cannot be written ({_os_reason(exc)})") from None
+        raise UserInputError(f"{target}: cannot be written ({os_error_reason(exc)})") from None
     return target
 
 
@@ -315,7 +315,8 @@ def temporary_folder(folder: Path, name: str) -> Iterator[Path]:
                 shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
-def _os_reason(exc: OSError) -> str:
+def os_error_reason(exc: OSError) -> str:
+    """An OSError's reason in one line ("No space left on device"), for user errors."""
     return exc.strerror or " ".join(str(exc).split()) or type(exc).__name__
 
 

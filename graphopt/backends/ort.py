@@ -286,7 +286,7 @@ def save_optimized(
         with io.temporary_folder(folder, output.name) as tmp_dir:
             _save_optimized_into(tmp_dir, source, output, loaded.model, config, ort_format)
     except OSError as exc:  # a full disk, a folder made read-only meanwhile
-        raise UserInputError(f"{output}: cannot be written ({exc.strerror or exc})") from None
+        raise UserInputError(f"{output}: cannot be written ({io.os_error_reason(exc)})") from None
     return output
 
 

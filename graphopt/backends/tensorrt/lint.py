@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass, field
 
 import onnx
+import onnx_ir as ir
 
 from graphopt.backends.tensorrt.hints import fix_for
 from graphopt.backends.tensorrt.module import TensorRT, find_tensorrt, parse
@@ -133,3 +134,30 @@ def _cut(model: onnx.ModelProto, name: str, index: int) -> onnx.ModelProto | Non
             cut.graph.input.append(value)
     del cut.graph.node[position]
     return cut
+
+
+def rejection_notes(model: ir.Model) -> list[str]:
+    """A warning naming what TensorRT's parser would reject in an optimized ``model`` (the
+    static rule table: no TensorRT needed), or none. ``graphopt lint`` runs the real parser
+    where TensorRT is installed."""
+    from graphopt import io
+    from graphopt.backends.ort import IN_MEMORY_LIMIT_BYTES
+
+    if io.total_tensor_bytes(model) >= IN_MEMORY_LIMIT_BYTES:
+        # Not copied into a protobuf for a check: `graphopt lint` reads the file.
+        return [
+            "--target tensorrt: not checked against TensorRT's rules (over 1 GiB of "
+            "weights); graphopt lint --target tensorrt OUT checks the file"
+        ]
+    errors = [f for f in static_findings(io.to_proto(model)) if f.severity == ERROR]
+    if not errors:
+        return []
+    first = errors[0]
+    named = ", ".join(sorted({f.op_type or f.rule for f in errors}))
+    fix = fix_for(first.op_type, first.reason)
+    return [
+        f"warning: --target tensorrt: TensorRT's parser would reject {len(errors)} node(s) "
+        f"({named}; first: {first.node_name}: {first.reason})"
+        + (f"; fix: {fix}" if fix else "")
+        + "; graphopt lint --target tensorrt lists them"
+    ]

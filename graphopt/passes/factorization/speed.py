@@ -14,9 +14,7 @@ metadata (:data:`METADATA_KEY`), and a later run can replay them from that model
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,6 +25,7 @@ from graphopt.passes.sparsity.crossover import (
     CrossoverCache,
     Timing,
     bucket,
+    cpu_cache_file,
     cpu_signature,
     measure,
     read_recorded,
@@ -80,9 +79,7 @@ class SpeedCheck:
     """Timings by shape class: replayed, cached, or measured now (in that order)."""
 
     def __init__(self, replay: dict[str, dict[str, float]] | None = None) -> None:
-        root = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
-        path = Path(root) / "graphopt" / "factorize" / f"latency-{cpu_signature()}.json"
-        self.cache = CrossoverCache(path)
+        self.cache = CrossoverCache(cpu_cache_file("factorize", "latency"))
         self.replay = replay or {}
         self.used: dict[str, dict[str, float]] = {}
         self.measured = 0

@@ -24,7 +24,6 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -148,10 +147,9 @@ def _time(candidates: list[Candidate], feeds: dict[str, np.ndarray]) -> None:
 
 
 def _cache_file() -> Path:
-    from graphopt.passes.sparsity.crossover import cpu_signature
+    from graphopt.passes.sparsity.crossover import cpu_cache_file
 
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
-    return Path(root) / "graphopt" / "autotune" / f"times-{cpu_signature()}.json"
+    return cpu_cache_file("autotune", "times")
 
 
 def _cache_key(model: ir.Model, settings: QuantSettings, feeds: dict[str, np.ndarray]) -> str:

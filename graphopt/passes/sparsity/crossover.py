@@ -135,10 +135,17 @@ def shape_class(
     )
 
 
-def cache_path() -> Path:
-    """The per-user cache file of this CPU's measurements."""
+def cpu_cache_file(folder: str, stem: str) -> Path:
+    """A per-user cache file of this CPU's measurements: ``graphopt/FOLDER/STEM-<cpu>.json``
+    under ``$XDG_CACHE_HOME`` (else ``~/.cache``). Shared by every pass that times on the
+    machine (sparse-kernel crossovers, factorize's speed check, ``--autotune``)."""
     root = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
-    return Path(root) / "graphopt" / "kernels" / f"crossover-{cpu_signature()}.json"
+    return Path(root) / "graphopt" / folder / f"{stem}-{cpu_signature()}.json"
+
+
+def cache_path() -> Path:
+    """The per-user cache file of this CPU's crossover measurements."""
+    return cpu_cache_file("kernels", "crossover")
 
 
 class CrossoverCache:
