@@ -20,8 +20,7 @@ import onnx_ir as ir
 
 from graphopt import io
 from graphopt.backends.ort import IN_MEMORY_LIMIT_BYTES, active_providers, check_providers
-from graphopt.backends.ort_custom_ops import OWN_DOMAIN, register_active_custom_ops
-from graphopt.errors import UserInputError
+from graphopt.backends.ort_custom_ops import check_domain_conflict, register_active_custom_ops
 from graphopt.ortrun import import_onnxruntime, shareable_initializers, shared_session
 
 # Below IN_MEMORY_LIMIT_BYTES, initializers from this size on are lent to ORT rather than
@@ -66,13 +65,7 @@ def make_session(
     try:
         session = _session(ort, model, options, providers, optimize)
     except Exception as exc:
-        if "Domain already set in registry" in str(exc):
-            # Two libraries register one op domain: a user library and graphopt's own build
-            # (a copy of an older one) both claim "graphopt". The user's to fix, not the model.
-            raise UserInputError(
-                "two custom-op libraries register the same op domain (graphopt's own kernels "
-                f"register {OWN_DOMAIN!r}): drop the --custom-ops library that repeats it"
-            ) from None
+        check_domain_conflict(exc)
         raise
     check_providers(session, providers)
     return session

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from graphopt.backends.ort_custom_ops import register_active_custom_ops
+from graphopt.backends.ort_custom_ops import check_domain_conflict, register_active_custom_ops
 from graphopt.errors import UserInputError
 
 if TYPE_CHECKING:
@@ -188,27 +188,34 @@ def create_session(
     from graphopt.ortrun import import_onnxruntime
 
     ort = import_onnxruntime()
-    in_memory = isinstance(source, ir.Model)
-    if in_memory:
+    if isinstance(source, ir.Model):
         model = source
     if options is None:
         options = session_options(config, model)
     providers = list(config.providers)
-    if not in_memory:
-        session = ort.InferenceSession(os.fspath(source), options, providers=providers)
-    else:
-        from graphopt import io
-
-        if io.total_tensor_bytes(source) < IN_MEMORY_LIMIT_BYTES:
-            data = io.to_proto(source).SerializeToString()
-            session = ort.InferenceSession(data, options, providers=providers)
-        else:
-            with tempfile.TemporaryDirectory(prefix="graphopt-ort-") as tmp:
-                path = Path(tmp) / "model.onnx"
-                io.save(source, path, external_data=True)
-                session = ort.InferenceSession(os.fspath(path), options, providers=providers)
+    try:
+        session = _session(ort, source, options, providers)
+    except Exception as exc:
+        check_domain_conflict(exc)
+        raise
     _check_providers(session, providers)
     return session
+
+
+def _session(ort, source: str | os.PathLike | ir.Model, options, providers: list[str]):
+    import onnx_ir as ir
+
+    if not isinstance(source, ir.Model):
+        return ort.InferenceSession(os.fspath(source), options, providers=providers)
+    from graphopt import io
+
+    if io.total_tensor_bytes(source) < IN_MEMORY_LIMIT_BYTES:
+        data = io.to_proto(source).SerializeToString()
+        return ort.InferenceSession(data, options, providers=providers)
+    with tempfile.TemporaryDirectory(prefix="graphopt-ort-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        io.save(source, path, external_data=True)
+        return ort.InferenceSession(os.fspath(path), options, providers=providers)
 
 
 # The providers of every verification/calibration session while a run is inside

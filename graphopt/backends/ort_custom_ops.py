@@ -231,6 +231,17 @@ def register_active_custom_ops(
     return registered
 
 
+def check_domain_conflict(exc: BaseException) -> None:
+    """A one-line user error when ORT refused a session because two custom-op libraries
+    register one op domain (a user library and graphopt's own build, an older copy of it,
+    both claiming ``graphopt``); nothing otherwise. The user's to fix, not the model's."""
+    if "Domain already set in registry" in str(exc):
+        raise UserInputError(
+            "two custom-op libraries register the same op domain (graphopt's own kernels "
+            f"register {OWN_DOMAIN!r}): drop the --custom-ops library that repeats it"
+        ) from None
+
+
 def _same_contents(a: Path, b: Path) -> bool:
     import filecmp
 

@@ -128,6 +128,20 @@ def test_two_libraries_claiming_one_domain_is_a_user_error(monkeypatch) -> None:
         Verifier(io.load(dense_model()).model, {}, 1e-4, 0)
 
 
+def test_bench_and_compare_sessions_report_the_domain_conflict_too(monkeypatch) -> None:
+    """bench/compare build their sessions with backends.ort.create_session: the same one-line
+    message as verification, not ORT's raw error (exit 3)."""
+    import_or_skip("onnxruntime", "bench and compare sessions are ONNX Runtime sessions")
+    from graphopt.backends import ort as ort_backend
+
+    def refused(*args, **kwargs):
+        raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : Domain already set in registry")
+
+    monkeypatch.setattr(ort_backend, "_session", refused)
+    with pytest.raises(UserInputError, match="drop the --custom-ops library that repeats it"):
+        ort_backend.create_session(io.load(dense_model()).model)
+
+
 def test_the_custom_ops_hint_never_names_graphopts_own_domain() -> None:
     assert ort_custom_ops.missing_library_hint(io.load(sparse_model()).model) == ""
 
