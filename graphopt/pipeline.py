@@ -637,8 +637,9 @@ def _worse(a: OutputError, b: OutputError) -> OutputError:
 
 def _refuse_lossy_without_targets(cls: type, present: frozenset[str]) -> None:
     """A lossy pass the user asked for on a model without any op it rewrites is refused in
-    one line (exit 2), as pruning's and quantization's "nothing to do" are: skipped like an
-    idle exact pass, it ran none of its checks and the report said nothing of it."""
+    one line (exit 2): skipped like an idle exact pass, it would run none of its checks, and a
+    result equal to the input would pass for a compressed one. (Quantization, whose ops depend
+    on the mode, refuses the same way from inside: ``quantize._refuse_nothing_to_quantize``.)"""
     if cls.ops is None or not cls.ops.isdisjoint(present):
         return
     asked = cls.flag or f"pass {cls.name!r}"

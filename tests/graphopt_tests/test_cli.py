@@ -667,6 +667,12 @@ def _relu_file(folder: Path) -> Path:
         (["--sparsity", "2:4"], "--sparsity: nothing to do"),
         (["--factorize", "rank=8"], "--factorize: nothing to do"),
         (["--decompose", "ratio=0.3"], "--decompose: nothing to do"),
+        # Pruning and quantization wrote a copy of the input, exit 0 ("0 layers quantized").
+        (["--prune", "flops=0.5"], "--prune: nothing to do"),
+        (["--quantize", "int8", "--calib", "random"], "--quantize int8: nothing to do"),
+        (["--quantize", "int8-dynamic"], "--quantize int8-dynamic: nothing to do"),
+        (["--quantize", "int4-weight", "--target", "ort"], "--quantize int4-weight: nothing"),
+        (["--quantize", "fp8", "--opset", "19"], "--quantize fp8: nothing to do"),
     ],
 )
 def test_a_lossy_pass_with_nothing_to_rewrite_is_refused(

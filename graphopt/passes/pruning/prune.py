@@ -36,6 +36,9 @@ class PrunePass(GraphPass):
     exact = False
     stage = Stage.PRUNE
     handles_subgraphs = False
+    # The ops whose weights seed a prunable group (analysis.dependency_rules.seeds): without
+    # one the model has nothing to prune, refused as "nothing to do" like the other lossy passes.
+    ops = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "Gather"})
     flag = "--prune"
     flag_metavar = "flops=R|params=R"
     flag_help = "remove a fraction R of FLOPs (at the calibration/--input-shape shapes) or params"

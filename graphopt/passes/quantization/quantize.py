@@ -217,7 +217,7 @@ class QuantizePass(GraphPass):
 
     def rewrite(self, model: ir.Model) -> int:
         settings = self.resolved()
-        _refuse_nothing_to_quantize(model, settings.mode)
+        _refuse_nothing_to_quantize(model, settings.mode, settings.quantize_embeddings)
         calib = self._calibration(model, settings)
         module_name, _, function_name = MODES[settings.mode].partition(":")
         function = getattr(importlib.import_module(module_name), function_name)
@@ -450,7 +450,22 @@ def _refuse_non_finite(
             )
 
 
-def _refuse_nothing_to_quantize(model: ir.Model, mode: str) -> None:
+def _mode_ops(mode: str, embeddings: bool) -> frozenset[str]:
+    """The op types ``mode`` rewrites; empty for fp16/bf16, which lower every float op."""
+    from graphopt.passes.quantization.dynamic import LINEAR_OPS
+    from graphopt.passes.quantization.fp8 import TARGET_OPS
+    from graphopt.passes.quantization.placement import COMPUTE
+
+    if mode in ("int8", "fp8"):
+        return frozenset(COMPUTE if mode == "int8" else TARGET_OPS)
+    if mode == "int8-dynamic":
+        return frozenset((*LINEAR_OPS, "Attention"))  # com.microsoft's becomes QAttention
+    if mode == "int4-weight":
+        return frozenset((*LINEAR_OPS, *(("Gather",) if embeddings else ())))
+    return frozenset()
+
+
+def _refuse_nothing_to_quantize(model: ir.Model, mode: str, embeddings: bool = False) -> None:
     """Refuse, before any work, a model the mode would hand back unchanged: one that computes
     in float16/bfloat16 only (the modes start from float32; int4-weight is the exception,
     MatMulNBits takes float16 activations), or one already quantized whose every
@@ -486,6 +501,14 @@ def _refuse_nothing_to_quantize(model: ir.Model, mode: str) -> None:
                 f"quantize int8: the model is already quantized (it has {', '.join(found)}); "
                 "quantize the float original instead"
             )
+    rewritten = _mode_ops(mode, embeddings)
+    if rewritten and rewritten.isdisjoint(n.op_type for g in graphs for n in g):
+        # As for the other lossy passes asked for on a model without their ops (pipeline's
+        # _refuse_lossy_without_targets): a copy of the input would pass for a quantized model.
+        raise UserInputError(
+            f"--quantize {mode}: nothing to do: the model has none of the ops it rewrites "
+            f"({', '.join(sorted(rewritten))})"
+        )
     if mode == "int4-weight":
         return
     types = [node.inputs[0].dtype for node in weighted]
