@@ -74,14 +74,18 @@ def replace_value(old: ir.Value, new: ir.Value) -> bool:
     """
     if old is new:
         return True
+    # The node making ``new`` from ``old`` (an Add inserted after a layer) keeps reading
+    # ``old``: rewired to ``new`` it would read its own output, a cycle ORT refuses.
+    producer = new.producer()
+    kept = [(use.node, use.idx) for use in old.uses() if use.node is producer]
     if old.is_graph_output():
         if new.is_graph_input() or new.is_graph_output() or new.is_initializer():
             return False
-        if new.producer() is None:
+        if producer is None:
             return False
         # new must live in the same graph as the output it becomes
         old_graph = old.graph
-        if old_graph is None or new.producer().graph is not old_graph:
+        if old_graph is None or producer.graph is not old_graph:
             return False
         name = old.name
         old.name = None
@@ -92,9 +96,18 @@ def replace_value(old: ir.Value, new: ir.Value) -> bool:
             new.type = old.type
         if old.shape is not None and new.shape is None:
             new.shape = old.shape
+        _restore_uses(old, kept)
+        if kept and name and isinstance(old_graph, ir.Graph):
+            old.name = unique_name(old_graph, f"{name}_before")  # still read: it needs one
         return True
     ir.convenience.replace_all_uses_with(old, new)
+    _restore_uses(old, kept)
     return True
+
+
+def _restore_uses(value: ir.Value, uses: list[tuple[ir.Node, int]]) -> None:
+    for node, index in uses:
+        node.replace_input_with(index, value)
 
 
 def take_over(old: ir.Value, new: ir.Value) -> None:

@@ -5,10 +5,20 @@ from __future__ import annotations
 import gc
 import weakref
 
+import numpy as np
 import onnx_ir as ir
+import pytest
 from onnx import TensorProto, helper
 
-from graphopt.editing import fill_missing_shapes, insert_before, remove_node, take_over
+from graphopt.editing import (
+    add_initializer,
+    fill_missing_shapes,
+    insert_after,
+    insert_before,
+    remove_node,
+    replace_value,
+    take_over,
+)
 from graphopt_tests.helpers import assert_same_outputs, make_model, tensor_info
 
 
@@ -51,6 +61,24 @@ def test_a_graph_output_keeps_its_name() -> None:
     before = model.clone()
     value = _swap_relu_for_max(model)
     assert [v.name for v in model.graph.outputs] == ["a"] and model.graph.outputs[0] is value
+    assert_same_outputs(before, model, tolerance=0.0)
+
+
+@pytest.mark.parametrize("output", ["a", "y"])
+def test_a_node_appended_after_a_value_keeps_reading_it(output: str) -> None:
+    """An Add inserted after a layer that then takes over the layer's output (pruning's bias
+    compensation on a MatMul that is the graph output): replace_value rewired the Add's own
+    input too, a cycle ORT refused ("the graph is not acyclic", exit 3)."""
+    model = _model(output)
+    before = model.clone()
+    last = list(model.graph)[-1]
+    out = last.outputs[0]
+    zero = add_initializer(model.graph, "zero", np.zeros((2, 3), np.float32))
+    add = ir.node("Add", [out, zero], name="after")
+    insert_after(last, [add])
+    assert replace_value(out, add.outputs[0])
+    assert add.inputs[0] is out and add.outputs[0].name == output
+    assert out.name and out.name != output  # still read, so still named
     assert_same_outputs(before, model, tolerance=0.0)
 
 

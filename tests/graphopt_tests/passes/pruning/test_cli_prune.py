@@ -99,3 +99,26 @@ def test_calibration_of_the_wrong_shape_is_refused_when_loaded(tmp_path, capsys)
         err = capsys.readouterr().err.strip()
         assert code == 2 and "has size 15 on axis 2; the model fixes it at 16" in err, err
         assert "\n" not in err
+
+
+def test_a_head_without_bias_that_is_the_graph_output_is_compensated(tmp_path, capsys):
+    """The last MatMul has no bias and is the graph output (an LM head): bias compensation
+    inserted an Add that read its own output, and ORT refused the candidate ("the graph is not
+    acyclic", exit 3)."""
+    model = mlp()
+    last_add = list(model.graph)[-1]
+    matmul_out = last_add.inputs[0]
+    model.graph.outputs[0] = matmul_out
+    model.graph.remove(last_add, safe=True)
+    matmul_out.name = "y"
+    path = tmp_path / "head.onnx"
+    io.save(model, path)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=correlated(np.random.default_rng(0), (32, 4, 16)))
+    out = tmp_path / "pruned.onnx"
+    code = main(
+        ["optimize", str(path), "-o", str(out), "--prune", "flops=0.3", "--calib", str(calib)]
+    )
+    text = capsys.readouterr()
+    assert code == 0, text.err
+    assert [v.name for v in io.load(out).model.graph.outputs] == ["y"]
