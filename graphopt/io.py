@@ -39,6 +39,7 @@ from graphopt.errors import UserInputError
 from graphopt.model_checks import (
     check_attributes,
     check_external_data,
+    check_no_external_data,
     check_proto_shape,
     check_scopes,
     check_strings,
@@ -71,6 +72,7 @@ def load(source: ModelSource) -> LoadedModel:
         check_strings(source, "<model>")
         check_attributes(source, "<model>")
         check_tensor_sizes(source, "<model>")
+        check_no_external_data(source, "<model>")
         model = _deserialize_proto(source)
         check_scopes(model, "<model>")
         return LoadedModel(model, None, False)
@@ -86,6 +88,7 @@ def load(source: ModelSource) -> LoadedModel:
         check_attributes(proto, "<bytes>")
         check_proto_shape(proto, "<bytes>")
         check_tensor_sizes(proto, "<bytes>")
+        check_no_external_data(proto, "<bytes>")
         model = _deserialize_proto(proto)
         check_scopes(model, "<bytes>")
         return LoadedModel(model, None, False)

@@ -275,6 +275,21 @@ def check_scopes(model: ir.Model, name: str) -> None:
         walk(function, [])
 
 
+def check_no_external_data(proto: onnx.ModelProto, name: str) -> None:
+    """Refuse external-data references in a model given as bytes or a ``ModelProto``: it has
+    no folder of its own, and resolving the locations against the working folder would let a
+    model read any file there or (absolute, ``..``) anywhere."""
+    for tensor in _iter_model_tensor_protos(proto):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            info = {entry.key: entry.value for entry in tensor.external_data}
+            location = info.get("location", "")[:80]
+            raise UserInputError(
+                f"{name}: initializer {tensor.name!r} keeps its data in an external file "
+                f"({location!r}), and a model given in memory has no folder to read it from: "
+                "pass the model's path, or load it with onnx.load(path), which reads the data in"
+            )
+
+
 def check_external_data(proto: onnx.ModelProto, base_dir: Path, name: str) -> None:
     """Refuse external-data references that escape ``base_dir`` or point at short files."""
     root = base_dir.resolve()

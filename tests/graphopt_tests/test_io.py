@@ -370,6 +370,25 @@ def test_cli_refuses_unsafe_external_data(
     assert len(err.strip().splitlines()) == 1, err
 
 
+@pytest.mark.parametrize("location", ["/etc/hostname", "../outside.data", "m.onnx.data"])
+@pytest.mark.parametrize("form", ["bytes", "proto"])
+def test_a_model_in_memory_reads_no_external_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, location: str, form: str
+) -> None:
+    """Bytes or a ModelProto skipped the external-data checks: their locations were read from
+    the working folder, so a model could pull any file (/etc/hostname) into the output."""
+    path = _external_with_location(tmp_path, location)
+    monkeypatch.chdir(path.parent)
+    proto = onnx.load(str(path), load_external_data=False)
+    source = proto.SerializeToString() if form == "bytes" else proto
+    with pytest.raises(UserInputError, match="a model given in memory has no folder") as info:
+        io.load(source)
+    assert "\n" not in str(info.value)
+    # What the message suggests works: the data read in by onnx.load.
+    if location == "m.onnx.data":
+        assert io.load(onnx.load(str(path))).model.graph.initializers
+
+
 def _function_constant_model(folder: Path, location: str) -> Path:
     return function_constant_file(folder / "m.onnx", location)
 
