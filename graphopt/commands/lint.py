@@ -58,8 +58,9 @@ def run(args: argparse.Namespace, out: Console, err: Console) -> int:
         return EXIT_CHECK_FAILED if result.errors else EXIT_OK
     for finding in result.findings:
         out.print(finding.describe(), markup=False, soft_wrap=True)
-        if finding.severity == "error":
-            out.print(f"  fix: {fix_for(finding.op_type, finding.reason)}", markup=False)
+        fix = fix_for(finding.op_type, finding.reason) if finding.severity == "error" else ""
+        if fix:
+            out.print(f"  fix: {fix}", markup=False)
     verdict = "rejected" if result.errors else "accepted"
     note = f" ({result.note})" if result.note else ""
     out.print(

@@ -58,7 +58,8 @@ _FIXES: tuple[tuple[str, str], ...] = (
         "with another op, or run that part elsewhere); --target tensorrt never emits it",
     ),
 )
-_DEFAULT_FIX = "see graphopt lint --target tensorrt for the rule that applies"
+# No known fix: nothing said (pointing at `graphopt lint` from lint's own output was circular).
+_DEFAULT_FIX = ""
 
 
 class _Rejection(Protocol):
@@ -68,7 +69,8 @@ class _Rejection(Protocol):
 
 
 def fix_for(op_type: str, reason: str) -> str:
-    """The graphopt option or pass that fixes a rejection of ``op_type`` for ``reason``."""
+    """The graphopt option or pass that fixes a rejection of ``op_type`` for ``reason``, or ""
+    when none is known."""
     text = f"{op_type}: {reason}"
     for pattern, fix in _FIXES:
         if re.search(pattern, text):
@@ -80,4 +82,5 @@ def describe_rejection(error: _Rejection) -> str:
     """``node 'n' (Op): reason; fix: ...`` on one line."""
     where = f"node {error.node_name!r} ({error.op_type})" if error.op_type else "graph"
     reason = " ".join(error.reason.split())
-    return f"{where}: {reason}; fix: {fix_for(error.op_type, reason)}"
+    fix = fix_for(error.op_type, reason)
+    return f"{where}: {reason}" + (f"; fix: {fix}" if fix else "")

@@ -101,6 +101,7 @@ class Finding:
 
 def static_findings(model: onnx.ModelProto) -> list[Finding]:
     """Every rule's findings on ``model`` (graph-level first, then nodes in graph order)."""
+    model = _inlined(model)
     graph = model.graph
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
     constants = _constants(graph)
@@ -115,6 +116,19 @@ def static_findings(model: onnx.ModelProto) -> list[Finding]:
                 findings.append(Finding(ERROR, name, node.op_type, reason, rule))
     findings.extend(_dynamic_dims(graph))
     return findings
+
+
+def _inlined(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with its local functions inlined, as TensorRT's parser imports a call: by
+    its body (a call checked as an op of the function's domain had "no importer")."""
+    if not model.functions:
+        return model
+    import onnx.inliner
+
+    try:
+        return onnx.inliner.inline_local_functions(model)
+    except Exception:  # a malformed function: the calls are then checked as ops
+        return model
 
 
 def _nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
@@ -413,6 +427,17 @@ def _quantization(node: onnx.NodeProto, context: _Context) -> Iterator[str]:
         yield "non-zero zero point is not supported (TensorRT quantization is symmetric)"
 
 
+def _loop_condition(node: onnx.NodeProto, context: _Context) -> Iterator[str]:
+    del context
+    # ONNX allows an omitted condition (a for-loop); the parser looks the input up anyway and
+    # fails ("Node input was not registered", reported against a body node).
+    if node.op_type == "Loop" and (len(node.input) < 2 or not node.input[1]):
+        yield (
+            "Loop without a condition input: TensorRT's parser needs one (pass a constant "
+            "true cond)"
+        )
+
+
 _Rule = Callable[[onnx.NodeProto, _Context], Iterator[str]]
 _NODE_RULES: tuple[tuple[str, _Rule], ...] = (
     ("op", _op),
@@ -424,6 +449,7 @@ _NODE_RULES: tuple[tuple[str, _Rule], ...] = (
     ("quantization", _quantization),
     ("shape-input", _shape_inputs),
     ("shape", _shapes),
+    ("loop-condition", _loop_condition),
 )
 
 

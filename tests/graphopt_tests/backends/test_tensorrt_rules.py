@@ -252,3 +252,72 @@ def test_two_four_detection() -> None:
     )
     found = graph_precisions(model)
     assert found.sparse_weights == ["w"] and found.holds("float32")
+
+
+def _local_function_model() -> onnx.ModelProto:
+    body = [helper.make_node("MatMul", ["a", "b"], ["t"]), helper.make_node("Relu", ["t"], ["c"])]
+    function = helper.make_function(
+        "local", "MyMM", ["a", "b"], ["c"], body, [helper.make_opsetid("", 17)]
+    )
+    weight = numpy_helper.from_array(np.eye(4, dtype=np.float32), "W")
+    graph = helper.make_graph(
+        [
+            helper.make_node("MyMM", ["x", "W"], ["h"], domain="local"),
+            helper.make_node("MyMM", ["h", "W"], ["y"], domain="local"),
+        ],
+        "g",
+        [_info("x")],
+        [_info("y")],
+        [weight],
+    )
+    imports = [helper.make_opsetid("", 17), helper.make_opsetid("local", 1)]
+    return helper.make_model(graph, opset_imports=imports, functions=[function])
+
+
+def _loop_model(condition: str) -> onnx.ModelProto:
+    one = numpy_helper.from_array(np.ones(4, np.float32), "one")
+    body = helper.make_graph(
+        [
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+            helper.make_node("Add", ["v", "one"], ["v2"]),
+        ],
+        "body",
+        [
+            _info("i", TensorProto.INT64, []),
+            _info("cond_in", TensorProto.BOOL, []),
+            _info("v", shape=(4,)),
+        ],
+        [_info("cond_out", TensorProto.BOOL, []), _info("v2", shape=(4,))],
+        [one],
+    )
+    trip = numpy_helper.from_array(np.array(3, np.int64), "M")
+    cond = numpy_helper.from_array(np.array(True), "cond")
+    loop = helper.make_node("Loop", ["M", condition, "x"], ["y"], name="loop", body=body)
+    return _model([loop], [_info("x", shape=(4,))], [_info("y", shape=(4,))], [trip, cond])
+
+
+def test_local_functions_are_checked_by_their_bodies() -> None:
+    """TensorRT's parser imports a local function's body: the static table called each call
+    an op with "no importer" (2 errors where the parser has none)."""
+    assert _errors(_local_function_model()) == []
+
+
+def test_a_loop_without_a_condition_is_an_error() -> None:
+    """The parser fails on an omitted Loop condition ("Node input was not registered"); the
+    static table accepted it."""
+    assert [rule for rule, _ in _errors(_loop_model(""))] == ["loop-condition"]
+    assert _errors(_loop_model("cond")) == []
+
+
+@pytest.mark.parametrize("case", ["function", "loop", "loop-cond"])
+def test_the_parser_agrees_on_functions_and_loops(trt, case: str) -> None:
+    from graphopt.backends.tensorrt.lint import lint_tensorrt
+
+    model = {
+        "function": _local_function_model,
+        "loop": lambda: _loop_model(""),
+        "loop-cond": lambda: _loop_model("cond"),
+    }[case]()
+    parsed = lint_tensorrt(model)
+    assert parsed.checker.endswith("parser")
+    assert bool(parsed.errors) == bool(_errors(model)), parsed.errors
