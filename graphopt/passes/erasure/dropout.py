@@ -58,10 +58,12 @@ class DropoutPass(GraphPass):
     def _replace_mask(self, node: ir.Node, opset: int) -> bool:
         """Feed the mask's users an all-true (all-one) mask of the data's shape."""
         mask = node.outputs[1]
-        # The mask is bool from Dropout-10 on, the data's type before.
-        dtype = ir.DataType.BOOL if opset >= 10 else node.inputs[0].dtype
-        if opset < 9 or dtype is None:
-            return False  # ConstantOfShape needs opset 9 and the mask's dtype
+        if opset < 12:
+            # Dropout-7..11 leave the inference mask undefined ("not filled"): ONNX Runtime
+            # returns zeros/False, where Dropout-12+ define all-true. No constant is the
+            # model's, so a read mask keeps the node.
+            return False
+        dtype = ir.DataType.BOOL
         one = np.ones((1,), dtype=dtype.numpy())
         shape = ir.node("Shape", [node.inputs[0]])
         fill = ir.node("ConstantOfShape", [shape.outputs[0]], attributes={"value": ir.tensor(one)})

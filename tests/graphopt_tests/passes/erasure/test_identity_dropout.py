@@ -1,5 +1,6 @@
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto as T
 from onnx import helper
 
@@ -108,6 +109,18 @@ def test_dropout_used_mask_becomes_all_true():
     model = _dropout_model(13, outputs=("y", "mask"))
     _, hits, ops = check(model, DropoutPass)
     assert hits == 1 and "Dropout" not in ops and "ConstantOfShape" in ops
+
+
+@pytest.mark.parametrize("opset", [10, 11])
+def test_an_old_dropout_with_a_read_mask_is_kept(opset: int) -> None:
+    """Dropout-7..11 leave the inference mask undefined and ONNX Runtime fills it with False;
+    the pass fed its readers all-true (error 1.53 on Add(y, mask) at opset 9)."""
+    model = _dropout_model(opset, outputs=("y", "mask"))
+    after, hits = run_pass(model, DropoutPass)
+    assert hits == 0 and "Dropout" in op_types(after)
+    # Without a reader of the mask it still goes.
+    _, hits, ops = check(_dropout_model(opset), DropoutPass)
+    assert hits == 1 and "Dropout" not in ops
 
 
 def test_dropout_mask_as_graph_output():
