@@ -108,6 +108,11 @@ class _LimitedFolder(folding.FoldConstantsPass):
             # needs opset 13: below it the model would be invalid (rolled back by verification,
             # written as it is with --no-verify).
             return None
+        if node.op_type == "Abs" and not _is_dims(node.inputs[0]):
+            # onnxscript turns Abs of any symbolic shape value into Identity, assuming every
+            # symbolic value is a dim (>= 0); Shape(x)[0:1] - 5 is not (error 2.0 at N=2).
+            # Only a Shape's own output is sure to be non-negative.
+            return None
         if _has_unmodelled_cast_attributes(node):
             # onnxscript rewrites CastLike into Cast(to=...) and drops `saturate` (and would
             # drop any newer attribute): leave such casts alone.
@@ -124,6 +129,14 @@ class _LimitedFolder(folding.FoldConstantsPass):
         if isinstance(output_array, np.ndarray) and not self._allowed(node, output_array.nbytes):
             return None
         return super()._prepare_folded_tensor(node, output_name, output_array)
+
+
+def _is_dims(value: ir.Value | None) -> bool:
+    """A constant, or the output of a Shape node: Abs of it is safe to fold either way."""
+    if value is None:
+        return False
+    producer = value.producer()
+    return value.const_value is not None or (producer is not None and producer.op_type == "Shape")
 
 
 # Ops onnxscript's folder rewrites (not folds) into opset-13 forms.

@@ -145,3 +145,23 @@ def test_sequence_rewrites_only_where_the_opset_allows_them():
     assert hits == 0 and op_types(old) == ["SequenceConstruct", "ConcatFromSequence"]
     _, hits, ops = check(_sequence_concat(13), ConstantFoldingPass)
     assert hits >= 1 and "ConcatFromSequence" not in ops
+
+
+def test_abs_of_shape_arithmetic_is_not_dropped():
+    """onnxscript's folder turned Abs(Shape(x)[0:1] - 5) into Identity (it takes every
+    symbolic shape value for a dim, so >= 0): 2 - 5 came out -3, not 3."""
+    model = make_model(
+        [
+            helper.make_node("Shape", ["x"], ["s"], start=0, end=1),
+            helper.make_node("Add", ["s", "c"], ["a"]),
+            helper.make_node("Abs", ["a"], ["y"]),
+        ],
+        [tensor_info("x", F, ["N", 3])],
+        [tensor_info("y", T.INT64, [1])],
+        {"c": np.array([-5], I64)},
+        opset=17,
+    )
+    for rows in (2, 7):
+        feeds = {"x": np.ones((rows, 3), np.float32)}
+        _, _, ops = check(model, ConstantFoldingPass, feeds=feeds)
+        assert "Abs" in ops
