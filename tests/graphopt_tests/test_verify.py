@@ -13,7 +13,7 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 import graphopt
 from graphopt.api import OptimizeOptions
@@ -275,9 +275,12 @@ def test_sequence_optional_and_map_outputs_are_compared_element_by_element() -> 
 def test_a_model_with_a_sequence_output_optimizes_and_verifies(mode) -> None:
     """Verification read every output as an array ('list' object has no attribute 'shape',
     exit 3 in every mode); fidelity measures a sequence over its elements."""
+    weight = np.random.default_rng(0).standard_normal((4, 4)).astype(np.float32)
     graph = helper.make_graph(
         [
-            helper.make_node("Relu", ["x"], ["r"]),
+            # A MatMul: int8 has a layer to quantize (a model without one is "nothing to do").
+            helper.make_node("MatMul", ["x", "w"], ["m"]),
+            helper.make_node("Relu", ["m"], ["r"]),
             helper.make_node("SequenceConstruct", ["x", "r"], ["s"]),
         ],
         "g",
@@ -286,6 +289,7 @@ def test_a_model_with_a_sequence_output_optimizes_and_verifies(mode) -> None:
             helper.make_tensor_sequence_value_info("s", TensorProto.FLOAT, None),
             helper.make_tensor_value_info("r", TensorProto.FLOAT, ["n", 4]),
         ],
+        [numpy_helper.from_array(weight, "w")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
