@@ -49,7 +49,9 @@ class _ArgumentParser(argparse.ArgumentParser):
     """argparse that reports usage errors as one line with exit code 2."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise UserInputError(f"{self.prog}: {message} (see --help)")
+        # main() prefixes "graphopt: error: " already; a subcommand's parser names itself in
+        # the help hint ("graphopt optimize --help"), not as a second prefix.
+        raise UserInputError(f"{message} (see {self.prog} --help)")
 
 
 def build_parser(lossy_flags: bool = True) -> argparse.ArgumentParser:
@@ -141,7 +143,7 @@ def build_parser(lossy_flags: bool = True) -> argparse.ArgumentParser:
     opt.add_argument("--seed", type=int, default=None, help="seed of generated inputs (0)")
     opt.add_argument(
         "--target",
-        choices=("portable", "ort", "tensorrt"),
+        choices=("portable", "ort", "tensorrt"),  # api.TARGETS (not imported: --help stays fast)
         default=None,
         help="portable (default): standard ONNX ops only; ort: also ONNX Runtime's "
         "com.microsoft fused ops; tensorrt: standard ops in the forms TensorRT's parser "
@@ -269,18 +271,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERNAL
 
 
-def _check_ort_optimized_target(target: Path, args: argparse.Namespace, output) -> None:
-    """Refuse, before any work, a ``--save-ort-optimized`` path that is the input model,
-    the output, or the engine: it is written last, over whatever is there."""
+def _check_files(
+    args: argparse.Namespace, output: str | Path | None, options: OptimizeOptions
+) -> None:
+    """Refuse, before any work, a file the run writes that it also reads or writes otherwise
+    (api.check_overwrites, given the files only the CLI knows: --recipe, and
+    --save-ort-optimized, written last over whatever is there)."""
     from graphopt import io
+    from graphopt.api import check_overwrites
 
-    io.check_output_target(target)
-    others = {"the input model": args.input, "the output": output or args.input}
-    if getattr(args, "engine", None):
-        others["the --engine file"] = args.engine
-    for what, path in others.items():
-        if path is not None and io.same_file(target, Path(path)):
-            raise UserInputError(f"--save-ort-optimized {target}: is {what}; give another path")
+    also_written = []
+    if args.save_ort_optimized is not None:
+        if not args.save_ort_optimized.strip():
+            raise UserInputError("--save-ort-optimized: empty path; give the file to write")
+        io.check_output_target(Path(args.save_ort_optimized))
+        also_written.append(("--save-ort-optimized", args.save_ort_optimized))
+    also_read = [("the --recipe file", args.recipe)] if args.recipe else []
+    check_overwrites(
+        args.input,
+        output,
+        options,
+        in_place=args.in_place,
+        also_read=also_read,
+        also_written=also_written,
+    )
 
 
 def _say(err: Console, message: str) -> None:
@@ -346,11 +360,16 @@ def _cmd_optimize(args: argparse.Namespace, out: Console, err: Console) -> int:
     from graphopt.registry import get_pass
     from graphopt.report import describe_stage, print_report, progress_display
 
-    options = load_recipe(args.recipe) if args.recipe else OptimizeOptions()
-    if args.passes:
-        options.passes = [PassSpec(get_pass(n.strip()).name) for n in _names(args.passes)]
-    if args.skip:
-        options.skip = [get_pass(n).name for n in _names(args.skip)]
+    if args.recipe is not None and not args.recipe.strip():
+        # Not "no recipe": the user named one, and an empty path reads as the current folder.
+        raise UserInputError("--recipe: empty path; give the recipe file")
+    options = load_recipe(args.recipe) if args.recipe is not None else OptimizeOptions()
+    # `is not None`: an empty --passes "" is a mistake, not "the default pipeline".
+    if args.passes is not None:
+        names = _names(args.passes, "--passes")
+        options.passes = [PassSpec(get_pass(n).name) for n in names]
+    if args.skip is not None:
+        options.skip = [get_pass(n).name for n in _names(args.skip, "--skip")]
     if args.no_verify:
         options.verify = False
     if args.tolerance is not None:
@@ -380,8 +399,7 @@ def _cmd_optimize(args: argparse.Namespace, out: Console, err: Console) -> int:
     output = args.output
     if output is None and not args.in_place:
         output = default_output_path(Path(args.input))
-    if args.save_ort_optimized:
-        _check_ort_optimized_target(Path(args.save_ort_optimized), args, output)
+    _check_files(args, output, options)
     _stage[0] = "loading the model"
     with progress_display(err) as display:
 
@@ -562,10 +580,12 @@ def _print_json(text: str) -> None:
     sys.stdout.flush()
 
 
-def _names(text: str) -> list[str]:
+def _names(text: str, flag: str) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
-        raise UserInputError("expected a comma-separated list of pass names")
+        raise UserInputError(
+            f"{flag} {text!r}: names no pass; expected a comma-separated list of pass names"
+        )
     return names
 
 

@@ -441,7 +441,7 @@ class Verifier:
                 for n, r, g, res in zip(names, references, got, self.resolutions, strict=True)
             ]
             per_shape.append(row)
-            bad = [e for e in row if not e.shape_ok or e.detail or e.max_rel > tol]
+            bad = [e for e in row if not e.shape_ok or e.detail or not e.max_rel <= tol]  # NaN: bad
             if bad:
                 worst = bad[0]
                 reason = worst.detail or f"output {worst.name!r} off by {worst.max_rel:.3g} (rel)"
