@@ -336,3 +336,328 @@ def test_recipe_pins_the_seed_of_generated_inputs() -> None:
     # The seed decides which passes verification rolls back, and the output records it.
     assert recipe_from_dict({"seed": 7}).seed == 7
     assert recipe_from_dict({}).seed == 0
+
+
+# ---- YAML types, keys, aliases and files: refused in one line, naming recipe and key --------
+
+
+def _cli_error(tmp_path: Path, capsys, text: str, *flags: str) -> tuple[int, str]:
+    """Exit code and stderr of `graphopt optimize` with the recipe ``text``."""
+    recipe = write(tmp_path, text)
+    code = main(["optimize", str(model_file(tmp_path)), "--recipe", str(recipe), *flags])
+    return code, capsys.readouterr().err.strip()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        # Before: exit 3, "internal error: ValueError: negative dimensions are not allowed".
+        ("{x: [-1, 4]}", r"input_shapes.x: --input-shape 'x:-1x4': dims must be non-negative"),
+        # Before: 2.7 was cut to 2, true was 1, "2316" was read char by char as 2x3x1x6.
+        ("{x: [2.7, 4]}", "input_shapes.x: dims must be integers, got 2.7"),
+        ("{x: [true, 4]}", "input_shapes.x: dims must be integers, got true"),
+        ("{x: '2316'}", "input_shapes.x: expected a list of dims, got '2316'"),
+        ("{x: 2}", "input_shapes.x: expected a list of dims, got 2"),
+        # YAML reads `1:` as a number: an input named "1" is written "1": [...].
+        ("{1: [2, 4]}", "input_shapes: key 1 is not text"),
+    ],
+)
+def test_input_shape_dims_are_yaml_integers_checked_as_the_cli_checks_them(
+    tmp_path: Path, capsys, text: str, message: str
+) -> None:
+    code, err = _cli_error(tmp_path, capsys, f"input_shapes: {text}\n")
+    assert code == 2 and err.count("\n") == 0 and "internal error" not in err
+    assert err.startswith(f"graphopt: error: {tmp_path / 'recipe.yaml'}: ") and message in err
+
+
+def test_input_shapes_from_a_recipe_still_bind() -> None:
+    assert recipe_from_dict({"input_shapes": {"x": [2, 4], "1": []}}).input_shapes == {
+        "x": (2, 4),
+        "1": (),
+    }
+
+
+def test_keys_of_mixed_types_are_refused_not_a_crash(tmp_path: Path, capsys) -> None:
+    # Before: exit 3, "TypeError: '<' not supported between instances of 'str' and 'int'"
+    # from sorting the unknown keys.
+    code, err = _cli_error(tmp_path, capsys, "verfy: true\n1: 2\n")
+    assert code == 2 and err.endswith(
+        "recipe.yaml: key 1 is not text (YAML read an integer); quote it"
+    )
+    with pytest.raises(UserInputError, match=r"recipe: key true is not text \(YAML read a bool"):
+        recipe_from_dict({"verfy": True, True: 2})
+    with pytest.raises(UserInputError, match=r"lossy\[0\].options: key 1 is not text"):
+        recipe_from_dict({"lossy": [{"name": "test-lossy", "options": {1: 2}}]})
+
+
+def _alias_bomb(levels: int) -> str:
+    """A recipe whose `skip` holds one alias of ``levels`` nested levels of ten aliases each:
+    a few hundred bytes that expand to 10**levels values."""
+    anchors = ["&a0 [x, x, x, x, x, x, x, x, x, x]"]
+    anchors += [f"&a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, levels)]
+    return f"tolerance: [{', '.join(anchors)}]\nskip: [*a{levels - 1}]\n"
+
+
+@pytest.mark.parametrize("levels", [6, 8, 30])
+def test_alias_bombs_are_refused_before_anything_prints_them(
+    tmp_path: Path, capsys, levels: int
+) -> None:
+    import time
+
+    text = _alias_bomb(levels)
+    assert len(text) < 2500
+    start = time.perf_counter()
+    code, err = _cli_error(tmp_path, capsys, text)
+    # Before: 6 levels printed a 7.2 MB "one-line" error (175 MB of memory); 8 needed ~38 GB.
+    assert code == 2 and err.count("\n") == 0 and len(err) < 300
+    assert "expands to more than 10000 values" in err
+    assert time.perf_counter() - start < 10
+
+
+def test_a_recipe_that_contains_itself_is_refused(tmp_path: Path, capsys) -> None:
+    code, err = _cli_error(tmp_path, capsys, "skip: &s [*s]\n")
+    assert code == 2 and err.endswith(
+        "recipe.yaml: a value contains itself (a YAML alias of its anchor)"
+    )
+
+
+def test_a_realistic_recipe_is_far_below_the_expansion_cap() -> None:
+    shapes = {f"in{i}": [1, 3, 224, 224] for i in range(100)}
+    assert len(recipe_from_dict({"input_shapes": shapes, "skip": ["cse"] * 50}).skip) == 50
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        # A value shared by aliases prints once per use: messages quote values capped.
+        ({"skip": [["x"] * 1000]}, r"skip\[0\]: expected a pass name, got \['x', 'x', "),
+        ({"passes": [{"name": ["x"] * 1000}]}, r"passes\[0\].name: expected a pass name, got "),
+        ({"skip": ["n" * 100_000]}, r"skip\[0\]: unknown pass 'nnnn"),
+        ({"lossy": [{"name": "test-lossy", "options": {"k" * 100_000: 1}}]}, "has no option"),
+        ({"version": 10**5000}, "recipe version an integer of 16610 bits is not supported"),
+        ({"tolerance": "x" * 100_000}, "tolerance must be a number, got 'xxx"),
+    ],
+)
+def test_values_quoted_in_messages_are_capped(data, message: str) -> None:
+    with pytest.raises(UserInputError, match=message) as caught:
+        recipe_from_dict(data)
+    assert len(str(caught.value)) < 320 and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("verify: false\nverify: true\n", "key 'verify' given twice (lines 1 and 2)"),
+        (
+            "lossy:\n  - name: test-lossy\n    options: {ratio: 0.3, ratio: 0.4}\n",
+            "key 'ratio' given twice (line 3)",
+        ),
+        ("input_shapes:\n  x: [1, 4]\n  x: [2, 4]\n", "key 'x' given twice (lines 2 and 3)"),
+    ],
+)
+def test_duplicate_keys_are_refused_with_name_and_line(
+    tmp_path: Path, capsys, text: str, message: str
+) -> None:
+    # Before: the last one won without a word.
+    code, err = _cli_error(tmp_path, capsys, text)
+    assert (
+        code == 2 and err.count("\n") == 0 and err.endswith(f"recipe.yaml: {message}; give it once")
+    )
+
+
+def test_merge_keys_may_override_what_they_merge(tmp_path: Path) -> None:
+    text = "lossy:\n  - name: test-lossy\n    options:\n      <<: {ratio: 0.3}\n      ratio: 0.4\n"
+    assert load_recipe(write(tmp_path, text)).lossy == [PassSpec("test-lossy", {"ratio": 0.4})]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "!!python/object/apply:os.system ['echo unsafe']\n",
+        "verify: !!python/name:os.system\n",
+        "skip: [!!python/object/new:list []]\n",
+    ],
+)
+def test_the_duplicate_checking_loader_is_still_safe(tmp_path: Path, text: str) -> None:
+    with pytest.raises(UserInputError, match=r"not valid YAML \(could not determine a constructor"):
+        load_recipe(write(tmp_path, text))
+
+
+@pytest.mark.parametrize("text", ["", "\n", "# only a comment\n", "null\n", "~\n", "---\n"])
+def test_nothing_is_the_empty_recipe(tmp_path: Path, text: str) -> None:
+    options = load_recipe(write(tmp_path, text))
+    assert options.passes is None and options.verify and options.lossy == []
+
+
+@pytest.mark.parametrize(
+    ("text", "kind"),
+    [("0\n", "an integer"), ("false\n", "a bool"), ("[]\n", "a list"), ("- a\n", "a list")],
+)
+def test_anything_else_that_is_not_a_mapping_is_refused(
+    tmp_path: Path, text: str, kind: str
+) -> None:
+    # Before: 0, false and [] were the empty recipe while `- a` was refused.
+    with pytest.raises(
+        UserInputError, match=f"a recipe is a mapping of keys .see the schema., not {kind}$"
+    ):
+        load_recipe(write(tmp_path, text))
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (1.0, "version must be an integer, got 1.0"),
+        (True, "version must be an integer, got true"),
+        ("1", "version must be an integer, got '1'"),
+        (2, "recipe version 2 is not supported"),
+    ],
+)
+def test_version_is_the_integer_1(value, message: str) -> None:
+    with pytest.raises(UserInputError, match=f"recipe: {message}$"):
+        recipe_from_dict({"version": value})
+    assert recipe_from_dict({"version": 1}).verify
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        # YAML types are checked before any conversion could hide them: true is not 1.0.
+        ({"tolerance": True}, "tolerance must be a number, got true"),
+        ({"tolerance": [1]}, r"tolerance must be a number, got \[1\]"),
+        ({"fold_limit": True}, "fold_limit must be bytes like 1MB, 512KB, 1000 or none, got true"),
+        ({"fold_limit": 2.5}, "fold_limit must be bytes like 1MB, 512KB, 1000 or none, got 2.5"),
+        ({"fold_limit": -1}, "fold_limit: size -1 must be non-negative"),
+        ({"seed": 1.0}, "seed must be an integer, got 1.0"),
+        ({"opset": True}, "opset must be an integer, got true"),
+        ({"target": ["ort"]}, r"target must be one of portable, ort, tensorrt, got \['ort'\]"),
+        ({"skip": [1]}, r"skip\[0\]: expected a pass name, got 1"),
+        ({"skip": "cse"}, "skip must be a list, got 'cse'"),
+    ],
+)
+def test_settings_of_the_wrong_yaml_type_are_refused(data, message: str) -> None:
+    with pytest.raises(UserInputError, match=f"^recipe: {message}$"):
+        recipe_from_dict(data)
+
+
+def test_numbers_as_yaml_writes_them_are_accepted() -> None:
+    # YAML 1.1 reads 1e-4 (no dot) as text; it is a number to the user, as in pass options.
+    assert recipe_from_dict({"tolerance": "1e-4"}).tolerance == 1e-4
+    assert recipe_from_dict({"tolerance": 1}).tolerance == 1.0
+    assert recipe_from_dict({"fold_limit": 1000}).fold_limit_bytes == 1000
+    assert recipe_from_dict({"fold_limit": "1.5KB"}).fold_limit_bytes == 1536
+
+
+def test_a_folder_or_a_fifo_is_not_a_missing_recipe(tmp_path: Path) -> None:
+    import os
+
+    folder = tmp_path / "r.yaml"
+    folder.mkdir()
+    with pytest.raises(UserInputError, match=r"r.yaml: is a folder, not a recipe file$"):
+        load_recipe(folder)
+    if hasattr(os, "mkfifo"):
+        fifo = tmp_path / "fifo.yaml"
+        os.mkfifo(fifo)
+        # Refused before opening it: opening a FIFO blocks until a writer comes.
+        with pytest.raises(UserInputError, match=r"fifo.yaml: not a regular file"):
+            load_recipe(fifo)
+    with pytest.raises(UserInputError, match=r"missing.yaml: recipe not found$"):
+        load_recipe(tmp_path / "missing.yaml")
+
+
+def test_yaml_past_the_loaders_limits_is_bad_input(tmp_path: Path) -> None:
+    # Before: RecursionError and ValueError (Python's int digit limit), exit 3.
+    with pytest.raises(UserInputError, match=r"not valid YAML \(nested too deeply\)"):
+        load_recipe(write(tmp_path, "skip: " + "[" * 5000 + "]" * 5000 + "\n"))
+    with pytest.raises(UserInputError, match=r"not valid YAML \(Exceeds the limit"):
+        load_recipe(write(tmp_path, "seed: " + "1" * 5000 + "\n"))
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        # Messages from shared code (the registry, size parsing) get the recipe's key.
+        ({"skip": ["nope"]}, r"skip\[0\]: unknown pass 'nope'"),
+        ({"passes": ["dead-code", "nope"]}, r"passes\[1\]: unknown pass 'nope'"),
+        ({"lossy": [{"name": "nope"}]}, r"lossy\[0\].name: unknown pass 'nope'"),
+        (
+            {"lossy": [{"name": "test-lossy", "options": {"ratio": "x"}}]},
+            r"lossy\[0\].options: pass 'test-lossy' option 'ratio': expected a finite number",
+        ),
+        ({"fold_limit": "lots"}, "fold_limit: size 'lots': expected bytes like"),
+        ({"passes": [{"name": "dead-code", "x": 1}]}, r"passes\[0\]: a pass entry is a name"),
+    ],
+)
+def test_errors_name_the_recipe_and_the_key(data, message: str) -> None:
+    with pytest.raises(UserInputError, match=f"^r.yaml: {message}"):
+        recipe_from_dict(data, "r.yaml")
+
+
+# ---- flags beside a recipe override its lossy options one by one --------------------------
+
+PRUNE_RECIPE = (
+    "lossy:\n  - name: prune\n    options: {flops: 0.25, criterion: l1, allocation: global}\n"
+)
+
+
+def test_a_pass_flag_overrides_only_the_options_it_sets() -> None:
+    options = load_recipe_text(PRUNE_RECIPE)
+    options.flags["prune"] = "flops=0.5"
+    # Before: the flag replaced the whole entry: criterion l2 (default), allocation uniform.
+    (spec,) = options.lossy_specs()
+    assert spec.options == {"verify": True, "flops": 0.5, "criterion": "l1", "allocation": "global"}
+    # Another target replaces the recipe's (one target: flops or params), option flags win.
+    options.flags.update(prune="params=0.4", criterion="l2")
+    (spec,) = options.lossy_specs()
+    assert spec.options == {
+        "verify": True,
+        "params": 0.4,
+        "criterion": "l2",
+        "allocation": "global",
+    }
+
+
+def test_flags_of_other_lossy_passes_merge_option_by_option() -> None:
+    options = recipe_from_dict(
+        {"lossy": [{"name": "quantize", "options": {"mode": "int8", "per_channel": False}}]}
+    )
+    options.flags["quantize"] = "fp16"
+    assert options.lossy_specs() == [PassSpec("quantize", {"mode": "fp16", "per_channel": False})]
+    # A flag for a pass the recipe does not run adds its entry, as without a recipe.
+    options.flags["prune"] = "flops=0.3"
+    assert [s.name for s in options.lossy_specs()] == ["quantize", "prune"]
+
+
+def test_the_api_keeps_a_pass_flag_replacing_its_own_lossy_entry() -> None:
+    from graphopt.api import OptimizeOptions
+
+    options = OptimizeOptions(
+        lossy=[PassSpec("prune", {"flops": 0.25, "criterion": "l1"})], prune="flops=0.5"
+    )
+    (spec,) = options.lossy_specs()
+    assert spec.options == {"verify": True, "flops": 0.5}
+
+
+def test_prune_flag_beside_a_recipe_keeps_its_criterion_and_allocation(
+    tmp_path: Path, capsys
+) -> None:
+    model, recipe = _pruning_recipe(tmp_path, PRUNE_RECIPE)
+    code = main(["optimize", str(model), "--recipe", str(recipe), "--prune", "flops=0.3"])
+    text = " ".join(capsys.readouterr().out.split())
+    # Before: "prune: criterion l2 (default), ... allocation uniform (default)".
+    assert code == 0 and "prune: criterion l1, " in text and "allocation global;" in text
+    assert "pruning flops=0.3:" in text
+
+
+def load_recipe_text(text: str):
+    return recipe_from_dict(yaml.safe_load(text), "r.yaml")
+
+
+def test_a_pass_flag_replaces_the_target_of_the_recipes_listed_entry() -> None:
+    options = recipe_from_dict(
+        {"passes": ["dead-code", {"name": "prune", "options": {"flops": 0.25, "criterion": "l1"}}]}
+    )
+    options.flags["prune"] = "params=0.5"
+    steps, _ = options.pipeline()
+    # Before: flops 0.25 and params 0.5 both reached the pass ("give exactly one target").
+    assert steps[-1].passes[0].options == {"verify": True, "criterion": "l1", "params": 0.5}
+    assert options.passes[1].options == {"flops": 0.25, "criterion": "l1"}  # left as read
