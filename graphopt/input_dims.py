@@ -56,6 +56,21 @@ def graph_inputs(model: ir.Model | ir.Graph) -> list[ir.Value]:
     return [v for v in graph.inputs if v.name not in initializers]
 
 
+def non_tensor_kind(value: ir.Value) -> str | None:
+    """What an input is when it is not a tensor (``a sequence``, ``an optional``...), for
+    messages; None for a tensor or an input of undeclared type. Shapes bind tensors only,
+    and graphopt generates (and ``.npz`` files hold) tensors only."""
+    type_ = value.type
+    if type_ is None or isinstance(type_, ir.TensorType):
+        return None
+    kinds = (
+        (ir.SequenceType, "a sequence"),
+        (ir.OptionalType, "an optional"),
+        (ir.SparseTensorType, "a sparse tensor"),
+    )
+    return next((text for cls, text in kinds if isinstance(type_, cls)), "another kind of value")
+
+
 def dim_key(value: ir.Value, axis: int) -> str | None:
     """The symbolic dim at ``value``'s ``axis``: its name, ``input[axis]`` if unnamed, or None
     for a fixed dim."""

@@ -52,6 +52,8 @@ class ModelSummary:
     # Shapes FLOPs were computed at (bound from --input-shape or the defaults).
     flops_shapes: dict[str, list[int]]
     flops: int
+    # Multiply-adds (Conv, MatMul, Gemm, attention): not flops / 2 when other ops count too.
+    macs: int
     flops_by_op: dict[str, int]
     flops_not_counted: dict[str, int]
     flops_unknown_shape: dict[str, int]
@@ -90,6 +92,7 @@ def summarize(
         initializers=initializers,
         flops_shapes={name: list(shape) for name, shape in bound.items()},
         flops=flops.total,
+        macs=flops.macs,
         flops_by_op=dict(flops.by_op.most_common()),
         flops_not_counted=dict(sorted(flops.not_counted.items())),
         flops_unknown_shape=dict(sorted(flops.unknown_shape.items())),
@@ -196,7 +199,8 @@ def render_summary(summary: ModelSummary, console: Console) -> None:
         (
             "FLOPs",
             f"{human_count(summary.flops, 'FLOPs')} "
-            f"({human_count(summary.flops / 2, 'MACs')}; multiply-add = 2 FLOPs)",
+            f"({human_count(summary.macs, 'MACs')} of Conv/MatMul/Gemm/attention; "
+            "multiply-add = 2 FLOPs)",
         ),
         (
             "FLOPs at",

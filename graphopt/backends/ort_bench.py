@@ -23,7 +23,13 @@ import onnx_ir as ir
 
 from graphopt.backends.ort import SessionConfig, create_session, resolve_providers
 from graphopt.errors import UserInputError
-from graphopt.input_dims import batch_dims, dims_of, graph_inputs, parse_input_shapes
+from graphopt.input_dims import (
+    batch_dims,
+    dims_of,
+    graph_inputs,
+    non_tensor_kind,
+    parse_input_shapes,
+)
 from graphopt.inputs import bind_dims, describe_shapes, input_shapes, make_inputs
 from graphopt.timing import WARMUP, Spread, interleaved, pair_ratios
 
@@ -81,7 +87,9 @@ class BenchRow:
 
     path: str
     latency: Spread  # seconds per run
-    throughput: float  # items (batch rows) per second at the median latency
+    # Items (batch rows) per second at the median latency; None when a run holds no items
+    # (a batch of 0: empty tensors, where a rate would be meaningless).
+    throughput: float | None
     # time(first model) / time(this one), per round; None for the first model.
     ratio: Spread | None
 
@@ -109,6 +117,7 @@ def run_bench(request: BenchRequest, tick: Callable[[], None] | None = None) -> 
 
     ort = import_onnxruntime()
     models = [_open(path, request.config) for path in request.models]
+    _check_input_shapes(models, request.input_shapes)
     results = []
     for batch in request.batches:
         feeds_per_model = _feeds(models, request, batch)
@@ -132,7 +141,8 @@ def run_bench(request: BenchRequest, tick: Callable[[], None] | None = None) -> 
         for index, ((path, _, _), seconds) in enumerate(zip(models, times, strict=True)):
             latency = Spread.of(seconds)
             ratio = Spread.of(pair_ratios(times[0], seconds)) if index else None
-            rows.append(BenchRow(path, latency, items / latency.median, ratio))
+            throughput = items / latency.median if items else None
+            rows.append(BenchRow(path, latency, throughput, ratio))
         shapes = describe_shapes(first_model, {k: v.shape for k, v in first_feeds.items()})
         results.append(BatchResult(batch, shapes, rows))
     return BenchResult(
@@ -189,7 +199,7 @@ def to_json(result: BenchResult) -> dict[str, Any]:
                     {
                         "path": row.path,
                         "latency_ms": spread(row.latency, 1e3),
-                        "throughput_per_s": row.throughput,
+                        "throughput_per_s": row.throughput,  # null: no items per run
                         "ratio_to_first": None if row.ratio is None else spread(row.ratio, 1.0),
                     }
                     for row in b.rows
@@ -217,6 +227,40 @@ def _open(path: str, config: SessionConfig) -> tuple[str, ir.Model, Any]:
     except Exception as exc:
         raise UserInputError(f"{path}: ONNX Runtime cannot load it: {_first_line(exc)}") from None
     return path, model if model is not None else _stand_in(session), session
+
+
+def _check_input_shapes(
+    models: list[tuple[str, ir.Model, Any]], given: Mapping[str, tuple[int, ...]]
+) -> None:
+    """``--input-shape`` checked as the other commands check it
+    (:func:`graphopt.verify.check_input_shapes`: a wrong rank, a dim the model fixes, a
+    zero-sized dim), against each model that has the input; a name no model has is an error.
+    bench used to ignore an unknown name and time empty tensors ("throughput 0.0"). Inputs
+    that are not tensors are refused here too: bench generates tensors only."""
+    from graphopt.verify import check_input_shapes
+
+    for name, shape in given.items():
+        if 0 in shape:  # before verify's wording, which speaks of comparing
+            raise UserInputError(
+                f"--input-shape {name}:{'x'.join(map(str, shape))}: a zero-sized dim gives "
+                "empty tensors, and timing them measures nothing; use dims of at least 1"
+            )
+    names: set[str] = set()
+    for path, model, _ in models:
+        inputs = graph_inputs(model)
+        for value in inputs:
+            kind = non_tensor_kind(value)
+            if kind is not None:
+                raise UserInputError(
+                    f"{path}: input {value.name!r} is {kind}, not a tensor: bench generates "
+                    "tensor inputs only, so it cannot time this model"
+                )
+        own = {v.name for v in inputs}
+        names |= own
+        check_input_shapes(model, {k: v for k, v in given.items() if k in own})
+    unknown = sorted(set(given) - names)
+    if unknown:
+        raise UserInputError(f"--input-shape names unknown input(s): {', '.join(unknown)}")
 
 
 def _feeds(
@@ -248,10 +292,18 @@ def _call(session: Any, feeds: dict[str, np.ndarray]) -> Callable[[], object]:
 
 
 def _batch_of(model: ir.Model, feeds: Mapping[str, np.ndarray]) -> int:
-    """Items per run for throughput: the bound batch dim, else 1."""
+    """Items per run for throughput: the bound symbolic batch dim; else the generated
+    inputs' batch, the first dim of the inputs of rank 2 or more (the first such input's
+    where they disagree); else 1 (rank-1 or scalar inputs only: one item per run).
+
+    Only symbolic batch dims used to count, so a model fixed at batch 8 was timed as one
+    item per run (8x too low a throughput next to ``--batch 8``)."""
     bound = dims_of(model, {k: v.shape for k, v in feeds.items()})
     sizes = [bound[k] for k in sorted(batch_dims(model)) if k in bound]
-    return sizes[0] if sizes else 1
+    if sizes:
+        return sizes[0]
+    leading = [int(array.shape[0]) for array in feeds.values() if array.ndim >= 2]
+    return leading[0] if leading else 1
 
 
 # ORT's type strings for session inputs -> ONNX data types.

@@ -6,9 +6,13 @@ shape plus, where A has symbolic dims, a second shape A runs at. Both models run
 per output and shape: max abs error, the error relative to A's largest magnitude
 (:func:`graphopt.verify.compare`: the project's measure, with the same allowance for a
 saturated Sigmoid's rounding), cosine, and the share of positions whose argmax over the
-last axis agrees (:func:`graphopt.passes.calibration.fidelity.measure`). An output passes
-when its relative error is at most ``rtol`` and, when ``cos_min`` is given, its cosine at
-least that.
+last axis agrees (:func:`graphopt.passes.calibration.fidelity.measure`). A float output
+passes when its relative error is at most ``rtol`` and, when ``cos_min`` is given, its
+cosine at least that. An integer, bool or string output passes only when equal everywhere,
+whatever ``rtol`` says (the same rule as verification); its max abs / rel err / cosine are
+still the real ones, so that "off by 50 in 9000" reads as such. Sequence, optional and map
+outputs are compared element by element (one row per output, its worst element): a
+different length, presence or key set fails.
 
 Models that do not line up (other input or output names, an output of another shape or
 dtype) fail the comparison with the reason; a model that cannot be read is bad input.
@@ -28,11 +32,12 @@ import numpy as np
 from graphopt.backends.ort import CPU, SessionConfig, create_session, resolve_providers
 from graphopt.calibration import load_npz
 from graphopt.errors import UserInputError
-from graphopt.input_dims import graph_inputs, parse_input_shapes
+from graphopt.input_dims import graph_inputs, non_tensor_kind, parse_input_shapes
 from graphopt.ortrun import run_session
 from graphopt.verify import (
     SCALE_FLOOR,
     NothingToCompare,
+    OutputError,
     VerificationUnavailable,
     Verifier,
     compare,
@@ -58,6 +63,12 @@ class CompareRequest:
 
     @classmethod
     def from_namespace(cls, args: argparse.Namespace) -> CompareRequest:
+        if args.inputs is not None and args.seed is not None:
+            # The seed only generates inputs; it was ignored without a word.
+            raise UserInputError(
+                f"--seed {args.seed}: only generated inputs are seeded, and --inputs "
+                f"{args.inputs} is used as given; leave one out"
+            )
         if args.rtol is not None and not args.rtol >= 0:
             raise UserInputError("--rtol: must be 0 or more")
         if args.cos_min is not None and not -1 <= args.cos_min <= 1:
@@ -74,7 +85,7 @@ class CompareRequest:
             b=args.model_b,
             inputs=args.inputs,
             input_shapes=parse_input_shapes(args.input_shape),
-            seed=args.seed,
+            seed=0 if args.seed is None else args.seed,
             rtol=args.rtol,
             cos_min=args.cos_min,
             histogram=args.histogram,
@@ -88,7 +99,7 @@ class OutputComparison:
 
     shape_index: int
     name: str
-    shape: tuple[int, ...]
+    shape: tuple[int, ...] | None  # None: a sequence, optional or map (see ``layout``)
     max_abs: float
     max_rel: float
     cosine: float
@@ -97,6 +108,10 @@ class OutputComparison:
     problem: str = ""  # why it failed, when it did
     # Counts per bucket: exact, < 1e-9, [1e-9, 1e-8), ..., [1e-1, 1), >= 1 (relative error).
     histogram: list[int] | None = None
+    # What A's output is: "tensor", "sequence", "optional" or "map", and its dims in words
+    # ("2x3", "scalar", "sequence of 2: 2x3, scalar", "optional: absent", "map of 3").
+    kind: str = "tensor"
+    layout: str = ""
 
 
 @dataclass
@@ -131,6 +146,7 @@ def run_compare(request: CompareRequest) -> CompareResult:
     result.reason = _mismatch(model_a, model_b)
     if result.reason:
         return result
+    _refuse_non_tensor_inputs(request.a, model_a)
     try:
         verifier = Verifier(
             model_a,
@@ -145,7 +161,11 @@ def run_compare(request: CompareRequest) -> CompareResult:
     except VerificationUnavailable as exc:
         raise UserInputError(f"{request.a}: ONNX Runtime cannot run it: {exc}") from None
     input_sets, references = verifier.input_sets, verifier.references
-    result.shapes, result.shape_note = list(verifier.shapes), verifier.shape_note
+    # A model without inputs is described by an empty string: say so instead.
+    result.shapes = [text or "no inputs" for text in verifier.shapes]
+    result.shape_note = verifier.shape_note
+    if not graph_inputs(model_a):
+        result.shape_note = "one shape: the model has no inputs"
     if feeds is not None:
         # The user's data as given: verification's second shape would cut or tile it.
         input_sets, references, result.shapes = input_sets[:1], references[:1], result.shapes[:1]
@@ -191,47 +211,214 @@ def run_compare(request: CompareRequest) -> CompareResult:
 def measure_output(
     index: int,
     name: str,
-    ref: np.ndarray,
-    got: np.ndarray,
+    ref: Any,
+    got: Any,
     resolution: float,
     rtol: float,
     cos_min: float | None,
 ) -> OutputComparison:
-    """The measures of one output, and whether they are within tolerance."""
+    """The measures of one output, and whether they are within tolerance.
+
+    ``ref`` and ``got`` are what ONNX Runtime returns: an array, or for a sequence, optional
+    or map output a list, None or dict. Those used to go through ``np.asarray``, which
+    crashed on a ragged sequence and stacked an even one; they are compared element by
+    element now. Integer and bool outputs used to show verification's 0/1 pass flag as max
+    abs, rel err and cosine, and passed under a large enough ``--rtol``.
+    """
     # Imported here: the passes package registers every pass on import (a quarter second).
     from graphopt.passes.calibration.fidelity import measure
 
-    ref, got = np.asarray(ref), np.asarray(got)
-    error = compare(name, ref, got, resolution)
+    kind, layout = _kind(ref), _layout(ref)
+    shape = tuple(np.shape(ref)) if kind == "tensor" else None
+    pairs, problem = _pairs(ref, got)
+    if problem:
+        return OutputComparison(
+            index,
+            name,
+            shape,
+            math.inf,
+            math.inf,
+            0.0,
+            None,
+            False,
+            problem,
+            kind=kind,
+            layout=layout,
+        )
+    measured = [_measure_pair(label, r, g, resolution) for label, r, g in pairs]
+    max_abs = max((m.error.max_abs for m in measured), default=0.0)
+    max_rel = max((m.error.max_rel for m in measured), default=0.0)
+    cosine = min((m.error.cosine for m in measured), default=1.0)
     argmax = None
-    if error.shape_ok and ref.dtype.kind in "fc" and ref.size:
-        argmax = measure([name], [ref], [got])[0].argmax_agreement
-    problem = ""
-    if not error.shape_ok:
-        problem = error.detail.replace("->", "in A, B has")
-    elif error.detail:
-        problem = error.detail
-    elif error.max_rel > rtol:
-        problem = f"error {error.max_rel:.3g} relative to its largest magnitude > --rtol {rtol:g}"
-    elif cos_min is not None and error.cosine < cos_min:
-        problem = f"cosine {error.cosine:.6f} < --cos-min {cos_min:g}"
+    if kind == "tensor" and measured and measured[0].error.shape_ok:
+        r, g = pairs[0][1], pairs[0][2]
+        if r.dtype.kind in "fc" and r.size:
+            argmax = measure([name], [r], [g])[0].argmax_agreement
+    problem = next((m.problem for m in measured if m.problem), "")
+    exact = [m for m in measured if m.exact]
+    differing = sum(m.differing for m in exact)
+    if not problem and differing:
+        total = sum(m.size for m in exact)
+        dtypes = "/".join(dict.fromkeys(m.dtype for m in exact))
+        problem = (
+            f"{dtypes} values differ in {differing} of {total} elements (integer, bool and "
+            "string outputs must match exactly; --rtol applies to floats)"
+        )
+    elif not problem and not max_rel <= rtol:  # NaN fails too
+        problem = f"error {max_rel:.3g} relative to its largest magnitude > --rtol {rtol:g}"
+    elif not problem and cos_min is not None and not cosine >= cos_min:
+        problem = f"cosine {cosine:.6f} < --cos-min {cos_min:g}"
     return OutputComparison(
         index,
         name,
-        tuple(ref.shape),
-        error.max_abs,
-        error.max_rel,
-        error.cosine,
+        shape,
+        max_abs,
+        max_rel,
+        cosine,
         argmax,
         not problem,
         problem,
+        kind=kind,
+        layout=layout,
     )
 
 
-def error_histogram(ref: np.ndarray, got: np.ndarray) -> list[int] | None:
+# Kinds of numpy dtype that must match exactly: integers, bool, strings and objects.
+EXACT_KINDS = "iubOUS"
+
+
+@dataclass
+class _Measured:
+    """One tensor of an output (the output itself, or one element of a sequence or map)."""
+
+    error: OutputError
+    problem: str = ""  # a shape/dtype or non-finite mismatch
+    exact: bool = False  # integer, bool or string: must be equal everywhere
+    dtype: str = ""
+    differing: int = 0  # elements that differ (exact kinds)
+    size: int = 0
+
+
+def _measure_pair(label: str, ref: np.ndarray, got: np.ndarray, resolution: float) -> _Measured:
+    error = compare(label, ref, got, resolution)
+    where = f"{label}: " if label else ""
+    if not error.shape_ok:
+        return _Measured(error, where + error.detail.replace("->", "in A, B has"))
+    if error.detail:
+        return _Measured(error, where + error.detail)
+    if ref.dtype.kind not in EXACT_KINDS:
+        return _Measured(error)
+    differing = int(np.count_nonzero(ref != got))
+    if ref.dtype.kind in "iub":
+        # verify.compare gives its pass/fail (0 or 1) here: measure the difference itself.
+        error = _integer_error(label, ref, got)
+    return _Measured(error, "", True, str(ref.dtype), differing, int(ref.size))
+
+
+def _integer_error(name: str, ref: np.ndarray, got: np.ndarray) -> OutputError:
+    """Max abs, error relative to the largest magnitude, and cosine of integer (or bool)
+    tensors of one shape, as :func:`graphopt.verify.compare` measures floats."""
+    a = ref.astype(np.float64).ravel()
+    b = got.astype(np.float64).ravel()
+    if a.size == 0:
+        return OutputError(name, 0.0, 0.0, 1.0, 0.0)
+    diff = np.abs(a - b)
+    max_abs = float(diff.max())
+    scale = max(float(np.abs(a).max()), SCALE_FLOOR)
+    norm = float(np.linalg.norm(a) * np.linalg.norm(b))
+    cosine = float(np.dot(a, b) / norm) if norm > 0 else (1.0 if max_abs == 0 else 0.0)
+    return OutputError(name, max_abs, max_abs / scale, cosine, float(diff.mean()))
+
+
+def _pairs(ref: Any, got: Any, label: str = "") -> tuple[list[tuple[str, Any, Any]], str]:
+    """The tensors of two outputs, paired (label, A's, B's) where their structure matches;
+    else why it does not (a different kind, sequence length, optional presence, key set)."""
+    where = f"{label}: " if label else ""
+    kinds = _kind(ref), _kind(got)
+    if kinds[0] != kinds[1]:
+        if "optional" in kinds:  # ORT returns a present optional as its value
+            shown = ["absent" if v is None else "present" for v in (ref, got)]
+            return [], f"{where}optional {shown[0]} in A, {shown[1]} in B"
+        return [], f"{where}{_article(kinds[0])} in A, {_article(kinds[1])} in B"
+    if ref is None:
+        return [], ""  # absent in both
+    if isinstance(ref, dict):
+        keys_a, keys_b = sorted(map(repr, ref)), sorted(map(repr, got))
+        if keys_a != keys_b:
+            return [], f"{where}map keys differ: A has {_few(keys_a)}; B has {_few(keys_b)}"
+        items = [(f"{label}[{key!r}]", ref[key], got[key]) for key in ref]
+    elif isinstance(ref, (list, tuple)):
+        if len(ref) != len(got):
+            return [], f"{where}sequence of {len(ref)} in A, {len(got)} in B"
+        items = [
+            (f"{label or 'element'} {i}", r, g)
+            for i, (r, g) in enumerate(zip(ref, got, strict=True))
+        ]
+    else:
+        return [(label, np.asarray(ref), np.asarray(got))], ""
+    pairs: list[tuple[str, Any, Any]] = []
+    for item_label, r, g in items:
+        found, problem = _pairs(r, g, item_label)
+        if problem:
+            return [], problem
+        pairs.extend(found)
+    return pairs, ""
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "optional"
+    if isinstance(value, dict):
+        return "map"
+    if isinstance(value, (list, tuple)):
+        return "sequence"
+    return "tensor"
+
+
+def _article(kind: str) -> str:
+    return f"an {kind}" if kind[0] in "aeiou" else f"a {kind}"
+
+
+def _few(items: list[str], limit: int = 4) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def _layout(value: Any) -> str:
+    """An output's dims in words: ``2x3``, ``scalar``, ``sequence of 2: 2x3, scalar``,
+    ``sequence of 4: 2x3 each``, ``optional: absent``, ``map of 3``."""
+    if value is None:
+        return "optional: absent"
+    if isinstance(value, dict):
+        return f"map of {len(value)}"
+    if isinstance(value, (list, tuple)):
+        if not value:
+            return "sequence of 0"
+        parts = [_layout(v) for v in value]
+        if len(set(parts)) == 1:
+            return f"sequence of {len(parts)}: {parts[0]}{' each' if len(parts) > 1 else ''}"
+        return f"sequence of {len(parts)}: {_few(parts, 3)}"
+    return "x".join(str(d) for d in np.shape(value)) or "scalar"
+
+
+def error_histogram(ref: Any, got: Any) -> list[int] | None:
     """Counts of |a - b| / max|a| per bucket (exact, then per decade; see
-    :data:`HISTOGRAM_EDGES`); None where the output is not a float tensor of equal shape."""
-    if ref.shape != got.shape or ref.dtype.kind not in "fc" or got.dtype.kind not in "fc":
+    :data:`HISTOGRAM_EDGES`), over every tensor of the output (a sequence's or map's
+    elements each at its own scale); None where a tensor is not numeric or the two outputs
+    do not line up (another shape, length, key set). A sequence used to reach here as a
+    list and fail on ``.shape``."""
+    pairs, problem = _pairs(ref, got)
+    if problem or not pairs:
+        return None
+    counts = [_tensor_histogram(r, g) for _, r, g in pairs]
+    if any(c is None for c in counts):
+        return None
+    return [sum(column) for column in zip(*counts, strict=True)]  # type: ignore[misc]
+
+
+def _tensor_histogram(ref: np.ndarray, got: np.ndarray) -> list[int] | None:
+    numeric = "fciub"
+    if ref.shape != got.shape or ref.dtype.kind not in numeric or got.dtype.kind not in numeric:
         return None
     a = np.asarray(ref, dtype=np.float64).ravel()
     b = np.asarray(got, dtype=np.float64).ravel()
@@ -275,7 +462,9 @@ def to_json(result: CompareResult) -> dict[str, Any]:
             {
                 "shape_index": row.shape_index + 1,
                 "name": row.name,
-                "shape": list(row.shape),
+                "kind": row.kind,
+                "shape": None if row.shape is None else list(row.shape),
+                "dims": row.layout,
                 "max_abs": _finite_or_text(row.max_abs),
                 "max_rel": _finite_or_text(row.max_rel),
                 "cosine": row.cosine,
@@ -312,7 +501,8 @@ def _mismatch(model_a, model_b) -> str:
     ins_a = [(v.name, v.dtype) for v in graph_inputs(model_a)]
     ins_b = [(v.name, v.dtype) for v in graph_inputs(model_b)]
     if sorted(ins_a, key=str) != sorted(ins_b, key=str):
-        return f"inputs differ: A has {_listed(ins_a)}, B has {_listed(ins_b)}"
+        # ';' between the lists: ',' separates the inputs within each.
+        return f"inputs differ: A has {_listed(ins_a)}; B has {_listed(ins_b)}"
     outs_a = [v.name for v in model_a.graph.outputs]
     outs_b = [v.name for v in model_b.graph.outputs]
     if sorted(outs_a) != sorted(outs_b):
@@ -321,7 +511,20 @@ def _mismatch(model_a, model_b) -> str:
 
 
 def _listed(inputs: list) -> str:
-    return ", ".join(f"{name} ({dtype})" for name, dtype in inputs)
+    return ", ".join(f"{name} ({dtype})" for name, dtype in inputs) or "no inputs"
+
+
+def _refuse_non_tensor_inputs(path: str, model) -> None:
+    """A one-line error for an input compare cannot feed: it generates (and ``--inputs``
+    holds) tensors only. The message used to end "run with --no-verify", a flag compare
+    does not have."""
+    for value in graph_inputs(model):
+        kind = non_tensor_kind(value)
+        if kind is not None:
+            raise UserInputError(
+                f"{path}: input {value.name!r} is {kind}, not a tensor: compare feeds tensors "
+                "only (generated, or from --inputs), so it cannot run this model"
+            )
 
 
 def _session(path: str, model, config: SessionConfig) -> Any:

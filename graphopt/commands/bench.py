@@ -46,7 +46,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         nargs="+",
         metavar="N",
         help="batch sizes to time (binds the models' symbolic batch dim; default: the "
-        "generated inputs' batch, 1)",
+        "generated inputs' batch: 1 for a symbolic batch dim, else the inputs' first dim)",
     )
     parser.add_argument(
         "--threads",
@@ -177,7 +177,7 @@ def _render(result: Any, out: Console) -> None:
                 f"{row.latency.median * 1e3:.3f}",
                 f"{row.latency.p10 * 1e3:.3f}",
                 f"{row.latency.p90 * 1e3:.3f}",
-                f"{row.throughput:.1f}",
+                "-" if row.throughput is None else f"{row.throughput:.1f}",
                 ratio_text(row.ratio) if row.ratio is not None else "ref",
             )
         out.print(table)

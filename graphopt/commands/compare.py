@@ -47,7 +47,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         metavar="NAME:DxD...",
         help="bind an input's shape for generated inputs (repeatable)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the generated inputs (0)")
+    # None: not given, so that a seed next to --inputs (which it cannot affect) is refused.
+    parser.add_argument(
+        "--seed", type=int, default=None, help="seed of the generated inputs (0; not with --inputs)"
+    )
     parser.add_argument(
         "--rtol",
         type=float,
@@ -118,7 +121,7 @@ def _render(result: Any, out: Console) -> None:
             table.add_row(
                 str(row.shape_index + 1),
                 row.name,
-                "x".join(str(d) for d in row.shape) or "scalar",
+                row.layout,
                 _number(row.max_abs),
                 _number(row.max_rel),
                 f"{row.cosine:.6f}",

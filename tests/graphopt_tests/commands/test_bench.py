@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -175,3 +176,86 @@ def test_progress_bar_on_a_terminal_counts_every_round(tmp_path: Path) -> None:
     rounds = 2 * bench.PROGRESS_MIN_RUNS
     assert "timing rounds" in screen.getvalue() and f"{rounds}/{rounds}" in screen.getvalue()
     assert "batch 2" in out.file.getvalue()
+
+
+def _items_per_run(out: str) -> float:
+    """Throughput × median latency of the first model: the items bench counted per run."""
+    row = json.loads(out)["batches"][0]["models"][0]
+    return row["throughput_per_s"] * row["latency_ms"]["median"] / 1e3
+
+
+def test_fixed_batch_counts_the_generated_batch(tmp_path: Path, capsys) -> None:
+    """Only a symbolic batch dim counted: a model fixed at batch 4 showed 1 item per run."""
+    path = str(_file(tmp_path, batch=4))
+    code, out, err = _run(["bench", path, "--runs", "2", "--json"], capsys)
+    assert code == 0, err
+    assert _items_per_run(out) == pytest.approx(4)
+    code, out, err = _run(["bench", path, "--runs", "2", "--batch", "4", "--json"], capsys)
+    assert code == 0, err
+    assert _items_per_run(out) == pytest.approx(4)
+
+
+def test_empty_batch_has_no_throughput(tmp_path: Path, capsys) -> None:
+    model = make_model(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        [tensor_info("x", F, [0, 3])],
+        [tensor_info("y", F, [0, 3])],
+    )
+    path = tmp_path / "empty.onnx"
+    io.save(model, path)
+    code, out, err = _run(["bench", str(path), "--runs", "2", "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["batches"][0]["models"][0]["throughput_per_s"] is None
+    code, out, _ = _run(["bench", str(path), "--runs", "2"], capsys)
+    assert code == 0 and re.search(r"│\s+-\s+│", out)  # the items/s cell
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("q:2x16", "--input-shape names unknown input(s): q"),
+        ("x:0x16", "a zero-sized dim gives empty tensors"),
+        ("x:2x8", "axis 1 of input 'x' is fixed at 16"),
+        ("x:2x16x1", "has rank 2"),
+    ],
+)
+def test_input_shape_is_checked_as_elsewhere(tmp_path: Path, capsys, spec, message) -> None:
+    """An unknown name was ignored (exit 0), a zero dim timed empty tensors (0.0 items/s)."""
+    path = str(_file(tmp_path))
+    code, _, err = _run(["bench", path, "--input-shape", spec, "--runs", "1"], capsys)
+    assert code == 2 and message in err
+    assert len(err.strip().splitlines()) == 1
+    code, _, err = _run(["bench", path, "--input-shape", "x:2x16", "--runs", "1"], capsys)
+    assert code == 0, err
+
+
+def test_input_shape_may_name_an_input_of_any_model(tmp_path: Path, capsys) -> None:
+    other = make_model(
+        [helper.make_node("Relu", ["z"], ["y"])],
+        [tensor_info("z", F, ["batch", 16])],
+        [tensor_info("y", F, ["batch", 16])],
+    )
+    second = tmp_path / "z.onnx"
+    io.save(other, second)
+    args = ["bench", str(_file(tmp_path)), str(second), "--input-shape", "z:2x16", "--runs", "1"]
+    code, _, err = _run(args, capsys)
+    assert code == 0, err
+
+
+def test_optional_input_is_refused_in_one_line(tmp_path: Path, capsys) -> None:
+    from onnx import TensorProto as T
+
+    element = helper.make_tensor_type_proto(F, [2, 3])
+    graph = helper.make_graph(
+        [helper.make_node("OptionalHasElement", ["o"], ["y"])],
+        "g",
+        [helper.make_value_info("o", helper.make_optional_type_proto(element))],
+        [tensor_info("y", T.BOOL, [])],
+    )
+    path = tmp_path / "o.onnx"
+    path.write_bytes(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]).SerializeToString()
+    )
+    code, _, err = _run(["bench", str(path), "--runs", "1"], capsys)
+    assert code == 2 and "input 'o' is an optional, not a tensor" in err
+    assert "--no-verify" not in err and len(err.strip().splitlines()) == 1

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper
@@ -142,7 +144,10 @@ def test_error_histogram_buckets_by_decade() -> None:
     assert counts is not None and len(counts) == len(labels) and sum(counts) == 4
     filled = {labels[i] for i, c in enumerate(counts) if c}
     assert filled == {"exact", "1e-06-1e-05", "1e-03-1e-02", ">= 1e+00"}
-    assert error_histogram(np.arange(3), np.arange(3)) is None  # not a float output
+    # Integer outputs have real errors now (see test_integer_outputs_*); strings have none.
+    one_off = np.array([0, 1, 3])  # off by 1 at a largest magnitude of 2: bucket 1e-1..1
+    assert error_histogram(np.arange(3), one_off) == [2, *[0] * 9, 1, 0]
+    assert error_histogram(np.array(["a"]), np.array(["b"])) is None
 
 
 def _optimize_and_compare(name: str, tmp_path: Path, capsys, extra: list[str] = ()) -> None:
@@ -188,3 +193,176 @@ def test_optimize_output_of_catalog_models_passes(
     name: str, extra: list[str], tmp_path: Path, capsys
 ) -> None:
     _optimize_and_compare(name, tmp_path, capsys, extra)
+
+
+# --- structured outputs, integer outputs, small fixes ---------------------------------
+
+I64 = TensorProto.INT64
+
+
+def _proto_file(folder: Path, name: str, nodes, inputs, outputs, opset: int = 18) -> str:
+    """A model from onnx.helper pieces (sequence/optional outputs need their own types)."""
+    graph = helper.make_graph(nodes, "g", inputs, outputs)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    path = folder / name
+    path.write_bytes(proto.SerializeToString())
+    return str(path)
+
+
+def _sequence_model(folder: Path, name: str, items: int = 2) -> str:
+    """Output s: a sequence of x [2, 3] and ReduceSum(x) (a scalar), then more x."""
+    nodes = [
+        helper.make_node("ReduceSum", ["x"], ["r"], keepdims=0),
+        helper.make_node("SequenceConstruct", ["x", "r", *["x"] * (items - 2)], ["s"]),
+    ]
+    out = helper.make_value_info(
+        "s", helper.make_sequence_type_proto(helper.make_tensor_type_proto(F, None))
+    )
+    return _proto_file(folder, name, nodes, [tensor_info("x", F, [2, 3])], [out])
+
+
+def test_sequence_outputs_are_compared_element_by_element(tmp_path: Path, capsys) -> None:
+    """A ragged sequence crashed in np.asarray (exit 3), and --histogram on '.shape'."""
+    a = _sequence_model(tmp_path, "a.onnx")
+    code, out, err = _run(["compare", a, a, "--histogram", "--json"], capsys)
+    assert code == 0, err
+    (row,) = json.loads(out)["outputs"]
+    assert row["kind"] == "sequence" and row["shape"] is None
+    assert row["dims"] == "sequence of 2: 2x3, scalar"
+    assert row["max_abs"] == 0 and row["ok"] and sum(row["histogram"]) == 7
+    code, out, _ = _run(["compare", a, a, "--histogram"], capsys)
+    assert code == 0 and "sequence of 2: 2x3, scalar" in out and "errors of 's'" in out
+    longer = _sequence_model(tmp_path, "b.onnx", items=3)
+    code, _, err = _run(["compare", a, longer], capsys)
+    assert code == 1 and "output 's': sequence of 2 in A, 3 in B" in err
+
+
+def test_optional_output_presence_must_match(tmp_path: Path, capsys) -> None:
+    element = helper.make_tensor_type_proto(F, [2, 3])
+    out = helper.make_value_info("o", helper.make_optional_type_proto(element))
+    inputs = [tensor_info("x", F, [2, 3])]
+    present = _proto_file(
+        tmp_path, "p.onnx", [helper.make_node("Optional", ["x"], ["o"])], inputs, [out]
+    )
+    empty = helper.make_node("Optional", [], ["o"], type=element)
+    relu = helper.make_node("Relu", ["x"], ["unused"])
+    absent = _proto_file(tmp_path, "a.onnx", [relu, empty], inputs, [out])
+    code, _, err = _run(["compare", present, present], capsys)
+    assert code == 0, err
+    code, out, err = _run(["compare", absent, absent, "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["outputs"][0]["dims"] == "optional: absent"
+    code, _, err = _run(["compare", present, absent], capsys)
+    assert code == 1 and "output 'o': optional present in A, absent in B" in err
+
+
+def test_map_outputs_need_the_same_keys() -> None:
+    from graphopt.backends.ort_compare import measure_output
+
+    same = measure_output(0, "m", [{1: 0.5, 2: 0.25}], [{1: 0.5, 2: 0.25}], 0.0, 1e-4, None)
+    assert same.ok and same.kind == "sequence" and same.layout == "sequence of 1: map of 2"
+    moved = measure_output(0, "m", {1: 0.5, 2: 0.25}, {1: 0.5, 2: 0.5}, 0.0, 1e-4, None)
+    assert not moved.ok and moved.max_abs == 0.25
+    keys = measure_output(0, "m", {1: 0.5, 2: 0.25}, {1: 0.5, 3: 0.25}, 0.0, 1e-4, None)
+    assert not keys.ok and keys.problem == "map keys differ: A has 1, 2; B has 1, 3"
+
+
+def _scaled_int_model(folder: Path, name: str, add: int) -> str:
+    """y = x · 1000 (+ add), int64."""
+    model = make_model(
+        [
+            helper.make_node("Mul", ["x", "k"], ["m"]),
+            helper.make_node("Add", ["m", "c"], ["y"]),
+        ],
+        [tensor_info("x", I64, [2, 3])],
+        [tensor_info("y", I64, [2, 3])],
+        {"k": np.array(1000, np.int64), "c": np.array(add, np.int64)},
+    )
+    return str(_file(folder, name, model))
+
+
+def test_integer_outputs_show_real_errors_and_must_match_exactly(tmp_path: Path, capsys) -> None:
+    """The measures were verification's 0/1 flag ("max abs 1, rel err 1, cosine 0"), and
+    --rtol 1 turned an integer mismatch into PASS."""
+    a, b = _scaled_int_model(tmp_path, "a.onnx", 0), _scaled_int_model(tmp_path, "b.onnx", 50)
+    for rtol in ("1", "inf"):
+        code, out, err = _run(["compare", a, b, "--rtol", rtol, "--json"], capsys)
+        assert code == 1
+        assert "output 'y': int64 values differ in 6 of 6 elements" in err
+        assert "must match exactly" in err
+        row = json.loads(out)["outputs"][0]
+        assert row["max_abs"] == 50
+        x = _generated_x(a)
+        assert row["max_rel"] == pytest.approx(50 / (1000 * np.abs(x).max()))
+        assert 0.99 < row["cosine"] < 1
+    code, _, err = _run(["compare", a, a], capsys)
+    assert code == 0, err
+
+
+def _generated_x(path: str) -> np.ndarray:
+    """The generated x compare feeds (seed 0)."""
+    from graphopt.inputs import make_inputs
+
+    return make_inputs(io.load(path).model, seed=0)["x"]
+
+
+def test_bool_outputs_must_match_exactly() -> None:
+    from graphopt.backends.ort_compare import measure_output
+
+    ref = np.array([True, False, True, True])
+    row = measure_output(0, "b", ref, ~ref, 0.0, math.inf, None)
+    assert not row.ok and row.problem.startswith("bool values differ in 4 of 4 elements")
+    assert row.max_abs == 1 and row.cosine == 0
+
+
+def test_model_without_inputs_says_so(tmp_path: Path, capsys) -> None:
+    const = helper.make_node(
+        "Constant", [], ["c"], value=onnx.numpy_helper.from_array(np.ones(2, np.float32))
+    )
+    model = _proto_file(
+        tmp_path,
+        "c.onnx",
+        [const, helper.make_node("Relu", ["c"], ["y"])],
+        [],
+        [tensor_info("y", F, [2])],
+    )
+    code, out, err = _run(["compare", model, model], capsys)
+    assert code == 0, err
+    assert "shape 1: no inputs" in out and "shape 1: \n" not in out
+    assert "the model has no inputs" in out
+
+
+def test_inputs_differ_lists_are_separated_by_a_semicolon(tmp_path: Path, capsys) -> None:
+    two = make_model(
+        [helper.make_node("Add", ["x", "z"], ["y"])],
+        [tensor_info("x", F, [2]), tensor_info("z", F, [2])],
+        [tensor_info("y", F, [2])],
+    )
+    one = make_model(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        [tensor_info("x", F, [2])],
+        [tensor_info("y", F, [2])],
+    )
+    a, b = str(_file(tmp_path, "two.onnx", two)), str(_file(tmp_path, "one.onnx", one))
+    code, _, err = _run(["compare", a, b], capsys)
+    assert code == 1 and "inputs differ: A has x (FLOAT), z (FLOAT); B has x (FLOAT)" in err
+
+
+def test_seed_with_inputs_file_is_bad_input(tmp_path: Path, capsys) -> None:
+    a = str(_file(tmp_path, "a.onnx"))
+    data = tmp_path / "in.npz"
+    np.savez(data, x=np.zeros((1, 8), np.float32))
+    code, _, err = _run(["compare", a, a, "--inputs", str(data), "--seed", "3"], capsys)
+    assert code == 2 and "--seed 3: only generated inputs are seeded" in err
+    code, _, err = _run(["compare", a, a, "--inputs", str(data)], capsys)
+    assert code == 0, err
+
+
+def test_optional_input_is_refused_in_one_line(tmp_path: Path, capsys) -> None:
+    element = helper.make_tensor_type_proto(F, [2, 3])
+    o = helper.make_value_info("o", helper.make_optional_type_proto(element))
+    has = helper.make_node("OptionalHasElement", ["o"], ["y"])
+    path = _proto_file(tmp_path, "o.onnx", [has], [o], [tensor_info("y", TensorProto.BOOL, [])])
+    code, _, err = _run(["compare", path, path], capsys)
+    assert code == 2 and "input 'o' is an optional, not a tensor" in err
+    assert "--no-verify" not in err and len(err.strip().splitlines()) == 1
