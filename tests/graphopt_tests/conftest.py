@@ -1,12 +1,29 @@
-"""Fixtures shared by the backend and command tests: TensorRT forced absent, or required
-(skipped, saying why, without tensorrt_rtx)."""
+"""Fixtures shared by the tests: the session's own timing cache (every test), TensorRT forced
+absent, or required (skipped, saying why, without tensorrt_rtx)."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 
 from graphopt.backends.tensorrt.module import find_tensorrt
 from graphopt_tests.helpers import import_or_skip
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_timing_cache(tmp_path_factory):
+    """Timings the suite measures (sparse-kernel crossovers, --autotune, factorize's speed
+    check; cached under $XDG_CACHE_HOME/graphopt) go to a folder of the test session: taken
+    on a loaded machine, they would otherwise steer the user's later runs. The model cache
+    ($GRAPHOPT_CACHE) stays shared. Subprocesses inherit the variable."""
+    before = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+    yield
+    if before is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = before
 
 
 @pytest.fixture

@@ -62,3 +62,14 @@ def test_pair_ratios_are_reference_over_candidate_per_round() -> None:
     assert pair_ratios([2.0, 3.0], [1.0, 3.0]) == [2.0, 1.0]
     with pytest.raises(ValueError):
         pair_ratios([1.0], [1.0, 2.0])
+
+
+def test_the_suite_keeps_its_timings_out_of_the_users_cache() -> None:
+    """Timings measured while the suite loads the machine steered later real runs (they
+    were written to ~/.cache/graphopt): the conftest gives the session its own folder."""
+    from pathlib import Path
+
+    from graphopt.passes.sparsity.crossover import cpu_cache_file
+
+    home_cache = Path.home() / ".cache"
+    assert home_cache not in cpu_cache_file("autotune", "times").parents
