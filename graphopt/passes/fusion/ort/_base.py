@@ -16,8 +16,9 @@ without them (a CNN pays nothing for the transformer fusions).
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import ClassVar
 
 import onnx_ir as ir
@@ -51,7 +52,8 @@ def prepare(model: ir.Model, context: PassContext, symbolic: bool = False) -> ir
     hides matches that ONNX's shapes allow, so passes try ONNX's shapes first.
     Its ``auto_merge`` assumes broadcast dims equal (e.g. ``Min(512, sequence)`` and
     ``sequence``), so its shapes only guide the rules and are dropped afterwards (see
-    :func:`reset_shapes`).
+    :func:`reset_shapes`); where it merged two of the graph inputs' dims its shapes are not
+    used at all (see :func:`_merges_input_dims`).
     """
     common_passes.ShapeInferencePass()(model)
     clean(model, context)
@@ -90,6 +92,7 @@ def _symbolic_shapes(model: ir.Model) -> ir.Model | None:
     """
     from graphopt.private_apis import symbolic_shape_inference
 
+    before = {value.name: value.shape for value in model.graph.inputs}
     saved, stripped = _weights_as_inputs(model.graph)
     try:
         proto = symbolic_shape_inference(io.to_proto(model))
@@ -104,8 +107,45 @@ def _symbolic_shapes(model: ir.Model) -> ir.Model | None:
     names = {value.name for value, *_ in stripped}
     if names - {value.name for value in result.graph.inputs}:
         return None  # the tool dropped one: keep ONNX's shapes
+    if _merges_input_dims(before, result.graph):
+        return None
     _weights_back(result.graph, saved, stripped, by_name=True)
     return result
+
+
+def _merges_input_dims(before: dict[str | None, ir.Shape | None], graph: ir.Graph) -> bool:
+    """Whether the tool's ``auto_merge`` made two of the graph inputs' dims one (or a symbol a
+    number): shapes resting on that assumption would let the rules fuse what only holds when
+    the merged dims happen to be equal.
+
+    A cross-attention whose memory has its own batch dim (``B2``, broadcast over the query's
+    ``B``) had both renamed ``B`` once its Q·Kᵀ MatMul broadcast them, and became a
+    MultiHeadAttention that fails on batch 1 memory; two unnamed batch dims of a residual
+    Add became one named dim and a SkipSimplifiedLayerNormalization that drops the
+    broadcast. A dim that was unknown and got a name of its own is no merge.
+    """
+    origin: dict[str, object] = {}  # the tool's dim name → which original dim it stands for
+    for value in graph.inputs:
+        old = before.get(value.name)
+        if value.name not in before or old is None:
+            continue
+        new = value.shape
+        if new is None or new.rank() != old.rank():
+            return True
+        for axis, (was, now) in enumerate(zip(old.dims, new.dims, strict=True)):
+            if isinstance(was, int):
+                if now != was:
+                    return True
+                continue
+            if isinstance(now, int):
+                return True
+            if now.value is None:
+                continue
+            # Each unknown dim is a dim of its own; named dims are one dim per name.
+            key = ("name", was.value) if was.value is not None else (value.name, axis)
+            if origin.setdefault(now.value, key) != key:
+                return True
+    return False
 
 
 def _weights_as_inputs(graph: ir.Graph):
@@ -153,6 +193,60 @@ def _weights_back(graph: ir.Graph, saved, stripped, by_name: bool = False) -> No
             graph.register_initializer(current.pop(value.name))
     for value in current.values():
         graph.register_initializer(value)
+
+
+# onnxscript's shape checks compare dims with ``==``, and onnx-ir's unknown dim equals every
+# other unknown dim: a residual Add of [?, 4, 8] and [?, 4, 8] (batch 3 and batch 1) passed as
+# an Add of equal shapes. While the rules run, each unknown dim of the working copy gets a
+# name of its own (so it equals nothing but itself); the names go again before the result
+# is adopted.
+UNKNOWN_DIM_PREFIX = "graphopt_unknown_dim_"
+_unknown_dims = itertools.count()
+
+
+def _values(model: ir.Model) -> Iterator[ir.Value]:
+    """Graph inputs and every node output of the main graph and the model's functions."""
+    yield from model.graph.inputs
+    for node in model.graph.all_nodes():
+        yield from node.outputs
+    for function in model.functions.values():
+        yield from function.inputs
+        for node in function.all_nodes():
+            yield from node.outputs
+
+
+def name_unknown_dims(model: ir.Model) -> None:
+    """Give every unknown dim of ``model`` a name no other dim has."""
+    for value in _values(model):
+        shape = value.shape
+        if shape is None or not any(_is_unknown(d) for d in shape.dims):
+            continue
+        value.shape = ir.Shape([_fresh_dim() if _is_unknown(d) else d for d in shape.dims])
+
+
+def forget_unknown_names(model: ir.Model) -> None:
+    """Undo :func:`name_unknown_dims`, also on values that inherited such a name."""
+    for value in _values(model):
+        shape = value.shape
+        if shape is None or not any(_is_placeholder(d) for d in shape.dims):
+            continue
+        value.shape = ir.Shape([None if _is_placeholder(d) else d for d in shape.dims])
+
+
+def _fresh_dim() -> ir.SymbolicDim:
+    return ir.SymbolicDim(f"{UNKNOWN_DIM_PREFIX}{next(_unknown_dims)}")
+
+
+def _is_unknown(dim: int | ir.SymbolicDim) -> bool:
+    return not isinstance(dim, int) and dim.value is None
+
+
+def _is_placeholder(dim: int | ir.SymbolicDim) -> bool:
+    return (
+        not isinstance(dim, int)
+        and isinstance(dim.value, str)
+        and dim.value.startswith(UNKNOWN_DIM_PREFIX)
+    )
 
 
 def value_shapes(model: ir.Model) -> dict[str, ir.Shape | None]:
@@ -214,7 +308,10 @@ class OrtFusionPass(GraphPass):
             if not symbolic:
                 onnx_shapes = value_shapes(work)
             for step in self.steps:
+                # Again before each step: shape inference inside a step may add unknown dims.
+                name_unknown_dims(work)
                 step(work)
+            forget_unknown_names(work)
             if not self.repair(work):
                 continue
             finish(work, self.context)

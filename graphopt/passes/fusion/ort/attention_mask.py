@@ -12,6 +12,16 @@ a key (and, for the causal form, the key is not after the query) and ≤ -10000 
 Those are the masks the rewrite reproduces exactly: softmax weights of masked keys underflow
 to 0 in both. A query row whose keys are *all* masked (a fully padded row) is where the two
 can differ; the probes (and the tests) keep the first key of every row unmasked.
+
+Probes at a few lengths cannot tell a causal mask from a sliding-window one whose window is
+longer than every probe (keep key j for query i when j ≤ i and i - j < 100 looks causal at
+lengths 7, 5 and 12, and is not at 150); probing a longer length only moves the limit. Such a
+window needs its width as a number in the mask's computation, so before any probe the
+computation is audited (:func:`_numbers_are_structural`): only ops that bring in no numbers of
+their own, constants that are 0/±1, masking fills (≤ -10000) or axes, and dims read by Shape
+that are symbolic (batch, length) or 0/1. What is left is arithmetic on the mask, positions
+and lengths with 0/±1, which is what the exporters write for padding and causal masks; a
+window would have to be a function of the lengths alone that the probes all miss.
 """
 
 from __future__ import annotations
@@ -34,6 +44,23 @@ MASKED = -10000.0
 MASK_TYPES = (ir.DataType.INT64, ir.DataType.INT32, ir.DataType.BOOL)
 # Ops through which an input's shape, not its values, reaches the bias.
 SHAPE_ONLY = ("Shape", "Size")
+# Ops a mask computation may contain: they bring in no number beyond their inputs (their
+# attributes are axes, permutations, dtypes; ConstantOfShape's value is audited).
+MASK_OPS = frozenset(
+    (
+        *("Add", "Sub", "Mul", "Neg", "Max", "Min"),
+        *("And", "Or", "Not", "Xor", "Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual"),
+        *("Where", "Cast", "CastLike", "Identity", "Range", "Trilu", "ConstantOfShape"),
+        *("Unsqueeze", "Squeeze", "Reshape", "Expand", "Flatten", "Concat", "Transpose", "Tile"),
+        *("Gather", "GatherND", "GatherElements", "Slice", *SHAPE_ONLY),
+    )
+)
+# Inputs that are axes (of Unsqueeze, Squeeze, Slice): structural, whatever their values.
+AXES_INPUTS = {"Unsqueeze": 1, "Squeeze": 1, "Slice": 3}
+# A constant over this many elements could be a table (a banded mask): not audited, refused.
+MAX_CONSTANT_ELEMENTS = 16
+# Constants this large stand for "no bound" (INT32/INT64 max in Slice ends).
+UNBOUNDED = 2**31 - 1
 
 
 def _value_inputs(value: ir.Value) -> set[ir.Value]:
@@ -53,6 +80,99 @@ def _value_inputs(value: ir.Value) -> set[ir.Value]:
             continue
         stack.extend(v for v in node.inputs if v is not None)
     return found
+
+
+def _plain_number(array: np.ndarray) -> bool:
+    """0/±1 (or booleans), a masking fill (≤ MASKED, -inf included), or an "unbounded"
+    sentinel (|v| ≥ 2³¹ - 1, e.g. a Slice to the end): no usable window width."""
+    if array.size > MAX_CONSTANT_ELEMENTS:
+        return False
+    if array.dtype == np.bool_:
+        return True
+    if array.dtype.kind not in "iuf" or np.isnan(array).any():
+        return False
+    values = array.astype(np.float64)
+    plain = np.isin(values, (-1.0, 0.0, 1.0)) | (values <= MASKED) | (np.abs(values) >= UNBOUNDED)
+    return bool(np.all(plain))
+
+
+def _selected(shape: ir.Shape, start: int = 0, end: int | None = None) -> tuple:
+    """Dims [start, end) of ``shape``, the bounds clamped as ONNX's Shape clamps them."""
+    rank = shape.rank()
+    bounds = (start, rank if end is None else end)
+    low, high = (min(max(b + rank if b < 0 else b, 0), rank) for b in bounds)
+    return tuple(shape.dims[low:high])
+
+
+def _plain_dims(dims) -> bool:
+    """Every dim is a named symbol or 0/1 (an unknown one could be any static size)."""
+    for dim in dims:
+        if isinstance(dim, int) and dim not in (0, 1):
+            return False
+        if not isinstance(dim, int) and dim.value is None:
+            return False
+    return True
+
+
+def _shape_dims(node: ir.Node) -> tuple | None:
+    """The dims a Shape node reads (a Size node multiplies them), or None when unknown."""
+    source = node.inputs[0].shape if node.inputs[0] is not None else None
+    if source is None:
+        return None
+    if node.op_type == "Size":
+        return tuple(source.dims)
+    start = node.attributes.get_int("start", 0)
+    return _selected(source, start, node.attributes.get_int("end", None))
+
+
+def _gathered_dims(node: ir.Node) -> bool | None:
+    """For Gather(Shape(x), constant indices): whether the picked dims are plain; None when
+    ``node`` is not that (then the whole Shape is audited)."""
+    shape_node = node.inputs[0].producer() if node.inputs[0] is not None else None
+    indices = editing.const_ints(node.inputs[1]) if len(node.inputs) > 1 else None
+    if shape_node is None or not editing.is_op(shape_node, "Shape") or indices is None:
+        return None
+    read = _shape_dims(shape_node)
+    if read is None or any(not -len(read) <= i < len(read) for i in indices):
+        return False
+    return _plain_dims(read[i] for i in indices)
+
+
+def _numbers_are_structural(bias: ir.Value) -> bool:
+    """Whether every number the computation of ``bias`` brings in is plain: no constant,
+    static dim or attribute that could be a window's width (see the module notes)."""
+    stack, seen = [bias], set()
+    while stack:
+        value = stack.pop()
+        node = value.producer()
+        if value.is_graph_input() or node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if node.domain not in ("", "ai.onnx") or node.op_type not in MASK_OPS:
+            return False
+        if editing.is_op(node, SHAPE_ONLY):
+            read = _shape_dims(node)
+            if read is None or not _plain_dims(read):
+                return False
+            continue
+        if node.op_type == "ConstantOfShape":
+            fill = node.attributes.get("value")
+            if fill is not None and not _plain_number(fill.as_tensor().numpy()):
+                return False
+        gathered = _gathered_dims(node) if node.op_type == "Gather" else None
+        if gathered is False:
+            return False
+        for index, operand in enumerate(node.inputs):
+            if operand is None or (gathered and index in (0, 1)):
+                continue
+            array = editing.constant_array(operand)
+            if array is None and editing.is_constant(operand):
+                return False  # a constant too large or odd to read
+            if array is None:
+                stack.append(operand)
+            elif AXES_INPUTS.get(node.op_type) != index and not _plain_number(array):
+                return False
+    return True
 
 
 def _bias_only_model(model: ir.Model, bias: ir.Value) -> ir.Model:
@@ -138,6 +258,8 @@ class OrtAttentionMaskPass(GraphPass):
                 continue
             (mask,) = sources
             if mask.dtype not in MASK_TYPES or mask.shape is None or mask.shape.rank() != 2:
+                continue
+            if not _numbers_are_structural(bias):
                 continue
             kind = _kind(model, bias, mask)
             if kind is None:

@@ -7,11 +7,12 @@ import math
 
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
-from onnxscript.rewriter.ort_fusions.bias_gelu import fuse_bias_gelu
+from onnxscript.rewriter.ort_fusions.bias_gelu import BiasGeluFusion
 from onnxscript.rewriter.ort_fusions.erfgelu import fuse_erfgelu
 from onnxscript.rewriter.ort_fusions.gelu import fuse_gelu
 
 from graphopt.passes.fusion.ort._base import MS_DOMAIN, OrtFusionPass
+from graphopt.passes.fusion.ort._dims import dims
 from graphopt.registry import register
 
 
@@ -38,6 +39,42 @@ def _half_first_rules() -> pattern.RewriteRuleSet:
 
 def fuse_tanh_gelu_half_first(model: ir.Model, **_) -> int:
     return _half_first_rules().apply_to_model(model)
+
+
+class CheckedBiasGelu(BiasGeluFusion):
+    """onnxscript's Add(x, bias) → Gelu rule, which only asks for a 1-D bias.
+
+    ORT's BiasGelu adds one vector along x's last axis and keeps x's shape: it fails at run
+    time on a bias of another length (Add(x[N], b[M]) with M = 1) and an Add that broadcasts
+    x ([N, 1] + [8]) or the bias ([N, 8] + [1]) is not that op. The bias must be [D] with D
+    x's static last dim; then the Add is exactly BiasGelu's.
+    """
+
+    def check(self, context, input, bias, **bindings):
+        result = super().check(context, input=input, bias=bias, **bindings)
+        if not result:
+            return result
+        found, x = dims(bias), dims(input)
+        if found is None or len(found) != 1 or not isinstance(found[0], int):
+            return result.fail("bias length not static", bias)
+        if not x or x[-1] != found[0] or not isinstance(x[-1], int):
+            return result.fail("bias is not one value per element of x's last axis", bias)
+        return result
+
+
+@functools.cache
+def _bias_gelu_rules() -> pattern.RewriteRuleSet:
+    # onnxscript's ``bias_gelu_rules``: the ONNX-20 and the contrib Gelu, both Add orders.
+    return pattern.RewriteRuleSet(
+        [
+            *CheckedBiasGelu.rule("gelu_onnx_op", contrib_op=False).commute(),
+            *CheckedBiasGelu.rule("gelu_contrib_op", contrib_op=True).commute(),
+        ]
+    )
+
+
+def fuse_bias_gelu(model: ir.Model, **_) -> int:
+    return _bias_gelu_rules().apply_to_model(model)
 
 
 @register

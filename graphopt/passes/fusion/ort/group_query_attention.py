@@ -57,9 +57,9 @@ from functools import partial
 
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
-from onnxscript.rewriter.ort_fusions.sdpa import fuse_sdpa
 
 from graphopt.passes.fusion.ort._base import MS_DOMAIN, PRIVATE_DOMAIN_PREFIX, OrtFusionPass
+from graphopt.passes.fusion.ort._sdpa import fuse_sdpa
 from graphopt.private_apis import fusion_utils as _fusion_utils
 from graphopt.registry import register
 
