@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 
 from graphopt import finalize, io
@@ -24,7 +21,9 @@ from graphopt.backends.ort_custom_ops import (
 )
 from graphopt.backends.tensorrt.cli_options import EngineOptions
 from graphopt.errors import CheckFailedError, UserInputError, is_out_of_memory
+from graphopt.input_dims import check_input_shapes
 from graphopt.opset import convert_opset
+from graphopt.option_checks import check_call, validate_options
 from graphopt.pipeline import (
     PassManager,
     PassSpec,
@@ -44,12 +43,8 @@ from graphopt.registry import (
     flagged_lossy_passes,
     get_pass,
 )
-from graphopt.verify import (
-    NothingToCompare,
-    VerificationUnavailable,
-    Verifier,
-    check_input_shapes,
-)
+from graphopt.run_files import check_overwrites, resolve_output
+from graphopt.verify import NothingToCompare, VerificationUnavailable, Verifier
 
 if TYPE_CHECKING:
     from graphopt.backends.tensorrt.build import EngineReport
@@ -61,10 +56,11 @@ DEFAULT_FOLD_LIMIT_BYTES = 1 << 20
 class OptimizeOptions:
     """Everything that decides what ``optimize`` does (the CLI and recipes fill this).
 
-    ``optimize`` checks every field before any work (:func:`validate_options`: type, then
-    range), for the CLI, recipes and API callers alike. A field given as None takes its
-    default where None has no meaning of its own (``skip=None`` is ``[]``, ``target=None`` is
-    ``"portable"``; ``fold_limit_bytes=None`` is no limit).
+    ``optimize`` checks every field before any work (type, then range:
+    :func:`graphopt.option_checks.validate_options`), for the CLI, recipes and API callers
+    alike. A field given as None takes its default where None has no meaning of its own
+    (``skip=None`` is ``[]``, ``target=None`` is ``"portable"``; ``fold_limit_bytes=None`` is
+    no limit).
     """
 
     # An explicit ordered list of passes; None means the default pipeline.
@@ -318,252 +314,6 @@ def _idle_option_notes(options: OptimizeOptions, steps: list[Step]) -> list[str]
     return notes
 
 
-TARGETS = ("portable", "ort", "tensorrt")
-# The command-line flag of each field, named in the messages beside the field.
-_FIELD_FLAGS = {
-    "passes": "--passes",
-    "skip": "--skip",
-    "verify": "--no-verify",
-    "tolerance": "--tolerance",
-    "custom_ops": "--custom-ops",
-    "provider": "--provider",
-    "input_shapes": "--input-shape",
-    "verify_inputs": "--verify-inputs",
-    "fold_limit_bytes": "--fold-limit",
-    "external_data": "--external-data",
-    "target": "--target",
-    "opset": "--opset",
-    "seed": "--seed",
-    "engine": "--engine",
-}
-
-
-def _shown(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _refuse(name: str, expected: str, value: Any) -> UserInputError:
-    flag = _FIELD_FLAGS.get(name)
-    label = f"{name} ({flag})" if flag else name
-    return UserInputError(f"{label}: expected {expected}, got {_shown(value)}")
-
-
-def _is_int(value: Any) -> bool:
-    # bool is an int to Python, never a count or a seed to a user.
-    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
-
-
-def _is_path(value: Any) -> bool:
-    # bytes paths are refused: every message and record prints paths as text.
-    return isinstance(value, str) or (
-        isinstance(value, os.PathLike) and isinstance(os.fspath(value), str)
-    )
-
-
-def _sequence(name: str, value: Any, what: str) -> list:
-    """A list or tuple as a list; a bare string is refused rather than iterated by letter."""
-    if not isinstance(value, (list, tuple)):
-        raise _refuse(name, f"a list of {what}", value)
-    return list(value)
-
-
-def _check_pass_specs(name: str, value: Any) -> list[PassSpec]:
-    """PassSpecs, or pass names standing for ``PassSpec(name)``; every name registered."""
-    specs = []
-    for entry in _sequence(name, value, "PassSpec or pass names"):
-        if isinstance(entry, str):
-            entry = PassSpec(get_pass(entry).name)
-        elif not isinstance(entry, PassSpec):
-            raise _refuse(name, "a list of PassSpec or pass names", value)
-        elif not isinstance(entry.name, str) or not isinstance(entry.options, Mapping):
-            raise _refuse(name, "PassSpec(name: str, options: dict)", entry)
-        else:
-            get_pass(entry.name)
-        specs.append(entry)
-    return specs
-
-
-def _check_skip(name: str, value: Any) -> list[str]:
-    names = _sequence(name, value, "pass names")
-    if not all(isinstance(n, str) for n in names):
-        raise _refuse(name, "a list of pass names", value)
-    return [get_pass(n).name for n in names]
-
-
-def _check_bool(name: str, value: Any) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise _refuse(name, "True or False", value)
-    return bool(value)
-
-
-def _check_tolerance(name: str, value: Any) -> float:
-    # NaN compares false with every error, so "error > NaN" never fails a rewrite; inf, 0
-    # and negatives prove nothing or refuse everything.
-    is_real = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
-    if not is_real or not math.isfinite(value) or value <= 0:
-        raise _refuse(name, "a finite number > 0", value)
-    return float(value)
-
-
-def _check_custom_ops(name: str, value: Any) -> list[str | os.PathLike]:
-    if _is_path(value):
-        return [value]  # one library
-    paths = _sequence(name, value, "library paths")
-    if not all(_is_path(p) for p in paths):
-        raise _refuse(name, "a library path or a list of them", value)
-    return paths
-
-
-def _check_provider(name: str, value: Any) -> str | list[str]:
-    if isinstance(value, str) or (
-        isinstance(value, (list, tuple)) and all(isinstance(p, str) for p in value)
-    ):
-        return value if isinstance(value, str) else list(value)
-    raise _refuse(name, 'provider names ("cuda,cpu" or a list of them)', value)
-
-
-def _check_input_shapes(name: str, value: Any) -> dict[str, tuple[int, ...]]:
-    """{input name: dims}: checked by the parser of ``--input-shape`` itself, so the API's
-    dims are the command line's (whole numbers >= 0; zero and unknown names are refused
-    against the model by verify.check_input_shapes)."""
-    from graphopt.input_dims import parse_input_shapes
-
-    if not isinstance(value, Mapping):
-        raise _refuse(name, "a dict {input name: tuple of dims}", value)
-    specs = []
-    for key, dims in value.items():
-        if not isinstance(key, str) or not isinstance(dims, (list, tuple)):
-            raise _refuse(name, "a dict {input name: tuple of dims}", {key: dims})
-        specs.append(f"{key}:{'x'.join(map(_dim_text, dims))}")
-    return parse_input_shapes(specs)
-
-
-def _dim_text(dim: Any) -> str:
-    # Anything but a whole number reaches the parser as its repr, which it refuses: True and
-    # 1.5 must not pass as int() would read them (1).
-    return str(int(dim)) if _is_int(dim) else repr(dim)
-
-
-def _check_verify_inputs(name: str, value: Any) -> Any:
-    if isinstance(value, Mapping):
-        if not all(isinstance(k, str) for k in value):
-            raise _refuse(name, "input names as keys", value)
-        return value
-    if not _is_path(value) or not os.fspath(value).strip():
-        raise _refuse(name, "an .npz path or a dict {input name: array}", value)
-    return value
-
-
-def _check_fold_limit(name: str, value: Any) -> int:
-    if not _is_int(value) or value < 0:
-        raise _refuse(name, "a whole number of bytes >= 0 or None (no limit)", value)
-    return int(value)
-
-
-def _check_target(name: str, value: Any) -> str:
-    if value not in TARGETS:
-        raise _refuse(name, f"one of {', '.join(TARGETS)}", value)
-    return value
-
-
-def _check_opset(name: str, value: Any) -> int:
-    if not _is_int(value):
-        raise _refuse(name, "an opset number", value)
-    return int(value)
-
-
-def _check_seed(name: str, value: Any) -> int:
-    if not _is_int(value) or value < 0:
-        raise _refuse(name, "a whole number >= 0", value)
-    return int(value)
-
-
-def _check_engine(name: str, value: Any) -> EngineOptions:
-    if not isinstance(value, EngineOptions):
-        raise _refuse(name, "EngineOptions", value)
-    return value
-
-
-def _check_flags(name: str, value: Any) -> dict[str, Any]:
-    # The values are the passes' to check (with the run's passes, in ``pipeline``).
-    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
-        raise _refuse(name, "a dict {flag name: value}", value)
-    return dict(value)
-
-
-# Fields that have no use for None: given None, they take their default (skip=None: []).
-_NONE_IS_DEFAULT = frozenset(
-    {"skip", "lossy", "custom_ops", "input_shapes", "flags", "verify", "target", "seed"}
-)
-# One check per field: its value (None already replaced by the default) -> the value used.
-_FIELD_CHECKS: dict[str, Callable[[str, Any], Any]] = {
-    "passes": _check_pass_specs,
-    "skip": _check_skip,
-    "lossy": _check_pass_specs,
-    "verify": _check_bool,
-    "tolerance": _check_tolerance,
-    "custom_ops": _check_custom_ops,
-    "provider": _check_provider,
-    "input_shapes": _check_input_shapes,
-    "verify_inputs": _check_verify_inputs,
-    "fold_limit_bytes": _check_fold_limit,
-    "external_data": _check_bool,
-    "target": _check_target,
-    "opset": _check_opset,
-    "seed": _check_seed,
-    "engine": _check_engine,
-    "flags": _check_flags,
-}
-
-
-def validate_options(options: OptimizeOptions | None) -> OptimizeOptions:
-    """``options`` checked field by field, as a new object (the caller's is left as it was).
-
-    The one check of option values for the CLI, recipes and the API (``optimize`` calls it
-    first): a wrong type or a value out of range is a one-line :class:`UserInputError`
-    naming the field (and its flag), before anything is loaded. None takes the field's
-    default where None means nothing else (``_NONE_IS_DEFAULT``); pass names stand for
-    ``PassSpec(name)``; one library path for a list of one.
-    """
-    if options is None:
-        return OptimizeOptions()
-    if not isinstance(options, OptimizeOptions):
-        raise UserInputError(
-            f"options: expected OptimizeOptions, got {type(options).__name__} "
-            "(OptimizeOptions(**d) builds one from a dict)"
-        )
-    checked: dict[str, Any] = {}
-    for f in fields(OptimizeOptions):
-        value = getattr(options, f.name)
-        if value is None and f.name in _NONE_IS_DEFAULT:
-            value = (
-                f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            )
-        # Other fields' None means something (no fold limit, the dtype's tolerance): kept.
-        checked[f.name] = None if value is None else _FIELD_CHECKS[f.name](f.name, value)
-    # replace keeps the caller's class (recipe.RecipeOptions merges flags into its entries).
-    return dataclasses.replace(options, **checked)
-
-
-def _check_call(source: Any, output: Any, in_place: Any, progress: Any) -> None:
-    """``optimize``'s own arguments, before ``io`` would fail on them with a TypeError."""
-    sources = (str, os.PathLike, bytes, bytearray, memoryview, onnx.ModelProto, ir.Model)
-    if not isinstance(source, sources) or (
-        isinstance(source, os.PathLike) and not _is_path(source)
-    ):
-        raise UserInputError(
-            "source: expected a model path, bytes, an onnx.ModelProto or an onnx_ir.Model, "
-            f"got {type(source).__name__}"
-        )
-    if output is not None and not _is_path(output):
-        raise UserInputError(f"output: expected a path (str or os.PathLike), got {_shown(output)}")
-    if not isinstance(in_place, bool):
-        raise UserInputError(f"in_place: expected True or False, got {_shown(in_place)}")
-    if progress is not None and not callable(progress):
-        raise UserInputError(f"progress: expected a callable or None, got {_shown(progress)}")
-
-
 @dataclass
 class OptimizeResult:
     model: ir.Model
@@ -594,7 +344,7 @@ def optimize(
     output is written and ``result.report.verified`` is False, with the reason in
     ``result.report.verification_skipped`` (the CLI exits 4).
     """
-    _check_call(source, output, in_place, progress)
+    check_call(source, output, in_place, progress)
     options = validate_options(options)
     # Before anything is loaded or registered (a custom-op library is loaded to check it);
     # _optimize checks again against the weights the loaded model reads.
@@ -639,7 +389,7 @@ def _optimize(
     in_place: bool,
     progress: ProgressCallback | None,
 ) -> OptimizeResult:
-    target = _resolve_output(source, output, in_place)
+    target = resolve_output(source, output, in_place)
     loaded = io.load(source)
     model = loaded.model
     # Refused with or without verification: a wrong rank, a dim the model fixes or a zero.
@@ -742,115 +492,3 @@ def _verify_inputs(options: OptimizeOptions) -> tuple[dict[str, np.ndarray] | No
     from graphopt.calibration import load_npz
 
     return load_npz(given, what="verification inputs"), os.fspath(given)
-
-
-def _resolve_output(
-    source: io.ModelSource, output: str | os.PathLike | None, in_place: bool
-) -> Path | None:
-    source_path = Path(os.fspath(source)) if isinstance(source, (str, os.PathLike)) else None
-    if in_place:
-        if source_path is None:
-            raise UserInputError("--in-place needs a model file as input")
-        if output is not None:
-            raise UserInputError("--in-place and -o/--output are mutually exclusive")
-        return source_path
-    if output is None:
-        return None
-    target = Path(os.fspath(output))
-    if source_path is not None and io.same_file(source_path, target):
-        raise UserInputError(
-            f"{target}: output would overwrite the input; use --in-place to replace it"
-        )
-    return target
-
-
-# Pass options whose value names a file the pass reads, unless it is one of these words; by
-# option name (the core knows passes only through the registry), as finalize records them.
-_FILE_OPTIONS = {
-    "calib": ("--calib file", ("", "random")),
-    "decisions": ("--sparse-kernels-decisions file", ("",)),
-    "speed_check": ("--factorize-speed-check file", ("on", "off")),
-}
-
-Files = Iterable[tuple[str, str | os.PathLike]]
-
-
-def check_overwrites(
-    source: io.ModelSource,
-    output: str | os.PathLike | None,
-    options: OptimizeOptions,
-    *,
-    in_place: bool = False,
-    data_files: Iterable[Path] | None = None,
-    also_read: Files = (),
-    also_written: Files = (),
-) -> None:
-    """Refuse a file the run writes that is a file it reads, or that it writes twice.
-
-    Read: the input model and its external data (``data_files``; None: from the model file's
-    header), the recipe, calibration and verification data, custom-op libraries and the
-    files pass options replay (``_FILE_OPTIONS``). Written: the output and its data file,
-    the engine, ``--save-ort-optimized``. Each written file would replace a read one only
-    after the run read it, so nothing fails, and the user's file is gone: refused in one
-    line, before any work. ``also_read``/``also_written``: (what, path) the caller adds
-    (the CLI's --recipe and --save-ort-optimized). Compared as io.same_file does (the same
-    inode when both exist, links included; else the resolved path).
-    """
-    options = validate_options(options)
-    target = _resolve_output(source, output, in_place)
-    model: list[tuple[str, Path]] = []
-    if isinstance(source, (str, os.PathLike)):
-        path = Path(os.fspath(source))
-        model.append(("the input model", path))
-        if data_files is None:
-            data_files = _scanned_data_files(path)
-    model += [("the input's external-data file", Path(f)) for f in data_files or ()]
-    read = [*_read_files(options), *((what, Path(os.fspath(p))) for what, p in also_read)]
-    # (who writes, what the file is to the other writers, where)
-    written: list[tuple[str, str, Path]] = []
-    if target is not None:
-        data = target.with_name(io.data_file_name(target))
-        written += [
-            ("the output", "the output", target),
-            ("the output's data file", "the output's data file", data),
-        ]
-    flags = [("--engine", options.engine.path)] if options.engine is not None else []
-    for flag, path in [*flags, *also_written]:
-        if _is_path(path):
-            written.append((flag, f"the {flag} file", Path(os.fspath(path))))
-    for index, (writer, _, path) in enumerate(written):
-        others = read + [(what, other) for _, what, other in written[:index]]
-        # --in-place replaces the model and its weights: what it is for. The engine against
-        # the model, its weights and the output: tensorrt.build.check_options, in its words.
-        if writer == "--engine":
-            others = read
-        elif not (in_place and writer in ("the output", "the output's data file")):
-            others += model
-        for what, other in others:
-            if io.same_file(path, other):
-                raise UserInputError(
-                    f"{writer} {path}: is {what}; give another path (the run would overwrite it)"
-                )
-
-
-def _read_files(options: OptimizeOptions) -> list[tuple[str, Path]]:
-    """The data files ``options`` name: verification inputs, libraries, pass options' files."""
-    files = []
-    if _is_path(options.verify_inputs):
-        files.append(("the --verify-inputs file", options.verify_inputs))
-    files += [("the --custom-ops library", library) for library in options.custom_ops]
-    for spec in [*(options.passes or []), *options.lossy_specs()]:
-        for option, value in spec.options.items():
-            what, words = _FILE_OPTIONS.get(option, ("", ()))
-            if what and _is_path(value) and os.fspath(value).strip().lower() not in words:
-                files.append((f"the {what}", value))
-    return [(what, Path(os.fspath(path))) for what, path in files]
-
-
-def _scanned_data_files(path: Path) -> list[Path]:
-    """The external-data files the model file at ``path`` names, from its header (a scan, not
-    a load: the CLI checks before the model is loaded; the API checks again after)."""
-    from graphopt.backends.tensorrt.model_scan import scan_model
-
-    header = scan_model(path)
-    return [path.parent / location for location in sorted(header.locations if header else ())]

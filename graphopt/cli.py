@@ -143,7 +143,8 @@ def build_parser(lossy_flags: bool = True) -> argparse.ArgumentParser:
     opt.add_argument("--seed", type=int, default=None, help="seed of generated inputs (0)")
     opt.add_argument(
         "--target",
-        choices=("portable", "ort", "tensorrt"),  # api.TARGETS (not imported: --help stays fast)
+        # option_checks.TARGETS, not imported: --help stays fast.
+        choices=("portable", "ort", "tensorrt"),
         default=None,
         help="portable (default): standard ONNX ops only; ort: also ONNX Runtime's "
         "com.microsoft fused ops; tensorrt: standard ops in the forms TensorRT's parser "
@@ -275,10 +276,10 @@ def _check_files(
     args: argparse.Namespace, output: str | Path | None, options: OptimizeOptions
 ) -> None:
     """Refuse, before any work, a file the run writes that it also reads or writes otherwise
-    (api.check_overwrites, given the files only the CLI knows: --recipe, and
+    (run_files.check_overwrites, given the files only the CLI knows: --recipe, and
     --save-ort-optimized, written last over whatever is there)."""
     from graphopt import io
-    from graphopt.api import check_overwrites
+    from graphopt.run_files import check_overwrites
 
     also_written = []
     if args.save_ort_optimized is not None:
@@ -483,9 +484,8 @@ def _lossy_options(args: argparse.Namespace, options: OptimizeOptions) -> None:
 
 def _cmd_inspect(args: argparse.Namespace, out: Console, err: Console) -> int:
     from graphopt.analysis.summary import render_summary, summarize, summary_json
-    from graphopt.input_dims import parse_input_shapes
+    from graphopt.input_dims import check_input_shapes, parse_input_shapes
     from graphopt.io import load
-    from graphopt.verify import check_input_shapes
 
     loaded = load(args.input)
     shapes = parse_input_shapes(args.input_shape)
@@ -500,9 +500,8 @@ def _cmd_inspect(args: argparse.Namespace, out: Console, err: Console) -> int:
 
 def _cmd_analyze(args: argparse.Namespace, out: Console, err: Console) -> int:
     from graphopt.analysis.zig import analyze, render_report
-    from graphopt.input_dims import parse_input_shapes
+    from graphopt.input_dims import check_input_shapes, parse_input_shapes
     from graphopt.io import load
-    from graphopt.verify import check_input_shapes
 
     loaded = load(args.input)
     shapes = parse_input_shapes(args.input_shape)

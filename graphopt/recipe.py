@@ -52,6 +52,7 @@ from graphopt.api import OptimizeOptions
 from graphopt.errors import UserInputError
 from graphopt.input_dims import parse_input_shapes
 from graphopt.io import os_error_reason
+from graphopt.option_checks import TARGETS
 from graphopt.pipeline import PassSpec, Step
 from graphopt.registry import GraphPass, flag_key, get_pass
 
@@ -70,7 +71,6 @@ RECIPE_KEYS = {
     "target",
     "opset",
 }
-TARGETS = ("portable", "ort", "tensorrt")
 # The most values (mappings, lists and scalars, each alias counted as what it repeats) a
 # recipe may expand to. A real recipe has tens; YAML aliases nested ten wide and eight deep
 # ("billion laughs") load as a few shared objects but print as gigabytes.

@@ -4,15 +4,15 @@ Symbolic input dims are bound as :func:`graphopt.inputs.concrete_shape` binds th
 verification (``--input-shape`` first, then the documented defaults), so FLOPs and the inputs
 ORT is fed agree. Inference is onnx's, through onnx-ir's ``ShapeInferencePass``, which takes
 large initializers out of the protobuf it hands to onnx: external weights are never read.
+Past ONNX Runtime's contrib ops, which onnx cannot infer, shapes come from standard stand-ins
+(:mod:`graphopt.analysis.contrib_shapes`).
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections.abc import Callable
 
-import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common
 
@@ -82,11 +82,13 @@ def infer_shapes(
     _forget_symbolic(clone)
     # Non-strict: a node onnx cannot infer (custom op) leaves its outputs unknown instead of
     # aborting inference for the whole graph.
-    _onnx_inference(clone)
+    onnx_inference(clone)
     if fold and bound and not _all_concrete(clone):
         _shapes_from_folded_copy(clone)
     elif not _all_concrete(clone):
-        _shapes_past_contrib_ops(clone)
+        from graphopt.analysis.contrib_shapes import shapes_past_contrib_ops
+
+        shapes_past_contrib_ops(clone)
     return clone, bound
 
 
@@ -135,7 +137,7 @@ def reconcile_shapes(model: ir.Model) -> int:
                     continue
                 declared.append((value, value.shape))
                 value.shape = None
-    _onnx_inference(model)  # never raises: a failed inference leaves every shape unknown
+    onnx_inference(model)  # never raises: a failed inference leaves every shape unknown
     # Sequences and optionals are not shapes to fold, and ONNX's inference through nested
     # If/Loop bodies can give them a tensor type (a Loop body's If returning a sequence came
     # back FLOAT [], which ORT then refused): what they were declared stays.
@@ -206,7 +208,7 @@ def _carry_kept_dims(
         return
     for value in fresh:
         value.shape = None
-    _onnx_inference(model)
+    onnx_inference(model)
 
 
 # Ops whose outputs may be sequences or optionals, or take their type from a body.
@@ -350,16 +352,18 @@ def _forget_symbolic(model: ir.Model) -> None:
     # symbolic where onnx keeps the declared shape; forget them so inference recomputes them.
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
         for output in node.outputs:
-            if output.shape is not None and not _is_concrete(output.shape):
+            if output.shape is not None and not is_concrete(output.shape):
                 output.shape = None
             if output.const_value is not None:
                 output.shape = ir.Shape(output.const_value.shape)
     for value in model.graph.initializers.values():
-        if value.const_value is not None and (value.shape is None or not _is_concrete(value.shape)):
+        if value.const_value is not None and (value.shape is None or not is_concrete(value.shape)):
             value.shape = ir.Shape(value.const_value.shape)  # folded constants: shape is known
 
 
-def _onnx_inference(model: ir.Model) -> None:
+def onnx_inference(model: ir.Model) -> None:
+    """onnx's shape inference, in place; non-strict: a node onnx cannot infer (a custom op)
+    leaves its outputs unknown, and a failure leaves every shape unknown."""
     onnx_ir.passes.common.ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(
         model
     )
@@ -367,7 +371,7 @@ def _onnx_inference(model: ir.Model) -> None:
 
 def _all_concrete(model: ir.Model) -> bool:
     return all(
-        o.shape is not None and _is_concrete(o.shape) for node in model.graph for o in node.outputs
+        o.shape is not None and is_concrete(o.shape) for node in model.graph for o in node.outputs
     )
 
 
@@ -383,6 +387,7 @@ def _shapes_from_folded_copy(clone: ir.Model) -> None:
     constants: fold them on a throw-away copy (the analysis clone must keep its nodes, which
     index the caller's model), infer there, and copy the shapes back by value name.
     """
+    from graphopt.analysis.contrib_shapes import copy_shapes, replace_contrib_ops
     from graphopt.private_apis import constant_folding as folding
 
     def shape_arithmetic(node: ir.Node) -> bool:
@@ -393,7 +398,7 @@ def _shapes_from_folded_copy(clone: ir.Model) -> None:
 
     folded = clone.clone()
     # Contrib ops have no onnx inference: on this copy, standard ops with their output shapes.
-    _replace_contrib_ops(folded.graph)
+    replace_contrib_ops(folded.graph)
     folder = folding.FoldConstantsPass(
         shape_inference=False,
         input_size_limit=_SHAPE_FOLD_LIMIT,
@@ -408,220 +413,7 @@ def _shapes_from_folded_copy(clone: ir.Model) -> None:
         _fold_rounds(folded, folder)
     finally:
         quiet.setLevel(level)
-    _copy_shapes(folded, clone)
-
-
-# ---- shapes past ops onnx cannot infer ----------------------------------------------------
-
-MS_DOMAIN = "com.microsoft"
-# Contrib ops whose output 0 (and the listed others) has input 0's shape: activations,
-# normalizations (SkipLayerNormalization's output 3 is the residual sum, which the next
-# block reads), rotary embeddings, QLinear unary ops.
-_LIKE_INPUT = {
-    (MS_DOMAIN, "FastGelu"): (0,),
-    (MS_DOMAIN, "BiasGelu"): (0,),
-    (MS_DOMAIN, "Gelu"): (0,),
-    (MS_DOMAIN, "QuickGelu"): (0,),
-    (MS_DOMAIN, "BiasAdd"): (0,),
-    (MS_DOMAIN, "SkipLayerNormalization"): (0, 3),
-    (MS_DOMAIN, "SkipSimplifiedLayerNormalization"): (0, 3),
-    (MS_DOMAIN, "SimplifiedLayerNormalization"): (0,),
-    # ORT registers it in the default domain, where onnx has no schema for it.
-    ("", "SimplifiedLayerNormalization"): (0,),
-    (MS_DOMAIN, "RotaryEmbedding"): (0,),
-    (MS_DOMAIN, "QLinearSigmoid"): (0,),
-    (MS_DOMAIN, "QLinearLeakyRelu"): (0,),
-    (MS_DOMAIN, "QLinearSoftmax"): (0,),
-}
-
-
-# The stand-in for "this output has input 0's shape": not Identity, which the shape
-# arithmetic folding removes (its output's readers, and name, then pass to input 0, and the
-# contrib op's output is no longer there to take a shape from). Abs takes every numeric type.
-_SAME_SHAPE = "Abs"
-
-
-def _shapes_past_contrib_ops(clone: ir.Model) -> None:
-    """Shapes of what follows ONNX Runtime's contrib ops, which onnx cannot infer.
-
-    Without them every node after the first fused SkipLayerNormalization or Attention had an
-    unknown shape, and ``optimize --target ort`` seemed to remove nearly all FLOPs. On a
-    throw-away copy each such op gets a stand-in of standard ops whose output has the shape
-    the contrib op's has (Abs for an activation or a norm, MatMul for MatMulNBits or a
-    packed Attention, ...); one onnx inference then reaches past all of them, and the
-    shapes are copied back by value name (the clone keeps its nodes, which FLOPs count).
-    """
-    copy = clone.clone()
-    if _replace_contrib_ops(copy.graph):
-        _onnx_inference(copy)
-        _copy_shapes(copy, clone)
-
-
-def _replace_contrib_ops(graph: ir.Graph) -> int:
-    """Put a stand-in (:func:`_stand_ins`) before each contrib op of ``graph`` (a throw-away
-    copy) and let it take over the op's output: its readers and its name. The contrib node
-    stays, its output renamed and unread. Returns how many outputs were taken over."""
-    replaced = 0
-    for node in list(graph):
-        for index, nodes in _stand_ins(graph, node).items():
-            original = node.outputs[index]
-            if not original.name:
-                continue  # an omitted optional output: nothing reads it, no name to carry
-            graph.insert_before(node, nodes)
-            replacement = nodes[-1].outputs[0]
-            original.replace_all_uses_with(replacement, replace_graph_outputs=True)
-            name = original.name
-            original.name = f"{name}__contrib_output"
-            replacement.name = name
-            replaced += 1
-    return replaced
-
-
-def _copy_shapes(source: ir.Model, clone: ir.Model) -> None:
-    """Concrete shapes of ``source`` (a copy) onto the clone's values of the same name that
-    have none; with the type where the clone's value has none (a contrib op's output):
-    serializing a shape without a type drops it, with a warning."""
-    known = {
-        o.name: o
-        for node in source.graph
-        for o in node.outputs
-        if o.shape is not None and _is_concrete(o.shape)
-    }
-    for node in clone.graph:
-        for out in node.outputs:
-            found = known.get(out.name) if out.name is not None else None
-            if found is None or (out.shape is not None and _is_concrete(out.shape)):
-                continue
-            out.shape = ir.Shape(found.shape)
-            if out.type is None:
-                out.type = found.type
-
-
-def _stand_ins(graph: ir.Graph, node: ir.Node) -> dict[int, list[ir.Node]]:
-    """{output index: standard nodes, the last producing a value of that output's shape}
-    for a contrib op (empty for any other op, or one without a stand-in)."""
-    key = (node.domain or "", node.op_type)
-    inputs = list(node.inputs)
-
-    def given(index: int) -> ir.Value | None:
-        return inputs[index] if index < len(inputs) else None
-
-    # Names of their own: onnx-ir's automatic ``val_N`` can meet a name the model already
-    # uses (graph inputs and initializers are not tracked), and inference goes by name.
-    names = (f"__stand_in_{id(node):x}_{i}" for i in itertools.count())
-
-    def new(op: str, args: list, **attributes) -> ir.Node:
-        output = ir.Value(name=next(names))
-        return ir.node(op, args, attributes=attributes, outputs=[output], name=next(names))
-
-    def const(values: list[int]) -> ir.Value:
-        made = new("Constant", [], value=ir.tensor(np.array(values, np.int64)))
-        chain.append(made)
-        return made.outputs[0]
-
-    def fake(shape: tuple[int, ...] | None, like: ir.Value | None) -> ir.Value | None:
-        # A graph input of the copy with the given shape: inference reads only its type.
-        if shape is None:
-            return None
-        dtype = like.dtype if like is not None and like.dtype is not None else None
-        value = ir.Value(
-            name=next(names),
-            type=ir.TensorType(dtype or ir.DataType.FLOAT),
-            shape=ir.Shape(shape),
-        )
-        graph.inputs.append(value)
-        return value
-
-    chain: list[ir.Node] = []
-    op = node.op_type
-    x = given(0)
-    if x is None or (node.domain or "") not in ("", MS_DOMAIN):
-        return {}
-    if key in _LIKE_INPUT:
-        return {i: [new(_SAME_SHAPE, [x])] for i in _LIKE_INPUT[key] if i < len(node.outputs)}
-    if node.domain != MS_DOMAIN:
-        return {}
-    if op in ("MultiHeadAttention", "GroupQueryAttention") and given(1) is not None:
-        # Output (B, S, heads·head size): the query's shape where K/V's head size is Q's.
-        return {0: [new(_SAME_SHAPE, [x])]}
-    if op == "MultiHeadAttention":  # packed QKV (B, S, H, 3, Dh) → (B, S, H·Dh)
-        index = const([0])
-        picked = new("Gather", [x, index], axis=3)
-        chain.append(picked)
-        squeezed = new("Squeeze", [picked.outputs[0], const([3])])
-        chain.append(squeezed)
-        chain.append(new("Reshape", [squeezed.outputs[0], const([0, 0, -1])]))
-        return {0: chain}
-    if op == "GroupQueryAttention":  # packed (B, S, (H + 2·Hkv)·Dh) → (B, S, H·Dh)
-        heads = _attr(node, "num_heads", 0)
-        kv_heads = _attr(node, "kv_num_heads", 0)
-        if not heads or not kv_heads:
-            return {}
-        split = new("Reshape", [x, const([0, 0, heads + 2 * kv_heads, -1])])
-        chain.append(split)
-        queries = new("Slice", [split.outputs[0], const([0]), const([heads]), const([2])])
-        chain.append(queries)
-        chain.append(new("Reshape", [queries.outputs[0], const([0, 0, -1])]))
-        return {0: chain}
-    if op in ("Attention", "QAttention"):  # input (B, S, D) @ weights (D, Dq + Dk + Dv)
-        weights = static_shape(given(1))
-        if weights is None or len(weights) != 2:
-            return {}
-        sizes = _attr(node, "qkv_hidden_sizes", None) or [weights[1] // 3] * 3
-        source = x if op == "Attention" else _cast(chain, new, x)
-        projection = fake((weights[0], int(sizes[2])), source)
-        chain.append(new("MatMul", [source, projection]))
-        return {0: chain}
-    if op == "MatMulNBits":  # A (..., K) @ B (K, N)
-        k, n = _attr(node, "K", None), _attr(node, "N", None)
-        if not isinstance(k, int) or not isinstance(n, int):
-            return {}
-        chain.append(new("MatMul", [x, fake((k, n), x)]))
-        return {0: chain}
-    if op in ("FusedMatMul", "TransposeMatMul"):
-        if given(1) is None or _attr(node, "transBatchA", 0) or _attr(node, "transBatchB", 0):
-            return {}
-        a = "...ji" if _attr(node, "transA", 0) else "...ij"
-        b = "...kj" if _attr(node, "transB", 0) else "...jk"
-        return {0: [new("Einsum", [x, given(1)], equation=f"{a},{b}->...ik")]}
-    if op in ("MatMulIntegerToFloat", "DynamicQuantizeMatMul") and given(1) is not None:
-        a, b = _cast(chain, new, x), _cast(chain, new, given(1))
-        chain.append(new("MatMul", [a, b]))
-        return {0: chain}
-    if op in ("QLinearAdd", "QLinearMul") and given(3) is not None:
-        chain.append(new(op.removeprefix("QLinear"), [x, given(3)]))
-        return {0: chain}
-    if op == "QLinearConcat":  # Y_scale, Y_zp, then (X, X_scale, X_zp) per input
-        parts = [given(i) for i in range(2, len(inputs), 3)]
-        if not parts or any(p is None for p in parts):
-            return {}
-        return {0: [new("Concat", parts, axis=_attr(node, "axis", 0))]}
-    if op == "QLinearGlobalAveragePool" and not _attr(node, "channels_last", 0):
-        chain.append(new("GlobalAveragePool", [_cast(chain, new, x)]))
-        return {0: chain}
-    if op == "GatherBlockQuantized" and given(1) is not None:
-        data = static_shape(x)
-        bits = _attr(node, "bits", 4)
-        if data is None or not data or not isinstance(bits, int) or not 0 < bits <= 8:
-            return {}
-        if x.dtype == ir.DataType.UINT8:  # packed: 8 / bits values per byte
-            data = (*data[:-1], data[-1] * (8 // bits))
-        table = fake(data, None)
-        chain.append(new("Gather", [table, given(1)], axis=_attr(node, "gather_axis", 0)))
-        return {0: chain}
-    return {}
-
-
-def _cast(chain: list[ir.Node], new: Callable[..., ir.Node], value: ir.Value) -> ir.Value:
-    """``value`` as float (a stand-in for a quantized op computes in float)."""
-    cast = new("Cast", [value], to=ir.DataType.FLOAT)
-    chain.append(cast)
-    return cast.outputs[0]
-
-
-def _attr(node: ir.Node, name: str, default):
-    attr = node.attributes.get(name)
-    return default if attr is None else attr.value
+    copy_shapes(folded, clone)
 
 
 def static_shape(value: ir.Value | None) -> tuple[int, ...] | None:
@@ -631,12 +423,12 @@ def static_shape(value: ir.Value | None) -> tuple[int, ...] | None:
     shape = value.shape
     if shape is None and value.const_value is not None:
         shape = value.const_value.shape
-    if shape is None or not _is_concrete(shape):
+    if shape is None or not is_concrete(shape):
         return None
     return tuple(int(d) for d in shape)
 
 
-def _is_concrete(shape: ir.Shape) -> bool:
+def is_concrete(shape: ir.Shape) -> bool:
     return all(isinstance(d, int) and d >= 0 for d in shape)
 
 
@@ -672,6 +464,6 @@ def _fold_rounds(folded: ir.Model, folder) -> None:
         except Exception as exc:  # a failing evaluator: keep what onnx inferred
             logger.info("shape arithmetic folding failed: %s", exc)
         _forget_symbolic(folded)
-        _onnx_inference(folded)
+        onnx_inference(folded)
         if not changed:
             break

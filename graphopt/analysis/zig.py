@@ -27,7 +27,8 @@ import onnx_ir as ir
 
 from graphopt.analysis.dependency import DependencyGraph, DimKey, build_on_inferred, split_key
 from graphopt.analysis.excluded import not_analysed
-from graphopt.analysis.flops import _UnknownShape, node_flops
+from graphopt.analysis.flops import node_flops
+from graphopt.analysis.flops_terms import UnknownShape
 from graphopt.analysis.shapes import infer_shapes
 from graphopt.analysis.stats import is_constant_node
 
@@ -220,7 +221,7 @@ def _node_flops(model: ir.Model) -> dict[int, int]:
             continue
         try:
             flops = node_flops(node)
-        except _UnknownShape:
+        except UnknownShape:
             flops = _with_unknown_as_one(node)
         if flops:
             cost[id(node)] = flops
@@ -235,7 +236,7 @@ def _with_unknown_as_one(node: ir.Node) -> int:
             v.shape = ir.Shape([d if isinstance(d, int) else 1 for d in v.shape])
     try:
         return node_flops(node) or 0
-    except _UnknownShape:
+    except UnknownShape:
         return 0
     finally:
         for v, shape in saved.values():

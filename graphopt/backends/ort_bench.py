@@ -233,11 +233,11 @@ def _check_input_shapes(
     models: list[tuple[str, ir.Model, Any]], given: Mapping[str, tuple[int, ...]]
 ) -> None:
     """``--input-shape`` checked as the other commands check it
-    (:func:`graphopt.verify.check_input_shapes`: a wrong rank, a dim the model fixes, a
+    (:func:`graphopt.input_dims.check_input_shapes`: a wrong rank, a dim the model fixes, a
     zero-sized dim), against each model that has the input; a name no model has is an error.
     bench used to ignore an unknown name and time empty tensors ("throughput 0.0"). Inputs
     that are not tensors are refused here too: bench generates tensors only."""
-    from graphopt.verify import check_input_shapes
+    from graphopt.input_dims import check_input_shapes
 
     for name, shape in given.items():
         if 0 in shape:  # before verify's wording, which speaks of comparing

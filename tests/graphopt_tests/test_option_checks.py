@@ -1,4 +1,4 @@
-"""One check of option values (api.validate_options) for the CLI, recipes and the API, and
+"""One check of option values (option_checks.validate_options) for the CLI, recipes and the API, and
 the CLI's own argument mistakes: each a one-line UserInputError (exit 2), before any work."""
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ from onnx import TensorProto, helper
 
 import graphopt
 from graphopt import io
-from graphopt.api import TARGETS, OptimizeOptions, validate_options
+from graphopt.api import OptimizeOptions
 from graphopt.cli import build_parser
 from graphopt.errors import UserInputError
+from graphopt.option_checks import TARGETS, validate_options
 from graphopt.pipeline import PassSpec
 from graphopt.verify import Verifier
 from graphopt_tests.helpers import AddToSubPass, register_for_test

@@ -1,4 +1,4 @@
-"""api.check_overwrites: no file the run writes (the output and its data file, the engine,
+"""run_files.check_overwrites: no file the run writes (the output and its data file, the engine,
 --save-ort-optimized) may be a file it reads (the model and its weights, the recipe, data
 files, custom-op libraries, files pass options replay), whatever the spelling."""
 
@@ -14,8 +14,9 @@ import pytest
 from onnx import TensorProto, helper
 
 import graphopt
-from graphopt.api import OptimizeOptions, check_overwrites
+from graphopt.api import OptimizeOptions
 from graphopt.errors import UserInputError
+from graphopt.run_files import check_overwrites
 from graphopt_tests.test_cli import run
 from graphopt_tests.test_option_checks import conv_bn_relu_file
 

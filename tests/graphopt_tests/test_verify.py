@@ -18,13 +18,13 @@ from onnx import TensorProto, helper, numpy_helper
 import graphopt
 from graphopt.api import OptimizeOptions
 from graphopt.errors import UserInputError
+from graphopt.input_dims import check_input_shapes
 from graphopt.verify import (
     DEFAULT_TOLERANCE,
     DTYPE_TOLERANCES,
     SIGMOID_RESOLUTION,
     NothingToCompare,
     Verifier,
-    check_input_shapes,
     compare,
     default_tolerance,
 )

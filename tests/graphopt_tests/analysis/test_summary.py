@@ -153,7 +153,7 @@ def test_bad_rank_binding_is_not_a_crash(tmp_path, capsys, dims) -> None:
     code = main(["inspect", str(path), "--input-shape", f"x:{dims}"])
     assert code == 2
     err = capsys.readouterr().err
-    # Refused before the summary by optimize's own check (graphopt.verify.check_input_shapes).
+    # Refused before the summary by optimize's own check (graphopt.input_dims.check_input_shapes).
     assert "input 'x' has rank 4 ([batch, 3, 16, 16])" in err and "Traceback" not in err
 
 

@@ -1,0 +1,273 @@
+"""Checking option values: each ``OptimizeOptions`` field, and ``optimize``'s own arguments.
+
+The one check of option values for the CLI, recipes and the API (:func:`validate_options`):
+a wrong type or a value out of range is a one-line :class:`~graphopt.errors.UserInputError`
+naming the field and its command-line flag, before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import fields
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from graphopt.backends.tensorrt.cli_options import EngineOptions
+from graphopt.errors import UserInputError
+from graphopt.pipeline import PassSpec
+from graphopt.registry import get_pass
+
+if TYPE_CHECKING:
+    from graphopt.api import OptimizeOptions
+
+TARGETS = ("portable", "ort", "tensorrt")
+# The command-line flag of each field, named in the messages beside the field.
+_FIELD_FLAGS = {
+    "passes": "--passes",
+    "skip": "--skip",
+    "verify": "--no-verify",
+    "tolerance": "--tolerance",
+    "custom_ops": "--custom-ops",
+    "provider": "--provider",
+    "input_shapes": "--input-shape",
+    "verify_inputs": "--verify-inputs",
+    "fold_limit_bytes": "--fold-limit",
+    "external_data": "--external-data",
+    "target": "--target",
+    "opset": "--opset",
+    "seed": "--seed",
+    "engine": "--engine",
+}
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _refuse(name: str, expected: str, value: Any) -> UserInputError:
+    flag = _FIELD_FLAGS.get(name)
+    label = f"{name} ({flag})" if flag else name
+    return UserInputError(f"{label}: expected {expected}, got {_shown(value)}")
+
+
+def _is_int(value: Any) -> bool:
+    # bool is an int to Python, never a count or a seed to a user.
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def is_path(value: Any) -> bool:
+    # bytes paths are refused: every message and record prints paths as text.
+    return isinstance(value, str) or (
+        isinstance(value, os.PathLike) and isinstance(os.fspath(value), str)
+    )
+
+
+def _sequence(name: str, value: Any, what: str) -> list:
+    """A list or tuple as a list; a bare string is refused rather than iterated by letter."""
+    if not isinstance(value, (list, tuple)):
+        raise _refuse(name, f"a list of {what}", value)
+    return list(value)
+
+
+def _check_pass_specs(name: str, value: Any) -> list[PassSpec]:
+    """PassSpecs, or pass names standing for ``PassSpec(name)``; every name registered."""
+    specs = []
+    for entry in _sequence(name, value, "PassSpec or pass names"):
+        if isinstance(entry, str):
+            entry = PassSpec(get_pass(entry).name)
+        elif not isinstance(entry, PassSpec):
+            raise _refuse(name, "a list of PassSpec or pass names", value)
+        elif not isinstance(entry.name, str) or not isinstance(entry.options, Mapping):
+            raise _refuse(name, "PassSpec(name: str, options: dict)", entry)
+        else:
+            get_pass(entry.name)
+        specs.append(entry)
+    return specs
+
+
+def _check_skip(name: str, value: Any) -> list[str]:
+    names = _sequence(name, value, "pass names")
+    if not all(isinstance(n, str) for n in names):
+        raise _refuse(name, "a list of pass names", value)
+    return [get_pass(n).name for n in names]
+
+
+def _check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise _refuse(name, "True or False", value)
+    return bool(value)
+
+
+def _check_tolerance(name: str, value: Any) -> float:
+    # NaN compares false with every error, so "error > NaN" never fails a rewrite; inf, 0
+    # and negatives prove nothing or refuse everything.
+    is_real = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+    if not is_real or not math.isfinite(value) or value <= 0:
+        raise _refuse(name, "a finite number > 0", value)
+    return float(value)
+
+
+def _check_custom_ops(name: str, value: Any) -> list[str | os.PathLike]:
+    if is_path(value):
+        return [value]  # one library
+    paths = _sequence(name, value, "library paths")
+    if not all(is_path(p) for p in paths):
+        raise _refuse(name, "a library path or a list of them", value)
+    return paths
+
+
+def _check_provider(name: str, value: Any) -> str | list[str]:
+    if isinstance(value, str) or (
+        isinstance(value, (list, tuple)) and all(isinstance(p, str) for p in value)
+    ):
+        return value if isinstance(value, str) else list(value)
+    raise _refuse(name, 'provider names ("cuda,cpu" or a list of them)', value)
+
+
+def _check_input_shapes(name: str, value: Any) -> dict[str, tuple[int, ...]]:
+    """{input name: dims}: checked by the parser of ``--input-shape`` itself, so the API's
+    dims are the command line's (whole numbers >= 0; zero and unknown names are refused
+    against the model by input_dims.check_input_shapes)."""
+    from graphopt.input_dims import parse_input_shapes
+
+    if not isinstance(value, Mapping):
+        raise _refuse(name, "a dict {input name: tuple of dims}", value)
+    specs = []
+    for key, dims in value.items():
+        if not isinstance(key, str) or not isinstance(dims, (list, tuple)):
+            raise _refuse(name, "a dict {input name: tuple of dims}", {key: dims})
+        specs.append(f"{key}:{'x'.join(map(_dim_text, dims))}")
+    return parse_input_shapes(specs)
+
+
+def _dim_text(dim: Any) -> str:
+    # Anything but a whole number reaches the parser as its repr, which it refuses: True and
+    # 1.5 must not pass as int() would read them (1).
+    return str(int(dim)) if _is_int(dim) else repr(dim)
+
+
+def _check_verify_inputs(name: str, value: Any) -> Any:
+    if isinstance(value, Mapping):
+        if not all(isinstance(k, str) for k in value):
+            raise _refuse(name, "input names as keys", value)
+        return value
+    if not is_path(value) or not os.fspath(value).strip():
+        raise _refuse(name, "an .npz path or a dict {input name: array}", value)
+    return value
+
+
+def _check_fold_limit(name: str, value: Any) -> int:
+    if not _is_int(value) or value < 0:
+        raise _refuse(name, "a whole number of bytes >= 0 or None (no limit)", value)
+    return int(value)
+
+
+def _check_target(name: str, value: Any) -> str:
+    if value not in TARGETS:
+        raise _refuse(name, f"one of {', '.join(TARGETS)}", value)
+    return value
+
+
+def _check_opset(name: str, value: Any) -> int:
+    if not _is_int(value):
+        raise _refuse(name, "an opset number", value)
+    return int(value)
+
+
+def _check_seed(name: str, value: Any) -> int:
+    if not _is_int(value) or value < 0:
+        raise _refuse(name, "a whole number >= 0", value)
+    return int(value)
+
+
+def _check_engine(name: str, value: Any) -> EngineOptions:
+    if not isinstance(value, EngineOptions):
+        raise _refuse(name, "EngineOptions", value)
+    return value
+
+
+def _check_flags(name: str, value: Any) -> dict[str, Any]:
+    # The values are the passes' to check (with the run's passes, in ``pipeline``).
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        raise _refuse(name, "a dict {flag name: value}", value)
+    return dict(value)
+
+
+# Fields that have no use for None: given None, they take their default (skip=None: []).
+_NONE_IS_DEFAULT = frozenset(
+    {"skip", "lossy", "custom_ops", "input_shapes", "flags", "verify", "target", "seed"}
+)
+# One check per field: its value (None already replaced by the default) -> the value used.
+_FIELD_CHECKS: dict[str, Callable[[str, Any], Any]] = {
+    "passes": _check_pass_specs,
+    "skip": _check_skip,
+    "lossy": _check_pass_specs,
+    "verify": _check_bool,
+    "tolerance": _check_tolerance,
+    "custom_ops": _check_custom_ops,
+    "provider": _check_provider,
+    "input_shapes": _check_input_shapes,
+    "verify_inputs": _check_verify_inputs,
+    "fold_limit_bytes": _check_fold_limit,
+    "external_data": _check_bool,
+    "target": _check_target,
+    "opset": _check_opset,
+    "seed": _check_seed,
+    "engine": _check_engine,
+    "flags": _check_flags,
+}
+
+
+def validate_options(options: OptimizeOptions | None) -> OptimizeOptions:
+    """``options`` checked field by field, as a new object (the caller's is left as it was).
+
+    The one check of option values for the CLI, recipes and the API (``optimize`` calls it
+    first): a wrong type or a value out of range is a one-line :class:`UserInputError`
+    naming the field (and its flag), before anything is loaded. None takes the field's
+    default where None means nothing else (``_NONE_IS_DEFAULT``); pass names stand for
+    ``PassSpec(name)``; one library path for a list of one.
+    """
+    from graphopt.api import OptimizeOptions  # api calls this module: imported when used
+
+    if options is None:
+        return OptimizeOptions()
+    if not isinstance(options, OptimizeOptions):
+        raise UserInputError(
+            f"options: expected OptimizeOptions, got {type(options).__name__} "
+            "(OptimizeOptions(**d) builds one from a dict)"
+        )
+    checked: dict[str, Any] = {}
+    for f in fields(OptimizeOptions):
+        value = getattr(options, f.name)
+        if value is None and f.name in _NONE_IS_DEFAULT:
+            value = (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            )
+        # Other fields' None means something (no fold limit, the dtype's tolerance): kept.
+        checked[f.name] = None if value is None else _FIELD_CHECKS[f.name](f.name, value)
+    # replace keeps the caller's class (recipe.RecipeOptions merges flags into its entries).
+    return dataclasses.replace(options, **checked)
+
+
+def check_call(source: Any, output: Any, in_place: Any, progress: Any) -> None:
+    """``optimize``'s own arguments, before ``io`` would fail on them with a TypeError."""
+    sources = (str, os.PathLike, bytes, bytearray, memoryview, onnx.ModelProto, ir.Model)
+    if not isinstance(source, sources) or (isinstance(source, os.PathLike) and not is_path(source)):
+        raise UserInputError(
+            "source: expected a model path, bytes, an onnx.ModelProto or an onnx_ir.Model, "
+            f"got {type(source).__name__}"
+        )
+    if output is not None and not is_path(output):
+        raise UserInputError(f"output: expected a path (str or os.PathLike), got {_shown(output)}")
+    if not isinstance(in_place, bool):
+        raise UserInputError(f"in_place: expected True or False, got {_shown(in_place)}")
+    if progress is not None and not callable(progress):
+        raise UserInputError(f"progress: expected a callable or None, got {_shown(progress)}")
