@@ -276,14 +276,38 @@ class PassManager:
         # Exact segments are verified against the model they started from; a lossy step is
         # measured against the original (it is expected to move outputs) and becomes the
         # reference of the exact passes after it, so those stay proven exact.
-        for steps, lossy in self._segments():
+        segments = self._segments()
+        # A context reused for another run must not carry the last run's original over.
+        self.context.reference_model, self.context.reference_includes = None, ()
+        # A later lossy pass reports its fidelity against the model before the first one
+        # (PassContext.reference_model). Kept only when a second lossy step may run: a clone
+        # shares tensors, but a single lossy pass (a 1 GB decoder to int4 under a memory
+        # budget) should pay nothing for a reference it never reads.
+        keep_reference = sum(1 for _, lossy in segments if lossy) > 1
+        before_lossy: ir.Model | None = None
+        for steps, lossy in segments:
             if not lossy:
                 model, verification, undone = self._run_exact(model, steps, verifier)
                 rolled_back += undone
                 if verification is not None:
                     checks.append(ExactCheck(reference, verification))
                 continue
+            if keep_reference and before_lossy is None:
+                # Exact passes before it moved outputs by no more than the tolerance: this
+                # is the original as far as fidelity goes.
+                before_lossy = model.clone()
+            hits = self._lossy_hits()
             self._run_steps(model, steps, check_each=False)
+            if before_lossy is not None and self._lossy_hits() > hits:
+                self.context.reference_model = before_lossy
+                self.context.reference_includes += tuple(
+                    spec.name
+                    for step in steps
+                    for spec in step.passes
+                    if spec.name not in self.context.reference_includes
+                    and self._stats.get(spec.name)
+                    and self._stats[spec.name].hits
+                )
             names = ", ".join(spec.name for step in steps for spec in step.passes)
             reference = f"the result of {names}"
             if verifier is not None:
@@ -369,6 +393,9 @@ class PassManager:
                 verification = verifier.check(model)
                 _raise_if_out_of_memory(verification.reason)
         return model, verification, rolled_back
+
+    def _lossy_hits(self) -> int:
+        return sum(s.hits for s in self._stats.values() if not s.exact)
 
     def _exact_hits(self) -> int:
         return sum(s.hits for s in self._stats.values() if s.exact)

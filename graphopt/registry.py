@@ -168,11 +168,30 @@ class PassContext:
     # Structured results of passes that have more to say than a hit count (e.g. pruning's
     # fidelity report), by pass name.
     details: dict[str, Any] = field(default_factory=dict)
+    # The model before the run's first lossy pass, set by the pass manager once a lossy pass
+    # has changed the model; None while a pass is given that model itself. A later lossy
+    # pass reports its fidelity (and checks mixed precision's targets) against it: what the
+    # user gets is the whole run's change, not the last pass's share of it.
+    reference_model: ir.Model | None = None
+    # The lossy passes that changed the model since ``reference_model`` was taken.
+    reference_includes: tuple[str, ...] = ()
 
     def note(self, message: str) -> None:
         """Record something the user should read in the report (said once)."""
         if message not in self.notes:
             self.notes.append(message)
+
+    def fidelity_reference(self, given: ir.Model) -> ir.Model:
+        """The model a lossy pass given ``given`` reports its fidelity against: the run's
+        original when an earlier lossy pass changed it, else ``given`` itself."""
+        return self.reference_model if self.reference_model is not None else given
+
+    def fidelity_source(self, source: str) -> str:
+        """``source`` (where fidelity was measured) led by which earlier lossy passes the
+        reference's distance includes, when the reference is the run's original."""
+        if self.reference_model is None or not source:
+            return source
+        return f"includes {', '.join(self.reference_includes)}; {source}"
 
 
 class GraphPass(ir.passes.InPlacePass):

@@ -104,7 +104,9 @@ def erase_model(
     if sets:
         from graphopt.passes.quantization.record import measure_fidelity
 
-        record.fidelity = measure_fidelity(original, model, sets, optimized_too=False)
+        reference = context.fidelity_reference(original)  # the run's original, if moved
+        record.fidelity = measure_fidelity(reference, model, sets, optimized_too=False)
+        record.fidelity_source = context.fidelity_source(record.fidelity_source)
     record.seconds = time.perf_counter() - started
     return record
 

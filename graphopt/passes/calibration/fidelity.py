@@ -137,22 +137,31 @@ def measure(
             results.append(Fidelity(name, 0.0 if same else 1.0, 0.0, 1.0 if same else 0.0))
             continue
         a, b = ref.astype(np.float64), got.astype(np.float64)
+        keep = None
         if mask is not None and a.ndim >= 2 and a.shape[:2] == mask.shape:
             # Padded positions compute garbage the model masks out downstream: not data.
+            # Zeroing them keeps them out of max rel and cosine (a zero adds nothing to
+            # either); the means are taken over ``keep`` alone, since a zeroed position
+            # still counted as an error of 0 and an agreeing argmax there.
             keep = mask != 0
             a = np.where(keep.reshape(*keep.shape, *(1,) * (a.ndim - 2)), a, 0.0)
             b = np.where(keep.reshape(*keep.shape, *(1,) * (b.ndim - 2)), b, 0.0)
-        results.append(_measure_floats(name, a, b))
+        results.append(_measure_floats(name, a, b, keep))
     return results
 
 
-def _measure_floats(name: str, a: np.ndarray, b: np.ndarray) -> Fidelity:
+def _measure_floats(
+    name: str, a: np.ndarray, b: np.ndarray, keep: np.ndarray | None = None
+) -> Fidelity:
     """One float output. Non-finite values are compared as verification compares them: the
     same NaN or infinity in both is equal (and left out of the numbers), a different one is
     an infinite error and a cosine of 0 for its sample. Without this, ``-inf - -inf`` (a Log
-    of a Relu output) made every measure NaN and printed numpy warnings."""
+    of a Relu output) made every measure NaN and printed numpy warnings. ``keep``: the
+    [samples, sequence] positions that are real tokens; the means are over those alone."""
     if not a.size:
         return Fidelity(name, 0.0, 0.0, 1.0)  # an empty output moved nowhere
+    if keep is not None and not keep.any():
+        keep = None  # nothing marked real: measure every position rather than none
     finite = np.isfinite(a) & np.isfinite(b)
     same = (np.isnan(a) & np.isnan(b)) | (np.isinf(a) & (a == b))
     differ = ~finite & ~same
@@ -168,19 +177,24 @@ def _measure_floats(name: str, a: np.ndarray, b: np.ndarray) -> Fidelity:
         return Fidelity(name, float("inf"), float("inf"), mean_cosine)
     diff = np.abs(a - b)
     scale = float(np.abs(a).max()) or 1.0
+    mean_abs = float(diff[keep].mean()) if keep is not None else float(diff.mean())
     return Fidelity(
-        name, float(diff.max() / scale), float(diff.mean()), mean_cosine, _argmax_agreement(a, b)
+        name, float(diff.max() / scale), mean_abs, mean_cosine, _argmax_agreement(a, b, keep)
     )
 
 
-def _argmax_agreement(a: np.ndarray, b: np.ndarray) -> float | None:
+def _argmax_agreement(a: np.ndarray, b: np.ndarray, keep: np.ndarray | None = None) -> float | None:
     # Trailing size-1 axes hold no classes: a classifier ending in a 1x1 Conv or a pool gives
     # [N, classes, 1, 1], whose class axis is the last one that is not 1.
     while a.ndim > 2 and a.shape[-1] == 1 and a.shape == b.shape:
         a, b = a[..., 0], b[..., 0]
     if a.ndim < 2 or a.shape[-1] < 2:
         return None
-    return float(np.mean(a.argmax(axis=-1) == b.argmax(axis=-1)))
+    same = a.argmax(axis=-1) == b.argmax(axis=-1)
+    if keep is not None and same.ndim >= 2 and same.shape[:2] == keep.shape:
+        # Only real tokens predict anything: a padded position "agreeing" is no agreement.
+        return float(same[keep].mean())
+    return float(np.mean(same))
 
 
 def _unit_scale(rows: np.ndarray) -> np.ndarray:
@@ -191,11 +205,22 @@ def _unit_scale(rows: np.ndarray) -> np.ndarray:
 
 
 def summary(fidelities: list[Fidelity]) -> str:
+    """One line for the output with the worst cosine: every number is that output's, and
+    with more than one output it is named. (It used to print the worst output's cosine and
+    mean abs beside the largest max rel of any output, three numbers of two outputs.)"""
     worst = min(fidelities, key=lambda f: f.mean_cosine)
-    return (
-        f"cosine {worst.mean_cosine:.4f}, max rel {max(f.max_rel for f in fidelities):.3g}, "
+    line = (
+        f"cosine {worst.mean_cosine:.4f}, max rel {worst.max_rel:.3g}, "
         f"mean abs {worst.mean_abs:.3g}"
     )
+    if len(fidelities) > 1:
+        line = f"{worst.output}: {line}"
+        # Another output may still move further by max rel: say which, so no larger error
+        # is hidden behind the worst-cosine output's line.
+        larger = max(fidelities, key=lambda f: f.max_rel)
+        if larger is not worst and larger.max_rel > worst.max_rel:
+            line += f" ({larger.output}: max rel {larger.max_rel:.3g})"
+    return line
 
 
 def fidelity_table(title: str, fidelity: dict[str, list[Fidelity]]):

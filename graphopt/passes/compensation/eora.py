@@ -229,9 +229,11 @@ def compensate(
         n, k = layer.delta.shape
         total = max(_energy(layer.weight, layer.gram), np.finfo(np.float64).tiny)
         left = layer.delta if layer.pass_delta is None else layer.pass_delta
-        error_before = _energy(left, layer.gram) / total
+        # Recorded as relative errors ‖XΔWᵀ‖/‖XWᵀ‖ (square roots of the energy ratios): the
+        # report shows them as such, and the squared ratios understated them.
+        error_before = float(np.sqrt(_energy(left, layer.gram) / total))
         a, b = eora_factors(layer.delta, layer.gram, rank)
-        error_after = _energy(layer.delta - b @ a, layer.gram) / total
+        error_after = float(np.sqrt(_energy(layer.delta - b @ a, layer.gram) / total))
         why = insert_path(model.graph, layer, a, b, names)
         if why:
             record.skipped.append((layer.name, why))

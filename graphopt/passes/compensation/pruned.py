@@ -230,8 +230,12 @@ def compensate_pruned(
     pairs, record.skipped = find_pairs(original, pruned)
     sets, record.fidelity_source = fidelity_sets(original, fit, held, context, "prune")
 
+    # Reported against the run's original when a lossy pass before prune changed it.
+    reference = context.fidelity_reference(original)
+    record.fidelity_source = context.fidelity_source(record.fidelity_source)
+
     def measure(m: ir.Model) -> dict:
-        return measure_fidelity(original, m, sets, optimized_too=False)
+        return measure_fidelity(reference, m, sets, optimized_too=False)
 
     if not pairs:
         record.notes.append("no pruned MatMul/Gemm pair whose block input is still computed")

@@ -114,8 +114,12 @@ def compensate_quantized(
                     requantize.append((changed, node, methods.get(node.name or "", "")))
                 layers.append(changed)
 
+    # Reported like the mode's own fidelity: against the run's original, if a lossy pass
+    # before quantize moved it.
+    fidelity_reference = context.fidelity_reference(original)
+
     def measure(m: ir.Model) -> dict:
-        return measure_fidelity(original, m, sets)
+        return measure_fidelity(fidelity_reference, m, sets)
 
     before = measure(model)  # the rounded model as the mode left it (before joint EoRA)
     refined = 0
@@ -136,7 +140,7 @@ def compensate_quantized(
     if refined:
         result.notes.append(joint.note(refined, len(layers), "GPTQ, MatMulNBits"))
     result.skipped[:0] = skipped
-    result.fidelity_source = (
+    result.fidelity_source = context.fidelity_source(
         f"{sets['calibration'].count} calibration samples"
         + ("" if held is None else f" and {held.count} held-out samples")
         + f" of {calib.source}"
@@ -147,7 +151,8 @@ def compensate_quantized(
     )
     record.compensation = result
     if result.fidelity_after:
-        record.fidelity, record.fidelity_source = result.fidelity_after, result.fidelity_source
+        # The record's source is led by what the reference includes in quantize's rewrite.
+        record.fidelity = result.fidelity_after
 
 
 def _requantized(

@@ -26,7 +26,7 @@ class LayerCompensation:
     outputs: int  # N
     inputs: int  # K
     rank: int
-    error_before: float  # ‖X·ΔWᵀ‖² / ‖X·Wᵀ‖² on calibration inputs, without the path
+    error_before: float  # ‖X·ΔWᵀ‖ / ‖X·Wᵀ‖ on calibration inputs, without the path
     error_after: float  # the same with the path
     params: int  # r·(N + K)
     flops_per_row: int  # 2·r·(N + K) + N per input row (token, position)
@@ -97,7 +97,7 @@ class CompensationRecord:
 
 def layer_table(record: CompensationRecord) -> Table:
     table = Table(
-        title="EoRA paths (relative output error on calibration inputs)",
+        title="EoRA paths (relative output error ‖ΔY‖/‖Y‖ on calibration inputs)",
         title_justify="left",
         show_edge=False,
     )

@@ -47,8 +47,12 @@ def compensate_sparsified(
     if original is not None and sets:
         from graphopt.passes.quantization.record import measure_fidelity
 
+        # Like sparsify's own fidelity: against the run's original, if an earlier lossy
+        # pass moved it (``original`` stays the shapes' model: the layers are its).
+        reference = context.fidelity_reference(original)
+
         def measure(m: ir.Model) -> dict:
-            return measure_fidelity(original, m, sets, optimized_too=False)
+            return measure_fidelity(reference, m, sets, optimized_too=False)
 
     if before is None and measure is not None:
         before = measure(model)  # the pass's result, before joint EoRA re-sparsifies

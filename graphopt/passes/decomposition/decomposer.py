@@ -76,20 +76,27 @@ def decompose_model(
     fit, held = calib.split(settings.holdout)
     prepared = _prepare(model, report, found, settings, fit, record)
     record.flops_before = model_flops(model, shapes).total
+    record.params_before = _live_params(model)
     if not prepared:
         record.notes.append("no module to decompose")
         record.flops_after = record.flops_before
+        record.params_after = record.params_before
         return model, record
     shares, plan, result = _allocate(model, report, found, prepared, settings, shapes, record)
     result, plan = _verify(model, report, found, plan, fit, record)
     record.allocation = settings.allocation
-    record.ratio = float(np.mean(shares))
     record.flops_after = model_flops(result, shapes).total
+    record.params_after = _live_params(result)
     record.decomposed = [
         _module_record(p, share, settings)
         for p, share in zip(prepared, shares, strict=True)
         if _in(plan, p)
     ]
+    # Counted in channels over every selected module: the plain mean of the module shares
+    # said -17% where 256 of 768 inner channels (33%) went.
+    record.inner_before = sum(p.width for p in prepared)
+    record.inner_after = record.inner_before - sum(m.before - m.after for m in record.decomposed)
+    record.ratio = record.inner_removed
     record.notes.append(
         f"statistics: {fit.count} fitting samples, observed once on the input model; "
         "errors are relative output errors on those statistics"
@@ -422,6 +429,18 @@ def _in(plan: Plan, p: _Prepared) -> bool:
     return any(item.att is p.data[0] for item in items)
 
 
+def _live_params(model: ir.Model) -> int:
+    """Parameter elements in use: the rebuilt model may still hold the replaced tensors."""
+    total = 0
+    for value in model.graph.initializers.values():
+        if value.const_value is not None and (value.uses() or value.is_graph_output()):
+            total += value.const_value.size
+    for node in model.graph:
+        if node.op_type == "Constant" and "value" in node.attributes and node.outputs[0].uses():
+            total += node.attributes["value"].value.size
+    return total
+
+
 def _module_record(p: _Prepared, share: float, settings) -> ModuleRecord:
     k = _kept(p, share)
     error = float(np.sqrt(_error(p, k, settings)))
@@ -434,4 +453,6 @@ def _fidelity(model, result, fit, held, context, record) -> None:
 
     sets, record.fidelity_source = fidelity_sets(model, fit, held, context, "decompose")
     if sets:
-        record.fidelity = measure_fidelity(model, result, sets, optimized_too=False)
+        reference = context.fidelity_reference(model)  # the run's original, if moved
+        record.fidelity = measure_fidelity(reference, result, sets, optimized_too=False)
+        record.fidelity_source = context.fidelity_source(record.fidelity_source)

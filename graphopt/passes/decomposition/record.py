@@ -26,7 +26,7 @@ class ModuleRecord:
     kind: str  # mlp, qk, vo
     before: int  # inner dim: MLP width, or heads × head dim
     after: int
-    error: float  # relative output error ‖ΔY‖/‖Y‖ on the calibration statistics
+    error: float  # relative output error ‖ΔY‖/‖Y‖ (not squared) on the calibration statistics
     flops: int  # FLOPs removed (at the run's shapes)
 
 
@@ -35,7 +35,11 @@ class DecomposeRecord:
     target: str
     modules: str
     calibration: str = ""
-    ratio: float = 0.0  # the share of each selected inner dim removed
+    # The share of the selected modules' inner channels removed, weighted by channels (not
+    # the mean of per-module shares: a module of 64 channels is not worth one of 1024).
+    ratio: float = 0.0
+    inner_before: int = 0  # inner channels of the selected modules, before
+    inner_after: int = 0  # and after
     allocation: str = "uniform"
     decomposed: list[ModuleRecord] = field(default_factory=list)
     skipped: list[tuple[str, str, str]] = field(default_factory=list)  # (where, kind, why)
@@ -54,12 +58,31 @@ class DecomposeRecord:
     def flops_removed(self) -> float:
         return removed_share(self.flops_before, self.flops_after)
 
+    @property
+    def inner_removed(self) -> float:
+        return removed_share(self.inner_before, self.inner_after)
+
+    def spread(self) -> tuple[float, float]:
+        """The least and the most share of one selected module's inner dim removed."""
+        shares = [1 - m.after / m.before for m in self.decomposed if m.before]
+        if self.inner_before > sum(m.before for m in self.decomposed):
+            shares.append(0.0)  # selected modules left whole
+        return (min(shares), max(shares)) if shares else (0.0, 0.0)
+
+    def inner_text(self) -> str:
+        removed = self.inner_before - self.inner_after
+        line = f"inner channels -{self.inner_removed:.0%} ({removed:,} of {self.inner_before:,})"
+        low, high = self.spread()
+        if high - low > 0.005:
+            line += f", per module -{low:.0%}..-{high:.0%}"
+        return line
+
     def headline(self) -> str:
         line = (
             f"decompose {self.target} ({self.modules}): {len(self.decomposed)} modules "
-            f"decomposed, {len(self.skipped)} left; inner dims -{self.ratio:.0%} "
-            f"{'each' if self.allocation == 'uniform' else 'on average (global)'}; FLOPs "
-            f"{self.flops_before:,} -> {self.flops_after:,} (-{self.flops_removed:.1%})"
+            f"decomposed, {len(self.skipped)} left; {self.inner_text()}; FLOPs "
+            f"{self.flops_before:,} -> {self.flops_after:,} (-{self.flops_removed:.1%}); "
+            f"params {self.params_before:,} -> {self.params_after:,}"
         )
         held = self.fidelity.get("held-out")
         if held:

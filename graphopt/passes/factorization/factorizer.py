@@ -153,10 +153,14 @@ def factorize_model(
             f"the model's FLOPs removed (short by {wanted - record.flops_removed:.1%}): the "
             "layers that qualify (selected, faster when factorized) cannot give more"
         )
+    elif overshoot := record.overshoot_note(settings.multiple):
+        record.notes.append(overshoot)
     if original is not None and sets and record.layers:
         from graphopt.passes.quantization.record import measure_fidelity
 
-        record.fidelity = measure_fidelity(original, model, sets, optimized_too=False)
+        reference = context.fidelity_reference(original)  # the run's original, if moved
+        record.fidelity = measure_fidelity(reference, model, sets, optimized_too=False)
+        record.fidelity_source = context.fidelity_source(record.fidelity_source)
     if settings.compensation and fit is not None and record.fitted:
         _compensate(model, original, record, settings.compensation, sets, context)
     record.seconds = time.perf_counter() - started
@@ -201,7 +205,8 @@ def _compensate(
     if original is not None and sets:
         from graphopt.passes.quantization.record import measure_fidelity
 
-        measure = functools.partial(measure_fidelity, original, sets=sets, optimized_too=False)
+        reference = context.fidelity_reference(original)  # as the pass's own fidelity
+        measure = functools.partial(measure_fidelity, reference, sets=sets, optimized_too=False)
     before = record.fidelity or None
     result = compensate(
         model, changed, rank, "factorize", measure, dict(context.input_shapes), before
@@ -544,11 +549,13 @@ def _apply(
     if method == "asvd" and current is not None:
         u = lowrank.refit_u(w, v, current, cross)
     approx = u @ v
-    error = (
+    squared = (
         lowrank.output_error(w, approx, current)
         if current is not None
         else lowrank.weight_error(w, approx)
     )
+    # Shown as the relative error ‖XΔWᵀ‖/‖XWᵀ‖: the squared ratio read as one understated it.
+    error = float(np.sqrt(squared))
     x, y = layer.node.inputs[0], layer.node.outputs[0]
     assert x is not None
     kind, name, op, shape = layer.kind, layer.name, layer.op, [plan.n, plan.k]

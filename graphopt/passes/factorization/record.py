@@ -25,6 +25,9 @@ if TYPE_CHECKING:
     from graphopt.passes.compensation.record import CompensationRecord
 
 SHOWN_LAYERS = 24
+# Removed FLOPs further than this past a flops=R target are said, with the cause: more than
+# asked is another model than the one asked for (fidelity pays for it), as pruning says.
+OVERSHOOT_TOLERANCE = 0.02
 
 
 @dataclass
@@ -37,7 +40,9 @@ class LayerFactorization:
     full: int
     flops_before: int
     flops_after: int
-    error: float | None  # relative output error on calibration inputs (or weight error)
+    # Relative output error ‖XΔWᵀ‖ / ‖XWᵀ‖ on calibration inputs (or ‖ΔW‖ / ‖W‖): the square
+    # root of the squared ratio the allocation adds up (shown as is, it understated the error).
+    error: float | None
     speedup: float | None  # measured time(layer) / time(pair); None: not measured
 
 
@@ -82,6 +87,39 @@ class FactorizeRecord:
     def flops_removed(self) -> float:
         return removed_share(self.flops_before, self.flops_after)
 
+    def overshoot_note(self, multiple: int) -> str | None:
+        """A note when a flops=R run removed more than R by over :data:`OVERSHOOT_TOLERANCE`
+        of the model's FLOPs, with what caused it; None otherwise."""
+        if not self.target_flops or not self.flops_before:
+            return None
+        asked = self.target_flops / self.flops_before
+        removed = self.flops_removed
+        if removed - asked <= OVERSHOOT_TOLERANCE:
+            return None
+        planned = sum(layer.flops_before - layer.flops_after for layer in self.layers)
+        planned_share = planned / self.flops_before
+        causes = []
+        slow = sum(1 for _, why in self.skipped if why.endswith("not faster"))
+        if slow:
+            causes.append(
+                f"the speed check left {slow} layer(s) whole (not faster in ORT), so the "
+                "target came from fewer layers"
+            )
+        causes.append(
+            f"ranks move in steps of {multiple} (--round-to) and the least-error choice that "
+            f"reaches the target takes whole steps: the chosen ranks save {planned_share:.1%} "
+            "by the layers' own FLOPs"
+        )
+        if removed - planned_share > OVERSHOOT_TOLERANCE:
+            causes.append(
+                f"the model's FLOPs fell by {removed - planned_share:.1%} more than the layers' "
+                "savings (counted at the calibration shapes)"
+            )
+        return (
+            f"{self.rule}: overshot: {removed:.1%} of the model's FLOPs removed where "
+            f"{asked:.0%} was asked; " + "; ".join(causes)
+        )
+
     def headline(self) -> str:
         return (
             f"factorize {self.rule}: {len(self.layers)} layers factorized, {len(self.skipped)} "
@@ -120,9 +158,9 @@ class FactorizeRecord:
 
 
 def layer_table(record: FactorizeRecord) -> Table:
-    what = "output" if record.error_kind == "output" else "weight (no data)"
+    what = "output error ‖ΔY‖/‖Y‖" if record.error_kind == "output" else "weight error (no data)"
     table = Table(
-        title=f"factorized layers (relative {what} error)", title_justify="left", show_edge=False
+        title=f"factorized layers (relative {what})", title_justify="left", show_edge=False
     )
     columns = ("layer", "op", "block", "N x K", "rank", "FLOPs", "error", "speed")
     for column in columns:

@@ -191,7 +191,9 @@ def prune_model(
             "of 2 or more samples holds some out), and --no-verify skips the measurement"
         )
     if held is not None:
-        reference = outputs_on(model, held, reference=True)
+        # The run's original when an earlier lossy pass (erase-blocks) changed the model:
+        # the fidelity reported is the user's, end to end.
+        reference = outputs_on(context.fidelity_reference(model), held, reference=True)
         names = [v.name for v in model.graph.outputs]
         record.heldout_samples = held.count
         record.fidelity_pruned = measure(
@@ -317,6 +319,8 @@ def _note_summary(context: PassContext, record: PruneReport) -> None:
     line = headline(record, "prune")
     if record.fidelity_pruned:
         line += f"; held-out ({record.heldout_samples}): {summary(record.fidelity_pruned)}"
+        if context.reference_model is not None:
+            line += f" (against the original: includes {', '.join(context.reference_includes)})"
     if record.fidelity_compensated:
         used = record.compensation_used or "none (reverted)"
         line += f" -> after {used}: {summary(record.fidelity_compensated)}"

@@ -41,6 +41,7 @@ from graphopt.passes.quantization.record import (
     QuantRecord,
     TypeChange,
     measure_fidelity,
+    own_max_rel,
     weight_bytes,
 )
 
@@ -495,8 +496,11 @@ def _mixed_precision(
     ]
     target = mp.Target.from_settings(settings)
     # Sensitivities only rank layers: a few dozen samples do, at a fraction of the cost.
-    evaluate = mp.fidelity_evaluator(original, fit.first(SENSITIVITY_SAMPLES))
-    check = mp.fidelity_evaluator(original, held) if held is not None else evaluate
+    # The target is measured against the run's original when an earlier lossy pass changed
+    # the model (the user's target is end to end); speed-ups against the model given.
+    reference = context.fidelity_reference(original)
+    evaluate = mp.fidelity_evaluator(reference, fit.first(SENSITIVITY_SAMPLES))
+    check = mp.fidelity_evaluator(reference, held) if held is not None else evaluate
     speed = mp.speed_meter(original, _one_sample(held or fit))
     kept, curve = mp.search(build, candidates, evaluate, target, check=check, speed=speed)
     record.curve = curve
@@ -534,14 +538,17 @@ def _fidelity(
     context: PassContext,
     record: QuantRecord,
 ) -> None:
+    reference = context.fidelity_reference(original)  # the run's original, if moved
     if calib is None:
         generated = _generated(original, context)
-        record.fidelity = measure_fidelity(original, quantized, {"generated": generated})
+        record.fidelity = measure_fidelity(reference, quantized, {"generated": generated})
+        record.own_max_rel = own_max_rel(context, original, quantized, {"generated": generated})
         record.fidelity_source = f"{generated.count} generated inputs (no --calib: not real data)"
         return
     sets = {"calibration": fit}
     if held is not None:
         sets["held-out"] = held
-    record.fidelity = measure_fidelity(original, quantized, sets)
+    record.fidelity = measure_fidelity(reference, quantized, sets)
+    record.own_max_rel = own_max_rel(context, original, quantized, sets)
     where = f"{held.count} held-out and " if held is not None else ""
     record.fidelity_source = f"{where}{fit.count} calibration samples of {calib.source}"

@@ -57,6 +57,7 @@ from graphopt.passes.quantization.record import (
     QuantRecord,
     TypeChange,
     dtype_name,
+    own_max_rel,
     weight_bytes,
 )
 from graphopt.passes.quantization.settings import QuantSettings
@@ -164,7 +165,11 @@ def quantize_half(
         record.fidelity_source = f"{sets['generated'].count} generated inputs (no --calib)"
     from graphopt.passes.quantization.float_simulation import fidelity_on_runnable
 
-    record.fidelity, note, record.ort_unrunnable = fidelity_on_runnable(original, model, sets, low)
+    reference = context.fidelity_reference(original)  # the run's original, if moved
+    record.fidelity, note, record.ort_unrunnable = fidelity_on_runnable(reference, model, sets, low)
+    record.own_max_rel = own_max_rel(
+        context, original, model, sets, lambda g, q, s: fidelity_on_runnable(g, q, s, low)[0]
+    )
     record.notes.append(note)
     if low == ir.DataType.BFLOAT16 and any(x.reason.startswith("Conv-") for x in plan.layers):
         record.notes.append("bf16: Conv takes bfloat16 from opset 22 (--opset 22)")

@@ -27,6 +27,7 @@ from graphopt.passes.quantization.record import (
     TypeChange,
     dtype_name,
     measure_fidelity,
+    own_max_rel,
     weight_bytes,
 )
 from graphopt.passes.quantization.settings import QuantSettings
@@ -99,7 +100,9 @@ def quantize_fp8(
     # float8 Q/DQ for integer ones. It removes a Relu in front of a float8 QuantizeLinear
     # (valid for uint8 with zero point 0, not for E4M3, which keeps negatives) and fails the
     # session outright on a Clip (Relu6) in front of one. Neither is the model's numerics.
-    record.fidelity = measure_fidelity(original, model, sets, unoptimized_only=True)
+    reference = context.fidelity_reference(original)  # the run's original, if moved
+    record.fidelity = measure_fidelity(reference, model, sets, unoptimized_only=True)
+    record.own_max_rel = own_max_rel(context, original, model, sets)
     record.notes.append(
         "fp8: fidelity from ONNX Runtime CPU with graph optimizations off (the model's own "
         "float8 Q/DQ numerics); ORT 1.32's optimizer mishandles float8 Q/DQ (removes Relus "

@@ -158,7 +158,8 @@ def quantize_int4(
     if sites and settings.target == "tensorrt":
         _float16_activations(model, settings, record)
     if original is not None and sites:
-        record.fidelity = measure_fidelity(original, model, fidelity_sets)
+        reference = context.fidelity_reference(original)  # the run's original, if moved
+        record.fidelity = measure_fidelity(reference, model, fidelity_sets)
     return record
 
 

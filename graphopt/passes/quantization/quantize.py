@@ -261,15 +261,26 @@ class QuantizePass(GraphPass):
             compensate_quantized(model, original, record, calib, settings, self.context)
         elif self._compensation_note:
             record.notes.append(self._compensation_note)
+        if record.fidelity:
+            # Measured against the run's original when a lossy pass before this one
+            # changed the model: the title says which passes' change it includes.
+            record.fidelity_source = self.context.fidelity_source(record.fidelity_source)
+        if record.curve and self.context.reference_model is not None:
+            record.notes.append(
+                "mixed precision: target and curve measured against the run's original "
+                f"(includes {', '.join(self.context.reference_includes)})"
+            )
         record.seconds = time.perf_counter() - start
         record.settings = settings.to_json()
         if settings.mode in ROUNDS_AT_RUN_TIME and record.fidelity:
-            # Its own measured error against the original (ORT optimizations off: the Q/DQ
-            # reference numerics verification also runs).
+            # Its own measured error (ORT optimizations off: the Q/DQ reference numerics
+            # verification also runs): against the original, or in a chained run against the
+            # model it was given (the earlier passes' error would loosen the check).
             from graphopt.passes.quantization.record import worst_max_rel
 
             first = next(iter(record.fidelity.values()))
-            record.exact_tolerance_after = worst_max_rel(first)
+            own = record.own_max_rel
+            record.exact_tolerance_after = worst_max_rel(first) if own is None else own
         record.summary = record.headline()
         self.context.details["quantize"] = record
         return record.quantized

@@ -9,8 +9,9 @@ differ from the Q/DQ reference).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx_ir as ir
@@ -20,6 +21,9 @@ from rich.table import Table
 from graphopt.passes.calibration.fidelity import Fidelity, fidelity_table, measure
 from graphopt.passes.calibration.report import fidelity_json
 from graphopt.passes.calibration.samples import CalibrationSet
+
+if TYPE_CHECKING:
+    from graphopt.registry import PassContext
 
 
 @dataclass
@@ -73,6 +77,10 @@ class QuantRecord:
     # at run time (int8 activations) can move by a quantization step under an exact rewrite
     # (pipeline._widen_for_rounding). 0: the default tolerance.
     exact_tolerance_after: float = 0.0
+    # In a chained run (fidelity against the run's original, which includes the earlier lossy
+    # passes' change): this pass's own worst max rel error against the model it was given, the
+    # floor above. None: the fidelity is already its own.
+    own_max_rel: float | None = None
     # --compensation eora:R: the float model right before rounding (the modes that support it
     # keep it for the compensation, which drops it), and what the compensation did.
     float_model: ir.Model | None = None
@@ -215,6 +223,27 @@ def measure_fidelity(
             got = outputs_on(quantized, samples, optimize=optimize)
             results[label + suffix] = measure(names, reference, got, mask)
     return results
+
+
+def own_max_rel(
+    context: PassContext,
+    given: ir.Model,
+    quantized: ir.Model,
+    sets: dict[str, CalibrationSet],
+    measure_fn: Callable[..., dict[str, list[Fidelity]]] | None = None,
+) -> float | None:
+    """The pass's own worst max rel error against the model it was ``given``, on the first
+    sample set (ORT optimizations off), when its reported fidelity is against the run's
+    original (an earlier lossy pass moved the model); None otherwise. The exact passes after
+    it are verified at this floor: the earlier passes' error must not loosen their check."""
+    if context.reference_model is None or not sets:
+        return None
+    label, first = next(iter(sets.items()))
+    if measure_fn is None:
+        measured = measure_fidelity(given, quantized, {label: first}, unoptimized_only=True)
+    else:
+        measured = measure_fn(given, quantized, {label: first})
+    return worst_max_rel(next(iter(measured.values())))
 
 
 def worst_cosine(fidelities: list[Fidelity]) -> float:

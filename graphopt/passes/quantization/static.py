@@ -52,6 +52,7 @@ from graphopt.passes.quantization.record import (
     LayerPrecision,
     QuantRecord,
     measure_fidelity,
+    own_max_rel,
     weight_bytes,
 )
 from graphopt.passes.quantization.settings import QuantSettings
@@ -98,7 +99,8 @@ def quantize_static(
     plan = make_plan(model, settings, fit)
     excluded: frozenset[str] = frozenset()
     if settings.mixed_precision:
-        excluded = _mixed_precision(model, original, plan, fit, held, record)
+        reference = context.fidelity_reference(original)
+        excluded = _mixed_precision(model, original, plan, fit, held, record, reference)
     _pad_channels(model, plan, excluded, record)
     quantized, placement, emitted = _build(model, plan, excluded)
     if settings.compensation:  # EoRA's reference: W before rounding, after SmoothQuant
@@ -106,7 +108,9 @@ def quantize_static(
     model.graph = quantized.graph
     _fill_record(record, original, model, plan, placement, emitted, merged_into)
     sets = {"calibration": fit} if held is None else {"calibration": fit, "held-out": held}
-    record.fidelity = measure_fidelity(original, model, sets)
+    # Against the run's original when an earlier lossy pass (prune) changed the model.
+    record.fidelity = measure_fidelity(context.fidelity_reference(original), model, sets)
+    record.own_max_rel = own_max_rel(context, original, model, sets)
     record.fidelity_source = (
         f"{fit.count} calibration samples"
         + ("" if held is None else f" and {held.count} held-out samples")
@@ -428,6 +432,7 @@ def _mixed_precision(
     fit: CalibrationSet,
     held: CalibrationSet | None,
     record: QuantRecord,
+    reference: ir.Model | None = None,
 ) -> frozenset[str]:
     """The compute layers (Conv/Gemm/MatMul) to keep in float so --min-cosine/--max-error
     holds on held-out samples (sensitivities measured on the fit samples)."""
@@ -440,8 +445,12 @@ def _mixed_precision(
         if node.name in placement.compute and node.op_type in placing.COMPUTE
     )
     target = mp.Target.from_settings(plan.settings)
-    evaluate = mp.fidelity_evaluator(original, fit)
-    check = mp.fidelity_evaluator(original, held) if held is not None else evaluate
+    # The target is the user's: measured against the run's original (``reference``) when an
+    # earlier lossy pass changed the model, else a pruned model meets --min-cosine on the
+    # pruning's error alone. Speed-ups stay against the model given (what this pass adds).
+    reference = reference if reference is not None else original
+    evaluate = mp.fidelity_evaluator(reference, fit)
+    check = mp.fidelity_evaluator(reference, held) if held is not None else evaluate
     feeds = next(iter((held or fit).batches(trim=False)))
     kept, curve = mp.search(
         lambda kept: build_quantized(model, plan, kept),

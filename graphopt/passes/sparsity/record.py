@@ -8,6 +8,7 @@ calibration samples it was fitted on and on held-out ones.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -31,8 +32,28 @@ class LayerSparsity:
     kind: str  # "ffn", "attention" or ""
     params: int
     sparsity: float  # share of the weight that is zero after the pass
-    error: float | None  # relative output error on calibration inputs (or weight error)
+    # ‖XΔWᵀ‖² / ‖XWᵀ‖² on calibration inputs (or ‖ΔW‖² / ‖W‖² without data): the squared
+    # ratio the allocation adds up across layers. Never shown as is: see :attr:`error`.
+    error_squared: float | None
     method: str  # the criterion actually used for this layer
+
+    @property
+    def error(self) -> float | None:
+        """The relative output error ``‖XΔWᵀ‖ / ‖XWᵀ‖`` (or weight error): what the report
+        and the JSON show. The squared ratio read as a relative error understated it (0.09
+        shown for a layer whose outputs moved by 31%)."""
+        return None if self.error_squared is None else math.sqrt(max(self.error_squared, 0.0))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "node": self.node,
+            "op": self.op,
+            "kind": self.kind,
+            "params": self.params,
+            "sparsity": self.sparsity,
+            "error": self.error,
+            "method": self.method,
+        }
 
 
 @dataclass
@@ -41,7 +62,7 @@ class SparsityRecord:
     criterion: str = ""
     allocation: str = ""
     defaults: list[str] = field(default_factory=list)
-    # "output" (‖X ΔW‖² / ‖X W‖² on calibration inputs) or "weight" (‖ΔW‖² / ‖W‖², no data).
+    # "output" (‖X ΔW‖ / ‖X W‖ on calibration inputs) or "weight" (‖ΔW‖ / ‖W‖, no data).
     error_kind: str = "output"
     layers: list[LayerSparsity] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
@@ -78,7 +99,7 @@ class SparsityRecord:
             "allocation": self.allocation,
             "defaults": self.defaults,
             "error_kind": self.error_kind,
-            "layers": [layer.__dict__ for layer in self.layers],
+            "layers": [layer.to_json() for layer in self.layers],
             "skipped": [list(s) for s in self.skipped],
             **record_tail(self),
         }
@@ -99,9 +120,9 @@ class SparsityRecord:
 
 
 def layer_table(record: SparsityRecord) -> Table:
-    what = "output" if record.error_kind == "output" else "weight (no data)"
+    what = "output error ‖ΔY‖/‖Y‖" if record.error_kind == "output" else "weight error (no data)"
     table = Table(
-        title=f"sparsified layers (relative {what} error)", title_justify="left", show_edge=False
+        title=f"sparsified layers (relative {what})", title_justify="left", show_edge=False
     )
     for column in ("layer", "op", "block", "weights", "sparsity", "error", "method"):
         table.add_column(column, justify="left" if column in ("layer", "op", "block") else "right")

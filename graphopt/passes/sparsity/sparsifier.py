@@ -85,7 +85,9 @@ def sparsify_model(
     if original is not None:
         from graphopt.passes.quantization.record import measure_fidelity
 
-        record.fidelity = measure_fidelity(original, model, sets, optimized_too=False)
+        reference = context.fidelity_reference(original)  # the run's original, if moved
+        record.fidelity = measure_fidelity(reference, model, sets, optimized_too=False)
+        record.fidelity_source = context.fidelity_source(record.fidelity_source)
     if changed is not None:
         from graphopt.passes.compensation.sparsified import compensate_sparsified
 

@@ -266,3 +266,39 @@ def test_energy_and_ratio_rules(tmp_path):
     assert ranks["energy=0.9"] and all(r <= 16 for r in ranks["energy=0.9"])
     assert all(a <= b for a, b in zip(ranks["energy=0.9"], ranks["energy=0.99"], strict=False))
     assert ranks["ratio=0.25"] == [16, 16]  # 0.25 x 64, aligned to 8
+
+
+def test_the_shown_layer_error_is_the_relative_output_error(tmp_path):
+    """The report showed ‖XΔWᵀ‖²/‖XWᵀ‖² as the "relative output error" (0.168 for a layer
+    whose outputs moved by 41%): the shown value must be ‖XΔWᵀ‖/‖XWᵀ‖."""
+    model, calib = _files(tmp_path)
+    record = _record(
+        model, tmp_path / "f.onnx", factorize="rank=16", calib=str(calib),
+        factorize_speed_check="off",
+    )  # fmt: skip
+    # "up" reads the model input: the fitted samples are the first 30 of 40 (a quarter held
+    # out), with nothing factorized before it.
+    x = np.load(calib)["x"][:30].reshape(-1, 64).astype(np.float64)
+    (fitted,) = [f for f in record.fitted if f.name == "up"]
+    (layer,) = [entry for entry in record.layers if entry.node == "up"]
+    w, approx = fitted.weight.astype(np.float64), fitted.approx.astype(np.float64)
+    # Canonical weights are [N, K]: the layer computes x @ Wᵀ.
+    expected = np.linalg.norm(x @ (w - approx).T) / np.linalg.norm(x @ w.T)
+    assert layer.error == pytest.approx(expected, rel=1e-3)
+    assert record.to_json()["layers"][record.layers.index(layer)]["error"] == layer.error
+
+
+def test_an_overshot_flops_target_is_noted():
+    """flops=R runs could remove well past R (34.8% for flops=0.3) without a word."""
+    from graphopt.passes.factorization.record import FactorizeRecord, LayerFactorization
+
+    record = FactorizeRecord("flops=0.3", flops_before=1000, flops_after=650, target_flops=300)
+    record.layers = [LayerFactorization("a", "MatMul", "ffn", [8, 8], 8, 16, 500, 150, 0.1, 1.2)]
+    record.skipped = [("b", "rank 8: measured 0.90x the layer's speed in ORT (M=4), not faster")]
+    note = record.overshoot_note(8)
+    assert note is not None and "overshot: 35.0%" in note and "30% was asked" in note
+    assert "speed check left 1 layer(s) whole" in note and "steps of 8" in note
+    record.flops_after = 690  # 31%: within the tolerance
+    assert record.overshoot_note(8) is None
+    record.target_flops = 0  # not a flops=R rule
+    assert record.overshoot_note(8) is None

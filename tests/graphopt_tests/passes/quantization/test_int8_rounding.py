@@ -272,3 +272,38 @@ def test_cli_refuses_a_bad_value_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "int8-weights" in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_the_note_shows_relative_errors_not_their_squares():
+    """The note gave the ratio and means of the summed squared errors ‖XΔW‖²/‖XW‖² as the
+    "relative" errors (6.76x lower where the relative errors differ 2.6x)."""
+    rounded = int8_rounding.Rounded({("w", 1): None, ("v", 1): None})  # type: ignore[dict-item]
+    squares = {"rtn": (4e-4, 1e-4), "gptq": (1e-4, 1e-4)}
+    for method, (a, b) in squares.items():
+        setattr(rounded, f"error_{method}", a + b)
+        setattr(rounded, f"relative_{method}", float(np.sqrt(a) + np.sqrt(b)))
+    note = rounded.note()
+    # Relative errors 0.02 + 0.01 vs 0.01 + 0.01: 1.5x, means 1.5e-2 vs 1.0e-2.
+    assert "1.50x lower" in note and "(mean 1.00e-02 vs 1.50e-02)" in note
+    assert "‖ΔY‖/‖Y‖" in note
+
+
+def test_round_weights_sums_square_roots_of_the_layer_errors(tmp_path, monkeypatch):
+    """The relative sums are the square roots of each layer's squared ratio, summed."""
+    model = matmul_model()
+    name_nodes(model.graph)
+    calib = load_calibration(_calib_file(tmp_path, model), model)
+    weights = {"matmul": (1, 1), "gemm": (1, 0)}
+    squared: list[float] = []
+    real = int8_rounding.relative_error
+
+    def spy(w, approx, h):
+        squared.append(real(w, approx, h))
+        return squared[-1]
+
+    monkeypatch.setattr(int8_rounding, "relative_error", spy)
+    rounded = int8_rounding.round_weights(model, weights, calib)
+    rtn, gptq = squared[0::2], squared[1::2]
+    assert len(rtn) == 2 and rounded.relative_rtn == pytest.approx(sum(np.sqrt(rtn)))
+    assert rounded.relative_gptq == pytest.approx(sum(np.sqrt(gptq)))
+    assert rounded.error_gptq == pytest.approx(sum(gptq))

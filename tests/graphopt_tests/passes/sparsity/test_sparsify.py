@@ -172,3 +172,27 @@ def test_keep_last_false_sparsifies_the_classifier(tmp_path, capsys):
     assert main([*args, "--sparsity-keep-last", "false", "--no-verify"]) == 0
     assert "4 layers sparsified" in capsys.readouterr().out
     assert (_weights(out)["fc.w"] == 0).mean() == 0.5
+
+
+def test_the_shown_layer_error_is_the_relative_output_error(tmp_path):
+    """The report showed ‖XΔWᵀ‖²/‖XWᵀ‖² as the "relative output error" (0.09 for a layer
+    whose outputs moved by 31%): the shown value (table, JSON) must be ‖XΔWᵀ‖/‖XWᵀ‖."""
+    from graphopt.passes.sparsity.record import layer_table
+
+    model, calib = _files(tmp_path)
+    out = tmp_path / "s.onnx"
+    options = OptimizeOptions(
+        sparsity="2:4", sparsity_criterion="wanda", calib=str(calib), verify=False
+    )
+    record = optimize(model, out, options).report.details["sparsify"]
+    # w1 reads the model input: its inputs are the fitted samples (the first 36 of 48; the
+    # last quarter is held out) with no sparsified layer before it.
+    x = np.load(calib)["x"][:36].reshape(-1, 16).astype(np.float64)
+    w, sparse = _weights(model)["w1"].astype(np.float64), _weights(out)["w1"]
+    expected = np.linalg.norm(x @ (w - sparse)) / np.linalg.norm(x @ w)
+    layer = record.layers[0]  # graph order: the MatMul of w1 first
+    assert layer.error == pytest.approx(expected, rel=1e-4)
+    assert layer.error_squared == pytest.approx(expected**2, rel=1e-4)
+    (shown,) = [e for e in record.to_json()["layers"] if e["node"] == layer.node]
+    assert shown["error"] == pytest.approx(expected, rel=1e-4)
+    assert f"{expected:.3g}" in [cell for col in layer_table(record).columns for cell in col._cells]
