@@ -98,7 +98,7 @@ class PassOption:
         if value is None:
             return self.default
         converted = _converted(self.type, value)
-        where = f"pass {owner!r} option {self.name!r}"
+        where = f"pass {owner!r} option {self.name!r}" + (f" ({self.flag})" if self.flag else "")
         if converted is _INVALID:
             expected = _TYPE_NAMES.get(self.type, self.type.__name__)
             raise UserInputError(f"{where}: expected {expected}, got {_shown(value)}")

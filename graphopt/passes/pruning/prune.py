@@ -43,8 +43,14 @@ class PrunePass(GraphPass):
     flag_metavar = "flops=R|params=R"
     flag_help = "remove a fraction R of FLOPs (at the calibration/--input-shape shapes) or params"
     options = (
-        PassOption("flops", float, 0.0, "fraction of FLOPs to remove (0 < R < 1)"),
-        PassOption("params", float, 0.0, "fraction of parameters to remove (0 < R < 1)"),
+        # Bounds catch a recipe's or the API's value where it is read (the message names the
+        # recipe key); the open ends (0 < R < 1) are PruneTarget's to check.
+        PassOption(
+            "flops", float, 0.0, "fraction of FLOPs to remove (0 < R < 1)", bounds=(0.0, 1.0)
+        ),
+        PassOption(
+            "params", float, 0.0, "fraction of parameters to remove (0 < R < 1)", bounds=(0.0, 1.0)
+        ),
         # criterion, allocation and compensation default to None, "not set": resolve_choices
         # then picks data-aware defaults for a calibration file, data-free ones otherwise.
         PassOption(
@@ -73,6 +79,7 @@ class PrunePass(GraphPass):
             "channels, else 1)",
             flag="--round-to",
             metavar="N",
+            bounds=(1, 65536),
         ),
         CALIB_OPTION,
         # Numeric defaults are PruneSettings' own: one value for the CLI, the API and recipes.
@@ -82,6 +89,7 @@ class PrunePass(GraphPass):
             PruneSettings.max_group_ratio,
             f"most any one group may lose (default {PruneSettings.max_group_ratio})",
             flag="--max-group-ratio",
+            bounds=(0.0, 1.0),
         ),
         PassOption(
             "ridge",
