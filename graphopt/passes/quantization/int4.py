@@ -40,6 +40,7 @@ from graphopt.editing import (
     unique_name,
 )
 from graphopt.errors import UserInputError
+from graphopt.passes.calibration.fidelity import FIDELITY_SAMPLES
 from graphopt.passes.calibration.samples import CalibrationSet
 from graphopt.passes.quantization.gptq import (
     InputStatistics,
@@ -103,7 +104,7 @@ def quantize_int4(
     record = QuantRecord(mode="int4-weight")
     record.weight_bytes_before = weight_bytes(model)
     fit, held = (None, None) if calib is None else calib.split(settings.holdout)
-    fidelity_sets, record.fidelity_source = _fidelity_sets(model, calib, held, context)
+    fidelity_sets, record.fidelity_source = _fidelity_sets(model, calib, fit, held, context)
     original = model.clone() if fidelity_sets else None
 
     sites, skipped = find_sites(model, settings, ort)
@@ -256,14 +257,20 @@ def _stored_as(site: Site, settings: QuantSettings, ort: bool) -> str:
 def _fidelity_sets(
     model: ir.Model,
     calib: CalibrationSet | None,
+    fit: CalibrationSet | None,
     held: CalibrationSet | None,
     context: PassContext,
 ) -> tuple[dict[str, CalibrationSet], str]:
-    """Where fidelity is measured: held-out calibration samples, else generated inputs."""
+    """Where fidelity is measured: the first fitted samples and the held-out ones (as the
+    other modes report both: how well the fit went, and whether it carries over), else
+    generated inputs."""
     if calib is not None and calib.source != "random":
         if held is None:
             return {"calibration": calib}, f"{calib.count} samples of {calib.source} (no hold-out)"
-        return {"held-out": held}, f"{held.count} held-out samples of {calib.source}"
+        shown = (fit or calib).first(FIDELITY_SAMPLES)
+        return {"calibration": shown, "held-out": held}, (
+            f"{shown.count} calibration and {held.count} held-out samples of {calib.source}"
+        )
     if calib is None:
         from graphopt.passes.calibration.samples import random_calibration
 
