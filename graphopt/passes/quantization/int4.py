@@ -267,7 +267,9 @@ def _fidelity_sets(
     if calib is not None and calib.source != "random":
         if held is None:
             return {"calibration": calib}, f"{calib.count} samples of {calib.source} (no hold-out)"
-        shown = (fit or calib).first(FIDELITY_SAMPLES)
+        # No more rows than held out: a decoder's logits for 64 samples (both models'
+        # outputs at once) raised the streamed run's peak past 1.5x its weights.
+        shown = (fit or calib).first(min(FIDELITY_SAMPLES, held.count))
         return {"calibration": shown, "held-out": held}, (
             f"{shown.count} calibration and {held.count} held-out samples of {calib.source}"
         )

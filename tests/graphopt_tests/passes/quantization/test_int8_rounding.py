@@ -240,7 +240,8 @@ def test_other_modes_say_the_option_had_no_effect(tmp_path):
 
 def test_bad_value_is_refused(tmp_path):
     model = matmul_model()
-    with pytest.raises(UserInputError, match="int8_weights': expected one of rtn, gptq"):
+    message = r"int8_weights' \(--int8-weights\): expected one of rtn, gptq"
+    with pytest.raises(UserInputError, match=message):
         _quantize(model, _calib_file(tmp_path, model), int8_weights="adaround")
 
 
