@@ -59,3 +59,22 @@ def test_static_int8_of_constant_node_weights_reports_the_bytes_written(tmp_path
     assert record.weight_bytes_before == w1.nbytes + w2.nbytes
     # int8 codes (a quarter) plus per-channel scales and the padded stem's zero channel.
     assert record.weight_bytes_after < 0.4 * record.weight_bytes_before
+
+
+def test_the_headline_counts_layers_and_the_ops_lowered_with_them_apart() -> None:
+    """Relu, pooling and Add run in int8 between the layers; counted as layers, a ResNet-50
+    of 54 Conv/Gemm layers read "122 layers quantized"."""
+    from graphopt.passes.quantization.record import LayerPrecision, QuantRecord
+
+    record = QuantRecord(mode="int8")
+    record.layers = [
+        LayerPrecision("c1", "Conv", "int8"),
+        LayerPrecision("c2", "Conv", "float", "excluded"),
+        LayerPrecision("g", "Gemm", "int8"),
+        LayerPrecision("r", "Relu", "int8"),
+        LayerPrecision("p", "MaxPool", "int8"),
+        LayerPrecision("s", "Softmax", "float"),
+    ]
+    assert record.headline() == (
+        "quantization int8: 2 layers quantized, 1 kept in float, 2 other ops lowered with them"
+    )
