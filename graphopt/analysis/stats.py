@@ -62,3 +62,16 @@ def parameter_count(model: ir.Model) -> tuple[int, int]:
             elements += tensor.size
             nbytes += tensor.nbytes
     return elements, nbytes
+
+
+def live_parameter_count(model: ir.Model) -> int:
+    """Parameter elements of the main graph still in use: a rewrite (pruning, decomposition)
+    leaves the tensors it replaced for cleanup, which :func:`parameter_count` would count."""
+    total = 0
+    for value in model.graph.initializers.values():
+        if value.const_value is not None and (value.uses() or value.is_graph_output()):
+            total += value.const_value.size
+    for node in model.graph:
+        if node.op_type == "Constant" and "value" in node.attributes and node.outputs[0].uses():
+            total += node.attributes["value"].value.size
+    return total

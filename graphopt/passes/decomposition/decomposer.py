@@ -17,6 +17,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt.analysis.flops import model_flops
+from graphopt.analysis.stats import live_parameter_count
 from graphopt.analysis.zig import ZigReport, analyze
 from graphopt.passes.calibration.activations import channel_statistics
 from graphopt.passes.calibration.fidelity import outputs_on
@@ -76,7 +77,7 @@ def decompose_model(
     fit, held = calib.split(settings.holdout)
     prepared = _prepare(model, report, found, settings, fit, record)
     record.flops_before = model_flops(model, shapes).total
-    record.params_before = _live_params(model)
+    record.params_before = live_parameter_count(model)
     if not prepared:
         record.notes.append("no module to decompose")
         record.flops_after = record.flops_before
@@ -86,7 +87,7 @@ def decompose_model(
     result, plan = _verify(model, report, found, plan, fit, record)
     record.allocation = settings.allocation
     record.flops_after = model_flops(result, shapes).total
-    record.params_after = _live_params(result)
+    record.params_after = live_parameter_count(result)
     record.decomposed = [
         _module_record(p, share, settings)
         for p, share in zip(prepared, shares, strict=True)
@@ -427,18 +428,6 @@ def _in(plan: Plan, p: _Prepared) -> bool:
         return any(mp.mlp is p.data[0] for mp in plan.mlps)
     items = plan.qks if p.kind == "qk" else plan.vos
     return any(item.att is p.data[0] for item in items)
-
-
-def _live_params(model: ir.Model) -> int:
-    """Parameter elements in use: the rebuilt model may still hold the replaced tensors."""
-    total = 0
-    for value in model.graph.initializers.values():
-        if value.const_value is not None and (value.uses() or value.is_graph_output()):
-            total += value.const_value.size
-    for node in model.graph:
-        if node.op_type == "Constant" and "value" in node.attributes and node.outputs[0].uses():
-            total += node.attributes["value"].value.size
-    return total
 
 
 def _module_record(p: _Prepared, share: float, settings) -> ModuleRecord:

@@ -16,6 +16,7 @@ from rich.console import Console
 from graphopt.analysis.dependency import DimKey
 from graphopt.analysis.excluded import describe
 from graphopt.analysis.flops import model_flops
+from graphopt.analysis.stats import live_parameter_count
 from graphopt.analysis.zig import ZigReport, analyze
 from graphopt.errors import CheckFailedError
 from graphopt.inputs import make_inputs
@@ -149,7 +150,7 @@ def prune_model(
     ]
     counted_before = model_flops(model, shapes)
     flops_before = counted_before.total
-    params_before = _live_params(model)
+    params_before = live_parameter_count(model)
     pruned, removed, indices = _remove(
         model, report, plans, settings.target, settings.allocation, shapes
     )
@@ -162,7 +163,7 @@ def prune_model(
             f"prune: warning: shapes of {unknown} more node(s) could not be inferred in the "
             "pruned model than in the original; the FLOPs reduction shown may be off"
         )
-    record.params_after = _live_params(pruned)
+    record.params_after = live_parameter_count(pruned)
     record.units_removed = sum(len(u) for u in removed.values())
     record.groups_pruned = sum(1 for u in removed.values() if u)
     if record.units_removed:
@@ -230,7 +231,9 @@ def _remove(
     """Allocate, remove, measure; correct the goal while the measurement falls short."""
     cost = CostModel(report, [p.group for p in plans])
     tag_nodes(model, find_consumers(report, [p.group for p in plans]))
-    before = model_flops(model, shapes).total if target.kind == "flops" else _live_params(model)
+    before = (
+        model_flops(model, shapes).total if target.kind == "flops" else live_parameter_count(model)
+    )
     goal = target.ratio
     best, best_gap = None, float("inf")
     for _ in range(MAX_CORRECTIONS + 1):
@@ -238,7 +241,9 @@ def _remove(
         indices = _indices(plans, chosen)
         pruned = remove_channels(model, report.graph, indices)
         after = (
-            model_flops(pruned, shapes).total if target.kind == "flops" else _live_params(pruned)
+            model_flops(pruned, shapes).total
+            if target.kind == "flops"
+            else live_parameter_count(pruned)
         )
         achieved = 1.0 - after / before if before else 0.0
         # Prefer results that reach the target; among them, the closest one.
@@ -338,18 +343,6 @@ def _indices(plans, chosen: dict[int, list[int]]) -> dict[DimKey, np.ndarray]:
         for key, idx in plan.group.unit_indices(units).items():
             removed.setdefault(key, []).append(idx)
     return {k: np.unique(np.concatenate(v)) for k, v in removed.items()}
-
-
-def _live_params(model: ir.Model) -> int:
-    """Parameter elements still in use (removal leaves replaced tensors for cleanup)."""
-    total = 0
-    for value in model.graph.initializers.values():
-        if value.const_value is not None and (value.uses() or value.is_graph_output()):
-            total += value.const_value.size
-    for node in model.graph:
-        if node.op_type == "Constant" and "value" in node.attributes and node.outputs[0].uses():
-            total += node.attributes["value"].value.size
-    return total
 
 
 def _compensate(model, pruned, consumers, fit, settings, indices, context):

@@ -7,9 +7,9 @@ import pytest
 
 from graphopt import io
 from graphopt.analysis.flops import model_flops
+from graphopt.analysis.stats import live_parameter_count
 from graphopt.errors import UserInputError
 from graphopt.passes.pruning.prune import PrunePass
-from graphopt.passes.pruning.pruner import _live_params
 from graphopt.registry import PassContext
 from graphopt.verify import run_model
 from graphopt_tests.passes.pruning.graphs import branches, cnn, correlated, mlp, write_npz
@@ -46,7 +46,7 @@ def test_flops_target_reached_and_model_runs(criterion, allocation):
 def test_params_target():
     model = mlp()
     pruned, report, _ = prune(model, params=0.5, round_to=1)
-    assert _live_params(pruned) <= 0.51 * _live_params(model)
+    assert live_parameter_count(pruned) <= 0.51 * live_parameter_count(model)
     assert report.params_removed >= 0.49
 
 
