@@ -314,8 +314,14 @@ def temporary_folder(folder: Path, name: str) -> Iterator[Path]:
         yield tmp_dir
     finally:
         if tmp_dir is not None:
-            with _signals_deferred():  # an interrupt inside rmtree would leave half the folder
-                shutil.rmtree(tmp_dir, ignore_errors=True)
+            try:
+                with _signals_deferred():  # an interrupt inside rmtree would leave half of it
+                    shutil.rmtree(tmp_dir, ignore_errors=True)
+            finally:
+                # An interrupt that landed before the removal was deferred (Python runs a
+                # handler at its next instruction) skipped it: remove the folder now.
+                if tmp_dir.exists():
+                    shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
 def os_error_reason(exc: OSError) -> str:
@@ -345,11 +351,19 @@ def _signals_deferred() -> Iterator[None]:
         received.append(signum)
 
     previous: dict[int, Any] = {}
+    # signal.signal runs pending handlers first: a signal that arrived just before the swap
+    # raises (KeyboardInterrupt) from the swap itself. Raised there, it skipped the block: the
+    # removal of a finished run's temporary folder (a SIGTERM then left 24 MB behind). It is
+    # kept and raised after the block instead, which then runs whole.
+    pending: BaseException | None = None
     try:
-        # Inside the try: signal.signal runs pending handlers first, so a signal arriving
-        # between two swaps may raise here, and what was swapped already must be restored.
         for signum in (signal.SIGTERM, signal.SIGINT):
-            if signal.getsignal(signum) is not None:  # None: set outside Python, unrestorable
+            if signal.getsignal(signum) is None:  # None: set outside Python, unrestorable
+                continue
+            try:
+                previous[signum] = signal.signal(signum, hold)
+            except BaseException as exc:  # the handler's own exception: raised after the block
+                pending = pending or exc
                 previous[signum] = signal.signal(signum, hold)
         yield
     finally:
@@ -359,6 +373,8 @@ def _signals_deferred() -> Iterator[None]:
         # to a KeyboardInterrupt raised by SIGINT's.
         for signum in sorted(set(received), key=lambda s: s != signal.SIGTERM):
             signal.raise_signal(signum)  # now with the caller's handler
+        if pending is not None:
+            raise pending
 
 
 def same_file(a: Path, b: Path) -> bool:

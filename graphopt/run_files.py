@@ -127,4 +127,7 @@ def _scanned_data_files(path: Path) -> list[Path]:
     from graphopt.backends.tensorrt.model_scan import scan_model
 
     header = scan_model(path)
-    return [path.parent / location for location in sorted(header.locations if header else ())]
+    # A location with a NUL byte is no path (os.stat raises ValueError): the loader refuses
+    # it in one line, after this check.
+    locations = sorted(header.locations if header else ())
+    return [path.parent / location for location in locations if "\0" not in location]

@@ -351,3 +351,28 @@ def test_output_byte_identical_in_process_on_corpus_models(tmp_path: Path, capsy
         assert digests[0] == digests[1]
         assert digest(source) == before
     capsys.readouterr()
+
+
+def test_an_interrupt_pending_when_the_removal_starts_still_removes_the_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SIGTERM landing as a save finished ran its handler on the swap into the deferral
+    (signal.signal runs pending handlers first): the KeyboardInterrupt skipped the removal
+    and the temporary folder, a full copy of the weights, stayed (seen once in CI)."""
+    import signal as signal_module
+
+    real = signal_module.signal
+    calls = {"n": 0}
+
+    def swap(signum, handler):
+        calls["n"] += 1
+        # The removal's deferral is the second: its first swap meets the pending signal.
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(signum, handler)
+
+    monkeypatch.setattr(signal_module, "signal", swap)
+    with pytest.raises(KeyboardInterrupt), io.temporary_folder(tmp_path, "o.onnx") as folder:
+        (folder / "weights.bin").write_bytes(b"\0" * 1024)
+    monkeypatch.setattr(signal_module, "signal", real)
+    assert list(tmp_path.iterdir()) == []
