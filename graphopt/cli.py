@@ -369,7 +369,9 @@ def _cmd_optimize(args: argparse.Namespace, out: Console, err: Console) -> int:
     if args.passes is not None:
         names = _names(args.passes, "--passes")
         options.passes = [PassSpec(get_pass(n).name) for n in names]
-    if args.skip is not None:
+    if args.skip:
+        # An empty --skip skips nothing (scripts pass --skip "$SKIP"); a list of only commas
+        # is still a mistake.
         options.skip = [get_pass(n).name for n in _names(args.skip, "--skip")]
     if args.no_verify:
         options.verify = False

@@ -74,10 +74,11 @@ def replace_value(old: ir.Value, new: ir.Value) -> bool:
     """
     if old is new:
         return True
-    # The node making ``new`` from ``old`` (an Add inserted after a layer) keeps reading
-    # ``old``: rewired to ``new`` it would read its own output, a cycle ORT refuses.
+    # The nodes making ``new`` from ``old`` (an Add inserted after a layer) keep reading
+    # ``old``: rewired to ``new`` they would read their own output, a cycle ORT refuses.
     producer = new.producer()
-    kept = [(use.node, use.idx) for use in old.uses() if use.node is producer]
+    makers = _nodes_between(old, producer)
+    kept = [(use.node, use.idx) for use in old.uses() if id(use.node) in makers]
     if old.is_graph_output():
         if new.is_graph_input() or new.is_graph_output() or new.is_initializer():
             return False
@@ -105,6 +106,33 @@ def replace_value(old: ir.Value, new: ir.Value) -> bool:
     return True
 
 
+# How far back from ``new`` replace_value looks for nodes built on ``old``: rewrites insert
+# short chains (an Add, a Mul and a Cast); a bound keeps each call O(1) on big graphs.
+_MAX_CHAIN = 16
+
+
+def _nodes_between(old: ir.Value, producer: ir.Node | None) -> set[int]:
+    """id() of the nodes within :data:`_MAX_CHAIN` steps upstream of ``producer`` (itself
+    included) that read ``old``: the chain a rewrite built on ``old``."""
+    found: set[int] = set()
+    if producer is None:
+        return found
+    stack, seen = [producer], {id(producer)}
+    while stack and len(seen) <= _MAX_CHAIN:
+        node = stack.pop()
+        for value in node.inputs:
+            if value is None:
+                continue
+            if value is old:
+                found.add(id(node))
+                continue
+            upstream = value.producer()
+            if upstream is not None and id(upstream) not in seen:
+                seen.add(id(upstream))
+                stack.append(upstream)
+    return found
+
+
 def _restore_uses(value: ir.Value, uses: list[tuple[ir.Node, int]]) -> None:
     for node, index in uses:
         node.replace_input_with(index, value)
@@ -120,6 +148,11 @@ def take_over(old: ir.Value, new: ir.Value) -> None:
     if new.name != name:
         old.name = None
         new.name = name
+        producer = old.producer()
+        graph = producer.graph if producer is not None else old.graph
+        if old.uses() and name and isinstance(graph, ir.Graph):
+            # Still read by new's producer (replace_value keeps that use): it needs a name.
+            old.name = unique_name(graph, f"{name}_before")
 
 
 def _replace_in_outputs(graph: ir.Graph | ir.Function, old: ir.Value, new: ir.Value) -> None:

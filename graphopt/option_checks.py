@@ -142,6 +142,8 @@ def _check_input_shapes(name: str, value: Any) -> dict[str, tuple[int, ...]]:
         raise _refuse(name, "a dict {input name: tuple of dims}", value)
     specs = []
     for key, dims in value.items():
+        if isinstance(dims, np.ndarray) and dims.ndim == 1:
+            dims = dims.tolist()  # a shape held as an array (np.array(x.shape)) worked before
         if not isinstance(key, str) or not isinstance(dims, (list, tuple)):
             raise _refuse(name, "a dict {input name: tuple of dims}", {key: dims})
         specs.append(f"{key}:{'x'.join(map(_dim_text, dims))}")

@@ -326,6 +326,8 @@ class PassManager:
                     # the exact passes after it have no reference to be checked against.
                     self.context.note(f"not verified: the exact passes after {names} ({why})")
                     verifier = None
+        # The pre-lossy clone holds the original weights: not kept through finalize and save.
+        self.context.reference_model = None
         if verifier is not None and verifier is not self.verifier and self.verifier is not None:
             lossy_check = self.verifier.check(model, tolerance=float("inf"))
             _raise_if_out_of_memory(lossy_check.reason)

@@ -733,3 +733,11 @@ def test_input_shapes_must_agree_on_named_dims_and_not_repeat(tmp_path: Path, ca
         [helper.make_tensor_value_info("y", F, ["?", 3, "?", "?"])],
     )
     assert run(["optimize", str(anonymous), "--input-shape", "x:1x3x48x192"], capsys)[0] == 0
+
+
+def test_an_empty_skip_skips_nothing(tmp_path: Path, capsys) -> None:
+    """Scripts pass --skip "$SKIP" with an empty variable: that skips nothing (an empty
+    --passes stays an error: it would run nothing)."""
+    path = model_file(tmp_path)
+    code, _, err = run(["optimize", str(path), "--skip", ""], capsys)
+    assert code == 0, err

@@ -97,3 +97,21 @@ def test_shape_filling_remembers_a_model_without_keeping_it_alive() -> None:
     del model
     gc.collect()
     assert held() is None
+
+
+def test_take_over_by_a_node_reading_the_value_keeps_it_named() -> None:
+    """take_over(y, Add(y, y)) kept the Add reading y (replace_value) but dropped y's name:
+    the model could not be serialized (SerdeError on a nameless value)."""
+    model = _model("y")
+    before = model.clone()
+    neg = next(n for n in model.graph if n.name == "neg")
+    out = neg.inputs[0]
+    double = ir.node("Add", [out, out], name="double")
+    insert_after(next(n for n in model.graph if n.name == "relu"), [double])
+    half = add_initializer(model.graph, "half", np.full((2, 3), 0.5, np.float32))
+    scale = ir.node("Mul", [double.outputs[0], half], name="halve")
+    insert_after(double, [scale])
+    take_over(out, scale.outputs[0])
+    assert scale.outputs[0].name == "a" and out.name and out.name != "a"
+    assert double.inputs[0] is out
+    assert_same_outputs(before, model, tolerance=0.0)

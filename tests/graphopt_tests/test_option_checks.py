@@ -245,3 +245,13 @@ def test_usage_errors_say_graphopt_once(capsys, args: list[str], hint: str) -> N
     assert code == 2
     assert err.count("graphopt:") == 1 and err.startswith("graphopt: error: ")
     assert hint in err
+
+
+def test_input_shapes_held_as_arrays_are_dims() -> None:
+    """np.array(x.shape) as a shape worked before the one check of every option."""
+    import numpy as np
+
+    from graphopt.option_checks import validate_options
+
+    checked = validate_options(OptimizeOptions(input_shapes={"x": np.array([1, 3])}))
+    assert checked.input_shapes == {"x": (1, 3)}

@@ -38,7 +38,19 @@ class LayerPrecision:
 
 # The ops that hold a layer's weight: what "layers quantized" counts.
 LAYER_OPS = frozenset(
-    {"Conv", "ConvTranspose", "Gemm", "MatMul", "Gather", "Attention", "MultiHeadAttention"}
+    {
+        "Conv",
+        "ConvTranspose",
+        "Gemm",
+        "MatMul",
+        "Gather",
+        "Attention",
+        "MultiHeadAttention",
+        # --requantize's entries: re-rounded weight and activation tensors, ORT's dynamic form.
+        "weight",
+        "activation",
+        "MatMulInteger",
+    }
 )
 
 
