@@ -506,6 +506,11 @@ def _mixed_precision(
     record.curve = curve
     last = curve[-1]
     verdict = "met" if target.met(mp.point_measure(last)) else "NOT met"
+    all_float = bool(candidates) and len(kept) == len(candidates)
+    if verdict != "met" and all_float and reference is not original:
+        # Every layer float and still short: the earlier lossy passes alone miss the target
+        # (measured end to end). Said, not left to the reader of the curve.
+        verdict += " (the earlier lossy passes alone already miss it: nothing was quantized)"
     record.notes.append(
         f"mixed precision: target {target.describe()} {verdict} on "
         f"{'held-out' if held is not None else 'calibration'} samples with {len(kept)} of "

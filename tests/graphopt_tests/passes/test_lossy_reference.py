@@ -82,3 +82,16 @@ def test_min_cosine_after_prune_is_checked_end_to_end(tmp_path: Path) -> None:
     assert abs(record.curve[-1].cosine - ours) < 2e-3
     assert ("NOT met" in verdict) == (record.curve[-1].cosine < 0.99)
     assert any("against the run's original (includes prune)" in n for n in record.notes)
+
+
+def test_a_target_the_earlier_passes_already_miss_is_said(tmp_path: Path) -> None:
+    """Pruning alone below --min-cosine: mixed precision keeps every layer float and the
+    target stays missed; the verdict says why instead of leaving it to the curve."""
+    model, calib, _ = _files(tmp_path)
+    options = OptimizeOptions(
+        prune="flops=0.3", quantize="int8", calib=str(calib), min_cosine=0.9999
+    )
+    result = api.optimize(model, tmp_path / "o.onnx", options)
+    record = result.report.details["quantize"]
+    verdict = next(n for n in record.notes if n.startswith("mixed precision: target"))
+    assert "NOT met (the earlier lossy passes alone already miss it" in verdict, verdict
