@@ -21,7 +21,7 @@ from graphopt.analysis.flops_terms import (
     int_list,
     numel,
 )
-from graphopt.editing import attribute
+from graphopt.editing import attribute, constant_array
 
 # FLOPs per output element of activations that stand for a formula of several ops: one per
 # op of the formula (ONNX's function body, or the pattern graphopt's fusions match), so
@@ -152,9 +152,9 @@ def packed_attention(node: ir.Node, mask: tuple[int, ...], past: int) -> Cost:
     """com.microsoft Attention / QAttention: input [B, S, D] @ weights [D, Dq + Dk + Dv],
     then attention over ``num_heads`` heads; past [2, B, H, P, Dh] adds P keys.
 
-    The bias Add is not counted: the bias is a required input, and packing Q/K/V
-    projections that had none gives it zeros (GPT-2's Gemms), so counting it would put
-    FLOPs the unfused model never had on top."""
+    The bias Add counts unless the bias is all zeros: it is a required input, and packing
+    Q/K/V projections that had none gives it zeros (GPT-2's Gemms), FLOPs the unfused model
+    never had; a real bias (BERT's) is the unfused Adds', as MultiHeadAttention counts them."""
     x, weights = in_shape(node, 0), in_shape(node, 1)
     heads = attribute(node, "num_heads", 0)
     if len(x) != 3 or len(weights) != 2 or not heads:
@@ -162,7 +162,12 @@ def packed_attention(node: ir.Node, mask: tuple[int, ...], past: int) -> Cost:
     batch, queries, hidden = x
     sizes = int_list(node, "qkv_hidden_sizes") or [weights[1] // 3] * 3
     macs = batch * queries * weights[1] * hidden
-    projection = Cost(2 * macs, macs)
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    values = constant_array(bias) if bias is not None else None
+    added = (
+        batch * queries * weights[1] if bias is not None and (values is None or values.any()) else 0
+    )
+    projection = Cost(2 * macs + added, macs)
     keys = queries + (in_shape(node, past)[3] if has_input(node, past) else 0)
     masked = any(has_input(node, i) for i in mask) or bool(attribute(node, "unidirectional", 0))
     core = _attention_core(

@@ -188,6 +188,24 @@ def test_packed_multi_head_attention() -> None:
     assert relu == 5 * 32
 
 
+@pytest.mark.parametrize("bias", [0.0, 0.5])
+def test_packed_attention_counts_a_real_bias(bias: float) -> None:
+    """A packed Attention's bias is the Q/K/V projections' Adds when the model had them
+    (BERT); zeros are what packing gives projections that had none (GPT-2). The Adds were
+    never counted, where MultiHeadAttention counted them."""
+    hidden, heads, seq = 16, 2, 5
+    node = helper.make_node("Attention", ["x", "w", "b"], ["r"], domain=MS, num_heads=heads)
+    inits = {
+        "w": np.zeros((hidden, 3 * hidden), np.float32),
+        "b": np.full(3 * hidden, bias, np.float32),
+    }
+    flops = _contrib_flops(node, [tensor_info("x", F, [1, seq, hidden])], inits)[0]
+    zero = _contrib_flops(
+        node, [tensor_info("x", F, [1, seq, hidden])], {**inits, "b": inits["b"] * 0}
+    )[0]
+    assert flops - zero == (seq * 3 * hidden if bias else 0)
+
+
 def test_skip_layer_norm_feeds_its_residual_sum_on() -> None:
     nodes = [
         helper.make_node(
