@@ -21,6 +21,7 @@ from graphopt.analysis.flops import model_flops
 from graphopt.io import load
 from graphopt.registry import PassContext
 from graphopt_tests.helpers import run_pass, tensor_info
+from graphopt_tests.passes.fusion.ort.test_ort_fusions import cached
 
 F = TensorProto.FLOAT
 MS = "com.microsoft"
@@ -67,19 +68,6 @@ def test_optimize_keeps_flops(name: str, options: dict, fused: set[str]) -> None
     _assert_flops_kept(load(source).model, result.model, name, fused)
 
 
-def _cached(name: str) -> ir.Model:
-    """The export with seeded noise on its uniform float tensors (norm scales of 1, biases
-    of 0), which the ORT rules would otherwise see cleaned away (as test_ort_fusions does)."""
-    model = load(models.get(name)).model
-    rng = np.random.default_rng(0)
-    for value in model.graph.initializers.values():
-        array = value.const_value.numpy()
-        if array.dtype.kind == "f" and array.size > 1 and np.all(array == array.flat[0]):
-            noisy = array + 0.05 * rng.standard_normal(array.shape).astype(array.dtype)
-            value.const_value = ir.tensor(noisy, name=value.name)
-    return model
-
-
 def test_ort_fusions_one_by_one_keep_flops() -> None:
     """The fusions a pipeline run does not show: forced SkipLayerNormalization, the RMSNorm
     forms and MultiHeadAttention (before GroupQueryAttention takes it over)."""
@@ -90,11 +78,11 @@ def test_ort_fusions_one_by_one_keep_flops() -> None:
         OrtSkipRmsNormPass,
     )
 
-    model = _cached("bert_tiny_ts")
+    model = cached("bert_tiny_ts")
     fused, _ = run_pass(model, OrtSkipLayerNormPass, ORT, force=True)
     _assert_flops_kept(model, fused, "bert_tiny_ts", {f"{MS}.SkipLayerNormalization"})
 
-    model = _cached("llama_tiny")
+    model = cached("llama_tiny")
     fused, _ = run_pass(model, OrtSkipRmsNormPass, ORT)
     expected = {f"{MS}.SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization"}
     _assert_flops_kept(model, fused, "llama_tiny", expected)
@@ -103,7 +91,7 @@ def test_ort_fusions_one_by_one_keep_flops() -> None:
     expected = {f"{MS}.RotaryEmbedding", f"{MS}.MultiHeadAttention"}
     _assert_flops_kept(model, fused, "llama_tiny", expected)
 
-    model = _cached("gpt2_tiny")
+    model = cached("gpt2_tiny")
     fused, _ = run_pass(model, OrtAttentionPass, ORT)
     _assert_flops_kept(model, fused, "gpt2_tiny", {f"{MS}.MultiHeadAttention"})
 
