@@ -22,7 +22,7 @@ import onnx_ir as ir
 from graphopt.backends.tensorrt.cli_options import EngineOptions
 from graphopt.errors import UserInputError
 from graphopt.pipeline import PassSpec
-from graphopt.registry import get_pass
+from graphopt.registry import get_pass, shown_value
 
 if TYPE_CHECKING:
     from graphopt.api import OptimizeOptions
@@ -47,15 +47,10 @@ _FIELD_FLAGS = {
 }
 
 
-def _shown(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _refuse(name: str, expected: str, value: Any) -> UserInputError:
     flag = _FIELD_FLAGS.get(name)
     label = f"{name} ({flag})" if flag else name
-    return UserInputError(f"{label}: expected {expected}, got {_shown(value)}")
+    return UserInputError(f"{label}: expected {expected}, got {shown_value(value)}")
 
 
 def _is_int(value: Any) -> bool:
@@ -268,8 +263,10 @@ def check_call(source: Any, output: Any, in_place: Any, progress: Any) -> None:
             f"got {type(source).__name__}"
         )
     if output is not None and not is_path(output):
-        raise UserInputError(f"output: expected a path (str or os.PathLike), got {_shown(output)}")
+        raise UserInputError(
+            f"output: expected a path (str or os.PathLike), got {shown_value(output)}"
+        )
     if not isinstance(in_place, bool):
-        raise UserInputError(f"in_place: expected True or False, got {_shown(in_place)}")
+        raise UserInputError(f"in_place: expected True or False, got {shown_value(in_place)}")
     if progress is not None and not callable(progress):
-        raise UserInputError(f"progress: expected a callable or None, got {_shown(progress)}")
+        raise UserInputError(f"progress: expected a callable or None, got {shown_value(progress)}")

@@ -101,7 +101,7 @@ class PassOption:
         where = f"pass {owner!r} option {self.name!r}" + (f" ({self.flag})" if self.flag else "")
         if converted is _INVALID:
             expected = _TYPE_NAMES.get(self.type, self.type.__name__)
-            raise UserInputError(f"{where}: expected {expected}, got {_shown(value)}")
+            raise UserInputError(f"{where}: expected {expected}, got {shown_value(value)}")
         if self.choices is not None and converted not in self.choices:
             raise UserInputError(
                 f"{where}: expected one of {', '.join(self.choices)}, got {converted!r}"
@@ -109,12 +109,12 @@ class PassOption:
         if self.bounds is not None and not self.bounds[0] <= converted <= self.bounds[1]:
             lo, hi = self.bounds
             raise UserInputError(
-                f"{where}: expected a number in [{lo:g}, {hi:g}], got {_shown(value)}"
+                f"{where}: expected a number in [{lo:g}, {hi:g}], got {shown_value(value)}"
             )
         return converted
 
 
-def _shown(value: Any, limit: int = 80) -> str:
+def shown_value(value: Any, limit: int = 80) -> str:
     """``repr(value)`` on one line and at most ``limit`` characters (an array's repr spans
     lines and pages)."""
     text = " ".join(repr(value).split())
