@@ -66,6 +66,10 @@ OPT_LEVELS = {
 # Serialize an in-memory model below this; above it ORT reads a temporary file (protobuf's
 # 2 GB limit, with room for the graph).
 IN_MEMORY_LIMIT_BYTES = 1 << 30
+# Below IN_MEMORY_LIMIT_BYTES, initializers from this size on are lent to ORT rather than
+# serialized: the proto, its bytes and ORT's parse were three copies of every weight (a
+# quantized 2 GB decoder's sessions peaked at ~1.5 GB over the model for a 0.5 GB model).
+SHARE_MIN_BYTES = 1 << 20
 
 # More threads than any machine graphopt runs on has cores (ORT starts them all at once).
 MAX_THREADS = 1024
@@ -208,14 +212,20 @@ def _session(ort, source: str | os.PathLike | ir.Model, options, providers: list
     if not isinstance(source, ir.Model):
         return ort.InferenceSession(os.fspath(source), options, providers=providers)
     from graphopt import io
+    from graphopt.ortrun import shareable_initializers, shared_session
 
-    if io.total_tensor_bytes(source) < IN_MEMORY_LIMIT_BYTES:
-        data = io.to_proto(source).SerializeToString()
-        return ort.InferenceSession(data, options, providers=providers)
-    with tempfile.TemporaryDirectory(prefix="graphopt-ort-") as tmp:
-        path = Path(tmp) / "model.onnx"
-        io.save(source, path, external_data=True)
-        return ort.InferenceSession(os.fspath(path), options, providers=providers)
+    if io.total_tensor_bytes(source) >= IN_MEMORY_LIMIT_BYTES:
+        with tempfile.TemporaryDirectory(prefix="graphopt-ort-") as tmp:
+            path = Path(tmp) / "model.onnx"
+            io.save(source, path, external_data=True)
+            return ort.InferenceSession(os.fspath(path), options, providers=providers)
+    if shared := shareable_initializers(source, SHARE_MIN_BYTES):
+        # ORT takes the lent arrays in before its graph optimizations run, or reads them in
+        # place when none run (see shared_session).
+        optimize = options.graph_optimization_level != ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        return shared_session(source, shared, options, providers, optimize)
+    data = io.to_proto(source).SerializeToString()
+    return ort.InferenceSession(data, options, providers=providers)
 
 
 # The providers of every verification/calibration session while a run is inside

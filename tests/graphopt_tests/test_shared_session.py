@@ -17,6 +17,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from graphopt import io, sessions
+from graphopt.backends import ort as ort_backend
 from graphopt.ortrun import file_map, run_session, shareable_initializers
 
 SMALL = 1024  # lend from 1 KiB on: the test models stay tiny
@@ -67,7 +68,7 @@ def _outputs(session) -> list[np.ndarray]:
 
 def _serialized(model: ir.Model, optimize: bool, monkeypatch) -> list[np.ndarray]:
     with monkeypatch.context() as patch:
-        patch.setattr(sessions, "SHARE_MIN_BYTES", 1 << 62)
+        patch.setattr(ort_backend, "SHARE_MIN_BYTES", 1 << 62)
         session = sessions.make_session(model, optimize=optimize)
     assert not hasattr(session, "_graphopt_lent")
     return _outputs(session)
@@ -77,7 +78,7 @@ def _serialized(model: ir.Model, optimize: bool, monkeypatch) -> list[np.ndarray
 def test_lent_initializers_give_the_serialized_outputs(optimize, monkeypatch):
     model = _model()
     expected = _serialized(model, optimize, monkeypatch)
-    monkeypatch.setattr(sessions, "SHARE_MIN_BYTES", SMALL)
+    monkeypatch.setattr(ort_backend, "SHARE_MIN_BYTES", SMALL)
     session = sessions.make_session(model, optimize=optimize)
     assert len(session._graphopt_lent) == 2  # W and T; the 128-byte bias is serialized
     for got, want in zip(_outputs(session), expected, strict=True):
@@ -88,7 +89,7 @@ def test_model_comes_out_unchanged(monkeypatch):
     model = _model()
     before = io.to_proto(model).SerializeToString()
     tensors = {name: value.const_value for name, value in model.graph.initializers.items()}
-    monkeypatch.setattr(sessions, "SHARE_MIN_BYTES", SMALL)
+    monkeypatch.setattr(ort_backend, "SHARE_MIN_BYTES", SMALL)
     sessions.make_session(model)
     assert {n: v.const_value for n, v in model.graph.initializers.items()} == tensors
     assert list(model.graph.initializers) == list(tensors)
@@ -96,7 +97,7 @@ def test_model_comes_out_unchanged(monkeypatch):
 
 
 def test_session_keeps_lent_arrays_alive(monkeypatch):
-    monkeypatch.setattr(sessions, "SHARE_MIN_BYTES", SMALL)
+    monkeypatch.setattr(ort_backend, "SHARE_MIN_BYTES", SMALL)
     model = _model()
     w = model.graph.initializers["W"].const_value.numpy().copy()
     b = model.graph.initializers["B"].const_value.numpy().copy()
@@ -120,7 +121,7 @@ def test_external_weights_are_mapped_by_the_session(tmp_path, monkeypatch):
     for name, array in lent.items():
         own[name].numpy()  # the tensor's own map
         assert file_map(array) is not None and file_map(array) is not own[name].raw
-    monkeypatch.setattr(sessions, "SHARE_MIN_BYTES", SMALL)
+    monkeypatch.setattr(ort_backend, "SHARE_MIN_BYTES", SMALL)
     session = sessions.make_session(model)
     for tensor in tensors:
         tensor.numpy()  # the model's own map, as a pass reading the weight makes it
@@ -157,7 +158,7 @@ def test_an_unread_large_initializer_stays_serialized(optimize, monkeypatch):
     unread = np.ones((64, 64), dtype=np.float32)
     model.graph.register_initializer(ir.Value(name="U", const_value=ir.Tensor(unread, name="U")))
     expected = _serialized(model, optimize, monkeypatch)
-    monkeypatch.setattr(sessions, "SHARE_MIN_BYTES", SMALL)
+    monkeypatch.setattr(ort_backend, "SHARE_MIN_BYTES", SMALL)
     session = sessions.make_session(model, optimize=optimize)
     assert len(session._graphopt_lent) == 2  # W and T, not U
     for got, want in zip(_outputs(session), expected, strict=True):

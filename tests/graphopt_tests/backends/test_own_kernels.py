@@ -117,13 +117,13 @@ def test_two_libraries_claiming_one_domain_is_a_user_error(monkeypatch) -> None:
     """Another build of the kernels given with --custom-ops: ORT refuses the session; the
     message says which flag to drop, and verification does not turn it into exit 4."""
     import_or_skip("onnxruntime", "verification sessions are ONNX Runtime sessions")
-    from graphopt import sessions
+    from graphopt.backends import ort as ort_backend
     from graphopt.verify import Verifier
 
     def refused(*args, **kwargs):
         raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : Domain already set in registry")
 
-    monkeypatch.setattr(sessions, "_session", refused)
+    monkeypatch.setattr(ort_backend, "_session", refused)
     with pytest.raises(UserInputError, match="drop the --custom-ops library that repeats it"):
         Verifier(io.load(dense_model()).model, {}, 1e-4, 0)
 

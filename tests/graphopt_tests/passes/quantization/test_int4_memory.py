@@ -7,10 +7,10 @@ peak of the same command on the same architecture with ~1 MB of weights (interpr
 ORT sessions, graph objects: ~145 MiB on CPython 3.11 / ORT 1.32); what the 80 MiB decoder
 adds over it is what must stay within 1.5× its weight bytes.
 
-The runs take the code path of models over ``sessions.IN_MEMORY_LIMIT_BYTES`` (1 GiB): sessions
-read temporary external-data files, which ORT maps, as it does for a real > 1 GB decoder's
-float model. (Below the limit ``make_session`` lends initializers of 1 MiB or more to ORT
-instead; ``tests/graphopt_tests/test_shared_session.py`` covers that path.)
+The runs take the code path of models over ``graphopt.backends.ort.IN_MEMORY_LIMIT_BYTES``
+(1 GiB): sessions read temporary external-data files, which ORT maps, as it does for a real
+> 1 GB decoder's float model. (Below the limit ``make_session`` lends initializers of 1 MiB or
+more to ORT instead; ``tests/graphopt_tests/test_shared_session.py`` covers that path.)
 ``bench/int4_memory.py`` runs the real > 1 GB case.
 """
 
@@ -33,7 +33,7 @@ SEQ = 32
 
 # The CLI with sessions on temporary external data whatever the model's size.
 _CLI = (
-    "import sys, graphopt.sessions as s; s.IN_MEMORY_LIMIT_BYTES = 0; "
+    "import sys, graphopt.backends.ort as o; o.IN_MEMORY_LIMIT_BYTES = 0; "
     "from graphopt.cli import main; sys.exit(main(sys.argv[1:]))"
 )
 
