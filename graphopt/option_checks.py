@@ -47,6 +47,9 @@ _FIELD_FLAGS = {
 }
 
 
+SEED_LIMIT = 1 << 64
+
+
 def _refuse(name: str, expected: str, value: Any) -> UserInputError:
     flag = _FIELD_FLAGS.get(name)
     label = f"{name} ({flag})" if flag else name
@@ -105,7 +108,11 @@ def _check_tolerance(name: str, value: Any) -> float:
     # NaN compares false with every error, so "error > NaN" never fails a rewrite; inf, 0
     # and negatives prove nothing or refuse everything.
     is_real = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
-    if not is_real or not math.isfinite(value) or value <= 0:
+    try:
+        finite = is_real and math.isfinite(value)
+    except OverflowError:  # an int past float's range
+        finite = False
+    if not finite or value <= 0:
         raise _refuse(name, "a finite number > 0", value)
     return float(value)
 
@@ -180,8 +187,10 @@ def _check_opset(name: str, value: Any) -> int:
 
 
 def _check_seed(name: str, value: Any) -> int:
-    if not _is_int(value) or value < 0:
-        raise _refuse(name, "a whole number >= 0", value)
+    # Bounded: the seed is written into the output's metadata (JSON), and an int past
+    # Python's 4300-digit str() limit cannot be.
+    if not _is_int(value) or not 0 <= value < SEED_LIMIT:
+        raise _refuse(name, "a whole number from 0 to 2**64 - 1", value)
     return int(value)
 
 

@@ -54,7 +54,7 @@ from graphopt.input_dims import parse_input_shapes
 from graphopt.io import os_error_reason
 from graphopt.option_checks import TARGETS
 from graphopt.pipeline import PassSpec, Step
-from graphopt.registry import GraphPass, flag_key, get_pass
+from graphopt.registry import GraphPass, capped, flag_key, get_pass, shown_value
 
 RECIPE_KEYS = {
     "version",
@@ -461,30 +461,22 @@ def _shared(name: str, where: str, check: Callable[..., _T], *args: Any) -> _T:
     try:
         return check(*args)
     except UserInputError as exc:
-        message = _capped(" ".join(str(exc).split()), SHARED_MESSAGE_CHARS)
+        message = capped(" ".join(str(exc).split()), SHARED_MESSAGE_CHARS)
         raise UserInputError(f"{name}: {where}: {message}") from None
 
 
 def _shown(value: Any, limit: int = SHOWN_CHARS) -> str:
-    """``repr(value)`` on one line and at most ``limit`` characters: a user's value quoted in
-    an error message (a recipe's value can be megabytes, and spans lines). YAML's scalars
-    in YAML's spelling: ``true`` rather than Python's ``True``."""
+    """A user's value quoted in an error message (:func:`~graphopt.registry.shown_value`: one
+    line, capped; a recipe's value can be megabytes, and spans lines), YAML's scalars in
+    YAML's spelling: ``true`` rather than Python's ``True``."""
     if isinstance(value, bool) or value is None:
         return {True: "true", False: "false", None: "null"}[value]
-    try:
-        text = repr(value)
-    except ValueError:  # an int past Python's 4300-digit str() limit
-        return f"an integer of {value.bit_length()} bits"
-    return _capped(" ".join(text.split()), limit)
+    return shown_value(value, limit)
 
 
 def _shown_key(where: str) -> str:
     """A key path built from the recipe's own names (input names), capped for a message."""
-    return _capped(" ".join(where.split()), SHOWN_CHARS)
-
-
-def _capped(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return capped(" ".join(where.split()), SHOWN_CHARS)
 
 
 def _kind(value: Any) -> str:
@@ -498,4 +490,4 @@ def _kind(value: Any) -> str:
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
-    return _capped(text.splitlines()[0], SHARED_MESSAGE_CHARS) if text else type(exc).__name__
+    return capped(text.splitlines()[0], SHARED_MESSAGE_CHARS) if text else type(exc).__name__

@@ -117,7 +117,15 @@ class PassOption:
 def shown_value(value: Any, limit: int = 80) -> str:
     """``repr(value)`` on one line and at most ``limit`` characters (an array's repr spans
     lines and pages)."""
-    text = " ".join(repr(value).split())
+    try:
+        text = repr(value)
+    except ValueError:  # an int past Python's 4300-digit str() limit
+        return f"an integer of {value.bit_length()} bits"
+    return capped(" ".join(text.split()), limit)
+
+
+def capped(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, ``...`` marking the cut."""
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
