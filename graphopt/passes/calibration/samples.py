@@ -258,8 +258,27 @@ def load_calibration(path: str, model: ir.Model) -> CalibrationSet:
     if len(counts) != 1 or 0 in counts:
         raise UserInputError(f"{path}: every array needs the same number N ≥ 1 of samples")
     _check_named_dims(path, arrays, inputs, axes)
+    _check_has_data(path, arrays, axes)
     batch = _batch_size(model, batch_axes)
     return CalibrationSet(arrays, path, batch, _free_sequence(model), axes)
+
+
+def _check_has_data(path: str, arrays: dict[str, np.ndarray], axes: dict[str, int | None]):
+    """Refuse samples that carry nothing to measure: every input empty (sequences of length
+    0), or a sample whose sequence mask is all 0. Ranges then fell back to defaults and the
+    fidelity, measured on no position, read as perfect (cosine 1, error 0)."""
+    if all(array.size == 0 for array in arrays.values()):
+        shapes = ", ".join(f"{k} {'x'.join(map(str, a.shape))}" for k, a in arrays.items())
+        raise UserInputError(f"{path}: every input is empty ({shapes}): nothing to calibrate on")
+    mask_name = _mask_name(arrays)
+    if mask_name is None or axes.get(mask_name) != 0:
+        return
+    empty = int(np.sum(~arrays[mask_name].astype(bool).any(axis=1)))
+    if empty:
+        raise UserInputError(
+            f"{path}: {empty} of {len(arrays[mask_name])} samples have {mask_name!r} all 0 "
+            "(no position to calibrate or measure on)"
+        )
 
 
 def _check_named_dims(

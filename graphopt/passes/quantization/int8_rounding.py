@@ -75,8 +75,15 @@ class Rounded:
         if not count:
             return f"int8 weights: gptq found no layer to round ({self.skipped} kept rtn)"
         gptq, rtn = self.relative_gptq, self.relative_rtn
-        ratio = rtn / gptq if gptq > 0 else float("inf")
         skipped = f"; {self.skipped} kept rtn" if self.skipped else ""
+        if gptq <= 0:
+            # Zero error: inputs all 0 on the calibration data; "infx lower" would read as a
+            # gain.
+            return (
+                f"int8 weights: gptq on {count} layers, no output error on calibration data "
+                f"for either rounding (their inputs are 0 there){skipped}"
+            )
+        ratio = rtn / gptq
         return (
             f"int8 weights: gptq on {count} layers, their relative output error ‖ΔY‖/‖Y‖ on "
             f"calibration data {ratio:.2f}x lower than round-to-nearest (mean "

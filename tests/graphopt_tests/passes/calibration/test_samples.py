@@ -70,3 +70,21 @@ def test_anonymous_dims_of_different_sizes_are_not_one_dim(tmp_path):
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["?", 3, "?", "?"])
     model = make_model([helper.make_node("Relu", ["x"], ["y"])], [x], [y])
     assert load_calibration(str(path), model).count == 2
+
+
+def test_samples_with_nothing_to_measure_are_refused(tmp_path):
+    # Sequences of length 0 or all-0 masks: ranges fell back to defaults and the fidelity,
+    # measured on no position, read as perfect (cosine 1, error 0) while real text lost 0.29.
+    path = tmp_path / "calib.npz"
+    model = _two_inputs_sharing_sequence()
+    np.savez(path, ids=np.ones((4, 0), np.float32), mask=np.ones((4, 0), np.float32))
+    with pytest.raises(UserInputError, match=r"every input is empty \(ids 4x0, mask 4x0\)"):
+        load_calibration(str(path), model)
+    mask = np.ones((4, 6), np.float32)
+    mask[1:3] = 0
+    np.savez(path, ids=np.ones((4, 6), np.float32), mask=mask)
+    with pytest.raises(UserInputError, match="2 of 4 samples have 'mask' all 0"):
+        load_calibration(str(path), model)
+    mask[1:3, 0] = 1  # padded, but each sample has a position
+    np.savez(path, ids=np.ones((4, 6), np.float32), mask=mask)
+    assert load_calibration(str(path), model).count == 4

@@ -308,3 +308,11 @@ def test_round_weights_sums_square_roots_of_the_layer_errors(tmp_path, monkeypat
     assert len(rtn) == 2 and rounded.relative_rtn == pytest.approx(sum(np.sqrt(rtn)))
     assert rounded.relative_gptq == pytest.approx(sum(np.sqrt(gptq)))
     assert rounded.error_gptq == pytest.approx(sum(gptq))
+
+
+def test_the_note_says_so_when_neither_rounding_moved_the_output() -> None:
+    # Inputs all 0 on the calibration data: both errors 0, which read "infx lower" before.
+    weight = quantize_weight(np.ones((4, 4), np.float32), 1)
+    note = int8_rounding.Rounded({("w", 1): weight}).note()
+    assert "no output error on calibration data for either rounding" in note
+    assert "inf" not in note
