@@ -29,7 +29,14 @@ from graphopt.analysis.stats import count_nodes, has_subgraphs
 from graphopt.blas_threads import single_threaded_blas
 from graphopt.errors import CheckFailedError, UserInputError, is_out_of_memory
 from graphopt.fingerprint import Fingerprint, fingerprint
-from graphopt.registry import LOSSY_STAGES, PassContext, Stage, all_passes, get_pass
+from graphopt.registry import (
+    LOSSY_STAGES,
+    PassContext,
+    Stage,
+    all_passes,
+    get_pass,
+    refuse_nothing_to_do,
+)
 from graphopt.verify import OutputError, VerificationUnavailable, Verifier, VerifyResult
 
 logger = logging.getLogger(__name__)
@@ -665,14 +672,8 @@ def _worse(a: OutputError, b: OutputError) -> OutputError:
 
 
 def _refuse_lossy_without_targets(cls: type, present: frozenset[str]) -> None:
-    """A lossy pass the user asked for on a model without any op it rewrites is refused in
-    one line (exit 2): skipped like an idle exact pass, it would run none of its checks, and a
-    result equal to the input would pass for a compressed one. (Quantization, whose ops depend
-    on the mode, refuses the same way from inside: ``quantize._refuse_nothing_to_quantize``.)"""
-    if cls.ops is None or not cls.ops.isdisjoint(present):
-        return
-    asked = cls.flag or f"pass {cls.name!r}"
-    raise UserInputError(
-        f"{asked}: nothing to do: the model has none of the ops it rewrites "
-        f"({', '.join(sorted(cls.ops))})"
-    )
+    """A lossy pass asked for on a model without any op it rewrites: refused
+    (:func:`~graphopt.registry.refuse_nothing_to_do`). Quantization, whose ops depend on the
+    mode, refuses the same way from inside (``quantize._refuse_nothing_to_quantize``)."""
+    if cls.ops is not None:
+        refuse_nothing_to_do(cls.flag or f"pass {cls.name!r}", frozenset(cls.ops), present)

@@ -30,7 +30,7 @@ from graphopt.passes.quantization.settings import (
     parse_mode,
     parse_patterns,
 )
-from graphopt.registry import GraphPass, PassOption, Stage, register
+from graphopt.registry import GraphPass, PassOption, Stage, refuse_nothing_to_do, register
 
 if TYPE_CHECKING:
     from graphopt.passes.calibration.samples import CalibrationSet
@@ -512,14 +512,8 @@ def _refuse_nothing_to_quantize(model: ir.Model, mode: str, embeddings: bool = F
                 f"quantize int8: the model is already quantized (it has {', '.join(found)}); "
                 "quantize the float original instead"
             )
-    rewritten = _mode_ops(mode, embeddings)
-    if rewritten and rewritten.isdisjoint(n.op_type for g in graphs for n in g):
-        # As for the other lossy passes asked for on a model without their ops (pipeline's
-        # _refuse_lossy_without_targets): a copy of the input would pass for a quantized model.
-        raise UserInputError(
-            f"--quantize {mode}: nothing to do: the model has none of the ops it rewrites "
-            f"({', '.join(sorted(rewritten))})"
-        )
+    present = {n.op_type for g in graphs for n in g}
+    refuse_nothing_to_do(f"--quantize {mode}", _mode_ops(mode, embeddings), present)
     if mode == "int4-weight":
         return
     types = [node.inputs[0].dtype for node in weighted]
