@@ -425,7 +425,8 @@ def _cmd_optimize(args: argparse.Namespace, out: Console, err: Console) -> int:
         return EXIT_NOT_VERIFIED  # written, but the engine asked for was not built
     if options.verify and not result.report.verified:
         # Asked to verify and could not: the output stands, but nothing proved it exact.
-        reason = result.report.verification_skipped or "no verification ran"
+        report = result.report
+        reason = report.verification_skipped or report.unverified_after or "no verification ran"
         # One line even when an input's name holds a line break (the reason names inputs).
         reason = reason.translate({ord(c): repr(c)[1:-1] for c in _LINE_BREAKS})
         _say(err, f"graphopt: error: written but not verified: {reason}")

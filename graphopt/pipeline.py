@@ -103,6 +103,12 @@ class RunReport:
     # original", or after lossy passes "the result of prune". ``verification`` is all of
     # them in one (failed if any failed, the worst error of each output).
     exact_checks: list[ExactCheck] = field(default_factory=list)
+    # The lossy passes whose result ONNX Runtime's CPU provider cannot run (bf16). Their
+    # change was measured by the pass on a simulation, not by ORT (no ``lossy_check``).
+    lossy_unrunnable: str = ""
+    # Exact passes that changed the model after such a pass, unverified: they had no
+    # runnable reference ("" when none changed it).
+    unverified_after: str = ""
 
     @property
     def verified(self) -> bool:
@@ -112,11 +118,12 @@ class RunReport:
         or failed. A run of lossy passes only has nothing exact to verify: its lossy change
         was measured (``lossy_check``), which counts.
         """
-        if self.verification_skipped:
+        if self.verification_skipped or self.unverified_after:
             return False
         if self.verification is not None:
             return self.verification.ok
-        return self.lossy_check is not None
+        # Measured by ORT, or by the pass on a simulation of what ORT cannot run (bf16).
+        return self.lossy_check is not None or bool(self.lossy_unrunnable)
 
 
 def default_pipeline(
@@ -280,6 +287,10 @@ class PassManager:
         checks: list[ExactCheck] = []
         lossy_check: VerifyResult | None = None
         rolled_back: list[str] = []
+        lossy_unrunnable = ""
+        # Exact hits when an unrunnable lossy pass ended verification: any later one changed
+        # the model unverified.
+        unverified_from: int | None = None
         # Exact segments are verified against the model they started from; a lossy step is
         # measured against the original (it is expected to move outputs) and becomes the
         # reference of the exact passes after it, so those stay proven exact.
@@ -331,7 +342,8 @@ class PassManager:
                         ) from None
                     # Said by the pass (bf16: no CPU kernels), its fidelity measured otherwise:
                     # the exact passes after it have no reference to be checked against.
-                    self.context.note(f"not verified: the exact passes after {names} ({why})")
+                    lossy_unrunnable = names  # why: in the pass's own report (its record)
+                    unverified_from = self._exact_hits()
                     verifier = None
         # The pre-lossy clone holds the original weights: not kept through finalize and save.
         self.context.reference_model = None
@@ -339,6 +351,12 @@ class PassManager:
             lossy_check = self.verifier.check(model, tolerance=float("inf"))
             _raise_if_out_of_memory(lossy_check.reason)
         _restore_signature(model, signature)
+        unverified_after = ""
+        if unverified_from is not None and self._exact_hits() > unverified_from:
+            unverified_after = (
+                f"exact passes changed the model after {lossy_unrunnable}, whose result ONNX "
+                "Runtime cannot run: they are not verified"
+            )
         report = RunReport(
             stats=list(self._stats.values()),
             nodes_before=nodes_before,
@@ -350,6 +368,8 @@ class PassManager:
             details=dict(self.context.details),
             lossy_check=lossy_check,
             exact_checks=checks,
+            lossy_unrunnable=lossy_unrunnable,
+            unverified_after=unverified_after,
         )
         return model, report
 
@@ -372,6 +392,10 @@ class PassManager:
         # when verification fails or a pass crashes, with or without a verifier.
         start_state = model.clone()
         stats_before = {k: dataclasses.replace(v) for k, v in self._stats.items()}
+        # What the passes noted is replayed with them: a note of a pass the replay rolls back
+        # ("lowered 2 of 2 layers") would describe a change the output does not have.
+        notes_before = len(self.context.notes)
+        details_before = dict(self.context.details)
         verification = None
         replay_reason = ""
         hits_before = self._exact_hits()
@@ -393,9 +417,12 @@ class PassManager:
         rolled_back: list[str] = []
         if replay_reason:
             logger.info("%s; replaying pass by pass", replay_reason)
-            self.context.note(f"{replay_reason}: replayed with a check after every pass")
             model = start_state
             self._stats = stats_before
+            del self.context.notes[notes_before:]
+            self.context.details.clear()
+            self.context.details.update(details_before)
+            self.context.note(f"{replay_reason}: replayed with a check after every pass")
             self._forget_state()
             rolled_back = self._run_steps(model, steps, check_each=True, verifier=verifier)
             if verifier is not None:
@@ -488,6 +515,8 @@ class PassManager:
         if before is None:
             before = count_nodes(model)
         graph_pass = cls(self.context, **spec.options)
+        # A rolled-back pass did nothing: what it noted ("lowered 2 of 2 layers") goes too.
+        notes_before = len(self.context.notes)
         began = time.perf_counter()
         try:
             result = graph_pass(model)
@@ -501,6 +530,7 @@ class PassManager:
                 raise
             logger.warning("pass %s failed (%s); rolled back", spec.name, exc)
             _restore(model, snapshot)
+            del self.context.notes[notes_before:]
             self._forget_state()
             self._disabled.add(spec.name)
             rolled_back.append(spec.name)
@@ -514,6 +544,7 @@ class PassManager:
             _raise_if_out_of_memory(check.reason)
             if not check.ok:
                 _restore(model, snapshot)
+                del self.context.notes[notes_before:]
                 self._forget_state()
                 self._disabled.add(spec.name)
                 rolled_back.append(spec.name)
@@ -573,6 +604,10 @@ def _restore(model: ir.Model, snapshot: ir.Model) -> None:
     model.functions.update(restored.functions)
     # opset imports live on the graph in onnx-ir, so they came along with it
     model.ir_version = restored.ir_version
+    # A pass may record what it did in the metadata (the sparse kernels' decisions): a
+    # rolled-back pass did nothing, and a replay of its record must not redo it.
+    model.metadata_props.clear()
+    model.metadata_props.update(restored.metadata_props)
 
 
 Signature = list[tuple[str | None, ir.TypeProtocol | None, ir.Shape | None]]

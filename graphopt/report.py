@@ -123,13 +123,16 @@ def print_report(report: RunReport, console: Console, verbose: bool = False) -> 
         if isinstance(details, RenderedDetails) and details.render(console)
     }
     lossy = report.lossy_check is not None and bool(report.lossy_check.outputs)
+    # A lossy change ORT cannot run (bf16) has no lossy_check, yet it is a lossy run: the
+    # exact passes' check before it is not "original vs optimized".
+    lossy = lossy or bool(report.lossy_unrunnable)
     if report.verification is not None and report.verification.outputs and not lossy:
         console.print(
             verification_table(
                 report.verification, "verification (ONNX Runtime, original vs optimized)"
             )
         )
-    if lossy and len(report.lossy_check.outputs) > 1:
+    if lossy and report.lossy_check is not None and len(report.lossy_check.outputs) > 1:
         console.print(verification_table(report.lossy_check, _lossy_title(report)))
     for note in report.notes:
         if note in rendered:
@@ -181,7 +184,16 @@ def _print_lossy_verdict(report: RunReport, console: Console) -> None:
         console.print(f"exact passes: {verdict} {against}")
         for check in failed:
             console.print(f"  {check.result.reason}", markup=False)
+    if report.unverified_after:
+        console.print(f"[yellow]not verified:[/] {report.unverified_after}")
     lossy = report.lossy_check
+    if lossy is None:
+        console.print(
+            f"lossy change vs the original ({report.lossy_unrunnable}): not run in ONNX "
+            "Runtime; its fidelity above is measured on a float simulation of its rounding",
+            markup=False,
+        )
+        return
     if len(lossy.outputs) > 1:
         return  # per output in the table titled "lossy change vs the original"
     (out,) = lossy.outputs

@@ -18,7 +18,13 @@ from graphopt.pipeline import PassManager, PassSpec, PassStats, RunReport, expli
 from graphopt.registry import GraphPass, Stage
 from graphopt.report import print_report, signed_percent
 from graphopt.verify import OutputError, Verifier, VerifyResult
-from graphopt_tests.helpers import SilentAddToSubPass, make_model, register_for_test, tensor_info
+from graphopt_tests.helpers import (
+    AddToSubPass,
+    SilentAddToSubPass,
+    make_model,
+    register_for_test,
+    tensor_info,
+)
 from graphopt_tests.passes.pruning.graphs import mlp
 
 
@@ -184,3 +190,48 @@ def test_a_failed_check_before_a_lossy_pass_is_not_overwritten(monkeypatch) -> N
     first, after = report.exact_checks
     assert not first.result.ok and after.result.ok
     assert report.verification.reason == first.result.reason
+
+
+def _bf16_mlp() -> ir.Model:
+    rng = np.random.default_rng(0)
+    return make_model(
+        [
+            helper.make_node("MatMul", ["x", "wa"], ["a"]),
+            helper.make_node("Add", ["a", "b"], ["s"]),
+            helper.make_node("Relu", ["s"], ["r"]),
+            helper.make_node("MatMul", ["r", "wb"], ["y"]),
+        ],
+        [tensor_info("x", TensorProto.FLOAT, ["n", 16])],
+        [tensor_info("y", TensorProto.FLOAT, ["n", 16])],
+        {
+            "wa": rng.standard_normal((16, 16)).astype(np.float32),
+            "b": rng.standard_normal(16).astype(np.float32),
+            "wb": rng.standard_normal((16, 16)).astype(np.float32),
+        },
+    )
+
+
+def test_a_lossy_change_ort_cannot_run_is_not_reported_as_verified_exact() -> None:
+    # bf16: ORT's CPU has no bf16 MatMul, the pass measures its fidelity on a simulation.
+    # The final verdict was the pre-quantize check, "original vs optimized: error 0,
+    # verification passed", for outputs that moved by 3e-3.
+    model = _bf16_mlp()
+    steps = explicit_pipeline([PassSpec("quantize", {"mode": "bf16"}), PassSpec("dead-code")])
+    _, report = PassManager(steps, verifier=Verifier(model)).run(model.clone())
+    assert report.lossy_unrunnable == "quantize" and report.lossy_check is None
+    assert report.verified and not report.unverified_after  # no exact change after it
+    text = rendered(report)
+    assert "verification passed" not in text and "original vs optimized" not in text
+    assert "lossy change vs the original (quantize): not run in ONNX Runtime" in text
+
+
+def test_exact_changes_after_a_lossy_change_ort_cannot_run_are_not_verified(monkeypatch):
+    # Nothing runnable to compare against: a corrupting "exact" pass after bf16 went
+    # unchecked, and the run said "verification passed".
+    register_for_test(monkeypatch, AddToSubPass)
+    model = _bf16_mlp()
+    steps = explicit_pipeline([PassSpec("quantize", {"mode": "bf16"}), PassSpec("test-add-to-sub")])
+    _, report = PassManager(steps, verifier=Verifier(model)).run(model.clone())
+    assert not report.verified
+    assert report.unverified_after.startswith("exact passes changed the model after quantize")
+    assert "not verified: exact passes changed the model after quantize" in rendered(report)
