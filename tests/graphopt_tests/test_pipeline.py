@@ -372,3 +372,34 @@ def test_exact_passes_after_run_time_rounding_are_verified_at_its_tolerance(
         assert any("verified at tolerance 0.5" in note for note in report.notes)
     else:
         assert report.rolled_back == ["test-nudge"]
+
+
+class _RecordingAddToSubPass(AddToSubPass):
+    """Test only: notes and records in the metadata what it did, then breaks the model."""
+
+    name = "test-recording-add-to-sub"
+
+    def rewrite(self, model: ir.Model) -> int:
+        self.context.note("test: rewrote every Add")
+        model.metadata_props["test.decisions"] = "every Add rewritten"
+        return super().rewrite(model)
+
+
+@pytest.mark.parametrize("check_each", [False, True], ids=["replayed", "checked"])
+def test_a_rolled_back_pass_leaves_no_note_or_metadata(monkeypatch, check_each) -> None:
+    # The sparse kernels' decisions stayed in the metadata ("lowered") and the note said
+    # "lowered 2 of 2" after verification rolled the lowering back: a replay of the record
+    # then lowered what the written model does not have.
+    register_for_test(monkeypatch, _RecordingAddToSubPass)
+    model = add_relu_model()
+    manager = PassManager(_steps("test-recording-add-to-sub"), verifier=Verifier(model))
+    if check_each:
+        out, report = model.clone(), None
+        rolled = manager._run_steps(out, manager.steps, check_each=True, verifier=Verifier(model))
+        notes = manager.context.notes
+    else:
+        out, report = manager.run(model.clone())
+        rolled, notes = report.rolled_back, report.notes
+    assert rolled == ["test-recording-add-to-sub"]
+    assert "test.decisions" not in out.metadata_props
+    assert "test: rewrote every Add" not in notes
