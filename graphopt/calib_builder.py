@@ -15,8 +15,10 @@ number of samples, the image size or sequence length from the options).
 Samples come in sorted order (file paths, or line order), so the same folder and options
 give the same bytes; ``seed`` shuffles them with a seeded permutation before ``limit`` takes
 the first ones. The output is written atomically (a temporary file beside it, then a
-rename) and never over the model. Every user mistake is a one-line
-:class:`~graphopt.errors.UserInputError` (exit code 2).
+rename) and never over a file the run reads (the model, its external data, the images, the
+text file, the tokenizer). Every user mistake is a one-line
+:class:`~graphopt.errors.UserInputError` (exit code 2), and so is an option the chosen
+source does not use (an image option with ``--text``, a text option with ``--images``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib.util import find_spec
@@ -43,13 +46,14 @@ class CalibRequest:
     images: str | os.PathLike | None = None
     text: str | os.PathLike | None = None
     tokenizer: str | os.PathLike | None = None
-    size: int | None = None
+    # One side for every symbolic image dim, or (height, width): ``--size 224``/``48x320``.
+    size: int | tuple[int, int] | None = None
     resize: int | None = None
-    crop: str = "center"
+    crop: str | None = None  # "center" (the default) or "none"
     mean: Sequence[float] | None = None
     std: Sequence[float] | None = None
     layout: str | None = None
-    channels: str = "rgb"
+    channels: str | None = None  # "rgb" (the default) or "bgr"
     scale: float | None = None
     limit: int | None = None
     seed: int | None = None
@@ -64,7 +68,7 @@ class CalibRequest:
             images=args.images,
             text=args.text,
             tokenizer=args.tokenizer,
-            size=args.size,
+            size=parse_size(args.size),
             resize=args.resize,
             crop=args.crop,
             mean=parse_floats(args.mean, "--mean"),
@@ -96,17 +100,59 @@ class CalibResult:
         return f"wrote {self.path}: {arrays} from {self.count} {self.source}"
 
 
+# The options each source reads; one given with the other source is refused, not ignored.
+_IMAGE_OPTIONS = (
+    ("--size", "size"),
+    ("--resize", "resize"),
+    ("--crop", "crop"),
+    ("--mean", "mean"),
+    ("--std", "std"),
+    ("--layout", "layout"),
+    ("--channels", "channels"),
+    ("--scale", "scale"),
+)
+_TEXT_OPTIONS = (("--tokenizer", "tokenizer"), ("--seq-len", "seq_len"))
+_CHOICES = (
+    ("--crop", "crop", ("center", "none")),
+    ("--layout", "layout", ("nchw", "nhwc")),
+    ("--channels", "channels", ("rgb", "bgr")),
+)
+# Fixed so that the same arrays give the same bytes (zipfile's own default, made explicit).
+_ZIP_DATE = (1980, 1, 1, 0, 0, 0)
+
+
 def parse_floats(text: str | None, flag: str) -> list[float] | None:
     """``"0.485,0.456,0.406"`` as floats; None when not given."""
     if text is None:
         return None
+    parts = [part.strip() for part in text.split(",")]
+    # An empty part ("1,,2,3") is a slip, not a separator: taking three values from it would
+    # normalize with numbers the user did not mean.
+    if not all(parts):
+        raise UserInputError(f"{flag} {text!r}: empty value; expected comma-separated numbers")
     try:
-        values = [float(part) for part in text.split(",") if part.strip()]
+        values = [float(part) for part in parts]
     except ValueError:
         raise UserInputError(f"{flag} {text!r}: expected comma-separated numbers") from None
-    if not values or not all(np.isfinite(values)):
+    if not all(np.isfinite(values)):
         raise UserInputError(f"{flag} {text!r}: expected comma-separated finite numbers")
     return values
+
+
+def parse_size(text: str | int | None) -> int | tuple[int, int] | None:
+    """``--size``: ``"224"`` (every symbolic image dim) or ``"48x320"`` (height x width)."""
+    if text is None or isinstance(text, int):
+        return text
+    parts = text.strip().lower().split("x")
+    try:
+        numbers = [int(part) for part in parts]
+    except ValueError:
+        numbers = []
+    if len(numbers) not in (1, 2) or min(numbers) < 1:
+        raise UserInputError(
+            f"--size {text!r}: expected a positive whole number (224) or HEIGHTxWIDTH (48x320)"
+        )
+    return numbers[0] if len(numbers) == 1 else (numbers[0], numbers[1])
 
 
 def build_calibration(request: CalibRequest) -> CalibResult:
@@ -115,10 +161,12 @@ def build_calibration(request: CalibRequest) -> CalibResult:
 
     if (request.images is None) == (request.text is None):
         raise UserInputError("calib: give exactly one of --images FOLDER or --text FILE")
+    _check_options_fit_source(request)
+    sizes = request.size if isinstance(request.size, tuple) else (request.size,)
     for flag, number in (
         ("--limit", request.limit),
         ("--seq-len", request.seq_len),
-        ("--size", request.size),
+        *(("--size", side) for side in sizes),
         ("--resize", request.resize),
     ):
         if number is not None and number < 1:
@@ -130,18 +178,27 @@ def build_calibration(request: CalibRequest) -> CalibResult:
     model_path = Path(os.fspath(request.model))
     output = Path(os.fspath(request.output))
     _check_not_model(model_path, output)
-    model = load(model_path).model
     if request.images is not None:
         require("PIL", "pillow", "--images")
-        from graphopt.calib_images import image_arrays
+        from graphopt.calib_images import image_arrays, image_files
 
-        arrays = image_arrays(model, request)
+        files = image_files(Path(os.fspath(request.images)))
+        _check_not_read(model_path, output, [("an --images file", path) for path in files])
+        arrays = image_arrays(load(model_path).model, request, files)
         source = "images"
     else:
         require("tokenizers", "tokenizers", "--text")
-        from graphopt.calib_text import text_arrays
+        from graphopt.calib_text import text_arrays, tokenizer_file
 
-        arrays = text_arrays(model, request)
+        if request.tokenizer is None:
+            raise UserInputError("--text needs --tokenizer PATH (a tokenizer.json or its folder)")
+        tokenizer = tokenizer_file(request.tokenizer)
+        read = [
+            ("the --text file", Path(os.fspath(request.text))),
+            ("the --tokenizer file", tokenizer),
+        ]
+        _check_not_read(model_path, output, read)
+        arrays = text_arrays(load(model_path).model, request, tokenizer)
         source = "sentences"
     write_npz_atomic(output, arrays)
     first = next(iter(arrays.values()))
@@ -173,6 +230,40 @@ def pick(items: Sequence, limit: int | None, seed: int | None) -> list:
     return chosen if limit is None else chosen[:limit]
 
 
+def _check_options_fit_source(request: CalibRequest) -> None:
+    """Refuse an option the chosen source never reads (it would be silently ignored), and a
+    choice option (API callers pass strings) that is none of its choices."""
+    images = request.images is not None
+    unused = _TEXT_OPTIONS if images else _IMAGE_OPTIONS
+    given = [flag for flag, field in unused if getattr(request, field) is not None]
+    if given:
+        source, other = ("--images", "--text") if images else ("--text", "--images")
+        raise UserInputError(
+            f"{', '.join(given)}: not used with {source} (only with {other}); drop "
+            f"{'it' if len(given) == 1 else 'them'}"
+        )
+    for flag, field, choices in _CHOICES:
+        value = getattr(request, field)
+        if value is not None and value not in choices:
+            raise UserInputError(f"{flag} {value!r}: expected one of {', '.join(choices)}")
+    if request.resize is not None and request.crop == "none":
+        raise UserInputError(
+            "--resize: not used with --crop none (the whole image is resized to the input's "
+            "size); drop --resize, or use --crop center"
+        )
+
+
+def _check_not_read(model: Path, output: Path, read: list[tuple[str, Path]]) -> None:
+    """Refuse, before any work, an output that is a file the run reads: the model's external
+    data (found in its header), an image, the text file, the tokenizer (run_files'
+    same-file test: the same inode, links included, else the same resolved path). Writing
+    comes last, so nothing would fail, and the user's file would be gone."""
+    from graphopt.api import OptimizeOptions
+    from graphopt.run_files import check_overwrites
+
+    check_overwrites(model, output, OptimizeOptions(), also_read=read)
+
+
 def _check_not_model(model: Path, output: Path) -> None:
     # Writing the calibration data over the model (a slip of -o) would destroy it.
     same = output.resolve() == model.resolve()
@@ -186,8 +277,20 @@ def _check_not_model(model: Path, output: Path) -> None:
 
 
 def write_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """``numpy.savez`` to ``path`` atomically (:func:`graphopt.io.write_file_atomically`): a
-    kill midway leaves the old file (or none), never a torn archive."""
+    """The ``.npz`` ``numpy.savez`` writes, to ``path`` atomically
+    (:func:`graphopt.io.write_file_atomically`): a kill midway leaves the old file (or none),
+    never a torn archive."""
     from graphopt.io import write_file_atomically
 
-    write_file_atomically(path, lambda handle: np.savez(handle, **arrays))
+    write_file_atomically(path, lambda handle: _write_npz(handle, arrays))
+
+
+def _write_npz(handle, arrays: dict[str, np.ndarray]) -> None:
+    # Not np.savez(handle, **arrays): its own keywords take the inputs of those names (an
+    # input named "allow_pickle" vanished, one named "file" crashed). The same archive it
+    # writes: one stored NAME.npy member per array, zip64 headers, a fixed date.
+    with zipfile.ZipFile(handle, mode="w", compression=zipfile.ZIP_STORED) as archive:
+        for name, array in arrays.items():
+            member = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_DATE)
+            with archive.open(member, mode="w", force_zip64=True) as stream:
+                np.lib.format.write_array(stream, np.asanyarray(array), allow_pickle=False)

@@ -2,21 +2,28 @@
 
 The image input is the model's rank-4 input with 1 or 3 channels at axis 1 (NCHW) or axis
 3 (NHWC); ``--layout`` settles a model whose input could be either. Each file (sorted by
-path, subfolders included) is opened with PIL, converted to RGB (or grayscale for one
-channel), resized and cropped to the input's height and width, and for a float input
-scaled and normalized: ``(pixel / scale - mean) / std``. An integer input (uint8) takes the
-raw pixels. Fixed dims come from the model; ``--size`` gives the symbolic ones (224 when
-neither says).
+path, subfolders included; see :func:`image_files` for what is read) is opened with PIL,
+converted to RGB (or grayscale for one channel), resized and cropped to the input's height
+and width, and for a float input scaled and normalized: ``(pixel / scale - mean) / std``.
+An integer input (uint8) takes the raw pixels. Fixed dims come from the model; ``--size``
+gives the symbolic ones (224 when neither says): ``--size N`` every symbolic one,
+``--size HxW`` height and width, each agreeing with the model where it fixes the dim.
 
 Cropping (``--crop center``, the default): the shorter side is resized to ``--resize``
-(default: the crop size itself), then the centre ``size`` square is cut out, as
-torchvision's ``Resize(resize)`` + ``CenterCrop(size)`` do. ``--crop none`` resizes the
-whole image to the input's size, aspect ratio not kept.
+(default: the larger side of the crop), then the centre ``height x width`` is cut out,
+with the sizes and offsets torchvision's ``Resize(resize)`` + ``CenterCrop((h, w))``
+compute (PIL bilinear, as torchvision uses for PIL images), so the pixels are theirs. An
+image whose resized copy would pass ``MAX_RESIZE_PIXELS`` (an extreme aspect ratio, a
+huge ``--resize``) has only the cropped region resized, as PIL's ``box`` allows: the same
+geometry, pixels within one or two levels of torchvision's, without allocating the whole
+resized image. ``--crop none`` resizes the whole image to the input's size, aspect ratio
+not kept.
 """
 
 from __future__ import annotations
 
 import contextlib
+import struct
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -39,13 +46,21 @@ DEFAULT_SIZE = 224
 DEFAULT_SCALE = 255.0
 # The largest calibration array calib writes: a few times this is held while it is built.
 MAX_CALIB_BYTES = 4 << 30
+# The largest resized copy of one image made before cropping (16M pixels: 48 MiB in RGB,
+# far above a photo resized for a model, 256x341); past it only the cropped region is
+# resized. A 1x40000 image resized to a shorter side of 224 was a 224x8960000 copy (6 GB)
+# for a 224x224 crop.
+MAX_RESIZE_PIXELS = 1 << 24
 CHANNELS = (1, 3)
 _FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE)
 _PIXEL_TYPES = (ir.DataType.UINT8,)
 
 
-def image_arrays(model: ir.Model, request: CalibRequest) -> dict[str, np.ndarray]:
-    """``{input name: [N, ...] array}`` for the model's image input from ``request.images``."""
+def image_arrays(
+    model: ir.Model, request: CalibRequest, files: list[Path] | None = None
+) -> dict[str, np.ndarray]:
+    """``{input name: [N, ...] array}`` for the model's image input from ``request.images``
+    (``files``: its :func:`image_files`, when the caller has them already)."""
     value, layout = image_input(model, request.layout)
     others = [v.name for v in graph_inputs(model) if v is not value]
     if others:
@@ -60,6 +75,13 @@ def image_arrays(model: ir.Model, request: CalibRequest) -> dict[str, np.ndarray
             "writes one sample per image and needs a batch dim that is 1 or symbolic"
         )
     channels, height, width = _image_dims(value, layout, request.size)
+    crop = request.crop or "center"
+    if crop == "center" and request.resize is not None and request.resize < max(height, width):
+        # torchvision would pad the crop with black; raising it silently read other pixels.
+        raise UserInputError(
+            f"--resize {request.resize}: smaller than the {height}x{width} crop; give at "
+            f"least {max(height, width)} (or leave it out: the crop's larger side)"
+        )
     float_input = value.dtype in _FLOAT_TYPES
     if not float_input and value.dtype not in _PIXEL_TYPES:
         raise UserInputError(
@@ -79,21 +101,36 @@ def image_arrays(model: ir.Model, request: CalibRequest) -> dict[str, np.ndarray
         raise UserInputError(f"--scale {request.scale}: expected a positive number")
     from graphopt.calib_builder import pick
 
-    files = pick(image_files(Path(request.images)), request.limit, request.seed)
+    if files is None:
+        files = image_files(Path(request.images))
+    files = pick(files, request.limit, request.seed)
     _check_size(value, len(files), channels, height, width, float_input)
     pixels = np.stack(
-        [_load(path, channels, (height, width), request.crop, request.resize) for path in files]
+        [_load(path, channels, (height, width), crop, request.resize) for path in files]
     )  # [N, H, W, C] uint8
     if request.channels == "bgr":
         pixels = pixels[..., ::-1]
-    if float_input:
-        data = (pixels.astype(np.float32) / np.float32(scale) - mean) / std
-        data = data.astype(value.dtype.numpy())
-    else:
-        data = pixels
+    data = _normalized(value, pixels, scale, mean, std) if float_input else pixels
     if layout == "nchw":
         data = data.transpose(0, 3, 1, 2)
     return {value.name: np.ascontiguousarray(data)}
+
+
+def _normalized(
+    value: ir.Value, pixels: np.ndarray, scale: float, mean: np.ndarray, std: np.ndarray
+) -> np.ndarray:
+    """``(pixel / scale - mean) / std`` in the input's float type; refused where that is not
+    finite (a tiny --std overflowed to inf: numpy warned on stderr, and the file was written)."""
+    dtype = value.dtype.numpy()
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        data = (pixels.astype(np.float32) / np.float32(scale) - mean) / std
+        data = data.astype(dtype)
+    if not np.isfinite(data).all():
+        raise UserInputError(
+            f"input {value.name!r}: (pixel / --scale - --mean) / --std overflows {dtype} "
+            f"(largest finite {float(np.finfo(dtype).max):.4g}); check --std and --scale"
+        )
+    return data
 
 
 def image_input(model: ir.Model, layout: str | None) -> tuple[ir.Value, str]:
@@ -123,7 +160,12 @@ def image_input(model: ir.Model, layout: str | None) -> tuple[ir.Value, str]:
 
 
 def image_files(folder: Path) -> list[Path]:
-    """The image files under ``folder`` (subfolders included, hidden ones not), sorted."""
+    """The image files under ``folder``, sorted by path: every file with an image suffix
+    (``IMAGE_SUFFIXES``, any case) in it and its subfolders, symbolic links to files
+    included. Not read: hidden files and folders (a name starting with "."; macOS's
+    ``._photo.jpg`` resource forks carry an image suffix but are no images) and symbolic
+    links to folders (``Path.rglob`` does not follow them, which also keeps a link loop from
+    recursing forever). The README's "Calibration data" says the same."""
     if not folder.exists():
         raise UserInputError(f"{folder}: no such folder")
     if not folder.is_dir():
@@ -155,10 +197,28 @@ def _load(
             image = Image.open(path)
         with image:
             image = _as_8_bit(image, path)
-            image = image.convert("L" if channels == 1 else "RGB")
+            with warnings.catch_warnings():
+                # A palette PNG with transparency: PIL suggests converting to RGBA first, in
+                # a multi-line warning. The alpha is dropped either way (the input takes RGB
+                # or grayscale), so the advice does not apply here.
+                warnings.filterwarnings(
+                    "ignore", message="Palette images with Transparency", category=UserWarning
+                )
+                image = image.convert("L" if channels == 1 else "RGB")
             image = _fit(image, size, crop, resize)
             array = np.asarray(image, dtype=np.uint8)
-    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
+    except (
+        OSError,
+        UnidentifiedImageError,
+        ValueError,
+        Image.DecompressionBombError,
+        # PIL's decoders report a corrupt file with these too: a PNG chunk with a broken
+        # length raises SyntaxError("broken PNG file"), a short header EOFError or
+        # struct.error.
+        SyntaxError,
+        EOFError,
+        struct.error,
+    ) as exc:
         raise UserInputError(f"{path}: cannot read image ({exc})") from None
     return array[..., None] if array.ndim == 2 else array
 
@@ -217,35 +277,72 @@ def _fit(image: Image.Image, size: tuple[int, int], crop: str, resize: int | Non
     height, width = size
     if crop == "none":
         return image.resize((width, height), Image.Resampling.BILINEAR)
-    # Shorter side to `resize` (at least the crop), then the centre crop.
-    shorter = max(resize or max(height, width), height, width)
-    w, h = image.size
-    factor = shorter / min(w, h)
-    new_w, new_h = max(width, round(w * factor)), max(height, round(h * factor))
-    image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
-    left, top = (new_w - width) // 2, (new_h - height) // 2
-    return image.crop((left, top, left + width, top + height))
+    # The caller refused a --resize below the crop, so the resized image holds the crop.
+    new_w, new_h = resized_size(image.size, resize or max(height, width))
+    left, top = crop_offsets((new_w, new_h), (height, width))
+    if new_w * new_h <= MAX_RESIZE_PIXELS:
+        image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
+        return image.crop((left, top, left + width, top + height))
+    # Only the region the crop takes, in source pixels: PIL resizes it with the scale the
+    # whole image would have had. Its filter still reads the pixels around the region, so
+    # only float rounding differs from resizing everything (within a level or two).
+    scale_x, scale_y = image.size[0] / new_w, image.size[1] / new_h
+    box = (left * scale_x, top * scale_y, (left + width) * scale_x, (top + height) * scale_y)
+    return image.resize((width, height), Image.Resampling.BILINEAR, box=box)
 
 
-def _image_dims(value: ir.Value, layout: str, size: int | None) -> tuple[int, int, int]:
-    """(channels, height, width): fixed dims from the model, ``size`` for symbolic ones."""
+def resized_size(size: tuple[int, int], shorter: int) -> tuple[int, int]:
+    """(width, height) of an image of ``size`` (width, height) whose shorter side is resized
+    to ``shorter``: torchvision's ``Resize(int)`` formula, the longer side truncated."""
+    w, h = size
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(shorter * long / short)
+    return (shorter, new_long) if w <= h else (new_long, shorter)
+
+
+def crop_offsets(size: tuple[int, int], crop: tuple[int, int]) -> tuple[int, int]:
+    """(left, top) of the centre ``crop`` (height, width) of an image of ``size`` (width,
+    height): torchvision's ``CenterCrop``, ``int(round((side - crop) / 2))`` (Python's round,
+    halves to even)."""
+    (w, h), (crop_h, crop_w) = size, crop
+    return round((w - crop_w) / 2.0), round((h - crop_h) / 2.0)
+
+
+def _image_dims(
+    value: ir.Value, layout: str, size: int | tuple[int, int] | None
+) -> tuple[int, int, int]:
+    """(channels, height, width): fixed dims from the model, ``size`` for symbolic ones.
+
+    ``size`` N sets every symbolic dim (a model fixing both to other sizes refuses it: it
+    would set nothing); (H, W) sets each, and must agree with a dim the model fixes."""
     shape = value.shape
     c_axis, h_axis, w_axis = (1, 2, 3) if layout == "nchw" else (3, 1, 2)
     channels = shape[c_axis] if isinstance(shape[c_axis], int) and shape[c_axis] > 0 else 3
-    side = []
-    for axis in (h_axis, w_axis):
-        dim = shape[axis]
-        if isinstance(dim, int) and dim > 0:
-            if size is not None and size != dim:
-                raise UserInputError(
-                    f"--size {size}: input {value.name!r} is fixed at {_dims(value)}"
-                )
-            side.append(dim)
-        else:
-            side.append(size or DEFAULT_SIZE)
-    if size is not None and size < 1:
-        raise UserInputError(f"--size {size}: expected a positive number of pixels")
-    return channels, side[0], side[1]
+    fixed = [
+        dim if isinstance(dim, int) and dim > 0 else None for dim in (shape[h_axis], shape[w_axis])
+    ]
+    asked = size if isinstance(size, tuple) else (size, size)
+    if any(side is not None and side < 1 for side in asked):
+        raise UserInputError(f"--size {_size_text(size)}: expected a positive number of pixels")
+    if isinstance(size, tuple):
+        wrong = any(dim is not None and side != dim for side, dim in zip(size, fixed, strict=True))
+    else:
+        wrong = size is not None and None not in fixed and fixed != [size, size]
+    if wrong:
+        # An N refused here met no symbolic dim: it would set nothing.
+        detail = "" if isinstance(size, tuple) else ", no symbolic image dim for --size to set"
+        raise UserInputError(
+            f"--size {_size_text(size)}: input {value.name!r} is fixed at {_dims(value)}{detail}"
+        )
+    height, width = (
+        dim if dim is not None else (given or DEFAULT_SIZE)
+        for dim, given in zip(fixed, asked, strict=True)
+    )
+    return channels, height, width
+
+
+def _size_text(size: int | tuple[int, int] | None) -> str:
+    return "x".join(map(str, size)) if isinstance(size, tuple) else str(size)
 
 
 def _per_channel(values, channels: int, flag: str, default: float) -> np.ndarray:

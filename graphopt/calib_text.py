@@ -9,14 +9,24 @@ arrays with their attention masks, padding on the right.
 
 Which array goes to which model input is read from the input names: ``input_ids`` (or
 ``ids``), a name with ``mask`` (attention mask), a name with ``token_type`` or ``segment``
-(token types). A model input none of them fits is an error: calib cannot make it up.
+(token types). A model input none of them fits is an error: calib cannot make it up. So is
+a batch the model fixes above 1: calib writes one row per sentence (as for images).
+
+The text file is UTF-8 (a byte-order mark is skipped); lines end at ``\n``, ``\r\n`` or
+``\r`` only, not at the other characters ``str.splitlines`` breaks on (form feed, U+2028,
+...), which can sit inside a sentence.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import onnx_ir as ir
@@ -34,6 +44,11 @@ TOKENIZER_FILE = "tokenizer.json"
 _INTEGER_TYPES = (ir.DataType.INT64, ir.DataType.INT32)
 # Pad tokens of the common vocabularies, for a tokenizer.json without a padding setting.
 _PAD_TOKENS = ("[PAD]", "<pad>", "<|pad|>", "<|endoftext|>")
+# What a hub id looks like ("bert-base-uncased", "org/model"), unlike a mistyped local path.
+_HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+_FILE_SUFFIXES = frozenset({".json", ".txt", ".model", ".vocab"})
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+_T = TypeVar("_T")
 
 
 def input_role(name: str) -> str | None:
@@ -48,20 +63,30 @@ def input_role(name: str) -> str | None:
     return None
 
 
-def text_arrays(model: ir.Model, request: CalibRequest) -> dict[str, np.ndarray]:
-    """``{input name: int [N, seq_len]}`` for every model input, from ``request.text``."""
+def text_arrays(
+    model: ir.Model, request: CalibRequest, tokenizer_path: Path | None = None
+) -> dict[str, np.ndarray]:
+    """``{input name: int [N, seq_len]}`` for every model input, from ``request.text``
+    (``tokenizer_path``: :func:`tokenizer_file` of ``request.tokenizer``, if known)."""
     from graphopt.calib_builder import pick
 
     roles = _roles(model)
+    _check_batch(roles)
     seq_len = _sequence_length(model, request.seq_len)
-    if request.tokenizer is None:
-        raise UserInputError("--text needs --tokenizer PATH (a tokenizer.json or its folder)")
-    tokenizer = load_tokenizer(request.tokenizer)
+    if tokenizer_path is None:
+        if request.tokenizer is None:
+            raise UserInputError("--text needs --tokenizer PATH (a tokenizer.json or its folder)")
+        tokenizer_path = tokenizer_file(request.tokenizer)
+    tokenizer = load_tokenizer(tokenizer_path)
     lines = pick(read_sentences(Path(os.fspath(request.text))), request.limit, request.seed)
-    tokenizer.enable_truncation(max_length=seq_len)
-    pad_id, pad_token = _pad(tokenizer)
-    tokenizer.enable_padding(length=seq_len, pad_id=pad_id, pad_token=pad_token)
-    encodings = tokenizer.encode_batch(lines)
+
+    def encode() -> list:
+        tokenizer.enable_truncation(max_length=seq_len)
+        pad_id, pad_token = _pad(tokenizer)
+        tokenizer.enable_padding(length=seq_len, pad_id=pad_id, pad_token=pad_token)
+        return tokenizer.encode_batch(lines)
+
+    encodings = _tokenizer_call(tokenizer_path, "cannot encode the text", encode)
     longest = max(len(e.ids) for e in encodings)
     if longest > seq_len:
         # Truncation keeps the special tokens ([CLS] ... [SEP]) whatever max_length says.
@@ -79,27 +104,113 @@ def text_arrays(model: ir.Model, request: CalibRequest) -> dict[str, np.ndarray]
     }
 
 
+def tokenizer_file(path: str | os.PathLike) -> Path:
+    """The ``tokenizer.json`` that ``--tokenizer path`` names: the file, or the one in the
+    folder. Not read here (the caller checks first that -o is not this file)."""
+    text = os.fspath(path)
+    if not str(text).strip():
+        raise UserInputError(
+            f"--tokenizer: empty path; give a {TOKENIZER_FILE} file or a folder holding one"
+        )
+    given = Path(text)
+    if not given.exists():
+        if _looks_like_hub_name(str(text)):
+            # "bert-base-uncased", "org/model": a hub name, which calib never downloads.
+            raise UserInputError(
+                f"tokenizer {str(text)!r} is not a local path; graphopt does not download "
+                f"tokenizers: give a {TOKENIZER_FILE} file or a folder holding one"
+            )
+        raise UserInputError(f"{given}: tokenizer not found ({given} does not exist)")
+    file = given / TOKENIZER_FILE if given.is_dir() else given
+    if not file.is_file():
+        raise UserInputError(f"{given}: tokenizer not found (no {TOKENIZER_FILE} in the folder)")
+    return file
+
+
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """A ``tokenizers.Tokenizer`` from a local ``tokenizer.json`` (or a folder holding one)."""
     from tokenizers import Tokenizer
 
-    given = Path(os.fspath(path))
-    if not given.exists():
-        if not given.is_absolute() and len(given.parts) <= 2 and given.suffix != ".json":
-            # "bert-base-uncased", "org/model": a hub name, which calib never downloads.
-            raise UserInputError(
-                f"tokenizer {str(path)!r} is not a local path; graphopt does not download "
-                f"tokenizers: give a {TOKENIZER_FILE} file or a folder holding one"
-            )
-        raise UserInputError(f"{given}: tokenizer not found (no such file or folder)")
-    file = given / TOKENIZER_FILE if given.is_dir() else given
-    if not file.is_file():
-        raise UserInputError(f"{given}: tokenizer not found (no {TOKENIZER_FILE} in the folder)")
+    file = tokenizer_file(path)
+    return _tokenizer_call(file, "cannot load tokenizer", lambda: Tokenizer.from_file(str(file)))
+
+
+def _looks_like_hub_name(text: str) -> bool:
+    """Whether a missing ``--tokenizer`` path reads as a hub id rather than a mistyped local
+    path: one or two plain name parts, no file suffix, and no existing folder as its first
+    part ("tok/vocab.txt" with a tok/ folder is a local file that is missing)."""
+    path = Path(text)
+    if not _HUB_NAME.fullmatch(text) or path.suffix.lower() in _FILE_SUFFIXES:
+        return False
+    return not (len(path.parts) == 2 and path.parent.is_dir())
+
+
+def _tokenizer_call(file: Path, what: str, call: Callable[[], _T]) -> _T:
+    """``call()``, with the tokenizer's failures as one-line errors naming ``file``.
+
+    The library raises plain Exceptions for a malformed or inconsistent tokenizer (a
+    WordLevel vocabulary without its unknown token fails only when encoding), and a Rust
+    panic (a broken Precompiled normalizer) as pyo3's PanicException, a BaseException,
+    after Rust's panic hook wrote the panic and a backtrace to file descriptor 2: that is
+    captured while the call runs, dropped on a panic and passed on otherwise.
+    """
+    panicked = False
+    captured = bytearray()
     try:
-        return Tokenizer.from_file(str(file))
-    except Exception as exc:  # the library raises plain Exceptions for a malformed file
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserInputError(f"{file}: cannot load tokenizer ({message})") from None
+        with _stderr_captured() as captured:
+            try:
+                return call()
+            except Exception as exc:
+                raise UserInputError(f"{file}: {what} ({_first_line(exc)})") from None
+            except BaseException as exc:
+                if not is_rust_panic(exc):
+                    raise
+                panicked = True
+                raise UserInputError(
+                    f"{file}: {what}: the tokenizers library crashed ({_first_line(exc)}); "
+                    "the tokenizer file is likely malformed"
+                ) from None
+    finally:
+        if not panicked and captured:
+            with contextlib.suppress(OSError):
+                sys.stderr.flush()
+                os.write(2, captured)
+
+
+def is_rust_panic(exc: BaseException) -> bool:
+    """Whether ``exc`` is pyo3's PanicException (its module is not importable by name)."""
+    return type(exc).__name__ == "PanicException" and type(exc).__module__ == "pyo3_runtime"
+
+
+@contextlib.contextmanager
+def _stderr_captured() -> Iterator[bytearray]:
+    """File descriptor 2 redirected to a temporary file while the block runs; yields a
+    bytearray that holds what was written there once the block ends."""
+    captured = bytearray()
+    with contextlib.ExitStack() as stack:
+        saved: int | None = None
+        try:
+            sys.stderr.flush()
+            sink = stack.enter_context(tempfile.TemporaryFile())
+            saved = os.dup(2)
+        except (OSError, ValueError):  # no temporary file, no descriptor 2: nothing captured
+            pass
+        if saved is None:
+            yield captured
+            return
+        stack.callback(os.close, saved)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            os.dup2(saved, 2)
+            sink.seek(0)
+            captured.extend(sink.read())
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def read_sentences(path: Path) -> list[str]:
@@ -108,7 +219,8 @@ def read_sentences(path: Path) -> list[str]:
         # A device or FIFO (/dev/zero) would be read until memory runs out.
         raise UserInputError(f"{path}: not a regular file; --text takes a file of sentences")
     try:
-        text = path.read_text(encoding="utf-8")
+        # utf-8-sig: a byte-order mark (Notepad writes one) is no part of the first sentence.
+        text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise UserInputError(f"{path}: no such text file") from None
     except IsADirectoryError:
@@ -117,7 +229,7 @@ def read_sentences(path: Path) -> list[str]:
         raise UserInputError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except OSError as exc:
         raise UserInputError(f"{path}: cannot read ({exc.strerror})") from None
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    lines = [line.strip() for line in _LINE_BREAK.split(text) if line.strip()]
     if not lines:
         raise UserInputError(f"{path}: no sentences (the file has no non-empty line)")
     return lines
@@ -141,6 +253,18 @@ def _roles(model: ir.Model) -> list[tuple[ir.Value, str]]:
                 "--text fills token inputs"
             )
     return roles  # type: ignore[return-value]
+
+
+def _check_batch(roles: list[tuple[ir.Value, str]]) -> None:
+    """Refuse a batch the model fixes above 1, as calib_images does: the file holds one row
+    per sentence, which --calib then feeds in batches the model would not take."""
+    for value, _ in roles:
+        batch = value.shape[0]
+        if isinstance(batch, int) and batch > 1:
+            raise UserInputError(
+                f"input {value.name!r} has a fixed batch of {batch}; calib writes one sample "
+                "per sentence and needs a batch dim that is 1 or symbolic"
+            )
 
 
 def _sequence_length(model: ir.Model, asked: int | None) -> int:

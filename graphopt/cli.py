@@ -270,6 +270,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             "(set GRAPHOPT_DEBUG=1 for a traceback)",
         )
         return EXIT_INTERNAL
+    except BaseException as exc:
+        # A Rust library's panic (tokenizers, ...) reaches Python as pyo3's PanicException,
+        # a BaseException: without this it left a traceback and exit 1. Other
+        # BaseExceptions (SystemExit from argparse) go on as before.
+        if type(exc).__name__ != "PanicException" or os.environ.get("GRAPHOPT_DEBUG"):
+            raise
+        _say(
+            err,
+            f"graphopt: internal error: {type(exc).__name__}: {exc} "
+            "(set GRAPHOPT_DEBUG=1 for a traceback)",
+        )
+        return EXIT_INTERNAL
 
 
 def _check_files(
@@ -313,6 +325,9 @@ def _out_of_memory(args: argparse.Namespace | None, exc: BaseException) -> str:
     hint = (
         "try --no-verify / a smaller --input-shape"
         if command == "optimize"
+        # calib has no --input-shape: its arrays' sizes come from these.
+        else "try a smaller --size or --limit"
+        if command == "calib"
         else "try a smaller --input-shape"
     )
     return f"out of memory while {_stage[0]}{detail}; {hint}"
@@ -549,13 +564,19 @@ def _add_calib_command(commands: argparse._SubParsersAction) -> None:
     source.add_argument("--text", metavar="FILE", help="text file, one sentence per line")
     cal.add_argument("--tokenizer", metavar="PATH", help="tokenizer.json or its folder (local)")
     cal.add_argument("--seq-len", type=int, help="tokens per sentence (default: model's, or 128)")
-    cal.add_argument("--size", type=int, help="image side for symbolic dims (default 224)")
-    cal.add_argument("--resize", type=int, help="shorter side before the centre crop (=size)")
-    cal.add_argument("--crop", choices=("center", "none"), default="center", help="(center)")
+    cal.add_argument(
+        "--size",
+        metavar="N|HxW",
+        help="symbolic image dims: N for each, HxW for height and width (default 224)",
+    )
+    cal.add_argument("--resize", type=int, help="shorter side before the centre crop (>= crop)")
+    # No argparse defaults for these: calib refuses an image option given with --text,
+    # which it could not tell from a default.
+    cal.add_argument("--crop", choices=("center", "none"), help="center (default) or none")
     cal.add_argument("--mean", help="per-channel mean after scaling, e.g. 0.485,0.456,0.406 (0)")
     cal.add_argument("--std", help="per-channel std, e.g. 0.229,0.224,0.225 (1)")
     cal.add_argument("--layout", choices=("nchw", "nhwc"), help="image layout (default: guess)")
-    cal.add_argument("--channels", choices=("rgb", "bgr"), default="rgb", help="rgb (default)")
+    cal.add_argument("--channels", choices=("rgb", "bgr"), help="rgb (default) or bgr")
     cal.add_argument("--scale", type=float, help="pixels are divided by this first (255)")
     cal.add_argument("--limit", type=int, help="use at most N samples")
     cal.add_argument("--seed", type=int, help="shuffle the samples with this seed before --limit")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from graphopt.calibration import load_npz
 from graphopt.cli import main
@@ -407,3 +407,160 @@ def test_a_missing_image_or_tokenizer_library_is_a_one_line_error(tmp_path, caps
         capsys, _token_model(tmp_path / "t.onnx"), "-o", tmp_path / "t.npz", "--text", text_file
     )
     assert code == 2 and "pip install tokenizers" in text
+
+
+def _external_data_model(path):
+    """An image model whose weight is stored in PATH.data beside it."""
+    weight = numpy_helper.from_array(np.array([2.0], np.float32), "w")  # raw data: can go out
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "w"], ["y"])],
+        "ext",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [weight],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    onnx.save(
+        model, path, save_as_external_data=True, location=f"{path.name}.data", size_threshold=0
+    )
+    return path
+
+
+@pytest.mark.parametrize("target", ["image", "linked_image", "external_data", "text", "tokenizer"])
+def test_an_output_that_is_a_file_the_run_reads_is_refused_before_any_work(
+    tmp_path, capsys, target
+):
+    """-o over an image, the text file, the tokenizer or the model's weights wrote over it
+    (exit 0): only the model itself was checked."""
+    import_or_skip("PIL", PIL_REASON)
+    import_or_skip("tokenizers", "graphopt calib --text reads tokenizers with `tokenizers`")
+    folder = tmp_path / "imgs"
+    _images(folder, 2, size=(8, 8))
+    image = folder / "img00.png"
+    text = tmp_path / "s.txt"
+    text.write_text("a sentence\n", encoding="utf-8")
+    (tmp_path / "tok").mkdir()
+    tokenizer = tmp_path / "tok" / "tokenizer.json"
+    tokenizer.write_text(_word_level_tokenizer(), encoding="utf-8")
+    model = _image_model(tmp_path / "m.onnx", ["N", 3, 8, 8])
+    source = ["--images", folder]
+    if target == "image":
+        out = image
+    elif target == "linked_image":
+        out = tmp_path / "link.npz"
+        out.symlink_to(image)
+    elif target == "external_data":
+        model = _external_data_model(tmp_path / "ext.onnx")
+        out = tmp_path / "ext.onnx.data"
+    else:
+        model = _token_model(tmp_path / "t.onnx")
+        source = ["--text", text, "--tokenizer", tmp_path / "tok"]  # the folder: its file
+        out = text if target == "text" else tokenizer
+    kept = out.read_bytes()
+    code, msg = _calib(capsys, model, "-o", out, *source)
+    assert code == 2, msg
+    assert "give another path (the run would overwrite it)" in msg, msg
+    assert msg.strip().count("\n") == 0, msg
+    assert out.read_bytes() == kept
+
+
+@pytest.mark.parametrize("name", ["allow_pickle", "file", "x"])
+def test_inputs_named_like_savez_keywords_are_written_and_load_back(tmp_path, capsys, name):
+    """np.savez(handle, **arrays): an input named allow_pickle vanished from the archive
+    (reported as written), one named file crashed (exit 3)."""
+    model = _image_model(tmp_path / "m.onnx", ["N", 3, 8, 8], name=name)
+    _images(tmp_path / "imgs", 3, size=(8, 8))
+    out = tmp_path / "c.npz"
+    code, msg = _calib(capsys, model, "-o", out, "--images", tmp_path / "imgs")
+    assert code == 0, msg
+    arrays = load_npz(out)
+    assert list(arrays) == [name] and arrays[name].shape == (3, 3, 8, 8)
+    # The archive numpy.savez writes, byte for byte (a fixed member date: deterministic),
+    # under a stand-in name of the same length that is none of its keywords.
+    expected = tmp_path / "expected.npz"
+    stand_in = "q" * len(name)
+    np.savez(expected, **{stand_in: arrays[name]})
+    written = expected.read_bytes().replace(f"{stand_in}.npy".encode(), f"{name}.npy".encode())
+    assert out.read_bytes() == written
+
+
+@pytest.mark.parametrize(
+    ("source", "options", "expected"),
+    [
+        ("images", ["--seq-len", "8"], "--seq-len: not used with --images"),
+        ("images", ["--tokenizer", "tok"], "--tokenizer: not used with --images"),
+        ("text", ["--mean", "0.5"], "--mean: not used with --text"),
+        ("text", ["--size", "8", "--layout", "nchw"], "--size, --layout: not used with --text"),
+        ("text", ["--channels", "rgb"], "--channels: not used with --text"),
+        ("text", ["--crop", "center"], "--crop: not used with --text"),
+        ("images", ["--crop", "none", "--resize", "16"], "--resize: not used with --crop none"),
+        ("images", ["--resize", "6"], "--resize 6: smaller than the 8x8 crop; give at least 8"),
+        ("images", ["--mean", "1,,2,3"], "--mean '1,,2,3': empty value"),
+        ("images", ["--size", "8x"], "--size '8x': expected a positive whole number"),
+    ],
+)
+def test_options_that_would_be_ignored_are_refused(tmp_path, capsys, source, options, expected):
+    import_or_skip("PIL", PIL_REASON)
+    import_or_skip("tokenizers", "graphopt calib --text reads tokenizers with `tokenizers`")
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text(_word_level_tokenizer(), encoding="utf-8")
+    if source == "images":
+        model = _image_model(tmp_path / "m.onnx", ["N", 3, 8, 8])
+        _images(tmp_path / "imgs", 2, size=(8, 8))
+        given = ["--images", tmp_path / "imgs"]
+    else:
+        model = _token_model(tmp_path / "m.onnx")
+        (tmp_path / "s.txt").write_text("a sentence\n", encoding="utf-8")
+        given = ["--text", tmp_path / "s.txt", "--tokenizer", tmp_path / "tok"]
+    code, msg = _calib(capsys, model, "-o", tmp_path / "c.npz", *given, *options)
+    assert code == 2, msg
+    assert expected in msg, msg
+    assert msg.strip().count("\n") == 0, msg
+    assert not (tmp_path / "c.npz").exists()
+
+
+def test_size_sets_the_symbolic_dims_and_height_x_width_each(tmp_path, capsys):
+    """[N,3,48,W]: --size 320 was refused ("fixed at"), though the README says the symbolic
+    dims come from --size."""
+    model = _image_model(tmp_path / "m.onnx", ["N", 3, 12, "W"])
+    _images(tmp_path / "imgs", 2, size=(30, 20))
+    out = tmp_path / "c.npz"
+    for size, shape in (("40", (2, 3, 12, 40)), ("12x36", (2, 3, 12, 36)), (None, (2, 3, 12, 224))):
+        extra = [] if size is None else ["--size", size]
+        code, msg = _calib(capsys, model, "-o", out, "--images", tmp_path / "imgs", *extra)
+        assert code == 0, msg
+        assert load_npz(out)["x"].shape == shape
+    # HxW must agree with the dims the model fixes; N must set something.
+    code, msg = _calib(capsys, model, "-o", out, "--images", tmp_path / "imgs", "--size", "10x36")
+    assert code == 2 and "--size 10x36: input 'x' is fixed at [N,3,12,W]" in msg, msg
+    fixed = _image_model(tmp_path / "f.onnx", ["N", 3, 8, 8])
+    code, msg = _calib(capsys, fixed, "-o", out, "--images", tmp_path / "imgs", "--size", "16")
+    assert code == 2 and "no symbolic image dim for --size to set" in msg, msg
+
+
+def test_out_of_memory_in_calib_names_calib_options(tmp_path, capsys, monkeypatch):
+    """The hint named --input-shape, which calib does not have."""
+    from graphopt import calib_builder
+
+    def exhausted(request):
+        raise MemoryError
+
+    monkeypatch.setattr(calib_builder, "build_calibration", exhausted)
+    code, msg = _calib(capsys, tmp_path / "m.onnx", "-o", tmp_path / "c.npz", "--images", tmp_path)
+    assert code == 3 and "try a smaller --size or --limit" in msg and "--input-shape" not in msg
+
+
+def test_a_rust_panic_is_a_one_line_internal_error(tmp_path, capsys, monkeypatch):
+    """pyo3's PanicException is a BaseException: it left a traceback and exit 1."""
+    from graphopt import calib_builder
+
+    panic = type("PanicException", (BaseException,), {"__module__": "pyo3_runtime"})
+
+    def crash(request):
+        raise panic("index out of bounds:\nthe len is 0")
+
+    monkeypatch.setattr(calib_builder, "build_calibration", crash)
+    code, msg = _calib(capsys, tmp_path / "m.onnx", "-o", tmp_path / "c.npz", "--images", tmp_path)
+    assert code == 3, msg
+    assert "internal error: PanicException: index out of bounds" in msg
+    assert msg.strip().count("\n") == 0, msg
