@@ -1,5 +1,8 @@
 // The epilogue every kernel applies to a finished output row: bias, then the activation.
 //
+// ReLU and GELU give what ONNX Runtime's Relu and Gelu give on NaN and +-Inf as well: NaN
+// through both, Relu(-Inf) = 0, Gelu(+Inf) = +Inf, Gelu(-Inf) = NaN (-Inf * 0).
+//
 // GELU is the erf form, as ONNX's Gelu (approximate="none") and as torch.nn.GELU() export it,
 // so a fused SparseMatMul matches the MatMul + Add + Gelu it replaces. The AVX2 / AVX-512 rows
 // (epilogue_avx2.cc / epilogue_avx512.cc) evaluate it with a vectorized erfc (see
@@ -21,7 +24,9 @@ void epilogue_row_scalar(float* y, int64_t N, const float* bias, Activation act)
     case Activation::None:
       break;
     case Activation::Relu:
-      for (int64_t n = 0; n < N; ++n) y[n] = y[n] > 0.0f ? y[n] : 0.0f;
+      // ONNX Runtime's Relu: y unless y < 0, so NaN stays NaN (and -0 stays -0), as the
+      // vector tiers' max(0, y) gives it.
+      for (int64_t n = 0; n < N; ++n) y[n] = y[n] < 0.0f ? 0.0f : y[n];
       break;
     case Activation::Gelu:
       for (int64_t n = 0; n < N; ++n) {

@@ -51,7 +51,9 @@ inline __m256 gelu8(__m256 x) {
 template <Activation kAct>
 inline __m256 step(__m256 v, const float* bias) {
   if (bias != nullptr) v = _mm256_add_ps(v, _mm256_loadu_ps(bias));
-  if (kAct == Activation::Relu) v = _mm256_max_ps(v, _mm256_setzero_ps());
+  // maxps returns its second operand when either is NaN (or both are zeros): 0 first, so a
+  // NaN y stays NaN and -0 stays -0, as ONNX Runtime's Relu gives them.
+  if (kAct == Activation::Relu) v = _mm256_max_ps(_mm256_setzero_ps(), v);
   if (kAct == Activation::Gelu) v = gelu8(v);
   return v;
 }

@@ -52,7 +52,8 @@ void row(float* y, int64_t N, const float* bias) {
                                     : static_cast<__mmask16>((1u << (N - n)) - 1u);
     __m512 v = _mm512_maskz_loadu_ps(m, y + n);
     if (bias != nullptr) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, bias + n));
-    if (kAct == Activation::Relu) v = _mm512_max_ps(v, _mm512_setzero_ps());
+    // 0 first: vmaxps returns its second operand when either is NaN (see epilogue_avx2.cc).
+    if (kAct == Activation::Relu) v = _mm512_max_ps(_mm512_setzero_ps(), v);
     if (kAct == Activation::Gelu) v = gelu16(v);
     _mm512_mask_storeu_ps(y + n, m, v);
   }

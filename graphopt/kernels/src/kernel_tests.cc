@@ -5,7 +5,9 @@
 // Random shapes (M = 0 and 1 included, odd K and N), every block shape, sparsities 0..1, with
 // and without bias and activation, serial and on threads. Outputs get guard cells on both
 // sides and start as NaN, so a kernel that skips an output or writes outside Y is caught even
-// without the sanitizers (CMake's GRAPHOPT_SANITIZE build adds ASan + UBSan).
+// without the sanitizers (CMake's GRAPHOPT_SANITIZE build adds ASan + UBSan). NaN and +-Inf
+// in A and in the epilogue's input must come out where the reference (and ONNX Runtime's own
+// MatMul, Relu, Gelu) puts them.
 //
 // Usage: graphopt_kernel_tests [--cases N] [--seed S] [--max-dim D]   exit 1 on any mismatch
 //        graphopt_kernel_tests --info                                  detected/selected ISA
@@ -188,8 +190,9 @@ struct Output {
   }
 };
 
+// ONNX Runtime's Relu is max(x, 0) keeping x unless x < 0: NaN stays NaN, -0 stays -0.
 float activate(float x, Activation act) {
-  if (act == Activation::Relu) return x > 0.0f ? x : 0.0f;
+  if (act == Activation::Relu) return x < 0.0f ? 0.0f : x;
   if (act == Activation::Gelu) return 0.5f * x * (1.0f + std::erf(x * 0.70710678118654752440f));
   return x;
 }
@@ -198,7 +201,8 @@ int g_failures = 0;
 long g_checks = 0;
 
 // |got - want| <= tol * (scale + 1) per output, scale = sum |a*w| + |bias| for that output: the
-// float rounding any summation order can produce, with room for a different order.
+// float rounding any summation order can produce, with room for a different order. A NaN or
+// infinite want is matched exactly: NaN by NaN, an infinity by the same infinity.
 void compare(const std::string& what, const Output& got, const std::vector<float>& want,
              const std::vector<float>& scale, double tol) {
   ++g_checks;
@@ -207,8 +211,12 @@ void compare(const std::string& what, const Output& got, const std::vector<float
     return;
   }
   for (int64_t i = 0; i < got.size; ++i) {
-    const double diff = std::fabs(static_cast<double>(got.at(i)) - want[static_cast<size_t>(i)]);
-    if (!(diff <= tol * (scale[static_cast<size_t>(i)] + 1.0))) {  // NaN fails too
+    const double w = want[static_cast<size_t>(i)], g = got.at(i);
+    const double diff = std::fabs(g - w);
+    const bool ok = std::isnan(w)   ? std::isnan(g)
+                    : std::isinf(w) ? g == w
+                                    : diff <= tol * (scale[static_cast<size_t>(i)] + 1.0);
+    if (!ok) {  // a NaN got for a finite want fails too
       if (g_failures++ < 20) {
         std::printf("FAIL %s: Y[%lld] = %.9g, want %.9g\n", what.c_str(),
                     static_cast<long long>(i), got.at(i), want[static_cast<size_t>(i)]);
@@ -231,25 +239,59 @@ const std::vector<Parallel>& parallels() {
 
 // ---- the three ops --------------------------------------------------------------------
 
-void check_f32(Rng& rng, const Shape& s) {
+// NaN, +Inf or -Inf into A (non_finite): most rows get one or two, at the first k, the last
+// (beside the padding of a last block past K) or anywhere; the others stay finite.
+void poison(Rng& rng, std::vector<float>& a, int64_t M, int64_t K) {
+  const float specials[] = {std::numeric_limits<float>::quiet_NaN(),
+                            std::numeric_limits<float>::infinity(),
+                            -std::numeric_limits<float>::infinity()};
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t t = rng.integer(0, 2); t > 0; --t) {
+      const int64_t where = rng.integer(0, 2);
+      const int64_t k = where == 0 ? 0 : where == 1 ? K - 1 : rng.integer(0, K - 1);
+      a[static_cast<size_t>(m * K + k)] = specials[rng.integer(0, 2)];
+    }
+  }
+}
+
+// The truth sums over the weights the packing stores only (stored[k * N + n]): the kernels
+// multiply every one of those, explicit zeros inside a block included (0 * Inf is NaN, as in
+// the dense MatMul), and never a dropped block's zero, so a non-finite A entry that no stored
+// weight meets adds nothing. For finite A that is the dense product. The scale leaves out
+// non-finite products (their outputs are matched exactly).
+void check_f32(Rng& rng, const Shape& s, bool non_finite = false) {
   const auto w = block_sparse_dense<float>(rng, s, -1.0f, 1.0f);
   const auto packed = pack_bsr(w, s);
   std::vector<float> a(static_cast<size_t>(s.M * s.K)), bias(static_cast<size_t>(s.N));
   for (auto& x : a) x = rng.real(-1.0f, 1.0f);
   for (auto& x : bias) x = rng.real(-1.0f, 1.0f);
+  if (non_finite) poison(rng, a, s.M, s.K);
   const BsrF32 W{s.K, s.N, s.R, s.C, static_cast<int64_t>(packed.col_idx.size()),
                  packed.values.data(), packed.col_idx.data(), packed.row_ptr.data()};
   const float* b = s.bias ? bias.data() : nullptr;
+  std::vector<char> stored(w.size(), 0);
+  for (int64_t i = 0; i * s.R < s.N; ++i) {
+    for (int32_t bk = packed.row_ptr[static_cast<size_t>(i)];
+         bk < packed.row_ptr[static_cast<size_t>(i + 1)]; ++bk) {
+      for (int64_t r = 0; r < s.R && i * s.R + r < s.N; ++r) {
+        for (int64_t c = 0; c < s.C; ++c) {
+          const int64_t k = int64_t{packed.col_idx[static_cast<size_t>(bk)]} * s.C + c;
+          if (k < s.K) stored[static_cast<size_t>(k * s.N + i * s.R + r)] = 1;
+        }
+      }
+    }
+  }
   // Dense truth, in double.
   std::vector<float> dense(static_cast<size_t>(s.M * s.N)), scale(dense.size());
   for (int64_t m = 0; m < s.M; ++m) {
     for (int64_t n = 0; n < s.N; ++n) {
       double acc = 0.0, mag = 0.0;
       for (int64_t k = 0; k < s.K; ++k) {
+        if (!stored[static_cast<size_t>(k * s.N + n)]) continue;
         const double p = double{a[static_cast<size_t>(m * s.K + k)]} *
                          w[static_cast<size_t>(k * s.N + n)];
         acc += p;
-        mag += std::fabs(p);
+        if (std::isfinite(p)) mag += std::fabs(p);
       }
       if (b) acc += b[n], mag += std::fabs(b[n]);
       dense[static_cast<size_t>(m * s.N + n)] = activate(static_cast<float>(acc), s.act);
@@ -312,9 +354,12 @@ void test_f32_fixed(Rng& rng) {
   for (const Shape& s : shapes) check_f32(rng, s);
 }
 
-void check_24(Rng& rng, const Shape& s) {
+// As check_f32 (non_finite: NaN and infinities in A; the truth over the kept positions only,
+// a kept zero included).
+void check_24(Rng& rng, const Shape& s, bool non_finite = false) {
   const int64_t groups = s.K / 4, half = s.K / 2, stride = (s.K + 7) / 8;
   std::vector<float> w(static_cast<size_t>(s.K * s.N), 0.0f);
+  std::vector<char> stored(w.size(), 0);
   std::vector<float> values(static_cast<size_t>(s.N * half));
   std::vector<uint8_t> indices(static_cast<size_t>(s.N * stride), 0);
   for (int64_t n = 0; n < s.N; ++n) {
@@ -326,6 +371,7 @@ void check_24(Rng& rng, const Shape& s) {
         const float value = rng.real(0.0f, 1.0f) < s.sparsity ? 0.0f : rng.real(-1.0f, 1.0f);
         values[static_cast<size_t>(n * half + 2 * g + tt)] = value;
         w[static_cast<size_t>((4 * g + (tt ? p1 : p0)) * s.N + n)] = value;
+        stored[static_cast<size_t>((4 * g + (tt ? p1 : p0)) * s.N + n)] = 1;
       }
       const uint8_t nibble = static_cast<uint8_t>(p0 | (p1 << 2));
       indices[static_cast<size_t>(n * stride + g / 2)] |=
@@ -335,6 +381,7 @@ void check_24(Rng& rng, const Shape& s) {
   std::vector<float> a(static_cast<size_t>(s.M * s.K)), bias(static_cast<size_t>(s.N));
   for (auto& x : a) x = rng.real(-1.0f, 1.0f);
   for (auto& x : bias) x = rng.real(-1.0f, 1.0f);
+  if (non_finite) poison(rng, a, s.M, s.K);
   const float* b = s.bias ? bias.data() : nullptr;
   const Packed24F32 W{s.K, s.N, values.data(), indices.data()};
   std::vector<float> dense(static_cast<size_t>(s.M * s.N)), scale(dense.size());
@@ -342,10 +389,11 @@ void check_24(Rng& rng, const Shape& s) {
     for (int64_t n = 0; n < s.N; ++n) {
       double acc = 0.0, mag = 0.0;
       for (int64_t k = 0; k < s.K; ++k) {
+        if (!stored[static_cast<size_t>(k * s.N + n)]) continue;
         const double p = double{a[static_cast<size_t>(m * s.K + k)]} *
                          w[static_cast<size_t>(k * s.N + n)];
         acc += p;
-        mag += std::fabs(p);
+        if (std::isfinite(p)) mag += std::fabs(p);
       }
       if (b) acc += b[n], mag += std::fabs(b[n]);
       dense[static_cast<size_t>(m * s.N + n)] = activate(static_cast<float>(acc), s.act);
@@ -556,6 +604,76 @@ void test_s8_lanes(Rng& rng, const Options& opt) {
   // M = 8 with a layout handed in: the tile path runs, the layout is ignored.
   check_s8(rng, Shape{8, 260, 37, 1, 4, 0.8, true, Activation::Relu}, S8Extras{false, true});
   test_s8_lanes_refuse_bad_weights();
+}
+
+// ---- non-finite inputs --------------------------------------------------------------------
+
+// NaN and +-Inf in A on every tier and path (the row path at M < 8: per row of A, and several
+// at once on AVX-512; the M-vectorized one from 8, with a partial tile at 9 and 17), every
+// block shape, odd K and N: each tier must give NaN and the infinities exactly where the
+// reference does. The AVX2 row loop once multiplied its padding slots (zero weights) by the A
+// quads of other columns, so an Inf there became NaN; the AVX-512 2:4 row loop multiplied
+// the positions a group did not keep by A.
+void test_non_finite(Rng& rng) {
+  const std::vector<std::pair<int, int>> blocks{{1, 4}, {4, 1}, {16, 1}, {4, 4},
+                                                {1, 1}, {2, 2}, {3, 2}};
+  for (const int64_t M : {1, 2, 3, 4, 5, 7, 8, 9, 17}) {
+    for (const auto& block : blocks) {
+      for (int t = 0; t < 3; ++t) {
+        Shape s{M, rng.integer(1, 70), rng.integer(1, 50), block.first, block.second,
+                rng.pick<double>({0.0, 0.5, 0.9}), rng.integer(0, 1) == 1,
+                static_cast<Activation>(t)};
+        check_f32(rng, s, true);
+      }
+    }
+    // 1x4 rows of many blocks: whole 8-block steps, then masked ones, on AVX-512.
+    check_f32(rng, Shape{M, 203, 37, 1, 4, 0.25, true, Activation::Relu}, true);
+    for (const int64_t K : {12, 36, 68, 260}) {
+      const Shape s{M, K, rng.integer(1, 40), 1, 1, 0.1, M % 2 == 1,
+                    static_cast<Activation>(K % 3)};
+      check_24(rng, s, true);
+    }
+  }
+}
+
+// The fused ReLU on every tier is ONNX Runtime's Relu, max(x, 0) that keeps x unless x < 0:
+// NaN stays NaN, -0 stays -0, the same bits as the scalar rule otherwise; after a bias that
+// brings NaN and infinities of its own; row lengths 1..40 (every vector tail).
+void test_relu() {
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const float inf = std::numeric_limits<float>::infinity();
+  const float xs[] = {nan, inf, -inf, 0.0f, -0.0f, 1.0f, -1.0f, 1e-45f, -1e-45f, 3e38f, -3e38f};
+  const float bs[] = {0.0f, -0.0f, nan, inf, -inf, 1.0f, -2.0f};
+  constexpr size_t nx = sizeof xs / sizeof xs[0], nb = sizeof bs / sizeof bs[0];
+  for (Isa isa : tiers()) {
+    ++g_checks;
+    bool ok = true;
+    for (int64_t len = 1; len <= 40 && ok; ++len) {
+      for (const bool with_bias : {false, true}) {
+        std::vector<float> y(static_cast<size_t>(len)), bias(y.size()), want(y.size());
+        for (int64_t n = 0; n < len; ++n) {
+          const auto i = static_cast<size_t>(n);
+          y[i] = xs[(i + static_cast<size_t>(len)) % nx];
+          bias[i] = bs[(i * 3 + static_cast<size_t>(len)) % nb];
+          want[i] = activate(with_bias ? y[i] + bias[i] : y[i], Activation::Relu);
+        }
+        detail::apply_epilogue_row_isa(y.data(), len, with_bias ? bias.data() : nullptr,
+                                       Activation::Relu, isa);
+        for (size_t i = 0; i < y.size() && ok; ++i) {
+          const bool same = std::isnan(want[i]) ? std::isnan(y[i])
+                                                : std::memcmp(&y[i], &want[i], sizeof(float)) == 0;
+          if (!same) {
+            ok = false;
+            if (g_failures++ < 20) {
+              std::printf("FAIL relu %s: len=%lld bias=%d y[%zu] = %.9g, want %.9g\n",
+                          isa_name(isa), static_cast<long long>(len), with_bias ? 1 : 0, i,
+                          y[i], want[i]);
+            }
+          }
+        }
+      }
+    }
+  }
 }
 
 // ---- the fused GELU ---------------------------------------------------------------------
@@ -776,6 +894,8 @@ int main(int argc, char** argv) {
   test_k_zero();
   test_s8_largest_k();
   test_gelu();
+  test_non_finite(rng);
+  test_relu();
   std::printf("kernel_tests: %d cases per op, tiers scalar..%s, %ld comparisons, %d failures\n",
               opt.cases, isa_name(detect_isa()), g_checks, g_failures);
   return g_failures == 0 ? 0 : 1;

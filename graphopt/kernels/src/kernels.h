@@ -80,6 +80,10 @@ struct BsrS8 {
 };
 
 // Y[M, N] = act(A[M, K] @ W + bias); bias may be null. A and Y are row-major, contiguous.
+// NaN and +-Inf in A, on every tier: each stored weight is multiplied (a zero inside a stored
+// block, or kept in a 2:4 slot, included: 0 * Inf = NaN, as in the dense MatMul), a dropped
+// block or an unkept 2:4 position never is, and padding (past K, past a row's blocks) adds
+// exactly nothing. The activation is ONNX Runtime's: Relu keeps NaN, Gelu(-Inf) is NaN.
 void sparse_matmul_f32(const float* A, int64_t M, const BsrF32& W, const float* bias,
                        Activation act, float* Y, const Parallel& par, Isa isa);
 void sparse_matmul_f32_reference(const float* A, int64_t M, const BsrF32& W, const float* bias,

@@ -220,17 +220,32 @@ struct V8 {
   template <int c>
   static T splat(T v) { return _mm256_permute_ps(v, c * 0x55); }
   // y[i] = sum over the 1x4 blocks b of row i of dot(values[b], a[4 * cols[b]]), i in [i0, i1).
-  // Four blocks per step (two FMAs), the row's last step masked (see the AVX-512 version).
+  // Four blocks per step (two FMAs), then the row's last 1-3 blocks as one masked step (see the
+  // AVX-512 version). The masked step's padding slots still load an A quad (the next rows'
+  // columns, or the row's last one at the matrix's end), so their A lanes are zeroed as well
+  // as their weights: 0 * Inf and 0 * NaN are NaN, and a padding slot must add exactly
+  // nothing. The full steps take no mask: every step once went through the masked one, where
+  // the two ANDs cost 5-7%; without (EPYC, AVX2 tier, against that loop before the ANDs)
+  // 1.07-1.29x on one weight at M = 1 and 4 (bench/sparse_kernels.py), about 2x through
+  // bench/sparse_chain.py's 6 FFN layers at M = 1 and 4.
   static void rows_1x4(const float* a, const int32_t* cols, const float* values,
                        const int32_t* row_ptr, int64_t i0, int64_t i1, float* y, int64_t nnzb) {
     static const int32_t kMask[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+    auto pair = [a](const int32_t* c) {  // the A quads of two blocks
+      return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(a + int64_t{c[0]} * 4)),
+                                  _mm_loadu_ps(a + int64_t{c[1]} * 4), 1);
+    };
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b0 = row_ptr[i], b1 = row_ptr[i + 1];
+      const int64_t b1 = row_ptr[i + 1];
+      int64_t b = row_ptr[i];
       __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-      for (int64_t b = b0; b < b1; b += 4) {
-        const int64_t t = b1 - b;
-        const int64_t lanes0 = t >= 2 ? 8 : 4 * t;
-        const int64_t lanes1 = t >= 4 ? 8 : (t > 2 ? 4 * (t - 2) : 0);
+      for (; b + 4 <= b1; b += 4) {
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(values + b * 4), pair(cols + b), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(values + b * 4 + 8), pair(cols + b + 2), acc1);
+      }
+      if (b < b1) {
+        const int64_t t = b1 - b;  // 1..3
+        const int64_t lanes0 = t >= 2 ? 8 : 4, lanes1 = t > 2 ? 4 : 0;
         const __m256i m0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kMask + 8 - lanes0));
         const __m256i m1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kMask + 8 - lanes1));
         const int32_t* c = cols + b;
@@ -239,12 +254,8 @@ struct V8 {
           for (int64_t j = 0; j < 4; ++j) safe[j] = c[j < t ? j : t - 1];
           c = safe;
         }
-        const __m256 x0 = _mm256_insertf128_ps(
-            _mm256_castps128_ps256(_mm_loadu_ps(a + int64_t{c[0]} * 4)),
-            _mm_loadu_ps(a + int64_t{c[1]} * 4), 1);
-        const __m256 x1 = _mm256_insertf128_ps(
-            _mm256_castps128_ps256(_mm_loadu_ps(a + int64_t{c[2]} * 4)),
-            _mm_loadu_ps(a + int64_t{c[3]} * 4), 1);
+        const __m256 x0 = _mm256_and_ps(_mm256_castsi256_ps(m0), pair(c));
+        const __m256 x1 = _mm256_and_ps(_mm256_castsi256_ps(m1), pair(c + 2));
         acc0 = _mm256_fmadd_ps(_mm256_maskload_ps(values + b * 4, m0), x0, acc0);
         acc1 = _mm256_fmadd_ps(_mm256_maskload_ps(values + b * 4 + 8, m1), x1, acc1);
       }
@@ -428,7 +439,10 @@ struct V16 {
   }
   // y[n] for outputs n in [n0, n1) of a 2:4 weight: per 16 k's (4 groups, 2 index bytes) the
   // 8 kept values are expanded to their positions (vexpandps under a mask read from a table
-  // indexed by the index byte), then one FMA with 16 contiguous floats of A.
+  // indexed by the index byte), then one FMA with 16 contiguous floats of A, under the same
+  // mask: a position the group did not keep holds no weight and must add nothing, where a zero
+  // weight times an Inf or NaN of A would add NaN. The FMA's merge mask (keep acc there) costs
+  // nothing; zero-masked A loads instead were 4-6% slower at M = 1 and 4 (Zen).
   static void rows_24(const float* a, const Packed24F32& W, int64_t n0, int64_t n1, float* y) {
     const int64_t K = W.K, half = K / 2, stride = (K + 7) / 8, steps = K / 16;
     for (int64_t n = n0; n < n1; ++n) {
@@ -444,15 +458,15 @@ struct V16 {
         const __m512 w = _mm512_loadu_ps(v + 8 * q);  // the 16 kept values of 32 k's
         const __m512 w0 = _mm512_maskz_expand_ps(m0, w);
         const __m512 w1 = _mm512_maskz_expand_ps(m1, _mm512_shuffle_f32x4(w, w, 0x4E));
-        acc0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(a + 16 * q), acc0);
-        acc1 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(a + 16 * q + 16), acc1);
+        acc0 = _mm512_mask3_fmadd_ps(w0, _mm512_loadu_ps(a + 16 * q), acc0, m0);
+        acc1 = _mm512_mask3_fmadd_ps(w1, _mm512_loadu_ps(a + 16 * q + 16), acc1, m1);
       }
       if (q < steps) {
         const __mmask16 m0 = static_cast<__mmask16>(
             kPositions24.m[idx[2 * q]] | (kPositions24.m[idx[2 * q + 1]] << 8));
         const __m512 w = _mm512_castps256_ps512(_mm256_loadu_ps(v + 8 * q));
         const __m512 w0 = _mm512_maskz_expand_ps(m0, w);
-        acc0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(a + 16 * q), acc0);
+        acc0 = _mm512_mask3_fmadd_ps(w0, _mm512_loadu_ps(a + 16 * q), acc0, m0);
         ++q;
       }
       y[n] = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
