@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,7 +20,7 @@ from graphopt.backends.ort_custom_ops import (
     using_custom_ops,
 )
 from graphopt.backends.tensorrt.cli_options import EngineOptions
-from graphopt.errors import CheckFailedError, UserInputError, is_out_of_memory
+from graphopt.errors import CheckFailedError, GraphoptError, UserInputError, is_out_of_memory
 from graphopt.input_dims import check_input_shapes
 from graphopt.opset import convert_opset
 from graphopt.option_checks import check_call, validate_options
@@ -352,6 +352,14 @@ def optimize(
     if options.engine is not None:
         from graphopt.backends.tensorrt.build import check_options
 
+        if options.target == "ort":
+            # ORT's output holds com.microsoft ops (fused attention, MatMulNBits, QLinear*),
+            # which TensorRT's parser rejects one by one after minutes of passes.
+            raise UserInputError(
+                "--engine builds a TensorRT engine from the output, and --target ort writes "
+                "ONNX Runtime's com.microsoft ops, which TensorRT's parser does not take: use "
+                "--target tensorrt (or portable: standard ONNX ops only)"
+            )
         if options.engine.input_path is None and isinstance(source, (str, os.PathLike)):
             # The API's callers get the CLI's checks: the engine never replaces the input
             # or the ONNX output, and --shapes names are checked against the input's.
@@ -364,21 +372,67 @@ def optimize(
     # Every ORT session of the run (verification, probes in passes) registers these.
     with using_custom_ops(options.custom_ops) as libraries, using_providers(options.provider):
         check_registrable(libraries)
-        result = _optimize(source, output, options, in_place=in_place, progress=progress)
-    if options.target == "tensorrt" and options.engine is None:
-        # An engine build would name what TensorRT rejects; without one, the rule table
-        # does (an ORT-targeted input keeps MatMulNBits, u8 Q/DQ, graphopt's kernels).
-        from graphopt.backends.tensorrt.lint import rejection_notes
+        result, write = _optimize(source, output, options, in_place=in_place, progress=progress)
+    if options.engine is None:
+        if write is not None:
+            result.output_path = write()
+        if options.target == "tensorrt":
+            # An engine build would name what TensorRT rejects; without one, the rule table
+            # does (an ORT-targeted input keeps MatMulNBits, u8 Q/DQ, graphopt's kernels).
+            from graphopt.backends.tensorrt.lint import rejection_notes
 
-        result.report.notes.extend(rejection_notes(result.model))
-    if options.engine is not None:
-        from graphopt.backends.tensorrt.build import build_engine
-
-        if progress is not None:
-            progress("building the TensorRT engine")
-        source_model = result.output_path or ir.serde.serialize_model(result.model)
-        result.engine = build_engine(source_model, options.engine, dict(options.input_shapes))
+            result.report.notes.extend(rejection_notes(result.model))
+        return result
+    replaced = Path(os.fspath(source)) if in_place else None  # check_call: a path
+    _build_engine(result, write, options, replaced=replaced, progress=progress)
     return result
+
+
+def _build_engine(
+    result: OptimizeResult,
+    write: Callable[..., Path] | None,
+    options: OptimizeOptions,
+    *,
+    replaced: Path | None,
+    progress: ProgressCallback | None,
+) -> None:
+    """Build ``options.engine`` from the run's output. A parser or builder failure raises
+    :class:`~graphopt.backends.tensorrt.build.EngineBuildError` carrying ``result``, so the
+    report is still printed.
+
+    Without ``--in-place`` the ONNX output is written first (the engine is built from the
+    file, and a model TensorRT refuses is still worth having: lint it, run it in ORT). With
+    ``--in-place`` the input is replaced only once the engine has built: the output is
+    written to a temporary folder beside it and built from there, so that a lossy result
+    whose engine fails (a node the parser rejects, a profile the builder cannot meet) never
+    replaces the model it was made from. No TensorRT module at all is not such a failure:
+    the output is written either way (exit 4, as documented).
+    """
+    from graphopt.backends.tensorrt.build import EngineBuildError, build_engine
+    from graphopt.backends.tensorrt.module import find_tensorrt
+
+    assert options.engine is not None
+    engine = options.engine
+    shapes = dict(options.input_shapes)
+    if progress is not None:
+        progress("building the TensorRT engine")
+    first = replaced is not None and write is not None and find_tensorrt().found is not None
+    if write is not None and not first:
+        result.output_path = write()
+    try:
+        if first:
+            assert replaced is not None and write is not None
+            folder = replaced.parent if str(replaced.parent) else Path(".")
+            with io.temporary_folder(folder, replaced.name) as trial:
+                result.engine = build_engine(write(trial / replaced.name), engine, shapes)
+        else:
+            source_model = result.output_path or ir.serde.serialize_model(result.model)
+            result.engine = build_engine(source_model, engine, shapes)
+    except GraphoptError as exc:
+        raise EngineBuildError(exc, result) from None
+    if first:
+        assert write is not None
+        result.output_path = write()
 
 
 def _optimize(
@@ -388,7 +442,10 @@ def _optimize(
     *,
     in_place: bool,
     progress: ProgressCallback | None,
-) -> OptimizeResult:
+) -> tuple[OptimizeResult, Callable[..., Path] | None]:
+    """The run, up to the write: the result (``output_path`` not set yet) and the function
+    that writes it to the output file (None when there is none), which :func:`optimize`
+    calls before an engine build, or after it with ``--in-place``."""
     target = resolve_output(source, output, in_place)
     loaded = io.load(source)
     model = loaded.model
@@ -420,6 +477,12 @@ def _optimize(
         if conversion_note:
             context.note(conversion_note)
     steps, notes = options.pipeline()
+    if options.engine is not None:
+        # What the build would refuse after the passes and the write, refused now: --shapes
+        # that do not fit the input, a shape-tensor input without values, FP8 for old GPUs.
+        from graphopt.backends.tensorrt.build import check_model
+
+        check_model(model, options.engine, fp8=_asks_fp8(steps))
     for note in notes + _repeated_lossy_notes(model, steps):
         context.note(note)
     verifier = None
@@ -469,14 +532,28 @@ def _optimize(
     finalize.order_initializers(model)
     finalize.drop_generated_dims(model)
     finalize.stamp(model, options)
-    if target is not None:
-        if progress is not None:
+    if target is None:
+        return OptimizeResult(model, report), None
+    external = options.external_data
+    if external is None and loaded.uses_external_data:
+        external = True
+
+    def write(path: Path = target) -> Path:
+        """Save the output to ``target`` (or, to build an engine first, beside it)."""
+        if progress is not None and path == target:
             progress("writing the output")
-        external = options.external_data
-        if external is None and loaded.uses_external_data:
-            external = True
-        io.save(model, target, external_data=external)
-    return OptimizeResult(model, report, target)
+        return io.save(model, path, external_data=external)
+
+    return OptimizeResult(model, report), write
+
+
+def _asks_fp8(steps: list[Step]) -> bool:
+    """Whether the run quantizes to FP8 (--quantize fp8, or a recipe's quantize entry)."""
+    return any(
+        spec.name == "quantize" and str(spec.options.get("mode", "")).strip().lower() == "fp8"
+        for step in steps
+        for spec in step.passes
+    )
 
 
 def _verify_inputs(options: OptimizeOptions) -> tuple[dict[str, np.ndarray] | None, str]:

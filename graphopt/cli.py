@@ -411,6 +411,7 @@ def _cmd_optimize(args: argparse.Namespace, out: Console, err: Console) -> int:
     if args.opset is not None:
         options.opset = args.opset
     _lossy_options(args, options)
+    from graphopt.backends.tensorrt.build import EngineBuildError
     from graphopt.backends.tensorrt.cli_options import engine_options, print_engine_report
 
     options.engine = engine_options(args)
@@ -425,10 +426,28 @@ def _cmd_optimize(args: argparse.Namespace, out: Console, err: Console) -> int:
             _stage[0] = describe_stage(message)
             display(message)
 
-        result = optimize(args.input, output, options, in_place=args.in_place, progress=progress)
+        engine_failure = None
+        try:
+            result = optimize(
+                args.input, output, options, in_place=args.in_place, progress=progress
+            )
+        except EngineBuildError as exc:
+            # The engine failed after the passes (parser, builder): the report still counts.
+            result, engine_failure = exc.result, exc
     _stage[0] = "printing the report"
     print_report(result.report, out, verbose=args.verbose)
-    out.print(f"wrote {result.output_path}", markup=False)
+    if result.output_path is None:  # --in-place, the engine failed: the input stays
+        out.print(
+            f"{args.input}: left as it was (with --engine, --in-place replaces the input only "
+            "once the engine builds)",
+            markup=False,
+            soft_wrap=True,
+        )
+    else:
+        out.print(f"wrote {result.output_path}", markup=False)
+    if engine_failure is not None:
+        _say(err, f"graphopt: error: the engine was not built: {engine_failure}")
+        return engine_failure.exit_code
     if args.save_ort_optimized:
         from graphopt.backends.ort import save_optimized
 

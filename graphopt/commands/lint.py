@@ -42,7 +42,6 @@ def run(args: argparse.Namespace, out: Console, err: Console) -> int:
 
     import onnx_ir as ir
 
-    from graphopt.backends.tensorrt.hints import fix_for
     from graphopt.backends.tensorrt.lint import lint_tensorrt
     from graphopt.errors import EXIT_CHECK_FAILED, EXIT_OK
     from graphopt.io import load
@@ -58,9 +57,8 @@ def run(args: argparse.Namespace, out: Console, err: Console) -> int:
         return EXIT_CHECK_FAILED if result.errors else EXIT_OK
     for finding in result.findings:
         out.print(finding.describe(), markup=False, soft_wrap=True)
-        fix = fix_for(finding.op_type, finding.reason) if finding.severity == "error" else ""
-        if fix:
-            out.print(f"  fix: {fix}", markup=False)
+        if finding.fix:
+            out.print(f"  fix: {finding.fix}", markup=False, soft_wrap=True)
     verdict = "rejected" if result.errors else "accepted"
     note = f" ({result.note})" if result.note else ""
     out.print(

@@ -4,9 +4,15 @@ TensorRT-RTX: the network is strongly typed (precision comes from the graph's ty
 Q/DQ nodes; the builder has no FP16/INT8 flags) and the build is ahead of time for chosen
 compute capabilities, so it runs on a machine without a GPU. Enterprise TensorRT: a weakly
 typed network whose precision flags follow what the graph holds; it needs a GPU to build.
-Either way: SPARSE_WEIGHTS when weights are 2:4 sparse, an optimization profile per dynamic
-input (:mod:`.profiles`), the builder optimization level asked for, and a timing cache only
-where a GPU is present (on a CPU-only build it would query a GPU that is not there).
+Either way: SPARSE_WEIGHTS when weights are 2:4 sparse (also behind DequantizeLinear), an
+optimization profile with one range per dynamic dim (:mod:`.profiles`), the builder
+optimization level asked for, and a timing cache only where a GPU is present (on a CPU-only
+build it would query a GPU that is not there). The report lists each precision the engine
+holds otherwise than the ONNX (float64 I/O, bound as float32).
+
+What can be refused before the passes is (:func:`check_options` before the model is loaded,
+:func:`check_model` once it is); a parser or builder failure after them reaches the caller
+as :class:`EngineBuildError`, carrying the run's result so that its report is printed.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import onnx
+import onnx_ir as ir
 
 from graphopt.backends.tensorrt.cli_options import COMPUTE_CAPABILITIES as CLI_CAPABILITIES
 from graphopt.backends.tensorrt.cli_options import EngineOptions
@@ -30,9 +37,18 @@ from graphopt.backends.tensorrt.engine_file import (
 from graphopt.backends.tensorrt.hints import describe_rejection
 from graphopt.backends.tensorrt.model_scan import scan_model
 from graphopt.backends.tensorrt.module import TensorRT, find_tensorrt, parse
-from graphopt.backends.tensorrt.precision import graph_precisions
-from graphopt.backends.tensorrt.profiles import InputProfile, parse_shapes, plan_profiles
-from graphopt.errors import CheckFailedError, UserInputError
+from graphopt.backends.tensorrt.precision import PRECISION_NAMES, graph_precisions
+from graphopt.backends.tensorrt.profiles import (
+    InputProfile,
+    ProfileInput,
+    check_given,
+    check_shape_tensors,
+    model_inputs,
+    parse_shapes,
+    plan,
+)
+from graphopt.errors import CheckFailedError, GraphoptError, UserInputError
+from graphopt.input_dims import dim_keys, dim_limits, graph_inputs
 
 # --compute-capability spellings -> TensorRT-RTX's ComputeCapability names ("8.9" -> SM89).
 COMPUTE_CAPABILITIES = {c: "SM" + c.replace(".", "") for c in CLI_CAPABILITIES}
@@ -66,10 +82,25 @@ class EngineReport:
     layers: list[LayerInfo] = field(default_factory=list)
     profiles: list[InputProfile] = field(default_factory=list)
     settings: list[str] = field(default_factory=list)  # flags, capabilities, level
+    # What the engine holds in another precision than the ONNX (float64 I/O as float32).
+    precision_changes: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     def precision_counts(self) -> Counter[str]:
         return Counter(p for layer in self.layers for p in layer.precisions[:1])
+
+
+class EngineBuildError(CheckFailedError):
+    """The engine did not build (TensorRT's parser or builder refused the model) once the
+    passes had run: ``result`` is the run's :class:`graphopt.api.OptimizeResult`, so that its
+    report is still printed; ``result.output_path`` is None when nothing was written (with
+    ``--in-place`` the input is replaced only once the engine builds). The exit code is the
+    cause's: 1 for a parser or builder failure, 2 for a profile TensorRT refuses."""
+
+    def __init__(self, cause: GraphoptError, result: Any) -> None:
+        super().__init__(str(cause))
+        self.exit_code = cause.exit_code
+        self.result = result
 
 
 def check_options(options: EngineOptions) -> None:
@@ -88,6 +119,29 @@ def check_options(options: EngineOptions) -> None:
             f"--compute-capability {', '.join(unknown)}: expected one of "
             f"{', '.join(COMPUTE_CAPABILITIES)}"
         )
+
+
+def check_model(model: ir.Model, options: EngineOptions, fp8: bool) -> None:
+    """Refuse, once the input is loaded and before the passes run, what the build would
+    refuse after minutes of work and after the ONNX output is written: ``--shapes`` of the
+    wrong rank, contradicting a dim the model fixes or another ``--shapes`` on a shared dim;
+    a shape-tensor input without its values' range; FP8 (``fp8``: asked for, or held by the
+    input) for a compute capability below 8.9."""
+    shapes = parse_shapes(options.shapes)
+    names = [v.name for v in graph_inputs(model)]
+    unknown = sorted(set(shapes) - set(names))
+    if unknown:
+        raise UserInputError(
+            f"--shapes: no input named {', '.join(map(repr, unknown))} "
+            f"(inputs: {', '.join(names) or 'none'})"
+        )
+    inputs = model_inputs(model)
+    # An input of undeclared shape is checked on the network, before the build.
+    known = {i.name for i in inputs}
+    check_given(inputs, {name: s for name, s in shapes.items() if name in known})
+    check_shape_tensors(inputs, shapes)
+    if fp8 or _holds_fp8(model):
+        _check_fp8(options.compute_capabilities)
 
 
 def build_engine(
@@ -127,13 +181,25 @@ def build_engine(
         )
     network = parsed.network
     config = parsed.builder.create_builder_config()
-    inputs = [_input(network.get_input(i)) for i in range(network.num_inputs)]
-    report.profiles = plan_profiles(inputs, parse_shapes(options.shapes), input_shapes or {})
+    loaded = ir.serde.deserialize_model(proto)
+    keys = dim_keys(loaded)
+    inputs = [_input(network.get_input(i), keys) for i in range(network.num_inputs)]
+    lower, upper = dim_limits(loaded)
+    planned = plan(
+        inputs,
+        parse_shapes(options.shapes),
+        input_shapes or {},
+        lower,
+        _largest_finder(proto, inputs, upper),
+    )
+    report.profiles = planned.profiles
+    report.notes += planned.notes
     if report.profiles:
         profile = parsed.builder.create_optimization_profile()
         for p in report.profiles:
             _set_shape(profile, p)
         config.add_optimization_profile(profile)
+    report.precision_changes = _precision_changes(proto, network)
     flags = trt.module.BuilderFlag
     if held.sparse_weights:
         config.set_flag(flags.SPARSE_WEIGHTS)
@@ -186,9 +252,13 @@ def _check_shape_names(shapes: dict[str, object], input_path: str | os.PathLike)
 
 
 def _set_shape(profile: Any, given: InputProfile) -> None:
-    """One input's profile; what TensorRT refuses (a shape it finds inconsistent) as one line."""
+    """One input's profile (a shape tensor's: its values); what TensorRT refuses (a shape it
+    finds inconsistent) as one line."""
     try:
-        profile.set_shape(given.name, given.min, given.opt, given.max)
+        if given.values:
+            profile.set_shape_input(given.name, given.min, given.opt, given.max)
+        else:
+            profile.set_shape(given.name, given.min, given.opt, given.max)
     except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
         reason = next(iter(str(exc).strip().splitlines()), "") or type(exc).__name__
         raise UserInputError(
@@ -199,7 +269,7 @@ def _set_shape(profile: Any, given: InputProfile) -> None:
 def _derived_hint(profiles: list[InputProfile]) -> str:
     """What to do when the builder fails on a profile graphopt guessed: a dynamic image side
     of 224 is wrong for a model whose height is fixed in practice (a text-line recognizer)."""
-    derived = [p for p in profiles if p.source == "derived"]
+    derived = [p for p in profiles if "derived" in p.source.split(", ")]
     if not derived:
         return ""
     shown = "; ".join(p.describe() for p in derived)
@@ -219,18 +289,102 @@ def _set_capabilities(
         return "compute capability: this machine's GPU"
     chosen = asked or [DEFAULT_COMPUTE_CAPABILITY]
     if fp8:
-        old = [c for c in chosen if float(c) < FP8_MIN_CAPABILITY]
-        if old:
-            raise UserInputError(
-                f"--compute-capability {', '.join(old)}: the model holds FP8 tensors, which "
-                f"need compute capability >= {FP8_MIN_CAPABILITY}"
-            )
+        _check_fp8(chosen)
     config.num_compute_capabilities = len(chosen)
     for index, capability in enumerate(chosen):
         value = getattr(trt.module.ComputeCapability, COMPUTE_CAPABILITIES[capability])
         config.set_compute_capability(value, index)
     given = "" if asked else " (default without a GPU; --compute-capability to choose)"
     return f"compute capability {', '.join(chosen)}{given}"
+
+
+def _check_fp8(capabilities: list[str]) -> None:
+    old = [c for c in capabilities if float(c) < FP8_MIN_CAPABILITY]
+    if old:
+        raise UserInputError(
+            f"--compute-capability {', '.join(old)}: the model holds FP8 tensors, which "
+            f"need compute capability >= {FP8_MIN_CAPABILITY}"
+        )
+
+
+def _holds_fp8(model: ir.Model) -> bool:
+    """Whether the input already holds FP8 tensors (a model quantized before)."""
+    fp8 = {ir.DataType.FLOAT8E4M3FN, ir.DataType.FLOAT8E5M2}
+    graph = model.graph
+    if any(t.dtype in fp8 for t in graph.initializers.values()):
+        return True
+    return any(v.dtype in fp8 for node in graph for v in node.outputs)
+
+
+def _largest_finder(
+    proto: onnx.ModelProto, inputs: list[ProfileInput], upper: dict[str, int]
+) -> Any:
+    """The profiles' LimitFinder: a position-id input's table (``dim_limits``) and the
+    lookups :mod:`.size_bounds` finds, whichever bounds the dim more."""
+    from graphopt.backends.tensorrt.size_bounds import SizeBounds
+
+    dims = {
+        i.name: [i.key(axis) or d for axis, d in enumerate(i.dims)]
+        for i in inputs
+        if not i.shape_tensor
+    }
+    bounds = SizeBounds(proto, dims)
+    read = bounds.read_keys()
+
+    def largest(key: str, sizes: dict[str, int]) -> tuple[int, str] | None:
+        found = bounds.largest(key, sizes) if key in read else None
+        best = (found.size, found.why) if found is not None else None
+        if key in upper and (best is None or upper[key] < best[0]):
+            best = (upper[key], f"a position-id input indexes a table of {upper[key]} rows")
+        return best
+
+    return largest
+
+
+def _precision_changes(proto: onnx.ModelProto, network: Any) -> list[str]:
+    """The engine's inputs and outputs whose type differs from the ONNX's (TensorRT has no
+    float64: it binds float32), and float64 computed in float32 inside the graph."""
+    double = onnx.TensorProto.DOUBLE
+    graph = proto.graph
+    float64 = sum(t.data_type == double for t in graph.initializer)
+    float64 += sum(v.type.tensor_type.elem_type == double for v in graph.value_info)
+    float64 += sum(
+        n.op_type == "Cast" and any(a.name == "to" and a.i == double for a in n.attribute)
+        for n in graph.node
+    )
+    declared = {
+        v.name: v.type.tensor_type.elem_type
+        for v in [*proto.graph.input, *proto.graph.output]
+        if v.type.HasField("tensor_type")
+    }
+    tensors = [network.get_input(i) for i in range(network.num_inputs)]
+    tensors += [network.get_output(i) for i in range(network.num_outputs)]
+    changes = []
+    for index, tensor in enumerate(tensors):
+        kind = "input" if index < network.num_inputs else "output"
+        name = str(tensor.name)
+        was = _ONNX_TYPE_NAMES.get(declared.get(name, 0))
+        now = _type_name(tensor.dtype)
+        if was is not None and was != now:
+            changes.append(
+                f"{kind} {name}: {was} in the ONNX, {now} in the engine"
+                + (" (TensorRT has no float64: feed and read float32)" if was == "float64" else "")
+            )
+    if float64:
+        changes.append(
+            f"{float64} float64 tensor(s) inside the graph are computed in float32 (TensorRT "
+            "has no float64)"
+        )
+    return changes
+
+
+# The ONNX element types by the names _type_name gives TensorRT's.
+_ONNX_TYPE_NAMES = {
+    **PRECISION_NAMES,
+    onnx.TensorProto.INT32: "int32",
+    onnx.TensorProto.INT64: "int64",
+    onnx.TensorProto.BOOL: "bool",
+}
 
 
 def _precision_flags(config: Any, flags: Any, types: set[str]) -> list[str]:
@@ -257,9 +411,19 @@ def _type_name(dtype: Any) -> str:
     return names.get(text, text.lower())
 
 
-def _input(tensor: Any) -> tuple[str, tuple[int, ...], bool]:
+def _input(tensor: Any, keys: dict[tuple[str, int], str]) -> ProfileInput:
+    """A network input with its dims' keys from the ONNX (the network's dims are -1, their
+    names are the ONNX's)."""
     kind = str(tensor.dtype).rsplit(".", 1)[-1]
-    return str(tensor.name), tuple(int(d) for d in tensor.shape), kind in ("FLOAT", "HALF", "BF16")
+    name = str(tensor.name)
+    dims = tuple(int(d) for d in tensor.shape)
+    return ProfileInput(
+        name,
+        dims,
+        kind in ("FLOAT", "HALF", "BF16"),
+        tuple(keys.get((name, axis)) for axis in range(len(dims))),
+        bool(getattr(tensor, "is_shape_tensor", False)),
+    )
 
 
 def _has_gpu() -> bool:

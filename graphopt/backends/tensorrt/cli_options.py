@@ -50,8 +50,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         "--shapes",
         action="append",
         metavar="NAME:min=DxD,opt=DxD,max=DxD",
-        help="optimization profile of a dynamic input (repeatable; default: from "
-        "--input-shape, else derived per dim: batch 1/1/8, sequence 1/128/512, image 224)",
+        help="optimization profile of a dynamic input (repeatable; a dim it shares by name "
+        "with other inputs takes this range there too; a shape-tensor input, e.g. one "
+        "feeding Reshape's shape, takes its values' range; default: from --input-shape, "
+        "else derived per dim: batch 1/1/8, sequence 1/128/512 capped at what the model "
+        "takes, image 224)",
     )
     group.add_argument(
         "--builder-level",
@@ -123,6 +126,8 @@ def print_engine_report(report: EngineReport, out: Console, err: Console, verbos
     )
     for line in report.settings:
         out.print(f"  {line}", markup=False)
+    for change in report.precision_changes:
+        out.print(f"  precision change: {change}", markup=False, soft_wrap=True)
     for profile in report.profiles:
         out.print(f"  profile {profile.describe()}", markup=False)
     for note in report.notes:

@@ -22,11 +22,15 @@ PRECISION_NAMES = {
     onnx.TensorProto.UINT8: "uint8",
     onnx.TensorProto.INT4: "int4",
     onnx.TensorProto.FLOAT8E4M3FN: "fp8",
+    # TensorRT has no float64: the engine computes (and binds) it in float32, which the
+    # build reports as a precision change.
+    onnx.TensorProto.DOUBLE: "float64",
 }
 # Weights smaller than this are not worth a sparse kernel; TensorRT skips them too.
 MIN_SPARSE_ELEMENTS = 4096
 # Inputs 1 of these ops are weights read along their reduction axis (where 2:4 applies).
 _WEIGHT_OPS = ("Conv", "MatMul", "Gemm")
+_FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
 
 
 @dataclass
@@ -51,23 +55,92 @@ def graph_precisions(model: onnx.ModelProto) -> GraphPrecisions:
     initializers = {t.name: t for t in graph.initializer}
     for tensor in graph.initializer:
         _add(found, tensor.data_type)
+    producers = {output: node for node in graph.node for output in node.output}
     for node in graph.node:
         if node.op_type == "Cast":
             for attr in node.attribute:
                 if attr.name == "to":
                     _add(found, attr.i)
-        if node.op_type in _WEIGHT_OPS and len(node.input) > 1 and node.input[1] in initializers:
-            tensor = initializers[node.input[1]]
-            if tensor.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
-                continue
-            weight = numpy_helper.to_array(tensor)
-            if weight.size < MIN_SPARSE_ELEMENTS:
-                continue
-            if is_two_four(weight, _reduction_axis(node, weight.ndim)):
-                found.sparse_weights.append(tensor.name)
-            else:
-                found.dense_weights += 1
+        if node.op_type not in _WEIGHT_OPS or len(node.input) < 2:
+            continue
+        weight = _weight_pattern(node.input[1], initializers, producers)
+        if weight is None:
+            continue
+        name, nonzero = weight
+        if nonzero.size < MIN_SPARSE_ELEMENTS:
+            continue
+        if is_two_four(nonzero, _reduction_axis(node, nonzero.ndim)):
+            found.sparse_weights.append(name)
+        else:
+            found.dense_weights += 1
     return found
+
+
+def _weight_pattern(
+    name: str,
+    initializers: dict[str, onnx.TensorProto],
+    producers: dict[str, onnx.NodeProto],
+) -> tuple[str, np.ndarray] | None:
+    """A constant weight's name and where it is non-zero, as the op reads it: a float
+    initializer, or a quantized one behind DequantizeLinear (a Q/DQ int8/fp8/int4 weight: zero
+    where the stored value equals its zero point), through the Cast/Transpose between them
+    that keep which elements are zero. None for a weight computed at run time."""
+    perms: list[list[int] | None] = []
+    for _ in range(4):  # a DequantizeLinear, a Cast and a Transpose at most
+        node = producers.get(name)
+        if node is None or node.op_type not in ("Cast", "Transpose", "Identity"):
+            break
+        if node.op_type == "Transpose":
+            perms.append(next((list(a.ints) for a in node.attribute if a.name == "perm"), None))
+        name = node.input[0]
+    if name in initializers:
+        tensor = initializers[name]
+        if tensor.data_type not in _FLOATS:
+            return None
+        nonzero = numpy_helper.to_array(tensor) != 0
+    else:
+        node = producers.get(name)
+        if node is None or node.op_type != "DequantizeLinear" or node.input[0] not in initializers:
+            return None
+        nonzero = _dequantized_nonzero(node, initializers)
+        if nonzero is None:
+            return None
+        name = node.input[0]
+    for perm in reversed(perms):  # the Transpose nearest the op is applied last
+        nonzero = np.transpose(nonzero, perm)
+    return name, nonzero
+
+
+def _dequantized_nonzero(
+    node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]
+) -> np.ndarray | None:
+    """Where DequantizeLinear's output is non-zero: where the stored value differs from the
+    zero point (per tensor, per axis or per block); None when the zero point is computed."""
+    stored = np.asarray(numpy_helper.to_array(initializers[node.input[0]]))
+    if len(node.input) < 3 or not node.input[2]:
+        return _as_number(stored) != 0
+    if node.input[2] not in initializers:
+        return None
+    zero = np.asarray(numpy_helper.to_array(initializers[node.input[2]]))
+    stored, zero = _as_number(stored), _as_number(zero)
+    if zero.size > 1 and stored.ndim:
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1) % stored.ndim
+        block = next((a.i for a in node.attribute if a.name == "block_size"), 0)
+        if block:  # blockwise: zero has the weight's shape with axis divided into blocks
+            zero = np.repeat(zero, block, axis=axis)[tuple(slice(0, n) for n in stored.shape)]
+        else:  # per axis: a 1-D zero point along ``axis``
+            shape = [1] * stored.ndim
+            shape[axis] = zero.size
+            zero = zero.reshape(shape)
+    try:
+        return stored != zero
+    except ValueError:  # shapes ONNX would refuse: say nothing rather than guess
+        return None
+
+
+def _as_number(array: np.ndarray) -> np.ndarray:
+    """int4/fp8 arrays (ml_dtypes) as numbers numpy compares."""
+    return array.astype(np.float32) if array.dtype.kind not in "iub" else array.astype(np.int64)
 
 
 def is_two_four(weight: np.ndarray, axis: int) -> bool:

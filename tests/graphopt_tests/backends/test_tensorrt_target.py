@@ -1,4 +1,5 @@
-"""``--target tensorrt``: the forms its lossy passes emit (no TensorRT needed)."""
+"""``--target tensorrt``: the forms its lossy passes emit, and the forms and targets refused
+before any work (no TensorRT needed)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from graphopt.api import OptimizeOptions, optimize
+from graphopt.cli import main
 
 
 def _mlp() -> onnx.ModelProto:
@@ -84,3 +86,34 @@ def test_an_ort_targeted_input_is_warned_about_not_rewritten_silently(tmp_path) 
     assert len(warnings) == 1 and "MatMulNBits" in warnings[0]
     clean = optimize(source, None, OptimizeOptions(target="tensorrt", quantize="int4-weight"))
     assert not [n for n in clean.report.notes if "would reject" in n]
+
+
+def test_int4_asymmetric_is_refused_for_tensorrt_before_any_work(tmp_path, capsys) -> None:
+    # graphopt wrote UINT4 weights that TensorRT's parser then rejected ("Failed to import
+    # initializer"), with a fix that did not apply.
+    source = tmp_path / "mlp.onnx"
+    onnx.save(_mlp(), source)
+    out = tmp_path / "q.onnx"
+    args = ["optimize", str(source), "-o", str(out), "--target", "tensorrt"]
+    args += ["--quantize", "int4-weight", "--int4-asymmetric", "true"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--int4-asymmetric true --target tensorrt" in err and "\n" not in err, err
+    assert not out.exists()
+    assert main([*args[:-1], "false"]) == 0  # symmetric: the default, taken
+
+
+def test_an_engine_for_target_ort_is_refused_before_any_work(no_tensorrt, tmp_path, capsys) -> None:
+    # ORT's contrib ops reached TensorRT's parser after the passes, with a misleading reason.
+    source = tmp_path / "mlp.onnx"
+    onnx.save(_mlp(), source)
+    out, plan = tmp_path / "o.onnx", tmp_path / "e.plan"
+    args = ["optimize", str(source), "-o", str(out), "--no-verify", "--engine", str(plan)]
+    assert main([*args, "--target", "ort"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--target ort writes ONNX Runtime's com.microsoft ops" in err and "\n" not in err
+    assert not out.exists()
+    # Portable output is standard ONNX: built (here: no module, so written and exit 4).
+    assert main([*args, "--target", "portable"]) == 4
+    assert "engine was not built: no TensorRT Python module" in capsys.readouterr().err
+    assert out.exists()
