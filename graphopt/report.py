@@ -189,7 +189,7 @@ def _print_lossy_verdict(report: RunReport, console: Console) -> None:
     lossy = report.lossy_check
     if lossy is None:
         console.print(
-            f"lossy change vs the original ({report.lossy_unrunnable}): not run in ONNX "
+            f"lossy change vs the original ({_lossy_names(report)}): not run in ONNX "
             "Runtime; its fidelity above is measured on a float simulation of its rounding",
             markup=False,
         )

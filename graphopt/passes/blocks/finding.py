@@ -1,10 +1,13 @@
 """Residual blocks of a graph: what ``erase-blocks`` may remove (analysis only, no edits).
 
 A *residual unit* is an Add (or Sum) one of whose inputs ``x`` is an ancestor of the others
-(the residual branch ``f(x)``). Its input is ``x``, its output the Add, or the op that closes
-the unit: a Relu right after the Add (ResNet), or the normalization after it when ``x`` is
-itself a normalization's output (post-LN transformers: a LayerNormalization, or the
-decomposed ReduceMean/Sub/Pow/... form when the graph was not fused). The closing norm of a
+(the residual branch ``f(x)``), or a Gemm ``A·B + C`` (beta 1, constant B) whose C is such
+an ``x`` and A is computed from it: a residual MatMul + Add fused into one Gemm (ORT's
+MatMulAddFusion writes those; graphopt's fuse-matmul-add no longer does). Its input is
+``x``, its output the Add (Gemm), or the op that closes the unit: a Relu right after the
+Add (ResNet), or the normalization after it when ``x`` is itself a normalization's output
+(post-LN transformers: a LayerNormalization, or the decomposed ReduceMean/Sub/Pow/... form
+when the graph was not fused). The closing norm of a
 pre-norm model (GPT-2's final ``ln_f`` after the last Add) is not taken: its ``x`` is an Add.
 
 A *block* is one unit, except that an attention unit (its branch multiplies two activations)
@@ -66,7 +69,7 @@ def find_blocks(graph: ir.Graph) -> tuple[list[Block], list[tuple[str, str]]]:
     units: list[Unit] = []
     refused: list[tuple[str, str]] = []
     for node in graph:
-        if not is_op(node, ("Add", "Sum")):
+        if not is_op(node, ("Add", "Sum")) and not _residual_gemm(node):
             continue
         unit, why = _unit(node, order)
         if unit is not None:
@@ -78,12 +81,37 @@ def find_blocks(graph: ir.Graph) -> tuple[list[Block], list[tuple[str, str]]]:
     return _pair(units, order), refused
 
 
+def _residual_gemm(node: ir.Node) -> bool:
+    """A Gemm adding an activation C to its product with a constant B, C unscaled (beta 1):
+    ``C + A·B``, a residual sum whose branch ends in the Gemm's product."""
+    if not is_op(node, "Gemm") or len(node.inputs) < 3:
+        return False
+    b, c = node.inputs[1], node.inputs[2]
+    beta = node.attributes.get("beta")
+    return (
+        is_constant(b)
+        and c is not None
+        and not is_constant(c)
+        and (beta is None or beta.value == 1.0)
+    )
+
+
+def _summands(add: ir.Node) -> list[ir.Value]:
+    """What ``add`` sums: an Add's or Sum's non-constant inputs; a residual Gemm's A (the
+    branch, through the Gemm's own product) and C (the skip)."""
+    if is_op(add, "Gemm"):
+        return [v for v in (add.inputs[0], add.inputs[2]) if v is not None]
+    return [v for v in add.inputs if v is not None and not is_constant(v)]
+
+
 def _unit(add: ir.Node, order: dict[int, int]) -> tuple[Unit | None, str]:
-    inputs = [v for v in add.inputs if v is not None and not is_constant(v)]
-    if len(inputs) < 2 or len({id(v) for v in inputs}) < len(inputs):
-        return None, ""
+    inputs = _summands(add)
+    gemm = is_op(add, "Gemm")
+    if len(inputs) < 2 or (not gemm and len({id(v) for v in inputs}) < len(inputs)):
+        return None, ""  # (Gemm(x, W, x) is x + x·W: a unit of the Gemm alone)
     out = add.outputs[0]
-    for skip in inputs:
+    # A residual Gemm's skip is its C: its A passes through the product (not an identity).
+    for skip in inputs[1:] if gemm else inputs:
         others = [v for v in inputs if v is not skip]
         ancestry = [_ancestors(v) for v in others]
         if not all(skip in values for _, values in ancestry):
@@ -93,7 +121,7 @@ def _unit(add: ir.Node, order: dict[int, int]) -> tuple[Unit | None, str]:
             return None, ""
         below = _descendants(skip)
         branch = {id(n): n for nodes, _ in ancestry for n in nodes if id(n) in below}
-        if not any(is_op(n, WEIGHTED) for n in branch.values()):
+        if not gemm and not any(is_op(n, WEIGHTED) for n in branch.values()):
             # x + g(x) without weights (GELU's x + 0.044715·x³): arithmetic, not a block.
             return None, ""
         members = [*branch.values(), add]

@@ -2,7 +2,10 @@
 
 Per output: max error relative to the original's largest magnitude (the project's error
 measure), mean absolute error, and the mean over samples of the cosine between original and
-pruned output rows (per-sample cosine is what embedding users look at).
+pruned output rows (per-sample cosine is what embedding users look at). Integer and bool
+outputs (an ArgMax's class ids, a TopK's indices) get the same measures of their values, as
+``graphopt compare`` gives them, plus the share of elements equal to the original's: like
+verification and ``compare``, an integer output is right only where it is equal.
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ class Fidelity:
     # Share of positions whose argmax over the last axis (trailing size-1 axes dropped) is the
     # same (a classifier's or a decoder's prediction); None where the output has no class axis.
     argmax_agreement: float | None = None
+    # Integer, bool and string outputs: the share of elements equal to the original's (they
+    # are right only where equal); None for float outputs, whose rounding is never exact.
+    equal_share: float | None = None
 
     def to_json(self) -> dict:
         return {
@@ -38,6 +44,7 @@ class Fidelity:
             "mean_abs": self.mean_abs,
             "mean_cosine": self.mean_cosine,
             "argmax_agreement": self.argmax_agreement,
+            "equal_share": self.equal_share,
         }
 
 
@@ -132,9 +139,18 @@ def measure(
     """Per output; positions a [samples, sequence] ``mask`` marks as padding are left out."""
     results = []
     for name, ref, got in zip(names, reference, candidate, strict=True):
-        if ref.dtype.kind not in "fc" or ref.shape != got.shape:
-            same = ref.shape == got.shape and np.array_equal(ref, got)
-            results.append(Fidelity(name, 0.0 if same else 1.0, 0.0, 1.0 if same else 0.0))
+        if ref.shape != got.shape:
+            # Nothing lines up to be measured: the largest error, no agreement.
+            inf = float("inf")
+            exact = None if ref.dtype.kind in "fc" else 0.0
+            results.append(Fidelity(name, inf, inf, 0.0, equal_share=exact))
+            continue
+        if ref.dtype.kind not in "fciub":
+            # Strings (and objects) have no magnitude: equal or not, as verification has it.
+            equal = ref == got
+            share = float(np.mean(equal)) if equal.size else 1.0
+            flag = 0.0 if share == 1.0 else 1.0
+            results.append(Fidelity(name, flag, flag, 1.0 - flag, equal_share=share))
             continue
         a, b = ref.astype(np.float64), got.astype(np.float64)
         keep = None
@@ -146,7 +162,18 @@ def measure(
             keep = mask != 0
             a = np.where(keep.reshape(*keep.shape, *(1,) * (a.ndim - 2)), a, 0.0)
             b = np.where(keep.reshape(*keep.shape, *(1,) * (b.ndim - 2)), b, 0.0)
-        results.append(_measure_floats(name, a, b, keep))
+        fidelity = _measure_floats(name, a, b, keep)
+        if ref.dtype.kind in "iub":
+            # Integer and bool values are measured as numbers, as ``graphopt compare`` does
+            # (its ``_integer_error``): an ArgMax off by 5 in 10% of samples used to read "max
+            # rel 1, mean abs 0, cosine 0". Their own measure is the share of equal elements;
+            # an argmax over an axis of indices or counts means nothing.
+            equal = a == b
+            if keep is not None and keep.any():
+                equal = equal[keep]
+            fidelity.equal_share = float(np.mean(equal)) if equal.size else 1.0
+            fidelity.argmax_agreement = None
+        results.append(fidelity)
     return results
 
 
@@ -170,7 +197,11 @@ def _measure_floats(
     rows_b = _unit_scale(b.reshape(len(b), -1) if b.ndim else b.reshape(1, -1))
     norms = np.linalg.norm(rows_a, axis=1) * np.linalg.norm(rows_b, axis=1)
     cos = np.einsum("ij,ij->i", rows_a, rows_b) / np.where(norms > 0, norms, 1.0)
-    cos = np.where(norms > 0, np.clip(cos, -1.0, 1.0), 1.0)
+    # A row that is zero on one side only has no direction to compare: it moved entirely
+    # (0), as verification counts it; zero on both sides is equal (1). It used to be 1
+    # either way, so a class id turned from 3 to 0 kept a cosine of 1.
+    equal_rows = np.all(rows_a == rows_b, axis=1)
+    cos = np.where(norms > 0, np.clip(cos, -1.0, 1.0), np.where(equal_rows, 1.0, 0.0))
     cos = np.where(differ.reshape(len(rows_a), -1).any(axis=1), 0.0, cos)
     mean_cosine = float(cos.mean())
     if differ.any():
@@ -208,11 +239,16 @@ def summary(fidelities: list[Fidelity]) -> str:
     """One line for the output with the worst cosine: every number is that output's, and
     with more than one output it is named. (It used to print the worst output's cosine and
     mean abs beside the largest max rel of any output, three numbers of two outputs.)"""
-    worst = min(fidelities, key=lambda f: f.mean_cosine)
-    line = (
-        f"cosine {worst.mean_cosine:.4f}, max rel {worst.max_rel:.3g}, "
-        f"mean abs {worst.mean_abs:.3g}"
-    )
+    # Integer outputs are judged by their share of equal values, not by the cosine of ids
+    # or counts: the worst output is a float one where there is one.
+    floats = [f for f in fidelities if f.equal_share is None]
+    if floats:
+        worst = min(floats, key=lambda f: f.mean_cosine)
+        lead = f"cosine {worst.mean_cosine:.4f}"
+    else:
+        worst = min(fidelities, key=lambda f: f.equal_share or 0.0)
+        lead = f"{worst.equal_share:.1%} equal"
+    line = f"{lead}, max rel {worst.max_rel:.3g}, mean abs {worst.mean_abs:.3g}"
     if len(fidelities) > 1:
         line = f"{worst.output}: {line}"
         # Another output may still move further by max rel: say which, so no larger error
@@ -220,6 +256,10 @@ def summary(fidelities: list[Fidelity]) -> str:
         larger = max(fidelities, key=lambda f: f.max_rel)
         if larger is not worst and larger.max_rel > worst.max_rel:
             line += f" ({larger.output}: max rel {larger.max_rel:.3g})"
+        # An integer output (class ids) whose values moved: say how many are still equal.
+        for f in fidelities:
+            if f is not worst and f.equal_share is not None and f.equal_share < 1.0:
+                line += f"; {f.output}: {f.equal_share:.1%} equal"
     return line
 
 
@@ -233,14 +273,14 @@ def fidelity_table(title: str, fidelity: dict[str, list[Fidelity]]):
     for phase, fidelities in fidelity.items():
         for f in fidelities:
             argmax = "" if f.argmax_agreement is None else f"{f.argmax_agreement:.1%}"
-            table.add_row(
-                f.output,
-                phase,
-                f"{f.max_rel:.3g}",
-                f"{f.mean_abs:.3g}",
-                f"{f.mean_cosine:.4f}",
-                argmax,
-            )
+            if f.equal_share is not None:
+                # An integer output's agreement is its share of equal values (an ArgMax
+                # output's is its argmax agreement).
+                argmax = f"{f.equal_share:.1%} equal"
+            # The cosine of class ids or counts says nothing of them ("1.0000" beside 9% of
+            # ArgMax ids moved): not shown; their share of equal values is.
+            cosine = "-" if f.equal_share is not None else f"{f.mean_cosine:.4f}"
+            table.add_row(f.output, phase, f"{f.max_rel:.3g}", f"{f.mean_abs:.3g}", cosine, argmax)
     return table
 
 

@@ -103,8 +103,9 @@ def factorize_layer(
 
 
 def _drop(graph: ir.Graph, old: ir.Value) -> None:
-    """Remove the old weight when nothing reads it any more."""
-    if old.uses():
+    """Remove the old weight when nothing reads it any more and the graph does not output
+    it (an output left naming a deleted initializer made the model uncopyable: exit 3)."""
+    if old.uses() or old.is_graph_output():
         return
     producer = old.producer()
     if producer is not None:

@@ -6,6 +6,16 @@ or [K, N] bias against M = 1). onnxscript's ``matmul_add_to_gemm_rule`` checks o
 and B have rank 2; this pass also requires a constant float B (what makes the Gemm worth
 having) and a C whose shape is known to broadcast into [M, N] without enlarging it.
 A with rank > 2 is left alone (Gemm cannot express it; no Reshape is inserted).
+
+C must be a constant (a bias): a residual ``x + r @ W`` (C an activation) or a C fed by a
+graph input stays MatMul + Add. Fusing those gains nothing where the model runs: ORT's CPU
+provider writes the same Gemm itself (MatMulAddFusion, level extended; its optimized graphs
+of both forms are identical). Only with ORT's optimizations off does the Gemm save the Add's
+dispatch, a few microseconds per layer at one row (ORT 1.32, 1 thread, 4 layers K = N = 256,
+M = 1: 46 vs 57 us; M >= 16 within noise). The fused form hid the residual Add from the
+lossy passes that run after the exact ones: ``--erase-blocks`` found no residual block, and
+int8-dynamic kept half a residual MLP in float (both now also read such a Gemm, as input
+models may carry them).
 """
 
 from __future__ import annotations
@@ -22,7 +32,8 @@ _GEMM_TYPES = (ir.DataType.FLOAT, ir.DataType.DOUBLE)
 
 @register
 class FuseMatMulAddPass(GraphPass):
-    """MatMul(A, B) + C → Gemm for 2-D A, constant 2-D B, C within [M, N]; refuses rank > 2 A.
+    """MatMul(A, B) + C → Gemm for 2-D A, constant 2-D B, constant C within [M, N]; refuses
+    rank > 2 A, an activation or graph-input C (a residual sum: see the module docstring).
 
     Also refuses a MatMul output read elsewhere and non-float32/64 dtypes.
     """
@@ -56,7 +67,7 @@ class FuseMatMulAddPass(GraphPass):
         a, b = matmul.inputs
         product = matmul.outputs[0]
         c = add.inputs[1] if add.inputs[0] is product else add.inputs[0]
-        if c is None or c is product:
+        if c is None or c is product or not editing.is_constant(c):
             return False
         if a is None or a.dtype not in _GEMM_TYPES or a.shape is None or len(a.shape) != 2:
             return False
@@ -85,8 +96,8 @@ def _needs_shape(matmul: ir.Node) -> bool:
 
 def _broadcasts_into(c: ir.Value, m: int | ir.SymbolicDim, n: int) -> bool:
     """C's (known) shape broadcasts into [m, n] without changing it."""
-    tensor = None if c.is_graph_input() else ir.convenience.get_const_tensor(c)
-    shape = tuple(tensor.shape) if tensor is not None else c.shape
+    tensor = ir.convenience.get_const_tensor(c)
+    shape = tuple(tensor.shape) if tensor is not None else None
     if shape is None or len(shape) > 2:
         return False
     full = (1,) * (2 - len(shape)) + tuple(shape)

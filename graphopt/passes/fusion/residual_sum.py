@@ -37,14 +37,18 @@ class ResidualSumPass(GraphPass):
 
     def rewrite(self, model: ir.Model) -> int:
         hits = 0
+        # One table for node and value names, subgraphs included: every unnamed Add used to
+        # give its Sum the node name "_sum", and two of them failed verification (duplicate
+        # node names), rolling the whole pass back.
+        names = editing.NameTable(model.graph)
         for graph in (model.graph, *model.graph.subgraphs()):
             for node in list(graph):
-                if editing.is_op(node, "LayerNormalization") and self._to_sum(graph, node):
+                if editing.is_op(node, "LayerNormalization") and self._to_sum(graph, node, names):
                     hits += 1
         return hits
 
     @staticmethod
-    def _to_sum(graph: ir.Graph, norm: ir.Node) -> bool:
+    def _to_sum(graph: ir.Graph, norm: ir.Node, names: editing.NameTable) -> bool:
         x = norm.inputs[0] if norm.inputs else None
         add = x.producer() if x is not None else None
         if add is None or not editing.is_op(add, "Add") or len(add.inputs) != 2:
@@ -55,8 +59,8 @@ class ResidualSumPass(GraphPass):
             return False
         # No dtype check: LayerNormalization's X types (float16/32/64, bfloat16) are all Sum
         # types, and TorchScript exports often carry no value types at all.
-        total = ir.node("Sum", list(add.inputs), name=f"{add.name}_sum")
-        total.outputs[0].name = editing.unique_name(graph, f"{x.name}_sum")
+        total = ir.node("Sum", list(add.inputs), name=names.take(f"{add.name or x.name}_sum"))
+        total.outputs[0].name = names.take(f"{x.name}_sum")
         total.outputs[0].type = x.type
         total.outputs[0].shape = x.shape
         graph.insert_after(add, [total])

@@ -26,6 +26,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt.editing import (
+    NameTable,
     add_initializer,
     attribute,
     constant_array,
@@ -114,7 +115,7 @@ def pad_stem_channels(
             "Pad",
             [x, add_initializer(graph, f"{node.name}_channel_pads", pads)],
             attributes={"mode": "constant"},
-            name=f"{node.name}_pad_channels",
+            name=NameTable(graph).take(f"{node.name}_pad_channels"),
         )
         out = pad_node.outputs[0]
         out.name = unique_name(graph, f"{x.name}_padded_{c_in + extra}")

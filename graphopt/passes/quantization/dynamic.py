@@ -36,6 +36,7 @@ import onnx_ir as ir
 
 from graphopt import editing
 from graphopt.opset import raise_in_place
+from graphopt.passes.quantization.placement import overridable
 from graphopt.passes.quantization.record import (
     LayerPrecision,
     QuantRecord,
@@ -63,7 +64,10 @@ class Linear:
 
     node: ir.Node
     weight: np.ndarray  # [K, N] float32: rows are input channels, columns outputs
-    bias: ir.Value | None = None  # a float [N] bias the layer adds (Gemm's C, Attention's)
+    # What the layer adds: Attention's [N] bias, or Gemm's C: a constant vector, or any C
+    # broadcasting into [M, N] (a residual ``x + r @ W`` fused into one Gemm) that the
+    # lowering adds after the integer product, in float.
+    bias: ir.Value | None = None
     bias_add: ir.Node | None = None  # MatMul + Add: the Add whose constant is the bias
 
     @property
@@ -73,6 +77,13 @@ class Linear:
     @property
     def input(self) -> ir.Value:
         return self.node.inputs[0]
+
+    def current_bias(self) -> ir.Value | None:
+        """The bias as the graph has it now: a Gemm's activation C (the residual sum before
+        it) is replaced when the layer making it is lowered, after this one was found."""
+        if self.node.op_type == "Gemm":
+            return self.node.inputs[2] if len(self.node.inputs) > 2 else None
+        return self.bias
 
 
 def name_nodes(model: ir.Model) -> None:
@@ -113,7 +124,15 @@ def _is_float32(value: ir.Value | None) -> bool:
 
 def _linear(node: ir.Node) -> tuple[Linear | None, str]:
     x = node.inputs[0]
-    weight = editing.constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
+    given = node.inputs[1] if len(node.inputs) > 1 else None
+    if overridable(given):
+        assert given is not None
+        # Stored in int8 its default would be frozen and the caller's value ignored.
+        return None, (
+            f"{given.name} is an initializer the caller may override (also a graph input): "
+            "quantizing it would freeze its stored value"
+        )
+    weight = editing.constant_array(given) if given is not None else None
     if weight is None or weight.ndim != 2:
         return None, "weight is not a constant matrix (activation × activation)"
     if weight.dtype != np.float32 or not _is_float32(x):
@@ -127,20 +146,23 @@ def _linear(node: ir.Node) -> tuple[Linear | None, str]:
     matrix = (weight.T if editing.attribute(node, "transB", 0) else weight) * np.float32(alpha)
     bias = node.inputs[2] if len(node.inputs) > 2 else None
     if bias is not None:
-        array = editing.constant_array(bias)
-        if (
-            array is None
-            or array.size not in (1, matrix.shape[1])
-            or array.shape[:-1]
-            not in (
-                (),
-                (1,),
-            )
-        ):
-            return None, "Gemm bias is not a constant vector"
+        # Any C is added after the product in float (Gemm broadcasts it into [M, N] as Add
+        # does): a residual fused into the Gemm (C an activation) used to keep the layer in
+        # float ("Gemm bias is not a constant vector"), half the layers of a residual MLP.
         if beta != 1.0:
             return None, "Gemm with beta != 1"
+        if not _is_float32(bias):
+            return None, "Gemm C is not float32"
+        if bias is x:
+            # Gemm(x, W, x): SmoothQuant would scale x for the product by scaling what makes
+            # x, and C reads that x too. Rare enough to leave in float.
+            return None, "Gemm adds its own input A as C"
     return Linear(node, np.ascontiguousarray(matrix, dtype=np.float32), bias), ""
+
+
+def _is_vector(array: np.ndarray | None, columns: int) -> bool:
+    """A constant C that is one value per output column (or one for all): [N], [1, N], [1]."""
+    return array is not None and array.size in (1, columns) and array.shape[:-1] in ((), (1,))
 
 
 def _following_bias(node: ir.Node, columns: int) -> tuple[ir.Value | None, ir.Node | None]:
@@ -305,11 +327,10 @@ class Lowering:
             ir.Node("", "Mul", [xs, scale_value], outputs=[scales], name=f"{base}_scale_mul"),
             ir.Node("", "Mul", [floats, scales], outputs=[out], name=f"{base}_dequantize"),
         ]
-        if linear.bias is not None and node.op_type == "Gemm":
+        bias = linear.current_bias()
+        if bias is not None and node.op_type == "Gemm":
             biased = ir.Value(name=self.maker.take(f"{base}_biased"))
-            nodes.append(
-                ir.Node("", "Add", [out, linear.bias], outputs=[biased], name=f"{base}_bias")
-            )
+            nodes.append(ir.Node("", "Add", [out, bias], outputs=[biased], name=f"{base}_bias"))
             out = biased
         self._replace(node, nodes, node.outputs[0], out)
         return f"{self._weights} weights, u8 dynamic activations (MatMulInteger)"
@@ -318,23 +339,31 @@ class Lowering:
         node, base = linear.node, linear.name
         out = ir.Value(name=self.maker.take(f"{base}_dequantized"))
         replaced = node.outputs[0]
-        bias = linear.bias
+        bias = linear.current_bias()
         columns = linear.weight.shape[1]
         array = editing.constant_array(bias) if bias is not None else None
-        if array is not None and array.shape != (columns,):
+        after = None  # a C the fused op cannot take as its [N] bias, added after it
+        if bias is not None and not _is_vector(array, columns):
+            after, bias = bias, None
+        elif array is not None and array.shape != (columns,):
             # Gemm's C may be a scalar or [1, N]; the fused op's bias is a [N] vector.
             vector = np.broadcast_to(array.reshape(-1), (columns,)).astype(np.float32)
             bias = self._initializer(f"{base}_bias", vector)
         if linear.bias_add is not None:
             replaced = linear.bias_add.outputs[0]
-        fused = ir.Node(
-            MS_DOMAIN,
-            "MatMulIntegerToFloat",
-            [xq, q_value, xs, scale_value, xzp, None, bias],
-            outputs=[out],
-            name=f"{base}_int",
-        )
-        self._replace(node, [fused], replaced, out, also=linear.bias_add)
+        product = out if after is None else ir.Value(name=self.maker.take(f"{base}_product"))
+        nodes = [
+            ir.Node(
+                MS_DOMAIN,
+                "MatMulIntegerToFloat",
+                [xq, q_value, xs, scale_value, xzp, None, bias],
+                outputs=[product],
+                name=f"{base}_int",
+            )
+        ]
+        if after is not None:
+            nodes.append(ir.Node("", "Add", [product, after], outputs=[out], name=f"{base}_c"))
+        self._replace(node, nodes, replaced, out, also=linear.bias_add)
         return f"{self._weights} weights, u8 dynamic activations (MatMulIntegerToFloat)"
 
     def _qattention(self, linear, xq, xs, xzp, q_value, scale_value) -> str:

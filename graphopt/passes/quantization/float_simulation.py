@@ -12,6 +12,8 @@ does with its float32 accumulators.
 
 from __future__ import annotations
 
+import re
+
 import onnx_ir as ir
 
 from graphopt import editing
@@ -26,9 +28,10 @@ def fidelity_on_runnable(
     sets: dict[str, CalibrationSet],
     low: ir.DataType,
 ) -> tuple[dict, str, str]:
-    """Fidelity on ``converted`` when ONNX Runtime (CPU) runs it, else on its float
-    simulation (:func:`simulation`); the note says which; the last item is why ORT cannot
-    run ``converted`` ("" when it can)."""
+    """Fidelity on ``converted`` when ONNX Runtime (CPU) runs it, else, when ORT only lacks a
+    kernel for one of its ``low`` ops, on its float simulation (:func:`simulation`); the
+    note says which; the last item is why ORT cannot run ``converted`` ("" when it can).
+    Any other refusal is raised."""
     from graphopt.sessions import make_session
 
     kind = low.name.lower()
@@ -36,10 +39,15 @@ def fidelity_on_runnable(
     try:
         make_session(converted)
     except Exception as exc:
+        op_type = missing_low_kernel(exc, converted, low)
+        if not op_type:
+            # Anything else (a type error, an invalid graph) is the converted model's fault:
+            # measuring a simulation of it would report a model no runtime loads.
+            raise
         line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         fidelity = measure_fidelity(original, simulation(converted, low), sets)
         short = "bf16" if low == ir.DataType.BFLOAT16 else kind
-        unrunnable = f"ORT CPU cannot run {short} MatMul/Conv: {line[:160]}"
+        unrunnable = f"ORT CPU cannot run {short} {op_type}: {line[:160]}"
         return (
             fidelity,
             f"{short}: fidelity measured on a float simulation of its rounding; {unrunnable}",
@@ -52,6 +60,32 @@ def fidelity_on_runnable(
         "float32 behind Casts); fidelity measured on the emitted model",
         unrunnable,
     )
+
+
+# ORT's words for a kernel it has no implementation of: "Could not find an implementation
+# for MatMul(13) node with name 'mm'".
+_MISSING_KERNEL = re.compile(
+    r"Could not find an implementation for (\w+)\(\d+\) node with name '(.*?)'"
+)
+
+
+def missing_low_kernel(exc: BaseException, model: ir.Model, low: ir.DataType) -> str:
+    """The op type when ``exc`` is ORT's NOT_IMPLEMENTED for a node of ``model`` that reads
+    or writes ``low`` (the one refusal the float simulation stands in for), else ""."""
+    # onnxruntime's pybind error classes are named after its status codes.
+    if type(exc).__name__ != "NotImplemented":
+        return ""
+    found = _MISSING_KERNEL.search(str(exc))
+    if found is None:
+        return ""
+    op_type, name = found.groups()
+    lowered = any(
+        node.op_type == op_type
+        and (node.name or "") == name
+        and any(v is not None and v.dtype == low for v in (*node.inputs, *node.outputs))
+        for node in model.graph
+    )
+    return op_type if lowered else ""
 
 
 def simulation(model: ir.Model, low: ir.DataType) -> ir.Model:

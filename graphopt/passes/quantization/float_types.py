@@ -24,8 +24,11 @@ record:
   maximum, and small constants (epsilons) that fp16 would flush to subnormals or zero: the
   nodes that compute or read them;
 - nodes with subgraphs (If/Loop/Scan bodies are left float32; the values they capture are
-  cast back to float32 outside them), custom-domain ops, ops whose output type an attribute
-  sets (``dtype``), and ops whose schema has no 16-bit type;
+  cast back to float32 outside them), custom-domain ops, ops whose float output type no
+  input carries (an attribute sets it: ConstantOfShape's ``value``, RandomNormal(Like)'s and
+  EyeLike's ``dtype``, the windows' ``output_datatype``; or a sequence input), and ops whose
+  schema has no 16-bit type (Constants and Casts are rewritten instead: their value or
+  ``to``);
 - an op with no weight whose neighbours all stay float32 (a Relu between two float32
   Convs): converting it would only add two Casts;
 - integer and shape computation is never touched (Shape/Size read any type).
@@ -33,9 +36,12 @@ record:
 Casts to float32 already in the graph are retargeted to the lower type where everything they
 feed runs in it.
 
-Fidelity is measured against the float32 original with ONNX Runtime (CPU), or, where ORT
-cannot run the converted model (bf16), on a float simulation of its rounding
-(:mod:`graphopt.passes.quantization.float_simulation`); the record says which.
+The converted model must pass ONNX's type checking wherever the original did
+(:func:`check_types`): a node whose declared output type disagrees with what it computes is
+a bug here, raised, never measured. Fidelity is measured against the float32 original with
+ONNX Runtime (CPU), or, where ORT has no kernel for a converted op (bf16), on a float
+simulation of its rounding (:mod:`graphopt.passes.quantization.float_simulation`); the
+record says which.
 
 fp8 (E4M3 Q/DQ for TensorRT) lives in :mod:`graphopt.passes.quantization.fp8`.
 """
@@ -51,6 +57,7 @@ import onnx
 import onnx_ir as ir
 
 from graphopt import editing
+from graphopt.errors import UserInputError
 from graphopt.passes.calibration.samples import CalibrationSet
 from graphopt.passes.quantization.record import (
     LayerPrecision,
@@ -141,8 +148,11 @@ def quantize_half(
     ranges = observed_ranges(model, source) if low == ir.DataType.FLOAT16 else {}
     plan = plan_conversion(model, settings, low, ranges, shapes)
     record.layers = plan.layers
+    if not plan.convert:  # before measuring anything: the model would come back as given
+        raise UserInputError(record.unchanged_refusal())
     record.type_changes = apply_plan(model, plan, low)
     record.weight_bytes_after = weight_bytes(model)
+    check_types(original, model, settings.mode)
     if ranges:
         where = "calibration samples" if fit is not None else "generated inputs (no --calib)"
         record.notes.append(
@@ -174,6 +184,52 @@ def quantize_half(
     if low == ir.DataType.BFLOAT16 and any(x.reason.startswith("Conv-") for x in plan.layers):
         record.notes.append("bf16: Conv takes bfloat16 from opset 22 (--opset 22)")
     return record
+
+
+# Initializers above this many bytes are handed to ONNX's type check as typed graph inputs
+# (their values are not needed to check types; serializing a 1 GiB model's weights would be).
+CHECKED_BYTES = 1024
+
+
+class ConversionError(RuntimeError):
+    """A converted model that fails ONNX's type check where its original passed: a bug in the
+    conversion, never a model to write or measure (raised, so the run stops with exit 3)."""
+
+
+def check_types(original: ir.Model, converted: ir.Model, mode: str) -> None:
+    """Raise :class:`ConversionError` when ``converted`` fails ONNX's strict type and shape
+    inference and ``original`` did not (a model that already fails it says nothing about
+    the conversion). Why: ORT refuses such a model at load ("bound to different types"),
+    and before this check that refusal was read as ORT lacking a 16-bit kernel, so an
+    invalid model was measured on a simulation and written with exit 0."""
+    error = type_error(converted)
+    if error and not type_error(original):
+        raise ConversionError(
+            f"quantize {mode}: the converted model fails ONNX type checking ({error}); "
+            "nothing was written"
+        )
+
+
+def type_error(model: ir.Model) -> str:
+    """The first error of ONNX's strict type and shape inference on ``model``, or ""."""
+    clone = model.clone()  # shares the tensors: nothing is copied
+    graph = clone.graph
+    for name, value in list(graph.initializers.items()):
+        tensor = value.const_value
+        if tensor is None or tensor.nbytes <= CHECKED_BYTES:
+            continue
+        value.shape = value.shape or tensor.shape
+        value.dtype = value.dtype or tensor.dtype
+        graph.initializers.pop(name)
+        value.const_value = None
+        if not value.is_graph_input():
+            graph.inputs.append(value)
+    try:
+        proto = ir.serde.serialize_model(clone)
+        onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as exc:
+        return " ".join(str(exc).split())[:300]
+    return ""
 
 
 def fill_types(model: ir.Model) -> dict[str, ir.Shape]:
@@ -263,9 +319,14 @@ def plan_conversion(
             kept[id(node)] = reason
         # neither: no float32 computation; integer and shape work stays as it is
     for node in _islands(model.graph, convert):  # taken out of ``convert`` already
-        kept[id(node)] = (
-            f"no weight in its {low.name.lower()} neighbourhood: converting would only add Casts"
+        fed = [v.name for v in node.inputs if v is not None and _overridable(v)]
+        why = (
+            f"its weight {fed[0]} is an initializer the caller may override (a graph input, "
+            "fed in float32)"
+            if fed
+            else f"no weight in its {low.name.lower()} neighbourhood"
         )
+        kept[id(node)] = f"{why}: converting would only add Casts"
     layers: list[LayerPrecision] = []
     for node in model.graph:
         name = node.name or ""
@@ -318,6 +379,11 @@ def _islands(graph: ir.Graph, convert: dict) -> list[ir.Node]:
     return found
 
 
+def _overridable(value: ir.Value) -> bool:
+    """An initializer that is also a graph input: the caller's type, not stored in 16 bits."""
+    return value.is_graph_input() and value.const_value is not None
+
+
 def _is_weight(value: ir.Value) -> bool:
     """A constant input bigger than an epsilon: stored in half the bytes once converted."""
     if not editing.is_constant(value):
@@ -345,8 +411,6 @@ def _node_decision(
         return "has a subgraph: body left float32, casts at its boundary", None
     if node.domain not in editing.DEFAULT_DOMAINS:
         return f"custom-domain op ({node.domain}): no schema to convert it by", None
-    if "dtype" in node.attributes:
-        return "its output type is set by an attribute (dtype)", None
     if settings.excluded(node):
         return "--exclude", None
     signature = float_positions(node, opset, low)
@@ -416,11 +480,40 @@ def float_positions(
         bound = [node.inputs[i] for i in ins] + [node.outputs[i] for i in outs]
         if not any(v.dtype == FLOAT for v in bound):
             continue
+        if not any(t.startswith("tensor(") for t in allowed[constraint]):
+            # A sequence or optional of tensors (SequenceConstruct's output, SequenceAt's
+            # input): only tensors are lowered, so the op stays as it is.
+            return "it reads or writes a sequence or optional of tensors"
+        if outs and not ins:
+            # No input carries this type: an attribute (ConstantOfShape's value, RandomNormal's
+            # dtype, Cast's to, EyeLike's dtype, a window's output_datatype) or a sequence
+            # input sets it. Retyping the output alone would leave the node computing float32
+            # under a float16 label, a model ONNX and ORT reject.
+            return f"its output type is set by {_type_source(schema)}, not by a float input"
         if SCHEMA_NAMES[low] not in allowed[constraint]:
             return f"{node.op_type}-{schema.since_version} allows no {low.name.lower()}"
         inputs += ins
         outputs += outs
     return tuple(sorted(inputs)), tuple(sorted(outputs))
+
+
+# Attributes that set an output's element type (the schemas' own names).
+TYPE_ATTRIBUTES = (
+    "dtype",
+    "to",
+    "value",
+    "output_datatype",
+    "output_dtype",
+    "stash_type",
+)
+
+
+def _type_source(schema: onnx.defs.OpSchema) -> str:
+    """What sets the element type of an output no input is bound to, for the record."""
+    named = [a for a in TYPE_ATTRIBUTES if a in schema.attributes]
+    if named:
+        return f"an attribute ({', '.join(named)})"
+    return "a sequence or optional input"
 
 
 def _formal(formals, index: int):

@@ -21,6 +21,7 @@ import onnx_ir as ir
 from graphopt import editing
 from graphopt.errors import UserInputError
 from graphopt.passes.calibration.samples import CalibrationSet
+from graphopt.passes.quantization.placement import overridable
 from graphopt.passes.quantization.record import (
     LayerPrecision,
     QuantRecord,
@@ -59,19 +60,30 @@ def quantize_fp8(
     record.weight_bytes_before = weight_bytes(model)
     fit, held = calib.split(settings.holdout)
     plan = _candidates(model, settings, record)
+    if not plan:  # before observing anything: the model would come back as given
+        raise UserInputError(record.unchanged_refusal())
     peaks = _activation_peaks(model, [x for _, x, _ in plan], fit)
     graph = model.graph
+    # Value and node names in one table: a weight read at two axes (MatMul and a transB
+    # Gemm) gets two DequantizeLinear nodes from one base name, and ONNX wants node names
+    # unique too (editing.unique_name checks value names only).
+    names = editing.NameTable(graph)
     dequantized: dict[int, ir.Value] = {}  # activation value id -> its Q/DQ output
     weights: dict[tuple[int, int | None], ir.Value] = {}  # (weight id, axis) -> DQ output
     for node, activation, (weight, axis) in plan:
         key = (id(weight), axis)
         if key not in weights:
-            weights[key] = _dequantized_weight(graph, weight, axis, node, record)
+            listed = any(k[0] == id(weight) for k in weights)  # once per tensor in the record
+            weights[key] = _dequantized_weight(graph, names, weight, axis, node)
+            if not listed:
+                record.type_changes.append(
+                    TypeChange(weight.name or "weight", "float", dtype_name(FP8))
+                )
         node.replace_input_with(1, weights[key])
         if id(activation) not in dequantized:
             # A tensor calibration never saw nonzero keeps a unit range, not a zero scale.
             scale = (peaks.get(activation.name, 0.0) or 1.0) / E4M3_MAX
-            dequantized[id(activation)] = _qdq(graph, activation, scale)
+            dequantized[id(activation)] = _qdq(graph, names, activation, scale)
         node.replace_input_with(0, dequantized[id(activation)])
         record.layers.append(
             LayerPrecision(
@@ -142,6 +154,11 @@ def _skip_reason(node: ir.Node, settings: QuantSettings) -> str:
     if node.inputs[0].dtype != ir.DataType.FLOAT:
         return f"activation is {dtype_name(node.inputs[0].dtype)}, not float32"
     weight = node.inputs[1]
+    if overridable(weight):
+        return (
+            f"{weight.name} is an initializer the caller may override (also a graph input): "
+            "quantizing it would freeze its stored value"
+        )
     if weight.dtype != ir.DataType.FLOAT or editing.constant_array(weight) is None:
         return "weight is not a float32 constant (activation x activation stays float)"
     if node.op_type == "Gemm" and editing.attribute(node, "transA", 0):
@@ -181,21 +198,25 @@ def quantize_e4m3(array: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.n
 
 
 def _dequantized_weight(
-    graph: ir.Graph, weight: ir.Value, axis: int | None, node: ir.Node, record: QuantRecord
+    graph: ir.Graph,
+    names: editing.NameTable,
+    weight: ir.Value,
+    axis: int | None,
+    node: ir.Node,
 ) -> ir.Value:
     import ml_dtypes
 
     array = editing.constant_array(weight)
     q, scale = quantize_e4m3(array, axis)
     base = weight.name or "weight"
-    stored = editing.add_initializer(graph, f"{base}_e4m3", q)
-    scale_value = editing.add_initializer(graph, f"{base}_scale", scale)
-    zero = editing.add_initializer(
+    stored = names.add_initializer(graph, f"{base}_e4m3", q)
+    scale_value = names.add_initializer(graph, f"{base}_scale", scale)
+    zero = names.add_initializer(
         graph, f"{base}_zero", np.zeros(scale.shape, dtype=ml_dtypes.float8_e4m3fn)
     )
     attributes = [] if axis is None else [ir.AttrInt64("axis", axis)]
     out = ir.Value(
-        name=editing.unique_name(graph, f"{base}_dequantized"),
+        name=names.take(f"{base}_dequantized"),
         type=ir.TensorType(ir.DataType.FLOAT),
         shape=weight.shape,
     )
@@ -205,28 +226,25 @@ def _dequantized_weight(
         [stored, scale_value, zero],
         attributes=attributes,
         outputs=[out],
-        name=editing.unique_name(graph, f"{base}_DequantizeLinear"),
+        name=names.take(f"{base}_DequantizeLinear"),
     )
     graph.insert_before(node, dq)
-    record.type_changes.append(
-        TypeChange(f"{base} (stored as {stored.name})", "float", dtype_name(FP8))
-    )
     return out
 
 
-def _qdq(graph: ir.Graph, activation: ir.Value, scale: float) -> ir.Value:
+def _qdq(graph: ir.Graph, names: editing.NameTable, activation: ir.Value, scale: float) -> ir.Value:
     """QuantizeLinear → DequantizeLinear of ``activation`` right after it is produced."""
     import ml_dtypes
 
     base = activation.name or "activation"
-    scale_value = editing.add_initializer(
+    scale_value = names.add_initializer(
         graph, f"{base}_fp8_scale", np.array(scale, dtype=np.float32)
     )
-    zero = editing.add_initializer(
+    zero = names.add_initializer(
         graph, f"{base}_fp8_zero", np.zeros((), dtype=ml_dtypes.float8_e4m3fn)
     )
     quantized = ir.Value(
-        name=editing.unique_name(graph, f"{base}_e4m3"),
+        name=names.take(f"{base}_e4m3"),
         type=ir.TensorType(FP8),
         shape=activation.shape,
     )
@@ -235,10 +253,10 @@ def _qdq(graph: ir.Graph, activation: ir.Value, scale: float) -> ir.Value:
         "QuantizeLinear",
         [activation, scale_value, zero],
         outputs=[quantized],
-        name=editing.unique_name(graph, f"{base}_QuantizeLinear"),
+        name=names.take(f"{base}_QuantizeLinear"),
     )
     restored = ir.Value(
-        name=editing.unique_name(graph, f"{base}_fp8_dequantized"),
+        name=names.take(f"{base}_fp8_dequantized"),
         type=ir.TensorType(ir.DataType.FLOAT),
         shape=activation.shape,
     )
@@ -247,7 +265,7 @@ def _qdq(graph: ir.Graph, activation: ir.Value, scale: float) -> ir.Value:
         "DequantizeLinear",
         [quantized, scale_value, zero],
         outputs=[restored],
-        name=editing.unique_name(graph, f"{base}_DequantizeLinear"),
+        name=names.take(f"{base}_DequantizeLinear"),
     )
     producer = activation.producer()
     if producer is not None and producer.graph is graph:

@@ -32,6 +32,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt.editing import (
+    NameTable,
     attribute,
     insert_before,
     opset_version,
@@ -104,11 +105,13 @@ def quantize_int4(
     record = QuantRecord(mode="int4-weight")
     record.weight_bytes_before = weight_bytes(model)
     fit, held = (None, None) if calib is None else calib.split(settings.holdout)
-    fidelity_sets, record.fidelity_source = _fidelity_sets(model, calib, fit, held, context)
-    original = model.clone() if fidelity_sets else None
-
     sites, skipped = find_sites(model, settings, ort)
     record.layers.extend(skipped)
+    if not sites:
+        # Before generating inputs or measuring anything: the model would come back as given.
+        raise UserInputError(record.unchanged_refusal())
+    fidelity_sets, record.fidelity_source = _fidelity_sets(model, calib, fit, held, context)
+    original = model.clone() if fidelity_sets else None
     record.type_changes.extend(
         TypeChange(
             s.weight.name or "",
@@ -154,8 +157,6 @@ def quantize_int4(
             f"{len(fallbacks)} layer input(s) wider than {MAX_HESSIAN_CHANNELS} "
             "channels: activation-weighted RTN instead of GPTQ"
         )
-    if not sites:
-        record.notes.append("no MatMul/Gemm (or, if asked, Gather) with a constant 2-D weight")
     if sites and settings.target == "tensorrt":
         _float16_activations(model, settings, record)
     if original is not None and sites:
@@ -273,6 +274,7 @@ def _fidelity_sets(
         return {"calibration": shown, "held-out": held}, (
             f"{shown.count} calibration and {held.count} held-out samples of {calib.source}"
         )
+    given = "no --calib file" if calib is None else "--calib random"
     if calib is None:
         from graphopt.passes.calibration.samples import random_calibration
 
@@ -281,7 +283,7 @@ def _fidelity_sets(
         except UserInputError as exc:
             context.note(f"quantize int4-weight: fidelity not measured: {exc}")
             return {}, ""
-    return {"generated": calib}, f"{calib.count} generated inputs (no --calib file)"
+    return {"generated": calib}, f"{calib.count} generated inputs ({given})"
 
 
 def find_sites(
@@ -314,11 +316,20 @@ def _site(node: ir.Node, settings: QuantSettings, ort: bool) -> tuple[Site | Non
     if len(node.inputs) <= index or node.inputs[index] is None:
         return None, ""
     weight = node.inputs[index]
-    tensor = None if weight.is_graph_input() else ir.convenience.get_const_tensor(weight)
-    if tensor is None or len(tensor.shape) != 2:
-        return None, ""
+    if kind == "gather" and not _constant_input(weight):
+        return None, ""  # a Gather of activations or shapes: no table to quantize
+    if weight.is_graph_input() and weight.const_value is not None:
+        return None, (
+            f"{weight.name} is an initializer the caller may override (also a graph input): "
+            "quantizing it would freeze its stored value"
+        )
+    tensor = ir.convenience.get_const_tensor(weight)
+    if tensor is None:
+        return None, "no constant weight (its second input is computed)"
+    if len(tensor.shape) != 2:
+        return None, f"weight of rank {len(tensor.shape)} (int4 blocks need a 2-D weight)"
     if kind != "gather" and _constant_input(node.inputs[0]):
-        return None, ""
+        return None, "first input is a constant too (constant folding's, not a layer)"
     if settings.excluded(node):
         return None, "--exclude"
     if tensor.dtype not in FLOAT_TYPES:
@@ -567,7 +578,7 @@ def _emit_dequantize(graph: ir.Graph, site: Site, qw: Int4Weight, dtype: type) -
         inputs,
         [ir.AttrInt64("axis", axis), ir.AttrInt64("block_size", qw.block)],
         outputs=[out],
-        name=unique_name(graph, f"{base}_DequantizeLinear"),
+        name=NameTable(graph).take(f"{base}_DequantizeLinear"),  # unique among node names too
     )
     insert_before(node, [dq])
     index = 0 if site.kind == "gather" else 1

@@ -124,6 +124,10 @@ class Placement:
     raw_outputs: dict[str, str] = field(default_factory=dict)  # node -> output tensor
     # --target ort: SiLU pairs emitted as one QuickGelu (see the module docstring).
     silu: dict[str, str] = field(default_factory=dict)  # Mul node -> its Sigmoid node
+    # Whether quantized graph outputs come out of their DequantizeLinear (``outputs_too``,
+    # --target ort). Otherwise a graph output also read by an int8 layer is quantized for
+    # that reader only and stays float as a model output.
+    outputs_quantized: bool = False
     # --target ort: spatial ReduceMeans emitted as GlobalAveragePool (ditto).
     global_means: set[str] = field(default_factory=set)  # ReduceMean nodes
 
@@ -148,6 +152,13 @@ def is_weight(value: ir.Value | None) -> bool:
     return producer is not None and producer.op_type == "Constant" and producer.domain == ""
 
 
+def overridable(value: ir.Value | None) -> bool:
+    """An initializer that is also a graph input: its stored value is a default the caller
+    may replace at run time, so it is neither a weight to store in int8 (that would freeze
+    the default and drop the caller's value) nor an activation with calibrated ranges."""
+    return value is not None and value.is_graph_input() and value.const_value is not None
+
+
 def _activation(value: ir.Value | None) -> bool:
     return value is not None and is_float(value) and not is_weight(value)
 
@@ -157,6 +168,10 @@ def _compute_check(node: ir.Node) -> tuple[int | None, int | None, str]:
     inputs = list(node.inputs)
     if not inputs or not all(v is None or is_float(v) for v in inputs):
         return None, None, "not a float32 node"
+    fed = [v.name for v in inputs[:2] if overridable(v)]
+    if fed:
+        why = f"{fed[0]} is an initializer the caller may override (also a graph input)"
+        return None, None, f"{why}: quantizing it would freeze its stored value"
     if node.op_type == "Conv":
         if len(inputs) < 2 or not _activation(inputs[0]) or not is_weight(inputs[1]):
             return None, None, "Conv without a constant weight"
@@ -209,6 +224,8 @@ def place(
             return "kept in float (--exclude)"
         return ""
 
+    placement.outputs_quantized = outputs_too
+
     def quantizable(value: ir.Value) -> bool:
         return _activation(value) and (outputs_too or value.name not in outputs)
 
@@ -247,7 +264,10 @@ def place(
                 # ORT would not, which is why --target ort quantizes outputs too).
                 how += ", float output"
             for index, value in enumerate(node.inputs):
-                if index != weight and index < 2 and value is not None and quantizable(value):
+                # A graph output read here is quantized for this reader whatever the target:
+                # the emission leaves the model output float where outputs are not quantized
+                # (else the layer would run weight-only under an "int8" label).
+                if index != weight and index < 2 and _activation(value):
                     groups.setdefault(value.name, value.name)
             if weight is not None:
                 placement.weights[node.name] = (weight, axis)

@@ -103,7 +103,9 @@ def emit_qdq(
             quantized, key = fitted, (*base, fitted.scale.tobytes())
             emitted.bias_fitted.add(node_name)
         if key not in cache:
-            if not any(k[:2] == base for k in cache):
+            # Listed once per tensor: a weight read at two axes (MatMul, transB Gemm) is
+            # stored twice in int8, but it is one tensor whose type changed.
+            if not any(k[0] == weight.name for k in cache):
                 emitted.type_changes.append(TypeChange(weight.name, "float", "int8"))
             cache[key] = (_weight_dq(graph, names, node, weight, quantized), quantized)
         dq_value, quantized = cache[key]
@@ -128,7 +130,7 @@ def emit_qdq(
                     graph, names.take(f"{root}_zero_point"), np.array(p.zero_point, p.numpy_dtype)
                 ),
             )
-        _insert_pair(graph, names, values[tensor], *scales[root], p)
+        _insert_pair(graph, names, values[tensor], *scales[root], p, placement.outputs_quantized)
     for name in sorted(placement.global_means):
         mean = nodes[name]
         _replace_node(graph, names, [mean], "", "GlobalAveragePool", [mean.inputs[0]], [])
@@ -301,8 +303,12 @@ def _insert_pair(
     scale: ir.Value,
     zero: ir.Value,
     p: QuantParams,
+    output_too: bool = True,
 ) -> None:
-    """value → Q → DQ, and every consumer of ``value`` reads the DQ instead."""
+    """value → Q → DQ, and every consumer of ``value`` reads the DQ instead; a graph output
+    too when ``output_too`` and a node computes it. A graph input that is also a graph
+    output stays one value (the caller feeds and reads the same name: renaming it left the
+    model asking for an input nobody passes), passed through exactly."""
     qtype = ir.DataType.UINT8 if p.dtype == "u8" else ir.DataType.INT8
     quantized = ir.Value(
         name=names.take(f"{value.name}_quantized"), shape=value.shape, type=ir.TensorType(qtype)
@@ -340,7 +346,7 @@ def _insert_pair(
     for user, index in uses:
         if user is not q:
             user.replace_input_with(index, restored)
-    if value.is_graph_output():
+    if value.is_graph_output() and output_too and producer is not None:
         # The output keeps its name and now comes out of the DQ (as ORT's quantizer does).
         name = value.name
         value.name = names.take(f"{name}_float")

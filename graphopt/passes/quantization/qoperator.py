@@ -190,6 +190,17 @@ def _convert_data_movement(
     inputs = list(node.inputs)
     for (index, _), dq in zip(data, dqs, strict=True):
         inputs[index] = dq.inputs[0]
+    if node.op_type == "Concat":
+        # Concat's inputs share one type: a float constant among the int8 ones must be int8
+        # too (left float it made a model ORT rejects). Quantized with the shared scale, as
+        # the QDQ form's Q after the Concat rounds it (calibration saw it in that range).
+        for index, value in enumerate(node.inputs):
+            if value is not None and value.const_value is not None:
+                stored = _quantized_constant(graph, names, value, qs[0])
+                if stored is None:
+                    return False
+                inputs[index] = stored
+                emitted.type_changes.append(TypeChange(value.name, "float", _type_name(stored)))
     outputs = [
         ir.Value(
             name=names.take(f"{out.name}_int8"), shape=q.outputs[0].shape, type=q.outputs[0].type
@@ -210,6 +221,21 @@ def _convert_data_movement(
         emitted.type_changes.append(TypeChange(out.name, "float", _type_name(value)))
     _detach(graph, [*qs, node])
     return True
+
+
+def _quantized_constant(
+    graph: ir.Graph, names: NameTable, value: ir.Value, q: ir.Node
+) -> ir.Value | None:
+    """``value`` (a float constant) as ``q`` quantizes it: round half to even, saturated."""
+    array = constant_array(value)
+    if array is None or array.dtype != np.float32:
+        return None
+    scale = float(constant_array(q.inputs[1]))
+    zero = constant_array(q.inputs[2])
+    info = np.iinfo(zero.dtype)
+    codes = np.rint(array / np.float32(scale)) + int(zero)
+    stored = np.clip(codes, info.min, info.max).astype(zero.dtype)
+    return register_array(graph, names.take(f"{value.name}_quantized"), stored)
 
 
 def _detach(graph: ir.Graph, nodes: list[ir.Node]) -> None:

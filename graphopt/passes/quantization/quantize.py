@@ -34,6 +34,7 @@ from graphopt.registry import GraphPass, PassOption, Stage, refuse_nothing_to_do
 
 if TYPE_CHECKING:
     from graphopt.passes.calibration.samples import CalibrationSet
+    from graphopt.passes.quantization.record import TypeChange
 
 # Modes that cannot run without calibration data: activation ranges come from it.
 NEEDS_CALIBRATION = frozenset({"int8", "fp8"})
@@ -218,6 +219,7 @@ class QuantizePass(GraphPass):
     def rewrite(self, model: ir.Model) -> int:
         settings = self.resolved()
         _refuse_nothing_to_quantize(model, settings.mode, settings.quantize_embeddings)
+        exclude_notes = _check_exclude(model, settings)
         calib = self._calibration(model, settings)
         module_name, _, function_name = MODES[settings.mode].partition(":")
         function = getattr(importlib.import_module(module_name), function_name)
@@ -238,12 +240,22 @@ class QuantizePass(GraphPass):
                 record = autotune(model, settings, calib, self.context, function)
             else:
                 record = function(model, settings, calib, self.context)
+            if not record.quantized and not record.curve:
+                # Every layer stayed float and no mixed-precision search chose that: the
+                # model would come back as it was given (README: refused, not written).
+                raise UserInputError(record.unchanged_refusal())
             if settings.autotune and not any("--autotune" in n for n in record.notes):
                 record.notes.append(
                     "--autotune had no effect: it times static int8 candidates for "
                     "--target ort only"
                 )
+        # One line per tensor, whichever mode listed it twice (a weight stored at two axes).
+        record.type_changes = _unique_changes(record.type_changes)
         record.notes.extend(_unused_option_notes(self.given, settings.mode))
+        record.notes.extend(exclude_notes)
+        kept = record.kept_float_note()
+        if kept:
+            record.notes.append(kept)
         inside = _weighted_in_subgraphs(model)
         if inside:
             record.notes.append(
@@ -314,7 +326,9 @@ class QuantizePass(GraphPass):
         has_file = bool(s["calib"]) and s["calib"] != "random"
         target = self.context.target
         if target == "tensorrt":
-            _check_tensorrt_form(mode, s["quant_format"], s["activation_type"])
+            _check_tensorrt_form(
+                mode, s["quant_format"], s["activation_type"], s["int4_asymmetric"]
+            )
         return QuantSettings(
             mode=mode,
             target=target,
@@ -374,6 +388,8 @@ _DEFAULTED = (
 # The nodes whose weights the modes quantize; their input type tells what the model computes in.
 _WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _REDUCED_FLOATS = {ir.DataType.FLOAT16: "float16", ir.DataType.BFLOAT16: "bfloat16"}
+FLOAT32 = ir.DataType.FLOAT
+_FLOAT_NAMES = {**_REDUCED_FLOATS, FLOAT32: "float32", ir.DataType.DOUBLE: "float64"}
 # With the analysis's integer-weight ops (QLinear* included), what marks a model as quantized
 # for static int8, whose ranges and scales would stack on the ones it has.
 _ACTIVATION_QUANTIZERS = frozenset({"QuantizeLinear", "DynamicQuantizeLinear"})
@@ -409,6 +425,43 @@ def _unused_option_notes(given: frozenset[str], mode: str) -> list[str]:
         if mode not in modes:
             where = " and ".join(f"--quantize {m}" for m in modes)
             notes.append(f"{flag} had no effect: it applies to {where} only")
+    return notes
+
+
+def _unique_changes(changes: list[TypeChange]) -> list[TypeChange]:
+    seen: set[tuple[str, str, str]] = set()
+    unique = []
+    for change in changes:
+        key = (change.tensor, change.before, change.after)
+        if key not in seen:
+            seen.add(key)
+            unique.append(change)
+    return unique
+
+
+def _check_exclude(model: ir.Model, settings: QuantSettings) -> list[str]:
+    """Refuse an ``--exclude`` name pattern that matches no node of the main graph (a typo
+    would quantize the very layer the user meant to keep float); note an op type the model
+    does not have (a recipe's ``Softmax`` on a CNN is no mistake). Names as the report lists
+    them: unnamed nodes are matched as ``OpType_index``, the name the modes give them."""
+    import fnmatch
+    import re
+
+    if not settings.exclude:
+        return []
+    op_types = {node.op_type for node in model.graph}
+    names = {node.name or f"{node.op_type}_{i}" for i, node in enumerate(model.graph)}
+    notes = []
+    for pattern in settings.exclude:
+        if pattern in op_types or any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            continue
+        if re.fullmatch(r"[A-Z][A-Za-z0-9]*", pattern):  # an op type's form (no "_", no glob)
+            notes.append(f"--exclude {pattern}: the model has no {pattern} node")
+            continue
+        raise UserInputError(
+            f"quantize: --exclude {pattern!r} matches no node: not an op type of the model nor "
+            "the name of one of its nodes (names as the quantization report lists them)"
+        )
     return notes
 
 
@@ -514,9 +567,39 @@ def _refuse_nothing_to_quantize(model: ir.Model, mode: str, embeddings: bool = F
             )
     present = {n.op_type for g in graphs for n in g}
     refuse_nothing_to_do(f"--quantize {mode}", _mode_ops(mode, embeddings), present)
+    types = [node.inputs[0].dtype for node in weighted]
+    if not weighted and mode in ("fp16", "bf16"):
+        # No Conv/Gemm/MatMul: the float computation of any op is what these modes lower.
+        types = [
+            v.dtype
+            for g in graphs
+            for n in g
+            for v in (*n.inputs, *n.outputs)
+            if v is not None and v.dtype is not None and v.dtype.is_floating_point()
+        ]
+    takes = (ir.DataType.FLOAT, ir.DataType.FLOAT16) if mode == "int4-weight" else (FLOAT32,)
+    # An unknown type (no shape inference reached it) may be float32: no refusal on a guess.
+    # Integer MatMuls (index arithmetic) say nothing about what the model computes in.
+    floats = [t for t in types if t is None or t.is_floating_point()]
+    other = [t for t in floats if t not in (*takes, None)]
+    if (
+        other
+        and len(other) == len(floats)
+        and (mode == "int4-weight" or other[0] not in _REDUCED_FLOATS)
+    ):
+        # float64 (or, for int4-weight, bfloat16): no mode converts from it, and the modes
+        # would find nothing in float32 and hand the model back unchanged.
+        name = _FLOAT_NAMES.get(other[0], other[0].name.lower())
+        accepted = " or ".join(_FLOAT_NAMES[t] for t in takes)
+        what = "Conv/Gemm/MatMul node(s)" if weighted else "float tensor(s)"
+        count = sum(1 for t in other if t == other[0])
+        raise UserInputError(
+            f"quantize {mode}: the model computes in {name} ({count} {what} in {name}, none "
+            f"in {accepted}); --quantize {mode} starts from a {accepted} model: convert it "
+            "first"
+        )
     if mode == "int4-weight":
         return
-    types = [node.inputs[0].dtype for node in weighted]
     reduced = [t for t in types if t in _REDUCED_FLOATS]
     # An unknown type (no shape inference reached it) may be float32: no refusal on a guess.
     if reduced and not any(t in (ir.DataType.FLOAT, None) for t in types):
@@ -536,10 +619,13 @@ def _refuse_nothing_to_quantize(model: ir.Model, mode: str, embeddings: bool = F
         )
 
 
-def _check_tensorrt_form(mode: str, quant_format: str | None, activation_type: str | None) -> None:
+def _check_tensorrt_form(
+    mode: str, quant_format: str | None, activation_type: str | None, int4_asymmetric: bool
+) -> None:
     """Refuse, before any work, the forms TensorRT's parser rejects: ORT's integer operators
-    (QOperator's QLinearConv/QLinearMatMul, int8-dynamic's DynamicQuantizeLinear/MatMulInteger)
-    and asymmetric u8 activations (TensorRT takes zero points of 0 only)."""
+    (QOperator's QLinearConv/QLinearMatMul, int8-dynamic's DynamicQuantizeLinear/MatMulInteger),
+    asymmetric u8 activations and asymmetric uint4 weights (TensorRT takes zero points of 0
+    only, and no UINT4 initializer at all)."""
     if mode == "int8-dynamic":
         raise UserInputError(
             "quantize int8-dynamic --target tensorrt: TensorRT has no dynamic int8 form "
@@ -555,6 +641,12 @@ def _check_tensorrt_form(mode: str, quant_format: str | None, activation_type: s
         raise UserInputError(
             "quantize --activation-type u8 --target tensorrt: TensorRT takes symmetric int8 "
             "(zero point 0) only: use --activation-type s8 (the default for this target)"
+        )
+    if int4_asymmetric and mode == "int4-weight":
+        raise UserInputError(
+            "quantize --int4-asymmetric true --target tensorrt: TensorRT's parser takes "
+            "symmetric int4 weights (INT4, zero point 0) only, not uint4 with zero points: "
+            "leave --int4-asymmetric out (symmetric is the default), or use --target ort"
         )
 
 

@@ -9,6 +9,7 @@ differ from the Q/DQ reference).
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -52,6 +53,29 @@ LAYER_OPS = frozenset(
         "MatMulInteger",
     }
 )
+
+
+# Distinct kept-float reasons a note shows; the rest are in details["quantize"].layers.
+KEPT_REASONS_SHOWN = 12
+
+
+def kept_float_summary(layers: list[LayerPrecision], limit: int) -> str:
+    """``MatMul x2: weight shared with other nodes; Softmax: numerically sensitive`` for the
+    layers kept float, reasons in a fixed order, at most ``limit`` of them."""
+    by_reason: dict[str, Counter[str]] = {}
+    for layer in layers:
+        if layer.precision == "float":
+            reason = layer.reason or "no reason recorded"
+            by_reason.setdefault(reason, Counter())[layer.op_type] += 1
+    parts = []
+    for reason, ops in sorted(by_reason.items()):
+        what = ", ".join(op if n == 1 else f"{op} x{n}" for op, n in sorted(ops.items()))
+        parts.append(f"{what}: {reason}")
+    more = len(parts) - limit
+    shown = "; ".join(parts[:limit])
+    return shown + (
+        f"; and {more} more reason(s) (details: the per-layer list)" if more > 0 else ""
+    )
 
 
 @dataclass
@@ -108,6 +132,27 @@ class QuantRecord:
     def quantized(self) -> int:
         return sum(1 for layer in self.layers if layer.precision != "float")
 
+    def kept_float_note(self, limit: int = KEPT_REASONS_SHOWN) -> str:
+        """Every node left float, grouped by reason, as one note ("" when none): the
+        README's promise for every mode, written here once so that no mode leaves it out."""
+        return "kept in float: " + kept_float_summary(self.layers, limit) if self.kept else ""
+
+    @property
+    def kept(self) -> list[LayerPrecision]:
+        return [layer for layer in self.layers if layer.precision == "float"]
+
+    def unchanged_refusal(self) -> str:
+        """The one-line refusal of a run that quantized nothing (the model would come back
+        as it was given): what the mode looked at and why each stayed float."""
+        why = (
+            f"every candidate stays float ({kept_float_summary(self.layers, 3)})"
+            if self.kept
+            else "no layer it rewrites"
+        )
+        return (
+            f"quantize {self.mode}: nothing to quantize, {why}; the model would come back unchanged"
+        )
+
     def to_json(self) -> dict[str, Any]:
         return {
             "mode": self.mode,
@@ -153,7 +198,9 @@ class QuantRecord:
         if self.fidelity:
             console.print(
                 fidelity_table(
-                    f"quantization fidelity against the float original ({self.fidelity_source})",
+                    # After a colon, not in parentheses: sources carry their own ("32
+                    # generated inputs (no --calib file)" read as "((...))").
+                    f"quantization fidelity against the float original: {self.fidelity_source}",
                     self.fidelity,
                 )
             )

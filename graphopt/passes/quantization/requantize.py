@@ -196,7 +196,7 @@ def _requantize(
     else:
         # TensorRT takes a quantized constant only straight into a DequantizeLinear: the
         # table is dequantized first and gathered in float (per-tensor scale: same values).
-        table = ir.node("DequantizeLinear", values, name=f"{name}_s8_dq")
+        table = ir.node("DequantizeLinear", values, name=_node_name(graph, f"{name}_s8_dq"))
         table.outputs[0].name = editing.unique_name(graph, f"{name}_s8_dq")
         table.outputs[0].type = ir.TensorType(ir.DataType.from_numpy(new_scale.dtype))
         editing.insert_before(gather, [table])
@@ -272,7 +272,9 @@ def _activation(node: ir.Node, record: QuantRecord, done: set[int]) -> None:
             editing.add_initializer(graph, f"{base}_{end}", np.asarray(v, dtype=scale.dtype))
             for end, v in (("low", low), ("high", high))
         ]
-        clip = ir.node("Clip", [node.inputs[0], *bounds], name=f"{node.name}_clamp")
+        clip = ir.node(
+            "Clip", [node.inputs[0], *bounds], name=_node_name(graph, f"{node.name}_clamp")
+        )
         clip.outputs[0].name = editing.unique_name(graph, f"{base}_clamped")
         clip.outputs[0].type = node.inputs[0].type
         editing.insert_before(node, [clip])
@@ -332,8 +334,14 @@ def _dynamic_matmul(graph: ir.Graph, node: ir.Node, record: QuantRecord) -> None
         editing.add_initializer(graph, f"{base}_s8_zero", np.zeros(new_scale.shape, np.int8)),
     ]
     attributes = {"axis": 1} if per_column else {}
-    dequantize = ir.node("DequantizeLinear", values[1:], attributes, name=f"{node.name}_dq")
-    matmul = ir.node("MatMul", [values[0], dequantize.outputs[0]], name=f"{node.name}_matmul")
+    dequantize = ir.node(
+        "DequantizeLinear", values[1:], attributes, name=_node_name(graph, f"{node.name}_dq")
+    )
+    matmul = ir.node(
+        "MatMul",
+        [values[0], dequantize.outputs[0]],
+        name=_node_name(graph, f"{node.name}_matmul"),
+    )
     dequantize.outputs[0].name = editing.unique_name(graph, f"{base}_s8_dq")
     matmul.outputs[0].name = editing.unique_name(graph, f"{node.name}_out")
     matmul.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
@@ -352,3 +360,9 @@ def _dynamic_matmul(graph: ir.Graph, node: ir.Node, record: QuantRecord) -> None
             "activations no longer quantized at run time",
         )
     )
+
+
+def _node_name(graph: ir.Graph, base: str) -> str:
+    """``base`` or ``base_1``, ... : free among node and value names (ONNX wants node names
+    unique; editing.unique_name checks value names only)."""
+    return editing.NameTable(graph).take(base)

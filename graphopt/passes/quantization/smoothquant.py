@@ -155,7 +155,8 @@ def _absorb(model: ir.Model, x: ir.Value, group: list[Linear], inverse: np.ndarr
     factor = _add(graph, f"{x.name}_smooth_factor", inverse.astype(np.float32))
     scaled = ir.Value(name=editing.unique_name(graph, f"{x.name}_smoothed"))
     scaled.type, scaled.shape = x.type, x.shape
-    mul = ir.Node("", "Mul", [x, factor], outputs=[scaled], name=f"{x.name}_smooth")
+    name = editing.NameTable(graph).take(f"{x.name}_smooth")  # node names must be unique too
+    mul = ir.Node("", "Mul", [x, factor], outputs=[scaled], name=name)
     first = min((linear.node for linear in group), key=lambda n: _position(graph, n))
     graph.insert_before(first, mul)
     for linear in group:

@@ -89,6 +89,7 @@ def quantize_static(
     if note:
         record.notes.append(note)
     name_nodes(model.graph)
+    _refuse_unplaced(model, settings)
     original = model.clone()
     fit, held = calib.split(settings.holdout)
     _equalize(model, settings, fit, record)
@@ -117,6 +118,20 @@ def quantize_static(
         + f" of {calib.source}"
     )
     return record
+
+
+def _refuse_unplaced(model: ir.Model, settings: QuantSettings) -> None:
+    """Refuse, before calibrating, a model whose every Conv/Gemm/MatMul stays float (each
+    with its reason): the model would come back unchanged."""
+    placement = _place(model, settings)
+    if placement.compute:
+        return
+    layers = [
+        LayerPrecision(node.name, node.op_type, "float", placement.floats[node.name])
+        for node in model.graph
+        if node.op_type in placing.COMPUTE and node.name in placement.floats
+    ]
+    raise UserInputError(QuantRecord(mode="int8", layers=layers).unchanged_refusal())
 
 
 def make_plan(model: ir.Model, settings: QuantSettings, calib: CalibrationSet) -> QuantPlan:
@@ -525,7 +540,11 @@ def _fill_record(
             f"activation ranges of {len(ranged)} tensors ({len(placement.groups())} scales): "
             f"{label} {counts}"
         )
-    quantized_outputs = sorted(outputs & set(placement.tensors))
+    # Only those a node computes: a graph input passed through to an output stays as fed.
+    computed = {out.name for node in original.graph for out in node.outputs}
+    quantized_outputs = sorted(outputs & set(placement.tensors) & computed)
+    if not placement.outputs_quantized:
+        quantized_outputs = []  # read by int8 layers through a Q/DQ, left float as outputs
     if quantized_outputs:
         record.notes.append(
             f"model outputs quantized too (ORT fuses Conv/Gemm only with a Q after it), "
@@ -540,12 +559,6 @@ def _fill_record(
         record.notes.append(
             "weight scales raised so the int32 bias fits (input ~0 next to its bias, as "
             f"quantized): {', '.join(sorted(emitted.bias_fitted))}"
-        )
-    kept = [layer for layer in record.layers if layer.precision == "float"]
-    if kept:
-        reasons = Counter(layer.reason for layer in kept)
-        record.notes.append(
-            "kept in float: " + "; ".join(f"{n} {r}" for r, n in sorted(reasons.items()))
         )
 
 

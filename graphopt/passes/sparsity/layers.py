@@ -114,7 +114,8 @@ def find_layers(graph: ir.Graph) -> tuple[list[Layer], list[tuple[str, str]]]:
         tensor = ir.convenience.get_const_tensor(weight)
         if tensor is None:
             continue  # activation × activation (attention scores): nothing to sparsify
-        name = node.name or ""
+        # As Layer.name: an unnamed node is reported by its weight ("left dense: : ...").
+        name = node.name or weight.name or ""
         shape = tuple(int(d) for d in tensor.shape)
         if tensor.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE):
             refused.append((name, f"weight is {tensor.dtype.name.lower()}, not float"))
@@ -126,6 +127,10 @@ def find_layers(graph: ir.Graph) -> tuple[list[Layer], list[tuple[str, str]]]:
             refused.append((name, "Gemm with transA"))
         elif len(weight.uses()) > 1:
             refused.append((name, "weight shared with another node"))
+        elif weight.is_graph_output():
+            # The model hands the weight out as it is: sparsifying or factorizing it would
+            # change that output (and the old value was deleted under it: exit 3).
+            refused.append((name, "weight is also a graph output"))
         else:
             groups = int(attribute(node, "group", 1)) if node.op_type == "Conv" else 1
             layers.append(Layer(node, node.op_type, weight, shape, groups))
@@ -263,12 +268,19 @@ def _is_head(layer: Layer) -> bool:
 
 def replace_weight(graph: ir.Graph, layer: Layer, canonical: np.ndarray) -> None:
     """Give ``layer`` a new weight tensor from ``canonical`` (the old one is never edited),
-    under the old initializer's name when nothing else reads it."""
+    under the old initializer's name when nothing else reads it and it is no graph output."""
     array = layer.stored(canonical)
     old = layer.weight
     name = old.name or "sparse_weight"
     producer = old.producer()
-    if old.is_initializer() and graph.initializers.get(name) is old:
+    # A weight the graph also outputs keeps its value for that output (find_layers refuses
+    # such layers; a caller with its own list may not have).
+    if (
+        old.is_initializer()
+        and graph.initializers.get(name) is old
+        and len(old.uses()) == 1
+        and not old.is_graph_output()
+    ):
         del graph.initializers[name]
         new = register_array(graph, name, array)
     else:

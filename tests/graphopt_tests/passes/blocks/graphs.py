@@ -142,3 +142,26 @@ def affine_block(width: int = 8, shift: float = 2.0) -> ir.Model:
     return make_model(
         nodes, [tensor_info("x", F, ["n", width])], [tensor_info("y", F, ["n", 3])], inits
     )
+
+
+def gemm_residuals(layers: int = 2, width: int = 8, beta: float = 1.0) -> ir.Model:
+    """2-D ``h + relu(h·A)·B`` per layer with the sum fused into ``Gemm(relu, B, h)`` (as
+    ORT's MatMulAddFusion writes it), then ``Gemm(h, W, h)`` (``h + h·W``, A and C one value)."""
+    rng = np.random.default_rng(0)
+    nodes, inits, h = [], {}, "x"
+    for i in range(layers):
+        inits[f"a{i}"] = _weights(rng, (width, 2 * width))
+        inits[f"b{i}"] = _weights(rng, (2 * width, width))
+        nodes += [
+            helper.make_node("MatMul", [h, f"a{i}"], [f"up{i}"], name=f"up{i}"),
+            helper.make_node("Relu", [f"up{i}"], [f"act{i}"], name=f"act{i}"),
+            helper.make_node(
+                "Gemm", [f"act{i}", f"b{i}", h], [f"h{i}"], name=f"down{i}", beta=beta
+            ),
+        ]
+        h = f"h{i}"
+    inits["w"] = _weights(rng, (width, width))
+    nodes.append(helper.make_node("Gemm", [h, "w", h], ["y"], name="self", beta=beta))
+    return make_model(
+        nodes, [tensor_info("x", F, ["n", width])], [tensor_info("y", F, ["n", width])], inits
+    )

@@ -72,3 +72,33 @@ def test_resnet18_identity_blocks_found_downsampling_refused(tmp_path):
     assert len(blocks) == 5 and all(b.kind == "residual" for b in blocks)
     assert len(refused) == 3
     assert all("projection shortcut" in why for _, why in refused)
+
+
+def test_a_residual_sum_fused_into_a_gemm_is_a_block():
+    """Gemm(r, B, h) is h + r·B: a residual unit ending in the Gemm (it used to be no block at
+    all: "0 erasable residual block(s)"); Gemm(h, W, h) is h + h·W, a unit of one node. A
+    Gemm scaling its C (beta != 1) has no identity skip path and is no unit."""
+    import numpy as np
+
+    from graphopt.passes.blocks.eraser import erase_all
+    from graphopt.passes.blocks.erasing import Replacement
+    from graphopt.verify import run_model
+    from graphopt_tests.passes.blocks.graphs import gemm_residuals
+
+    model = gemm_residuals(layers=2)
+    blocks, refused = find_blocks(model.graph)
+    assert [(b.input, b.output, len(b.nodes)) for b in blocks] == [
+        ("x", "h0", 3),
+        ("h0", "h1", 3),
+        ("h1", "y", 1),
+    ]
+    assert refused == []
+    # Erasing the middle block leaves the others computing from its input.
+    erased = model.clone()
+    erase_all(erased, [find_blocks(erased.graph)[0][1]], [Replacement("none")])
+    assert [n.name for n in erased.graph] == ["up0", "act0", "down0", "self"]
+    w = {name: np.asarray(v.const_value.numpy()) for name, v in model.graph.initializers.items()}
+    x = np.random.default_rng(1).standard_normal((3, 8)).astype(np.float32)
+    h0 = x + np.maximum(x @ w["a0"], 0) @ w["b0"]
+    np.testing.assert_allclose(run_model(erased, {"x": x})[0], h0 + h0 @ w["w"], rtol=1e-5)
+    assert find_blocks(gemm_residuals(layers=1, beta=0.5).graph)[0] == []

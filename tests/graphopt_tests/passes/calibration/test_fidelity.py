@@ -147,3 +147,53 @@ def test_summary_gives_the_numbers_of_one_output_and_names_it():
         "aux: cosine 0.9599, max rel 0.01, mean abs 0.000221 (logits: max rel 0.292)"
     )
     assert summary([aux]) == "cosine 0.9599, max rel 0.01, mean abs 0.000221"
+
+
+def test_integer_outputs_get_real_measures_and_their_share_of_equal_values():
+    """An ArgMax output with one id of four moved used to read "max rel 1, mean abs 0,
+    cosine 0" (verification's pass/fail flag). Its values are measured as numbers now, as
+    ``graphopt compare`` measures them: max|a-b|/max|a|, the mean of |a-b|, and the share of
+    equal elements, which is what an integer output is judged by."""
+    ref = np.array([[1], [2], [3], [4]], np.int64)
+    got = np.array([[1], [2], [3], [9]], np.int64)
+    (fid,) = measure(["am"], [ref], [got])
+    assert fid.max_rel == pytest.approx(5 / 4)
+    assert fid.mean_abs == pytest.approx(5 / 4)
+    assert fid.equal_share == pytest.approx(0.75)
+    assert fid.argmax_agreement is None  # an argmax over ids means nothing
+    assert fid.to_json()["equal_share"] == pytest.approx(0.75)
+    (same,) = measure(["am"], [ref], [ref.copy()])
+    assert (same.max_rel, same.mean_abs, same.mean_cosine, same.equal_share) == (0, 0, 1, 1)
+    (flags,) = measure(["b"], [np.array([True, False])], [np.array([True, True])])
+    assert flags.equal_share == 0.5 and flags.max_rel == 1.0 and flags.mean_abs == 0.5
+    (words,) = measure(["s"], [np.array(["a", "b"])], [np.array(["a", "c"])])
+    assert words.equal_share == 0.5 and words.mean_cosine == 0.0
+
+
+def test_a_row_zero_on_one_side_only_has_a_cosine_of_zero():
+    """Class id 3 turned to 0 (or a float row collapsed to zeros) used to count as a cosine
+    of 1: a zero row has no direction, and one that is zero on one side only moved."""
+    ref = np.array([[3], [0], [2]], np.int64)
+    got = np.array([[0], [0], [2]], np.int64)
+    assert measure(["am"], [ref], [got])[0].mean_cosine == pytest.approx(2 / 3)
+    rows = np.array([[1.0, 2.0], [0.0, 0.0]], np.float32)
+    assert measure(["y"], [rows], [np.zeros_like(rows)])[0].mean_cosine == 0.5
+
+
+def test_integer_outputs_show_their_equal_share_not_a_cosine():
+    """In the table an integer output's agreement column gives its share of equal values
+    and its cosine column no number; the one-line summary names it beside the float one."""
+    from rich.console import Console
+
+    from graphopt.passes.calibration.fidelity import fidelity_table, summary
+
+    logits = np.array([[0.1, 0.9], [0.8, 0.2]], np.float32)
+    ids = np.array([1, 0], np.int64)
+    fids = measure(["y", "am"], [logits, ids], [logits * 1.01, np.array([1, 1], np.int64)])
+    console = Console(width=200, record=True)
+    console.print(fidelity_table("t", {"generated": fids}))
+    row = next(line for line in console.export_text().splitlines() if line.startswith(" am"))
+    assert "50.0% equal" in row and "1.0000" not in row and "0.0000" not in row
+    assert summary(fids).startswith("y: cosine 1.0000")
+    assert summary(fids).endswith("; am: 50.0% equal")
+    assert summary(fids[1:]) == "50.0% equal, max rel 1, mean abs 0.5"

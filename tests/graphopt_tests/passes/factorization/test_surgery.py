@@ -146,3 +146,25 @@ def test_grouped_conv_is_refused():
     )
     layers, _ = find_layers(model.graph)
     assert "grouped Conv" in refusal(layers[0])
+
+
+def test_a_weight_that_is_a_graph_output_keeps_its_initializer():
+    """find_layers refuses such layers; a caller with its own list (or a later change of
+    that rule) must still not delete the initializer the graph output names (exit 3)."""
+    from graphopt.passes.sparsity.layers import Layer
+
+    rng = np.random.default_rng(0)
+    model = make_model(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+        [tensor_info("x", F, ["n", 40])],
+        [tensor_info("y", F, ["n", 24]), tensor_info("w", F, [40, 24])],
+        {"w": _w(rng, 40, 24)},
+    )
+    node = next(iter(model.graph))
+    weight = model.graph.initializers["w"]
+    layer = Layer(node, "MatMul", weight, (40, 24))
+    u, v = lowrank.spectrum(layer.canonical().astype(np.float64), None, "svd").factors(8)
+    factorize_layer(model.graph, layer, u, v, NameTable(model.graph))
+    assert model.graph.initializers.get("w") is weight
+    assert model.graph.outputs[1] is weight
+    ir.serde.serialize_model(model.clone())  # a dangling output made the copy fail

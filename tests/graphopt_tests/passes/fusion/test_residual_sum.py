@@ -88,3 +88,32 @@ def test_bias_add_and_shared_sum_are_left_alone() -> None:
 def test_target_ort_leaves_it_to_ort_residual_sum() -> None:
     _, hits = run_pass(_block(), ResidualSumPass, PassContext(target="ort"))
     assert hits == 0
+
+
+def test_two_unnamed_residuals_get_distinct_sum_names() -> None:
+    """Two post-LN blocks of unnamed nodes: each Sum used to be named "_sum" (from the Add's
+    empty name), the duplicate failed verification and the pass was rolled back. Names are
+    unique now, and the outputs stay equal at two batch sizes."""
+    rng = np.random.default_rng(0)
+    inits = {
+        "W": rng.normal(size=(HIDDEN, HIDDEN)).astype(np.float32),
+        "g": rng.uniform(0.5, 1.5, size=HIDDEN).astype(np.float32),
+        "b": rng.normal(size=HIDDEN).astype(np.float32),
+    }
+    nodes = []
+    for i, x in enumerate(("x", "y0")):
+        nodes += [
+            helper.make_node("MatMul", [x, "W"], [f"h{i}"]),
+            helper.make_node("Add", [f"h{i}", x], [f"r{i}"]),
+            helper.make_node("LayerNormalization", [f"r{i}", "g", "b"], [f"y{i}"], axis=-1),
+        ]
+    shape = ["B", 8, HIDDEN]
+    model = make_model(nodes, [tensor_info("x", F, shape)], [tensor_info("y1", F, shape)], inits)
+    summed, hits = run_pass(model, ResidualSumPass)
+    assert hits == 2
+    sums = [node.name for node in summed.graph if node.op_type == "Sum"]
+    assert all(sums) and len(set(sums)) == 2
+    after = roundtrip(summed)
+    onnx.checker.check_model(io.to_proto(after), full_check=True)
+    for batch in (1, 3):
+        assert_same_outputs(model, after, shapes={"x": (batch, 8, HIDDEN)})

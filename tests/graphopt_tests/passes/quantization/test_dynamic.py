@@ -7,6 +7,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from graphopt.errors import UserInputError
 from graphopt.passes.quantization.dynamic import MS_DOMAIN, QMAX, quantize_weight
 from graphopt.passes.quantization.quantize import QuantizePass
 from graphopt.registry import PassContext
@@ -104,9 +105,13 @@ def test_activation_times_activation_matmul_is_recorded_float():
         [tensor_info("a", TensorProto.FLOAT, [4, 8]), tensor_info("b", TensorProto.FLOAT, [8, 4])],
         [tensor_info("y", TensorProto.FLOAT, [4, 4])],
     )
-    result, hits, record = quantized(model)
-    assert hits == 0 and op_types(result) == ["MatMul"]
-    assert record.layers[0].precision == "float" and "constant" in record.layers[0].reason
+    # Its only candidate stays float: the run is refused, naming why, rather than handing the
+    # model back unchanged.
+    with pytest.raises(
+        UserInputError,
+        match=r"nothing to quantize.*MatMul: weight is not a constant matrix \(activation",
+    ):
+        quantized(model)
 
 
 def test_weight_quantization_is_symmetric_per_output_column():
@@ -169,9 +174,10 @@ def test_qattention_from_a_fused_attention():
     assert hits == 1 and "QAttention" in op_types(result)
     x = inputs(8, seed=2)
     assert cosine(run(model, x), run(result, x)) > 0.99
-    # Not portable: without --target ort it stays float.
-    _, hits, record = quantized(model)
-    assert hits == 0 and record.layers[0].reason == "not portable"
+    # Not portable: without --target ort it stays float, and with nothing else to quantize
+    # the run is refused, naming why.
+    with pytest.raises(UserInputError, match=r"nothing to quantize.*Attention: not portable"):
+        quantized(model)
 
 
 def test_output_bytes_are_deterministic(tmp_path):
@@ -271,3 +277,49 @@ def test_weights_held_in_constant_nodes_are_replaced_not_kept():
     assert hits == 1 and "Constant" not in op_types(result)
     # int8 weights (256 B) and 16 float scales (64 B) instead of 1 KiB of float32.
     assert record.weight_bytes_before == 1024 and record.weight_bytes_after == 256 + 64
+
+
+@pytest.mark.parametrize("target", ["portable", "ort"])
+def test_gemm_adding_an_activation_is_quantized_with_c_added_in_float(target):
+    """Gemm(r, B, h) is a residual sum fused into the layer (ORT's MatMulAddFusion writes
+    it): it used to stay float ("Gemm bias is not a constant vector"), half the layers of a
+    residual MLP. Its C is added after the integer product now; the C of the second Gemm
+    is the first one's (lowered) output, which must be read as it is after that rewrite.
+    Gemm(h, W, h) stays float: SmoothQuant would scale its C with its A."""
+    from graphopt_tests.passes.blocks.graphs import gemm_residuals
+
+    model = gemm_residuals(layers=2, width=16)
+    result, hits, record = quantized(model, target=target)
+    precision = {layer.node: (layer.precision, layer.reason) for layer in record.layers}
+    assert hits == 4
+    assert all(precision[name][0] == "int8" for name in ("up0", "down0", "up1", "down1"))
+    assert precision["self"] == ("float", "Gemm adds its own input A as C")
+    onnx.checker.check_model(onnx.load_from_string(serialized(result)), full_check=True)
+    x = np.random.default_rng(3).standard_normal((32, 16)).astype(np.float32)
+    assert cosine(run(model, x), run(result, x)) > 0.99
+
+
+def test_an_overridable_weight_keeps_its_layer_float_with_the_reason():
+    # An initializer that is also a graph input: int8 would freeze its default and ignore
+    # the caller's value. The reason said "activation × activation".
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("MatMul", ["x", "given"], ["h"], name="overridable"),
+        helper.make_node("MatMul", ["h", "w"], ["y"], name="constant"),
+    ]
+    model = make_model(
+        nodes,
+        [
+            tensor_info("x", TensorProto.FLOAT, [4, 32]),
+            tensor_info("given", TensorProto.FLOAT, [32, 32]),
+        ],
+        [tensor_info("y", TensorProto.FLOAT, [4, 32])],
+        {
+            "given": rng.standard_normal((32, 32)).astype(np.float32),
+            "w": rng.standard_normal((32, 32)).astype(np.float32),
+        },
+    )
+    _, hits, record = quantized(model)
+    assert hits == 1
+    kept = {layer.node: layer for layer in record.layers if layer.precision == "float"}
+    assert "given is an initializer the caller may override" in kept["overridable"].reason

@@ -215,9 +215,11 @@ def test_embedding_table_quantized_gathers_the_dequantized_rows(target, asymmetr
 
 
 def test_embeddings_stay_float_unless_asked():
+    """Unasked, the table is no candidate: the model would come back as given, refused."""
     model = _embedding_model(21)
-    record = quantize_int4(model, _settings(), None, PassContext())
-    assert record.quantized == 0 and [n.op_type for n in model.graph] == ["Gather"]
+    with pytest.raises(UserInputError, match="nothing to quantize, no layer it rewrites"):
+        quantize_int4(model, _settings(), None, PassContext())
+    assert [n.op_type for n in model.graph] == ["Gather"]
 
 
 def _correlated_inputs(k: int, rows: int, seed: int, draw: int = 0) -> np.ndarray:
@@ -380,9 +382,9 @@ def test_gemm_with_a_runtime_bias_adds_it_after_matmul_nbits():
 def test_excluded_layers_stay_float_with_the_reason():
     model = _linear_model(32, 8, opset=21)
     model.graph.node(0).name = "head"
-    record = quantize_int4(model, _settings(exclude=("head",)), None, PassContext())
-    assert record.quantized == 0
-    assert [(layer.node, layer.reason) for layer in record.layers] == [("head", "--exclude")]
+    # Its only layer excluded: nothing left to quantize, refused with the reason.
+    with pytest.raises(UserInputError, match=r"every candidate stays float \(MatMul: --exclude\)"):
+        quantize_int4(model, _settings(exclude=("head",)), None, PassContext())
 
 
 def test_float_weights_are_dropped_and_their_external_data_released(tmp_path, monkeypatch):

@@ -117,3 +117,74 @@ def test_globs_pick_node_names():
     chosen, left = select(layers, ("conv", "mw"), keep_last=False)  # node or weight names
     assert [layer.op for layer in chosen] == ["Conv", "MatMul"]
     assert "not in --sparsity-layers conv,mw" in dict(left).values()
+
+
+def _weight_output(path) -> None:
+    """x → MatMul(x, w1) → MatMul(·, wo) → y, with ``wo`` also a graph output."""
+    import onnx
+
+    rng = np.random.default_rng(0)
+    inits = {n: (rng.standard_normal((64, 64)) * 0.1).astype(np.float32) for n in ("w1", "wo")}
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"], name="first"),
+        helper.make_node("MatMul", ["h", "wo"], ["y"]),
+    ]
+    outputs = [tensor_info("y", F, ["n", 64]), tensor_info("wo", F, [64, 64])]
+    model = make_model(nodes, [tensor_info("x", F, ["n", 64])], outputs, inits)
+    onnx.save(io.to_proto(model), path)
+
+
+def test_a_weight_that_is_a_graph_output_is_refused_by_name(tmp_path):
+    """A weight the model also outputs keeps its value: find_layers (sparsify's, factorize's
+    and EoRA's list of layers) refuses its layer, naming it by the weight when the node is
+    unnamed (the record read "left dense: : ...")."""
+    _weight_output(tmp_path / "m.onnx")
+    layers, refused = find_layers(io.load(tmp_path / "m.onnx").model.graph)
+    assert [layer.name for layer in layers] == ["first"]
+    assert refused == [("wo", "weight is also a graph output")]
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--sparsity", "2:4", "--sparsity-keep-last", "false"],
+        [
+            *("--factorize", "rank=8", "--calib", "random"),
+            *("--factorize-keep-last", "false", "--factorize-speed-check", "off"),
+        ],
+    ],
+)
+def test_a_weight_output_keeps_its_value_end_to_end(tmp_path, flags, capsys):
+    """Both passes deleted the initializer the output ``wo`` names: exit 3 ("In
+    clone_graph"). Now the other layer changes, that one stays, and ``wo`` is the original
+    weight, at two batch sizes."""
+    import onnxruntime as ort
+
+    from graphopt.cli import main
+
+    source, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    _weight_output(source)
+    assert main(["optimize", str(source), "-o", str(out), *flags]) == 0, capsys.readouterr()
+    assert "wo: weight is also a graph output" in capsys.readouterr().out
+    before = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"])
+    after = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    for rows in (1, 3):
+        x = np.random.default_rng(rows).standard_normal((rows, 64)).astype(np.float32)
+        want, got = before.run(["y", "wo"], {"x": x}), after.run(["y", "wo"], {"x": x})
+        np.testing.assert_array_equal(got[1], want[1])
+        assert not np.array_equal(got[0], want[0])  # the first layer did change
+
+
+def test_replace_weight_keeps_a_graph_output_weight(tmp_path):
+    """The same rule in replace_weight (which sparsify and EoRA's re-sparsifying call with
+    their own lists): the new weight gets a new name, the output keeps the old tensor."""
+    from graphopt.passes.sparsity.layers import Layer, replace_weight
+
+    _weight_output(tmp_path / "m.onnx")
+    graph = io.load(tmp_path / "m.onnx").model.graph
+    node = list(graph)[1]
+    old = graph.initializers["wo"]
+    layer = Layer(node, "MatMul", old, (64, 64))
+    replace_weight(graph, layer, np.zeros((64, 64), np.float32))
+    assert graph.initializers.get("wo") is old and node.inputs[1] is not old
+    assert node.inputs[1].name == "wo_sparse"
