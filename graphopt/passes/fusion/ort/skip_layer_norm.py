@@ -152,6 +152,8 @@ class OrtResidualSumPass(GraphPass):
 
     def rewrite(self, model: ir.Model) -> int:
         hits = 0
+        # One table for node and value names: unnamed Adds gave every Sum the name "_sum".
+        names = editing.NameTable(model.graph)
         for node in list(model.graph):
             if not editing.is_op(node, "LayerNormalization"):
                 continue
@@ -160,8 +162,8 @@ class OrtResidualSumPass(GraphPass):
                 continue
             # No dtype check: LayerNormalization's X types (float16/32/64, bfloat16) are all
             # Sum types, and TorchScript exports often carry no value types at all.
-            total = ir.node("Sum", list(add.inputs), name=f"{add.name}_sum")
-            total.outputs[0].name = editing.unique_name(model.graph, f"{add.outputs[0].name}_sum")
+            total = ir.node("Sum", list(add.inputs), name=names.take(f"{add.name or 'add'}_sum"))
+            total.outputs[0].name = names.take(f"{add.outputs[0].name}_sum")
             if add.outputs[0].dtype is not None:
                 total.outputs[0].dtype = add.outputs[0].dtype
             total.outputs[0].shape = add.outputs[0].shape

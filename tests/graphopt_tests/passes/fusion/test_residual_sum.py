@@ -8,9 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper
 
 from graphopt import io
+from graphopt.passes.fusion.ort.skip_layer_norm import OrtResidualSumPass
 from graphopt.passes.fusion.residual_sum import ResidualSumPass
 from graphopt.registry import PassContext
 from graphopt_tests.helpers import (
@@ -90,7 +92,8 @@ def test_target_ort_leaves_it_to_ort_residual_sum() -> None:
     assert hits == 0
 
 
-def test_two_unnamed_residuals_get_distinct_sum_names() -> None:
+@pytest.mark.parametrize("pass_class", [ResidualSumPass, OrtResidualSumPass])
+def test_two_unnamed_residuals_get_distinct_sum_names(pass_class) -> None:
     """Two post-LN blocks of unnamed nodes: each Sum used to be named "_sum" (from the Add's
     empty name), the duplicate failed verification and the pass was rolled back. Names are
     unique now, and the outputs stay equal at two batch sizes."""
@@ -109,7 +112,8 @@ def test_two_unnamed_residuals_get_distinct_sum_names() -> None:
         ]
     shape = ["B", 8, HIDDEN]
     model = make_model(nodes, [tensor_info("x", F, shape)], [tensor_info("y1", F, shape)], inits)
-    summed, hits = run_pass(model, ResidualSumPass)
+    target = "ort" if pass_class is OrtResidualSumPass else PassContext().target
+    summed, hits = run_pass(model, pass_class, PassContext(target=target))
     assert hits == 2
     sums = [node.name for node in summed.graph if node.op_type == "Sum"]
     assert all(sums) and len(set(sums)) == 2
