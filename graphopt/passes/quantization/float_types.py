@@ -545,9 +545,10 @@ def _is_epsilon(value: ir.Value) -> bool:
     return bool(np.any((magnitude > 0) & (magnitude < FP16_TINY)))
 
 
-def _all_uses_low(value: ir.Value, convert: dict) -> bool:
-    """Every use of ``value`` reads it in the lower type (and it is not a graph output)."""
-    if value.is_graph_output() or not value.uses():
+def _all_uses_low(value: ir.Value, convert: dict, output_ok: bool = False) -> bool:
+    """Every use of ``value`` reads it in the lower type (and, unless ``output_ok``, it is
+    not a graph output)."""
+    if (value.is_graph_output() and not output_ok) or not value.uses():
         return False
     return all(
         id(use.node) in convert and use.idx in convert[id(use.node)][0] for use in value.uses()
@@ -569,17 +570,22 @@ def apply_plan(model: ir.Model, plan: Plan, low: ir.DataType) -> list[TypeChange
     graph = model.graph
     changes: list[TypeChange] = []
     lowered: list[ir.Value] = []
+    names = editing.NameTable(graph)
     # 1. Constants read only in the lower type are stored in it.
     for value in list(graph.initializers.values()):
         # An initializer that is also a graph input (IR < 4) is the caller's to feed: its
         # type is part of the model's interface, so it is cast like any input instead.
-        if (
-            value.dtype == FLOAT
-            and not value.is_graph_input()
-            and _all_uses_low(value, plan.convert)
-        ):
+        if value.dtype != FLOAT or value.is_graph_input():
+            continue
+        if _all_uses_low(value, plan.convert):
             _store_low(value, low)
             lowered.append(value)
+        elif value.is_graph_output() and _all_uses_low(value, plan.convert, output_ok=True):
+            # A weight that is also an output stays float32 for the output; its readers get
+            # a stored copy in the lower type. A Cast at run time computed the same values,
+            # but ORT's fp16 MatMul takes another path for a computed B than for a constant
+            # one, so folding that Cast later moved outputs and was rolled back.
+            lowered.append(_low_copy(graph, value, low, names))
     for node in graph:
         if (
             _is_constant_node(node)
@@ -603,7 +609,6 @@ def apply_plan(model: ir.Model, plan: Plan, low: ir.DataType) -> list[TypeChange
     for value in lowered:
         changes.append(TypeChange(value.name or "", dtype_name(FLOAT), dtype_name(low)))
     # 3. Casts wherever a value's type is not what its reader expects.
-    names = editing.NameTable(graph)
     lowered_ids = {id(v) for v in lowered}
     for value in _float_values(graph):
         if id(value) in lowered_ids or value.dtype in (FLOAT, None):
@@ -681,6 +686,17 @@ def cast_node(value: ir.Value, to: ir.DataType, name: str, names: editing.NameTa
         outputs=[out],
         name=names.take(f"{name}_cast"),
     )
+
+
+def _low_copy(
+    graph: ir.Graph, value: ir.Value, low: ir.DataType, names: editing.NameTable
+) -> ir.Value:
+    """A new initializer holding ``value`` in ``low``, read by every node that read it."""
+    array = value.const_value.numpy().astype(low.numpy())
+    copy = names.add_initializer(graph, f"{value.name}_{low.name.lower()}", array)
+    for use in list(value.uses()):
+        use.node.replace_input_with(use.idx, copy)
+    return copy
 
 
 def _store_low(value: ir.Value, low: ir.DataType) -> None:

@@ -572,3 +572,32 @@ def test_only_a_missing_low_precision_kernel_routes_to_the_simulation():
     sets = {"generated": random_calibration(small_model(), {}, count=4)}
     _, note, why = fidelity_on_runnable(small_model(), lowered, sets, ir.DataType.BFLOAT16)
     assert "float simulation" in note and why
+
+
+def test_a_weight_that_is_also_an_output_gives_its_readers_a_stored_low_copy():
+    # It stayed float32 with a Cast at run time before the MatMul; constant-folding that
+    # Cast later moved the output (ORT's fp16 MatMul takes another path for a constant B)
+    # and was rolled back.
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((16, 16)).astype(np.float32)
+    model = make_model(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+        [tensor_info("x", TensorProto.FLOAT, ["n", 16])],
+        [
+            tensor_info("y", TensorProto.FLOAT, ["n", 16]),
+            tensor_info("w", TensorProto.FLOAT, [16, 16]),
+        ],
+        {"w": weight},
+    )
+    quantize(model, mode="fp16")
+    (matmul,) = [node for node in model.graph if node.op_type == "MatMul"]
+    read = matmul.inputs[1]
+    assert read.const_value is not None and read.dtype == ir.DataType.FLOAT16
+    assert not any(node.op_type == "Cast" and node.inputs[0].name == "w" for node in model.graph)
+    output = next(v for v in model.graph.outputs if v.name == "w")
+    assert output.dtype == ir.DataType.FLOAT and np.array_equal(output.const_value.numpy(), weight)
+    x = rng.standard_normal((3, 16)).astype(np.float32)
+    session = make_session(model)
+    y, w = session.run(None, {"x": x})
+    assert np.array_equal(w, weight)
+    np.testing.assert_allclose(y, x @ weight, rtol=2e-2, atol=2e-2)
