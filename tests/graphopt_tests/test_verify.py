@@ -304,3 +304,113 @@ def test_a_model_with_a_sequence_output_optimizes_and_verifies(mode) -> None:
     if mode is not None:
         fidelity = next(iter(result.report.details["quantize"].fidelity.values()))
         assert [f.output for f in fidelity] == ["s", "r"]
+
+
+def requantized_qdq_model(integer_path: bool = False, w_scale: float = 0.1) -> ir.Model:
+    """x -> Q/DQ (u8) -> MatMul <- DQ(s8 block-sparse W) -> Q/DQ (u8) -> y: a model that rounds
+    at run time. The output's scale is twice the product of the input scales, so the layer's
+    integer sums land on the requantizer's rounding midpoints, where the float path (ORT with
+    optimizations off) and an integer one (ORT's QLinearMatMul, graphopt's SparseQMatMul)
+    round a whole step apart.
+
+    ``integer_path``: the layer computed the integer way in standard ops
+    (``MatMulInteger`` x the scales), an exact rewrite of it; ``w_scale``: the rewrite's weight
+    scale (another value: a broken one)."""
+    rng = np.random.default_rng(0)
+    w = rng.integers(-1, 2, size=(64, 32)).astype(np.int8)
+    w *= np.repeat(rng.random((16, 32)) < 0.5, 4, axis=0).astype(np.int8)
+    sx = np.float32(0.1)
+    inits = {
+        "sx": np.array(sx, np.float32),
+        "zx": np.array(128, np.uint8),
+        "w": w,
+        "sw": np.array(0.1, np.float32),
+        "sy": np.array(np.float32(2) * (sx * np.float32(0.1)), np.float32),
+        "zy": np.array(128, np.uint8),
+    }
+    quantize = [
+        helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]),
+    ]
+    if integer_path:
+        inits["zw"] = np.array(0, np.int8)
+        inits["product"] = np.array(sx * np.float32(w_scale), np.float32)
+        layer = [
+            helper.make_node("MatMulInteger", ["xq", "w", "zx", "zw"], ["acc"]),
+            helper.make_node("Cast", ["acc"], ["accf"], to=TensorProto.FLOAT),
+            helper.make_node("Mul", ["accf", "product"], ["h"]),
+        ]
+    else:
+        layer = [
+            helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
+            helper.make_node("DequantizeLinear", ["w", "sw"], ["wd"]),
+            helper.make_node("MatMul", ["xd", "wd"], ["h"], name="qfc"),
+        ]
+    requantize = [
+        helper.make_node("QuantizeLinear", ["h", "sy", "zy"], ["hq"]),
+        helper.make_node("DequantizeLinear", ["hq", "sy", "zy"], ["y"]),
+    ]
+    return make_model(
+        [*quantize, *layer, *requantize],
+        [tensor_info("x", TensorProto.FLOAT, ["batch", 64])],
+        [tensor_info("y", TensorProto.FLOAT, ["batch", 32])],
+        inits,
+        opset=21,
+        ir_version=10,
+    )
+
+
+def test_a_model_rounding_at_run_time_allows_what_orts_own_optimizations_move() -> None:
+    """ORT's fused integer kernel and the unoptimized float path round a step apart; an exact
+    rewrite that computes the integer way is within that (and the note says so); a broken one
+    still fails, and a model that does not round at run time gets no allowance."""
+    from graphopt.verify import rounds_at_run_time
+
+    model = requantized_qdq_model()
+    assert rounds_at_run_time(model)
+    verifier = Verifier(model)
+    (floor,) = verifier.ort_floors
+    assert floor > 100 * DEFAULT_TOLERANCE  # a whole requantization step, measured
+    exact = verifier.check(requantized_qdq_model(integer_path=True))
+    assert exact.outputs[0].max_rel > DEFAULT_TOLERANCE  # rolled back before the allowance
+    assert exact.ok, exact.reason
+    assert f"'y' {floor:.3g}" in exact.shape_note
+    assert "optimizations already move its outputs" in exact.shape_note
+    broken = verifier.check(requantized_qdq_model(integer_path=True, w_scale=0.105))
+    assert not broken.ok
+    assert "ONNX Runtime's optimizations move it too" in broken.reason
+    # Weight-only quantization (QuantizeLinear of a constant) rounds nothing at run time.
+    float_model = _relu(["n", 4])
+    assert not rounds_at_run_time(float_model)
+    assert Verifier(float_model).ort_floors == [0.0]
+    weights_only = make_model(
+        [
+            helper.make_node("QuantizeLinear", ["c", "s"], ["cq"]),
+            helper.make_node("DequantizeLinear", ["cq", "s"], ["cd"]),
+            helper.make_node("Add", ["x", "cd"], ["y"]),
+        ],
+        [tensor_info("x", TensorProto.FLOAT, [4])],
+        [tensor_info("y", TensorProto.FLOAT, [4])],
+        {"c": np.arange(4, dtype=np.float32), "s": np.array(0.1, np.float32)},
+        opset=21,
+        ir_version=10,
+    )
+    assert not rounds_at_run_time(weights_only)
+
+
+def test_rebased_reference_measures_its_own_allowance() -> None:
+    """After a lossy pass the reference is its result (Verifier.rebased): a quantized one gets
+    the allowance measured on it, and the pipeline's widened tolerance is not added to."""
+    weight = np.random.default_rng(1).standard_normal((64, 32)).astype(np.float32) * 0.1
+    original = make_model(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        [tensor_info("x", TensorProto.FLOAT, ["batch", 64])],
+        [tensor_info("y", TensorProto.FLOAT, ["batch", 32])],
+        {"w": weight},
+    )
+    verifier = Verifier(original)
+    assert verifier.ort_floors == [0.0]
+    rebased = verifier.rebased(requantized_qdq_model())
+    (floor,) = rebased.ort_floors
+    assert floor > 100 * DEFAULT_TOLERANCE
+    assert rebased.tolerances(DEFAULT_TOLERANCE) == [floor + DEFAULT_TOLERANCE]
+    assert rebased.tolerances(1.0) == [1.0]  # the pipeline's widened tolerance, as it was

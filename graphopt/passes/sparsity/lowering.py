@@ -29,9 +29,10 @@ separate vectorized Gelu beat the fused one 8x on MiniLM's FFN); the faster form
 when it beats dense by ``min_speedup``.
 
 Decisions (per layer: shape, sparsity, format, dense and sparse ms, lowered) are recorded in
-the output's ``metadata_props[METADATA_KEY]``; ``decisions`` (``--sparse-kernels-decisions``)
-replays them from such a model or a JSON file (read and written by
-:mod:`graphopt.passes.sparsity.crossover`), so a rerun elsewhere writes the same model.
+the output's ``metadata_props[METADATA_KEY]``, keyed by layer names unique in the graph
+(:func:`_name_layers`); ``decisions`` (``--sparse-kernels-decisions``) replays them from such a
+model or a JSON file, checked field by field and against the model's layers
+(:mod:`graphopt.passes.sparsity.decisions`), so a rerun elsewhere writes the same model.
 M, the rows a layer sees, comes from ``--input-shape``; unbound dims count as
 :data:`DEFAULT_ROWS` rows.
 """
@@ -49,8 +50,9 @@ import onnx_ir as ir
 from graphopt import editing
 from graphopt.backends.ort_custom_ops import OWN_DOMAIN, OWN_DOMAIN_VERSION, own_library
 from graphopt.errors import UserInputError
-from graphopt.passes.sparsity import crossover
-from graphopt.passes.sparsity.crossover import METADATA_KEY, load_decisions, recorded
+from graphopt.passes.sparsity import crossover, decisions
+from graphopt.passes.sparsity.crossover import METADATA_KEY
+from graphopt.passes.sparsity.decisions import load as load_decisions
 from graphopt.registry import GraphPass, PassOption, Stage, register
 
 MIN_SPARSITY = 0.2
@@ -67,7 +69,7 @@ Split = tuple[np.ndarray | None, list[ir.Node], ir.Value]
 class Layer:
     """One lowerable layer: its weight [K, N], what it reads and what it replaces."""
 
-    name: str
+    name: str  # unique among the layers and the graph's other nodes (_name_layers)
     op: str  # MatMul, Gemm or QMatMul (the int8 QDQ pattern)
     anchor: ir.Node
     a: ir.Value
@@ -160,6 +162,9 @@ class SparseKernelsPass(GraphPass):
     def rewrite(self, model: ir.Model) -> int:
         if self.settings["threads"] < 1:
             raise UserInputError("--sparse-kernels-threads: must be 1 or more")
+        # Read and checked before anything else: a bad file is refused on any model.
+        given = load_decisions(self.settings["decisions"])
+        record = decisions.recorded(model)
         rows = _dim_values(model, self.context.input_shapes)
         layers, convs = find_layers(model, rows)
         if convs:
@@ -168,13 +173,15 @@ class SparseKernelsPass(GraphPass):
                 "need a Transpose pair around the op; not implemented)"
             )
         layers = [layer for layer in layers if layer.sparsity >= MIN_SPARSITY]
+        if self.settings["decisions"]:
+            # Layers lowered by an earlier run or round are in the model's record, not layers.
+            known = {layer.name for layer in layers} | set(record)
+            decisions.unknown_layers(self._where, given, known)
         if not layers:
             return 0
         library = crossover.library_digest(own_library())  # one line when not built
-        given = load_decisions(self.settings["decisions"])
         cache = crossover.CrossoverCache()
         shared: dict[tuple[str, tuple[int, ...], str], ir.Value] = {}
-        record = recorded(model)
         sources: dict[str, int] = {}
         hits = 0
         for layer in layers:
@@ -201,6 +208,11 @@ class SparseKernelsPass(GraphPass):
             f"cache {cache.path}); decisions in the output's metadata {METADATA_KEY}"
         )
         return hits
+
+    @property
+    def _where(self) -> str:
+        """What starts an error about the decisions file: the flag and the file."""
+        return f"{decisions.FLAG} {self.settings['decisions']}"
 
     def _decide(
         self,
@@ -230,23 +242,21 @@ class SparseKernelsPass(GraphPass):
             library,
             epilogue or "none",
         )
-        entry = given.get(layer.name)
-        if entry is not None:
-            for name, mine in (("K", layer.K), ("N", layer.N), ("format", fmt)):
-                if entry.get(name) != mine:
-                    raise UserInputError(
-                        f"--sparse-kernels-decisions: layer {layer.name!r} has {name} "
-                        f"{mine!r}, the decisions say {entry.get(name)!r}"
-                    )
+        if self.settings["decisions"]:
+            found = {
+                "K": layer.K,
+                "N": layer.N,
+                "format": fmt,
+                "op": layer.op,
+                "activation": layer.split is not None,
+            }
+            entry = given.get(layer.name)
+            if entry is None:
+                raise decisions.missing_layer(self._where, layer.name, found, given)
+            decisions.check_match(self._where, layer.name, entry, found)
             entry = dict(entry)
-            if "lowered" not in entry:  # a hand-written file may give the timings only
-                try:
-                    speedup = float(entry["dense_ms"]) / float(entry["sparse_ms"])
-                except (KeyError, TypeError, ValueError, ZeroDivisionError):
-                    raise UserInputError(
-                        f"--sparse-kernels-decisions: layer {layer.name!r} needs lowered, "
-                        "or dense_ms and sparse_ms"
-                    ) from None
+            if "lowered" not in entry:  # timings only (checked: sparse_ms > 0)
+                speedup = entry["dense_ms"] / entry["sparse_ms"]
                 entry["lowered"] = speedup >= self.settings["min_speedup"]
             return entry, "given"
         timing = cache.get(key)
@@ -289,7 +299,41 @@ def find_layers(model: ir.Model, dims: dict[str, int]) -> tuple[list[Layer], int
             taken.update(id(n) for n in layer.removed)
         elif editing.is_op(node, "Conv") and _sparse_pointwise(node):
             convs += 1
+    _name_layers(model.graph, layers)
     return layers, convs
+
+
+def _name_layers(graph: ir.Graph, layers: list[Layer]) -> None:
+    """Give each layer a name no other layer and no other node of the graph has: the key of
+    its decision and the name of its op once lowered.
+
+    A layer is called by its node's name, else its output's. Both can collide (a node named
+    ``y`` and an unnamed one writing ``y``; names are optional and need not be unique in
+    ONNX), and then two ops had one name, which ORT refuses, and one decision overwrote the
+    other. Named nodes keep their names first (the first of duplicates), in graph order;
+    the others take ``base_1``, ``base_2``, ... past every name in use: the names of all
+    other nodes, the bias Adds and activations layers fold in included (a layer left dense
+    keeps them). A lowered layer's op takes its name, so a rerun on the output gives the
+    layers left the same names and replays their decisions; the one exception is a name
+    shared with a node another, lowered, layer folded in, which is gone on the rerun.
+    """
+    anchors = {id(layer.anchor) for layer in layers}
+    taken = {node.name for node in graph if node.name and id(node) not in anchors}
+    named: dict[int, str] = {}
+    for index, layer in enumerate(layers):
+        own = layer.anchor.name
+        if own and own not in taken:
+            named[index] = own
+            taken.add(own)
+    for index, layer in enumerate(layers):
+        name = named.get(index)
+        if name is None:
+            base = layer.anchor.name or layer.anchor.outputs[0].name or "matmul"
+            name, suffix = base, 1
+            while name in taken:
+                name, suffix = f"{base}_{suffix}", suffix + 1
+            taken.add(name)
+        layer.name = name
 
 
 def _float_layer(node: ir.Node, dims: dict[str, int]) -> Layer | None:
@@ -321,8 +365,7 @@ def _float_layer(node: ir.Node, dims: dict[str, int]) -> Layer | None:
     w = np.ascontiguousarray(w)
     bias, act, removed, output, split = _epilogue(node.outputs[0], w.shape[1], bias)
     rows = _rows(a, dims)
-    name = node.name or node.outputs[0].name or "matmul"
-    layer = Layer(name, node.op_type, node, a, w, output, [node, *removed], bias, act, rows)
+    layer = Layer("", node.op_type, node, a, w, output, [node, *removed], bias, act, rows)
     layer.split = split
     return layer
 
@@ -371,7 +414,7 @@ def _qdq_layer(node: ir.Node, dims: dict[str, int]) -> Layer | None:
         return None  # asymmetric weights: the kernel's weights are symmetric
     bias, act, removed, output, split = _epilogue(node.outputs[0], w.shape[1], None)
     return Layer(
-        node.name or node.outputs[0].name or "matmul",
+        "",  # named with the others (_name_layers)
         "QMatMul",
         node,
         x_q,
@@ -553,7 +596,10 @@ def lower(
     old, new = layer.output, node.outputs[0]
     new.type, new.shape = old.type, old.shape
     name = old.name
-    weights = [v for n in layer.removed for v in n.inputs if v is not None and v.is_initializer()]
+    # What the replaced nodes read, collected before they go: removing a node detaches its
+    # inputs (onnx_ir's safe removal sets them to None), so reading them afterwards finds
+    # nothing, and the int8 weights, scales and zero points stayed as dead initializers.
+    reads = [v for n in (*layer.removed, *layer.sources) for v in n.inputs if v is not None]
     if not editing.replace_value(old, new):
         raise AssertionError("the sparse op's output is a fresh node output")
     for dead in reversed(layer.removed):
@@ -561,8 +607,22 @@ def lower(
     if not new.is_graph_output():
         new.name = name
     for source in layer.sources:
-        if editing.remove_if_dead(source):
-            weights += [v for v in source.inputs if v is not None and v.is_initializer()]
-    for value in weights:
-        if not value.uses() and not value.is_graph_output() and value.name in graph.initializers:
-            del graph.initializers[value.name]
+        editing.remove_if_dead(source)  # a DequantizeLinear other nodes read stays
+    _drop_unused(graph, reads)
+
+
+def _drop_unused(graph: ir.Graph, values: list[ir.Value]) -> None:
+    """Remove the constants among ``values`` that nothing reads any more (initializers, and
+    Constant nodes), so that the output holds no dead weight: the cleanup passes, which run
+    before this pass, would remove them on the next ``optimize`` and the output would not be
+    a fixed point. A constant something else still reads is kept."""
+    for value in dict.fromkeys(values):  # a value read twice: once, in order
+        if value.uses() or value.is_graph_output() or value.is_graph_input():
+            continue
+        if value.is_initializer():
+            if graph.initializers.get(value.name) is value:
+                del graph.initializers[value.name]
+            continue
+        producer = value.producer()
+        if producer is not None and editing.is_op(producer, "Constant"):
+            editing.remove_if_dead(producer)
