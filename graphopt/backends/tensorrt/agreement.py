@@ -15,8 +15,9 @@ from dataclasses import dataclass
 
 import onnx
 
+from graphopt.backends.tensorrt.findings import ERROR
 from graphopt.backends.tensorrt.module import TensorRT, parse
-from graphopt.backends.tensorrt.rules import ERROR, static_findings
+from graphopt.backends.tensorrt.rules import static_findings
 
 
 @dataclass(frozen=True)

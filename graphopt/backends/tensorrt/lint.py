@@ -9,8 +9,8 @@ one, directly or through others, is not a verdict on the model: it is reported a
 unverified warning, never as a rejection. The static rule table (:mod:`.rules`) gives the
 verdict with ``static=True`` or when no module imports; its warnings are added either way.
 
-Both checkers name a node the same way (:func:`.rules.prepare`): the parser reads a copy of
-the model whose every node has a unique name, so that its errors point at one node.
+Both checkers name a node the same way (:func:`.node_labels.prepare`): the parser reads a
+copy of the model whose every node has a unique name, so that its errors point at one node.
 """
 
 from __future__ import annotations
@@ -22,18 +22,12 @@ from dataclasses import dataclass, field
 import onnx
 import onnx_ir as ir
 
+from graphopt.backends.tensorrt.findings import ERROR, WARNING, Finding
 from graphopt.backends.tensorrt.hints import clean_reason
 from graphopt.backends.tensorrt.module import TensorRT, find_tensorrt, parse
-from graphopt.backends.tensorrt.rules import (
-    ERROR,
-    WARNING,
-    Analysis,
-    Finding,
-    NodeRef,
-    Prepared,
-    analyze,
-    shape_tensor_warning,
-)
+from graphopt.backends.tensorrt.node_labels import NodeRef, Prepared
+from graphopt.backends.tensorrt.rules import Analysis, analyze
+from graphopt.backends.tensorrt.shape_tensors import shape_tensor_warning
 
 MAX_REJECTIONS = 64
 UNVERIFIED = "parser-unverified"

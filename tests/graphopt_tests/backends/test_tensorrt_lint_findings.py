@@ -10,9 +10,10 @@ import onnx
 import onnx_ir as ir
 from onnx import TensorProto, helper
 
+from graphopt.backends.tensorrt.findings import ERROR
 from graphopt.backends.tensorrt.hints import clean_reason, fix_for
 from graphopt.backends.tensorrt.lint import UNVERIFIED, lint_tensorrt, rejection_notes
-from graphopt.backends.tensorrt.rules import ERROR, static_findings
+from graphopt.backends.tensorrt.rules import static_findings
 from graphopt_tests.backends.trt_models import if_model, model, tensor, value
 
 _FOREIGN = ("my.ops",)

@@ -7,10 +7,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from graphopt.backends.tensorrt.findings import ERROR, WARNING
 from graphopt.backends.tensorrt.hints import fix_for
 from graphopt.backends.tensorrt.precision import graph_precisions, is_two_four
 from graphopt.backends.tensorrt.profiles import parse_shapes, plan_profiles
-from graphopt.backends.tensorrt.rules import ERROR, WARNING, static_findings
+from graphopt.backends.tensorrt.rules import static_findings
 from graphopt.errors import UserInputError
 
 
