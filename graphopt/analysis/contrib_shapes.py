@@ -1,5 +1,7 @@
 """Shapes past ONNX Runtime's contrib ops, which onnx cannot infer: each gets a stand-in of
 standard ops with its output's shape, on a throw-away copy (:func:`shapes_past_contrib_ops`).
+graphopt's own sparse ops (domain ``graphopt``, :mod:`graphopt.analysis.sparse_ops`) get one
+too: a MatMul by a weight of their ``K`` x ``N``.
 
 :mod:`graphopt.analysis.shapes` calls this where its own inference stops short, and replaces
 the contrib ops the same way on the copy where it folds shape arithmetic.
@@ -14,6 +16,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt.analysis.shapes import is_concrete, onnx_inference, static_shape
+from graphopt.analysis.sparse_ops import dense_size, is_sparse_op
 
 MS_DOMAIN = "com.microsoft"
 # Contrib ops whose output 0 (and the listed others) has input 0's shape: activations,
@@ -79,16 +82,13 @@ def replace_contrib_ops(graph: ir.Graph) -> int:
     return replaced
 
 
-def copy_shapes(source: ir.Model, clone: ir.Model) -> None:
+def copy_shapes(source: ir.Model, clone: ir.Model, seen: dict[str, ir.Value] | None = None) -> None:
     """Concrete shapes of ``source`` (a copy) onto the clone's values of the same name that
     have none; with the type where the clone's value has none (a contrib op's output):
-    serializing a shape without a type drops it, with a warning."""
-    known = {
-        o.name: o
-        for node in source.graph
-        for o in node.outputs
-        if o.shape is not None and is_concrete(o.shape)
-    }
+    serializing a shape without a type drops it, with a warning. ``seen``: values known
+    earlier on the copy by name (:func:`concrete_values`), for those folded away since."""
+    known = dict(seen or {})
+    known.update(concrete_values(source))
     for node in clone.graph:
         for out in node.outputs:
             found = known.get(out.name) if out.name is not None else None
@@ -97,6 +97,25 @@ def copy_shapes(source: ir.Model, clone: ir.Model) -> None:
             out.shape = ir.Shape(found.shape)
             if out.type is None:
                 out.type = found.type
+
+
+def concrete_values(model: ir.Model) -> dict[str, ir.Value]:
+    """{name: a detached copy (type and shape)} of ``model``'s node outputs of concrete
+    shape, and of its initializers: where shape arithmetic was folded, a node output became
+    an initializer of the same name (a mask computed from ``Range(sequence)``, folded whole
+    before inference ever saw it). A copy, since later rounds edit the model's values."""
+    found: dict[str, ir.Value] = {}
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if value.name is not None and tensor is not None:
+            found[value.name] = ir.Value(
+                name=value.name, type=ir.TensorType(tensor.dtype), shape=ir.Shape(tensor.shape)
+            )
+    for node in model.graph:
+        for o in node.outputs:
+            if o.name is not None and o.shape is not None and is_concrete(o.shape):
+                found[o.name] = ir.Value(name=o.name, type=o.type, shape=ir.Shape(o.shape))
+    return found
 
 
 def _stand_ins(graph: ir.Graph, node: ir.Node) -> dict[int, list[ir.Node]]:
@@ -137,6 +156,14 @@ def _stand_ins(graph: ir.Graph, node: ir.Node) -> dict[int, list[ir.Node]]:
     chain: list[ir.Node] = []
     op = node.op_type
     x = given(0)
+    if x is not None and is_sparse_op(node):
+        # graphopt's own sparse ops: A [..., K] @ W [K, N] (+ bias, activation) → [..., N].
+        size = dense_size(node)
+        if size is None:
+            return {}
+        source = x if op != "SparseQMatMul" else _cast(chain, new, x)  # u8 A, float out
+        chain.append(new("MatMul", [source, fake(size, source)]))
+        return {0: chain}
     if x is None or (node.domain or "") not in ("", MS_DOMAIN):
         return {}
     if key in _LIKE_INPUT:

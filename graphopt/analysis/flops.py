@@ -29,6 +29,13 @@ Conventions (the numbers are only comparable under the same ones):
   ``com.microsoft`` QLinear elementwise ops, global pooling, ReduceMean and Softmax as their
   float versions (QLinearConcat as Concat, GatherBlockQuantized as Gather, 0), QAttention as
   Attention;
+- QuantizeLinear / DequantizeLinear: 2 per element on activations; 0 on a constant (an
+  int8/int4/fp8 weight's DequantizeLinear, a float weight's Q→DQ, perhaps behind a
+  Reshape or Transpose: :func:`is_weight_coding`), which runtimes fold or prepack once;
+- graphopt's own sparse ops (domain ``graphopt``: SparseMatMul, SparseMatMul24,
+  SparseQMatMul; :mod:`graphopt.analysis.sparse_ops`) count as the dense MatMul (+ bias and
+  fused activation) they compute, the skipped zeros not taken off, as a fused op counts as
+  its pattern: sparsifying changes no FLOPs, lowering to the sparse kernels none either;
 - control flow counts what one run executes: an If counts its larger branch (both are
   listed in :attr:`FlopsReport.control_flow`); a Loop counts its body × the trip count when
   that is a constant (an upper bound when the loop condition can end it earlier), a Scan ×
@@ -67,8 +74,9 @@ from graphopt.analysis.flops_terms import (
     out_shape,
 )
 from graphopt.analysis.shapes import infer_shapes, static_shape
+from graphopt.analysis.sparse_ops import is_sparse_op, sparse_matmul
 from graphopt.analysis.stats import is_constant_node
-from graphopt.editing import attribute, const_ints
+from graphopt.editing import attribute, const_ints, is_constant
 
 
 def _op_set(names: str) -> frozenset[str]:
@@ -269,6 +277,8 @@ def node_flops(node: ir.Node) -> int | None:
 def node_cost(node: ir.Node) -> Cost | None:
     """:func:`node_flops` with the multiply-adds counted apart (see :class:`Cost`)."""
     op = node.op_type
+    if is_sparse_op(node):
+        return sparse_matmul(node)
     if node.domain not in ("", "ai.onnx", "com.microsoft"):
         return None
     if op in ZERO or op in QLINEAR_ZERO:
@@ -313,6 +323,8 @@ def node_cost(node: ir.Node) -> Cost | None:
         return Cost(PER_ELEMENT["Softmax"] * numel(in_shape(node, 0)))
     if op in ("QLinearGlobalAveragePool", "QLinearReduceMean"):
         return Cost(numel(in_shape(node, 0)))
+    if op in _QDQ and is_weight_coding(node):
+        return Cost(0)
     per_element = fused_per_element(node)
     if per_element is not None:
         return Cost(per_element * numel(in_shape(node, 0)))
@@ -326,6 +338,43 @@ def node_cost(node: ir.Node) -> Cost | None:
     if op in REDUCTIONS:
         return Cost(numel(in_shape(node, 0)))
     return None
+
+
+# Ops that only move or reshape a constant on its way to a weight's DequantizeLinear: what
+# they give is still a constant the runtime folds before the first run.
+_LAYOUT = _op_set("Identity Reshape Transpose Squeeze Unsqueeze Flatten")
+_QDQ = _op_set("QuantizeLinear DequantizeLinear")
+# Nodes followed back from a Q/DQ towards a constant: exporters put one or two in between.
+_MAX_WEIGHT_CHAIN = 8
+
+
+def is_weight_coding(node: ir.Node) -> bool:
+    """Whether a QuantizeLinear / DequantizeLinear node works on a constant: weight decoding
+    (an int8/int4/fp8 weight's DequantizeLinear), or a float weight's Q→DQ pair.
+
+    Runtimes fold these into the weight once (ONNX Runtime's constant folding and the QDQ
+    kernels' prepacking; TensorRT builds the weight into the engine), so they cost nothing
+    per run. Counted 2 FLOPs per weight element they made int8 MiniLM count more FLOPs
+    than the float one. Q/DQ of activations run every time and stay counted.
+    """
+    for _ in range(_MAX_WEIGHT_CHAIN):
+        # Scales and zero points (a Reshape's target): constants too, or nothing is folded.
+        if any(v is not None and not is_constant(v) for v in node.inputs[1:]):
+            return False
+        value = node.inputs[0] if node.inputs else None
+        if value is None or value.is_graph_input():
+            return False
+        if is_constant(value):
+            return True
+        producer = value.producer()
+        if (
+            producer is None
+            or producer.domain not in ("", "ai.onnx")
+            or (producer.op_type not in _LAYOUT and producer.op_type not in _QDQ)
+        ):
+            return False
+        node = producer
+    return False
 
 
 def _broadcast_out(node: ir.Node) -> tuple[int, ...]:

@@ -186,6 +186,16 @@ def reconcile_shapes(model: ir.Model) -> int:
     return changed
 
 
+def reinfer_shapes(model: ir.Model) -> int:
+    """:func:`reconcile_shapes` again, after an edit that changed sizes without updating the
+    shapes it made stale: the declared shapes are kept where inference confirms them or
+    cannot tell (symbolic names; ints only where both bindings give them), and a stale int
+    gives way. For a rewrite that resizes dims it does not track (the decomposition's head
+    ranks); returns how many shapes changed."""
+    model.meta.pop(_RECONCILED, None)
+    return reconcile_shapes(model)
+
+
 def _carry_kept_dims(
     model: ir.Model, declared: list[tuple[ir.Value, ir.Shape | None]], symbols: set[str]
 ) -> None:
@@ -410,10 +420,10 @@ def _shapes_from_folded_copy(clone: ir.Model) -> None:
     level = quiet.level
     quiet.setLevel(logging.ERROR)
     try:
-        _fold_rounds(folded, folder)
+        seen = _fold_rounds(folded, folder)
     finally:
         quiet.setLevel(level)
-    copy_shapes(folded, clone)
+    copy_shapes(folded, clone, seen)
 
 
 def static_shape(value: ir.Value | None) -> tuple[int, ...] | None:
@@ -449,7 +459,24 @@ def shape_text(
     return dims
 
 
-def _fold_rounds(folded: ir.Model, folder) -> None:
+def _fold_rounds(folded: ir.Model, folder) -> dict[str, ir.Value]:
+    """Fold shape arithmetic and infer again until a round makes no progress.
+
+    Each round can only reach one step further: a shape folded here lets inference past a
+    Reshape, whose now-known output lets the next Shape fold, and so on down the graph; and
+    the first round may fold nothing at all, its inference being the first to see past the
+    contrib ops' stand-ins. So neither "nothing folded" nor a fixed number of rounds is the
+    end (a cap of 3, and stopping at the first round that folded nothing, left ppocr_rec's
+    MatMuls past a QuickGelu of unknown shape after ``--target ort``). A round is progress
+    when it leaves fewer nodes (folded away) or fewer outputs of unknown shape; both are
+    counts that never go below 0, so the loop ends, after at most their sum of rounds.
+
+    Returns every value of concrete shape some round inferred, by name: the next round may
+    fold it away (a ``Shape`` output becomes a constant of another name), and the analysis
+    clone, which keeps its nodes, still wants its shape (a ReduceProd of that ``Shape``).
+    """
+    from graphopt.analysis.contrib_shapes import concrete_values
+
     # Through the registry: the analysis imports no pass module (see test_layering).
     from graphopt.registry import PassContext, get_pass
 
@@ -457,13 +484,28 @@ def _fold_rounds(folded: ir.Model, folder) -> None:
     # The copy's shapes were inferred at bound input shapes just now: nothing to reconcile
     # (and reconciling would run this very inference again).
     folded.meta[_RECONCILED] = folded.graph
-    for _ in range(3):
-        changed = shape_folding(PassContext())(folded).modified
+    left = _unsettled(folded)
+    seen: dict[str, ir.Value] = {}
+    while True:
+        shape_folding(PassContext())(folded)
         try:
-            changed |= folder(folded).modified
+            folder(folded)
         except Exception as exc:  # a failing evaluator: keep what onnx inferred
             logger.info("shape arithmetic folding failed: %s", exc)
         _forget_symbolic(folded)
         onnx_inference(folded)
-        if not changed:
-            break
+        seen.update(concrete_values(folded))
+        now = _unsettled(folded)
+        if now >= left:
+            return seen
+        left = now
+
+
+def _unsettled(model: ir.Model) -> int:
+    """Nodes of ``model`` plus node outputs whose shape is not concrete: what folding and
+    inference have left to settle (each productive round lowers it)."""
+    count = 0
+    for node in model.graph:
+        count += 1
+        count += sum(o.shape is None or not is_concrete(o.shape) for o in node.outputs)
+    return count

@@ -11,7 +11,7 @@ them taken from whole units of zero-invariant groups, e.g. via
   entries (a constant, or a constant piece of a Concat: a fresh copy per node, since
   exporters share these; entries read by ``Shape`` at run time follow by themselves),
   Split sizes, Slice bounds;
-- inferred intermediate shapes are dropped (ORT recomputes them).
+- intermediate shapes: see :func:`remove_channels`'s ``keep_shapes``.
 
 The input model is not modified. The rules in :mod:`dependency_rules` only accept the
 cases handled here (e.g. a Reshape entry computed at run time blocks the group).
@@ -30,11 +30,20 @@ from graphopt.editing import add_initializer, attribute, const_ints, constant_ar
 
 
 def remove_channels(
-    model: ir.Model, graph: DependencyGraph, removed: dict[DimKey, np.ndarray]
+    model: ir.Model,
+    graph: DependencyGraph,
+    removed: dict[DimKey, np.ndarray],
+    *,
+    keep_shapes: bool = False,
 ) -> ir.Model:
     """A copy of ``model`` with ``removed[dim]`` channels taken out of every dim.
 
     ``graph`` must come from ``model`` (same node order); ``removed`` must cover whole units.
+
+    Intermediate shapes: with ``keep_shapes``, as declared, each removed dim at its new size
+    (:func:`_resize_shapes`); for a caller whose result is final (pruning). Without, only
+    their symbolic dims (:func:`keep_symbolic_dims`): for a caller that edits sizes further
+    (the decomposition's head ranks), whose ints would then be stale.
     """
     removed = {k: np.asarray(v, dtype=np.int64) for k, v in removed.items() if len(v)}
     clone = model.clone()
@@ -53,11 +62,51 @@ def remove_channels(
                 continue
             fixed.add((i, key[0]))
             _fix_node(clone.graph, nodes[i], node, graph, key, removed)
-    for node in clone.graph:
-        for out in node.outputs:
-            if not out.is_graph_output():
-                out.shape = None
+    if keep_shapes:
+        _resize_shapes(values, graph, removed)
+    else:
+        keep_symbolic_dims(clone.graph)
     return clone
+
+
+def _resize_shapes(
+    values: dict[str, ir.Value], graph: DependencyGraph, removed: dict[DimKey, np.ndarray]
+) -> None:
+    """Give every removed dim of an intermediate value its new size; every other dim stays.
+
+    The analysis couples every dim whose size a removal changes (it blocks a group whose
+    removal it cannot follow), so these are all the changes. Re-inferring instead loses what
+    onnx inference cannot derive: the symbolic ``batch``/``sequence`` past a Reshape whose
+    target is read from ``Shape``, the head count of a Reshape to (0, 0, -1, 64). ORT's
+    attention fusions check both, and a pruned BERT or MiniLM fused no attention at all.
+    """
+    for key in removed:
+        if graph.dims[key].is_param:
+            continue  # a weight: its shape is its (sliced) data's
+        value = values.get(key[0])
+        shape = value.shape if value is not None else None
+        if shape is None or not 0 <= key[1] < len(shape):
+            continue
+        dims = list(shape)
+        dims[key[1]] = new_size(graph, key, removed)
+        value.shape = ir.Shape(dims)
+
+
+def keep_symbolic_dims(g: ir.Graph) -> None:
+    """Forget every int dim of ``g``'s intermediate values; keep their symbolic dims.
+
+    For a graph whose sizes changed in ways not recorded (inference recomputes the ints): the
+    names (``batch``, ``sequence``) are never a removed channel, which always has a size,
+    and onnx inference may not find them again.
+    """
+    for node in g:
+        for out in node.outputs:
+            if out.is_graph_output() or out.shape is None:
+                continue
+            if all(isinstance(d, int) for d in out.shape):
+                out.shape = None
+                continue
+            out.shape = ir.Shape([None if isinstance(d, int) else d for d in out.shape])
 
 
 def new_size(graph: DependencyGraph, key: DimKey, removed: dict[DimKey, np.ndarray]) -> int:

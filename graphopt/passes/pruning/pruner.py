@@ -239,7 +239,7 @@ def _remove(
     for _ in range(MAX_CORRECTIONS + 1):
         chosen = allocate(plans, cost, target.kind, goal, allocation)
         indices = _indices(plans, chosen)
-        pruned = remove_channels(model, report.graph, indices)
+        pruned = remove_channels(model, report.graph, indices, keep_shapes=True)
         after = (
             model_flops(pruned, shapes).total
             if target.kind == "flops"

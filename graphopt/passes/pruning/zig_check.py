@@ -128,7 +128,7 @@ def check_removal(
     # A clone: boundary outputs are added to it below, and the caller's model must not change.
     candidate = pruned.clone() if pruned is not None else None
     if candidate is None:
-        candidate = remove_channels(model, report.graph, removed)
+        candidate = remove_channels(model, report.graph, removed, keep_shapes=True)
     units = sum(len(v) for v in removed.values())
     own_outputs = len(zeroed.graph.outputs)
     if boundary:

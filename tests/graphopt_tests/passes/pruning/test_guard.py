@@ -30,11 +30,11 @@ def wrong_removal(monkeypatch):
     the channels are the wrong ones (what a bug in removal or in a group would do)."""
     real = pruner.remove_channels
 
-    def off_by_one(model, graph, removed):
+    def off_by_one(model, graph, removed, **options):
         key = next(k for k in sorted(removed) if graph.dims[k].is_param and len(removed[k]))
         wrong = dict(removed)
         wrong[key] = np.sort((removed[key] + 1) % graph.dims[key].size)
-        return real(model, graph, wrong)
+        return real(model, graph, wrong, **options)
 
     monkeypatch.setattr(pruner, "remove_channels", off_by_one)
 
@@ -135,8 +135,8 @@ def test_outputs_right_past_the_removed_units_get_the_boundary_tolerance(
     # output far downstream (1e-6). A real error (3e-4) is still refused.
     real = pruner.remove_channels
 
-    def drifting(model, graph, removed):
-        result = real(model, graph, removed)
+    def drifting(model, graph, removed, **options):
+        result = real(model, graph, removed, **options)
         w2 = result.graph.initializers["w2"]
         array = w2.const_value.numpy() * np.float32(1 + drift)
         w2.const_value = ir_tensor(array, "w2")
