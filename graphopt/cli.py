@@ -26,6 +26,7 @@ from graphopt import __version__
 from graphopt.commands import COMMANDS
 from graphopt.errors import (
     EXIT_BAD_INPUT,
+    EXIT_CHECK_FAILED,
     EXIT_INTERRUPTED,
     EXIT_NOT_VERIFIED,
     EXIT_OK,
@@ -457,6 +458,12 @@ def _cmd_optimize(args: argparse.Namespace, out: Console, err: Console) -> int:
         out.print(f"wrote {saved} (ONNX Runtime's optimized model)", markup=False)
     if result.engine is not None and not print_engine_report(result.engine, out, err, args.verbose):
         return EXIT_NOT_VERIFIED  # written, but the engine asked for was not built
+    missed = result.report.targets_missed
+    if missed:
+        # A target the user set is a check: missed, the run failed (exit 1), though the
+        # model the report describes is written for a look.
+        _say(err, f"graphopt: error: {'; '.join(missed)} (written all the same)")
+        return EXIT_CHECK_FAILED
     if options.verify and not result.report.verified:
         # Asked to verify and could not: the output stands, but nothing proved it exact.
         report = result.report

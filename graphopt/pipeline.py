@@ -111,6 +111,17 @@ class RunReport:
     unverified_after: str = ""
 
     @property
+    def targets_missed(self) -> list[str]:
+        """One line per fidelity target a lossy pass was asked to meet and missed (its
+        record's ``target_missed``: quantize's --min-cosine/--max-error/--min-agreement).
+        The output is written (the report describes it); the CLI exits 1 after the report."""
+        return [
+            missed
+            for record in self.details.values()
+            if isinstance(missed := getattr(record, "target_missed", ""), str) and missed
+        ]
+
+    @property
     def verified(self) -> bool:
         """Whether ONNX Runtime compared the result with its reference and it held.
 
@@ -709,6 +720,6 @@ def _worse(a: OutputError, b: OutputError) -> OutputError:
 def _refuse_lossy_without_targets(cls: type, present: frozenset[str]) -> None:
     """A lossy pass asked for on a model without any op it rewrites: refused
     (:func:`~graphopt.registry.refuse_nothing_to_do`). Quantization, whose ops depend on the
-    mode, refuses the same way from inside (``quantize._refuse_nothing_to_quantize``)."""
+    mode, refuses the same way from inside (``quantize_checks.refuse_nothing_to_quantize``)."""
     if cls.ops is not None:
         refuse_nothing_to_do(cls.flag or f"pass {cls.name!r}", frozenset(cls.ops), present)

@@ -134,6 +134,19 @@ class DecomposePass(GraphPass):
             "decompose", s["calib"], model, self.context, "the decompositions were fitted"
         )
         result, record = decompose_model(model, settings, calib, self.context)
+        if not record.decomposed:
+            from graphopt.passes.sparsity.layers import refuse_unchanged
+
+            # No module found, or every one left as it was (found unfit, or failing its
+            # check): the model would come back unchanged ("0 modules decomposed", exit 0).
+            refuse_unchanged(
+                model,
+                f"decompose {record.target}",
+                "decompose",
+                record.skipped,
+                "module",
+                f"no {'/'.join(settings.modules)} module found",
+            )
         record.summary = record.headline()
         self.context.note(record.summary)
         self.context.details["decompose"] = record

@@ -38,7 +38,7 @@ from graphopt.passes.factorization.record import FactorizeRecord, Fitted, LayerF
 from graphopt.passes.factorization.settings import MIN_SIDE, RankRule, aligned, candidate_ranks
 from graphopt.passes.factorization.surgery import factorize_layer, refusal
 from graphopt.passes.sparsity import statistics
-from graphopt.passes.sparsity.layers import Layer, find_layers, select
+from graphopt.passes.sparsity.layers import Layer, find_layers, refuse_unchanged, select
 from graphopt.registry import PassContext
 
 # Rounds of "allocate, time, take the slower layers out" for flops=R.
@@ -125,8 +125,9 @@ def factorize_model(
             record.skipped.append((layer.name, why))
         else:
             layers.append(layer)
-    if not found:
-        record.notes.append("no MatMul/Gemm/Conv with a constant weight")
+    if not layers:
+        # Before any data is read or layer timed: the model would come back as given.
+        refuse_unchanged(model, f"factorize {settings.rule}", "factorize", record.skipped)
     fit, held = calib, None
     if calib is not None and settings.holdout > 0:
         fit, held = calib.split(settings.holdout)
@@ -138,6 +139,21 @@ def factorize_model(
     record.error_kind = "output" if fit is not None else "weight"
     check = _speed_check(settings, record)
     chosen_plans = _plan(planned, settings, record, check)
+    if not chosen_plans:
+        if not any(why.endswith("not faster") for _, why in record.skipped):
+            # Every candidate left whole by the rank rule (no FLOPs saved): a fact of the
+            # model and the options, and the model would come back unchanged: refused.
+            refuse_unchanged(model, f"factorize {settings.rule}", "factorize", record.skipped)
+        # The speed check measured the pairs slower on this CPU: an answer the pass was
+        # asked to find (on by default), machine-dependent, its timings recorded in the
+        # output's metadata for a replay. Reported (exit 0), said first, not refused as bad
+        # input: the same options factorize on a CPU where the pairs are faster.
+        record.notes.insert(
+            0,
+            "nothing factorized: the speed check measured every layer the rule would "
+            "factorize slower as a pair in ONNX Runtime on this CPU, so the model is "
+            "unchanged (--factorize-speed-check off lets FLOPs alone decide)",
+        )
     _write_metadata(model, planned, settings, record, check)
     names = NameTable(model.graph)
     if fit is not None and original is not None:

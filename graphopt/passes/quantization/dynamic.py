@@ -529,22 +529,21 @@ def _mixed_precision(
     # the model (the user's target is end to end); speed-ups against the model given.
     reference = context.fidelity_reference(original)
     evaluate = mp.fidelity_evaluator(reference, fit.first(SENSITIVITY_SAMPLES))
-    check = mp.fidelity_evaluator(reference, held) if held is not None else evaluate
+    # Judged on held-out and calibration samples, the worst (and refused when the held-out
+    # samples cannot resolve an agreement target): mp.target_check.
+    check = mp.target_check(reference, fit, held, target, fit_evaluator=evaluate)
     speed = mp.speed_meter(original, _one_sample(held or fit))
-    kept, curve = mp.search(build, candidates, evaluate, target, check=check, speed=speed)
+    kept, curve = mp.search(build, candidates, evaluate, target, check=check.evaluate, speed=speed)
     record.curve = curve
-    last = curve[-1]
-    verdict = "met" if target.met(mp.point_measure(last)) else "NOT met"
-    all_float = bool(candidates) and len(kept) == len(candidates)
-    if verdict != "met" and all_float and reference is not original:
-        # Every layer float and still short: the earlier lossy passes alone miss the target
-        # (measured end to end). Said, not left to the reader of the curve.
-        verdict += " (the earlier lossy passes alone already miss it: nothing was quantized)"
-    record.notes.append(
-        f"mixed precision: target {target.describe()} {verdict} on "
-        f"{'held-out' if held is not None else 'calibration'} samples with {len(kept)} of "
-        f"{len(candidates)} layers kept in float (the curve's speed-ups: ORT, 1 thread, one "
-        "sample, before the target's fusions run)"
+    mp.conclude(
+        record,
+        target,
+        kept,
+        candidates,
+        check,
+        chained=reference is not original,
+        extra=" (the curve's speed-ups: ORT, 1 thread, one sample, before the target's "
+        "fusions run)",
     )
     return kept
 

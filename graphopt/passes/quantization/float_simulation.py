@@ -18,7 +18,8 @@ import onnx_ir as ir
 
 from graphopt import editing
 from graphopt.passes.calibration.samples import CalibrationSet
-from graphopt.passes.quantization.float_types import FLOAT, cast_node
+from graphopt.passes.quantization.float_plan import FLOAT
+from graphopt.passes.quantization.float_rewrite import cast_node
 from graphopt.passes.quantization.record import measure_fidelity
 
 
@@ -45,8 +46,14 @@ def fidelity_on_runnable(
             # measuring a simulation of it would report a model no runtime loads.
             raise
         line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        fidelity = measure_fidelity(original, simulation(converted, low), sets)
         short = "bf16" if low == ir.DataType.BFLOAT16 else kind
+        # One row per set, named for what it is: "ORT optimized" rows repeated the same
+        # simulation's numbers as if they were ORT's fused kernels, which cannot run it (and
+        # ORT's optimizer may drop the simulation's rounding Casts).
+        simulated = measure_fidelity(
+            original, simulation(converted, low), sets, unoptimized_only=True
+        )
+        fidelity = {f"{label}, {short} simulated": rows for label, rows in simulated.items()}
         unrunnable = f"ORT CPU cannot run {short} {op_type}: {line[:160]}"
         return (
             fidelity,

@@ -280,7 +280,7 @@ def _activation_peaks(
 ) -> dict[str, float]:
     """max |x| of each activation over ``calib``."""
     from graphopt.passes.calibration.activations import observe
-    from graphopt.passes.quantization.float_types import peak_magnitude
+    from graphopt.passes.quantization.float_plan import peak_magnitude
 
     names = sorted({v.name for v in activations if v.name})
     peaks: dict[str, float] = {}

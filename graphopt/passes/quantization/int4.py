@@ -170,7 +170,9 @@ def _float16_activations(model: ir.Model, settings: QuantSettings, record: Quant
     int4 weight-only GEMMs take float16 activations. A declared precision change."""
     import dataclasses
 
-    from graphopt.passes.quantization.float_types import apply_plan, fill_types, plan_conversion
+    from graphopt.passes.quantization.float_plan import plan_conversion
+    from graphopt.passes.quantization.float_rewrite import apply_plan
+    from graphopt.passes.quantization.float_types import fill_types
 
     fp16 = dataclasses.replace(settings, mode="fp16")
     plan = plan_conversion(model, fp16, ir.DataType.FLOAT16, {}, fill_types(model))

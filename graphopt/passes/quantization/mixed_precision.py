@@ -8,9 +8,10 @@ The caller gives three things:
 * ``evaluate(model) -> Measured`` (mean cosine, max relative error, argmax agreement) against
   the float original on calibration (fit) samples: sensitivities are measured with it;
 * a :class:`Target` (``--min-cosine``, ``--max-error`` and/or ``--min-agreement``), checked
-  with ``check``
-  (by default ``evaluate``; pass one on held-out samples so the target is not judged on the
-  data the order was chosen on).
+  with ``check`` (by default ``evaluate``; the passes use :func:`target_check`: the worst of
+  every fidelity row the report prints, held-out and calibration samples with ORT's
+  optimizations on and off, refusing an agreement target the held-out samples cannot
+  resolve), and the verdict said by :func:`conclude`.
 
 :func:`search` measures each candidate layer's sensitivity once (by default the gain of
 keeping only that layer in float, "all-but-one"; ``method="only-one"``: the loss of
@@ -20,12 +21,13 @@ last step, so a model with dozens of candidate layers needs a handful of builds,
 per layer.
 Every step is a :class:`~graphopt.passes.quantization.record.CurvePoint` (fidelity, and a
 short paired ORT timing when ``speed`` is given): the speed/accuracy curve of the report.
-:func:`fidelity_evaluator` and :func:`speed_meter` build ``evaluate``/``check`` and ``speed``
-from calibration samples.
+:func:`fidelity_evaluator`, :func:`target_check` and :func:`speed_meter` build ``evaluate``,
+``check`` and ``speed`` from calibration samples.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -38,7 +40,12 @@ import onnx_ir as ir
 from graphopt.errors import UserInputError
 from graphopt.passes.calibration.fidelity import measure, outputs_on, padding_mask
 from graphopt.passes.calibration.samples import CalibrationSet
-from graphopt.passes.quantization.record import CurvePoint, worst_cosine, worst_max_rel
+from graphopt.passes.quantization.record import (
+    CurvePoint,
+    QuantRecord,
+    worst_cosine,
+    worst_max_rel,
+)
 
 
 class Measured(NamedTuple):
@@ -105,11 +112,11 @@ class Target:
     def describe(self) -> str:
         parts = []
         if self.min_cosine is not None:
-            parts.append(f"mean cosine >= {self.min_cosine:g}")
+            parts.append(f"mean cosine >= {self.min_cosine:.12g}")
         if self.max_error is not None:
-            parts.append(f"max rel error <= {self.max_error:g}")
+            parts.append(f"max rel error <= {self.max_error:.12g}")
         if self.min_agreement is not None:
-            parts.append(f"argmax agreement >= {self.min_agreement:g}")
+            parts.append(f"argmax agreement >= {self.min_agreement:.12g}")
         return " and ".join(parts)
 
 
@@ -207,16 +214,43 @@ def search(
     return result(hit)
 
 
-def fidelity_evaluator(original: ir.Model, samples: CalibrationSet) -> Evaluate:
+class FidelityEvaluator:
     """``model -> Measured`` (worst mean cosine, max rel error and argmax agreement) over
     ``original``'s outputs on ``samples``, run with ORT's optimizations on (the deployed
-    integer kernels); the original's outputs are computed once."""
-    reference = outputs_on(original, samples, reference=True)
-    names = [v.name for v in original.graph.outputs]
-    mask = padding_mask(samples)
+    integer kernels), and with ``reference_numerics`` also off (the Q/DQ reference numerics:
+    the worst of both); the original's outputs are computed once. ``count``: the samples;
+    ``positions``: the fewest argmax positions of an output with a class axis (None: none
+    has one), which sets how finely an agreement share can be measured on them."""
 
-    def evaluate(model: ir.Model) -> Measured:
-        fidelities = measure(names, reference, outputs_on(model, samples, optimize=True), mask)
+    def __init__(
+        self,
+        original: ir.Model,
+        samples: CalibrationSet,
+        reference_numerics: bool = False,
+        *,
+        _reference: list[np.ndarray] | None = None,
+    ) -> None:
+        if _reference is None:
+            _reference = outputs_on(original, samples, reference=True)
+        self._original = original
+        self._reference = _reference
+        self._names = [v.name for v in original.graph.outputs]
+        self._samples = samples
+        self._mask = padding_mask(samples)
+        self._levels = (True, False) if reference_numerics else (True,)
+        self.count = samples.count
+        self.positions = agreement_positions(self._reference, self._mask)
+
+    def both_numerics(self) -> FidelityEvaluator:
+        """The same samples, judged with ORT's optimizations on and off (the original's
+        outputs shared, not run again)."""
+        return FidelityEvaluator(self._original, self._samples, True, _reference=self._reference)
+
+    def __call__(self, model: ir.Model) -> Measured:
+        fidelities = []
+        for optimize in self._levels:
+            got = outputs_on(model, self._samples, optimize=optimize)
+            fidelities += measure(self._names, self._reference, got, self._mask)
         agreements = [f.argmax_agreement for f in fidelities if f.argmax_agreement is not None]
         return Measured(
             worst_cosine(fidelities),
@@ -224,7 +258,181 @@ def fidelity_evaluator(original: ir.Model, samples: CalibrationSet) -> Evaluate:
             min(agreements) if agreements else None,
         )
 
-    return evaluate
+
+def fidelity_evaluator(original: ir.Model, samples: CalibrationSet) -> FidelityEvaluator:
+    """A :class:`FidelityEvaluator` of ``original`` on ``samples``."""
+    return FidelityEvaluator(original, samples)
+
+
+def agreement_positions(outputs: Sequence[np.ndarray], mask: np.ndarray | None) -> int | None:
+    """The fewest positions an argmax agreement is taken over, among the float outputs with a
+    class axis (None: no such output), counted as :func:`~graphopt.passes.calibration.
+    fidelity.measure` counts them: trailing size-1 axes dropped, padded positions left out."""
+    counts = []
+    for output in outputs:
+        shape = output.shape
+        if output.dtype.kind not in "fc":
+            continue  # integer outputs get a share of equal values, not an agreement
+        while len(shape) > 2 and shape[-1] == 1:
+            shape = shape[:-1]
+        if len(shape) < 2 or shape[-1] < 2:
+            continue
+        lead = shape[:-1]
+        count = int(np.prod(lead))
+        if mask is not None and len(lead) >= 2 and lead[:2] == mask.shape and mask.any():
+            count = int((mask != 0).sum()) * int(np.prod(lead[2:]))
+        counts.append(count)
+    return min(counts) if counts else None
+
+
+# Fewer held-out samples than this and a cosine or error verdict rests on a handful of
+# samples: said as a warning (an agreement share has an exact test, below).
+FEW_HELD_OUT = 16
+
+
+@dataclass(frozen=True)
+class TargetCheck:
+    """How a target is judged: ``evaluate`` gives the worst of the sets it runs on, ``where``
+    names them for the verdict, ``warning`` says when they are few ("" otherwise)."""
+
+    evaluate: Evaluate
+    where: str
+    warning: str = ""
+
+
+def target_check(
+    reference: ir.Model,
+    fit: CalibrationSet,
+    held: CalibrationSet | None,
+    target: Target,
+    fit_evaluator: FidelityEvaluator | None = None,
+) -> TargetCheck:
+    """The check the search stops on: the worst of every row the report's fidelity table
+    shows, the held-out and the calibration samples (``fit``) with ORT's optimizations on
+    and off. "Met" on 8 held-out samples, optimized, beside calibration rows at 95.8%
+    claimed what the same report contradicted; now "met" holds on every row printed.
+
+    An agreement target the held-out samples cannot resolve is refused (exit 2) before any
+    search: when one flipped position weighs more than the share the target allows (8
+    positions against 0.99: one flip is 12.5%), "met" can only mean that none flipped, which
+    shows nothing about 0.99 (a classifier "met" 0.99 on 8 samples and agreed on 95.5% of 200
+    fresh ones). Cosine and error targets have no such exact bound: few held-out samples
+    give a warning. ``fit_evaluator``: one already built on ``fit``, whose reference
+    outputs are reused."""
+    if fit_evaluator is not None and fit_evaluator.count == fit.count:
+        fit_eval = fit_evaluator.both_numerics()
+    else:
+        fit_eval = FidelityEvaluator(reference, fit, reference_numerics=True)
+    if held is None:
+        judged = fit_eval
+        where = f"{fit_eval.count} calibration samples (none held out: too few in the file)"
+        sets: tuple[FidelityEvaluator, ...] = (fit_eval,)
+        unbiased = "calibration"
+    else:
+        judged = FidelityEvaluator(reference, held, reference_numerics=True)
+        where = f"{judged.count} held-out and {fit_eval.count} calibration samples"
+        sets = (judged, fit_eval)
+        unbiased = "held-out"
+    where += " (the worst of them, ORT's optimizations on and off: every fidelity row)"
+    _refuse_unresolvable(target, judged, unbiased)
+    warning = ""
+    if judged.count < FEW_HELD_OUT and (
+        target.min_cosine is not None or target.max_error is not None
+    ):
+        warning = (
+            f"warning: mixed precision: the target is judged on {judged.count} {unbiased} "
+            f"samples (fewer than {FEW_HELD_OUT}): a verdict on so few is weak; a --calib file "
+            "with more samples makes it firmer"
+        )
+
+    def evaluate(model: ir.Model) -> Measured:
+        return worst_of([measured(model) for measured in sets])
+
+    return TargetCheck(evaluate, where, warning)
+
+
+def _refuse_unresolvable(target: Target, judged: FidelityEvaluator, unbiased: str) -> None:
+    if target.min_agreement is None or judged.positions is None:
+        return  # no class axis: Target.met says so in its own error
+    allowed = 1.0 - target.min_agreement
+    # An allowance of 0 (--min-agreement 1) is exact on any count: one flip misses it.
+    if allowed <= 0 or judged.positions * allowed >= 1.0 - 1e-9:
+        return
+    needed = math.ceil(1.0 / allowed - 1e-9)
+    raise UserInputError(
+        f"quantize: --min-agreement {target.min_agreement:g} cannot be shown on "
+        f"{judged.positions} {unbiased} position(s) ({judged.count} samples): one disagreement "
+        f"is {1 / judged.positions:.1%}, more than the {allowed:.1%} the target allows; it "
+        f"needs at least {needed}: give more calibration samples (the pass's holdout share of "
+        "them is held out) or a lower target"
+    )
+
+
+def worst_of(measures: Sequence[Measured]) -> Measured:
+    """The worst of each measure over several sample sets (lowest cosine and agreement,
+    largest error)."""
+    agreements = [m.agreement for m in measures if m.agreement is not None]
+    return Measured(
+        min(m.cosine for m in measures),
+        max(m.max_rel for m in measures),
+        min(agreements) if agreements else None,
+    )
+
+
+def conclude(
+    record: QuantRecord,
+    target: Target,
+    kept: frozenset[str],
+    candidates: Sequence[str],
+    check: TargetCheck,
+    chained: bool,
+    extra: str = "",
+) -> None:
+    """The search's verdict, said in the record's notes, with what it was judged on. A
+    missed target sets ``record.target_missed`` (the CLI's exit 1 after the report: the
+    check the user asked for failed); ``record.target_verdict`` is what a refusal of a run
+    that quantized nothing says (:meth:`QuantRecord.unchanged_refusal`)."""
+    last = record.curve[-1]
+    met = target.met(point_measure(last))
+    verdict = "met" if met else "NOT met"
+    all_float = bool(candidates) and len(kept) == len(candidates)
+    if not met and all_float and chained:
+        # Every layer float and still short: the earlier lossy passes alone miss the target
+        # (measured end to end). Said, not left to the reader of the curve.
+        verdict += " (the earlier lossy passes alone already miss it: nothing was quantized)"
+    record.curve_source = check.where
+    record.notes.append(
+        f"mixed precision: target {target.describe()} {verdict} on {check.where} with "
+        f"{len(kept)} of {len(candidates)} layers kept in float{extra}"
+    )
+    if check.warning:
+        record.notes.append(check.warning)
+    record.target_verdict = ""
+    if all_float:
+        # The refusal that follows prints no curve: the nearest miss is said in it.
+        closest = [p for p in record.curve if p.kept_float < len(kept)]
+        nearest = (
+            f" (the closest with a layer quantized: {_measured_text(closest[-1])} with "
+            f"{closest[-1].kept_float} in float)"
+            if closest
+            else ""
+        )
+        record.target_verdict = (
+            f"target {target.describe()} {verdict} with all {len(kept)} layers in float{nearest}"
+        )
+    if not met:
+        record.target_missed = (
+            f"quantize {record.mode}: mixed-precision target {target.describe()} NOT met on "
+            f"{check.where.split(' (')[0]} (worst: {_measured_text(last)}) with {len(kept)} "
+            f"of {len(candidates)} layers kept in float"
+        )
+
+
+def _measured_text(point: CurvePoint) -> str:
+    text = f"cosine {point.cosine:.4f}, max rel error {point.max_rel:.3g}"
+    if point.agreement is not None:
+        text += f", argmax agreement {point.agreement:.2%}"
+    return text
 
 
 def point_measure(point: CurvePoint) -> Measured:

@@ -108,7 +108,16 @@ class QuantRecord:
     # {"calibration": [...], "held-out": [...], "held-out, ORT optimized": [...]}
     fidelity: dict[str, list[Fidelity]] = field(default_factory=dict)
     fidelity_source: str = ""  # "N held-out samples of FILE", "generated inputs", ...
+    # What the fidelity is measured against, as the table's title says it: --requantize
+    # measures against the quantized model it was given, which has no float original.
+    fidelity_against: str = "the float original"
     curve: list[CurvePoint] = field(default_factory=list)
+    # Mixed precision: what the curve's fidelity is measured on (its table's title), the
+    # verdict when every layer stayed float (what a refusal of that run says), and the one
+    # line a missed target ends the run with (the CLI's exit 1; "" when met).
+    curve_source: str = ""
+    target_verdict: str = ""
+    target_missed: str = ""
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
     summary: str = ""  # the headline, also the report note it stands for
@@ -149,6 +158,10 @@ class QuantRecord:
             if self.kept
             else "no layer it rewrites"
         )
+        if self.target_verdict:
+            # Mixed precision chose that: the target is why (met only in float, or not even
+            # there), not the per-layer reasons, which all read "kept in float".
+            why = f"mixed precision keeps every layer float: {self.target_verdict}"
         return (
             f"quantize {self.mode}: nothing to quantize, {why}; the model would come back unchanged"
         )
@@ -164,6 +177,8 @@ class QuantRecord:
             "fidelity": fidelity_json(self.fidelity),
             "fidelity_source": self.fidelity_source,
             "curve": [point.__dict__ for point in self.curve],
+            **({"curve_source": self.curve_source} if self.curve_source else {}),
+            **({"target_missed": self.target_missed} if self.target_missed else {}),
             "notes": self.notes,
             **({"compensation": self.compensation.to_json()} if self.compensation else {}),
         }
@@ -200,7 +215,8 @@ class QuantRecord:
                 fidelity_table(
                     # After a colon, not in parentheses: sources carry their own ("32
                     # generated inputs (no --calib file)" read as "((...))").
-                    f"quantization fidelity against the float original: {self.fidelity_source}",
+                    f"quantization fidelity against {self.fidelity_against}: "
+                    f"{self.fidelity_source}",
                     self.fidelity,
                 )
             )
@@ -224,8 +240,12 @@ def _mib(size: int) -> str:
 
 
 def curve_table(record: QuantRecord) -> Table:
+    # Said in the title: the curve is judged on other samples and numerics (the worst of
+    # held-out and calibration, ORT optimized) than some rows of the fidelity table above.
+    source = f"; fidelity on {record.curve_source}" if record.curve_source else ""
     table = Table(
-        title="mixed precision: the steps walked (layers returned to float, most sensitive first)",
+        title="mixed precision: the steps walked (layers returned to float, most sensitive "
+        f"first){source}",
         title_justify="left",
         show_edge=False,
     )

@@ -465,29 +465,20 @@ def _mixed_precision(
     # pruning's error alone. Speed-ups stay against the model given (what this pass adds).
     reference = reference if reference is not None else original
     evaluate = mp.fidelity_evaluator(reference, fit)
-    check = mp.fidelity_evaluator(reference, held) if held is not None else evaluate
+    # Judged on held-out and calibration samples, the worst (and refused when the held-out
+    # samples cannot resolve an agreement target): mp.target_check.
+    check = mp.target_check(reference, fit, held, target, fit_evaluator=evaluate)
     feeds = next(iter((held or fit).batches(trim=False)))
     kept, curve = mp.search(
         lambda kept: build_quantized(model, plan, kept),
         candidates,
         evaluate,
         target,
-        check=check,
+        check=check.evaluate,
         speed=mp.speed_meter(original, feeds),
     )
     record.curve = curve
-    last = curve[-1]
-    verdict = "met" if target.met(mp.point_measure(last)) else "NOT met"
-    all_float = bool(candidates) and len(kept) == len(candidates)
-    if verdict != "met" and all_float and reference is not original:
-        # Every layer float and still short: the earlier lossy passes alone miss the target
-        # (measured end to end). Said, not left to the reader of the curve.
-        verdict += " (the earlier lossy passes alone already miss it: nothing was quantized)"
-    record.notes.append(
-        f"mixed precision: target {target.describe()} {verdict} on "
-        f"{'held-out' if held is not None else 'calibration'} samples with {len(kept)} of "
-        f"{len(candidates)} layers kept in float"
-    )
+    mp.conclude(record, target, kept, candidates, check, chained=reference is not original)
     return kept
 
 

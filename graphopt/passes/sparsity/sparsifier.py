@@ -25,7 +25,13 @@ import onnx_ir as ir
 from graphopt.passes.calibration.fidelity import fidelity_sets
 from graphopt.passes.calibration.samples import CalibrationSet
 from graphopt.passes.sparsity import allocation, statistics
-from graphopt.passes.sparsity.layers import Layer, find_layers, replace_weight, select
+from graphopt.passes.sparsity.layers import (
+    Layer,
+    find_layers,
+    refuse_unchanged,
+    replace_weight,
+    select,
+)
 from graphopt.passes.sparsity.masks import pattern_mask, scores
 from graphopt.passes.sparsity.reconstruct import sparsegpt
 from graphopt.passes.sparsity.record import LayerSparsity, SparsityRecord
@@ -63,6 +69,9 @@ def sparsify_model(
             record.skipped.append((layer.name, why))
         else:
             layers.append(layer)
+    if not layers:
+        # Before any data is read: the model would come back as it was given.
+        refuse_unchanged(model, f"sparsify {settings.pattern}", "sparsify", record.skipped)
     fit, held = calib, None
     if calib is not None and settings.holdout > 0:  # split() holds one sample out even at 0
         fit, held = calib.split(settings.holdout)

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
+import pytest
 
 from graphopt import api, io
 from graphopt.api import OptimizeOptions
+from graphopt.errors import UserInputError
 from graphopt.passes.calibration.fidelity import measure, outputs_on
 from graphopt.passes.calibration.samples import CalibrationSet
 from graphopt.passes.quantization.record import worst_cosine, worst_max_rel
@@ -73,25 +75,30 @@ def test_min_cosine_after_prune_is_checked_end_to_end(tmp_path: Path) -> None:
     against the original, so "met" means the written model meets it."""
     model, calib, data = _files(tmp_path)
     out = tmp_path / "o.onnx"
-    options = OptimizeOptions(prune="flops=0.3", quantize="int8", calib=str(calib), min_cosine=0.99)
+    options = OptimizeOptions(prune="flops=0.3", quantize="int8", calib=str(calib), min_cosine=0.95)
     result = api.optimize(model, out, options)
     record = result.report.details["quantize"]
     verdict = next(n for n in record.notes if n.startswith("mixed precision: target"))
     ours = min(_cosines(model, out, data))
-    # The last curve point is what was written, measured with ORT optimizations on.
-    assert abs(record.curve[-1].cosine - ours) < 2e-3
-    assert ("NOT met" in verdict) == (record.curve[-1].cosine < 0.99)
+    # The last curve point is what was written, the worst of every fidelity row (ours is
+    # one of them: held-out, ORT optimizations off).
+    assert record.curve[-1].cosine <= ours + 1e-6
+    assert " met on " in verdict and ours >= 0.95 and not record.target_missed
     assert any("against the run's original (includes prune)" in n for n in record.notes)
 
 
-def test_a_target_the_earlier_passes_already_miss_is_said(tmp_path: Path) -> None:
-    """Pruning alone below --min-cosine: mixed precision keeps every layer float and the
-    target stays missed; the verdict says why instead of leaving it to the curve."""
+def test_a_target_the_earlier_passes_already_miss_is_refused(tmp_path: Path) -> None:
+    """Pruning alone below --min-cosine: mixed precision keeps every layer float, so
+    quantize would hand back the pruned model unchanged. Before, that was written (exit 0)
+    with the verdict in a note; now it is refused (exit 2), the line saying why."""
     model, calib, _ = _files(tmp_path)
     options = OptimizeOptions(
         prune="flops=0.3", quantize="int8", calib=str(calib), min_cosine=0.9999
     )
-    result = api.optimize(model, tmp_path / "o.onnx", options)
-    record = result.report.details["quantize"]
-    verdict = next(n for n in record.notes if n.startswith("mixed precision: target"))
-    assert "NOT met (the earlier lossy passes alone already miss it" in verdict, verdict
+    out = tmp_path / "o.onnx"
+    with pytest.raises(UserInputError) as caught:
+        api.optimize(model, out, options)
+    message = str(caught.value)
+    assert "NOT met (the earlier lossy passes alone already miss it" in message, message
+    assert "would come back unchanged" in message and "\n" not in message
+    assert not out.exists()

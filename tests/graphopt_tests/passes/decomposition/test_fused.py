@@ -11,6 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from graphopt.api import OptimizeOptions, optimize
+from graphopt.errors import UserInputError
 from graphopt.models import build
 
 HIDDEN, HEADS, DIM = 64, 4, 16
@@ -169,12 +170,17 @@ def test_a_fused_projection_read_elsewhere_is_left_with_the_reason(tmp_path):
     )
     source = tmp_path / "attention.onnx"
     onnx.save(model, str(source))
-    record = _run(source, tmp_path / "out.onnx")
-    assert not record.decomposed and record.flops_removed == 0
-    assert [(kind, why) for _, kind, why in record.skipped] == [
-        ("qk", "fused QKV projection output has other readers"),
-        ("vo", "fused QKV projection output has other readers"),
-    ]
+    # Every module left: the model would come back unchanged ("0 modules decomposed", exit
+    # 0, before), so the run is refused with the reason.
+    out = tmp_path / "out.onnx"
+    with pytest.raises(UserInputError) as caught:
+        _run(source, out)
+    assert str(caught.value) == (
+        "decompose ratio=0.25: nothing to decompose: every candidate module is left as it "
+        "was (2 modules: fused QKV projection output has other readers); the model would "
+        "come back unchanged"
+    )
+    assert not out.exists()
 
 
 def _init(proto: onnx.ModelProto, name: str) -> onnx.TensorProto:

@@ -12,6 +12,7 @@ import pytest
 from graphopt import io
 from graphopt.api import OptimizeOptions, optimize
 from graphopt.cli import main
+from graphopt.errors import UserInputError
 from graphopt.passes.factorization.speed import METADATA_KEY
 from graphopt.registry import flag_owners
 from graphopt_tests.passes.factorization.graphs import anisotropic, ffn
@@ -120,12 +121,18 @@ def test_layer_selection_and_thin_layers(tmp_path):
     )  # fmt: skip
     assert [layer.node for layer in record.layers] == ["down"]
     assert any(name == "up" and "--factorize-layers" in why for name, why in record.skipped)
-    # rank 64 of 64 saves nothing: left whole with the reason
-    record = _record(
-        model, tmp_path / "g.onnx", factorize="rank=64", calib=str(calib),
-        factorize_speed_check="off",
-    )  # fmt: skip
-    assert not record.layers and all("saves no FLOPs" in why for _, why in record.skipped)
+    # rank 64 of 64 saves nothing: every layer left whole, and the model would come back
+    # unchanged (written as "0 layers factorized", exit 0, before): refused with the reason
+    with pytest.raises(UserInputError) as caught:
+        _record(
+            model, tmp_path / "g.onnx", factorize="rank=64", calib=str(calib),
+            factorize_speed_check="off",
+        )  # fmt: skip
+    message = str(caught.value)
+    assert message.startswith("factorize rank=64: nothing to factorize: every candidate layer")
+    assert "2 layers: rank 64 of 64 saves no FLOPs" in message
+    assert message.endswith("the model would come back unchanged")
+    assert not (tmp_path / "g.onnx").exists()
 
 
 @pytest.mark.parametrize(

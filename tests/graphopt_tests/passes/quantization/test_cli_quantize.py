@@ -45,6 +45,13 @@ def test_int8_from_the_command_line_reports_fidelity(tmp_path, capsys) -> None:
         (["--calib", "{wrong_dtype}"], "the model expects float32"),
         (["--calib", "{calib}", "--block-size", "48"], "--block-size 48"),
         (["--calib", "{calib}", "--min-cosine", "1.5"], "--min-cosine 1.5: out of range"),
+        # 8 held-out samples: one flip is 12.5%, and "met" could only mean none flipped.
+        (
+            ["--calib", "{calib}", "--min-agreement", "0.99"],
+            "--min-agreement 0.99 cannot be shown on 8 held-out position(s)",
+        ),
+        # Met only with every layer float: the float model would come back as a copy.
+        (["--calib", "{calib}", "--max-error", "1e-4"], "nothing to quantize, mixed precision"),
         (["--calib", "{calib}", "--smoothquant", "nan"], "expected a finite number, got nan"),
         (["--calib", "{calib}", "--smoothquant", "7"], "expected a number in [0, 1], got 7"),
         # Finite, but past float32's range once squared or summed inside the model.
@@ -186,3 +193,39 @@ def test_layers_inside_branches_are_said_to_stay_float() -> None:
     QuantizePass(context, mode="fp16")(model)
     notes = context.details["quantize"].notes
     assert any("1 Conv/Gemm/MatMul node(s) inside If/Loop/Scan branches" in n for n in notes)
+
+
+def test_a_missed_mixed_precision_target_exits_1_after_the_report(
+    tmp_path, capsys, monkeypatch
+) -> None:
+    """A target the user set is a check: missed with layers quantized, the run used to end
+    in exit 0 with "NOT met" in a note. Now exit 1 and one error line after the report; the
+    model the report describes is written. (The search is made to give up with everything
+    quantized, which a real search reaches only when its check and the final model differ.)"""
+    from graphopt.passes.quantization import mixed_precision as mp
+    from graphopt.passes.quantization.record import CurvePoint
+
+    def gives_up(build, candidates, evaluate, target, **_):
+        check = _["check"]
+        measured = check(build(frozenset()))
+        return frozenset(), [CurvePoint(0, measured.cosine, 0.5, None, "", measured.agreement)]
+
+    monkeypatch.setattr(mp, "search", gives_up)
+    model, calib = _files(tmp_path)
+    out = tmp_path / "q.onnx"
+    argv = ["optimize", str(model), "-o", str(out), "--quantize", "int8", "--calib", str(calib)]
+    code = main([*argv, "--max-error", "0.1"])
+    captured = capsys.readouterr()
+    assert code == 1 and out.is_file()
+    assert "target max rel error <= 0.1 NOT met" in captured.out and "wrote" in captured.out
+    err = captured.err.strip()
+    assert err.count("\n") == 0, err
+    assert err.startswith("graphopt: error: quantize int8: mixed-precision target max rel error")
+    assert "NOT met on 8 held-out and 24 calibration samples" in err
+    assert err.endswith("(written all the same)")
+    result = api.optimize(
+        model, None, api.OptimizeOptions(quantize="int8", calib=str(calib), max_error=0.1)
+    )
+    assert result.report.targets_missed == [
+        err.removeprefix("graphopt: error: ").removesuffix(" (written all the same)")
+    ]

@@ -220,6 +220,9 @@ def test_bf16_fidelity_is_measured_on_a_simulation_and_said():
     max_rel = max(f.max_rel for rows in record.fidelity.values() for f in rows)
     # bf16 keeps 8 mantissa bits: well below fp16's error, but far from exact.
     assert min(cosines) > 0.999 and 1e-4 < max_rel < 0.05
+    # One row per sample set, named a simulation: "ORT optimized" rows repeated the
+    # simulation's numbers as if ORT's fused kernels, which cannot run bf16, had given them.
+    assert list(record.fidelity) == ["generated, bf16 simulated"]
 
 
 def test_fp8_needs_opset_19():
@@ -536,11 +539,11 @@ def test_ops_whose_output_type_an_attribute_sets_stay_float32_and_the_model_is_v
 def test_a_conversion_onnx_rejects_is_an_error_not_a_simulation(monkeypatch):
     """A planning mistake that leaves an op computing float32 under a float16 label is raised
     (exit 3: a bug), not measured on a float simulation as 'ORT lacks the kernel'."""
-    from graphopt.passes.quantization import float_types
+    from graphopt.passes.quantization import float_plan, float_types
 
     real = float_types.plan_conversion
 
-    def careless(model: ir.Model, *args, **kwargs) -> float_types.Plan:
+    def careless(model: ir.Model, *args, **kwargs) -> float_plan.Plan:
         plan = real(model, *args, **kwargs)
         for node in model.graph:
             if node.op_type == "ConstantOfShape":

@@ -11,7 +11,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from graphopt.api import OptimizeOptions, optimize
-from graphopt.backends.tensorrt.rules import ERROR, static_findings
+from graphopt.backends.tensorrt.findings import ERROR
+from graphopt.backends.tensorrt.rules import static_findings
 from graphopt.errors import UserInputError
 
 
@@ -85,6 +86,15 @@ def test_requantize_ort_static_uint8(tmp_path: Path) -> None:
     assert 0 < max(f.max_rel for f in fidelity) < 0.05
     assert min(f.mean_cosine for f in fidelity) > 0.999
     assert any(n.op_type == "Clip" for n in onnx.load(out).graph.node)
+    # The table's title says what the fidelity is against: the quantized model given. It
+    # read "against the float original" right under a note saying the opposite.
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    record.render(console)
+    text = console.export_text()
+    assert "quantization fidelity against the model as given (already quantized):" in text
+    assert "float original" not in text
 
 
 def test_requantize_refuses_a_model_with_nothing_quantized(tmp_path: Path) -> None:

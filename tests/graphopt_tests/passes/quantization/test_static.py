@@ -293,9 +293,24 @@ def test_build_quantized_keeps_the_given_layers_float(tmp_path):
 
 
 def test_mixed_precision_target_walks_the_curve(tmp_path):
-    _, record = _quantize(small_cnn(), tmp_path, target="ort", min_cosine=0.9999999)
-    assert record.curve and record.curve[0].kept_float == 0
-    assert any("mixed precision" in note for note in record.notes)
+    # All int8 misses 0.03 (0.036); two layers back in float meet it (0.019).
+    _, record = _quantize(small_cnn(), tmp_path, target="ort", max_error=0.03)
+    assert [p.kept_float for p in record.curve] == [0, 1, 2] and record.quantized
+    assert any("mixed precision: target max rel error <= 0.03 met" in n for n in record.notes)
+    assert not record.target_missed
+
+
+def test_a_target_met_only_with_every_layer_float_is_refused(tmp_path):
+    """Before, the search kept every layer float, and the float model came back as a copy
+    ("0 layers quantized", exit 0). Now: the unchanged-model refusal, naming the target and
+    the nearest miss."""
+    with pytest.raises(UserInputError) as caught:
+        _quantize(small_cnn(), tmp_path, target="ort", min_cosine=0.9999999)
+    message = str(caught.value)
+    assert "nothing to quantize, mixed precision keeps every layer float" in message
+    assert "target mean cosine >= 0.9999999 met with all 3 layers in float" in message
+    assert "the closest with a layer quantized: cosine" in message
+    assert message.endswith("the model would come back unchanged")
 
 
 def test_without_calibration_data_is_a_user_error(tmp_path):

@@ -223,7 +223,8 @@ def test_minilm_min_cosine_keeps_few_layers_in_float(tmp_path):
     record = api.optimize(source, out, options).report.details["quantize"]
     kept = [layer.node for layer in record.layers if "mixed precision" in layer.reason]
     assert 1 <= len(kept) <= 4 and record.curve[-1].kept_float == len(kept)
-    assert any("target mean cosine >= 0.995 met on held-out" in n for n in record.notes)
+    # Judged on held-out and calibration samples, ORT's optimizations on and off.
+    assert any("target mean cosine >= 0.995 met on 16 held-out and 48" in n for n in record.notes)
     assert all(point.speedup is not None and point.speedup > 1 for point in record.curve)
     cosine = sentences.fidelity(source, out, "eval", 100, threads=1)
     print(f"minilm int8 static --min-cosine 0.995: {len(kept)} float, cosine {cosine:.4f}")
