@@ -382,7 +382,7 @@ def _verify(model, report, found, plan: Plan, fit, record):
     """The shrunk model must compute what the padded one (same numbers, original sizes,
     zeros in the dropped channels) computes; modules where it does not are left out."""
     sample = fit.first(2)
-    shrunk = build(model, report, found, plan, padded=False)
+    shrunk = build(model, report, found, plan, padded=False, keep_shapes=True)
     if _agree(build(model, report, found, plan, padded=True), shrunk, sample):
         record.check = "passed"
         return shrunk, plan
@@ -400,7 +400,7 @@ def _verify(model, report, found, plan: Plan, fit, record):
                 where = f"{'mlp' if kind == 'mlps' else 'attention'} {_layer(item)}"
                 record.skipped.append((where, kind[:-1], "shape check failed: left as it is"))
     record.check = "passed after leaving out the modules that failed it"
-    return build(model, report, found, kept, padded=False), kept
+    return build(model, report, found, kept, padded=False, keep_shapes=True), kept
 
 
 def _layer(item) -> int:

@@ -62,8 +62,20 @@ class Plan:
     vos: list[VoPlan] = field(default_factory=list)
 
 
-def build(model: ir.Model, report: ZigReport, found: Found, plan: Plan, padded: bool) -> ir.Model:
-    """A copy of ``model`` with ``plan`` written in (``padded``: at the original sizes)."""
+def build(
+    model: ir.Model,
+    report: ZigReport,
+    found: Found,
+    plan: Plan,
+    padded: bool,
+    keep_shapes: bool = False,
+) -> ir.Model:
+    """A copy of ``model`` with ``plan`` written in (``padded``: at the original sizes).
+
+    ``keep_shapes``: the declared shapes stay, the resized dims re-inferred (for the model
+    the pass hands on: the symbolic batch/sequence names and head counts are what ORT's
+    attention fusions check). The trial builds of the search skip it (it doubled the pass's
+    time); their FLOPs are counted at the inferred shapes."""
     wanted = _wanted_nodes(plan)
     nodes = list(model.graph)
     for i in wanted:
@@ -77,7 +89,7 @@ def build(model: ir.Model, report: ZigReport, found: Found, plan: Plan, padded: 
                 group = next(g for g in report.groups if g.id == mp.mlp.group)
                 gone = [u for u in range(group.size) if u not in set(mp.keep.tolist())]
                 removed.update(group.unit_indices(gone))
-            clone = remove_channels(model, report.graph, removed)
+            clone = remove_channels(model, report.graph, removed, keep_shapes=keep_shapes)
     finally:
         for i in wanted:
             nodes[i].metadata_props.pop(TAG, None)
@@ -105,6 +117,10 @@ def build(model: ir.Model, report: ZigReport, found: Found, plan: Plan, padded: 
         source, parts = ranges[split]
         fused.write(g, tagged, analysed, report, source, parts, padded)
     _drop_unused_initializers(g)
+    if keep_shapes and not padded:
+        from graphopt.analysis.shapes import reinfer_shapes
+
+        reinfer_shapes(clone)  # the head ranks resized dims the declared shapes still state
     return clone
 
 

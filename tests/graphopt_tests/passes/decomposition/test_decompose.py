@@ -206,3 +206,31 @@ def test_params_before_and_after_are_filled(tmp_path):
     assert record.params_before - record.params_after >= removed * 2 * 128
     assert record.inner_before == sum(m.before for m in record.decomposed)
     assert record.ratio == pytest.approx(removed / record.inner_before)
+
+
+def test_a_decomposed_transformer_fuses_attention_for_ort_as_undecomposed():
+    # Channel removal dropped every declared shape and the head ranks left stale ones: the
+    # symbolic batch/sequence names ORT's attention fusions check were lost, and a
+    # decomposed BERT fused no attention with --target ort.
+    from collections import Counter
+
+    from graphopt import models
+
+    def attention(model) -> Counter:
+        return Counter(
+            n.op_type
+            for n in model.graph
+            if n.domain == "com.microsoft" and n.op_type in ("Attention", "MultiHeadAttention")
+        )
+
+    source = models.get("bert_tiny")
+    plain = optimize(source, None, OptimizeOptions(target="ort"))
+    options = OptimizeOptions(target="ort", decompose="flops=0.3", calib="random")
+    decomposed = optimize(source, None, options)
+    assert decomposed.report.details["decompose"].decomposed
+    # Every attention fuses (as MultiHeadAttention where the query/key and value widths now
+    # differ and ORT's packed Attention does not apply).
+    fused = sum(attention(plain.model).values())
+    assert fused and sum(attention(decomposed.model).values()) == fused
+    verification = decomposed.report.verification
+    assert verification is not None and verification.ok and not decomposed.report.rolled_back
