@@ -230,7 +230,10 @@ class Verifier:
         seed: int = 0,
         feeds: dict[str, np.ndarray] | None = None,
         feeds_source: str = "--verify-inputs",
+        measure_ort_floors: bool = True,
     ) -> None:
+        """``measure_ort_floors``: False for a caller that reads the references and never
+        calls :meth:`check` (``graphopt compare``): the floors cost an optimized session."""
         # None: the default for the float type the model computes in (DTYPE_TOLERANCES).
         self.tolerance = default_tolerance(original) if tolerance is None else tolerance
         # What the tolerance was before the pipeline widened it (_widen_for_rounding): what an
@@ -285,7 +288,9 @@ class Verifier:
             self._add_second_shape(original, session, given, dims, seed, feeds is not None)
         self.shape_note = "; ".join(n for n in (self.input_note, self.shape_note) if n)
         del session  # one ORT session at a time (README, Memory limits)
-        self.ort_floors = self._ort_floors(original)
+        self.ort_floors = (
+            self._ort_floors(original) if measure_ort_floors else [0.0] * len(self.output_names)
+        )
 
     def _enlarge(
         self,

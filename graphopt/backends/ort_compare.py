@@ -155,6 +155,7 @@ def run_compare(request: CompareRequest) -> CompareResult:
             seed=request.seed,
             feeds=feeds,
             feeds_source=f"--inputs {request.inputs}",
+            measure_ort_floors=False,  # compare reads the references, never check()
         )
     except NothingToCompare as exc:
         raise UserInputError(f"{request.a}: nothing to compare: {exc}") from None
