@@ -32,7 +32,6 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnx_ir as ir
 
 from graphopt.backends.ort_custom_ops import OWN_DOMAIN, OWN_DOMAIN_VERSION
 from graphopt.errors import UserInputError
@@ -342,29 +341,6 @@ def read_recorded(source: str, key: str, what: str, pick: Callable[[Any], Any]) 
         raise
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise UserInputError(f"{path}: cannot read {what} ({exc})") from None
-
-
-def load_decisions(source: str) -> dict[str, dict[str, Any]]:
-    """Decisions by layer from a lowered model's metadata or a JSON file ("" -> none)."""
-    if not source:
-        return {}
-
-    def layers(data: Any) -> dict[str, dict[str, Any]]:
-        entries = data["layers"] if isinstance(data, dict) else data
-        return {str(entry["layer"]): dict(entry) for entry in entries}
-
-    return read_recorded(source, METADATA_KEY, "sparse-kernel decisions", layers)
-
-
-def recorded(model: ir.Model) -> dict[str, dict[str, Any]]:
-    """Decisions already in the model (an earlier run, or an earlier round of this one)."""
-    text = model.metadata_props.get(METADATA_KEY)
-    if not text:
-        return {}
-    try:
-        return {str(e["layer"]): dict(e) for e in json.loads(text)["layers"]}
-    except (ValueError, KeyError, TypeError):
-        return {}
 
 
 def canonical(data: Any) -> str:
