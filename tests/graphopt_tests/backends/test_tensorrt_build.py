@@ -21,26 +21,9 @@ from graphopt.backends.tensorrt.cli_options import EngineOptions
 from graphopt.backends.tensorrt.precision import graph_precisions
 from graphopt.cli import main
 from graphopt.errors import CheckFailedError
+from graphopt_tests.backends.trt_models import line_file
 
 OPSET = [helper.make_opsetid("", 17)]
-
-
-def _line_file(path: Path) -> Path:
-    """A text-line model: any width, height 48 in practice; the derived 224x224 profile
-    cannot be reshaped, so the builder fails on it."""
-    shape = helper.make_tensor("shape", TensorProto.INT64, [3], [0, 3 * 48 * 5, -1])
-    graph = helper.make_graph(
-        [
-            helper.make_node("Reshape", ["x", "shape"], ["r"]),
-            helper.make_node("Relu", ["r"], ["y"]),
-        ],
-        "line",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, "h", "w"])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        [shape],
-    )
-    onnx.save(helper.make_model(graph, opset_imports=OPSET), path)
-    return path
 
 
 def _conv_file(path: Path) -> Path:
@@ -92,7 +75,7 @@ def test_shapes_that_do_not_fit_and_fp8_for_old_gpus_fail_before_in_place_replac
 
 
 def test_a_builder_failure_prints_the_report_and_exits_1(trt, tmp_path: Path, capsys) -> None:
-    source = _line_file(tmp_path / "line.onnx")
+    source = line_file(tmp_path / "line.onnx")
     out = tmp_path / "o.onnx"
     args = ["optimize", str(source), "-o", str(out), "--no-verify", "--target", "tensorrt"]
     assert main([*args, "--engine", str(tmp_path / "l.plan")]) == 1
@@ -106,7 +89,7 @@ def test_a_builder_failure_prints_the_report_and_exits_1(trt, tmp_path: Path, ca
 def test_in_place_replaces_the_input_only_once_the_engine_builds(
     trt, tmp_path: Path, capsys
 ) -> None:
-    source = _line_file(tmp_path / "line.onnx")
+    source = line_file(tmp_path / "line.onnx")
     before = source.read_bytes()
     args = ["optimize", str(source), "--in-place", "--no-verify", "--target", "tensorrt"]
     args += ["--engine", str(tmp_path / "l.plan")]

@@ -14,6 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 from graphopt.api import OptimizeOptions, optimize
 from graphopt.backends.tensorrt.cli_options import EngineOptions
 from graphopt.errors import CheckFailedError
+from graphopt_tests.backends.trt_models import line_file
 
 # Every 10th ONNX node test (sorted by name): 189 cases, ~90 of them rejected by the parser.
 SAMPLE_EVERY = 10
@@ -151,19 +152,7 @@ def test_a_build_failing_on_a_derived_profile_says_so_and_given_shapes_build(
 ) -> None:
     # A text-line model: any width, but the height is 48 in practice. The derived 224x224
     # profile cannot be reshaped; the error must say the profile was guessed and how to give it.
-    src = tmp_path / "line.onnx"
-    shape = helper.make_tensor("shape", TensorProto.INT64, [3], [0, 3 * 48 * 5, -1])
-    graph = helper.make_graph(
-        [
-            helper.make_node("Reshape", ["x", "shape"], ["r"]),
-            helper.make_node("Relu", ["r"], ["y"]),
-        ],
-        "line",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, "h", "w"])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        [shape],
-    )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), src)
+    src = line_file(tmp_path / "line.onnx")
     plan = tmp_path / "line.plan"
     derived = OptimizeOptions(target="tensorrt", verify=False)
     derived.engine = EngineOptions(plan)

@@ -91,3 +91,21 @@ def if_model(branch_nodes, branch_initializers=(), opset: int = 18) -> onnx.Mode
         helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other, name="cond"),
     ]
     return model(nodes, initializers=[tensor(np.float32(0), "zero")], opset=opset)
+
+
+def line_file(path: Path) -> Path:
+    """A text-line model: any width, height 48 in practice; the derived 224x224 profile
+    cannot be reshaped, so the builder fails on it."""
+    shape = helper.make_tensor("shape", TensorProto.INT64, [3], [0, 3 * 48 * 5, -1])
+    graph = helper.make_graph(
+        [
+            helper.make_node("Reshape", ["x", "shape"], ["r"]),
+            helper.make_node("Relu", ["r"], ["y"]),
+        ],
+        "line",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, "h", "w"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [shape],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
