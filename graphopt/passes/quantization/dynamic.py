@@ -36,7 +36,7 @@ import onnx_ir as ir
 
 from graphopt import editing
 from graphopt.opset import raise_in_place
-from graphopt.passes.quantization.placement import overridable
+from graphopt.passes.quantization.placement import overridable, overridable_reason
 from graphopt.passes.quantization.record import (
     LayerPrecision,
     QuantRecord,
@@ -127,11 +127,7 @@ def _linear(node: ir.Node) -> tuple[Linear | None, str]:
     given = node.inputs[1] if len(node.inputs) > 1 else None
     if overridable(given):
         assert given is not None
-        # Stored in int8 its default would be frozen and the caller's value ignored.
-        return None, (
-            f"{given.name} is an initializer the caller may override (also a graph input): "
-            "quantizing it would freeze its stored value"
-        )
+        return None, overridable_reason(given.name)
     weight = editing.constant_array(given) if given is not None else None
     if weight is None or weight.ndim != 2:
         return None, "weight is not a constant matrix (activation × activation)"

@@ -21,7 +21,7 @@ import onnx_ir as ir
 from graphopt import editing
 from graphopt.errors import UserInputError
 from graphopt.passes.calibration.samples import CalibrationSet
-from graphopt.passes.quantization.placement import overridable
+from graphopt.passes.quantization.placement import overridable, overridable_reason
 from graphopt.passes.quantization.record import (
     LayerPrecision,
     QuantRecord,
@@ -155,10 +155,7 @@ def _skip_reason(node: ir.Node, settings: QuantSettings) -> str:
         return f"activation is {dtype_name(node.inputs[0].dtype)}, not float32"
     weight = node.inputs[1]
     if overridable(weight):
-        return (
-            f"{weight.name} is an initializer the caller may override (also a graph input): "
-            "quantizing it would freeze its stored value"
-        )
+        return overridable_reason(weight.name)
     if weight.dtype != ir.DataType.FLOAT or editing.constant_array(weight) is None:
         return "weight is not a float32 constant (activation x activation stays float)"
     if node.op_type == "Gemm" and editing.attribute(node, "transA", 0):

@@ -51,6 +51,7 @@ from graphopt.passes.quantization.gptq import (
     input_statistics,
     rtn,
 )
+from graphopt.passes.quantization.placement import overridable, overridable_reason
 from graphopt.passes.quantization.record import (
     LayerPrecision,
     QuantRecord,
@@ -320,11 +321,8 @@ def _site(node: ir.Node, settings: QuantSettings, ort: bool) -> tuple[Site | Non
     weight = node.inputs[index]
     if kind == "gather" and not _constant_input(weight):
         return None, ""  # a Gather of activations or shapes: no table to quantize
-    if weight.is_graph_input() and weight.const_value is not None:
-        return None, (
-            f"{weight.name} is an initializer the caller may override (also a graph input): "
-            "quantizing it would freeze its stored value"
-        )
+    if overridable(weight):
+        return None, overridable_reason(weight.name)
     tensor = ir.convenience.get_const_tensor(weight)
     if tensor is None:
         return None, "no constant weight (its second input is computed)"

@@ -159,6 +159,14 @@ def overridable(value: ir.Value | None) -> bool:
     return value is not None and value.is_graph_input() and value.const_value is not None
 
 
+def overridable_reason(name: str | None) -> str:
+    """Why a layer reading the overridable initializer ``name`` stays float (every mode)."""
+    return (
+        f"{name} is an initializer the caller may override (also a graph input): "
+        "quantizing it would freeze its stored value"
+    )
+
+
 def _activation(value: ir.Value | None) -> bool:
     return value is not None and is_float(value) and not is_weight(value)
 
@@ -170,8 +178,7 @@ def _compute_check(node: ir.Node) -> tuple[int | None, int | None, str]:
         return None, None, "not a float32 node"
     fed = [v.name for v in inputs[:2] if overridable(v)]
     if fed:
-        why = f"{fed[0]} is an initializer the caller may override (also a graph input)"
-        return None, None, f"{why}: quantizing it would freeze its stored value"
+        return None, None, overridable_reason(fed[0])
     if node.op_type == "Conv":
         if len(inputs) < 2 or not _activation(inputs[0]) or not is_weight(inputs[1]):
             return None, None, "Conv without a constant weight"
