@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, TypeVar
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.errors import UserInputError
+from graphopt.errors import UserInputError, is_rust_panic
 from graphopt.input_dims import graph_inputs
 
 if TYPE_CHECKING:
@@ -175,11 +175,6 @@ def _tokenizer_call(file: Path, what: str, call: Callable[[], _T]) -> _T:
             with contextlib.suppress(OSError):
                 sys.stderr.flush()
                 os.write(2, captured)
-
-
-def is_rust_panic(exc: BaseException) -> bool:
-    """Whether ``exc`` is pyo3's PanicException (its module is not importable by name)."""
-    return type(exc).__name__ == "PanicException" and type(exc).__module__ == "pyo3_runtime"
 
 
 @contextlib.contextmanager

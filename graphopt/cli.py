@@ -33,6 +33,7 @@ from graphopt.errors import (
     GraphoptError,
     UserInputError,
     is_out_of_memory,
+    is_rust_panic,
 )
 
 if TYPE_CHECKING:  # imported when a command runs, so that --help stays fast
@@ -275,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # A Rust library's panic (tokenizers, ...) reaches Python as pyo3's PanicException,
         # a BaseException: without this it left a traceback and exit 1. Other
         # BaseExceptions (SystemExit from argparse) go on as before.
-        if type(exc).__name__ != "PanicException" or os.environ.get("GRAPHOPT_DEBUG"):
+        if not is_rust_panic(exc) or os.environ.get("GRAPHOPT_DEBUG"):
             raise
         _say(
             err,

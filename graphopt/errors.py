@@ -44,3 +44,9 @@ def is_out_of_memory(error: BaseException | str) -> bool:
     if isinstance(error, MemoryError):
         return True
     return bool(_OUT_OF_MEMORY.search(str(error)))
+
+
+def is_rust_panic(exc: BaseException) -> bool:
+    """Whether ``exc`` is pyo3's PanicException, a Rust library's panic (tokenizers): a
+    BaseException, so ``except Exception`` misses it (its module is not importable by name)."""
+    return type(exc).__name__ == "PanicException" and type(exc).__module__ == "pyo3_runtime"
