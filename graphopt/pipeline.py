@@ -29,13 +29,13 @@ from graphopt.analysis.stats import count_nodes, has_subgraphs
 from graphopt.blas_threads import single_threaded_blas
 from graphopt.errors import CheckFailedError, UserInputError, is_out_of_memory
 from graphopt.fingerprint import Fingerprint, fingerprint
+from graphopt.refusals import refuse_nothing_to_do
 from graphopt.registry import (
     LOSSY_STAGES,
     PassContext,
     Stage,
     all_passes,
     get_pass,
-    refuse_nothing_to_do,
 )
 from graphopt.verify import OutputError, VerificationUnavailable, Verifier, VerifyResult
 
@@ -719,7 +719,7 @@ def _worse(a: OutputError, b: OutputError) -> OutputError:
 
 def _refuse_lossy_without_targets(cls: type, present: frozenset[str]) -> None:
     """A lossy pass asked for on a model without any op it rewrites: refused
-    (:func:`~graphopt.registry.refuse_nothing_to_do`). Quantization, whose ops depend on the
+    (:func:`~graphopt.refusals.refuse_nothing_to_do`). Quantization, whose ops depend on the
     mode, refuses the same way from inside (``quantize_checks.refuse_nothing_to_quantize``)."""
     if cls.ops is not None:
         refuse_nothing_to_do(cls.flag or f"pass {cls.name!r}", frozenset(cls.ops), present)

@@ -299,18 +299,6 @@ PassFactory = Callable[..., GraphPass]
 _REGISTRY: dict[str, type[GraphPass]] = {}
 
 
-def refuse_nothing_to_do(asked: str, rewritten: frozenset[str], present) -> None:
-    """A lossy pass the user asked for (``asked``: its flag) on a model with none of the ops it
-    rewrites is refused in one line (exit 2): skipped like an idle exact pass, it would run
-    none of its checks, and a copy of the input would pass for a compressed model."""
-    if not rewritten or not rewritten.isdisjoint(present):
-        return
-    raise UserInputError(
-        f"{asked}: nothing to do: the model has none of the ops it rewrites "
-        f"({', '.join(sorted(rewritten))})"
-    )
-
-
 def register(cls: type[GraphPass]) -> type[GraphPass]:
     """Class decorator: add a pass to the registry under its ``name``."""
     if not cls.name:

@@ -13,6 +13,7 @@ import onnx_ir as ir
 
 from graphopt.errors import UserInputError
 from graphopt.passes.calibration import CALIB_OPTION, HOLDOUT_OPTION, calibration_for
+from graphopt.refusals import refuse_unchanged
 from graphopt.registry import GraphPass, PassOption, Stage, register
 
 TARGETS = ("flops", "ratio")
@@ -135,8 +136,6 @@ class DecomposePass(GraphPass):
         )
         result, record = decompose_model(model, settings, calib, self.context)
         if not record.decomposed:
-            from graphopt.passes.sparsity.layers import refuse_unchanged
-
             # No module found, or every one left as it was (found unfit, or failing its
             # check): the model would come back unchanged ("0 modules decomposed", exit 0).
             refuse_unchanged(

@@ -38,7 +38,8 @@ from graphopt.passes.factorization.record import FactorizeRecord, Fitted, LayerF
 from graphopt.passes.factorization.settings import MIN_SIDE, RankRule, aligned, candidate_ranks
 from graphopt.passes.factorization.surgery import factorize_layer, refusal
 from graphopt.passes.sparsity import statistics
-from graphopt.passes.sparsity.layers import Layer, find_layers, refuse_unchanged, select
+from graphopt.passes.sparsity.layers import Layer, find_layers, select
+from graphopt.refusals import refuse_unchanged
 from graphopt.registry import PassContext
 
 # Rounds of "allocate, time, take the slower layers out" for flops=R.

@@ -16,7 +16,7 @@ import onnx_ir as ir
 
 from graphopt.errors import UserInputError
 from graphopt.passes.quantization.settings import QuantSettings
-from graphopt.registry import refuse_nothing_to_do
+from graphopt.refusals import refuse_nothing_to_do
 
 if TYPE_CHECKING:
     from graphopt.passes.calibration.samples import CalibrationSet

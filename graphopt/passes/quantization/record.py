@@ -22,6 +22,7 @@ from rich.table import Table
 from graphopt.passes.calibration.fidelity import Fidelity, fidelity_table, measure
 from graphopt.passes.calibration.report import fidelity_json
 from graphopt.passes.calibration.samples import CalibrationSet
+from graphopt.refusals import unchanged_message
 
 if TYPE_CHECKING:
     from graphopt.registry import PassContext
@@ -162,9 +163,7 @@ class QuantRecord:
             # Mixed precision chose that: the target is why (met only in float, or not even
             # there), not the per-layer reasons, which all read "kept in float".
             why = f"mixed precision keeps every layer float: {self.target_verdict}"
-        return (
-            f"quantize {self.mode}: nothing to quantize, {why}; the model would come back unchanged"
-        )
+        return unchanged_message(f"quantize {self.mode}", "quantize", why)
 
     def to_json(self) -> dict[str, Any]:
         return {

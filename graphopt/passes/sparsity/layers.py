@@ -22,16 +22,13 @@ size under ``MIN_REDUCTION`` (the digits CNN's first conv, 1·3·3 inputs, has n
 from __future__ import annotations
 
 import fnmatch
-from collections import Counter
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NoReturn
 
 import numpy as np
 import onnx_ir as ir
 
 from graphopt.editing import attribute, constant_array, is_op, register_array, remove_if_dead
-from graphopt.errors import UserInputError
+from graphopt.refusals import QUANTIZED_WEIGHT
 
 # Layers with fewer reduction features than this stay dense by default.
 MIN_REDUCTION = 16
@@ -148,76 +145,12 @@ def find_layers(graph: ir.Graph) -> tuple[list[Layer], list[tuple[str, str]]]:
     return layers, refused
 
 
-QUANTIZED_WEIGHT = "weight is quantized (behind DequantizeLinear)"
-
-
 def dequantized_weight(value: ir.Value | None) -> bool:
     """Whether ``value`` is a DequantizeLinear of a constant: a quantized layer's weight."""
     producer = value.producer() if value is not None else None
     if producer is None or producer.op_type != "DequantizeLinear" or not producer.inputs:
         return False
     return ir.convenience.get_const_tensor(producer.inputs[0]) is not None
-
-
-def refuse_unchanged(
-    model: ir.Model,
-    asked: str,
-    verb: str,
-    skipped: Sequence[tuple[str, ...]],
-    unit: str = "layer",
-    none_found: str = "no MatMul/Gemm/Conv with a constant weight",
-) -> NoReturn:
-    """Refuse (exit 2, one line) a run in which every candidate layer was left as it was:
-    the model would come back unchanged, and a copy would pass for a compressed one (it
-    used to be written with "0 layers sparsified", exit 0). ``asked``: the flag and value
-    (``sparsify 2:4``); ``verb``: what the pass does (``sparsify``); ``skipped``: (layer,
-    ..., reason) per ``unit`` left, the reason last; ``none_found``: what to say when there
-    was no candidate at all. A model that is already quantized is told to start from the
-    float model, as quantize says."""
-    from graphopt.analysis.excluded import is_quantized_op
-
-    quantized = sorted({n.op_type for n in model.graph if is_quantized_op(n)})
-    by_reason = Counter(entry[-1] for entry in skipped)
-    others = Counter({r: n for r, n in by_reason.items() if r != QUANTIZED_WEIGHT})
-    floats = _float_layers(model)
-    if quantized and (QUANTIZED_WEIGHT in by_reason or not floats):
-        # The float layers' own reasons, where there are any (with none, every reason
-        # follows from the quantization: a Softmax behind QuantizeLinear is no attention).
-        rest = (
-            f"; the other {unit}s are left as they were ({_reasons(others, unit)})"
-            if others and floats
-            else ""
-        )
-        raise UserInputError(
-            f"{asked}: the model is already quantized (it has {', '.join(quantized)}){rest}; "
-            f"{verb} the float model, then quantize it"
-        )
-    why = (
-        f"every candidate {unit} is left as it was ({_reasons(by_reason, unit)})"
-        if by_reason
-        else none_found
-    )
-    raise UserInputError(f"{asked}: nothing to {verb}: {why}; the model would come back unchanged")
-
-
-def _reasons(counts: Counter[str], unit: str, limit: int = 4) -> str:
-    """``3 layers: weight shared with another node; 1 layer: ...``, the commonest first."""
-    parts = [
-        f"{n} {unit}{'s' if n != 1 else ''}: {reason}"
-        for reason, n in sorted(counts.items(), key=lambda item: (-item[1], item[0]))
-    ]
-    more = len(parts) - limit
-    return "; ".join(parts[:limit]) + (f"; and {more} more reason(s)" if more > 0 else "")
-
-
-def _float_layers(model: ir.Model) -> bool:
-    """Whether any MatMul/Gemm/Conv of the main graph reads a constant float weight."""
-    for node in model.graph:
-        if is_op(node, ("MatMul", "Gemm", "Conv")) and len(node.inputs) > 1:
-            tensor = ir.convenience.get_const_tensor(node.inputs[1])
-            if tensor is not None and tensor.dtype.is_floating_point():
-                return True
-    return False
 
 
 def _classify(layers: list[Layer]) -> None:

@@ -28,7 +28,6 @@ from graphopt.passes.sparsity import allocation, statistics
 from graphopt.passes.sparsity.layers import (
     Layer,
     find_layers,
-    refuse_unchanged,
     replace_weight,
     select,
 )
@@ -36,6 +35,7 @@ from graphopt.passes.sparsity.masks import pattern_mask, scores
 from graphopt.passes.sparsity.reconstruct import sparsegpt
 from graphopt.passes.sparsity.record import LayerSparsity, SparsityRecord
 from graphopt.passes.sparsity.settings import Pattern
+from graphopt.refusals import refuse_unchanged
 from graphopt.registry import PassContext
 
 

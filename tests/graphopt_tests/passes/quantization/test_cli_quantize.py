@@ -51,7 +51,7 @@ def test_int8_from_the_command_line_reports_fidelity(tmp_path, capsys) -> None:
             "--min-agreement 0.99 cannot be shown on 8 held-out position(s)",
         ),
         # Met only with every layer float: the float model would come back as a copy.
-        (["--calib", "{calib}", "--max-error", "1e-4"], "nothing to quantize, mixed precision"),
+        (["--calib", "{calib}", "--max-error", "1e-4"], "nothing to quantize: mixed precision"),
         (["--calib", "{calib}", "--smoothquant", "nan"], "expected a finite number, got nan"),
         (["--calib", "{calib}", "--smoothquant", "7"], "expected a number in [0, 1], got 7"),
         # Finite, but past float32's range once squared or summed inside the model.

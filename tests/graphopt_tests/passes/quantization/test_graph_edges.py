@@ -105,7 +105,7 @@ def test_a_model_whose_only_layer_reads_an_overridable_weight_is_refused(mode):
         raise_in_place(model, 19, "fp8")
     options = {"calib": "random"} if mode in ("int8", "fp8") else {}
     target = "ort" if mode == "int4-weight" else "portable"
-    match = "nothing to quantize, every candidate stays float"
+    match = "nothing to quantize: every candidate stays float"
     with pytest.raises(UserInputError, match=match) as caught:
         _quantize(model, target=target, mode=mode, **options)
     assert "\n" not in str(caught.value)

@@ -217,7 +217,7 @@ def test_embedding_table_quantized_gathers_the_dequantized_rows(target, asymmetr
 def test_embeddings_stay_float_unless_asked():
     """Unasked, the table is no candidate: the model would come back as given, refused."""
     model = _embedding_model(21)
-    with pytest.raises(UserInputError, match="nothing to quantize, no layer it rewrites"):
+    with pytest.raises(UserInputError, match="nothing to quantize: no layer it rewrites"):
         quantize_int4(model, _settings(), None, PassContext())
     assert [n.op_type for n in model.graph] == ["Gather"]
 

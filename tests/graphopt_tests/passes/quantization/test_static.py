@@ -307,7 +307,7 @@ def test_a_target_met_only_with_every_layer_float_is_refused(tmp_path):
     with pytest.raises(UserInputError) as caught:
         _quantize(small_cnn(), tmp_path, target="ort", min_cosine=0.9999999)
     message = str(caught.value)
-    assert "nothing to quantize, mixed precision keeps every layer float" in message
+    assert "nothing to quantize: mixed precision keeps every layer float" in message
     assert "target mean cosine >= 0.9999999 met with all 3 layers in float" in message
     assert "the closest with a layer quantized: cosine" in message
     assert message.endswith("the model would come back unchanged")
