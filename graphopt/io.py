@@ -64,8 +64,13 @@ class LoadedModel:
     uses_external_data: bool
 
 
-def load(source: ModelSource) -> LoadedModel:
-    """Load a model from a path, bytes, an ``onnx.ModelProto`` or an ``ir.Model``."""
+def load(source: ModelSource, *, untype_maps: bool = False) -> LoadedModel:
+    """Load a model from a path, bytes, an ``onnx.ModelProto`` or an ``ir.Model``.
+
+    ``untype_maps`` (a path only): clear the declared type of every graph output and
+    value_info holding a map (skl2onnx's ZipMap), which onnx-ir cannot represent yet. For
+    commands that only run the model (``compare``, ``bench``): ONNX Runtime infers the type
+    again; a model saved from the result would lose those declarations."""
     if isinstance(source, ir.Model):
         return LoadedModel(source, None, _has_external_tensors(source))
     if isinstance(source, onnx.ModelProto):
@@ -92,10 +97,10 @@ def load(source: ModelSource) -> LoadedModel:
         model = _deserialize_proto(proto)
         check_scopes(model, "<bytes>")
         return LoadedModel(model, None, False)
-    return _load_path(Path(os.fspath(source)))
+    return _load_path(Path(os.fspath(source)), untype_maps)
 
 
-def _load_path(path: Path) -> LoadedModel:
+def _load_path(path: Path, untype_maps: bool = False) -> LoadedModel:
     if not path.exists():
         raise UserInputError(f"{path}: no such file")
     if path.is_dir():
@@ -117,12 +122,37 @@ def _load_path(path: Path) -> LoadedModel:
     check_proto_shape(proto, str(path))
     check_tensor_sizes(proto, str(path))
     check_external_data(proto, path.parent, str(path))
-    model = _deserialize_proto(proto, base_dir=path.parent)
+    if untype_maps:
+        _clear_map_types(proto.graph)
+    model = _deserialize_proto(proto, base_dir=path.parent, where=str(path))
     check_scopes(model, str(path))
     return LoadedModel(model, path, _has_external_tensors(model))
 
 
-def _deserialize_proto(proto: onnx.ModelProto, base_dir: Path | None = None) -> ir.Model:
+def _clear_map_types(graph: onnx.GraphProto) -> None:
+    """Clear map-holding types of ``graph``'s outputs and value_info (subgraphs too)."""
+    for value in (*graph.output, *graph.value_info):
+        if _holds_map(value.type):
+            value.ClearField("type")
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in (*([attr.g] if attr.HasField("g") else []), *attr.graphs):
+                _clear_map_types(sub)
+
+
+def _holds_map(type_: onnx.TypeProto) -> bool:
+    """Whether ``type_`` is a map or holds one (a sequence or optional of maps)."""
+    kind = type_.WhichOneof("value")
+    if kind == "map_type":
+        return True
+    if kind in ("sequence_type", "optional_type"):
+        return _holds_map(getattr(type_, kind).elem_type)
+    return False
+
+
+def _deserialize_proto(
+    proto: onnx.ModelProto, base_dir: Path | None = None, where: str = ""
+) -> ir.Model:
     try:
         model = ir.serde.deserialize_model(proto)
     except Exception as exc:  # onnx-ir raises many types on malformed graphs
@@ -130,7 +160,9 @@ def _deserialize_proto(proto: onnx.ModelProto, base_dir: Path | None = None) -> 
         # only name the function: report the innermost cause.
         while exc.__cause__ is not None:
             exc = exc.__cause__
-        raise UserInputError(f"cannot read model: {_one_line(exc)}") from None
+        # Named when known: the commands that read two models left the user guessing.
+        prefix = f"{where}: " if where else ""
+        raise UserInputError(f"{prefix}cannot read model: {_one_line(exc)}") from None
     if base_dir is not None:
         _set_external_base_dir(model, base_dir)
     return model

@@ -6,14 +6,22 @@ inputs match the first's gets the very same arrays. Sessions come from
 :mod:`graphopt.backends.ort`; rounds from :func:`graphopt.timing.interleaved`.
 
 An ``.ort`` file (ORT's own format, e.g. from ``optimize --save-ort-optimized``) has no ONNX
-graph to read, so its inputs are generated from what the session declares.
+graph to read, so its inputs are generated from what the session declares; its op domains are
+read from the file (a flatbuffer), so that graphopt's kernel library is registered when it
+uses graphopt's ops, as for an ``.onnx`` model.
+
+Each row counts its own model's batch (items per run). When the models' batches differ, the
+ratio to the first compares time per item, and says so (``ratio_basis``): time per run would
+compare unequal work.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import mmap
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,7 +72,7 @@ class BenchRequest:
                 raise UserInputError("--batch: sizes must be 1 or more")
             batches = list(dict.fromkeys(args.batch))
         config = SessionConfig(
-            providers=resolve_providers(args.provider),
+            providers=checked_providers(args.provider),
             threads=args.threads,
             # One inter-op thread and sequential execution: --threads is the whole budget.
             inter_threads=1,
@@ -90,14 +98,20 @@ class BenchRow:
     # Items (batch rows) per second at the median latency; None when a run holds no items
     # (a batch of 0: empty tensors, where a rate would be meaningless).
     throughput: float | None
-    # time(first model) / time(this one), per round; None for the first model.
+    # time(first model) / time(this one), per round; None for the first model. Per item
+    # (see ``per_item``) when the two run different batches.
     ratio: Spread | None
+    items: int = 1  # items per run: this model's own batch
+    shapes: str = ""  # this model's inputs, described
+    per_item: bool = False  # the ratio compares time per item (the batches differ)
 
 
 @dataclass
 class BatchResult:
     batch: int | None
-    shapes: str  # the first model's inputs, described
+    # The models' inputs, described: one text when they agree, else each model's ("#1 ...;
+    # #2 ...").
+    shapes: str
     rows: list[BenchRow]
 
 
@@ -132,22 +146,48 @@ def run_bench(request: BenchRequest, tick: Callable[[], None] | None = None) -> 
                 shapes = describe_shapes(model, {k: v.shape for k, v in feeds.items()})
                 raise UserInputError(
                     f"{path}: ONNX Runtime fails on the generated inputs ({shapes}): "
-                    f"{_first_line(exc)}; bind shapes with --input-shape"
+                    f"{_first_line(exc)}{_shape_hint(exc)}"
                 ) from None
         times = interleaved(calls, request.rounds, request.warmup, tick)
-        first_model, first_feeds = models[0][1], feeds_per_model[0]
-        items = batch if batch is not None else _batch_of(first_model, first_feeds)
-        rows = []
-        for index, ((path, _, _), seconds) in enumerate(zip(models, times, strict=True)):
-            latency = Spread.of(seconds)
-            ratio = Spread.of(pair_ratios(times[0], seconds)) if index else None
-            throughput = items / latency.median if items else None
-            rows.append(BenchRow(path, latency, throughput, ratio))
-        shapes = describe_shapes(first_model, {k: v.shape for k, v in first_feeds.items()})
-        results.append(BatchResult(batch, shapes, rows))
+        rows = _rows(models, feeds_per_model, times, batch)
+        results.append(BatchResult(batch, joint_shapes([row.shapes for row in rows]), rows))
     return BenchResult(
         request.config, ort.__version__, request.seed, request.rounds, request.warmup, results
     )
+
+
+def _rows(
+    models: list[tuple[str, ir.Model, Any]],
+    feeds_per_model: list[dict[str, np.ndarray]],
+    times: list[list[float]],
+    batch: int | None,
+) -> list[BenchRow]:
+    """One row per model, each counting its own run's items: the first model's batch used
+    to count for every row, so a model at batch 8 next to one at batch 1 showed 1/8 of its
+    throughput, and its ratio compared a run of 8 items with a run of 1 as like for like."""
+    rows: list[BenchRow] = []
+    for (path, model, _), feeds, seconds in zip(models, feeds_per_model, times, strict=True):
+        items = batch if batch is not None else _batch_of(model, feeds)
+        latency = Spread.of(seconds)
+        throughput = items / latency.median if items else None
+        shapes = describe_shapes(model, {k: v.shape for k, v in feeds.items()})
+        rows.append(BenchRow(path, latency, throughput, None, items, shapes))
+    first = rows[0]
+    for row, seconds in zip(rows[1:], times[1:], strict=True):
+        ratios = pair_ratios(times[0], seconds)
+        # Per item when the batches differ (and both hold items): (t1 / n1) / (t / n).
+        row.per_item = row.items != first.items and bool(row.items) and bool(first.items)
+        if row.per_item:
+            ratios = [r * row.items / first.items for r in ratios]
+        row.ratio = Spread.of(ratios)
+    return rows
+
+
+def joint_shapes(shapes: Sequence[str]) -> str:
+    """The models' inputs in one text: once when they agree, else each model's by number."""
+    if len(set(shapes)) <= 1:
+        return shapes[0] if shapes else ""
+    return "; ".join(f"#{index} {text}" for index, text in enumerate(shapes, 1))
 
 
 def shapes_at(
@@ -168,9 +208,25 @@ def shapes_at(
             f"--batch {batch}: the model has no symbolic batch dim "
             f"({describe_shapes(model, shapes)}); leave --batch out or give --input-shape"
         )
+    _check_batch_agrees(model, given, batch, keys)
     for key in keys:
         dims[key] = batch
     return input_shapes(model, given, dims)
+
+
+def _check_batch_agrees(
+    model: ir.Model, given: Mapping[str, tuple[int, ...]], batch: int, keys: Sequence[str]
+) -> None:
+    """Refuse an ``--input-shape`` that binds the batch dim to another size than ``--batch``:
+    ``--batch 2 --input-shape x:3x8`` used to time 2x8 without a word. Refused rather than
+    one overriding the other: either reading is a guess at what the user meant."""
+    from_given = dims_of(model, given)
+    for key in keys:
+        if key in from_given and from_given[key] != batch:
+            raise UserInputError(
+                f"--batch {batch}: --input-shape sets the batch dim {key!r} to "
+                f"{from_given[key]}; give the batch once (--batch, or --input-shape alone)"
+            )
 
 
 def ratio_text(ratio: Spread) -> str:
@@ -178,36 +234,90 @@ def ratio_text(ratio: Spread) -> str:
     return f"{ratio.median:.2f}x ({ratio.p10:.2f}-{ratio.p90:.2f})"
 
 
+RATIO_TEXT = "median over rounds of time(first model) / time(model); >1: faster"
+PER_ITEM_TEXT = (
+    "where the batches differ (ratio_basis 'per item'): of the time per item, "
+    "(time(first) / items(first)) / (time(model) / items(model))"
+)
+
+
 def to_json(result: BenchResult) -> dict[str, Any]:
-    """The result as JSON-ready data (times in milliseconds)."""
+    """The result as strict JSON-ready data (times in milliseconds; :func:`json_safe`)."""
 
     def spread(s: Spread, scale: float) -> dict[str, float]:
         return {"median": s.median * scale, "p10": s.p10 * scale, "p90": s.p90 * scale}
 
-    return {
-        "onnxruntime": result.ort_version,
-        "session": result.config.to_json(),
-        "seed": result.seed,
-        "warmup": result.warmup,
-        "rounds": result.rounds,
-        "ratio": "median over rounds of time(first model) / time(model); >1: faster",
-        "batches": [
-            {
-                "batch": b.batch,
-                "shapes": b.shapes,
-                "models": [
-                    {
-                        "path": row.path,
-                        "latency_ms": spread(row.latency, 1e3),
-                        "throughput_per_s": row.throughput,  # null: no items per run
-                        "ratio_to_first": None if row.ratio is None else spread(row.ratio, 1.0),
-                    }
-                    for row in b.rows
-                ],
-            }
-            for b in result.batches
-        ],
-    }
+    return json_safe(
+        {
+            "onnxruntime": result.ort_version,
+            "session": result.config.to_json(),
+            "seed": result.seed,
+            "warmup": result.warmup,
+            "rounds": result.rounds,
+            "ratio": f"{RATIO_TEXT}; {PER_ITEM_TEXT}",
+            "batches": [
+                {
+                    "batch": b.batch,
+                    "shapes": b.shapes,
+                    "models": [
+                        {
+                            "path": row.path,
+                            "shapes": row.shapes,
+                            "items_per_run": row.items,
+                            "latency_ms": spread(row.latency, 1e3),
+                            "throughput_per_s": row.throughput,  # null: no items per run
+                            "ratio_to_first": None if row.ratio is None else spread(row.ratio, 1.0),
+                            "ratio_basis": None
+                            if row.ratio is None
+                            else ("per item" if row.per_item else "per run"),
+                        }
+                        for row in b.rows
+                    ],
+                }
+                for b in result.batches
+            ],
+        }
+    )
+
+
+def json_safe(data: Any) -> Any:
+    """``data`` with every non-finite float as text (``"inf"``, ``"-inf"``, ``"nan"``):
+    JSON has no such numbers, and ``json.dumps`` wrote ``Infinity``/``NaN``, which strict
+    parsers refuse. The commands print it with ``allow_nan=False`` as a guard."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return str(data)
+    if isinstance(data, dict):
+        return {key: json_safe(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [json_safe(value) for value in data]
+    return data
+
+
+def checked_providers(spec: Sequence[str] | None) -> tuple[str, ...]:
+    """``--provider`` (bench, compare) resolved; an empty name is refused: ``--provider ,``
+    and ``--provider ''`` silently meant the CPU."""
+    for word in spec or []:
+        if any(not part.strip() for part in word.split(",")):
+            raise UserInputError(
+                f"--provider {word!r}: an empty provider name; give names such as cpu or cuda,cpu"
+            )
+    return resolve_providers(spec)
+
+
+def refuse_unfeedable_inputs(path: str, model: ir.Model, command: str) -> None:
+    """A one-line error for an input of a type packed several per byte (int4, float4...):
+    ONNX Runtime's Python API cannot feed them, generated or from a file, so no flag helps
+    (the advice used to be a shape or input file)."""
+    from graphopt.ortrun import SUB_BYTE_TYPES
+
+    for value in graph_inputs(model):
+        if value.dtype is not None and value.dtype in SUB_BYTE_TYPES:
+            dtype = value.dtype.name.lower()
+            raise UserInputError(
+                f"{path}: input {value.name!r} is {dtype}: ONNX Runtime's Python API cannot "
+                f"feed {dtype} tensors (packed several per byte), so {command} cannot run "
+                "this model"
+            )
 
 
 def _open(path: str, config: SessionConfig) -> tuple[str, ir.Model, Any]:
@@ -216,17 +326,89 @@ def _open(path: str, config: SessionConfig) -> tuple[str, ir.Model, Any]:
 
     source = Path(os.fspath(path))
     model: ir.Model | None = None
+    # What the session's custom-op registration reads: the model, or for an .ort file a
+    # stand-in naming graphopt's op domain when the file uses it.
+    domains: ir.Model | None = None
     if source.suffix.lower() != ".ort":
-        model = io.load(source).model
+        # Map outputs (ZipMap) untyped: onnx-ir cannot hold their type; bench only runs it.
+        model = domains = io.load(source, untype_maps=True).model
+        refuse_unfeedable_inputs(path, model, "bench")
+    elif source.is_dir():
+        raise UserInputError(f"{source}: is a folder, expected an .ort file")
     elif not source.is_file():
         raise UserInputError(f"{source}: no such file")
+    else:
+        domains = _own_domain_stand_in(source)
     try:
-        session = create_session(source, config, model)
-    except UserInputError:
-        raise
+        session = create_session(source, config, domains)
+    except UserInputError as exc:
+        # graphopt's kernels not built, say: which of the models needs them.
+        message = str(exc)
+        raise UserInputError(message if path in message else f"{path}: {message}") from None
     except Exception as exc:
         raise UserInputError(f"{path}: ONNX Runtime cannot load it: {_first_line(exc)}") from None
     return path, model if model is not None else _stand_in(session), session
+
+
+def _own_domain_stand_in(source: Path) -> ir.Model | None:
+    """A node-less model importing graphopt's op domain, at the version the ``.ort`` file
+    imports, with one node of it, when the file's graph (subgraphs included) has ops of that
+    domain; else None. What :func:`~graphopt.backends.ort_custom_ops.register_active_custom_ops`
+    reads to register graphopt's own library (or say it is not built): passing no model for
+    an ``.ort`` file left its graphopt ops unregistered ("graphopt:SparseMatMul(1) is not a
+    registered function/op"). The format is a flatbuffer: its op domains are read in place,
+    without loading the weights."""
+    from graphopt.backends.ort_custom_ops import OWN_DOMAIN
+
+    versions = _ort_file_domains(source)
+    if versions is None or OWN_DOMAIN not in versions:
+        return None
+    node = ir.Node(OWN_DOMAIN, "OrtFormatOp", inputs=[])
+    opsets = {"": 21, OWN_DOMAIN: versions[OWN_DOMAIN] or 1}
+    graph = ir.Graph([], [], nodes=[node], opset_imports=opsets, name="ort_domains")
+    return ir.Model(graph, ir_version=10)
+
+
+def _ort_file_domains(source: Path) -> dict[str, int | None] | None:
+    """{op domain used by a node: the version the file imports (None if it imports none)} of
+    an ``.ort`` file, or None when it is not one graphopt can read (ORT then says why)."""
+    from onnxruntime.tools.ort_format_model.ort_flatbuffers_py.fbs.InferenceSession import (
+        InferenceSession,
+    )
+
+    try:
+        with (
+            source.open("rb") as file,
+            mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data,
+        ):
+            if not InferenceSession.InferenceSessionBufferHasIdentifier(data, 0):
+                return None
+            model = InferenceSession.GetRootAs(data, 0).Model()
+            if model is None or model.Graph() is None:
+                return None
+            imported = {
+                model.OpsetImport(i).Domain().decode(): model.OpsetImport(i).Version()
+                for i in range(model.OpsetImportLength())
+            }
+            used = _node_domains(model.Graph())
+    except Exception:  # a truncated or foreign file: ORT's own error names the problem
+        return None
+    return {domain: imported.get(domain) for domain in used}
+
+
+def _node_domains(graph: Any) -> set[str]:
+    """The op domains of an ORT-format graph's nodes, its subgraphs' included."""
+    domains: set[str] = set()
+    for i in range(graph.NodesLength()):
+        node = graph.Nodes(i)
+        domains.add((node.Domain() or b"").decode())
+        for j in range(node.AttributesLength()):
+            attr = node.Attributes(j)
+            subgraphs = [attr.Graphs(k) for k in range(attr.GraphsLength())]
+            for sub in [attr.G(), *subgraphs]:
+                if sub is not None:
+                    domains |= _node_domains(sub)
+    return domains
 
 
 def _check_input_shapes(
@@ -282,13 +464,40 @@ def _feeds(
     return feeds
 
 
-def _call(session: Any, feeds: dict[str, np.ndarray]) -> Callable[[], object]:
-    from graphopt.ortrun import is_ml_dtype, run_session
+# ORT tensor types numpy has: session.run returns these; any other (bfloat16, float8, int4)
+# only comes out as an OrtValue.
+_NUMPY_TENSOR_TYPES = frozenset(
+    f"tensor({name})"
+    for name in (
+        *("float", "float16", "double", "int8", "int16", "int32", "int64"),
+        *("uint8", "uint16", "uint32", "uint64", "bool", "string", "complex64", "complex128"),
+    )
+)
 
-    if any(is_ml_dtype(a) for a in feeds.values()):
-        names = [o.name for o in session.get_outputs()]
-        return lambda: run_session(session, names, feeds)
-    return lambda: session.run(None, feeds)
+
+def _call(session: Any, feeds: dict[str, np.ndarray]) -> Callable[[], object]:
+    """One timed run. Models with bfloat16/float8 inputs or outputs run on OrtValues, made
+    once (not in every timed run); only ML-dtype inputs used to be seen, so a model with
+    bfloat16 outputs failed ("No corresponding Numpy type for Tensor Type")."""
+    from graphopt.ortrun import is_ml_dtype, to_feed
+
+    outputs = session.get_outputs()
+    ml_outputs = any(
+        o.type.startswith("tensor(") and o.type not in _NUMPY_TENSOR_TYPES for o in outputs
+    )
+    if not ml_outputs and not any(is_ml_dtype(a) for a in feeds.values()):
+        return lambda: session.run(None, feeds)
+    from graphopt.ortrun import import_onnxruntime
+
+    ort = import_onnxruntime()
+    values = {}
+    for name, array in feeds.items():
+        value = to_feed(array)
+        values[name] = (
+            value if isinstance(value, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(value)
+        )
+    names = [o.name for o in outputs]
+    return lambda: session.run_with_ort_values(names, values)
 
 
 def _batch_of(model: ir.Model, feeds: Mapping[str, np.ndarray]) -> int:
@@ -333,6 +542,14 @@ def _stand_in(session: Any) -> ir.Model:
         values.append(ir.Value(name=arg.name, type=ir.TensorType(dtype), shape=ir.Shape(dims)))
     graph = ir.Graph(values, [], nodes=[], opset_imports={"": 21}, name="stand_in")
     return ir.Model(graph, ir_version=10)
+
+
+def _shape_hint(exc: BaseException) -> str:
+    """``; bind shapes with --input-shape`` when ORT's error is about shapes; else nothing:
+    the hint sent users binding shapes for a type ORT's Python API could not read."""
+    text = str(exc).lower()
+    words = ("shape", "dimension", "rank", "broadcast", "size", "index", "indices")
+    return "; bind shapes with --input-shape" if any(w in text for w in words) else ""
 
 
 def _first_line(exc: BaseException) -> str:

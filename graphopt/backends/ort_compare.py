@@ -29,7 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from graphopt.backends.ort import CPU, SessionConfig, create_session, resolve_providers
+from graphopt.backends.ort import CPU, SessionConfig, create_session
+from graphopt.backends.ort_bench import checked_providers, json_safe, refuse_unfeedable_inputs
 from graphopt.calibration import load_npz
 from graphopt.errors import UserInputError
 from graphopt.input_dims import graph_inputs, non_tensor_kind, parse_input_shapes
@@ -76,7 +77,7 @@ class CompareRequest:
         if args.threads < 0:
             raise UserInputError("--threads: must be 0 (ORT's default) or more")
         config = SessionConfig(
-            providers=resolve_providers(args.provider),
+            providers=checked_providers(args.provider),
             threads=args.threads,
             opt_level=args.opt_level,
         )
@@ -147,6 +148,7 @@ def run_compare(request: CompareRequest) -> CompareResult:
     if result.reason:
         return result
     _refuse_non_tensor_inputs(request.a, model_a)
+    refuse_unfeedable_inputs(request.a, model_a, "compare")
     try:
         verifier = Verifier(
             model_a,
@@ -158,9 +160,13 @@ def run_compare(request: CompareRequest) -> CompareResult:
             measure_ort_floors=False,  # compare reads the references, never check()
         )
     except NothingToCompare as exc:
+        # Empty in A proves nothing, unless B differs (not empty): that is a difference.
+        if _differs_where_a_is_empty(request, model_a, model_b, feeds, result):
+            return result
         raise UserInputError(f"{request.a}: nothing to compare: {exc}") from None
     except VerificationUnavailable as exc:
-        raise UserInputError(f"{request.a}: ONNX Runtime cannot run it: {exc}") from None
+        message = _compare_wording(str(exc))
+        raise UserInputError(f"{request.a}: ONNX Runtime cannot run it: {message}") from None
     input_sets, references = verifier.input_sets, verifier.references
     # A model without inputs is described by an empty string: say so instead.
     result.shapes = [text or "no inputs" for text in verifier.shapes]
@@ -198,15 +204,70 @@ def run_compare(request: CompareRequest) -> CompareResult:
         except Exception as exc:
             result.reason = f"{request.b}: ONNX Runtime fails{at}: {_first(exc)}"
             return result
-        rows = zip(names, references[index], got, resolutions, strict=True)
-        for name, ref, out, resolution in rows:
-            row = measure_output(index, name, ref, out, resolution, rtol, request.cos_min)
-            if request.histogram:
-                row.histogram = error_histogram(ref, out)
-            result.rows.append(row)
-            if not row.ok and not result.reason:
-                result.reason = f"output {name!r}: {row.problem}{at}"
+        _add_rows(result, request, index, names, references[index], got, resolutions, at)
     return result
+
+
+def _add_rows(
+    result: CompareResult,
+    request: CompareRequest,
+    index: int,
+    names: list[str],
+    references: list[Any],
+    got: list[Any],
+    resolutions: list[float],
+    at: str = "",
+) -> None:
+    """Measure each output at input set ``index`` into ``result`` (its first failure the
+    reason)."""
+    for name, ref, out, resolution in zip(names, references, got, resolutions, strict=True):
+        row = measure_output(index, name, ref, out, resolution, result.rtol, request.cos_min)
+        if request.histogram:
+            row.histogram = error_histogram(ref, out)
+        result.rows.append(row)
+        if not row.ok and not result.reason:
+            result.reason = f"output {name!r}: {row.problem}{at}"
+
+
+def _differs_where_a_is_empty(
+    request: CompareRequest,
+    model_a: Any,
+    model_b: Any,
+    feeds: dict[str, np.ndarray] | None,
+    result: CompareResult,
+) -> bool:
+    """Whether B differs on the inputs where every output of A is empty (verification's
+    refusal: empty against empty proves nothing), ``result`` then holding the rows and the
+    reason. B used to go unrun, so an empty A against a non-empty B read "nothing to
+    compare" (exit 2) instead of the difference it is (exit 1)."""
+    from graphopt.inputs import check_feeds, describe_shapes, input_shapes, make_inputs
+
+    given = request.input_shapes
+    if feeds is None:  # the first set verification generated, as it generates it
+        shapes = input_shapes(model_a, given)
+        feeds_set = make_inputs(model_a, given, seed=request.seed, shapes=shapes)
+    else:
+        feeds_set = check_feeds(model_a, feeds, f"--inputs {request.inputs}", given)
+        shapes = {name: array.shape for name, array in feeds_set.items()}
+    names = [v.name for v in model_a.graph.outputs]
+    session_a = _session(request.a, model_a, request.config)
+    if isinstance(session_a, str):
+        return False  # verification ran A; another session config that fails: keep its word
+    references = run_session(session_a, names, feeds_set)
+    result.shapes = [describe_shapes(model_a, shapes) or "no inputs"]
+    session_b = _session(request.b, model_b, request.config)
+    if isinstance(session_b, str):
+        result.reason = f"{request.b}: {session_b}"
+        return True
+    try:
+        got = run_session(session_b, names, feeds_set)
+    except Exception as exc:
+        result.reason = f"{request.b}: ONNX Runtime fails: {_first(exc)}"
+        return True
+    _add_rows(result, request, 0, names, references, got, output_resolutions(model_a))
+    if not result.reason:
+        result.rows.clear()  # empty in both: the refusal stands
+    return bool(result.reason)
 
 
 def measure_output(
@@ -301,13 +362,22 @@ class _Measured:
 
 
 def _measure_pair(label: str, ref: np.ndarray, got: np.ndarray, resolution: float) -> _Measured:
-    error = compare(label, ref, got, resolution)
+    # verify.compare's cosine overflows on float64 values near 1e200 (NaN, with numpy's
+    # warnings on stderr); it is measured again below on scaled values.
+    with np.errstate(over="ignore", invalid="ignore"):
+        error = compare(label, ref, got, resolution)
     where = f"{label}: " if label else ""
     if not error.shape_ok:
         return _Measured(error, where + error.detail.replace("->", "in A, B has"))
     if error.detail:
         return _Measured(error, where + error.detail)
     if ref.dtype.kind not in EXACT_KINDS:
+        if _all_nan(ref):
+            # NaN in A and B alike counts as equal, so an all-NaN output (NaN inputs, say)
+            # passed having compared no value at all.
+            nan = f"every value is NaN in A and B ({ref.size} elements), so nothing was compared"
+            return _Measured(error, where + nan)
+        error.cosine = _cosine(ref, got)
         return _Measured(error)
     differing = int(np.count_nonzero(ref != got))
     if ref.dtype.kind in "iub":
@@ -325,10 +395,38 @@ def _integer_error(name: str, ref: np.ndarray, got: np.ndarray) -> OutputError:
         return OutputError(name, 0.0, 0.0, 1.0, 0.0)
     diff = np.abs(a - b)
     max_abs = float(diff.max())
-    scale = max(float(np.abs(a).max()), SCALE_FLOOR)
+    # An integer's smallest nonzero magnitude is 1: with the float floor (1e-6), an all-zero
+    # A against a 1 read "rel err 1e+06".
+    scale = max(float(np.abs(a).max()), 1.0)
+    return OutputError(name, max_abs, max_abs / scale, _cosine(a, b), float(diff.mean()))
+
+
+def _all_nan(array: np.ndarray) -> bool:
+    """Whether a non-empty float tensor holds NaN only (False for types without NaN)."""
+    try:
+        return bool(array.size) and bool(np.isnan(array).all())
+    except TypeError:  # an integer-like ml_dtypes type (int4): no NaN
+        return False
+
+
+def _cosine(ref: np.ndarray, got: np.ndarray) -> float:
+    """Cosine of two same-shaped numeric tensors over the positions finite in both, computed
+    on values scaled by their largest magnitude: float64 values near 1e200 overflowed the
+    dot product (NaN, so a model compared with itself failed --cos-min). Two all-zero
+    tensors are alike (1); one all-zero against another is not (0)."""
+    a = np.asarray(ref, dtype=np.float64).ravel()
+    b = np.asarray(got, dtype=np.float64).ravel()
+    keep = np.isfinite(a) & np.isfinite(b)
+    a, b = a[keep], b[keep]
+    scale = max(float(np.abs(a).max(initial=0.0)), float(np.abs(b).max(initial=0.0)))
+    if scale == 0:
+        return 1.0
+    a, b = a / scale, b / scale
     norm = float(np.linalg.norm(a) * np.linalg.norm(b))
-    cosine = float(np.dot(a, b) / norm) if norm > 0 else (1.0 if max_abs == 0 else 0.0)
-    return OutputError(name, max_abs, max_abs / scale, cosine, float(diff.mean()))
+    if norm == 0:
+        return 0.0
+    # Rounding can put a cosine of equal tensors a hair above 1.
+    return min(max(float(np.dot(a, b)) / norm, -1.0), 1.0)
 
 
 def _pairs(ref: Any, got: Any, label: str = "") -> tuple[list[tuple[str, Any, Any]], str]:
@@ -425,7 +523,11 @@ def _tensor_histogram(ref: np.ndarray, got: np.ndarray) -> list[int] | None:
     b = np.asarray(got, dtype=np.float64).ravel()
     finite = np.isfinite(a) & np.isfinite(b)
     scale = max(float(np.abs(a[finite]).max()) if finite.any() else 0.0, SCALE_FLOOR)
-    rel = np.where(finite, np.abs(a - b) / scale, np.inf)
+    # Differences of finite positions only: inf - inf warned "invalid value in subtract".
+    # 1e308 - (-1e308) overflows to inf, in the ">= 1" bucket where it belongs anyway.
+    rel = np.full(a.shape, np.inf)
+    with np.errstate(over="ignore"):
+        rel[finite] = np.abs(a[finite] - b[finite]) / scale
     # Same non-finite values on both sides are equal, as verification counts them.
     same = (np.isnan(a) & np.isnan(b)) | (np.isinf(a) & (a == b))
     rel = np.where(same, 0.0, rel)
@@ -446,42 +548,49 @@ def histogram_labels() -> list[str]:
 
 
 def to_json(result: CompareResult) -> dict[str, Any]:
-    """The result as JSON-ready data."""
-    return {
-        "a": result.a,
-        "b": result.b,
-        "ok": result.ok,
-        "reason": result.reason,
-        "inputs": result.inputs,
-        "shapes": result.shapes,
-        "shape_note": result.shape_note,
-        "rtol": result.rtol,
-        "cos_min": result.cos_min,
-        "session": result.config.to_json(),
-        "histogram_buckets": histogram_labels(),
-        "outputs": [
-            {
-                "shape_index": row.shape_index + 1,
-                "name": row.name,
-                "kind": row.kind,
-                "shape": None if row.shape is None else list(row.shape),
-                "dims": row.layout,
-                "max_abs": _finite_or_text(row.max_abs),
-                "max_rel": _finite_or_text(row.max_rel),
-                "cosine": row.cosine,
-                "argmax_agreement": row.argmax_agreement,
-                "ok": row.ok,
-                "problem": row.problem,
-                "histogram": row.histogram,
-            }
-            for row in result.rows
-        ],
-    }
+    """The result as strict JSON-ready data: a non-finite number as text (``"inf"``,
+    ``"nan"``; :func:`~graphopt.backends.ort_bench.json_safe`), as JSON has none. ``--rtol
+    inf`` printed ``Infinity``, which JSON parsers refuse."""
+    return json_safe(
+        {
+            "a": result.a,
+            "b": result.b,
+            "ok": result.ok,
+            "reason": result.reason,
+            "inputs": result.inputs,
+            "shapes": result.shapes,
+            "shape_note": result.shape_note,
+            "rtol": result.rtol,
+            "cos_min": result.cos_min,
+            "session": result.config.to_json(),
+            "histogram_buckets": histogram_labels(),
+            "outputs": [
+                {
+                    "shape_index": row.shape_index + 1,
+                    "name": row.name,
+                    "kind": row.kind,
+                    "shape": None if row.shape is None else list(row.shape),
+                    "dims": row.layout,
+                    "max_abs": row.max_abs,
+                    "max_rel": row.max_rel,
+                    "cosine": row.cosine,
+                    "argmax_agreement": row.argmax_agreement,
+                    "ok": row.ok,
+                    "problem": row.problem,
+                    "histogram": row.histogram,
+                }
+                for row in result.rows
+            ],
+        }
+    )
 
 
-def _finite_or_text(value: float) -> float | str:
-    # JSON has no infinity; "inf" says what it is.
-    return value if math.isfinite(value) else str(value)
+def _compare_wording(message: str) -> str:
+    """Verification's advice in compare's flags: compare takes your data with ``--inputs``
+    (``--verify-inputs`` is optimize's)."""
+    return message.replace(
+        "verify on your own data with --verify-inputs", "give your own data with --inputs"
+    )
 
 
 def _load(path: str):
@@ -490,7 +599,9 @@ def _load(path: str):
     if os.fspath(path).lower().endswith(".ort"):
         raise UserInputError(f"{path}: compare reads ONNX models (.onnx), not the .ort format")
     try:
-        return io.load(path).model
+        # Map outputs (ZipMap) untyped: onnx-ir cannot hold their type, and compare only runs
+        # the model (ONNX Runtime infers it again).
+        return io.load(path, untype_maps=True).model
     except UserInputError:
         raise
     except Exception as exc:  # a file onnx-ir chokes on is the file's fault

@@ -109,7 +109,7 @@ def run(args: argparse.Namespace, out: Console, err: Console) -> int:
     with using_custom_ops(args.custom_ops or []), _progress(err, request) as tick:
         result = run_bench(request, tick)
     if args.json:
-        sys.stdout.write(json.dumps(to_json(result), indent=1) + "\n")
+        sys.stdout.write(json.dumps(to_json(result), indent=1, allow_nan=False) + "\n")
         sys.stdout.flush()
     else:
         _render(result, out)
@@ -150,8 +150,6 @@ class _progress:
 def _render(result: Any, out: Console) -> None:
     from rich.table import Table
 
-    from graphopt.backends.ort_bench import ratio_text
-
     config = result.config
     out.print(
         f"ONNX Runtime {result.ort_version}, {', '.join(config.providers)}, "
@@ -167,18 +165,19 @@ def _render(result: Any, out: Console) -> None:
         table = Table(title=f"{title}: {batch.shapes}", title_justify="left")
         table.add_column("#", justify="right")
         table.add_column("model", overflow="fold")
-        for name in ("median ms", "p10 ms", "p90 ms", "items/s"):
+        for name in ("items/run", "median ms", "p10 ms", "p90 ms", "items/s"):
             table.add_column(name, justify="right")
         table.add_column("vs #1 (p10-p90)", justify="right")
         for index, row in enumerate(batch.rows, 1):
             table.add_row(
                 str(index),
                 row.path,
+                str(row.items),
                 f"{row.latency.median * 1e3:.3f}",
                 f"{row.latency.p10 * 1e3:.3f}",
                 f"{row.latency.p90 * 1e3:.3f}",
                 "-" if row.throughput is None else f"{row.throughput:.1f}",
-                ratio_text(row.ratio) if row.ratio is not None else "ref",
+                _ratio_cell(row),
             )
         out.print(table)
     if any(len(b.rows) > 1 for b in result.batches):
@@ -187,3 +186,18 @@ def _render(result: Any, out: Console) -> None:
             "faster than #1",
             markup=False,
         )
+    if any(row.per_item for b in result.batches for row in b.rows):
+        out.print(
+            "per item: that model runs another batch than #1 (items/run), so its ratio is of "
+            "the time per item: (time(#1) / items(#1)) / (time(model) / items(model))",
+            markup=False,
+        )
+
+
+def _ratio_cell(row: Any) -> str:
+    """``1.23x (1.18-1.27)``, marked ``per item`` where the batches differ; ``ref`` for #1."""
+    from graphopt.backends.ort_bench import ratio_text
+
+    if row.ratio is None:
+        return "ref"
+    return ratio_text(row.ratio) + (" per item" if row.per_item else "")

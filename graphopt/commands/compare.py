@@ -85,7 +85,7 @@ def run(args: argparse.Namespace, out: Console, err: Console) -> int:
     with using_custom_ops(args.custom_ops or []):
         result = run_compare(request)
     if args.json:
-        sys.stdout.write(json.dumps(to_json(result), indent=1) + "\n")
+        sys.stdout.write(json.dumps(to_json(result), indent=1, allow_nan=False) + "\n")
         sys.stdout.flush()
     else:
         _render(result, out)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -366,3 +367,187 @@ def test_optional_input_is_refused_in_one_line(tmp_path: Path, capsys) -> None:
     code, _, err = _run(["compare", path, path], capsys)
     assert code == 2 and "input 'o' is an optional, not a tensor" in err
     assert "--no-verify" not in err and len(err.strip().splitlines()) == 1
+
+
+# --- map outputs, empty and all-NaN outputs, strict JSON, warnings, wording --------------
+
+
+def zipmap_model(folder: Path, name: str = "zm.onnx", k: float = 1.0) -> str:
+    """z = ZipMap(x · k) (ai.onnx.ml): a seq(map(int64, float)) output, as skl2onnx writes
+    classifiers' probabilities."""
+    nodes = [
+        helper.make_node("Mul", ["x", "k"], ["p"]),
+        helper.make_node("ZipMap", ["p"], ["z"], domain="ai.onnx.ml", classlabels_int64s=[0, 1, 2]),
+    ]
+    zipped = helper.make_sequence_type_proto(
+        helper.make_map_type_proto(I64, helper.make_tensor_type_proto(F, []))
+    )
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [tensor_info("x", F, ["N", 3])],
+        [helper.make_value_info("z", zipped)],
+        [onnx.numpy_helper.from_array(np.array(k, np.float32), "k")],
+    )
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 3)]
+    proto = helper.make_model(graph, opset_imports=opsets)
+    proto.ir_version = 8
+    path = folder / name
+    path.write_bytes(proto.SerializeToString())
+    return str(path)
+
+
+def test_zipmap_outputs_are_compared_element_by_element(tmp_path: Path, capsys) -> None:
+    """onnx-ir cannot hold a map type: "cannot read model: NotImplementedError: Map types
+    are not supported yet", naming no file."""
+    a = zipmap_model(tmp_path)
+    code, out, err = _run(["compare", a, a, "--json"], capsys)
+    assert code == 0, err
+    rows = json.loads(out)["outputs"]
+    assert rows[0]["kind"] == "sequence" and rows[0]["dims"] == "sequence of 1: map of 3"
+    b = zipmap_model(tmp_path, "b.onnx", k=2.0)
+    code, _, err = _run(["compare", a, b], capsys)
+    assert code == 1 and "output 'z'" in err
+
+
+def test_unreadable_model_error_names_the_file(tmp_path: Path, capsys) -> None:
+    """A map input is still beyond onnx-ir: the one-line error says which of A and B."""
+    maps = helper.make_map_type_proto(I64, helper.make_tensor_type_proto(F, []))
+    path = _proto_file(
+        tmp_path,
+        "mapin.onnx",
+        [helper.make_node("Identity", ["m"], ["y"])],
+        [helper.make_value_info("m", maps)],
+        [helper.make_value_info("y", maps)],
+    )
+    a = str(_file(tmp_path, "a.onnx"))
+    code, _, err = _run(["compare", a, path], capsys)
+    assert code == 2 and f"{path}: cannot read model" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def _slice_model(folder: Path, name: str, end: int) -> str:
+    """y = x[:, :end]: empty at end 0."""
+    ints = {k: np.array([v], np.int64) for k, v in (("s", 0), ("e", end), ("a", 1))}
+    model = make_model(
+        [helper.make_node("Slice", ["x", "s", "e", "a"], ["y"])],
+        [tensor_info("x", F, ["N", 8])],
+        [tensor_info("y", F, ["N", None])],
+        ints,
+    )
+    return str(_file(folder, name, model))
+
+
+def test_empty_in_a_but_not_in_b_is_a_difference(tmp_path: Path, capsys) -> None:
+    """B went unrun: "nothing to compare" (exit 2) instead of the shapes that differ."""
+    empty, two = _slice_model(tmp_path, "e.onnx", 0), _slice_model(tmp_path, "t.onnx", 2)
+    code, _, err = _run(["compare", empty, two], capsys)
+    assert code == 1
+    assert "output 'y': shape/dtype (1, 0) float32 in A, B has (1, 2) float32" in err
+    code, _, err = _run(["compare", empty, empty], capsys)  # empty in both: still refused
+    assert code == 2 and "nothing to compare" in err
+
+
+def test_all_nan_output_compares_nothing_and_fails(tmp_path: Path, capsys) -> None:
+    """NaN in A and B counts as equal, so all-NaN inputs made any two models PASS."""
+    a, b = str(_file(tmp_path, "a.onnx")), str(_perturbed(tmp_path))
+    nan = tmp_path / "nan.npz"
+    np.savez(nan, x=np.full((2, 8), np.nan, np.float32))
+    for other in (a, b):
+        code, out, err = _run(["compare", a, other, "--inputs", str(nan)], capsys)
+        assert code == 1 and "PASS" not in out
+        assert "every value is NaN in A and B (12 elements), so nothing was compared" in err
+
+
+def _scaled_double_model(folder: Path) -> str:
+    """y = x · 1e200 in float64: |y| near 1e200, whose squares overflow."""
+    model = make_model(
+        [helper.make_node("Mul", ["x", "k"], ["y"])],
+        [tensor_info("x", TensorProto.DOUBLE, ["N", 8])],
+        [tensor_info("y", TensorProto.DOUBLE, ["N", 8])],
+        {"k": np.array(1e200, np.float64)},
+    )
+    return str(_file(folder, "big.onnx", model))
+
+
+def _strict_json(text: str):
+    def refuse(name: str):
+        raise ValueError(f"not JSON: {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_json_is_strict(tmp_path: Path, capsys) -> None:
+    """--rtol inf printed Infinity, which JSON parsers refuse."""
+    a = str(_file(tmp_path, "a.onnx"))
+    code, out, err = _run(["compare", a, a, "--rtol", "inf", "--json"], capsys)
+    assert code == 0, err
+    assert _strict_json(out)["rtol"] == "inf"
+    code, out, _ = _run(["compare", a, str(_perturbed(tmp_path)), "--histogram", "--json"], capsys)
+    assert code == 1 and _strict_json(out)["outputs"][0]["max_abs"] > 0
+
+
+def test_cosine_survives_huge_values(tmp_path: Path, capsys) -> None:
+    """float64 values near 1e200 gave cosine NaN (the dot product overflowed, with numpy's
+    warnings on stderr), so a model compared with itself failed --cos-min."""
+    big = _scaled_double_model(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # numpy's overflow warnings
+        code, out, err = _run(["compare", big, big, "--cos-min", "0.99", "--json"], capsys)
+    assert code == 0, err
+    assert all(row["cosine"] == pytest.approx(1.0) for row in _strict_json(out)["outputs"])
+
+
+def test_histogram_of_infinite_values_warns_nothing() -> None:
+    """inf - inf in the histogram: "RuntimeWarning: invalid value encountered in subtract"."""
+    ref = np.array([np.inf, -np.inf, 1.0, 2.0])
+    got = np.array([np.inf, 5.0, 1.0, 2.5])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        counts = error_histogram(ref, got)
+    assert counts is not None and counts[0] == 2 and counts[-1] == 1 and sum(counts) == 4
+
+
+def test_int4_input_is_refused_without_optimize_flags(tmp_path: Path, capsys) -> None:
+    """The advice was optimize's --verify-inputs FILE.npz; no file can feed int4 anyway."""
+    model = make_model(
+        [helper.make_node("Cast", ["x"], ["y"], to=F)],
+        [tensor_info("x", TensorProto.INT4, ["N", 8])],
+        [tensor_info("y", F, ["N", 8])],
+        opset=21,
+        ir_version=10,
+    )
+    path = str(_file(tmp_path, "i4.onnx", model))
+    code, _, err = _run(["compare", path, path], capsys)
+    assert code == 2 and "input 'x' is int4" in err and "cannot feed int4" in err
+    assert "--verify-inputs" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_failing_model_advice_names_compares_flag(tmp_path: Path, capsys) -> None:
+    """A model ORT rejects at every generated size is told of --inputs, not --verify-inputs."""
+    model = make_model(
+        [helper.make_node("Reshape", ["x", "s"], ["y"])],
+        [tensor_info("x", F, ["N", 8])],
+        [tensor_info("y", F, [3, 5])],
+        {"s": np.array([3, 5], np.int64)},
+    )
+    path = str(_file(tmp_path, "reshape.onnx", model))
+    code, _, err = _run(["compare", path, path], capsys)
+    assert code == 2 and "ONNX Runtime cannot run it" in err
+    assert "--inputs FILE.npz" in err and "--verify-inputs" not in err
+
+
+def test_integer_outputs_of_all_zero_a_have_a_plain_relative_error() -> None:
+    """The float floor (1e-6) made an all-zero integer A against a 1 "rel err 1e+06"."""
+    from graphopt.backends.ort_compare import measure_output
+
+    zeros = np.zeros(4, np.int64)
+    row = measure_output(0, "i", zeros, np.array([0, 1, 0, 0]), 0.0, 1e-4, None)
+    assert not row.ok and row.max_abs == 1 and row.max_rel == 1
+
+
+def test_empty_provider_name_is_refused(tmp_path: Path, capsys) -> None:
+    a = str(_file(tmp_path, "a.onnx"))
+    for spec in (",", "", "cpu,"):
+        code, _, err = _run(["compare", a, a, "--provider", spec], capsys)
+        assert code == 2 and "an empty provider name" in err
