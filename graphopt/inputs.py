@@ -21,8 +21,9 @@ length inputs (``lengths``, ``*_lens``, ``seq_len``...) are in ``[1, L]`` with `
 longest symbolic dim of the other inputs; sample rates are 16000. Booleans are random.
 
 **A second shape** (:func:`second_shape_candidates`) moves every symbolic dim to another
-value the graph allows, so that verification catches a rewrite that baked one value of a
-dim into the graph. **User data** (``--verify-inputs FILE.npz``) is checked against the
+value the graph allows, distinct dims to distinct values (:func:`distinct_second_dims`), so
+that verification catches a rewrite that baked one value of a dim into the graph, or took
+one dim for another. **User data** (``--verify-inputs FILE.npz``) is checked against the
 model's inputs by :func:`check_feeds`.
 """
 
@@ -214,9 +215,7 @@ def concrete_shape(
     if value.type is not None and not isinstance(value.type, ir.TensorType):
         raise UserInputError(_NOT_A_TENSOR.format(name=value.name))
     if value.shape is None:
-        raise UserInputError(
-            f"input {value.name!r} has no declared shape; pass --input-shape {value.name}:DxD..."
-        )
+        raise UserInputError(_no_shape_message(value))
     if dims is None:
         dims = bind_dims(value.graph, given) if value.graph is not None else {}
     keys = dim_keys(value.graph) if value.graph is not None else {}
@@ -234,6 +233,22 @@ def concrete_shape(
         else:
             sizes.append(DEFAULT_IMAGE_DIM if rank == 4 else DEFAULT_SEQUENCE_DIM)
     return tuple(sizes)
+
+
+def _no_shape_message(value: ir.Value) -> str:
+    """Why ``value`` (an input) has no shape to generate data at, and the fixes."""
+    fix = f"pass --input-shape {value.name}:DxD..."
+    if not value.is_graph_output():
+        return f"input {value.name!r} has no declared shape; {fix}"
+    # The model's reader (onnx-ir) gives an input listed among the outputs one value, whose
+    # shape the output entry sets last: a bare output entry erases the input's declared
+    # shape, and "no declared shape" would point at the input, which has one.
+    return (
+        f"input {value.name!r} has no shape: it is also listed as a graph output, and that "
+        f"output entry declares no shape, which replaces the input's when the model is "
+        f"read; declare the input's shape on the output entry too (or remove the entry), "
+        f"or {fix}"
+    )
 
 
 def make_inputs(
@@ -300,7 +315,7 @@ def second_shape_candidates(
     lower, upper = dim_limits(model)
     candidates: dict[str, list[int]] = {}
     for key, size in dims.items():
-        step = min(size & -size, MAX_STEP) if size > 0 else 1
+        step = _step(size)
         options = [size - step, size + step, 2 * size, size // 2 if size % 2 == 0 else 0]
         low, high = max(1, lower.get(key, 1)), upper.get(key)
         candidates[key] = [
@@ -309,6 +324,74 @@ def second_shape_candidates(
             if c != size and c >= low and (high is None or c <= high)
         ]
     return candidates
+
+
+def distinct_second_dims(
+    model: ir.Model | ir.Graph,
+    dims: Mapping[str, int],
+    candidates: Mapping[str, list[int]],
+) -> list[dict[str, int]]:
+    """Second values for the dims that have candidates, distinct dims at distinct values:
+    one or two bindings to try in order.
+
+    Moving every dim by its own step keeps equal dims equal (S = T = 16 at the first shape,
+    32 both at the second), so a rewrite that mistakes one symbol for another (a Reshape
+    target copying S where the model reads T) would pass at both shapes. Here each dim, in
+    order, takes the first value no other dim holds at the second shape (a dim without
+    candidates holds its first value). The first binding tries the candidates that keep the
+    divisibility by the dim's step, then the next multiples of the step (16 → 48, 64…;
+    batch 1 → 3…) within what the graph allows, then the other candidates (½×): a strided
+    model's height and width at 32 go to 64 and 96, both still multiples of 32. The second
+    tries the candidates in their order first (16 → 32 and 8), for a model whose dims must
+    divide one another (a Reshape of S×8 elements into rows of T). Deterministic; the first
+    dim of a group of equal ones moves as before, the next ones cost at most about 1.5×.
+    """
+    bindings = [
+        _distinct(model, dims, candidates, keep_divisibility=True),
+        _distinct(model, dims, candidates, keep_divisibility=False),
+    ]
+    return [b for i, b in enumerate(bindings) if b not in bindings[:i]]
+
+
+def _distinct(
+    model: ir.Model | ir.Graph,
+    dims: Mapping[str, int],
+    candidates: Mapping[str, list[int]],
+    keep_divisibility: bool,
+) -> dict[str, int]:
+    """One binding of :func:`distinct_second_dims`."""
+    _, upper = dim_limits(model)
+    taken = {size for key, size in dims.items() if not candidates.get(key)}
+    chosen: dict[str, int] = {}
+    for key, size in dims.items():
+        options = candidates.get(key)
+        if not options:
+            continue
+        further = _further_steps(size, upper.get(key), len(dims))
+        if keep_divisibility:
+            step = _step(size)
+            keeping = [c for c in options if c % step == 0]
+            order = keeping + further + [c for c in options if c % step != 0]
+        else:
+            order = options + further
+        free = [c for c in order if c not in taken]
+        chosen[key] = free[0] if free else options[0]
+        taken.add(chosen[key])
+    return chosen
+
+
+def _step(size: int) -> int:
+    """How far a dim moves for the second shape: its largest power-of-two factor, at most
+    :data:`MAX_STEP` (the divisibility a strided model needs survives the move)."""
+    return min(size & -size, MAX_STEP) if size > 0 else 1
+
+
+def _further_steps(size: int, high: int | None, count: int) -> list[int]:
+    """``size + k * step`` for k = 2… (:func:`_step`), up to ``count`` values under ``high``:
+    enough to give ``count`` dims distinct values."""
+    step = _step(size)
+    values = (size + k * step for k in range(2, count + 2))
+    return [v for v in values if high is None or v <= high]
 
 
 def check_feeds(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +27,7 @@ from graphopt.inputs import (
     check_feeds,
     describe_feeds,
     describe_shapes,
+    distinct_second_dims,
     enlarged_dims,
     make_inputs,
     resize_feeds,
@@ -340,63 +341,84 @@ class Verifier:
     ) -> None:
         """Find a second binding of the symbolic dims that the original runs at, and keep it.
 
-        All dims move at once; if the original rejects that, dims are moved one at a time
-        (kept where it runs), so a dim the model fixes in practice (an image height a
-        recognizer's reshape needs) stays and the others are still checked. The user's data
-        (``--verify-inputs``) is cut/tiled to the second shape rather than replaced.
+        All dims move at once, distinct dims to distinct values
+        (:func:`~graphopt.inputs.distinct_second_dims`: a rewrite that takes one symbol for
+        another fails there); if the original rejects that (dims an exporter named twice),
+        every dim moves by its own step, equal dims staying equal; if it rejects that too,
+        dims are moved one at a time (kept where it runs), so a dim the model fixes in
+        practice (an image height a recognizer's reshape needs) stays and the others are
+        still checked. The user's data (``--verify-inputs``) is cut/tiled to the second
+        shape rather than replaced.
         """
         candidates = second_shape_candidates(original, dims)
         limited = sorted(k for k, values in candidates.items() if not values)
         movable = [k for k, values in candidates.items() if values]
-
-        def attempt(changed: dict[str, int]):
-            shapes = bound_shapes(original, given, {**dims, **changed})
-            try:
-                if users_data:
-                    feeds = resize_feeds(self.feeds, shapes)
-                else:
-                    feeds = make_inputs(original, seed=seed, shapes=shapes)
-                return feeds, _run(session, feeds), shapes, ""
-            except UserInputError as exc:  # the size cap
-                return None, None, shapes, str(exc)
-            except Exception as exc:
-                return None, None, shapes, _first_line(exc)
-
         if not movable:
             names = ", ".join(limited)
             self.shape_note = f"one shape only: no other value the graph allows for {names}"
             return
-        chosen: dict[str, int] = {}
-        feeds, outputs, shapes, why = attempt({k: candidates[k][0] for k in movable})
-        if outputs is not None:
-            chosen = {k: candidates[k][0] for k in movable}
-        else:
-            first_failure = why
-            for key in movable[:MAX_DIMS_TRIED]:
-                # With one dim, its first value was the attempt above.
-                for value in candidates[key][1 if len(movable) == 1 else 0 :]:
-                    trial = attempt({**chosen, key: value})
-                    if trial[1] is not None:
-                        chosen[key] = value
-                        feeds, outputs, shapes, _ = trial
-                        break
-            why = first_failure
-        kept = [k for k in movable if k not in chosen]
+        tried: dict[tuple[tuple[str, int], ...], _Attempt] = {}
+
+        def attempt(changed: dict[str, int]) -> _Attempt:
+            # Each binding runs once: the fall-backs below may ask for one already tried.
+            binding = {**dims, **changed}
+            key = tuple(sorted(binding.items()))
+            if key not in tried:
+                tried[key] = self._attempt(original, session, given, binding, seed, users_data)
+            return tried[key]
+
+        together = {k: candidates[k][0] for k in movable}
         notes = []
         if limited:
             notes.append(f"no other value the graph allows for {', '.join(limited)}")
-        if kept:
-            notes.append(
-                f"{', '.join(kept)} kept at one value (the original model fails when "
-                f"{'it changes' if len(kept) == 1 else 'they change'}: {why})"
-            )
-        if outputs is None or feeds is None:
+        distinct = distinct_second_dims(original, dims, candidates)
+        for binding in distinct:
+            found = attempt(binding)
+            if found.outputs is not None:
+                break
+        failure = found
+        if found.outputs is None and together not in distinct:
+            found = attempt(together)
+            if found.outputs is not None:
+                notes.append(_tied_note(dims, distinct[0], together, failure.why))
+            else:
+                failure = found
+        if found.outputs is None:
+            found, kept = _move_one_at_a_time(movable, candidates, distinct[0], attempt)
+            if kept:
+                notes.append(
+                    f"{', '.join(kept)} kept at one value (the original model fails when "
+                    f"{'it changes' if len(kept) == 1 else 'they change'}: {failure.why})"
+                )
+        if found.outputs is None or found.feeds is None:
             self.shape_note = "one shape only: " + "; ".join(notes)
             return
-        self.input_sets.append(feeds)
-        self.references.append(outputs)
-        self.shapes.append(describe_shapes(original, shapes))
+        self.input_sets.append(found.feeds)
+        self.references.append(found.outputs)
+        self.shapes.append(describe_shapes(original, found.shapes))
         self.shape_note = "; ".join(notes)
+
+    def _attempt(
+        self,
+        original: ir.Model,
+        session,
+        given: dict,
+        binding: dict[str, int],
+        seed: int,
+        users_data: bool,
+    ) -> _Attempt:
+        """Inputs at ``binding`` and the original's outputs there (None when it fails)."""
+        shapes = bound_shapes(original, given, binding)
+        try:
+            if users_data:
+                feeds = resize_feeds(self.feeds, shapes)
+            else:
+                feeds = make_inputs(original, seed=seed, shapes=shapes)
+            return _Attempt(feeds, _run(session, feeds), shapes)
+        except UserInputError as exc:  # the size cap
+            return _Attempt(None, None, shapes, str(exc))
+        except Exception as exc:
+            return _Attempt(None, None, shapes, _first_line(exc))
 
     def _ort_floors(self, model: ir.Model) -> list[float]:
         """Per output, how far ONNX Runtime's own graph optimizations move ``model``'s outputs
@@ -570,6 +592,55 @@ def _constant(value: ir.Value) -> bool:
         producer is not None
         and producer.op_type == "Constant"
         and producer.domain in ("", "ai.onnx")
+    )
+
+
+@dataclass
+class _Attempt:
+    """The original run at one binding of the symbolic dims (``outputs`` None: it failed)."""
+
+    feeds: dict[str, np.ndarray] | None
+    outputs: list[np.ndarray] | None
+    shapes: dict[str, tuple[int, ...]]
+    why: str = ""
+
+
+def _move_one_at_a_time(
+    movable: list[str],
+    candidates: Mapping[str, list[int]],
+    distinct: Mapping[str, int],
+    attempt: Callable[[dict[str, int]], _Attempt],
+) -> tuple[_Attempt, list[str]]:
+    """Move dims one by one (at most :data:`MAX_DIMS_TRIED`), each to the first value the
+    original runs at with the ones moved before (its distinct value first); returns the last
+    run that worked (or a failed one) and the dims kept at their first value."""
+    chosen: dict[str, int] = {}
+    found = _Attempt(None, None, {})
+    for key in movable[:MAX_DIMS_TRIED]:
+        values = dict.fromkeys([distinct[key], *candidates[key]])
+        for value in values:
+            trial = attempt({**chosen, key: value})
+            if trial.outputs is not None:
+                chosen[key] = value
+                found = trial
+                break
+    return found, [k for k in movable if k not in chosen]
+
+
+def _tied_note(
+    dims: Mapping[str, int],
+    distinct: Mapping[str, int],
+    together: Mapping[str, int],
+    why: str,
+) -> str:
+    """Which dims share a value at the second shape because the original rejected them apart
+    (an exporter that gave one dim two names)."""
+    second = {**dims, **together}
+    shared = {together[k] for k in together if distinct[k] != together[k]}
+    tied = [k for k, value in second.items() if value in shared]
+    return (
+        f"{', '.join(tied)} share a value at the second shape (the original model fails when "
+        f"they differ: {why})"
     )
 
 

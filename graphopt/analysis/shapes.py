@@ -340,6 +340,32 @@ def _bindings(model: ir.Model) -> list[tuple[dict[str, tuple[int, ...]], dict[st
     return [(given[0], firsts), (given[1], seconds)]
 
 
+def distinct_bindings(model: ir.Model) -> list[tuple[dict[str, tuple[int, ...]], dict[str, int]]]:
+    """The two bindings of :func:`_bindings` with distinct symbols at distinct sizes within
+    each: what tells one symbol from another. At the default binding ``S = T = 16`` a dim
+    that is T's reads as S's too; here the later of two equal symbols moves on by its step
+    (16 → 32, 48…; batch 1 → 2…), the graph inputs' shapes bound to match."""
+    result = []
+    for given, values in _bindings(model):
+        sizes: dict[str, int] = {}
+        for name, size in values.items():
+            step = min(size & -size, 32) if size > 0 else 1
+            moved = size
+            while moved in sizes.values():
+                moved += step
+            sizes[name] = moved
+        rebound = {
+            value.name: tuple(
+                sizes[d.value] if isinstance(d, ir.SymbolicDim) and d.value in sizes else s
+                for d, s in zip(value.shape, given[value.name], strict=True)
+            )
+            for value in graph_inputs(model)
+            if value.name in given and value.shape is not None
+        }
+        result.append((rebound, sizes))
+    return result
+
+
 def _stands(value: ir.Value, axis: int, declared: Dim, checks: list[Check]) -> bool:
     """Whether a declared dim in doubt stands: an int must be confirmed by every binding
     (and there must be some); a name must not be contradicted by any (a binding that does

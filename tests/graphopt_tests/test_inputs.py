@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from onnx import TensorProto, helper
 
@@ -18,6 +19,7 @@ from graphopt.inputs import (
     ENLARGE_TRIES,
     SAMPLE_RATE,
     bind_dims,
+    distinct_second_dims,
     enlarged_dims,
     input_shapes,
     make_inputs,
@@ -176,6 +178,36 @@ def test_second_shape_candidates_keep_divisibility_and_limits() -> None:
         "x[2]": [192, 256, 448, 112],  # 224 = 7 * 32: down by 32 first
         "x[3]": [288, 352, 640, 160],
     }
+
+
+def test_distinct_dims_take_distinct_second_values() -> None:
+    """Equal dims at the first shape part at the second: the first of a group moves by its
+    step; the next ones first to further multiples of it (½× would break a stride's
+    divisibility), else to the candidates in order (dims that divide one another)."""
+    model = make_model(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        [tensor_info("x", F, ["N", "S", "T", "U"])],
+        [tensor_info("y", F, ["N", "S", "T", "U"])],
+    )
+    dims = {"N": 1, "S": 16, "T": 16, "U": 16}
+    candidates = second_shape_candidates(model, dims)
+    assert candidates == {"N": [2], "S": [32, 8], "T": [32, 8], "U": [32, 8]}
+    assert distinct_second_dims(model, dims, candidates) == [
+        {"N": 2, "S": 32, "T": 48, "U": 64},
+        {"N": 2, "S": 32, "T": 8, "U": 48},
+    ]
+    # A dim with no other value holds its own: the others avoid it.
+    fixed = {**candidates, "S": []}
+    assert distinct_second_dims(model, dims, fixed) == [
+        {"N": 2, "T": 32, "U": 48},
+        {"N": 2, "T": 32, "U": 8},
+    ]
+    # Apart at the first shape, their steps would meet at 32 (48 - 16, 64 - 32): kept
+    # apart, one binding when both orders agree.
+    apart = {"N": 1, "S": 16, "T": 48, "U": 64}
+    assert distinct_second_dims(model, apart, second_shape_candidates(model, apart)) == [
+        {"N": 2, "S": 32, "T": 64, "U": 96}
+    ]
 
 
 def test_a_dim_the_model_fixes_in_practice_is_kept_and_reported() -> None:
@@ -550,3 +582,24 @@ def test_a_sequence_input_is_said_to_be_no_tensor() -> None:
     )
     with pytest.raises(UserInputError, match=r"is not a tensor .*--no-verify"):
         make_inputs(model, {})
+
+
+def test_an_input_listed_as_an_output_without_a_shape_is_named_as_the_problem(
+    tmp_path: Path, capsys
+) -> None:
+    """x[N, 4] is also a graph output entry without a shape (and o is listed twice): that
+    entry erases x's shape when the model is read, and the message says so."""
+    untyped = helper.make_tensor_value_info
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Identity", ["r"], ["o"])],
+        "dup_out",
+        [tensor_info("x", F, ["N", 4])],
+        [untyped("o", F, None), untyped("o", F, None), untyped("x", F, None)],
+    )
+    source = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), source)
+    code = main(["optimize", str(source), "-o", str(tmp_path / "o.onnx")])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 2
+    assert "input 'x' has no shape: it is also listed as a graph output, and that output " in err
+    assert "--input-shape x:DxD" in err

@@ -29,6 +29,7 @@ from graphopt.verify import (
     default_tolerance,
 )
 from graphopt_tests.helpers import make_model, op_types, tensor_info
+from graphopt_tests.passes.erasure.util import reshape_by_lying_value_info
 
 
 def test_compare_measures_relative_to_largest_magnitude() -> None:
@@ -414,3 +415,34 @@ def test_rebased_reference_measures_its_own_allowance() -> None:
     assert floor > 100 * DEFAULT_TOLERANCE
     assert rebased.tolerances(DEFAULT_TOLERANCE) == [floor + DEFAULT_TOLERANCE]
     assert rebased.tolerances(1.0) == [1.0]  # the pipeline's widened tolerance, as it was
+
+
+def test_a_rewrite_that_takes_one_symbol_for_another_fails_at_the_second_shape() -> None:
+    """S and T are 16 at the first shape; were they equal at the second too (32), copying x's
+    S where the model reads y's T would pass both checks."""
+    model = reshape_by_lying_value_info()
+    verifier = Verifier(model)
+    assert verifier.check(model).ok
+    result = verifier.check(reshape_by_lying_value_info(copied=True))
+    assert not result.ok and "S=32, T=8" in result.reason
+    assert verifier.shapes == [
+        "N=1, S=16, T=16: x 1x16x8, y 1x16x8",
+        "N=2, S=32, T=8: x 2x32x8, y 2x8x8",
+    ]
+
+
+def test_dims_the_original_needs_equal_share_a_value_at_the_second_shape() -> None:
+    """x[N, ?] + y[N, ?]: two unnamed dims (their own symbols) that the Add needs equal. At
+    distinct values ORT rejects the original, so both move together and the report says so."""
+    model = make_model(
+        [helper.make_node("Add", ["x", "y"], ["z"])],
+        [
+            tensor_info("x", TensorProto.FLOAT, ["N", None]),
+            tensor_info("y", TensorProto.FLOAT, ["N", None]),
+        ],
+        [tensor_info("z", TensorProto.FLOAT, ["N", None])],
+    )
+    verifier = Verifier(model)
+    assert [f["y"].shape for f in verifier.input_sets] == [(1, 16), (2, 32)]
+    assert verifier.shape_note.startswith("x[1], y[1] share a value at the second shape (the ")
+    assert "fails when they differ" in verifier.shape_note

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
 
 from graphopt import editing
 from graphopt.analysis.shapes import reconcile_shapes
+from graphopt.passes.erasure.derived_dims import DerivedDims
 from graphopt.registry import GraphPass, Stage, register
 
 # Slice ends at or beyond this are "to the end" whatever the dim (exporters use INT64_MAX).
@@ -49,7 +51,18 @@ def _cast(node: ir.Node, opset: int) -> bool:
 Dim = int | ir.SymbolicDim
 
 
-def _shape_value(value: ir.Value | None, depth: int = 0) -> list[Dim] | None:
+@dataclass(frozen=True)
+class _Read:
+    """A symbolic dim read by Shape: dim ``axis`` of ``value``."""
+
+    value: ir.Value
+    axis: int
+
+
+Entry = int | _Read
+
+
+def _shape_value(value: ir.Value | None, depth: int = 0) -> list[Entry] | None:
     """A 1-D shape tensor's entries: constants, and dims read by Shape (through Concat)."""
     ints = editing.const_ints(value)
     if ints is not None:
@@ -58,47 +71,63 @@ def _shape_value(value: ir.Value | None, depth: int = 0) -> list[Dim] | None:
     if producer is None or depth > 4:
         return None
     if editing.is_op(producer, "Shape"):
-        dims = _dims(producer.inputs[0])
-        if dims is None:
+        source = producer.inputs[0]
+        dims = _dims(source)
+        if source is None or dims is None:
             return None
         rank = len(dims)
         start = editing.attribute(producer, "start", 0)
         end = editing.attribute(producer, "end", rank)
         start = min(max(start + rank if start < 0 else start, 0), rank)
         end = min(max(end + rank if end < 0 else end, 0), rank)
-        return list(dims[start:end])
+        return [
+            dims[axis] if isinstance(dims[axis], int) else _Read(source, axis)
+            for axis in range(start, end)
+        ]
     if editing.is_op(producer, "Concat"):
         parts = [_shape_value(v, depth + 1) for v in producer.inputs]
         if any(part is None for part in parts):
             return None
-        return [dim for part in parts for dim in part]  # type: ignore[union-attr]
+        return [entry for part in parts for entry in part]  # type: ignore[union-attr]
     return None
 
 
-def _same_dim(dim: Dim, want: Dim) -> bool:
-    """Equal ints, or the same named symbolic dim.
+def _same_dim(
+    value: ir.Value, axis: int, other: ir.Value, other_axis: int, derived: DerivedDims
+) -> bool:
+    """Whether dim ``axis`` of ``value`` is dim ``other_axis`` of ``other``: the same dim of
+    one tensor, equal ints, or one input symbol where inference derives it on both.
 
     Like onnxscript's folder (and shape inference), this trusts that dims with the same
-    symbolic name are equal at run time, as the model's declared input shapes promise.
+    symbolic name are equal at run time, as the model's declared input shapes promise; but
+    only names inference derives from the inputs (:class:`DerivedDims`), not a value_info's
+    word: one that calls a dim S where it is T passes the two-shape check (S = T there).
     """
+    if value is other and axis == other_axis:
+        return True
+    dim, want = _dims(value)[axis], _dims(other)[other_axis]  # type: ignore[index]
     if isinstance(dim, int) or isinstance(want, int):
         return isinstance(dim, int) and isinstance(want, int) and dim == want
-    return dim.value is not None and dim.value == want.value
+    return derived.same(value, axis, other, other_axis)
 
 
-def _reshape(node: ir.Node, opset: int) -> bool:
-    dims = _dims(node.inputs[0])
+def _reshape(node: ir.Node, derived: DerivedDims) -> bool:
+    source = node.inputs[0]
+    dims = _dims(source)
     target = _shape_value(node.inputs[1]) if len(node.inputs) > 1 else None
-    if dims is None or target is None or len(target) != len(dims):
+    if source is None or dims is None or target is None or len(target) != len(dims):
         return False
     allowzero = editing.attribute(node, "allowzero", 0)
     minus_one = 0
-    for dim, want in zip(dims, target, strict=True):
+    for axis, (dim, want) in enumerate(zip(dims, target, strict=True)):
         if want == -1:
             minus_one += 1  # the single -1 takes the only dim left: dims match elsewhere
         elif want == 0 and not allowzero:
             continue  # copies the input dim
-        elif not _same_dim(dim, want):
+        elif isinstance(want, _Read):
+            if not _same_dim(source, axis, want.value, want.axis, derived):
+                return False
+        elif not (isinstance(dim, int) and dim == want):
             return False
     return minus_one <= 1
 
@@ -184,7 +213,6 @@ def _concat(node: ir.Node, opset: int) -> bool:
 
 _CHECKS: dict[str, Check] = {
     "Cast": _cast,
-    "Reshape": _reshape,
     "Transpose": _transpose,
     "Expand": _expand,
     "Pad": _pad,
@@ -219,6 +247,8 @@ def _neutral_operand(node: ir.Node) -> int | None:
         dims = _dims(kept)
         if dims is None or kept.dtype != node.outputs[0].dtype or array.ndim > len(dims):
             continue
+        if not _keeps_signed_zero(node.op_type, array, kept):
+            continue
         # The constant must not broadcast the kept input to a larger shape.
         tail = dims[len(dims) - array.ndim :]
         pairs = zip(array.shape, tail, strict=True)
@@ -227,7 +257,49 @@ def _neutral_operand(node: ir.Node) -> int | None:
     return None
 
 
-def _where_branch(node: ir.Node) -> int | None:
+def _keeps_signed_zero(op: str, zero: np.ndarray, kept: ir.Value) -> bool:
+    """Whether adding (subtracting) the zeros ``zero`` gives back ``x = kept`` bit for bit.
+
+    IEEE: -0.0 + +0.0 = +0.0, so ``x + 0.0`` turns a -0.0 into +0.0 (``1 / x`` then flips
+    from -inf to +inf); ``x + -0.0`` and ``x - +0.0`` give x for every x. So Add needs all
+    zeros negative and Sub all positive, unless x is never -0.0. Mul and Div by 1 are exact.
+    """
+    if op not in ("Add", "Sub") or zero.dtype.kind in "iub":
+        return True
+    negative = np.signbit(zero.astype(np.float64))
+    exact = bool(np.all(negative)) if op == "Add" else not bool(np.any(negative))
+    return exact or _never_negative_zero(kept)
+
+
+# Ops whose float output is never -0.0 whatever their input: |x| clears the sign bit, and
+# ONNX Runtime's MatMul/Gemm/Conv (MLAS) accumulate from +0.0, so even a sum of -0.0
+# products comes out +0.0 (measured: all -0.0 inputs or weights, K 1 to 64, batched,
+# grouped, 1x1). ONNX leaves where the sum starts open; an exporter's zero bias after these
+# is the common case (freshly initialised transformers), and keeping it costs a node each.
+_NO_NEGATIVE_ZERO = frozenset(("Abs", "MatMul", "Gemm", "Conv"))
+
+
+def _never_negative_zero(value: ir.Value) -> bool:
+    """Whether ``value`` provably holds no -0.0: not a float, |x|, a MatMul/Gemm/Conv sum (as
+    ONNX Runtime computes it), or a float Cast of integers or booleans (which have no signed
+    zero). Anything else may hold one."""
+    if value.dtype is not None and not value.dtype.is_floating_point():
+        return True
+    producer = value.producer()
+    if producer is None or producer.domain not in ("", "ai.onnx"):
+        return False
+    if producer.op_type in _NO_NEGATIVE_ZERO:
+        return True
+    source = producer.inputs[0] if producer.inputs else None
+    return (
+        producer.op_type == "Cast"
+        and source is not None
+        and source.dtype is not None
+        and not source.dtype.is_floating_point()
+    )
+
+
+def _where_branch(node: ir.Node, derived: DerivedDims) -> int | None:
     """Index of the branch a Where with a constant, uniform condition passes through (1 when
     all true, 2 when all false), or None; only when neither the condition nor the other
     branch broadcasts it to a larger shape (the TorchScript ``expand`` guard
@@ -240,16 +312,18 @@ def _where_branch(node: ir.Node) -> int | None:
     if not cond.all() and cond.any():
         return None
     kept = 1 if cond.all() else 2
-    dims = _dims(node.inputs[kept])
-    if dims is None or node.inputs[kept].dtype != node.outputs[0].dtype:
+    chosen = node.inputs[kept]
+    dims = _dims(chosen)
+    if dims is None or chosen.dtype != node.outputs[0].dtype:
         return None
     for other in (node.inputs[0], node.inputs[3 - kept]):
         shape = _dims(other)
         if shape is None or len(shape) > len(dims):
             return None
-        tail = dims[len(dims) - len(shape) :]
-        if not all(_same_dim(d, 1) or _same_dim(d, k) for d, k in zip(shape, tail, strict=True)):
-            return None
+        offset = len(dims) - len(shape)
+        for axis, dim in enumerate(shape):
+            if dim != 1 and not _same_dim(other, axis, chosen, offset + axis, derived):
+                return None
     return kept
 
 
@@ -258,26 +332,27 @@ class NoopOpsPass(GraphPass):
     """Remove ops provably returning their input (Cast/Reshape/Transpose…, x+0, x*1); else keep.
 
     Covered: same-dtype Cast; Reshape/Expand/Flatten to the input's own shape; identity-perm
-    Transpose; all-zero Pad; whole-range Slice; one-way Split and Concat; Add/Sub of 0 and
-    Mul/Div by 1 and And with true / Or with false whose constant does not broadcast the other
-    operand; Where with an all-true (all-false) constant condition that does not broadcast
-    the chosen branch.
+    Transpose; all-zero Pad; whole-range Slice; one-way Split and Concat; Add of -0.0 (of
+    +0.0 only to what cannot be -0.0), Sub of +0.0, Mul/Div by 1 and And with true / Or with
+    false whose constant does not broadcast the other operand; Where with an all-true
+    (all-false) constant condition that does not broadcast the chosen branch.
     """
 
     name = "noop-ops"
-    ops = frozenset((*_CHECKS, *_NEUTRAL, "Where"))
+    ops = frozenset((*_CHECKS, "Reshape", *_NEUTRAL, "Where"))
     stage = Stage.CLEANUP
 
     def rewrite(self, model: ir.Model) -> int:
         opset = editing.opset_version(model)
         # A no-op judged by a stale declared shape is a no-op at the stale size only.
         reconcile_shapes(model)
+        derived = DerivedDims(model)
         hits = 0
         for node in editing.all_nodes(model):
-            if not editing.is_op(node, (*_CHECKS, *_NEUTRAL, "Where")) or not node.inputs:
+            if not editing.is_op(node, tuple(self.ops)) or not node.inputs:
                 continue
             if node.op_type == "Where":
-                branch = _where_branch(node)
+                branch = _where_branch(node, derived)
                 if branch is not None and editing.bypass(node, branch):
                     hits += 1
                 continue
@@ -291,6 +366,10 @@ class NoopOpsPass(GraphPass):
             typed = node.op_type != "Cast" and node.outputs[0].dtype is not None
             if typed and not _same_dtype(node):
                 continue
-            if _CHECKS[node.op_type](node, opset) and editing.bypass(node):
+            if node.op_type == "Reshape":
+                removable = _reshape(node, derived)
+            else:
+                removable = _CHECKS[node.op_type](node, opset)
+            if removable and editing.bypass(node):
                 hits += 1
         return hits

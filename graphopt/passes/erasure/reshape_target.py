@@ -9,7 +9,9 @@ Cast…) to a constant, a dim read by Shape, or something computed (Mul, Div…)
 - a constant, or a static dim, is written as is;
 - a read of the Reshape input's own dim at the same position, or of a dim named like a
   graph-input dim (batch, sequence) that the input has at that position, becomes 0
-  (without ``allowzero``: "copy the input's dim"), exact whatever that dim is;
+  (without ``allowzero``: "copy the input's dim"), exact whatever that dim is; a name
+  counts only where inference from the graph inputs puts it on both tensors
+  (:mod:`graphopt.passes.erasure.derived_dims`), never on a value_info's word alone;
 - when every entry but one is a positive constant, that one becomes -1, whatever computes
   it (a lone copy too: the usual spelling of a batch dim). Reshape then has one solution
   for it (the element count fixes it; with zero elements it is 0 both ways). A computed
@@ -27,7 +29,8 @@ import onnx_ir as ir
 from graphopt import editing
 from graphopt.analysis.channel_shapes import Context
 from graphopt.analysis.shape_entries import DimRef, shape_source, vector_length
-from graphopt.analysis.shapes import input_symbols, reconcile_shapes
+from graphopt.analysis.shapes import reconcile_shapes
+from graphopt.passes.erasure.derived_dims import DerivedDims
 from graphopt.registry import GraphPass, Stage, register
 
 # Longest computed target rewritten (Reshape targets are a handful of entries).
@@ -36,7 +39,7 @@ _MAX_ENTRIES = 64
 _COPY = "copy"
 
 
-def _entry(ctx: Context, node: ir.Node, position: int, symbols: set[str]) -> int | str | None:
+def _entry(ctx: Context, node: ir.Node, position: int, derived: DerivedDims) -> int | str | None:
     """What the target of Reshape ``node`` holds at ``position``: an int, ``_COPY``, or None
     when its value is only known at run time."""
     source = shape_source(ctx, node.inputs[1], position)
@@ -52,32 +55,25 @@ def _entry(ctx: Context, node: ir.Node, position: int, symbols: set[str]) -> int
         return _COPY
     # Another tensor's dim named like an input dim (batch, sequence) that the Reshape input
     # has at this very position: the same size (x.view(B, S, H, D) with B, S read off the
-    # tensor before the projection). Names, not Context's text: it writes unknown dims as
-    # '?', which a model may use as a real name.
-    name = _dim_name(source.value, source.axis)
-    if name is not None and name in symbols and _dim_name(node.inputs[0], position) == name:
+    # tensor before the projection). Only names inference derives from the inputs: a
+    # value_info may call a dim S that is really T, and the two-shape check gives S and T
+    # equal sizes. Names, not Context's text: it writes unknown dims as '?', which a model
+    # may use as a real name.
+    if derived.same(source.value, source.axis, node.inputs[0], position):
         return _COPY
     return None
 
 
-def _dim_name(value: ir.Value | None, axis: int) -> str | None:
-    """The name of ``value``'s symbolic dim ``axis`` (None: an int, unknown or unnamed)."""
-    shape = value.shape if value is not None else None
-    if shape is None or not 0 <= axis < len(shape):
-        return None
-    dim = shape[axis]
-    return dim.value if isinstance(dim, ir.SymbolicDim) else None
-
-
-def known_target(ctx: Context, node: ir.Node, symbols: set[str]) -> list[int] | None:
+def known_target(ctx: Context, node: ir.Node, derived: DerivedDims) -> list[int] | None:
     """A constant target equivalent to Reshape ``node``'s computed one, or None.
 
-    ``symbols``: the names of the graph inputs' symbolic dims (equal names, equal sizes).
+    ``derived``: the graph inputs' symbolic dims where inference puts them (equal names,
+    equal sizes).
     """
     length = vector_length(ctx, node.inputs[1])
     if length is None or not 0 < length <= _MAX_ENTRIES:
         return None
-    entries = [_entry(ctx, node, p, symbols) for p in range(length)]
+    entries = [_entry(ctx, node, p, derived) for p in range(length)]
     allowzero = editing.attribute(node, "allowzero", 0)
     if _COPY in entries and allowzero:
         # 0 would mean a zero-size dim, not a copy: the input dims must stay read.
@@ -105,7 +101,7 @@ class ReshapeTargetPass(GraphPass):
     def rewrite(self, model: ir.Model) -> int:
         reconcile_shapes(model)
         ctx = Context()
-        symbols = input_symbols(model)
+        derived = DerivedDims(model)
         hits = 0
         for node in editing.all_nodes(model):
             if not editing.is_op(node, "Reshape") or len(node.inputs) < 2 or node.graph is None:
@@ -113,7 +109,7 @@ class ReshapeTargetPass(GraphPass):
             target = node.inputs[1]
             if target is None or editing.is_constant(target) or node.inputs[0] is None:
                 continue
-            known = known_target(ctx, node, symbols)
+            known = known_target(ctx, node, derived)
             if known is None:
                 continue
             base = (target.name or "reshape_target") + "_known"

@@ -7,7 +7,7 @@ from onnx import helper
 from graphopt import editing
 from graphopt.passes.erasure.reshape_target import ReshapeTargetPass
 from graphopt_tests.helpers import make_model, tensor_info
-from graphopt_tests.passes.erasure.util import check, inferred
+from graphopt_tests.passes.erasure.util import check, inferred, reshape_by_lying_value_info
 
 I64 = np.int64
 
@@ -249,3 +249,17 @@ def test_scalar_gathers_unsqueezed_are_read():
     _after, hits, ops = check(model, ReshapeTargetPass, shapes={"x": (4, 3, 5)})
     assert hits == 1
     assert ops.count("Reshape") == 1 and "Shape" not in ops and "Gather" not in ops
+
+
+def test_a_dim_named_only_by_a_value_info_is_not_copied():
+    # The value_info calls z's dim 1 S (x's), inference cannot derive it: copying x's dim
+    # there (a 0) is wrong whenever S != T, and Softmax over the last axis shows it.
+    model = reshape_by_lying_value_info()
+    rng = np.random.default_rng(0)
+    feeds = {
+        "x": rng.standard_normal((2, 4, 8)).astype(np.float32),
+        "y": rng.standard_normal((2, 2, 8)).astype(np.float32),
+    }
+    after, _hits, _ = check(model, ReshapeTargetPass, feeds=feeds)
+    inner = next(n for n in after.graph if n.op_type == "Reshape" and n.outputs[0].name == "r")
+    assert not editing.is_constant(inner.inputs[1])
