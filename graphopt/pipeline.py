@@ -112,8 +112,9 @@ class RunReport:
 
     @property
     def targets_missed(self) -> list[str]:
-        """One line per fidelity target a lossy pass was asked to meet and missed (its
-        record's ``target_missed``: quantize's --min-cosine/--max-error/--min-agreement).
+        """One line per target a lossy pass was asked to meet and missed (its record's
+        ``target_missed``): quantize's --min-cosine/--max-error/--min-agreement, and the size
+        targets of prune, decompose, factorize and erase-blocks (:mod:`graphopt.size_targets`).
         The output is written (the report describes it); the CLI exits 1 after the report."""
         return [
             missed

@@ -80,6 +80,8 @@ def _elementwise(ctx: Context, node: ir.Node, value: ir.Value, axis: int) -> Res
     if len(data) == 1 or node.op_type in ("Clip", "Dropout", "CastLike"):  # unary-shaped
         if value is not node.inputs[0] and value not in node.outputs:
             return Blocked(f"{node.op_type}: channel axis on a bound input")
+        if node.op_type in NOT_FINITE_AT_ZERO:
+            return Blocked(f"{node.op_type} is not finite at 0 (a zeroed channel turns inf/NaN)")
         n = ctx.shape(value)[axis]
         return [identity(v, axis, n) for v in (node.inputs[0], *node.outputs) if v is not value]
     rank = len(ctx.shape(out))
@@ -92,13 +94,51 @@ def _elementwise(ctx: Context, node: ir.Node, value: ir.Value, axis: int) -> Res
     if node.op_type in ("Div", "Pow", "Mod") and len(node.inputs) > 1:
         second = node.inputs[1]
         a = o - (rank - len(ctx.shape(second)))
-        if (
-            a >= 0
-            and ctx.shape(second)[a] != 1
-            and (second.const_value is not None or second.producer() is None)
-        ):
+        per_channel = a >= 0 and ctx.shape(second)[a] != 1
+        if per_channel and (second.const_value is not None or second.producer() is None):
             return Blocked(f"{node.op_type} by a per-channel parameter (zeroing is not invariant)")
+        if per_channel and node.op_type != "Pow" and not _never_zero(second):
+            # x / c at a zeroed channel is x / 0: inf (NaN for 0 / 0), and inf times the
+            # zeroed weight after it is NaN, where the removed channel is simply gone.
+            return Blocked(f"{node.op_type} by the channel (a zeroed channel divides by 0)")
+    if node.op_type == "Pow" and _may_be_negative(node.inputs[1]):
+        base = node.inputs[0]
+        a = o - (rank - len(ctx.shape(base)))
+        if a >= 0 and ctx.shape(base)[a] != 1 and not _never_zero(base):
+            return Blocked("Pow of the channel to a power that may be negative (0 ** -k = inf)")
     return _couple_classes(ctx, value, axis, [cls])
+
+
+# Unary ops whose value at 0 is not finite: 1/0, log 0, acosh 0 (a zeroed channel would
+# carry inf or NaN to the zeroed weights after it, where 0 · inf is NaN).
+NOT_FINITE_AT_ZERO = frozenset(("Reciprocal", "Log", "Acosh"))
+
+
+def _never_zero(value: ir.Value | None) -> bool:
+    """Whether a divisor is non-zero at a zeroed channel: ``exp(·)``, or the ``· + eps`` (eps
+    a positive constant) of a decomposed normalization, under Sqrt/Abs. Anything else may
+    be 0 there."""
+    producer = value.producer() if value is not None else None
+    if producer is None or producer.domain not in ("", "ai.onnx"):
+        return False
+    if producer.op_type == "Exp":
+        return True
+    if producer.op_type in ("Sqrt", "Abs"):
+        return _never_zero(producer.inputs[0])
+    if producer.op_type == "Add":
+        for operand in producer.inputs:
+            const = ir.convenience.get_const_tensor(operand) if operand is not None else None
+            if const is not None and const.dtype.is_floating_point():
+                array = const.numpy()
+                if array.size and bool(np.all(array > 0)):
+                    return True
+    return False
+
+
+def _may_be_negative(exponent: ir.Value | None) -> bool:
+    """Whether a Pow exponent may be negative (only a constant one is known not to be)."""
+    const = ir.convenience.get_const_tensor(exponent) if exponent is not None else None
+    return const is None or bool(np.any(const.numpy() < 0))
 
 
 def _batchnorm(ctx: Context, node: ir.Node, value: ir.Value, axis: int) -> Result:

@@ -30,6 +30,7 @@ from graphopt.passes.blocks.fitting import block_data
 from graphopt.passes.blocks.record import BlockEntry, ErasureRecord
 from graphopt.passes.calibration.samples import CalibrationSet
 from graphopt.registry import PassContext
+from graphopt.size_targets import size_target_missed
 
 # Fitted samples each removal score is measured on (at most): one model run per block.
 SCORE_SAMPLES = 32
@@ -58,9 +59,11 @@ def erase_model(
     started = time.perf_counter()
     record = ErasureRecord(settings.target, settings.score, settings.replacement)
     blocks, record.refused = find_blocks(model.graph)
-    if settings.count > len(blocks):
+    # A count beyond the blocks found, or any target on a model with none (a flops=R run
+    # went on to observe no value, and ONNX Runtime could not load the empty model).
+    if not blocks or settings.count > len(blocks):
         raise UserInputError(
-            f"erase-blocks: {settings.count} block(s) asked, the model has {len(blocks)} "
+            f"erase-blocks: {settings.target} asked, the model has {len(blocks)} "
             f"erasable residual block(s) ({len(record.refused)} candidate(s) refused)"
         )
     fit, held = calib, None
@@ -89,6 +92,11 @@ def erase_model(
         record.blocks[i].removed = True
         record.blocks[i].replacement = settings.replacement
     record.flops_after = model_flops(model, shapes).total
+    if settings.flops:
+        # Chosen on each block's saving alone; judged on the model written, all erased.
+        record.target_missed = size_target_missed(
+            f"erase-blocks {settings.target}", "FLOPs", record.flops_removed, settings.flops
+        )
     if reference is not None and chosen:
         record.joint_score = _change(original, model, scoring, reference)
     record.notes.append(

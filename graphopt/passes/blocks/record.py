@@ -49,6 +49,9 @@ class ErasureRecord:
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
     summary: str = ""
+    # The flops=R target missed beyond the slack (size_targets.size_target_missed); "" when met
+    # or for a count. Read by RunReport.targets_missed: the CLI exits 1 after writing.
+    target_missed: str = ""
 
     @property
     def removed(self) -> list[BlockEntry]:
@@ -77,6 +80,7 @@ class ErasureRecord:
             "flops_after": self.flops_after,
             "flops_removed": self.flops_removed,
             "joint_score": self.joint_score,
+            **({"target_missed": self.target_missed} if self.target_missed else {}),
             **record_tail(self),
         }
 

@@ -110,6 +110,12 @@ def observe(
     model: ir.Model, names: list[str], calib: CalibrationSet
 ) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
     """Per batch: (feeds, {name: activation}) for the named values of ``model``."""
+    if not names:
+        # Nothing asked: the model with no output that ``with_outputs`` would build is one
+        # ONNX Runtime refuses to load. Each batch observes no value, without a session.
+        for feeds in calib.batches():
+            yield feeds, {}
+        return
     session = observation_session(with_outputs(model, names, only=True))
     for feeds in calib.batches():
         values = run_observation(session, names, feeds, calib.source)

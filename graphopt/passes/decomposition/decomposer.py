@@ -27,6 +27,7 @@ from graphopt.passes.decomposition.modules import Attention, Found, Mlp, find_mo
 from graphopt.passes.decomposition.record import DecomposeRecord, ModuleRecord
 from graphopt.passes.decomposition.surgery import MlpPlan, Plan, QkPlan, VoPlan, build
 from graphopt.registry import PassContext
+from graphopt.size_targets import size_target_missed
 
 KINDS = ("mlp", "qk", "vo")
 ALLOCATIONS = ("uniform", "global")
@@ -98,6 +99,8 @@ def decompose_model(
     record.inner_before = sum(p.width for p in prepared)
     record.inner_after = record.inner_before - sum(m.before - m.after for m in record.decomposed)
     record.ratio = record.inner_removed
+    # Judged on the model written: modules whose check failed were put back after allocation.
+    record.target_missed = _target_missed(settings, record)
     record.notes.append(
         f"statistics: {fit.count} fitting samples, observed once on the input model; "
         "errors are relative output errors on those statistics"
@@ -105,6 +108,15 @@ def decompose_model(
     _fidelity(model, result, fit, held, context, record)
     record.seconds = time.perf_counter() - start
     return result, record
+
+
+def _target_missed(settings: DecomposeSettings, record: DecomposeRecord) -> str:
+    """The target's miss line ("" when met): FLOPs for flops=R, the selected modules' inner
+    channels for ratio=R (what the report's headline counts)."""
+    flops = settings.kind == "flops"
+    reached = record.flops_removed if flops else record.inner_removed
+    measure = "FLOPs" if flops else "inner channels"
+    return size_target_missed(f"decompose {record.target}", measure, reached, settings.value)
 
 
 def _prepare(model, report: ZigReport, found: Found, settings, fit, record) -> list[_Prepared]:

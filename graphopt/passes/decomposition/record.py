@@ -53,6 +53,9 @@ class DecomposeRecord:
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
     summary: str = ""
+    # The size target missed beyond the slack (size_targets.size_target_missed); "" when met.
+    # Read by RunReport.targets_missed: the CLI exits 1 after writing the model.
+    target_missed: str = ""
 
     @property
     def flops_removed(self) -> float:

@@ -41,6 +41,7 @@ from graphopt.passes.sparsity import statistics
 from graphopt.passes.sparsity.layers import Layer, find_layers, select
 from graphopt.refusals import refuse_unchanged
 from graphopt.registry import PassContext
+from graphopt.size_targets import size_target_missed
 
 # Rounds of "allocate, time, take the slower layers out" for flops=R.
 SPEED_ROUNDS = 4
@@ -172,6 +173,7 @@ def factorize_model(
         )
     elif overshoot := record.overshoot_note(settings.multiple):
         record.notes.append(overshoot)
+    record.target_missed = _target_missed(settings, record)
     if original is not None and sets and record.layers:
         from graphopt.passes.quantization.record import measure_fidelity
 
@@ -182,6 +184,23 @@ def factorize_model(
         _compensate(model, original, record, settings.compensation, sets, context)
     record.seconds = time.perf_counter() - started
     return record
+
+
+def _target_missed(settings: FactorizeSettings, record: FactorizeRecord) -> str:
+    """The flops=R target's miss line ("" when met, or for a per-layer rule, which every
+    factorized layer meets by construction), with the speed check named when it left layers
+    whole: the same options reach further on a CPU where the pairs are faster."""
+    if settings.rule.kind != "flops":
+        return ""
+    asked = f"factorize {settings.rule}"
+    missed = size_target_missed(asked, "FLOPs", record.flops_removed, settings.rule.value)
+    slow = sum(1 for _, why in record.skipped if why.endswith("not faster"))
+    if missed and slow:
+        missed += (
+            f"; the speed check left {slow} layer(s) whole as slower in ONNX Runtime on this "
+            "CPU (--factorize-speed-check off lets FLOPs alone decide)"
+        )
+    return missed
 
 
 def _compensate(

@@ -73,6 +73,9 @@ class FactorizeRecord:
     flops_before: int = 0
     flops_after: int = 0
     target_flops: int = 0  # FLOPs to remove (flops=R), else 0
+    # The flops=R target missed beyond the slack (size_targets.size_target_missed); "" when met
+    # or for a per-layer rule. Read by RunReport.targets_missed: the CLI exits 1 after writing.
+    target_missed: str = ""
     fidelity: dict[str, list[Fidelity]] = field(default_factory=dict)
     fidelity_source: str = ""
     notes: list[str] = field(default_factory=list)
@@ -139,6 +142,7 @@ class FactorizeRecord:
             "flops_before": self.flops_before,
             "flops_after": self.flops_after,
             "flops_removed": self.flops_removed,
+            **({"target_missed": self.target_missed} if self.target_missed else {}),
             **record_tail(self),
         }
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 import numpy as np
 import onnx_ir as ir
@@ -17,7 +18,7 @@ from graphopt.analysis.dependency import DimKey
 from graphopt.analysis.excluded import describe
 from graphopt.analysis.flops import model_flops
 from graphopt.analysis.stats import live_parameter_count
-from graphopt.analysis.zig import ZigReport, analyze
+from graphopt.analysis.zig import ZeroInvariantGroup, ZigReport, analyze
 from graphopt.errors import CheckFailedError
 from graphopt.inputs import make_inputs
 from graphopt.passes.calibration.activations import channel_statistics
@@ -38,8 +39,10 @@ from graphopt.passes.pruning.importance import score_group
 from graphopt.passes.pruning.rendering import headline
 from graphopt.passes.pruning.settings import DATA_CRITERIA, PruneSettings, PruneTarget
 from graphopt.passes.pruning.zig_check import check_chosen
+from graphopt.refusals import refuse_unchanged
 from graphopt.registry import PassContext
 from graphopt.report import signed_percent
+from graphopt.size_targets import size_target_missed
 
 # Goal corrections when the measured reduction falls short of the cost model's prediction.
 MAX_CORRECTIONS = 3
@@ -79,6 +82,9 @@ class PruneReport:
     defaults: list[str] = field(default_factory=list)
     # The summary note this run added to the report's notes ("" before it is written).
     summary: str = ""
+    # The size target missed beyond the slack (size_targets.size_target_missed); "" when met.
+    # Read by RunReport.targets_missed: the CLI exits 1 after writing the model.
+    target_missed: str = ""
 
     @property
     def flops_removed(self) -> float:
@@ -125,8 +131,16 @@ def prune_model(
     )
     context.details["prune"] = record
     if not prunable:
-        context.note(f"prune: no prunable group: {_why_none(report)} (see `graphopt analyze`)")
-        return model, record
+        # The model would come back unchanged, passing for a pruned one: refused (exit 2)
+        # as the other lossy passes refuse it, with the reasons `graphopt analyze` gives.
+        refuse_unchanged(
+            model,
+            f"prune {settings.target}",
+            "prune",
+            [],
+            unit="group",
+            none_found=f"no prunable group: {_why_none(report)} (see `graphopt analyze`)",
+        )
     if report.excluded:
         context.note(f"prune: left as they are: {describe(report.excluded)}")
     fit, held = calib.split(settings.holdout) if calib is not None else (None, None)
@@ -166,11 +180,15 @@ def prune_model(
     record.params_after = live_parameter_count(pruned)
     record.units_removed = sum(len(u) for u in removed.values())
     record.groups_pruned = sum(1 for u in removed.values() if u)
-    if record.units_removed:
-        # Before compensation: refits change weights on purpose, the removal must not.
-        _guard(model, report, pruned, indices, fit, settings, context, record)
+    if not record.units_removed:
+        _refuse_nothing_removed(model, settings, prunable)
+    # Before compensation: refits change weights on purpose, the removal must not.
+    _guard(model, report, pruned, indices, fit, settings, context, record)
     achieved = record.flops_removed if settings.target.kind == "flops" else record.params_removed
     kind, asked = settings.target.kind, signed_percent(-settings.target.ratio)
+    record.target_missed = size_target_missed(
+        f"prune {settings.target}", kind, achieved, settings.target.ratio
+    )
     if achieved + TOLERANCE < settings.target.ratio:
         context.note(
             f"prune: reached {kind} {signed_percent(-achieved)} of the asked {asked} "
@@ -291,6 +309,21 @@ def _guard(
             f"({result.detail}); a graphopt bug in the channel analysis or removal for this "
             "model, please report it (--no-verify skips this check)"
         )
+
+
+def _refuse_nothing_removed(
+    model: ir.Model, settings: PruneSettings, prunable: list[ZeroInvariantGroup]
+) -> NoReturn:
+    """Refuse a run whose allocation removed no unit of any prunable group (a target too
+    small for the groups' steps): the model would come back unchanged."""
+    strip_tags(model)  # the allocation tagged its consumers; the caller's model keeps none
+    why = (
+        "no unit goes at this target (alignment to --round-to, --max-group-ratio "
+        f"{settings.max_group_ratio:g})"
+    )
+    refuse_unchanged(
+        model, f"prune {settings.target}", "prune", [(g.label(), why) for g in prunable], "group"
+    )
 
 
 def _why_none(report: ZigReport) -> str:

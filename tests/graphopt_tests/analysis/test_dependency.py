@@ -110,11 +110,23 @@ def test_gqa_couples_each_kv_head_with_its_query_group() -> None:
         ("layernorm", "LayerNormalization normalizes"),
         ("rmsnorm", "ReduceMean reduces over the channel axis"),
         ("custom", "no dependency rule for custom.ops.Mystery"),
+        # A zeroed channel turns inf/NaN there, and 0 · inf = NaN after it (removed: gone).
+        ("Reciprocal", "Reciprocal is not finite at 0"),
+        ("Log", "Log is not finite at 0"),
+        ("Acosh", "Acosh is not finite at 0"),
+        ("divide-by-channel", "Div by the channel"),
+        ("negative-power", "Pow of the channel to a power that may be negative"),
     ],
 )
 def test_blocking_ops_say_why(kind: str, reason: str) -> None:
     g = build_dependency_graph(G.mlp_with_norm(kind))
     assert any(reason in r for r in _reasons(g, ("w1", 1)))
+
+
+def test_a_divisor_that_is_never_zero_does_not_block() -> None:
+    # sqrt(|h| + eps) is eps at a zeroed channel: dividing by it stays finite.
+    g = build_dependency_graph(G.mlp_with_norm("divide-by-channel-plus-eps"))
+    assert not _reasons(g, ("w1", 1))
 
 
 def test_graph_inputs_and_outputs_block() -> None:

@@ -213,6 +213,20 @@ def mlp_with_norm(kind: str) -> ir.Model:
         ]
     elif kind == "custom":
         nodes.append(helper.make_node("Mystery", ["h"], ["n"], domain="custom.ops"))
+    elif kind in ("Reciprocal", "Log", "Acosh"):  # not finite at 0
+        nodes.append(helper.make_node(kind, ["h"], ["n"]))
+    elif kind == "divide-by-channel":  # 2 / h: a zeroed channel divides by 0
+        nodes.append(helper.make_node("Div", ["two", "h"], ["n"]))
+    elif kind == "divide-by-channel-plus-eps":  # 2 / sqrt(|h| + eps): never 0
+        nodes += [
+            helper.make_node("Abs", ["h"], ["a"]),
+            helper.make_node("Add", ["a", "eps"], ["ae"]),
+            helper.make_node("Sqrt", ["ae"], ["r"]),
+            helper.make_node("Div", ["two", "r"], ["n"]),
+        ]
+    elif kind == "negative-power":  # h ** -2
+        inits["minus_two"] = np.array(-2.0, np.float32)
+        nodes.append(helper.make_node("Pow", ["h", "minus_two"], ["n"]))
     nodes.append(helper.make_node("MatMul", ["n", "w2"], ["y"]))
     graph = helper.make_graph(
         nodes,

@@ -75,7 +75,8 @@ def test_a_speed_check_that_keeps_every_layer_whole_is_a_reported_result(
     tmp_path, capsys, monkeypatch
 ) -> None:
     """The speed check's answer is measured on this CPU (the same options factorize where
-    the pairs are faster): reported and written with the timings, not refused as bad input."""
+    the pairs are faster): reported and written with the timings, not refused as bad input;
+    a flops=R target so missed is a failed check (exit 1), naming the speed check."""
     from graphopt.passes.factorization import speed
     from graphopt.passes.sparsity.crossover import Timing
 
@@ -84,7 +85,9 @@ def test_a_speed_check_that_keeps_every_layer_whole_is_a_reported_result(
     out = tmp_path / "out.onnx"
     args = ["--factorize", "flops=0.3", "--calib", str(calib), "--no-verify"]
     code, text, err = _optimize(capsys, model, out, *args)
-    assert code == 0, err
+    assert code == 1, err
+    assert err.startswith("graphopt: error: factorize flops=0.3: target NOT met: FLOPs 0.0%")
+    assert "the speed check left 2 layer(s) whole" in err
     assert "factorize flops=0.3: 0 layers factorized" in text
     assert "nothing factorized: the speed check measured every layer" in text
     assert out.exists()

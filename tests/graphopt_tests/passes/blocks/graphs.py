@@ -165,3 +165,17 @@ def gemm_residuals(layers: int = 2, width: int = 8, beta: float = 1.0) -> ir.Mod
     return make_model(
         nodes, [tensor_info("x", F, ["n", width])], [tensor_info("y", F, ["n", width])], inits
     )
+
+
+def plain(width: int = 8) -> ir.Model:
+    """relu(x·W1)·W2: no residual unit, nothing to erase (a VGG's or DenseNet's case)."""
+    rng = np.random.default_rng(4)
+    inits = {"w1": _weights(rng, (width, 2 * width)), "w2": _weights(rng, (2 * width, width))}
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["up"]),
+        helper.make_node("Relu", ["up"], ["act"]),
+        helper.make_node("MatMul", ["act", "w2"], ["y"]),
+    ]
+    return make_model(
+        nodes, [tensor_info("x", F, ["n", 4, width])], [tensor_info("y", F, ["n", 4, width])], inits
+    )

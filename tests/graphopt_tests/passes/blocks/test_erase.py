@@ -14,12 +14,15 @@ from graphopt import io
 from graphopt.api import OptimizeOptions, optimize
 from graphopt.cli import main
 from graphopt.models import get
+from graphopt.passes.blocks import eraser
 from graphopt.passes.blocks.eraser import erase_all
 from graphopt.passes.blocks.erasing import Replacement
 from graphopt.passes.blocks.finding import find_blocks
+from graphopt.passes.calibration import activations
+from graphopt.passes.calibration.samples import random_calibration
 from graphopt.verify import run_model
 from graphopt_tests.helpers import assert_same_outputs
-from graphopt_tests.passes.blocks.graphs import affine_block, postnorm, prenorm
+from graphopt_tests.passes.blocks.graphs import affine_block, plain, postnorm, prenorm
 
 
 def _feeds(shape=(5, 4, 8), seed=1) -> dict[str, np.ndarray]:
@@ -97,6 +100,7 @@ def test_flops_target_takes_the_fewest_blocks_that_reach_it(tmp_path):
                     block_score="angular")  # fmt: skip
     shares = sorted(b.share for b in record.removed)
     assert record.flops_removed >= 0.3 and sum(shares[1:]) < 0.3
+    assert not record.target_missed
     assert record.score == "angular" and record.joint_score is None
 
 
@@ -133,3 +137,52 @@ def test_bad_input_is_a_one_line_error(tmp_path, capsys, args, message):
     assert main(["optimize", str(source), "-o", str(tmp_path / "o.onnx"), *args]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("target", ["flops=0.2", "1"])
+def test_a_model_without_blocks_is_refused_in_one_line_for_either_target(tmp_path, capsys, target):
+    """Before: flops=R on a model with no residual block (DenseNet, GoogLeNet, VGG) observed
+    no value, and ONNX Runtime's refusal of the empty model was an internal error (exit 3)."""
+    source, out = tmp_path / "plain.onnx", tmp_path / "o.onnx"
+    io.save(plain(), source)
+    args = ["optimize", str(source), "-o", str(out), "--erase-blocks", target, "--calib"]
+    assert main([*args, str(_calib(tmp_path))]) == 2
+    asked = "flops=0.2" if target != "1" else "1 block(s)"
+    assert capsys.readouterr().err.strip() == (
+        f"graphopt: error: erase-blocks: {asked} asked, the model has 0 erasable residual "
+        "block(s) (0 candidate(s) refused)"
+    )
+    assert not out.exists()
+
+
+def test_observing_no_value_opens_no_session(monkeypatch):
+    """An empty request yields each batch with nothing observed; it built a model with no
+    output before, which ONNX Runtime refuses to load."""
+    model = plain()
+    calib = random_calibration(model, {"x": (1, 4, 8)}, count=16)
+
+    def refuse(_model):
+        raise AssertionError("a session was opened for nothing")
+
+    monkeypatch.setattr(activations, "observation_session", refuse)
+    seen = list(activations.observe(model, [], calib))
+    assert len(seen) == len(list(calib.batches())) > 0
+    assert all(values == {} and set(feeds) == {"x"} for feeds, values in seen)
+
+
+def test_a_flops_target_the_erased_blocks_miss_exits_1_with_the_model_written(
+    tmp_path, capsys, monkeypatch
+):
+    """The target is judged on the model written, all chosen blocks erased: short by more
+    than a tenth, the run is a failed check (exit 1), written, as a missed prune target is.
+    (The choice takes blocks until their single savings reach it: one block is forced.)"""
+    source, out = tmp_path / "prenorm.onnx", tmp_path / "o.onnx"
+    io.save(prenorm(layers=4), source)
+    monkeypatch.setattr(eraser, "_choose", lambda record, settings: [0])
+    args = ["optimize", str(source), "-o", str(out), "--erase-blocks", "flops=0.45"]
+    assert main([*args, "--calib", str(_calib(tmp_path))]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(
+        "graphopt: error: erase-blocks flops=0.45: target NOT met: FLOPs -2"
+    ) and err.endswith("of the asked -45.0% (met from -40.5%) (written all the same)")
+    assert out.is_file()

@@ -129,6 +129,24 @@ def test_a_wrong_shape_rewrite_is_caught_and_the_module_left(tmp_path, monkeypat
         ("qk", "shape check failed: left as it is")
     ] * 2
     assert record.check == "passed after leaving out the modules that failed it"
+    # Judged on the model written: the Q/K channels put back count as not removed.
+    assert record.target_missed == (
+        "decompose ratio=0.25: target NOT met: inner channels -20.0% reached of the asked "
+        "-25.0% (met from -22.5%)"
+    )
+
+
+def test_a_missed_flops_target_exits_1_with_the_model_written(tmp_path, capsys):
+    """Before: V/O alone reaching -15.5% of an asked -50% was a note and exit 0 (ppocr_rec
+    at flops=0.2 reached -6.6%); a target short by more than a tenth is a failed check."""
+    out = tmp_path / "o.onnx"
+    args = ["optimize", str(build("bert_tiny")), "-o", str(out), "--decompose", "flops=0.5"]
+    code = main([*args, "--modules", "vo", "--calib", "random", "--no-verify"])
+    assert code == 1 and out.is_file()
+    assert capsys.readouterr().err.strip() == (
+        "graphopt: error: decompose flops=0.5: target NOT met: FLOPs -15.5% reached of the "
+        "asked -50.0% (met from -45.0%) (written all the same)"
+    )
 
 
 @pytest.mark.parametrize(

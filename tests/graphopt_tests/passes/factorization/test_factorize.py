@@ -207,6 +207,25 @@ def test_an_unreachable_flops_target_is_reported_with_the_shortfall(tmp_path):
     note = next(n for n in record.notes if "target not reached" in n)
     assert f"{record.flops_removed:.1%} of the model's FLOPs removed" in note
     assert record.flops_removed < 0.95
+    assert record.target_missed.startswith("factorize flops=0.95: target NOT met: FLOPs -")
+    assert record.to_json()["target_missed"] == record.target_missed
+
+
+def test_a_missed_flops_target_exits_1_with_the_model_written(tmp_path, capsys):
+    """Before: the shortfall was a note and the run exited 0; a flops=R target short by more
+    than a tenth is a failed check (exit 1, written), and a met one stays exit 0."""
+    model, calib = _files(tmp_path)
+    common = ["--calib", str(calib), "--factorize-speed-check", "off", "--no-verify"]
+    missed, met = tmp_path / "missed.onnx", tmp_path / "met.onnx"
+    assert (
+        main(["optimize", str(model), "-o", str(missed), "--factorize", "flops=0.95", *common]) == 1
+    )
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("graphopt: error: factorize flops=0.95: target NOT met: FLOPs -")
+    assert err.endswith("of the asked -95.0% (met from -85.5%) (written all the same)")
+    assert missed.is_file() and "speed check" not in err
+    assert main(["optimize", str(model), "-o", str(met), "--factorize", "flops=0.3", *common]) == 0
+    assert met.is_file()
 
 
 def test_eora_compensation_adds_paths_and_reduces_the_error(tmp_path):

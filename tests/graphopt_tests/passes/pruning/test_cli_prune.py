@@ -122,3 +122,33 @@ def test_a_head_without_bias_that_is_the_graph_output_is_compensated(tmp_path, c
     text = capsys.readouterr()
     assert code == 0, text.err
     assert [v.name for v in io.load(out).model.graph.outputs] == ["y"]
+
+
+def test_a_target_missed_beyond_the_slack_exits_1_with_the_model_written(tmp_path, capsys):
+    """Before: -74.7% reached of an asked -90% (no group loses more than 80%) was a note and
+    exit 0. A target short by more than a tenth is a failed check, as quantize's is."""
+    model, _ = _files(tmp_path)
+    out = tmp_path / "pruned.onnx"
+    code = main(["optimize", str(model), "-o", str(out), "--prune", "flops=0.9"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and out.is_file()
+    assert err == (
+        "graphopt: error: prune flops=0.9: target NOT met: flops -74.7% reached of the asked "
+        "-90.0% (met from -81.0%) (written all the same)"
+    )
+
+
+def test_a_run_that_removes_no_unit_is_refused_unchanged(tmp_path, capsys):
+    """Before: a prunable group that loses no unit at the target (here --max-group-ratio
+    allows less than one) wrote the model unchanged as a pruned one, exit 0."""
+    model, _ = _files(tmp_path)
+    out = tmp_path / "pruned.onnx"
+    args = ["--prune", "flops=0.3", "--max-group-ratio", "0.01"]
+    code = main(["optimize", str(model), "-o", str(out), *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and not out.exists()
+    assert err == (
+        "graphopt: error: prune flops=0.3: nothing to prune: every candidate group is left as "
+        "it was (1 group: no unit goes at this target (alignment to --round-to, "
+        "--max-group-ratio 0.01)); the model would come back unchanged"
+    )

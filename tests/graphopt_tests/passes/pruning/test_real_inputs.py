@@ -1,6 +1,7 @@
 """Pruning models with the inputs and weights real exports have: a recurrent state whose batch
 axis is not the first, scalar inputs, weights inside If branches, quantized weights. Each run
-ends with exit 0 (pruned, or a one-line reason why nothing was), never an internal error."""
+is pruned (exit 0) or refused in one line saying why nothing would be (exit 2, nothing
+written), never an internal error."""
 
 from __future__ import annotations
 
@@ -41,17 +42,28 @@ def test_state_and_scalar_inputs_prune_with_random_calibration(tmp_path, capsys,
 
 
 @pytest.mark.parametrize(
-    "build,reason",
+    "build,message",
     [
-        (G.conv_in_if, "weights inside If branches are not analysed (1 tensor)"),
-        (G.dequantized, "quantized (DequantizeLinear) weights are not pruned (2 tensors)"),
+        (
+            G.conv_in_if,
+            "prune flops=0.3: nothing to prune: no prunable group: weights inside If branches "
+            "are not analysed (1 tensor) (see `graphopt analyze`); the model would come back "
+            "unchanged",
+        ),
+        (
+            G.dequantized,
+            "prune flops=0.3: the model is already quantized (it has DequantizeLinear); prune "
+            "the float model, then quantize it",
+        ),
     ],
 )
-def test_nothing_to_prune_says_why(tmp_path, capsys, build, reason):
+def test_nothing_to_prune_is_refused_saying_why(tmp_path, capsys, build, message):
+    """Before: the unchanged model was written as pruned (exit 0, a note said why)."""
     code, _ = _cli(tmp_path, build(), "--prune", "flops=0.3", "--calib", "random")
-    text = _text(capsys)
-    assert code == 0, text
-    assert f"prune: no prunable group: {reason}" in text
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err == f"graphopt: error: {message}"
+    assert not (tmp_path / "out.onnx").exists()
 
 
 def test_random_calibration_batches_a_state_along_its_batch_axis():
@@ -167,13 +179,13 @@ def test_all_groups_blocked_says_why_with_counts_that_add_up():
     from graphopt_tests.analysis import zig_graphs
 
     context = PassContext()
-    PrunePass(context, flops=0.3)(zig_graphs.mlp_with_norm("layernorm"))
-    report = context.details["prune"]
-    note = next(n for n in context.notes if n.startswith("prune: no prunable group: "))
-    groups = int(re.search(r"(\d+) group\(s\), all blocked", note).group(1))
-    counts = [int(n) for n in re.findall(r"×(\d+)", note)]
-    assert groups > 0 and sum(counts) == groups and "LayerNormalization" in note
-    assert report.groups_prunable == 0 and report.units_removed == 0
+    with pytest.raises(UserInputError, match="nothing to prune: no prunable group: ") as raised:
+        PrunePass(context, flops=0.3)(zig_graphs.mlp_with_norm("layernorm"))
+    line = str(raised.value)
+    groups = int(re.search(r"(\d+) group\(s\), all blocked", line).group(1))
+    counts = [int(n) for n in re.findall(r"×(\d+)", line)]
+    assert groups > 0 and sum(counts) == groups and "LayerNormalization" in line
+    assert context.details["prune"].groups_prunable == 0
 
 
 def test_npz_with_nan_or_inf_is_refused_in_one_line(tmp_path):
