@@ -172,6 +172,8 @@ class OptimizeOptions:
             # The pass parses its own flag's value ("flops=0.3").
             options = cls.options_from_flag(str(asked)) if asked is not None else {}
             options.update(given)
+            # As the declared types (block_size="64" runs and is recorded as 64).
+            options = cls.given_options(options)
             specs = _merged(specs, cls.name, options, replace=asked is not None)
         idle = [key for key in self.flags if key not in used]
         if idle:

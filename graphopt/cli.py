@@ -16,9 +16,9 @@ import os
 import re
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
@@ -38,6 +38,7 @@ from graphopt.errors import (
 
 if TYPE_CHECKING:  # imported when a command runs, so that --help stays fast
     from graphopt.api import OptimizeOptions
+    from graphopt.registry import PassOption
 
 EXIT_INTERNAL = 3
 # What the run was doing, for the out-of-memory message ("out of memory while verifying"):
@@ -508,12 +509,21 @@ def _add_lossy_flags(parser: argparse.ArgumentParser) -> None:
             group.add_argument(
                 option.flag,
                 dest=_dest(key),
-                type=option.type if option.type in (int, float) else str,
+                type=_flag_type(option),
                 choices=option.choices,
                 metavar=option.metavar or option.name.upper(),
                 default=None,
                 help=option.help + (f" (also for {', '.join(also)})" if also else ""),
             )
+
+
+def _flag_type(option: PassOption) -> Callable[[str], Any]:
+    """argparse's conversion of an option flag: numbers as numbers; a choice in its declared
+    spelling (``--criterion L1`` is ``l1``, as in recipes and the API), which argparse's
+    case-sensitive ``choices`` check then accepts."""
+    if option.type in (int, float):
+        return option.type
+    return option.canonical if option.choices else str
 
 
 def _lossy_options(args: argparse.Namespace, options: OptimizeOptions) -> None:

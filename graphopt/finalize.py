@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from collections.abc import Mapping
 from importlib import metadata
@@ -176,10 +177,12 @@ def options_record(options: OptimizeOptions) -> dict[str, Any]:
     for spec in options.lossy_specs():
         spec_options = dict(spec.options)
         calib = spec_options.get("calib")
+        if isinstance(calib, os.PathLike):
+            calib = os.fspath(calib)  # options are converted before; a direct caller's Path
         if isinstance(calib, str) and calib not in ("", "random"):
             # The file's name and digest identify the data without the folder it sat in
             # (an absolute path would differ between equal runs and leak the user's tree).
-            spec_options["calib"] = Path(calib).name
+            spec_options["calib"] = _calib_name(calib)
             calib_digest = _sha256(Path(calib))
         decisions = spec_options.get("decisions")
         if decisions:
@@ -220,6 +223,14 @@ def options_record(options: OptimizeOptions) -> dict[str, Any]:
         # Verification data decides which passes are rolled back, hence the output.
         record["verify_inputs"] = _data_record(verify_inputs)
     return record
+
+
+def _calib_name(calib: str) -> str:
+    """A calibration file's recorded name: its name, unless that is a word ``--calib`` reads
+    as no file (a file called ``random``, given as ``./random``): then ``./NAME``, so that a
+    replay of the record reads the file rather than generating data."""
+    name = Path(calib).name
+    return f"./{name}" if name == "random" else name
 
 
 def _data_record(data: Any) -> dict[str, Any]:

@@ -44,6 +44,9 @@ _FIELD_FLAGS = {
     "opset": "--opset",
     "seed": "--seed",
     "engine": "--engine",
+    "engine.shapes": "--shapes",
+    "engine.builder_level": "--builder-level",
+    "engine.compute_capabilities": "--compute-capability",
 }
 
 
@@ -76,7 +79,9 @@ def _sequence(name: str, value: Any, what: str) -> list:
 
 
 def _check_pass_specs(name: str, value: Any) -> list[PassSpec]:
-    """PassSpecs, or pass names standing for ``PassSpec(name)``; every name registered."""
+    """PassSpecs, or pass names standing for ``PassSpec(name)``; every name registered, and
+    the options converted to the types the pass declares, as a recipe's are (a Path is
+    recorded as its text, ``"64"`` as 64: the output records what ran)."""
     specs = []
     for entry in _sequence(name, value, "PassSpec or pass names"):
         if isinstance(entry, str):
@@ -85,10 +90,49 @@ def _check_pass_specs(name: str, value: Any) -> list[PassSpec]:
             raise _refuse(name, "a list of PassSpec or pass names", value)
         elif not isinstance(entry.name, str) or not isinstance(entry.options, Mapping):
             raise _refuse(name, "PassSpec(name: str, options: dict)", entry)
-        else:
-            get_pass(entry.name)
-        specs.append(entry)
+        specs.append(_converted_spec(name, entry))
     return specs
+
+
+def _converted_spec(name: str, spec: PassSpec) -> PassSpec:
+    cls = get_pass(spec.name)
+    if not all(isinstance(key, str) for key in spec.options):
+        raise _refuse(name, "option names as text", spec.options)
+    try:
+        options = cls.given_options(spec.options)
+    except UserInputError as exc:
+        raise UserInputError(f"{name}: {exc}") from None
+    return PassSpec(cls.name, options)
+
+
+def lift_inline_lossy(
+    passes: list[PassSpec] | None, lossy: list[PassSpec], skip: list[str]
+) -> tuple[list[PassSpec] | None, list[PassSpec]]:
+    """A lossy pass in an explicit list (``passes: [..., {name: prune, options: {flops:
+    0.3}}]``) moved to ``lossy``, its list entry left bare: the form ``--passes ...,prune
+    --prune flops=0.3`` gives. One truth for the record: the output's ``lossy`` names the
+    pass and its calibration file, and a later run on it warns that the pass ran before.
+    ``lossy``'s own options win over the entry's (flags and ``lossy:`` refine the list)."""
+    if passes is None:
+        return passes, lossy
+    asked = {spec.name: spec.options for spec in lossy}
+    lifted: dict[str, dict[str, Any]] = {}
+    bare = []
+    for spec in passes:
+        if get_pass(spec.name).exact or spec.name in skip:
+            bare.append(spec)
+            continue
+        # A repeated lossy entry is refused later (api._refuse_repeated_lossy): kept as given.
+        lifted.setdefault(spec.name, {}).update(spec.options)
+        bare.append(PassSpec(spec.name))
+    if not lifted:
+        return passes, lossy
+    merged = [
+        PassSpec(spec.name, {**lifted[spec.name], **spec.options}) if spec.name in lifted else spec
+        for spec in lossy
+    ]
+    merged += [PassSpec(n, options) for n, options in lifted.items() if n not in asked]
+    return bare, merged
 
 
 def _check_skip(name: str, value: Any) -> list[str]:
@@ -195,9 +239,37 @@ def _check_seed(name: str, value: Any) -> int:
 
 
 def _check_engine(name: str, value: Any) -> EngineOptions:
+    """EngineOptions with fields of the types its flags give: a string where a list belongs
+    would be read letter by letter ("8.9" as four capabilities), a "2" compared with 0-5."""
     if not isinstance(value, EngineOptions):
         raise _refuse(name, "EngineOptions", value)
-    return value
+    if not is_path(value.path):  # an empty one: check_engine_target's --engine message
+        raise _refuse(f"{name}.path", "the engine's path (str or os.PathLike)", value.path)
+    for field_name in ("input_path", "output_path"):
+        path = getattr(value, field_name)
+        if path is not None and not is_path(path):
+            raise _refuse(f"{name}.{field_name}", "a path or None", path)
+    level = value.builder_level
+    if level is not None and not _is_int(level):
+        raise _refuse(f"{name}.builder_level", "a whole number 0 to 5 or None", level)
+    shapes = _texts(f"{name}.shapes", value.shapes, '"NAME:min=DxD,opt=DxD,max=DxD" texts')
+    capabilities = _texts(
+        f"{name}.compute_capabilities", value.compute_capabilities, 'texts like "8.9"'
+    )
+    return dataclasses.replace(
+        value,
+        shapes=shapes,
+        builder_level=None if level is None else int(level),
+        compute_capabilities=capabilities,
+    )
+
+
+def _texts(name: str, value: Any, what: str) -> list[str]:
+    """A list (or tuple) of strings; a bare string is refused, not iterated by letter."""
+    texts = _sequence(name, value, what)
+    if not all(isinstance(text, str) for text in texts):
+        raise _refuse(name, f"a list of {what}", value)
+    return texts
 
 
 def _check_flags(name: str, value: Any) -> dict[str, Any]:
@@ -259,8 +331,16 @@ def validate_options(options: OptimizeOptions | None) -> OptimizeOptions:
             )
         # Other fields' None means something (no fold limit, the dtype's tolerance): kept.
         checked[f.name] = None if value is None else _FIELD_CHECKS[f.name](f.name, value)
+    checked["passes"], checked["lossy"] = lift_inline_lossy(
+        checked["passes"], checked["lossy"], checked["skip"]
+    )
     # replace keeps the caller's class (recipe.RecipeOptions merges flags into its entries).
-    return dataclasses.replace(options, **checked)
+    result = dataclasses.replace(options, **checked)
+    # The lossy passes' flags resolved and converted now, before anything is loaded: a bad
+    # value (--sparse-kernels-threads 100000, block_size="6x") is refused here, not after
+    # the model was read and the original verified.
+    result.lossy_specs()
+    return result
 
 
 def check_call(source: Any, output: Any, in_place: Any, progress: Any) -> None:

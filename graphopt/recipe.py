@@ -182,6 +182,7 @@ def recipe_from_dict(data: Any, name: str = "recipe") -> RecipeOptions:
     if data.get("verify_inputs") is not None:
         if not isinstance(data["verify_inputs"], str):
             raise UserInputError(f"{name}: verify_inputs is the path of an .npz file")
+        _check_exists(data["verify_inputs"], name, "verify_inputs")
         options.verify_inputs = data["verify_inputs"]
     if data.get("external_data") is not None:
         options.external_data = _bool(data["external_data"], "external_data", name)
@@ -443,15 +444,81 @@ def _pass_spec(entry: Any, name: str, where: str) -> PassSpec:
                 f"mapping, got {_shown(opts)}"
             )
         _check_keys(opts, name, f"{where}.options")
+        _check_yaml_scalars(cls, opts, name, f"{where}.options")
         # Converted to the declared types here, so that a quoted "false" is False and a
         # wrong type stops the run before anything is loaded; only the options the recipe
         # gives are kept (the pass's own defaults fill the rest, for every caller alike).
-        checked = _shared(name, f"{where}.options", cls.check_options, opts)
-        return PassSpec(cls.name, {k: checked[k] for k in opts})
+        given = _shared(name, f"{where}.options", cls.given_options, opts)
+        _check_targets(cls, given, name, f"{where}.options")
+        _check_paths(given, name, f"{where}.options")
+        return PassSpec(cls.name, given)
     raise UserInputError(
         f"{name}: {where}: a pass entry is a name or {{name: ..., options: {{...}}}}, "
         f"got {_shown(entry)}"
     )
+
+
+def _check_yaml_scalars(cls: type[GraphPass], opts: dict, name: str, where: str) -> None:
+    """A text option YAML read as something else, named with the YAML rule that did it:
+    ``off``/``no`` are booleans, ``2:4`` the base-60 number 124 (YAML 1.1)."""
+    for option in cls.options:
+        value = opts.get(option.name)
+        if option.type is not str or value is None or isinstance(value, str):
+            continue
+        if isinstance(value, bool):
+            why = "YAML reads unquoted yes/no/on/off/true/false as booleans"
+        elif isinstance(value, int) and abs(value) >= 60:
+            # N:M with N >= 1 reads as N*60 + M: never below 60.
+            why = "YAML 1.1 reads an unquoted N:M as a base-60 number: 2:4 is 124"
+        else:
+            why = f"YAML read {_kind(value)}"
+        raise UserInputError(
+            f"{name}: {where}: pass {cls.name!r} option {option.name!r}: expected a string, "
+            f'got {_shown(value)} ({why}; quote it: {option.name}: "...")'
+        )
+
+
+def _check_targets(cls: type[GraphPass], given: dict, name: str, where: str) -> None:
+    """A pass's target (prune's ``flops``, erase-blocks' ``count``) checked by the parser of
+    its flag, so that an out-of-range target is said to be one, under the recipe's key, and
+    not found at run time as "give exactly one target" or as a flag the user never typed."""
+    if cls.flag is None or cls.flag_metavar is None:
+        return
+    for option in sorted(_flag_targets(cls) & set(given)):
+        value = given[option]
+        if value in (None, "", 0):
+            continue  # not given: the pass's own "give one target" says what is missing
+        keyed = f"{option}=" in cls.flag_metavar
+        text = f"{option}={value}" if keyed else str(value)
+        try:
+            cls.options_from_flag(text)
+        except UserInputError as exc:
+            # The flag's own words, less the flag: the recipe's key names what was given.
+            reason = str(exc).removeprefix(f"{cls.flag} {text!r}: ")
+            reason = capped(" ".join(reason.split()), SHARED_MESSAGE_CHARS)
+            raise UserInputError(f"{name}: {where}.{option}: {_shown(value)}: {reason}") from None
+
+
+# Options that name a file; "random" is calibration's word for generated data, not a file.
+_PATH_OPTIONS = ("calib", "decisions")
+
+
+def _check_paths(given: dict, name: str, where: str) -> None:
+    for option in _PATH_OPTIONS:
+        value = given.get(option)
+        if isinstance(value, str) and value and value != "random":
+            _check_exists(value, name, f"{where}.{option}")
+
+
+def _check_exists(path: str, name: str, where: str) -> None:
+    """A file a recipe names that does not exist, refused with where the path was looked
+    for: paths in a recipe are relative to the working directory (as on the command line),
+    not to the recipe's folder, which is the usual reason."""
+    if not Path(path).exists():
+        raise UserInputError(
+            f"{name}: {where}: no such file {_shown(path)} (a recipe's paths are relative to "
+            f"the working directory, {Path.cwd()}, not to the recipe's folder)"
+        )
 
 
 def _shared(name: str, where: str, check: Callable[..., _T], *args: Any) -> _T:

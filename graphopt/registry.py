@@ -84,6 +84,9 @@ class PassOption:
     # The closed interval a given number must lie in (the default may lie outside it: a
     # sentinel for "not given").
     bounds: tuple[float, float] | None = None
+    # True for a path option whose empty value is the default "not given": given as "" it
+    # is a mistake (an unset shell variable), not a silent "no file" (``--calib ''``).
+    nonempty: bool = False
 
     def convert(self, value: Any, owner: str) -> Any:
         """``value`` as ``type``, within ``choices`` and ``bounds``; anything else is a
@@ -92,8 +95,9 @@ class PassOption:
         ``None`` means "not given": the default. Booleans accept true/false, yes/no, on/off and
         1/0 (also as strings); integers accept integral numbers and their text; floats any
         finite real number or its text; strings any text or path. Nothing else is coerced: a
-        bool is not a number here, so ``ratio: true`` is an error rather than 1.0. The CLI's
-        argparse checks choices too; recipes and the API reach only this check.
+        bool is not a number here, so ``ratio: true`` is an error rather than 1.0. A choice
+        matches in any case and comes back in its declared spelling (:meth:`canonical`). The
+        CLI's argparse checks choices too; recipes and the API reach only this check.
         """
         if value is None:
             return self.default
@@ -102,6 +106,9 @@ class PassOption:
         if converted is _INVALID:
             expected = _TYPE_NAMES.get(self.type, self.type.__name__)
             raise UserInputError(f"{where}: expected {expected}, got {shown_value(value)}")
+        if self.nonempty and isinstance(converted, str) and not converted.strip():
+            raise UserInputError(f"{where}: empty path; give the file (or leave the option out)")
+        converted = self.canonical(converted)
         if self.choices is not None and converted not in self.choices:
             raise UserInputError(
                 f"{where}: expected one of {', '.join(self.choices)}, got {converted!r}"
@@ -112,6 +119,15 @@ class PassOption:
                 f"{where}: expected a number in [{lo:g}, {hi:g}], got {shown_value(value)}"
             )
         return converted
+
+    def canonical(self, value: Any) -> Any:
+        """A choice in its declared spelling: choices match case-insensitively (``INT8``,
+        ``L1``), as the passes' own flags (``--quantize INT8``) always did, so the CLI, recipes
+        and the API accept and record the same thing. Anything else is returned as it is."""
+        if self.choices is None or not isinstance(value, str):
+            return value
+        folded = value.strip().casefold()
+        return next((choice for choice in self.choices if choice.casefold() == folded), value)
 
 
 def shown_value(value: Any, limit: int = 80) -> str:
@@ -253,6 +269,20 @@ class GraphPass(ir.passes.InPlacePass):
             else opt.default
             for opt in cls.options
         }
+
+    @classmethod
+    def given_options(cls, options: Mapping[str, Any]) -> dict[str, Any]:
+        """The options given, converted to their declared types (``"64"`` -> 64, a Path ->
+        its text, ``"INT8"`` -> ``"int8"``) and nothing else: what runs is what the output
+        records, whichever door (CLI, recipe, API) the values came in by. Options left out
+        (or given as None) stay out (the pass fills its defaults, and the record keeps "not
+        set" apart), except one with a single choice, recorded as what it must be
+        (requantize's ``mode``)."""
+        checked = cls.check_options(options)
+        fixed = {o.name for o in cls.options if o.choices is not None and len(o.choices) == 1}
+        # None is "not given" (PassOption.convert): left out, as the CLI leaves it.
+        given = {name for name, value in options.items() if value is not None}
+        return {name: checked[name] for name in checked if name in given or name in fixed}
 
     @classmethod
     def options_from_flag(cls, text: str) -> dict[str, Any]:

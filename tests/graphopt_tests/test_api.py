@@ -113,3 +113,13 @@ def test_the_callers_ir_model_is_left_as_it_was(tmp_path: Path) -> None:
     assert "Neg" not in op_types(result.model)
     assert "Neg" in op_types(caller)
     assert io.to_proto(caller).SerializeToString(deterministic=True) == before
+
+
+def test_a_bad_prune_compensation_lists_prunings_own_refits() -> None:
+    """The message listed "none or eora:RANK" (the other passes' words) for prune, which
+    also takes bias and lsq."""
+    from graphopt_tests.passes.pruning.graphs import cnn
+
+    options = OptimizeOptions(prune="flops=0.3", compensation="eora:x")
+    with pytest.raises(UserInputError, match=r"expected none, bias, lsq or eora:RANK with RANK"):
+        graphopt.optimize(cnn(), None, options)

@@ -741,3 +741,29 @@ def test_an_empty_skip_skips_nothing(tmp_path: Path, capsys) -> None:
     path = model_file(tmp_path)
     code, _, err = run(["optimize", str(path), "--skip", ""], capsys)
     assert code == 0, err
+
+
+@pytest.mark.parametrize("calib", ["", "  "])
+def test_an_empty_calib_path_is_refused(tmp_path: Path, capsys, calib: str) -> None:
+    """``--calib ''`` (an unset shell variable) ran as "no calibration data"; refused now,
+    as ``--recipe ''`` is."""
+    out = tmp_path / "o.onnx"
+    code, _, err = run(
+        ["optimize", str(model_file(tmp_path)), "-o", str(out), "--prune", "flops=0.3",
+         "--calib", calib],
+        capsys,
+    )  # fmt: skip
+    assert code == 2 and not out.exists()
+    assert "(--calib): empty path" in err and len(err.strip().splitlines()) == 1
+
+
+def test_sparse_kernels_threads_past_the_cpus_are_refused(tmp_path: Path, capsys) -> None:
+    """100000 spawned ~10,000 threads and 16 GB before anything said no."""
+    out = tmp_path / "o.onnx"
+    code, _, err = run(
+        ["optimize", str(model_file(tmp_path)), "-o", str(out), "--target", "ort",
+         "--sparse-kernels", "--sparse-kernels-threads", "100000"],
+        capsys,
+    )  # fmt: skip
+    assert code == 2 and not out.exists()
+    assert "--sparse-kernels-threads): expected a number in [1, " in err

@@ -14,6 +14,7 @@ from onnx import TensorProto, helper
 import graphopt
 from graphopt import io
 from graphopt.api import OptimizeOptions
+from graphopt.backends.tensorrt.cli_options import EngineOptions
 from graphopt.cli import build_parser
 from graphopt.errors import UserInputError
 from graphopt.option_checks import TARGETS, validate_options
@@ -120,6 +121,33 @@ BAD_FIELDS = [
     ({"lossy": [{"name": "prune"}]}, r"lossy: expected a list of PassSpec"),
     ({"provider": 5}, r"provider \(--provider\): expected provider names"),
     ({"engine": "m.plan"}, r"engine \(--engine\): expected EngineOptions"),
+    # Each EngineOptions field of its flag's type: "2" was a raw TypeError, "8.9" four
+    # capabilities ("8", ".", "8", "9"), a shapes string one profile per letter.
+    ({"engine": EngineOptions("m.plan", builder_level="2")}, r"^engine\.builder_level \(--bui"),
+    ({"engine": EngineOptions("m.plan", builder_level=True)}, r"engine\.builder_level"),
+    (
+        {"engine": EngineOptions("m.plan", compute_capabilities="8.9")},
+        r"^engine\.compute_capabilities \(--compute-capability\): expected a list",
+    ),
+    ({"engine": EngineOptions("m.plan", compute_capabilities=[8.9])}, r"compute_capabilities"),
+    ({"engine": EngineOptions("m.plan", shapes="x:min=1x3,opt=1x3,max=2x3")}, r"^engine\.shapes"),
+    ({"engine": EngineOptions(5)}, r"^engine\.path: expected the engine's path"),
+    # The lossy passes' values, refused before anything is loaded.
+    (
+        {"target": "ort", "sparse_kernels": True, "sparse_kernels_threads": 100000},
+        r"option 'threads' \(--sparse-kernels-threads\): expected a number in \[1, ",
+    ),
+    (
+        {"target": "ort", "sparse_kernels": True, "sparse_kernels_min_speedup": 0},
+        r"option 'min_speedup' \(--sparse-kernels-min-speedup\): expected a number in",
+    ),
+    (
+        {"target": "ort", "sparse_kernels": True, "sparse_kernels_min_speedup": -1},
+        r"--sparse-kernels-min-speedup",
+    ),
+    ({"prune": "flops=0.3", "calib": ""}, r"option 'calib' \(--calib\): empty path"),
+    ({"lossy": [PassSpec("prune", {"flops": 0.3, "calib": " "})]}, r"^lossy: .*empty path"),
+    ({"quantize": "int4-weight", "block_size": "6x"}, r"option 'block_size'.*expected an integer"),
     ({"flags": ["prune"]}, r"flags: expected a dict"),
     # Past Python's 4300-digit str() limit: the metadata's JSON could not write it.
     ({"seed": 10**5000}, r"seed \(--seed\): expected .* 2\*\*64 - 1, got an integer of 16610 bits"),

@@ -661,3 +661,69 @@ def test_a_pass_flag_replaces_the_target_of_the_recipes_listed_entry() -> None:
     # Before: flops 0.25 and params 0.5 both reached the pass ("give exactly one target").
     assert steps[-1].passes[0].options == {"verify": True, "criterion": "l1", "params": 0.5}
     assert options.passes[1].options == {"flops": 0.25, "criterion": "l1"}  # left as read
+
+
+def test_choices_take_any_case_through_every_door(tmp_path: Path) -> None:
+    """``--quantize INT8`` and ``OptimizeOptions(quantize="INT8")`` were accepted, a recipe's
+    ``mode: INT8`` and ``PassSpec("quantize", {"mode": "INT8"})`` refused: all accept now,
+    and all record the declared spelling."""
+    from graphopt.api import OptimizeOptions
+    from graphopt.cli import build_parser
+    from graphopt.option_checks import validate_options
+
+    recipe = recipe_from_dict(
+        {"lossy": [{"name": "quantize", "options": {"mode": "INT8", "calib_method": "MinMax"}}]}
+    )
+    assert recipe.lossy == [PassSpec("quantize", {"mode": "int8", "calib_method": "minmax"})]
+    api = validate_options(OptimizeOptions(lossy=[PassSpec("quantize", {"mode": " Int8 "})]))
+    assert api.lossy == [PassSpec("quantize", {"mode": "int8"})]
+    args = build_parser().parse_args(["optimize", "m.onnx", "--prune", "flops=0.3",
+                                      "--criterion", "L1"])  # fmt: skip
+    assert args.lossy__criterion == "l1"
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        # Before: "--decompose 'flops=2.0': ..." (a flag the user never typed) at run time.
+        (
+            {"name": "decompose", "options": {"flops": 2}},
+            r"^r: lossy\[0\]\.options\.flops: 2\.0: expected flops=R .* 0 < R < 1$",
+        ),
+        # Before: "give exactly one target", with one target given, out of range.
+        ({"name": "erase-blocks", "options": {"count": -1}}, r"^r: lossy\[0\]\.options\.count: -1"),
+        (
+            {"name": "erase-blocks", "options": {"flops": 1.5}},
+            r"^r: lossy\[0\]\.options\.flops: 1\.5: R must be in \(0, 1\)",
+        ),
+        # Before: "expected a string, got False" / "got 124", without the YAML rule.
+        (
+            {"name": "factorize", "options": {"rule": "flops=0.3", "speed_check": False}},
+            r"option 'speed_check': expected a string, got false \(YAML reads unquoted yes/no",
+        ),
+        (
+            {"name": "sparsify", "options": {"pattern": 124}},
+            r"option 'pattern': .*got 124 \(YAML 1\.1 reads an unquoted N:M as a base-60 number",
+        ),
+    ],
+)
+def test_lossy_entry_errors_name_the_key_and_the_reason(entry: dict, message: str) -> None:
+    with pytest.raises(UserInputError, match=message) as caught:
+        recipe_from_dict({"lossy": [entry]}, "r")
+    assert "\n" not in str(caught.value)
+
+
+def test_a_missing_recipe_file_says_where_it_was_looked_for(tmp_path: Path, monkeypatch) -> None:
+    """Paths in a recipe are relative to the working directory; "no such calibration file"
+    at run time did not say so, nor which key named it."""
+    monkeypatch.chdir(tmp_path)
+    for data, key in (
+        ({"lossy": [{"name": "prune", "options": {"flops": 0.3, "calib": "c.npz"}}]},
+         r"lossy\[0\]\.options\.calib"),
+        ({"verify_inputs": "c.npz"}, "verify_inputs"),
+    ):  # fmt: skip
+        with pytest.raises(UserInputError, match=rf"^r: {key}: no such file 'c\.npz' \(a "
+                           r"recipe's paths are relative to the working directory"):  # fmt: skip
+            recipe_from_dict(data, "r")
+    (tmp_path / "c.npz").write_bytes(b"")
+    assert recipe_from_dict({"verify_inputs": "c.npz"}, "r").verify_inputs == "c.npz"

@@ -25,6 +25,8 @@ CALIB_OPTION = PassOption(
     "calibration samples: one [N, ...] array per model input (random: generated)",
     flag="--calib",
     metavar="FILE.npz|random",
+    # --calib "" (an unset variable) is refused, as --recipe "" is: not "no data".
+    nonempty=True,
 )
 # The share of the calibration samples a lossy pass keeps out of fitting to measure its
 # fidelity on (0: none held out). At most 0.9, so something is left to fit on.

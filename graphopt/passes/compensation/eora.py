@@ -80,8 +80,10 @@ def parse_compensation(text: str | None, owner: str) -> tuple[int, str]:
     kind, _, rank = value.partition(":")
     if kind == "eora" and rank.isdigit() and int(rank) > 0:
         return int(rank), ""
+    # Pruning takes its own refits too (and reaches here only for an eora... value).
+    expected = "none, bias, lsq or eora:RANK" if owner == "prune" else "none or eora:RANK"
     raise UserInputError(
-        f"{owner}: --compensation {text!r}: expected none or eora:RANK with RANK a positive "
+        f"{owner}: --compensation {text!r}: expected {expected} with RANK a positive "
         "integer (eora:16)"
     )
 

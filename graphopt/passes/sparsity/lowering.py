@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +58,24 @@ from graphopt.registry import GraphPass, PassOption, Stage, register
 
 MIN_SPARSITY = 0.2
 DEFAULT_ROWS = 128
+# --sparse-kernels-min-speedup: a ratio of times, so > 0 (0 or -1 read as "lower every
+# layer, however slow", a typo's meaning). The smallest and largest still say "always" and
+# "never" lower (tests force either with them).
+MIN_SPEEDUP_BOUNDS = (1e-6, 1e9)
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (a container's or taskset's share, not the host's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows: no affinity call
+        return os.cpu_count() or 1
+
+
+# --sparse-kernels-threads: at most this machine's CPUs. More threads than CPUs time
+# contention rather than the kernels, and ORT spawns every one of them (100000 spawned ~10k
+# threads and 16 GB before the kernel refused more).
+MAX_THREADS = usable_cpus()
 # (R, C): R outputs (N) by C inputs (K) per block. int8 blocks need C % 4 == 0 (VNNI).
 BSR_SHAPES = ((1, 4), (4, 1), (16, 1), (4, 4), (1, 1))
 S8_SHAPES = ((1, 4), (4, 4), (16, 4), (1, 8))
@@ -134,6 +153,7 @@ class SparseKernelsPass(GraphPass):
             "file of them) instead of measuring",
             flag="--sparse-kernels-decisions",
             metavar="MODEL_OR_JSON",
+            nonempty=True,
         ),
         PassOption(
             "min_speedup",
@@ -142,14 +162,17 @@ class SparseKernelsPass(GraphPass):
             "lower a layer when dense time / sparse time is at least this",
             flag="--sparse-kernels-min-speedup",
             metavar="X",
+            bounds=MIN_SPEEDUP_BOUNDS,
         ),
         PassOption(
             "threads",
             int,
             1,
-            "intra-op threads of the crossover's timing sessions (as the model will run)",
+            "intra-op threads of the crossover's timing sessions (as the model will run; "
+            "1 to this machine's CPU count)",
             flag="--sparse-kernels-threads",
             metavar="N",
+            bounds=(1, MAX_THREADS),
         ),
     )
 
