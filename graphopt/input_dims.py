@@ -8,8 +8,9 @@ recurrent state ``[2, B, 128]``).
 **Demands.** :func:`dim_limits` reads, per dim, the smallest size the graph accepts where an
 input feeds a window directly (Conv/Pool without enough padding, a reflect Pad, an STFT
 frame) and the largest it allows (positions: the rows of the table position ids index);
-:func:`index_bound` the rows of the Gather table an integer input indexes. Nothing here
-changes a model; :mod:`graphopt.inputs` binds values and generates data from these.
+:func:`index_bound` the rows of the Gather table an integer input indexes
+(:func:`lookup_rows` when that table is constant: an embedding). Nothing here changes a
+model; :mod:`graphopt.inputs` binds values and generates data from these.
 
 **Checks.** :func:`check_input_shapes` refuses ``--input-shape`` bindings the model cannot
 take (a wrong rank, a dim it fixes, two sizes for one named dim) or that prove nothing (a
@@ -317,31 +318,97 @@ def _node_needs(node: ir.Node, rank: int) -> dict[int, int]:
     return {}
 
 
+# Lookups whose input 1 indexes input 0 along ``axis`` (default 0): an index must be < rows.
+_LOOKUPS = {"Gather", "GatherElements"}
+
+# Ops that hand a table's values on unchanged in what matters here (its row count stays a
+# bound): a table behind them is as constant as the data they read.
+_TABLE_PASS_THROUGH = {"Identity", "Cast", "DequantizeLinear"}
+
+
 def index_bound(value: ir.Value, depth: int = 4) -> int | None:
-    """The smallest table size an integer input indexes through Gather, if any.
+    """The smallest table size an integer input indexes through Gather/GatherElements, if any.
 
     Token-type ids index a table of 2 rows, position ids a table of max_positions: the
     generated values must stay inside the smallest table the input reaches.
     """
-    bounds: list[int] = []
+    tables = _indexed_tables(value, depth)
+    return min(rows for rows, _ in tables) if tables else None
+
+
+def lookup_rows(value: ir.Value, depth: int = 4) -> int | None:
+    """:func:`index_bound` when some table the input indexes is constant (an embedding:
+    token ids, token-type ids), else None.
+
+    Ids drawn from the whole of such a table read every row of it, so a rewrite that
+    changed row 900 of an embedding is seen; the bound is still the smallest table the
+    input reaches, constant or not, so every lookup stays in range.
+    """
+    tables = _indexed_tables(value, depth)
+    if not any(constant for _, constant in tables):
+        return None
+    return min(rows for rows, _ in tables)
+
+
+def _indexed_tables(value: ir.Value, depth: int) -> list[tuple[int, bool]]:
+    """(rows, constant?) of each table ``value`` indexes, directly or through ops that keep
+    its values (:data:`_VALUE_PRESERVING`, at most ``depth`` of them)."""
+    tables: list[tuple[int, bool]] = []
     for use in value.uses():
         node, index = use.node, use.idx
         if node.domain not in ("", "ai.onnx"):
             continue
-        if node.op_type == "Gather" and index == 1:
-            data = node.inputs[0]
-            axis_attr = node.attributes.get("axis")
-            axis = axis_attr.value if axis_attr is not None else 0
-            if data is not None and data.shape is not None and len(data.shape) > axis:
-                dim = data.shape[axis]
-                if isinstance(dim, int) and dim > 0:
-                    bounds.append(dim)
+        if node.op_type in _LOOKUPS and index == 1:
+            source = _constant_source(node.inputs[0])
+            rows = _table_rows(node, node.inputs[0]) or _table_rows(node, source)
+            if rows is not None:
+                tables.append((rows, source is not None))
         elif node.op_type in _VALUE_PRESERVING and index == 0 and depth > 0:
             for output in node.outputs:
-                inner = index_bound(output, depth - 1)
-                if inner is not None:
-                    bounds.append(inner)
-    return min(bounds) if bounds else None
+                tables.extend(_indexed_tables(output, depth - 1))
+    return tables
+
+
+def _table_rows(node: ir.Node, data: ir.Value | None) -> int | None:
+    """The static size of ``data`` (a lookup's table) along the lookup's ``axis``."""
+    axis_attr = node.attributes.get("axis")
+    axis = axis_attr.value if axis_attr is not None else 0
+    shape = _declared_or_constant_shape(data)
+    if shape is None or not -len(shape) <= axis < len(shape):
+        return None
+    dim = shape[axis]
+    return dim if isinstance(dim, int) and dim > 0 else None
+
+
+def _declared_or_constant_shape(value: ir.Value | None) -> ir.Shape | None:
+    """``value``'s shape, else that of its constant data (a Constant node's output carries
+    none before shape inference)."""
+    if value is None or value.shape is not None:
+        return value.shape if value is not None else None
+    producer = value.producer()
+    if value.const_value is None and producer is not None and producer.op_type == "Constant":
+        tensor = producer.attributes.get("value")
+        return tensor.value.shape if tensor is not None else None
+    return value.const_value.shape if value.const_value is not None else None
+
+
+def _constant_source(value: ir.Value | None, depth: int = 2) -> ir.Value | None:
+    """The initializer or Constant output ``value`` is, possibly behind a Cast/Identity/
+    DequantizeLinear (a float16 or quantized embedding is still a fixed table, of the same
+    shape); None when ``value`` is computed or fed."""
+    if value is None:
+        return None
+    if value.const_value is not None or value.is_initializer():
+        # Also when listed as an input (IR < 4 style): generated feeds never override it.
+        return value
+    producer = value.producer()
+    if producer is None or producer.domain not in ("", "ai.onnx"):
+        return None
+    if producer.op_type == "Constant":
+        return value
+    if producer.op_type in _TABLE_PASS_THROUGH and depth > 0 and producer.inputs:
+        return _constant_source(producer.inputs[0], depth - 1)
+    return None
 
 
 def check_input_shapes(model: ir.Model, shapes: Mapping[str, tuple[int, ...]] | None) -> None:

@@ -14,8 +14,11 @@ frame) and capped by what it allows (positions: rows of the table that position 
 Where the demand is not direct (a reflect Pad behind a Reshape or inside an If branch) and
 ONNX Runtime rejects the defaults, :func:`enlarged_dims` gives larger bindings to retry at.
 
-**Values.** Floats are standard normal. Integers are in ``[0, 10)``, narrowed to ``[0, n)``
-when the input indexes a table of ``n`` rows through Gather (token-type ids, embeddings);
+**Values.** Floats are standard normal. Integers that index a constant table through
+Gather/GatherElements (directly or through Cast/Reshape/Unsqueeze...) are in ``[0, n)``, ``n``
+the rows of the smallest table they index: token ids span the vocabulary, token-type ids
+stay in ``[0, 2)`` (:func:`int_high`). Other integers are in ``[0, 10)``, narrowed to
+``[0, n)`` when they index a computed tensor of ``n`` rows;
 ``*mask*`` inputs are all ones; position ids count ``0, 1, 2, ...`` along their last axis;
 length inputs (``lengths``, ``*_lens``, ``seq_len``...) are in ``[1, L]`` with ``L`` the
 longest symbolic dim of the other inputs; sample rates are 16000. Booleans are random.
@@ -47,6 +50,7 @@ from graphopt.input_dims import (
     given_dims,
     graph_inputs,
     index_bound,
+    lookup_rows,
     symbolic_dims,
 )
 
@@ -547,8 +551,22 @@ def _generate(
             high = _length_limit(model, value, shapes)
             high = min(high, rows) if rows else high
             return rng.integers(1, high + 1, size=shape).astype(dtype)
-        return _random_array(rng, name, shape, dtype, min(INT_HIGH, rows or INT_HIGH))
+        return _random_array(rng, name, shape, dtype, int_high(value))
     return _random_array(rng, name, shape, dtype)
+
+
+def int_high(value: ir.Value) -> int:
+    """The exclusive upper end of a generated integer (index-like) input's values.
+
+    Ids that index an embedding (a constant table) span all its rows: drawn from ``[0, 10)``
+    they would never read row 10 on, and a rewrite that broke the rest of the table would
+    verify, compare and calibrate as if exact. Other integers stay small (``[0, 10)``: counts,
+    steps, indices into computed tensors), narrowed to the rows of any table they index.
+    """
+    rows = lookup_rows(value)
+    if rows is not None:
+        return rows
+    return min(INT_HIGH, index_bound(value) or INT_HIGH)
 
 
 def _random_array(

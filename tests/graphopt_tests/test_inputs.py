@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper
 
@@ -93,10 +94,92 @@ def test_one_value_per_named_dim_across_inputs() -> None:
 def test_integer_inputs_take_values_the_model_can_use() -> None:
     model = _text_model()
     feeds = make_inputs(model, {"ids": (3, 6)}, seed=4)
-    assert feeds["ids"].min() >= 0 and feeds["ids"].max() < 10  # table of 50: [0, 10)
+    # Ids of a constant 50-row table span it, past the [0, 10) of other integers.
+    assert feeds["ids"].min() >= 0 and 10 <= feeds["ids"].max() < 50
     # Position ids count along the sequence, as a tokenizer feeds them.
     np.testing.assert_array_equal(feeds["pos"], np.broadcast_to(np.arange(6), (3, 6)))
     assert (feeds["mask"] == 1).all()
+
+
+def _lookup_model(table: str = "const", types: bool = False) -> ir.Model:
+    """ids[b, s] → Cast → Reshape → Gather(emb, 300 rows) (``types``: and → Gather(2 rows));
+    idx[b, s] → Gather(x, axis 1), a computed tensor; n[b, s] only summed.
+
+    ``table``: ``const`` an initializer, ``node`` a Constant node, ``dq`` an int8 table
+    behind DequantizeLinear, ``input`` the embedding fed as a model input (not fixed)."""
+    rng = np.random.default_rng(0)
+    initializers = {
+        "types": rng.standard_normal((2, 4)).astype(np.float32),
+        "flat": np.array([-1], np.int64),
+    }
+    inputs = [
+        tensor_info("ids", I64, ["b", "s"]),
+        tensor_info("idx", I64, ["b", "s"]),
+        tensor_info("n", I64, ["b", "s"]),
+        tensor_info("x", F, ["b", 40]),
+    ]
+    nodes = [
+        helper.make_node("Cast", ["ids"], ["ids32"], to=TensorProto.INT32),
+        helper.make_node("Reshape", ["ids32", "flat"], ["flat_ids"]),
+        helper.make_node("Gather", ["emb", "flat_ids"], ["tok"]),
+        helper.make_node("Gather", ["x", "idx"], ["picked"], axis=1),
+        helper.make_node("ReduceSum", ["n"], ["total"], keepdims=0),
+    ]
+    weights = rng.standard_normal((300, 4)).astype(np.float32)
+    if table == "dq":
+        initializers["emb_q"] = np.clip(weights * 40, -127, 127).astype(np.int8)
+        initializers["emb_scale"] = np.array(0.025, np.float32)
+        nodes.insert(0, helper.make_node("DequantizeLinear", ["emb_q", "emb_scale"], ["emb"]))
+    elif table == "node":
+        tensor = onnx.numpy_helper.from_array(weights, "emb")
+        nodes.insert(0, helper.make_node("Constant", [], ["emb"], value=tensor))
+    elif table == "input":
+        inputs.append(tensor_info("emb", F, [300, 4]))
+    else:
+        initializers["emb"] = weights
+    outputs = [
+        tensor_info("tok", F, ["t", 4]),
+        tensor_info("picked", F, ["b", "b2", "s"]),
+        tensor_info("total", I64, []),
+    ]
+    if types:
+        nodes.append(helper.make_node("Gather", ["types", "ids"], ["typ"]))
+        outputs.append(tensor_info("typ", F, ["b", "s", 4]))
+    return make_model(nodes, inputs, outputs, initializers)
+
+
+def test_ids_of_two_tables_stay_in_the_smaller() -> None:
+    """ids index a 300-row embedding (through Cast/Reshape) and a 2-row table: they take the
+    smallest table's range (token-type ids)."""
+    model = _lookup_model(types=True)
+    feeds = make_inputs(model, {"ids": (4, 64)}, seed=3)
+    assert set(np.unique(feeds["ids"])) == {0, 1}  # the 2-row table bounds it
+    # Indices into a computed tensor and plain integers keep [0, 10).
+    assert feeds["idx"].min() >= 0 and feeds["idx"].max() <= 9
+    assert feeds["n"].min() >= 0 and feeds["n"].max() <= 9
+    run_model(model, feeds)
+
+
+@pytest.mark.parametrize("table", ["const", "node", "dq"])
+def test_token_ids_span_the_vocabulary(table: str) -> None:
+    """Ids of a constant embedding (an initializer, a Constant, int8 behind DequantizeLinear)
+    read all of it:
+    a rewrite that broke row 10 on would pass on ids in [0, 10)."""
+    model = _lookup_model(table)
+    first = make_inputs(model, {"ids": (4, 64)}, seed=3)
+    ids = first["ids"]
+    assert ids.min() >= 0 and ids.max() < 300
+    # 256 draws from [0, 300): nearly every stretch of the table is read.
+    assert len(np.unique(ids // 30)) == 10 and ids.max() >= 250
+    np.testing.assert_array_equal(make_inputs(model, {"ids": (4, 64)}, seed=3)["ids"], ids)
+    run_model(model, first)
+
+
+def test_ids_of_a_fed_table_stay_small() -> None:
+    """A table the caller feeds is not fixed: its ids keep [0, 10)."""
+    model = _lookup_model("input")
+    feeds = make_inputs(model, {"ids": (4, 64)}, seed=3)
+    assert feeds["ids"].max() <= 9
 
 
 def test_lengths_and_sample_rate() -> None:

@@ -478,8 +478,8 @@ def _counts_from_one(
 ) -> np.ndarray:
     """An integer scalar (or one value per sample, ``[B]``) is a count, length, rate or step
     more often than an index: 0 empties a Range, divides by zero, cuts a sequence to nothing.
-    Such inputs take values from 1 up to what the generator allowed (``[0, high)``, ``high``
-    narrowed by a Gather table the input indexes). Token ids and masks are left alone."""
+    Such inputs take values from 1 up to what the generator allowed (``[0, high)``:
+    :func:`graphopt.inputs.int_high`). Token ids and masks are left alone."""
     per_sample = array.ndim == 0 or (array.ndim == 1 and axis == 0)
     if not per_sample or array.dtype.kind not in "iu" or "mask" in value.name.lower():
         return array
@@ -490,10 +490,10 @@ def _counts_from_one(
 
 
 def _generated_high(value: ir.Value) -> int:
-    from graphopt.input_dims import index_bound
-    from graphopt.inputs import INT_HIGH
+    from graphopt.inputs import int_high
 
-    return min(INT_HIGH, index_bound(value) or INT_HIGH)
+    # The generator's own bound, so that a per-sample id spans an embedding as token ids do.
+    return int_high(value)
 
 
 def _free_sequence(model: ir.Model) -> bool:

@@ -1,10 +1,17 @@
-"""Constant folding on top of onnxscript's folder, under graphopt's size rule.
+"""Constant folding on top of onnxscript's folder, under graphopt's size rules.
 
 The size rule (``--fold-limit``, ``PassContext.fold_limit_bytes``, default 1 MiB, None = no
 limit): a folded result larger than the limit is kept only when it is not larger than the
 constant data it replaces, i.e. the bytes of its constant inputs that nobody else reads.
 Transposing a 4 MB weight used once is fine; ConstantOfShape/Expand/Tile/Range making a
 10 MB tensor out of a few bytes is refused.
+
+The copy rule (any limit but None): a result over :data:`COPY_LIMIT_BYTES` that reads a
+constant over that size which stays in the model (a graph output, or read by a node that
+does not compute from constants only, so never folds) is not folded unless it replaces at
+least its own size. Folding it would store a second copy of the
+weight: GPT-2's tied embedding, read by the token Gather and, transposed, by the LM head,
+grew by 128,002 parameters (+21% on disk) when Transpose(weight) was folded beside it.
 
 onnxscript's own limits count *elements*, not bytes, and its compensation counts inputs by
 element too; graphopt decides itself (``should_fold`` returns True/False for every node) and
@@ -38,6 +45,11 @@ NEVER_FOLD = frozenset(
     }
 )
 _NO_LIMIT = 1 << 62
+# Above this, a result that copies a weight still read elsewhere is not folded (module doc).
+# Shape and index constants (tens of bytes), scalars and small per-channel vectors stay
+# well under it and keep folding; the weights whose copies grow a model are far above it
+# (a 1000x128 embedding is 512 KB). 4 KiB is a 1024-float32 row: a copy that size is noise.
+COPY_LIMIT_BYTES = 4096
 logger = logging.getLogger(__name__)
 
 
@@ -62,6 +74,53 @@ def _replaced_bytes(node: ir.Node) -> int:
     return total
 
 
+def _reads_shared_weight(node: ir.Node) -> bool:
+    """Whether ``node`` reads a constant over :data:`COPY_LIMIT_BYTES` that stays in the
+    model after it folds: a graph output, or read by a node that does not fold (one with an
+    input computed at run time: GPT-2's token Gather reads the tied weight with the ids).
+    A constant read only by nodes that fold too goes with them: Swin's shifted-window mask,
+    a zero image that Slices and ScatterNDs read, folds whole (refusing each step as a
+    copy left 66 more nodes)."""
+    for value in node.inputs:
+        if value is None or value.const_value is None:
+            continue
+        if value.const_value.nbytes <= COPY_LIMIT_BYTES:
+            continue
+        memo: dict[int, bool] = {}
+        if value.is_graph_output() or any(
+            use.node is not node and not _from_constants(use.node, memo) for use in value.uses()
+        ):
+            return True
+    return False
+
+
+def _from_constants(node: ir.Node, memo: dict[int, bool], depth: int = 0) -> bool:
+    """Whether ``node`` computes from constants only, through its producers (so that it
+    may fold in turn): the mask's ScatterND reads the zero image and a Transpose of a Slice
+    of it. No graph input, no random op, no subgraph; past 64 producers deep, no."""
+    known = memo.get(id(node))
+    if known is not None:
+        return known
+    memo[id(node)] = False  # a cycle (none in a valid graph) or a repeat: not proven yet
+    result = (
+        depth < 64
+        and node.op_type not in NEVER_FOLD
+        and not any(
+            attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+            for attr in node.attributes.values()
+        )
+    )
+    for value in node.inputs if result else ():
+        if value is None or value.const_value is not None:
+            continue
+        producer = value.producer()
+        if producer is None or not _from_constants(producer, memo, depth + 1):
+            result = False
+            break
+    memo[id(node)] = result
+    return result
+
+
 def _static_nbytes(value: ir.Value) -> int | None:
     dims = editing.static_shape(value)
     if dims is None or value.dtype is None or value.dtype == ir.DataType.STRING:
@@ -83,7 +142,14 @@ class _LimitedFolder(folding.FoldConstantsPass):
         self.default_opset = 0  # set per model in call()
 
     def _allowed(self, node: ir.Node, nbytes: int) -> bool:
-        return self.limit is None or nbytes <= self.limit or nbytes <= _replaced_bytes(node)
+        """The size and copy rules (module doc) for a result of ``nbytes``."""
+        if self.limit is None:
+            return True  # --fold-limit none: every size rule lifted
+        if nbytes <= _replaced_bytes(node):
+            return True  # the model does not grow
+        if nbytes > COPY_LIMIT_BYTES and _reads_shared_weight(node):
+            return False  # a second copy of a weight that stays
+        return nbytes <= self.limit
 
     def _should_fold(self, node: ir.Node) -> bool:
         if not editing.is_op(node, node.op_type):

@@ -4,6 +4,7 @@ exporters declare them."""
 from __future__ import annotations
 
 import numpy as np
+import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper
 
@@ -88,3 +89,29 @@ def test_samples_with_nothing_to_measure_are_refused(tmp_path):
     mask[1:3, 0] = 1  # padded, but each sample has a position
     np.savez(path, ids=np.ones((4, 6), np.float32), mask=mask)
     assert load_calibration(str(path), model).count == 4
+
+
+def _embedding_model() -> ir.Model:
+    """ids[batch, seq] and one id per sample, cls[batch], both index a 300-row embedding."""
+    rng = np.random.default_rng(0)
+    ids = helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "seq"])
+    cls = helper.make_tensor_value_info("cls", TensorProto.INT64, ["batch"])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", 4])
+    z = helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", 4])
+    nodes = [
+        helper.make_node("Gather", ["emb", "ids"], ["y"]),
+        helper.make_node("Gather", ["emb", "cls"], ["z"]),
+    ]
+    table = rng.standard_normal((300, 4)).astype(np.float32)
+    return make_model(nodes, [ids, cls], [y, z], {"emb": table})
+
+
+def test_random_calibration_ids_span_the_embedding():
+    """``--calib random`` reads the whole vocabulary, not rows 0-9: token ids from [0, 300),
+    per-sample ids from [1, 300) (counted from 1, as integers per sample are)."""
+    from graphopt.passes.calibration.samples import random_calibration
+
+    calib = random_calibration(_embedding_model(), {})
+    ids, cls = calib.arrays["ids"], calib.arrays["cls"]
+    assert ids.min() >= 0 and 250 <= ids.max() < 300
+    assert cls.min() >= 1 and 200 <= cls.max() < 300

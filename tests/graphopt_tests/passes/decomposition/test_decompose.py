@@ -72,10 +72,12 @@ def test_bert_tiny_inner_dims_shrink_and_flops_drop(bert):
 
 
 def test_a_decomposed_model_decomposes_again(tmp_path):
-    """Global allocation leaves V with fewer dims per head than Q; a second run read V with
+    """A first run can leave V with fewer dims per head than Q; a second run read V with
     Q's head dim and crashed (IndexError). Now such V/O blocks are left, with the reason."""
     first, second = tmp_path / "once.onnx", tmp_path / "twice.onnx"
-    _run(build("bert_tiny"), first, "ratio=0.3", allocation="global")
+    # V/O alone in the first run: global allocation over all kinds may leave V whole,
+    # depending on the calibration data (on ids spanning the vocabulary it cuts only MLPs).
+    _run(build("bert_tiny"), first, "ratio=0.3", "vo")
     record = _run(first, second, "ratio=0.3", allocation="global")
     assert record.check == "passed"
     left = [why for _, kind, why in record.skipped if kind == "vo"]

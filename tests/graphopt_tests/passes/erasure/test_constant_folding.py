@@ -78,6 +78,103 @@ def test_large_result_of_shared_weight_refused():
     assert hits == 0 and "Transpose" in op_types(after)
 
 
+def _tied_embedding(rows: int, width: int, perm_first: bool = True):
+    """GPT-2's tied embedding: ``w[rows, width]`` read by the token Gather and, transposed,
+    by the LM head MatMul (the transpose is a new tensor of the weight's size)."""
+    w = np.random.default_rng(0).standard_normal((rows, width)).astype(np.float32)
+    return make_model(
+        [
+            helper.make_node("Gather", ["w", "ids"], ["h"]),
+            helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]),
+            helper.make_node("MatMul", ["h", "wt"], ["logits"]),
+        ],
+        [tensor_info("ids", T.INT64, [1, 4])],
+        [tensor_info("logits", F, [1, 4, rows])],
+        {"w": w},
+    )
+
+
+def test_a_shared_weight_under_the_fold_limit_is_not_copied():
+    """A 1000x128 embedding (512 KB, under the 1 MiB limit) read by Gather stays; folding
+    its Transpose wrote a second 512 KB copy beside it (gpt2_tiny +128,002 parameters)."""
+    model = _tied_embedding(1000, 128)
+    after, hits = run_pass(model, ConstantFoldingPass, PassContext(fold_limit_bytes=1 << 20))
+    assert hits == 0 and "Transpose" in op_types(after)
+    sizes = [v.const_value.size for v in after.graph.initializers.values()]
+    assert sizes == [128_000]
+    # --fold-limit none lifts every size rule, this one too.
+    after, hits = run_pass(model, ConstantFoldingPass, PassContext(fold_limit_bytes=None))
+    assert hits == 1 and op_types(after) == ["Gather", "MatMul"]
+
+
+def test_small_copies_of_a_shared_constant_still_fold():
+    """Under the copy limit (4 KiB) a copy costs nothing worth a node: a 16x8 table transposed
+    (512 bytes) folds although the Gather keeps the table."""
+    model = _tied_embedding(16, 8)
+    _, hits, ops = check(model, ConstantFoldingPass, PassContext(fold_limit_bytes=1 << 20))
+    assert hits == 1 and ops == ["Gather", "MatMul"]
+
+
+def test_a_small_result_of_a_shared_weight_folds():
+    """Reading a shared weight is no copy when the result is small: one row of it, or its
+    shape, folds."""
+    w = np.random.default_rng(0).standard_normal((1000, 128)).astype(np.float32)
+    model = make_model(
+        [
+            helper.make_node("Gather", ["w", "ids"], ["h"]),
+            helper.make_node("Gather", ["w", "zero"], ["row"]),
+            helper.make_node("Add", ["h", "row"], ["y"]),
+        ],
+        [tensor_info("ids", T.INT64, [1, 4])],
+        [tensor_info("y", F, [1, 4, 128])],
+        {"w": w, "zero": np.array(0, I64)},
+    )
+    _, hits, ops = check(model, ConstantFoldingPass, PassContext(fold_limit_bytes=1 << 20))
+    assert hits == 1 and ops == ["Gather", "Add"]
+
+
+def test_a_large_result_replacing_its_input_folds_beside_a_shared_constant():
+    """Reshape(weight used once, shape shared with another Reshape): the shape stays, but
+    the weight goes, so the model does not grow and the Reshape folds."""
+    rng = np.random.default_rng(0)
+    model = make_model(
+        [
+            helper.make_node("Reshape", ["w", "shape"], ["w2"]),
+            helper.make_node("MatMul", ["x", "w2"], ["y"]),
+            helper.make_node("Reshape", ["z", "shape"], ["y2"]),
+        ],
+        [tensor_info("x", F, [512, 512]), tensor_info("z", F, [512 * 512])],
+        [tensor_info("y", F, [512, 512]), tensor_info("y2", F, [512, 512])],
+        {"w": rng.standard_normal((256, 1024)).astype(np.float32), "shape": np.array([512, 512])},
+    )
+    _, hits, ops = check(model, ConstantFoldingPass, PassContext(fold_limit_bytes=1 << 20))
+    assert hits == 1 and ops == ["MatMul", "Reshape"]
+
+
+def test_a_shared_constant_whose_readers_all_fold_is_no_copy():
+    """Swin's shifted-window mask: a zero image read by a Slice and by a ScatterND whose
+    updates are a Transpose of that Slice. Every reader folds in turn, so the image goes
+    with them; refusing the Slice as a copy left 66 nodes more in swin_t."""
+    model = make_model(
+        [
+            helper.make_node("Slice", ["img", "starts", "ends"], ["part"]),
+            helper.make_node("Transpose", ["part"], ["upd"], perm=[1, 0]),
+            helper.make_node("ScatterND", ["img", "idx", "upd"], ["mask"]),
+            helper.make_node("Add", ["x", "mask"], ["y"]),
+        ],
+        [tensor_info("x", F, [56, 56])],
+        [tensor_info("y", F, [56, 56])],
+        {
+            "img": np.zeros((56, 56), np.float32),
+            "starts": np.array([0], I64),
+            "ends": np.array([56], I64),
+            "idx": np.arange(56, dtype=np.int64).reshape(56, 1),
+        },
+    )
+    _, hits, ops = check(model, ConstantFoldingPass, PassContext(fold_limit_bytes=1 << 20))
+    assert hits == 3 and ops == ["Add"]
+
+
 def test_random_ops_never_folded():
     model = make_model(
         [
