@@ -192,6 +192,7 @@ def dims_of(model: ir.Model | ir.Graph, shapes: Mapping[str, tuple[int, ...]]) -
     return bound
 
 
+# ---- dims named by arithmetic on other dims ------------------------------------------------
 POSITION_NAME = re.compile(r"position|(^|_)pos(_ids?)?$", re.IGNORECASE)
 
 
@@ -427,11 +428,6 @@ def check_input_shapes(model: ir.Model, shapes: Mapping[str, tuple[int, ...]] | 
     named: dict[str, tuple[int, str]] = {}
     for name, shape in shapes.items():
         flag = f"--input-shape {name}:{'x'.join(str(d) for d in shape)}"
-        if 0 in shape:
-            raise UserInputError(
-                f"{flag}: a zero-sized dim gives empty tensors, on which any rewrite "
-                "compares equal; use dims of at least 1"
-            )
         declared = inputs[name].shape
         if declared is None:
             continue
@@ -457,6 +453,11 @@ def check_input_shapes(model: ir.Model, shapes: Mapping[str, tuple[int, ...]] | 
                         f"{flag}: dim {key!r} is {size} here but {first[0]} for input "
                         f"{first[1]!r}; inputs that share a named dim take one size"
                     )
+    # Late import: dim_expressions reads this module's naming helpers.
+    from graphopt.dim_expressions import check_expressions, refuse_all_empty
+
+    check_expressions(model, shapes)
+    refuse_all_empty(model, shapes)
 
 
 def _declared(shape: ir.Shape) -> str:

@@ -19,9 +19,11 @@ Gather/GatherElements (directly or through Cast/Reshape/Unsqueeze...) are in ``[
 the rows of the smallest table they index: token ids span the vocabulary, token-type ids
 stay in ``[0, 2)`` (:func:`int_high`). Other integers are in ``[0, 10)``, narrowed to
 ``[0, n)`` when they index a computed tensor of ``n`` rows;
-``*mask*`` inputs are all ones; position ids count ``0, 1, 2, ...`` along their last axis;
-length inputs (``lengths``, ``*_lens``, ``seq_len``...) are in ``[1, L]`` with ``L`` the
-longest symbolic dim of the other inputs; sample rates are 16000. Booleans are random.
+integer ``*mask*`` inputs are ones, except that with a batch of 2 or more the second row is
+left-padded to its last position (:func:`_mask_array`); position ids count ``0, 1, 2, ...``
+along their last axis; length inputs (``lengths``, ``*_lens``, ``seq_len``...) are in
+``[1, L]`` with ``L`` the longest symbolic dim of the other inputs; sample rates are 16000.
+Booleans are random.
 
 **A second shape** (:func:`second_shape_candidates`) moves every symbolic dim to another
 value the graph allows, distinct dims to distinct values (:func:`distinct_second_dims`), so
@@ -39,6 +41,7 @@ from collections.abc import Mapping
 import numpy as np
 import onnx_ir as ir
 
+from graphopt.dim_expressions import follow_expressions
 from graphopt.errors import UserInputError
 from graphopt.input_dims import (
     POSITION_NAME,
@@ -113,7 +116,8 @@ def bind_dims(
         # A window the input must fill wins over a cap: the cap is a guess about the
         # model's intent, the window a hard error in ORT.
         dims[key] = max(size, lower.get(key, 0))
-    return dims
+    # "past_sequence_length + sequence_length" is no dim of its own: it follows its terms.
+    return follow_expressions(model, dims, fixed=given_dims(model, given))
 
 
 def enlarged_dims(
@@ -176,6 +180,9 @@ def input_shapes(
     if dims is None:
         bound = bind_dims(model, given)
         return {v.name: concrete_shape(v, given, bound) for v in graph_inputs(model)}
+    # A binding moves every dim (the second shape, enlarged tries): expression-named dims
+    # follow the terms' new values.
+    dims = follow_expressions(model, dims)
     keys = dim_keys(model)
     shapes: Shapes = {}
     for value in graph_inputs(model):
@@ -541,7 +548,7 @@ def _generate(
         return np.full(shape, SAMPLE_RATE, dtype=dtype)
     if np.issubdtype(dtype, np.integer) and dtype != np.bool_:
         if _MASK_NAME.search(name):
-            return np.ones(shape, dtype=dtype)
+            return _mask_array(shape, dtype)
         rows = index_bound(value)
         if POSITION_NAME.search(name) and shape:
             # What a tokenizer feeds: 0, 1, 2... along the sequence (wrapped into the table).
@@ -553,6 +560,25 @@ def _generate(
             return rng.integers(1, high + 1, size=shape).astype(dtype)
         return _random_array(rng, name, shape, dtype, int_high(value))
     return _random_array(rng, name, shape, dtype)
+
+
+def _mask_array(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An attention-style 0/1 mask: ones, and with a batch (axis 0) of 2 or more the second
+    row left-padded: 0 everywhere along the last axis but the last position.
+
+    All ones never masks a whole query row, so a rewrite wrong only there (an attention
+    fusion on a left-padded prompt's padding positions) would verify. A decoder's query i
+    sees keys 0..past+i, so only padding that reaches past the cache masks it entirely:
+    keeping just the last position does that for every query but the last of a prefill or
+    a multi-token step, whatever the cache length, while the last query keeps one key (the
+    partly masked case) and the other rows stay unpadded. Fixed, not drawn from the seed's
+    stream, so the other inputs' values do not move. Booleans are not masks here: their
+    polarity is unknown (PyTorch's key_padding_mask is True where padded).
+    """
+    mask = np.ones(shape, dtype=dtype)
+    if len(shape) >= 2 and shape[0] >= 2 and shape[-1] >= 2:
+        mask[1, ..., :-1] = 0
+    return mask
 
 
 def int_high(value: ir.Value) -> int:
@@ -580,7 +606,7 @@ def _random_array(
         return rng.integers(0, 2, size=shape).astype(np.bool_)
     if np.issubdtype(dtype, np.integer):
         if _MASK_NAME.search(name):
-            return np.ones(shape, dtype=dtype)
+            return _mask_array(shape, dtype)
         return rng.integers(0, int_high, size=shape).astype(dtype)
     if np.issubdtype(dtype, np.floating) or dtype.kind == "V" or dtype.itemsize <= 2:
         return rng.standard_normal(size=shape).astype(np.float32).astype(dtype)

@@ -19,6 +19,7 @@ from graphopt.inputs import (
     ENLARGE_MAX_BYTES,
     ENLARGE_TRIES,
     SAMPLE_RATE,
+    _mask_array,
     bind_dims,
     distinct_second_dims,
     enlarged_dims,
@@ -98,7 +99,30 @@ def test_integer_inputs_take_values_the_model_can_use() -> None:
     assert feeds["ids"].min() >= 0 and 10 <= feeds["ids"].max() < 50
     # Position ids count along the sequence, as a tokenizer feeds them.
     np.testing.assert_array_equal(feeds["pos"], np.broadcast_to(np.arange(6), (3, 6)))
-    assert (feeds["mask"] == 1).all()
+    # The mask's second row is left-padded to its last position (fully masked query rows).
+    np.testing.assert_array_equal(feeds["mask"], [[1] * 6, [0, 0, 0, 0, 0, 1], [1] * 6])
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.uint8])
+def test_masks_left_pad_one_row_of_a_batch(dtype) -> None:
+    # All ones never masks a whole query row: a rewrite wrong only on padding rows (an
+    # attention fusion on a left-padded prompt) would verify. Batch 1 keeps all ones.
+    assert _mask_array((1, 5), np.dtype(dtype)).all()
+    mask = _mask_array((2, 3, 5), np.dtype(dtype))
+    assert mask.dtype == dtype and mask[0].all() and mask[1, :, -1].all()
+    assert not mask[1, :, :-1].any()
+    assert _mask_array((2, 1), np.dtype(dtype)).all()  # one position: never masked away
+
+
+def test_boolean_masks_stay_random() -> None:
+    # A bool mask's polarity is unknown (True may mean padded): not generated as a 0/1 mask.
+    model = make_model(
+        [helper.make_node("Cast", ["attn_mask"], ["y"], to=TensorProto.FLOAT)],
+        [tensor_info("attn_mask", TensorProto.BOOL, ["batch", 64])],
+        [tensor_info("y", TensorProto.FLOAT, ["batch", 64])],
+    )
+    feeds = make_inputs(model, {"attn_mask": (2, 64)}, seed=3)
+    assert feeds["attn_mask"].dtype == np.bool_ and 0 < feeds["attn_mask"].sum() < 128
 
 
 def _lookup_model(table: str = "const", types: bool = False) -> ir.Model:
@@ -686,3 +710,19 @@ def test_an_input_listed_as_an_output_without_a_shape_is_named_as_the_problem(
     assert code == 2
     assert "input 'x' has no shape: it is also listed as a graph output, and that output " in err
     assert "--input-shape x:DxD" in err
+
+
+def test_generated_mask_length_follows_past_plus_sequence() -> None:
+    """A mask dim named ``past_sequence_length + sequence_length`` (optimum, TorchScript) is
+    bound as the sum of its terms at the first shape, at any binding that moves them (the
+    second shape), and around a given mask length (the past is what is left)."""
+    from graphopt.inputs import bind_dims, input_shapes
+    from graphopt_tests.test_dim_expressions import MASK, _decoder
+
+    model = _decoder()
+    dims = bind_dims(model)
+    assert dims[MASK] == dims["past_sequence_length"] + dims["sequence_length"]
+    moved = {**dims, "sequence_length": 3, "past_sequence_length": 16, MASK: 7}
+    assert input_shapes(model, {}, moved)["attention_mask"] == (dims["batch_size"], 19)
+    given = {"input_ids": (1, 1), "attention_mask": (1, 9)}
+    assert input_shapes(model, given)["past"] == (1, 2, 8, 4)

@@ -27,8 +27,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
+from graphopt.dim_expressions import dim_expressions
 from graphopt.errors import UserInputError, is_out_of_memory
-from graphopt.input_dims import dim_key, dim_keys, graph_inputs
+from graphopt.input_dims import (
+    batch_dims,
+    dim_key,
+    dim_keys,
+    dims_of,
+    graph_inputs,
+)
 from graphopt.inputs import (
     DEFAULT_BATCH,
     bind_dims,
@@ -391,6 +398,9 @@ def random_calibration(
                 )
             if batch != batched:
                 notes.append("--calib random: samples fed one at a time (a batch fails)")
+            one_size = _one_size_note(model, bound)
+            if one_size:
+                notes.append(one_size)
             calib.note = "; ".join(notes)
             return calib
         first_error = first_error or (error, feeds)
@@ -405,6 +415,34 @@ def random_calibration(
         "calibration inputs "
         f"({describe_feeds(feeds)}): {_innermost(error)}{tried}; bind sizes with "
         "--input-shape NAME:DxD... or give real data with --calib FILE.npz"
+    )
+
+
+def _one_size_note(model: ir.Model, bound: dict[str, tuple[int, ...]]) -> str:
+    """Say that generated samples hold one size of each symbolic dim ("" without such dims).
+
+    Every sample of a :class:`CalibrationSet` has one shape, so ranges are fitted and
+    fidelity measured at that size only: a decoder bound to its decode step (sequence 1)
+    quantized for it and reported its error there, while its prefill (a longer sequence)
+    came out 15-20x worse, unsaid. The batch is left out (a larger batch repeats the
+    work), as are dims named as sums of others (they follow their terms) and unnamed dims
+    (``signal[1]``: no name says that the deployed model feeds it other sizes).
+    """
+    skipped = batch_dims(model) | set(dim_expressions(model))
+    batch = _batch_symbol(graph_inputs(model))
+    if batch is not None:
+        skipped.add(batch)
+    keys = dim_keys(model)
+    unnamed = {key for (name, axis), key in keys.items() if key == f"{name}[{axis}]"}
+    sizes = {k: v for k, v in dims_of(model, bound).items() if k not in skipped | unnamed}
+    if not sizes:
+        return ""
+    text = ", ".join(f"{k}={v}" for k, v in sizes.items())
+    return (
+        f"--calib random: ranges fitted and fidelity measured at {text} only (every "
+        "generated sample has one size of each symbolic dim); other sizes, such as a longer "
+        "sequence, may quantize worse: give --calib FILE.npz with the sizes you deploy, or "
+        "bind another size with --input-shape"
     )
 
 

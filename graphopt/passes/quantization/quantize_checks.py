@@ -160,6 +160,7 @@ def refuse_nothing_to_quantize(model: ir.Model, mode: str, embeddings: bool = Fa
             )
     present = {n.op_type for g in graphs for n in g}
     refuse_nothing_to_do(f"--quantize {mode}", _mode_ops(mode, embeddings), present)
+    refuse_layers_only_in_subgraphs(model, mode, embeddings)
     types = [node.inputs[0].dtype for node in weighted]
     if not weighted and mode in ("fp16", "bf16"):
         # No Conv/Gemm/MatMul: the float computation of any op is what these modes lower.
@@ -210,6 +211,43 @@ def refuse_nothing_to_quantize(model: ir.Model, mode: str, embeddings: bool = Fa
             f"{_REDUCED_FLOATS[reduced[0]]} ({len(reduced)} of {len(types)} Conv/Gemm/MatMul "
             f"nodes); --quantize {mode} starts from a float32 model: give the float32 export"
         )
+
+
+# Layers a mode's rewrite stands on: the weighted ops it rewrites (com.microsoft's Attention
+# for int8-dynamic, embedding Gathers for int4-weight with --quantize-embeddings).
+_LAYER_OPS = frozenset((*_WEIGHTED_OPS, "Attention", "Gather"))
+
+
+def refuse_layers_only_in_subgraphs(model: ir.Model, mode: str, embeddings: bool = False) -> None:
+    """Refuse a model whose every layer the mode rewrites sits inside If/Loop/Scan bodies.
+
+    The integer modes rewrite the main graph only (fp16/bf16 leave bodies float32 too).
+    optimum's merged decoder keeps its whole network in the two branches of
+    ``If(use_cache_branch)``: the mode found nothing and the refusal read "no layer it
+    rewrites", as if the model had no MatMul. Say where the layers are, and what to give.
+    """
+    ops = _mode_ops(mode, embeddings) & _LAYER_OPS
+    if not ops or any(node.op_type in ops for node in model.graph):
+        return
+    inside = [node for graph in model.graph.subgraphs() for node in graph if node.op_type in ops]
+    if not inside:
+        return
+    kinds = ", ".join(sorted({node.op_type for node in inside}))
+    holders = sorted({n.op_type for n in model.graph if _has_subgraph(n)})
+    raise UserInputError(
+        f"quantize {mode}: nothing to quantize in the main graph: all {len(inside)} {kinds} "
+        f"node(s) it rewrites are inside {'/'.join(holders) or 'subgraph'} bodies, which "
+        f"--quantize {mode} does not quantize (it rewrites the main graph only); give the "
+        "model without the control flow (for an optimum merged decoder, the separate "
+        "decoder_model.onnx / decoder_with_past_model.onnx)"
+    )
+
+
+def _has_subgraph(node: ir.Node) -> bool:
+    return any(
+        attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+        for attr in node.attributes.values()
+    )
 
 
 def check_tensorrt_form(

@@ -10,8 +10,14 @@ of matching it the pass probes it: it evaluates the bias (in ORT) for random 0/1
 few batch sizes and lengths and accepts only a bias that is 0 exactly where the 2-D mask keeps
 a key (and, for the causal form, the key is not after the query) and ≤ -10000 elsewhere.
 Those are the masks the rewrite reproduces exactly: softmax weights of masked keys underflow
-to 0 in both. A query row whose keys are *all* masked (a fully padded row) is where the two
-can differ; the probes (and the tests) keep the first key of every row unmasked.
+to 0 in both. A query row whose keys are *all* masked (a fully padded row, as left padding
+gives a causal prompt) is where the two can differ: the bias spreads it over the scores plus
+the fill, ORT over the scores plus ``mask_filter_value`` (default -10000), and for the causal
+part ORT fills the later keys with float32's lowest whatever that value. So the bias must use
+one fill value on every masked key, which becomes ``mask_filter_value``, and a causal bias
+must fill with lowest (transformers' ``finfo.min``): then a fully masked row is all lowest, an
+even spread, in both. Measured on ORT 1.32 (CPU): padding-only fills -10000, -1e9 and lowest,
+causal fill lowest exact on all-zero and left-padded rows; causal fill -10000 not.
 
 Probes at a few lengths cannot tell a causal mask from a sliding-window one whose window is
 longer than every probe (keep key j for query i when j ≤ i and i - j < 100 looks causal at
@@ -41,6 +47,8 @@ MASK_INDEX, PAST, ATTENTION_BIAS = 3, 4, 5
 PROBE_SHAPES = ((2, 7), (1, 5), (3, 12))
 # A masked score must be at least this negative (ORT's default mask_filter_value).
 MASKED = -10000.0
+# float32's lowest: the only fill with which ORT's causal part matches a fully masked row.
+LOWEST = float(np.finfo(np.float32).min)
 MASK_TYPES = (ir.DataType.INT64, ir.DataType.INT32, ir.DataType.BOOL)
 # Ops through which an input's shape, not its values, reaches the bias.
 SHAPE_ONLY = ("Shape", "Size")
@@ -192,13 +200,14 @@ def _probe_masks(rng: np.random.Generator, batch: int, length: int) -> np.ndarra
     return masks
 
 
-def _kind(model: ir.Model, bias: ir.Value, mask: ir.Value) -> str | None:
-    """'padding' or 'causal' when the probes show which mask ``bias`` is, else None."""
+def _kind(model: ir.Model, bias: ir.Value, mask: ir.Value) -> tuple[str, float] | None:
+    """('padding' or 'causal', the fill) when the probes show which mask ``bias`` is and
+    that ORT's mask_index reproduces it on fully masked rows too, else None."""
     from graphopt.verify import run_model  # ORT only when a candidate exists
 
     probe = _bias_only_model(model, bias)
     rng = np.random.default_rng(0)
-    kinds = {"padding", "causal"}
+    fills: dict[str, set[float]] = {"padding": set(), "causal": set()}
     for batch, length in PROBE_SHAPES:
         shapes = {v.name: (batch, length) for v in probe.graph.inputs if v.shape.rank() == 2}
         if mask.name not in shapes:
@@ -216,14 +225,30 @@ def _kind(model: ir.Model, bias: ir.Value, mask: ir.Value) -> str | None:
         got = np.broadcast_to(got, (batch, got.shape[1], length, length))  # heads kept
         keep = feeds[mask.name][:, None, None, :] != 0
         causal = np.tril(np.ones((length, length), dtype=bool))
-        for kind in list(kinds):
+        for kind in list(fills):
             expected = keep & causal if kind == "causal" else np.broadcast_to(keep, got.shape)
             expected = np.broadcast_to(expected, got.shape)
             if not (np.all(got[expected] == 0) and np.all(got[~expected] <= MASKED)):
-                kinds.discard(kind)
-        if not kinds:
+                del fills[kind]
+            else:
+                fills[kind].update(float(x) for x in np.unique(got[~expected]))
+        if not fills:
             return None
-    return kinds.pop() if len(kinds) == 1 else None
+    if len(fills) != 1:
+        return None
+    ((kind, values),) = fills.items()
+    return _exact_fill(kind, values)
+
+
+def _exact_fill(kind: str, values: set[float]) -> tuple[str, float] | None:
+    """(kind, fill) when mask_index with ``mask_filter_value = fill`` gives the bias's
+    softmax on a fully masked row as well (see the module notes), else None."""
+    if len(values) != 1:
+        return None  # two fills weigh a fully masked row's keys differently; ORT has one
+    (fill,) = values
+    if not np.isfinite(fill) or (kind == "causal" and fill != LOWEST):
+        return None
+    return kind, fill
 
 
 @register
@@ -261,9 +286,10 @@ class OrtAttentionMaskPass(GraphPass):
                 continue
             if not _numbers_are_structural(bias):
                 continue
-            kind = _kind(model, bias, mask)
-            if kind is None:
+            found = _kind(model, bias, mask)
+            if found is None:
                 continue
+            kind, fill = found
             if id(mask) not in casts:
                 cast = ir.node("Cast", [mask], attributes={"to": ir.DataType.INT32})
                 cast.outputs[0].name = editing.unique_name(graph, f"{mask.name}_int32")
@@ -276,5 +302,7 @@ class OrtAttentionMaskPass(GraphPass):
                 node.resize_inputs(MASK_INDEX + 1)  # no trailing empty inputs
                 if kind == "causal":
                     node.attributes["unidirectional"] = ir.AttrInt64("unidirectional", 1)
+                # ORT's padding fill: the bias's, so fully masked rows agree (module notes).
+                node.attributes["mask_filter_value"] = ir.AttrFloat32("mask_filter_value", fill)
                 hits += 1
         return hits

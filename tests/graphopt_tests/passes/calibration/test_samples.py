@@ -115,3 +115,35 @@ def test_random_calibration_ids_span_the_embedding():
     ids, cls = calib.arrays["ids"], calib.arrays["cls"]
     assert ids.min() >= 0 and 250 <= ids.max() < 300
     assert cls.min() >= 1 and 200 <= cls.max() < 300
+
+
+def _decoder_step(seq: str | int = "seq") -> ir.Model:
+    """ids [batch, seq] embedded and projected: a decoder's shape in small."""
+    rng = np.random.default_rng(0)
+    ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", seq])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", seq, 4])
+    nodes = [
+        helper.make_node("Gather", ["emb", "input_ids"], ["h"]),
+        helper.make_node("MatMul", ["h", "w"], ["y"]),
+    ]
+    weights = {
+        "emb": rng.standard_normal((50, 8)).astype(np.float32),
+        "w": rng.standard_normal((8, 4)).astype(np.float32),
+    }
+    return make_model(nodes, [ids], [y], weights)
+
+
+def test_random_calibration_says_it_covers_one_size_of_each_symbolic_dim():
+    """A decoder bound to its decode step (``--input-shape input_ids:1x1``) was calibrated
+    and its fidelity reported at sequence 1 alone, silently; its prefill came out 15-20x
+    worse. The report now says which sizes the samples hold (the batch left out)."""
+    from graphopt.passes.calibration.samples import random_calibration
+
+    calib = random_calibration(_decoder_step(), {"input_ids": (1, 1)})
+    assert calib.arrays["input_ids"].shape[1] == 1
+    assert calib.note.startswith(
+        "--calib random: ranges fitted and fidelity measured at seq=1 only"
+    )
+    assert "batch=" not in calib.note
+    # Nothing to say where the batch is the only symbolic dim.
+    assert random_calibration(_decoder_step(seq=6), {}).note == ""

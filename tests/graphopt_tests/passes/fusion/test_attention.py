@@ -23,7 +23,9 @@ MIN = np.finfo(np.float32).min
 mh = helper.make_node
 
 
-def _model(k_layout="bshd", scale="mul", mask_shape=(B, 1, S, S), opset=23, kv_heads=H):
+def _model(k_layout="bshd", scale="mul", mask_shape=(B, 1, S, S), opset=23, kv_heads=H, fill=MIN):
+    """``fill`` None: the float mask is a graph input; else Where(keep, 0, fill), a bool
+    ``keep`` input, as exporters build it (transformers fills with float32's lowest)."""
     k_shape = (B, S, kv_heads, D) if k_layout == "bshd" else (B, kv_heads, S, D)
     perm = [0, 2, 3, 1] if k_layout == "bshd" else [0, 1, 3, 2]
     nodes = [mh("Transpose", ["k"], ["kt"], perm=perm), mh("MatMul", ["q", "kt"], ["sc"])]
@@ -44,8 +46,13 @@ def _model(k_layout="bshd", scale="mul", mask_shape=(B, 1, S, S), opset=23, kv_h
     if scale == "input":
         inputs.append(tensor_info("s", F, ()))
     if mask_shape is not None:
+        if fill is None:
+            inputs.append(tensor_info("mask", F, mask_shape))
+        else:
+            nodes.append(mh("Where", ["keep", "zero", "fill"], ["mask"]))
+            inits.update(zero=np.array(0.0, np.float32), fill=np.array(fill, np.float32))
+            inputs.append(tensor_info("keep", TensorProto.BOOL, mask_shape))
         nodes.append(mh("Add", ["scaled", "mask"], ["masked"]))
-        inputs.append(tensor_info("mask", F, mask_shape))
     nodes += [
         mh("Softmax", ["masked" if mask_shape is not None else "scaled"], ["p"], axis=-1),
         mh("MatMul", ["p", "v"], ["y"]),
@@ -55,20 +62,22 @@ def _model(k_layout="bshd", scale="mul", mask_shape=(B, 1, S, S), opset=23, kv_h
     )
 
 
-def _feeds(model, mask_shape=(B, 1, S, S)):
+def _feeds(model, mask_shape=(B, 1, S, S), fill=MIN):
     rng = np.random.default_rng(0)
     feeds = {
         v.name: rng.standard_normal([int(d) for d in v.shape.dims]).astype(np.float32)
         for v in model.graph.inputs
-        if v.name != "mask"
+        if v.name not in ("mask", "keep")
     }
     if mask_shape is not None:
-        # A causal mask with padding, one batch row fully masked (as exporters build it).
-        causal = np.triu(np.full((S, S), MIN, np.float32), k=1)
-        mask = np.broadcast_to(causal, mask_shape).copy()
+        # Causal, and batch row 1 left-padded by 2: its query rows 0 and 1 see no key at all.
+        keep = np.broadcast_to(np.tril(np.ones((S, S), bool)), mask_shape).copy()
         if len(mask_shape) == 4 and mask_shape[0] == B:
-            mask[1, ..., -2:] = MIN
-        feeds["mask"] = mask
+            keep[1, ..., :2] = False
+        if fill is None:
+            feeds["mask"] = np.where(keep, np.float32(0), MIN).astype(np.float32)
+        else:
+            feeds["keep"] = keep
     return feeds
 
 
@@ -87,6 +96,29 @@ def test_fuses_sdpa_core(k_layout, scale, mask_shape, kv_heads):
     assert hits == 1
     assert "Attention" in op_types(roundtrip(fused)) and "Softmax" not in op_types(fused)
     assert_same_outputs(model, fused, feeds=_feeds(model, mask_shape))
+
+
+@pytest.mark.parametrize("fill", [MIN, -3e38, -1e9, -10000.0])
+def test_fully_masked_rows_stay_exact(fill):
+    # ORT's Attention zeroes a row whose scores are all float32's lowest; the Softmax spreads
+    # it evenly. A fill at or below lowest / 2 goes through Max(mask, lowest / 2) first.
+    model = _model(fill=fill)
+    fused, hits = run_pass(model, FuseAttentionPass)
+    assert hits == 1 and "Softmax" not in op_types(fused)
+    assert ("Max" in op_types(fused)) == (fill <= MIN / 2)
+    assert_same_outputs(model, fused, feeds=_feeds(model, fill=fill))
+
+
+@pytest.mark.parametrize(
+    ("fill", "why"),
+    [
+        (None, "a float mask fed by the caller: its values are unknown"),
+        (-np.inf, "an all -inf row is NaN in the Softmax, zeros in Attention"),
+        ([MIN, -3e38] * (S // 2), "two fills at or below lowest / 2: the Max would merge them"),
+    ],
+)
+def test_refuses_masks_that_could_zero_a_row(fill, why):
+    assert run_pass(_model(fill=fill), FuseAttentionPass)[1] == 0, why
 
 
 def test_refuses_mask_ort_cannot_take():

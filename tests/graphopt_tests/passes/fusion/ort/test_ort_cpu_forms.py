@@ -29,8 +29,11 @@ def contrib_ops(model) -> Counter:
     return Counter(n.op_type for n in model.graph if n.domain == "com.microsoft")
 
 
-def padded_feeds(model, batch: int, length: int, seed: int = 3) -> dict[str, np.ndarray]:
-    """Generated inputs with right-padded attention masks (row b loses its last 2·b tokens)."""
+def padded_feeds(
+    model, batch: int, length: int, seed: int = 3, left: bool = False
+) -> dict[str, np.ndarray]:
+    """Generated inputs with right-padded attention masks (row b loses its last 2·b tokens);
+    ``left``: row b loses its first 2·b tokens and the last row all (fully masked rows)."""
     shapes = {
         v.name: (batch, length, *[d for d in v.shape.dims[2:] if isinstance(d, int)])
         for v in model.graph.inputs
@@ -38,14 +41,17 @@ def padded_feeds(model, batch: int, length: int, seed: int = 3) -> dict[str, np.
     feeds = make_inputs(model, shapes, seed=seed)
     mask = np.ones((batch, length), np.int64)
     for b in range(1, batch):
-        mask[b, length - 2 * b :] = 0
+        mask[b, : 2 * b] = 0 if left else 1
+        mask[b, length - 2 * b :] = 1 if left else 0
+    if left:
+        mask[-1] = 0
     feeds["attention_mask"] = mask
     return feeds
 
 
-def assert_same_padded(before, after, shapes=((2, 9), (3, 16))) -> None:
+def assert_same_padded(before, after, shapes=((2, 9), (3, 16)), left: bool = False) -> None:
     for batch, length in shapes:
-        feeds = padded_feeds(before, batch, length)
+        feeds = padded_feeds(before, batch, length, left=left)
         for i, (r, g) in enumerate(
             zip(run_model(before, feeds), run_model(after, feeds), strict=True)
         ):
@@ -117,7 +123,9 @@ def test_bias_free_projections_pack_into_attention_and_mask_becomes_mask_index()
     assert len(attention.inputs) == 4  # x, weights, bias, mask_index: no additive bias left
     assert attention.inputs[3].dtype.name == "INT32"
     assert "unidirectional" not in attention.attributes
+    assert attention.attributes["mask_filter_value"].as_float() == -10000.0  # the bias's fill
     assert_same_padded(model, roundtrip(masked))
+    assert_same_padded(model, roundtrip(masked), left=True)
 
 
 def test_mask_that_is_not_a_padding_mask_is_refused():
@@ -163,6 +171,9 @@ def test_exports_get_packed_attention_with_mask_index(name, causal):
             assert len(node.inputs) == 4  # no additive bias input left
             assert bool(node.attributes.get("unidirectional")) == causal
     assert_same_padded(model, roundtrip(fused))
+    # Fully masked query rows (left padding, an all-zero row): ORT's mask_filter_value and
+    # its causal fill must give the bias's even spread there too.
+    assert_same_padded(model, roundtrip(fused), left=True)
 
 
 def test_pipeline_target_ort_packs_and_verifies_minilm():

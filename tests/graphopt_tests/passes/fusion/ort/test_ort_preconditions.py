@@ -65,9 +65,9 @@ def normal(*shape: int, seed: int = 0) -> np.ndarray:
 # --- A1: a sliding-window mask is not a causal one ---
 
 
-def windowed_attention(window: int | None):
+def windowed_attention(window: int | None, fill: float = -1e9):
     """BERT-style attention whose additive bias keeps key j for query i when the 2-D mask
-    keeps j, j <= i and (with ``window``) i - j < window."""
+    keeps j, j <= i and (with ``window``) i - j < window; ``fill`` elsewhere."""
     nodes, weights = (
         [],
         {
@@ -122,7 +122,7 @@ def windowed_attention(window: int | None):
         "a1": np.array([1]),
         "a12": np.array([1, 2]),
         "f0": np.array(0, np.float32),
-        "fneg": np.array(-1e9, np.float32),
+        "fneg": np.array(fill, np.float32),
     }
     inputs = [
         tensor_info("x", FLOAT, ["B", "S", HIDDEN]),
@@ -131,11 +131,15 @@ def windowed_attention(window: int | None):
     return make_model(nodes, inputs, [tensor_info("y", FLOAT, ["B", "S", HIDDEN])], weights)
 
 
-def mask_feeds(lengths=(16, 150)) -> list[dict[str, np.ndarray]]:
+def mask_feeds(lengths=(16, 150), left: bool = False) -> list[dict[str, np.ndarray]]:
+    """Right padding in the second row (``left``: left padding, fully masked query rows)."""
     feeds = []
     for batch, length in zip((1, 2), lengths, strict=True):
         mask = np.ones((batch, length), np.int64)
-        mask[1:, length - 3 :] = 0  # right padding in the second row
+        if left:
+            mask[1:, :3] = 0
+        else:
+            mask[1:, length - 3 :] = 0
         feeds.append({"x": normal(batch, length, HIDDEN, seed=length), "attention_mask": mask})
     return feeds
 
@@ -160,12 +164,24 @@ def test_sliding_window_mask_is_not_taken_for_causal():
 
 
 def test_plain_causal_mask_still_becomes_unidirectional():
-    model = windowed_attention(window=None)
+    # transformers' fill, float32's lowest: what ORT's causal part fills the later keys with.
+    model = windowed_attention(window=None, fill=float(np.finfo(np.float32).min))
     fused, hits = attention_with_mask_index(model)
     assert hits == 1
     (attention,) = [n for n in fused.graph if n.op_type == "Attention"]
     assert attention.attributes["unidirectional"].as_int() == 1
     assert_same(model, fused, mask_feeds())
+    assert_same(model, fused, mask_feeds(left=True))
+
+
+def test_causal_mask_with_another_fill_is_refused():
+    """A causal bias filled with -1e9: on a left-padded row's fully masked queries the bias
+    spreads the weight by the scores over every key, ORT's unidirectional mask (later keys
+    at lowest whatever mask_filter_value says) over the padded ones only."""
+    model = windowed_attention(window=None)
+    fused, hits = attention_with_mask_index(model)
+    assert hits == 0
+    assert_same(model, fused, mask_feeds(left=True))
 
 
 # --- A2 / B1: dims are equal only when provably so ---
