@@ -226,7 +226,9 @@ def concrete_shape(
     if value.type is not None and not isinstance(value.type, ir.TensorType):
         raise UserInputError(_NOT_A_TENSOR.format(name=value.name))
     if value.shape is None:
-        raise UserInputError(_no_shape_message(value))
+        raise UserInputError(
+            f"input {value.name!r} has no declared shape; pass --input-shape {value.name}:DxD..."
+        )
     if dims is None:
         dims = bind_dims(value.graph, given) if value.graph is not None else {}
     keys = dim_keys(value.graph) if value.graph is not None else {}
@@ -244,22 +246,6 @@ def concrete_shape(
         else:
             sizes.append(DEFAULT_IMAGE_DIM if rank == 4 else DEFAULT_SEQUENCE_DIM)
     return tuple(sizes)
-
-
-def _no_shape_message(value: ir.Value) -> str:
-    """Why ``value`` (an input) has no shape to generate data at, and the fixes."""
-    fix = f"pass --input-shape {value.name}:DxD..."
-    if not value.is_graph_output():
-        return f"input {value.name!r} has no declared shape; {fix}"
-    # The model's reader (onnx-ir) gives an input listed among the outputs one value, whose
-    # shape the output entry sets last: a bare output entry erases the input's declared
-    # shape, and "no declared shape" would point at the input, which has one.
-    return (
-        f"input {value.name!r} has no shape: it is also listed as a graph output, and that "
-        f"output entry declares no shape, which replaces the input's when the model is "
-        f"read; declare the input's shape on the output entry too (or remove the entry), "
-        f"or {fix}"
-    )
 
 
 def make_inputs(

@@ -163,9 +163,34 @@ def _deserialize_proto(
         # Named when known: the commands that read two models left the user guessing.
         prefix = f"{where}: " if where else ""
         raise UserInputError(f"{prefix}cannot read model: {_one_line(exc)}") from None
+    _keep_input_declarations(proto.graph, model.graph)
     if base_dir is not None:
         _set_external_base_dir(model, base_dir)
     return model
+
+
+def _keep_input_declarations(graph_proto: onnx.GraphProto, graph: ir.Graph) -> None:
+    """Give back an input's declared type and shape that a bare output entry erased.
+
+    An input listed among the outputs too is one value, and onnx-ir applies the output
+    entry last: an entry without a shape left the input with none ("input 'x' has no
+    declared shape" for an input declared ``[N, 4]``)."""
+    bare = {
+        o.name
+        for o in graph_proto.output
+        if not (o.type.HasField("tensor_type") and o.type.tensor_type.HasField("shape"))
+    }
+    if not bare:
+        return
+    values = {v.name: v for v in graph.inputs}
+    for declared in graph_proto.input:
+        value = values.get(declared.name)
+        if value is None or declared.name not in bare or value.shape is not None:
+            continue
+        if declared.type.HasField("tensor_type"):
+            if value.type is None:
+                value.type = ir.serde.deserialize_type_proto_for_type(declared.type)
+            value.shape = ir.serde.deserialize_type_proto_for_shape(declared.type)
 
 
 def explain_failure(path: str | os.PathLike, exc: BaseException) -> str | None:

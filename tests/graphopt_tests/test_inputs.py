@@ -691,11 +691,10 @@ def test_a_sequence_input_is_said_to_be_no_tensor() -> None:
         make_inputs(model, {})
 
 
-def test_an_input_listed_as_an_output_without_a_shape_is_named_as_the_problem(
-    tmp_path: Path, capsys
-) -> None:
-    """x[N, 4] is also a graph output entry without a shape (and o is listed twice): that
-    entry erases x's shape when the model is read, and the message says so."""
+def test_an_input_listed_as_a_bare_output_keeps_its_shape(tmp_path: Path, capsys) -> None:
+    """x[N, 4] is also a graph output entry without a shape (and o is listed twice): reading
+    the model used to let that entry erase x's shape, and the run stopped saying x had none;
+    x keeps its declared shape and the model is optimized and verified like any other."""
     untyped = helper.make_tensor_value_info
     graph = helper.make_graph(
         [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Identity", ["r"], ["o"])],
@@ -706,10 +705,8 @@ def test_an_input_listed_as_an_output_without_a_shape_is_named_as_the_problem(
     source = tmp_path / "m.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), source)
     code = main(["optimize", str(source), "-o", str(tmp_path / "o.onnx")])
-    err = " ".join(capsys.readouterr().err.split())
-    assert code == 2
-    assert "input 'x' has no shape: it is also listed as a graph output, and that output " in err
-    assert "--input-shape x:DxD" in err
+    out = capsys.readouterr().out
+    assert code == 0 and "verification passed" in out
 
 
 def test_generated_mask_length_follows_past_plus_sequence() -> None:

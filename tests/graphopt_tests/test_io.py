@@ -965,3 +965,22 @@ def test_signals_held_during_save_are_delivered_after_sigterm_first() -> None:
     finally:
         signal.signal(signal.SIGTERM, before[0])
         signal.signal(signal.SIGINT, before[1])
+
+
+def test_an_input_also_listed_as_a_bare_output_keeps_its_declared_shape() -> None:
+    """onnx-ir reads an input listed among the outputs as one value and applies the output
+    entry last: a bare entry (no type) erased the input's ``[N, 4]``, and every command then
+    said the input had no declared shape."""
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Relu", ["x"], ["o"])],
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4])],
+        [
+            onnx.helper.make_tensor_value_info("o", onnx.TensorProto.FLOAT, ["N", 4]),
+            onnx.ValueInfoProto(name="x"),
+        ],
+    )
+    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    (x,) = io.load(proto).model.graph.inputs
+    assert x.dtype == ir.DataType.FLOAT
+    assert [d if isinstance(d, int) else d.value for d in x.shape] == ["N", 4]
