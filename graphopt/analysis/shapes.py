@@ -164,9 +164,9 @@ def reconcile_shapes(model: ir.Model) -> int:
         # Plain onnx inference at the bindings usually settles every doubt; folding the
         # shape arithmetic too (several times slower) only when a declared int is left
         # unconfirmed by it.
-        checks = _concrete_checks(model, blind, fold=False)
+        checks = concrete_checks(model, blind, fold=False)
         if any(isinstance(d, int) and not _stands(v, a, d, checks) for v, a, d in doubts):
-            checks = _concrete_checks(model, blind, fold=True)
+            checks = concrete_checks(model, blind, fold=True)
         kept |= {(id(v), a) for v, a, d in doubts if _stands(v, a, d, checks)}
     changed = 0
     for value, shape in declared:
@@ -275,17 +275,22 @@ def _unverifiable_name(declared: Dim, inferred: Dim, symbols: set[str]) -> bool:
 Check = tuple[dict[str, tuple[int | None, ...]], dict[str, int]]
 
 
-def _concrete_checks(
-    model: ir.Model, blind: list[tuple[ir.Value, ir.Shape | None]], fold: bool
+def concrete_checks(
+    model: ir.Model,
+    blind: list[tuple[ir.Value, ir.Shape | None]],
+    fold: bool,
+    bindings: list[tuple[dict[str, tuple[int, ...]], dict[str, int]]] | None = None,
 ) -> list[Check]:
-    """Inference at two bindings of the input symbols (none when inference fails).
+    """Inference at two bindings of the input symbols (none when inference fails): per
+    binding, every value's inferred dims (None: unknown) and the symbols' sizes.
 
     ``blind``: values whose declared shape stands because inference cannot find one; where
     that shape is ints and input symbols it is bound too, so that inference goes on past
-    them (it would forget a symbolic shape at concrete bindings).
+    them (it would forget a symbolic shape at concrete bindings). ``bindings``: the default
+    :func:`_bindings`, or others (:func:`distinct_bindings`).
     """
     checks: list[Check] = []
-    for given, values in _bindings(model):
+    for given, values in _bindings(model) if bindings is None else bindings:
         bound: list[tuple[ir.Value, ir.Shape | None]] = []
         for value, shape in blind:
             dims = [d if isinstance(d, int) else values.get(d.value or "") for d in shape or ()]

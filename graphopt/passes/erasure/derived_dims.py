@@ -20,12 +20,16 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from graphopt.analysis.contrib_shapes import replace_contrib_ops
-from graphopt.analysis.shapes import distinct_bindings, infer_shapes, input_symbols, onnx_inference
+from graphopt.analysis.shapes import (
+    Check,
+    concrete_checks,
+    distinct_bindings,
+    input_symbols,
+    onnx_inference,
+)
 
 # Per value name: its dims as inference derives them, the input symbol's name or None.
 Derived = dict[str, tuple[str | None, ...]]
-# One binding's inferred sizes per value name (None: unknown), and the symbols' sizes.
-Checked = tuple[dict[str, tuple[int | None, ...]], dict[str, int]]
 
 
 class DerivedDims:
@@ -36,7 +40,7 @@ class DerivedDims:
         self._model = model
         self._symbols = input_symbols(model)
         self._derived: Derived | None = None
-        self._checks: list[Checked] | None = None
+        self._checks: list[Check] | None = None
 
     def symbol(self, value: ir.Value | None, axis: int) -> str | None:
         """The input symbol ``value`` has at ``axis`` when its shape says so and inference
@@ -114,19 +118,6 @@ def _known_symbol(dim: int | ir.SymbolicDim, symbols: set[str]) -> str | None:
     return dim.value if isinstance(dim, ir.SymbolicDim) and dim.value in symbols else None
 
 
-def _concrete(model: ir.Model) -> list[Checked]:
+def _concrete(model: ir.Model) -> list[Check]:
     """Folded inference at the two distinct bindings of the inputs (none when it fails)."""
-    checks: list[Checked] = []
-    for given, sizes in distinct_bindings(model):
-        try:
-            clone, _ = infer_shapes(model, given, fold=True)
-        except Exception:  # an odd model: nothing is confirmed, the declaration loses
-            return []
-        shapes = {
-            o.name: tuple(d if isinstance(d, int) else None for d in o.shape)
-            for node in ir.traversal.RecursiveGraphIterator(clone.graph)
-            for o in node.outputs
-            if o.name and o.shape is not None
-        }
-        checks.append((shapes, sizes))
-    return checks
+    return concrete_checks(model, [], fold=True, bindings=distinct_bindings(model))
