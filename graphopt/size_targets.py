@@ -9,6 +9,8 @@ the CLI turns into exit 1 after writing the model (as a missed fidelity target d
 
 from __future__ import annotations
 
+from graphopt.report import signed_percent
+
 # A size target (prune flops=/params=, decompose flops=/ratio=, factorize flops=, erase-blocks
 # flops=) is missed when the reduction reached is under this share of the one asked: the
 # passes move in whole channels, heads, ranks and blocks, and their notes already say a
@@ -31,6 +33,5 @@ def size_target_missed(asked: str, measure: str, reached: float, target: float) 
 
 
 def _change(removed: float) -> str:
-    """A share removed as the change it makes: ``-30.0%``; ``0.0%`` for none (not -0.0%),
-    ``+1.2%`` for a model that grew."""
-    return f"{-removed:+.1%}" if round(removed, 3) else "0.0%"
+    """A share removed as the change it makes (``-30.0%``; ``+1.2%`` for a model that grew)."""
+    return signed_percent(-removed)
