@@ -38,6 +38,10 @@ import onnx_ir.passes.common as common_passes
 
 from graphopt import editing
 from graphopt.inputs import make_inputs
+
+# float32's lowest (transformers' fill): the only fill with which ORT's causal part matches a
+# fully masked row.
+from graphopt.passes.fusion.attention import LOWEST
 from graphopt.passes.fusion.ort._base import MS_DOMAIN
 from graphopt.registry import GraphPass, Stage, register
 
@@ -47,8 +51,6 @@ MASK_INDEX, PAST, ATTENTION_BIAS = 3, 4, 5
 PROBE_SHAPES = ((2, 7), (1, 5), (3, 12))
 # A masked score must be at least this negative (ORT's default mask_filter_value).
 MASKED = -10000.0
-# float32's lowest: the only fill with which ORT's causal part matches a fully masked row.
-LOWEST = float(np.finfo(np.float32).min)
 MASK_TYPES = (ir.DataType.INT64, ir.DataType.INT32, ir.DataType.BOOL)
 # Ops through which an input's shape, not its values, reaches the bias.
 SHAPE_ONLY = ("Shape", "Size")
