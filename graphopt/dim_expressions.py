@@ -17,7 +17,14 @@ from collections.abc import Mapping
 import onnx_ir as ir
 
 from graphopt.errors import UserInputError
-from graphopt.input_dims import dim_key, dim_keys, given_dims, graph_inputs, symbolic_dims
+from graphopt.input_dims import (
+    dim_key,
+    dim_keys,
+    given_dims,
+    graph_inputs,
+    input_shape_flag,
+    symbolic_dims,
+)
 
 # An expression tree: an int, a dim name, or (operator, left, right).
 Expression = int | str | tuple[str, "Expression", "Expression"]
@@ -234,10 +241,6 @@ def _solve_free_term(
         bound[term] = value
 
 
-def _flag(name: str, shape: tuple[int, ...]) -> str:
-    return f"--input-shape {name}:{'x'.join(str(d) for d in shape)}"
-
-
 def check_expressions(model: ir.Model, shapes: Mapping[str, tuple[int, ...]]) -> None:
     """Refuse an expression-named dim (:func:`dim_expressions`) given at another size than
     its given terms make: a mask of 10 beside a past of 8 and a sequence of 1 is not a run
@@ -249,8 +252,9 @@ def check_expressions(model: ir.Model, shapes: Mapping[str, tuple[int, ...]]) ->
             continue
         name, shape = _first_given(model, shapes, key)
         terms = ", ".join(f"{t}={given[t]}" for t in sorted(expression_terms(tree)))
+        flag = input_shape_flag(name, shape)
         raise UserInputError(
-            f"{_flag(name, shape)}: dim {key!r} is {given[key]} here, but the other shapes "
+            f"{flag}: dim {key!r} is {given[key]} here, but the other shapes "
             f"give {terms}, so it must be {value}"
         )
 
@@ -282,8 +286,8 @@ def refuse_all_empty(model: ir.Model, shapes: Mapping[str, tuple[int, ...]]) -> 
             return
     name, shape = zero[0]
     raise UserInputError(
-        f"{_flag(name, shape)}: a zero-sized dim gives empty tensors, on which any rewrite "
-        "compares equal; use dims of at least 1"
+        f"{input_shape_flag(name, shape)}: a zero-sized dim gives empty tensors, on which any "
+        "rewrite compares equal; use dims of at least 1"
     )
 
 

@@ -427,7 +427,7 @@ def check_input_shapes(model: ir.Model, shapes: Mapping[str, tuple[int, ...]] | 
         raise UserInputError(f"--input-shape names unknown input(s): {', '.join(unknown)}")
     named: dict[str, tuple[int, str]] = {}
     for name, shape in shapes.items():
-        flag = f"--input-shape {name}:{'x'.join(str(d) for d in shape)}"
+        flag = input_shape_flag(name, shape)
         declared = inputs[name].shape
         if declared is None:
             continue
@@ -458,6 +458,11 @@ def check_input_shapes(model: ir.Model, shapes: Mapping[str, tuple[int, ...]] | 
 
     check_expressions(model, shapes)
     refuse_all_empty(model, shapes)
+
+
+def input_shape_flag(name: str, shape: tuple[int, ...]) -> str:
+    """``--input-shape name:2x16``, as the user would write it, to name it in an error."""
+    return f"--input-shape {name}:{'x'.join(str(d) for d in shape)}"
 
 
 def _declared(shape: ir.Shape) -> str:
