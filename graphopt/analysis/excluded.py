@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+from graphopt.analysis.stats import node_bodies
+
 # Ops that read quantized (integer) weights; QLinear* are matched by prefix.
 QUANTIZED_OPS = frozenset(
     {
@@ -35,7 +37,7 @@ def not_analysed(model: ir.Model) -> list[tuple[str, int]]:
     quantized_ops: set[str] = set()
     quantized: set[int] = set()
     for node in model.graph:
-        for body in _subgraphs(node):
+        for body in node_bodies(node):
             for inner in ir.traversal.RecursiveGraphIterator(body):
                 weights = [v for v in inner.inputs if _is_weight(v, float_only=True)]
                 if weights:
@@ -70,16 +72,6 @@ def describe(reasons: list[tuple[str, int]]) -> str:
 
 def is_quantized_op(node: ir.Node) -> bool:
     return node.op_type in QUANTIZED_OPS or node.op_type.startswith("QLinear")
-
-
-def _subgraphs(node: ir.Node) -> list[ir.Graph]:
-    bodies: list[ir.Graph] = []
-    for attr in node.attributes.values():
-        if attr.type == ir.AttributeType.GRAPH:
-            bodies.append(attr.value)
-        elif attr.type == ir.AttributeType.GRAPHS:
-            bodies.extend(attr.value)
-    return bodies
 
 
 def _constant(value: ir.Value | None) -> ir.TensorProtocol | None:

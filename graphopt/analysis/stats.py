@@ -46,6 +46,17 @@ def has_subgraphs(model: ir.Model) -> bool:
     return any(True for _ in model.graph.subgraphs())
 
 
+def node_bodies(node: ir.Node) -> list[ir.Graph]:
+    """The graphs a node holds as attributes: If branches, Loop/Scan bodies."""
+    bodies: list[ir.Graph] = []
+    for attr in node.attributes.values():
+        if attr.type == ir.AttributeType.GRAPH:
+            bodies.append(attr.as_graph())
+        elif attr.type == ir.AttributeType.GRAPHS:
+            bodies.extend(attr.as_graphs())
+    return bodies
+
+
 def parameter_count(model: ir.Model) -> tuple[int, int]:
     """(elements, bytes) of all initializers and Constant tensors, from metadata only.
 

@@ -22,17 +22,10 @@ from collections.abc import Iterator
 import onnx_ir as ir
 import onnx_ir.passes.common
 
+from graphopt.analysis.stats import node_bodies
 from graphopt.registry import GraphPass, Stage, register
 
 GraphLike = ir.Graph | ir.Function
-
-
-def _subgraphs(node: ir.Node) -> Iterator[ir.Graph]:
-    for attr in node.attributes.values():
-        if attr.type == ir.AttributeType.GRAPH:
-            yield attr.as_graph()
-        elif attr.type == ir.AttributeType.GRAPHS:
-            yield from attr.as_graphs()
 
 
 def _graph_likes(model: ir.Model) -> Iterator[GraphLike]:
@@ -42,7 +35,7 @@ def _graph_likes(model: ir.Model) -> Iterator[GraphLike]:
         graph = stack.pop()
         yield graph
         for node in graph:
-            stack.extend(_subgraphs(node))
+            stack.extend(node_bodies(node))
 
 
 def _nodes_in_model(model: ir.Model) -> set[int]:
@@ -91,7 +84,7 @@ def live_nodes(model: ir.Model) -> set[int]:
             continue
         live.add(id(node))
         work += [v for v in node.inputs if v is not None]
-        for graph in _subgraphs(node):
+        for graph in node_bodies(node):
             work.extend(graph.outputs)
     return live
 
@@ -100,7 +93,7 @@ def _detach(node: ir.Node) -> None:
     """Drop the uses ``node`` and every node in its subgraphs hold on any value."""
     for i in range(len(node.inputs)):
         node.replace_input_with(i, None)
-    for graph in _subgraphs(node):
+    for graph in node_bodies(node):
         for inner in graph:
             _detach(inner)
 
@@ -111,7 +104,7 @@ def _sweep(graph: GraphLike, live: set[int]) -> int:
     removed = 0
     for node in list(graph):
         if id(node) in live:
-            for sub in _subgraphs(node):
+            for sub in node_bodies(node):
                 removed += _sweep(sub, live)
             continue
         removed += _size(node)
@@ -122,7 +115,7 @@ def _sweep(graph: GraphLike, live: set[int]) -> int:
 
 def _size(node: ir.Node) -> int:
     """``node`` plus the nodes of its subgraphs, at any depth."""
-    return 1 + sum(_size(inner) for graph in _subgraphs(node) for inner in graph)
+    return 1 + sum(_size(inner) for graph in node_bodies(node) for inner in graph)
 
 
 def remove_dead_nodes(model: ir.Model) -> int:

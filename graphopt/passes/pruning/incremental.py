@@ -19,6 +19,7 @@ from collections.abc import Iterator
 import numpy as np
 import onnx_ir as ir
 
+from graphopt.analysis.stats import has_subgraphs
 from graphopt.passes.calibration.activations import (
     observation_session,
     run_observation,
@@ -40,7 +41,7 @@ class IncrementalObserver:
         self.store: list[dict[str, np.ndarray]] = [dict(feeds) for feeds in batches]
         self.done: set[str] = set(batches[0]) if batches else set()
         self.ran: set[int] = set()  # id() of the nodes already run
-        self.stepwise = not _has_subgraphs(model)
+        self.stepwise = not has_subgraphs(model)
 
     def advance(
         self, names: list[str], volatile: set[int] | frozenset[int] = frozenset()
@@ -165,11 +166,3 @@ def _not_downstream(nodes: list[ir.Node], volatile: set[int] | frozenset[int]) -
         else:
             kept.append(node)
     return kept
-
-
-def _has_subgraphs(model: ir.Model) -> bool:
-    return any(
-        attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
-        for node in ir.traversal.RecursiveGraphIterator(model.graph)
-        for attr in node.attributes.values()
-    )

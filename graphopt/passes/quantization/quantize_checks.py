@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import onnx_ir as ir
 
+from graphopt.analysis.stats import node_bodies
 from graphopt.errors import UserInputError
 from graphopt.passes.quantization.settings import QuantSettings
 from graphopt.refusals import refuse_nothing_to_do
@@ -233,20 +234,13 @@ def refuse_layers_only_in_subgraphs(model: ir.Model, mode: str, embeddings: bool
     if not inside:
         return
     kinds = ", ".join(sorted({node.op_type for node in inside}))
-    holders = sorted({n.op_type for n in model.graph if _has_subgraph(n)})
+    holders = sorted({n.op_type for n in model.graph if node_bodies(n)})
     raise UserInputError(
         f"quantize {mode}: nothing to quantize in the main graph: all {len(inside)} {kinds} "
         f"node(s) it rewrites are inside {'/'.join(holders) or 'subgraph'} bodies, which "
         f"--quantize {mode} does not quantize (it rewrites the main graph only); give the "
         "model without the control flow (for an optimum merged decoder, the separate "
         "decoder_model.onnx / decoder_with_past_model.onnx)"
-    )
-
-
-def _has_subgraph(node: ir.Node) -> bool:
-    return any(
-        attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
-        for attr in node.attributes.values()
     )
 
 
