@@ -119,6 +119,15 @@ def _wait_for_save(folder: Path, proc: subprocess.Popen, seen: threading.Event) 
         time.sleep(0.002)
 
 
+def private_tmp_env(folder: Path) -> dict[str, str]:
+    """The environment with TMPDIR in ``folder``: a SIGKILL cannot run cleanups, so what a
+    killed run had in its temporary folders (ORT session stubs) goes with the test's folder
+    instead of piling up in the system's /tmp."""
+    private = folder / "tmpdir"
+    private.mkdir(exist_ok=True)
+    return {**os.environ, "TMPDIR": str(private)}
+
+
 def kill_once(
     source: Path,
     output: Path,
@@ -134,6 +143,7 @@ def kill_once(
         graphopt_argv("optimize", str(source), "-o", str(output), *extra),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        env=private_tmp_env(output.parent),
     )
     start = time.perf_counter()
     if aim_at_save:
@@ -283,6 +293,7 @@ def test_in_place_kills_leave_old_or_new_input(tmp_path: Path) -> None:
             graphopt_argv("optimize", str(source), "--in-place"),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            env=private_tmp_env(tmp_path),
         )
         time.sleep(rng.uniform(0.5, 4.0))
         if popen.poll() is None:
