@@ -102,7 +102,8 @@ def resolve_providers(spec: str | Sequence[str] | None) -> tuple[str, ...]:
 
     Each must be offered by the installed onnxruntime (a CPU wheel offers the CPU only): a
     benchmark of "CUDA" that ran on the CPU would be a wrong number. The CPU is appended as
-    the fallback for nodes an accelerator does not take, as ORT itself does.
+    the fallback for nodes an accelerator does not take, as ORT itself does. An empty name
+    is refused: ``--provider "$EP,cpu"`` with ``EP`` unset must not quietly mean the CPU.
     """
     words = [spec] if isinstance(spec, str) else list(spec or [])
     names: list[str] = []
@@ -110,7 +111,10 @@ def resolve_providers(spec: str | Sequence[str] | None) -> tuple[str, ...]:
         for part in word.split(","):
             part = part.strip()
             if not part:
-                continue
+                raise UserInputError(
+                    f"--provider {word!r}: an empty provider name; give names such as cpu or "
+                    "cuda,cpu"
+                )
             name = PROVIDER_ALIASES.get(part.lower(), part)
             if name not in names:
                 names.append(name)

@@ -72,7 +72,7 @@ class BenchRequest:
                 raise UserInputError("--batch: sizes must be 1 or more")
             batches = list(dict.fromkeys(args.batch))
         config = SessionConfig(
-            providers=checked_providers(args.provider),
+            providers=resolve_providers(args.provider),
             threads=args.threads,
             # One inter-op thread and sequential execution: --threads is the whole budget.
             inter_threads=1,
@@ -291,17 +291,6 @@ def json_safe(data: Any) -> Any:
     if isinstance(data, (list, tuple)):
         return [json_safe(value) for value in data]
     return data
-
-
-def checked_providers(spec: Sequence[str] | None) -> tuple[str, ...]:
-    """``--provider`` (bench, compare) resolved; an empty name is refused: ``--provider ,``
-    and ``--provider ''`` silently meant the CPU."""
-    for word in spec or []:
-        if any(not part.strip() for part in word.split(",")):
-            raise UserInputError(
-                f"--provider {word!r}: an empty provider name; give names such as cpu or cuda,cpu"
-            )
-    return resolve_providers(spec)
 
 
 def refuse_unfeedable_inputs(path: str, model: ir.Model, command: str) -> None:

@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from graphopt.backends.ort import CPU, SessionConfig, create_session
-from graphopt.backends.ort_bench import checked_providers, json_safe, refuse_unfeedable_inputs
+from graphopt.backends.ort import CPU, SessionConfig, create_session, resolve_providers
+from graphopt.backends.ort_bench import json_safe, refuse_unfeedable_inputs
 from graphopt.calibration import load_npz
 from graphopt.errors import UserInputError
 from graphopt.input_dims import graph_inputs, non_tensor_kind, parse_input_shapes
@@ -77,7 +77,7 @@ class CompareRequest:
         if args.threads < 0:
             raise UserInputError("--threads: must be 0 (ORT's default) or more")
         config = SessionConfig(
-            providers=checked_providers(args.provider),
+            providers=resolve_providers(args.provider),
             threads=args.threads,
             opt_level=args.opt_level,
         )

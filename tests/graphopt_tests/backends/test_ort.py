@@ -47,7 +47,24 @@ def test_providers_resolve_short_and_full_names_with_cpu_fallback() -> None:
     assert backend.resolve_providers(None) == (backend.CPU,)
     assert backend.resolve_providers("cpu") == (backend.CPU,)
     assert backend.resolve_providers(["CPUExecutionProvider", "cpu"]) == (backend.CPU,)
-    assert backend.resolve_providers(" cpu , ") == (backend.CPU,)
+    assert backend.resolve_providers(" cpu ") == (backend.CPU,)
+
+
+@pytest.mark.parametrize("spec", [",", "", " , cpu", ["cpu", ""]])
+def test_an_empty_provider_name_is_refused(spec) -> None:
+    """``--provider "$EP,cpu"`` with EP unset ran optimize's verification on the CPU, exit 0."""
+    with pytest.raises(UserInputError, match="an empty provider name"):
+        backend.resolve_providers(spec)
+
+
+def test_optimize_refuses_an_empty_provider_name(tmp_path: Path, capsys) -> None:
+    from graphopt.cli import main
+
+    code = main(
+        ["optimize", str(_saved(tmp_path)), "-o", str(tmp_path / "o.onnx"), "--provider", ","]
+    )
+    assert code == 2 and "an empty provider name" in capsys.readouterr().err
+    assert not (tmp_path / "o.onnx").exists()
 
 
 def test_unknown_or_unavailable_provider_is_a_one_line_user_error() -> None:
