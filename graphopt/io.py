@@ -677,11 +677,18 @@ def _external_tensors_in_memory(model: ir.Model) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _external_attributes_in_memory(model: ir.Model) -> Iterator[None]:
-    """Temporarily swap attribute tensors (Constant values, in the graph, its subgraphs and
-    local functions) read from external data for in-memory copies. Written as they are,
-    they would name their file relative to the output's folder, not the input's, and
-    onnx-ir's external-data writer moves initializers only."""
+    """Temporarily swap tensors read from external data that onnx-ir's writer would not move
+    for in-memory copies:
+
+    - attribute tensors (Constant values, in the graph, its subgraphs and local functions):
+      written as they are, they would name their file relative to the output's folder, not
+      the input's, and onnx-ir's external-data writer moves initializers only;
+    - initializers at or under the size threshold, which the writer inlines: it reads each
+      and then closes its file map, which fails (``BufferError``, exit 3) while any array
+      view of the map is still alive somewhere (a BERT export's 1 KiB ``position_ids``).
+    """
     swapped: list[tuple[ir.Node, str, ir.Attr]] = []
+    inlined: list[tuple[ir.Value, ir.ExternalTensor]] = []
     try:
         bodies = (model.graph, *model.functions.values())
         for node in (n for body in bodies for n in ir.traversal.RecursiveGraphIterator(body)):
@@ -692,10 +699,23 @@ def _external_attributes_in_memory(model: ir.Model) -> Iterator[None]:
                     copy = ir.Tensor(attr.value.numpy(), name=attr.value.name)
                     swapped.append((node, name, attr))
                     node.attributes[name] = ir.AttrTensor(name, copy, doc_string=attr.doc_string)
+        for graph in model.graphs():
+            for value in graph.initializers.values():
+                tensor = value.const_value
+                if (
+                    isinstance(tensor, ir.ExternalTensor)
+                    and tensor.nbytes <= EXTERNAL_DATA_THRESHOLD_BYTES
+                ):
+                    inlined.append((value, tensor))
+                    value.const_value = ir.Tensor(
+                        tensor.numpy().copy(), name=tensor.name, dtype=tensor.dtype
+                    )
         yield
     finally:
         for node, name, attr in swapped:
             node.attributes[name] = attr
+        for value, tensor in inlined:
+            value.const_value = tensor
 
 
 def _fsync(path: Path) -> None:

@@ -984,3 +984,19 @@ def test_an_input_also_listed_as_a_bare_output_keeps_its_declared_shape() -> Non
     (x,) = io.load(proto).model.graph.inputs
     assert x.dtype == ir.DataType.FLOAT
     assert [d if isinstance(d, int) else d.value for d in x.shape] == ["N", 4]
+
+
+def test_save_inlines_small_external_tensors_while_views_of_them_live(tmp_path: Path) -> None:
+    """onnx-ir's writer inlines external initializers at or under the threshold and closes
+    their file maps: with an array view of one alive (a pass read it), that raised
+    BufferError, exit 3 on a BERT export whose 1 KiB position_ids sat in external data."""
+    source = save_external(small_proto(256), tmp_path / "m.onnx")  # w: 1024 bytes, b: 64
+    model = io.load(source).model
+    view = model.graph.initializers["w"].const_value.numpy()  # a view of the file map
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    out = io.save(model, out_dir / "o.onnx", external_data=True)
+    saved = onnx.load(str(out))
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in saved.graph.initializer}
+    np.testing.assert_array_equal(weights["w"], view)
+    assert isinstance(model.graph.initializers["w"].const_value, ir.ExternalTensor)
