@@ -14,6 +14,9 @@ along K; each (block, column) pair has one scale (and, asymmetric, one zero poin
   not the error of the weights. Scales are fixed up front from the original weights ("static
   groups"), so that rows may be rounded in any order (act-order: largest activations first)
   and still share contiguous blocks, as MatMulNBits and blockwise DequantizeLinear expect.
+  A weight that is exactly 0 (pruned, e.g. by ``--sparsity``) keeps the zero point as its
+  code (an exact 0 in either form: the asymmetric range always holds 0), so a sparsity
+  pattern survives.
 """
 
 from __future__ import annotations
@@ -210,6 +213,12 @@ def gptq(
     # One float32 copy of the weight, rows in the order they are rounded (GPTQ's precision;
     # the Cholesky factor is computed in float64 and then read in float32).
     work = np.asarray(w, dtype=np.float32)[order]
+    # Weights that are exactly 0 (pruned: a sparsity pattern, whatever pass made it) stay
+    # exactly 0: their codes are the zero point whatever error earlier rows pushed onto them,
+    # and the error of holding them there moves on to the later rows (SparseGPT's mask).
+    # None on a dense weight, whose rounding is then unchanged.
+    held = work == 0
+    held = held if held.any() else None
     work[dead[order]] = 0.0
     h[np.diag_indices(k)] += dampening * float(np.mean(np.diag(h)))
     upper = inverse_cholesky_upper(h).astype(np.float32)
@@ -231,6 +240,8 @@ def gptq(
             zero = 0.0 if row_zeros is None else row_zeros[i]
             scale = row_scales[i]
             code = np.clip(np.round(row / scale + zero), low, high)
+            if held is not None:
+                code = np.where(held[start + i], zero, code)
             q[start + i] = code
             error = (row - (code - zero) * scale) / inverse[i, i]
             part[i + 1 :] -= np.outer(inverse[i, i + 1 :], error)

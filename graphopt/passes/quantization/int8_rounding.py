@@ -15,6 +15,9 @@ weight error. ``H`` comes from the calibration samples the activation ranges are
   groups have ``kh·kw`` features each); past ``ROWS_PER_FEATURE`` rows per feature in a batch,
   a seeded random subset of them (picked before the patches are copied).
 
+A weight that is exactly 0 (pruned, e.g. by ``--sparsity``) keeps code 0: the error feedback
+never moves it, so a sparsity pattern survives quantization.
+
 Layers it cannot handle (a shared weight, a non-2-D Conv, an input wider than
 ``MAX_FEATURES``) keep ``rtn``; the record says how many. The Cholesky factor of the
 dampened inverse is :mod:`graphopt.passes.quantization.gptq`'s (the int4 path's).
@@ -245,12 +248,20 @@ def round_codes(w: np.ndarray, h: np.ndarray, scale: np.ndarray) -> np.ndarray:
     hessian[:, np.arange(k), np.arange(k)] += DAMPENING * mean[:, None]
     upper = _upper_factors(hessian)
     work = np.asarray(w, dtype=np.float64)[index, order]
+    # Weights that are exactly 0 (pruned: a sparsity pattern, whatever pass made it) keep
+    # code 0 whatever error earlier features pushed onto them; the error of holding them
+    # there moves on to the later features (SparseGPT's mask). None on a dense weight, whose
+    # rounding is then unchanged.
+    held = work == 0
+    held = held if held.any() else None
     scale = np.asarray(scale, dtype=np.float64)
     codes = np.empty(work.shape, dtype=np.float64)
     for start in range(0, k, BATCH):
         stop = min(start + BATCH, k)
         for i in range(start, stop):
             codes[:, i] = np.clip(np.rint(work[:, i] / scale), -QMAX, QMAX)
+            if held is not None:
+                codes[:, i][held[:, i]] = 0.0
             # The row's error, scaled by its pivot, moves the rows of this batch now ...
             work[:, i] = (work[:, i] - codes[:, i] * scale) / upper[:, i, i, None]
             work[:, i + 1 : stop] -= upper[:, i, i + 1 : stop, None] * work[:, i, None, :]
