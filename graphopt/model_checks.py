@@ -311,7 +311,10 @@ def check_external_data(proto: onnx.ModelProto, base_dir: Path, name: str) -> No
             raise UserInputError(
                 f"{label}: external-data location {location!r} leaves the model's folder"
             )
-        if not target.is_file():
+        # The literal path too: readers open it as written, and the OS walks ``sub/..``
+        # through ``sub`` (resolve() drops a missing ``sub`` as text, so the check passed and
+        # the read failed later, blamed on the output).
+        if not target.is_file() or not (base_dir / location).is_file():
             raise UserInputError(f"{label}: external-data file {location!r} is missing")
         try:
             offset = int(info.get("offset", "0") or 0)

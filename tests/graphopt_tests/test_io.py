@@ -354,6 +354,8 @@ def test_cli_refuses_bad_files(tmp_path: Path, capsys, kind: str, message: str) 
         ("sub/../../outside.data", "leaves the model's folder"),
         ("link.data", "leaves the model's folder"),
         ("nothing.data", "is missing"),
+        # Inside the folder as text, but the OS cannot walk through a missing "nosuch".
+        ("nosuch/../m.onnx.data", "is missing"),
     ],
 )
 def test_cli_refuses_unsafe_external_data(
