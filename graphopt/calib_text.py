@@ -32,7 +32,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt.errors import UserInputError, is_rust_panic
-from graphopt.input_dims import graph_inputs
+from graphopt.input_dims import graph_inputs, index_bound
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -99,9 +99,27 @@ def text_arrays(
         "mask": [e.attention_mask for e in encodings],
         "types": [e.type_ids for e in encodings],
     }
-    return {
+    arrays = {
         value.name: np.asarray(columns[role], dtype=value.dtype.numpy()) for value, role in roles
     }
+    for value, _ in roles:
+        _check_in_table(value, arrays[value.name], tokenizer_path)
+    return arrays
+
+
+def _check_in_table(value: ir.Value, ids: np.ndarray, tokenizer_path: Path) -> None:
+    """Refuse ids past the table the input indexes (a tokenizer of another model: BERT-base's
+    30,522 tokens for a 1,000-row embedding), here rather than as ONNX Runtime's Gather error
+    when the file is used."""
+    rows = index_bound(value)
+    if rows is None or ids.size == 0:
+        return
+    largest = int(ids.max())
+    if largest >= rows:
+        raise UserInputError(
+            f"{tokenizer_path}: gives {value.name!r} values up to {largest}, but the model's "
+            f"table for it has {rows} rows: is this the model's own tokenizer?"
+        )
 
 
 def tokenizer_file(path: str | os.PathLike) -> Path:

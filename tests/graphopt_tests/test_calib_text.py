@@ -141,3 +141,36 @@ def test_tokenizer_path_messages(tmp_path, capsys, monkeypatch, tokenizer, expec
     assert code == 2, msg
     assert expected in msg, msg
     assert msg.strip().count("\n") == 0, msg
+
+
+def _embedding_model(path, rows):
+    """input_ids [batch, sequence] → Gather from a [rows, 4] table."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    table = numpy_helper.from_array(np.ones((rows, 4), np.float32), "table")
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "input_ids"], ["y"])],
+        "embed",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [table],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    return path
+
+
+def test_ids_past_the_models_embedding_table_are_refused(tmp_path, capsys):
+    """A tokenizer of another model (BERT-base's 30,522 tokens for bert_tiny's 1,000 rows)
+    wrote the file, and optimize --calib then failed on ORT's Gather error."""
+    folder = _tokenizer_folder(tmp_path)  # ids 0-3; "sentence" is 3
+    text = _sentences(tmp_path, "a sentence\n")
+    out = tmp_path / "t.npz"
+    small = _embedding_model(tmp_path / "e3.onnx", rows=3)
+    code, msg = _calib(capsys, small, "-o", out, "--text", text, "--tokenizer", folder)
+    assert code == 2 and "values up to 3, but the model's table for it has 3 rows" in msg, msg
+    assert len(msg.strip().splitlines()) == 1 and not out.exists()
+    fits = _embedding_model(tmp_path / "e4.onnx", rows=4)
+    code, msg = _calib(capsys, fits, "-o", out, "--text", text, "--tokenizer", folder)
+    assert code == 0, msg
+    assert load_npz(out)["input_ids"].max() == 3
