@@ -139,7 +139,13 @@ def tokenizer_file(path: str | os.PathLike) -> Path:
                 f"tokenizers: give a {TOKENIZER_FILE} file or a folder holding one"
             )
         raise UserInputError(f"{given}: tokenizer not found ({given} does not exist)")
-    file = given / TOKENIZER_FILE if given.is_dir() else given
+    if not given.is_dir():
+        if not given.is_file():  # a device, a FIFO
+            raise UserInputError(
+                f"{given}: not a regular file; give a {TOKENIZER_FILE} file or a folder holding one"
+            )
+        return given
+    file = given / TOKENIZER_FILE
     if not file.is_file():
         raise UserInputError(f"{given}: tokenizer not found (no {TOKENIZER_FILE} in the folder)")
     return file

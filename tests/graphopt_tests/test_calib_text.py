@@ -128,6 +128,8 @@ def test_a_bom_is_not_tokenized(tmp_path, capsys):
         ("no/such.json", "no/such.json: tokenizer not found"),
         ("bert-base-uncased", "tokenizer 'bert-base-uncased' is not a local path"),
         ("org/model", "tokenizer 'org/model' is not a local path"),
+        # A device is no folder: the message said "no tokenizer.json in the folder".
+        ("/dev/null", "/dev/null: not a regular file"),
     ],
 )
 def test_tokenizer_path_messages(tmp_path, capsys, monkeypatch, tokenizer, expected):
