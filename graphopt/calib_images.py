@@ -141,12 +141,19 @@ def image_input(model: ir.Model, layout: str | None) -> tuple[ir.Value, str]:
             continue
         if value.dtype not in _FLOAT_TYPES + _PIXEL_TYPES:
             continue
-        for name, axis in (("nchw", 1), ("nhwc", 3)):
-            if layout not in (None, name):
-                continue
-            if value.shape[axis] in CHANNELS or (layout == name and _symbolic(value.shape[axis])):
-                found.append((value, name))
-                break  # [N, 3, H, 3]: NCHW first, as most exporters write
+        fits = [
+            name
+            for name, axis in (("nchw", 1), ("nhwc", 3))
+            if layout in (None, name)
+            and (value.shape[axis] in CHANNELS or (layout == name and _symbolic(value.shape[axis])))
+        ]
+        if len(fits) > 1:
+            # [N, 3, H, 3]: a guess would fill a width-3 image with channels, or the reverse.
+            raise UserInputError(
+                f"input {value.name!r} {_dims(value)} could be NCHW or NHWC: give --layout "
+                "nchw or --layout nhwc"
+            )
+        found.extend((value, name) for name in fits)
     described = ", ".join(f"{v.name!r} {v.dtype} {_dims(v)}" for v in graph_inputs(model)) or "none"
     if not found:
         wanted = "a float or uint8 rank-4 input with 1 or 3 channels"

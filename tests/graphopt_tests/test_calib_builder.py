@@ -114,6 +114,23 @@ def test_symbolic_size_resize_crop_layout_channels_limit_and_seed(tmp_path, caps
     assert again.read_bytes() == rgb.read_bytes()
 
 
+def test_an_input_that_could_be_either_layout_needs_layout(tmp_path, capsys):
+    """[N, 3, 20, 3] was read as NCHW without a word: a wrong guess fills channels with
+    columns."""
+    model = _image_model(tmp_path / "m.onnx", ["N", 3, 20, 3])
+    _images(tmp_path / "imgs", 2, size=(30, 20))
+    out = tmp_path / "c.npz"
+    code, text = _calib(capsys, model, "-o", out, "--images", tmp_path / "imgs")
+    assert code == 2 and "could be NCHW or NHWC: give --layout nchw or --layout nhwc" in text
+    assert not out.exists()
+    for layout, shape in (("nchw", (2, 3, 20, 3)), ("nhwc", (2, 3, 20, 3))):
+        code, text = _calib(
+            capsys, model, "-o", out, "--images", tmp_path / "imgs", "--layout", layout
+        )
+        assert code == 0, text
+        assert load_npz(out)["x"].shape == shape
+
+
 def test_grayscale_input_and_crop_none(tmp_path, capsys):
     model = _image_model(tmp_path / "m.onnx", ["batch", 1, 6, 9])
     _images(tmp_path / "imgs", 3, size=(18, 12))
