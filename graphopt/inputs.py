@@ -22,7 +22,8 @@ stay in ``[0, 2)`` (:func:`int_high`). Other integers are in ``[0, 10)``, narrow
 integer ``*mask*`` inputs are ones, except that with a batch of 2 or more the second row is
 left-padded to its last position (:func:`_mask_array`); position ids count ``0, 1, 2, ...``
 along their last axis; length inputs (``lengths``, ``*_lens``, ``seq_len``...) are in
-``[1, L]`` with ``L`` the longest symbolic dim of the other inputs; sample rates are 16000.
+``[1, L]`` with ``L`` the longest symbolic dim of the other inputs, and an RNN/GRU/LSTM's
+``sequence_lens`` (whatever its name) at most that RNN's sequence dim; sample rates are 16000.
 Booleans are random.
 
 **A second shape** (:func:`second_shape_candidates`) moves every symbolic dim to another
@@ -507,6 +508,41 @@ def _length_limit(model: ir.Model, value: ir.Value, shapes: Mapping[str, tuple[i
     return longest or INT_HIGH
 
 
+_RECURRENT = ("RNN", "GRU", "LSTM")
+_PASS_THROUGH = ("Cast", "Identity", "Reshape", "Squeeze", "Unsqueeze", "Flatten")
+
+
+def _recurrent_steps(value: ir.Value, shapes: Mapping[str, tuple[int, ...]]) -> int | None:
+    """The shortest sequence dim of the RNN/GRU/LSTMs whose ``sequence_lens`` ``value`` is
+    (directly or through Cast/Reshape...), at ``shapes`` (a graph input's) or as declared;
+    None when it feeds none, or no such dim is known."""
+    steps: list[int] = []
+    pending, seen = [value], set()
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        for use in current.uses():
+            node = use.node
+            if node.op_type in _PASS_THROUGH and node.domain in ("", "ai.onnx") and use.idx == 0:
+                pending.extend(node.outputs)
+                continue
+            if node.op_type not in _RECURRENT or node.domain not in ("", "ai.onnx"):
+                continue
+            if use.idx != 4 or node.inputs[0] is None:
+                continue
+            layout = node.attributes.get("layout")
+            axis = 1 if layout is not None and layout.as_int() == 1 else 0
+            x = node.inputs[0]
+            dims = shapes.get(x.name) if x.name else None
+            if dims is None and x.shape is not None:
+                dims = tuple(d if isinstance(d, int) else -1 for d in x.shape)
+            if dims is not None and len(dims) > axis and int(dims[axis]) > 0:
+                steps.append(int(dims[axis]))
+    return min(steps) if steps else None
+
+
 def _numpy_dtype(value: ir.Value) -> np.dtype:
     if value.type is None or not isinstance(value.type, ir.TensorType):
         raise UserInputError(_NOT_A_TENSOR.format(name=value.name))
@@ -540,9 +576,13 @@ def _generate(
             # What a tokenizer feeds: 0, 1, 2... along the sequence (wrapped into the table).
             positions = np.arange(shape[-1]) % (rows or max(shape[-1], 1))
             return np.broadcast_to(positions, shape).astype(dtype)
-        if _LENGTH_NAME.search(name):
+        steps = _recurrent_steps(value, shapes)
+        if _LENGTH_NAME.search(name) or steps is not None:
             high = _length_limit(model, value, shapes)
             high = min(high, rows) if rows else high
+            # An RNN/GRU/LSTM's sequence_lens may not exceed its sequence (ONNX Runtime
+            # refuses): bounded by that dim at the shape being generated.
+            high = min(high, steps) if steps else high
             return rng.integers(1, high + 1, size=shape).astype(dtype)
         return _random_array(rng, name, shape, dtype, int_high(value))
     return _random_array(rng, name, shape, dtype)

@@ -723,3 +723,56 @@ def test_generated_mask_length_follows_past_plus_sequence() -> None:
     assert input_shapes(model, {}, moved)["attention_mask"] == (dims["batch_size"], 19)
     given = {"input_ids": (1, 1), "attention_mask": (1, 9)}
     assert input_shapes(model, given)["past"] == (1, 2, 8, 4)
+
+
+def _lstm(x_dims: list, lens_name: str, layout: int = 0, cast: bool = False):
+    """An LSTM whose sequence_lens is a network input (through a Cast when ``cast``)."""
+    rng = np.random.default_rng(0)
+    weights = [
+        helper.make_tensor("W", F, [1, 32, 16], rng.standard_normal(512).tolist()),
+        helper.make_tensor("R", F, [1, 32, 8], rng.standard_normal(256).tolist()),
+    ]
+    lens = f"{lens_name}_i32" if cast else lens_name
+    nodes = [
+        helper.make_node("LSTM", ["X", "W", "R", "", lens], ["Y"], hidden_size=8, layout=layout)
+    ]
+    if cast:
+        nodes.insert(0, helper.make_node("Cast", [lens_name], [lens], to=TensorProto.INT32))
+    batch = x_dims[1 - layout if layout else 1]
+    graph = helper.make_graph(
+        nodes,
+        "lstm",
+        [
+            helper.make_tensor_value_info("X", F, x_dims),
+            helper.make_tensor_value_info(lens_name, I64 if cast else TensorProto.INT32, [batch]),
+        ],
+        [helper.make_tensor_value_info("Y", F, None)],
+        weights,
+    )
+    return ir.serde.deserialize_model(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    )
+
+
+@pytest.mark.parametrize(
+    ("x_dims", "given", "name", "layout", "cast", "steps"),
+    [
+        ([5, 2, 16], {}, "sequence_lens", 0, False, 5),  # static: ORT refused lengths > 5
+        (["steps", "batch", 16], {"X": (3, 64, 16)}, "sequence_lens", 0, False, 3),
+        (["batch", "steps", 16], {"X": (64, 4, 16)}, "n", 1, True, 4),  # any name, via Cast
+    ],
+)
+def test_rnn_sequence_lens_stay_within_the_sequence(x_dims, given, name, layout, cast, steps):
+    model = _lstm(x_dims, name, layout, cast)
+    feeds = make_inputs(model, given, seed=3)
+    lengths = feeds[name]
+    assert lengths.min() >= 1 and lengths.max() <= steps
+    if layout:  # ONNX Runtime runs no batch-first RNN
+        return
+    # ONNX Runtime takes them (it refuses a length beyond the sequence).
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(
+        ir.serde.serialize_model(model).SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    session.run(None, feeds)

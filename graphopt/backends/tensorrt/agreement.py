@@ -47,7 +47,9 @@ def node_tests() -> Iterator[tuple[str, onnx.ModelProto]]:
 def verdict(trt: TensorRT, name: str, model: onnx.ModelProto) -> Verdict:
     """The real parser's and the static table's verdicts on one model."""
     parsed = parse(trt, model.SerializeToString())
-    errors = [f for f in static_findings(model) if f.severity == ERROR]
+    # The builder rules judge what the parser accepts (the engine build refuses it): not
+    # the parser's verdict, so not compared with it.
+    errors = [f for f in static_findings(model) if f.severity == ERROR and f.rule != "builder"]
     return Verdict(
         name,
         parsed.ok,

@@ -34,6 +34,7 @@ from graphopt.backends.tensorrt.engine_file import (
     protected_files,
     write_engine,
 )
+from graphopt.backends.tensorrt.findings import ERROR
 from graphopt.backends.tensorrt.hints import describe_rejection
 from graphopt.backends.tensorrt.model_scan import scan_model
 from graphopt.backends.tensorrt.module import TensorRT, find_tensorrt, parse
@@ -42,6 +43,7 @@ from graphopt.backends.tensorrt.profiles import (
     InputProfile,
     ProfileInput,
     check_given,
+    check_input_shapes,
     check_shape_tensors,
     model_inputs,
     parse_shapes,
@@ -121,11 +123,17 @@ def check_options(options: EngineOptions) -> None:
         )
 
 
-def check_model(model: ir.Model, options: EngineOptions, fp8: bool) -> None:
+def check_model(
+    model: ir.Model,
+    options: EngineOptions,
+    fp8: bool,
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
+) -> None:
     """Refuse, once the input is loaded and before the passes run, what the build would
     refuse after minutes of work and after the ONNX output is written: ``--shapes`` of the
     wrong rank, contradicting a dim the model fixes or another ``--shapes`` on a shared dim;
-    a shape-tensor input without its values' range; FP8 (``fp8``: asked for, or held by the
+    a shape-tensor input without its values' range; ``input_shapes`` (--input-shape) fixing a
+    dim that --shapes ranges otherwise; FP8 (``fp8``: asked for, or held by the
     input) for a compute capability below 8.9."""
     shapes = parse_shapes(options.shapes)
     names = [v.name for v in graph_inputs(model)]
@@ -138,7 +146,8 @@ def check_model(model: ir.Model, options: EngineOptions, fp8: bool) -> None:
     inputs = model_inputs(model)
     # An input of undeclared shape is checked on the network, before the build.
     known = {i.name for i in inputs}
-    check_given(inputs, {name: s for name, s in shapes.items() if name in known})
+    dims = check_given(inputs, {name: s for name, s in shapes.items() if name in known})
+    check_input_shapes(inputs, dims, input_shapes or {})
     check_shape_tensors(inputs, shapes)
     if fp8 or _holds_fp8(model):
         _check_fp8(options.compute_capabilities)
@@ -226,6 +235,7 @@ def build_engine(
         raise CheckFailedError(
             "TensorRT's builder failed: "
             + ("; ".join(errors[-3:]) or "no message")
+            + _builder_rule_hint(proto)
             + _derived_hint(report.profiles)
         )
     data = memoryview(serialized)
@@ -264,6 +274,21 @@ def _set_shape(profile: Any, given: InputProfile) -> None:
         raise UserInputError(
             f"profile {given.describe()}: TensorRT refuses it ({reason})"
         ) from None
+
+
+def _builder_rule_hint(proto: onnx.ModelProto) -> str:
+    """The static table's builder-only findings (what the parser accepts and the builder
+    refuses), with their fix: the builder's own message names a layer, not the cause."""
+    from graphopt.backends.tensorrt.rules import static_findings
+
+    found = [f for f in static_findings(proto) if f.rule == "builder" and f.severity == ERROR]
+    if not found:
+        return ""
+    first = found[0]
+    more = f" (and {len(found) - 1} more node(s))" if len(found) > 1 else ""
+    return f"; cause: {first.location}: {first.reason}{more}" + (
+        f"; fix: {first.fix}" if first.fix else ""
+    )
 
 
 def _derived_hint(profiles: list[InputProfile]) -> str:

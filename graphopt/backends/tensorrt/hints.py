@@ -22,6 +22,32 @@ _BLOCKED = "--requantize symmetric leaves this one as it is ({blocker}): " + _FR
 # None when the first never names --requantize) in order; the first match wins.
 _FIXES: tuple[tuple[str, str, str | None], ...] = (
     (
+        r"^DequantizeLinear: .*rank-0 \(scalar\)",
+        f"a scalar quantized constant (ORT's quantize_static quantizes Mul/Add factors): "
+        f"{_REQUANTIZE} stores it in float (exact)",
+        None,
+    ),
+    (
+        r"^(QuantizeLinear|DequantizeLinear): .*computed zero point",
+        "give the QuantizeLinear/DequantizeLinear its zero point as an initializer (or "
+        "leave it out: zero); constant-folding in the default pipeline folds one computed "
+        "from constants",
+        None,
+    ),
+    (
+        r"^(LSTM|GRU|RNN): .*(sequence_lens|ISelectLayer must have .?thenInput)",
+        "a float16 RNN with sequence_lens: keep it in float32, e.g. graphopt optimize "
+        "--target tensorrt --quantize fp16 --exclude LSTM,GRU,RNN (the rest in float16), or "
+        "drop sequence_lens when every sequence has the full length",
+        None,
+    ),
+    (
+        r"^(Cast|CastLike): .*never in a Cast",
+        "cast to or from FP8/FP4/INT4 with QuantizeLinear/DequantizeLinear (scale 1) instead "
+        "of Cast, or keep that tensor in float16/float32 at the network's inputs and outputs",
+        None,
+    ),
+    (
         r"^(QuantizeLinear|DequantizeLinear): .*(zero point|asymmetric|uint8|UINT8)",
         "asymmetric or uint8 quantization (e.g. ORT's quantize_static/quantize_dynamic): "
         f"{_REQUANTIZE} re-rounds it to int8 with zero point 0 (lossy, fidelity reported), "
@@ -34,13 +60,14 @@ _FIXES: tuple[tuple[str, str, str | None], ...] = (
         _BLOCKED,
     ),
     (
-        r"^(DynamicQuantizeLinear|MatMulInteger)\b",
+        r"^(DynamicQuantizeLinear|MatMulInteger|ConvInteger)\b",
         f"ONNX Runtime's dynamic quantization: {_REQUANTIZE} turns DynamicQuantizeLinear + "
-        f"MatMulInteger into int8 weight-only MatMuls (lossy), or {_FROM_FLOAT}",
+        f"MatMulInteger/ConvInteger into int8 weight-only MatMuls/Convs (lossy), or "
+        f"{_FROM_FLOAT}",
         _BLOCKED,
     ),
     (
-        r"^(QLinear\w+|ConvInteger|\w+Integer|QAttention|QGemm|QOrdered\w+)\b",
+        r"^(QLinear\w+|\w+Integer|QAttention|QGemm|QOrdered\w+)\b",
         "ONNX Runtime's QOperator form, which --requantize symmetric does not convert: "
         "start from the float model and use graphopt optimize --target tensorrt --quantize "
         "int8 (Q/DQ) or int4-weight (DequantizeLinear)",
@@ -163,8 +190,10 @@ def clean_reason(text: str, op_type: str = "", names: tuple[str, ...] = ()) -> s
             continue
         line = _message(line)
         for name in names:
-            if name and line.startswith(f"{name}: "):
-                line = line[len(name) + 2 :]
+            # The node's name, or a layer TensorRT made of it ("NAME_4": the node's 5th).
+            prefix = re.match(re.escape(name) + r"(?:_\d+)?: ", line) if name else None
+            if prefix:
+                line = line[prefix.end() :]
         line = _without_dla(" ".join(line.split()))
         if line and line not in lines:
             lines.append(line)

@@ -33,6 +33,9 @@ MAX_REJECTIONS = 64
 UNVERIFIED = "parser-unverified"
 # Static warnings the parser's own network answers better, when its parse completes.
 _PARSER_ANSWERS = ("shape-tensor-input",)
+# Static rules for what the parser accepts and the engine build refuses: their errors are
+# added to the real parser's findings (lint does not build an engine).
+_BUILDER_ONLY = ("builder",)
 # Reasons about the op itself, which no stand-in input can cause.
 _OWN_REASON = re.compile(r"no importer|Plugin not found|plugin")
 _PARSING = re.compile(r"^(?:Static check for parsing node|Parsing node): (.*) \[[^\]]*\]$")
@@ -88,12 +91,25 @@ def lint_tensorrt(
         return LintResult("static rule table", analysis.findings, note)
     trt = available.found
     findings, completed = _parse_all(trt, analysis, path)
+    builder = [f for f in analysis.findings if f.rule in _BUILDER_ONLY and f.severity == ERROR]
+    builder = [f for f in builder if not _rejected(findings, f)]
     findings += [
         f
         for f in analysis.findings
-        if f.severity == WARNING and not (completed and f.rule in _PARSER_ANSWERS)
+        if (f.severity == WARNING and not (completed and f.rule in _PARSER_ANSWERS)) or f in builder
     ]
-    return LintResult(f"{trt.describe()} parser", findings)
+    note = (
+        f"{len(builder)} error(s) from the static builder rules: nodes the parser accepts "
+        "and the engine build refuses"
+        if builder
+        else ""
+    )
+    return LintResult(f"{trt.describe()} parser", findings, note)
+
+
+def _rejected(findings: list[Finding], finding: Finding) -> bool:
+    """Whether the parser already rejected the node of a builder-only ``finding``."""
+    return any(f.severity == ERROR and f.location == finding.location for f in findings)
 
 
 def parser_findings(

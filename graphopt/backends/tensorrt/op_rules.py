@@ -34,7 +34,11 @@ from graphopt.backends.tensorrt.parser_data import (
     PLUGIN_OPS,
     SUPPORTED_OPS,
 )
-from graphopt.backends.tensorrt.qdq_rules import quantization_rule
+from graphopt.backends.tensorrt.qdq_rules import (
+    BUILDER_REJECTS,
+    builder_quantization_rule,
+    quantization_rule,
+)
 from graphopt.backends.tensorrt.rule_context import DYNAMIC, RUNTIME, RuleContext
 from graphopt.backends.tensorrt.shape_tensors import shape_inputs_rule
 
@@ -82,6 +86,10 @@ _NO_UINT8 = (
 _NO_8BIT = ("MaxPool", "Clip")
 _8BIT = ("INT8", "UINT8")
 _FOUR_BIT = ("INT4", "UINT4", "FLOAT4E2M1")
+# Types a TensorRT tensor may have only between a Q/DQ (or Concat/Shuffle/Identity): a Cast
+# layer neither makes nor reads one (measured: the builder's "Tensor output has datatype FP8
+# but is not produced by ... IQuantizeLayer").
+_QUANTIZED_ONLY = ("FLOAT8E4M3FN", "FLOAT8E5M2", "FLOAT4E2M1", "INT4", "UINT4")
 _SINGLE_OUTPUT = ("BatchNormalization", "LayerNormalization", "MaxPool", "Attention")
 _POOLS = ("AveragePool", "MaxPool", "LpPool")
 _RANDOM = ("RandomUniform", "RandomUniformLike", "RandomNormal", "RandomNormalLike")
@@ -149,6 +157,28 @@ def _cast(node: onnx.NodeProto, context: RuleContext) -> Iterator[str]:
         to = type_name(attribute(node, "to", 0))
         if to not in CAST_TYPES:
             yield f"Cast to {to}: unsupported data type for TensorRT's Cast"
+
+
+def _builder_cast(node: onnx.NodeProto, context: RuleContext) -> Iterator[str]:
+    """A Cast/CastLike to or from FP8, FP4 or INT4 of a tensor computed at run time: the
+    parser makes a Cast layer of it, which the builder refuses (a cast of a constant the
+    parser folds into the weights)."""
+    if node.op_type not in ("Cast", "CastLike") or not node.input or not node.output:
+        return
+    if context.flow.is_weights(node.input[0]):
+        return
+    source = context.types.get(node.input[0], "")
+    target = context.types.get(node.output[0], "")
+    if node.op_type == "Cast":
+        target = type_name(attribute(node, "to", 0)) or target
+    for kind in (source, target):
+        if kind in _QUANTIZED_ONLY:
+            yield (
+                f"{node.op_type} from {source or '?'} to {target or '?'}: {BUILDER_REJECTS}: "
+                f"TensorRT holds {kind} only between QuantizeLinear and DequantizeLinear, "
+                "never in a Cast"
+            )
+            return
 
 
 def _constant_inputs(node: onnx.NodeProto, context: RuleContext) -> Iterator[str]:
@@ -235,6 +265,14 @@ def _input_types(node: onnx.NodeProto, context: RuleContext) -> Iterator[str]:
         yield f"MatMulNBits with {first} activations: TensorRT needs float16 (input A)"
     if op == "Range" and first in ("FLOAT16", "BFLOAT16", "DOUBLE"):
         yield f"Range on {first}: only int32, int64 and float32"
+    if op in ("RNN", "GRU", "LSTM") and first == "FLOAT16" and input_at(node, 4):
+        # The importer masks the steps past each sequence's length with a Select of the
+        # float16 output and a float32 zero (measured: RNN, GRU and LSTM, with or without
+        # peepholes; float32 with sequence_lens and float16 without both import).
+        yield (
+            f"float16 {op} with a sequence_lens input: TensorRT's importer mixes float16 and "
+            "float32 there (ISelectLayer must have thenInput and elseInput of same types)"
+        )
     if op == "Celu" and first in ("FLOAT16", "BFLOAT16"):
         yield f"Celu on {first}: only float32"
     if op == "DequantizeLinear" and first in _FOUR_BIT:
@@ -351,6 +389,8 @@ NODE_RULES: tuple[tuple[str, Rule], ...] = (
     ("input-type", _input_types),
     ("inputs", range_inputs_rule),
     ("quantization", quantization_rule),
+    ("builder", builder_quantization_rule),
+    ("builder", _builder_cast),
     ("shape-input", shape_inputs_rule),
     ("shape", _shapes),
     ("loop-condition", _loop_condition),

@@ -204,6 +204,32 @@ def check_given(inputs: Sequence[ProfileInput], shapes: Shapes) -> dict[str, Dim
     return dims
 
 
+def check_input_shapes(
+    inputs: Sequence[ProfileInput],
+    dims: Mapping[str, DimRange],
+    input_shapes: Mapping[str, tuple[int, ...]],
+) -> None:
+    """``--input-shape`` fixing a dim that ``--shapes`` gives another range (through another
+    input sharing it): refused, as two ``--shapes`` that disagree are, not silently settled
+    for one of them. ``dims``: what :func:`check_given` returned."""
+    for given in inputs:
+        fixed = input_shapes.get(given.name)
+        if given.shape_tensor or fixed is None or len(fixed) != len(given.dims):
+            continue
+        for axis, size in enumerate(fixed):
+            key = given.key(axis)
+            other = dims.get(key) if key is not None else None
+            if other is None or other.range == (size, size, size):
+                continue
+            if other.source == f"--shapes {given.name}":
+                continue  # the same input's own --shapes: the engine's range, by design
+            raise UserInputError(
+                f"--input-shape {given.name} and {other.source}: dim {key!r} is {size} here "
+                f"but {_range_text(other.range)} there; inputs that share a named dim take "
+                f"one range: give {given.name} the same --shapes range, or make them agree"
+            )
+
+
 def check_shape_tensors(inputs: Sequence[ProfileInput], shapes: Shapes) -> None:
     """A shape tensor without ``--shapes``: its values' range cannot be derived."""
     for given in inputs:
@@ -240,6 +266,7 @@ def plan(
     result = ProfilePlan()
     dims = check_given(listed, shapes)
     check_shape_tensors(listed, shapes)
+    check_input_shapes(listed, dims, input_shapes)
     for given in listed:  # --input-shape: where --shapes left a dim unbound
         fixed = input_shapes.get(given.name)
         if given.shape_tensor or fixed is None or len(fixed) != len(given.dims):

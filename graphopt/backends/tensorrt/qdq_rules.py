@@ -49,11 +49,48 @@ def quantization_rule(node: onnx.NodeProto, context: RuleContext) -> Iterator[st
         )
 
 
+# Element types TensorRT holds only as quantized data: a constant of one of them must go
+# straight into a DequantizeLinear (measured, the builder's "Quantized constant ... is only
+# allowed before DQ"); the parser accepts what the builder then refuses.
+QUANTIZED_TYPES = ("INT8", "UINT8", "INT4", "UINT4", "FLOAT8E4M3FN", "FLOAT8E5M2", "FLOAT4E2M1")
+# How a builder-only reason starts (the parser accepts the node, the engine build fails):
+# lint adds these to the real parser's findings too.
+BUILDER_REJECTS = "the engine build rejects it (TensorRT's parser accepts it)"
+
+
+def builder_quantization_rule(node: onnx.NodeProto, context: RuleContext) -> Iterator[str]:
+    """Q/DQ forms TensorRT's parser imports and its builder refuses (measured with
+    TensorRT-RTX's builder without a GPU: both are API usage errors of the network, not
+    tactic failures)."""
+    if node.op_type not in _QDQ:
+        return
+    zero_point = input_at(node, 2)
+    if zero_point and not context.flow.is_weights(zero_point):
+        yield (
+            f"{node.op_type} with a computed zero point: {BUILDER_REJECTS}: "
+            '"zero_point which is not an initializer"; make it a constant'
+        )
+        return
+    quantized = input_at(node, 0) if node.op_type == "DequantizeLinear" else ""
+    kind = context.types.get(quantized, "")
+    dims = context.shapes.get(quantized)
+    if (
+        kind in QUANTIZED_TYPES
+        and kind != "UINT8"  # refused by the parser already (quantization_rule)
+        and dims == ()
+        and context.flow.is_weights(quantized)
+    ):
+        yield (
+            f"DequantizeLinear of a rank-0 (scalar) {kind} constant: {BUILDER_REJECTS}: "
+            '"Quantized constant ... is only allowed before DQ"; store it in float'
+        )
+
+
 def requantize_blocker(node: onnx.NodeProto, context: RuleContext, nested: str) -> str:
     """Why ``--requantize symmetric`` would leave this quantization node as it is, or ""
     (the same forms the pass converts: graphopt/passes/quantization/requantize.py)."""
     op = node.op_type
-    if op not in (*_QDQ, "MatMulInteger", "DynamicQuantizeLinear"):
+    if op not in (*_QDQ, "MatMulInteger", "ConvInteger", "DynamicQuantizeLinear"):
         return ""
     if nested:
         return f"it is inside {nested}, and the pass rewrites the main graph only"

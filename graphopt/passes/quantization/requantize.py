@@ -9,9 +9,14 @@ lossy pass, asked for by flag, re-rounds each one and measures what it cost:
   re-rounded to int8 with a symmetric scale over the same axis, zero point 0;
 - an activation QuantizeLinear and the DequantizeLinears reading it: the same representable
   range, made symmetric (scale = max(|lo|, |hi|) / 127, zero point int8 0);
-- ORT's dynamic form (DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul by the scales):
-  becomes MatMul(x, DequantizeLinear(int8 symmetric weight)), weight-only int8 (activations
-  are no longer quantized at run time: a declared precision change, in the report).
+- ORT's dynamic form (DynamicQuantizeLinear -> MatMulInteger/ConvInteger -> Cast -> Mul by
+  the scales): becomes MatMul/Conv(x, DequantizeLinear(int8 symmetric weight)), weight-only
+  int8 (activations are no longer quantized at run time: a declared precision change, in
+  the report);
+- a constant DequantizeLinear that is no layer's weight (ORT quantizes the scalar factors of
+  Mul/Add too) and is asymmetric, or any rank-0 one: stored as the float constant it computes
+  (exact, noted in the report). TensorRT's builder rejects a rank-0 quantized constant
+  ("Quantized constant ... is only allowed before DQ"), which its parser accepts.
 
 Fidelity against the model as given is measured on --calib data or generated inputs.
 """
@@ -37,7 +42,14 @@ from graphopt.passes.quantization.record import (
 from graphopt.registry import GraphPass, PassOption, Stage, register
 
 _LEVELS = 127.0  # int8 symmetric: [-127, 127], as TensorRT rounds
-_INTEGER_OPS = ("ConvInteger", "QLinearConv", "QLinearMatMul", "QGemm", "QAttention")
+_INTEGER_OPS = (
+    "MatMulInteger",
+    "ConvInteger",
+    "QLinearConv",
+    "QLinearMatMul",
+    "QGemm",
+    "QAttention",
+)
 
 
 @register
@@ -51,10 +63,11 @@ class RequantizeSymmetricPass(GraphPass):
     flag = "--requantize"
     flag_metavar = "symmetric"
     flag_help = (
-        "re-round an asymmetrically quantized model (ORT's uint8 / zero-point Q/DQ and "
-        "MatMulInteger) to symmetric int8, which TensorRT's parser takes; fidelity reported"
+        "re-round an asymmetrically quantized model (ORT's uint8 / zero-point Q/DQ, "
+        "MatMulInteger and ConvInteger) to symmetric int8, which TensorRT's parser takes; "
+        "fidelity reported"
     )
-    ops = frozenset(("QuantizeLinear", "DequantizeLinear", "MatMulInteger"))
+    ops = frozenset(("QuantizeLinear", "DequantizeLinear", "MatMulInteger", "ConvInteger"))
     options = (
         PassOption("mode", str, "symmetric", "requantization", choices=("symmetric",)),
         CALIB_OPTION,
@@ -73,9 +86,10 @@ class RequantizeSymmetricPass(GraphPass):
         original = model.clone()
         graph = model.graph
         for node in list(graph):
-            if editing.is_op(node, "MatMulInteger"):
+            if editing.is_op(node, ("MatMulInteger", "ConvInteger")):
                 _dynamic_matmul(graph, node, record)
         done: set[int] = set()
+        floated: list[str] = []
         for node in list(graph):
             if editing.is_op(node, "QuantizeLinear") and _asymmetric(node):
                 _activation(node, record, done)
@@ -83,8 +97,17 @@ class RequantizeSymmetricPass(GraphPass):
             weight_reader = editing.is_op(node, "DequantizeLinear") and id(node) not in done
             if weight_reader and _int32_bias(graph, node, record):
                 continue
+            if weight_reader and _float_constant(graph, node, floated):
+                continue
             if weight_reader and _asymmetric(node):
                 _weight(graph, node, record)
+        if floated:
+            scalars = sum(1 for kind in floated if kind == "scalar")
+            record.notes.append(
+                f"{len(floated)} quantized constant(s) that are no layer's weight ({scalars} "
+                "scalar) stored in float, as their DequantizeLinear computed them (exact; "
+                "TensorRT's builder rejects a rank-0 quantized constant)"
+            )
         left = [n for n in graph if editing.is_op(n, _INTEGER_OPS) or _asymmetric(n)]
         if left:
             record.notes.append(
@@ -107,7 +130,7 @@ class RequantizeSymmetricPass(GraphPass):
             "point 0 (lossy)"
         )
         self.context.details["requantize"] = record
-        return len(record.layers)
+        return len(record.layers) + len(floated)
 
     def _fidelity_sets(self, original: ir.Model, record: QuantRecord) -> dict:
         from graphopt.passes.calibration.samples import load_calibration, random_calibration
@@ -231,6 +254,63 @@ def _int32_bias(graph: ir.Graph, node: ir.Node, record: QuantRecord) -> bool:
     return True
 
 
+# Inputs that hold a layer's weights (an embedding table too), re-rounded rather than stored
+# in float: op -> input indices.
+_WEIGHT_INPUTS = {
+    "Conv": (1,),
+    "ConvTranspose": (1,),
+    "MatMul": (1,),
+    "Gemm": (0, 1),
+    "Gather": (0,),
+}
+# Ops a weight may pass through on its way to the op (layout only, values unchanged).
+_LAYOUT_OPS = ("Transpose", "Reshape", "Identity", "Squeeze", "Unsqueeze", "Flatten")
+
+
+def _feeds_weight_input(value: ir.Value) -> bool:
+    """Whether ``value`` reaches the weight input of a Conv/ConvTranspose/MatMul/Gemm (through
+    layout-only ops)."""
+    for use in value.uses():
+        reader, index = use.node, use.idx
+        if editing.is_op(reader, _LAYOUT_OPS) and index == 0:
+            if _feeds_weight_input(reader.outputs[0]):
+                return True
+        elif index in _WEIGHT_INPUTS.get(reader.op_type, ()) and reader.domain in ("", "ai.onnx"):
+            return True
+    return False
+
+
+def _float_constant(graph: ir.Graph, node: ir.Node, floated: list[str]) -> bool:
+    """A constant DequantizeLinear that is not a layer's weight: stored as the float constant
+    it computes (exact), not re-rounded. ORT quantizes the scalar multipliers and addends of
+    Mul/Add this way; TensorRT's builder takes a quantized constant only as a DequantizeLinear's
+    input it keeps, and a rank-0 one never (the parser accepts it, the build fails: "Quantized
+    constant ... is only allowed before DQ"), whatever its zero point."""
+    x = editing.constant_array(node.inputs[0])
+    scale = editing.constant_array(node.inputs[1])
+    if x is None or scale is None or editing.attribute(node, "block_size"):
+        return False
+    if x.dtype not in (np.int8, np.uint8):
+        return False
+    if x.ndim and not (_asymmetric(node) and not _feeds_weight_input(node.outputs[0])):
+        return False
+    zero = editing.constant_array(node.inputs[2]) if len(node.inputs) > 2 else None
+    shape = [1] * x.ndim
+    if scale.ndim == 1 and x.ndim:
+        shape[int(editing.attribute(node, "axis", 1)) % x.ndim] = -1
+    offset = 0 if zero is None else zero.astype(np.float64).reshape(shape)
+    real = ((x.astype(np.float64) - offset) * scale.astype(np.float64).reshape(shape)).astype(
+        scale.dtype
+    )
+    old = list(node.inputs)
+    name = node.inputs[0].name or node.name or "constant"
+    editing.replace_value(node.outputs[0], editing.add_initializer(graph, f"{name}_float", real))
+    editing.remove_if_dead(node)
+    _drop_unused(graph, old)
+    floated.append("scalar" if not x.ndim else "tensor")
+    return True
+
+
 def _drop_unused(graph: ir.Graph, values: list[ir.Value | None]) -> None:
     """Initializers the rewrite stopped reading (the uint8 copies), so sizes are honest."""
     for value in values:
@@ -292,7 +372,9 @@ def _activation(node: ir.Node, record: QuantRecord, done: set[int]) -> None:
 
 def _dynamic_matmul(graph: ir.Graph, node: ir.Node, record: QuantRecord) -> None:
     """DynamicQuantizeLinear(x) -> MatMulInteger(xq, Wq, xzp, Wzp) -> Cast -> Mul(., xs*Ws)
-    becomes MatMul(x, DequantizeLinear(W int8 symmetric, scale, 0))."""
+    becomes MatMul(x, DequantizeLinear(W int8 symmetric, scale, 0)); ConvInteger (its
+    attributes are Conv's) becomes Conv the same way."""
+    conv = editing.is_op(node, "ConvInteger")
     dynamic = node.inputs[0].producer() if node.inputs[0] is not None else None
     weight = editing.constant_array(node.inputs[1])
     w_zero = editing.constant_array(node.inputs[3]) if len(node.inputs) > 3 else None
@@ -302,7 +384,7 @@ def _dynamic_matmul(graph: ir.Graph, node: ir.Node, record: QuantRecord) -> None
         dynamic is None
         or not _is(dynamic, "DynamicQuantizeLinear")
         or weight is None
-        or weight.ndim != 2
+        or (weight.ndim < 3 if conv else weight.ndim != 2)
         or not _is(cast, "Cast")
         or not _is(mul, "Mul")
     ):
@@ -316,14 +398,25 @@ def _dynamic_matmul(graph: ir.Graph, node: ir.Node, record: QuantRecord) -> None
     )
     if w_scale is None:
         return
+    # The weight's channel axis: MatMul's columns (1), Conv's output channels (0).
+    axis = 0 if conv else 1
+    channels = weight.shape[axis]
+    if w_scale.size not in (1, channels) or (
+        w_zero is not None and w_zero.size not in (1, channels)
+    ):
+        return
+    shape = [1] * weight.ndim
+    shape[axis] = -1
     zero = np.zeros(1, np.float32) if w_zero is None else w_zero.astype(np.float32)
-    real = (weight.astype(np.float32) - zero.reshape(1, -1)) * w_scale.astype(np.float32).reshape(
-        1, -1
+    real = (weight.astype(np.float32) - zero.reshape(shape)) * w_scale.astype(np.float32).reshape(
+        shape
     )
-    per_column = w_scale.size > 1
-    peak = np.max(np.abs(real), axis=0) if per_column else np.max(np.abs(real))
+    per_channel = w_scale.size > 1 or (w_zero is not None and w_zero.size > 1)
+    others = tuple(i for i in range(weight.ndim) if i != axis)
+    peak = np.max(np.abs(real), axis=others) if per_channel else np.max(np.abs(real))
     new_scale = np.maximum(peak / _LEVELS, np.finfo(np.float32).tiny).astype(np.float32)
-    q = np.clip(np.round(real / new_scale), -_LEVELS, _LEVELS).astype(np.int8)
+    q = np.clip(np.round(real / new_scale.reshape(shape if per_channel else [])), -_LEVELS, _LEVELS)
+    q = q.astype(np.int8)
     base = node.inputs[1].name or node.name or "weight"
     values = [
         dynamic.inputs[0],
@@ -331,20 +424,24 @@ def _dynamic_matmul(graph: ir.Graph, node: ir.Node, record: QuantRecord) -> None
         editing.add_initializer(graph, f"{base}_s8_scale", new_scale),
         editing.add_initializer(graph, f"{base}_s8_zero", np.zeros(new_scale.shape, np.int8)),
     ]
-    attributes = {"axis": 1} if per_column else {}
+    attributes = {"axis": axis} if per_channel else {}
     dequantize = ir.node(
         "DequantizeLinear", values[1:], attributes, name=_node_name(graph, f"{node.name}_dq")
     )
-    matmul = ir.node(
-        "MatMul",
+    op = "Conv" if conv else "MatMul"
+    # ConvInteger's attributes (pads, strides, dilations, group, ...) are Conv's.
+    kept = {k: v for k, v in node.attributes.items()} if conv else {}
+    layer = ir.node(
+        op,
         [values[0], dequantize.outputs[0]],
-        name=_node_name(graph, f"{node.name}_matmul"),
+        attributes=kept,
+        name=_node_name(graph, f"{node.name}_{op.lower()}"),
     )
     dequantize.outputs[0].name = editing.unique_name(graph, f"{base}_s8_dq")
-    matmul.outputs[0].name = editing.unique_name(graph, f"{node.name}_out")
-    matmul.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
-    editing.insert_before(mul, [dequantize, matmul])
-    editing.replace_value(mul.outputs[0], matmul.outputs[0])
+    layer.outputs[0].name = editing.unique_name(graph, f"{node.name}_out")
+    layer.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+    editing.insert_before(mul, [dequantize, layer])
+    editing.replace_value(mul.outputs[0], layer.outputs[0])
     old = [*node.inputs[1:], *scale_node.inputs]
     for dead in (mul, scale_node, cast, node):
         editing.remove_if_dead(dead)
@@ -353,7 +450,7 @@ def _dynamic_matmul(graph: ir.Graph, node: ir.Node, record: QuantRecord) -> None
     record.layers.append(
         LayerPrecision(
             node.name or base,
-            "MatMulInteger",
+            node.op_type,
             "int8 weight-only",
             "activations no longer quantized at run time",
         )

@@ -253,3 +253,18 @@ def test_the_optimize_warning_names_a_graph_level_rejection() -> None:
     wide = [value("x", TensorProto.UINT16)]
     (note,) = rejection_notes(ir.serde.deserialize_model(model(nodes, wide)))
     assert "first: graph: input 'x' has type UINT16" in note
+
+
+def test_clean_reason_drops_a_layer_named_after_the_node() -> None:
+    """TensorRT names the layers of one node NAME_N; an unnamed node's prepared name is its
+    label, which read "node 0 (MeanVarianceNormalization): node 0 (Mean...)_4: ..."."""
+    raw = (
+        "node 0 (MeanVarianceNormalization)_4: ElementWiseOperation SUM must have same input "
+        "types. But they are of types Half and Float"
+    )
+    label = "node 0 (MeanVarianceNormalization)"
+    assert clean_reason(raw, "MeanVarianceNormalization", (label,)) == (
+        "ElementWiseOperation SUM must have same input types. But they are of types Half and Float"
+    )
+    # Another node's name that merely starts the same stays.
+    assert clean_reason("conv1_b: bad", "Conv", ("conv1",)) == "conv1_b: bad"

@@ -315,3 +315,42 @@ def test_a_shape_tensor_input_takes_its_values_range(trt, tmp_path: Path, capsys
     assert main([*args, "--shapes", "shape:min=1x1,opt=3x4,max=12x12"]) == 0
     assert "profile shape: values min=1x1, opt=3x4, max=12x12 (--shapes)" in capsys.readouterr().out
     assert (tmp_path / "s.plan").stat().st_size > 1000
+
+
+def test_input_shape_contradicting_shapes_on_a_shared_dim_is_refused() -> None:
+    """--input-shape input_ids:1x16 with --shapes attention_mask:...opt=1x32... gave
+    input_ids the profile 1/32/64 silently; two --shapes that disagree were refused."""
+    inputs = _inputs(
+        ("input_ids", (-1, -1), False, ("batch", "sequence")),
+        ("attention_mask", (-1, -1), False, ("batch", "sequence")),
+    )
+    shapes = parse_shapes(["attention_mask:min=1x1,opt=1x32,max=1x64"])
+    with pytest.raises(UserInputError) as refused:
+        plan(inputs, shapes, {"input_ids": (1, 16)})
+    message = str(refused.value)
+    assert message == (
+        "--input-shape input_ids and --shapes attention_mask: dim 'sequence' is 16 here but "
+        "1/32/64 there; inputs that share a named dim take one range: give input_ids the "
+        "same --shapes range, or make them agree"
+    )
+    # Agreeing (a fixed --shapes of the same size), or the input's own --shapes: as before.
+    same = parse_shapes(["attention_mask:min=1x16,opt=1x16,max=1x16"])
+    assert plan(inputs, same, {"input_ids": (1, 16)}).profiles
+    own = parse_shapes(["input_ids:min=1x1,opt=1x32,max=1x64"])
+    assert plan(inputs, own, {"input_ids": (1, 16)}).profiles
+
+
+def test_input_shape_conflict_is_refused_before_the_passes(tmp_path: Path) -> None:
+    """check_model (run on the input model before any pass) refuses it too, given the
+    --input-shape bindings."""
+    import onnx_ir as ir
+
+    from graphopt.backends.tensorrt.build import check_model
+    from graphopt.backends.tensorrt.cli_options import EngineOptions
+
+    source = _emb_file(tmp_path / "emb.onnx")
+    model = ir.load(str(source))
+    options = EngineOptions(tmp_path / "e.plan", shapes=["mask:min=1x1,opt=1x8,max=1x32"])
+    check_model(model, options, fp8=False)  # no --input-shape: fine
+    with pytest.raises(UserInputError, match="--input-shape emb and --shapes mask: dim 'seq'"):
+        check_model(model, options, fp8=False, input_shapes={"emb": (1, 16, 16)})
