@@ -31,6 +31,7 @@ import numpy as np
 
 from graphopt.backends.ort import CPU, SessionConfig, create_session, resolve_providers
 from graphopt.backends.ort_bench import json_safe, refuse_unfeedable_inputs
+from graphopt.backends.ort_custom_ops import uses_own_kernels
 from graphopt.calibration import load_npz
 from graphopt.errors import UserInputError
 from graphopt.input_dims import graph_inputs, non_tensor_kind, parse_input_shapes
@@ -643,7 +644,10 @@ def _session(path: str, model, config: SessionConfig) -> Any:
     """A session, or the one-line reason ORT refuses the model."""
     try:
         return create_session(path, config, model)
-    except UserInputError:
+    except UserInputError as exc:
+        if uses_own_kernels(model) and not str(exc).startswith(path):
+            # Of the two models, name the one that needs graphopt's kernels.
+            raise UserInputError(f"{path}: {exc}") from None
         raise
     except Exception as exc:
         return f"ONNX Runtime cannot load it: {_first(exc)}"

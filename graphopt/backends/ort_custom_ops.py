@@ -21,6 +21,10 @@ other sources is never loaded. It is trusted only while the package folder is re
 only when the library and every folder from ``~/.cache/graphopt`` down to it belong to the
 current user and are writable by nobody else.
 
+A model of graphopt's op domain needs graphopt's own library (:func:`own_library`): its
+build above, else an explicit library of the run that provides those ops (a build of another
+checkout given with ``--custom-ops``; checked by running one op, :func:`provides_own_ops`).
+
 Never from a model file (metadata, custom domains or anything else in it) and never from the
 current directory implicitly: a relative path is used only when the user typed it.
 :func:`register_custom_ops` is the only place graphopt calls
@@ -36,6 +40,7 @@ verified, probed and measured like any other.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -306,21 +311,98 @@ def check_own_domain_version(model) -> None:
 
 
 def missing_own_library_message() -> str:
-    """One line: the model needs graphopt's kernels, where they would be, how to build them."""
+    """One line: the model needs graphopt's kernels, where they would be, how to build them
+    (or name a build with --custom-ops), and that the libraries named do not provide them."""
+    given = active_custom_ops()
+    named = ""
+    if given:
+        names = ", ".join(str(library) for library in given)
+        named = f"; the --custom-ops library given does not provide them ({names})"
     return (
         f"the model uses ops of domain {OWN_DOMAIN!r} (graphopt's sparse kernels), whose "
         f"library is not built: expected at {build_dir() / LIBRARY_NAME} "
-        f"(graphopt.kernels.library_path()); build it with `{BUILD_COMMAND}`"
+        f"(graphopt.kernels.library_path()); build it with `{BUILD_COMMAND}`, or name a "
+        f"build of it with --custom-ops{named}"
     )
 
 
 def own_library() -> Path:
     """graphopt's own kernel library, or a one-line :class:`UserInputError` saying how to
-    build it."""
+    build it.
+
+    Its own build first; without one, a library the user named for this run
+    (``--custom-ops``, :func:`using_custom_ops`) that provides graphopt's ops (a build of
+    another checkout or installation): named explicitly, it is the user's choice to load."""
     library = resolve_custom_op_library(None)
+    if library is None:
+        library = next((lib for lib in active_custom_ops() if provides_own_ops(lib)), None)
     if library is None:
         raise UserInputError(missing_own_library_message())
     return library
+
+
+def provides_own_ops(library: str | os.PathLike) -> bool:
+    """Whether ``library`` (an explicit, already checked path) implements graphopt's ops of
+    :data:`OWN_DOMAIN` version :data:`OWN_DOMAIN_VERSION`: an ORT session of one
+    ``SparseMatMul`` loads with it and computes ``x @ W``. Remembered per file (path, size,
+    modification time)."""
+    path = Path(os.fspath(library))
+    try:
+        info = path.stat()
+    except OSError:
+        return False
+    return _provides_own_ops(str(path), info.st_size, info.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _provides_own_ops(path: str, size: int, mtime_ns: int) -> bool:
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from graphopt.kernels.packing import pack_bsr
+    from graphopt.ortrun import import_onnxruntime
+
+    ort = import_onnxruntime()
+    w = np.arange(1, 9, dtype=np.float32).reshape(4, 2)
+    packed = pack_bsr(w, 1, 4)
+    inits = [
+        numpy_helper.from_array(np.ascontiguousarray(packed.values), "values"),
+        numpy_helper.from_array(np.ascontiguousarray(packed.col_idx), "col_idx"),
+        numpy_helper.from_array(np.ascontiguousarray(packed.row_ptr), "row_ptr"),
+    ]
+    node = helper.make_node(
+        "SparseMatMul",
+        ["x", "values", "col_idx", "row_ptr"],
+        ["y"],
+        domain=OWN_DOMAIN,
+        K=4,
+        N=2,
+        activation="none",
+        block_r=1,
+        block_c=4,
+    )
+    graph = helper.make_graph(
+        [node],
+        "probe",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 2])],
+        inits,
+    )
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid(OWN_DOMAIN, OWN_DOMAIN_VERSION)]
+    model = helper.make_model(graph, opset_imports=opsets, ir_version=8)
+    x = np.array([[1, 2, 3, 4]], dtype=np.float32)
+    try:
+        options = ort.SessionOptions()
+        options.log_severity_level = 4  # a refusal is the answer, not an error to print
+        register_custom_ops(options, path)
+        session = ort.InferenceSession(
+            model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+        )
+        (y,) = session.run(None, {"x": x})
+    except Exception:  # not a custom-op library (a UserInputError), or none with graphopt's
+        return False  # ops (ORT's own error types)
+    return bool(np.allclose(y, x @ w))
 
 
 def own_session_options():

@@ -32,14 +32,58 @@ from graphopt.refusals import QUANTIZED_WEIGHT
 
 # Layers with fewer reduction features than this stay dense by default.
 MIN_REDUCTION = 16
+# An FFN's nonlinearity is any elementwise subgraph between its projections with one of these
+# in it: erf GELU (Erf), tanh GELU (Tanh), Swish/SiLU and gated LLaMA MLPs (Sigmoid), ...
 NONLINEAR = frozenset(
-    {"Erf", "Gelu", "FastGelu", "BiasGelu", "Relu", "Sigmoid", "Tanh", "Softplus", "HardSwish"}
+    {
+        "Erf",
+        "Gelu",
+        "FastGelu",
+        "BiasGelu",
+        "QuickGelu",
+        "Relu",
+        "LeakyRelu",
+        "Elu",
+        "Selu",
+        "Celu",
+        "Mish",
+        "Sigmoid",
+        "HardSigmoid",
+        "Tanh",
+        "Softplus",
+        "Softsign",
+        "HardSwish",
+        "Clip",
+    }
 )
-# Ops an FFN's pieces (bias, erf-GELU's scale and sum) pass through between layers.
-ELEMENTWISE = frozenset({"Add", "Mul", "Div", "Sub", "Pow", "Sqrt", "Cast"}) | NONLINEAR
-# Ops between an attention projection and the activation-by-activation MatMul it feeds.
-RESHAPING = frozenset({"Reshape", "Transpose", "Add", "Mul", "Div", "Split", "Slice", "Squeeze"})
+# Ops an FFN's pieces (bias, GELU's scales, powers and sums, a gate's product) pass through
+# between layers.
+ELEMENTWISE = frozenset({"Add", "Mul", "Div", "Sub", "Pow", "Sqrt", "Cast", "Neg"}) | NONLINEAR
+# Ops that keep the values and only change the shape (GPT-2's Gemm runs on [batch·seq,
+# hidden] rows between two Reshapes): an FFN passes through them on input 0.
+RESHAPES = frozenset({"Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Dropout"})
+# Ops between an attention projection and the activation-by-activation MatMul it feeds:
+# head reshapes, scaling, rotary embeddings (Slice, Neg, Concat) and a KV cache (Concat),
+# grouped-query heads repeated for the queries (Unsqueeze, Expand).
+RESHAPING = frozenset(
+    {
+        "Reshape",
+        "Transpose",
+        "Add",
+        "Mul",
+        "Div",
+        "Split",
+        "Slice",
+        "Squeeze",
+        "Unsqueeze",
+        "Expand",
+        "Concat",
+        "Neg",
+    }
+)
 REACH = 8
+# LLaMA's key projection is 9 ops from the scores' MatMul (RoPE and the heads repeated).
+ATTENTION_REACH = 12
 
 
 @dataclass
@@ -162,30 +206,68 @@ def _classify(layers: list[Layer]) -> None:
         down = _ffn_partner(layer.node, by_node)
         if down is not None:
             layer.kind = down.kind = "ffn"
+            # The other projections the nonlinearity's subgraph reads: a gated MLP's up
+            # projection (down(silu(gate(x)) * up(x))).
+            for other in _feeding(down.node, by_node):
+                if other.op != "Conv":
+                    other.kind = "ffn"
     for layer in layers:
         if layer.op != "Conv" and not layer.kind and _near_attention(layer.node):
             layer.kind = "attention"
 
 
+def _passes(node: ir.Node, index: int) -> bool:
+    """Whether an FFN's values go through ``node`` on its input ``index``."""
+    return node.op_type in ELEMENTWISE or (node.op_type in RESHAPES and index == 0)
+
+
 def _ffn_partner(node: ir.Node, by_node: dict[int, Layer]) -> Layer | None:
-    """The layer reading the nonlinearity ``node`` feeds (an FFN's second projection)."""
-    frontier, seen, nonlinear = [node], {id(node)}, False
+    """The layer that reads ``node``'s output through an elementwise subgraph with a
+    nonlinearity in it (an FFN's second projection), at most REACH ops away.
+
+    Each path carries whether it went through a nonlinearity: tanh GELU's ``x * 0.5`` branch
+    reaches the final product before its Tanh branch does, and a layer reached on another
+    path with none (a residual into the next block's projections) is no partner."""
+    frontier, seen = [(node, False)], {(id(node), False)}
     for _ in range(REACH):
         following = []
-        for current in frontier:
+        for current, nonlinear in frontier:
             for out in current.outputs:
                 for use in out.uses():
                     user = use.node
-                    if id(user) in seen:
-                        continue
-                    seen.add(id(user))
                     if nonlinear and id(user) in by_node and use.idx == 0:
                         return by_node[id(user)]
-                    if user.op_type in ELEMENTWISE:
-                        nonlinear = nonlinear or user.op_type in NONLINEAR
-                        following.append(user)
+                    if not _passes(user, use.idx):
+                        continue
+                    state = (user, nonlinear or user.op_type in NONLINEAR)
+                    if (id(user), state[1]) not in seen:
+                        seen.add((id(user), state[1]))
+                        following.append(state)
         frontier = following
     return None
+
+
+def _feeding(node: ir.Node, by_node: dict[int, Layer]) -> list[Layer]:
+    """The layers whose outputs reach ``node``'s input 0 through FFN-like ops only."""
+    found: list[Layer] = []
+    value = node.inputs[0] if node.inputs else None
+    frontier = [value.producer()] if value is not None and value.producer() is not None else []
+    seen: set[int] = set()
+    for _ in range(REACH):
+        following = []
+        for current in frontier:
+            if id(current) in seen:
+                continue
+            seen.add(id(current))
+            if id(current) in by_node:
+                found.append(by_node[id(current)])
+                continue
+            for index, value in enumerate(current.inputs):
+                producer = value.producer() if value is not None else None
+                if producer is not None and _passes(current, index):
+                    following.append(producer)
+        frontier = following
+    return found
 
 
 def _two_activation_matmul(node: ir.Node) -> bool:
@@ -198,7 +280,7 @@ def _two_activation_matmul(node: ir.Node) -> bool:
 def _near_attention(node: ir.Node) -> bool:
     """Output reaches, or input comes from, a MatMul of two activations via reshapes only."""
     frontier = [node]
-    for _ in range(REACH):
+    for _ in range(ATTENTION_REACH):
         following = []
         for current in frontier:
             for out in current.outputs:
@@ -209,7 +291,7 @@ def _near_attention(node: ir.Node) -> bool:
                         following.append(use.node)
         frontier = following
     producer = node.inputs[0].producer() if node.inputs[0] is not None else None
-    for _ in range(REACH):
+    for _ in range(ATTENTION_REACH):
         if producer is None:
             return False
         if _two_activation_matmul(producer):
@@ -250,6 +332,7 @@ def select(
     """The layers ``terms`` name, and the others with why they are left as they are
     (naming the calling pass's flags: ``--sparsity-layers``, ``--factorize-layers``)."""
     last = terminal(layers) if keep_last else set()
+    outputs = _output_feeders(layers[0].node.graph) if last and layers else set()
     chosen, left = [], []
     for layer in layers:
         named = any(
@@ -261,7 +344,7 @@ def select(
         )
         if not named:
             left.append((layer.name, f"not in {flag_prefix}layers {','.join(terms)}"))
-        elif id(layer.node) in last and _is_head(layer):
+        elif id(layer.node) in last and _is_head(layer, outputs):
             left.append((layer.name, f"the last layer (classifier): {flag_prefix}keep-last false"))
         elif layer.reduction < MIN_REDUCTION:
             left.append((layer.name, f"reduction size {layer.reduction} < {MIN_REDUCTION}"))
@@ -270,15 +353,40 @@ def select(
     return chosen, left
 
 
-def _is_head(layer: Layer) -> bool:
-    """Whether a last layer is a model's final classifier, which keep-last leaves dense: any
-    layer that is no FFN or attention projection, and an FFN's second layer on [N, features]
-    rows (a CNN's MLP head: VGG's, MobileNetV3's Linear-Hardswish-Linear). A transformer's
-    last FFN projection works on [batch, seq, hidden] rows and is sparsified as the others."""
+def _is_head(layer: Layer, outputs: set[int]) -> bool:
+    """Whether a last layer is a model's final classifier, which keep-last leaves dense: a
+    layer whose output reaches a graph output through no other MatMul/Gemm/Conv (GPT-2's last
+    FFN projection feeds the tied-embedding classifier, a MatMul, and is no classifier); of
+    those, any that is no FFN or attention projection, and an FFN's second layer on
+    [N, features] rows (a CNN's MLP head: VGG's, MobileNetV3's Linear-Hardswish-Linear). A
+    transformer's last FFN projection works on [batch, seq, hidden] rows and is sparsified
+    as the others."""
+    if id(layer.node) not in outputs:
+        return False
     if not layer.kind:
         return True
     shape = layer.node.inputs[0].shape if layer.node.inputs[0] is not None else None
     return shape is not None and len(shape) == 2
+
+
+def _output_feeders(graph: ir.Graph | None) -> set[int]:
+    """id() of the nodes whose outputs reach a graph output through no MatMul, Gemm or Conv
+    (those themselves included, their own output reaching one so)."""
+    if graph is None:
+        return set()
+    found: set[int] = set()
+    stack = [v.producer() for v in graph.outputs if v.producer() is not None]
+    while stack:
+        node = stack.pop()
+        if id(node) in found:
+            continue
+        found.add(id(node))
+        if is_op(node, ("MatMul", "Gemm", "Conv")):
+            continue  # the head itself; what feeds it reaches the output through it
+        for value in node.inputs:
+            if value is not None and value.producer() is not None:
+                stack.append(value.producer())
+    return found
 
 
 def replace_weight(graph: ir.Graph, layer: Layer, canonical: np.ndarray) -> None:
