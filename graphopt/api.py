@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx_ir as ir
 
-from graphopt import finalize, io
+from graphopt import finalize, io, size_targets
 from graphopt.backends.ort import using_providers
 from graphopt.backends.ort_custom_ops import (
     check_registrable,
@@ -36,7 +36,9 @@ from graphopt.pipeline import (
     skip_notes,
 )
 from graphopt.registry import (
+    LOSSY_STAGES,
     PassContext,
+    all_passes,
     flag_key,
     flag_names,
     flag_owners,
@@ -124,8 +126,14 @@ class OptimizeOptions:
             raise AttributeError(f"OptimizeOptions has no field or pass flag {name!r}")
 
     def lossy_specs(self) -> list[PassSpec]:
-        """``lossy`` plus the lossy passes the flags ask for (run settings added)."""
-        return self._with_run_settings(self._asked_lossy())
+        """``lossy`` plus the lossy passes the flags ask for (run settings added); in the
+        order they run when the default pipeline runs them (a recipe's or ``lossy``'s
+        ``[quantize, prune]`` runs prune first), so the record stamped on the output is the
+        same as the flags' for the same run."""
+        specs = self._asked_lossy()
+        if self.passes is None:
+            specs = sorted(specs, key=_stage_order)
+        return self._with_run_settings(specs)
 
     def _asked_lossy(self) -> list[PassSpec]:
         """``lossy`` plus the lossy passes this object's flags ask for, as asked.
@@ -207,11 +215,19 @@ class OptimizeOptions:
             why = "--skip leaves none of them" if listed else "the pass list is empty"
             raise UserInputError(f"no passes to run: {why}")
         _refuse_repeated_lossy(steps)
+        _refuse_pruning_compensation(steps)
         return steps, notes + _idle_option_notes(self, steps)
 
 
 _FIELD_NAMES = frozenset(f.name for f in fields(OptimizeOptions))
 _init_fields = OptimizeOptions.__init__  # the dataclass's own: fields by keyword
+
+
+def _stage_order(spec: PassSpec) -> int:
+    """Where the default pipeline runs a lossy (or Stage.LOWER) pass: by stage, as
+    pipeline.default_pipeline orders them (a stable sort keeps the order within a stage)."""
+    stage = get_pass(spec.name).stage
+    return LOSSY_STAGES.index(stage) if stage in LOSSY_STAGES else len(LOSSY_STAGES)
 
 
 def _init_with_flags(self: OptimizeOptions, **given: Any) -> None:
@@ -240,24 +256,63 @@ def _refuse_repeated_lossy(steps: list[Step]) -> None:
         )
 
 
+def _refuse_pruning_compensation(steps: list[Step]) -> None:
+    """``--compensation bias|lsq`` is pruning's consumer refit: without pruning in the run no
+    pass takes it (quantize, sparsify and factorize take none or eora:RANK), refused as
+    ``--round-to`` without its passes is, rather than noted and ignored."""
+    specs = [spec for step in steps for spec in step.passes]
+    if any(spec.name == "prune" for spec in specs):
+        return
+    for spec in specs:
+        value = str(spec.options.get("compensation") or "").strip().lower()
+        if value in ("bias", "lsq"):
+            cls = get_pass(spec.name)
+            raise UserInputError(
+                f"--compensation {value} only applies with --prune flops=R|params=R (pruning's "
+                f"consumer refit; or a recipe that runs prune): {cls.flag or cls.name} takes "
+                "none or eora:RANK"
+            )
+
+
 def _repeated_lossy_notes(model: ir.Model, steps: list[Step]) -> list[str]:
-    """A warning per lossy pass of this run that an earlier run already applied to the input
-    (its metadata says so): a second prune/factorize/erase compounds the first, and this
-    run's fidelity is measured against the input, not the model before the first run."""
+    """A note per lossy pass an earlier run already applied to the input (its metadata says
+    so): this run's fidelity is measured against that input, not the model before it; a
+    warning when this run applies the same pass again (a second prune/factorize/erase
+    compounds the first)."""
     from graphopt.finalize import earlier_lossy_names
 
     earlier = earlier_lossy_names(model.metadata_props)
+    names = {spec.name for step in steps for spec in step.passes if not get_pass(spec.name).exact}
+    if not names:
+        return []  # an exact-only run measures no fidelity
     notes = []
-    for spec in (s for step in steps for s in step.passes):
-        if spec.name in earlier and not get_pass(spec.name).exact:
-            cls = get_pass(spec.name)
-            applied = f" ({earlier[spec.name]})" if earlier[spec.name] else ""
+    for name, options in earlier.items():
+        cls = get_pass(name) if name in all_passes() else None
+        flag = (cls.flag if cls is not None else "") or name
+        applied = f" ({options})" if options else ""
+        if name in names:
             notes.append(
-                f"warning: the input was already through {cls.flag or spec.name}{applied} "
-                "(its metadata records it): this run applies it again on top, and its "
-                "fidelity is measured against the input, not the model before the first run"
+                f"warning: the input was already through {flag}{applied} (its metadata "
+                "records it): this run applies it again on top, and its fidelity is "
+                "measured against the input, not the model before the first run"
+            )
+        else:
+            notes.append(
+                f"the input was already through {flag}{applied} (its metadata records it): "
+                "this run's fidelity is measured against the input model, not the model "
+                "before that lossy step"
             )
     return notes
+
+
+def _earlier_lossy_flags(model: ir.Model) -> list[str]:
+    """The flags of the lossy passes the input's metadata says an earlier run applied."""
+    from graphopt.finalize import earlier_lossy_names
+
+    return [
+        (get_pass(name).flag if name in all_passes() else "") or name
+        for name in earlier_lossy_names(model.metadata_props)
+    ]
 
 
 def _check_targets(specs: list[PassSpec], target: str) -> None:
@@ -487,6 +542,8 @@ def _optimize(
         check_model(model, options.engine, fp8=_asks_fp8(steps))
     for note in notes + _repeated_lossy_notes(model, steps):
         context.note(note)
+    lossy_run = any(not get_pass(spec.name).exact for step in steps for spec in step.passes)
+    earlier_lossy = _earlier_lossy_flags(model) if lossy_run else []
     verifier = None
     skipped_reason = ""
     feeds, feeds_source = _verify_inputs(options)
@@ -517,6 +574,11 @@ def _optimize(
             # The default sizes did not run and larger ones did: pruning's generated data
             # (--calib random, its zero-invariance check) and its FLOPs use the ones that ran.
             context.input_shapes = dict(verifier.generated_shapes)
+    names = [spec.name for step in steps for spec in step.passes]
+    # Size targets are judged on the model written (after compensation paths and Q/DQ that
+    # later passes add), against the input, counted as `graphopt inspect` counts.
+    shapes = dict(context.input_shapes) or None
+    counted_input = size_targets.count(model, shapes) if size_targets.sized_passes(names) else None
     manager = PassManager(steps, context, verifier, progress)
     model, report = manager.run(model)
     if not options.verify:
@@ -534,6 +596,13 @@ def _optimize(
     finalize.order_initializers(model)
     finalize.drop_generated_dims(model)
     finalize.stamp(model, options)
+    if earlier_lossy:
+        _name_lossy_input(report, earlier_lossy)
+    if counted_input is not None:
+        written = size_targets.count(model, shapes)
+        if written is not None:
+            judged = size_targets.judge_written(report.details, counted_input, written)
+            report.notes.extend(judged)
     if target is None:
         return OptimizeResult(model, report), None
     external = options.external_data
@@ -547,6 +616,16 @@ def _optimize(
         return io.save(model, path, external_data=external)
 
     return OptimizeResult(model, report), write
+
+
+def _name_lossy_input(report: RunReport, earlier: list[str]) -> None:
+    """The fidelity of a run whose input an earlier run already made lossy is against that
+    input, not the float original: the titles say so."""
+    input_model = f"the input model that {' and '.join(earlier)} already changed"
+    report.reference_name = input_model
+    quantized = report.details.get("quantize")
+    if getattr(quantized, "fidelity_against", "") == "the float original":
+        quantized.fidelity_against = input_model
 
 
 def _asks_fp8(steps: list[Step]) -> bool:

@@ -109,6 +109,10 @@ class RunReport:
     # Exact passes that changed the model after such a pass, unverified: they had no
     # runnable reference ("" when none changed it).
     unverified_after: str = ""
+    # What the lossy change is measured against: the run's input ("the original"), or, when
+    # an earlier run already made it lossy (its metadata says so), which passes it went
+    # through (api._name_lossy_input).
+    reference_name: str = "the original"
 
     @property
     def targets_missed(self) -> list[str]:
@@ -667,8 +671,9 @@ def _widen_for_rounding(verifier: Verifier, context: PassContext, names: str) ->
         verifier.tolerance = floor
         context.note(
             f"the exact passes after {names} are verified at tolerance {floor:.3g} (the "
-            "quantized model rounds at run time: an exact rewrite may move a value across a "
-            "rounding step; its error against the original is measured as ever)"
+            "quantized model rounds at run time, in its quantizers or, for fp16/bf16, in every "
+            "op: an exact rewrite may move a value across a rounding step or change where it "
+            "rounds; its error against the original is measured as ever)"
         )
 
 

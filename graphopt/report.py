@@ -165,7 +165,7 @@ def _lossy_names(report: RunReport) -> str:
 
 def _lossy_title(report: RunReport) -> str:
     return (
-        f"lossy change vs the original ({_lossy_names(report)}; ONNX Runtime on the "
+        f"lossy change vs {report.reference_name} ({_lossy_names(report)}; ONNX Runtime on the "
         "verification inputs; measured, not checked)"
     )
 
@@ -189,7 +189,7 @@ def _print_lossy_verdict(report: RunReport, console: Console) -> None:
     lossy = report.lossy_check
     if lossy is None:
         console.print(
-            f"lossy change vs the original ({_lossy_names(report)}): not run in ONNX "
+            f"lossy change vs {report.reference_name} ({_lossy_names(report)}): not run in ONNX "
             "Runtime; its fidelity above is measured on a float simulation of its rounding",
             markup=False,
         )

@@ -5,9 +5,17 @@
 near the target, not on it; each record states what it reached, and a run short by more
 than :data:`SIZE_TARGET_SLACK` of the target sets the record's ``target_missed`` line, which
 the CLI turns into exit 1 after writing the model (as a missed fidelity target does).
+
+A target is judged on the model written (:func:`judge_written`): the paths compensation
+adds (EoRA) and the Q/DQ a later quantize inserts count, as ``graphopt inspect`` counts them.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import onnx_ir as ir
 
 from graphopt.report import signed_percent
 
@@ -35,3 +43,95 @@ def size_target_missed(asked: str, measure: str, reached: float, target: float) 
 def _change(removed: float) -> str:
     """A share removed as the change it makes (``-30.0%``; ``+1.2%`` for a model that grew)."""
     return signed_percent(-removed)
+
+
+# The passes whose record carries a size target, and the record field that spells it
+# ("flops=0.3", "params=0.2"; others, such as decompose's ratio=R or erase-blocks' count,
+# are not counts of the written model and stay judged by the pass).
+_TARGET_FIELDS = {"erase-blocks": "target", "prune": "target", "decompose": "target"}
+_TARGET_FIELDS["factorize"] = "rule"
+
+
+@dataclass(frozen=True)
+class Counts:
+    """FLOPs (as ``graphopt inspect`` counts them) and live parameters of a model."""
+
+    flops: int
+    params: int
+
+
+def count(model: ir.Model, shapes: dict[str, tuple[int, ...]] | None) -> Counts | None:
+    """The counts the size targets are judged on, with the inputs bound as ``inspect`` binds
+    them (``shapes``: --input-shape, else its defaults); None when shape inference cannot
+    bind them (each pass's own verdict stands then)."""
+    from graphopt.analysis.flops import model_flops
+    from graphopt.analysis.stats import live_parameter_count
+
+    try:
+        flops = model_flops(model, shapes).total
+    except Exception:  # counting is a check on top: never fail the run on it
+        return None
+    return Counts(flops, live_parameter_count(model))
+
+
+def sized_passes(names: list[str]) -> bool:
+    """Whether a run of these passes may hold a size target to judge on the written model."""
+    return any(name in _TARGET_FIELDS for name in names)
+
+
+def judge_written(details: dict[str, Any], original: Counts, written: Counts) -> list[str]:
+    """Judge every size target (flops=R, params=R) on the model written, after every later
+    pass (compensation paths, Q/DQ, exact rewrites), with the same slack: each record's
+    ``target_missed`` is set (or cleared) from it. Returns the report's notes: one per target
+    whose written count differs from the pass's own, or that followed another structural
+    pass (its share is of the model it received).
+
+    A target is relative to its pass's input: the share the other structural passes of the
+    run removed (their own before/after ratios) is taken out of the written model's change,
+    so that ``--erase-blocks 1 --prune flops=0.2`` judges prune on 20% of what it received.
+    """
+    judged = []
+    for name, field_name in _TARGET_FIELDS.items():
+        record = details.get(name)
+        spelled = str(getattr(record, field_name, "") or "")
+        kind, _, value = spelled.partition("=")
+        if kind not in ("flops", "params") or not hasattr(record, f"{kind}_before"):
+            continue
+        try:
+            target = float(value)
+        except ValueError:
+            continue
+        before, after = getattr(record, f"{kind}_before"), getattr(record, f"{kind}_after")
+        if before > 0:
+            judged.append((name, spelled, kind, target, record, after / before))
+    notes = []
+    for name, spelled, kind, target, record, own in judged:
+        # The other structural passes of this run, by their own ratios (not their counts:
+        # a pass counts at its calibration samples' shapes), whatever their target.
+        others = []
+        rest = 1.0
+        for other_name in _TARGET_FIELDS:
+            other = details.get(other_name)
+            b, a = getattr(other, f"{kind}_before", 0), getattr(other, f"{kind}_after", 0)
+            if other_name != name and b > 0 and a > 0:
+                others.append(other_name)
+                rest *= a / b
+        base, final = getattr(original, kind), getattr(written, kind)
+        if base <= 0:
+            continue
+        reached = 1.0 - final / base / rest
+        if not others and abs(reached - (1.0 - own)) < 0.005:
+            continue  # the pass's own count is the written model's: its verdict stands
+        asked = f"{name} {spelled}"
+        measure = "FLOPs" if kind == "flops" else "params"
+        record.target_missed = size_target_missed(
+            asked, f"{measure} in the model written", reached, target
+        )
+        received = f" of the {measure} it received (after {', '.join(others)})" if others else ""
+        notes.append(
+            f"{asked}: the model written has {final:,} {measure} against the input's "
+            f"{base:,} ({signed_percent(final / base - 1.0)}); judged on it, {name} made "
+            f"{measure} {_change(reached)}{received} (its own count, before the later "
+            f"passes, {_change(1.0 - own)})"
+        )
+    return notes

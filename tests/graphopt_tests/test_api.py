@@ -123,3 +123,35 @@ def test_a_bad_prune_compensation_lists_prunings_own_refits() -> None:
     options = OptimizeOptions(prune="flops=0.3", compensation="eora:x")
     with pytest.raises(UserInputError, match=r"expected none, bias, lsq or eora:RANK with RANK"):
         graphopt.optimize(cnn(), None, options)
+
+
+@pytest.mark.parametrize("value", ["lsq", "bias"])
+def test_prunings_compensation_with_quantize_alone_is_refused(tmp_path, value) -> None:
+    """Before: accepted (exit 0) with a note that quantize ran without it, while --round-to
+    with --quantize alone was exit 2; with --prune in the run it still goes to pruning."""
+    from graphopt.cli import main
+    from graphopt_tests.passes.pruning.graphs import cnn
+
+    options = OptimizeOptions(quantize="int8", compensation=value, calib="random")
+    with pytest.raises(UserInputError, match=rf"^--compensation {value} only applies with --prune"):
+        graphopt.optimize(cnn(), None, options)
+    source = tmp_path / "cnn.onnx"
+    io.save(cnn(), source)
+    args = ["optimize", str(source), "-o", str(tmp_path / "o.onnx"), "--calib", "random"]
+    assert main([*args, "--quantize", "int8", "--compensation", value]) == 2
+    assert not (tmp_path / "o.onnx").exists()
+    options = OptimizeOptions(
+        prune="flops=0.3", quantize="fp16", compensation=value, calib="random", verify=False
+    )
+    assert graphopt.optimize(cnn(), None, options).report.details["prune"].units_removed
+
+
+def test_the_widened_tolerance_note_says_why_for_fp16() -> None:
+    """fp16 widens the exact passes' tolerance too (every op rounds its output); the note
+    said only "the quantized model rounds at run time", int8's reason, and README listed
+    int8/int8-dynamic/fp8 alone."""
+    from graphopt_tests.passes.pruning.graphs import cnn
+
+    result = graphopt.optimize(cnn(), None, OptimizeOptions(quantize="fp16"))
+    (note,) = [n for n in result.report.notes if "are verified at tolerance" in n]
+    assert "for fp16/bf16, in every op" in note and "change where it rounds" in note

@@ -458,5 +458,11 @@ def test_earlier_lossy_runs_are_kept_and_a_repeat_is_warned(tmp_path: Path) -> N
     result = graphopt.optimize(pruned, None, OptimizeOptions(prune="flops=0.3"))
     assert [n for n in result.report.notes if "already through --prune" in n]
     assert finalize.HISTORY_KEY not in result.model.metadata_props
+    # Another lossy pass on the pruned output: not a repeat (no warning), but its fidelity is
+    # against the pruned input, not the float original, and the report says so.
     quantized = graphopt.optimize(pruned, None, OptimizeOptions(quantize="fp16"))
-    assert not [n for n in quantized.report.notes if "already through" in n]
+    assert not [n for n in quantized.report.notes if n.startswith("warning: the input was")]
+    assert [n for n in quantized.report.notes if n.startswith("the input was already through")]
+    against = "the input model that --prune already changed"
+    assert quantized.report.reference_name == against
+    assert quantized.report.details["quantize"].fidelity_against == against

@@ -622,9 +622,10 @@ def test_flags_of_other_lossy_passes_merge_option_by_option() -> None:
     )
     options.flags["quantize"] = "fp16"
     assert options.lossy_specs() == [PassSpec("quantize", {"mode": "fp16", "per_channel": False})]
-    # A flag for a pass the recipe does not run adds its entry, as without a recipe.
+    # A flag for a pass the recipe does not run adds its entry, as without a recipe, in the
+    # order the passes run (prune before quantize).
     options.flags["prune"] = "flops=0.3"
-    assert [s.name for s in options.lossy_specs()] == ["quantize", "prune"]
+    assert [s.name for s in options.lossy_specs()] == ["prune", "quantize"]
 
 
 def test_the_api_keeps_a_pass_flag_replacing_its_own_lossy_entry() -> None:
@@ -727,3 +728,25 @@ def test_a_missing_recipe_file_says_where_it_was_looked_for(tmp_path: Path, monk
             recipe_from_dict(data, "r")
     (tmp_path / "c.npz").write_bytes(b"")
     assert recipe_from_dict({"verify_inputs": "c.npz"}, "r").verify_inputs == "c.npz"
+
+
+def test_lossy_entries_are_recorded_in_the_order_they_run(tmp_path: Path) -> None:
+    """Before: ``lossy: [quantize, prune]`` ran prune first but recorded the list's order in
+    graphopt.options, so the file's bytes differed from the flags' for the same run."""
+    from graphopt_tests.passes.pruning.graphs import cnn
+
+    source = tmp_path / "cnn.onnx"
+    ir.save(cnn(), source)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "lossy:\n  - {name: quantize, options: {mode: fp16}}\n"
+        "  - {name: prune, options: {flops: 0.3}}\n"
+    )
+    by_flags, by_recipe = tmp_path / "flags.onnx", tmp_path / "recipe.onnx"
+    common = ["--no-verify"]
+    args = ["--prune", "flops=0.3", "--quantize", "fp16"]
+    assert main(["optimize", str(source), "-o", str(by_flags), *args, *common]) == 0
+    assert (
+        main(["optimize", str(source), "-o", str(by_recipe), "--recipe", str(recipe), *common]) == 0
+    )
+    assert by_recipe.read_bytes() == by_flags.read_bytes()

@@ -148,10 +148,16 @@ def _energy(m: np.ndarray, gram: np.ndarray) -> float:
 
 
 def insert_path(
-    graph: ir.Graph, layer: ChangedLayer, a: np.ndarray, b: np.ndarray, names: NameTable
+    graph: ir.Graph,
+    layer: ChangedLayer,
+    a: np.ndarray,
+    b: np.ndarray,
+    names: NameTable,
+    inserted: list[list[ir.Node]] | None = None,
 ) -> str:
     """``y ← y + (x·Aᵀ)·Bᵀ`` after ``y``'s producer, its consumers (and graph-output name)
-    moved to the sum; "" when done, else why not."""
+    moved to the sum; "" when done, else why not. The path's nodes (the sum last) go on
+    ``inserted`` when given, for :func:`remove_paths`."""
     producer = layer.y.producer()
     if producer is None or producer.graph is not graph:
         return "its output is not computed in the main graph"
@@ -188,7 +194,25 @@ def insert_path(
     if y.name is None:  # a graph output: the sum took its name
         y.name = names.take(f"{base}_uncompensated")
     nodes[2].replace_input_with(0, y)
+    if inserted is not None:
+        inserted.append(nodes)
     return ""
+
+
+def remove_paths(graph: ir.Graph, inserted: list[list[ir.Node]]) -> None:
+    """Undo :func:`insert_path` for each path on ``inserted``: the layer's output takes its
+    uses (and graph-output name) back from the sum, the path's nodes and factors go."""
+    for nodes in reversed(inserted):
+        total_node = nodes[-1]
+        y, total = total_node.inputs[0], total_node.outputs[0]
+        assert y is not None
+        total_node.replace_input_with(0, None)  # y must not be read by what it replaces
+        replace_value(total, y)
+        factors = [v for node in nodes for v in node.inputs if v is not None and v.is_initializer()]
+        graph.remove(nodes, safe=True)
+        for value in factors:
+            if not value.uses() and value.name in graph.initializers:
+                del graph.initializers[value.name]
 
 
 def _safe(name: str) -> str:
@@ -204,6 +228,7 @@ def compensate(
     input_shapes: dict[str, tuple[int, ...]] | None = None,
     before: dict | None = None,
     shapes_of: ir.Model | None = None,
+    inserted: list[list[ir.Node]] | None = None,
 ) -> CompensationRecord:
     """Insert a rank-``rank`` EoRA path for each of ``layers`` into ``model`` (in place).
 
@@ -236,7 +261,7 @@ def compensate(
         error_before = float(np.sqrt(_energy(left, layer.gram) / total))
         a, b = eora_factors(layer.delta, layer.gram, rank)
         error_after = float(np.sqrt(_energy(layer.delta - b @ a, layer.gram) / total))
-        why = insert_path(model.graph, layer, a, b, names)
+        why = insert_path(model.graph, layer, a, b, names, inserted)
         if why:
             record.skipped.append((layer.name, why))
             continue

@@ -44,12 +44,21 @@ class CompensationRecord:
     flops_before: int = 0  # the model's FLOPs at the run's shapes, before the paths
     flops_added: int = 0
     notes: list[str] = field(default_factory=list)
+    # Why the paths were fitted and then taken out again ("" when they stay): they did not
+    # lower the held-out error. ``layers`` and the fidelity tables say what they would have
+    # done; the model has none of them (no parameters, no FLOPs added).
+    dropped: str = ""
 
     @property
     def params(self) -> int:
-        return sum(layer.params for layer in self.layers)
+        return 0 if self.dropped else sum(layer.params for layer in self.layers)
 
     def headline(self) -> str:
+        if self.dropped:
+            return (
+                f"EoRA rank {self.rank}: {len(self.layers)} float32 low-rank paths fitted and "
+                f"dropped ({self.dropped}); +0 parameters, +0 FLOPs"
+            )
         share = f" ({self.flops_added / self.flops_before:.2%})" if self.flops_before else ""
         return (
             f"EoRA rank {self.rank}: {len(self.layers)} float32 low-rank paths added, "
@@ -69,6 +78,7 @@ class CompensationRecord:
             "fidelity_after": fidelity_json(self.fidelity_after),
             "fidelity_source": self.fidelity_source,
             "notes": self.notes,
+            **({"dropped": self.dropped} if self.dropped else {}),
         }
 
     def render(self, console: Console) -> bool:

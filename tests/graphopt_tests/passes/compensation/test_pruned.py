@@ -166,13 +166,19 @@ def test_producers_reading_different_inputs_are_skipped_with_the_reason(tmp_path
 def test_cli_names_the_flag_and_reports_the_paths(ffn, capsys) -> None:
     model, calib = ffn
     out = model.parent / "cli.onnx"
-    args = ["optimize", str(model), "-o", str(out), "--prune", "flops=0.4"]
+    # flops=0.2: the path's FLOPs count against the target (judged on the model written:
+    # -49.2% by pruning, -24.4% with the path); flops=0.4 is missed with it, exit 1.
+    args = ["optimize", str(model), "-o", str(out), "--prune", "flops=0.2"]
     code = main([*args, "--calib", str(calib), "--compensation", "eora:8"])
     text = capsys.readouterr().out
     assert code == 0 and out.exists()
     assert "compensation lsq (default)" in text
     assert "EoRA rank 8: 1 float32 low-rank paths added" in text
     assert "without EoRA" in text and "with EoRA" in text
+    assert "judged on it, prune made FLOPs -24.4%" in " ".join(text.split())
+    args[-1] = "flops=0.4"
+    assert main([*args, "--calib", str(calib), "--compensation", "eora:8"]) == 1
+    assert "FLOPs in the model written -24.4% reached" in capsys.readouterr().err
 
 
 def test_eora_without_calibration_is_a_one_line_error(ffn) -> None:

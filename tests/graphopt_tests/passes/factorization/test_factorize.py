@@ -180,21 +180,20 @@ def test_deterministic_with_the_speed_check_off_or_replayed(tmp_path, monkeypatc
     assert relative.read_bytes() == outs[3].read_bytes()
 
 
-def test_prunes_compensation_values_are_noted_not_used(tmp_path):
+def test_prunes_compensation_values_without_pruning_are_refused(tmp_path):
+    """Before: accepted with a note that factorize ignored them; --round-to without its
+    passes was exit 2, and so is pruning's refit without pruning now."""
     model, calib = _files(tmp_path)
-    result = optimize(
-        model,
-        tmp_path / "f.onnx",
-        OptimizeOptions(
-            factorize="rank=16",
-            calib=str(calib),
-            compensation="lsq",
-            factorize_speed_check="off",
-            verify=False,
-        ),
+    options = OptimizeOptions(
+        factorize="rank=16",
+        calib=str(calib),
+        compensation="lsq",
+        factorize_speed_check="off",
+        verify=False,
     )
-    assert any("--compensation lsq is pruning's" in note for note in result.report.notes)
-    assert len(result.report.details["factorize"].layers) == 2
+    with pytest.raises(UserInputError, match=r"^--compensation lsq only applies with --prune"):
+        optimize(model, tmp_path / "f.onnx", options)
+    assert not (tmp_path / "f.onnx").exists()
 
 
 def test_an_unreachable_flops_target_is_reported_with_the_shortfall(tmp_path):

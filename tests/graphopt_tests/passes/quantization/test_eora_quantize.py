@@ -61,8 +61,8 @@ def _worst_cosine(fidelity: dict, label: str) -> float:
 @pytest.mark.parametrize(
     ("mode", "target", "gemm"),
     [
-        ("int8", "portable", False),
-        ("int8", "portable", True),
+        # int8 on these models: the paths do not lower the held-out error, and are dropped
+        # (tests/graphopt_tests/passes/compensation/test_quantized.py).
         ("int4-weight", "ort", False),
         ("int4-weight", "ort", True),
     ],

@@ -66,11 +66,14 @@ def test_without_the_flag_nothing_is_added(tmp_path):
     assert not any(n.name.startswith("eora") for n in result.model.graph)
 
 
-def test_pruning_values_are_noted_and_ignored(tmp_path, capsys):
+def test_pruning_values_without_pruning_are_exit_2(tmp_path, capsys):
+    """Before: exit 0 with a note that sparsify ignored --compensation lsq."""
     model, calib = _files(tmp_path)
     args = ["optimize", str(model), "-o", str(tmp_path / "o.onnx"), "--sparsity", "2:4"]
-    assert main([*args, "--calib", str(calib), "--compensation", "lsq"]) == 0
-    assert "--compensation lsq is pruning's" in capsys.readouterr().out
+    assert main([*args, "--calib", str(calib), "--compensation", "lsq"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--compensation lsq only applies with --prune" in err
+    assert "--sparsity takes none or eora:RANK" in err
 
 
 @pytest.mark.parametrize(
