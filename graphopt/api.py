@@ -539,7 +539,7 @@ def _optimize(
         # that do not fit the input, a shape-tensor input without values, FP8 for old GPUs.
         from graphopt.backends.tensorrt.build import check_model
 
-        check_model(model, options.engine, fp8=_asks_fp8(steps))
+        check_model(model, options.engine, fp8=_asks_fp8(steps), input_shapes=options.input_shapes)
     for note in notes + _repeated_lossy_notes(model, steps):
         context.note(note)
     lossy_run = any(not get_pass(spec.name).exact for step in steps for spec in step.passes)

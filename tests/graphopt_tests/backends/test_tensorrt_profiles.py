@@ -354,3 +354,16 @@ def test_input_shape_conflict_is_refused_before_the_passes(tmp_path: Path) -> No
     check_model(model, options, fp8=False)  # no --input-shape: fine
     with pytest.raises(UserInputError, match="--input-shape emb and --shapes mask: dim 'seq'"):
         check_model(model, options, fp8=False, input_shapes={"emb": (1, 16, 16)})
+
+
+def test_optimize_refuses_the_input_shape_conflict_before_writing(tmp_path: Path, capsys) -> None:
+    """The same refusal from the command line, before any pass and before the ONNX is
+    written (it came after the write, at the build)."""
+    source = _emb_file(tmp_path / "emb.onnx")
+    out = tmp_path / "o.onnx"
+    args = ["optimize", str(source), "-o", str(out), "--target", "tensorrt"]
+    args += ["--engine", str(tmp_path / "e.plan"), "--input-shape", "emb:1x16x16"]
+    args += ["--shapes", "mask:min=1x1,opt=1x8,max=1x32"]
+    assert main(args) == 2
+    assert "--input-shape emb and --shapes mask: dim 'seq'" in capsys.readouterr().err
+    assert not out.exists()
