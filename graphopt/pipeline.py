@@ -464,6 +464,8 @@ class PassManager:
                 for step in self.steps
                 for spec in step.passes
                 if not get_pass(spec.name).handles_subgraphs
+                # Another target's pass does not run at all: it leaves nothing untouched.
+                and get_pass(spec.name).serves(self.context.target)
             }
         )
         if untouched:

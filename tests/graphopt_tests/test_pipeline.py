@@ -229,6 +229,22 @@ def test_subgraph_note_names_passes_that_leave_bodies_alone() -> None:
     assert report.notes == []
 
 
+def test_subgraph_note_leaves_out_passes_of_another_target() -> None:
+    """A portable run listed the nine ort-* passes, which never run in it."""
+    ort_only = sorted(
+        name
+        for name, cls in all_passes().items()
+        if cls.targets == frozenset({"ort"}) and not cls.handles_subgraphs
+    )
+    assert ort_only
+    steps = _steps(*ort_only)
+    _, report = PassManager(steps, PassContext(target="portable")).run(_if_model())
+    assert report.notes == []
+    _, report = PassManager(steps, PassContext(target="ort")).run(_if_model())
+    (note,) = report.notes
+    assert all(name in note for name in ort_only)
+
+
 def test_rollback_restores_subgraph_bodies() -> None:
     branch = [
         helper.make_graph(
