@@ -368,6 +368,14 @@ def _idle_option_notes(options: OptimizeOptions, steps: list[Step]) -> list[str]
         other = [n for n in dict.fromkeys(names) if not get_pass(n).serves(options.target)]
         if other:
             notes.append(f"{', '.join(other)} did nothing: not a pass of --target {options.target}")
+    else:
+        # Skipping another target's pass changes nothing, as skipping an unasked lossy one.
+        skipped = [n for n in dict.fromkeys(options.skip) if not get_pass(n).serves(options.target)]
+        if skipped:
+            notes.append(
+                f"skip {', '.join(skipped)}: not a pass of --target {options.target}, so "
+                "skipping changed nothing"
+            )
     return notes
 
 

@@ -541,6 +541,17 @@ def test_skip_takes_passes_out_of_an_explicit_list_and_notes_the_rest(
     assert "note: skip cse: not in the explicit pass list, so skipping changed nothing" in out
 
 
+def test_skip_of_another_targets_pass_is_noted(tmp_path: Path, capsys) -> None:
+    """--skip ort-gelu in a portable run changed nothing and said nothing."""
+    path = model_file(tmp_path)
+    args = ["optimize", str(path), "-o", str(tmp_path / "o.onnx"), "--skip", "ort-gelu"]
+    code, out, _ = run(args, capsys)
+    assert code == 0
+    assert "skip ort-gelu: not a pass of --target portable, so skipping changed nothing" in out
+    code, out, _ = run([*args, "--target", "ort"], capsys)
+    assert code == 0 and "skip ort-gelu" not in out
+
+
 def test_skip_of_a_lossy_pass(tmp_path: Path, capsys) -> None:
     path = model_file(tmp_path)
     # Asked for and skipped: before, it pruned anyway (skip only applied to exact passes).
