@@ -233,7 +233,7 @@ def timing_models(
     """Small models of the layer with its epilogue: dense (as ORT runs it, fusions on), the
     sparse op with the epilogue fused and, when there is an activation, the sparse op with
     the activation left to ORT; and a feed of M rows. ``layer`` is a lowering ``Layer``;
-    ``sparse_parts(layer)`` gives its op (``lowering.op_parts`` with the packed weight)."""
+    ``sparse_parts(layer)`` gives its op (``packed_ops.op_parts`` with the packed weight)."""
     h = onnx.helper
     rng = np.random.default_rng(0)
     K, M = layer.K, layer.rows
