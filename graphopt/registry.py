@@ -84,6 +84,9 @@ class PassOption:
     # The closed interval a given number must lie in (the default may lie outside it: a
     # sentinel for "not given").
     bounds: tuple[float, float] | None = None
+    # The bounds themselves refused (an open interval): a fraction to remove, where 0 and 1
+    # are no targets.
+    open_bounds: bool = False
     # True for a path option whose empty value is the default "not given": given as "" it
     # is a mistake (an unset shell variable), not a silent "no file" (``--calib ''``).
     nonempty: bool = False
@@ -113,11 +116,14 @@ class PassOption:
             raise UserInputError(
                 f"{where}: expected one of {', '.join(self.choices)}, got {converted!r}"
             )
-        if self.bounds is not None and not self.bounds[0] <= converted <= self.bounds[1]:
+        if self.bounds is not None:
             lo, hi = self.bounds
-            raise UserInputError(
-                f"{where}: expected a number in [{lo:g}, {hi:g}], got {shown_value(value)}"
-            )
+            inside = lo < converted < hi if self.open_bounds else lo <= converted <= hi
+            if not inside:
+                interval = f"({lo:g}, {hi:g})" if self.open_bounds else f"[{lo:g}, {hi:g}]"
+                raise UserInputError(
+                    f"{where}: expected a number in {interval}, got {shown_value(value)}"
+                )
         return converted
 
     def canonical(self, value: Any) -> Any:

@@ -693,6 +693,15 @@ def test_choices_take_any_case_through_every_door(tmp_path: Path) -> None:
         ),
         # Before: "give exactly one target", with one target given, out of range.
         ({"name": "erase-blocks", "options": {"count": -1}}, r"^r: lossy\[0\]\.options\.count: -1"),
+        # flops: 0 too ("give exactly one target"); 2.0 said [0, 1], which holds 0 and 1.
+        (
+            {"name": "prune", "options": {"flops": 0}},
+            r"option 'flops': expected a number in \(0, 1\), got 0$",
+        ),
+        (
+            {"name": "prune", "options": {"params": 1.0}},
+            r"option 'params': expected a number in \(0, 1\), got 1\.0$",
+        ),
         (
             {"name": "erase-blocks", "options": {"flops": 1.5}},
             r"^r: lossy\[0\]\.options\.flops: 1\.5: R must be in \(0, 1\)",

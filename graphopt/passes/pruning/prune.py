@@ -44,12 +44,22 @@ class PrunePass(GraphPass):
     flag_help = "remove a fraction R of FLOPs (at the calibration/--input-shape shapes) or params"
     options = (
         # Bounds catch a recipe's or the API's value where it is read (the message names the
-        # recipe key); the open ends (0 < R < 1) are PruneTarget's to check.
+        # recipe key); the default 0.0 is "not given" (a given 0 was read as no target).
         PassOption(
-            "flops", float, 0.0, "fraction of FLOPs to remove (0 < R < 1)", bounds=(0.0, 1.0)
+            "flops",
+            float,
+            0.0,
+            "fraction of FLOPs to remove (0 < R < 1)",
+            bounds=(0.0, 1.0),
+            open_bounds=True,
         ),
         PassOption(
-            "params", float, 0.0, "fraction of parameters to remove (0 < R < 1)", bounds=(0.0, 1.0)
+            "params",
+            float,
+            0.0,
+            "fraction of parameters to remove (0 < R < 1)",
+            bounds=(0.0, 1.0),
+            open_bounds=True,
         ),
         # criterion, allocation and compensation default to None, "not set": resolve_choices
         # then picks data-aware defaults for a calibration file, data-free ones otherwise.
