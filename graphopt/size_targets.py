@@ -131,7 +131,8 @@ def judge_written(details: dict[str, Any], original: Counts, written: Counts) ->
         notes.append(
             f"{asked}: the model written has {final:,} {measure} against the input's "
             f"{base:,} ({signed_percent(final / base - 1.0)}); judged on it, {name} made "
-            f"{measure} {_change(reached)}{received} (its own count, before the later "
-            f"passes, {_change(1.0 - own)})"
+            f"{measure} {_change(reached)}{received} (its own count, on the model it "
+            f"received, {_change(1.0 - own)}; the difference is what the passes before and "
+            "after it changed)"
         )
     return notes

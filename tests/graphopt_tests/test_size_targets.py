@@ -27,7 +27,7 @@ def test_compensation_paths_added_later_count_against_the_target():
         "prune flops=0.3: target NOT met: FLOPs in the model written +21.5% reached"
     )
     assert len(notes) == 1 and "1,215 FLOPs against the input's 1,000 (+21.5%)" in notes[0]
-    assert "its own count, before the later passes, -32.5%" in notes[0]
+    assert "its own count, on the model it received, -32.5%" in notes[0]
 
 
 def test_a_written_count_equal_to_the_pass_keeps_its_verdict():
