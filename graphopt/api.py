@@ -528,9 +528,8 @@ def _optimize(
             target, data=loaded.uses_external_data if external is None else external
         )
     # The weights as loaded (subgraphs included), not the header scan the CLI checked with.
-    check_overwrites(
-        source, output, options, in_place=in_place, data_files=io.external_data_files(model)
-    )
+    input_data_files = io.external_data_files(model)
+    check_overwrites(source, output, options, in_place=in_place, data_files=input_data_files)
     context = PassContext(
         fold_limit_bytes=options.fold_limit_bytes,
         input_shapes=dict(options.input_shapes),
@@ -616,6 +615,8 @@ def _optimize(
     external = options.external_data
     if external is None and loaded.uses_external_data:
         external = True
+    if in_place:
+        report.notes.extend(_orphaned_data_notes(input_data_files, target))
 
     def write(path: Path = target) -> Path:
         """Save the output to ``target`` (or, to build an engine first, beside it)."""
@@ -624,6 +625,23 @@ def _optimize(
         return io.save(model, path, external_data=external)
 
     return OptimizeResult(model, report), write
+
+
+def _orphaned_data_notes(data_files: set[Path], target: Path) -> list[str]:
+    """--in-place writes the data beside the model as ``NAME.onnx.data``: an input whose
+    weights were in other files leaves them behind, unread by the new model (left alone:
+    another model may share them), which a large model doubles its disk use with."""
+    kept = (target.parent / io.data_file_name(target)).resolve()
+    left = sorted(path for path in data_files if path.resolve() != kept and path.exists())
+    if not left:
+        return []
+    size = sum(path.stat().st_size for path in left) / 2**20
+    names = ", ".join(path.name for path in left[:3]) + (", ..." if len(left) > 3 else "")
+    return [
+        f"--in-place: the input's external data ({names}, {size:.1f} MiB) is no longer read by "
+        f"the model, whose data is now {kept.name} or inline; remove it once no other model "
+        "uses it"
+    ]
 
 
 def _name_lossy_input(report: RunReport, earlier: list[str]) -> None:

@@ -1002,3 +1002,26 @@ def test_save_inlines_small_external_tensors_while_views_of_them_live(tmp_path: 
     weights = {t.name: onnx.numpy_helper.to_array(t) for t in saved.graph.initializer}
     np.testing.assert_array_equal(weights["w"], view)
     assert isinstance(model.graph.initializers["w"].const_value, ir.ExternalTensor)
+
+
+def test_in_place_names_the_input_data_file_it_no_longer_reads(tmp_path: Path, capsys) -> None:
+    """--in-place writes NAME.onnx.data: an input whose data file had another name left it
+    behind, unread, without a word (doubling a large model's disk use)."""
+    path = tmp_path / "m.onnx"
+    onnx.save_model(
+        small_proto(1024),
+        path,
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="weights.bin",
+        size_threshold=0,
+    )
+    code, out, err = run_cli(["optimize", str(path), "--in-place"], capsys)
+    assert code == 0, err
+    assert "--in-place: the input's external data (weights.bin, " in out
+    assert "remove it once no other model uses it" in out
+    assert (tmp_path / "weights.bin").exists()  # left alone: another model may share it
+    # Data under the name graphopt writes is replaced, not left behind: no note.
+    code, out, err = run_cli(["optimize", str(path), "--in-place"], capsys)
+    assert code == 0, err
+    assert "--in-place: the input's external data" not in out
