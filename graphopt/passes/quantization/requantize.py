@@ -237,6 +237,16 @@ def _int32_bias(graph: ir.Graph, node: ir.Node, record: QuantRecord) -> bool:
     scale = editing.constant_array(node.inputs[1])
     if x is None or scale is None or x.dtype != np.int32 or editing.attribute(node, "block_size"):
         return False
+    name = _store_dequantized(graph, node, x, scale, "bias")
+    record.notes.append(f"int32 bias {name}: stored in float (exact; TensorRT has no int32 DQ)")
+    return True
+
+
+def _store_dequantized(
+    graph: ir.Graph, node: ir.Node, x: np.ndarray, scale: np.ndarray, fallback: str
+) -> str:
+    """Replace a constant DequantizeLinear by the float initializer it computes (exact: in
+    float64, then the scale's type); returns the name it is stored under, less ``_float``."""
     zero = editing.constant_array(node.inputs[2]) if len(node.inputs) > 2 else None
     shape = [1] * x.ndim
     if scale.ndim == 1 and x.ndim:
@@ -246,12 +256,11 @@ def _int32_bias(graph: ir.Graph, node: ir.Node, record: QuantRecord) -> bool:
         scale.dtype
     )
     old = list(node.inputs)
-    name = node.inputs[0].name or node.name or "bias"
+    name = node.inputs[0].name or node.name or fallback
     editing.replace_value(node.outputs[0], editing.add_initializer(graph, f"{name}_float", real))
     editing.remove_if_dead(node)
     _drop_unused(graph, old)
-    record.notes.append(f"int32 bias {name}: stored in float (exact; TensorRT has no int32 DQ)")
-    return True
+    return name
 
 
 # Inputs that hold a layer's weights (an embedding table too), re-rounded rather than stored
@@ -294,19 +303,7 @@ def _float_constant(graph: ir.Graph, node: ir.Node, floated: list[str]) -> bool:
         return False
     if x.ndim and not (_asymmetric(node) and not _feeds_weight_input(node.outputs[0])):
         return False
-    zero = editing.constant_array(node.inputs[2]) if len(node.inputs) > 2 else None
-    shape = [1] * x.ndim
-    if scale.ndim == 1 and x.ndim:
-        shape[int(editing.attribute(node, "axis", 1)) % x.ndim] = -1
-    offset = 0 if zero is None else zero.astype(np.float64).reshape(shape)
-    real = ((x.astype(np.float64) - offset) * scale.astype(np.float64).reshape(shape)).astype(
-        scale.dtype
-    )
-    old = list(node.inputs)
-    name = node.inputs[0].name or node.name or "constant"
-    editing.replace_value(node.outputs[0], editing.add_initializer(graph, f"{name}_float", real))
-    editing.remove_if_dead(node)
-    _drop_unused(graph, old)
+    _store_dequantized(graph, node, x, scale, "constant")
     floated.append("scalar" if not x.ndim else "tensor")
     return True
 
