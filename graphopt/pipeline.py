@@ -25,6 +25,7 @@ from typing import Any
 
 import onnx_ir as ir
 
+from graphopt.analysis.origins import snapshot
 from graphopt.analysis.stats import count_nodes, has_subgraphs
 from graphopt.blas_threads import single_threaded_blas
 from graphopt.errors import CheckFailedError, UserInputError, is_out_of_memory
@@ -298,6 +299,9 @@ class PassManager:
         nodes_before = count_nodes(model)
         self._note_subgraph_handling(model)
         signature = _signature(model)
+        # The nodes as the user gave them: a pass that takes the user's node names reads
+        # them once fusions have renamed and merged nodes (graphopt.analysis.origins).
+        self.context.original_nodes = snapshot(model)
         verifier = self.verifier
         reference = "the original"
         checks: list[ExactCheck] = []

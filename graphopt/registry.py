@@ -24,12 +24,15 @@ import re
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import onnx_ir as ir
 
 from graphopt.errors import UserInputError
+
+if TYPE_CHECKING:
+    from graphopt.analysis.origins import OriginalNodes
 
 
 class Stage(enum.IntEnum):
@@ -193,6 +196,9 @@ class PassContext:
     fold_limit_bytes: int | None = 1 << 20
     # Concrete values for symbolic input dims: {input name: shape}.
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    # The input model's main-graph nodes, as the pass manager found them before any pass:
+    # what the user's names (--exclude) refer to once fusions renamed nodes.
+    original_nodes: OriginalNodes | None = None
     target: str = "portable"
     notes: list[str] = field(default_factory=list)
     # Structured results of passes that have more to say than a hit count (e.g. pruning's

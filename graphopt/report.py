@@ -103,10 +103,18 @@ def hidden_passes_line(report: RunReport) -> str:
 
 def verification_table(result: VerifyResult, title: str) -> Table:
     table = Table(title=title, title_justify="left", show_edge=False)
-    for column in ("output", "max abs err", "max rel err", "cosine"):
+    # Integer and boolean outputs are compared element by element: the share equal, no
+    # float error measures (a cosine of class ids or flags means nothing).
+    counted = any(out.equal_share is not None for out in result.outputs)
+    columns = ("output", "max abs err", "max rel err", "cosine", *(("equal",) if counted else ()))
+    for column in columns:
         table.add_column(column, justify="left" if column == "output" else "right")
     for out in result.outputs:
-        table.add_row(out.name, f"{out.max_abs:.3g}", f"{out.max_rel:.3g}", f"{out.cosine:.6f}")
+        if out.equal_share is not None:
+            table.add_row(out.name, "-", "-", "-", f"{out.equal_share:.1%}")
+            continue
+        row = [out.name, f"{out.max_abs:.3g}", f"{out.max_rel:.3g}", f"{out.cosine:.6f}"]
+        table.add_row(*row, *(("-",) if counted else ()))
     return table
 
 
@@ -197,6 +205,10 @@ def _print_lossy_verdict(report: RunReport, console: Console) -> None:
     if len(lossy.outputs) > 1:
         return  # per output in the table titled "lossy change vs the original"
     (out,) = lossy.outputs
+    if out.equal_share is not None:
+        share = f"{out.equal_share:.1%}"
+        console.print(f"{_lossy_title(report)}: {share} of elements equal", markup=False)
+        return
     console.print(
         f"{_lossy_title(report)}: cosine {out.cosine:.6f}, max rel error {out.max_rel:.3g}, "
         f"max abs error {out.max_abs:.3g}",

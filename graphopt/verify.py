@@ -85,6 +85,10 @@ class OutputError:
     mean_abs: float
     shape_ok: bool = True
     detail: str = ""
+    # Integer, bool and string outputs: the share of elements equal to the reference's (they
+    # are right only where equal, so their max rel and cosine are 0 or 1 and say nothing of
+    # how many moved); None for float outputs.
+    equal_share: float | None = None
 
 
 @dataclass
@@ -142,7 +146,9 @@ def compare(name: str, ref: np.ndarray, got: np.ndarray, resolution: float = 0.0
     if ref.dtype.kind in "OUSb" or ref.dtype.kind in "iu":
         equal = bool(np.array_equal(ref, got))
         err = 0.0 if equal else 1.0
-        return OutputError(name, err, err, 1.0 if equal else 0.0, err)
+        return OutputError(
+            name, err, err, 1.0 if equal else 0.0, err, equal_share=_equal_share(ref, got)
+        )
     a = ref.astype(np.float64).ravel()
     b = got.astype(np.float64).ravel()
     finite_a, finite_b = np.isfinite(a), np.isfinite(b)
@@ -163,6 +169,13 @@ def compare(name: str, ref: np.ndarray, got: np.ndarray, resolution: float = 0.0
     norm = float(np.linalg.norm(a) * np.linalg.norm(b))
     cosine = float(np.dot(a, b) / norm) if norm > 0 else (1.0 if max_abs == 0 else 0.0)
     return OutputError(name, max_abs, max_rel, cosine, float(diff.mean()))
+
+
+def _equal_share(ref: np.ndarray, got: np.ndarray) -> float:
+    """The share of elements of ``got`` equal to ``ref``'s (same shape), 1 when empty."""
+    if not ref.size:
+        return 1.0
+    return float(np.mean(np.asarray(ref == got, dtype=bool)))
 
 
 def _compare_structured(name: str, ref: Any, got: Any, resolution: float) -> OutputError:
@@ -292,6 +305,7 @@ class Verifier:
         self.ort_floors = (
             self._ort_floors(original) if measure_ort_floors else [0.0] * len(self.output_names)
         )
+        self.margins = boundary_margins(original, self.input_sets) if measure_ort_floors else []
 
     def _enlarge(
         self,
@@ -508,6 +522,7 @@ class Verifier:
         del session
         # Now: the pipeline goes on editing ``reference`` in place.
         other.ort_floors = other._ort_floors(reference)
+        other.margins = boundary_margins(reference, other.input_sets)
         return other
 
     def _at(self, index: int) -> str:
@@ -549,6 +564,11 @@ class Verifier:
                 compare(n, r, g, res)
                 for n, r, g, res in zip(names, references, got, self.resolutions, strict=True)
             ]
+            margins = self.margins[index] if index < len(getattr(self, "margins", ())) else {}
+            row = [
+                near_boundary(e, r, g, margins.get(i), limit)
+                for i, (e, r, g, limit) in enumerate(zip(row, references, got, limits, strict=True))
+            ]
             per_shape.append(row)
             bad = [
                 (e, limit)
@@ -564,6 +584,119 @@ class Verifier:
                 break  # failed already: another shape's run would only cost time
         errors = [_worst(column) for column in zip(*per_shape, strict=True)]
         return VerifyResult(not reason, errors, reason, **shapes)
+
+
+# Comparisons of two float tensors: a bool output of one flips where an exact rewrite moves
+# the compared values across each other, which it may do within the tolerance.
+_COMPARISONS = frozenset({"Greater", "Less", "GreaterOrEqual", "LessOrEqual", "Equal"})
+
+
+def _compared_outputs(model: ir.Model) -> dict[int, tuple[str, str]]:
+    """Per graph output made by a comparison of two float tensors: the names of those."""
+    found = {}
+    for index, value in enumerate(model.graph.outputs):
+        node = value.producer()
+        if node is None or node.op_type not in _COMPARISONS or node.domain not in ("", "ai.onnx"):
+            continue
+        operands = list(node.inputs)
+        if len(operands) == 2 and all(
+            v is not None and v.name and v.dtype is not None and v.dtype.is_floating_point()
+            for v in operands
+        ):
+            found[index] = (operands[0].name, operands[1].name)
+    return found
+
+
+def boundary_margins(
+    model: ir.Model, input_sets: Sequence[Mapping[str, np.ndarray]]
+) -> list[dict[int, np.ndarray]]:
+    """Per input set, per bool output that compares two float tensors (``Greater(y, 0)``):
+    how far apart the reference's compared values are at each element, relative to their
+    largest magnitude. An exact rewrite may move floats within the tolerance; where the
+    compared values are closer than that, the bool may flip (:func:`near_boundary`). Empty
+    when the model has no such output, or its compared values cannot be read."""
+    compared = _compared_outputs(model)
+    if not compared or not input_sets:
+        return []
+    clone = model.clone()
+    values = {v.name: v for v in clone.graph.inputs}
+    values.update({name: v for name, v in clone.graph.initializers.items()})
+    for node in clone.graph:
+        values.update({v.name: v for v in node.outputs if v.name})
+    wanted = sorted({name for pair in compared.values() for name in pair})
+    constants: dict[str, np.ndarray] = {}
+    outputs = {v.name for v in clone.graph.outputs}
+    inputs = {v.name for v in clone.graph.inputs}
+    for name in wanted:
+        value = values.get(name)
+        if value is None:
+            return []
+        if value.const_value is not None and value.producer() is None:
+            # An initializer (also a graph input: its stored value unless fed).
+            constants[name] = value.const_value.numpy()
+        elif name not in outputs and name not in inputs:
+            clone.graph.outputs.append(value)
+    try:
+        session = make_session(clone)
+        names = [o.name for o in session.get_outputs()]
+        runs = [dict(zip(names, _run(session, dict(feeds)), strict=True)) for feeds in input_sets]
+    except Exception as exc:
+        if is_out_of_memory(exc):
+            raise VerificationUnavailable(_one_line(exc)) from None
+        return []  # no margins: the outputs are compared as they were, equal or not
+    del session
+    margins = []
+    for feeds, run in zip(input_sets, runs, strict=True):
+        found: dict[int, np.ndarray] = {}
+        for index, (a_name, b_name) in compared.items():
+            arrays = [feeds.get(n, constants.get(n, run.get(n))) for n in (a_name, b_name)]
+            if any(x is None for x in arrays):
+                continue
+            a, b = (np.asarray(x, np.float64) for x in arrays)
+            with np.errstate(invalid="ignore", over="ignore"):
+                scale = max(
+                    [float(np.abs(x[np.isfinite(x)]).max()) for x in (a, b) if np.isfinite(x).any()]
+                    + [SCALE_FLOOR]
+                )
+                margin = np.abs(a - b) / scale
+            found[index] = np.where(np.isfinite(margin), margin, np.inf)
+        margins.append(found)
+    return margins
+
+
+def near_boundary(
+    error: OutputError, ref: Any, got: Any, margin: np.ndarray | None, limit: float
+) -> OutputError:
+    """A bool output of a comparison whose flipped elements all sit where the reference's
+    compared values are within ``limit`` (rel) of each other: what moving those floats within
+    the tolerance can do, so within it; its max rel is the widest such distance. Other
+    integer and bool outputs are right only where equal."""
+    if (
+        margin is None
+        or error.equal_share is None
+        or error.max_rel == 0
+        or not error.shape_ok
+        or error.detail
+        or not isinstance(ref, np.ndarray)
+        or not isinstance(got, np.ndarray)
+    ):
+        return error
+    try:
+        margin = np.broadcast_to(margin, ref.shape)
+    except ValueError:
+        return error
+    flipped = ref != got
+    widest = float(margin[flipped].max()) if flipped.any() else 0.0
+    if not widest <= limit:
+        return error
+    return OutputError(
+        error.name,
+        error.max_abs,
+        widest,
+        error.cosine,
+        error.mean_abs,
+        equal_share=error.equal_share,
+    )
 
 
 def rounds_at_run_time(model: ir.Model) -> bool:
@@ -663,6 +796,11 @@ def _worst(errors: tuple[OutputError, ...]) -> OutputError:
         max(e.mean_abs for e in errors),
         shape_ok=all(e.shape_ok for e in errors),
         detail=next((e.detail for e in errors if e.detail), ""),
+        equal_share=(
+            None
+            if any(e.equal_share is None for e in errors)
+            else min(e.equal_share for e in errors if e.equal_share is not None)
+        ),
     )
 
 
@@ -755,18 +893,29 @@ def default_tolerance(model: ir.Model) -> float:
 
 
 def refuse_empty_reference(outputs: Sequence, feeds: Mapping[str, np.ndarray]) -> None:
-    """:class:`NothingToCompare` when every reference output is empty.
+    """:class:`NothingToCompare` when every reference output is empty or all NaN.
 
     Any candidate's empty outputs compare equal to them, so "passed" would prove nothing: a
     zero-sized dim the model itself fixes, or a graph that slices everything away at the
-    generated shapes.
+    generated shapes. An output that is NaN everywhere matches any candidate NaN at the same
+    places (``Log(x - 10)`` of the generated normal values): nothing was compared either.
     """
-    if outputs and all(isinstance(o, np.ndarray) and o.size == 0 for o in outputs):
+    if outputs and all(isinstance(o, np.ndarray) and _holds_no_value(o) for o in outputs):
         shapes = ", ".join(
             f"{name} {'x'.join(str(d) for d in np.shape(a)) or 'scalar'}"
             for name, a in feeds.items()
         )
+        nan = any(o.size for o in outputs)
+        what = "empty or NaN everywhere" if nan else "empty"
         raise NothingToCompare(
-            f"every output of the original model is empty on the inputs used ({shapes}), "
-            "and comparing empty tensors proves nothing"
+            f"every output of the original model is {what} on the inputs used ({shapes}), "
+            f"and comparing {'them' if nan else 'empty tensors'} proves nothing"
+            + ("; give inputs in its domain with --verify-inputs FILE.npz" if nan else "")
         )
+
+
+def _holds_no_value(output: np.ndarray) -> bool:
+    """Empty, or a float tensor that is NaN everywhere."""
+    if output.size == 0:
+        return True
+    return output.dtype.kind in "fc" and bool(np.isnan(output).all())

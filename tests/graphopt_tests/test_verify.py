@@ -214,6 +214,37 @@ def test_empty_outputs_are_not_called_verified() -> None:
     assert "comparing empty tensors proves nothing" in result.report.verification_skipped
 
 
+def test_outputs_nan_everywhere_are_not_called_verified() -> None:
+    """y = Log(x - 10) @ W is NaN for every generated input: "verification passed, worst
+    relative error 0" was said having compared nothing (compare failed the same pair)."""
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Sub", ["x", "ten"], ["s"]),
+            helper.make_node("Log", ["s"], ["l"]),
+            helper.make_node("MatMul", ["l", "w"], ["m"]),
+            helper.make_node("Identity", ["m"], ["y"]),
+        ],
+        "nan",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
+        [
+            numpy_helper.from_array(np.array(10, np.float32), "ten"),
+            numpy_helper.from_array(rng.standard_normal((4, 3)).astype(np.float32), "w"),
+        ],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    model = ir.serde.deserialize_model(proto)
+    with pytest.raises(NothingToCompare, match=r"empty or NaN everywhere .* --verify-inputs"):
+        Verifier(model)
+    result = graphopt.optimize(model)
+    assert not result.report.verified and "proves nothing" in result.report.verification_skipped
+    # Inputs in the model's domain verify it.
+    feeds = {"x": np.full((2, 4), 11.0, np.float32)}
+    assert Verifier(model, feeds=feeds).reference[0].size == 6
+
+
 # ---- an interrupt while ONNX Runtime loads -------------------------------------------------
 
 

@@ -77,7 +77,10 @@ def outputs_on(
                 else ""
             )
         ) from None
-    return [_joined([_flat(c[i]) for c in chunks]) for i in range(len(names))]
+    # Samples each run was fed: ``batch`` along the batch axes, fewer in the last run; one
+    # where the samples have no batch axis (stacked: fed one at a time).
+    counts = [min(calib.batch, calib.count - start) for start in range(0, calib.count, calib.batch)]
+    return [_joined([_flat(c[i]) for c in chunks], counts) for i in range(len(names))]
 
 
 def _ort_error(exc: BaseException) -> bool:
@@ -101,17 +104,26 @@ def _flat(value) -> np.ndarray:
     return np.concatenate([np.asarray(p).ravel() for p in parts])
 
 
-def _joined(pieces: list[np.ndarray]) -> np.ndarray:
-    """One output's batches as one array, along the axis the batches differ in.
+def _joined(pieces: list[np.ndarray], counts: list[int] | None = None) -> np.ndarray:
+    """One output's runs as one array whose first axis is the measures' samples (each one a
+    row of the cosine, an argmax position set): the runs laid end to end along their batch
+    axis where the output has one, else one row per run.
 
     The batch axis of an output need not be the first (``[2, B, H]`` recurrent states) and
-    an output may be a scalar per run; reference and candidate are joined alike, which is
-    all the measures need.
+    an output may have none: a scalar per run, or a ``[16]`` vector of a model whose input
+    has no batch axis (fed one sample a run). Those used to be laid end to end along axis 0,
+    so each element was a "sample" and the mean cosine the share of elements of the same
+    sign (0.9961 for a per-sample cosine of 0.99996). ``counts``: the samples each run was
+    fed (in order); an output with no axis of that size in every run has no batch axis, and
+    so has any output of runs of one sample whose first axis is not 1. Reference and
+    candidate are joined alike, which is all the measures need.
     """
     first = pieces[0]
     if first.ndim == 0:
         return np.stack(pieces)
     if all(p.shape == first.shape for p in pieces):
+        if counts is not None and _no_batch_axis(pieces, counts):
+            return np.stack(pieces)
         return np.concatenate(pieces)
     differ = {
         axis
@@ -123,6 +135,21 @@ def _joined(pieces: list[np.ndarray]) -> np.ndarray:
     if len(differ) == 1 and all(p.ndim == first.ndim for p in pieces):
         return np.concatenate(pieces, axis=differ.pop())
     return np.concatenate([p.reshape(-1) for p in pieces])
+
+
+def _no_batch_axis(pieces: list[np.ndarray], counts: list[int]) -> bool:
+    """Whether same-shaped runs of an output hold no batch axis: no axis is as long as the
+    samples each run was fed, or the runs are of one sample each and the first axis is not
+    1 (a size-1 axis past the first, a ``[16, 1]`` column, is no evidence of a batch axis,
+    and a run of one sample is that sample whichever axis holds it)."""
+    if len(counts) != len(pieces):
+        return False
+    runs = list(zip(pieces, counts, strict=True))
+    if all(p.shape[0] == n for p, n in runs):
+        return False  # batch-first: laid end to end as before
+    if all(n == 1 for n in counts):
+        return True
+    return not any(all(p.shape[axis] == n for p, n in runs) for axis in range(pieces[0].ndim))
 
 
 def padding_mask(calib: CalibrationSet) -> np.ndarray | None:

@@ -36,7 +36,11 @@ import onnx_ir as ir
 
 from graphopt import editing
 from graphopt.opset import raise_in_place
-from graphopt.passes.quantization.placement import overridable, overridable_reason
+from graphopt.passes.quantization.placement import (
+    overridable,
+    overridable_reason,
+    weight_refusal,
+)
 from graphopt.passes.quantization.record import (
     LayerPrecision,
     QuantRecord,
@@ -130,7 +134,7 @@ def _linear(node: ir.Node) -> tuple[Linear | None, str]:
         return None, overridable_reason(given.name)
     weight = editing.constant_array(given) if given is not None else None
     if weight is None or weight.ndim != 2:
-        return None, "weight is not a constant matrix (activation × activation)"
+        return None, weight_refusal(node) or "weight is not a constant matrix"
     if weight.dtype != np.float32 or not _is_float32(x):
         return None, f"not float32 ({weight.dtype})"
     if node.op_type == "MatMul":

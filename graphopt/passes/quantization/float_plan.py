@@ -186,9 +186,9 @@ def _islands(graph: ir.Graph, convert: dict) -> list[ir.Node]:
     return found
 
 
-def _overridable(value: ir.Value) -> bool:
+def _overridable(value: ir.Value | None) -> bool:
     """An initializer that is also a graph input: the caller's type, not stored in 16 bits."""
-    return value.is_graph_input() and value.const_value is not None
+    return value is not None and value.is_graph_input() and value.const_value is not None
 
 
 def _is_weight(value: ir.Value) -> bool:
@@ -226,6 +226,14 @@ def _node_decision(
     inputs, outputs = signature
     if not inputs and not outputs:
         return "", None
+    fed = [node.inputs[i].name for i in inputs if _overridable(node.inputs[i])]
+    if fed:
+        # README: such an initializer is never rounded or stored in 16 bits. Converting the
+        # layer would Cast the caller's value to 16 bits at run time (inf past 65504), as
+        # int8 and int8-dynamic do not: the layer stays float, with the same reason.
+        from graphopt.passes.quantization.placement import overridable_reason
+
+        return overridable_reason(fed[0]), None
     if node.op_type in RISKY_OPS:
         count = reduced_elements(node, shapes) if node.op_type.startswith("Reduce") else None
         if count is None or count >= LONG_REDUCTION:

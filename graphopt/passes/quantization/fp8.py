@@ -21,7 +21,11 @@ import onnx_ir as ir
 from graphopt import editing
 from graphopt.errors import UserInputError
 from graphopt.passes.calibration.samples import CalibrationSet
-from graphopt.passes.quantization.placement import overridable, overridable_reason
+from graphopt.passes.quantization.placement import (
+    overridable,
+    overridable_reason,
+    weight_refusal,
+)
 from graphopt.passes.quantization.record import (
     LayerPrecision,
     QuantRecord,
@@ -157,7 +161,7 @@ def _skip_reason(node: ir.Node, settings: QuantSettings) -> str:
     if overridable(weight):
         return overridable_reason(weight.name)
     if weight.dtype != ir.DataType.FLOAT or editing.constant_array(weight) is None:
-        return "weight is not a float32 constant (activation x activation stays float)"
+        return weight_refusal(node) or "weight is not a float32 constant"
     if node.op_type == "Gemm" and editing.attribute(node, "transA", 0):
         return "Gemm with transA"
     return ""

@@ -101,7 +101,9 @@ def quantize_int4(
         raise UserInputError(
             f"quantize int4-weight: the portable form (blockwise DequantizeLinear) needs opset "
             f">= {PORTABLE_OPSET}, the model has {opset_version(model)}: pass --opset "
-            f"{PORTABLE_OPSET}, or --target ort (MatMulNBits)"
+            f"{PORTABLE_OPSET}"
+            # TensorRT takes only the blockwise DequantizeLinear form: no other target to offer.
+            + ("" if settings.target == "tensorrt" else ", or --target ort (MatMulNBits)")
         )
     record = QuantRecord(mode="int4-weight")
     record.weight_bytes_before = weight_bytes(model)

@@ -167,6 +167,37 @@ def overridable_reason(name: str | None) -> str:
     )
 
 
+def weight_refusal(node: ir.Node) -> str:
+    """Why a MatMul/Gemm has no stored float32 weight matrix as its second input, in the
+    words int8 (static) uses, for the modes that quantize stored weights only (int8-dynamic,
+    fp8). ``W @ x`` read "weight is not a constant matrix (activation × activation)", as did a
+    tied embedding's ``MatMul(r, Transpose(emb))``."""
+    from graphopt.editing import constant_array, is_constant
+
+    a = node.inputs[0] if node.inputs else None
+    b = node.inputs[1] if len(node.inputs) > 1 else None
+    if b is None:
+        return "no weight input"
+    if is_constant(a) and not is_constant(b):
+        return f"{node.op_type} with a constant first input"
+    if is_constant(b):
+        if b.dtype is not None and b.dtype != ir.DataType.FLOAT:
+            return f"weight {b.name} is {b.dtype.name.lower()}, not float32"
+        array = constant_array(b, max_bytes=1 << 20) if b.shape is None else None
+        rank = len(b.shape) if b.shape is not None else (array.ndim if array is not None else 2)
+        if rank != 2:
+            return f"{node.op_type} with a weight of rank != 2"
+        return ""
+    producer = b.producer()
+    if producer is not None and any(is_constant(v) for v in producer.inputs):
+        source = next(v.name for v in producer.inputs if is_constant(v))
+        return (
+            f"weight {b.name} is computed at run time ({producer.op_type} of {source}), not a "
+            "stored constant"
+        )
+    return "weight is not a constant matrix (activation × activation)"
+
+
 def _activation(value: ir.Value | None) -> bool:
     return value is not None and is_float(value) and not is_weight(value)
 

@@ -231,7 +231,18 @@ class QuantizePass(GraphPass):
     def rewrite(self, model: ir.Model) -> int:
         settings = self.resolved()
         refuse_nothing_to_quantize(model, settings.mode, settings.quantize_embeddings)
-        exclude_notes = check_exclude(model, settings)
+        # --exclude names the user's model: the nodes it was given before the exact passes
+        # fused and renamed them (analysis.origins), unnamed ones as that model lists them.
+        import dataclasses
+
+        from graphopt.analysis.origins import origin_map
+        from graphopt.passes.quantization.layer_names import name_unnamed
+
+        given = self.context.original_nodes
+        name_unnamed(model, given)
+        if given is not None:
+            settings = dataclasses.replace(settings, origins=origin_map(model, given))
+        exclude_notes = check_exclude(model, settings, given)
         calib = self._calibration(model, settings)
         module_name, _, function_name = MODES[settings.mode].partition(":")
         function = getattr(importlib.import_module(module_name), function_name)
@@ -263,7 +274,7 @@ class QuantizePass(GraphPass):
                     "--target ort only"
                 )
         # One line per tensor, whichever mode listed it twice (a weight stored at two axes).
-        record.type_changes = _unique_changes(record.type_changes)
+        record.type_changes = _float_copies_kept(model, _unique_changes(record.type_changes))
         record.notes.extend(_unused_option_notes(self.given, settings.mode))
         record.notes.extend(exclude_notes)
         kept = record.kept_float_note()
@@ -301,11 +312,11 @@ class QuantizePass(GraphPass):
             # Its own measured error (ORT optimizations off: the Q/DQ reference numerics
             # verification also runs): against the original, or in a chained run against the
             # model it was given (the earlier passes' error would loosen the check).
-            from graphopt.passes.quantization.record import worst_max_rel
+            from graphopt.passes.quantization.record import float_max_rel
 
             first = next(iter(record.fidelity.values()))
             own = record.own_max_rel
-            record.exact_tolerance_after = worst_max_rel(first) if own is None else own
+            record.exact_tolerance_after = float_max_rel(first) if own is None else own
         record.summary = record.headline()
         self.context.details["quantize"] = record
         return record.quantized
@@ -348,7 +359,7 @@ class QuantizePass(GraphPass):
             quant_format=s["quant_format"] or "qdq",
             activation_type=s["activation_type"] or default_activation_type(target),
             per_channel=s["per_channel"],
-            exclude=parse_patterns(s["exclude"]),
+            exclude=_exclude_patterns(s["exclude"], "exclude" in self.given),
             max_error=s["max_error"],
             min_cosine=s["min_cosine"],
             min_agreement=s["min_agreement"],
@@ -427,6 +438,42 @@ def _unused_option_notes(given: frozenset[str], mode: str) -> list[str]:
             where = " and ".join(f"--quantize {m}" for m in modes)
             notes.append(f"{flag} had no effect: it applies to {where} only")
     return notes
+
+
+def _exclude_patterns(text: str | None, given: bool) -> tuple[str, ...]:
+    """``--exclude``'s patterns; given with none in it (``--exclude ''``) is refused: it
+    reads as "keep these float" and kept nothing."""
+    patterns = parse_patterns(text or "")
+    if given and not patterns:
+        raise UserInputError(
+            f"quantize: --exclude {text!r}: no pattern given (op types or node names, "
+            "comma-separated)"
+        )
+    return patterns
+
+
+def _float_copies_kept(model: ir.Model, changes: list[TypeChange]) -> list[TypeChange]:
+    """Say where a stored tensor listed as changed keeps its float copy too: an op left in
+    float also reads it (``w float->int8`` read as if the float ``w`` were gone, while the
+    file holds both)."""
+    import dataclasses
+
+    kept = []
+    for change in changes:
+        value = model.graph.initializers.get(change.tensor)
+        if (
+            value is not None
+            and change.before == "float"
+            and value.dtype == ir.DataType.FLOAT
+            and value.uses()
+        ):
+            readers = sorted({use.node.name or use.node.op_type for use in value.uses()})
+            change = dataclasses.replace(
+                change,
+                after=f"{change.after} (the float one stays too: read by {', '.join(readers)})",
+            )
+        kept.append(change)
+    return kept
 
 
 def _unique_changes(changes: list[TypeChange]) -> list[TypeChange]:

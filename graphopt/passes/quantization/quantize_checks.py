@@ -20,6 +20,7 @@ from graphopt.passes.quantization.settings import QuantSettings
 from graphopt.refusals import refuse_nothing_to_do
 
 if TYPE_CHECKING:
+    from graphopt.analysis.origins import OriginalNodes
     from graphopt.passes.calibration.samples import CalibrationSet
 
 
@@ -33,18 +34,25 @@ _FLOAT_NAMES = {**_REDUCED_FLOATS, FLOAT32: "float32", ir.DataType.DOUBLE: "floa
 _ACTIVATION_QUANTIZERS = frozenset({"QuantizeLinear", "DynamicQuantizeLinear"})
 
 
-def check_exclude(model: ir.Model, settings: QuantSettings) -> list[str]:
-    """Refuse an ``--exclude`` name pattern that matches no node of the main graph (a typo
-    would quantize the very layer the user meant to keep float); note an op type the model
-    does not have (a recipe's ``Softmax`` on a CNN is no mistake). Names as the report lists
-    them: unnamed nodes are matched as ``OpType_index``, the name the modes give them."""
+def check_exclude(
+    model: ir.Model, settings: QuantSettings, original: OriginalNodes | None = None
+) -> list[str]:
+    """Refuse an ``--exclude`` name pattern that matches no node (a typo would quantize the
+    very layer the user meant to keep float); note an op type the model does not have (a
+    recipe's ``Softmax`` on a CNN is no mistake). Op types and names are those of the model
+    the user gave (``original``, recorded before the exact passes fused and renamed nodes),
+    else of the main graph now; unnamed nodes are matched as ``OpType_index``, their
+    position in that model, the name the quantization record gives them."""
     import fnmatch
     import re
 
     if not settings.exclude:
         return []
-    op_types = {node.op_type for node in model.graph}
-    names = {node.name or f"{node.op_type}_{i}" for i, node in enumerate(model.graph)}
+    if original is not None:
+        op_types, names = original.op_types, original.names
+    else:
+        op_types = {node.op_type for node in model.graph}
+        names = {node.name or f"{node.op_type}_{i}" for i, node in enumerate(model.graph)}
     notes = []
     for pattern in settings.exclude:
         if pattern in op_types or any(fnmatch.fnmatchcase(n, pattern) for n in names):
@@ -54,7 +62,9 @@ def check_exclude(model: ir.Model, settings: QuantSettings) -> list[str]:
             continue
         raise UserInputError(
             f"quantize: --exclude {pattern!r} matches no node: not an op type of the model nor "
-            "the name of one of its nodes (names as the quantization report lists them)"
+            "the name of one of its nodes (an unnamed node is OpType_index, its position "
+            "among the model's nodes counted from 0; the quantization report's line "
+            "'layers (names as --exclude takes them)' lists them)"
         )
     return notes
 

@@ -52,6 +52,7 @@ LAYER_OPS = frozenset(
         "weight",
         "activation",
         "MatMulInteger",
+        "ConvInteger",
     }
 )
 
@@ -77,6 +78,10 @@ def kept_float_summary(layers: list[LayerPrecision], limit: int) -> str:
     return shown + (
         f"; and {more} more reason(s) (details: the per-layer list)" if more > 0 else ""
     )
+
+
+# Layers the report names (the rest are counted).
+LAYERS_SHOWN = 12
 
 
 @dataclass
@@ -182,6 +187,17 @@ class QuantRecord:
             **({"compensation": self.compensation.to_json()} if self.compensation else {}),
         }
 
+    def layers_line(self, limit: int = LAYERS_SHOWN) -> str:
+        """The layers by name with their precision: the names ``--exclude`` takes (an
+        unnamed node's ``OpType_index`` is its position in the model given), which no line
+        of the report used to print."""
+        layers = [x for x in self.layers if x.op_type in LAYER_OPS and x.node]
+        if not layers:
+            return ""
+        shown = ", ".join(f"{x.node} ({x.op_type}) {x.precision}" for x in layers[:limit])
+        more = f" and {len(layers) - limit} more" if len(layers) > limit else ""
+        return f"layers (names as --exclude takes them): {shown}{more}"
+
     def headline(self) -> str:
         # Layers are the weighted ops; the ops lowered with them (Relu, pooling, Add, Reshape
         # kept in int8 between them; every op in fp16) are counted apart: counted as layers,
@@ -209,6 +225,9 @@ class QuantRecord:
         console.print(self.headline(), markup=False)
         for note in self.notes:
             console.print(f"  {note}", markup=False)
+        listed = self.layers_line()
+        if listed:
+            console.print(f"  {listed}", markup=False)
         if self.fidelity:
             console.print(
                 fidelity_table(
@@ -340,7 +359,7 @@ def own_max_rel(
         measured = measure_fidelity(given, quantized, {label: first}, unoptimized_only=True)
     else:
         measured = measure_fn(given, quantized, {label: first})
-    return worst_max_rel(next(iter(measured.values())))
+    return float_max_rel(next(iter(measured.values())))
 
 
 def worst_cosine(fidelities: list[Fidelity]) -> float:
@@ -349,6 +368,15 @@ def worst_cosine(fidelities: list[Fidelity]) -> float:
 
 def worst_max_rel(fidelities: list[Fidelity]) -> float:
     return float(max((f.max_rel for f in fidelities), default=0.0))
+
+
+def float_max_rel(fidelities: list[Fidelity]) -> float:
+    """The worst max rel error of the float outputs: what the exact passes after a pass that
+    rounds at run time are verified at. An integer or bool output (a ``Greater`` of a float
+    output) is right only where equal: its "max rel" is 1 as soon as one element flips, and
+    it made that tolerance 1 (every exact rewrite after int8 passed at 100% error).
+    Verification compares those outputs by their own rule (:func:`graphopt.verify.compare`)."""
+    return float(max((f.max_rel for f in fidelities if f.equal_share is None), default=0.0))
 
 
 def dtype_name(dtype: ir.DataType | np.dtype | None) -> str:

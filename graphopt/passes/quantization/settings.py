@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,6 +62,12 @@ class QuantSettings:
     compensation: int = 0  # --compensation eora:R: the rank (0: none)
     seed: int = 0
     defaulted: tuple[str, ...] = field(default=())
+    # Per node of the graph being quantized (keyed by its first output's name): the op type
+    # and name of each node of the user's model it stands for (graphopt.analysis.origins).
+    # ``--exclude`` matches those: the exact passes before quantization fuse and rename nodes.
+    origins: Mapping[str, tuple[tuple[str, str], ...]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     @property
     def mixed_precision(self) -> bool:
@@ -68,15 +75,20 @@ class QuantSettings:
 
     def excluded(self, node: ir.Node) -> bool:
         """Whether ``--exclude`` keeps this node in its original precision: a pattern matches
-        the op type exactly or the node name as a shell glob (``*attention*``)."""
-        name = node.name or ""
+        the op type exactly or the node name as a shell glob (``*attention*``), of the nodes
+        of the user's model it stands for (``origins``), else of the node itself."""
+        if not self.exclude:
+            return False
+        key = node.outputs[0].name if node.outputs else None
+        found = self.origins.get(key or "", ()) or ((node.op_type, node.name or ""),)
         return any(
-            pattern == node.op_type or fnmatch.fnmatchcase(name, pattern)
+            pattern == op_type or fnmatch.fnmatchcase(name, pattern)
             for pattern in self.exclude
+            for op_type, name in found
         )
 
     def to_json(self) -> dict[str, Any]:
-        data = {k: v for k, v in self.__dict__.items() if k != "defaulted"}
+        data = {k: v for k, v in self.__dict__.items() if k not in ("defaulted", "origins")}
         data["exclude"] = list(self.exclude)
         data["defaulted"] = list(self.defaulted)
         return data

@@ -197,3 +197,63 @@ def test_integer_outputs_show_their_equal_share_not_a_cosine():
     assert summary(fids).startswith("y: cosine 1.0000")
     assert summary(fids).endswith("; am: 50.0% equal")
     assert summary(fids[1:]) == "50.0% equal, max rel 1, mean abs 0.5"
+
+
+def _vector_model(batch: bool) -> ir.Model:
+    """x [32] -> y [16] (no batch axis: a single-sample export), or [B, 32] -> [B, 16]."""
+    rng = np.random.default_rng(5)
+    w = (rng.standard_normal((32, 16)) * 0.3).astype(np.float32)
+    lead = ["B"] if batch else []
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [*lead, 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [*lead, 16])],
+        [helper.make_tensor("w", TensorProto.FLOAT, [32, 16], w.ravel().tolist())],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return ir.serde.deserialize_model(model)
+
+
+def test_outputs_without_a_batch_axis_are_one_sample_per_run():
+    """x [32] -> y [16], fed one sample a run: each run's y is one sample of the cosine.
+    Laid end to end, each element was a "sample" and the mean cosine the share of elements
+    of the same sign (0.9961 where every sample's cosine is 0.99996), so --min-cosine
+    refused models that met it."""
+    rng = np.random.default_rng(0)
+    xs = rng.standard_normal((12, 32)).astype(np.float32)
+    calib = CalibrationSet({"x": xs}, "random", axes={"x": None})
+    ref = outputs_on(_vector_model(batch=False), calib, optimize=False)[0]
+    assert ref.shape == (12, 16)
+    got = ref + 0.01 * rng.standard_normal(ref.shape) * np.abs(ref).max()
+    got[got * ref < 0] *= -1  # close in direction, yet elements near 0 change sign
+    got[0, 0] = -ref[0, 0] or 1.0
+    got = got.astype(np.float32)
+    (fidelity,) = measure(["y"], [ref], [got])
+    a, b = ref.astype(np.float64), got.astype(np.float64)
+    cos = np.sum(a * b, 1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert fidelity.mean_cosine == pytest.approx(cos.mean())
+    # The same samples batched along a batch axis measure the same.
+    batched = CalibrationSet({"x": xs}, "random", batch=8)
+    again = outputs_on(_vector_model(batch=True), batched, optimize=False)[0]
+    np.testing.assert_allclose(again, ref, rtol=1e-5, atol=1e-6)
+    assert measure(["y"], [again], [got])[0].mean_cosine == pytest.approx(cos.mean(), abs=1e-6)
+
+
+def test_joined_keeps_batch_axes_and_stacks_outputs_without_one():
+    from graphopt.passes.calibration.fidelity import _joined
+
+    # Batch-first outputs (the last run smaller, or not) are laid end to end as before.
+    pieces = [np.ones((8, 4)), np.ones((8, 4)), np.ones((3, 4))]
+    assert _joined(pieces, [8, 8, 3]).shape == (19, 4)
+    assert _joined(pieces[:2], [8, 8]).shape == (16, 4)
+    assert _joined([np.ones((1, 4))] * 3, [1, 1, 1]).shape == (3, 4)
+    # A [2, B, H] state: along its batch axis, as before.
+    assert _joined([np.ones((2, 8, 4))] * 2, [8, 8]).shape == (4, 8, 4)
+    # No batch axis: a [16] vector per run of one sample, a [16] reduction over a batch of 8,
+    # a [16, 1] column per sample, a scalar per run: one row per run.
+    assert _joined([np.ones(16)] * 3, [1, 1, 1]).shape == (3, 16)
+    assert _joined([np.ones(16)] * 2, [8, 8]).shape == (2, 16)
+    assert _joined([np.ones((16, 1))] * 3, [1, 1, 1]).shape == (3, 16, 1)
+    assert _joined([np.ones(())] * 3, [1, 1, 1]).shape == (3,)

@@ -47,6 +47,9 @@ def test_requantize_converts_dynamic_conv_integer(tmp_path: Path, per_channel: b
     assert not [f for f in static_findings(model) if f.severity == ERROR]
     record = result.report.details["requantize"]
     assert sorted(x.op_type for x in record.layers).count("ConvInteger") == 2
+    # Counted as layers (2 Conv, 1 MatMul), not as "other ops lowered with them".
+    headline = record.headline()
+    assert ": 3 layers quantized, 0 kept in float;" in headline, headline
     fidelity = next(iter(record.fidelity.values()))
     assert max(f.max_rel for f in fidelity) < 0.05
     assert min(f.mean_cosine for f in fidelity) > 0.999
