@@ -2,7 +2,7 @@
 internal error (exit 3) or a traceback; and where ONNX Runtime runs the model at the sizes
 graphopt finds, verified (exit 0), not "written but not verified" (exit 4).
 
-The files are what users bring, not graphopt's exports: silero-vad's five ONNX files
+The files are what users bring, not graphopt's exports: silero-vad's six ONNX files
 (recurrent state ``[2, B, 128]``, a scalar sample-rate input, the model inside If branches
 on that rate, unnamed dims, float16, a reflect Pad and an STFT Conv that need 192 to 1023
 samples), PP-OCR's recognizer (CTC head, paddle2onnx's ``?`` dims), and that recognizer
@@ -39,6 +39,7 @@ SILERO = [
     "silero_vad_16k_op15",
     "silero_vad_op18_ifless",
     "silero_vad_16k_sequence",
+    "silero_vad_openvino_16k",
 ]
 # Files whose default sizes ORT rejects: the report must say what was enlarged.
 ENLARGED = {"silero_vad", "silero_vad_half", "silero_vad_16k_op15", "silero_vad_op18_ifless"}
