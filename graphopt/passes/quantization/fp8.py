@@ -41,6 +41,7 @@ from graphopt.registry import PassContext
 FP8 = ir.DataType.FLOAT8E4M3FN
 E4M3_MAX = 448.0
 MIN_OPSET = 19
+FP8_IR_VERSION = 9  # float8 tensors (onnx.checker and ORT refuse them at a lower IR version)
 TARGET_OPS = ("Conv", "MatMul", "Gemm")
 
 
@@ -66,6 +67,8 @@ def quantize_fp8(
     plan = _candidates(model, settings, record)
     if not plan:  # before observing anything: the model would come back as given
         raise UserInputError(record.unchanged_refusal())
+    if model.ir_version < FP8_IR_VERSION:  # --opset 19 keeps the IR version it found
+        model.ir_version = FP8_IR_VERSION
     peaks = _activation_peaks(model, [x for _, x, _ in plan], fit)
     graph = model.graph
     # Value and node names in one table: a weight read at two axes (MatMul and a transB
