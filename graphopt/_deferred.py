@@ -16,33 +16,83 @@ already in ``sys.modules``, and a LazyLoader module loads on that read.
 
 from __future__ import annotations
 
+import importlib._bootstrap
 import importlib.machinery
 import importlib.util
 import sys
+import threading
 import types
 from collections.abc import Sequence
 
+# Names of the deferred modules whose code a thread is running now; read and changed only
+# under the module's import lock (each name by the one thread that holds it).
+_executing: set[str] = set()
+
+
+# The import system's own per-module lock (private in importlib._bootstrap, present in
+# CPython 3.11-3.13): a deferred module's code then runs under the lock an ordinary import of
+# it takes, with its deadlock detection. Without it, one process-wide reentrant lock.
+_MANAGER = getattr(importlib._bootstrap, "_ModuleLockManager", None)
+_DEADLOCK = getattr(importlib._bootstrap, "_DeadlockError", RuntimeError)
+_FALLBACK_LOCK = threading.RLock()
+
+
+def _module_lock(name: str):
+    return _MANAGER(name) if _MANAGER is not None else _FALLBACK_LOCK
+
 
 class _DeferredModule(types.ModuleType):
-    """A module whose code runs on the first read of an attribute it does not have."""
+    """A module whose code runs on the first read of an attribute it does not have.
+
+    The code runs under the import system's own lock for the module, with ``__spec__``
+    marked as initialising, so another thread that reads an attribute (or imports the module)
+    meanwhile waits until the module has run whole rather than seeing it half run; the module
+    counts as loaded (a plain module) only then.
+    """
 
     def __getattr__(self, attr: str):
         # Only reached for attributes missing from the module's dict, i.e. before loading
         # (the spec attributes are set) or for a name the real module lacks too.
-        if type(self) is not _DeferredModule:
-            raise AttributeError(f"module {self.__name__!r} has no attribute {attr!r}")
-        # Turn into a plain module first: the module's own code reads its attributes.
-        self.__class__ = types.ModuleType
-        spec = self.__spec__
+        if type(self) is _DeferredModule:
+            _load(self)
+        if type(self) is _DeferredModule:  # its own code (or a deadlocked import) reading it
+            raise AttributeError(
+                f"partially initialized module {self.__name__!r} has no attribute {attr!r}",
+                name=attr,
+                obj=self,
+            )
+        return getattr(self, attr)  # a plain module now (its own __getattr__ included)
+
+
+def _load(module: _DeferredModule) -> None:
+    """Run ``module``'s code in it, once, whichever threads ask at the same time."""
+    spec = module.__spec__
+    try:
+        lock = _module_lock(spec.name)
+        lock.__enter__()
+    except _DEADLOCK:
+        # Two threads each importing what the other one's module needs: as the import
+        # system does, this one goes on with the module as it is (not run yet).
+        return
+    try:
+        if type(module) is not _DeferredModule or spec.name in _executing:
+            # Loaded while this thread waited, or its own code reading a name it does not
+            # define (yet): the module as it is, like any module being run.
+            return
+        _executing.add(spec.name)
         spec._initializing = True  # as the import system marks a module being run
         try:
-            spec.loader.exec_module(self)
+            spec.loader.exec_module(module)
         except BaseException:
             sys.modules.pop(spec.name, None)  # the next import retries from scratch
+            module.__class__ = types.ModuleType  # a failed load is not retried in this object
             raise
         finally:
             spec._initializing = False
-        return getattr(self, attr)
+            _executing.discard(spec.name)
+        module.__class__ = types.ModuleType
+    finally:
+        lock.__exit__(None, None, None)
 
 
 def defer(name: str, search_path: Sequence[str] | None = None) -> bool:

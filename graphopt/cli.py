@@ -16,6 +16,7 @@ import os
 import re
 import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -225,7 +226,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Pipes and CI logs get 120 columns rather than rich's 80, so pass names are not cut.
     out = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
     err = Console(stderr=True, highlight=False)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    if threading.current_thread() is threading.main_thread():
+        # Only the main thread may set handlers (main() also runs from other threads).
+        signal.signal(signal.SIGTERM, _raise_interrupt)
     args: argparse.Namespace | None = None
     _stage[0] = "starting"
     try:

@@ -21,7 +21,7 @@ import contextlib
 import enum
 import os
 import re
-import sys
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -411,12 +411,32 @@ def get_pass(name: str) -> type[GraphPass]:
     return passes[name]
 
 
-def _load_builtin_passes() -> None:
-    if "graphopt.passes" in sys.modules:
-        return
-    from graphopt import _deferred
+# The built-in passes are imported once, under a lock: "graphopt.passes" is in sys.modules as
+# soon as a thread starts importing it, and a second thread that took that for "loaded" saw a
+# half-filled registry (1 pass of 57: "unknown option(s) 'calib'", "no passes to run").
+_LOAD_LOCK = threading.RLock()
+_loaded = False
+_loading = False  # set while the thread holding _LOAD_LOCK imports the package
 
-    # onnxscript's folder imports onnx's reference evaluator, which a run rarely calls.
-    _deferred.defer_onnx_reference()
-    # Importing the package registers its passes (each module uses @register).
-    import graphopt.passes  # noqa: F401
+
+def _load_builtin_passes() -> None:
+    global _loaded, _loading
+    if _loaded:
+        return
+    with _LOAD_LOCK:
+        # _loading: a pass module read the registry while the package imports (same thread,
+        # the lock is reentrant); it sees the passes registered so far, as it always did.
+        if _loaded or _loading:
+            return
+        _loading = True
+        try:
+            from graphopt import _deferred
+
+            # onnxscript's folder imports onnx's reference evaluator, which a run rarely calls.
+            _deferred.defer_onnx_reference()
+            # Importing the package registers its passes (each module uses @register). If
+            # another thread is importing it already, the import system waits for it to end.
+            import graphopt.passes  # noqa: F401
+        finally:
+            _loading = False
+        _loaded = True
