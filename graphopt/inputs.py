@@ -464,6 +464,26 @@ def resize_feeds(
     return resized
 
 
+def repeated_axes(
+    feeds: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]]
+) -> list[str]:
+    """Where :func:`resize_feeds` tiles ``feeds`` up to ``shapes``: ``x axis 0: 1 row
+    repeated (rows identical)``, ``x axis 0: 3 -> 6, repeated``. Along such an axis the second
+    shape holds no value the first did not, and with one given row, none that differs from
+    another row: a rewrite that mixes rows (across the batch) is not checked there."""
+    found = []
+    for name, array in feeds.items():
+        for axis, size in enumerate(shapes.get(name, array.shape)):
+            have = array.shape[axis] if axis < array.ndim else size
+            if size > have:
+                found.append(
+                    f"{name} axis {axis}: 1 row repeated {size}x (rows identical)"
+                    if have == 1
+                    else f"{name} axis {axis}: {have} -> {size}, repeated"
+                )
+    return found
+
+
 def describe_feeds(feeds: Mapping[str, np.ndarray], limit: int = 6) -> str:
     """``x 1x3x32x32 float32, ids 1x16 int64 in [0, 9]``: what ORT was fed."""
     parts = []

@@ -110,6 +110,11 @@ def verification_table(result: VerifyResult, title: str) -> Table:
     for column in columns:
         table.add_column(column, justify="left" if column == "output" else "right")
     for out in result.outputs:
+        if getattr(out, "not_compared", ""):
+            # Random in the original, or empty at every shape: zeros here would read "equal".
+            cells = (f"not compared ({out.not_compared})", "-", "-")
+            table.add_row(out.name, *cells, *(("-",) if counted else ()))
+            continue
         if out.equal_share is not None:
             table.add_row(out.name, "-", "-", "-", f"{out.equal_share:.1%}")
             continue
@@ -156,8 +161,12 @@ def print_report(report: RunReport, console: Console, verbose: bool = False) -> 
         _print_lossy_verdict(report, console)
     elif report.verification is not None:
         verdict = "[green]passed[/]" if report.verification.ok else "[red]FAILED[/]"
+        # The tolerance, when it is not the default 1e-4 (a float16/bfloat16 computation, a
+        # --tolerance): "passed" says little without it.
+        at = getattr(report.verification, "tolerance_text", "")
         console.print(
-            f"verification {verdict}: worst relative error {report.verification.worst_rel:.3g}"
+            f"verification {verdict}{' ' + at if at else ''}: worst relative error "
+            f"{report.verification.worst_rel:.3g}"
         )
     if not report.verification_skipped:
         _print_shapes(report.verification or report.lossy_check, console)

@@ -776,3 +776,14 @@ def test_rnn_sequence_lens_stay_within_the_sequence(x_dims, given, name, layout,
         ir.serde.serialize_model(model).SerializeToString(), providers=["CPUExecutionProvider"]
     )
     session.run(None, feeds)
+
+
+def test_repeated_axes_names_what_resize_feeds_tiles() -> None:
+    from graphopt.inputs import repeated_axes
+
+    feeds = {"x": np.zeros((1, 8), np.float32), "m": np.zeros((3, 4), np.int64)}
+    assert repeated_axes(feeds, {"x": (2, 8), "m": (6, 2)}) == [
+        "x axis 0: 1 row repeated 2x (rows identical)",
+        "m axis 0: 3 -> 6, repeated",
+    ]
+    assert repeated_axes(feeds, {"x": (1, 4), "m": (3, 4)}) == []

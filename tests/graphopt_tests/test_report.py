@@ -235,3 +235,28 @@ def test_exact_changes_after_a_lossy_change_ort_cannot_run_are_not_verified(monk
     assert not report.verified
     assert report.unverified_after.startswith("exact passes changed the model after quantize")
     assert "not verified: exact passes changed the model after quantize" in rendered(report)
+
+
+def test_the_verdict_states_a_tolerance_other_than_the_default() -> None:
+    result = VerifyResult(
+        True,
+        [OutputError("y", 0.0, 0.02, 1.0, 0.0)],
+        shapes=["x 1x4"],
+        tolerance_text="at tolerance 0.0625 (bfloat16 in its computation)",
+    )
+    text = rendered(RunReport(STATS, 10, 8, 0.5, verification=result))
+    assert (
+        "verification passed at tolerance 0.0625 (bfloat16 in its computation): worst relative "
+        "error 0.02" in text
+    )
+    assert "verification passed: worst relative error 0" in rendered(_report(STATS))
+
+
+def test_an_output_not_compared_reads_so_not_as_zeros() -> None:
+    result = VerifyResult(
+        True,
+        [OutputError("y", 0.0, 0.0, 1.0, 0.0, not_compared="empty at every shape")],
+        shapes=["x 1x4"],
+    )
+    text = rendered(RunReport(STATS, 10, 8, 0.5, verification=result))
+    assert "not compared (empty at every shape)" in text and "1.000000" not in text

@@ -76,7 +76,32 @@ def test_compare_counts_only_the_difference_beyond_the_resolution() -> None:
     assert within.max_rel == 0.0
     assert np.isclose(within.max_abs, 3 * 2.0**-25)  # the raw difference is still reported
     beyond = compare("y", ref, np.array([1e-6, 0.0], dtype=np.float32), SIGMOID_RESOLUTION)
-    assert np.isclose(beyond.max_rel, (1e-6 - SIGMOID_RESOLUTION) / 1e-6, rtol=1e-4)
+    # Another direction than the reference's: measured against its own largest magnitude.
+    assert np.isclose(beyond.max_rel, (1e-6 - SIGMOID_RESOLUTION) / 2.0**-25, rtol=1e-4)
+
+
+def test_scale_floor_forgives_rounding_not_a_different_output() -> None:
+    x = np.random.default_rng(0).standard_normal(16)
+    ref = (x * 1e-12).astype(np.float32)
+    # A sign flip or a 1000x scale of a tiny output is an error of 2 or 999, not 4.7e-6.
+    assert np.isclose(compare("y", ref, -ref).max_rel, 2.0, rtol=1e-6)
+    assert compare("y", ref, ref * 1000).max_rel > 100
+    assert compare("y", ref, -ref).cosine == -1.0
+    # Rounding of a ~0 output (same direction, same size) is still measured against 1e-6.
+    noisy = (ref * (1 + 1e-3 * x)).astype(np.float32)
+    assert compare("y", ref, noisy).max_rel < 1e-4
+    # An all-zero side has no direction: absolute, as before.
+    assert compare("y", np.zeros(4, np.float32), np.full(4, 1e-11, np.float32)).max_rel < 1e-4
+
+
+def test_compare_cosine_of_huge_float64_is_finite() -> None:
+    import warnings
+
+    ref = np.array([1e155, -3e155, 2e155])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        error = compare("y", ref, ref.copy())
+    assert error.cosine == 1.0
 
 
 def _saturated(final: str, shift: float = 0.0):
@@ -477,3 +502,161 @@ def test_dims_the_original_needs_equal_share_a_value_at_the_second_shape() -> No
     assert [f["y"].shape for f in verifier.input_sets] == [(1, 16), (2, 32)]
     assert verifier.shape_note.startswith("x[1], y[1] share a value at the second shape (the ")
     assert "fails when they differ" in verifier.shape_note
+
+
+def _dead_half_precision(dead: str) -> ir.Model:
+    """y = x * 2 in float32, next to a float16/bfloat16 value nothing reads."""
+    nodes = [helper.make_node("Mul", ["x", "k"], ["y"])]
+    inputs = [tensor_info("x", TensorProto.FLOAT, ["N", 8])]
+    if dead == "cast":
+        nodes.append(helper.make_node("Cast", ["x"], ["unused"], to=TensorProto.BFLOAT16))
+    else:
+        inputs.append(tensor_info("h", TensorProto.FLOAT16, ["N", 8]))
+    return make_model(
+        nodes,
+        inputs,
+        [tensor_info("y", TensorProto.FLOAT, ["N", 8])],
+        {"k": np.array(2.0, np.float32)},
+    )
+
+
+def _times(k: float) -> ir.Model:
+    return make_model(
+        [helper.make_node("Mul", ["x", "k"], ["y"])],
+        [tensor_info("x", TensorProto.FLOAT, ["N", 8])],
+        [tensor_info("y", TensorProto.FLOAT, ["N", 8])],
+        {"k": np.array(k, np.float32)},
+    )
+
+
+@pytest.mark.parametrize("dead", ["cast", "input"])
+def test_a_dead_half_precision_value_does_not_loosen_the_tolerance(dead: str) -> None:
+    # An unused Cast to bfloat16 (or an unused float16 input) made the tolerance 6.25e-2 for
+    # a pure float32 output: a 5% change passed.
+    model = _dead_half_precision(dead)
+    assert default_tolerance(model) == DEFAULT_TOLERANCE
+    verifier = Verifier(model)
+    assert verifier.tolerance == DEFAULT_TOLERANCE
+    result = verifier.check(_with_k(model, 2.1))
+    assert not result.ok and "off by 0.05" in result.reason
+
+
+def _with_k(model: ir.Model, k: float) -> ir.Model:
+    changed = model.clone()
+    changed.graph.initializers["k"].const_value = ir.tensor(np.array(k, np.float32))
+    return changed
+
+
+def test_the_tolerance_is_per_output_and_stated() -> None:
+    # y computed through bfloat16, z in float32: each at its own default.
+    def build(kz: float, ky: float) -> ir.Model:
+        return make_model(
+            [
+                helper.make_node("Cast", ["x"], ["h"], to=TensorProto.BFLOAT16),
+                helper.make_node("Cast", ["h"], ["c"], to=TensorProto.FLOAT),
+                helper.make_node("Mul", ["c", "ky"], ["y"]),
+                helper.make_node("Mul", ["x", "kz"], ["z"]),
+            ],
+            [tensor_info("x", TensorProto.FLOAT, [2, 8])],
+            [
+                tensor_info("y", TensorProto.FLOAT, [2, 8]),
+                tensor_info("z", TensorProto.FLOAT, [2, 8]),
+            ],
+            {"ky": np.array(ky, np.float32), "kz": np.array(kz, np.float32)},
+        )
+
+    verifier = Verifier(build(2.0, 2.0))
+    assert verifier.tolerance == DTYPE_TOLERANCES[ir.DataType.BFLOAT16]
+    within = verifier.check(build(2.0, 2.02))  # 1% on the bfloat16 output: within 8 ulps
+    assert within.ok
+    assert within.tolerance_text == (
+        "at tolerance 0.0625 for 'y' (bfloat16 in its computation), 0.0001 for the other outputs"
+    )
+    beyond = verifier.check(build(2.02, 2.0))  # 1% on the float32 output: not
+    assert not beyond.ok and "'z' off by 0.01" in beyond.reason
+    assert Verifier(_times(2.0)).check(_times(2.0)).tolerance_text == ""
+    assert Verifier(_times(2.0), tolerance=1e-3).check(_times(2.0)).tolerance_text == (
+        "at tolerance 0.001"
+    )
+
+
+def test_a_bool_output_with_many_flips_is_not_near_the_boundary() -> None:
+    # t = x * w with w[0] = 1e6: every other element is within 1e-4 of 0 relative to the
+    # largest compared value, so 7 of 8 flipped elements of t > 0 used to pass.
+    w = np.ones(8, np.float32)
+    w[0] = 1e6
+
+    def build(sign: np.ndarray) -> ir.Model:
+        model = make_model(
+            [
+                helper.make_node("Mul", ["x", "w"], ["t0"]),
+                helper.make_node("Mul", ["t0", "s"], ["t"]),
+                helper.make_node("Greater", ["t", "z"], ["y"]),
+            ],
+            [tensor_info("x", TensorProto.FLOAT, ["N", 8])],
+            [tensor_info("y", TensorProto.BOOL, ["N", 8])],
+            {"w": w, "s": sign, "z": np.array(0.0, np.float32)},
+        )
+        list(model.graph)[2].inputs[0].dtype = ir.DataType.FLOAT  # as shape inference says
+        return model
+
+    flip = -np.ones(8, np.float32)
+    flip[0] = 1
+    verifier = Verifier(build(np.ones(8, np.float32)))
+    result = verifier.check(build(flip))
+    assert not result.ok and "7 of 8 elements flipped" in result.reason
+    assert verifier.check(build(np.ones(8, np.float32))).ok
+
+
+def _random_model(k: float, seed: bool = False) -> ir.Model:
+    """y = QDQ(Dropout(x), training) (random), z = x * k (not)."""
+    dropout = helper.make_node(
+        "Dropout", ["x", "ratio", "tm"], ["d"], **({"seed": 1} if seed else {})
+    )
+    return make_model(
+        [
+            dropout,
+            helper.make_node("QuantizeLinear", ["d", "sc", "zp"], ["q"]),
+            helper.make_node("DequantizeLinear", ["q", "sc", "zp"], ["y"]),
+            helper.make_node("Mul", ["x", "k"], ["z"]),
+        ],
+        [tensor_info("x", TensorProto.FLOAT, ["N", 64])],
+        [
+            tensor_info("y", TensorProto.FLOAT, ["N", 64]),
+            tensor_info("z", TensorProto.FLOAT, ["N", 64]),
+        ],
+        {
+            "ratio": np.array(0.5, np.float32),
+            "tm": np.array(True),
+            "sc": np.array(0.05, np.float32),
+            "zp": np.array(0, np.uint8),
+            "k": np.array(k, np.float32),
+        },
+    )
+
+
+def test_outputs_that_differ_between_runs_of_the_original_are_not_compared() -> None:
+    verifier = Verifier(_random_model(2.0))
+    assert verifier.nondeterministic == [0]
+    assert verifier.ort_floors[0] == 0.0  # the run-to-run variation is not ORT's doing
+    result = verifier.check(_random_model(2.0))
+    assert result.ok, result.reason  # a correct candidate: y's variation rolls nothing back
+    assert result.outputs[0].not_compared and not result.outputs[1].not_compared
+    assert "not compared: the original's outputs ('y') differ between two runs" in (
+        result.shape_note
+    )
+    assert "random ops without a seed: Dropout" in result.shape_note
+    assert "'z' off by" in verifier.check(_random_model(2.1)).reason
+    # Seeded: every session repeats it, so it is compared as before.
+    assert Verifier(_random_model(2.0, seed=True)).nondeterministic == []
+
+
+def test_a_model_whose_every_output_is_random_is_not_verified() -> None:
+    model = make_model(
+        [helper.make_node("Dropout", ["x", "ratio", "tm"], ["y"])],
+        [tensor_info("x", TensorProto.FLOAT, ["N", 8])],
+        [tensor_info("y", TensorProto.FLOAT, ["N", 8])],
+        {"ratio": np.array(0.5, np.float32), "tm": np.array(True)},
+    )
+    with pytest.raises(NothingToCompare, match=r"differ between two runs .*Dropout"):
+        Verifier(model)

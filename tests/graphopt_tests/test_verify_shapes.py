@@ -139,3 +139,87 @@ def test_fixed_shapes_are_checked_once() -> None:
     assert len(verifier.input_sets) == 1
     result = verifier.check(model)
     assert result.shapes == ["x 3x4"] and "no symbolic dims" in result.shape_note
+
+
+def test_a_second_shape_tiled_from_one_given_row_says_its_rows_are_identical() -> None:
+    # --verify-inputs at batch 1: the second shape repeats the row, so a rewrite that mixes
+    # rows passes there; "checked at 2 input shapes" said nothing of it.
+    model = make_model(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        [tensor_info("x", F, ["N", 8])],
+        [tensor_info("y", F, ["N", 8])],
+    )
+    one = {"x": np.random.default_rng(5).standard_normal((1, 8)).astype(np.float32)}
+    verifier = Verifier(model, feeds=one)
+    assert verifier.shapes[1] == "N=2: x 2x8 (your data repeated)"
+    assert "x axis 0: 1 row repeated 2x (rows identical)" in verifier.shape_note
+    # Generated inputs: nothing to say; several rows: repeated, not identical.
+    assert "repeated" not in Verifier(model).shape_note + "".join(Verifier(model).shapes)
+    four = {"x": np.random.default_rng(5).standard_normal((4, 8)).astype(np.float32)}
+    tiled = Verifier(model, feeds=four)
+    assert "x axis 0: 4 -> 8, repeated" in tiled.shape_note
+    assert "identical" not in tiled.shape_note
+
+
+def test_outputs_and_shapes_that_compare_nothing_are_named() -> None:
+    # y = x[5:6] * k is empty at N=1 and N=2; z = Relu(x) is not. y's row read "0 0 1.0".
+    from onnx import numpy_helper
+
+    def build(k: float) -> ir.Model:
+        return make_model(
+            [
+                helper.make_node("Slice", ["x", "s", "e", "ax"], ["t"]),
+                helper.make_node("Mul", ["t", "k"], ["y"]),
+                helper.make_node("Relu", ["x"], ["z"]),
+            ],
+            [tensor_info("x", F, ["N", 4])],
+            [tensor_info("y", F, ["M", 4]), tensor_info("z", F, ["N", 4])],
+            [
+                numpy_helper.from_array(np.array([5], np.int64), "s"),
+                numpy_helper.from_array(np.array([6], np.int64), "e"),
+                numpy_helper.from_array(np.array([0], np.int64), "ax"),
+                numpy_helper.from_array(np.array([1.0], np.float32), "k"),
+            ],
+        )
+
+    result = Verifier(build(1.0)).check(build(1.0))
+    assert result.ok
+    assert result.outputs[0].not_compared == "empty at every shape"
+    assert not result.outputs[1].not_compared
+    assert "not compared: 'y' (empty at every shape checked)" in result.shape_note
+
+    # y = x[40:64] at N=64 (the second shape: N=32) is empty there: the second shape
+    # compared nothing, and the shapes line says so.
+    tail = make_model(
+        [helper.make_node("Slice", ["x", "s", "e", "ax"], ["y"])],
+        [tensor_info("x", F, ["N", 4])],
+        [tensor_info("y", F, ["M", 4])],
+        [
+            numpy_helper.from_array(np.array([40], np.int64), "s"),
+            numpy_helper.from_array(np.array([64], np.int64), "e"),
+            numpy_helper.from_array(np.array([0], np.int64), "ax"),
+        ],
+    )
+    verifier = Verifier(tail, input_shapes={"x": (64, 4)})
+    assert verifier.shapes == [
+        "N=64: x 64x4",
+        "N=32: x 32x4 (every output empty: compared nothing)",
+    ]
+    assert "compared nothing" not in "".join(Verifier(build(1.0)).shapes)
+
+
+def test_a_second_shape_the_original_rejects_is_explained_with_ort_s_reason() -> None:
+    # The note quoted the first 300 characters of ORT's message: its source location, cut
+    # mid-word before the shapes that say why.
+    from onnx import numpy_helper
+
+    model = make_model(
+        [helper.make_node("Reshape", ["x", "shp"], ["y"])],
+        [tensor_info("x", F, ["N", 4])],
+        [tensor_info("y", F, [1, 4])],
+        [numpy_helper.from_array(np.array([1, 4], np.int64), "shp")],
+    )
+    note = Verifier(model).shape_note
+    assert note.startswith("one shape only: N kept at one value")
+    assert "Input shape:{2,4}, requested shape:{1,4}" in note
+    assert "onnxruntime_src" not in note
