@@ -33,7 +33,8 @@ from pathlib import Path
 from graphopt.analysis.stats import count_nodes
 from graphopt.inputs import make_inputs
 from graphopt.io import load
-from graphopt.verify import compare, run_model
+from graphopt.output_errors import compare
+from graphopt.verify import run_model
 
 LIGHT_MODELS = [
     "bvlc_alexnet",

@@ -36,8 +36,8 @@ import onnxruntime as ort
 from graphopt import api, models
 from graphopt.inputs import make_inputs
 from graphopt.io import load
+from graphopt.output_errors import compare
 from graphopt.timing import interleaved, pair_ratios
-from graphopt.verify import compare
 
 # name: (model_type for ORT's optimizer or None, num_heads, hidden_size)
 MODELS: dict[str, tuple[str | None, int, int]] = {

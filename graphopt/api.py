@@ -73,7 +73,7 @@ class OptimizeOptions:
     verify: bool = True
     # Max error relative to each output's largest magnitude; None: the default for the float
     # type the model computes in (float32 1e-4, float16 ~7.8e-3, bfloat16 ~6.3e-2; see
-    # graphopt.verify.DTYPE_TOLERANCES). A number applies to every model.
+    # graphopt.tolerances.DTYPE_TOLERANCES). A number applies to every model.
     tolerance: float | None = None
     # ONNX Runtime custom-op libraries (.so/.dylib/.dll) registered in every ORT session
     # graphopt creates, so that models with custom ops can be verified (--custom-ops).

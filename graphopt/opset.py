@@ -337,7 +337,9 @@ def check_conversion(
     model's on one set of generated inputs beyond float tolerance. Returns why it was not
     checked ("" when it was): the original model cannot run (verification says so too)."""
     from graphopt.inputs import make_inputs
-    from graphopt.verify import compare, default_tolerance, run_model
+    from graphopt.output_errors import compare
+    from graphopt.tolerances import default_tolerance
+    from graphopt.verify import run_model
 
     label = label or f"--opset {version}"
     try:

@@ -30,6 +30,7 @@ from graphopt.analysis.stats import count_nodes, has_subgraphs
 from graphopt.blas_threads import single_threaded_blas
 from graphopt.errors import CheckFailedError, UserInputError, is_out_of_memory
 from graphopt.fingerprint import Fingerprint, fingerprint
+from graphopt.output_errors import OutputError
 from graphopt.refusals import refuse_nothing_to_do
 from graphopt.registry import (
     LOSSY_STAGES,
@@ -38,7 +39,7 @@ from graphopt.registry import (
     all_passes,
     get_pass,
 )
-from graphopt.verify import OutputError, VerificationUnavailable, Verifier, VerifyResult
+from graphopt.verify import VerificationUnavailable, Verifier, VerifyResult
 
 logger = logging.getLogger(__name__)
 

@@ -6,11 +6,15 @@ error measure) and cosine similarity. ORT runs with its own graph optimizations 
 what is compared is graphopt's rewrite, not ORT's; for a reference that rounds at run time
 (int8 activations), what ORT's optimizations themselves move each output by is measured and
 allowed (:meth:`Verifier._ort_floors`).
+
+How one output pair is measured, and when a flipped bool output is rounding near a tie, is
+:mod:`graphopt.output_errors`; the default tolerances and what sets them,
+:mod:`graphopt.tolerances`; ORT's error messages made readable, :mod:`graphopt.ort_messages`.
+This module runs the models: the reference, the second input shape, the candidates.
 """
 
 from __future__ import annotations
 
-import contextlib
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,52 +39,24 @@ from graphopt.inputs import (
     second_shape_candidates,
 )
 from graphopt.inputs import input_shapes as bound_shapes  # `input_shapes` is a parameter name
+from graphopt.ort_messages import first_line, innermost_message, one_line
+from graphopt.output_errors import (
+    SCALE_FLOOR,
+    OutputError,
+    compare,
+    compared_outputs,
+    near_boundary,
+    output_resolutions,
+    worst_of,
+)
 from graphopt.sessions import make_session
+from graphopt.tolerances import (
+    DEFAULT_TOLERANCE,
+    output_tolerances,
+    rounds_at_run_time,
+    tolerance_reason,
+)
 
-# float32 (and float64): the long-standing default, room for float32 sums reassociated over
-# large reductions.
-DEFAULT_TOLERANCE = 1e-4
-# Lower-precision models default to 8 ulps of their type at the output's largest magnitude:
-# 8 * 2**-10 ~ 7.8e-3 for float16, 8 * 2**-7 ~ 6.3e-2 for bfloat16. ORT's CPU kernels
-# accumulate in float32, so what an exact rewrite changes is rounding to the storage type
-# (folding BatchNormalization into a float16 Conv rounds the folded weights and the output
-# once, where the original rounded the Conv output and then the BatchNormalization output).
-# Measured with graphopt's measure (ORT 1.32 CPU): one Conv+BN fold <= 0.94 ulps over 60
-# random float16 models (median 0.5); chains of 8 / 16 / 32 folded Conv+BN+Relu blocks
-# <= 1.6 / 2.9 / 6.0 ulps; light_resnet50 converted to float16 (53 folds and the other
-# fusions) 1.37 ulps; the differential fuzzer found a single float16 fold at 4.5 ulps (an
-# output of magnitude ~1e-3), so 4 ulps would roll back exact folds and 32-block chains.
-# 1e-4 rolled back every one of these exact fusions. bfloat16, which
-# ORT's CPU provider hardly runs, is the same in ulps: an emulation with float32
-# accumulation gives <= 1 ulp per fold for both types. Other types: DEFAULT_TOLERANCE.
-DTYPE_TOLERANCES = {
-    ir.DataType.FLOAT16: 8 * 2.0**-10,
-    ir.DataType.BFLOAT16: 8 * 2.0**-7,
-}
-# Outputs whose largest magnitude is below this are compared at this scale (see compare).
-SCALE_FLOOR = 1e-6
-# The floor forgives rounding noise, not a different output: it applies only where the result
-# points the way the reference does (cosine at least this) at about its size (norms within a
-# factor FLOOR_NORM_RATIO). Rounding that moves a ~0 output moves it by quanta that leave
-# its direction: a sigmoid saturated at 3e-8 moved by a quantum or two (counted against
-# SIGMOID_RESOLUTION, not here) or a sum of small terms reassociated (relative error ~1e-7 of
-# each value, cosine 1 - 1e-14). x * 1e-12 rewritten to x * -1e-12 has cosine -1 and passed
-# at 4.7e-6 (rel) against the floor; its real error is 2. 0.9 leaves room for an output a few
-# elements of which are pure noise, and is far from what a wrong sign, a swapped pair of
-# values or a zeroed half of the tensor gives (<= 0.7 for a half).
-FLOOR_COSINE = 0.9
-FLOOR_NORM_RATIO = 2.0
-# ORT's CPU Sigmoid (MLAS) is accurate in absolute, not relative, terms: its float32 outputs
-# are off by up to 1.8e-7 (3 * 2**-24; measured against float64 over [-40, 40], ORT 1.32)
-# and below ~1e-6 they are multiples of 2**-25. On a saturated sigmoid (PP-OCR det's
-# probability map on random 32x32 inputs: max 3e-8) two exact rewrites of the logits (5.9e-7
-# apart, relative) then differ by whole quanta: "off by 0.03 (rel)". For a float32 output the
-# original computes with Sigmoid, differences up to 2**-21 (~4.8e-7: both runs' rounding,
-# with margin) count as rounding; anything beyond counts in full. Other dtypes: not measured.
-SIGMOID_RESOLUTION = 2.0**-21
-# Ops that round a value computed at run time to integers: a model with one is discontinuous
-# (see Verifier.ort_floors). QLinear* ops requantize their outputs.
-RUN_TIME_ROUNDING = frozenset(("QuantizeLinear", "DynamicQuantizeLinear", "DynamicQuantizeMatMul"))
 # Ops whose outputs are random: a model with one may give other outputs on every run. ORT
 # seeds a seeded one once per session, so it repeats across sessions, not across runs.
 RANDOM_OPS = frozenset(
@@ -100,27 +76,6 @@ RANDOM_OPS = frozenset(
 # Second shape: at most this many dims are tried one by one when changing all at once fails
 # (each try is one run of the original; a failing run usually stops at the first bad node).
 MAX_DIMS_TRIED = 8
-
-
-@dataclass
-class OutputError:
-    """How far one output moved."""
-
-    name: str
-    max_abs: float
-    max_rel: float
-    cosine: float
-    mean_abs: float
-    shape_ok: bool = True
-    detail: str = ""
-    # Integer, bool and string outputs: the share of elements equal to the reference's (they
-    # are right only where equal, so their max rel and cosine are 0 or 1 and say nothing of
-    # how many moved); None for float outputs.
-    equal_share: float | None = None
-    # Why the output was not compared at all ("" when it was): it differs between two runs
-    # of the original (random ops), or it is empty at every shape checked. Its measures are
-    # zeros then, and say nothing.
-    not_compared: str = ""
 
 
 @dataclass
@@ -156,133 +111,6 @@ def run_model(model: ir.Model, feeds: dict[str, np.ndarray]) -> list[np.ndarray]
     session = make_session(model)
     names = [o.name for o in session.get_outputs()]
     return run_session(session, names, feeds)
-
-
-def compare(name: str, ref: np.ndarray, got: np.ndarray, resolution: float = 0.0) -> OutputError:
-    """Error of ``got`` against ``ref`` as graphopt measures it.
-
-    ``resolution``: absolute differences up to this are the producing op's rounding; only the
-    excess counts toward ``max_rel`` (``max_abs`` stays the raw difference). Sequence,
-    optional and map outputs (lists, None, dicts from ONNX Runtime) are compared element by
-    element (:func:`_compare_structured`).
-    """
-    if not isinstance(ref, np.ndarray) or not isinstance(got, np.ndarray):
-        return _compare_structured(name, ref, got, resolution)
-    if ref.shape != got.shape or ref.dtype != got.dtype:
-        return OutputError(
-            name,
-            np.inf,
-            np.inf,
-            0.0,
-            np.inf,
-            shape_ok=False,
-            detail=f"shape/dtype {ref.shape} {ref.dtype} -> {got.shape} {got.dtype}",
-        )
-    if ref.dtype.kind in "OUSb" or ref.dtype.kind in "iu":
-        equal = bool(np.array_equal(ref, got))
-        err = 0.0 if equal else 1.0
-        return OutputError(
-            name, err, err, 1.0 if equal else 0.0, err, equal_share=_equal_share(ref, got)
-        )
-    a = ref.astype(np.float64).ravel()
-    b = got.astype(np.float64).ravel()
-    finite_a, finite_b = np.isfinite(a), np.isfinite(b)
-    # NaN where the original has NaN, and the same infinities, count as equal.
-    same_nonfinite = (np.isnan(a) & np.isnan(b)) | (np.isinf(a) & (a == b))
-    if np.any(finite_a != finite_b) or np.any(~finite_a & ~same_nonfinite):
-        return OutputError(name, np.inf, np.inf, 0.0, np.inf, detail="non-finite values differ")
-    keep = finite_a
-    a, b = a[keep], b[keep]
-    if a.size == 0:
-        return OutputError(name, 0.0, 0.0, 1.0, 0.0)
-    diff = np.abs(a - b)
-    max_abs = float(diff.max())
-    cosine = _scaled_cosine(a, b, max_abs)
-    # A reference whose largest magnitude is ~0 (e.g. a saturated sigmoid on generated
-    # inputs) makes the relative measure meaningless: below SCALE_FLOOR it is absolute, as
-    # long as the result looks like it (FLOOR_COSINE); a different output counts in full.
-    largest = float(np.abs(a).max())
-    scale = max(largest, SCALE_FLOOR)
-    if largest < SCALE_FLOOR and largest > 0 and float(np.abs(b).max()) > 0:
-        with np.errstate(over="ignore", invalid="ignore"):
-            norms = float(np.linalg.norm(a / largest)), float(np.linalg.norm(b / largest))
-        if not (
-            cosine >= FLOOR_COSINE
-            and norms[1] <= FLOOR_NORM_RATIO * norms[0]
-            and norms[0] <= FLOOR_NORM_RATIO * norms[1]
-        ):
-            scale = largest
-    max_rel = max(max_abs - resolution, 0.0) / scale
-    return OutputError(name, max_abs, max_rel, cosine, float(diff.mean()))
-
-
-def _scaled_cosine(a: np.ndarray, b: np.ndarray, max_abs: float) -> float:
-    """Cosine of two finite float64 vectors, computed on values scaled by their largest
-    magnitude (float64 values near 1e155 overflowed the dot product: NaN and numpy warnings).
-    Two all-zero vectors are alike (1); an all-zero one against another is not (0)."""
-    scale = max(float(np.abs(a).max(initial=0.0)), float(np.abs(b).max(initial=0.0)))
-    if scale == 0:
-        return 1.0
-    a, b = a / scale, b / scale
-    norm = float(np.linalg.norm(a) * np.linalg.norm(b))
-    if norm == 0:
-        return 1.0 if max_abs == 0 else 0.0
-    return min(max(float(np.dot(a, b)) / norm, -1.0), 1.0)
-
-
-def _equal_share(ref: np.ndarray, got: np.ndarray) -> float:
-    """The share of elements of ``got`` equal to ``ref``'s (same shape), 1 when empty."""
-    if not ref.size:
-        return 1.0
-    return float(np.mean(np.asarray(ref == got, dtype=bool)))
-
-
-def _compare_structured(name: str, ref: Any, got: Any, resolution: float) -> OutputError:
-    """A sequence (list), optional (None when empty) or map (dict) output: the worst error of
-    its elements; a different kind, length, presence or key set is a mismatch."""
-
-    def mismatch(what: str) -> OutputError:
-        return OutputError(name, np.inf, np.inf, 0.0, np.inf, shape_ok=False, detail=what)
-
-    if ref is None or got is None:
-        if ref is None and got is None:
-            return OutputError(name, 0.0, 0.0, 1.0, 0.0)
-        shown = ["absent" if v is None else "present" for v in (ref, got)]
-        return mismatch(f"output {name!r}: optional {shown[0]} -> {shown[1]}")
-    if isinstance(ref, dict) and isinstance(got, dict):
-        if sorted(map(repr, ref)) != sorted(map(repr, got)):
-            return mismatch(f"output {name!r}: map keys differ")
-        pairs = [(ref[k], got[k]) for k in ref]
-    elif isinstance(ref, (list, tuple)) and isinstance(got, (list, tuple)):
-        if len(ref) != len(got):
-            return mismatch(f"output {name!r}: sequence of {len(ref)} -> {len(got)}")
-        pairs = list(zip(ref, got, strict=True))
-    elif np.isscalar(ref) and np.isscalar(got):
-        pairs = [(ref, got)]
-    else:
-        return mismatch(f"output {name!r}: {type(ref).__name__} -> {type(got).__name__}")
-    if not pairs:
-        return OutputError(name, 0.0, 0.0, 1.0, 0.0)
-    return _worst(tuple(compare(name, _as_array(r), _as_array(g), resolution) for r, g in pairs))
-
-
-def _as_array(value: Any) -> Any:
-    # Plain values (a map's numbers) become arrays; nested sequences/maps/None stay as they are.
-    if value is None or isinstance(value, (list, tuple, dict, np.ndarray)):
-        return value
-    return np.asarray(value)
-
-
-def output_resolutions(model: ir.Model) -> list[float]:
-    """Per graph output, the absolute difference that is rounding of the op producing it."""
-    resolutions = []
-    for value in model.graph.outputs:
-        node = value.producer()
-        sigmoid = node is not None and node.op_type == "Sigmoid" and node.domain in ("", "ai.onnx")
-        resolutions.append(
-            SIGMOID_RESOLUTION if sigmoid and value.dtype == ir.DataType.FLOAT else 0.0
-        )
-    return resolutions
 
 
 class Verifier:
@@ -348,7 +176,7 @@ class Verifier:
             # kernels not built): said before anything is written.
             raise
         except Exception as exc:  # the model itself: no inputs would help
-            raise VerificationUnavailable(_one_line(exc)) from None
+            raise VerificationUnavailable(one_line(exc)) from None
         # Said with the shapes checked when the generated inputs had to be enlarged.
         self.input_note = ""
         try:
@@ -556,7 +384,7 @@ class Verifier:
             again = _run(session, self.input_sets[0])
         except Exception as exc:
             if is_out_of_memory(exc):
-                raise VerificationUnavailable(_one_line(exc)) from None
+                raise VerificationUnavailable(one_line(exc)) from None
             return []
         del session
         found = []
@@ -601,7 +429,7 @@ class Verifier:
             runs = [_run(session, feeds) for feeds in self.input_sets]
         except Exception as exc:
             if is_out_of_memory(exc):
-                raise VerificationUnavailable(_one_line(exc)) from None
+                raise VerificationUnavailable(one_line(exc)) from None
             return floors  # ORT's optimizer failing on the model loosens nothing
         del session
         for outputs, references in zip(runs, self.references, strict=True):
@@ -695,13 +523,13 @@ class Verifier:
         try:
             session = make_session(reference)
         except Exception as exc:
-            raise VerificationUnavailable(_first_line(exc)) from None
+            raise VerificationUnavailable(first_line(exc)) from None
         other.references = []
         for index, feeds in enumerate(self.input_sets):
             try:
                 other.references.append(_run(session, feeds))
             except Exception as exc:
-                raise VerificationUnavailable(f"{_first_line(exc)}{self._at(index)}") from None
+                raise VerificationUnavailable(f"{first_line(exc)}{self._at(index)}") from None
         other.reference = other.references[0]
         del session
         # Now: the pipeline goes on editing ``reference`` in place.
@@ -739,7 +567,7 @@ class Verifier:
             session = make_session(candidate)
         except Exception as exc:
             return VerifyResult(
-                False, reason=f"optimized model fails in ONNX Runtime: {_first_line(exc)}", **shapes
+                False, reason=f"optimized model fails in ONNX Runtime: {first_line(exc)}", **shapes
             )
         per_shape: list[list[OutputError]] = []
         reason = ""
@@ -750,7 +578,7 @@ class Verifier:
                 return VerifyResult(
                     False,
                     reason=f"optimized model fails in ONNX Runtime{self._at(index)}: "
-                    f"{_first_line(exc)}",
+                    f"{first_line(exc)}",
                     **shapes,
                 )
             references = self.references[index]
@@ -782,41 +610,11 @@ class Verifier:
                     reason += f" (allowed {limit:.3g}: ONNX Runtime's optimizations move it too)"
                 reason += self._at(index)
                 break  # failed already: another shape's run would only cost time
-        errors = [_worst(column) for column in zip(*per_shape, strict=True)]
+        errors = [worst_of(column) for column in zip(*per_shape, strict=True)]
         for i in _empty_everywhere(self.references):
             if i < len(errors) and errors[i].shape_ok and not errors[i].detail:
                 errors[i].not_compared = "empty at every shape"
         return VerifyResult(not reason, errors, reason, **shapes)
-
-
-# Comparisons of two float tensors: a bool output of one flips where an exact rewrite moves
-# the compared values across each other, which it may do within the tolerance.
-_COMPARISONS = frozenset({"Greater", "Less", "GreaterOrEqual", "LessOrEqual", "Equal"})
-# Rounding flips a comparison only where its operands nearly tie: an exact rewrite within the
-# tolerance moves a value by about an ulp (not by the whole tolerance), so the elements it can
-# flip are the few within an ulp or so of the boundary (for normal operands and 1e-4, about
-# 1e-4 of them; for bfloat16's 8 ulps, under 1%). Beyond this share (at least one element)
-# of flipped elements whose operands did not tie exactly, a bool output is wrong: 7 of 8
-# elements flipped used to pass because each was within the tolerance of the boundary
-# relative to the largest compared value (1e6 at one element). Elements whose operands tie
-# exactly (Equal of a value and its copy) flip with any rounding, and are not counted.
-MAX_FLIP_SHARE = 0.01
-
-
-def _compared_outputs(model: ir.Model) -> dict[int, tuple[str, str]]:
-    """Per graph output made by a comparison of two float tensors: the names of those."""
-    found = {}
-    for index, value in enumerate(model.graph.outputs):
-        node = value.producer()
-        if node is None or node.op_type not in _COMPARISONS or node.domain not in ("", "ai.onnx"):
-            continue
-        operands = list(node.inputs)
-        if len(operands) == 2 and all(
-            v is not None and v.name and v.dtype is not None and v.dtype.is_floating_point()
-            for v in operands
-        ):
-            found[index] = (operands[0].name, operands[1].name)
-    return found
 
 
 def boundary_margins(
@@ -827,7 +625,7 @@ def boundary_margins(
     largest magnitude. An exact rewrite may move floats within the tolerance; where the
     compared values are closer than that, the bool may flip (:func:`near_boundary`). Empty
     when the model has no such output, or its compared values cannot be read."""
-    compared = _compared_outputs(model)
+    compared = compared_outputs(model)
     if not compared or not input_sets:
         return []
     clone = model.clone()
@@ -854,7 +652,7 @@ def boundary_margins(
         runs = [dict(zip(names, _run(session, dict(feeds)), strict=True)) for feeds in input_sets]
     except Exception as exc:
         if is_out_of_memory(exc):
-            raise VerificationUnavailable(_one_line(exc)) from None
+            raise VerificationUnavailable(one_line(exc)) from None
         return []  # no margins: the outputs are compared as they were, equal or not
     del session
     margins = []
@@ -874,82 +672,6 @@ def boundary_margins(
             found[index] = np.where(np.isfinite(margin), margin, np.inf)
         margins.append(found)
     return margins
-
-
-def near_boundary(
-    error: OutputError, ref: Any, got: Any, margin: np.ndarray | None, limit: float
-) -> OutputError:
-    """A bool output of a comparison whose flipped elements all sit where the reference's
-    compared values are within ``limit`` (rel) of each other, and are few (MAX_FLIP_SHARE):
-    what rounding within the tolerance can do, so within it; its max rel is the widest such
-    distance. Other integer and bool outputs are right only where equal."""
-    if (
-        margin is None
-        or error.equal_share is None
-        or error.max_rel == 0
-        or not error.shape_ok
-        or error.detail
-        or not isinstance(ref, np.ndarray)
-        or not isinstance(got, np.ndarray)
-    ):
-        return error
-    try:
-        margin = np.broadcast_to(margin, ref.shape)
-    except ValueError:
-        return error
-    flipped = ref != got
-    widest = float(margin[flipped].max()) if flipped.any() else 0.0
-    if not widest <= limit:
-        return error
-    count = int(np.count_nonzero(flipped & (margin > 0)))
-    if count > max(1, int(MAX_FLIP_SHARE * ref.size)):
-        return OutputError(
-            error.name,
-            error.max_abs,
-            error.max_rel,
-            error.cosine,
-            error.mean_abs,
-            detail=f"output {error.name!r}: {count} of {ref.size} elements flipped, more than "
-            f"rounding near a tie flips (at most {MAX_FLIP_SHARE:.0%}, or 1 element)",
-            equal_share=error.equal_share,
-        )
-    return OutputError(
-        error.name,
-        error.max_abs,
-        widest,
-        error.cosine,
-        error.mean_abs,
-        equal_share=error.equal_share,
-    )
-
-
-def rounds_at_run_time(model: ir.Model) -> bool:
-    """Whether ``model`` rounds values it computes to integers at run time: a QuantizeLinear
-    or DynamicQuantizeLinear (or DynamicQuantizeMatMul, or a QLinear op's requantized output)
-    of a value that is not a constant, subgraphs included."""
-    for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        if node.domain not in ("", "ai.onnx", "com.microsoft"):
-            continue
-        if node.op_type not in RUN_TIME_ROUNDING and not node.op_type.startswith("QLinear"):
-            continue
-        value = node.inputs[0] if node.inputs else None
-        if value is not None and not _constant(value):
-            return True
-    return False
-
-
-def _constant(value: ir.Value) -> bool:
-    """An initializer (not one a graph input can override) or a Constant node's output."""
-    if value.is_graph_input():
-        return False
-    if value.const_value is not None:
-        return True
-    producer = value.producer()
-    return (
-        producer is not None
-        and producer.op_type == "Constant"
-        and producer.domain in ("", "ai.onnx")
-    )
 
 
 @dataclass
@@ -1019,33 +741,12 @@ def _empty_everywhere(references: Sequence[Sequence[Any]]) -> list[int]:
     ]
 
 
-def _worst(errors: tuple[OutputError, ...]) -> OutputError:
-    """One output's error over all input shapes: the worst of each measure."""
-    if len(errors) == 1:
-        return errors[0]
-    return OutputError(
-        errors[0].name,
-        max(e.max_abs for e in errors),
-        max(e.max_rel for e in errors),
-        min(e.cosine for e in errors),
-        max(e.mean_abs for e in errors),
-        shape_ok=all(e.shape_ok for e in errors),
-        detail=next((e.detail for e in errors if e.detail), ""),
-        equal_share=(
-            None
-            if any(e.equal_share is None for e in errors)
-            else min(e.equal_share for e in errors if e.equal_share is not None)
-        ),
-        not_compared=errors[0].not_compared if all(e.not_compared for e in errors) else "",
-    )
-
-
 def _rejected(
     exc: BaseException, feeds: dict[str, np.ndarray], source: str | None, tried: str = ""
 ) -> str:
     """Why ORT could not run the original, naming what it was fed and how to feed otherwise
     (and ``tried``: the larger sizes that failed too)."""
-    message = _one_line(exc)
+    message = one_line(exc)
     if source is not None:
         return f"{message} (on {source}: {describe_feeds(feeds)})"
     parts = [message]
@@ -1077,111 +778,6 @@ def _tried_text(dims: Mapping[str, int], tried: list[dict[str, int]]) -> str:
     moved = ", ".join(f"{k} up to {v}" for k, v in last.items() if v != dims.get(k))
     count = f"{len(tried)} larger size{'s' if len(tried) > 1 else ''}"
     return f"also fails with {moved} ({count} tried)"
-
-
-def innermost_message(exc: BaseException) -> str:
-    """ORT's message from the innermost node that failed: an If wraps its branch's error
-    ("...running If node. Name:'If_0' Status Message: ...running Pad node. Name:..."), and
-    what matters is the Pad and what it said."""
-    text = _one_line(exc)
-    cut = text.rfind("while running ")
-    text = text[cut + len("while running ") :] if cut >= 0 else text
-    node = re.match(r"(\w+) node\. Name:'([^']*)' Status Message: (.*)", text)
-    if node is not None:
-        text = f"{node[1]} node {node[2]!r}: {node[3]}"
-    # ORT's source location ("/onnxruntime_src/.../reshape_helper.h:91 onnxruntime::
-    # ReshapeHelper::ReshapeHelper(...)") says nothing to a user and pushed the reason (the
-    # shapes) past the cut.
-    text = _SOURCE_LOCATION.sub("", text).strip()
-    if len(text) <= 300:
-        return text
-    cut = text.rfind(" ", 0, 297)
-    return text[: cut if cut > 200 else 297] + "..."
-
-
-_SOURCE_LOCATION = re.compile(r"\S+\.(?:h|hpp|cc|cpp|cu):\d+ (?:[\w:~<>*&]+\([^)]*\)\s*)?")
-
-
-def _one_line(exc: BaseException) -> str:
-    """The whole message on one line, uncut: ORT puts what failed after a long source
-    location (a Reshape's "Input shape:{1,16}, requested shape:{1,3,4}" past 300 characters)
-    or on later lines (the dims of "Got invalid dimensions for input")."""
-    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-    return text or type(exc).__name__
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-    text = lines[0] if lines else type(exc).__name__
-    return text[:300]
-
-
-def default_tolerance(model: ir.Model) -> float:
-    """The default tolerance for the lowest-precision float type ``model`` computes its
-    outputs in: the largest of :func:`output_tolerances` (DEFAULT_TOLERANCE without outputs).
-    """
-    return max(output_tolerances(model), default=DEFAULT_TOLERANCE)
-
-
-def output_tolerances(model: ir.Model) -> list[float]:
-    """Per graph output, the default tolerance for the lowest-precision float type that can
-    affect it (:func:`live_dtypes`): a float16 model with float32 outputs still computes in
-    float16, while a float16 value nothing reads (an unused Cast to bfloat16, an unused
-    float16 graph input) or another output's float16 branch loosens nothing: a 5% change of
-    a float32 output used to pass next to a dead Cast to bfloat16."""
-    return [
-        max((DTYPE_TOLERANCES.get(t, DEFAULT_TOLERANCE) for t in types), default=DEFAULT_TOLERANCE)
-        for types in live_dtypes(model)
-    ]
-
-
-def tolerance_reason(model: ir.Model, output_index: int) -> str:
-    """``bfloat16 in its computation``: why an output's default tolerance is what it is."""
-    types = live_dtypes(model)[output_index]
-    lowest = max(
-        (t for t in types if t in DTYPE_TOLERANCES), key=DTYPE_TOLERANCES.get, default=None
-    )
-    return f"{lowest.name.lower()} in its computation" if lowest is not None else ""
-
-
-def live_dtypes(model: ir.Model) -> list[set[ir.DataType]]:
-    """Per graph output, the types of the values it is computed from, and the targets of the
-    Casts on the way: graph inputs, initializers and node inputs and outputs with a known
-    type, back from the output through producers; a node with subgraphs counts with
-    everything in them (and the outer values they read)."""
-    result = []
-    for output in model.graph.outputs:
-        found: set[ir.DataType] = set()
-        seen_nodes: set[int] = set()
-        stack: list[ir.Value | None] = [output]
-        seen_values: set[int] = set()
-        while stack:
-            value = stack.pop()
-            if value is None or id(value) in seen_values:
-                continue
-            seen_values.add(id(value))
-            if value.dtype is not None:
-                found.add(value.dtype)
-            node = value.producer()
-            if node is None or id(node) in seen_nodes:
-                continue
-            nodes = [node]
-            for attr in node.attributes.values():
-                if attr.type == ir.AttributeType.GRAPH:
-                    nodes.extend(ir.traversal.RecursiveGraphIterator(attr.value))
-                elif attr.type == ir.AttributeType.GRAPHS:
-                    for graph in attr.value:
-                        nodes.extend(ir.traversal.RecursiveGraphIterator(graph))
-            for inner in nodes:
-                seen_nodes.add(id(inner))
-                to = inner.attributes.get("to") if inner.op_type == "Cast" else None
-                if to is not None and isinstance(to.value, int):
-                    with contextlib.suppress(ValueError):  # not a type (a hostile model)
-                        found.add(ir.DataType(to.value))
-                found.update(v.dtype for v in inner.outputs if v is not None and v.dtype)
-                stack.extend(inner.inputs)
-        result.append(found)
-    return result
 
 
 def refuse_empty_reference(outputs: Sequence, feeds: Mapping[str, np.ndarray]) -> None:

@@ -4,7 +4,7 @@ The inputs are the ones verification would use (:class:`graphopt.verify.Verifier
 A): the user's ``.npz`` as given, or generated ones (seeded) at the requested or default
 shape plus, where A has symbolic dims, a second shape A runs at. Both models run on every input set;
 per output and shape: max abs error, the error relative to A's largest magnitude
-(:func:`graphopt.verify.compare`: the project's measure, with the same allowance for a
+(:func:`graphopt.output_errors.compare`: the project's measure, with the same allowance for a
 saturated Sigmoid's rounding), cosine, and the share of positions whose argmax over the
 last axis agrees (:func:`graphopt.passes.calibration.fidelity.measure`). A float output
 passes when its relative error is at most ``rtol`` and, when ``cos_min`` is given, its
@@ -36,16 +36,9 @@ from graphopt.calibration import load_npz
 from graphopt.errors import UserInputError
 from graphopt.input_dims import graph_inputs, non_tensor_kind, parse_input_shapes
 from graphopt.ortrun import run_session
-from graphopt.verify import (
-    SCALE_FLOOR,
-    NothingToCompare,
-    OutputError,
-    VerificationUnavailable,
-    Verifier,
-    compare,
-    default_tolerance,
-    output_resolutions,
-)
+from graphopt.output_errors import SCALE_FLOOR, OutputError, compare, output_resolutions
+from graphopt.tolerances import default_tolerance
+from graphopt.verify import NothingToCompare, VerificationUnavailable, Verifier
 
 # Histogram of |a - b| / max|a|: exact, then one bucket per decade from 1e-9 up to 1.
 HISTOGRAM_EDGES = tuple(10.0**k for k in range(-9, 1))
@@ -363,7 +356,7 @@ class _Measured:
 
 
 def _measure_pair(label: str, ref: np.ndarray, got: np.ndarray, resolution: float) -> _Measured:
-    # verify.compare's cosine overflows on float64 values near 1e200 (NaN, with numpy's
+    # output_errors.compare's cosine overflows on float64 values near 1e200 (NaN, with numpy's
     # warnings on stderr); it is measured again below on scaled values.
     with np.errstate(over="ignore", invalid="ignore"):
         error = compare(label, ref, got, resolution)
@@ -382,14 +375,14 @@ def _measure_pair(label: str, ref: np.ndarray, got: np.ndarray, resolution: floa
         return _Measured(error)
     differing = int(np.count_nonzero(ref != got))
     if ref.dtype.kind in "iub":
-        # verify.compare gives its pass/fail (0 or 1) here: measure the difference itself.
+        # output_errors.compare gives its pass/fail (0 or 1) here: measure the difference itself.
         error = _integer_error(label, ref, got)
     return _Measured(error, "", True, str(ref.dtype), differing, int(ref.size))
 
 
 def _integer_error(name: str, ref: np.ndarray, got: np.ndarray) -> OutputError:
     """Max abs, error relative to the largest magnitude, and cosine of integer (or bool)
-    tensors of one shape, as :func:`graphopt.verify.compare` measures floats."""
+    tensors of one shape, as :func:`graphopt.output_errors.compare` measures floats."""
     a = ref.astype(np.float64).ravel()
     b = got.astype(np.float64).ravel()
     if a.size == 0:

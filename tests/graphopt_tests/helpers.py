@@ -17,8 +17,9 @@ from onnx import helper
 from graphopt import io
 from graphopt.analysis.stats import count_nodes
 from graphopt.inputs import make_inputs
+from graphopt.output_errors import compare
 from graphopt.registry import GraphPass, PassContext
-from graphopt.verify import compare, run_model
+from graphopt.verify import run_model
 
 TOLERANCE = 1e-4
 

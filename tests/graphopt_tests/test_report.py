@@ -12,12 +12,13 @@ from onnx import TensorProto, helper
 from rich.console import Console
 
 from graphopt.api import OptimizeOptions, optimize
+from graphopt.output_errors import OutputError
 from graphopt.passes.calibration.fidelity import Fidelity, measure
 from graphopt.passes.pruning.pruner import PruneReport
 from graphopt.pipeline import PassManager, PassSpec, PassStats, RunReport, explicit_pipeline
 from graphopt.registry import GraphPass, Stage
 from graphopt.report import print_report, signed_percent
-from graphopt.verify import OutputError, Verifier, VerifyResult
+from graphopt.verify import Verifier, VerifyResult
 from graphopt_tests.helpers import (
     AddToSubPass,
     SilentAddToSubPass,

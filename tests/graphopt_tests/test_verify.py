@@ -19,15 +19,9 @@ import graphopt
 from graphopt.api import OptimizeOptions
 from graphopt.errors import UserInputError
 from graphopt.input_dims import check_input_shapes
-from graphopt.verify import (
-    DEFAULT_TOLERANCE,
-    DTYPE_TOLERANCES,
-    SIGMOID_RESOLUTION,
-    NothingToCompare,
-    Verifier,
-    compare,
-    default_tolerance,
-)
+from graphopt.output_errors import SIGMOID_RESOLUTION, compare
+from graphopt.tolerances import DEFAULT_TOLERANCE, DTYPE_TOLERANCES, default_tolerance
+from graphopt.verify import NothingToCompare, Verifier
 from graphopt_tests.helpers import make_model, op_types, tensor_info
 from graphopt_tests.passes.erasure.util import reshape_by_lying_value_info
 
@@ -314,7 +308,7 @@ def test_interrupt_while_importing_onnxruntime_stays_an_interrupt(interrupted_or
 
 
 def test_sequence_optional_and_map_outputs_are_compared_element_by_element() -> None:
-    from graphopt.verify import compare
+    from graphopt.output_errors import compare
 
     a = np.arange(6, dtype=np.float32).reshape(2, 3)
     same = compare("s", [a, a[:1]], [a.copy(), a[:1].copy()])
@@ -420,7 +414,7 @@ def test_a_model_rounding_at_run_time_allows_what_orts_own_optimizations_move() 
     """ORT's fused integer kernel and the unoptimized float path round a step apart; an exact
     rewrite that computes the integer way is within that (and the note says so); a broken one
     still fails, and a model that does not round at run time gets no allowance."""
-    from graphopt.verify import rounds_at_run_time
+    from graphopt.tolerances import rounds_at_run_time
 
     model = requantized_qdq_model()
     assert rounds_at_run_time(model)

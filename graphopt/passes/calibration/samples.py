@@ -506,7 +506,7 @@ def _raise_if_out_of_memory(exc: BaseException) -> None:
 
 
 def _innermost(exc: BaseException) -> str:
-    from graphopt.verify import innermost_message
+    from graphopt.ort_messages import innermost_message
 
     return innermost_message(exc)
 

@@ -21,12 +21,13 @@ from graphopt.analysis.dependency import DimKey, split_key
 from graphopt.analysis.zig import ZeroInvariantGroup, ZigReport
 from graphopt.editing import INITIALIZERS_NOT_INPUTS_IR, initializers_as_constants
 from graphopt.inputs import make_inputs
+from graphopt.output_errors import compare
 from graphopt.passes.pruning.channel_removal import (
     _values_by_name,
     edit_parameters,
     remove_channels,
 )
-from graphopt.verify import compare, run_model
+from graphopt.verify import run_model
 
 TOLERANCE = 1e-6
 

@@ -375,7 +375,8 @@ def float_max_rel(fidelities: list[Fidelity]) -> float:
     rounds at run time are verified at. An integer or bool output (a ``Greater`` of a float
     output) is right only where equal: its "max rel" is 1 as soon as one element flips, and
     it made that tolerance 1 (every exact rewrite after int8 passed at 100% error).
-    Verification compares those outputs by their own rule (:func:`graphopt.verify.compare`)."""
+    Verification compares those outputs by their own rule
+    (:func:`graphopt.output_errors.compare`)."""
     return float(max((f.max_rel for f in fidelities if f.equal_share is None), default=0.0))
 
 

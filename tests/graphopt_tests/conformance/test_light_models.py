@@ -13,8 +13,8 @@ from graphopt import io
 from graphopt.analysis.stats import count_nodes
 from graphopt.api import OptimizeOptions, optimize
 from graphopt.inputs import make_inputs
+from graphopt.output_errors import compare
 from graphopt.sessions import make_session
-from graphopt.verify import compare
 from graphopt_tests.conformance.light import light_models, randomized_light_model
 
 TOLERANCE = 1e-4

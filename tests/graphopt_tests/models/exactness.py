@@ -11,7 +11,8 @@ import graphopt.models as gm
 from graphopt.api import OptimizeOptions, optimize
 from graphopt.inputs import make_inputs
 from graphopt.io import load
-from graphopt.verify import compare, run_model
+from graphopt.output_errors import compare
+from graphopt.verify import run_model
 
 TOLERANCE = 1e-4
 

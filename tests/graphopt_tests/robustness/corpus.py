@@ -112,7 +112,8 @@ def _outputs_match(source: Path, output: Path) -> str:
     """'' when ``output`` loads and (if ORT runs the original) computes the same; else why."""
     from graphopt import io
     from graphopt.inputs import make_inputs
-    from graphopt.verify import compare, run_model
+    from graphopt.output_errors import compare
+    from graphopt.verify import run_model
 
     try:
         result = io.load(output).model

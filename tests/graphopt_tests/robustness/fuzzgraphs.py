@@ -523,7 +523,8 @@ def check_optimize_preserves(proto: onnx.ModelProto, tolerance: float | None = N
     from graphopt import io
     from graphopt.api import OptimizeOptions, optimize
     from graphopt.inputs import make_inputs
-    from graphopt.verify import compare, run_model
+    from graphopt.output_errors import compare
+    from graphopt.verify import run_model
 
     original = io.load(proto).model
     dims = proto.graph.input[0].type.tensor_type.shape.dim

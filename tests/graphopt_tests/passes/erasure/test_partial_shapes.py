@@ -20,10 +20,11 @@ from graphopt.analysis.stats import count_nodes
 from graphopt.api import OptimizeOptions, optimize
 from graphopt.inputs import make_inputs
 from graphopt.io import load, to_proto
+from graphopt.output_errors import compare
 from graphopt.passes.erasure.noop_ops import NoopOpsPass
 from graphopt.passes.erasure.reshape_target import ReshapeTargetPass
 from graphopt.passes.erasure.shape_folding import ShapeFoldingPass
-from graphopt.verify import compare, run_model
+from graphopt.verify import run_model
 from graphopt_tests.helpers import make_model, tensor_info
 from graphopt_tests.models.cases import require
 from graphopt_tests.passes.erasure.util import check, inferred

@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import graphopt
 from graphopt.api import OptimizeOptions
-from graphopt.verify import compare
+from graphopt.output_errors import compare
 
 
 def _bool_output_model() -> ir.Model:

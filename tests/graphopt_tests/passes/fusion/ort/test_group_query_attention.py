@@ -11,10 +11,11 @@ from onnx import TensorProto, helper
 from graphopt import models
 from graphopt.inputs import make_inputs
 from graphopt.io import load
+from graphopt.output_errors import compare
 from graphopt.passes.fusion.ort.group_query_attention import OrtGroupQueryAttentionPass
 from graphopt.passes.fusion.ort.rotary import OrtRotaryEmbeddingPass
 from graphopt.registry import PassContext
-from graphopt.verify import compare, run_model
+from graphopt.verify import run_model
 from graphopt_tests.helpers import (
     assert_same_outputs,
     make_model,

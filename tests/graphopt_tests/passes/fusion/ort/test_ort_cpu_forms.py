@@ -12,12 +12,13 @@ from onnx import TensorProto, helper
 from graphopt import models
 from graphopt.inputs import make_inputs
 from graphopt.io import load
+from graphopt.output_errors import compare
 from graphopt.passes.fusion.ort.attention import OrtAttentionPass
 from graphopt.passes.fusion.ort.attention_mask import OrtAttentionMaskPass
 from graphopt.passes.fusion.ort.packed_attention import OrtPackedAttentionPass
 from graphopt.passes.fusion.ort.skip_layer_norm import OrtResidualSumPass, OrtSkipLayerNormPass
 from graphopt.registry import PassContext
-from graphopt.verify import compare, run_model
+from graphopt.verify import run_model
 from graphopt_tests.helpers import assert_same_outputs, op_types, roundtrip, run_pass
 
 ORT = PassContext(target="ort")

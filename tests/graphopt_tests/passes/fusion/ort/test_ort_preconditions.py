@@ -16,6 +16,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from graphopt.io import load, to_proto
+from graphopt.output_errors import compare
 from graphopt.passes.fusion.ort._base import _merges_input_dims
 from graphopt.passes.fusion.ort.attention import OrtAttentionPass
 from graphopt.passes.fusion.ort.attention_mask import OrtAttentionMaskPass
@@ -23,7 +24,7 @@ from graphopt.passes.fusion.ort.gelu import OrtGeluPass
 from graphopt.passes.fusion.ort.packed_attention import OrtPackedAttentionPass
 from graphopt.passes.fusion.ort.skip_layer_norm import OrtSkipLayerNormPass, OrtSkipRmsNormPass
 from graphopt.registry import PassContext
-from graphopt.verify import compare, run_model
+from graphopt.verify import run_model
 from graphopt_tests.helpers import make_model, run_pass, tensor_info
 
 ORT = PassContext(target="ort")
