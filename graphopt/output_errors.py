@@ -101,7 +101,7 @@ def compare(name: str, ref: np.ndarray, got: np.ndarray, resolution: float = 0.0
         return OutputError(name, 0.0, 0.0, 1.0, 0.0)
     diff = np.abs(a - b)
     max_abs = float(diff.max())
-    cosine = _scaled_cosine(a, b, max_abs)
+    cosine = scaled_cosine(a, b, max_abs)
     # A reference whose largest magnitude is ~0 (e.g. a saturated sigmoid on generated
     # inputs) makes the relative measure meaningless: below SCALE_FLOOR it is absolute, as
     # long as the result looks like it (FLOOR_COSINE); a different output counts in full.
@@ -120,7 +120,7 @@ def compare(name: str, ref: np.ndarray, got: np.ndarray, resolution: float = 0.0
     return OutputError(name, max_abs, max_rel, cosine, float(diff.mean()))
 
 
-def _scaled_cosine(a: np.ndarray, b: np.ndarray, max_abs: float) -> float:
+def scaled_cosine(a: np.ndarray, b: np.ndarray, max_abs: float) -> float:
     """Cosine of two finite float64 vectors, computed on values scaled by their largest
     magnitude (float64 values near 1e155 overflowed the dot product: NaN and numpy warnings).
     Two all-zero vectors are alike (1); an all-zero one against another is not (0)."""

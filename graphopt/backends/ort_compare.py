@@ -36,7 +36,13 @@ from graphopt.calibration import load_npz
 from graphopt.errors import UserInputError
 from graphopt.input_dims import graph_inputs, non_tensor_kind, parse_input_shapes
 from graphopt.ortrun import run_session
-from graphopt.output_errors import SCALE_FLOOR, OutputError, compare, output_resolutions
+from graphopt.output_errors import (
+    SCALE_FLOOR,
+    OutputError,
+    compare,
+    output_resolutions,
+    scaled_cosine,
+)
 from graphopt.tolerances import default_tolerance
 from graphopt.verify import NothingToCompare, VerificationUnavailable, Verifier
 
@@ -412,15 +418,7 @@ def _cosine(ref: np.ndarray, got: np.ndarray) -> float:
     b = np.asarray(got, dtype=np.float64).ravel()
     keep = np.isfinite(a) & np.isfinite(b)
     a, b = a[keep], b[keep]
-    scale = max(float(np.abs(a).max(initial=0.0)), float(np.abs(b).max(initial=0.0)))
-    if scale == 0:
-        return 1.0
-    a, b = a / scale, b / scale
-    norm = float(np.linalg.norm(a) * np.linalg.norm(b))
-    if norm == 0:
-        return 0.0
-    # Rounding can put a cosine of equal tensors a hair above 1.
-    return min(max(float(np.dot(a, b)) / norm, -1.0), 1.0)
+    return scaled_cosine(a, b, float(np.abs(a - b).max(initial=0.0)))
 
 
 def _pairs(ref: Any, got: Any, label: str = "") -> tuple[list[tuple[str, Any, Any]], str]:
