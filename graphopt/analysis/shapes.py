@@ -10,8 +10,10 @@ Past ONNX Runtime's contrib ops, which onnx cannot infer, shapes come from stand
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 
 import onnx_ir as ir
 import onnx_ir.passes.common
@@ -447,14 +449,36 @@ def _shapes_from_folded_copy(clone: ir.Model) -> None:
         should_fold=shape_arithmetic,
     )
     # Evaluations that fail here only mean a shape stays unknown: not the user's concern.
-    quiet = logging.getLogger(folding.__name__)
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
-    try:
+    with _folding_quietly(logging.getLogger(folding.__name__)):
         seen = _fold_rounds(folded, folder)
-    finally:
-        quiet.setLevel(level)
     copy_shapes(folded, clone, seen)
+
+
+class _QuietInThisThread(logging.Filter):
+    """Drops records under ERROR logged by a thread inside :func:`_folding_quietly`. A
+    per-thread flag, not the logger's level: the level is process-wide, and one run's
+    restoring it let another run's (concurrent API calls) folding noise through."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.local = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or not getattr(self.local, "depth", 0)
+
+
+_QUIET = _QuietInThisThread()
+
+
+@contextlib.contextmanager
+def _folding_quietly(quiet: logging.Logger) -> Iterator[None]:
+    if _QUIET not in quiet.filters:
+        quiet.addFilter(_QUIET)  # once per process; a no-op outside the context
+    _QUIET.local.depth = getattr(_QUIET.local, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _QUIET.local.depth -= 1
 
 
 def static_shape(value: ir.Value | None) -> tuple[int, ...] | None:

@@ -142,3 +142,34 @@ def test_reinfer_after_an_edit_keeps_names_and_confirmed_ints_and_drops_stale_on
     assert shapes["h"] == ["batch", "seq", 4]
     # The head size: the stale 3 is gone (inference can only make a name up for it).
     assert shapes["heads"][:3] == ["batch", "seq", 2] and not isinstance(shapes["heads"][3], int)
+
+
+def test_folding_noise_is_quieted_in_the_folding_thread_only(caplog) -> None:
+    """The folder's logger level was lowered and restored process-wide: with concurrent
+    runs (the Python API from threads), one run's restore let another's "Evaluation failed"
+    warnings through, and while one run folded, another thread's warnings were dropped."""
+    import logging
+    import threading
+
+    from graphopt.analysis.shapes import _folding_quietly
+
+    noisy = logging.getLogger("graphopt_tests.folding_noise")
+    caplog.set_level(logging.WARNING, logger=noisy.name)
+    inside, done = threading.Event(), threading.Event()
+
+    def other_thread() -> None:
+        inside.wait()
+        noisy.warning("from another thread")
+        done.set()
+
+    worker = threading.Thread(target=other_thread)
+    worker.start()
+    with _folding_quietly(noisy):
+        noisy.warning("while folding")
+        inside.set()
+        done.wait()
+    worker.join()
+    noisy.warning("after folding")
+    messages = [record.getMessage() for record in caplog.records]
+    assert messages == ["from another thread", "after folding"]
+    assert noisy.level == logging.NOTSET or noisy.level == logging.WARNING
