@@ -177,6 +177,10 @@ def run_compare(request: CompareRequest) -> CompareResult:
         # The user's data as given: verification's second shape would cut or tile it.
         input_sets, references, result.shapes = input_sets[:1], references[:1], result.shapes[:1]
         result.shape_note = "your inputs, as given"
+        if verifier.nondeterministic:
+            outputs = model_a.graph.outputs
+            random = ", ".join(repr(outputs[i].name) for i in verifier.nondeterministic)
+            result.shape_note += f"; {random} not compared: differs between two runs of A"
     names = [v.name for v in model_a.graph.outputs]
     config = request.config
     if config.providers != (CPU,) or config.opt_level != "disable" or config.threads:
@@ -196,6 +200,14 @@ def run_compare(request: CompareRequest) -> CompareResult:
         result.reason = f"{request.b}: {session_b}"
         return result
     resolutions = output_resolutions(model_a)
+    # Outputs of unseeded random ops differ between two runs of A itself: comparing one run
+    # of B with one of A says nothing of B. Left out, as optimize's verification leaves them
+    # (its shape note, kept above, names them).
+    compared = [i for i in range(len(names)) if i not in set(verifier.nondeterministic)]
+
+    def kept(values: list[Any]) -> list[Any]:
+        return [values[i] for i in compared]
+
     for index, feeds_set in enumerate(input_sets):
         at = f" at shape {index + 1} ({result.shapes[index]})" if len(result.shapes) > 1 else ""
         try:
@@ -204,7 +216,16 @@ def run_compare(request: CompareRequest) -> CompareResult:
         except Exception as exc:
             result.reason = f"{request.b}: ONNX Runtime fails{at}: {_first(exc)}"
             return result
-        _add_rows(result, request, index, names, references[index], got, resolutions, at)
+        _add_rows(
+            result,
+            request,
+            index,
+            kept(names),
+            kept(references[index]),
+            kept(got),
+            kept(resolutions),
+            at,
+        )
     return result
 
 

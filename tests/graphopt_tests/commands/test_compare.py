@@ -551,3 +551,20 @@ def test_empty_provider_name_is_refused(tmp_path: Path, capsys) -> None:
     for spec in (",", "", "cpu,"):
         code, _, err = _run(["compare", a, a, "--provider", spec], capsys)
         assert code == 2 and "an empty provider name" in err
+
+
+def test_outputs_of_unseeded_random_ops_are_left_out(tmp_path: Path, capsys) -> None:
+    """compare A A failed on an output of Dropout(training) without a seed: it differs
+    between two runs of A itself. Left out with a note; the other outputs still compared."""
+    from graphopt_tests.test_verify import _random_model
+
+    a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    io.save(_random_model(2.0), a)
+    io.save(_random_model(2.0), b)
+    assert main(["compare", str(a), str(b)]) == 0
+    out = capsys.readouterr().out
+    assert "not compared: the original's outputs ('y') differ between two runs" in out
+    assert "│ y " not in out  # no row for it
+    io.save(_random_model(2.1), b)
+    assert main(["compare", str(a), str(b)]) == 1
+    assert "output 'z'" in capsys.readouterr().err
