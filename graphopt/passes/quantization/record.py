@@ -363,11 +363,20 @@ def own_max_rel(
 
 
 def worst_cosine(fidelities: list[Fidelity]) -> float:
-    return float(min((f.mean_cosine for f in fidelities), default=1.0))
+    """The worst mean cosine of the float outputs (of every output when none is float): a
+    cosine of class ids or flags says nothing, and a flipped flag's 0 made a --min-cosine
+    target unreachable."""
+    return float(min((f.mean_cosine for f in _judged(fidelities)), default=1.0))
 
 
 def worst_max_rel(fidelities: list[Fidelity]) -> float:
-    return float(max((f.max_rel for f in fidelities), default=0.0))
+    """The worst max rel error of the float outputs (of every output when none is float)."""
+    return float(max((f.max_rel for f in _judged(fidelities)), default=0.0))
+
+
+def _judged(fidelities: list[Fidelity]) -> list[Fidelity]:
+    floats = [f for f in fidelities if f.equal_share is None]
+    return floats or fidelities
 
 
 def float_max_rel(fidelities: list[Fidelity]) -> float:

@@ -115,3 +115,19 @@ def test_the_lossy_change_table_shows_the_share_equal_of_a_bool_output(capsys):
     row = next(line for line in table.splitlines() if line.strip().startswith("pos "))
     cells = [cell.strip() for cell in row.split("│")]
     assert cells[1:4] == ["-", "-", "-"] and cells[4].endswith("%"), row
+
+
+def test_mixed_precision_targets_are_judged_on_float_outputs():
+    """--min-cosine counted the bool output's cosine (0 once a flag flipped): a target the
+    float output meets was unreachable. Only an all-integer model is judged on its own."""
+    from graphopt.passes.calibration.fidelity import Fidelity
+    from graphopt.passes.quantization.record import worst_cosine, worst_max_rel
+
+    y = Fidelity("y", 0.01, 0.001, 0.9999)
+    pos = Fidelity("pos", 1.0, 0.006, 0.0, equal_share=0.994)
+    assert worst_cosine([y, pos]) == pytest.approx(0.9999)
+    assert worst_max_rel([y, pos]) == pytest.approx(0.01)
+    assert worst_cosine([pos]) == 0.0 and worst_max_rel([pos]) == 1.0
+    options = OptimizeOptions(quantize="int8-dynamic", min_cosine=0.999)
+    result = graphopt.optimize(_bool_output_model(), None, options)
+    assert result.report.details["quantize"].layers_line()
