@@ -198,7 +198,7 @@ POSITION_NAME = re.compile(r"position|(^|_)pos(_ids?)?$", re.IGNORECASE)
 
 # Ops that pass an integer input through unchanged in value (so a Gather behind them still
 # indexes with the input's values).
-_VALUE_PRESERVING = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Expand"}
+VALUE_PRESERVING = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Expand"}
 
 
 # Ops whose output keeps input 0's axes, so a window further on applies to the input's dims.
@@ -353,7 +353,7 @@ def lookup_rows(value: ir.Value, depth: int = 4) -> int | None:
 
 def _indexed_tables(value: ir.Value, depth: int) -> list[tuple[int, bool]]:
     """(rows, constant?) of each table ``value`` indexes, directly or through ops that keep
-    its values (:data:`_VALUE_PRESERVING`, at most ``depth`` of them)."""
+    its values (:data:`VALUE_PRESERVING`, at most ``depth`` of them)."""
     tables: list[tuple[int, bool]] = []
     for use in value.uses():
         node, index = use.node, use.idx
@@ -364,7 +364,7 @@ def _indexed_tables(value: ir.Value, depth: int) -> list[tuple[int, bool]]:
             rows = _table_rows(node, node.inputs[0]) or _table_rows(node, source)
             if rows is not None:
                 tables.append((rows, source is not None))
-        elif node.op_type in _VALUE_PRESERVING and index == 0 and depth > 0:
+        elif node.op_type in VALUE_PRESERVING and index == 0 and depth > 0:
             for output in node.outputs:
                 tables.extend(_indexed_tables(output, depth - 1))
     return tables

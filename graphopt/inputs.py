@@ -46,6 +46,7 @@ from graphopt.dim_expressions import follow_expressions
 from graphopt.errors import UserInputError
 from graphopt.input_dims import (
     POSITION_NAME,
+    VALUE_PRESERVING,
     batch_dims,
     dim_key,
     dim_keys,
@@ -529,7 +530,6 @@ def _length_limit(model: ir.Model, value: ir.Value, shapes: Mapping[str, tuple[i
 
 
 _RECURRENT = ("RNN", "GRU", "LSTM")
-_PASS_THROUGH = ("Cast", "Identity", "Reshape", "Squeeze", "Unsqueeze", "Flatten")
 
 
 def _recurrent_steps(value: ir.Value, shapes: Mapping[str, tuple[int, ...]]) -> int | None:
@@ -545,7 +545,7 @@ def _recurrent_steps(value: ir.Value, shapes: Mapping[str, tuple[int, ...]]) -> 
         seen.add(id(current))
         for use in current.uses():
             node = use.node
-            if node.op_type in _PASS_THROUGH and node.domain in ("", "ai.onnx") and use.idx == 0:
+            if node.op_type in VALUE_PRESERVING and node.domain in ("", "ai.onnx") and use.idx == 0:
                 pending.extend(node.outputs)
                 continue
             if node.op_type not in _RECURRENT or node.domain not in ("", "ai.onnx"):
