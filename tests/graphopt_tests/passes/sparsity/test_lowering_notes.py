@@ -47,12 +47,8 @@ def _pass():
     return lowering.SparseKernelsPass
 
 
-def test_float16_sparse_layers_say_why_they_stay_dense() -> None:
-    rng = np.random.default_rng(0)
-    inits = {
-        "w1": _sparse(rng, 32, 32, 0.7, np.float16),
-        "w2": _sparse(rng, 32, 16, 0.7, np.float16),
-    }
+def _note_of_two_layers(inits: dict) -> str:
+    """The pass's note on fc1 (x @ w1) then fc2 (@ w2), which it must leave unlowered."""
     nodes = [
         helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
         helper.make_node("MatMul", ["h", "w2"], ["y"], name="fc2"),
@@ -60,7 +56,16 @@ def test_float16_sparse_layers_say_why_they_stay_dense() -> None:
     context = PassContext(target="ort")
     _, hits = run_pass(_model(nodes, inits, 32, 16), _pass(), context)
     assert hits == 0
-    note = _note(context)
+    return _note(context)
+
+
+def test_float16_sparse_layers_say_why_they_stay_dense() -> None:
+    rng = np.random.default_rng(0)
+    inits = {
+        "w1": _sparse(rng, 32, 32, 0.7, np.float16),
+        "w2": _sparse(rng, 32, 16, 0.7, np.float16),
+    }
+    note = _note_of_two_layers(inits)
     assert "lowered 0 of 2 sparse layer(s)" in note
     assert "2 with float16 weights" in note and "float32" in note
 
@@ -68,14 +73,7 @@ def test_float16_sparse_layers_say_why_they_stay_dense() -> None:
 def test_too_dense_layers_say_so() -> None:
     rng = np.random.default_rng(0)
     inits = {"w1": _sparse(rng, 32, 32, 0.1), "w2": _sparse(rng, 32, 16, 0.0)}
-    nodes = [
-        helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
-        helper.make_node("MatMul", ["h", "w2"], ["y"], name="fc2"),
-    ]
-    context = PassContext(target="ort")
-    _, hits = run_pass(_model(nodes, inits, 32, 16), _pass(), context)
-    assert hits == 0
-    note = _note(context)
+    note = _note_of_two_layers(inits)
     assert "nothing lowered: no sparse layer" in note
     assert "the 2 constant-weight layer(s) are under the 20% zeros" in note
 
