@@ -99,12 +99,29 @@ def convert_opset(
             f"converting from opset {current} to {version} changes the model's interface "
             f"({changed}); export the model at opset {version} or later instead"
         )
+    _keep_declared_shapes(model, result)
     note = f"converted default-domain opset {current} -> {version}"
     if check:
         skipped = check_conversion(model, result, current, version, label)
         if skipped:
             note += f" (not checked on its own: {skipped})"
     return result, note
+
+
+def _keep_declared_shapes(before: ir.Model, after: ir.Model) -> None:
+    """Give the converted graph's inputs and outputs the shapes the model declared: the
+    converter runs shape inference, which names the dims the model left unnamed
+    (``unk__1``) and may fix ones it left symbolic; the interface is the user's."""
+    for old, new in zip(
+        (*before.graph.inputs, *before.graph.outputs),
+        (*after.graph.inputs, *after.graph.outputs),
+        strict=True,
+    ):
+        if old.shape is None:
+            new.shape = None
+            continue
+        denotations = [old.shape.get_denotation(i) for i in range(len(old.shape))]
+        new.shape = ir.Shape(list(old.shape), denotations=denotations)
 
 
 def _interface_change(before: ir.Model, after: ir.Model) -> str:

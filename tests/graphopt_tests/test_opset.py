@@ -66,6 +66,25 @@ def test_an_exact_conversion_keeps_the_interface_and_says_so() -> None:
     assert [v.name for v in converted.graph.inputs] == ["x"]
 
 
+def test_a_conversion_keeps_the_declared_dims_unnamed() -> None:
+    """The converter's shape inference names what the model left unnamed (``unk__1``); the
+    written interface is the model's own."""
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, None])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, None, None])],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 10)])
+    proto.ir_version = 7
+    model = ir.serde.deserialize_model(proto)
+    converted, _ = convert_opset(model, 13)
+    assert [list(v.shape) for v in (*converted.graph.inputs, *converted.graph.outputs)] == [
+        list(v.shape) for v in (*model.graph.inputs, *model.graph.outputs)
+    ]
+    assert "unk__" not in str(converted.graph.outputs[0].shape)
+
+
 def test_a_conversion_that_changes_the_inputs_is_refused() -> None:
     """The onnx converter turns Scan 8 into Scan 9 by dropping the batch axis from the
     graph's inputs: int8-dynamic (which needs opset 11) then failed with exit 1."""
