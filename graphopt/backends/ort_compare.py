@@ -114,6 +114,12 @@ class OutputComparison:
     kind: str = "tensor"
     layout: str = ""
 
+    @property
+    def empty(self) -> bool:
+        """A tensor with no elements (in A, and B alike, else it failed): nothing compared,
+        so its cosine says nothing."""
+        return self.shape is not None and 0 in self.shape and not self.problem
+
 
 @dataclass
 class CompareResult:
@@ -226,7 +232,17 @@ def run_compare(request: CompareRequest) -> CompareResult:
             kept(resolutions),
             at,
         )
+    empty = [name for name in kept(names) if _empty_everywhere(result.rows, name)]
+    if empty:
+        listed = ", ".join(repr(name) for name in empty)
+        note = f"{listed} not compared: empty at every shape"
+        result.shape_note = f"{result.shape_note}; {note}" if result.shape_note else note
     return result
+
+
+def _empty_everywhere(rows: list[OutputComparison], name: str) -> bool:
+    own = [row for row in rows if row.name == name]
+    return bool(own) and all(row.empty for row in own)
 
 
 def _add_rows(
@@ -586,7 +602,8 @@ def to_json(result: CompareResult) -> dict[str, Any]:
                     "dims": row.layout,
                     "max_abs": row.max_abs,
                     "max_rel": row.max_rel,
-                    "cosine": row.cosine,
+                    "cosine": None if row.empty else row.cosine,
+                    "empty": row.empty,
                     "argmax_agreement": row.argmax_agreement,
                     "ok": row.ok,
                     "problem": row.problem,

@@ -122,11 +122,11 @@ def _render(result: Any, out: Console) -> None:
                 str(row.shape_index + 1),
                 row.name,
                 row.layout,
-                _number(row.max_abs),
-                _number(row.max_rel),
-                f"{row.cosine:.6f}",
+                "-" if row.empty else _number(row.max_abs),
+                "-" if row.empty else _number(row.max_rel),
+                "-" if row.empty else f"{row.cosine:.6f}",
                 "-" if row.argmax_agreement is None else f"{row.argmax_agreement:.2%}",
-                "ok" if row.ok else "FAIL",
+                "empty" if row.empty else "ok" if row.ok else "FAIL",
             )
         out.print(table)
     if any(row.histogram for row in result.rows):

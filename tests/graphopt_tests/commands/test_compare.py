@@ -448,6 +448,33 @@ def test_empty_in_a_but_not_in_b_is_a_difference(tmp_path: Path, capsys) -> None
     assert code == 2 and "nothing to compare" in err
 
 
+def test_an_output_empty_at_every_shape_is_not_shown_as_compared(tmp_path: Path, capsys) -> None:
+    """Beside an output that is compared, an empty one read "cosine 1.000000 ok": a measure of
+    nothing. It shows "-" and "empty", and the note names it (the JSON's cosine is null)."""
+    ints = {k: np.array([v], np.int64) for k, v in (("s", 0), ("e", 0), ("a", 1))}
+    model = make_model(
+        [
+            helper.make_node("Slice", ["x", "s", "e", "a"], ["y"]),
+            helper.make_node("Relu", ["x"], ["z"]),
+        ],
+        [tensor_info("x", F, ["N", 8])],
+        [tensor_info("y", F, ["N", None]), tensor_info("z", F, ["N", 8])],
+        ints,
+    )
+    a, b = str(_file(tmp_path, "a.onnx", model)), str(_file(tmp_path, "b.onnx", model))
+    code, out, err = _run(["compare", a, b], capsys)
+    assert code == 0, err
+    assert "'y' not compared: empty at every shape" in out
+    rows = [line for line in out.splitlines() if " y " in line]
+    assert rows and all("empty" in row and "1.000000" not in row for row in rows)
+    code, out, _ = _run(["compare", a, b, "--json"], capsys)
+    outputs = json.loads(out)["outputs"]
+    assert {(o["name"], o["empty"], o["cosine"] is None) for o in outputs} == {
+        ("y", True, True),
+        ("z", False, False),
+    }
+
+
 def test_all_nan_output_compares_nothing_and_fails(tmp_path: Path, capsys) -> None:
     """NaN in A and B counts as equal, so all-NaN inputs made any two models PASS."""
     a, b = str(_file(tmp_path, "a.onnx")), str(_perturbed(tmp_path))
