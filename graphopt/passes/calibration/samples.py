@@ -246,7 +246,14 @@ def load_calibration(path: str, model: ir.Model) -> CalibrationSet:
     missing = sorted(set(inputs) - set(arrays))
     if missing:
         raise UserInputError(f"{path}: no array for model input(s) {', '.join(missing)}")
-    arrays = {k: arrays[k] for k in inputs}  # extra keys are ignored, order follows the model
+    extra = sorted(set(arrays) - set(inputs))
+    if extra:
+        # A misspelled name beside the right ones, or labels meant for an accuracy check
+        # graphopt would not run: either way the file is not what the user thinks it is.
+        raise UserInputError(
+            f"{path}: array(s) {', '.join(extra)} are not model inputs ({', '.join(inputs)})"
+        )
+    arrays = {k: arrays[k] for k in inputs}  # in the model's order
     batch_axes = sample_axes(model)
     axes: dict[str, int | None] = {}
     for name, array in arrays.items():

@@ -46,6 +46,16 @@ def _two_inputs_sharing_sequence() -> object:
     return make_model([helper.make_node("Mul", ["ids", "mask"], ["y"])], [ids, mask], [y])
 
 
+def test_an_array_that_is_no_model_input_is_refused(tmp_path):
+    # A misspelled extra name (beside the right one) or a labels array went unread, exit 0;
+    # --verify-inputs refused the same file.
+    path = tmp_path / "calib.npz"
+    x = np.zeros((5, 3, 8, 8), np.float32)
+    np.savez(path, x=x, inptu=x, labels=np.zeros(5, np.int64))
+    with pytest.raises(UserInputError, match=r"array\(s\) inptu, labels are not model inputs"):
+        load_calibration(str(path), _conv_with_first_dim("N"))
+
+
 def test_arrays_disagreeing_on_a_named_dim_are_refused(tmp_path):
     # ids 16 long, mask 8: no run takes both; pruning's analysis read "shapes unknown".
     path = tmp_path / "calib.npz"
