@@ -446,9 +446,10 @@ def _one_size_note(model: ir.Model, bound: dict[str, tuple[int, ...]]) -> str:
         return ""
     text = ", ".join(f"{k}={v}" for k, v in sizes.items())
     return (
-        f"--calib random: ranges fitted and fidelity measured at {text} only (every "
-        "generated sample has one size of each symbolic dim); other sizes, such as a longer "
-        "sequence, may quantize worse: give --calib FILE.npz with the sizes you deploy, or "
+        f"--calib random: fitted and measured at {text} only (every generated sample "
+        "has one size of each symbolic dim: quantization ranges, pruning and factorization "
+        "statistics alike); other sizes, such as a longer sequence, may lose more accuracy: "
+        "give --calib FILE.npz with the sizes you deploy, or "
         "bind another size with --input-shape"
     )
 
