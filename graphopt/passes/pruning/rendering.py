@@ -48,14 +48,22 @@ def pruning_table(prune: PruneReport) -> Table:
         title_justify="left",
         show_edge=False,
     )
-    for column in ("output", "stage", "max rel err", "mean abs err", "mean cosine"):
-        table.add_column(column, justify="left" if column in ("output", "stage") else "right")
     rows = [("pruned", prune.fidelity_pruned)]
     if prune.fidelity_compensated:
         rows.append((f"+ {prune.compensation}", prune.fidelity_compensated))
+    # Integer and bool outputs (class ids, counts) are right only where equal: their share
+    # of equal values is their measure, as in the other lossy tables; the cosine, mean abs
+    # and max rel of ids say nothing of them ("cosine 0.8844" beside 55% of labels equal).
+    integer = any(f.equal_share is not None for _, fidelities in rows for f in fidelities)
+    columns = ["output", "stage", "max rel err", "mean abs err", "mean cosine"]
+    for column in [*columns, "equal"] if integer else columns:
+        table.add_column(column, justify="left" if column in ("output", "stage") else "right")
     for stage, fidelities in rows:
         for f in fidelities:
-            table.add_row(
-                f.output, stage, f"{f.max_rel:.3g}", f"{f.mean_abs:.3g}", f"{f.mean_cosine:.4f}"
-            )
+            if f.equal_share is None:
+                cells = [f"{f.max_rel:.3g}", f"{f.mean_abs:.3g}", f"{f.mean_cosine:.4f}"]
+                cells += ["-"] if integer else []
+            else:
+                cells = ["-", "-", "-", f"{f.equal_share:.1%}"]
+            table.add_row(f.output, stage, *cells)
     return table
