@@ -2,8 +2,10 @@
 
 With ``tensorrt_rtx`` or ``tensorrt`` installed the real parser decides and every node it
 rejects is listed; ``--static`` (or no module) uses the static rule table. Each error names
-the node, its op, the reason and the graphopt option or pass that fixes it. Exit 0 when
-clean (warnings allowed), 1 on errors, 2 on bad input.
+the node, its op, the reason and the graphopt option or pass that fixes it. The parser
+runs in a child process: should it crash on the model, that is one error line (TensorRT
+cannot load the model) and the static table's findings follow. Exit 0 when clean (warnings
+allowed), 1 on errors (a parser crash included), 2 on bad input.
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import onnx
 
 from graphopt.backends.tensorrt.findings import ERROR
-from graphopt.backends.tensorrt.module import TensorRT, parse
+from graphopt.backends.tensorrt.isolated import NativeCrash, ParseSummary, parse_isolated
+from graphopt.backends.tensorrt.module import ParserError, TensorRT
 from graphopt.backends.tensorrt.rules import static_findings
 
 
@@ -46,7 +47,10 @@ def node_tests() -> Iterator[tuple[str, onnx.ModelProto]]:
 
 def verdict(trt: TensorRT, name: str, model: onnx.ModelProto) -> Verdict:
     """The real parser's and the static table's verdicts on one model."""
-    parsed = parse(trt, model.SerializeToString())
+    try:
+        parsed = parse_isolated(trt, model.SerializeToString())
+    except NativeCrash as crash:  # TensorRT cannot load it: a rejection, saying so
+        parsed = ParseSummary(False, [ParserError(-1, "", "", str(crash))])
     # The builder rules judge what the parser accepts (the engine build refuses it): not
     # the parser's verdict, so not compared with it.
     errors = [f for f in static_findings(model) if f.severity == ERROR and f.rule != "builder"]

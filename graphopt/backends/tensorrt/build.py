@@ -17,9 +17,11 @@ as :class:`EngineBuildError`, carrying the run's result so that its report is pr
 
 from __future__ import annotations
 
+import importlib
 import os
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ from typing import Any
 import onnx
 import onnx_ir as ir
 
+from graphopt.backends.tensorrt import isolated
 from graphopt.backends.tensorrt.cli_options import COMPUTE_CAPABILITIES as CLI_CAPABILITIES
 from graphopt.backends.tensorrt.cli_options import EngineOptions
 from graphopt.backends.tensorrt.engine_file import (
@@ -162,7 +165,9 @@ def build_engine(
 
     No TensorRT module: nothing is written and the report says why (``skipped``). A node the
     parser rejects raises :class:`CheckFailedError` naming the node, its op, TensorRT's reason
-    and the graphopt option that fixes it.
+    and the graphopt option that fixes it. The parse and the build run in a child process
+    (:func:`.isolated.call`): a parser or builder that crashes raises
+    :class:`.isolated.NativeCrash` (exit 1) instead of ending graphopt.
     """
     check_options(options)
     # The model built from (the ONNX output, when it is a file) must survive the write too.
@@ -179,6 +184,23 @@ def build_engine(
         return report
     trt = available.found
     report.module = trt.describe()
+    # A path, not the loaded model, goes to the child: it loads the weights itself.
+    source = model if isinstance(model, onnx.ModelProto) else os.fspath(model)
+    return isolated.call(_build, trt.name, source, options, input_shapes, protected, report)
+
+
+def _build(
+    phase: Callable[[str], None],
+    name: str,
+    model: onnx.ModelProto | str,
+    options: EngineOptions,
+    input_shapes: dict[str, tuple[int, ...]] | None,
+    protected: list[tuple[Path, str]],
+    report: EngineReport,
+) -> EngineReport:
+    """:func:`build_engine`'s parse and build, in the child (``phase``: tells the parent
+    when the builder starts, for a crash's message)."""
+    trt = TensorRT(importlib.import_module(name), name)
     proto = model if isinstance(model, onnx.ModelProto) else _load(model)
     held = graph_precisions(proto)
     parsed = parse(trt, _model_bytes(proto, model))
@@ -228,6 +250,7 @@ def build_engine(
         report.notes.append("no GPU here: built without a timing cache")
     report.layers = [_layer(network.get_layer(i), trt) for i in range(network.num_layers)]
     start = time.perf_counter()
+    phase(isolated.BUILDER)
     serialized = parsed.builder.build_serialized_network(network, config)
     report.seconds = time.perf_counter() - start
     if serialized is None:

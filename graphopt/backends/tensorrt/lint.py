@@ -9,6 +9,11 @@ one, directly or through others, is not a verdict on the model: it is reported a
 unverified warning, never as a rejection. The static rule table (:mod:`.rules`) gives the
 verdict with ``static=True`` or when no module imports; its warnings are added either way.
 
+The parser runs in a child process (:mod:`.isolated`). When it crashes on the model itself,
+TensorRT cannot load the model: that is an error (exit 1, as a rejection), and the static
+table's findings follow it; a crash on a cut copy is an unverified warning, as any word on
+one is.
+
 Both checkers name a node the same way (:func:`.node_labels.prepare`): the parser reads a
 copy of the model whose every node has a unique name, so that its errors point at one node.
 """
@@ -24,7 +29,13 @@ import onnx_ir as ir
 
 from graphopt.backends.tensorrt.findings import ERROR, WARNING, Finding
 from graphopt.backends.tensorrt.hints import clean_reason
-from graphopt.backends.tensorrt.module import TensorRT, find_tensorrt, parse
+from graphopt.backends.tensorrt.isolated import (
+    NativeCrash,
+    ParseSummary,
+    parse_isolated,
+    parser_child,
+)
+from graphopt.backends.tensorrt.module import TensorRT, find_tensorrt
 from graphopt.backends.tensorrt.node_labels import NodeRef, Prepared
 from graphopt.backends.tensorrt.rules import Analysis, analyze
 from graphopt.backends.tensorrt.shape_tensors import shape_tensor_warning
@@ -85,12 +96,17 @@ def lint_tensorrt(
     from; its external data is read from that file's folder (checked by the loader to stay
     inside it), not from the current directory."""
     available = find_tensorrt()
+    if not static and available.found is not None:
+        parser_child(available.found).start()  # it starts while the table runs
     analysis = analyze(model)
     if static or available.found is None:
         note = "" if static else f"no TensorRT module ({available.why_not()})"
         return LintResult("static rule table", analysis.findings, note)
     trt = available.found
-    findings, completed = _parse_all(trt, analysis, path)
+    try:
+        findings, completed = _parse_all(trt, analysis, path)
+    except NativeCrash as crash:
+        return _crashed(trt, analysis, crash)
     builder = [f for f in analysis.findings if f.rule in _BUILDER_ONLY and f.severity == ERROR]
     builder = [f for f in builder if not _rejected(findings, f)]
     findings += [
@@ -105,6 +121,21 @@ def lint_tensorrt(
         else ""
     )
     return LintResult(f"{trt.describe()} parser", findings, note)
+
+
+def _crashed(trt: TensorRT, analysis: Analysis, crash: NativeCrash) -> LintResult:
+    """The parser crashed on the model itself: TensorRT cannot load it (an error, as a
+    rejection is), and the static table's findings say which nodes its rules flag."""
+    crashed = Finding(
+        ERROR,
+        "",
+        "",
+        f"{crash} parsing the model: TensorRT cannot load it (the static rule table's "
+        "findings follow)",
+        "parser-crash",
+    )
+    note = f"{trt.describe()} parser crashed ({crash.signal})"
+    return LintResult("static rule table", [crashed, *analysis.findings], note)
 
 
 def _rejected(findings: list[Finding], finding: Finding) -> bool:
@@ -134,17 +165,21 @@ def _parse_all(
     taint: dict[str, str] = {}  # value -> the label of the cut node it depends on
     findings: list[Finding] = []
     for _ in range(MAX_REJECTIONS):
-        parsed = parse(trt, current.SerializeToString(), path=path)
+        try:
+            parsed = parse_isolated(trt, current.SerializeToString(), path)
+        except NativeCrash as crash:
+            if not cuts:  # on the model itself: lint_tensorrt falls back to the table
+                raise
+            # On a copy with stand-in inputs: not a verdict on the model, and the rest of
+            # it is unparsed.
+            reason = f"{crash}; the nodes after it were not parsed"
+            findings.append(_unverified(None, "", reason, cuts[-1].label))
+            return findings, False
         if parsed.ok:
-            network = parsed.network
-            shape_inputs = [
-                network.get_input(i).name
-                for i in range(network.num_inputs)
-                if network.get_input(i).is_shape_tensor and network.get_input(i).name in inputs
-            ]
             findings += [
                 Finding(WARNING, "", "", shape_tensor_warning(name), "parser")
-                for name in shape_inputs
+                for name in parsed.shape_inputs
+                if name in inputs
             ]
             return findings, True
         ref, op_type, reason = _first_error(parsed, prepared, current)
@@ -190,23 +225,24 @@ def _unverified(ref: NodeRef | None, op_type: str, reason: str, source: str) -> 
 
 
 def _first_error(
-    parsed, prepared: Prepared, current: onnx.ModelProto
+    parsed: ParseSummary, prepared: Prepared, current: onnx.ModelProto
 ) -> tuple[NodeRef | None, str, str]:
     """The node of the parse's first error (or None: the graph), its op, the reason."""
-    error = parsed.parser.get_error(0)
-    name, index = str(error.node_name()), int(error.node())
-    op_type = str(error.node_operator())
+    if not parsed.errors:
+        return None, "", "TensorRT's parser failed without saying why"
+    error = parsed.errors[0]
+    name, index, op_type = error.node_name, error.node_index, error.op_type
     ref = prepared.refs.get(name) if name else None
     if ref is None and index < 0:
         # Some importer checks name no node (the pre-opset-7 broadcast); the parser's log
         # says which node it was parsing.
-        ref = prepared.refs.get(_last_parsed(parsed.logger.messages))
+        ref = prepared.refs.get(_last_parsed(parsed.messages))
     if ref is None and 0 <= index < len(current.graph.node):
         ref = prepared.refs.get(current.graph.node[index].name)
     if ref is not None:
         op_type = ref.op_type
     names = (ref.key, ref.name) if ref else ()
-    return ref, op_type, clean_reason(str(error.desc()), op_type, names)
+    return ref, op_type, clean_reason(error.desc, op_type, names)
 
 
 def _last_parsed(messages: list[tuple[str, str]]) -> str:

@@ -92,6 +92,7 @@ class ParserError:
     node_name: str
     op_type: str
     reason: str
+    desc: str = ""  # the parser's own words, as it gave them
 
 
 @dataclass
@@ -112,9 +113,10 @@ def parse(
     strongly_typed: bool | None = None,
     path: str | os.PathLike | None = None,
 ) -> Parsed:
-    """Parse an ONNX model's bytes into a new network. ``strongly_typed`` None: what the
-    module does best (always for TensorRT-RTX, whose networks are strongly typed; never for
-    enterprise TensorRT, whose builder flags then follow the graph's precisions).
+    """Parse an ONNX model's bytes into a new network, in this process (graphopt calls it in
+    a child, :mod:`.isolated`: the parser can crash on a model). ``strongly_typed`` None: what
+    the module does best (always for TensorRT-RTX, whose networks are strongly typed; never
+    for enterprise TensorRT, whose builder flags then follow the graph's precisions).
 
     ``path``: the model's file, whose folder the parser reads external data from (without
     it, TensorRT resolves the locations against the current directory). The caller checks
@@ -144,4 +146,4 @@ def _error(error: Any) -> ParserError:
     op = str(error.node_operator())
     if reason == "false":  # what the parser says for an op it has no importer for
         reason = f"TensorRT's parser has no importer for {op or 'this node'}"
-    return ParserError(int(error.node()), str(error.node_name()), op, reason)
+    return ParserError(int(error.node()), str(error.node_name()), op, reason, str(error.desc()))

@@ -11,9 +11,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from graphopt.backends.tensorrt.module import find_tensorrt
 from graphopt.cli import main
-from graphopt_tests.helpers import import_or_skip
 
 
 def _save(path: Path, zero_point: int | None) -> Path:
@@ -66,9 +64,7 @@ def test_lint_json(no_tensorrt, tmp_path: Path, capsys) -> None:
     assert error["node"] == "weight_dq" and "requantize" in error["fix"]
 
 
-def test_lint_with_the_real_parser(tmp_path: Path, capsys) -> None:
-    import_or_skip("tensorrt_rtx", "pip install 'graphopt[tensorrt]' (TensorRT-RTX)")
-    find_tensorrt.cache_clear()
+def test_lint_with_the_real_parser(trt, tmp_path: Path, capsys) -> None:
     assert main(["lint", str(_save(tmp_path / "a.onnx", 3))]) == 1
     text = capsys.readouterr().out
     assert "parser: 1 error(s)" in text and "uint8" in text.lower()
