@@ -302,7 +302,7 @@ def _write_atomically(
     with temporary_folder(folder, target.name) as tmp_dir:
         tmp_model = tmp_dir / target.name
         if use_external:
-            with _external_attributes_in_memory(model):
+            with external_attributes_in_memory(model):
                 ir.save(
                     model,
                     tmp_model,
@@ -668,7 +668,7 @@ def _external_tensors_in_memory(model: ir.Model) -> Iterator[None]:
                 if isinstance(tensor, ir.ExternalTensor):
                     swapped.append((value, tensor))
                     value.const_value = ir.Tensor(tensor.numpy(), name=tensor.name)
-        with _external_attributes_in_memory(model):
+        with external_attributes_in_memory(model):
             yield
     finally:
         for value, tensor in swapped:
@@ -676,7 +676,7 @@ def _external_tensors_in_memory(model: ir.Model) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _external_attributes_in_memory(model: ir.Model) -> Iterator[None]:
+def external_attributes_in_memory(model: ir.Model) -> Iterator[None]:
     """Temporarily swap tensors read from external data that onnx-ir's writer would not move
     for in-memory copies:
 

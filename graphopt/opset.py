@@ -14,6 +14,7 @@ the rewrites' (or quantization's) error. The known ones are converted exactly he
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
 import numpy as np
@@ -73,7 +74,8 @@ def convert_opset(
             f"cannot convert to opset {version}: the model imports no default-domain (ai.onnx) "
             "opset (only other domains)"
         )
-    proto = io.to_proto(model)
+    with _large_weights_as_references(model) as weights, io.external_attributes_in_memory(model):
+        proto = ir.serde.serialize_model(model)
     per_channel = {}
     if current < GROUP_NORM_OPSET <= version:
         per_channel = _group_norm_per_channel(proto, current, version, label)
@@ -90,7 +92,7 @@ def convert_opset(
         _keep_resize_10_semantics(converted, current, version, label)
     if per_channel:
         _set_group_norm_per_channel(converted, per_channel)
-    result = io.load(converted).model
+    result = _with_weights(converted, weights)
     changed = _interface_change(model, result)
     if changed:
         # The converter adapts some ops by changing what the graph takes (Scan 8 -> 9 drops
@@ -106,6 +108,65 @@ def convert_opset(
         if skipped:
             note += f" (not checked on its own: {skipped})"
     return result, note
+
+
+# Initializers larger than this go through the converter as references (its adapters read
+# only small ones: scales, axes, shapes): a 1 GB model converted as bytes peaked at 3.5 GB
+# (the proto, the converter's copy, the tensors read back). 64 KiB keeps every tensor an
+# adapter or graphopt's own fixes (GroupNormalization's scale and bias) read inline.
+INLINE_BYTES = 64 * 1024
+# Where a reference points while the converter holds it: no file; the tensor is put back.
+_PLACEHOLDER = "graphopt-conversion-placeholder"
+
+
+@contextlib.contextmanager
+def _large_weights_as_references(model: ir.Model) -> Iterator[dict[str, ir.TensorProtocol]]:
+    """Swap each initializer over :data:`INLINE_BYTES` (in every graph) for an external
+    reference to a file that does not exist, so that serializing reads and copies none of
+    them; yields name -> the tensor taken out, and puts them back after."""
+    swapped: list[tuple[ir.Value, ir.TensorProtocol]] = []
+    try:
+        for graph in model.graphs():
+            for value in graph.initializers.values():
+                tensor = value.const_value
+                if tensor is None or tensor.nbytes <= INLINE_BYTES or value.name is None:
+                    continue
+                swapped.append((value, tensor))
+                value.const_value = ir.ExternalTensor(
+                    f"{_PLACEHOLDER}/{len(swapped)}",
+                    0,
+                    tensor.nbytes,
+                    tensor.dtype,
+                    shape=tensor.shape,
+                    name=value.name,
+                )
+        yield {value.name: tensor for value, tensor in swapped if value.name is not None}
+    finally:
+        for value, tensor in swapped:
+            value.const_value = tensor
+
+
+def _with_weights(converted: onnx.ModelProto, weights: dict[str, ir.TensorProtocol]) -> ir.Model:
+    """The converted model with the tensors :func:`_large_weights_as_references` took out
+    put back by name (the converter renames no initializer)."""
+    result = ir.serde.deserialize_model(converted)
+    for graph in result.graphs():
+        for value in graph.initializers.values():
+            tensor = weights.get(value.name or "")
+            if tensor is not None:
+                value.const_value = tensor
+    left = [
+        value.name
+        for graph in result.graphs()
+        for value in graph.initializers.values()
+        if isinstance(value.const_value, ir.ExternalTensor)
+        and value.const_value.location.startswith(_PLACEHOLDER)
+    ]
+    if left:  # an adapter renamed or copied a large initializer: never write a placeholder
+        raise UserInputError(
+            f"cannot convert the opset: the converter changed initializer {left[0]!r}"
+        )
+    return result
 
 
 def _keep_declared_shapes(before: ir.Model, after: ir.Model) -> None:

@@ -85,6 +85,57 @@ def test_a_conversion_keeps_the_declared_dims_unnamed() -> None:
     assert "unk__" not in str(converted.graph.outputs[0].shape)
 
 
+def test_large_weights_cross_the_converter_as_references_and_come_back_unread(tmp_path) -> None:
+    """A 1 GB model converted as bytes peaked at 3.5 GB (the proto, the converter's copy,
+    the tensors read back): weights over INLINE_BYTES now go through as references and the
+    converted model holds the very tensor objects, unread (external data stays on disk)."""
+    from graphopt import io as graphopt_io
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 512)).astype(np.float32)  # 128 KiB
+    branch_w = rng.standard_normal((512, 64)).astype(np.float32)
+    then = helper.make_graph(
+        [helper.make_node("MatMul", ["h", "bw"], ["t"])],
+        "then",
+        [],
+        [helper.make_tensor_value_info("t", TensorProto.FLOAT, ["n", 64])],
+        [numpy_helper.from_array(branch_w, "bw")],
+    )
+    other = helper.make_graph(
+        [helper.make_node("ReduceSum", ["h"], ["e"], axes=[1], keepdims=1)],
+        "else",
+        [],
+        [helper.make_tensor_value_info("e", TensorProto.FLOAT, ["n", 1])],
+    )
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["h"]),
+            helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other),
+        ],
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64]),
+            helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w, "w")],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
+    proto.ir_version = 7
+    path = tmp_path / "m.onnx"
+    graphopt_io.save(ir.serde.deserialize_model(proto), path, external_data=True)
+    model = graphopt_io.load(path).model
+    tensors = {v.name: v.const_value for g in model.graphs() for v in g.initializers.values()}
+    assert isinstance(tensors["w"], ir.ExternalTensor)
+    converted, _ = convert_opset(model, 13)
+    after = {v.name: v.const_value for g in converted.graphs() for v in g.initializers.values()}
+    assert after["w"] is tensors["w"] and after["bw"] is tensors["bw"]
+    # The model it was given is whole again too.
+    assert {v.name: v.const_value for v in model.graph.initializers.values()}["w"] is tensors["w"]
+    feeds = {"x": rng.standard_normal((3, 64)).astype(np.float32), "c": np.array(True)}
+    np.testing.assert_array_equal(run_model(converted, feeds)[0], run_model(model, feeds)[0])
+
+
 def test_a_conversion_that_changes_the_inputs_is_refused() -> None:
     """The onnx converter turns Scan 8 into Scan 9 by dropping the batch axis from the
     graph's inputs: int8-dynamic (which needs opset 11) then failed with exit 1."""
