@@ -96,13 +96,14 @@ class ParserChild:
             self._started()
 
     def parse(self, model_bytes: bytes, path: str | os.PathLike | None = None) -> ParseSummary:
-        where = None if path is None else os.fspath(path)
+        # The child lives on across calls: a relative path is made absolute here, against
+        # the caller's current folder, not the one the child started in (changing the
+        # child's folder instead would be os.chdir, which graphopt's code never calls).
+        where = None if path is None else os.path.abspath(path)
         with self._lock:
             self._conn = self._started()
             try:
-                # The child lives on across calls: relative paths resolve against the
-                # caller's current folder, not the one the child started in.
-                self._conn.send((model_bytes, where, _cwd()))
+                self._conn.send((model_bytes, where))
                 kind, value = self._conn.recv()
             except (EOFError, OSError):  # the child died: the pipe closed
                 raise NativeCrash(PARSER, self._stop()) from None
@@ -184,13 +185,6 @@ def _start(target: Callable[..., None], args: tuple) -> tuple[subprocess.Popen, 
     return process, ours
 
 
-def _cwd() -> str | None:
-    try:
-        return os.getcwd()
-    except OSError:  # removed under us: the child stays where it is
-        return None
-
-
 def _reap(process: subprocess.Popen) -> int | None:
     try:
         return process.wait(timeout=5)
@@ -204,12 +198,10 @@ def _serve(conn: Connection, name: str, handler: Callable[..., ParseSummary]) ->
     trt = TensorRT(importlib.import_module(name), name)
     while True:
         try:
-            model_bytes, path, cwd = conn.recv()
+            model_bytes, path = conn.recv()
         except EOFError:
             return
         try:
-            if cwd is not None:
-                os.chdir(cwd)
             conn.send(("ok", handler(trt, model_bytes, path)))
         except Exception as exc:  # a Python error from the bindings, not a crash
             conn.send(("raised", f"{type(exc).__name__}: {_first_line(exc)}"))
