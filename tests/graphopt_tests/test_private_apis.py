@@ -4,8 +4,18 @@ from __future__ import annotations
 
 import ast
 import re
+import sys
+import threading
+import time
 import tomllib
 from pathlib import Path
+from typing import Any
+
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from graphopt import private_apis
 
 ROOT = Path(__file__).resolve().parents[2]
 BOUNDED = ("onnxscript", "onnx-ir")
@@ -52,3 +62,117 @@ def test_packages_with_private_use_are_bounded_above() -> None:
     for package in BOUNDED:
         (spec,) = [d for d in deps if re.match(rf"{re.escape(package)}\b[<>=!~ ]", d)]
         assert "<" in spec, f"{package} has no upper bound: {spec}"
+
+
+# --- ORT's symbolic shape inference: a time limit ---------------------------------------------
+
+
+def _tiny_model() -> onnx.ModelProto:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _tick() -> None:
+    """A Python call for the deadline hook to see."""
+
+
+@pytest.fixture
+def endless(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Make ORT's tool loop in Python (as sympy does on a hard expression) for up to 10 s;
+    yields how many times its inference step was entered."""
+    entered: list[int] = []
+
+    def looping(self: Any) -> bool:
+        entered.append(1)
+        stop = time.monotonic() + 10  # bounded: a broken limit fails the test, not hangs it
+        while time.monotonic() < stop:
+            _tick()
+        self.run_ = False
+        return True
+
+    tool = private_apis._symbolic_shape_tool()
+    monkeypatch.setattr(tool.SymbolicShapeInference, "_infer_impl", looping)
+    monkeypatch.setattr(private_apis, "_timed_out", {})
+    return entered
+
+
+def test_symbolic_shapes_of_a_small_model() -> None:
+    out = private_apis.symbolic_shape_inference(_tiny_model())
+    assert out is not None
+    (y,) = out.graph.output
+    assert [d.dim_param or d.dim_value for d in y.type.tensor_type.shape.dim] == ["N", 4]
+    assert sys.getprofile() is None
+
+
+def test_symbolic_shapes_stop_at_the_time_limit(endless: list[int]) -> None:
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match="ran out of time"):
+        private_apis.symbolic_shape_inference(_tiny_model(), time_limit=0.2)
+    assert time.monotonic() - start < 5
+    assert sys.getprofile() is None
+
+
+def test_a_model_that_ran_out_of_time_is_not_tried_again(
+    endless: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(private_apis, "SYMBOLIC_SHAPES_TIME_LIMIT_S", 0.2)
+    for _ in range(3):  # as each --target ort fusion pass would ask
+        with pytest.raises(TimeoutError):
+            private_apis.symbolic_shape_inference(_tiny_model())
+    assert len(endless) == 1
+    # A longer limit than the one it ran out of is a new try.
+    with pytest.raises(TimeoutError):
+        private_apis.symbolic_shape_inference(_tiny_model(), time_limit=0.3)
+    assert len(endless) == 2
+
+
+def test_symbolic_shapes_time_limit_in_another_thread(endless: list[int]) -> None:
+    seen: dict[str, object] = {}
+
+    def work() -> None:
+        start = time.monotonic()
+        try:
+            private_apis.symbolic_shape_inference(_tiny_model(), time_limit=0.2)
+        except TimeoutError as error:
+            seen["error"] = error
+        seen["seconds"] = time.monotonic() - start
+        seen["profile"] = sys.getprofile()
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join(30)
+    assert not thread.is_alive()
+    assert isinstance(seen["error"], TimeoutError)
+    assert seen["seconds"] < 5
+    assert seen["profile"] is None
+    assert sys.getprofile() is None
+
+
+def test_a_profiler_keeps_its_hook() -> None:
+    calls: list[str] = []
+
+    def profiler(frame: object, event: str, arg: object) -> None:
+        calls.append(event)
+
+    sys.setprofile(profiler)
+    try:
+        out = private_apis.symbolic_shape_inference(_tiny_model())
+        assert sys.getprofile() is profiler
+    finally:
+        sys.setprofile(None)
+    assert out is not None
+    assert calls  # it saw the tool run
+
+
+def test_the_ort_fusions_keep_onnx_shapes_when_time_runs_out(
+    endless: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from graphopt import io
+    from graphopt.passes.fusion.ort import _base
+
+    monkeypatch.setattr(private_apis, "SYMBOLIC_SHAPES_TIME_LIMIT_S", 0.2)
+    model = io.load(_tiny_model()).model
+    assert _base._symbolic_shapes(model) is None
+    assert endless == [1]
