@@ -78,6 +78,7 @@ def symbolic_shape_inference(
     if not opset or opset < 7:
         return None
     inference = tool.SymbolicShapeInference(2**31 - 1, True, False, 0)
+    _add_quantized_matmuls(inference)
     complete = False
     previous = sys.getprofile()
     # The deadline is a profile hook: per thread, so it works in any thread and leaves the
@@ -97,6 +98,24 @@ def symbolic_shape_inference(
         if previous is None:
             sys.setprofile(None)  # CPython drops a hook that raised; this drops one that did not
     return inference.out_mp_ if complete else None
+
+
+# Contrib ops graphopt's int8-dynamic quantization writes that the tool has no rule for, and
+# the input whose float type their output has. Without a rule every shape after them was
+# unknown, and --target ort's attention fusions (which read the head count from the shapes)
+# found nothing in a quantized RoBERTa or GPT-2.
+_QUANTIZED_MATMULS = {"MatMulIntegerToFloat": 2, "DynamicQuantizeMatMul": 0}
+
+
+def _add_quantized_matmuls(inference: Any) -> None:
+    """Shape rules for :data:`_QUANTIZED_MATMULS`: a MatMul's shape, the float input's type."""
+    for op, typed in _QUANTIZED_MATMULS.items():
+
+        def infer(node: onnx.NodeProto, typed: int = typed) -> None:
+            dtype = inference.known_vi_[node.input[typed]].type.tensor_type.elem_type
+            inference._compute_matmul_shape(node, dtype)
+
+        inference.dispatcher_.setdefault(op, infer)
 
 
 def _deadline_hook(deadline: float) -> Callable[[FrameType, str, Any], None]:
