@@ -8,6 +8,9 @@ the CLI turns into exit 1 after writing the model (as a missed fidelity target d
 
 A target is judged on the model written (:func:`judge_written`): the paths compensation
 adds (EoRA) and the Q/DQ a later quantize inserts count, as ``graphopt inspect`` counts them.
+An op without a FLOPs formula counts 0 there (:mod:`graphopt.analysis.flops`), so with one in
+the model a flops=R share is of the counted FLOPs only: a note then names those ops, whether
+the target was met or not.
 """
 
 from __future__ import annotations
@@ -58,6 +61,13 @@ class Counts:
 
     flops: int
     params: int
+    # Op types counted as 0 for lack of a formula (FlopsReport.not_counted): a FLOPs share
+    # is then a share of the counted FLOPs only, which the verdict must say.
+    not_counted: tuple[str, ...] = ()
+    # Op types with nodes whose shapes could not be inferred (FlopsReport.unknown_shape): they
+    # count 0, so the total may leave out most of the model (a raw export whose shapes only
+    # the exact passes' folding makes inferable) and cannot judge a target.
+    unknown_shape: tuple[str, ...] = ()
 
 
 def count(model: ir.Model, shapes: dict[str, tuple[int, ...]] | None) -> Counts | None:
@@ -68,10 +78,15 @@ def count(model: ir.Model, shapes: dict[str, tuple[int, ...]] | None) -> Counts 
     from graphopt.analysis.stats import live_parameter_count
 
     try:
-        flops = model_flops(model, shapes).total
+        flops = model_flops(model, shapes)
     except Exception:  # counting is a check on top: never fail the run on it
         return None
-    return Counts(flops, live_parameter_count(model))
+    return Counts(
+        flops.total,
+        live_parameter_count(model),
+        tuple(sorted(flops.not_counted)),
+        tuple(sorted(flops.unknown_shape)),
+    )
 
 
 def sized_passes(names: list[str]) -> bool:
@@ -84,7 +99,9 @@ def judge_written(details: dict[str, Any], original: Counts, written: Counts) ->
     pass (compensation paths, Q/DQ, exact rewrites), with the same slack: each record's
     ``target_missed`` is set (or cleared) from it. Returns the report's notes: one per target
     whose written count differs from the pass's own, or that followed another structural
-    pass (its share is of the model it received).
+    pass (its share is of the model it received); and one naming the ops counted as 0 for
+    lack of a formula when a flops=R target was judged with some in the model (its share is
+    of the counted FLOPs only, which a met target must not hide).
 
     A target is relative to its pass's input: the share the other structural passes of the
     run removed (their own before/after ratios) is taken out of the written model's change,
@@ -104,8 +121,17 @@ def judge_written(details: dict[str, Any], original: Counts, written: Counts) ->
         before, after = getattr(record, f"{kind}_before"), getattr(record, f"{kind}_after")
         if before > 0:
             judged.append((name, spelled, kind, target, record, after / before))
-    notes = []
+    notes = _not_counted_notes(judged, original, written)
+    unknown = sorted(set(original.unknown_shape) | set(written.unknown_shape))
     for name, spelled, kind, target, record, own in judged:
+        if kind == "flops" and unknown:
+            # The input's count of a TorchScript SSDLite left 82 Convs out (1.6 MFLOPs for
+            # 1.2 GFLOPs): judged on it, a met target read "+49230.9%, NOT met".
+            notes.append(
+                f"{name} {spelled}: judged on its own count: FLOPs of the input or the "
+                f"model written cannot be counted whole (shapes unknown: {', '.join(unknown)})"
+            )
+            continue
         # The other structural passes of this run, by their own ratios (not their counts:
         # a pass counts at its calibration samples' shapes), whatever their target.
         others = []
@@ -136,3 +162,16 @@ def judge_written(details: dict[str, Any], original: Counts, written: Counts) ->
             "after it changed)"
         )
     return notes
+
+
+def _not_counted_notes(judged: list[tuple], original: Counts, written: Counts) -> list[str]:
+    """One line for the flops=R targets judged while ops without a FLOPs formula (counted
+    as 0) are in the input or the written model."""
+    missing = sorted(set(original.not_counted) | set(written.not_counted))
+    asked = [f"{name} {spelled}" for name, spelled, kind, *_ in judged if kind == "flops"]
+    if not missing or not asked:
+        return []
+    return [
+        f"{', '.join(asked)}: the FLOPs shares are of the counted FLOPs only; not counted "
+        f"(no formula, counted as 0): {', '.join(missing)}"
+    ]

@@ -3,19 +3,31 @@
 Conventions (the numbers are only comparable under the same ones):
 
 - a multiply-add counts as **2 FLOPs**; :attr:`FlopsReport.macs` counts the multiply-adds
-  alone (those of Conv, MatMul, Gemm, attention): elementwise ops have none, so MACs are not
+  alone (those of the matrix products: Conv, MatMul, Gemm, attention, the gate matmuls of
+  LSTM / GRU / RNN, Einsum's contractions): elementwise ops have none, so MACs are not
   FLOPs / 2 (a Relu's FLOPs are not half a multiply-add);
 - Conv / ConvTranspose / MatMul / Gemm: 2 per multiply-add, plus 1 per output element for a
-  bias or ``C`` term; groups and batch broadcasting are taken into account;
+  bias or ``C`` term; groups and batch broadcasting are taken into account; DeformConv as
+  the Conv it computes on the sampled values, plus 1 per sampled value for the mask (the
+  bilinear sampling counts 0, as Resize does); ``com.microsoft`` NhwcConv as Conv, FusedConv
+  and FusedGemm as Conv / Gemm plus 1 per output element for the added Z and the activation;
+- LSTM / GRU / RNN: every direction's every time step (an upper bound with
+  ``sequence_lens``): the gate matmuls, the bias, and 1 per element of each activation and
+  elementwise update; Einsum: its equation's products and sums, a pure transpose or
+  diagonal 0 (:mod:`graphopt.analysis.flops_recurrent`);
+- Det: an LU factorization (about n³/3 multiply-adds per matrix); DFT / STFT as an FFT,
+  5·log2(n) per complex output (5·n·log2(n) per transform of length n), plus the window;
 - elementwise ops (Add, Relu, Sigmoid, Where, ...): 1 per output element; an activation that
   is a formula of several ops (:data:`~graphopt.analysis.flops_fused.ACTIVATIONS`: Gelu,
   Swish, HardSwish, Mish and the ``com.microsoft`` Gelu family) counts one per op of that
   formula, per element, so that the fused op counts what the ops it replaces counted;
 - normalizations and Softmax: a small constant per element (:data:`PER_ELEMENT`), as if
-  BatchNormalization were folded into a scale and shift;
-- pooling: 1 per window element per output; global pooling and reductions: 1 per input
-  element;
-- data movement (Reshape, Transpose, Gather, Concat, Cast, sequence and optional ops, ...): 0;
+  BatchNormalization were folded into a scale and shift; LRN 2 per channel of its window
+  and 4 more per element; SwiGLU as Sigmoid and its Muls;
+- pooling: 1 per window element per output; global pooling, reductions, CumSum and
+  CumProd: 1 per input element;
+- data movement (Reshape, Transpose, Gather, Concat, Cast, Col2Im, Resize, sequence and
+  optional ops, ...): 0;
 - fused ops count as the unfused pattern they replace (graphopt's fusions and ORT's contrib
   ops; :mod:`graphopt.analysis.flops_fused`): SkipLayerNormalization as Add +
   LayerNormalization, opset-23 Attention and the ``com.microsoft`` Attention /
@@ -40,8 +52,11 @@ Conventions (the numbers are only comparable under the same ones):
   listed in :attr:`FlopsReport.control_flow`); a Loop counts its body × the trip count when
   that is a constant (an upper bound when the loop condition can end it earlier), a Scan ×
   its sequence length when known; otherwise one iteration, with a note;
-- any other op counts 0 and is listed as *not counted*; a node whose shapes could not be
-  inferred is listed as *unknown shape*.
+- any other op counts 0 and is listed as *not counted* (among the standard ops: GridSample,
+  RoiAlign, MaxRoiPool, AffineGrid, NonMaxSuppression, LinearAttention, CausalConvWithState,
+  the random, string and loss ops, ...): a share of FLOPs is then a share of the counted
+  ones, which the size targets' verdicts say (:mod:`graphopt.size_targets`); a node whose
+  shapes could not be inferred is listed as *unknown shape*.
 """
 
 from __future__ import annotations
@@ -63,6 +78,7 @@ from graphopt.analysis.flops_fused import (
     packed_attention,
     rotary,
 )
+from graphopt.analysis.flops_recurrent import RECURRENT, einsum, recurrent
 from graphopt.analysis.flops_terms import (
     PER_ELEMENT,
     Cost,
@@ -70,6 +86,7 @@ from graphopt.analysis.flops_terms import (
     has_input,
     in_shape,
     int_list,
+    lrn_per_element,
     numel,
     out_shape,
 )
@@ -96,18 +113,19 @@ QLINEAR_ELEMENTWISE = _op_set("QLinearAdd QLinearMul QLinearSigmoid QLinearLeaky
 QLINEAR_ZERO = _op_set("QLinearConcat GatherBlockQuantized")
 REDUCTIONS = _op_set(
     """ReduceL1 ReduceL2 ReduceLogSum ReduceLogSumExp ReduceMax ReduceMean ReduceMin ReduceProd
-    ReduceSum ReduceSumSquare ArgMax ArgMin CumSum GlobalAveragePool GlobalMaxPool
+    ReduceSum ReduceSumSquare ArgMax ArgMin CumSum CumProd GlobalAveragePool GlobalMaxPool
     GlobalLpPool"""
 )
 POOLS = frozenset({"MaxPool", "AveragePool", "LpPool"})
 ZERO = _op_set(
-    """Cast CastLike Concat Constant ConstantOfShape DepthToSpace Dropout Expand EyeLike
+    """BitCast Cast CastLike CenterCropPad Col2Im Compress Concat Constant ConstantOfShape
+    DepthToSpace Dropout Expand EyeLike
     Flatten Gather GatherElements GatherND Identity If Loop NonZero OneHot Pad Range Reshape
-    Resize ReverseSequence Scan Scatter ScatterElements ScatterND Shape Size Slice
+    MaxUnpool Resize ReverseSequence Scan Scatter ScatterElements ScatterND Shape Size Slice
     SpaceToDepth Split Squeeze Tile TopK Transpose Trilu Unsqueeze Upsample
     Optional OptionalGetElement OptionalHasElement ConcatFromSequence SequenceAt
     SequenceConstruct SequenceEmpty SequenceErase SequenceInsert SequenceLength
-    SplitToSequence"""
+    SplitToSequence TensorScatter"""
 )
 
 
@@ -303,6 +321,22 @@ def node_cost(node: ir.Node) -> Cost | None:
         return Cost(flops + PER_ELEMENT["DynamicQuantizeLinear"] * numel(in_shape(node, 0)), macs)
     if op == "Gemm":
         return _gemm(node)
+    if op in RECURRENT:
+        return recurrent(node)
+    if op == "Einsum":
+        return einsum(node)
+    if op == "DeformConv":
+        return _deform_conv(node)
+    if op in ("NhwcConv", "FusedConv"):  # com.microsoft; FusedConv: + Z (input 3), activation
+        flops, macs = _conv(node)
+        extra = (op == "FusedConv") * (has_input(node, 3) + _has_activation(node))
+        return Cost(flops + extra * numel(out_shape(node)), macs)
+    if op == "FusedGemm":  # com.microsoft: Gemm and its activation
+        return _gemm(node, activation=_has_activation(node))
+    if op == "Det":
+        return _det(node)
+    if op in ("DFT", "STFT"):
+        return _fourier(node)
     if op == "QGemm":  # A, a_scale, a_zp, B, b_scale, b_zp, C, y_scale, y_zp
         return _gemm(node, b=3, bias=6)
     if op == "Attention" and node.domain == "com.microsoft":
@@ -325,6 +359,8 @@ def node_cost(node: ir.Node) -> Cost | None:
         return Cost(numel(in_shape(node, 0)))
     if op in _QDQ and is_weight_coding(node):
         return Cost(0)
+    if op == "MeanVarianceNormalization":  # a function onnx does not infer: input 0's shape
+        return Cost(PER_ELEMENT[op] * numel(in_shape(node, 0)))
     per_element = fused_per_element(node)
     if per_element is not None:
         return Cost(per_element * numel(in_shape(node, 0)))
@@ -332,6 +368,10 @@ def node_cost(node: ir.Node) -> Cost | None:
         return Cost(numel(out_shape(node)))
     if op in PER_ELEMENT:
         return Cost(PER_ELEMENT[op] * numel(out_shape(node)))
+    if op == "LRN":
+        return Cost(lrn_per_element(attribute(node, "size", 1)) * numel(out_shape(node)))
+    if op == "SwiGLU":  # Swish(A) · B: Sigmoid, Mul (and Mul by alpha unless 1), Mul
+        return Cost((3 + (attribute(node, "alpha", 1.0) != 1.0)) * numel(out_shape(node)))
     if op in POOLS:
         kernel = int_list(node, "kernel_shape")
         return Cost(numel(out_shape(node)) * math.prod(kernel))
@@ -436,7 +476,7 @@ def _matmul(node: ir.Node, b: int | None = None, bias: int | None = None) -> Cos
     return Cost(flops, macs)
 
 
-def _gemm(node: ir.Node, b: int = 1, bias: int = 2) -> Cost:
+def _gemm(node: ir.Node, b: int = 1, bias: int = 2, activation: int = 0) -> Cost:
     a = in_shape(node, 0)
     trans_a, trans_b = attribute(node, "transA", 0), attribute(node, "transB", 0)
     k = a[0] if trans_a else a[1]
@@ -445,7 +485,72 @@ def _gemm(node: ir.Node, b: int = 1, bias: int = 2) -> Cost:
         b_shape = in_shape(node, b)
         out = (a[1] if trans_a else a[0], b_shape[0] if trans_b else b_shape[1])
     macs = numel(out) * k
-    flops = 2 * macs
+    flops = 2 * macs + activation * numel(out)
     if has_input(node, bias):
         flops += numel(out)
     return Cost(flops, macs)
+
+
+def _deform_conv(node: ir.Node) -> Cost:
+    """DeformConv (X, W, offset, B, mask): the Conv it computes on the sampled values, and 1
+    per sampled value for the mask; the bilinear sampling counts 0, as Resize does."""
+    flops, macs = _conv(node, bias=3)
+    out, x, w = out_shape(node), in_shape(node, 0), in_shape(node, 1)
+    if has_input(node, 4):
+        # N · C_in · output positions · kernel taps values are sampled.
+        flops += numel(out) // out[1] * x[1] * math.prod(w[2:])
+    return Cost(flops, macs)
+
+
+def _has_activation(node: ir.Node) -> int:
+    activation = attribute(node, "activation", "")
+    return int(bool(activation.decode() if isinstance(activation, bytes) else activation))
+
+
+def _det(node: ir.Node) -> Cost:
+    """Det of [..., n, n]: an LU factorization's multiply-adds (Σ k² for k < n, about n³/3:
+    2 FLOPs each), its n(n-1)/2 divisions and the n-1 products of the diagonal."""
+    x = in_shape(node, 0)
+    n = x[-1]
+    per_matrix = 2 * ((n - 1) * n * (2 * n - 1) // 6) + n * (n - 1) // 2 + max(n - 1, 0)
+    return Cost(numel(x[:-2]) * per_matrix)
+
+
+def _fourier(node: ir.Node) -> Cost:
+    """DFT / STFT as a fast Fourier transform: 5·n·log2(n) FLOPs per complex transform of
+    length n (the count FFT benchmarks use), i.e. 5·log2(n) per complex output; a onesided
+    (real-input) transform has about half the outputs and half the count. STFT adds 1 per
+    framed sample for the window."""
+    out = out_shape(node)  # [..., 2]: real and imaginary parts
+    outputs = numel(out) // 2
+    if node.op_type == "STFT":  # signal, frame_step, window, frame_length
+        length = const_ints(node.inputs[3]) if has_input(node, 3) else None
+        n = length[0] if length else in_shape(node, 2)[0]
+        window = has_input(node, 2) * out[0] * out[1] * n  # batch · frames · frame length
+    else:
+        n = _dft_length(node)
+        window = 0
+    return Cost(math.ceil(5 * outputs * math.log2(max(n, 2))) + window)
+
+
+def _dft_length(node: ir.Node) -> int:
+    """DFT's transform length: dft_length when constant, else the input's dim on the axis
+    (an attribute to opset 19, default 1; input 2 from opset 20, default -2)."""
+    if has_input(node, 1):
+        length = const_ints(node.inputs[1])
+        if not length:  # set at run time
+            raise UnknownShape
+        return length[0]
+    x = in_shape(node, 0)
+    axes = const_ints(node.inputs[2]) if has_input(node, 2) else None
+    if axes:
+        axis = axes[0]
+    elif "axis" in node.attributes:
+        axis = attribute(node, "axis")
+    else:
+        graph = node.graph
+        opset = node.version or (graph.opset_imports.get("", 0) if graph is not None else 0)
+        axis = 1 if 0 < opset < 20 else -2
+    if not -len(x) <= axis < len(x):
+        raise UnknownShape
+    return x[axis]

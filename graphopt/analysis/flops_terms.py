@@ -21,6 +21,8 @@ PER_ELEMENT = {
     "RMSNormalization": 4,
     "SimplifiedLayerNormalization": 4,
     "LpNormalization": 3,
+    # (x - mean) / sqrt(var): mean, subtract, square and mean, divide (the sqrt per row).
+    "MeanVarianceNormalization": 5,
     "Softmax": 3,
     "LogSoftmax": 4,
     "Hardmax": 1,
@@ -28,6 +30,12 @@ PER_ELEMENT = {
     "DequantizeLinear": 2,
     "DynamicQuantizeLinear": 3,
 }
+
+
+def lrn_per_element(size: int) -> int:
+    """LRN: the square and add of each of the ``size`` channels of the window, then the
+    scale by alpha / size, add of bias, power by beta and division."""
+    return 2 * size + 4
 
 
 class Cost(NamedTuple):

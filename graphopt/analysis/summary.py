@@ -199,7 +199,7 @@ def render_summary(summary: ModelSummary, console: Console) -> None:
         (
             "FLOPs",
             f"{human_count(summary.flops, 'FLOPs')} "
-            f"({human_count(summary.macs, 'MACs')} of Conv/MatMul/Gemm/attention; "
+            f"({human_count(summary.macs, 'MACs')} of matrix products; "
             "multiply-add = 2 FLOPs)",
         ),
         (
