@@ -26,6 +26,7 @@ import onnx_ir.passes.common as common_passes
 from onnxscript.rewriter.ort_fusions import shape_optimization
 
 from graphopt import io
+from graphopt.passes.fusion.ort._opset import legalize
 from graphopt.registry import GraphPass, PassContext, Stage, all_passes
 
 MS_DOMAIN = "com.microsoft"
@@ -315,6 +316,10 @@ class OrtFusionPass(GraphPass):
             if not self.repair(work):
                 continue
             finish(work, self.context)
+            # The rules write opset-15+ forms (Shape's start/end …): respell them for the
+            # model's opset, or drop a result that has no valid spelling there.
+            if not legalize(work):
+                continue
             if symbolic:
                 reset_shapes(work, onnx_shapes)
             hits = count_ops(work, self.produces) - before

@@ -148,6 +148,31 @@ def _gathered_dims(node: ir.Node) -> bool | None:
     return _plain_dims(read[i] for i in indices)
 
 
+def _given(node: ir.Node, index: int) -> bool:
+    return len(node.inputs) > index and node.inputs[index] is not None
+
+
+def _sliced_dims(node: ir.Node) -> bool | None:
+    """For Slice(Shape(x), constant bounds) on axis 0, step 1 (how exports below opset 15,
+    and graphopt's respelling of Shape(start, end), read a range of dims): whether the
+    picked dims are plain; None when ``node`` is not that."""
+    shape_node = node.inputs[0].producer() if node.inputs[0] is not None else None
+    if shape_node is None or not editing.is_op(shape_node, "Shape") or len(node.inputs) < 3:
+        return None
+    starts, ends = (editing.const_ints(v) for v in node.inputs[1:3])
+    axes = editing.const_ints(node.inputs[3]) if _given(node, 3) else [0]
+    steps = editing.const_ints(node.inputs[4]) if _given(node, 4) else [1]
+    if starts is None or ends is None or len(starts) != 1 or len(ends) != 1:
+        return None
+    if axes not in ([0], [-1]) or steps != [1]:  # a shape is 1-D: axis -1 is axis 0
+        return None
+    read = _shape_dims(shape_node)
+    if read is None:
+        return False
+    # Slice clamps its bounds as Python's slicing does for step 1.
+    return _plain_dims(read[starts[0] : ends[0]])
+
+
 def _numbers_are_structural(bias: ir.Value) -> bool:
     """Whether every number the computation of ``bias`` brings in is plain: no constant,
     static dim or attribute that could be a window's width (see the module notes)."""
@@ -169,6 +194,10 @@ def _numbers_are_structural(bias: ir.Value) -> bool:
             fill = node.attributes.get("value")
             if fill is not None and not _plain_number(fill.as_tensor().numpy()):
                 return False
+        if node.op_type == "Slice" and (sliced := _sliced_dims(node)) is not None:
+            if not sliced:
+                return False
+            continue  # the Shape and the bounds only pick plain dims
         gathered = _gathered_dims(node) if node.op_type == "Gather" else None
         if gathered is False:
             return False

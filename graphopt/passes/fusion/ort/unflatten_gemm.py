@@ -60,6 +60,44 @@ def _shape_entry(piece: ir.Value) -> tuple[ir.Value, int] | None:
     return w, index[0]
 
 
+def _shape_range(piece: ir.Value) -> list[tuple[ir.Value, int]] | None:
+    """[(w, i), …] when ``piece`` is a run of w's dims: Shape(w, start, end), or a Slice of
+    Shape(w) with constant bounds on axis 0, step 1 (how exports below opset 15 spell it)."""
+    node = piece.producer()
+    bounds: tuple[int, int | None] = (0, None)
+    if node is not None and editing.is_op(node, "Slice"):
+        bounds_read = _slice_bounds(node)
+        if bounds_read is None or node.inputs[0] is None:
+            return None
+        bounds, node = bounds_read, node.inputs[0].producer()
+    if node is None or not editing.is_op(node, "Shape") or node.inputs[0] is None:
+        return None
+    w = node.inputs[0]
+    if w.shape is None:
+        return None
+    # Shape's start/end and Slice's bounds both clamp as Python's slicing does (step 1).
+    axes = list(range(w.shape.rank()))
+    axes = axes[editing.attribute(node, "start", 0) : editing.attribute(node, "end")]
+    return [(w, i) for i in axes[bounds[0] : bounds[1]]]
+
+
+def _slice_bounds(node: ir.Node) -> tuple[int, int] | None:
+    """(start, end) of a Slice of a 1-D value on axis 0 with step 1, bounds constant."""
+    if len(node.inputs) == 1:  # opset < 10: bounds are attributes
+        starts, ends = editing.attribute(node, "starts"), editing.attribute(node, "ends")
+        axes, steps = editing.attribute(node, "axes", [0]), [1]
+    else:
+        given = [*node.inputs[1:], None, None, None]
+        starts, ends = editing.const_ints(given[0]), editing.const_ints(given[1])
+        axes = editing.const_ints(given[2]) if given[2] is not None else [0]
+        steps = editing.const_ints(given[3]) if given[3] is not None else [1]
+    if starts is None or ends is None or len(starts) != 1 or len(ends) != 1:
+        return None
+    if list(axes or ()) not in ([0], [-1]) or steps != [1]:  # on a 1-D value -1 is axis 0
+        return None
+    return starts[0], ends[0]
+
+
 def _dim(value: ir.Value, axis: int, depth: int = 8) -> set[object]:
     """Tokens for dim ``axis`` of ``value``: dims sharing a token are provably equal.
 
@@ -117,6 +155,8 @@ def _target_entries(target: ir.Value) -> list[int | tuple[ir.Value, int]] | None
             entries.append(constant[0])
         elif (source := _shape_entry(piece)) is not None:
             entries.append(source)
+        elif (run := _shape_range(piece)) is not None:
+            entries += run
         else:
             return None
     return entries
@@ -156,7 +196,7 @@ def _annotate_attention_outputs(graph: ir.Graph) -> list[tuple[ir.Value, ir.Type
     return annotated
 
 
-def _source(start: ir.Value | None, out: ir.Value, k: int) -> ir.Value | None:
+def _source(start: ir.Value | None, out: ir.Value, rank: int, k: int) -> ir.Value | None:
     """The earliest value x of the Reshape chain ending in ``start`` that the Gemm reads flat.
 
     x (..., K) viewed as (M, K) feeds the Gemm, and the result is viewed back as ``out``.
@@ -170,7 +210,7 @@ def _source(start: ir.Value | None, out: ir.Value, k: int) -> ir.Value | None:
         if current is None:
             break
         dims = _dims(current)
-        if dims is not None and len(dims) == len(_dims(out) or ()):
+        if dims is not None and len(dims) == rank:
             last_ok = not isinstance(dims[-1], int) or dims[-1] == k
             if last_ok and _same_leading(current, out, len(dims)):
                 found = current
@@ -179,6 +219,19 @@ def _source(start: ir.Value | None, out: ir.Value, k: int) -> ir.Value | None:
             break
         current = producer.inputs[0]
     return found
+
+
+def _out_dims(back: ir.Node) -> tuple | None:
+    """The Reshape's output dims; from its target when inference left them unknown (ONNX's
+    Reshape-13 inference ignores a target computed from Shape, Reshape-14's reads it): only
+    the rank and a constant last dim are taken, the leading dims stay tokens of ``_dim``."""
+    found = _dims(back.outputs[0])
+    if found is not None or editing.attribute(back, "allowzero", 0):
+        return found
+    entries = _target_entries(back.inputs[1]) if back.inputs[1] is not None else None
+    if entries is None or not isinstance(entries[-1], int) or entries[-1] <= 0:
+        return None
+    return (*[None] * (len(entries) - 1), entries[-1])
 
 
 def _live(value: ir.Value, depth: int = 16) -> bool:
@@ -207,12 +260,12 @@ def _rewrite(graph: ir.Graph, gemm: ir.Node) -> bool:
     if editing.attribute(gemm, "transB", 0):
         weight = weight.T
     k, n = weight.shape
-    flat_dims, out_dims = _dims(flat.outputs[0]), _dims(back.outputs[0])
+    flat_dims, out_dims = _dims(flat.outputs[0]), _out_dims(back)
     if flat_dims is None or out_dims is None or len(flat_dims) != 2 or flat_dims[1] != k:
         return False
     if len(out_dims) < 2 or out_dims[-1] != n:
         return False
-    x = _source(flat.inputs[0], back.outputs[0], k)
+    x = _source(flat.inputs[0], back.outputs[0], len(out_dims), k)
     if x is None:
         return False
     bias = None

@@ -94,3 +94,84 @@ def test_mish():
     fused, hits = run_pass(model, FuseActivationsPass)
     assert hits == 1 and op_types(fused) == ["Mish"]
     assert_same_outputs(model, fused)
+
+
+def _paddle_hardswish(form: str, cap: float = 6.0, high: float = 1.0, opset: int = 14):
+    """Paddle's other HardSwish spellings: x · Clip(x · 1/6 + 0.5, 0, 1) (or x / 6), and
+    x · Min(Relu(x + 3), 6) / 6 in both groupings (``cap`` first when "min_swapped")."""
+    if form in ("affine_mul", "affine_div"):
+        op, k = ("Mul", 1.0 / 6.0) if form == "affine_mul" else ("Div", 6.0)
+        nodes = [
+            mh(op, ["x", "k"], ["a"]),
+            mh("Add", ["a", "half"], ["b"]),
+            mh("Clip", ["b", "lo", "hi"], ["c"]),
+            mh("Mul", ["x", "c"], ["y"]),
+        ]
+        return _model(nodes, {"k": k, "half": 0.5, "lo": 0.0, "hi": high}, opset)
+    minimum = ["cap", "r"] if form == "min_swapped" else ["r", "cap"]
+    nodes = [mh("Add", ["x", "three"], ["a"]), mh("Relu", ["a"], ["r"])]
+    nodes.append(mh("Min", minimum, ["c"]))
+    if form == "relu_min_grouped":
+        nodes += [mh("Div", ["c", "six"], ["h"]), mh("Mul", ["x", "h"], ["y"])]
+    else:
+        nodes += [mh("Mul", ["x", "c"], ["m"]), mh("Div", ["m", "six"], ["y"])]
+    return _model(nodes, {"three": [3.0], "cap": cap, "six": [6.0]}, opset)
+
+
+def _probe_points() -> list[np.ndarray]:
+    """Feeds of SHAPE: the float32 neighbourhoods of -3, 0 and 3, and random values."""
+    count = int(np.prod(SHAPE))
+    feeds = []
+    for centre in (-3.0, 0.0, 3.0):
+        up, down = [np.float32(centre)], [np.float32(centre)]
+        for _ in range(count // 2):
+            up.append(np.nextafter(up[-1], np.float32(np.inf)))
+            down.append(np.nextafter(down[-1], np.float32(-np.inf)))
+        feeds.append(np.array(up[: count // 2] + down[1 : count - count // 2 + 1], np.float32))
+    rng = np.random.default_rng(0)
+    feeds += [rng.uniform(-4, 4, count).astype(np.float32) for _ in range(20)]
+    feeds.append(np.linspace(-8, 8, count, dtype=np.float32))
+    return [f.reshape(SHAPE) for f in feeds]
+
+
+@pytest.mark.parametrize("form", ["affine_mul", "affine_div", "relu_min", "relu_min_grouped"])
+def test_fuses_paddle_hardswish_forms(form):
+    from graphopt.verify import run_model
+
+    model = _paddle_hardswish(form)
+    fused, hits = run_pass(model, FuseActivationsPass)
+    assert hits >= 1
+    fused = roundtrip(fused)
+    assert op_types(fused) == ["HardSwish"]
+    for x in _probe_points():
+        expected, got = run_model(model, {"x": x})[0], run_model(fused, {"x": x})[0]
+        if form == "affine_mul":  # the kernel's own arithmetic: bit-identical
+            np.testing.assert_array_equal(got, expected)
+        else:  # / 6 rounds differently in the last bit, as the Clip(x + 3, 0, 6) / 6 forms
+            np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+
+
+def test_min_with_the_cap_first_fuses():
+    fused, hits = run_pass(_paddle_hardswish("min_swapped"), FuseActivationsPass)
+    assert hits == 1 and op_types(fused) == ["HardSwish"]
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        _paddle_hardswish("relu_min", cap=5.0),
+        _paddle_hardswish("affine_mul", high=0.9),
+        _paddle_hardswish("affine_div", high=6.0),
+    ],
+)
+def test_paddle_forms_with_other_bounds_are_refused(model):
+    fused, hits = run_pass(model, FuseActivationsPass)
+    assert hits == 0 and "HardSwish" not in op_types(fused)
+
+
+def test_affine_form_below_opset_14_becomes_hardsigmoid_with_a_note():
+    context = PassContext()
+    fused, hits = run_pass(_paddle_hardswish("affine_mul", opset=13), FuseActivationsPass, context)
+    assert hits == 1
+    assert op_types(fused) == ["HardSigmoid", "Mul"]
+    assert any("1 HardSwish match(es) need opset 14" in note for note in context.notes)

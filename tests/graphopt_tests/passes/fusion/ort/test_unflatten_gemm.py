@@ -109,3 +109,67 @@ def test_gpt2_projections_in_the_ort_pipeline(name):
             producer = node.inputs[0].producer()
             assert producer is None or producer.op_type != "Reshape", node.name
     assert ops.count("MatMul") == 7  # 6 projections + the lm head
+
+
+def sliced_shape_model(opset: int, shape_attrs: bool = False, first: int = 0):
+    """Reshape(x, [-1, K]) → Gemm → Reshape to Concat(Slice(Shape(x), first, first + 2), [N]):
+    the target as exports below opset 15 spell it (or Shape(x, start, end) with
+    ``shape_attrs``, opset 15+; or Slice's attributes below opset 10)."""
+    rng = np.random.default_rng(0)
+    inits = {
+        "w": rng.standard_normal((K, N)).astype(np.float32),
+        "b": rng.standard_normal(N).astype(np.float32),
+        "flat": np.array([-1, K], np.int64),
+        "n": np.array([N], np.int64),
+    }
+    if shape_attrs:
+        lead = [helper.make_node("Shape", ["x"], ["lead"], start=first, end=first + 2)]
+    elif opset < 10:
+        lead = [
+            helper.make_node("Shape", ["x"], ["sx"]),
+            helper.make_node("Slice", ["sx"], ["lead"], starts=[first], ends=[first + 2]),
+        ]
+    else:
+        inits |= {"st": np.array([first], np.int64), "en": np.array([first + 2], np.int64)}
+        lead = [
+            helper.make_node("Shape", ["x"], ["sx"]),
+            helper.make_node("Slice", ["sx", "st", "en"], ["lead"]),
+        ]
+    nodes = [
+        *lead,
+        helper.make_node("Concat", ["lead", "n"], ["target"], axis=0),
+        helper.make_node("Reshape", ["x", "flat"], ["x2"]),
+        helper.make_node("Gemm", ["x2", "w", "b"], ["y2"]),
+        helper.make_node("Reshape", ["y2", "target"], ["y3"]),
+        helper.make_node("Relu", ["y3"], ["y"]),
+    ]
+    return make_model(
+        nodes,
+        [tensor_info("x", FLOAT, ["batch", "seq", K])],
+        [tensor_info("y", FLOAT, ["batch", "seq", N])],
+        inits,
+        opset=opset,
+    )
+
+
+@pytest.mark.parametrize(
+    ("opset", "shape_attrs"), [(9, False), (13, False), (14, False), (15, True)]
+)
+def test_target_from_a_sliced_shape_at_every_opset(opset, shape_attrs):
+    # ONNX's Reshape-13 inference leaves the output unshaped when the target is computed (14's
+    # reads it): the fusion must read the target itself, or it fires at 14 and not at 13.
+    model = sliced_shape_model(opset, shape_attrs)
+    fused, hits = run_pass(model, OrtUnflattenGemmPass, ORT)
+    assert hits == 1
+    assert op_types(fused) == ["MatMul", "Add", "Relu"]
+    fused = roundtrip(fused)
+    for shape in ((2, 5, K), (1, 7, K)):
+        feeds = {"x": np.random.default_rng(1).standard_normal(shape).astype(np.float32)}
+        assert np.array_equal(run_model(model, feeds)[0], run_model(fused, feeds)[0])
+
+
+@pytest.mark.parametrize("opset", [13, 14])
+def test_target_from_other_sliced_dims_is_refused(opset):
+    # Slice(Shape(x), 1, 3) reads (seq, K): a different shape than x's leading (batch, seq).
+    model = sliced_shape_model(opset, first=1)
+    assert run_pass(model, OrtUnflattenGemmPass, ORT)[1] == 0
