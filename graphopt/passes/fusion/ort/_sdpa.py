@@ -42,6 +42,12 @@ class CheckedSDPA(SDPA):
         result = super().check(context, query, key, value, mask, key_format, **bindings)
         if not result:
             return result
+        guard = next((node for node in context.nodes if node.op_type == "IsNaN"), None)
+        if guard is not None:
+            # Softmax's NaN guard (Where(IsNaN(p), 0, p)) makes a fully masked row 0; ORT's
+            # fused attention returns NaN there. ort-sdpa-forms moves the guard past the
+            # head merge where it can; any other stays unfused.
+            return pattern.MatchResult().fail("softmax NaN guard", guard)
         detour = _key_detour(context.nodes, key)
         if detour is None:
             return result  # Kᵀ by one Transpose: its perm is in the pattern
