@@ -176,6 +176,16 @@ def test_the_ort_fusions_keep_onnx_shapes_when_time_runs_out(
     model = io.load(_tiny_model()).model
     assert _base._symbolic_shapes(model) is None
     assert endless == [1]
+    # With a run's context the user reads why the fusions had ONNX's shapes only, once.
+    from graphopt.registry import PassContext
+
+    context = PassContext()
+    for _ in range(2):
+        assert _base._symbolic_shapes(model, context) is None
+    assert context.notes == [
+        "ORT's symbolic shape inference ran out of time (0.2 s); the --target ort fusions "
+        "used ONNX's shapes"
+    ]
 
 
 @pytest.mark.parametrize(

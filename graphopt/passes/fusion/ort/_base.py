@@ -59,7 +59,7 @@ def prepare(model: ir.Model, context: PassContext, symbolic: bool = False) -> ir
     common_passes.ShapeInferencePass()(model)
     clean(model, context)
     if symbolic:
-        model = _symbolic_shapes(model) or model
+        model = _symbolic_shapes(model, context) or model
     shape_optimization.rules.apply_to_model(model)
     clean(model, context)
     return model
@@ -82,7 +82,7 @@ SYMBOLIC_WEIGHT_BYTES = 1024
 _SHAPE_DTYPES = frozenset((ir.DataType.INT32, ir.DataType.INT64))
 
 
-def _symbolic_shapes(model: ir.Model) -> ir.Model | None:
+def _symbolic_shapes(model: ir.Model, context: PassContext | None = None) -> ir.Model | None:
     """``model`` re-loaded with ORT's symbolic shapes, or None when that inference fails.
 
     The tool copies the model proto several times over; its weights only count by their
@@ -97,7 +97,11 @@ def _symbolic_shapes(model: ir.Model) -> ir.Model | None:
     saved, stripped = _weights_as_inputs(model.graph)
     try:
         proto = symbolic_shape_inference(io.to_proto(model))
-    except Exception:  # any failure there just means: keep ONNX's shapes
+    except TimeoutError as error:  # sympy ran for minutes on some exports' dim arithmetic
+        if context is not None:  # notes are kept once: every later pass says the same
+            context.note(f"{error}; the --target ort fusions used ONNX's shapes")
+        proto = None
+    except Exception:  # any other failure there just means: keep ONNX's shapes
         proto = None
     finally:
         _weights_back(model.graph, saved, stripped)

@@ -63,6 +63,16 @@ def test_hardsigmoid_below_opset_14_and_note_for_hardswish():
     assert_same_outputs(model, fused)
 
 
+def test_a_second_run_at_a_raised_opset_replaces_the_missed_fusion_note():
+    """The fusions run before and after --quantize, which raises opset 9 to 13 between
+    them: "need opset 14 (model has 9)" and "(model has 13)" were both printed."""
+    context = PassContext()
+    run_pass(_hardswish(grouping="x_times_hsig", opset=11), FuseActivationsPass, context)
+    run_pass(_hardswish(grouping="x_times_hsig", opset=13), FuseActivationsPass, context)
+    notes = [n for n in context.notes if "HardSwish match(es) need opset 14" in n]
+    assert len(notes) == 1 and "(model has 13)" in notes[0]
+
+
 def test_refuses_wrong_constant():
     assert run_pass(_hardswish(three=3.01), FuseActivationsPass)[1] == 0
 
