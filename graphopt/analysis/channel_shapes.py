@@ -26,7 +26,9 @@ class Context:
     Rules that learn a shape onnx inference lost (Reshape targets) record it in ``known``.
     """
 
-    def __init__(self, opsets: Mapping[str, int] | None = None) -> None:
+    def __init__(
+        self, opsets: Mapping[str, int] | None = None, *, past_inference: bool = False
+    ) -> None:
         self.known: dict[int, tuple[int, ...]] = {}
         # (id(value), axis) → size learned through an identity coupling.
         self.sizes: dict[tuple[int, int], int] = {}
@@ -34,6 +36,12 @@ class Context:
         # (Softmax's axis, Split's sizes, Slice's bounds...), so a rule must know which
         # version of its op the node is.
         self.opsets: dict[str, int] = dict(opsets or {})
+        # Work out shapes onnx inference left out (_past_inference): for the analysis, which
+        # gives the model's opsets; callers that fold what they read keep onnx's shapes only.
+        self.past_inference = past_inference and bool(self.opsets)
+        # Values whose shape _past_inference could not work out (asked once).
+        self._failed: set[int] = set()
+        self.dtypes: dict[int, int] = {}  # element types worked out with those shapes
 
     def opset(self, node: ir.Node) -> int:
         """The opset version of ``node``'s domain in the model ("" and "ai.onnx" are one).
@@ -56,7 +64,7 @@ class Context:
         if shape is None and value.const_value is not None:
             shape = value.const_value.shape
         if shape is None:
-            return None
+            return self._past_inference(value) if self.past_inference else None
         dims: list[int | str] = []
         for d in shape:
             if isinstance(d, int) and d >= 0:
@@ -71,6 +79,119 @@ class Context:
 
     def ints(self, value: ir.Value | None) -> list[int] | None:
         return const_ints(value)
+
+    def stopped_at(self, value: ir.Value) -> ir.Node | None:
+        """The node where shapes stop being known on the way to ``value``: the first one
+        upstream whose inputs have shapes and whose output has none."""
+        node, seen = value.producer(), set()
+        while node is not None and id(node) not in seen:
+            seen.add(id(node))
+            unknown = [v for v in node.inputs if v is not None and self.shape(v) is None]
+            if not unknown:
+                return node
+            node = unknown[0].producer()
+        return node
+
+    def _past_inference(self, value: ir.Value) -> tuple[int | str, ...] | None:
+        """The shape of a value onnx inference left without one, worked out node by node
+        from the nearest known shapes upstream; None where a node has no rule.
+
+        onnx inference stops for the whole rest of the graph at one node it cannot infer
+        (GroupNormalization, a function op since opset 18, whose body it does not expand),
+        though every later node has a rule of its own.
+        """
+        # Post-order walk (no recursion: the unknown part may be the rest of a deep graph).
+        stack, expanded = [(value, False)], set()
+        while stack:
+            current, ready = stack.pop()
+            if id(current) in self.known or id(current) in self._failed:
+                continue
+            if ready:  # every unknown input was worked out (or failed) before this
+                shape = _infer_output(self, current)
+                if shape is None:
+                    self._failed.add(id(current))
+                else:
+                    self.known[id(current)] = shape
+                continue
+            if id(current) in expanded or len(expanded) > _MAX_WALK:
+                continue
+            expanded.add(id(current))
+            stack.append((current, True))
+            node = current.producer()
+            if node is not None:
+                stack += [(v, False) for v in node.inputs if v is not None and _unshaped(v, self)]
+        return self.known.get(id(value))
+
+
+# Ops whose output 0 has input 0's shape (and element type): onnx skips some of them.
+SAME_SHAPE = frozenset(
+    {
+        *("BatchNormalization", "InstanceNormalization", "GroupNormalization"),
+        *("LayerNormalization", "RMSNormalization", "Softmax", "LogSoftmax", "Relu"),
+        *("Sigmoid", "Tanh", "Erf", "Gelu", "Identity", "Cast"),
+    }
+)
+# Most unknown values _past_inference walks up through for one question.
+_MAX_WALK = 10_000
+
+
+def _unshaped(value: ir.Value, ctx: Context) -> bool:
+    return (
+        value.shape is None
+        and value.const_value is None
+        and id(value) not in ctx.known
+        and not value.is_graph_input()
+    )
+
+
+def _infer_output(ctx: Context, value: ir.Value) -> tuple[int | str, ...] | None:
+    """``value``'s shape from its producer's rule on the shapes ``ctx`` knows, or None."""
+    node = value.producer()
+    if node is None or node.domain not in ("", "ai.onnx") or not node.inputs:
+        return None
+    if node.op_type in SAME_SHAPE and value is node.outputs[0]:
+        x = node.inputs[0]
+        dtype = _dtype(ctx, x) if x is not None and node.op_type != "Cast" else None
+        if dtype is not None:
+            ctx.dtypes[id(value)] = dtype
+        return ctx.shape(x) if x is not None else None
+    try:
+        schema = onnx.defs.get_schema(node.op_type, ctx.opset(node), "")
+        if not schema.has_type_and_shape_inference_function:
+            return None
+        types, data = {}, {}
+        for v in node.inputs:
+            if v is None:
+                continue
+            shape, dtype = ctx.shape(v), _dtype(ctx, v)
+            if shape is None or dtype is None:
+                return None
+            dims = [d if isinstance(d, int) else (None if d == "?" else d) for d in shape]
+            types[v.name] = onnx.helper.make_tensor_type_proto(dtype, dims)
+            if v.const_value is not None and v.const_value.size <= _CONSTANT_DATA:
+                data[v.name] = ir.serde.serialize_tensor(v.const_value)
+        proto = ir.serde.serialize_node(node)
+        out = onnx.shape_inference.infer_node_outputs(schema, proto, types, data)
+    except Exception:  # onnx raises many kinds; no shape is the answer
+        return None
+    found = out.get(value.name)
+    if found is None or not found.tensor_type.HasField("shape"):
+        return None
+    ctx.dtypes[id(value)] = found.tensor_type.elem_type
+    return tuple(
+        d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+        for d in found.tensor_type.shape.dim
+    )
+
+
+# Constant inputs up to this many elements are handed to onnx's rule (Reshape targets).
+_CONSTANT_DATA = 1 << 12
+
+
+def _dtype(ctx: Context, value: ir.Value) -> int | None:
+    if value.dtype is not None:
+        return value.dtype.value
+    return ctx.dtypes.get(id(value))
 
 
 def reshape_groups(

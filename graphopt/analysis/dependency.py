@@ -12,8 +12,10 @@ it refuses (no rule, reduction over it, graph input/output, …); the reason is 
 
 A rule that needs a size onnx inference left unknown waits: the search retries it once other
 couplings have taught sizes, and blocks only when nothing more can be learned. A weight used
-by several nodes (often identical constants an exporter merged) gets one dim per use, so
-unrelated layers are not coupled through it; removal gives each use its own copy.
+by several nodes is one weight: one dim, so all its uses lose the same channels and it stays
+shared (a copy per use would grow the model). A constant fill used by several nodes (zeros
+or ones an exporter merged) gets one dim per use instead, so unrelated layers are not
+coupled through it; removal gives each use its own slice of the fill.
 
 The model is never edited: shapes come from :func:`graphopt.analysis.shapes.infer_shapes`
 (a clone sharing tensors) and only small constants (shapes, axes) are read.
@@ -31,6 +33,7 @@ import onnx_ir as ir
 from graphopt.analysis.channel_shapes import Context
 from graphopt.analysis.dependency_rules import Blocked, Unknown, couple, seeds
 from graphopt.analysis.shapes import infer_shapes
+from graphopt.editing import constant_array
 
 DimKey = tuple[str, int]
 
@@ -39,12 +42,12 @@ DimKey = tuple[str, int]
 class Dim:
     """One channel dim: ``value``'s ``axis`` with ``size`` channels."""
 
-    key: DimKey  # (value name, axis); a shared weight's per-use dim: ("name::node index", axis)
+    key: DimKey  # (value name, axis); a shared fill's per-use dim: ("name::node index", axis)
     size: int
     offset: int  # first element in the global channel index space
     is_param: bool
     value: ir.Value | None = None
-    use_node: ir.Node | None = None  # set for a per-use dim of a shared weight
+    use_node: ir.Node | None = None  # set for a per-use dim of a shared fill
     blocked: list[str] = field(default_factory=list)
 
 
@@ -125,12 +128,13 @@ def build_dependency_graph(
 
 def build_on_inferred(model: ir.Model) -> DependencyGraph:
     """The dependency graph of a model whose shapes are already inferred."""
-    ctx = Context(model.opset_imports)
+    ctx = Context(model.opset_imports, past_inference=True)
     dg = DependencyGraph(model, context=ctx)
     main = model.graph
     index = {id(node): i for i, node in enumerate(main)}
     queue: deque[Dim] = deque()
     pending: list[tuple[ir.Node, Dim]] = []
+    fills: dict[int, bool] = {}
 
     def add(value: ir.Value, axis: int, via: ir.Node | None) -> Dim | None:
         shape = ctx.shape(value)
@@ -140,9 +144,12 @@ def build_on_inferred(model: ir.Model) -> DependencyGraph:
             return None
         param = _is_param(value)
         use_node = None
-        if param and via is not None and len({id(u.node) for u in value.uses()}) > 1:
-            # A weight shared by several nodes (often identical constants the exporter
-            # merged) gets one dim per use: removal gives each use its own sliced copy.
+        if param and via is not None and _shared_fill(value, fills):
+            # A constant fill (zeros, ones) read by several nodes is most often identical
+            # constants the exporter merged: one dim per use, so unrelated layers are not
+            # coupled through it; any slice of it is the same fill. A real weight read by
+            # several nodes is one weight (tied): one dim, so every use loses the same
+            # channels and the pruned tensor stays shared.
             use_node = via
         key = (f"{value.name}{USE_SEP}{index[id(via)]}" if use_node else value.name, axis)
         if key in dg.dims:
@@ -206,6 +213,16 @@ def split_key(name: str) -> tuple[str, int | None]:
     """(value name, index of the using node in the main graph or None) of a dim key name."""
     base, sep, use = name.rpartition(USE_SEP)
     return (base, int(use)) if sep and use.isdigit() else (name, None)
+
+
+def _shared_fill(value: ir.Value, seen: dict[int, bool]) -> bool:
+    """Whether ``value`` (a constant) is read by several nodes and holds one repeated value."""
+    if id(value) not in seen:
+        array = constant_array(value) if len({id(u.node) for u in value.uses()}) > 1 else None
+        seen[id(value)] = (
+            array is not None and array.size > 0 and bool((array == array.flat[0]).all())
+        )
+    return seen[id(value)]
 
 
 def _is_param(value: ir.Value) -> bool:

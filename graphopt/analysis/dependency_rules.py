@@ -459,12 +459,6 @@ CHANNELWISE = _op_set(
 )
 
 
-_SAME_SHAPE = _op_set(
-    """BatchNormalization InstanceNormalization GroupNormalization LayerNormalization
-    RMSNormalization Softmax LogSoftmax Relu Sigmoid Tanh Erf Gelu Identity Cast"""
-)
-
-
 def _each(names: str, rule: Rule) -> dict[str, Rule]:
     return dict.fromkeys(names.split(), rule)
 
@@ -503,14 +497,20 @@ def couple(ctx: Context, node: ir.Node, value: ir.Value, axis: int) -> Result:
     rule = RULES.get(node.op_type)
     if rule is None:
         return Blocked(f"no dependency rule for {node.op_type}")
-    out = node.outputs[0] if node.outputs else None
-    x_shape = ctx.shape(node.inputs[0]) if node.inputs else None
-    if node.op_type in _SAME_SHAPE and out is not None and ctx.shape(out) is None and x_shape:
-        # Inference skips some ops (function ops, new opsets): their output has X's shape.
-        ctx.known[id(out)] = x_shape
-    if any(ctx.shape(v) is None for v in _operands(node)):
-        return Blocked(f"{node.op_type}: shapes unknown")
+    # Shapes onnx inference left out are worked out past the op it stopped at (Context).
+    unknown = [v for v in _operands(node) if ctx.shape(v) is None]
+    if unknown:
+        return Blocked(f"{node.op_type}: shapes unknown{_where_stopped(ctx, unknown[0])}")
     return rule(ctx, node, value, axis)
+
+
+def _where_stopped(ctx: Context, value: ir.Value) -> str:
+    """Where shape inference stopped on the way to ``value``, as a message suffix."""
+    node = ctx.stopped_at(value)
+    if node is None:
+        return ""
+    op = f"{node.domain}.{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type
+    return f" (shape inference stops at {op})"
 
 
 def seeds(ctx: Context, node: ir.Node) -> list[tuple[ir.Value, int]]:

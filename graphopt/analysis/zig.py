@@ -142,6 +142,7 @@ def analyze(model: ir.Model, input_shapes: dict[str, tuple[int, ...]] | None = N
     inferred, _ = infer_shapes(model, input_shapes)
     graph = build_on_inferred(inferred)
     groups = partition(graph)
+    _settle_shapes(inferred, graph)
     node_cost = _node_flops(inferred)
     total_flops = sum(node_cost.values()) or 1
     total_params = sum(
@@ -211,6 +212,18 @@ def _indices_per_unit(labels: np.ndarray, units: int) -> list[np.ndarray]:
     ends = np.cumsum(counts).tolist()
     starts = [0, *ends[:-1]]
     return [order[a:b] for a, b in zip(starts, ends, strict=True)]
+
+
+def _settle_shapes(inferred: ir.Model, graph: DependencyGraph) -> None:
+    """Give the analysis clone the shapes the channel rules worked out past where onnx
+    inference stopped (GroupNormalization), so the FLOPs after it count at their size."""
+    ctx = graph.context
+    for node in inferred.graph:
+        for out in node.outputs:
+            if out.shape is None and ctx is not None:
+                shape = ctx.shape(out)
+                if shape is not None and all(isinstance(d, int) for d in shape):
+                    out.shape = ir.Shape(shape)
 
 
 def _node_flops(model: ir.Model) -> dict[int, int]:

@@ -1,10 +1,11 @@
 """How many units each group loses, so that the model sheds the asked share of FLOPs/params.
 
-A cost model predicts the pruned model's cost from per-group keep fractions: a node's
-FLOPs (a parameter's size) scale by the product of the keep fractions of the distinct
-groups whose dims it touches (a Conv between two groups shrinks quadratically, a depthwise
-Conv whose input and output are one group linearly). ``uniform`` removes the same share of
-every prunable group; ``global`` removes every unit whose normalized importance is under
+A cost model predicts the pruned model's cost from the units removed: a node's FLOPs
+scale, per group it touches, by the kept share of its widest dim in that group (a Conv
+between two groups shrinks quadratically, a depthwise Conv whose input and output are one
+group linearly, one branch of a Concat only with its own channels), a parameter's size by
+the kept share of each of its axes. ``uniform`` removes the same share of every prunable
+group; ``global`` removes every unit whose normalized importance per cost saved is under
 one threshold. Either way one scalar is bisected until the prediction meets the target;
 the caller measures the real FLOPs of the result and corrects the goal if they fall short.
 
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from graphopt.analysis.dependency import split_key
+from graphopt.analysis.dependency import DimKey, split_key
 from graphopt.analysis.zig import ZeroInvariantGroup, ZigReport, _node_flops
 from graphopt.passes.pruning.zig_check import group_safe_units
 
@@ -45,7 +46,6 @@ class GroupPlan:
     scores: np.ndarray
     step: int  # kept units must be a multiple of this (from round_to)
     limit: int  # most units this group may lose
-    unit_share: np.ndarray  # per unit, its share of the group's channels
 
     def removed_for(self, count: int) -> list[int]:
         """The ``count`` least important units, rounded so the kept count is aligned."""
@@ -61,46 +61,102 @@ class GroupPlan:
                 return []
         return sorted(self.order[: size - kept])
 
-    def keep_fraction(self, removed: list[int]) -> float:
-        return 1.0 - float(self.unit_share[removed].sum()) if removed else 1.0
-
 
 class CostModel:
-    """Predicted FLOPs and parameter counts under per-group keep fractions."""
+    """Predicted FLOPs and parameter counts when given units of each group go.
+
+    Costs follow dims, not groups: a group joined by a Concat holds dims that cover only
+    some of its units (each branch's Conv), and removing a unit of one branch leaves the
+    other branch's Conv as it was. So a node's FLOPs scale, per group it touches, by the
+    kept share of the widest of its dims in that group (a Concat's output, not one input),
+    and a parameter's size by the kept share of each of its axes.
+    """
 
     def __init__(self, report: ZigReport, groups: list[ZeroInvariantGroup]) -> None:
         graph = report.graph
         costs = _node_flops(graph.model)
-        node_groups: dict[int, set[int]] = defaultdict(set)
-        tensor_groups: dict[str, set[int]] = defaultdict(set)
+        by_id = {g.id: g for g in groups}
+        # One row per (group, dim) used: each unit's share of the dim's elements.
+        self._rows: dict[DimKey, int] = {}
+        self._group_rows: dict[int, list[int]] = defaultdict(list)
+        self._shares: dict[int, list[np.ndarray]] = defaultdict(list)
+        widest: dict[tuple[int, int], DimKey] = {}  # (node id, group id) -> dim
+        axes: dict[str, dict[int, DimKey]] = defaultdict(dict)  # tensor -> axis -> dim
         for group in groups:
-            for key in group.dims:
+            for key, labels in group.dims.items():
                 for node in graph.nodes.get(key, ()):
-                    node_groups[id(node)].add(group.id)
+                    slot = (id(node), group.id)
+                    if slot not in widest or labels.size > group.dims[widest[slot]].size:
+                        widest[slot] = key
                 if graph.dims[key].is_param:
-                    tensor_groups[split_key(key[0])[0]].add(group.id)
-        self.total_flops = sum(costs.values()) or 1
-        self.total_params = report.total_params or 1
-        self.flops_terms = [(c, tuple(node_groups.get(n, ()))) for n, c in costs.items()]
+                    axes[split_key(key[0])[0]].setdefault(key[1], key)
+        group_of = {key: g.id for g in groups for key in g.dims}
+
+        def row(key: DimKey) -> int:
+            if key not in self._rows:
+                gid = group_of[key]
+                labels = by_id[gid].dims[key]
+                self._rows[key] = len(self._rows)
+                self._group_rows[gid].append(self._rows[key])
+                share = np.bincount(labels, minlength=by_id[gid].size) / max(labels.size, 1)
+                self._shares[gid].append(share)
+            return self._rows[key]
+
+        node_rows: dict[int, list[int]] = defaultdict(list)
+        for (node_id, _), key in widest.items():
+            node_rows[node_id].append(row(key))
         sizes = {
             name: v.const_value.size
             for name, v in graph.model.graph.initializers.items()
             if v.const_value is not None
         }
-        self.params_terms = [(sizes.get(t, 0), tuple(g)) for t, g in tensor_groups.items()]
+        self.total_flops = sum(costs.values()) or 1
+        self.total_params = report.total_params or 1
+        self._terms = {
+            "flops": _terms([(c, node_rows.get(n, [])) for n, c in costs.items()]),
+            "params": _terms(
+                [(sizes.get(t, 0), [row(k) for k in per.values()]) for t, per in axes.items()]
+            ),
+        }
+        self._matrix = {gid: np.stack(rows) for gid, rows in self._shares.items()}
 
-    def reduction(self, kind: str, keep: dict[int, float]) -> float:
-        """Predicted share of FLOPs (or params) removed."""
-        terms, total = (
-            (self.flops_terms, self.total_flops)
-            if kind == "flops"
-            else (self.params_terms, self.total_params)
-        )
-        removed = 0.0
-        for cost, groups in terms:
-            if groups:
-                removed += cost * (1.0 - math.prod(keep.get(g, 1.0) for g in groups))
-        return removed / total
+    def reduction(self, kind: str, removed: dict[int, list[int]]) -> float:
+        """Predicted share of FLOPs (or params) removed with ``removed`` units per group."""
+        costs, index = self._terms[kind]
+        kept = np.ones(len(self._rows) + 1)  # the last slot pads terms: always kept
+        for gid, units in removed.items():
+            if units and gid in self._matrix:
+                rows = self._group_rows[gid]
+                kept[rows] = 1.0 - self._matrix[gid][:, units].sum(axis=1)
+        total = self.total_flops if kind == "flops" else self.total_params
+        return float(costs @ (1.0 - kept[index].prod(axis=1))) / total
+
+    def unit_savings(self, kind: str, group_id: int) -> np.ndarray:
+        """Per unit of the group, the share of the model's FLOPs (params) removing it alone
+        saves (first order: one unit's share of each dim is small)."""
+        costs, index = self._terms[kind]
+        if group_id not in self._matrix:
+            return np.zeros(0)
+        rows = self._group_rows[group_id]
+        position = np.full(len(self._rows) + 1, -1)
+        position[rows] = np.arange(len(rows))
+        weight = np.zeros(len(rows))
+        hits = position[index]
+        for column in range(index.shape[1]):
+            mask = hits[:, column] >= 0
+            np.add.at(weight, hits[mask, column], costs[mask])
+        total = self.total_flops if kind == "flops" else self.total_params
+        return weight @ self._matrix[group_id] / total
+
+
+def _terms(terms: list[tuple[int, list[int]]]) -> tuple[np.ndarray, np.ndarray]:
+    """Costs and their row indices, padded with the always-kept slot (-1 wraps to it)."""
+    terms = [(c, rows) for c, rows in terms if rows and c]
+    width = max((len(rows) for _, rows in terms), default=1)
+    index = np.full((len(terms), width), -1, dtype=np.int64)
+    for i, (_, rows) in enumerate(terms):
+        index[i, : len(rows)] = rows
+    return np.array([float(c) for c, _ in terms]), index
 
 
 def plan_group(
@@ -110,14 +166,25 @@ def plan_group(
     candidates = [int(u) for u in np.argsort(scores, kind="stable") if u in removable]
     order = group_safe_units(group, candidates, group.size)
     order = sorted(order, key=lambda u: (scores[u], u))
-    first = next(iter(group.dims.values()))
-    counts = np.bincount(first, minlength=group.size).astype(np.float64)
-    share = counts / counts.sum()
+    channels = _channel_dim(group)
+    counts = np.bincount(channels, minlength=group.size)
     unit_elems = int(counts.max()) if counts.min() == counts.max() else 0
-    align = round_to if round_to is not None else default_round_to(len(first))
+    align = round_to if round_to is not None else default_round_to(len(channels))
     step = align // math.gcd(align, unit_elems) if unit_elems and align > 1 else 1
     limit = min(len(order), math.floor(max_ratio * group.size))
-    return GroupPlan(group, order, scores, step, limit, share)
+    return GroupPlan(group, order, scores, step, limit)
+
+
+def _channel_dim(group: ZeroInvariantGroup) -> np.ndarray:
+    """Unit labels of the dim whose kept count alignment is judged on: one holding every
+    unit, with the fewest elements per unit (a layer's channels; a Concat's output rather
+    than one branch of it, which holds only some units)."""
+    dims = list(group.dims.values())
+    counts = [np.bincount(labels, minlength=group.size) for labels in dims]
+    whole = [i for i, c in enumerate(counts) if c.size and c.min() > 0]
+    if not whole:
+        return max(dims, key=len)
+    return dims[min(whole, key=lambda i: (counts[i].max(), i))]
 
 
 def allocate(
@@ -132,7 +199,7 @@ def allocate(
     """
     # A unit's share of its group's signal (scores are mean-normalized, so score / size)
     # over the share of the model's cost it saves.
-    value = {p.group.id: p.scores / (p.group.size * _marginal(p, cost, kind)) for p in plans}
+    value = {p.group.id: p.scores / (p.group.size * _savings(p, cost, kind)) for p in plans}
 
     def removal(x: float) -> dict[int, list[int]]:
         out = {}
@@ -145,9 +212,7 @@ def allocate(
         return out
 
     def predicted(x: float) -> float:
-        chosen = removal(x)
-        keep = {p.group.id: p.keep_fraction(chosen[p.group.id]) for p in plans}
-        return cost.reduction(kind, keep)
+        return cost.reduction(kind, removal(x))
 
     finite = [float(v[np.isfinite(v)].max()) for v in value.values() if np.isfinite(v).any()]
     high = (1.0 if allocation == "uniform" else max(finite, default=0.0)) + 1e-9
@@ -163,9 +228,10 @@ def allocate(
     return removal(high)
 
 
-def _marginal(plan: GroupPlan, cost: CostModel, kind: str) -> float:
-    """Share of the model's FLOPs (params) that removing one unit of the group saves."""
-    one = float(plan.unit_share.mean()) if plan.unit_share.size else 0.0
-    saved = cost.reduction(kind, {plan.group.id: 1.0 - one})
-    # A group whose units save nothing ranks last (its value becomes huge), never first.
-    return saved if saved > 0 else 1e-300
+def _savings(plan: GroupPlan, cost: CostModel, kind: str) -> np.ndarray:
+    """Per unit, the share of the model's FLOPs (params) removing it saves."""
+    saved = cost.unit_savings(kind, plan.group.id)
+    if saved.size != plan.group.size:
+        saved = np.zeros(plan.group.size)
+    # A unit that saves nothing ranks last (its value becomes huge), never first.
+    return np.where(saved > 0, saved, 1e-300)

@@ -4,8 +4,9 @@ Given the dependency graph of a model and, per channel dim, the indices to remov
 them taken from whole units of zero-invariant groups, e.g. via
 :meth:`ZeroInvariantGroup.unit_indices`), build a new model where:
 
-- every parameter dim loses those indices (``np.delete`` along the axis); a shared weight's
-  per-use dim gets its own sliced copy for that use;
+- every parameter dim loses those indices (``np.delete`` along the axis); a shared weight
+  has one dim and stays shared; a shared fill's per-use dims get a sliced copy per distinct
+  cut;
 - ops whose attributes or constant inputs state channel counts are rewritten: grouped Conv /
   ConvTranspose ``group``, GroupNormalization ``num_groups``, Reshape and Expand target
   entries (a constant, or a constant piece of a Concat: a fresh copy per node, since
@@ -135,18 +136,23 @@ def edit_parameters(g, nodes, values, graph: DependencyGraph, removed, edit) -> 
     for key, idx in removed.items():
         if graph.dims[key].is_param:
             cuts[split_key(key[0])].append((key[1], idx))
+    # Uses of a shared fill that lose the same entries share one edited copy.
+    made: dict[tuple, ir.Value] = {}
     for (name, use), axes in cuts.items():
         value = values[name]
-        array = constant_array(value)
-        if array is None:
-            raise ValueError(f"cannot read parameter {name}")
-        for axis, idx in axes:
-            array = edit(array, axis, idx)
-        if use is None and value.producer() is None:
-            value.const_value = ir.Tensor(array, name=name)
-            value.shape = ir.Shape(array.shape)
-            continue
-        fresh = add_initializer(g, f"{name}_pruned", array)
+        signature = (name, *sorted((axis, idx.tobytes()) for axis, idx in axes))
+        fresh = made.get(signature) if use is not None else None
+        if fresh is None:
+            array = constant_array(value)
+            if array is None:
+                raise ValueError(f"cannot read parameter {name}")
+            for axis, idx in axes:
+                array = edit(array, axis, idx)
+            if use is None and value.producer() is None:
+                value.const_value = ir.Tensor(array, name=name)
+                value.shape = ir.Shape(array.shape)
+                continue
+            fresh = made[signature] = add_initializer(g, f"{name}_pruned", array)
         targets = [nodes[use]] if use is not None else [u.node for u in value.uses()]
         for node in targets:
             for i, inp in enumerate(node.inputs):

@@ -124,7 +124,7 @@ def compensate(
     fit_batches = len(list(calib.batches()))
     observe_o = IncrementalObserver(original, batches, calib.source)
     observe_p = IncrementalObserver(pruned, batches, calib.source)
-    fitted = 0
+    fitted = tied = 0
     chosen: dict[str, int] = {}
     for number, stage in enumerate(stages):
         batch = [consumers[i] for i in stage]
@@ -137,6 +137,11 @@ def compensate(
             if consumers[i].tag in in_pruned
         }
         live = [c for c in batch if c.tag in in_pruned and c.tag in in_original]
+        # A weight read by several layers stays one tensor: a refit for one layer would
+        # untie it (a copy per layer, more parameters than before).
+        shared = [c for c in live if _reads_shared(in_pruned[c.tag])]
+        tied += len(shared)
+        live = [c for c in live if c not in shared]
         if not live:
             continue
         names_o = [in_original[c.tag].inputs[0].name for c in live]
@@ -176,6 +181,11 @@ def compensate(
             label = _apply(pruned, plan)
             chosen[label] = chosen.get(label, 0) + 1
             fitted += label != "plain"
+    if tied:
+        notes.append(
+            f"{tied} layer(s) whose weight other layers share were not refitted "
+            "(a refit would untie the shared weight)"
+        )
     if validation is not None and chosen:
         picked = ", ".join(f"{k} {v}" for k, v in sorted(chosen.items()))
         notes.insert(0, f"{method}: per layer, closest on the validation rows: {picked}")
@@ -418,6 +428,11 @@ def _apply(pruned, plan: _Plan) -> str:
     _set_weight(pruned, plan.node_p, refitted.astype(w_pruned.dtype))
     _add_to_bias(pruned, plan.node_p, plan.consumer, shift)
     return label
+
+
+def _reads_shared(node: ir.Node) -> bool:
+    """Whether the layer's weight is also read by another node (a tied weight)."""
+    return len({id(u.node) for u in node.inputs[1].uses()}) > 1
 
 
 def _set_weight(model: ir.Model, node: ir.Node, array: np.ndarray) -> None:

@@ -6,6 +6,7 @@ parses options: this module and the analysis it needs load when pruning is asked
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import NoReturn
@@ -14,7 +15,7 @@ import numpy as np
 import onnx_ir as ir
 from rich.console import Console
 
-from graphopt.analysis.dependency import DimKey
+from graphopt.analysis.dependency import DimKey, split_key
 from graphopt.analysis.excluded import describe
 from graphopt.analysis.flops import model_flops
 from graphopt.analysis.stats import live_parameter_count
@@ -165,8 +166,9 @@ def prune_model(
     counted_before = model_flops(model, shapes)
     flops_before = counted_before.total
     params_before = live_parameter_count(model)
+    cost = CostModel(report, [p.group for p in plans])
     pruned, removed, indices = _remove(
-        model, report, plans, settings.target, settings.allocation, shapes
+        model, report, plans, cost, settings.target, settings.allocation, shapes
     )
     record.flops_before, record.params_before = flops_before, params_before
     counted_after = model_flops(pruned, shapes)
@@ -178,6 +180,7 @@ def prune_model(
             "pruned model than in the original; the FLOPs reduction shown may be off"
         )
     record.params_after = live_parameter_count(pruned)
+    _note_split_fills(context, report, indices)
     record.units_removed = sum(len(u) for u in removed.values())
     record.groups_pruned = sum(1 for u in removed.values() if u)
     if not record.units_removed:
@@ -199,7 +202,7 @@ def prune_model(
         # with the cause, as the shortfall is.
         context.note(
             f"prune: overshot: {kind} {signed_percent(-achieved)} where {asked} was asked, "
-            f"{_overshoot_cause(plans, settings)}"
+            f"{_overshoot_cause(plans, removed, cost, achieved - settings.target.ratio, settings)}"
         )
     if held is None and not settings.check:
         # Verification measures the lossy change on generated inputs; with --no-verify nothing
@@ -242,12 +245,12 @@ def _remove(
     model: ir.Model,
     report: ZigReport,
     plans,
+    cost: CostModel,
     target: PruneTarget,
     allocation: str,
     shapes: dict[str, tuple[int, ...]],
 ) -> tuple[ir.Model, dict[int, list[int]], dict[DimKey, np.ndarray]]:
     """Allocate, remove, measure; correct the goal while the measurement falls short."""
-    cost = CostModel(report, [p.group for p in plans])
     tag_nodes(model, find_consumers(report, [p.group for p in plans]))
     before = (
         model_flops(model, shapes).total if target.kind == "flops" else live_parameter_count(model)
@@ -342,15 +345,66 @@ def _why_none(report: ZigReport) -> str:
     return "; ".join(parts)
 
 
-def _overshoot_cause(plans, settings: PruneSettings) -> str:
-    if any(plan.step > 1 for plan in plans):
+def _overshoot_cause(
+    plans, removed: dict[int, list[int]], cost: CostModel, excess: float, settings: PruneSettings
+) -> str:
+    """Why the result removed ``excess`` more than asked, said only where it holds."""
+    if any(plan.step > 1 and removed.get(plan.group.id) for plan in plans):
         if settings.round_to:
             return f"as --round-to {settings.round_to} keeps channel counts aligned"
         return (
             "as the default alignment keeps channel counts of groups of >= 32 channels "
             "multiples of 16 (--round-to 1 removes single channels)"
         )
-    return "as units (channels, heads) go whole and the last one needed was large"
+    kind = settings.target.kind
+    largest = [
+        float(cost.unit_savings(kind, gid)[units].max())
+        for gid, units in removed.items()
+        if units and cost.unit_savings(kind, gid).size
+    ]
+    # Global allocation overshoots by at most its last unit; uniform steps every group at once.
+    bound = sum(largest) if settings.allocation == "uniform" else max(largest, default=0.0)
+    if excess <= bound + TOLERANCE:
+        return (
+            f"as units (channels, heads) go whole and one of those removed saves "
+            f"{100 * max(largest):.1f}% of {kind}"
+        )
+    return "more than whole units explain (the cost estimate was off: please report it)"
+
+
+def _note_split_fills(
+    context: PassContext, report: ZigReport, indices: dict[DimKey, np.ndarray]
+) -> None:
+    """Say when a constant fill several layers read became several tensors (the analysis
+    gives each use of a fill its own dim, so unrelated layers are not coupled through it;
+    uses cut alike share one copy, as channel_removal writes them)."""
+    cuts: dict[str, dict[int, list[tuple[int, np.ndarray]]]] = {}  # fill -> use -> cuts
+    values: dict[str, ir.Value] = {}
+    for key, idx in indices.items():
+        name, use = split_key(key[0])
+        dim = report.graph.dims[key]
+        if use is not None and dim.is_param and dim.value.const_value is not None:
+            values[name] = dim.value
+            cuts.setdefault(name, {}).setdefault(use, []).append((key[1], idx))
+    split = extra = 0
+    for name, per_use in cuts.items():
+        value = values[name]
+        copies: dict[tuple, int] = {}
+        for use_cuts in per_use.values():
+            shape = list(value.const_value.shape)
+            for axis, idx in use_cuts:
+                shape[axis] -= len(idx)
+            copies[tuple(sorted((a, i.tobytes()) for a, i in use_cuts))] = math.prod(shape)
+        if len(per_use) < len({id(u.node) for u in value.uses()}):
+            copies[()] = value.const_value.size  # uses left whole keep the original
+        if len(copies) > 1:
+            split += 1
+            extra += sum(copies.values()) - value.const_value.size
+    if split:
+        context.note(
+            f"prune: {split} constant fill(s) (one repeated value, e.g. zero biases) read by "
+            f"several layers now have a copy per set of channels kept ({extra:+,} parameters)"
+        )
 
 
 def _note_summary(context: PassContext, record: PruneReport) -> None:
