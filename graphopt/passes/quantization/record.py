@@ -99,7 +99,8 @@ class CurvePoint:
     cosine: float
     max_rel: float
     speedup: float | None = None
-    layer: str = ""  # the layer this step returned to float
+    # The layer this step returned to float, or "quantized only: …" (the walk up from float)
+    layer: str = ""
     agreement: float | None = None  # worst output's argmax agreement, where one has classes
 
 
@@ -110,7 +111,8 @@ class QuantRecord:
     layers: list[LayerPrecision] = field(default_factory=list)
     type_changes: list[TypeChange] = field(default_factory=list)
     weight_bytes_before: int = 0
-    weight_bytes_after: int = 0
+    weight_bytes_after: int = 0  # as written: EoRA's paths included
+    path_bytes: int = 0  # of weight_bytes_after, EoRA's float32 paths (--compensation)
     # {"calibration": [...], "held-out": [...], "held-out, ORT optimized": [...]}
     fidelity: dict[str, list[Fidelity]] = field(default_factory=dict)
     fidelity_source: str = ""  # "N held-out samples of FILE", "generated inputs", ...
@@ -178,6 +180,7 @@ class QuantRecord:
             "type_changes": [change.__dict__ for change in self.type_changes],
             "weight_bytes_before": self.weight_bytes_before,
             "weight_bytes_after": self.weight_bytes_after,
+            **({"path_bytes": self.path_bytes} if self.path_bytes else {}),
             "fidelity": fidelity_json(self.fidelity),
             "fidelity_source": self.fidelity_source,
             "curve": [point.__dict__ for point in self.curve],
@@ -212,9 +215,10 @@ class QuantRecord:
         size = ""
         if self.weight_bytes_before:
             ratio = self.weight_bytes_after / self.weight_bytes_before
+            paths = f", EoRA paths {_mib(self.path_bytes)} of it" if self.path_bytes else ""
             size = (
                 f"; weights {_mib(self.weight_bytes_before)} -> "
-                f"{_mib(self.weight_bytes_after)} ({ratio:.0%})"
+                f"{_mib(self.weight_bytes_after)} ({ratio:.0%}{paths})"
             )
         return (
             f"quantization {self.mode}: {_count(quantized, 'layer')} quantized, {kept} kept in "
@@ -262,8 +266,9 @@ def curve_table(record: QuantRecord) -> Table:
     # held-out and calibration, ORT optimized) than some rows of the fidelity table above.
     source = f"; fidelity on {record.curve_source}" if record.curve_source else ""
     table = Table(
-        title="mixed precision: the steps walked (layers returned to float, most sensitive "
-        f"first){source}",
+        title="mixed precision: the sets tried (layers returned to float most sensitive "
+        "first; rows 'quantized only': up from all float, least sensitive first; the last "
+        f"row is the set written){source}",
         title_justify="left",
         show_edge=False,
     )

@@ -68,6 +68,9 @@ class QuantSettings:
     origins: Mapping[str, tuple[tuple[str, str], ...]] = field(
         default_factory=dict, compare=False, repr=False
     )
+    # Nodes of the graph being quantized (by name) a mixed-precision search keeps in float
+    # in a mode with no search of its own (:mod:`.mode_search`).
+    keep_float: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
 
     @property
     def mixed_precision(self) -> bool:
@@ -77,6 +80,8 @@ class QuantSettings:
         """Whether ``--exclude`` keeps this node in its original precision: a pattern matches
         the op type exactly or the node name as a shell glob (``*attention*``), of the nodes
         of the user's model it stands for (``origins``), else of the node itself."""
+        if node.name and node.name in self.keep_float:
+            return True
         if not self.exclude:
             return False
         key = node.outputs[0].name if node.outputs else None
@@ -88,7 +93,11 @@ class QuantSettings:
         )
 
     def to_json(self) -> dict[str, Any]:
-        data = {k: v for k, v in self.__dict__.items() if k not in ("defaulted", "origins")}
+        data = {
+            k: v
+            for k, v in self.__dict__.items()
+            if k not in ("defaulted", "origins", "keep_float")
+        }
         data["exclude"] = list(self.exclude)
         data["defaulted"] = list(self.defaulted)
         return data

@@ -112,11 +112,21 @@ class SparsityRecord:
             layer_table(self) if self.layers else None,
             "left dense",
             [f"{name}: {why}" for name, why in self.skipped],
-            f"sparsity fidelity against the dense original ({self.fidelity_source})",
+            f"sparsity fidelity against the dense original{self._with_paths()} "
+            f"({self.fidelity_source})",
             self.fidelity,
             self.compensation,
         )
         return True
+
+    def _with_paths(self) -> str:
+        # With --compensation the rows are the model written, its EoRA paths in (the
+        # sparsifier measures them after); the title said "sparsity" of rows that equal
+        # the "with EoRA" ones below.
+        paths = self.compensation
+        return (
+            ", EoRA paths included" if paths and paths.fidelity_after and not paths.dropped else ""
+        )
 
 
 def layer_table(record: SparsityRecord) -> Table:

@@ -201,3 +201,55 @@ def test_a_missed_target_is_recorded_for_the_exit_code():
     met.curve = [CurvePoint(0, 0.995, 0.1)]
     mp.conclude(met, mp.Target(min_cosine=0.99), frozenset(), ["a", "b"], check, False)
     assert not met.target_missed and " met on " in met.notes[0]
+
+
+# A max error is not additive: any quantized set touching "c" or "d" sits at 0.025, so every
+# all-but-one score is 0 and returning layers to float in that order meets 0.015 only with
+# all four float, while quantizing "a" and "b" alone meets it (digits did this).
+def max_error_evaluate(quantized: frozenset[str]) -> mp.Measured:
+    error = 0.025 if quantized & {"c", "d"} else 0.005 * len(quantized)
+    return mp.Measured(1.0, error)
+
+
+@pytest.mark.parametrize("strategy", mp.STRATEGIES)
+def test_search_walks_up_from_float_when_the_ranking_misleads(strategy):
+    kept, curve = mp.search(
+        fake_build, list(PENALTY), max_error_evaluate, mp.Target(max_error=0.015), strategy=strategy
+    )
+    assert kept == {"c", "d"}
+    # The chosen set is the last row, and meets the target; the walk up is labelled.
+    assert curve[-1].kept_float == 2 and curve[-1].max_rel == pytest.approx(0.01)
+    assert curve[-1].layer == "quantized only: a, b"
+    assert any(p.kept_float == 4 for p in curve)  # the walk down reached all float
+
+
+def test_search_never_checks_a_set_twice():
+    checked: list[frozenset[str]] = []
+
+    def check(quantized: frozenset[str]) -> mp.Measured:
+        checked.append(quantized)
+        return fake_evaluate(quantized)
+
+    kept, _ = mp.search(
+        fake_build, list(PENALTY), fake_evaluate, mp.Target(min_cosine=0.9965), check=check
+    )
+    # Down: b, d back (0.997); up: a, c (the least sensitive alone) quantized is that same
+    # set, so nothing beyond the walk down is checked.
+    assert kept == {"b", "d"} and len(checked) == len(set(checked))
+
+
+def test_all_float_verdict_quotes_the_best_set_tried_not_a_claim_about_all():
+    from graphopt.passes.quantization.record import CurvePoint, QuantRecord
+
+    record = QuantRecord("int8")
+    record.curve = [
+        CurvePoint(0, 1.0, 0.0245),
+        CurvePoint(3, 1.0, 0.0248, layer="c"),
+        CurvePoint(4, 1.0, 0.0, layer="d"),
+    ]
+    check = mp.TargetCheck(lambda model: mp.Measured(1.0, 0.0), "8 held-out samples (worst)")
+    everything = ["a", "b", "c", "d"]
+    mp.conclude(record, mp.Target(max_error=0.015), frozenset(everything), everything, check, False)
+    verdict = record.target_verdict
+    assert "none of the 2 set(s) with a layer quantized that the search tried met it" in verdict
+    assert "max rel error 0.0245 with 0 in float" in verdict and "0.0248" not in verdict

@@ -309,7 +309,7 @@ def test_a_target_met_only_with_every_layer_float_is_refused(tmp_path):
     message = str(caught.value)
     assert "nothing to quantize: mixed precision keeps every layer float" in message
     assert "target mean cosine >= 0.9999999 met with all 3 layers in float" in message
-    assert "the closest with a layer quantized: cosine" in message
+    assert "with a layer quantized that the search tried met it (the closest: cosine" in message
     assert message.endswith("the model would come back unchanged")
 
 

@@ -177,7 +177,7 @@ def test_galloping_search_needs_logarithmically_many_points():
     )
     kept_g, gallop = mp.search(_fake_build, list(PENALTY), _fake_evaluate, target)
     assert kept_g == kept_l
-    assert len(gallop) <= 10 < len(linear)
+    assert len(gallop) <= 11 < len(linear)  # +1: the walk up from float
 
 
 @pytest.mark.slow
