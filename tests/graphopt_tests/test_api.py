@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import onnx
 import pytest
+from onnx import TensorProto, helper
 
 import graphopt
 from graphopt import io
 from graphopt.api import OptimizeOptions, default_output_path
 from graphopt.errors import CheckFailedError, UserInputError
 from graphopt.pipeline import PassSpec
-from graphopt_tests.helpers import AddToSubPass, SilentAddToSubPass, op_types, register_for_test
+from graphopt_tests.helpers import (
+    AddToSubPass,
+    SilentAddToSubPass,
+    make_model,
+    op_types,
+    register_for_test,
+    tensor_info,
+)
 from graphopt_tests.test_cli import model_file
 
 
@@ -153,5 +162,35 @@ def test_the_widened_tolerance_note_says_why_for_fp16() -> None:
     from graphopt_tests.passes.pruning.graphs import cnn
 
     result = graphopt.optimize(cnn(), None, OptimizeOptions(quantize="fp16"))
-    (note,) = [n for n in result.report.notes if "are verified at tolerance" in n]
+    (note,) = [n for n in result.report.notes if "the exact passes after quantize" in n]
     assert "for fp16/bf16, in every op" in note and "change where it rounds" in note
+
+
+def test_each_output_is_verified_at_its_own_error_after_quantization() -> None:
+    """A detector's boxes, reordered by near-tied scores, moved by 0.9 after fp16/int8 and
+    set the tolerance of every output, its scores (moved by 0.003) included: an exact pass
+    that corrupted the scores by 90% would have passed. Each float output now keeps its own
+    quantization error as its tolerance."""
+    from graphopt.pipeline import _widen_for_rounding
+    from graphopt.registry import PassContext
+    from graphopt.verify import Verifier
+
+    outputs = [tensor_info(name, TensorProto.FLOAT, [2, 4]) for name in ("boxes", "scores")]
+    model = make_model(
+        [helper.make_node("Relu", ["x"], ["boxes"]), helper.make_node("Neg", ["x"], ["scores"])],
+        [tensor_info("x", TensorProto.FLOAT, [2, 4])],
+        outputs,
+    )
+    verifier = Verifier(model)
+    context = PassContext()
+    context.details["quantize"] = SimpleNamespace(
+        exact_tolerance_after=0.9, exact_tolerances_after={"boxes": 0.9, "scores": 0.003}
+    )
+    _widen_for_rounding(verifier, context, "quantize")
+    assert verifier.tolerances(verifier.tolerance) == [0.9, 0.003]
+    assert "'boxes' 0.9, 'scores' 0.003" in context.notes[0]
+    # A pass stating one number only widens every output to it, as before.
+    verifier, context = Verifier(model), PassContext()
+    context.details["quantize"] = SimpleNamespace(exact_tolerance_after=0.9)
+    _widen_for_rounding(verifier, context, "quantize")
+    assert verifier.tolerances(verifier.tolerance) == [0.9, 0.9]

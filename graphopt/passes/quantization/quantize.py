@@ -332,6 +332,10 @@ class QuantizePass(GraphPass):
             first = next(iter(record.fidelity.values()))
             own = record.own_max_rel
             record.exact_tolerance_after = float_max_rel(first) if own is None else own
+            if own is None:
+                record.exact_tolerances_after = {
+                    f.output: f.max_rel for f in first if f.equal_share is None
+                }
         record.summary = record.headline()
         self.context.details["quantize"] = record
         return record.quantized
