@@ -151,9 +151,7 @@ def test_random_calibration_says_it_covers_one_size_of_each_symbolic_dim():
 
     calib = random_calibration(_decoder_step(), {"input_ids": (1, 1)})
     assert calib.arrays["input_ids"].shape[1] == 1
-    assert calib.note.startswith(
-        "--calib random: fitted and measured at seq=1 only"
-    )
+    assert calib.note.startswith("--calib random: fitted and measured at seq=1 only")
     assert "batch=" not in calib.note
     # Nothing to say where the batch is the only symbolic dim.
     assert random_calibration(_decoder_step(seq=6), {}).note == ""
