@@ -315,7 +315,8 @@ def check_external_data(proto: onnx.ModelProto, base_dir: Path, name: str) -> No
         # through ``sub`` (resolve() drops a missing ``sub`` as text, so the check passed and
         # the read failed later, blamed on the output).
         if not target.is_file() or not (base_dir / location).is_file():
-            raise UserInputError(f"{label}: external-data file {location!r} is missing")
+            what = "is a folder, not a file" if target.is_dir() else "is missing"
+            raise UserInputError(f"{label}: external-data file {location!r} {what}")
         try:
             offset = int(info.get("offset", "0") or 0)
             length = int(info["length"]) if info.get("length") else None

@@ -356,6 +356,8 @@ def test_cli_refuses_bad_files(tmp_path: Path, capsys, kind: str, message: str) 
         ("nothing.data", "is missing"),
         # Inside the folder as text, but the OS cannot walk through a missing "nosuch".
         ("nosuch/../m.onnx.data", "is missing"),
+        (".", "'.' is a folder, not a file"),
+        ("sub", "'sub' is a folder, not a file"),
     ],
 )
 def test_cli_refuses_unsafe_external_data(
