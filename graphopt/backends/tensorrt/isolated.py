@@ -19,7 +19,6 @@ from __future__ import annotations
 import atexit
 import importlib
 import os
-import pickle
 import signal
 import subprocess
 import sys
@@ -32,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from graphopt.backends.tensorrt.module import ParserError, TensorRT, parse
-from graphopt.errors import CheckFailedError
+from graphopt.errors import CheckFailedError, UserInputError
 
 PARSER = "parser"
 BUILDER = "builder"
@@ -239,9 +238,9 @@ def _call(conn: Connection, function: Callable[..., Any], args: tuple) -> None:
     try:
         conn.send(("result", function(phase, *args)))
     except Exception as exc:
-        try:
-            pickle.loads(pickle.dumps(exc))  # what the parent receives must unpickle
-        except Exception:  # it does not: its type and first line
+        if type(exc) not in (UserInputError, CheckFailedError):
+            # Only graphopt's own errors cross as they are (one message, and certain to
+            # unpickle in the parent); anything else as its type and first line.
             exc = CheckFailedError(f"TensorRT raised {type(exc).__name__}: {_first_line(exc)}")
         conn.send(("raised", exc))
 
