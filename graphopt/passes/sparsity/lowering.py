@@ -31,6 +31,7 @@ a rerun elsewhere writes the same model.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -152,14 +153,23 @@ class SparseKernelsPass(GraphPass):
         shared: dict[tuple[str, tuple[int, ...], str], ir.Value] = {}
         sources: dict[str, int] = {}
         hits = 0
+        # Outputs a lowered layer replaced, by id: the layers were found before any was
+        # lowered, so a later one may still name the old value as its input (an FFN's second
+        # MatMul reads the Gelu the first one's op took in; lowered on the stale value, it
+        # read a node no longer in the graph).
+        replaced: dict[int, ir.Value] = {}
         for layer in layers:
+            while id(layer.a) in replaced:
+                layer = dataclasses.replace(layer, a=replaced[id(layer.a)])
             packed, fmt = choose_format(layer)
             entry, source = self._decide(layer, packed, fmt, library, given, cache)
             sources[source] = sources.get(source, 0) + 1
             record[layer.name] = entry
             if entry["lowered"]:
                 separate = entry.get("epilogue") == "separate" and layer.split is not None
-                lower(model.graph, layer.separate() if separate else layer, packed, fmt, shared)
+                target = layer.separate() if separate else layer
+                old, new = lower(model.graph, target, packed, fmt, shared)
+                replaced[id(old)] = new
                 hits += 1
         skipped.lowerable = len(layers)
         skipped.slower = len(layers) - hits

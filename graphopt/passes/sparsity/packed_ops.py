@@ -86,8 +86,9 @@ def lower(
     packed: Any,
     fmt: str,
     shared: dict[tuple[str, tuple[int, ...], str], ir.Value] | None = None,
-) -> None:
-    """Replace the layer's nodes by the sparse op (through :mod:`graphopt.editing`).
+) -> tuple[ir.Value, ir.Value]:
+    """Replace the layer's nodes by the sparse op (through :mod:`graphopt.editing`); the
+    layer's old output and the op's, which took its place.
 
     ``shared``: the arrays this run added, by content. Equal ones (the row_ptr of layers
     sparsified alike) are one initializer, as the cleanup passes would make them on the next
@@ -120,6 +121,7 @@ def lower(
     for source in layer.sources:
         editing.remove_if_dead(source)  # a DequantizeLinear other nodes read stays
     drop_unused(graph, reads)
+    return old, new
 
 
 def drop_unused(graph: ir.Graph, values: list[ir.Value]) -> None:
