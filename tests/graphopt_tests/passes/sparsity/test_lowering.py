@@ -292,6 +292,16 @@ def test_missing_library_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert "python -m graphopt.kernels build" in message and "library_path()" in message
 
 
+def _assert_mlp_outputs_match(model, out, tmp_path: Path) -> None:
+    """The lowered mlp() gives the original's output in ONNX Runtime (saved, then run)."""
+    feeds = {"x": np.random.default_rng(3).standard_normal((4, 64), np.float32)}
+    source, lowered = tmp_path / "s.onnx", tmp_path / "l.onnx"
+    io.save(model, source)
+    io.save(out, lowered)
+    (want,), (got,) = _run(source, feeds), _run(lowered, feeds)
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
 def test_activation_left_to_ort_when_faster(kernels, tmp_path: Path) -> None:
     """A decision with ``epilogue: separate`` keeps the activation an ORT node."""
     model = inferred(mlp())
@@ -311,12 +321,7 @@ def test_activation_left_to_ort_when_faster(kernels, tmp_path: Path) -> None:
     assert node.attributes["activation"].value == "none"
     relu = [n for n in out.graph if n.op_type == "Relu"]
     assert len(relu) == 1 and relu[0].inputs[0] is node.outputs[0]
-    feeds = {"x": np.random.default_rng(3).standard_normal((4, 64), np.float32)}
-    source, lowered = tmp_path / "s.onnx", tmp_path / "l.onnx"
-    io.save(model, source)
-    io.save(out, lowered)
-    (want,), (got,) = _run(source, feeds), _run(lowered, feeds)
-    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+    _assert_mlp_outputs_match(model, out, tmp_path)
 
 
 def _unused_initializers(path: Path) -> list[str]:
@@ -462,9 +467,4 @@ def test_a_layer_reading_a_fused_activation_reads_the_op_that_took_it_in(
         for value in node.inputs:
             producer = value.producer() if value is not None else None
             assert producer is None or producer in nodes, f"{node.name} reads a removed node"
-    feeds = {"x": np.random.default_rng(3).standard_normal((4, 64), np.float32)}
-    source, lowered = tmp_path / "s.onnx", tmp_path / "l.onnx"
-    io.save(model, source)
-    io.save(out, lowered)
-    (want,), (got,) = _run(source, feeds), _run(lowered, feeds)
-    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+    _assert_mlp_outputs_match(model, out, tmp_path)
